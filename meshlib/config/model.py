@@ -1,0 +1,356 @@
+"""The validated policy model: frozen values built once per policy file, valid by construction.
+
+Everything after loading works on these objects. A :class:`Snapshot` is immutable; a hot reload
+builds a new one and swaps it in whole, so a call sees one consistent configuration from its
+first attempt to its last.
+
+Durations are float seconds. Percentages are floats in [0, 100].
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Pattern(Protocol):
+    """A compiled, linear-time regular expression (google-re2)."""
+
+    pattern: str
+
+    def search(self, text: str) -> Any: ...
+
+    def match(self, text: str) -> Any: ...
+
+
+class MTLSMode(str, enum.Enum):
+    STRICT = "strict"
+    PERMISSIVE = "permissive"
+    DISABLE = "disable"
+
+
+class AccessControl(str, enum.Enum):
+    OPEN = "open"
+    AUDIT = "audit"
+    ENFORCE = "enforce"
+
+
+class Egress(str, enum.Enum):
+    ALLOW_ANY = "allow-any"
+    REGISTRY_ONLY = "registry-only"
+
+
+class LoadBalancerKind(str, enum.Enum):
+    P2C_EWMA = "p2c-ewma"  # power of two choices over peak-EWMA latency (default)
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a resource came from in the policy file (for error messages and `explain`)."""
+
+    file: str
+    document: int
+    line: int
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    trust_domain: str = "cluster.local"
+    mtls: MTLSMode = MTLSMode.DISABLE
+    access_control: AccessControl = AccessControl.OPEN
+    egress: Egress = Egress.ALLOW_ANY
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str  # "host:port"
+    weight: int = 1
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class ServiceDef:
+    name: str
+    namespace: str
+    endpoints: tuple[Endpoint, ...]
+    service_account: str | None = None
+    port: int | None = None
+    origin: Origin | None = None
+
+    @property
+    def key(self) -> str:
+        """The canonical name ``name.namespace``."""
+        return f"{self.name}.{self.namespace}"
+
+
+@dataclass(frozen=True)
+class HTTPMatch:
+    """One SMI HTTPRouteGroup match. ``None`` fields match anything.
+
+    ``path_regex`` is anchored at the start of the path (SMI semantics), compiled with RE2.
+    ``methods`` holds upper-case method names; ``"*"`` in the manifest becomes ``None``.
+    ``headers`` maps lower-case header names to RE2 patterns matched against the value.
+    """
+
+    name: str
+    path_regex: Pattern | None = None
+    methods: frozenset[str] | None = None
+    headers: tuple[tuple[str, Pattern], ...] = ()
+
+
+@dataclass(frozen=True)
+class RouteGroup:
+    """SMI HTTPRouteGroup."""
+
+    name: str
+    namespace: str
+    matches: tuple[HTTPMatch, ...]
+    origin: Origin | None = None
+
+
+@dataclass(frozen=True)
+class TCPRoute:
+    name: str
+    namespace: str
+    ports: tuple[int, ...] = ()
+    origin: Origin | None = None
+
+
+@dataclass(frozen=True)
+class SplitBackend:
+    service: str  # service key "name.namespace"
+    weight: int  # relative; v1alpha1 quantities are converted to milli-units
+
+
+@dataclass(frozen=True)
+class SplitMatchRef:
+    """A reference from a TrafficSplit to (all or some) matches of an HTTPRouteGroup."""
+
+    group: str  # route group key "name.namespace"
+    names: tuple[str, ...] = ()  # empty: every match of the group
+
+
+@dataclass(frozen=True)
+class Split:
+    """SMI TrafficSplit. Requests that do not match ``matches`` (when set) go to the root."""
+
+    name: str
+    namespace: str
+    root: str  # service key
+    backends: tuple[SplitBackend, ...]
+    matches: tuple[SplitMatchRef, ...] = ()
+    origin: Origin | None = None
+
+
+@dataclass(frozen=True)
+class TrafficTargetRule:
+    kind: str  # "HTTPRouteGroup" | "TCPRoute"
+    name: str
+    matches: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrafficTarget:
+    """SMI TrafficTarget (parsed and validated here; enforced by the inbound side)."""
+
+    name: str
+    namespace: str
+    destination: tuple[str, str]  # (service account, namespace)
+    sources: tuple[tuple[str, str], ...]
+    rules: tuple[TrafficTargetRule, ...]
+    origin: Origin | None = None
+
+
+# --- resilience policy --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    ratio: float = 0.2  # retries may add this fraction of calls...
+    min_per_second: float = 10.0  # ...plus this many per second...
+    ttl: float = 10.0  # ...counted over this window
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    base: float = 0.025
+    cap: float = 0.250
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    #: Maximum number of *retries* (Istio semantics): attempts=3 means up to 4 tries.
+    #: ``None`` means unconfigured: 2 retries, only for failures that never reached the server.
+    attempts: int | None = None
+    per_try_timeout: float | None = None
+    #: Conditions: "5xx", "gateway-error", "reset", "connect-failure", "timeout", "429",
+    #: "retriable-status-codes" and plain status codes such as "503".
+    retry_on: frozenset[str] = frozenset()
+    #: The route is marked retryable: retryOn applies to every method, not just idempotent ones.
+    retryable: bool = False
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    budget: BudgetPolicy = field(default_factory=BudgetPolicy)
+
+
+@dataclass(frozen=True)
+class CircuitBreakerPolicy:
+    consecutive_failures: int = 5
+    open_duration: float = 30.0  # then half-open with a single probe
+
+
+@dataclass(frozen=True)
+class OutlierPolicy:
+    consecutive_failures: int = 5
+    base_ejection_time: float = 30.0  # × number of times ejected
+    max_ejection_time: float = 300.0
+    max_ejection_percent: float = 50.0
+    panic_threshold: float = 50.0  # below this % healthy, use all endpoints
+
+
+@dataclass(frozen=True)
+class LoadBalancerPolicy:
+    kind: LoadBalancerKind = LoadBalancerKind.P2C_EWMA
+    decay: float = 10.0  # peak-EWMA decay time constant, seconds
+
+
+@dataclass(frozen=True)
+class RateLimitPolicy:
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class ConnectionPoolPolicy:
+    max_connections: int | None = None  # concurrent calls in flight to the destination
+    max_keepalive: int | None = None
+
+
+@dataclass(frozen=True)
+class HedgingPolicy:
+    enabled: bool = False
+    delay: float | None = None  # fixed delay; None means "the observed p95"
+    max_attempts: int = 2
+
+
+@dataclass(frozen=True)
+class EffectivePolicy:
+    """The merged resilience policy for one (service, route), every field resolved.
+
+    ``sources`` maps a dotted field name (``"retries.attempts"``) to the scope it came from:
+    ``"route"``, ``"service"``, ``"namespace"``, ``"mesh"`` (each followed by the policy name,
+    e.g. ``"service:reviews-policy"``) or ``"default"``.
+    """
+
+    timeout: float | None = None  # overall deadline over all attempts; None = no deadline
+    retries: RetryPolicy = field(default_factory=RetryPolicy)
+    circuit_breaker: CircuitBreakerPolicy = field(default_factory=CircuitBreakerPolicy)
+    outlier_detection: OutlierPolicy = field(default_factory=OutlierPolicy)
+    load_balancer: LoadBalancerPolicy = field(default_factory=LoadBalancerPolicy)
+    rate_limit: RateLimitPolicy | None = None
+    connection_pool: ConnectionPoolPolicy = field(default_factory=ConnectionPoolPolicy)
+    hedging: HedgingPolicy = field(default_factory=HedgingPolicy)
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PolicyTarget:
+    """``spec.target`` of a meshlib policy. All ``None``: the whole mesh."""
+
+    namespace: str | None = None
+    service: str | None = None  # service key "name.namespace" when set
+    route: str | None = None  # route (HTTPRouteGroup match) name when set
+
+    @property
+    def scope(self) -> str:
+        if self.route is not None:
+            return "route"
+        if self.service is not None:
+            return "service"
+        if self.namespace is not None:
+            return "namespace"
+        return "mesh"
+
+
+@dataclass(frozen=True)
+class TrafficPolicyDoc:
+    """One TrafficPolicy resource: the fields it sets, flattened to dotted names.
+
+    ``fields`` maps e.g. ``"retries.attempts"`` → ``3``, ``"timeout"`` → ``2.0`` with values
+    already converted (durations to seconds, enums to enum members).
+    """
+
+    name: str
+    namespace: str
+    target: PolicyTarget
+    fields: Mapping[str, Any]
+    origin: Origin | None = None
+
+
+@dataclass(frozen=True)
+class DelayFault:
+    fixed: float
+    percent: float
+
+
+@dataclass(frozen=True)
+class AbortFault:
+    status: int
+    percent: float
+
+
+@dataclass(frozen=True)
+class FaultRule:
+    """FaultInjection: applied before the call leaves the process."""
+
+    name: str
+    namespace: str
+    target: PolicyTarget
+    delay: DelayFault | None = None
+    abort: AbortFault | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case name → exact value
+    origin: Origin | None = None
+
+
+@dataclass(frozen=True)
+class MirrorRule:
+    name: str
+    namespace: str
+    service: str  # service key whose traffic is copied
+    mirror: str  # service key that receives copies
+    percent: float
+    origin: Origin | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One immutable, validated configuration.
+
+    ``services`` is keyed by service key (``name.namespace``); ``route_groups`` by
+    ``name.namespace``; ``splits`` by the root service key (at most one split per root).
+    """
+
+    version: int
+    digest: str  # sha256 of the source text(s)
+    source: str  # file name(s) or "<string>"
+    mesh: MeshSettings
+    services: Mapping[str, ServiceDef]
+    route_groups: Mapping[str, RouteGroup]
+    splits: Mapping[str, Split]
+    traffic_policies: tuple[TrafficPolicyDoc, ...]
+    faults: tuple[FaultRule, ...]
+    mirrors: tuple[MirrorRule, ...]
+    traffic_targets: tuple[TrafficTarget, ...] = ()
+    tcp_routes: Mapping[str, TCPRoute] = field(default_factory=dict)
+    raw_documents: tuple[Mapping[str, Any], ...] = ()

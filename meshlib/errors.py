@@ -1,0 +1,162 @@
+"""The one exception tree of meshlib.
+
+Outbound failures that the mesh decides subclass the matching httpx exception, so code
+written as ``except httpx.TimeoutException`` keeps working::
+
+    Exception
+    ├── ConfigError                       a policy file (or update) was rejected; .problems
+    └── MeshError                         .reason (a Reason) and .decision (the call's record)
+        ├── MeshTimeout                   + httpx.TimeoutException   (504, reason "timeout")
+        ├── CircuitOpenError              + httpx.TransportError     (503, "circuit_open")
+        ├── NoHealthyEndpointsError       + httpx.ConnectError       (503, "no_healthy_endpoints")
+        ├── RetryBudgetExhaustedError     + httpx.TransportError     (503, "retry_budget_exhausted")
+        ├── RateLimitedError              + httpx.TransportError     (429, "rate_limited")
+        ├── ConnectionPoolOverflowError   + httpx.PoolTimeout        (503, "overflow")
+        └── AccessDeniedError             + httpx.TransportError     (403, "denied")
+
+Each class names its sidecar-style local status (``.status``) so a transport created with
+``local_responses=True`` can answer like Envoy would instead of raising.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from meshlib.decision import Decision
+
+__all__ = [
+    "REASON_HEADER",
+    "AccessDeniedError",
+    "CircuitOpenError",
+    "ConfigError",
+    "ConnectionPoolOverflowError",
+    "MeshError",
+    "MeshTimeout",
+    "NoHealthyEndpointsError",
+    "Problem",
+    "RateLimitedError",
+    "Reason",
+    "RetryBudgetExhaustedError",
+]
+
+#: Header carried by every local reply (and by injected aborts) naming why the mesh answered.
+REASON_HEADER = "x-mesh-reason"
+
+
+class Reason(str, enum.Enum):
+    """Why a call ended the way it did: a short vocabulary, like Envoy's response flags."""
+
+    OK = "ok"
+    TIMEOUT = "timeout"  # UT
+    CIRCUIT_OPEN = "circuit_open"  # (no Envoy flag; Hystrix-style)
+    NO_HEALTHY_ENDPOINTS = "no_healthy_endpoints"  # UH
+    RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"  # URX
+    RATE_LIMITED = "rate_limited"  # RL
+    OVERFLOW = "overflow"  # UO
+    FAULT_ABORT = "fault_abort"  # FI
+    FAULT_DELAY = "fault_delay"  # DI
+    CONNECT_FAILURE = "connect_failure"  # UF
+    RESET = "reset"  # UR
+    UPSTREAM_ERROR = "upstream_error"  # a 5xx answered by the upstream
+    DENIED = "denied"  # RBAC
+    NO_ROUTE = "no_route"  # NR
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a policy file: where it is and what is wrong."""
+
+    file: str
+    line: int  # 1-based; 0 when unknown
+    document: int  # 1-based index of the YAML document; 0 when the file as a whole is wrong
+    field: str  # dotted path inside the document, e.g. "spec.backends[1].weight"
+    message: str
+    column: int = 0
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        if self.column:
+            where += f":{self.column}"
+        doc = f" (document {self.document})" if self.document else ""
+        fld = f" {self.field}:" if self.field else ""
+        return f"{where}{doc}:{fld} {self.message}"
+
+
+class ConfigError(ValueError):
+    """A policy file or update was rejected; nothing from it was applied.
+
+    ``problems`` lists every problem found, each naming file, line, document and field.
+    """
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        n = len(self.problems)
+        super().__init__(f"{n} problem{'s' if n != 1 else ''} in policy:\n{lines}")
+
+
+class MeshError(Exception):
+    """Base of every failure the mesh decided for an outbound call."""
+
+    reason: Reason = Reason.UPSTREAM_ERROR
+    status: int = 503
+
+    def __init__(self, message: str, *, decision: Decision | None = None, **kwargs: Any) -> None:
+        # httpx exceptions take (message, *, request=...); pass the rest through the MRO.
+        super().__init__(message, **kwargs)
+        self.decision = decision
+
+
+class MeshTimeout(MeshError, httpx.TimeoutException):
+    """The call's overall deadline expired (all attempts included)."""
+
+    reason = Reason.TIMEOUT
+    status = 504
+
+
+class CircuitOpenError(MeshError, httpx.TransportError):
+    """The backend's circuit breaker is open; the call was not sent."""
+
+    reason = Reason.CIRCUIT_OPEN
+    status = 503
+
+
+class NoHealthyEndpointsError(MeshError, httpx.ConnectError):
+    """The destination has no endpoint to send to (none configured, or all unusable)."""
+
+    reason = Reason.NO_HEALTHY_ENDPOINTS
+    status = 503
+
+
+class RetryBudgetExhaustedError(MeshError, httpx.TransportError):
+    """A retry was warranted but the destination's retry budget was spent."""
+
+    reason = Reason.RETRY_BUDGET_EXHAUSTED
+    status = 503
+
+
+class RateLimitedError(MeshError, httpx.TransportError):
+    """The local rate limit for the destination refused the call."""
+
+    reason = Reason.RATE_LIMITED
+    status = 429
+
+
+class ConnectionPoolOverflowError(MeshError, httpx.PoolTimeout):
+    """Too many concurrent calls to the destination (connection-pool limit)."""
+
+    reason = Reason.OVERFLOW
+    status = 503
+
+
+class AccessDeniedError(MeshError, httpx.TransportError):
+    """Authorization refused the call."""
+
+    reason = Reason.DENIED
+    status = 403
