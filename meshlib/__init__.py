@@ -1,6 +1,11 @@
-"""meshlib: an in-process service mesh for Python."""
+"""meshlib: an in-process service mesh for Python.
 
+Public names only; no logic lives here. See docs/quickstart.md.
+"""
+
+from meshlib.decision import DECISION_EXTENSION, AttemptRecord, Decision
 from meshlib.errors import (
+    REASON_HEADER,
     AccessDeniedError,
     CircuitOpenError,
     ConfigError,
@@ -8,18 +13,36 @@ from meshlib.errors import (
     MeshError,
     MeshTimeout,
     NoHealthyEndpointsError,
+    Problem,
     RateLimitedError,
+    Reason,
     RetryBudgetExhaustedError,
 )
+from meshlib.mesh import FaultHandle, Mesh, ReloadStatus
+from meshlib.transport import AsyncMeshTransport, MeshTransport
+
+__version__ = "0.1.0"
 
 __all__ = [
+    "DECISION_EXTENSION",
+    "REASON_HEADER",
     "AccessDeniedError",
+    "AsyncMeshTransport",
+    "AttemptRecord",
     "CircuitOpenError",
     "ConfigError",
     "ConnectionPoolOverflowError",
+    "Decision",
+    "FaultHandle",
+    "Mesh",
     "MeshError",
     "MeshTimeout",
+    "MeshTransport",
     "NoHealthyEndpointsError",
+    "Problem",
     "RateLimitedError",
+    "Reason",
+    "ReloadStatus",
     "RetryBudgetExhaustedError",
+    "__version__",
 ]

@@ -100,6 +100,11 @@ class ConfigError(ValueError):
         n = len(self.problems)
         super().__init__(f"{n} problem{'s' if n != 1 else ''} in policy:\n{lines}")
 
+    @classmethod
+    def from_message(cls, file: str, message: str) -> ConfigError:
+        """A ConfigError for a problem with the file as a whole (unreadable, too large)."""
+        return cls([Problem(file=file, line=0, document=0, field="", message=message)])
+
 
 class MeshError(Exception):
     """Base of every failure the mesh decided for an outbound call."""

@@ -14,11 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from meshlib.errors import Problem
+
 
 class Pattern(Protocol):
     """A compiled, linear-time regular expression (google-re2)."""
 
-    pattern: str
+    @property
+    def pattern(self) -> str: ...
 
     def search(self, text: str) -> Any: ...
 
@@ -321,6 +324,8 @@ class FaultRule:
     abort: AbortFault | None = None
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case name → exact value
     origin: Origin | None = None
+    #: Percent of attempts failed as "connection refused" (set by meshlib.testing, not by files).
+    refuse_percent: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -354,3 +359,5 @@ class Snapshot:
     traffic_targets: tuple[TrafficTarget, ...] = ()
     tcp_routes: Mapping[str, TCPRoute] = field(default_factory=dict)
     raw_documents: tuple[Mapping[str, Any], ...] = ()
+    #: Accepted-with-a-note findings (e.g. retry attempts clamped), shown by ``meshctl validate``.
+    warnings: tuple[Problem, ...] = ()

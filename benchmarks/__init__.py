@@ -1,0 +1,1 @@
+"""Benchmarks for meshlib: see benchmarks/run.py and docs/performance.md."""

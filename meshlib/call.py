@@ -1,0 +1,547 @@
+"""The outbound call sequence, written once as a generator of effects (sans-IO).
+
+:func:`run_call` decides everything about one call — route, split, faults, limits, endpoint,
+retries, backoff, hedges, deadline — and *yields* the I/O it needs as effect values (``Send``,
+``Sleep``, ``Race``, ``Close``, ``Buffer``, ``Mirror``). The sync transport and the async
+transport (:mod:`meshlib.transport`) are thin drivers that perform those effects and send the
+results back in, so no policy logic is written twice (the pattern of ``httpx/_auth.py``).
+
+The order of the stack, each step with its reason:
+
+1. route + split — everything below depends on which backend this call goes to;
+2. deadline start — the overall timeout covers faults, backoff and every attempt;
+3. faults — above retries, so an injected abort is returned, never retried;
+4. rate limit and connection-pool limit — before any budget is spent on a call we refuse;
+5. budget deposit — every admitted call earns retry budget, once;
+6. body buffering — replayability is decided before the first attempt, never after;
+7. mirror — fire-and-forget, after admission, so refused calls are not mirrored;
+8. attempts: breaker → endpoint pick (avoiding endpoints already tried) → send (maybe hedged)
+   → one classification feeding balancer, outlier detection, breaker and retry decision.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
+
+from meshlib.config.model import EffectivePolicy, FaultRule, ServiceDef
+from meshlib.decision import DECISION_EXTENSION, AttemptRecord, Decision
+from meshlib.errors import (
+    REASON_HEADER,
+    CircuitOpenError,
+    ConnectionPoolOverflowError,
+    MeshError,
+    MeshTimeout,
+    NoHealthyEndpointsError,
+    RateLimitedError,
+    Reason,
+    RetryBudgetExhaustedError,
+)
+from meshlib.policy.balancer import EndpointState
+from meshlib.policy.fault import NO_FAULT, decide_faults
+from meshlib.policy.retry import (
+    MAX_RETRY_AFTER,
+    Failure,
+    backoff_delay,
+    is_idempotent,
+    max_retries,
+    parse_retry_after,
+    should_retry,
+)
+from meshlib.policy.routing import Router
+from meshlib.policy.split import pick_backend
+
+if TYPE_CHECKING:
+    from meshlib.destination import Destination
+    from meshlib.metrics import MeshMetrics
+
+#: Bodies up to this size are buffered so they can be replayed; larger ones stream through and
+#: are never retried (Linkerd and gRFC A6 use 64 KiB).
+MAX_REPLAY_BUFFER = 64 * 1024
+
+#: Header telling the upstream how much of the caller's deadline is left, in milliseconds.
+DEADLINE_HEADER = "x-mesh-timeout-ms"
+
+# --- effects: what the core asks its driver to do ------------------------------------------------
+
+
+@dataclass(slots=True)
+class Send:
+    """Send one attempt; the driver answers with an :class:`Outcome`."""
+
+    request: httpx.Request
+    state: EndpointState
+    number: int
+    hedge: bool = False
+
+
+@dataclass(slots=True)
+class Sleep:
+    """Wait; the driver answers None."""
+
+    seconds: float
+
+
+@dataclass(slots=True)
+class Close:
+    """Close a response that will not reach the caller; the driver answers None."""
+
+    response: httpx.Response
+
+
+@dataclass(slots=True)
+class Buffer:
+    """Read the request body into memory (``request.read()``); the driver answers None."""
+
+    request: httpx.Request
+
+
+@dataclass(slots=True)
+class Mirror:
+    """Send a copy somewhere, do not wait, discard the answer; the driver answers None."""
+
+    request: httpx.Request
+
+
+@dataclass(slots=True)
+class Race:
+    """Send ``first``; if it has not completed after ``delay`` seconds, ask ``backup()`` for a
+    second attempt (None: no hedge) and take the first outcome for which ``accept`` is true
+    (or the last one to complete). The driver cancels and closes the loser and answers a
+    :class:`RaceResult`."""
+
+    first: Send
+    delay: float
+    backup: Callable[[], Send | None]
+    accept: Callable[[Outcome], bool]
+
+
+@dataclass(slots=True)
+class Outcome:
+    response: httpx.Response | None
+    error: httpx.TransportError | None
+    elapsed: float
+
+
+@dataclass(slots=True)
+class RaceResult:
+    winner: Send
+    outcome: Outcome
+    loser: Send | None = None  # None when no backup was sent
+    loser_outcome: Outcome | None = None  # None when the loser was cancelled
+
+
+Effect = Send | Sleep | Close | Buffer | Mirror | Race
+
+
+class CallHost(Protocol):
+    """What the call sequence needs from the mesh that runs it."""
+
+    source: str
+    metrics: MeshMetrics | None
+
+    def clock(self) -> float: ...
+
+    @property
+    def rng(self) -> random.Random: ...
+
+    def destination(self, key: str, router: Router) -> Destination: ...
+
+    def extra_faults(self, service_key: str, route: str | None) -> tuple[FaultRule, ...]: ...
+
+
+# --- classification -------------------------------------------------------------------------------
+
+
+def classify(outcome: Outcome) -> tuple[Failure, int | None]:
+    """One classification of an attempt, shared by retries, breaker, outlier detection."""
+    response = outcome.response
+    if response is not None:
+        status = response.status_code
+        return (Failure.STATUS if status >= 500 or status == 429 else Failure.NONE), status
+    error = outcome.error
+    if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+        return Failure.CONNECT, None
+    if isinstance(error, httpx.TimeoutException):
+        return Failure.TIMEOUT, None
+    if isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        return Failure.RESET, None
+    return Failure.ERROR, None
+
+
+def _counts_against_health(failure: Failure, status: int | None) -> bool:
+    if failure is Failure.NONE:
+        return False
+    if failure is Failure.STATUS:
+        return status is not None and status >= 500
+    return True
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+def _attempt_request(
+    request: httpx.Request, state: EndpointState, timeout: float | None, remaining: float | None
+) -> httpx.Request:
+    """The request as sent to one endpoint: same method, path, headers (Host kept) and body."""
+    endpoint = state.endpoint
+    url = request.url.copy_with(host=endpoint.host, port=endpoint.port)
+    extensions = request.extensions
+    headers = request.headers
+    if timeout is not None:
+        extensions = dict(extensions)
+        current = extensions.get("timeout") or {}
+        extensions["timeout"] = {
+            k: timeout if current.get(k) is None else min(timeout, current[k])
+            for k in ("connect", "read", "write", "pool")
+        }
+    if remaining is not None:
+        headers = headers.copy()
+        headers[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
+    return httpx.Request(
+        request.method, url, headers=headers, stream=request.stream, extensions=extensions
+    )
+
+
+def local_response(
+    request: httpx.Request, status: int, reason: Reason, decision: Decision
+) -> httpx.Response:
+    """A reply made by the mesh itself (injected abort, or a sidecar-style local error)."""
+    decision.status = status
+    return httpx.Response(
+        status,
+        headers={REASON_HEADER: reason.value, "content-type": "text/plain"},
+        content=reason.value.encode(),
+        request=request,
+        extensions={DECISION_EXTENSION: decision},
+    )
+
+
+def _fail(error: MeshError, decision: Decision) -> MeshError:
+    decision.reason = error.reason.value
+    decision.status = error.status
+    error.decision = decision
+    return error
+
+
+# --- the sequence ---------------------------------------------------------------------------------
+
+
+def run_call(
+    host: CallHost, router: Router, service: ServiceDef, request: httpx.Request
+) -> Generator[Effect, Any, httpx.Response]:
+    """Drive one call. Returns the response for the caller; raises a MeshError (or the last
+    attempt's httpx error, with ``.decision`` set) when it cannot."""
+    clock = host.clock
+    rng = host.rng
+    start = clock()
+    method = request.method
+    headers = request.headers
+
+    # 1. route and split
+    match = router.route(service, method, request.url.path, headers)
+    decision = Decision(service.key, router.snapshot.version, route=match.name)
+    policy: EffectivePolicy = router.policy(service.key, match.name)
+    backend = service.key
+    if match.split is not None:
+        backend = pick_backend(match.split, rng)
+        decision.split = match.split.name
+    decision.backend = backend
+    dest = host.destination(backend, router)
+
+    # 2. the deadline covers everything below
+    deadline = start + policy.timeout if policy.timeout is not None else None
+    decision.deadline = policy.timeout
+
+    try:
+        response = yield from _guarded_call(
+            host, router, service, request, match.name, policy, dest, decision, deadline
+        )
+    except MeshError as error:
+        _observe(host, decision, backend, clock() - start, error.reason.value, str(error.status))
+        raise
+    except httpx.TransportError as error:
+        decision.reason = (
+            Reason.CONNECT_FAILURE.value
+            if isinstance(error, httpx.ConnectError)
+            else Reason.RESET.value
+        )
+        error.decision = decision  # type: ignore[attr-defined]
+        _observe(host, decision, backend, clock() - start, decision.reason, "error")
+        raise
+    decision.status = response.status_code
+    response.extensions[DECISION_EXTENSION] = decision
+    _observe(host, decision, backend, clock() - start, decision.reason, str(response.status_code))
+    return response
+
+
+def _observe(
+    host: CallHost, decision: Decision, backend: str, seconds: float, reason: str, code: str
+) -> None:
+    metrics = host.metrics
+    if metrics is not None:
+        metrics.observe_call(host.source, backend, decision.route or "", code, reason, seconds)
+
+
+def _guarded_call(
+    host: CallHost,
+    router: Router,
+    service: ServiceDef,
+    request: httpx.Request,
+    route: str | None,
+    policy: EffectivePolicy,
+    dest: Destination,
+    decision: Decision,
+    deadline: float | None,
+) -> Generator[Effect, Any, httpx.Response]:
+    clock = host.clock
+    rng = host.rng
+    headers = request.headers
+
+    # 3. faults: decided before the call leaves; an abort is an answer, not a failure to retry
+    rules = router.faults(service.key, route)
+    extra = host.extra_faults(service.key, route)
+    if extra:
+        rules = rules + extra
+    fault = decide_faults(rules, headers, rng) if rules else NO_FAULT
+    if fault.delay is not None:
+        decision.faults.append(f"delay:{fault.delay:g}s")
+        wait = fault.delay
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline - clock()))
+        yield Sleep(wait)
+        if deadline is not None and clock() >= deadline:
+            raise _fail(MeshTimeout("deadline expired during injected delay"), decision)
+    if fault.abort is not None:
+        decision.faults.append(f"abort:{fault.abort}")
+        decision.reason = Reason.FAULT_ABORT.value
+        return local_response(request, fault.abort, Reason.FAULT_ABORT, decision)
+
+    # 4–5. admission: rate limit, concurrency limit, budget deposit
+    now = clock()
+    max_in_flight = policy.connection_pool.max_connections
+    with dest.lock:
+        if dest.rate_limit is not None and not dest.rate_limit.take(now):
+            raise _fail(RateLimitedError(f"rate limit for {dest.key} exceeded"), decision)
+        if max_in_flight is not None and dest.in_flight >= max_in_flight:
+            raise _fail(
+                ConnectionPoolOverflowError(f"{dest.key}: {max_in_flight} calls in flight"),
+                decision,
+            )
+        dest.in_flight += 1
+        dest.budget.deposit(now)
+    try:
+        # 6. replayability is decided once, before the first attempt
+        replayable = isinstance(request.stream, httpx.ByteStream)
+        if not replayable:
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) <= MAX_REPLAY_BUFFER:
+                yield Buffer(request)
+                replayable = True
+
+        # 7. mirror
+        for rule in router.mirrors(service.key):
+            if replayable and rng.random() * 100.0 < rule.percent:
+                copy = _mirror_request(host, router, request, rule.mirror)
+                if copy is not None:
+                    decision.mirrored_to = rule.mirror
+                    yield Mirror(copy)
+
+        # 8. attempts
+        return (
+            yield from _attempts(
+                host, request, policy, dest, decision, deadline, replayable, fault.refuse
+            )
+        )
+    finally:
+        with dest.lock:
+            dest.in_flight -= 1
+
+
+def _mirror_request(
+    host: CallHost, router: Router, request: httpx.Request, mirror_key: str
+) -> httpx.Request | None:
+    dest = host.destination(mirror_key, router)
+    with dest.lock:
+        state = dest.endpoints.pick(host.clock(), host.rng)
+    if state is None:
+        return None
+    copy = _attempt_request(request, state, None, None)
+    copy.headers["host"] = f"{request.url.host}-shadow"  # Istio marks mirrored traffic so
+    return copy
+
+
+def _attempts(
+    host: CallHost,
+    request: httpx.Request,
+    policy: EffectivePolicy,
+    dest: Destination,
+    decision: Decision,
+    deadline: float | None,
+    replayable: bool,
+    refuse: bool,
+) -> Generator[Effect, Any, httpx.Response]:
+    clock = host.clock
+    rng = host.rng
+    retry_policy = policy.retries
+    per_try = retry_policy.per_try_timeout
+    retries_left = max_retries(retry_policy)
+    idempotent = is_idempotent(request.method, "idempotency-key" in request.headers)
+    hedging = policy.hedging
+    can_hedge = hedging.enabled and idempotent and replayable
+    tried: list[str] = []
+    number = 0
+
+    def begin(hedge: bool) -> Send | None:
+        """Admit and place one attempt (breaker, pick); None if nothing may be sent."""
+        nonlocal number
+        now = clock()
+        with dest.lock:
+            if not dest.breaker.allow(now):
+                return None
+            state = dest.endpoints.pick(now, rng, tried)
+            if state is None:
+                dest.breaker.on_abandon()
+                return None
+            dest.endpoints.on_start(state)
+        number += 1
+        tried.append(state.address)
+        remaining = None if deadline is None else deadline - now
+        timeout = per_try
+        if remaining is not None and (timeout is None or remaining < timeout):
+            timeout = remaining
+        return Send(_attempt_request(request, state, timeout, remaining), state, number, hedge)
+
+    def finish_attempt(send: Send, outcome: Outcome | None) -> tuple[Failure, int | None]:
+        """Feed one attempt's outcome to health state and the decision record."""
+        now = clock()
+        if outcome is None:  # a hedge loser cancelled before it answered
+            with dest.lock:
+                dest.endpoints.on_abandon(send.state)
+                dest.breaker.on_abandon()
+            decision.attempts.append(
+                AttemptRecord(send.number, send.state.address, "cancelled", hedge=send.hedge)
+            )
+            return Failure.NONE, None
+        failure, status = classify(outcome)
+        unhealthy = _counts_against_health(failure, status)
+        with dest.lock:
+            dest.endpoints.on_end(send.state, now, outcome.elapsed, failure is not Failure.NONE)
+            if unhealthy:
+                dest.breaker.on_failure(now)
+            else:
+                dest.breaker.on_success()
+            if failure is Failure.NONE:
+                dest.record_latency(outcome.elapsed)
+        decision.attempts.append(
+            AttemptRecord(
+                send.number,
+                send.state.address,
+                failure.value,
+                status=status,
+                error=None if outcome.error is None else type(outcome.error).__name__,
+                duration=outcome.elapsed,
+                hedge=send.hedge,
+            )
+        )
+        return failure, status
+
+    def backup() -> Send | None:
+        if retries_left <= 0 or number >= hedging.max_attempts:
+            return None
+        if deadline is not None and clock() >= deadline:
+            return None
+        with dest.lock:
+            if not dest.budget.try_withdraw(clock()):
+                decision.budget = "exhausted"
+                return None
+        send = begin(hedge=True)
+        if send is not None:
+            decision.hedges += 1
+        return send
+
+    def accept(outcome: Outcome) -> bool:
+        return classify(outcome)[0] is Failure.NONE
+
+    while True:
+        send = begin(hedge=False)
+        if send is None:
+            if not decision.attempts:
+                if dest.breaker.state.value != "closed":
+                    raise _fail(CircuitOpenError(f"circuit open for {dest.key}"), decision)
+                raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)
+            raise _fail(CircuitOpenError(f"circuit open for {dest.key}"), decision)
+
+        if refuse:
+            outcome = Outcome(None, httpx.ConnectError("connection refused (injected)"), 0.0)
+        else:
+            hedge_delay = None
+            if can_hedge and retries_left > 0:
+                hedge_delay = hedging.delay if hedging.delay is not None else dest.p95()
+            if hedge_delay is not None:
+                race: RaceResult = yield Race(send, hedge_delay, backup, accept)
+                if race.loser is not None:
+                    finish_attempt(race.loser, race.loser_outcome)
+                    retries_left -= 1
+                send, outcome = race.winner, race.outcome
+            else:
+                outcome = yield Send(send.request, send.state, send.number)
+        failure, status = finish_attempt(send, outcome)
+        response = outcome.response
+        if failure is Failure.NONE:
+            assert response is not None
+            return response
+
+        # Decide whether to try again; otherwise hand back what we have.
+        now = clock()
+        retry = retries_left > 0 and should_retry(
+            retry_policy, failure, status, idempotent=idempotent, replayable=replayable
+        )
+        retry_after = None
+        if retry and response is not None:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if retry_after is not None and retry_after > MAX_RETRY_AFTER:
+                retry = False
+        delay = 0.0
+        if retry:
+            delay = backoff_delay(retry_policy.backoff, decision.retries + 1, rng, retry_after)
+            if deadline is not None and now + delay >= deadline:
+                retry = False
+        if retry:
+            with dest.lock:
+                if not dest.budget.try_withdraw(now):
+                    decision.budget = "exhausted"
+                    retry = False
+                    if host.metrics is not None:
+                        host.metrics.budget_exhausted.labels(host.source, dest.key).inc()
+            if not retry:
+                if response is not None:
+                    decision.reason = Reason.UPSTREAM_ERROR.value
+                    return response
+                error = RetryBudgetExhaustedError(f"retry budget for {dest.key} exhausted")
+                error.__cause__ = outcome.error
+                raise _fail(error, decision)
+        if not retry:
+            if response is not None:
+                decision.reason = Reason.UPSTREAM_ERROR.value
+                return response
+            if failure is Failure.TIMEOUT:
+                timeout_error = MeshTimeout(
+                    f"call to {dest.key} timed out after {len(decision.attempts)} attempt(s)"
+                )
+                timeout_error.__cause__ = outcome.error
+                raise _fail(timeout_error, decision)
+            assert outcome.error is not None
+            raise outcome.error
+        retries_left -= 1
+        decision.retries += 1
+        if host.metrics is not None:
+            host.metrics.retries.labels(host.source, dest.key).inc()
+        if response is not None:
+            yield Close(response)
+        if delay > 0:
+            yield Sleep(delay)

@@ -1,0 +1,90 @@
+"""The per-document context shared by the kind builders: where a document is, and how to report.
+
+Builders read values that the structural check has already vetted, but defensively: a value of
+the wrong type was reported once by the checker and is simply skipped here, so every other
+problem in the same document is still found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshlib.config.model import Origin
+from meshlib.config.values import service_key
+from meshlib.config.yamlsafe import YMap, YSeq
+from meshlib.errors import Problem
+
+DEFAULT_NAMESPACE = "default"
+
+
+@dataclass
+class DocContext:
+    file: str
+    index: int  # 1-based document number
+    line: int
+    doc: YMap
+    kind: str
+    api: str
+    name: str
+    namespace: str
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    @property
+    def origin(self) -> Origin:
+        return Origin(self.file, self.index, self.line)
+
+    @property
+    def version(self) -> int:
+        """The SMI alpha number (``v1alpha3`` → 3); 1 for meshlib kinds."""
+        tail = self.api.rsplit("alpha", 1)
+        return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 1
+
+    def error(self, path: str, line: int, message: str) -> None:
+        self.problems.append(Problem(self.file, line, self.index, path, message))
+
+    def warn(self, path: str, line: int, message: str) -> None:
+        self.warnings.append(Problem(self.file, line, self.index, path, message))
+
+    def service(self, ref: Any, path: str, line: int, namespace: str | None = None) -> str | None:
+        """Resolve a service reference relative to this document's namespace, or report it."""
+        if not isinstance(ref, str) or not ref:
+            return None
+        try:
+            return service_key(ref, namespace or self.namespace)
+        except ValueError as exc:
+            self.error(path, line, str(exc))
+            return None
+
+
+def at(node: Any, dotted: str) -> tuple[Any, int]:
+    """The value at ``a.b.c`` inside nested YMaps and its line; (None, line) if absent."""
+    line = node.line if isinstance(node, YMap) else 0
+    for part in dotted.split("."):
+        if not isinstance(node, YMap) or part not in node:
+            return None, line
+        line = node.line_of(part)
+        node = node[part]
+    return node, line
+
+
+def maps(value: Any) -> list[tuple[int, YMap, int]]:
+    """The mapping items of a YAML list, as (index, item, line); other items are skipped."""
+    if not isinstance(value, YSeq):
+        return []
+    return [(i, item, value.line_of(i)) for i, item in enumerate(value) if isinstance(item, YMap)]
+
+
+def as_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def as_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def as_number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None

@@ -1,0 +1,210 @@
+"""Loads policy files into a validated :class:`Snapshot`, or raises one ConfigError listing
+every problem; nothing partial is ever returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from meshlib.config.checker import Finding, check, suggest
+from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_str, at
+from meshlib.config.meshkinds import (
+    build_fault,
+    build_mesh,
+    build_mirror,
+    build_service,
+    build_traffic_policy,
+)
+from meshlib.config.model import MeshSettings, Snapshot
+from meshlib.config.references import Parsed, check_references
+from meshlib.config.schema import DOCUMENT_SCHEMAS
+from meshlib.config.smi import (
+    build_route_group,
+    build_split,
+    build_tcp_route,
+    build_traffic_target,
+)
+from meshlib.config.values import parse_duration
+from meshlib.config.yamlsafe import YamlDocument, YMap, read_documents
+from meshlib.errors import ConfigError, Problem
+
+__all__ = ["MAX_FILE_BYTES", "load_file", "load_files", "load_text", "parse_duration"]
+
+log = logging.getLogger("meshlib.config")
+
+#: Files above this size are rejected before being read (CFG-7).
+MAX_FILE_BYTES = 8 * 1024 * 1024
+
+_BUILDERS: dict[str, Callable[[DocContext, Parsed], None]] = {
+    "Mesh": lambda c, p: p.meshes.append((build_mesh(c), c)),
+    "Service": lambda c, p: _keep(p.services, build_service(c), c),
+    "HTTPRouteGroup": lambda c, p: _keep(p.route_groups, build_route_group(c), c),
+    "TCPRoute": lambda c, p: p.tcp_routes.append((build_tcp_route(c), c)),
+    "TrafficSplit": lambda c, p: _keep(p.splits, build_split(c), c),
+    "TrafficTarget": lambda c, p: _keep(p.targets, build_traffic_target(c), c),
+    "TrafficPolicy": lambda c, p: _keep(p.policies, build_traffic_policy(c), c),
+    "FaultInjection": lambda c, p: _keep(p.faults, build_fault(c), c),
+    "TrafficMirror": lambda c, p: _keep(p.mirrors, build_mirror(c), c),
+    "RequestAuthentication": lambda c, p: None,  # kept raw; the inbound side interprets it
+}
+
+
+def _keep(into: list[tuple[Any, DocContext]], obj: Any, ctx: DocContext) -> None:
+    if obj is not None:
+        into.append((obj, ctx))
+
+
+def load_text(text: str, *, source: str = "<string>", version: int = 0) -> Snapshot:
+    """Parse and validate one policy text (multi-document YAML)."""
+    return _load([(source, text)], version)
+
+
+def load_file(path: str | os.PathLike[str], *, version: int = 0) -> Snapshot:
+    """Read (size-capped, UTF-8) and validate one policy file."""
+    name = os.fspath(path)
+    return _load([(name, read_policy_file(name))], version)
+
+
+def load_files(paths: Iterable[str | os.PathLike[str]], *, version: int = 0) -> Snapshot:
+    """Validate several files as one policy: references may cross files."""
+    sources: list[tuple[str, str]] = []
+    problems: list[Problem] = []
+    for path in paths:
+        name = os.fspath(path)
+        try:
+            sources.append((name, read_policy_file(name)))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return _load(sources, version)
+
+
+def read_policy_file(path: str) -> str:
+    """The file's text; too big, unreadable or not UTF-8 → ConfigError (size checked first)."""
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError([_too_big(path, size)])
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # the file may have grown since stat
+    except OSError as exc:
+        raise ConfigError([Problem(path, 0, 0, "", f"cannot read file: {exc.strerror}")]) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError([_too_big(path, len(data))])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            [Problem(path, line, 0, "", f"file is not valid UTF-8 (byte {exc.start})", col)]
+        ) from None
+
+
+def _too_big(path: str, size: int) -> Problem:
+    return Problem(
+        path, 0, 0, "", f"file is {size} bytes, larger than the {MAX_FILE_BYTES}-byte limit"
+    )
+
+
+def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
+    parsed = Parsed()
+    problems: list[Problem] = []
+    raw: list[YMap] = []
+    digest = hashlib.sha256()
+    for i, (name, text) in enumerate(sources):
+        if i:
+            digest.update(b"\0")
+        encoded = text.encode("utf-8", "surrogatepass")
+        digest.update(encoded)
+        if len(encoded) > MAX_FILE_BYTES:
+            problems.append(_too_big(name, len(encoded)))
+            continue
+        docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
+        problems.extend(
+            Problem(name, p.line, p.document, p.field, p.message, p.column) for p in yaml_problems
+        )
+        for doc in docs:
+            ctx = _document(name, doc, problems)
+            if ctx is None:
+                continue
+            raw.append(ctx.doc)
+            parsed.contexts.append(ctx)
+            _BUILDERS[ctx.kind](ctx, parsed)
+    check_references(parsed)
+    warnings: list[Problem] = []
+    for ctx in parsed.contexts:
+        problems.extend(ctx.problems)
+        warnings.extend(ctx.warnings)
+    order = {name: i for i, (name, _) in enumerate(sources)}
+    if problems:
+        problems.sort(key=lambda p: (order.get(p.file, -1), p.document, p.line))
+        raise ConfigError(problems)
+    for w in warnings:
+        log.warning("policy: %s", w)
+    return _assemble(parsed, sources, digest.hexdigest(), version, raw, warnings)
+
+
+def _document(file: str, doc: YamlDocument, problems: list[Problem]) -> DocContext | None:
+    """Identify a document's kind and version and check its structure; None if unusable."""
+
+    def fail(path: str, line: int, message: str) -> None:
+        problems.append(Problem(file, line, doc.index, path, message))
+
+    value = doc.value
+    if not isinstance(value, YMap):
+        fail("", doc.line, "a document must be a mapping with apiVersion, kind and metadata")
+        return None
+    kind, kind_line = at(value, "kind")
+    api, api_line = at(value, "apiVersion")
+    if not isinstance(kind, str):
+        fail("kind", kind_line, "missing kind" if kind is None else "kind must be a string")
+        return None
+    versions = DOCUMENT_SCHEMAS.get(kind)
+    if versions is None:
+        known = sorted(DOCUMENT_SCHEMAS)
+        hint = suggest(kind, known) or f"; known kinds: {', '.join(known)}"
+        fail("kind", kind_line, f"unknown kind {kind!r}{hint}")
+        return None
+    if api not in versions:
+        accepted = ", ".join(versions)
+        got = "missing apiVersion" if api is None else f"apiVersion {api!r} is not known"
+        fail("apiVersion", api_line, f"{got} for {kind}; use one of: {accepted}")
+        return None
+    findings: list[Finding] = []
+    check(value, versions[api], "", doc.line, findings)
+    problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
+    name = as_str(at(value, "metadata.name")[0]) or ""
+    namespace = as_str(at(value, "metadata.namespace")[0]) or DEFAULT_NAMESPACE
+    return DocContext(file, doc.index, doc.line, value, kind, str(api), name, namespace)
+
+
+def _assemble(
+    p: Parsed,
+    sources: list[tuple[str, str]],
+    digest: str,
+    version: int,
+    raw: list[YMap],
+    warnings: list[Problem],
+) -> Snapshot:
+    return Snapshot(
+        version=version,
+        digest=digest,
+        source=", ".join(name for name, _ in sources),
+        mesh=p.meshes[0][0] if p.meshes else MeshSettings(),
+        services={s.key: s for s, _ in p.services},
+        route_groups={f"{g.name}.{g.namespace}": g for g, _ in p.route_groups},
+        splits={s.root: s for s, _ in p.splits},
+        traffic_policies=tuple(t for t, _ in p.policies),
+        faults=tuple(f for f, _ in p.faults),
+        mirrors=tuple(m for m, _ in p.mirrors),
+        traffic_targets=tuple(t for t, _ in p.targets),
+        tcp_routes={f"{t.name}.{t.namespace}": t for t, _ in p.tcp_routes},
+        raw_documents=tuple(raw),
+        warnings=tuple(warnings),
+    )

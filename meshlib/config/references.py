@@ -1,0 +1,263 @@
+"""Checks across documents: names that must exist, must be unique, or must not chain (CFG-8).
+
+Nothing that points nowhere is accepted: a dangling reference would silently black-hole
+traffic, so it is a load error instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshlib.config.documents import DocContext, at, maps
+from meshlib.config.model import (
+    FaultRule,
+    MeshSettings,
+    MirrorRule,
+    PolicyTarget,
+    RouteGroup,
+    ServiceDef,
+    Split,
+    TCPRoute,
+    TrafficPolicyDoc,
+    TrafficTarget,
+)
+from meshlib.config.schema import POLICY_FIELDS
+from meshlib.config.values import service_key
+
+_YAML_PATH = {pf.model_name: pf.yaml_path for pf in POLICY_FIELDS}
+_YAML_PATH["rate_limit"] = "rateLimit"
+
+
+@dataclass
+class Parsed:
+    """Every document's model object next to its context, before cross-checks."""
+
+    contexts: list[DocContext] = field(default_factory=list)
+    meshes: list[tuple[MeshSettings, DocContext]] = field(default_factory=list)
+    services: list[tuple[ServiceDef, DocContext]] = field(default_factory=list)
+    route_groups: list[tuple[RouteGroup, DocContext]] = field(default_factory=list)
+    tcp_routes: list[tuple[TCPRoute, DocContext]] = field(default_factory=list)
+    splits: list[tuple[Split, DocContext]] = field(default_factory=list)
+    policies: list[tuple[TrafficPolicyDoc, DocContext]] = field(default_factory=list)
+    faults: list[tuple[FaultRule, DocContext]] = field(default_factory=list)
+    mirrors: list[tuple[MirrorRule, DocContext]] = field(default_factory=list)
+    targets: list[tuple[TrafficTarget, DocContext]] = field(default_factory=list)
+
+
+def where(ctx: DocContext) -> str:
+    return f"{ctx.kind} {ctx.name!r} (document {ctx.index}, {ctx.file}:{ctx.line})"
+
+
+def check_references(p: Parsed) -> None:
+    """Report every cross-document problem into the documents' contexts."""
+    _unique_names(p.contexts)
+    for _, ctx in p.meshes[1:]:
+        ctx.error(
+            "kind", ctx.line, f"only one Mesh document is allowed; first: {where(p.meshes[0][1])}"
+        )
+    services = {s.key for s, _ in p.services}
+    routes = _route_names(p.route_groups)
+    groups = {f"{g.name}.{g.namespace}": g for g, _ in p.route_groups}
+    _splits(p.splits, services, groups)
+    for policy, ctx in p.policies:
+        _target_exists(ctx, policy.target, services, routes)
+    _conflicts(p.policies)
+    for fault, ctx in p.faults:
+        _target_exists(ctx, fault.target, services, routes)
+    for mirror, ctx in p.mirrors:
+        for attr in ("service", "mirror"):
+            key = getattr(mirror, attr)
+            if key not in services:
+                ctx.error(f"spec.{attr}", at(ctx.doc, f"spec.{attr}")[1], _no_service(key))
+    tcp = {f"{t.name}.{t.namespace}" for t, _ in p.tcp_routes}
+    for target, ctx in p.targets:
+        _traffic_target(ctx, target, groups, tcp, p.services)
+
+
+def _no_service(key: str) -> str:
+    name, ns = key.split(".", 1)
+    return f"service {name!r} is not declared in namespace {ns!r} (add a Service document)"
+
+
+def _unique_names(contexts: Iterable[DocContext]) -> None:
+    first: dict[tuple[str, str, str], DocContext] = {}
+    for ctx in contexts:
+        if not ctx.name:
+            continue
+        key = (ctx.kind, ctx.namespace, ctx.name)
+        if key in first:
+            ctx.error(
+                "metadata.name",
+                at(ctx.doc, "metadata.name")[1],
+                f"duplicate {ctx.kind} {ctx.name!r} in namespace {ctx.namespace!r}; "
+                f"first: {where(first[key])}",
+            )
+        else:
+            first[key] = ctx
+
+
+def _route_names(groups: list[tuple[RouteGroup, DocContext]]) -> dict[str, set[str]]:
+    """Namespace → match names; a name used in two groups of one namespace is an error."""
+    owner: dict[tuple[str, str], DocContext] = {}
+    names: dict[str, set[str]] = {}
+    for group, ctx in groups:
+        base = "matches" if ctx.version <= 2 else "spec.matches"
+        for i, item, _ in maps(at(ctx.doc, base)[0]):
+            name = item.get("name")
+            if not isinstance(name, str):
+                continue
+            key = (group.namespace, name)
+            prior = owner.get(key)
+            if prior is not None and prior is not ctx:
+                ctx.error(
+                    f"{base}[{i}].name",
+                    item.line_of("name"),
+                    f"route name {name!r} is already used in namespace {group.namespace!r} by "
+                    f"{where(prior)}; route names must be unique per namespace",
+                )
+            owner.setdefault(key, ctx)
+            names.setdefault(group.namespace, set()).add(name)
+    return names
+
+
+def _backend_item(ctx: DocContext, key: str) -> tuple[str, int]:
+    for i, item, _ in maps(at(ctx.doc, "spec.backends")[0]):
+        ref = item.get("service")
+        try:
+            if isinstance(ref, str) and service_key(ref, ctx.namespace) == key:
+                return f"spec.backends[{i}].service", item.line_of("service")
+        except ValueError:
+            continue
+    return "spec.backends", at(ctx.doc, "spec.backends")[1]  # pragma: no cover
+
+
+def _splits(
+    splits: list[tuple[Split, DocContext]], services: set[str], groups: dict[str, RouteGroup]
+) -> None:
+    roots: dict[str, DocContext] = {}
+    for split, ctx in splits:
+        if split.root in roots:
+            ctx.error(
+                "spec.service",
+                at(ctx.doc, "spec.service")[1],
+                f"{split.root} already has a TrafficSplit: {where(roots[split.root])}; "
+                "merge them into one",
+            )
+        roots.setdefault(split.root, ctx)
+    for split, ctx in splits:
+        if split.root not in services:
+            ctx.error("spec.service", at(ctx.doc, "spec.service")[1], _no_service(split.root))
+        for backend in split.backends:
+            path, line = _backend_item(ctx, backend.service)
+            if backend.service not in services:
+                ctx.error(path, line, _no_service(backend.service))
+            other = roots.get(backend.service)
+            if other is not None:
+                ctx.error(
+                    path,
+                    line,
+                    f"backend {backend.service} is itself split by {where(other)}; "
+                    "splits may not chain (SMI splits are not hierarchical)",
+                )
+        for i, ref in enumerate(split.matches):
+            if ref.group not in groups:
+                name, ns = ref.group.split(".", 1)
+                ctx.error(
+                    f"spec.matches[{i}].name",
+                    maps(at(ctx.doc, "spec.matches")[0])[i][2],
+                    f"HTTPRouteGroup {name!r} does not exist in namespace {ns!r}",
+                )
+
+
+def _target_exists(
+    ctx: DocContext, target: PolicyTarget, services: set[str], routes: dict[str, set[str]]
+) -> None:
+    if target.service is None:
+        return
+    if target.service not in services:
+        ctx.error(
+            "spec.target.service",
+            at(ctx.doc, "spec.target.service")[1],
+            _no_service(target.service),
+        )
+        return
+    ns = target.service.split(".", 1)[1]
+    if target.route is not None and target.route not in routes.get(ns, set()):
+        ctx.error(
+            "spec.target.route",
+            at(ctx.doc, "spec.target.route")[1],
+            f"no HTTPRouteGroup in namespace {ns!r} has a match named {target.route!r}",
+        )
+
+
+def _conflicts(policies: list[tuple[TrafficPolicyDoc, DocContext]]) -> None:
+    setters: dict[tuple[Any, ...], DocContext] = {}
+    for policy, ctx in policies:
+        t = policy.target
+        scope = (t.namespace, t.service, t.route) if t.service else (t.namespace, None, None)
+        for name in policy.fields:
+            key = (*scope, name)
+            prior = setters.get(key)
+            if prior is None:
+                setters[key] = ctx
+                continue
+            yaml_path = _YAML_PATH.get(name, name)
+            ctx.error(
+                f"spec.{yaml_path}",
+                at(ctx.doc, f"spec.{yaml_path}")[1],
+                f"{yaml_path} is also set for the same {t.scope} target by {where(prior)}; "
+                "two policies may not set one field for one target",
+            )
+
+
+def _traffic_target(
+    ctx: DocContext,
+    target: TrafficTarget,
+    groups: dict[str, RouteGroup],
+    tcp: set[str],
+    services: list[tuple[ServiceDef, DocContext]],
+) -> None:
+    base = "specs" if ctx.version == 1 else "spec.rules"
+    items = maps(at(ctx.doc, base)[0])
+    for (i, item, line), rule in zip(items, target.rules, strict=False):
+        key = f"{rule.name}.{target.namespace}"
+        if rule.kind == "TCPRoute":
+            if key not in tcp:
+                ctx.error(
+                    f"{base}[{i}].name",
+                    line,
+                    f"TCPRoute {rule.name!r} does not exist in namespace {target.namespace!r}",
+                )
+            continue
+        group = groups.get(key)
+        if group is None:
+            ctx.error(
+                f"{base}[{i}].name",
+                item.line_of("name"),
+                f"HTTPRouteGroup {rule.name!r} does not exist in namespace {target.namespace!r}",
+            )
+            continue
+        known = {m.name for m in group.matches}
+        for j, match in enumerate(rule.matches):
+            if match not in known:
+                ctx.error(
+                    f"{base}[{i}].matches[{j}]",
+                    item.line_of("matches"),
+                    f"HTTPRouteGroup {rule.name!r} has no match named {match!r}",
+                )
+    # Unknown identities cannot widen access (a rule only admits what it names), but they are
+    # usually typos, so say so.
+    identities = {(s.service_account or s.name, s.namespace) for s, _ in services}
+    for who, path in [
+        (target.destination, "destination"),
+        *((s, "sources") for s in target.sources),
+    ]:
+        if who not in identities:
+            ctx.warn(
+                f"{'' if ctx.version == 1 else 'spec.'}{path}",
+                ctx.line,
+                f"service account {who[0]!r} in namespace {who[1]!r} is not used by any "
+                "declared Service",
+            )

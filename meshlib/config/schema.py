@@ -1,0 +1,446 @@
+"""The structure of every policy document kind, as JSON Schema fragments: one source of truth.
+
+The loader checks documents against these fragments (field names, types, bounds, enums) before
+it converts values, and :func:`json_schema` publishes the same fragments for editors.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from meshlib.config.values import MAX_REGEX_LENGTH
+
+Schema = dict[str, Any]
+
+MESHLIB_API = "meshlib/v1"
+SPLIT_VERSIONS = tuple(f"split.smi-spec.io/v1alpha{i}" for i in (1, 2, 3, 4))
+SPECS_VERSIONS = tuple(f"specs.smi-spec.io/v1alpha{i}" for i in (1, 2, 3, 4))
+ACCESS_VERSIONS = tuple(f"access.smi-spec.io/v1alpha{i}" for i in (1, 2, 3))
+MAX_WEIGHT = 2**31 - 1
+
+DURATION: Schema = {"$ref": "#/$defs/duration"}
+STRING: Schema = {"type": "string"}
+NONEMPTY: Schema = {"type": "string", "minLength": 1}
+STRING_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+PERCENT: Schema = {"type": "number", "minimum": 0, "maximum": 100}
+
+DEFS: dict[str, Schema] = {
+    "duration": {
+        "title": "a duration string such as '250ms', '2s', '1m30s'",
+        "type": "string",
+        "format": "duration",
+        "pattern": r"^(0|([0-9]+(\.[0-9]+)?(ms|s|m|h))+)$",
+    },
+    "name": {
+        "title": "a lower-case DNS name (a-z, 0-9, '-' and '.')",
+        "type": "string",
+        "maxLength": 253,
+        "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+    },
+    "namespace": {
+        "title": "a lower-case DNS label (a-z, 0-9 and '-')",
+        "type": "string",
+        "maxLength": 63,
+        "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+    },
+    "metadata": {
+        "type": "object",
+        "properties": {
+            "name": {"$ref": "#/$defs/name"},
+            "namespace": {"$ref": "#/$defs/namespace"},
+            "labels": STRING_MAP,
+            "annotations": STRING_MAP,
+        },
+        "required": ["name"],
+        "additionalProperties": False,
+    },
+}
+
+
+def obj(properties: dict[str, Schema], *required: str, description: str = "") -> Schema:
+    """A closed object: unknown fields are errors (CFG-3)."""
+    schema: Schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = list(required)
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def integer(
+    minimum: int | None = None, maximum: int | None = None, description: str = ""
+) -> Schema:
+    schema: Schema = {"type": "integer"}
+    if minimum is not None:
+        schema["minimum"] = minimum
+    if maximum is not None:
+        schema["maximum"] = maximum
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def enum(*values: str, description: str = "") -> Schema:
+    schema: Schema = {"type": "string", "enum": list(values)}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def array(items: Schema, min_items: int = 0) -> Schema:
+    schema: Schema = {"type": "array", "items": items}
+    if min_items:
+        schema["minItems"] = min_items
+    return schema
+
+
+# --- TrafficPolicy: one table drives the schema, the conversion and the model field names ------
+
+
+@dataclass(frozen=True)
+class PolicyField:
+    """One leaf of ``TrafficPolicy.spec``: where it is in YAML and what it sets in the model."""
+
+    yaml_path: str  # camelCase path under spec, e.g. "retries.perTryTimeout"
+    model_name: str  # dotted EffectivePolicy attribute, e.g. "retries.per_try_timeout"
+    schema: Schema
+    convert: str = "plain"  # "plain" | "duration" | "retry_on" | "lb_kind" | "hedge_delay"
+    bounds: tuple[float, float] | None = None  # for durations: seconds (inclusive)
+    required: bool = False  # required when its parent object is present
+
+
+RETRY_ON = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "refused-stream",
+    "timeout",
+    "retriable-4xx",
+    "retriable-status-codes",
+    "429",
+)
+DAY = 86400.0
+MS = 0.001
+
+POLICY_FIELDS: tuple[PolicyField, ...] = (
+    PolicyField("timeout", "timeout", DURATION, "duration", (MS, DAY)),
+    PolicyField(
+        "retries.attempts",
+        "retries.attempts",
+        integer(0, description="retries after the first try; above 4 clamped to 4"),
+    ),
+    PolicyField(
+        "retries.perTryTimeout", "retries.per_try_timeout", DURATION, "duration", (MS, DAY)
+    ),
+    PolicyField(
+        "retries.retryOn",
+        "retries.retry_on",
+        {
+            "anyOf": [
+                {"title": "a comma-separated string", "type": "string"},
+                {"title": "a list of conditions", "type": "array", "items": STRING},
+            ],
+            "description": "conditions: " + ", ".join(RETRY_ON) + " or a 3-digit status code",
+        },
+        "retry_on",
+    ),
+    PolicyField("retries.retryable", "retries.retryable", {"type": "boolean"}),
+    PolicyField(
+        "retries.backoff.baseInterval", "retries.backoff.base", DURATION, "duration", (MS, DAY)
+    ),
+    PolicyField(
+        "retries.backoff.maxInterval", "retries.backoff.cap", DURATION, "duration", (MS, DAY)
+    ),
+    PolicyField(
+        "retries.budget.ratio",
+        "retries.budget.ratio",
+        {"type": "number", "minimum": 0, "maximum": 10},
+    ),
+    PolicyField(
+        "retries.budget.minRetriesPerSecond",
+        "retries.budget.min_per_second",
+        {"type": "number", "minimum": 0, "maximum": 10000},
+    ),
+    PolicyField("retries.budget.ttl", "retries.budget.ttl", DURATION, "duration", (1.0, 60.0)),
+    PolicyField(
+        "circuitBreaker.consecutiveFailures",
+        "circuit_breaker.consecutive_failures",
+        integer(1, 1_000_000),
+    ),
+    PolicyField(
+        "circuitBreaker.openDuration",
+        "circuit_breaker.open_duration",
+        DURATION,
+        "duration",
+        (MS, DAY),
+    ),
+    PolicyField(
+        "outlierDetection.consecutiveFailures",
+        "outlier_detection.consecutive_failures",
+        integer(1, 1_000_000),
+    ),
+    PolicyField(
+        "outlierDetection.baseEjectionTime",
+        "outlier_detection.base_ejection_time",
+        DURATION,
+        "duration",
+        (MS, DAY),
+    ),
+    PolicyField(
+        "outlierDetection.maxEjectionTime",
+        "outlier_detection.max_ejection_time",
+        DURATION,
+        "duration",
+        (MS, DAY),
+    ),
+    PolicyField(
+        "outlierDetection.maxEjectionPercent", "outlier_detection.max_ejection_percent", PERCENT
+    ),
+    PolicyField("outlierDetection.panicThreshold", "outlier_detection.panic_threshold", PERCENT),
+    PolicyField(
+        "loadBalancer.type",
+        "load_balancer.kind",
+        enum("p2c-ewma", "round-robin", "random"),
+        "lb_kind",
+    ),
+    PolicyField("loadBalancer.decay", "load_balancer.decay", DURATION, "duration", (MS, DAY)),
+    PolicyField(
+        "rateLimit.requestsPerSecond",
+        "rate_limit",
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000},
+        required=True,
+    ),
+    PolicyField("rateLimit.burst", "rate_limit", integer(1, 10_000_000)),
+    PolicyField("connectionPool.maxConnections", "connection_pool.max_connections", integer(1)),
+    PolicyField("connectionPool.maxKeepalive", "connection_pool.max_keepalive", integer(0)),
+    PolicyField("hedging.enabled", "hedging.enabled", {"type": "boolean"}),
+    PolicyField(
+        "hedging.delay",
+        "hedging.delay",
+        {"anyOf": [{"title": "'p95'", "const": "p95"}, DURATION]},
+        "hedge_delay",
+        (MS, DAY),
+    ),
+    PolicyField("hedging.maxAttempts", "hedging.max_attempts", integer(2, 5)),
+)
+
+TARGET = obj(
+    {
+        "namespace": {"$ref": "#/$defs/namespace"},
+        "service": NONEMPTY,
+        "route": NONEMPTY,
+    },
+    description="absent: the whole mesh; {namespace}; {service}; {service, route}",
+)
+
+
+def _policy_spec() -> Schema:
+    spec = obj({"target": TARGET})
+    for pf in POLICY_FIELDS:
+        parent = spec
+        *parents, leaf = pf.yaml_path.split(".")
+        for part in parents:
+            parent = parent["properties"].setdefault(part, obj({}))
+        parent["properties"][leaf] = pf.schema
+        if pf.required:
+            parent.setdefault("required", []).append(leaf)
+    return spec
+
+
+# --- documents ---------------------------------------------------------------------------------
+
+
+def _doc(api: str, kind: str, body: dict[str, Schema], *required: str) -> Schema:
+    props: dict[str, Schema] = {
+        "apiVersion": {"const": api},
+        "kind": {"const": kind},
+        "metadata": {"$ref": "#/$defs/metadata"},
+    }
+    props.update(body)
+    return obj(props, "apiVersion", "kind", "metadata", *required)
+
+
+def _split(version: int) -> Schema:
+    if version == 1:
+        weight: Schema = {
+            "anyOf": [
+                {
+                    "title": "a quantity such as '500m'",
+                    "type": "string",
+                    "pattern": r"^[0-9.]+[mk]?$",
+                },
+                {"title": "a whole number", "type": "integer", "minimum": 0, "maximum": MAX_WEIGHT},
+            ]
+        }
+    else:
+        weight = integer(0, MAX_WEIGHT, "relative weight (whole number)")
+    spec: dict[str, Schema] = {
+        "service": NONEMPTY,
+        "backends": array(obj({"service": NONEMPTY, "weight": weight}, "service", "weight"), 1),
+    }
+    if version >= 3:
+        spec["matches"] = array(
+            obj({"kind": enum("HTTPRouteGroup"), "name": NONEMPTY}, "kind", "name")
+        )
+    return obj(spec, "service", "backends")
+
+
+def _http_match() -> Schema:
+    header_map: Schema = {
+        "title": "a map of header name to regex",
+        "type": "object",
+        "additionalProperties": STRING,
+    }
+    header_list: Schema = {
+        "title": "a list of single-entry maps",
+        "type": "array",
+        "items": {**header_map, "minProperties": 1, "maxProperties": 1},
+    }
+    return obj(
+        {
+            "name": NONEMPTY,
+            "pathRegex": {"type": "string", "maxLength": MAX_REGEX_LENGTH},
+            "methods": array(NONEMPTY, 1),
+            "headers": {"anyOf": [header_map, header_list]},
+        },
+        "name",
+    )
+
+
+def _route_group(version: int) -> Schema:
+    matches = array(_http_match(), 1)
+    if version <= 2:
+        return _doc(SPECS_VERSIONS[version - 1], "HTTPRouteGroup", {"matches": matches}, "matches")
+    body = {"spec": obj({"matches": matches}, "matches")}
+    return _doc(SPECS_VERSIONS[version - 1], "HTTPRouteGroup", body, "spec")
+
+
+def _tcp_route(version: int) -> Schema:
+    api = SPECS_VERSIONS[version - 1]
+    if version <= 2:
+        return _doc(api, "TCPRoute", {})
+    if version == 3:
+        return _doc(api, "TCPRoute", {"spec": obj({})})
+    ports = obj({"ports": array(integer(1, 65535))})
+    return _doc(api, "TCPRoute", {"spec": obj({"matches": ports})})
+
+
+def _traffic_target(version: int) -> Schema:
+    subject = obj(
+        {
+            "kind": enum("ServiceAccount"),
+            "name": NONEMPTY,
+            "namespace": {"$ref": "#/$defs/namespace"},
+        },
+        "kind",
+        "name",
+    )
+    destination = copy.deepcopy(subject)
+    destination["properties"]["port"] = {
+        "anyOf": [integer(1, 65535), {"type": "string", "pattern": "^[0-9]+$"}]
+    }
+    rule = obj(
+        {"kind": enum("HTTPRouteGroup", "TCPRoute"), "name": NONEMPTY, "matches": array(NONEMPTY)},
+        "kind",
+        "name",
+    )
+    body: dict[str, Schema] = {
+        "destination": destination,
+        "rules" if version >= 2 else "specs": array(rule, 1),
+        "sources": array(subject, 1),
+    }
+    api = ACCESS_VERSIONS[version - 1]
+    if version == 1:
+        return _doc(api, "TrafficTarget", body, "destination", "specs", "sources")
+    return _doc(
+        api, "TrafficTarget", {"spec": obj(body, "destination", "rules", "sources")}, "spec"
+    )
+
+
+def _meshlib_docs() -> dict[str, Schema]:
+    endpoint = obj(
+        {
+            "address": {
+                "type": "string",
+                "minLength": 1,
+                "description": "host:port, IPv6 as [::1]:80",
+            },
+            "weight": integer(1, MAX_WEIGHT, "relative weight, default 1"),
+            "labels": STRING_MAP,
+        },
+        "address",
+    )
+    service = obj(
+        {
+            "serviceAccount": {"$ref": "#/$defs/namespace"},
+            "port": integer(1, 65535),
+            "endpoints": array(endpoint),
+        }
+    )
+    mesh = obj(
+        {
+            "trustDomain": {"$ref": "#/$defs/name"},
+            "mtls": enum("strict", "permissive", "disable"),
+            "accessControl": enum("open", "audit", "enforce"),
+            "egress": enum("allow-any", "registry-only"),
+        }
+    )
+    fault = obj(
+        {
+            "target": TARGET,
+            "match": obj({"headers": STRING_MAP}),
+            "delay": obj({"fixed": DURATION, "percent": PERCENT}, "fixed"),
+            "abort": obj({"status": integer(200, 599), "percent": PERCENT}, "status"),
+        },
+        "target",
+    )
+    mirror = obj({"service": NONEMPTY, "mirror": NONEMPTY, "percent": PERCENT}, "service", "mirror")
+    return {
+        "Mesh": _doc(MESHLIB_API, "Mesh", {"spec": mesh}),
+        "Service": _doc(MESHLIB_API, "Service", {"spec": service}),
+        "TrafficPolicy": _doc(MESHLIB_API, "TrafficPolicy", {"spec": _policy_spec()}, "spec"),
+        "FaultInjection": _doc(MESHLIB_API, "FaultInjection", {"spec": fault}, "spec"),
+        "TrafficMirror": _doc(MESHLIB_API, "TrafficMirror", {"spec": mirror}, "spec"),
+        "RequestAuthentication": _doc(
+            MESHLIB_API, "RequestAuthentication", {"spec": {"type": "object"}}, "spec"
+        ),
+    }
+
+
+def _build_document_schemas() -> dict[str, dict[str, Schema]]:
+    docs: dict[str, dict[str, Schema]] = {
+        "TrafficSplit": {
+            api: _doc(api, "TrafficSplit", {"spec": _split(i + 1)}, "spec")
+            for i, api in enumerate(SPLIT_VERSIONS)
+        },
+        "HTTPRouteGroup": {api: _route_group(i + 1) for i, api in enumerate(SPECS_VERSIONS)},
+        "TCPRoute": {api: _tcp_route(i + 1) for i, api in enumerate(SPECS_VERSIONS)},
+        "TrafficTarget": {api: _traffic_target(i + 1) for i, api in enumerate(ACCESS_VERSIONS)},
+    }
+    for kind, schema in _meshlib_docs().items():
+        docs[kind] = {MESHLIB_API: schema}
+    return docs
+
+
+#: kind → apiVersion → JSON Schema of the whole document.
+DOCUMENT_SCHEMAS: dict[str, dict[str, Schema]] = _build_document_schemas()
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) of one policy document, for editors and CI linters."""
+    variants = [
+        copy.deepcopy(schema)
+        for versions in DOCUMENT_SCHEMAS.values()
+        for schema in versions.values()
+    ]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://meshlib.dev/schemas/policy.json",
+        "title": "meshlib policy document",
+        "description": "One document of a meshlib policy file (SMI kinds and meshlib/v1 kinds).",
+        "oneOf": variants,
+        "$defs": copy.deepcopy(DEFS),
+    }

@@ -1,0 +1,180 @@
+"""Parsers for the scalar value formats of the policy file: durations, quantities, addresses,
+service references and RE2 patterns. Each raises ``ValueError`` with a message fit for a user.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from decimal import Decimal, InvalidOperation
+from typing import cast
+
+import re2
+
+from meshlib.config.model import Pattern
+
+#: Longest regular expression accepted (Istio's limit); longer ones are rejected at load.
+MAX_REGEX_LENGTH = 1024
+#: Default bounds for durations: Istio requires at least 1 ms, and anything past a day is a typo.
+MIN_DURATION = 0.001
+MAX_DURATION = 86400.0
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|k)?$")
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # rejected patterns are reported as Problems, not on stderr
+
+
+def parse_duration(text: str) -> float:
+    """``"250ms"``, ``"1.5s"``, ``"1m30s"``, ``"2h"`` → float seconds.
+
+    Precision is one millisecond; negative values, other units and bare numbers are rejected.
+    Bounds (such as "at least 1 ms") are the caller's: they depend on the field.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration string such as '2s', got {text!r}")
+    s = text.strip()
+    if s.startswith("-"):
+        raise ValueError(f"negative duration {text!r} is not allowed")
+    if s == "0":
+        return 0.0
+    pos = 0
+    total = Decimal(0)
+    for m in _DURATION_PART.finditer(s):
+        if m.start() != pos:
+            break
+        total += Decimal(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise ValueError(
+            f"invalid duration {text!r}: use a number with a unit ms, s, m or h, "
+            "such as '250ms', '2s', '1m30s'"
+        )
+    if total != total.quantize(Decimal("0.001")):
+        raise ValueError(f"duration {text!r} is finer than the 1ms precision")
+    return float(total)
+
+
+def check_duration_range(
+    seconds: float, *, minimum: float = MIN_DURATION, maximum: float = MAX_DURATION
+) -> None:
+    if seconds < minimum:
+        raise ValueError(f"must be at least {format_duration(minimum)}")
+    if seconds > maximum:
+        raise ValueError(f"must be at most {format_duration(maximum)}")
+
+
+def format_duration(seconds: float) -> str:
+    """Inverse of :func:`parse_duration` for messages and ``explain``: 0.25 → ``"250ms"``."""
+    ms = round(seconds * 1000)
+    if ms % 3_600_000 == 0 and ms:
+        return f"{ms // 3_600_000}h"
+    if ms % 60_000 == 0 and ms:
+        return f"{ms // 60_000}m"
+    if ms % 1000 == 0:
+        return f"{ms // 1000}s"
+    return f"{ms}ms"
+
+
+def parse_quantity_milli(value: object) -> int:
+    """A Kubernetes quantity as SMI v1alpha1 weights use it (``500m``, ``1``) → milli-units."""
+    if isinstance(value, bool):
+        raise ValueError("a weight must be a quantity such as '500m' or 1, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a weight must not be negative")
+        return value * 1000
+    if isinstance(value, float):
+        value = repr(value)
+    if not isinstance(value, str):
+        raise ValueError(f"a weight must be a quantity such as '500m' or 1, got {value!r}")
+    if value.strip().startswith("-"):
+        raise ValueError(f"a weight must not be negative, got {value!r}")
+    m = _QUANTITY.match(value.strip())
+    if m is None:
+        raise ValueError(f"invalid quantity {value!r}: use a number like '1' or milli-units '500m'")
+    try:
+        number = Decimal(m.group(1))
+    except InvalidOperation:  # pragma: no cover - the pattern only admits decimals
+        raise ValueError(f"invalid quantity {value!r}") from None
+    scale = {"m": Decimal(1), None: Decimal(1000), "k": Decimal(1_000_000)}[m.group(2)]
+    milli = number * scale
+    if milli != milli.to_integral_value():
+        raise ValueError(f"quantity {value!r} is finer than one milli-unit")
+    return int(milli)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` → (host, port), validating both."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"address {address!r} must be host:port (IPv6 as [::1]:80)")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"address {address!r} has port {port_text!r}, expected 1..65535")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"address {address!r}: unclosed '[' around an IPv6 host")
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(
+                f"address {address!r}: {host[1:-1]!r} is not an IPv6 address"
+            ) from None
+        return host[1:-1], int(port_text)
+    if ":" in host:
+        raise ValueError(f"address {address!r}: write IPv6 hosts in brackets, like [::1]:80")
+    if not _HOSTNAME.match(host):
+        raise ValueError(f"address {address!r}: {host!r} is not a valid host name or IP address")
+    return host, int(port_text)
+
+
+def service_key(ref: str, namespace: str) -> str:
+    """A service reference relative to ``namespace`` → the canonical key ``name.namespace``.
+
+    ``reviews`` is ``reviews.<namespace>``; ``reviews.shop`` names namespace ``shop``;
+    the Kubernetes forms ``reviews.shop.svc`` and ``reviews.shop.svc.cluster.local`` also work.
+    """
+    parts = ref.split(".")
+    if len(parts) == 1:
+        parts.append(namespace)
+    elif len(parts) > 2 and parts[2] != "svc":
+        raise ValueError(
+            f"service reference {ref!r} must be 'name', 'name.namespace' or "
+            "'name.namespace.svc[.domain]'"
+        )
+    name, ns = parts[0], parts[1]
+    for label in (name, ns):
+        if not _DNS_LABEL.match(label) or len(label) > 63:
+            raise ValueError(
+                f"service reference {ref!r}: {label!r} is not a lower-case DNS label "
+                "(a-z, 0-9 and '-')"
+            )
+    return f"{name}.{ns}"
+
+
+def compile_regex(pattern: str, *, anchored: bool = False) -> Pattern:
+    """Compile with RE2 (linear time); backreferences and lookaround cannot compile."""
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise ValueError(
+            f"regular expression is {len(pattern)} characters long, at most "
+            f"{MAX_REGEX_LENGTH} are allowed"
+        )
+    source = f"^(?:{pattern})" if anchored else pattern
+    try:
+        compiled = cast(Pattern, re2.compile(source, _RE2_OPTIONS))
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise ValueError(
+            f"regular expression {pattern!r} is not supported by RE2 ({reason}); "
+            "backreferences and lookaround are not allowed"
+        ) from None
+    return compiled

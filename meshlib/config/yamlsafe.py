@@ -1,0 +1,202 @@
+"""A hardened YAML reader: plain dicts and lists that remember the line of every key and item.
+
+PyYAML's own loaders silently keep the last of two duplicate keys, expand aliases (the
+"billion laughs" bomb) and throw away line numbers. Here libyaml (when available) only
+*composes* node trees; this module turns nodes into values itself, so it can reject aliases,
+merge keys, duplicate and non-string keys and deep nesting before building anything, and keep
+the 1-based line of each field for error messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+
+MAX_DEPTH = 64
+MAX_DOCUMENTS = 1000
+
+_BaseLoader: type[yaml.SafeLoader]
+try:  # libyaml composes ~10x faster than the pure-Python parser; same node trees and marks
+    _BaseLoader = yaml.CSafeLoader  # type: ignore[assignment]
+except AttributeError:  # pragma: no cover - libyaml missing
+    _BaseLoader = yaml.SafeLoader
+
+
+class YMap(dict[str, Any]):
+    """A YAML mapping: a dict with the line of the mapping and of each key."""
+
+    __slots__ = ("key_lines", "line")
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.key_lines: dict[str, int] = {}
+
+    def line_of(self, key: str) -> int:
+        return self.key_lines.get(key, self.line)
+
+
+class YSeq(list[Any]):
+    """A YAML sequence: a list with the line of the sequence and of each item."""
+
+    __slots__ = ("item_lines", "line")
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.item_lines: list[int] = []
+
+    def line_of(self, index: int) -> int:
+        return self.item_lines[index] if 0 <= index < len(self.item_lines) else self.line
+
+
+@dataclass(frozen=True)
+class YamlProblem:
+    """Something wrong at the YAML level (before any kind is looked at)."""
+
+    line: int
+    document: int  # 1-based; 0 when the stream as a whole is wrong
+    field: str
+    message: str
+    column: int = 0
+
+
+@dataclass(frozen=True)
+class YamlDocument:
+    index: int  # 1-based position in the stream
+    line: int
+    value: Any  # YMap, YSeq, scalar or None for an empty document
+
+
+class _Reject(Exception):
+    def __init__(self, line: int, field: str, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.field = field
+        self.message = message
+
+
+class _Builder:
+    """Turns one composed document into YMap/YSeq/scalars, enforcing the safety rules."""
+
+    def __init__(self) -> None:
+        self._constructor = SafeConstructor()
+        # A node object reached twice is an alias: libyaml hands back the anchored node itself.
+        self._seen: set[int] = set()
+
+    def build(self, node: yaml.Node, path: str, depth: int) -> Any:
+        line = node.start_mark.line + 1
+        if id(node) in self._seen:
+            raise _Reject(line, path, "YAML aliases (*name) are not allowed; repeat the value")
+        self._seen.add(id(node))
+        if depth > MAX_DEPTH:
+            raise _Reject(line, path, f"nesting deeper than {MAX_DEPTH} levels is not allowed")
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, depth, line)
+        if isinstance(node, yaml.SequenceNode):
+            seq = YSeq(line)
+            for i, item in enumerate(node.value):
+                seq.append(self.build(item, f"{path}[{i}]", depth + 1))
+                seq.item_lines.append(item.start_mark.line + 1)
+            return seq
+        assert isinstance(node, yaml.ScalarNode)
+        return self._scalar(node, path, line)
+
+    def _mapping(self, node: yaml.MappingNode, path: str, depth: int, line: int) -> YMap:
+        result = YMap(line)
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise _Reject(key_line, path, "YAML merge keys (<<) are not allowed")
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _Reject(key_line, path, "mapping keys must be plain strings")
+            key = self._scalar(key_node, path, key_line)
+            if not isinstance(key, str):
+                raise _Reject(
+                    key_line,
+                    path,
+                    f"mapping key {key_node.value!r} is not a string "
+                    f"(quote it: '{key_node.value}')",
+                )
+            child = f"{path}.{key}" if path else key
+            if key in result:
+                raise _Reject(
+                    key_line,
+                    child,
+                    f"duplicate key {key!r} (first at line {result.key_lines[key]})",
+                )
+            result.key_lines[key] = key_line
+            result[key] = self.build(value_node, child, depth + 1)
+        return result
+
+    def _scalar(self, node: yaml.ScalarNode, path: str, line: int) -> Any:
+        if node.tag == "tag:yaml.org,2002:str":  # the common case, without the generic dispatch
+            return node.value
+        construct = self._constructor.yaml_constructors.get(node.tag)
+        if construct is None:
+            raise _Reject(line, path, f"unsupported YAML tag {node.tag}")
+        try:
+            return construct(self._constructor, node)
+        except (yaml.YAMLError, ValueError) as exc:
+            raise _Reject(line, path, f"bad {node.tag.rsplit(':', 1)[-1]} value: {exc}") from None
+
+
+def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
+    """Parse a multi-document YAML stream; return its documents or the problems found.
+
+    A syntax error ends the stream (nothing after it can be trusted); safety violations inside
+    one document are reported for that document and the next documents are still read.
+    """
+    docs: list[YamlDocument] = []
+    problems: list[YamlProblem] = []
+    loader = _BaseLoader(text)
+    index = 0
+    try:
+        for node in _compose_all(loader):
+            index += 1
+            if index > MAX_DOCUMENTS:
+                line = node.start_mark.line + 1 if node is not None else 0
+                problems.append(
+                    YamlProblem(line, 0, "", f"more than {MAX_DOCUMENTS} documents in one file")
+                )
+                break
+            if node is None:
+                continue
+            line = node.start_mark.line + 1
+            try:
+                value = _Builder().build(node, "", 0)
+            except _Reject as rej:
+                problems.append(YamlProblem(rej.line, index, rej.field, rej.message))
+                continue
+            docs.append(YamlDocument(index, line, value))
+    except yaml.MarkedYAMLError as exc:
+        problems.append(_syntax_problem(exc, index + 1))
+    except yaml.YAMLError as exc:  # pragma: no cover - unmarked errors are rare
+        problems.append(YamlProblem(0, index + 1, "", f"invalid YAML: {exc}"))
+    finally:
+        loader.dispose()
+    return docs, problems
+
+
+def _compose_all(loader: yaml.SafeLoader) -> Iterator[yaml.Node | None]:
+    while loader.check_node():
+        yield loader.get_node()
+
+
+def _syntax_problem(exc: yaml.MarkedYAMLError, document: int) -> YamlProblem:
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark is not None else 0
+    column = mark.column + 1 if mark is not None else 0
+    problem = exc.problem or "syntax error"
+    if "maximum nesting depth" in problem:
+        message = f"nesting deeper than {MAX_DEPTH} levels is not allowed"
+    else:
+        context = f" {exc.context}" if exc.context else ""
+        message = f"invalid YAML: {problem}{context}".rstrip()
+        if "\t" in problem or "tab" in problem:
+            message += " (use spaces, not tabs, for indentation)"
+    return YamlProblem(line, document, "", message, column)

@@ -1,0 +1,368 @@
+"""The Mesh: holds the current policy snapshot (hot-reloaded), the run-time state of every
+destination, and hands out httpx clients and transports that call through it."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+from meshlib.call import Effect, run_call
+from meshlib.config.loader import load_file, load_text
+from meshlib.config.model import (
+    AbortFault,
+    DelayFault,
+    Egress,
+    FaultRule,
+    PolicyTarget,
+    Snapshot,
+)
+from meshlib.decision import Decision
+from meshlib.destination import Destination
+from meshlib.errors import AccessDeniedError, ConfigError
+from meshlib.metrics import MeshMetrics
+from meshlib.policy.routing import Router
+from meshlib.transport import AsyncMeshTransport, MeshTransport
+
+log = logging.getLogger("meshlib")
+
+_versions = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ReloadStatus:
+    """The outcome of the last reload attempt, for `meshctl` and debug pages."""
+
+    ok: bool
+    version: int  # the snapshot version in force after the attempt
+    error: ConfigError | None = None
+    digest: str | None = None  # sha256 of the rejected (or applied) content
+    at: float = 0.0  # wall-clock time of the attempt
+
+
+class FaultHandle:
+    """A fault added at run time (by :mod:`meshlib.testing`); remove it to undo."""
+
+    def __init__(self, mesh: Mesh, rule: FaultRule) -> None:
+        self._mesh = mesh
+        self.rule = rule
+
+    def remove(self) -> None:
+        self._mesh._remove_fault(self.rule)
+
+    def __enter__(self) -> FaultHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class Mesh:
+    """An embedded mesh for one service.
+
+    ``clock`` (monotonic seconds) and ``seed`` make decisions reproducible in tests; the
+    defaults are ``time.monotonic`` and an unseeded RNG.
+    """
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        *,
+        service: str,
+        namespace: str = "default",
+        path: str | os.PathLike[str] | None = None,
+        watch: bool = True,
+        poll_interval: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+        registry: CollectorRegistry | None = None,
+        metrics: bool = True,
+        local_responses: bool = False,
+    ) -> None:
+        self.service = service
+        self.namespace = namespace
+        self.source = f"{service}.{namespace}"
+        self.clock = clock
+        self._rng = random.Random(seed)
+        self.metrics: MeshMetrics | None = MeshMetrics.for_registry(registry) if metrics else None
+        self.local_responses = local_responses
+        self._router = Router(snapshot)
+        self._destinations: dict[str, Destination] = {}
+        self._lock = threading.Lock()
+        self._faults: tuple[FaultRule, ...] = ()
+        self._fault_index: dict[tuple[str, str | None], tuple[FaultRule, ...]] = {}
+        self.reload_status = ReloadStatus(True, snapshot.version, digest=snapshot.digest)
+        self._path = Path(path) if path is not None else None
+        self._poll_interval = poll_interval
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if self._path is not None and watch:
+            self._watcher = threading.Thread(
+                target=self._watch, name=f"meshlib-watch-{self._path.name}", daemon=True
+            )
+            self._watcher.start()
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        service: str,
+        namespace: str = "default",
+        **kwargs: Any,
+    ) -> Mesh:
+        """Load and validate a policy file (raises ConfigError) and watch it for changes."""
+        snapshot = load_file(path, version=next(_versions))
+        return cls(snapshot, service=service, namespace=namespace, path=path, **kwargs)
+
+    @classmethod
+    def from_text(
+        cls, text: str, *, service: str, namespace: str = "default", **kwargs: Any
+    ) -> Mesh:
+        """A mesh from policy text (no file, no watching)."""
+        snapshot = load_text(text, version=next(_versions))
+        return cls(snapshot, service=service, namespace=namespace, **kwargs)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._router.snapshot
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    @property
+    def rng(self) -> random.Random:
+        return self._rng
+
+    @property
+    def last_error(self) -> ConfigError | None:
+        """The error of the last rejected reload, if the last attempt was rejected."""
+        return self.reload_status.error
+
+    def destination(self, key: str, router: Router) -> Destination:
+        dest = self._destinations.get(key)
+        if dest is not None and dest.version >= router.snapshot.version:
+            return dest
+        with self._lock:
+            dest = self._destinations.get(key)
+            service = router.services[key]
+            policy = router.policy(key, None)
+            if dest is None:
+                dest = Destination(service, policy, self.clock())
+                self._destinations[key] = dest
+            elif dest.version < router.snapshot.version:
+                dest.update(service, policy, self.clock())
+            dest.version = max(dest.version, router.snapshot.version)
+            return dest
+
+    def destinations(self) -> Mapping[str, Destination]:
+        return dict(self._destinations)
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def start_call(self, request: httpx.Request) -> Generator[Effect, Any, httpx.Response] | None:
+        """The call sequence for a request to a mesh service; None for other hosts."""
+        router = self._router  # one snapshot for the whole call
+        service = router.resolve(request.url.host, self.namespace)
+        if service is None:
+            if router.snapshot.mesh.egress is Egress.REGISTRY_ONLY:
+                return _refuse_egress(request, router.snapshot.version)
+            return None
+        return run_call(self, router, service, request)
+
+    def transport(self, **kwargs: Any) -> MeshTransport:
+        """An httpx sync transport; ``kwargs`` configure the inner ``httpx.HTTPTransport``."""
+        kwargs.setdefault("local_responses", self.local_responses)
+        return MeshTransport(self, **kwargs)
+
+    def async_transport(self, **kwargs: Any) -> AsyncMeshTransport:
+        kwargs.setdefault("local_responses", self.local_responses)
+        return AsyncMeshTransport(self, **kwargs)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        """A plain ``httpx.Client`` calling through the mesh. TLS (verify, cert), pool limits,
+        http1/http2 and trust_env go to the inner transport, where httpx would otherwise drop
+        them; everything else (timeout, headers, base_url, ...) to the client."""
+        inner = {k: kwargs.pop(k) for k in _TRANSPORT_ARGS if k in kwargs}
+        local = kwargs.pop("local_responses", self.local_responses)
+        return httpx.Client(
+            transport=MeshTransport(self, local_responses=local, **inner),
+            **_client_args(kwargs, inner),
+        )
+
+    def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        inner = {k: kwargs.pop(k) for k in _TRANSPORT_ARGS if k in kwargs}
+        local = kwargs.pop("local_responses", self.local_responses)
+        return httpx.AsyncClient(
+            transport=AsyncMeshTransport(self, local_responses=local, **inner),
+            **_client_args(kwargs, inner),
+        )
+
+    # -- run-time faults (meshlib.testing) --------------------------------------------------------
+
+    def inject_fault(
+        self,
+        service: str,
+        *,
+        abort: int | None = None,
+        delay: float | None = None,
+        refuse: bool = False,
+        percent: float = 100.0,
+        headers: Mapping[str, str] | None = None,
+        route: str | None = None,
+    ) -> FaultHandle:
+        """Add a fault for calls to ``service`` until the handle is removed."""
+        key = service if "." in service else f"{service}.{self.namespace}"
+        if key not in self._router.services:
+            raise ValueError(f"unknown service {service!r}")
+        rule = FaultRule(
+            name=f"runtime-{next(_versions)}",
+            namespace=key.split(".", 1)[1],
+            target=PolicyTarget(service=key, route=route),
+            delay=DelayFault(delay, percent) if delay is not None else None,
+            abort=AbortFault(abort, percent) if abort is not None else None,
+            headers={k.lower(): v for k, v in (headers or {}).items()},
+            refuse_percent=percent if refuse else 0.0,
+        )
+        with self._lock:
+            self._faults = (*self._faults, rule)
+            self._fault_index = {}
+        return FaultHandle(self, rule)
+
+    def _remove_fault(self, rule: FaultRule) -> None:
+        with self._lock:
+            self._faults = tuple(f for f in self._faults if f is not rule)
+            self._fault_index = {}
+
+    def extra_faults(self, service_key: str, route: str | None) -> tuple[FaultRule, ...]:
+        faults = self._faults
+        if not faults:
+            return ()
+        key = (service_key, route)
+        index = self._fault_index
+        found = index.get(key)
+        if found is None:
+            found = tuple(
+                f
+                for f in faults
+                if f.target.service == service_key
+                and (f.target.route is None or f.target.route == route)
+            )
+            index[key] = found
+        return found
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Swap in a new validated snapshot atomically (calls in flight keep theirs)."""
+        self._router = Router(snapshot)  # a single reference assignment: atomic
+        self.reload_status = ReloadStatus(True, snapshot.version, digest=snapshot.digest)
+
+    def reload(self) -> bool:
+        """Re-read the policy file now. A bad file keeps the last good snapshot in force."""
+        if self._path is None:
+            raise RuntimeError("this mesh was not loaded from a file")
+        try:
+            snapshot = load_file(self._path, version=next(_versions))
+        except (ConfigError, OSError) as exc:
+            error = (
+                exc
+                if isinstance(exc, ConfigError)
+                else ConfigError.from_message(str(self._path), str(exc))
+            )
+            self.reload_status = ReloadStatus(
+                False, self.snapshot.version, error=error, at=time.time()
+            )
+            if self.metrics is not None:
+                self.metrics.reloads.labels("rejected").inc()
+            log.error(
+                "policy reload rejected, keeping version %d: %s", self.snapshot.version, error
+            )
+            return False
+        if snapshot.digest == self.snapshot.digest:
+            return True
+        self.apply(snapshot)
+        if self.metrics is not None:
+            self.metrics.reloads.labels("applied").inc()
+        log.info("policy reloaded: version %d from %s", snapshot.version, self._path)
+        return True
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        assert self._path is not None
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _watch(self) -> None:
+        """Poll the file; reload once its stat has been stable for one interval, so a file
+        written in pieces is read whole (a rename is atomic and settles at once)."""
+        seen = self._stat()
+        while not self._stop.wait(self._poll_interval):
+            current = self._stat()
+            if current is None or current == seen:
+                continue
+            if self._stop.wait(self._poll_interval):
+                return
+            if self._stat() != current:
+                continue  # still being written: wait for it to settle
+            seen = current
+            try:
+                self.reload()
+            except Exception:  # the watcher must outlive any bug in one reload
+                log.exception("policy reload failed unexpectedly")
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+#: httpx.Client arguments that really configure the transport.
+_TRANSPORT_ARGS = ("verify", "cert", "limits", "http1", "http2", "trust_env", "retries", "proxy")
+
+
+def _client_args(kwargs: dict[str, Any], inner: Mapping[str, Any]) -> dict[str, Any]:
+    # trust_env also affects the client's own behaviour (netrc, env proxies): give it to both.
+    if "trust_env" in inner:
+        kwargs["trust_env"] = inner["trust_env"]
+    return kwargs
+
+
+def _refuse_egress(request: httpx.Request, version: int) -> Generator[Effect, Any, httpx.Response]:
+    decision = Decision(request.url.host, version, reason="denied")
+    raise AccessDeniedError(
+        f"egress to {request.url.host!r} refused: not a mesh service (egress: registry-only)",
+        decision=decision,
+    )
+    yield  # pragma: no cover - makes this a generator

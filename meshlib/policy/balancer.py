@@ -1,0 +1,233 @@
+"""Endpoint health and load balancing for one destination: peak-EWMA latency, power of two
+choices, round-robin and random picks, and outlier ejection with a panic threshold.
+
+Pure: time (monotonic seconds) and randomness are passed in, so the balancer is tested with a
+fake clock and a seeded ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Collection, Sequence
+
+from meshlib.config.model import (
+    Endpoint,
+    LoadBalancerKind,
+    LoadBalancerPolicy,
+    OutlierPolicy,
+)
+
+#: Score of an endpoint never observed but with an attempt in flight: new endpoints are probed
+#: (cost 0 makes them first choice) but only one attempt at a time until one answers (Finagle).
+_UNOBSERVED_PENALTY = 1e6
+
+#: A failed attempt is observed as at least this slow, so an endpoint answering errors fast
+#: does not attract load ("fast errors count as slow", Linkerd load biaser).
+FAILURE_PENALTY = 0.5
+
+
+class EndpointState:
+    """Mutable health of one endpoint; owned by its :class:`EndpointSet`."""
+
+    __slots__ = (
+        "_cost",
+        "_stamp",
+        "consecutive_failures",
+        "ejected_until",
+        "endpoint",
+        "pending",
+        "requests",
+        "times_ejected",
+    )
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._cost = 0.0  # peak-EWMA latency estimate, seconds
+        self._stamp = -1.0  # when _cost was last updated; < 0: never
+        self.pending = 0  # attempts in flight
+        self.requests = 0  # attempts started (for tests and debugging)
+        self.consecutive_failures = 0
+        self.times_ejected = 0
+        self.ejected_until = 0.0
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+    def cost(self, now: float, decay: float) -> float:
+        """The latency estimate decayed toward zero since the last observation, so an idle
+        endpoint is eventually probed again."""
+        if self._stamp < 0:
+            return self._cost
+        elapsed = now - self._stamp
+        if elapsed <= 0:
+            return self._cost
+        return self._cost * math.exp(-elapsed / decay)
+
+    def score(self, now: float, decay: float) -> float:
+        cost = self.cost(now, decay)
+        if cost == 0.0 and self.pending:
+            return _UNOBSERVED_PENALTY + self.pending
+        return cost * (self.pending + 1)
+
+    def observe(self, now: float, rtt: float, decay: float) -> None:
+        """Fold one latency sample in: peaks are taken at once, recoveries decay smoothly."""
+        current = self.cost(now, decay)
+        if rtt > current:
+            self._cost = rtt
+        else:
+            w = math.exp(-max(now - self._stamp, 0.0) / decay) if self._stamp >= 0 else 0.0
+            self._cost = current * w + rtt * (1.0 - w)
+        self._stamp = now
+
+    def is_ejected(self, now: float) -> bool:
+        return self.ejected_until > now
+
+
+class EndpointSet:
+    """The endpoints of one destination service with their health, and the pick among them."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        balancer: LoadBalancerPolicy | None = None,
+        outlier: OutlierPolicy | None = None,
+    ) -> None:
+        self.balancer = balancer or LoadBalancerPolicy()
+        self.outlier = outlier or OutlierPolicy()
+        self.states: list[EndpointState] = [EndpointState(e) for e in endpoints]
+        self._rr = 0
+        self.ejections = 0  # ejections so far (metrics read this)
+        self.panic = False  # whether the last pick ran in panic mode
+
+    def update(
+        self,
+        endpoints: Sequence[Endpoint],
+        balancer: LoadBalancerPolicy,
+        outlier: OutlierPolicy,
+    ) -> None:
+        """Adopt a new endpoint list and policy, keeping the health of endpoints still listed."""
+        self.balancer = balancer
+        self.outlier = outlier
+        old = {s.address: s for s in self.states}
+        states = []
+        for e in endpoints:
+            state = old.get(e.address)
+            if state is None:
+                state = EndpointState(e)
+            else:
+                state.endpoint = e
+            states.append(state)
+        self.states = states
+
+    # -- picking --------------------------------------------------------------------------------
+
+    def candidates(self, now: float) -> list[EndpointState]:
+        """Endpoints not ejected; all of them when fewer than the panic threshold are healthy."""
+        states = self.states
+        healthy = [s for s in states if not s.is_ejected(now)]
+        if states and len(healthy) * 100.0 < self.outlier.panic_threshold * len(states):
+            self.panic = True
+            return list(states)
+        self.panic = False
+        return healthy
+
+    def pick(
+        self, now: float, rng: random.Random, avoid: Collection[str] = ()
+    ) -> EndpointState | None:
+        """Choose an endpoint, preferring ones whose address is not in ``avoid`` (a retry goes
+        elsewhere when it can). None when there is no endpoint at all."""
+        states = self.states
+        if len(states) == 1 and not avoid:
+            only = states[0]
+            return only
+        cands = self.candidates(now)
+        if avoid:
+            others = [s for s in cands if s.address not in avoid]
+            if others:
+                cands = others
+        n = len(cands)
+        if n == 0:
+            return None
+        if n == 1:
+            return cands[0]
+        kind = self.balancer.kind
+        if kind is LoadBalancerKind.ROUND_ROBIN:
+            self._rr += 1
+            return cands[self._rr % n]
+        if kind is LoadBalancerKind.RANDOM:
+            return self._weighted(cands, rng)
+        # Power of two choices over peak-EWMA: two distinct random candidates, the less loaded.
+        a, b = self._two(cands, rng)
+        decay = self.balancer.decay
+        return a if a.score(now, decay) <= b.score(now, decay) else b
+
+    @staticmethod
+    def _weighted(cands: list[EndpointState], rng: random.Random) -> EndpointState:
+        total = 0
+        for s in cands:
+            total += s.endpoint.weight
+        if total == len(cands):
+            return cands[rng.randrange(len(cands))]
+        x = rng.random() * total
+        for s in cands:
+            x -= s.endpoint.weight
+            if x < 0:
+                return s
+        return cands[-1]
+
+    def _two(
+        self, cands: list[EndpointState], rng: random.Random
+    ) -> tuple[EndpointState, EndpointState]:
+        a = self._weighted(cands, rng)
+        for _ in range(4):  # bounded: distinct second choice, weighted
+            b = self._weighted(cands, rng)
+            if b is not a:
+                return a, b
+        i = cands.index(a)
+        return a, cands[(i + 1) % len(cands)]
+
+    # -- feedback -------------------------------------------------------------------------------
+
+    def on_start(self, state: EndpointState) -> None:
+        state.pending += 1
+        state.requests += 1
+
+    def on_end(self, state: EndpointState, now: float, rtt: float, failed: bool) -> bool:
+        """Record an attempt's outcome. Returns True when this outcome ejected the endpoint."""
+        state.pending = max(0, state.pending - 1)
+        decay = self.balancer.decay
+        state.observe(now, max(rtt, FAILURE_PENALTY) if failed else rtt, decay)
+        if not failed:
+            state.consecutive_failures = 0
+            return False
+        state.consecutive_failures += 1
+        if state.consecutive_failures < self.outlier.consecutive_failures:
+            return False
+        return self._eject(state, now)
+
+    def on_abandon(self, state: EndpointState) -> None:
+        """An attempt ended without an outcome for health (cancelled by the caller)."""
+        state.pending = max(0, state.pending - 1)
+
+    def _eject(self, state: EndpointState, now: float) -> bool:
+        if state.is_ejected(now):
+            return False
+        total = len(self.states)
+        if total < 2:
+            return False  # a lone endpoint is never ejected: the circuit breaker covers it
+        ejected = sum(1 for s in self.states if s.is_ejected(now))
+        percent = self.outlier.max_ejection_percent
+        # At least one endpoint is ejectable whenever ejection is enabled at all (Envoy).
+        limit = max(1, math.floor(total * percent / 100.0)) if percent > 0 else 0
+        if ejected >= limit:
+            return False
+        state.times_ejected += 1
+        duration = min(
+            self.outlier.base_ejection_time * state.times_ejected, self.outlier.max_ejection_time
+        )
+        state.ejected_until = now + duration
+        state.consecutive_failures = 0
+        self.ejections += 1
+        return True

@@ -1,0 +1,315 @@
+"""The two drivers of the call sequence: an httpx sync transport and an httpx async transport.
+
+Each one resolves the host; mesh services go through :func:`meshlib.call.run_call`, whose
+effects the driver performs; other hosts go straight to the inner transport. The two classes
+are meant to be read side by side: they differ only in ``await`` and in how they race hedges
+(a thread pool here, an anyio task group there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Generator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+
+from meshlib.call import (
+    Buffer,
+    Close,
+    Effect,
+    Mirror,
+    Outcome,
+    Race,
+    RaceResult,
+    Send,
+    Sleep,
+    local_response,
+)
+from meshlib.decision import Decision
+from meshlib.errors import MeshError
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+#: Mirrored requests in flight per transport; more are dropped, never queued (mirroring must
+#: not add latency or memory to the primary traffic).
+MAX_MIRRORS_IN_FLIGHT = 32
+
+
+def _local_reply(request: httpx.Request, error: MeshError) -> httpx.Response:
+    decision = error.decision or Decision(request.url.host, 0)
+    return local_response(request, error.status, error.reason, decision)
+
+
+class MeshTransport(httpx.BaseTransport):
+    """Sync driver. ``inner`` defaults to an ``httpx.HTTPTransport`` built from ``**kwargs``
+    (verify, cert, limits, http1, http2, trust_env, ...), so a client's TLS and pool settings
+    still apply when the mesh is plugged in."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        inner: httpx.BaseTransport | None = None,
+        *,
+        local_responses: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self._mesh = mesh
+        self._inner = inner if inner is not None else httpx.HTTPTransport(**kwargs)
+        self._local_responses = local_responses
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._mirrors = threading.BoundedSemaphore(MAX_MIRRORS_IN_FLIGHT)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        call = self._mesh.start_call(request)
+        if call is None:
+            return self._inner.handle_request(request)
+        try:
+            return self._drive(call)
+        except MeshError as error:
+            if self._local_responses:
+                return _local_reply(request, error)
+            raise
+
+    def _drive(self, call: Generator[Effect, Any, httpx.Response]) -> httpx.Response:
+        try:
+            effect = call.send(None)
+            while True:
+                kind = type(effect)
+                result: Any = None
+                if kind is Send:
+                    result = self._send(effect)  # type: ignore[arg-type]
+                elif kind is Sleep:
+                    time.sleep(effect.seconds)  # type: ignore[union-attr]
+                elif kind is Close:
+                    effect.response.close()  # type: ignore[union-attr]
+                elif kind is Buffer:
+                    effect.request.read()  # type: ignore[union-attr]
+                elif kind is Race:
+                    result = self._race(effect)  # type: ignore[arg-type]
+                elif kind is Mirror:
+                    self._mirror(effect.request)  # type: ignore[union-attr]
+                effect = call.send(result)
+        except StopIteration as stop:
+            response: httpx.Response = stop.value
+            return response
+        finally:
+            call.close()
+
+    def _send(self, send: Send) -> Outcome:
+        clock = self._mesh.clock
+        start = clock()
+        try:
+            response = self._inner.handle_request(send.request)
+        except httpx.TransportError as error:
+            return Outcome(None, error, clock() - start)
+        return Outcome(response, None, clock() - start)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="meshlib")
+            return self._pool
+
+    def _race(self, race: Race) -> RaceResult:
+        pool = self._executor()
+        first = pool.submit(self._send, race.first)
+        done, _ = wait([first], timeout=race.delay)
+        if done:
+            return RaceResult(race.first, first.result())
+        second = race.backup()
+        if second is None:
+            return RaceResult(race.first, first.result())
+        sends = {first: race.first, pool.submit(self._send, second): second}
+        pending: set[Future[Outcome]] = set(sends)
+        finished: list[tuple[Send, Outcome]] = []
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            finished.extend((sends[f], f.result()) for f in done)
+            accepted = [item for item in finished if race.accept(item[1])]
+            if not accepted and pending:
+                continue
+            win_send, win_outcome = accepted[0] if accepted else finished[-1]
+            if pending:
+                # A thread cannot be interrupted: the loser is closed when it completes.
+                loser_future = pending.pop()
+                loser_future.add_done_callback(_close_outcome)
+                return RaceResult(win_send, win_outcome, sends[loser_future], None)
+            lose_send, lose_outcome = next(i for i in finished if i[0] is not win_send)
+            if lose_outcome.response is not None:
+                lose_outcome.response.close()
+            return RaceResult(win_send, win_outcome, lose_send, lose_outcome)
+        raise AssertionError("unreachable: race ended without an outcome")
+
+    def _mirror(self, request: httpx.Request) -> None:
+        if not self._mirrors.acquire(blocking=False):
+            return
+        try:
+            self._executor().submit(self._send_mirror, request)
+        except RuntimeError:  # executor shut down
+            self._mirrors.release()
+
+    def _send_mirror(self, request: httpx.Request) -> None:
+        try:
+            response = self._inner.handle_request(request)
+            try:
+                response.read()
+            finally:
+                response.close()
+        except httpx.HTTPError:
+            pass  # a mirror's failure is nobody's business but its metrics'
+        finally:
+            self._mirrors.release()
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._inner.close()
+
+
+def _close_outcome(future: Future[Outcome]) -> None:
+    outcome = future.result()
+    if outcome.response is not None:
+        outcome.response.close()
+
+
+class AsyncMeshTransport(httpx.AsyncBaseTransport):
+    """Async driver (asyncio or trio through anyio). Same effects, awaited."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        inner: httpx.AsyncBaseTransport | None = None,
+        *,
+        local_responses: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self._mesh = mesh
+        self._inner = inner if inner is not None else httpx.AsyncHTTPTransport(**kwargs)
+        self._local_responses = local_responses
+        self._mirror_tasks: set[asyncio.Task[None]] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        call = self._mesh.start_call(request)
+        if call is None:
+            return await self._inner.handle_async_request(request)
+        try:
+            return await self._drive(call)
+        except MeshError as error:
+            if self._local_responses:
+                return _local_reply(request, error)
+            raise
+
+    async def _drive(self, call: Generator[Effect, Any, httpx.Response]) -> httpx.Response:
+        try:
+            effect = call.send(None)
+            while True:
+                kind = type(effect)
+                result: Any = None
+                if kind is Send:
+                    result = await self._send(effect)  # type: ignore[arg-type]
+                elif kind is Sleep:
+                    await anyio.sleep(effect.seconds)  # type: ignore[union-attr]
+                elif kind is Close:
+                    await effect.response.aclose()  # type: ignore[union-attr]
+                elif kind is Buffer:
+                    await effect.request.aread()  # type: ignore[union-attr]
+                elif kind is Race:
+                    result = await self._race(effect)  # type: ignore[arg-type]
+                elif kind is Mirror:
+                    self._mirror(effect.request)  # type: ignore[union-attr]
+                effect = call.send(result)
+        except StopIteration as stop:
+            response: httpx.Response = stop.value
+            return response
+        finally:
+            call.close()
+
+    async def _send(self, send: Send) -> Outcome:
+        clock = self._mesh.clock
+        start = clock()
+        try:
+            response = await self._inner.handle_async_request(send.request)
+        except httpx.TransportError as error:
+            return Outcome(None, error, clock() - start)
+        return Outcome(response, None, clock() - start)
+
+    async def _race(self, race: Race) -> RaceResult:
+        sender, receiver = anyio.create_memory_object_stream[tuple[Send, Outcome]](2)
+
+        async def attempt(send: Send) -> None:
+            outcome = await self._send(send)
+            sender.send_nowait((send, outcome))
+
+        result: RaceResult | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(attempt, race.first)
+            with anyio.move_on_after(race.delay):
+                send, outcome = await receiver.receive()
+                result = RaceResult(send, outcome)
+            if result is None:
+                second = race.backup()
+                if second is None:
+                    send, outcome = await receiver.receive()
+                    result = RaceResult(send, outcome)
+                else:
+                    tg.start_soon(attempt, second)
+                    send, outcome = await receiver.receive()
+                    other = second if send is race.first else race.first
+                    if race.accept(outcome):
+                        result = RaceResult(send, outcome, other, None)
+                    else:
+                        send2, outcome2 = await receiver.receive()
+                        if outcome.response is not None:
+                            await outcome.response.aclose()
+                        result = RaceResult(send2, outcome2, send, outcome)
+            tg.cancel_scope.cancel()  # the loser's connection is closed by the cancellation
+        assert result is not None
+        # An attempt that finished while being cancelled: close what nobody will read.
+        while True:
+            try:
+                _, stray = receiver.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            if stray.response is not None and stray is not result.outcome:
+                await stray.response.aclose()
+                if result.loser_outcome is None:
+                    result.loser_outcome = stray
+        sender.close()
+        receiver.close()
+        return result
+
+    def _mirror(self, request: httpx.Request) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on asyncio (e.g. trio): mirroring is skipped, never blocks the call
+        if len(self._mirror_tasks) >= MAX_MIRRORS_IN_FLIGHT:
+            return
+        task = loop.create_task(self._send_mirror(request))
+        self._mirror_tasks.add(task)
+        task.add_done_callback(self._mirror_tasks.discard)
+
+    async def _send_mirror(self, request: httpx.Request) -> None:
+        try:
+            response = await self._inner.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        except httpx.HTTPError:
+            pass
+
+    async def aclose(self) -> None:
+        for task in list(self._mirror_tasks):
+            task.cancel()
+        self._mirror_tasks.clear()
+        await self._inner.aclose()

@@ -1,0 +1,1 @@
+"""Tests of the real-sockets test harness itself."""
