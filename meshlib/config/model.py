@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from meshlib.errors import Problem
@@ -92,9 +93,9 @@ class ServiceDef:
     port: int | None = None
     origin: Origin | None = None
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """The canonical name ``name.namespace``."""
+        """The canonical name ``name.namespace`` (cached: read on every call)."""
         return f"{self.name}.{self.namespace}"
 
 

@@ -88,10 +88,14 @@ class _Builder:
         # A node object reached twice is an alias: libyaml hands back the anchored node itself.
         self._seen: set[int] = set()
 
-    def build(self, node: yaml.Node, path: str, depth: int) -> Any:
+    def build(self, node: yaml.Node, path: str, depth: int, where: int = 0) -> Any:
+        """``where`` is the line of the key or list holding ``node``: an alias has no line
+        of its own (libyaml hands back the anchored node), so errors about it use this one."""
         line = node.start_mark.line + 1
         if id(node) in self._seen:
-            raise _Reject(line, path, "YAML aliases (*name) are not allowed; repeat the value")
+            raise _Reject(
+                where or line, path, "YAML aliases (*name) are not allowed; repeat the value"
+            )
         self._seen.add(id(node))
         if depth > MAX_DEPTH:
             raise _Reject(line, path, f"nesting deeper than {MAX_DEPTH} levels is not allowed")
@@ -100,7 +104,7 @@ class _Builder:
         if isinstance(node, yaml.SequenceNode):
             seq = YSeq(line)
             for i, item in enumerate(node.value):
-                seq.append(self.build(item, f"{path}[{i}]", depth + 1))
+                seq.append(self.build(item, f"{path}[{i}]", depth + 1, line))
                 seq.item_lines.append(item.start_mark.line + 1)
             return seq
         assert isinstance(node, yaml.ScalarNode)
@@ -130,7 +134,7 @@ class _Builder:
                     f"duplicate key {key!r} (first at line {result.key_lines[key]})",
                 )
             result.key_lines[key] = key_line
-            result[key] = self.build(value_node, child, depth + 1)
+            result[key] = self.build(value_node, child, depth + 1, key_line)
         return result
 
     def _scalar(self, node: yaml.ScalarNode, path: str, line: int) -> Any:
@@ -172,9 +176,10 @@ def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
             except _Reject as rej:
                 problems.append(YamlProblem(rej.line, index, rej.field, rej.message))
                 continue
-            docs.append(YamlDocument(index, line, value))
+            if value is not None:  # an empty document (a stray '---') is not an error
+                docs.append(YamlDocument(index, line, value))
     except yaml.MarkedYAMLError as exc:
-        problems.append(_syntax_problem(exc, index + 1))
+        problems.append(_syntax_problem(exc, index + 1, text))
     except yaml.YAMLError as exc:  # pragma: no cover - unmarked errors are rare
         problems.append(YamlProblem(0, index + 1, "", f"invalid YAML: {exc}"))
     finally:
@@ -187,7 +192,7 @@ def _compose_all(loader: yaml.SafeLoader) -> Iterator[yaml.Node | None]:
         yield loader.get_node()
 
 
-def _syntax_problem(exc: yaml.MarkedYAMLError, document: int) -> YamlProblem:
+def _syntax_problem(exc: yaml.MarkedYAMLError, document: int, text: str) -> YamlProblem:
     mark = exc.problem_mark or exc.context_mark
     line = mark.line + 1 if mark is not None else 0
     column = mark.column + 1 if mark is not None else 0
@@ -197,6 +202,16 @@ def _syntax_problem(exc: yaml.MarkedYAMLError, document: int) -> YamlProblem:
     else:
         context = f" {exc.context}" if exc.context else ""
         message = f"invalid YAML: {problem}{context}".rstrip()
-        if "\t" in problem or "tab" in problem:
-            message += " (use spaces, not tabs, for indentation)"
+        if mark is not None and _char_at(text, mark.line, mark.column) == "\t":
+            message += " (a tab: indent with spaces, YAML does not allow tabs there)"
     return YamlProblem(line, document, "", message, column)
+
+
+def _char_at(text: str, line: int, column: int) -> str:
+    start = 0
+    for _ in range(line):
+        start = text.find("\n", start) + 1
+        if start == 0:
+            return ""
+    index = start + column
+    return text[index] if index < len(text) else ""

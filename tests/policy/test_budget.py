@@ -1,0 +1,94 @@
+"""RetryBudget: retries ≤ ratio × calls + min_per_second, over a sliding window."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from meshlib.config.model import BudgetPolicy
+from meshlib.policy.budget import RetryBudget
+
+
+def withdraw_all(budget: RetryBudget, now: float, limit: int = 100_000) -> int:
+    n = 0
+    while n < limit and budget.try_withdraw(now):
+        n += 1
+    return n
+
+
+def test_default_policy_bounds_retries_in_a_full_outage() -> None:
+    budget = RetryBudget(BudgetPolicy())  # 20% + 10/s over 10 s
+    rate, seconds, retries_per_call = 100, 30, 3
+    calls = retries = refused = 0
+    for i in range(rate * seconds):
+        now = i / rate
+        budget.deposit(now)
+        calls += 1
+        for k in range(retries_per_call):  # every attempt fails: each call wants 3 retries
+            if budget.try_withdraw(now + 0.001 * (k + 1)):
+                retries += 1
+            else:
+                refused += 1
+                break
+    assert calls == 3000
+    assert retries <= 0.2 * calls + 10 * seconds + 10  # small slack for window edges
+    assert retries < 0.5 * calls  # far below the unbudgeted 3 retries per call
+    assert retries >= 0.2 * calls  # but the budget does allow retrying
+    assert refused > 0
+
+
+def test_min_per_second_lets_low_traffic_retry() -> None:
+    budget = RetryBudget(BudgetPolicy(ratio=0.2, min_per_second=10.0, ttl=10.0))
+    assert withdraw_all(budget, 0.0) == 100  # 10/s × 10 s, no calls at all
+
+
+def test_ratio_adds_to_the_floor() -> None:
+    budget = RetryBudget(BudgetPolicy(ratio=0.5, min_per_second=0.0, ttl=10.0))
+    for _ in range(40):
+        budget.deposit(1.0)
+    assert budget.balance(1.0) == pytest.approx(20.0)
+    assert withdraw_all(budget, 1.0) == 20
+    assert not budget.try_withdraw(1.0)
+
+
+def test_old_deposits_expire() -> None:
+    budget = RetryBudget(BudgetPolicy(ratio=1.0, min_per_second=0.0, ttl=10.0))
+    for _ in range(100):
+        budget.deposit(0.0)
+    for _ in range(30):
+        budget.deposit(5.0)
+    assert budget.balance(5.0) == pytest.approx(130.0)
+    assert budget.balance(10.5) == pytest.approx(30.0)  # the t=0 calls left the window
+    assert budget.balance(15.5) == pytest.approx(0.0)
+    assert not budget.try_withdraw(15.5)
+
+
+def test_spent_retries_expire_too() -> None:
+    budget = RetryBudget(BudgetPolicy(ratio=0.0, min_per_second=1.0, ttl=10.0))
+    assert withdraw_all(budget, 0.0) == 10
+    assert not budget.try_withdraw(5.0)
+    assert withdraw_all(budget, 10.5) == 10  # the withdrawals from t=0 left the window
+
+
+def test_long_idle_gap_resets_the_window() -> None:
+    budget = RetryBudget(BudgetPolicy(ratio=1.0, min_per_second=0.0, ttl=10.0))
+    for t in range(10):
+        budget.deposit(float(t))
+    assert budget.balance(9.0) == pytest.approx(10.0)
+    assert budget.balance(1000.0) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, math.nan, math.inf])
+def test_invalid_ratio_disables_retries(ratio: float) -> None:
+    budget = RetryBudget(BudgetPolicy(ratio=ratio, min_per_second=10.0, ttl=10.0))
+    for _ in range(100):
+        budget.deposit(0.0)
+    assert not budget.try_withdraw(0.0)
+
+
+def test_zero_budget_allows_nothing() -> None:
+    budget = RetryBudget(BudgetPolicy(ratio=0.0, min_per_second=0.0, ttl=10.0))
+    for _ in range(1000):
+        budget.deposit(0.0)
+    assert not budget.try_withdraw(0.0)
