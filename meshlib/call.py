@@ -44,10 +44,10 @@ from meshlib.errors import (
 from meshlib.policy.balancer import EndpointState
 from meshlib.policy.fault import NO_FAULT, decide_faults
 from meshlib.policy.retry import (
+    IDEMPOTENT_METHODS,
     MAX_RETRY_AFTER,
     Failure,
     backoff_delay,
-    is_idempotent,
     max_retries,
     parse_retry_after,
     should_retry,
@@ -205,22 +205,31 @@ def _attempt_request(
 ) -> httpx.Request:
     """The request as sent to one endpoint: same method, path, headers (Host kept) and body."""
     endpoint = state.endpoint
-    url = _endpoint_url(request.url, endpoint.host, endpoint.port)
-    extensions = request.extensions
-    headers = request.headers
-    if timeout is not None:
-        extensions = dict(extensions)
-        current = extensions.get("timeout") or {}
-        extensions["timeout"] = {
-            k: timeout if current.get(k) is None else min(timeout, current[k])
-            for k in ("connect", "read", "write", "pool")
-        }
-    if remaining is not None:
-        headers = headers.copy()
-        headers[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
-    return httpx.Request(
-        request.method, url, headers=headers, stream=request.stream, extensions=extensions
+    # Request() copies headers and extensions itself: edit the copies, never the caller's.
+    attempt = httpx.Request(
+        request.method,
+        _endpoint_url(request.url, endpoint.host, endpoint.port),
+        headers=request.headers,
+        stream=request.stream,
+        extensions=request.extensions,
     )
+    if timeout is not None:
+        current = attempt.extensions.get("timeout")
+        if current:
+            attempt.extensions["timeout"] = {
+                k: timeout if current.get(k) is None else min(timeout, current[k])
+                for k in ("connect", "read", "write", "pool")
+            }
+        else:
+            attempt.extensions["timeout"] = {
+                "connect": timeout,
+                "read": timeout,
+                "write": timeout,
+                "pool": timeout,
+            }
+    if remaining is not None:
+        attempt.headers[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
+    return attempt
 
 
 def local_response(
@@ -324,6 +333,11 @@ def _guarded_call(
     if extra:
         rules = rules + extra
     fault = decide_faults(rules, headers, rng) if rules else NO_FAULT
+    if fault is not NO_FAULT and host.metrics is not None:
+        fired = {"delay": fault.delay is not None, "abort": fault.abort is not None}
+        fired["refuse"] = fault.refuse
+        for kind in (k for k, on in fired.items() if on):
+            host.metrics.faults.labels(host.source, service.key, kind).inc()
     if fault.delay is not None:
         decision.faults.append(f"delay:{fault.delay:g}s")
         wait = fault.delay
@@ -351,13 +365,15 @@ def _guarded_call(
         dest.in_flight += 1
         dest.budget.deposit(now)
     try:
-        # 6. replayability is decided once, before the first attempt
-        replayable = isinstance(request.stream, httpx.ByteStream)
-        if not replayable:
-            length = headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) <= MAX_REPLAY_BUFFER:
-                yield Buffer(request)
-                replayable = True
+        # 6. replayability is decided once, before the first attempt: only a body of known
+        # length within the replay buffer is replayed, even when it is already in memory
+        length = headers.get("content-length")
+        size = int(length) if length is not None and length.isdigit() else None
+        fits = size is None or size <= MAX_REPLAY_BUFFER
+        replayable = isinstance(request.stream, httpx.ByteStream) and fits
+        if not replayable and size is not None and fits:
+            yield Buffer(request)
+            replayable = True
 
         # 7. mirror
         for rule in router.mirrors(service.key):
@@ -406,7 +422,7 @@ def _attempts(
     retry_policy = policy.retries
     per_try = retry_policy.per_try_timeout
     retries_left = max_retries(retry_policy)
-    idempotent = is_idempotent(request.method, "idempotency-key" in request.headers)
+    idempotent = request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
     hedging = policy.hedging
     can_hedge = hedging.enabled and idempotent and replayable
     tried: list[str] = []
@@ -446,13 +462,17 @@ def _attempts(
         failure, status = classify(outcome)
         unhealthy = _counts_against_health(failure, status)
         with dest.lock:
-            dest.endpoints.on_end(send.state, now, outcome.elapsed, failure is not Failure.NONE)
+            ejected = dest.endpoints.on_end(
+                send.state, now, outcome.elapsed, failure is not Failure.NONE
+            )
             if unhealthy:
                 dest.breaker.on_failure(now)
             else:
                 dest.breaker.on_success()
             if failure is Failure.NONE:
                 dest.record_latency(outcome.elapsed)
+        if ejected and host.metrics is not None:
+            host.metrics.ejections.labels(host.source, dest.key, send.state.address).inc()
         decision.attempts.append(
             AttemptRecord(
                 send.number,

@@ -3,6 +3,7 @@ destination, and hands out httpx clients and transports that call through it."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -106,6 +107,7 @@ class Mesh:
         self._path = Path(path) if path is not None else None
         self._poll_interval = poll_interval
         self._stop = threading.Event()
+        self._reload_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         if self._path is not None and watch:
             self._watcher = threading.Thread(
@@ -278,16 +280,20 @@ class Mesh:
         """Re-read the policy file now. A bad file keeps the last good snapshot in force."""
         if self._path is None:
             raise RuntimeError("this mesh was not loaded from a file")
+        with self._reload_lock:  # the watcher and an explicit call must not interleave
+            return self._reload(self._path)
+
+    def _reload(self, path: Path) -> bool:
         try:
-            snapshot = load_file(self._path, version=next(_versions))
+            snapshot = load_file(path, version=next(_versions))
         except (ConfigError, OSError) as exc:
             error = (
                 exc
                 if isinstance(exc, ConfigError)
-                else ConfigError.from_message(str(self._path), str(exc))
+                else ConfigError.from_message(str(path), str(exc))
             )
             self.reload_status = ReloadStatus(
-                False, self.snapshot.version, error=error, at=time.time()
+                False, self.snapshot.version, error=error, digest=_file_digest(path), at=time.time()
             )
             if self.metrics is not None:
                 self.metrics.reloads.labels("rejected").inc()
@@ -296,11 +302,15 @@ class Mesh:
             )
             return False
         if snapshot.digest == self.snapshot.digest:
+            if not self.reload_status.ok:  # back to the content in force: no error any more
+                self.reload_status = ReloadStatus(
+                    True, self.snapshot.version, digest=snapshot.digest, at=time.time()
+                )
             return True
         self.apply(snapshot)
         if self.metrics is not None:
             self.metrics.reloads.labels("applied").inc()
-        log.info("policy reloaded: version %d from %s", snapshot.version, self._path)
+        log.info("policy reloaded: version %d from %s", snapshot.version, path)
         return True
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -359,8 +369,16 @@ def _client_args(kwargs: dict[str, Any], inner: Mapping[str, Any]) -> dict[str, 
     return kwargs
 
 
+def _file_digest(path: Path) -> str | None:
+    """sha256 of a file's bytes (the loader's digest for a UTF-8 file), None if unreadable."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _refuse_egress(request: httpx.Request, version: int) -> Generator[Effect, Any, httpx.Response]:
-    decision = Decision(request.url.host, version, reason="denied")
+    decision = Decision(request.url.host, version, reason="denied", status=AccessDeniedError.status)
     raise AccessDeniedError(
         f"egress to {request.url.host!r} refused: not a mesh service (egress: registry-only)",
         decision=decision,

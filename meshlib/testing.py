@@ -16,7 +16,7 @@ faults live on the mesh object and are removed at teardown. See docs/testing.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
@@ -28,11 +28,19 @@ __all__ = ["FaultInjector", "mesh_faults"]
 class FaultInjector:
     """Adds run-time faults to meshes and removes them all on :meth:`clear`."""
 
-    def __init__(self, default_mesh: Mesh | None = None) -> None:
+    def __init__(
+        self,
+        default_mesh: Mesh | None = None,
+        *,
+        find_mesh: Callable[[], Mesh | None] | None = None,
+    ) -> None:
         self._default = default_mesh
+        self._find_mesh = find_mesh  # looked up on first use when there is no default
         self._handles: list[FaultHandle] = []
 
     def _mesh(self, mesh: Mesh | None) -> Mesh:
+        if mesh is None and self._default is None and self._find_mesh is not None:
+            self._default = self._find_mesh()
         target = mesh if mesh is not None else self._default
         if target is None:
             raise LookupError(
@@ -107,11 +115,18 @@ class FaultInjector:
 @pytest.fixture
 def mesh_faults(request: pytest.FixtureRequest) -> Iterator[FaultInjector]:
     """Inject faults into calls made through a mesh, for this test only."""
-    default: Mesh | None = None
-    if "mesh" in request.fixturenames:
-        candidate = request.getfixturevalue("mesh")
-        if isinstance(candidate, Mesh):
-            default = candidate
-    injector = FaultInjector(default)
-    yield injector
-    injector.clear()
+
+    def find_mesh() -> Mesh | None:
+        # A `mesh` fixture the test did not request itself is still found, on first use.
+        try:
+            candidate = request.getfixturevalue("mesh")
+        except pytest.FixtureLookupError:
+            return None
+        return candidate if isinstance(candidate, Mesh) else None
+
+    default = find_mesh() if "mesh" in request.fixturenames else None
+    injector = FaultInjector(default, find_mesh=find_mesh)
+    try:
+        yield injector
+    finally:
+        injector.clear()

@@ -63,6 +63,9 @@ class MeshTransport(httpx.BaseTransport):
         self._inner = inner if inner is not None else httpx.HTTPTransport(**kwargs)
         self._local_responses = local_responses
         self._pool: ThreadPoolExecutor | None = None
+        # Mirrors get their own threads: a slow or hanging shadow must never occupy the
+        # workers that primary (hedged) attempts need.
+        self._mirror_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._mirrors = threading.BoundedSemaphore(MAX_MIRRORS_IN_FLIGHT)
 
@@ -117,6 +120,14 @@ class MeshTransport(httpx.BaseTransport):
                 self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="meshlib")
             return self._pool
 
+    def _mirror_executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._mirror_pool is None:
+                self._mirror_pool = ThreadPoolExecutor(
+                    max_workers=MAX_MIRRORS_IN_FLIGHT, thread_name_prefix="meshlib-mirror"
+                )
+            return self._mirror_pool
+
     def _race(self, race: Race) -> RaceResult:
         pool = self._executor()
         first = pool.submit(self._send, race.first)
@@ -151,7 +162,7 @@ class MeshTransport(httpx.BaseTransport):
         if not self._mirrors.acquire(blocking=False):
             return
         try:
-            self._executor().submit(self._send_mirror, request)
+            self._mirror_executor().submit(self._send_mirror, request)
         except RuntimeError:  # executor shut down
             self._mirrors.release()
 
@@ -169,9 +180,11 @@ class MeshTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pools = (self._pool, self._mirror_pool)
+            self._pool = self._mirror_pool = None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         self._inner.close()
 
 

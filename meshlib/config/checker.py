@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshlib.config.schema import DEFS
+from meshlib.config.fragments import DEFS
 from meshlib.config.values import parse_duration
 from meshlib.config.yamlsafe import YMap, YSeq
 

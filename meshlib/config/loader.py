@@ -35,6 +35,7 @@ from meshlib.errors import ConfigError, Problem
 __all__ = ["MAX_FILE_BYTES", "load_file", "load_files", "load_text", "parse_duration"]
 
 log = logging.getLogger("meshlib.config")
+log.addHandler(logging.NullHandler())  # a library: the application decides where logs go
 
 #: Files above this size are rejected before being read (CFG-7).
 MAX_FILE_BYTES = 8 * 1024 * 1024

@@ -194,12 +194,7 @@ def _convert(ctx: DocContext, pf: PolicyField, value: Any, path: str, line: int)
         num = as_number(value)
         if num is None or not math.isfinite(num):
             return None
-        low: float = pf.schema["minimum"] if "minimum" in pf.schema else -math.inf
-        low = max(low, pf.schema.get("exclusiveMinimum", -math.inf))
-        high: float = pf.schema["maximum"] if "maximum" in pf.schema else math.inf
-        if num < low or num > high:
-            return None
-        return num
+        return num  # bounds were reported by the structural check; nothing is returned then
     if schema_type == "boolean":
         return value if isinstance(value, bool) else None
     return value  # pragma: no cover - every table entry has a type

@@ -75,11 +75,11 @@ class Endpoint:
     weight: int = 1
     labels: Mapping[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def host(self) -> str:
         return self.address.rsplit(":", 1)[0].strip("[]")
 
-    @property
+    @cached_property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from meshlib.config.documents import DocContext, as_int, as_str, at, maps
+from meshlib.config.fragments import MAX_WEIGHT
 from meshlib.config.model import (
     HTTPMatch,
     Pattern,
@@ -18,7 +19,6 @@ from meshlib.config.model import (
     TrafficTarget,
     TrafficTargetRule,
 )
-from meshlib.config.schema import MAX_WEIGHT
 from meshlib.config.values import compile_regex, parse_quantity_milli
 from meshlib.config.yamlsafe import YMap, YSeq
 
@@ -89,12 +89,13 @@ def build_split(ctx: DocContext) -> Split | None:
 
 def _weight(ctx: DocContext, value: object, path: str, line: int) -> int | None:
     if ctx.version == 1:
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and value < 0):
+            return None  # reported by the structural check
         try:
             milli = parse_quantity_milli(value)
         except ValueError as exc:
-            if not isinstance(value, (int, str)) or isinstance(value, bool):
-                return None  # wrong type: already reported by the structural check
-            ctx.error(path, line, str(exc))
+            if isinstance(value, (int, float, str)):
+                ctx.error(path, line, str(exc))
             return None
         if milli > MAX_WEIGHT:
             ctx.error(

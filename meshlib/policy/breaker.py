@@ -46,8 +46,10 @@ class CircuitBreaker:
         return True
 
     def on_success(self) -> None:
+        if self.state is BreakerState.OPEN:
+            return  # a late answer to a call admitted before the trip: the open timer decides
         self._failures = 0
-        if self.state is not BreakerState.CLOSED:
+        if self.state is BreakerState.HALF_OPEN:
             self.state = BreakerState.CLOSED
             self._probe_in_flight = False
 

@@ -30,7 +30,9 @@ class RetryBudget:
         self._epoch = -1  # index of the newest bucket, in units of _width since time 0
 
     def _advance(self, now: float) -> int:
-        epoch = int(now / self._width)
+        # Callers read the clock before taking the lock, so times may arrive slightly out of
+        # order: an older time counts in the newest bucket rather than moving the window back.
+        epoch = max(int(now / self._width), self._epoch)
         if epoch != self._epoch:
             stale = min(epoch - self._epoch, _BUCKETS) if self._epoch >= 0 else _BUCKETS
             for i in range(stale):

@@ -86,9 +86,7 @@ class Caller:
             async def one() -> httpx.Response | Exception:
                 async with sem:
                     try:
-                        response: httpx.Response = await self._client.request(
-                            method, url, **kwargs
-                        )
+                        response: httpx.Response = await self._client.request(method, url, **kwargs)
                         await response.aread()
                         return response
                     except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from e2e.conftest import service_yaml
 
 pytestmark = pytest.mark.timeout(30)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from e2e.conftest import service_yaml
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,7 +31,9 @@ def split_yaml(api: str, weights: list[str], matches: str = "") -> str:
     )
 
 
-ROOT_WITHOUT_ENDPOINTS = "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\nspec: {endpoints: []}\n"
+ROOT_WITHOUT_ENDPOINTS = (
+    "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\nspec: {endpoints: []}\n"
+)
 
 V4 = "split.smi-spec.io/v1alpha4"
 V1 = "split.smi-spec.io/v1alpha1"
@@ -134,9 +137,7 @@ def test_header_matched_split_sends_firefox_to_v2_and_the_rest_to_root(
     assert (v2.requests, root.requests) == (11, len(not_matching))
 
 
-def test_split_with_matches_weighs_only_matching_requests(
-    caller, make_mesh, echo_factory
-) -> None:
+def test_split_with_matches_weighs_only_matching_requests(caller, make_mesh, echo_factory) -> None:
     """Matching requests follow the 50/50 weights; non-matching ones all reach the root."""
     root, v1, v2 = echo_factory("root"), echo_factory("v1"), echo_factory("v2")
     text = "---\n".join(

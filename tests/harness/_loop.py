@@ -94,4 +94,7 @@ def set_linger_rst(sock: Any) -> None:
 def rst_transport(transport: asyncio.BaseTransport) -> None:
     """Abort ``transport`` with a TCP RST (unsent buffered data is discarded)."""
     set_linger_rst(transport.get_extra_info("socket"))
-    transport.abort()
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    else:
+        transport.close()

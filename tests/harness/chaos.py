@@ -139,10 +139,13 @@ class ChaosProxy:
         self._listener = await asyncio.start_server(self._on_connection, self.host, self.port)
         self.port = int(self._listener.sockets[0].getsockname()[1])
 
-    async def _unlisten(self) -> None:
+    async def _unlisten(self, *, wait: bool = False) -> None:
+        # No wait_closed() while connections may be open: from Python 3.12 it waits
+        # for every connection the listener accepted, not just the listening socket.
         if self._listener is not None:
             self._listener.close()
-            await self._listener.wait_closed()
+            if wait:
+                await self._listener.wait_closed()
             self._listener = None
 
     def close(self, timeout: float = 5.0) -> None:
@@ -155,12 +158,15 @@ class ChaosProxy:
             self._loop_thread.stop(timeout)
 
     async def _close(self) -> None:
+        listener = self._listener
         await self._unlisten()
         self._abort_all(rst=False)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if listener is not None:
+            await listener.wait_closed()
 
     stop = close
 
@@ -262,9 +268,10 @@ class ChaosProxy:
             ]
             try:
                 done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-                for pump in done:
-                    if isinstance(pump.exception(), _Reset):
-                        rst_transport(writer.transport)
+                failed = [p for p in done if not p.cancelled() and p.exception() is not None]
+                if failed:  # injected reset, or a real one on either side: RST the client
+                    rst_transport(writer.transport)
+                    if any(isinstance(p.exception(), _Reset) for p in failed):
                         self._bump(resets=1)
             finally:
                 for pump in pumps:

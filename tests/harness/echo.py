@@ -23,7 +23,7 @@ Behaviours (``set_behavior``):
     offers the same without relying on uvicorn internals.
 ``error_mid_body``
     Send 200 headers (Content-Length of the full body) and half of the body, then
-    raise. uvicorn logs the exception and ``transport.close()``\\ s: a FIN after the
+    raise. uvicorn logs the exception and calls ``transport.close()``: a FIN after the
     partial body, so the client sees a truncated body (httpx ``RemoteProtocolError``).
 ``reset_mid_body``
     As ``error_mid_body`` but ends with a TCP RST (httpx ``ReadError`` or

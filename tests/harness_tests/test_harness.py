@@ -72,6 +72,14 @@ def test_run_uvicorn_context_manager_and_keep_alive_timeout() -> None:
     assert not handle.alive
 
 
+def test_run_uvicorn_port_in_use_raises_without_leaking() -> None:
+    with run_uvicorn(EchoBackend("first")) as first:
+        with pytest.raises(RuntimeError, match="failed to start"):
+            run_uvicorn(EchoBackend("second"), port=first.port)
+        assert httpx.get(first.url).json()["backend"] == "first"
+    assert not [t for t in threading.enumerate() if t.name == "harness-uvicorn-second"]
+
+
 # ---------------------------------------------------------------------- echo backend
 
 
@@ -397,3 +405,21 @@ def test_chaos_close_releases_everything(
     assert not proxy.alive
     assert len(errors) == 1 and isinstance(errors[0], BROKEN)
     assert poll(lambda: open_socket_count() <= sockets_before)
+
+
+def test_chaos_upstream_reset_and_bandwidth(
+    echo_factory: EchoFactory, chaos_factory: ChaosFactory
+) -> None:
+    backend = echo_factory()
+    proxy = chaos_factory(("127.0.0.1", backend.port))
+    proxy.set_mode("reset_after", n=10, direction="upstream")
+    with pytest.raises((httpx.WriteError, *BROKEN)):
+        httpx.post(proxy.url, content=b"z" * 100_000)
+    assert backend.requests == 0  # the request never fully reached the backend
+    proxy.set_mode("bandwidth", rate=20_000, direction="downstream")
+    started = time.monotonic()
+    response = httpx.post(proxy.url, content=b"z" * 100)
+    assert response.status_code == 200 and response.json()["body_len"] == 100
+    # ~500 response bytes (headers + JSON) at 20 kB/s take >= ~20 ms
+    assert time.monotonic() - started >= 0.02
+    assert backend.requests == 1

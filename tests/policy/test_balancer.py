@@ -172,7 +172,7 @@ def test_random_follows_weights(weights: list[int]) -> None:
     n = 5000
     counts = Counter(es.pick(0.0, rng).address for _ in range(n))  # type: ignore[union-attr]
     total = sum(weights)
-    for state, weight in zip(es.states, weights):
+    for state, weight in zip(es.states, weights, strict=True):
         if weight == 0:
             assert counts[state.address] == 0
             continue

@@ -111,3 +111,13 @@ def test_threshold_follows_policy(n: int) -> None:
     assert breaker.state is BreakerState.CLOSED
     breaker.on_failure(0.0)
     assert breaker.state is BreakerState.OPEN
+
+
+def test_late_success_does_not_close_an_open_breaker() -> None:
+    # A call admitted before the trip may answer after it; only the open timer and the
+    # half-open probe decide when traffic flows again.
+    breaker = tripped(100.0)
+    breaker.on_success()
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.allow(110.0)
+    assert breaker.allow(130.0)

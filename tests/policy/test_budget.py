@@ -92,3 +92,17 @@ def test_zero_budget_allows_nothing() -> None:
     for _ in range(1000):
         budget.deposit(0.0)
     assert not budget.try_withdraw(0.0)
+
+
+def test_out_of_order_times_do_not_wipe_the_current_bucket() -> None:
+    # Callers read the clock before taking the destination lock, so a slightly older time
+    # can arrive after a newer one at a bucket boundary.
+    budget = RetryBudget(BudgetPolicy(ratio=1.0, min_per_second=0.0, ttl=10.0))
+    for _ in range(10):
+        budget.deposit(5.001)
+    budget.deposit(4.999)
+    budget.deposit(5.002)
+    assert budget.balance(5.003) == pytest.approx(12.0)
+    assert withdraw_all(budget, 5.004) == 12
+    budget.try_withdraw(4.999)
+    assert not budget.try_withdraw(5.005)  # spent retries are not forgotten either

@@ -1,0 +1,277 @@
+"""``meshctl``: a thin command line over the library (validate, schema, explain).
+
+Each verb is one ``_add_<verb>`` function that registers its sub-parser and one ``_cmd_<verb>``
+that runs it; adding ``ca``, ``registry``, ``apply``, ``get`` or ``graph`` means adding a pair
+and listing the registrar in ``_VERBS``. Exit status: 0 ok, 1 invalid configuration (or a
+failed command), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+from meshlib.config.loader import load_files
+from meshlib.config.model import EffectivePolicy, FaultRule, Snapshot
+from meshlib.config.schema import POLICY_FIELDS, json_schema
+from meshlib.config.values import format_duration
+from meshlib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from meshlib.policy.routing import Router
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _UsageError(Exception):
+    """A problem with the command line rather than with the policy (exit status 2)."""
+
+
+# --- validate ----------------------------------------------------------------------------------
+
+
+def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check policy files; several files are validated together as one policy",
+        description="Parse and check policy files. Prints every problem as "
+        "'file:line (document N): field: message' and exits 1 if there is any.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    snapshot = _load(args.files)
+    if snapshot is None:
+        return EXIT_INVALID
+    for warning in snapshot.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    kinds = Counter(str(doc.get("kind")) for doc in snapshot.raw_documents)
+    n = len(snapshot.raw_documents)
+    summary = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+    noun = "document" if n == 1 else "documents"
+    print(f"{snapshot.source}: ok ({n} {noun}{': ' + summary if summary else ''})")
+    return EXIT_OK
+
+
+def _load(files: Sequence[str]) -> Snapshot | None:
+    """Load files as one policy; print every problem to stderr and return None on failure."""
+    try:
+        return load_files(files)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        n = len(exc.problems)
+        print(f"{n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
+        return None
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+
+def _add_schema(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of a policy document (for editors)",
+        description="Print the JSON Schema (draft 2020-12) of one policy document, e.g. for "
+        "yaml-language-server: '# yaml-language-server: $schema=policy.schema.json'.",
+    )
+    p.set_defaults(func=_cmd_schema)
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+# --- explain -----------------------------------------------------------------------------------
+
+
+def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="show the route, split, backends and merged policy a request would get",
+        description="Explain what the mesh would do with one request: the route it matches, "
+        "the split and backends, and every policy field with the scope it came from.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--service", required=True, help="host the caller uses, e.g. reviews")
+    p.add_argument("--path", required=True, help="request path, e.g. /reviews/1")
+    p.add_argument("--method", default="GET")
+    p.add_argument(
+        "--header", action="append", default=[], metavar="K=V", help="request header (repeat)"
+    )
+    p.add_argument("--namespace", default="default", help="the caller's namespace")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise _UsageError(f"--header expects K=V, got {item!r}")
+        headers[name.strip().lower()] = value
+    snapshot = _load(args.files)
+    if snapshot is None:
+        return EXIT_INVALID
+    from meshlib.policy.routing import Router  # the data plane is only needed by explain
+
+    router = Router(snapshot)
+    service = router.resolve(args.service, args.namespace)
+    if service is None:
+        raise _UsageError(
+            f"{args.service!r} is not a mesh service seen from namespace {args.namespace!r}; "
+            f"known: {', '.join(sorted(snapshot.services)) or 'none'}"
+        )
+    _explain(sys.stdout, snapshot, router, service.key, args.method.upper(), args.path, headers)
+    return EXIT_OK
+
+
+def _explain(
+    out: TextIO,
+    snapshot: Snapshot,
+    router: Router,
+    key: str,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+) -> None:
+    service = snapshot.services[key]
+    match = router.route(service, method, path, headers)
+    write = out.write
+    write(f"request:  {method} {path}" + "".join(f" {k}={v}" for k, v in headers.items()) + "\n")
+    write(f"service:  {key}\n")
+    write(f"route:    {match.name or '(none: no named route matched)'}\n")
+    if match.split is None:
+        split = snapshot.splits.get(key)
+        if split is not None:
+            write(f"split:    {split.name} does not apply (request matches none of its matches)\n")
+        else:
+            write("split:    (none)\n")
+        write(f"backend:  {key} (100%)\n")
+        _endpoints(out, snapshot, key)
+    else:
+        split = match.split
+        total = sum(b.weight for b in split.backends)
+        write(f"split:    {split.namespace}/{split.name}\n")
+        for b in split.backends:
+            share = 100.0 * b.weight / total if total else 0.0
+            write(f"backend:  {b.service}  weight {b.weight}  {share:.1f}%\n")
+            _endpoints(out, snapshot, b.service)
+    _policy(out, router.policy(key, match.name))
+    faults = router.faults(key, match.name)
+    write("faults:\n" if faults else "faults:   (none)\n")
+    for fault in faults:
+        write(f"  {fault.namespace}/{fault.name}: {_fault(fault, headers)}\n")
+    mirrors = router.mirrors(key)
+    write("mirrors:\n" if mirrors else "mirrors:  (none)\n")
+    for mirror in mirrors:
+        write(
+            f"  {mirror.namespace}/{mirror.name}: {mirror.percent:g}% copied to {mirror.mirror}\n"
+        )
+
+
+def _endpoints(out: TextIO, snapshot: Snapshot, key: str) -> None:
+    svc = snapshot.services.get(key)
+    if svc is None or not svc.endpoints:
+        out.write("            (no static endpoints)\n")
+        return
+    for e in svc.endpoints:
+        labels = "".join(f" {k}={v}" for k, v in sorted(e.labels.items()))
+        out.write(f"            {e.address}  weight {e.weight}{labels}\n")
+
+
+_DURATION_FIELDS = {
+    pf.model_name for pf in POLICY_FIELDS if pf.convert in ("duration", "hedge_delay")
+}
+_FIELD_NAMES = list(dict.fromkeys(pf.model_name for pf in POLICY_FIELDS))
+
+
+def _policy(out: TextIO, policy: EffectivePolicy) -> None:
+    out.write("policy:\n")
+    width = max(len(name) for name in _FIELD_NAMES)
+    for name in _FIELD_NAMES:
+        value: Any = policy
+        for part in name.split("."):
+            value = getattr(value, part)
+        source = policy.sources.get(name, "default")
+        out.write(f"  {name:<{width}}  {_format(name, value):<18}  {source}\n")
+
+
+def _format(name: str, value: Any) -> str:
+    if value is None:
+        return {"timeout": "none", "hedging.delay": "p95", "rate_limit": "none"}.get(name, "none")
+    if name in _DURATION_FIELDS and isinstance(value, float):
+        return format_duration(value)
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value)) or "(never-sent failures only)"
+    if hasattr(value, "requests_per_second"):
+        return f"{value.requests_per_second:g}/s burst {value.burst}"
+    if hasattr(value, "value"):  # enums
+        return str(value.value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _fault(fault: FaultRule, headers: Mapping[str, str]) -> str:
+    parts = []
+    if fault.delay is not None:
+        parts.append(f"delay {format_duration(fault.delay.fixed)} on {fault.delay.percent:g}%")
+    if fault.abort is not None:
+        parts.append(f"abort {fault.abort.status} on {fault.abort.percent:g}%")
+    text = ", ".join(parts)
+    if fault.headers:
+        cond = " ".join(f"{k}={v}" for k, v in fault.headers.items())
+        ok = all(headers.get(k) == v for k, v in fault.headers.items())
+        text += f" when {cond} ({'matches' if ok else 'does not match'} this request)"
+    return text
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+_VERBS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_validate,
+    _add_schema,
+    _add_explain,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshctl", description="meshlib command line: validate and explain mesh policy."
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add in _VERBS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except _UsageError as exc:
+        print(f"meshctl {args.verb}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `meshctl schema | head`
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Circuit breaker over real sockets: open after N consecutive failures (calls then fail fast
+without reaching the backend), one probe after openDuration, probe success closes, probe
+failure re-opens."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from e2e.conftest import service_yaml
+from meshlib.errors import REASON_HEADER, CircuitOpenError
+from meshlib.policy.breaker import BreakerState
+
+pytestmark = pytest.mark.timeout(30)
+
+OPEN_DURATION = 0.3
+
+BREAKER = f"""\
+apiVersion: meshlib/v1
+kind: TrafficPolicy
+metadata: {{name: reviews-policy}}
+spec:
+  target: {{service: reviews}}
+  retries: {{attempts: 0}}
+  circuitBreaker: {{consecutiveFailures: 3, openDuration: {int(OPEN_DURATION * 1000)}ms}}
+"""
+
+URL = "http://reviews/r"
+
+
+def trip(c, mesh, backend) -> float:
+    """Three 503s open the breaker; returns the time (mesh clock) it opened."""
+    backend.set_status(503)
+    for _ in range(3):
+        r = c.get(URL)
+        assert r.status_code == 503
+        assert r.extensions["mesh_decision"].reason == "upstream_error"
+    opened = mesh.clock()
+    assert mesh.destinations()["reviews.default"].breaker.state is BreakerState.OPEN
+    return opened
+
+
+def wait_open_duration(mesh, opened: float) -> None:
+    """Let the open duration pass (a duration under test, not a synchronisation)."""
+    remaining = opened + OPEN_DURATION + 0.02 - mesh.clock()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+def test_breaker_opens_after_consecutive_failures_and_fails_fast(
+    caller, make_mesh, echo_factory
+) -> None:
+    backend = echo_factory("a")
+    mesh = make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + BREAKER)
+    c = caller.bind(mesh)
+    trip(c, mesh, backend)
+    assert backend.requests == 3
+
+    for _ in range(5):
+        start = time.perf_counter()
+        error = c.outcome("GET", URL)
+        elapsed = time.perf_counter() - start
+        assert isinstance(error, CircuitOpenError), repr(error)
+        assert isinstance(error, httpx.TransportError)
+        assert error.decision.reason == "circuit_open"
+        assert error.decision.attempts == []
+        assert elapsed < 0.05
+    assert backend.requests == 3  # nothing reached the backend while open
+
+    local = caller.bind(mesh, local_responses=True).get(URL)
+    assert local.status_code == 503
+    assert local.headers[REASON_HEADER] == "circuit_open"
+    assert backend.requests == 3
+
+
+def test_success_resets_the_consecutive_count(caller, make_mesh, echo_factory) -> None:
+    backend = echo_factory("a")
+    mesh = make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + BREAKER)
+    c = caller.bind(mesh)
+    for _ in range(3):
+        backend.set_status(503, times=2)
+        assert [c.get(URL).status_code for _ in range(3)] == [503, 503, 200]
+    assert mesh.destinations()["reviews.default"].breaker.state is BreakerState.CLOSED
+    assert backend.requests == 9
+
+
+def test_half_open_admits_exactly_one_probe_and_its_success_closes(
+    caller, make_mesh, echo_factory
+) -> None:
+    backend = echo_factory("a")
+    mesh = make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + BREAKER)
+    c = caller.bind(mesh)
+    opened = trip(c, mesh, backend)
+    wait_open_duration(mesh, opened)
+
+    backend.reset()
+    backend.set_delay(0.3, times=1)  # the probe stays in flight while others try
+    with ThreadPoolExecutor(1) as pool:
+        probe = pool.submit(c.outcome, "GET", URL)
+        assert backend.wait_until(lambda b: b.in_flight == 1)
+        others = [c.outcome("GET", URL) for _ in range(4)]
+        with ThreadPoolExecutor(4) as burst:  # and concurrently, too
+            others += list(burst.map(lambda _: c.outcome("GET", URL), range(4)))
+        result = probe.result(timeout=5)
+    assert all(isinstance(o, CircuitOpenError) for o in others), others
+    assert backend.requests == 4  # 3 failures + exactly one probe
+    assert isinstance(result, httpx.Response) and result.status_code == 200
+
+    assert mesh.destinations()["reviews.default"].breaker.state is BreakerState.CLOSED
+    assert [c.get(URL).status_code for _ in range(5)] == [200] * 5
+    assert backend.requests == 9
+
+
+def test_probe_failure_reopens(caller, make_mesh, echo_factory) -> None:
+    backend = echo_factory("a")
+    mesh = make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + BREAKER)
+    c = caller.bind(mesh)
+    opened = trip(c, mesh, backend)
+    wait_open_duration(mesh, opened)
+
+    probe = c.get(URL)  # the backend still answers 503
+    assert probe.status_code == 503
+    assert backend.requests == 4
+    reopened = mesh.clock()
+    assert mesh.destinations()["reviews.default"].breaker.state is BreakerState.OPEN
+    for _ in range(3):
+        assert isinstance(c.outcome("GET", URL), CircuitOpenError)
+    assert backend.requests == 4  # open again: nothing goes through
+
+    # and a full open duration later a new probe is admitted
+    backend.reset()
+    wait_open_duration(mesh, reopened)
+    assert c.get(URL).status_code == 200
+    assert backend.requests == 5
+    assert mesh.destinations()["reviews.default"].breaker.state is BreakerState.CLOSED

@@ -1,0 +1,152 @@
+"""Every file in examples/ runs, as a user would run it, and says what it should.
+
+A new example must be added to ``EXPECTED`` (its arguments and the lines proving it worked),
+so no example can rot unnoticed; docs point at these files for their code snippets.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+#: file name → (command-line arguments, regular expressions the output must contain)
+EXPECTED: dict[str, tuple[list[str], list[str]]] = {
+    "quickstart.py": (
+        [],
+        [
+            r"^status: 200$",
+            r'"service": "reviews\.default"',
+            r"^called reviews\.default at 127\.0\.0\.1:\d+ \(snapshot \d+, deadline 2\.0s\)$",
+        ],
+    ),
+    "ab_test.py": (
+        ["--calls", "5"],
+        [
+            r"^firefox  → v2 \(route firefox-users, backend reviews-v2\.default\): 5 calls$",
+            r"^chrome   → v1 \(route None, backend reviews\.default\): 5 calls$",
+            r"^curl     → v1 \(route None, backend reviews\.default\): 5 calls$",
+            r"^A/B split as configured$",
+        ],
+    ),
+    "demo.py": (
+        ["--duration", "2"],
+        [
+            r"traffic for 2s, 8 calls in flight",
+            r"calls +\d+ +success +\d+\.\d+% +\d+\.\d+ rps",
+            r"^edge +requests +success +p50 ms +p99 ms +retries$",
+            r"^productpage → reviews-v1 +[1-9]\d* +\d+\.\d+% +[\d.]+ +[\d.]+ +\d+$",
+            r"^reviews → ratings +[1-9]\d* +\d+\.\d+%",
+            r"^What each policy did$",
+            r"reviews-v2 got \d+ of [1-9]\d* calls: [\d.]+% observed, 10% configured",
+            r"\d+ retries performed; \d+ of \d+ retried calls rescued",
+            r"retry budget exhausted: \d+; deadline exceeded: \d+",
+            r"aborts injected: \d+ of [1-9]\d* ratings calls",
+            r"delays injected: \d+",
+            r"metrics: mesh_requests_total [1-9]\d*, mesh_retries_total \d+",
+            r"^productpage: [1-9]\d* calls, \d+\.\d% answered without a 5xx$",
+        ],
+    ),
+}
+
+
+def test_every_example_is_covered() -> None:
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_runs(name: str) -> None:
+    args, patterns = EXPECTED[name]
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=EXAMPLES.parent,
+    )
+    output = done.stdout.replace("\r", "\n")
+    assert done.returncode == 0, f"{name} exited {done.returncode}\n{output}\n{done.stderr}"
+    for pattern in patterns:
+        assert re.search(pattern, output, re.MULTILINE), f"{pattern!r} not in output:\n{output}"
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+# --- the docs show real code ------------------------------------------------------------------
+
+ROOT = EXAMPLES.parent
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "docs" / "quickstart.md",
+    ROOT / "docs" / "concepts.md",
+    ROOT / "docs" / "testing.md",
+    *sorted((ROOT / "docs" / "features").glob("*.md")),
+]
+FEATURES = [
+    "routing-and-splits",
+    "load-balancing",
+    "retries",
+    "timeouts",
+    "circuit-breaking",
+    "outlier-detection",
+    "hedging",
+    "rate-limits",
+    "fault-injection",
+    "mirroring",
+    "hot-reload",
+    "decisions-and-errors",
+]
+_CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
+_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
+
+
+def test_every_feature_has_a_page() -> None:
+    pages = sorted(p.stem for p in (ROOT / "docs" / "features").glob("*.md"))
+    assert pages == sorted(FEATURES)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_doc_snippets_and_links_are_real(doc: Path) -> None:
+    import ast
+
+    from prometheus_client import CollectorRegistry
+
+    import meshlib
+    from meshlib.config.loader import load_text
+
+    mesh = meshlib.Mesh.from_text(
+        "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\nspec: {}\n",
+        service="docs",
+        registry=CollectorRegistry(),
+    )
+    text = doc.read_text()
+    for lang, code in _CODE.findall(text):
+        if lang == "python":  # parses (top-level await allowed), names only real API
+            compile(
+                code, str(doc), "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+            )
+            code = re.sub(r"#.*", "", code)  # names in comments are prose
+            for name in re.findall(r"\bmeshlib\.([A-Za-z_]\w*)", code):
+                assert hasattr(meshlib, name) or name == "testing", f"{doc}: meshlib.{name}"
+            for name in re.findall(r"(?<![\"/\w])mesh\.([A-Za-z_]\w*)", code):
+                assert hasattr(mesh, name), f"{doc}: mesh.{name}"
+        elif lang == "yaml":  # a valid policy, once the services it names are declared
+            named = set(re.findall(r"(?:service|mirror):\s*([a-z0-9-]+)", code))
+            declared = set(re.findall(r"kind: Service\nmetadata: \{name: ([a-z0-9-]+)", code))
+            stubs = "".join(
+                "---\napiVersion: meshlib/v1\nkind: Service\n"
+                f"metadata: {{name: {name}}}\nspec: {{endpoints: [{{address: '127.0.0.1:9'}}]}}\n"
+                for name in sorted(named - declared)
+            )
+            load_text(code + "\n" + stubs, source=doc.name)  # raises ConfigError if not
+    mesh.close()
+    for target in _LINK.findall(text):
+        if target.startswith(("http://", "https://")):
+            continue
+        assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)}: broken link {target}"

@@ -1,0 +1,137 @@
+"""The public surface of meshlib: exported names, the exception tree, and import cost."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+import meshlib
+
+EXPECTED = {
+    "DECISION_EXTENSION",
+    "REASON_HEADER",
+    "AccessDeniedError",
+    "AsyncMeshTransport",
+    "AttemptRecord",
+    "CircuitOpenError",
+    "ConfigError",
+    "ConnectionPoolOverflowError",
+    "Decision",
+    "FaultHandle",
+    "Mesh",
+    "MeshError",
+    "MeshTimeout",
+    "MeshTransport",
+    "NoHealthyEndpointsError",
+    "Problem",
+    "RateLimitedError",
+    "Reason",
+    "ReloadStatus",
+    "RetryBudgetExhaustedError",
+    "__version__",
+}
+
+#: Each mesh error, the httpx exception it must be caught by, its status and its reason.
+ERRORS = [
+    (meshlib.MeshTimeout, httpx.TimeoutException, 504, "timeout"),
+    (meshlib.CircuitOpenError, httpx.TransportError, 503, "circuit_open"),
+    (meshlib.NoHealthyEndpointsError, httpx.ConnectError, 503, "no_healthy_endpoints"),
+    (meshlib.RetryBudgetExhaustedError, httpx.TransportError, 503, "retry_budget_exhausted"),
+    (meshlib.RateLimitedError, httpx.TransportError, 429, "rate_limited"),
+    (meshlib.ConnectionPoolOverflowError, httpx.PoolTimeout, 503, "overflow"),
+    (meshlib.AccessDeniedError, httpx.TransportError, 403, "denied"),
+]
+
+IMPORT_BUDGET = 0.3  # seconds over a bare interpreter start
+
+
+def test_all_is_exactly_the_public_names() -> None:
+    assert set(meshlib.__all__) == EXPECTED
+    assert len(meshlib.__all__) == len(EXPECTED)  # no duplicates
+
+
+def test_every_exported_name_is_importable() -> None:
+    for name in meshlib.__all__:
+        assert getattr(meshlib, name) is not None, name
+    namespace: dict[str, object] = {}
+    exec("from meshlib import *", namespace)
+    assert set(namespace) - {"__builtins__"} == EXPECTED
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(meshlib.__version__, str) and meshlib.__version__.count(".") >= 1
+
+
+@pytest.mark.parametrize(("cls", "base", "status", "reason"), ERRORS)
+def test_mesh_errors_subclass_the_matching_httpx_error(
+    cls: type[meshlib.MeshError], base: type[Exception], status: int, reason: str
+) -> None:
+    assert issubclass(cls, meshlib.MeshError)
+    assert issubclass(cls, base)
+    assert issubclass(cls, httpx.TransportError)  # caught by `except httpx.TransportError`
+    assert cls.status == status
+    assert cls.reason is meshlib.Reason(reason) and cls.reason.value == reason
+
+
+@pytest.mark.parametrize(("cls", "base", "status", "reason"), ERRORS)
+def test_mesh_errors_carry_decision_and_request(
+    cls: type[meshlib.MeshError], base: type[Exception], status: int, reason: str
+) -> None:
+    decision = meshlib.Decision("reviews.default", 1)
+    request = httpx.Request("GET", "http://reviews/")
+    error = cls("boom", decision=decision, request=request)
+    assert error.decision is decision
+    assert error.request is request  # type: ignore[attr-defined]
+    assert str(error) == "boom"
+    with pytest.raises(base):
+        raise error
+
+
+def test_config_error_is_not_a_mesh_error() -> None:
+    assert issubclass(meshlib.ConfigError, ValueError)
+    assert not issubclass(meshlib.ConfigError, meshlib.MeshError)
+    problem = meshlib.Problem(file="m.yaml", line=3, document=2, field="spec.x", message="bad")
+    error = meshlib.ConfigError([problem])
+    assert error.problems == (problem,)
+    assert "m.yaml:3" in str(error) and "spec.x" in str(error)
+
+
+def test_reason_header_and_decision_extension_names() -> None:
+    assert meshlib.REASON_HEADER == "x-mesh-reason"
+    assert meshlib.DECISION_EXTENSION == "mesh_decision"
+
+
+def test_decision_as_dict_round_trips_attempts() -> None:
+    decision = meshlib.Decision("reviews.default", 3, route="r")
+    decision.attempts.append(meshlib.AttemptRecord(1, "10.0.0.1:80", "status", status=503))
+    data = decision.as_dict()
+    assert data["service"] == "reviews.default" and data["route"] == "r"
+    assert data["attempts"][0]["status"] == 503 and data["budget"] == "ok"
+
+
+def _startup(code: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - start
+
+
+def test_import_is_fast() -> None:
+    bare = statistics.median(_startup("pass") for _ in range(3))
+    full = statistics.median(_startup("import meshlib") for _ in range(3))
+    cost = full - bare
+    if cost >= IMPORT_BUDGET:
+        report = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "import meshlib"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+        rows = [line for line in report.splitlines() if "|" in line and "cumulative" not in line]
+        rows.sort(key=lambda line: -int(line.split("|")[1]))
+        top = "\n".join(rows[:20])
+        pytest.fail(f"import meshlib costs {cost:.3f}s (budget {IMPORT_BUDGET}s):\n{top}")
