@@ -14,13 +14,11 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from prometheus_client import CollectorRegistry
 
 from meshlib.call import Effect, run_call
-from meshlib.config.loader import load_file, load_text
 from meshlib.config.model import (
     AbortFault,
     DelayFault,
@@ -32,9 +30,13 @@ from meshlib.config.model import (
 from meshlib.decision import Decision
 from meshlib.destination import Destination
 from meshlib.errors import AccessDeniedError, ConfigError
-from meshlib.metrics import MeshMetrics
 from meshlib.policy.routing import Router
 from meshlib.transport import AsyncMeshTransport, MeshTransport
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from meshlib.metrics import MeshMetrics
 
 log = logging.getLogger("meshlib")
 
@@ -96,7 +98,11 @@ class Mesh:
         self.source = f"{service}.{namespace}"
         self.clock = clock
         self._rng = random.Random(seed)
-        self.metrics: MeshMetrics | None = MeshMetrics.for_registry(registry) if metrics else None
+        self.metrics: MeshMetrics | None = None
+        if metrics:
+            from meshlib.metrics import MeshMetrics  # prometheus-client loads on first use
+
+            self.metrics = MeshMetrics.for_registry(registry)
         self.local_responses = local_responses
         self._router = Router(snapshot)
         self._destinations: dict[str, Destination] = {}
@@ -127,6 +133,8 @@ class Mesh:
         **kwargs: Any,
     ) -> Mesh:
         """Load and validate a policy file (raises ConfigError) and watch it for changes."""
+        from meshlib.config.loader import load_file  # YAML and RE2 load on first use
+
         snapshot = load_file(path, version=next(_versions))
         return cls(snapshot, service=service, namespace=namespace, path=path, **kwargs)
 
@@ -135,6 +143,8 @@ class Mesh:
         cls, text: str, *, service: str, namespace: str = "default", **kwargs: Any
     ) -> Mesh:
         """A mesh from policy text (no file, no watching)."""
+        from meshlib.config.loader import load_text
+
         snapshot = load_text(text, version=next(_versions))
         return cls(snapshot, service=service, namespace=namespace, **kwargs)
 
@@ -284,6 +294,8 @@ class Mesh:
             return self._reload(self._path)
 
     def _reload(self, path: Path) -> bool:
+        from meshlib.config.loader import load_file
+
         try:
             snapshot = load_file(path, version=next(_versions))
         except (ConfigError, OSError) as exc:

@@ -8,14 +8,12 @@ are meant to be read side by side: they differ only in ``await`` and in how they
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Generator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import httpx
 
 from meshlib.call import (
@@ -34,6 +32,8 @@ from meshlib.decision import Decision
 from meshlib.errors import MeshError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from meshlib.mesh import Mesh
 
 #: Mirrored requests in flight per transport; more are dropped, never queued (mirroring must
@@ -208,7 +208,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._mesh = mesh
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport(**kwargs)
         self._local_responses = local_responses
-        self._mirror_tasks: set[asyncio.Task[None]] = set()
+        self._mirror_tasks: set[asyncio.Task[None]] = set()  # strong refs until done
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         call = self._mesh.start_call(request)
@@ -230,6 +230,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 if kind is Send:
                     result = await self._send(effect)  # type: ignore[arg-type]
                 elif kind is Sleep:
+                    import anyio  # here, so that `import meshlib` loads no async machinery
+
                     await anyio.sleep(effect.seconds)  # type: ignore[union-attr]
                 elif kind is Close:
                     await effect.response.aclose()  # type: ignore[union-attr]
@@ -256,6 +258,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return Outcome(response, None, clock() - start)
 
     async def _race(self, race: Race) -> RaceResult:
+        import anyio
+
         sender, receiver = anyio.create_memory_object_stream[tuple[Send, Outcome]](2)
 
         async def attempt(send: Send) -> None:
@@ -301,6 +305,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return result
 
     def _mirror(self, request: httpx.Request) -> None:
+        import asyncio
+
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

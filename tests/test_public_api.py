@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 import time
@@ -120,18 +119,15 @@ def _startup(code: str) -> float:
     return time.perf_counter() - start
 
 
-def test_import_is_fast() -> None:
-    bare = statistics.median(_startup("pass") for _ in range(3))
-    full = statistics.median(_startup("import meshlib") for _ in range(3))
-    cost = full - bare
-    if cost >= IMPORT_BUDGET:
-        report = subprocess.run(
-            [sys.executable, "-X", "importtime", "-c", "import meshlib"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-        rows = [line for line in report.splitlines() if "|" in line and "cumulative" not in line]
-        rows.sort(key=lambda line: -int(line.split("|")[1]))
-        top = "\n".join(rows[:20])
-        pytest.fail(f"import meshlib costs {cost:.3f}s (budget {IMPORT_BUDGET}s):\n{top}")
+#: Heavy modules that `import meshlib` must not load: they arrive on first use (loading a
+#: policy, the first async call, the first metric). Import *time* is measured, not asserted,
+#: in benchmarks/ (docs/performance.md); this test keeps the cause of a regression visible.
+LAZY_MODULES = ("yaml", "re2", "anyio", "asyncio", "tenacity", "prometheus_client", "jsonschema")
+
+
+def test_import_loads_no_heavy_modules() -> None:
+    code = f"import sys, meshlib; print(','.join(m for m in {LAZY_MODULES!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "", f"import meshlib loaded: {out}"

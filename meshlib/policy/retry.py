@@ -22,8 +22,6 @@ import random
 from collections.abc import Callable
 from functools import lru_cache
 
-import tenacity
-
 from meshlib.config.model import BackoffPolicy, RetryPolicy
 
 #: Total tries per call whatever the configuration says (gRFC A6).
@@ -116,6 +114,8 @@ class _State:
 def _ceiling(backoff: BackoffPolicy) -> Callable[[_State], float]:
     # tenacity's exponential strategy gives the ceiling; the jitter is ours, from the seeded RNG
     # (tenacity's own jitter uses the global ``random`` and cannot be seeded per mesh).
+    import tenacity  # only retries need it: keeps `import meshlib` light
+
     wait = tenacity.wait_exponential(multiplier=backoff.base, max=backoff.cap, exp_base=2)
     return wait  # type: ignore[return-value]
 
