@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -45,9 +44,6 @@ ERRORS = [
     (meshlib.ConnectionPoolOverflowError, httpx.PoolTimeout, 503, "overflow"),
     (meshlib.AccessDeniedError, httpx.TransportError, 403, "denied"),
 ]
-
-IMPORT_BUDGET = 0.3  # seconds over a bare interpreter start
-
 
 def test_all_is_exactly_the_public_names() -> None:
     assert set(meshlib.__all__) == EXPECTED
@@ -111,12 +107,6 @@ def test_decision_as_dict_round_trips_attempts() -> None:
     data = decision.as_dict()
     assert data["service"] == "reviews.default" and data["route"] == "r"
     assert data["attempts"][0]["status"] == 503 and data["budget"] == "ok"
-
-
-def _startup(code: str) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return time.perf_counter() - start
 
 
 #: Heavy modules that `import meshlib` must not load: they arrive on first use (loading a
