@@ -433,7 +433,11 @@ def _attempts(
         nonlocal number
         now = clock()
         with dest.lock:
-            if not dest.breaker.allow(now):
+            before = dest.breaker.state
+            allowed = dest.breaker.allow(now)
+            if dest.breaker.state is not before and host.metrics is not None:
+                host.metrics.set_circuit_state(host.source, dest.key, dest.breaker.state.value)
+            if not allowed:
                 return None
             state = dest.endpoints.pick(now, rng, tried)
             if state is None:
@@ -463,16 +467,24 @@ def _attempts(
         unhealthy = _counts_against_health(failure, status)
         with dest.lock:
             ejected = dest.endpoints.on_end(
-                send.state, now, outcome.elapsed, failure is not Failure.NONE
+                send.state, now, outcome.elapsed, failure is not Failure.NONE, unhealthy
             )
+            breaker = dest.breaker
+            before = breaker.state
             if unhealthy:
-                dest.breaker.on_failure(now)
+                breaker.on_failure(now)
             else:
-                dest.breaker.on_success()
+                breaker.on_success()
+            after = breaker.state
             if failure is Failure.NONE:
                 dest.record_latency(outcome.elapsed)
-        if ejected and host.metrics is not None:
-            host.metrics.ejections.labels(host.source, dest.key, send.state.address).inc()
+        metrics = host.metrics
+        if metrics is not None:
+            metrics.observe_attempt(host.source, dest.key, send.state.address)
+            if ejected:
+                metrics.ejections.labels(host.source, dest.key, send.state.address).inc()
+            if after is not before:
+                metrics.set_circuit_state(host.source, dest.key, after.value)
         decision.attempts.append(
             AttemptRecord(
                 send.number,

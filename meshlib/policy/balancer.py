@@ -194,12 +194,22 @@ class EndpointSet:
         state.pending += 1
         state.requests += 1
 
-    def on_end(self, state: EndpointState, now: float, rtt: float, failed: bool) -> bool:
-        """Record an attempt's outcome. Returns True when this outcome ejected the endpoint."""
+    def on_end(
+        self,
+        state: EndpointState,
+        now: float,
+        rtt: float,
+        failed: bool,
+        unhealthy: bool | None = None,
+    ) -> bool:
+        """Record an attempt's outcome. ``failed`` outcomes are observed as slow (a fast error
+        must not attract load); ``unhealthy`` ones (default: the same) count toward ejection —
+        a 429 is slow but healthy: the endpoint is alive and pushing back.
+        Returns True when this outcome ejected the endpoint."""
         state.pending = max(0, state.pending - 1)
         decay = self.balancer.decay
         state.observe(now, max(rtt, FAILURE_PENALTY) if failed else rtt, decay)
-        if not failed:
+        if not (failed if unhealthy is None else unhealthy):
             state.consecutive_failures = 0
             return False
         state.consecutive_failures += 1

@@ -307,11 +307,10 @@ def test_torn_write_is_never_applied(caller, echo_factory, watched) -> None:
     with pytest.raises(meshlib.ConfigError):
         meshlib.Mesh.from_text(half, service="t", metrics=False)
 
+    started = time.monotonic()  # the file changes (truncated, then half) from here on
     with open(w.path, "w") as f:
         f.write(half)
         f.flush()
-        os.fsync(f.fileno())
-        started = time.monotonic()
         time.sleep(POLL / 5)  # less than the settle time: the watcher must not read the half
         f.write(rest)
         f.flush()
