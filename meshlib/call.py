@@ -232,6 +232,17 @@ def _attempt_request(
     return attempt
 
 
+def _body_size(request: httpx.Request) -> int | None:
+    """The request body's size when known (in memory, or declared by Content-Length)."""
+    if isinstance(request.stream, httpx.ByteStream):
+        try:
+            return len(request.content)
+        except httpx.RequestNotRead:
+            pass
+    length = request.headers.get("content-length")
+    return int(length) if length is not None and length.isdigit() else None
+
+
 def local_response(
     request: httpx.Request, status: int, reason: Reason, decision: Decision
 ) -> httpx.Response:
@@ -268,7 +279,7 @@ def run_call(
     headers = request.headers
 
     # 1. route and split
-    match = router.route(service, method, request.url.path, headers)
+    match = router.route_for(service, method, request, headers)
     decision = Decision(service.key, router.snapshot.version, route=match.name)
     policy: EffectivePolicy = router.policy(service.key, match.name)
     backend = service.key
@@ -367,8 +378,7 @@ def _guarded_call(
     try:
         # 6. replayability is decided once, before the first attempt: only a body of known
         # length within the replay buffer is replayed, even when it is already in memory
-        length = headers.get("content-length")
-        size = int(length) if length is not None and length.isdigit() else None
+        size = _body_size(request)
         fits = size is None or size <= MAX_REPLAY_BUFFER
         replayable = isinstance(request.stream, httpx.ByteStream) and fits
         if not replayable and size is not None and fits:

@@ -72,13 +72,14 @@ class EndpointState:
         return cost * (self.pending + 1)
 
     def observe(self, now: float, rtt: float, decay: float) -> None:
-        """Fold one latency sample in: peaks are taken at once, recoveries decay smoothly."""
-        current = self.cost(now, decay)
-        if rtt > current:
+        """Fold one latency sample in: peaks are taken at once, recoveries decay smoothly
+        (Finagle's PeakEwma: ``cost = cost·w + rtt·(1-w)``, ``w = exp(-Δt/τ)``)."""
+        cost = self._cost
+        if rtt > cost or self._stamp < 0:
             self._cost = rtt
         else:
-            w = math.exp(-max(now - self._stamp, 0.0) / decay) if self._stamp >= 0 else 0.0
-            self._cost = current * w + rtt * (1.0 - w)
+            w = math.exp(-(now - self._stamp) / decay) if now > self._stamp else 1.0
+            self._cost = cost * w + rtt * (1.0 - w)
         self._stamp = now
 
     def is_ejected(self, now: float) -> bool:

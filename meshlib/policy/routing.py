@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from meshlib.config.model import (
     EffectivePolicy,
@@ -38,6 +38,16 @@ class RouteMatch:
 
 
 _NO_ROUTE = RouteMatch(None, None)
+
+
+class _URL(Protocol):
+    @property
+    def path(self) -> str: ...
+
+
+class _HasURL(Protocol):
+    @property
+    def url(self) -> _URL: ...
 
 
 def match_http(match: HTTPMatch, method: str, path: str, headers: Mapping[str, str]) -> bool:
@@ -150,6 +160,16 @@ class Router:
         if split is not None and not split.matches:
             return RouteMatch(None, split)
         return _NO_ROUTE
+
+    def route_for(
+        self, service: ServiceDef, method: str, request: _HasURL, headers: Mapping[str, str]
+    ) -> RouteMatch:
+        """:meth:`route` for a request, skipping the path decode for services that have no
+        route to match (the common case): their answer is the same for every request."""
+        if service.key in self._routes:
+            return self.route(service, method, request.url.path, headers)
+        split = self.snapshot.splits.get(service.key)
+        return _NO_ROUTE if split is None else RouteMatch(None, split)
 
     def has_routes(self, service_key: str) -> bool:
         return service_key in self._routes
