@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from meshlib.config.model import EffectivePolicy, FaultRule, ServiceDef
+from meshlib.config.model import EffectivePolicy, FaultRule, MirrorRule, ServiceDef
 from meshlib.decision import DECISION_EXTENSION, AttemptRecord, Decision
 from meshlib.errors import (
     REASON_HEADER,
@@ -42,7 +42,7 @@ from meshlib.errors import (
     RetryBudgetExhaustedError,
 )
 from meshlib.policy.balancer import EndpointState
-from meshlib.policy.fault import NO_FAULT, decide_faults
+from meshlib.policy.fault import NO_FAULT, FaultDecision, decide_faults
 from meshlib.policy.retry import (
     IDEMPOTENT_METHODS,
     MAX_RETRY_AFTER,
@@ -267,38 +267,69 @@ def _fail(error: MeshError, decision: Decision) -> MeshError:
 # --- the sequence ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one (service, route) call needs from the snapshot, derived once per snapshot."""
+
+    policy: EffectivePolicy
+    faults: tuple[FaultRule, ...]
+    mirrors: tuple[MirrorRule, ...]
+    max_retries: int
+    #: Whether attempts must record latency (only hedging on the observed p95 reads it).
+    track_latency: bool
+
+
+def _plan(router: Router, service_key: str, route: str | None) -> _Plan:
+    key = (service_key, route)
+    plan: _Plan | None = router.derived.get(key)
+    if plan is None:
+        policy = router.policy(service_key, route)
+        plan = _Plan(
+            policy,
+            router.faults(service_key, route),
+            router.mirrors(service_key),
+            max_retries(policy.retries),
+            policy.hedging.enabled and policy.hedging.delay is None,
+        )
+        router.derived[key] = plan
+    return plan
+
+
 def run_call(
     host: CallHost, router: Router, service: ServiceDef, request: httpx.Request
 ) -> Generator[Effect, Any, httpx.Response]:
     """Drive one call. Returns the response for the caller; raises a MeshError (or the last
     attempt's httpx error, with ``.decision`` set) when it cannot."""
     clock = host.clock
-    rng = host.rng
     start = clock()
-    method = request.method
-    headers = request.headers
 
     # 1. route and split
-    match = router.route_for(service, method, request, headers)
+    match = router.route_for(service, request.method, request, request.headers)
+    plan = _plan(router, service.key, match.name)
     decision = Decision(service.key, router.snapshot.version, route=match.name)
-    policy: EffectivePolicy = router.policy(service.key, match.name)
     backend = service.key
     if match.split is not None:
-        backend = pick_backend(match.split, rng)
+        backend = pick_backend(match.split, host.rng)
         decision.split = match.split.name
     decision.backend = backend
     dest = host.destination(backend, router)
 
     # 2. the deadline covers everything below
-    deadline = start + policy.timeout if policy.timeout is not None else None
-    decision.deadline = policy.timeout
+    timeout = plan.policy.timeout
+    deadline = None if timeout is None else start + timeout
+    decision.deadline = timeout
 
+    code = "error"
     try:
-        response = yield from _guarded_call(
-            host, router, service, request, match.name, policy, dest, decision, deadline
+        response = yield from _admitted_call(
+            host, router, service, request, plan, dest, decision, deadline
         )
+        code = str(response.status_code)
+        decision.status = response.status_code
+        response.extensions[DECISION_EXTENSION] = decision
+        return response
     except MeshError as error:
-        _observe(host, decision, backend, clock() - start, error.reason.value, str(error.status))
+        code = str(error.status)
         raise
     except httpx.TransportError as error:
         decision.reason = (
@@ -307,62 +338,53 @@ def run_call(
             else Reason.RESET.value
         )
         error.decision = decision  # type: ignore[attr-defined]
-        _observe(host, decision, backend, clock() - start, decision.reason, "error")
         raise
-    decision.status = response.status_code
-    response.extensions[DECISION_EXTENSION] = decision
-    _observe(host, decision, backend, clock() - start, decision.reason, str(response.status_code))
-    return response
+    finally:
+        metrics = host.metrics
+        if metrics is not None:
+            metrics.observe_call(
+                host.source,
+                backend,
+                decision.route or "",
+                code,
+                decision.reason,
+                clock() - start,
+                decision.attempts,
+            )
 
 
-def _observe(
-    host: CallHost, decision: Decision, backend: str, seconds: float, reason: str, code: str
-) -> None:
-    metrics = host.metrics
-    if metrics is not None:
-        metrics.observe_call(host.source, backend, decision.route or "", code, reason, seconds)
-
-
-def _guarded_call(
+def _admitted_call(
     host: CallHost,
     router: Router,
     service: ServiceDef,
     request: httpx.Request,
-    route: str | None,
-    policy: EffectivePolicy,
+    plan: _Plan,
     dest: Destination,
     decision: Decision,
     deadline: float | None,
 ) -> Generator[Effect, Any, httpx.Response]:
+    """Faults, admission, replayability, mirroring, then the attempts loop."""
     clock = host.clock
     rng = host.rng
-    headers = request.headers
 
     # 3. faults: decided before the call leaves; an abort is an answer, not a failure to retry
-    rules = router.faults(service.key, route)
-    extra = host.extra_faults(service.key, route)
+    rules = plan.faults
+    extra = host.extra_faults(service.key, decision.route)
     if extra:
         rules = rules + extra
-    fault = decide_faults(rules, headers, rng) if rules else NO_FAULT
-    if fault is not NO_FAULT and host.metrics is not None:
-        fired = {"delay": fault.delay is not None, "abort": fault.abort is not None}
-        fired["refuse"] = fault.refuse
-        for kind in (k for k, on in fired.items() if on):
-            host.metrics.faults.labels(host.source, service.key, kind).inc()
-    if fault.delay is not None:
-        decision.faults.append(f"delay:{fault.delay:g}s")
-        wait = fault.delay
-        if deadline is not None:
-            wait = min(wait, max(0.0, deadline - clock()))
-        yield Sleep(wait)
-        if deadline is not None and clock() >= deadline:
-            raise _fail(MeshTimeout("deadline expired during injected delay"), decision)
-    if fault.abort is not None:
-        decision.faults.append(f"abort:{fault.abort}")
-        decision.reason = Reason.FAULT_ABORT.value
-        return local_response(request, fault.abort, Reason.FAULT_ABORT, decision)
+    refuse = False
+    if rules:
+        fault = decide_faults(rules, request.headers, rng)
+        if fault is not NO_FAULT:
+            refuse = fault.refuse
+            yield from _inject(host, service, request, fault, decision, deadline)
+            if fault.abort is not None:
+                decision.faults.append(f"abort:{fault.abort}")
+                decision.reason = Reason.FAULT_ABORT.value
+                return local_response(request, fault.abort, Reason.FAULT_ABORT, decision)
 
     # 4–5. admission: rate limit, concurrency limit, budget deposit
+    policy = plan.policy
     now = clock()
     max_in_flight = policy.connection_pool.max_connections
     with dest.lock:
@@ -380,28 +402,56 @@ def _guarded_call(
         # length within the replay buffer is replayed, even when it is already in memory
         size = _body_size(request)
         fits = size is None or size <= MAX_REPLAY_BUFFER
-        replayable = isinstance(request.stream, httpx.ByteStream) and fits
+        replayable = fits and isinstance(request.stream, httpx.ByteStream)
         if not replayable and size is not None and fits:
             yield Buffer(request)
             replayable = True
 
         # 7. mirror
-        for rule in router.mirrors(service.key):
-            if replayable and rng.random() * 100.0 < rule.percent:
-                copy = _mirror_request(host, router, request, rule.mirror)
-                if copy is not None:
-                    decision.mirrored_to = rule.mirror
-                    yield Mirror(copy)
+        if plan.mirrors and replayable:
+            for rule in plan.mirrors:
+                if rng.random() * 100.0 < rule.percent:
+                    copy = _mirror_request(host, router, request, rule.mirror)
+                    if copy is not None:
+                        decision.mirrored_to = rule.mirror
+                        yield Mirror(copy)
 
         # 8. attempts
         return (
-            yield from _attempts(
-                host, request, policy, dest, decision, deadline, replayable, fault.refuse
-            )
+            yield from _attempts(host, request, plan, dest, decision, deadline, replayable, refuse)
         )
     finally:
         with dest.lock:
             dest.in_flight -= 1
+
+
+def _inject(
+    host: CallHost,
+    service: ServiceDef,
+    request: httpx.Request,
+    fault: FaultDecision,
+    decision: Decision,
+    deadline: float | None,
+) -> Generator[Effect, Any, None]:
+    """Count the fault that fired and perform its delay (an abort is answered by the caller)."""
+    metrics = host.metrics
+    if metrics is not None:
+        for kind, on in (
+            ("delay", fault.delay is not None),
+            ("abort", fault.abort is not None),
+            ("refuse", fault.refuse),
+        ):
+            if on:
+                metrics.faults.labels(host.source, service.key, kind).inc()
+    if fault.delay is not None:
+        clock = host.clock
+        decision.faults.append(f"delay:{fault.delay:g}s")
+        wait = fault.delay
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline - clock()))
+        yield Sleep(wait)
+        if deadline is not None and clock() >= deadline:
+            raise _fail(MeshTimeout("deadline expired during injected delay"), decision)
 
 
 def _mirror_request(
@@ -417,10 +467,103 @@ def _mirror_request(
     return copy
 
 
+def _begin(
+    host: CallHost,
+    dest: Destination,
+    request: httpx.Request,
+    tried: list[str],
+    number: int,
+    per_try: float | None,
+    deadline: float | None,
+    hedge: bool,
+) -> Send | None:
+    """Admit and place one attempt (breaker, pick); None if nothing may be sent."""
+    now = host.clock()
+    with dest.lock:
+        breaker = dest.breaker
+        before = breaker.state
+        allowed = breaker.allow(now)
+        if breaker.state is not before and host.metrics is not None:
+            host.metrics.set_circuit_state(host.source, dest.key, breaker.state.value)
+        if not allowed:
+            return None
+        state = dest.endpoints.pick(now, host.rng, tried)
+        if state is None:
+            breaker.on_abandon()
+            return None
+        dest.endpoints.on_start(state)
+    tried.append(state.address)
+    remaining = None if deadline is None else deadline - now
+    timeout = per_try
+    if remaining is not None and (timeout is None or remaining < timeout):
+        timeout = remaining
+    return Send(_attempt_request(request, state, timeout, remaining), state, number, hedge)
+
+
+def _finish(
+    host: CallHost,
+    dest: Destination,
+    decision: Decision,
+    send: Send,
+    outcome: Outcome | None,
+    track_latency: bool,
+) -> tuple[Failure, int | None]:
+    """Feed one attempt's outcome to endpoint health, the breaker and the decision record:
+    one classification for all of them."""
+    state = send.state
+    if outcome is None:  # a hedge loser cancelled before it answered
+        with dest.lock:
+            dest.endpoints.on_abandon(state)
+            dest.breaker.on_abandon()
+        decision.attempts.append(
+            AttemptRecord(send.number, state.address, "cancelled", hedge=send.hedge)
+        )
+        return Failure.NONE, None
+    response = outcome.response
+    if response is not None:  # the common case, classified inline
+        status: int | None = response.status_code
+        failed = status >= 500 or status == 429  # type: ignore[operator]
+        failure = Failure.STATUS if failed else Failure.NONE
+        unhealthy = status >= 500  # type: ignore[operator]
+    else:
+        failure, status = classify(outcome)
+        failed = unhealthy = True
+    now = host.clock()
+    with dest.lock:
+        ejected = dest.endpoints.on_end(state, now, outcome.elapsed, failed, unhealthy)
+        breaker = dest.breaker
+        before = breaker.state
+        if unhealthy:
+            breaker.on_failure(now)
+        else:
+            breaker.on_success()
+        after = breaker.state
+        if track_latency and not failed:
+            dest.record_latency(outcome.elapsed)
+    if (ejected or after is not before) and host.metrics is not None:
+        if ejected:
+            host.metrics.ejections.labels(host.source, dest.key, state.address).inc()
+        if after is not before:
+            host.metrics.set_circuit_state(host.source, dest.key, after.value)
+    error = outcome.error
+    decision.attempts.append(
+        AttemptRecord(
+            send.number,
+            state.address,
+            failure.value,
+            status,
+            None if error is None else type(error).__name__,
+            outcome.elapsed,
+            send.hedge,
+        )
+    )
+    return failure, status
+
+
 def _attempts(
     host: CallHost,
     request: httpx.Request,
-    policy: EffectivePolicy,
+    plan: _Plan,
     dest: Destination,
     decision: Decision,
     deadline: float | None,
@@ -428,127 +571,42 @@ def _attempts(
     refuse: bool,
 ) -> Generator[Effect, Any, httpx.Response]:
     clock = host.clock
-    rng = host.rng
-    retry_policy = policy.retries
+    retry_policy = plan.policy.retries
     per_try = retry_policy.per_try_timeout
-    retries_left = max_retries(retry_policy)
+    retries_left = plan.max_retries
     idempotent = request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
-    hedging = policy.hedging
+    hedging = plan.policy.hedging
     can_hedge = hedging.enabled and idempotent and replayable
+    track_latency = plan.track_latency
     tried: list[str] = []
     number = 0
 
-    def begin(hedge: bool) -> Send | None:
-        """Admit and place one attempt (breaker, pick); None if nothing may be sent."""
-        nonlocal number
-        now = clock()
-        with dest.lock:
-            before = dest.breaker.state
-            allowed = dest.breaker.allow(now)
-            if dest.breaker.state is not before and host.metrics is not None:
-                host.metrics.set_circuit_state(host.source, dest.key, dest.breaker.state.value)
-            if not allowed:
-                return None
-            state = dest.endpoints.pick(now, rng, tried)
-            if state is None:
-                dest.breaker.on_abandon()
-                return None
-            dest.endpoints.on_start(state)
-        number += 1
-        tried.append(state.address)
-        remaining = None if deadline is None else deadline - now
-        timeout = per_try
-        if remaining is not None and (timeout is None or remaining < timeout):
-            timeout = remaining
-        return Send(_attempt_request(request, state, timeout, remaining), state, number, hedge)
-
-    def finish_attempt(send: Send, outcome: Outcome | None) -> tuple[Failure, int | None]:
-        """Feed one attempt's outcome to health state and the decision record."""
-        now = clock()
-        if outcome is None:  # a hedge loser cancelled before it answered
-            with dest.lock:
-                dest.endpoints.on_abandon(send.state)
-                dest.breaker.on_abandon()
-            decision.attempts.append(
-                AttemptRecord(send.number, send.state.address, "cancelled", hedge=send.hedge)
-            )
-            return Failure.NONE, None
-        failure, status = classify(outcome)
-        unhealthy = _counts_against_health(failure, status)
-        with dest.lock:
-            ejected = dest.endpoints.on_end(
-                send.state, now, outcome.elapsed, failure is not Failure.NONE, unhealthy
-            )
-            breaker = dest.breaker
-            before = breaker.state
-            if unhealthy:
-                breaker.on_failure(now)
-            else:
-                breaker.on_success()
-            after = breaker.state
-            if failure is Failure.NONE:
-                dest.record_latency(outcome.elapsed)
-        metrics = host.metrics
-        if metrics is not None:
-            metrics.observe_attempt(host.source, dest.key, send.state.address)
-            if ejected:
-                metrics.ejections.labels(host.source, dest.key, send.state.address).inc()
-            if after is not before:
-                metrics.set_circuit_state(host.source, dest.key, after.value)
-        decision.attempts.append(
-            AttemptRecord(
-                send.number,
-                send.state.address,
-                failure.value,
-                status=status,
-                error=None if outcome.error is None else type(outcome.error).__name__,
-                duration=outcome.elapsed,
-                hedge=send.hedge,
-            )
-        )
-        return failure, status
-
-    def backup() -> Send | None:
-        if retries_left <= 0 or number >= hedging.max_attempts:
-            return None
-        if deadline is not None and clock() >= deadline:
-            return None
-        with dest.lock:
-            if not dest.budget.try_withdraw(clock()):
-                decision.budget = "exhausted"
-                return None
-        send = begin(hedge=True)
-        if send is not None:
-            decision.hedges += 1
-        return send
-
-    def accept(outcome: Outcome) -> bool:
-        return classify(outcome)[0] is Failure.NONE
-
     while True:
-        send = begin(hedge=False)
+        number += 1
+        send = _begin(host, dest, request, tried, number, per_try, deadline, False)
         if send is None:
-            if not decision.attempts:
-                if dest.breaker.state.value != "closed":
-                    raise _fail(CircuitOpenError(f"circuit open for {dest.key}"), decision)
+            if not decision.attempts and dest.breaker.state.value == "closed":
                 raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)
             raise _fail(CircuitOpenError(f"circuit open for {dest.key}"), decision)
 
         if refuse:
             outcome = Outcome(None, httpx.ConnectError("connection refused (injected)"), 0.0)
-        else:
-            hedge_delay = None
-            if can_hedge and retries_left > 0:
-                hedge_delay = hedging.delay if hedging.delay is not None else dest.p95()
-            if hedge_delay is not None:
-                race: RaceResult = yield Race(send, hedge_delay, backup, accept)
-                if race.loser is not None:
-                    finish_attempt(race.loser, race.loser_outcome)
-                    retries_left -= 1
-                send, outcome = race.winner, race.outcome
+        elif can_hedge and retries_left > 0:
+            hedge_delay = hedging.delay if hedging.delay is not None else dest.p95()
+            if hedge_delay is None:
+                outcome = yield send
             else:
-                outcome = yield Send(send.request, send.state, send.number)
-        failure, status = finish_attempt(send, outcome)
+                race: RaceResult = yield _race(
+                    host, request, send, hedge_delay, plan, dest, decision, deadline, tried
+                )
+                if race.loser is not None:
+                    _finish(host, dest, decision, race.loser, race.loser_outcome, track_latency)
+                    retries_left -= 1
+                    number += 1
+                send, outcome = race.winner, race.outcome
+        else:
+            outcome = yield send
+        failure, status = _finish(host, dest, decision, send, outcome, track_latency)
         response = outcome.response
         if failure is Failure.NONE:
             assert response is not None
@@ -566,7 +624,7 @@ def _attempts(
                 retry = False
         delay = 0.0
         if retry:
-            delay = backoff_delay(retry_policy.backoff, decision.retries + 1, rng, retry_after)
+            delay = backoff_delay(retry_policy.backoff, decision.retries + 1, host.rng, retry_after)
             if deadline is not None and now + delay >= deadline:
                 retry = False
         if retry:
@@ -603,3 +661,40 @@ def _attempts(
             yield Close(response)
         if delay > 0:
             yield Sleep(delay)
+
+
+def _race(
+    host: CallHost,
+    request: httpx.Request,
+    first: Send,
+    delay: float,
+    plan: _Plan,
+    dest: Destination,
+    decision: Decision,
+    deadline: float | None,
+    tried: list[str],
+) -> Race:
+    """A hedged attempt: the backup is decided when the driver asks for it, drawing on the
+    retry budget and going to an endpoint not yet tried."""
+    hedging = plan.policy.hedging
+    per_try = plan.policy.retries.per_try_timeout
+
+    def backup() -> Send | None:
+        if first.number >= hedging.max_attempts:
+            return None
+        now = host.clock()
+        if deadline is not None and now >= deadline:
+            return None
+        with dest.lock:
+            if not dest.budget.try_withdraw(now):
+                decision.budget = "exhausted"
+                return None
+        send = _begin(host, dest, request, tried, first.number + 1, per_try, deadline, True)
+        if send is not None:
+            decision.hedges += 1
+        return send
+
+    def accept(outcome: Outcome) -> bool:
+        return classify(outcome)[0] is Failure.NONE
+
+    return Race(first, delay, backup, accept)

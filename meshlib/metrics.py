@@ -11,11 +11,15 @@ from __future__ import annotations
 import bisect
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from meshlib.decision import AttemptRecord
 
 _LABELS = ("direction", "source", "destination", "route", "code", "reason")
 
@@ -38,9 +42,14 @@ class _CallStats(Collector):
         self._calls: dict[tuple[str, ...], _Row] = {}
         self._attempts: dict[tuple[str, ...], int] = {}
 
-    def observe_call(self, labels: tuple[str, ...], seconds: float) -> None:
+    def observe_call(
+        self,
+        labels: tuple[str, ...],
+        seconds: float,
+        attempt_labels: tuple[tuple[str, ...], ...] = (),
+    ) -> None:
         index = bisect.bisect_left(_BUCKETS, seconds)
-        with self._lock:
+        with self._lock:  # one lock for the call and its attempts
             row = self._calls.get(labels)
             if row is None:
                 if len(self._calls) >= MAX_SERIES:
@@ -49,6 +58,11 @@ class _CallStats(Collector):
             row.count += 1
             row.total += seconds
             row.buckets[index] += 1
+            attempts = self._attempts
+            for key in attempt_labels:
+                if key not in attempts and len(attempts) >= MAX_SERIES:
+                    key = tuple(_OVERFLOW for _ in key)
+                attempts[key] = attempts.get(key, 0) + 1
 
     def observe_attempt(self, labels: tuple[str, ...]) -> None:
         with self._lock:
@@ -164,8 +178,14 @@ class MeshMetrics:
         code: str,
         reason: str,
         seconds: float,
+        attempts: Sequence[AttemptRecord] = (),
     ) -> None:
-        self.calls.observe_call(("outbound", source, destination, route, code, reason), seconds)
+        """One call: counted, timed, and each of its attempts counted per endpoint."""
+        self.calls.observe_call(
+            ("outbound", source, destination, route, code, reason),
+            seconds,
+            tuple(("outbound", source, destination, a.endpoint) for a in attempts),
+        )
 
     def observe_attempt(self, source: str, destination: str, endpoint: str) -> None:
         self.calls.observe_attempt(("outbound", source, destination, endpoint))

@@ -75,6 +75,9 @@ class Router:
         self._faults: dict[tuple[str, str | None], tuple[FaultRule, ...]] = {}
         self._routes = self._index_routes(snapshot)
         self._mirrors: dict[str, tuple[MirrorRule, ...]] = {}
+        #: Per-snapshot memo for values callers derive from this router (the call sequence
+        #: keeps its per-(service, route) plans here, so they die with the snapshot).
+        self.derived: dict[Any, Any] = {}
         for mirror in snapshot.mirrors:
             self._mirrors[mirror.service] = (*self._mirrors.get(mirror.service, ()), mirror)
 
