@@ -1,9 +1,8 @@
 """LOAD-2: the retry budget caps amplification during a full outage (real sockets, both drivers).
 
 Scaled down from 100 calls/s × 30 s to 100 calls/s × 5 s. The budget is the default one:
-retries ≤ 20 % of calls + 10/s, counted over a 10 s window. A 5 s run sits inside one window,
-so the floor contributes its whole 10 × 10 s = 100 retries; the cap on upstream attempts is
-therefore 1.2 × calls + 10 × max(duration, ttl) (+ small slack), not 10 × duration.
+retries ≤ 20 % of calls (over a 10 s window) + 10/s (a rate, at most one second's worth at
+once), so upstream attempts stay within 1.2 × calls + 10 × duration + 10.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ pytestmark = pytest.mark.timeout(60)
 RATE = 100  # calls per second
 DURATION = 5.0  # seconds
 BATCH = 10  # calls sent together, RATE / BATCH batches per second
-TTL = 10.0  # default budget window
 MIN_PER_SECOND = 10.0  # default budget floor
 RATIO = 0.2  # default budget ratio
 
@@ -67,9 +65,9 @@ def test_retry_budget_caps_amplification_in_a_full_outage(caller, make_mesh, ech
     upstream = sum(b.requests for b in backends)
     assert upstream == sum(len(d.attempts) for d in decisions)
 
-    cap = (1 + RATIO) * calls + MIN_PER_SECOND * max(duration, TTL) + 10
+    cap = (1 + RATIO) * calls + MIN_PER_SECOND * duration + MIN_PER_SECOND
     assert upstream <= cap, (upstream, cap, duration)
-    assert upstream >= calls + 150  # the budget did allow retries: it caps, it does not forbid
+    assert upstream >= calls + 100  # the budget did allow retries: it caps, it does not forbid
     assert max(len(d.attempts) for d in decisions) <= 4  # attempts: 3 → at most 4 tries (≤ 5)
     assert any(d.budget == "exhausted" for d in decisions)
     skipped = registry.get_sample_value(
@@ -80,4 +78,6 @@ def test_retry_budget_caps_amplification_in_a_full_outage(caller, make_mesh, ech
 
     # Once the floor is spent, retries track 20 % of new calls: no growing pile of retries.
     late = decisions[calls // 2 :]
-    assert sum(d.retries for d in late) <= RATIO * len(late) + 10
+    # The floor is a rate: the second half gets its share of it, not a fresh reserve.
+    late_cap = RATIO * len(late) + MIN_PER_SECOND * duration / 2 + MIN_PER_SECOND
+    assert sum(d.retries for d in late) <= late_cap

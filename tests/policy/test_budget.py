@@ -1,4 +1,4 @@
-"""RetryBudget: retries ≤ ratio × calls + min_per_second, over a sliding window."""
+"""RetryBudget: retries ≤ ratio × calls (sliding window) + min_per_second (a rate)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,17 @@ def test_default_policy_bounds_retries_in_a_full_outage() -> None:
 
 def test_min_per_second_lets_low_traffic_retry() -> None:
     budget = RetryBudget(BudgetPolicy(ratio=0.2, min_per_second=10.0, ttl=10.0))
-    assert withdraw_all(budget, 0.0) == 100  # 10/s × 10 s, no calls at all
+    assert withdraw_all(budget, 0.0) == 10  # one second's worth of the floor, no calls at all
+    assert not budget.try_withdraw(0.05)
+    assert withdraw_all(budget, 0.55) == 5  # refilled at 10/s
+    assert withdraw_all(budget, 100.0) == 10  # never more than one second's worth at once
+
+
+def test_floor_is_a_rate_not_a_window_reserve() -> None:
+    # Over T seconds of outage the floor grants at most min_per_second × T + one burst.
+    budget = RetryBudget(BudgetPolicy(ratio=0.0, min_per_second=10.0, ttl=10.0))
+    granted = sum(withdraw_all(budget, t / 100) for t in range(3000))  # 30 s, every 10 ms
+    assert 300 <= granted <= 10 * 30 + 10
 
 
 def test_ratio_adds_to_the_floor() -> None:
@@ -65,10 +75,15 @@ def test_old_deposits_expire() -> None:
 
 
 def test_spent_retries_expire_too() -> None:
-    budget = RetryBudget(BudgetPolicy(ratio=0.0, min_per_second=1.0, ttl=10.0))
+    budget = RetryBudget(BudgetPolicy(ratio=1.0, min_per_second=0.0, ttl=10.0))
+    for _ in range(10):
+        budget.deposit(0.0)
     assert withdraw_all(budget, 0.0) == 10
-    assert not budget.try_withdraw(5.0)
-    assert withdraw_all(budget, 10.5) == 10  # the withdrawals from t=0 left the window
+    assert withdraw_all(budget, 5.0) == 0
+    for _ in range(10):
+        budget.deposit(10.5)
+    # The t=0 deposits and the withdrawals paid from them left the window together.
+    assert withdraw_all(budget, 10.5) == 10
 
 
 def test_long_idle_gap_resets_the_window() -> None:
