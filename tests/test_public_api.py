@@ -45,6 +45,7 @@ ERRORS = [
     (meshlib.AccessDeniedError, httpx.TransportError, 403, "denied"),
 ]
 
+
 def test_all_is_exactly_the_public_names() -> None:
     assert set(meshlib.__all__) == EXPECTED
     assert len(meshlib.__all__) == len(EXPECTED)  # no duplicates
