@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
     from meshlib.mesh import Mesh
 
+#: Threads for hedged attempts per sync transport (created lazily, only when hedging is on).
+HEDGE_WORKERS = 64
+
 #: Mirrored requests in flight per transport; more are dropped, never queued (mirroring must
 #: not add latency or memory to the primary traffic).
 MAX_MIRRORS_IN_FLIGHT = 32
@@ -117,7 +120,11 @@ class MeshTransport(httpx.BaseTransport):
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="meshlib")
+                # Hedged attempts run here: each hedged call holds up to two workers while
+                # its caller waits, so the pool is sized for many concurrent hedged calls.
+                self._pool = ThreadPoolExecutor(
+                    max_workers=HEDGE_WORKERS, thread_name_prefix="meshlib-hedge"
+                )
             return self._pool
 
     def _mirror_executor(self) -> ThreadPoolExecutor:

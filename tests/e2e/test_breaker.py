@@ -67,7 +67,9 @@ def test_breaker_opens_after_consecutive_failures_and_fails_fast(
         assert isinstance(error, httpx.TransportError)
         assert error.decision.reason == "circuit_open"
         assert error.decision.attempts == []
-        assert elapsed < 0.05
+        # Fail-fast is proven by `attempts == []`; the bound only guards against waiting
+        # for a timeout, loose enough for a loaded 2-core CI box.
+        assert elapsed < 0.5
     assert backend.requests == 3  # nothing reached the backend while open
 
     local = caller.bind(mesh, local_responses=True).get(URL)

@@ -112,9 +112,8 @@ def test_policy_delay_applies_only_to_matching_requests(caller, make_mesh, echo_
         assert len(faults) == 1 and faults[0].startswith("delay:")
 
         for headers in ({"end-user": "mary"}, {}, {"end-user": "jason-x"}):
-            start = time.perf_counter()
+            # The decision record says no delay was applied: no wall-clock bound needed.
             r = c.get("http://reviews/r", headers=headers)
-            assert time.perf_counter() - start < 0.15
             assert r.extensions["mesh_decision"].faults == []
     assert backend.requests == 8
 
@@ -136,9 +135,7 @@ def test_client_sent_fault_headers_do_nothing(caller, make_mesh, echo_factory) -
     mesh = make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + RETRY_ON_5XX)
     c = caller.bind(mesh)
     for _ in range(5):
-        start = time.perf_counter()
         r = c.get("http://reviews/r", headers=CLIENT_FAULT_HEADERS)
-        assert time.perf_counter() - start < 0.15
         assert r.status_code == 200
         assert r.json()["backend"] == "a"
         d = r.extensions["mesh_decision"]
@@ -190,9 +187,7 @@ def test_fixture_delay_handle_is_a_context_manager(caller, mesh, backend, mesh_f
         start = time.perf_counter()
         assert c.get("http://reviews/r").status_code == 200
         assert time.perf_counter() - start >= 0.2
-    start = time.perf_counter()
     r = c.get("http://reviews/r")
-    assert time.perf_counter() - start < 0.15
     assert r.extensions["mesh_decision"].faults == []
     assert backend.requests == 2
 
@@ -222,9 +217,9 @@ def test_injector_on_an_explicit_mesh_is_undone_by_clear(caller, make_mesh, echo
     injector.delay("ratings", 0.2, mesh=mesh)
     assert c.get("http://ratings/r").status_code == 418
     injector.clear()
-    start = time.perf_counter()
-    assert c.get("http://ratings/r").status_code == 200
-    assert time.perf_counter() - start < 0.15
+    r = c.get("http://ratings/r")
+    assert r.status_code == 200
+    assert r.extensions["mesh_decision"].faults == []
     assert other.requests == 1
     with pytest.raises(LookupError):
         injector.abort("ratings")  # no default mesh and none given
