@@ -208,7 +208,8 @@ def test_fail_closed_when_all_ejected_and_panic_disabled(caller, make_mesh, echo
 def test_service_without_endpoints_fails_fast(
     caller, make_mesh, echo_factory, local_responses
 ) -> None:
-    """FAULT-5b: no endpoints at all → NoHealthyEndpointsError at once (no attempt), not after the 2 s
+    """FAULT-5b: no endpoints at all → NoHealthyEndpointsError at once (no attempt), not
+    after the 2 s
     timeout."""
     text = (
         "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\n"
