@@ -209,8 +209,7 @@ def test_service_without_endpoints_fails_fast(
     caller, make_mesh, echo_factory, local_responses
 ) -> None:
     """FAULT-5b: no endpoints at all → NoHealthyEndpointsError at once (no attempt), not
-    after the 2 s
-    timeout."""
+    after the 2 s timeout."""
     text = (
         "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\n"
         "spec: {endpoints: []}\n---\n"
