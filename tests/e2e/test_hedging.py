@@ -56,7 +56,7 @@ def test_slow_first_attempt_is_hedged_and_the_loser_cancelled(
     elapsed = time.perf_counter() - start
 
     assert r.status_code == 200 and r.json()["backend"] == "b"
-    assert 0.1 <= elapsed < 0.4, elapsed
+    assert 0.1 <= elapsed < 0.7, elapsed  # A alone would take 1 s
     d = r.extensions["mesh_decision"]
     assert d.hedges == 1
     assert d.retries == 0

@@ -73,7 +73,7 @@ def test_slow_shadow_adds_no_latency(caller, make_mesh, echo_factory, behaviour)
         r = c.get("http://reviews/r")
         elapsed = time.perf_counter() - start
         assert r.status_code == 200 and r.json()["backend"] == "primary"
-        assert elapsed < 0.2, elapsed
+        assert elapsed < 0.5, elapsed  # the mirror takes 1 s: waiting for it would show
     assert shadow.wait_for_requests(1)  # the copies were really sent (and are still pending)
     assert primary.requests == 3
 
@@ -140,5 +140,5 @@ def test_hanging_shadow_does_not_stall_hedged_primary_calls(
         r = c.get("http://reviews/r")
         elapsed = time.perf_counter() - start
         assert r.status_code == 200
-        assert elapsed < 0.2, (i, elapsed)
+        assert elapsed < 0.5, (i, elapsed)
     assert shadow.wait_for_requests(8)

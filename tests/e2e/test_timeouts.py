@@ -52,7 +52,7 @@ def test_slow_endpoints_end_at_the_deadline(caller, make_mesh, echo_factory) -> 
     assert isinstance(result, meshlib.MeshTimeout), result
     assert isinstance(result, httpx.TimeoutException)  # `except httpx.TimeoutException` works
     assert result.reason is meshlib.Reason.TIMEOUT
-    assert 0.9 <= elapsed <= 1.3, elapsed
+    assert 0.9 <= elapsed <= 1.5, elapsed
     decision = result.decision
     assert decision is not None and decision.reason == "timeout" and decision.status == 504
     assert decision.deadline == pytest.approx(1.0)
@@ -82,7 +82,7 @@ def test_deadline_bounds_a_single_attempt_without_per_try_timeout(
     result = caller.bind(mesh).outcome("GET", "http://reviews/hang")
     elapsed = time.monotonic() - start
     assert isinstance(result, meshlib.MeshTimeout), result
-    assert 0.45 <= elapsed <= 0.8, elapsed
+    assert 0.45 <= elapsed <= 1.0, elapsed
     assert result.decision is not None and len(result.decision.attempts) == 1
     assert a.wait_for_disconnects(1)  # the upstream saw the call abandoned
     assert 0 < int(a.records[0].headers[DEADLINE_HEADER]) <= 500
@@ -127,7 +127,7 @@ def test_per_try_timeout_then_success_on_another_endpoint(caller, make_mesh, ech
         if len(attempts) == 2:
             retried.append(r)
             assert [a.outcome for a in attempts] == ["timeout", "ok"]
-            assert 0.2 <= attempts[0].duration < 0.35
+            assert 0.2 <= attempts[0].duration < 0.5
             # the retry was told what was left after the first try
             assert int(r.json()["headers"][DEADLINE_HEADER]) <= 1800
     assert len(retried) == 1
