@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from meshlib.config.model import EffectivePolicy, FaultRule, MirrorRule, ServiceDef
+from meshlib.context import inbound_deadline
 from meshlib.decision import DECISION_EXTENSION, AttemptRecord, Decision
 from meshlib.errors import (
     REASON_HEADER,
@@ -314,9 +315,13 @@ def run_call(
     decision.backend = backend
     dest = host.destination(backend, router)
 
-    # 2. the deadline covers everything below
+    # 2. the deadline covers everything below; an inbound request's deadline caps it
     timeout = plan.policy.timeout
     deadline = None if timeout is None else start + timeout
+    inherited = inbound_deadline.get()
+    if inherited is not None and (deadline is None or inherited < deadline):
+        deadline = inherited
+        timeout = max(0.0, inherited - start)
     decision.deadline = timeout
 
     code = "error"
