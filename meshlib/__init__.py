@@ -18,6 +18,7 @@ from meshlib.errors import (
     Reason,
     RetryBudgetExhaustedError,
 )
+from meshlib.inbound import MeshMiddleware
 from meshlib.mesh import FaultHandle, Mesh, ReloadStatus
 from meshlib.transport import AsyncMeshTransport, MeshTransport
 
@@ -36,6 +37,7 @@ __all__ = [
     "FaultHandle",
     "Mesh",
     "MeshError",
+    "MeshMiddleware",
     "MeshTimeout",
     "MeshTransport",
     "NoHealthyEndpointsError",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from meshlib.config.loader import load_files
 from meshlib.config.model import EffectivePolicy, FaultRule, Snapshot
 from meshlib.config.schema import POLICY_FIELDS, json_schema
-from meshlib.config.values import format_duration
+from meshlib.config.values import format_duration, parse_duration
 from meshlib.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -238,12 +238,96 @@ def _fault(fault: FaultRule, headers: Mapping[str, str]) -> str:
     return text
 
 
+# --- ca ----------------------------------------------------------------------------------------
+
+
+def _add_ca(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "ca",
+        help="the built-in certificate authority: init a root, issue SVIDs, inspect certificates",
+        description="A small CA for workload identity (SPIFFE X.509 SVIDs). See docs/security.md.",
+    )
+    ca = p.add_subparsers(dest="ca_verb", metavar="CA_VERB", required=True)
+    init = ca.add_parser("init", help="create a root CA (EC P-256, 10 years) in DIR")
+    init.add_argument("--dir", required=True, help="writes DIR/ca.pem and DIR/ca-key.pem (0600)")
+    init.add_argument("--trust-domain", default=None, help="default: cluster.local")
+    init.add_argument("--force", action="store_true", help="replace an existing root key")
+    init.set_defaults(func=_cmd_ca_init)
+    issue = ca.add_parser("issue", help="issue an X.509 SVID for a namespace/service account")
+    issue.add_argument("--dir", required=True, help="the CA directory (from 'ca init')")
+    issue.add_argument("--namespace", required=True)
+    issue.add_argument("--service-account", required=True)
+    issue.add_argument("--out", required=True, help="writes cert.pem, key.pem (0600), bundle.pem")
+    issue.add_argument("--ttl", default="24h", help="certificate lifetime, e.g. 24h, 90m")
+    issue.set_defaults(func=_cmd_ca_issue)
+    inspect = ca.add_parser("inspect", help="print subject, SPIFFE ID, validity and issuer")
+    inspect.add_argument("file", metavar="FILE", help="a PEM file of one or more certificates")
+    inspect.add_argument("--bundle", help="also verify FILE as an SVID chain against these roots")
+    inspect.set_defaults(func=_cmd_ca_inspect)
+
+
+def _cmd_ca_init(args: argparse.Namespace) -> int:
+    from meshlib.identity import DEFAULT_TRUST_DOMAIN, CertificateAuthority, IdentityError
+
+    try:
+        ca = CertificateAuthority.create(args.trust_domain or DEFAULT_TRUST_DOMAIN)
+        out = ca.save(args.dir, overwrite=args.force)
+    except IdentityError as exc:
+        print(f"meshctl ca init: {exc.reason}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{out}/ca.pem: root CA for spiffe://{ca.trust_domain}, key in {out}/ca-key.pem")
+    return EXIT_OK
+
+
+def _cmd_ca_issue(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from meshlib.identity import CertificateAuthority, IdentityError, SpiffeID
+
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise _UsageError(f"--ttl: {exc}") from None
+    try:
+        ca = CertificateAuthority.load(args.dir)
+        spiffe_id = SpiffeID.for_workload(ca.trust_domain, args.namespace, args.service_account)
+        svid = ca.issue(spiffe_id, ttl=dt.timedelta(seconds=ttl))
+        out = svid.save(args.out)
+    except IdentityError as exc:
+        print(f"meshctl ca issue: {exc.reason}", file=sys.stderr)
+        return EXIT_INVALID
+    until = svid.certificate.not_valid_after_utc.isoformat()
+    print(f"{out}/cert.pem: {spiffe_id} valid until {until}")
+    return EXIT_OK
+
+
+def _cmd_ca_inspect(args: argparse.Namespace) -> int:
+    from meshlib.identity import IdentityError, load_certificates, verify_svid
+    from meshlib.identity.svid import describe_certificate
+
+    try:
+        certs = load_certificates(args.file)
+        for index, cert in enumerate(certs):
+            if len(certs) > 1:
+                print(f"certificate {index + 1} of {len(certs)}:")
+            for label, value in describe_certificate(cert):
+                print(f"  {label + ':':<12} {value}")
+        if args.bundle:
+            spiffe_id = verify_svid(certs, load_certificates(args.bundle))
+            print(f"verified:    {spiffe_id} chains to {args.bundle}")
+    except IdentityError as exc:
+        print(f"meshctl ca inspect: {exc.reason}", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 _VERBS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_validate,
     _add_schema,
     _add_explain,
+    _add_ca,
 )
 
 

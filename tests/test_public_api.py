@@ -23,6 +23,7 @@ EXPECTED = {
     "FaultHandle",
     "Mesh",
     "MeshError",
+    "MeshMiddleware",
     "MeshTimeout",
     "MeshTransport",
     "NoHealthyEndpointsError",

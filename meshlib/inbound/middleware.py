@@ -1,0 +1,212 @@
+"""``MeshMiddleware``: the mesh's decisions for requests arriving at this service, as pure ASGI.
+
+The inbound stack, in order (each step's reason beside it):
+
+1. non-HTTP scopes: ``lifespan`` (and anything unknown) passes through untouched; ``websocket``
+   gets step 2 only — a forged identity is as dangerous on a WebSocket handshake, but a
+   deadline or a token per message means nothing for a long-lived connection;
+2. peer identity, then header sanitation — first, so no later step (nor the app) ever reads
+   a header the peer was not entitled to send;
+3. authorization — before the rate limits, so a denied caller spends no tokens;
+4. rate limits: per caller identity, then total — in that order, so a request the total limit
+   refuses costs only its own caller a token, never its neighbours;
+5. the deadline — set last, around the app alone, so outbound calls made while handling the
+   request get only the time that is left.
+
+Per-request state lives in locals of ``__call__``; the instance holds configuration and the
+token buckets (shared state by nature, behind a lock).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from meshlib.config.model import RateLimitPolicy
+from meshlib.context import inbound_deadline
+from meshlib.errors import REASON_HEADER, Reason
+from meshlib.inbound.peer import propagated_timeout, sanitize_headers, verified_identity
+from meshlib.policy.ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Key of the bucket shared by every caller that is not a verified mesh member.
+UNAUTHENTICATED = "unauthenticated"
+#: Bound on per-identity buckets; the least recently seen identity is forgotten first.
+MAX_IDENTITIES = 10_000
+
+
+class Verdict(enum.Enum):
+    """What authorization concluded for one inbound request."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class MeshMiddleware:
+    """ASGI middleware for the inbound side of a meshed service.
+
+    ``rate_limit`` and ``per_identity_rate_limit`` are ``(requests_per_second, burst)`` or a
+    :class:`~meshlib.config.model.RateLimitPolicy`; ``default_timeout`` (seconds) is a deadline
+    for every request. A verified mesh member's propagated deadline is adopted too; the shorter
+    wins.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        mesh: Mesh,
+        rate_limit: tuple[float, int] | RateLimitPolicy | None = None,
+        per_identity_rate_limit: tuple[float, int] | RateLimitPolicy | None = None,
+        default_timeout: float | None = None,
+        max_identities: int = MAX_IDENTITIES,
+    ) -> None:
+        if default_timeout is not None and not (0 < default_timeout < math.inf):
+            raise ValueError(f"default_timeout must be a positive number, not {default_timeout}")
+        if max_identities < 1:
+            raise ValueError("max_identities must be at least 1")
+        self.app = app
+        self.mesh = mesh
+        self.default_timeout = default_timeout
+        self.rate_limit = _rate_policy(rate_limit, "rate_limit")
+        self.per_identity_rate_limit = _rate_policy(
+            per_identity_rate_limit, "per_identity_rate_limit"
+        )
+        self.max_identities = max_identities
+        self._clock = mesh.clock
+        self._lock = threading.Lock()  # the app may be served from several threads' loops
+        now = self._clock()
+        self._total = TokenBucket(self.rate_limit, now) if self.rate_limit else None
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._destination = f"{mesh.service}.{mesh.namespace}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        # Read per request, so a reload that changes the trust domain applies at once.
+        identity = verified_identity(scope, self.mesh.snapshot.mesh.trust_domain)
+        headers = sanitize_headers(scope.get("headers") or (), identity)
+        scope = {**scope, "headers": headers}  # a new dict: the server's scope stays as it was
+        if kind == "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        start = self._clock()
+        source = identity or UNAUTHENTICATED
+        if self._authorize(identity, scope.get("method", ""), scope.get("path", "")) is (
+            Verdict.DENY
+        ):
+            await send_local_reply(send, 403, Reason.DENIED)
+            self._record(source, 403, Reason.DENIED, start)
+            return
+        refused_by = self._admit(source, start)
+        if refused_by is not None:
+            retry_after = max(1, math.ceil(1.0 / refused_by.requests_per_second))
+            await send_local_reply(send, 429, Reason.RATE_LIMITED, retry_after=retry_after)
+            self._record(source, 429, Reason.RATE_LIMITED, start)
+            return
+
+        deadline = self._deadline(headers if identity is not None else (), start)
+        status = 500  # what the server answers if the app fails before starting a response
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        token = inbound_deadline.set(deadline)
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            inbound_deadline.reset(token)
+            reason = Reason.UPSTREAM_ERROR if status >= 500 else Reason.OK
+            self._record(source, status, reason, start)
+
+    def _authorize(self, identity: str | None, method: str, path: str) -> Verdict:
+        """Authorization hook: allows everything until the authorization step lands.
+
+        ``identity`` is the verified SPIFFE ID (``None``: not a mesh member); ``path`` is
+        ``scope["path"]``, the exact string the app's router will see (NET-6: the decision
+        and the routing must use the same bytes).
+        """
+        return Verdict.ALLOW
+
+    def _admit(self, source: str, now: float) -> RateLimitPolicy | None:
+        """Take a token from the caller's bucket, then from the total one; the policy of the
+        bucket that refused, or ``None`` if the request may proceed."""
+        per_identity = self.per_identity_rate_limit
+        with self._lock:
+            if per_identity is not None:
+                bucket = self._buckets.get(source)
+                if bucket is None:
+                    bucket = self._buckets[source] = TokenBucket(per_identity, now)
+                    if len(self._buckets) > self.max_identities:
+                        self._buckets.popitem(last=False)
+                else:
+                    self._buckets.move_to_end(source)
+                if not bucket.take(now):
+                    return per_identity
+            if self._total is not None and not self._total.take(now):
+                return self._total.policy
+        return None
+
+    def _deadline(self, trusted_headers: Iterable[tuple[bytes, bytes]], now: float) -> float | None:
+        """The handler's absolute deadline: the shortest of the propagated one (verified
+        members only), ``default_timeout`` and any deadline already in force."""
+        candidates = [d for d in (inbound_deadline.get(),) if d is not None]
+        propagated = propagated_timeout(trusted_headers)
+        if propagated is not None:
+            candidates.append(now + propagated)
+        if self.default_timeout is not None:
+            candidates.append(now + self.default_timeout)
+        return min(candidates) if candidates else None
+
+    def _record(self, source: str, status: int, reason: Reason, start: float) -> None:
+        metrics = self.mesh.metrics
+        if metrics is not None:
+            labels = ("inbound", source, self._destination, "", str(status), reason.value)
+            metrics.calls.observe_call(labels, self._clock() - start)
+
+
+async def send_local_reply(
+    send: Send, status: int, reason: Reason, *, retry_after: int | None = None
+) -> None:
+    """Answer on the mesh's behalf: plain text naming the reason, with the reason header."""
+    body = f"{reason.value}\n".encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (REASON_HEADER.encode(), reason.value.encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _rate_policy(
+    value: tuple[float, int] | RateLimitPolicy | None, name: str
+) -> RateLimitPolicy | None:
+    if value is None or isinstance(value, RateLimitPolicy):
+        policy = value
+    else:
+        rps, burst = value
+        policy = RateLimitPolicy(requests_per_second=float(rps), burst=int(burst))
+    if policy is not None and not (0 < policy.requests_per_second < math.inf and policy.burst >= 1):
+        raise ValueError(f"{name} needs requests_per_second > 0 and burst >= 1, not {value!r}")
+    return policy

@@ -1,0 +1,143 @@
+"""What the inbound side may believe about a peer: its verified identity, which of its headers
+survive the edge of the service, and the deadline it propagated. Pure functions, no I/O.
+
+Trust model (SEC-9; Envoy's XFCC ``SANITIZE`` default, Linkerd's identity-header stripping):
+
+* A peer is a **verified mesh member** only when the server's ASGI TLS extension carries a
+  client certificate, the TLS layer reported no error for it, and its single URI SAN is a SPIFFE
+  ID in the mesh's trust domain. Plain HTTP peers are never members.
+* **Identity claims** (:data:`IDENTITY_HEADERS`, any ``x-meshlib-*``) are stripped from *every*
+  peer, members included: identity is re-derived from the certificate and set as
+  :data:`IDENTITY_HEADER`, never forwarded from what a peer says.
+* **Mesh-internal control headers** (:data:`CONTROL_PREFIXES`: the propagated deadline, reason,
+  fault controls, Envoy/Linkerd equivalents) pass only from verified members.
+* Header names are compared with ``_`` read as ``-``; an underscore spelling of a controlled name
+  is dropped from every peer (Envoy ``headers_with_underscores_action``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from meshlib.call import DEADLINE_HEADER
+
+#: Set by the middleware (and only by it) to the caller's verified SPIFFE ID.
+IDENTITY_HEADER = "x-mesh-identity"
+
+#: Headers that claim who the caller is: stripped from every peer, then re-derived.
+IDENTITY_HEADERS = frozenset(
+    {
+        IDENTITY_HEADER,
+        "x-mesh-peer",
+        "x-forwarded-client-cert",  # Envoy XFCC
+        "x-spiffe-id",
+        "x-client-cert",
+        "x-ssl-client-cert",
+        "x-ssl-client-dn",
+        "l5d-client-id",  # Linkerd
+    }
+)
+#: Any header under these prefixes is an identity claim too (meshlib never sends them).
+IDENTITY_PREFIXES = ("x-meshlib-",)
+#: Mesh-internal headers (deadline, reason, fault controls): kept only from verified members.
+CONTROL_PREFIXES = ("x-mesh-", "l5d-", "x-envoy-")
+
+#: A propagated deadline longer than this is clamped to it (a garbage value must not pin a
+#: handler's deadline far in the future, nor overflow a float).
+MAX_PROPAGATED_TIMEOUT = 3600.0
+
+_DEADLINE = DEADLINE_HEADER.encode("latin-1")
+_SPIFFE_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def verified_identity(scope: Mapping[str, Any], trust_domain: str) -> str | None:
+    """The caller's SPIFFE ID if it is a verified member of ``trust_domain``, else ``None``.
+
+    Reads ``scope["extensions"]["tls"]`` (ASGI TLS extension): the server has already verified
+    the chain against the mesh's roots; this only checks what the leaf says.
+    """
+    extensions = scope.get("extensions") or {}
+    tls = extensions.get("tls") if isinstance(extensions, Mapping) else None
+    if not isinstance(tls, Mapping) or tls.get("client_cert_error") is not None:
+        return None
+    chain = tls.get("client_cert_chain") or ()
+    if not chain or not isinstance(chain[0], str):
+        return None
+    spiffe_id = _single_uri_san(chain[0])
+    if spiffe_id is None or spiffe_trust_domain(spiffe_id) != trust_domain:
+        return None
+    return spiffe_id
+
+
+def spiffe_trust_domain(spiffe_id: str) -> str | None:
+    """The trust domain of a well-formed workload SPIFFE ID, or ``None`` if it is malformed."""
+    if len(spiffe_id) > 2048:
+        return None
+    try:
+        parts = urlsplit(spiffe_id)
+    except ValueError:
+        return None
+    if parts.scheme != "spiffe" or parts.query or parts.fragment or "?" in spiffe_id:
+        return None
+    domain = parts.netloc
+    if not domain or domain != domain.lower() or not set(domain) <= _SPIFFE_SAFE:
+        return None  # also rejects user info and ports (":" and "@" are not allowed)
+    segments = parts.path.split("/")
+    if len(segments) < 2 or segments[0] != "":
+        return None  # a workload ID has a path
+    for segment in segments[1:]:
+        if segment in ("", ".", "..") or not set(segment) <= _SPIFFE_SAFE:
+            return None
+    return domain
+
+
+def _single_uri_san(pem: str) -> str | None:
+    # cryptography loads only when a client certificate is present (never on plain HTTP).
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, UnicodeEncodeError, x509.ExtensionNotFound):
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if len(uris) == 1 else None
+
+
+def sanitize_headers(
+    headers: Iterable[tuple[bytes, bytes]], identity: str | None
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` as they may reach the app from a peer whose verified identity is ``identity``
+    (``None``: not a mesh member): identity claims re-derived, control headers kept only from
+    members."""
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        lowered = name.lower()
+        normal = lowered.replace(b"_", b"-").decode("latin-1")
+        if normal in IDENTITY_HEADERS or normal.startswith(IDENTITY_PREFIXES):
+            continue
+        if normal.startswith(CONTROL_PREFIXES) and (identity is None or lowered != normal.encode()):
+            continue
+        kept.append((name, value))
+    if identity is not None:
+        kept.append((IDENTITY_HEADER.encode("latin-1"), identity.encode("latin-1")))
+    return kept
+
+
+def propagated_timeout(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
+    """Seconds left of the caller's deadline (``x-mesh-timeout-ms``), clamped to
+    :data:`MAX_PROPAGATED_TIMEOUT`; ``None`` if absent or malformed. Read it only from headers
+    that :func:`sanitize_headers` kept, i.e. from verified members. If the header repeats, the
+    shortest value wins."""
+    found: float | None = None
+    for name, value in headers:
+        if name.lower() != _DEADLINE:
+            continue
+        text = value.strip()
+        if not text.isdigit() or len(text) > 12:
+            continue  # sign, fraction, whitespace inside or absurd length: not ours
+        seconds = min(int(text) / 1000.0, MAX_PROPAGATED_TIMEOUT)
+        found = seconds if found is None else min(found, seconds)
+    return found
