@@ -1357,7 +1357,7 @@ def _parse_delays(text: str) -> list[tuple[float, float]]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="~15 s smoke run (for CI)")
+    parser.add_argument("--quick", action="store_true", help="~20 s smoke run (for CI)")
     parser.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--rounds", type=int, help="overhead: rounds per variant")

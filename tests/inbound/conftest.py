@@ -37,7 +37,7 @@ def make_mesh() -> Iterator[Callable[..., meshlib.Mesh]]:
         mesh.close()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def spiffe_cert(*uris: str) -> str:
     """A PEM client certificate whose URI SANs are ``uris`` (self-signed: the TLS server is
     what verifies chains; the middleware only reads the verified leaf)."""
