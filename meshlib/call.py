@@ -565,6 +565,21 @@ def _finish(
     return failure, status
 
 
+def _send(dest: Destination, send: Send) -> Generator[Effect, Any, Outcome]:
+    """Yield one attempt. If the call is abandoned meanwhile (the caller's task cancelled, a
+    KeyboardInterrupt), give back what the attempt held: its endpoint's in-flight count and a
+    half-open breaker's probe slot — otherwise a cancelled probe would keep the breaker
+    refusing forever."""
+    try:
+        outcome: Outcome = yield send
+    except GeneratorExit:
+        with dest.lock:
+            dest.endpoints.on_abandon(send.state)
+            dest.breaker.on_abandon()
+        raise
+    return outcome
+
+
 def _attempts(
     host: CallHost,
     request: httpx.Request,
@@ -599,18 +614,35 @@ def _attempts(
         elif can_hedge and retries_left > 0:
             hedge_delay = hedging.delay if hedging.delay is not None else dest.p95()
             if hedge_delay is None:
-                outcome = yield send
+                outcome = yield from _send(dest, send)
             else:
-                race: RaceResult = yield _race(
-                    host, request, send, hedge_delay, plan, dest, decision, deadline, tried
-                )
+                started: list[Send] = [send]
+                try:
+                    race: RaceResult = yield _race(
+                        host,
+                        request,
+                        send,
+                        hedge_delay,
+                        plan,
+                        dest,
+                        decision,
+                        deadline,
+                        tried,
+                        started,
+                    )
+                except GeneratorExit:  # abandoned mid-race: give back what the attempts held
+                    with dest.lock:
+                        for held in started:
+                            dest.endpoints.on_abandon(held.state)
+                            dest.breaker.on_abandon()
+                    raise
                 if race.loser is not None:
                     _finish(host, dest, decision, race.loser, race.loser_outcome, track_latency)
                     retries_left -= 1
                     number += 1
                 send, outcome = race.winner, race.outcome
         else:
-            outcome = yield send
+            outcome = yield from _send(dest, send)
         failure, status = _finish(host, dest, decision, send, outcome, track_latency)
         response = outcome.response
         if failure is Failure.NONE:
@@ -678,6 +710,7 @@ def _race(
     decision: Decision,
     deadline: float | None,
     tried: list[str],
+    started: list[Send],
 ) -> Race:
     """A hedged attempt: the backup is decided when the driver asks for it, drawing on the
     retry budget and going to an endpoint not yet tried."""
@@ -696,6 +729,7 @@ def _race(
                 return None
         send = _begin(host, dest, request, tried, first.number + 1, per_try, deadline, True)
         if send is not None:
+            started.append(send)
             decision.hedges += 1
         return send
 
