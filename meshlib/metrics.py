@@ -187,6 +187,12 @@ class MeshMetrics:
             tuple(("outbound", source, destination, a.endpoint) for a in attempts),
         )
 
+    def observe_inbound(
+        self, source: str, destination: str, route: str, code: str, reason: str, seconds: float
+    ) -> None:
+        """One inbound request handled (or refused) by the middleware."""
+        self.calls.observe_call(("inbound", source, destination, route, code, reason), seconds)
+
     def observe_attempt(self, source: str, destination: str, endpoint: str) -> None:
         self.calls.observe_attempt(("outbound", source, destination, endpoint))
 

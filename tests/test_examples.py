@@ -101,6 +101,7 @@ FEATURES = [
     "mirroring",
     "hot-reload",
     "decisions-and-errors",
+    "inbound",
 ]
 _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")

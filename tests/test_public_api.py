@@ -114,7 +114,16 @@ def test_decision_as_dict_round_trips_attempts() -> None:
 #: Heavy modules that `import meshlib` must not load: they arrive on first use (loading a
 #: policy, the first async call, the first metric). Import *time* is measured, not asserted,
 #: in benchmarks/ (docs/performance.md); this test keeps the cause of a regression visible.
-LAZY_MODULES = ("yaml", "re2", "anyio", "asyncio", "tenacity", "prometheus_client", "jsonschema")
+LAZY_MODULES = (
+    "yaml",
+    "re2",
+    "anyio",
+    "asyncio",
+    "tenacity",
+    "prometheus_client",
+    "jsonschema",
+    "cryptography",
+)
 
 
 def test_import_loads_no_heavy_modules() -> None:

@@ -119,6 +119,7 @@ def _build_path(
         if root is not None:
             _check_issuer_is_ca(root, "root")
             path.append(root)
+            _check_path_lengths(path)
             return path
         issuer = _find_issuer(cert, intermediates)
         if issuer is None or issuer in path:
@@ -160,6 +161,18 @@ def _check_issuer_is_ca(cert: x509.Certificate, role: str) -> None:
             f"{role} {cert.subject.rfc4514_string()} is not a CA "
             "(needs basicConstraints CA=true and keyCertSign)"
         )
+
+
+def _check_path_lengths(path: Sequence[x509.Certificate]) -> None:
+    """RFC 5280 pathLenConstraint: a CA at ``path[i]`` may have at most N CAs below it."""
+    for index in range(2, len(path)):
+        limit = path[index].extensions.get_extension_for_class(x509.BasicConstraints).value
+        below = index - 1  # intermediates between this CA and the leaf
+        if limit.path_length is not None and below > limit.path_length:
+            raise SVIDError(
+                f"{path[index].subject.rfc4514_string()} allows {limit.path_length} "
+                f"intermediate(s) below it, the chain has {below}"
+            )
 
 
 def _check_validity(path: Sequence[x509.Certificate], now: dt.datetime) -> None:

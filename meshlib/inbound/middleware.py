@@ -179,8 +179,9 @@ class MeshMiddleware:
     def _record(self, source: str, status: int, reason: Reason, start: float) -> None:
         metrics = self.mesh.metrics
         if metrics is not None:
-            labels = ("inbound", source, self._destination, "", str(status), reason.value)
-            metrics.calls.observe_call(labels, self._clock() - start)
+            metrics.observe_inbound(
+                source, self._destination, "", str(status), reason.value, self._clock() - start
+            )
 
 
 async def send_local_reply(

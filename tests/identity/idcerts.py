@@ -36,13 +36,15 @@ def craft_leaf(
     key_usage_critical: bool = True,
     not_before: dt.datetime = T0 - dt.timedelta(minutes=1),
     not_after: dt.datetime = T0 + dt.timedelta(hours=24),
+    self_signed: bool = False,
 ) -> x509.Certificate:
     """A leaf signed by ``ca`` whose every SVID-relevant field can be bent out of shape."""
     key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlib")])
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlib")]))
-        .issuer_name(ca.certificate.subject)
+        .subject_name(subject)
+        .issuer_name(subject if self_signed else ca.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
@@ -74,4 +76,37 @@ def craft_leaf(
     if uris:
         san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris])
         builder = builder.add_extension(san, critical=False)
-    return builder.sign(ca.key, hashes.SHA256())
+    return builder.sign(key if self_signed else ca.key, hashes.SHA256())
+
+
+def craft_intermediate(
+    parent: CertificateAuthority, path_length: int | None = 0
+) -> CertificateAuthority:
+    """An intermediate CA signed by ``parent`` (same trust domain)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshlib intermediate")])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    parent_ski = parent.certificate.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier
+    ).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(parent.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0 - dt.timedelta(hours=1))
+        .not_valid_after(T0 + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(parent_ski),
+            critical=False,
+        )
+        .sign(parent.key, hashes.SHA256())
+    )
+    return CertificateAuthority(parent.trust_domain, cert, key)

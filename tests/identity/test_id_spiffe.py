@@ -78,7 +78,11 @@ def test_for_workload_builds_the_istio_path() -> None:
 
 @pytest.mark.parametrize(
     ("ns", "sa", "reason"),
-    [("", "web", "namespace ''"), ("a/b", "web", "namespace 'a/b'"), ("ns", "..", "service account")],
+    [
+        ("", "web", "namespace ''"),
+        ("a/b", "web", "namespace 'a/b'"),
+        ("ns", "..", "service account"),
+    ],
 )
 def test_for_workload_rejects_bad_segments(ns: str, sa: str, reason: str) -> None:
     with pytest.raises(SpiffeIDError, match=reason):
