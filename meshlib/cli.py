@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from meshlib.config.loader import load_files
-from meshlib.config.model import EffectivePolicy, FaultRule, Snapshot
+from meshlib.config.model import EffectivePolicy, FaultRule, ServiceDef, Snapshot
 from meshlib.config.schema import POLICY_FIELDS, json_schema
 from meshlib.config.values import format_duration, parse_duration
 from meshlib.errors import ConfigError
@@ -111,6 +111,12 @@ def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--header", action="append", default=[], metavar="K=V", help="request header (repeat)"
     )
     p.add_argument("--namespace", default="default", help="the caller's namespace")
+    p.add_argument(
+        "--caller",
+        metavar="SPIFFE_ID",
+        help="also show the authorization verdict for this caller, e.g. "
+        "spiffe://cluster.local/ns/default/sa/ratings ('none': an unauthenticated caller)",
+    )
     p.set_defaults(func=_cmd_explain)
 
 
@@ -134,7 +140,38 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             f"known: {', '.join(sorted(snapshot.services)) or 'none'}"
         )
     _explain(sys.stdout, snapshot, router, service.key, args.method.upper(), args.path, headers)
+    if args.caller is not None:
+        _explain_authz(sys.stdout, router, service, args.caller, args.method, args.path, headers)
     return EXIT_OK
+
+
+def _explain_authz(
+    out: TextIO,
+    router: Router,
+    service: ServiceDef,
+    caller_text: str,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+) -> None:
+    from meshlib.authz import authorize, index_for
+    from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
+
+    caller: SpiffeID | None = None
+    if caller_text != "none":
+        try:
+            caller = SpiffeID.parse(caller_text)
+        except SpiffeIDError as exc:
+            raise _UsageError(f"--caller: {exc}") from None
+    index = index_for(router, service)
+    verdict = authorize(index, service, caller, method, path, headers)
+    answer = "allow" if verdict.allowed else "deny"
+    if verdict.allowed and verdict.denied_by_policy:
+        answer = "allow (audit: would deny)"
+    out.write(f"caller:   {caller if caller is not None else '(unauthenticated)'}\n")
+    out.write(f"authz:    {answer}  [accessControl: {verdict.mode}]\n")
+    out.write(f"  by:     {verdict.rule}\n")
+    out.write(f"  path:   {verdict.path if verdict.path is not None else '(refused)'}\n")
 
 
 def _explain(

@@ -155,6 +155,13 @@ class MeshMetrics:
             ("source", "destination", "kind"),
             registry=registry,
         )
+        self.authz_decisions = Counter(
+            "mesh_authz_decisions_total",
+            "Inbound authorization decisions; verdict is the policy's answer (an audit-mode "
+            "deny is counted as deny although the request proceeds).",
+            ("source", "destination", "verdict", "mode"),
+            registry=registry,
+        )
         self.reloads = Counter(
             "mesh_config_reloads_total",
             "Policy reloads by result.",
@@ -192,6 +199,11 @@ class MeshMetrics:
     ) -> None:
         """One inbound request handled (or refused) by the middleware."""
         self.calls.observe_call(("inbound", source, destination, route, code, reason), seconds)
+
+    def observe_authz(self, source: str, destination: str, verdict: str, mode: str) -> None:
+        """One inbound authorization decision (``verdict``: allow or deny; ``mode``: the
+        mesh's accessControl)."""
+        self.authz_decisions.labels(source, destination, verdict, mode).inc()
 
     def observe_attempt(self, source: str, destination: str, endpoint: str) -> None:
         self.calls.observe_attempt(("outbound", source, destination, endpoint))

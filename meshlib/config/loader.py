@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from meshlib.config.authzkind import build_authorization_policy
 from meshlib.config.checker import Finding, check, suggest
 from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_str, at
 from meshlib.config.meshkinds import (
@@ -50,6 +51,7 @@ _BUILDERS: dict[str, Callable[[DocContext, Parsed], None]] = {
     "TrafficPolicy": lambda c, p: _keep(p.policies, build_traffic_policy(c), c),
     "FaultInjection": lambda c, p: _keep(p.faults, build_fault(c), c),
     "TrafficMirror": lambda c, p: _keep(p.mirrors, build_mirror(c), c),
+    "AuthorizationPolicy": lambda c, p: _keep(p.authz_policies, build_authorization_policy(c), c),
     "RequestAuthentication": lambda c, p: None,  # kept raw; the inbound side interprets it
 }
 
@@ -205,6 +207,7 @@ def _assemble(
         faults=tuple(f for f, _ in p.faults),
         mirrors=tuple(m for m, _ in p.mirrors),
         traffic_targets=tuple(t for t, _ in p.targets),
+        authorization_policies=tuple(a for a, _ in p.authz_policies),
         tcp_routes={f"{t.name}.{t.namespace}": t for t, _ in p.tcp_routes},
         raw_documents=tuple(raw),
         warnings=tuple(warnings),

@@ -12,6 +12,7 @@ from typing import Any
 
 from meshlib.config.documents import DocContext, at, maps
 from meshlib.config.model import (
+    AuthorizationPolicy,
     FaultRule,
     MeshSettings,
     MirrorRule,
@@ -44,6 +45,7 @@ class Parsed:
     faults: list[tuple[FaultRule, DocContext]] = field(default_factory=list)
     mirrors: list[tuple[MirrorRule, DocContext]] = field(default_factory=list)
     targets: list[tuple[TrafficTarget, DocContext]] = field(default_factory=list)
+    authz_policies: list[tuple[AuthorizationPolicy, DocContext]] = field(default_factory=list)
 
 
 def where(ctx: DocContext) -> str:
@@ -74,6 +76,13 @@ def check_references(p: Parsed) -> None:
     tcp = {f"{t.name}.{t.namespace}" for t, _ in p.tcp_routes}
     for target, ctx in p.targets:
         _traffic_target(ctx, target, groups, tcp, p.services)
+    for authz, ctx in p.authz_policies:
+        if authz.service is not None and authz.service not in services:
+            ctx.error(
+                "spec.target.service",
+                at(ctx.doc, "spec.target.service")[1],
+                _no_service(authz.service),
+            )
 
 
 def _no_service(key: str) -> str:

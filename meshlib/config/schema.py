@@ -10,6 +10,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from meshlib.config.authzkind import authorization_policy_spec
 from meshlib.config.fragments import (
     ACCESS_VERSIONS,
     DEFS,
@@ -335,6 +336,9 @@ def _meshlib_docs() -> dict[str, Schema]:
         "TrafficPolicy": _doc(MESHLIB_API, "TrafficPolicy", {"spec": _policy_spec()}, "spec"),
         "FaultInjection": _doc(MESHLIB_API, "FaultInjection", {"spec": fault}, "spec"),
         "TrafficMirror": _doc(MESHLIB_API, "TrafficMirror", {"spec": mirror}, "spec"),
+        "AuthorizationPolicy": _doc(
+            MESHLIB_API, "AuthorizationPolicy", {"spec": authorization_policy_spec()}
+        ),
         "RequestAuthentication": _doc(
             MESHLIB_API, "RequestAuthentication", {"spec": {"type": "object"}}, "spec"
         ),

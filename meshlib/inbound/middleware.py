@@ -20,19 +20,23 @@ token buckets (shared state by nature, behind a lock).
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
-from meshlib.config.model import RateLimitPolicy
+from meshlib.authz import AuthzIndex, authorize, index_for, normalize_path
+from meshlib.config.model import RateLimitPolicy, ServiceDef
 from meshlib.context import inbound_deadline
 from meshlib.errors import REASON_HEADER, Reason
 from meshlib.inbound.peer import propagated_timeout, sanitize_headers, verified_identity
 from meshlib.policy.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
+    from meshlib.identity.spiffe import SpiffeID
     from meshlib.mesh import Mesh
 
 Scope = MutableMapping[str, Any]
@@ -40,6 +44,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("meshlib.inbound")
 
 #: Key of the bucket shared by every caller that is not a verified mesh member.
 UNAUTHENTICATED = "unauthenticated"
@@ -107,7 +113,8 @@ class MeshMiddleware:
 
         start = self._clock()
         source = identity or UNAUTHENTICATED
-        if self._authorize(identity, scope.get("method", ""), scope.get("path", "")) is (
+        scope = self._normalize(scope)
+        if self._authorize(identity, scope.get("method", ""), scope.get("path", ""), headers) is (
             Verdict.DENY
         ):
             await send_local_reply(send, 403, Reason.DENIED)
@@ -137,14 +144,76 @@ class MeshMiddleware:
             reason = Reason.UPSTREAM_ERROR if status >= 500 else Reason.OK
             self._record(source, status, reason, start)
 
-    def _authorize(self, identity: str | None, method: str, path: str) -> Verdict:
-        """Authorization hook: allows everything until the authorization step lands.
+    def _authz_index(self) -> AuthzIndex:
+        """This service's authorization index under the current snapshot (memoised on the
+        router, so a reload takes effect at the next request). An undeclared service is
+        authorized by its name as service account."""
+        router = self.mesh.router
+        service = router.services.get(self._destination) or ServiceDef(
+            self.mesh.service, self.mesh.namespace, ()
+        )
+        return index_for(router, service)
+
+    def _normalize(self, scope: Scope) -> Scope:
+        """Once any authorization applies to this service, the app sees the normalised path
+        the decision is made on (NET-6: decision and routing use the same string)."""
+        path = scope.get("path", "")
+        if not self._authz_index().in_force:
+            return scope
+        normal = normalize_path(path)
+        if normal is None or normal == path:
+            return scope  # unnormalisable paths are denied by the authorization step
+        raw = quote(normal, safe="/:@!$&'()*+,;=-._~").encode("ascii")
+        return {**scope, "path": normal, "raw_path": raw}
+
+    def _authorize(
+        self,
+        identity: str | None,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> Verdict:
+        """Authorization hook: SMI TrafficTargets and AuthorizationPolicies (meshlib.authz).
 
         ``identity`` is the verified SPIFFE ID (``None``: not a mesh member); ``path`` is
         ``scope["path"]``, the exact string the app's router will see (NET-6: the decision
-        and the routing must use the same bytes).
+        and the routing must use the same bytes). In ``audit`` mode a would-be denial is
+        logged at WARNING and counted, and the request proceeds.
         """
-        return Verdict.ALLOW
+        index = self._authz_index()
+        caller: SpiffeID | None = None
+        if identity is not None:
+            # Imported here: meshlib.identity loads cryptography, which plain-HTTP users
+            # never need (a verified identity means it is loaded already).
+            from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
+
+            try:
+                caller = SpiffeID.parse(identity)
+            except SpiffeIDError:
+                caller = None  # an identity that does not parse grants nothing
+        header_map: dict[str, str] = {}
+        for name, value in headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            header_map[key] = f"{header_map[key]},{text}" if key in header_map else text
+        verdict = authorize(index, index.service, caller, method, path, header_map)
+        source = identity or UNAUTHENTICATED
+        if verdict.denied_by_policy:
+            level = logging.WARNING if verdict.allowed else logging.INFO
+            log.log(
+                level,
+                "authz %s: %s %s %s from %s (%s)",
+                "would deny (audit)" if verdict.allowed else "denied",
+                self._destination,
+                method,
+                path,
+                source,
+                verdict.rule,
+            )
+        metrics = self.mesh.metrics
+        if metrics is not None:
+            metrics.observe_authz(source, self._destination, verdict.verdict, verdict.mode)
+        return Verdict.ALLOW if verdict.allowed else Verdict.DENY
 
     def _admit(self, source: str, now: float) -> RateLimitPolicy | None:
         """Take a token from the caller's bucket, then from the total one; the policy of the

@@ -106,6 +106,11 @@ def test_fast_failing_endpoint_gets_no_more_than_its_fair_share(
         seen = bad.requests
         assert all(c.get(URL).status_code == 200 for _ in range(12))
         assert bad.requests == seen
+    elif status == 429:
+        # A 429 is push-back from a live endpoint: it is observed as slow (so P2C starves it)
+        # but never ejected. Far below its fair share, not necessarily near zero under load.
+        assert state.times_ejected == 0
+        assert bad.requests <= 0.1 * attempts
     else:
         # P2C stops choosing it after its first failures (observed as 500 ms slow), so it is
         # ejected or starved: either way far below its fair share.
