@@ -102,6 +102,7 @@ FEATURES = [
     "hot-reload",
     "decisions-and-errors",
     "inbound",
+    "authorization",
 ]
 _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
