@@ -20,6 +20,7 @@ from meshlib.errors import (
 )
 from meshlib.inbound import MeshMiddleware
 from meshlib.mesh import FaultHandle, Mesh, ReloadStatus
+from meshlib.serving import serve
 from meshlib.transport import AsyncMeshTransport, MeshTransport
 
 __version__ = "0.1.0"
@@ -47,4 +48,5 @@ __all__ = [
     "ReloadStatus",
     "RetryBudgetExhaustedError",
     "__version__",
+    "serve",
 ]

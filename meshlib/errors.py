@@ -65,6 +65,7 @@ class Reason(str, enum.Enum):
     RESET = "reset"  # UR
     UPSTREAM_ERROR = "upstream_error"  # a 5xx answered by the upstream
     DENIED = "denied"  # RBAC
+    UNAUTHENTICATED = "unauthenticated"  # (JWT origin authentication failed)
     NO_ROUTE = "no_route"  # NR
 
 

@@ -103,6 +103,7 @@ FEATURES = [
     "decisions-and-errors",
     "inbound",
     "authorization",
+    "origin-authentication",
 ]
 _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")

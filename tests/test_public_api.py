@@ -33,6 +33,7 @@ EXPECTED = {
     "ReloadStatus",
     "RetryBudgetExhaustedError",
     "__version__",
+    "serve",
 }
 
 #: Each mesh error, the httpx exception it must be caught by, its status and its reason.
@@ -123,6 +124,7 @@ LAZY_MODULES = (
     "prometheus_client",
     "jsonschema",
     "cryptography",
+    "jwt",
 )
 
 

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from meshlib.config.authnkind import build_request_authentication
 from meshlib.config.authzkind import build_authorization_policy
 from meshlib.config.checker import Finding, check, suggest
 from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_str, at
@@ -52,7 +53,9 @@ _BUILDERS: dict[str, Callable[[DocContext, Parsed], None]] = {
     "FaultInjection": lambda c, p: _keep(p.faults, build_fault(c), c),
     "TrafficMirror": lambda c, p: _keep(p.mirrors, build_mirror(c), c),
     "AuthorizationPolicy": lambda c, p: _keep(p.authz_policies, build_authorization_policy(c), c),
-    "RequestAuthentication": lambda c, p: None,  # kept raw; the inbound side interprets it
+    "RequestAuthentication": lambda c, p: _keep(
+        p.request_authentications, build_request_authentication(c), c
+    ),
 }
 
 
@@ -208,6 +211,7 @@ def _assemble(
         mirrors=tuple(m for m, _ in p.mirrors),
         traffic_targets=tuple(t for t, _ in p.targets),
         authorization_policies=tuple(a for a, _ in p.authz_policies),
+        request_authentications=tuple(r for r, _ in p.request_authentications),
         tcp_routes={f"{t.name}.{t.namespace}": t for t, _ in p.tcp_routes},
         raw_documents=tuple(raw),
         warnings=tuple(warnings),

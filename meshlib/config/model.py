@@ -237,6 +237,45 @@ class AuthorizationPolicy:
     origin: Origin | None = None
 
 
+@dataclass(frozen=True)
+class JwtLocation:
+    """Where a token is read from: header ``name`` (lower-case), value ``prefix`` + token."""
+
+    name: str = "authorization"
+    prefix: str = "Bearer "
+
+
+@dataclass(frozen=True)
+class JwtRule:
+    """One ``jwtRules`` entry of a RequestAuthentication: how tokens of ``issuer`` verify.
+
+    Exactly one JWKS source is set: ``jwks_uri`` (fetched), ``jwks`` (inline JSON text) or
+    ``jwks_file`` (re-read when it changes). ``audiences`` empty: ``aud`` is not checked.
+    ``algorithms`` are asymmetric JWS algorithms only (never ``none``, never HS*).
+    """
+
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks_uri: str | None = None
+    jwks: str | None = None
+    jwks_file: str | None = None
+    from_headers: tuple[JwtLocation, ...] = (JwtLocation(),)
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    clock_skew: float = 60.0
+
+
+@dataclass(frozen=True)
+class RequestAuthentication:
+    """meshlib/v1 RequestAuthentication: JWT origin authentication for ``service`` (a service
+    key) or, when ``None``, every service of ``namespace``."""
+
+    name: str
+    namespace: str
+    service: str | None
+    rules: tuple[JwtRule, ...]
+    origin: Origin | None = None
+
+
 # --- resilience policy --------------------------------------------------------------------------
 
 
@@ -419,6 +458,7 @@ class Snapshot:
     mirrors: tuple[MirrorRule, ...]
     traffic_targets: tuple[TrafficTarget, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
     tcp_routes: Mapping[str, TCPRoute] = field(default_factory=dict)
     raw_documents: tuple[Mapping[str, Any], ...] = ()
     #: Accepted-with-a-note findings (e.g. retry attempts clamped), shown by ``meshctl validate``.

@@ -17,6 +17,7 @@ from meshlib.config.model import (
     MeshSettings,
     MirrorRule,
     PolicyTarget,
+    RequestAuthentication,
     RouteGroup,
     ServiceDef,
     Split,
@@ -46,6 +47,9 @@ class Parsed:
     mirrors: list[tuple[MirrorRule, DocContext]] = field(default_factory=list)
     targets: list[tuple[TrafficTarget, DocContext]] = field(default_factory=list)
     authz_policies: list[tuple[AuthorizationPolicy, DocContext]] = field(default_factory=list)
+    request_authentications: list[tuple[RequestAuthentication, DocContext]] = field(
+        default_factory=list
+    )
 
 
 def where(ctx: DocContext) -> str:
@@ -76,7 +80,11 @@ def check_references(p: Parsed) -> None:
     tcp = {f"{t.name}.{t.namespace}" for t, _ in p.tcp_routes}
     for target, ctx in p.targets:
         _traffic_target(ctx, target, groups, tcp, p.services)
-    for authz, ctx in p.authz_policies:
+    scoped: list[tuple[AuthorizationPolicy | RequestAuthentication, DocContext]] = [
+        *p.authz_policies,
+        *p.request_authentications,
+    ]
+    for authz, ctx in scoped:
         if authz.service is not None and authz.service not in services:
             ctx.error(
                 "spec.target.service",

@@ -10,6 +10,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from meshlib.config.authnkind import request_authentication_spec
 from meshlib.config.authzkind import authorization_policy_spec
 from meshlib.config.fragments import (
     ACCESS_VERSIONS,
@@ -340,7 +341,7 @@ def _meshlib_docs() -> dict[str, Schema]:
             MESHLIB_API, "AuthorizationPolicy", {"spec": authorization_policy_spec()}
         ),
         "RequestAuthentication": _doc(
-            MESHLIB_API, "RequestAuthentication", {"spec": {"type": "object"}}, "spec"
+            MESHLIB_API, "RequestAuthentication", {"spec": request_authentication_spec()}, "spec"
         ),
     }
 

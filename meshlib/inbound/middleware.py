@@ -7,10 +7,13 @@ The inbound stack, in order (each step's reason beside it):
    deadline or a token per message means nothing for a long-lived connection;
 2. peer identity, then header sanitation — first, so no later step (nor the app) ever reads
    a header the peer was not entitled to send;
-3. authorization — before the rate limits, so a denied caller spends no tokens;
-4. rate limits: per caller identity, then total — in that order, so a request the total limit
+3. origin authentication (a RequestAuthentication applies): a token that does not verify is
+   refused with 401; a verified token's claims go to authorization and to the app
+   (``scope["extensions"]["meshlib"]``); no token means no request principal;
+4. authorization — before the rate limits, so a denied caller spends no tokens;
+5. rate limits: per caller identity, then total — in that order, so a request the total limit
    refuses costs only its own caller a token, never its neighbours;
-5. the deadline — set last, around the app alone, so outbound calls made while handling the
+6. the deadline — set last, around the app alone, so outbound calls made while handling the
    request get only the time that is left.
 
 Per-request state lives in locals of ``__call__``; the instance holds configuration and the
@@ -24,12 +27,12 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from meshlib.authz import AuthzIndex, authorize, index_for, normalize_path
-from meshlib.config.model import RateLimitPolicy, ServiceDef
+from meshlib.config.model import JwtRule, RateLimitPolicy, ServiceDef
 from meshlib.context import inbound_deadline
 from meshlib.errors import REASON_HEADER, Reason
 from meshlib.inbound.peer import propagated_timeout, sanitize_headers, verified_identity
@@ -38,6 +41,7 @@ from meshlib.policy.ratelimit import TokenBucket
 if TYPE_CHECKING:
     from meshlib.identity.spiffe import SpiffeID
     from meshlib.mesh import Mesh
+    from meshlib.origin import JwtVerifier
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -97,6 +101,7 @@ class MeshMiddleware:
         self._total = TokenBucket(self.rate_limit, now) if self.rate_limit else None
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._destination = f"{mesh.service}.{mesh.namespace}"
+        self._verifier: JwtVerifier | None = None  # built on first use (imports PyJWT)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -114,9 +119,34 @@ class MeshMiddleware:
         start = self._clock()
         source = identity or UNAUTHENTICATED
         scope = self._normalize(scope)
-        if self._authorize(identity, scope.get("method", ""), scope.get("path", ""), headers) is (
-            Verdict.DENY
-        ):
+        claims: Mapping[str, Any] | None = None
+        rules = self._jwt_rules()
+        if rules:
+            from meshlib.origin import Unauthenticated
+
+            try:
+                principal = await self._jwt_verifier().authenticate(rules, headers)
+            except Unauthenticated as exc:
+                log.info("origin authentication failed for %s: %s", self._destination, exc)
+                await send_local_reply(send, 401, Reason.UNAUTHENTICATED)
+                self._record(source, 401, Reason.UNAUTHENTICATED, start)
+                return
+            if principal is not None:
+                claims = principal.claims
+                extensions = dict(scope.get("extensions") or {})
+                extensions["meshlib"] = {
+                    "request_principal": principal.request_principal,
+                    "claims": dict(claims),
+                }
+                scope = {**scope, "extensions": extensions}
+        method, path = scope.get("method", ""), scope.get("path", "")
+        # Claims only when there are some: a subclass hook with the older signature still works.
+        verdict = (
+            self._authorize(identity, method, path, headers)
+            if claims is None
+            else self._authorize(identity, method, path, headers, jwt_claims=claims)
+        )
+        if verdict is Verdict.DENY:
             await send_local_reply(send, 403, Reason.DENIED)
             self._record(source, 403, Reason.DENIED, start)
             return
@@ -154,6 +184,31 @@ class MeshMiddleware:
         )
         return index_for(router, service)
 
+    def _jwt_rules(self) -> tuple[JwtRule, ...]:
+        """The JWT rules of every RequestAuthentication that applies to this service (its own
+        and its namespace-wide ones), memoised per snapshot on the router."""
+        router = self.mesh.router
+        key = ("origin", self._destination)
+        rules: tuple[JwtRule, ...] | None = router.derived.get(key)
+        if rules is None:
+            rules = router.derived[key] = tuple(
+                rule
+                for ra in router.snapshot.request_authentications
+                if ra.namespace == self.mesh.namespace and ra.service in (None, self._destination)
+                for rule in ra.rules
+            )
+        return rules
+
+    def _jwt_verifier(self) -> JwtVerifier:
+        """One verifier (and JWKS cache) per middleware, kept across policy reloads."""
+        if self._verifier is None:
+            from meshlib.origin import JwksStore, JwtVerifier
+
+            with self._lock:
+                if self._verifier is None:
+                    self._verifier = JwtVerifier(JwksStore(clock=self._clock))
+        return self._verifier
+
     def _normalize(self, scope: Scope) -> Scope:
         """Once any authorization applies to this service, the app sees the normalised path
         the decision is made on (NET-6: decision and routing use the same string)."""
@@ -172,12 +227,15 @@ class MeshMiddleware:
         method: str,
         path: str,
         headers: Iterable[tuple[bytes, bytes]] = (),
+        *,
+        jwt_claims: Mapping[str, Any] | None = None,
     ) -> Verdict:
         """Authorization hook: SMI TrafficTargets and AuthorizationPolicies (meshlib.authz).
 
         ``identity`` is the verified SPIFFE ID (``None``: not a mesh member); ``path`` is
         ``scope["path"]``, the exact string the app's router will see (NET-6: the decision
-        and the routing must use the same bytes). In ``audit`` mode a would-be denial is
+        and the routing must use the same bytes); ``jwt_claims`` are the verified token's
+        claims (``None``: no token). In ``audit`` mode a would-be denial is
         logged at WARNING and counted, and the request proceeds.
         """
         index = self._authz_index()
@@ -196,7 +254,7 @@ class MeshMiddleware:
             key = name.decode("latin-1").lower()
             text = value.decode("latin-1")
             header_map[key] = f"{header_map[key]},{text}" if key in header_map else text
-        verdict = authorize(index, index.service, caller, method, path, header_map)
+        verdict = authorize(index, index.service, caller, method, path, header_map, jwt_claims)
         source = identity or UNAUTHENTICATED
         if verdict.denied_by_policy:
             level = logging.WARNING if verdict.allowed else logging.INFO

@@ -1,0 +1,335 @@
+"""Serve an ASGI app under uvicorn with the mesh's mutual TLS, and tell the app who called.
+
+No ASGI server fills the ASGI TLS extension (``scope["extensions"]["tls"]``) today, so
+:func:`serve` runs uvicorn with its own h11 protocol class. When a TLS connection is made it
+reads the peer certificate from the ``ssl_object`` (only the leaf on Python < 3.13 through the
+public API; the verified chain is read where the interpreter offers it), re-checks it as an
+X.509 SVID of the mesh's trust domain against the current bundle (OpenSSL verified the chain
+and the dates; the SPIFFE shape and trust domain are meshlib's), and then either
+
+* refuses the connection (closes it, logging the reason on ``meshlib.serving``), or
+* injects the extension into every scope the connection makes, where
+  :class:`~meshlib.inbound.MeshMiddleware` reads the caller's identity.
+
+Modes (``mode=``, default: the mesh's ``spec.mtls``):
+
+* ``strict``: a client certificate is required (the TLS handshake fails without one);
+* ``permissive``: TLS, client certificate optional; a client without one is served as
+  unauthenticated. Plain HTTP on the same port is *not* accepted: permissive means
+  "client certificate optional", not "TLS optional";
+* ``disable``: plain HTTP, no TLS extension.
+
+In both TLS modes a client that *does* present a certificate must present a valid SVID of the
+trust domain, or the connection is refused: a peer that claims an identity and gets it wrong is
+misconfigured or hostile, never silently downgraded.
+
+Imports of uvicorn, asyncio and the identity package happen on first use, so ``import meshlib``
+stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
+    import ssl
+
+    import uvicorn
+
+    from meshlib.config.model import MTLSMode
+    from meshlib.identity.tls import SVIDSource
+    from meshlib.mesh import Mesh
+
+__all__ = ["Server", "run", "serve", "tls_extension"]
+
+log = logging.getLogger("meshlib.serving")
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
+
+_TLS_VERSIONS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+class Server:
+    """A running server (from :func:`serve`); :meth:`stop` or leaving ``with`` shuts it down."""
+
+    def __init__(
+        self,
+        server: uvicorn.Server,
+        thread: threading.Thread,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        mode: MTLSMode,
+        svid: SVIDSource | None,
+    ) -> None:
+        self.server = server
+        self.host = host
+        self.port = port
+        self.mode = mode
+        #: The SVID served (``None`` when mode is ``disable``).
+        self.svid = svid
+        self._thread = thread
+        self._loop = loop
+
+    @property
+    def url(self) -> str:
+        scheme = "http" if self.svid is None else "https"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    def reload_svid(self, timeout: float = 10.0) -> bool:
+        """Re-read the SVID files; swap the new pair in (for new connections) only if it
+        validates. ``True`` if a new pair is now served, ``False`` if unchanged; raises
+        :class:`~meshlib.identity.IdentityError` if refused, and the old pair stays live.
+        Runs on the server's event loop so no handshake sees a half-loaded context."""
+        import asyncio
+
+        if self.svid is None:
+            raise RuntimeError("this server does not use TLS (mode is 'disable')")
+        svid = self.svid
+
+        async def reload() -> bool:
+            return svid.reload()
+
+        return asyncio.run_coroutine_threadsafe(reload(), self._loop).result(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, finish in-flight requests (uvicorn's graceful shutdown), join."""
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"server on {self.url} did not stop within {timeout}s")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<meshlib.Server {self.url} mode={self.mode.value}>"
+
+
+def serve(
+    app: ASGIApp,
+    *,
+    mesh: Mesh,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    svid_dir: str | None = None,
+    mode: MTLSMode | str | None = None,
+    startup_timeout: float = 10.0,
+    **uvicorn_kwargs: Any,
+) -> Server:
+    """Run ``app`` under uvicorn on a background thread; return once it listens.
+
+    ``port=0`` picks a free port (see :attr:`Server.port`). ``svid_dir`` holds ``cert.pem``,
+    ``key.pem`` and ``bundle.pem`` (``meshctl ca issue --out``); required unless the mode is
+    ``disable``. Extra keyword arguments go to :class:`uvicorn.Config`.
+    """
+    import asyncio
+
+    server, source, resolved = _build(app, mesh, host, port, svid_dir, mode, uvicorn_kwargs)
+    started = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        state["loop"] = asyncio.get_running_loop()
+        config = server.config
+        server.lifespan = config.lifespan_class(config)
+        try:
+            await server.startup()
+        except SystemExit:  # uvicorn exits when it cannot bind
+            state["error"] = RuntimeError(f"uvicorn could not listen on {host}:{port}")
+        except BaseException as exc:  # pragma: no cover - reported to the caller
+            state["error"] = exc
+        if "error" in state or server.should_exit:
+            state.setdefault("error", RuntimeError("uvicorn did not start"))
+            started.set()
+            return
+        state["port"] = int(server.servers[0].sockets[0].getsockname()[1])
+        started.set()
+        await server.main_loop()
+        await server.shutdown()
+
+    def target() -> None:
+        try:
+            asyncio.run(main())
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=target, name=f"meshlib-serve-{host}:{port}", daemon=True)
+    thread.start()
+    if not started.wait(startup_timeout):
+        server.should_exit = True
+        raise TimeoutError(f"server did not start within {startup_timeout}s")
+    if "port" not in state:
+        thread.join(startup_timeout)
+        raise state.get("error") or RuntimeError("uvicorn did not start")
+    return Server(server, thread, state["loop"], host, state["port"], resolved, source)
+
+
+def run(
+    app: ASGIApp,
+    *,
+    mesh: Mesh,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    svid_dir: str | None = None,
+    mode: MTLSMode | str | None = None,
+    **uvicorn_kwargs: Any,
+) -> None:
+    """Like :func:`serve`, but blocking in the calling thread (for scripts; handles Ctrl-C)."""
+    server, _, _ = _build(app, mesh, host, port, svid_dir, mode, uvicorn_kwargs)
+    server.run()
+
+
+def _build(
+    app: ASGIApp,
+    mesh: Mesh,
+    host: str,
+    port: int,
+    svid_dir: str | None,
+    mode: MTLSMode | str | None,
+    uvicorn_kwargs: dict[str, Any],
+) -> tuple[uvicorn.Server, SVIDSource | None, MTLSMode]:
+    import uvicorn
+
+    from meshlib.config.model import MTLSMode
+
+    resolved = MTLSMode(mode) if mode is not None else mesh.snapshot.mesh.mtls
+    options: dict[str, Any] = {"log_config": None, "lifespan": "auto"}
+    options.update(uvicorn_kwargs)
+    source: SVIDSource | None = None
+    if resolved is not MTLSMode.DISABLE:
+        if svid_dir is None:
+            raise ValueError(
+                f"mTLS mode {resolved.value!r} needs svid_dir (cert.pem, key.pem, ...)"
+            )
+        from meshlib.identity.tls import SVIDSource
+
+        source = SVIDSource(svid_dir, trust_domain=mesh.snapshot.mesh.trust_domain)
+        context = source.server_context(require_client_cert=resolved is MTLSMode.STRICT)
+        options["http"] = _protocol_class(source, strict=resolved is MTLSMode.STRICT, mesh=mesh)
+        options["ssl_context_factory"] = lambda _config, _default: context
+    else:
+        options.setdefault("http", "h11")
+    config = uvicorn.Config(app, host=host, port=port, **options)
+    config.load()
+    return uvicorn.Server(config), source, resolved
+
+
+def _protocol_class(source: SVIDSource, *, strict: bool, mesh: Mesh) -> type[asyncio.Protocol]:
+    """An h11 protocol that checks the peer's SVID and fills the ASGI TLS extension."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class MeshTLSProtocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is None:
+                return
+            try:
+                tls = tls_extension(
+                    ssl_object,
+                    source,
+                    trust_domain=mesh.snapshot.mesh.trust_domain,  # per connection: reloads apply
+                    require_client_cert=strict,
+                )
+            except PeerRefused as exc:
+                peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown peer"
+                log.warning("mTLS: refused connection from %s: %s", peer, exc.reason)
+                transport.abort()
+                return
+            inner = self.app
+
+            async def with_tls(scope: Scope, receive: Any, send: Any) -> None:
+                if scope.get("type") in ("http", "websocket"):
+                    scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
+                await inner(scope, receive, send)
+
+            self.app = with_tls
+
+    return MeshTLSProtocol
+
+
+class PeerRefused(Exception):
+    """The peer's certificate is not acceptable; ``.reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def tls_extension(
+    ssl_object: ssl.SSLObject,
+    source: SVIDSource,
+    *,
+    trust_domain: str,
+    require_client_cert: bool,
+) -> dict[str, Any]:
+    """The ASGI TLS extension for an established connection, after checking the peer's SVID
+    against ``source``'s current bundle; :class:`PeerRefused` if it must be refused."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from meshlib.identity.svid import SVIDError, verify_svid
+
+    leaf_der = ssl_object.getpeercert(binary_form=True)
+    chain_pem: list[str] = []
+    name: str | None = None
+    if leaf_der is None:
+        if require_client_cert:
+            raise PeerRefused("no client certificate (mTLS mode strict)")
+    else:
+        chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(ssl_object, leaf_der)]
+        try:
+            verify_svid(chain, source.bundle, trust_domain=trust_domain)
+        except SVIDError as exc:
+            raise PeerRefused(exc.reason) from None
+        chain_pem = [chain[0].public_bytes(serialization.Encoding.PEM).decode("ascii")]
+        name = chain[0].subject.rfc4514_string()
+    cipher = ssl_object.cipher()
+    return {
+        "server_cert": source.material.certificate.public_bytes(serialization.Encoding.PEM).decode(
+            "ascii"
+        ),
+        "client_cert_chain": chain_pem,
+        "client_cert_name": name,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
+        "cipher_suite": _cipher_id(ssl_object.context, cipher[0]) if cipher else None,
+    }
+
+
+def _peer_chain(ssl_object: ssl.SSLObject, leaf_der: bytes) -> list[bytes]:
+    """The verified chain (leaf first, ending at the trust anchor) where Python exposes it
+    (public on 3.13+, private ``_sslobj`` before), else just the leaf."""
+    getter = getattr(ssl_object, "get_verified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)
+    if getter is None:
+        return [leaf_der]
+    try:
+        chain = getter()
+    except (AttributeError, ValueError):  # pragma: no cover - depends on the interpreter
+        return [leaf_der]
+    out: list[bytes] = []
+    for cert in chain or ():
+        if isinstance(cert, bytes):
+            out.append(cert)
+        else:  # 3.10-3.12: _ssl.Certificate
+            out.append(cert.public_bytes(2))  # 2 = _ssl.ENCODING_DER
+    return out if out and out[0] == leaf_der else [leaf_der]
+
+
+def _cipher_id(context: ssl.SSLContext, name: str) -> int | None:
+    for info in context.get_ciphers():
+        if info.get("name") == name:
+            return int(info["id"]) & 0xFFFF
+    return None
