@@ -24,6 +24,7 @@ from meshlib.config.model import (
     DelayFault,
     Egress,
     FaultRule,
+    MTLSMode,
     PolicyTarget,
     Snapshot,
 )
@@ -36,6 +37,8 @@ from meshlib.transport import AsyncMeshTransport, MeshTransport
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from meshlib.identity.outbound import AsyncMeshTLSTransport, MeshTLSTransport, PeerVerifier
+    from meshlib.identity.tls import SVIDSource
     from meshlib.metrics import MeshMetrics
 
 log = logging.getLogger("meshlib")
@@ -92,6 +95,7 @@ class Mesh:
         registry: CollectorRegistry | None = None,
         metrics: bool = True,
         local_responses: bool = False,
+        svid_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.service = service
         self.namespace = namespace
@@ -104,6 +108,16 @@ class Mesh:
 
             self.metrics = MeshMetrics.for_registry(registry)
         self.local_responses = local_responses
+        #: This workload's SVID (``svid_dir``): calls to mesh services use mTLS with it when
+        #: the snapshot's ``spec.mtls`` is strict or permissive.
+        self.svid: SVIDSource | None = None
+        self._peer_verifier: PeerVerifier | None = None
+        if svid_dir is not None:
+            from meshlib.identity.outbound import PeerVerifier
+            from meshlib.identity.tls import SVIDSource
+
+            self.svid = SVIDSource(svid_dir, trust_domain=snapshot.mesh.trust_domain)
+            self._peer_verifier = PeerVerifier(lambda: self._router.snapshot, self.svid)
         self._router = Router(snapshot)
         self._destinations: dict[str, Destination] = {}
         self._lock = threading.Lock()
@@ -197,6 +211,23 @@ class Mesh:
                 return _refuse_egress(request, router.snapshot.version)
             return None
         return run_call(self, router, service, request)
+
+    def mtls_enabled(self) -> bool:
+        """Whether calls to mesh services use mTLS now (an SVID and ``spec.mtls`` not disable)."""
+        return self.svid is not None and self._router.snapshot.mesh.mtls is not MTLSMode.DISABLE
+
+    def mtls_transport(self, limits: httpx.Limits | None = None) -> MeshTLSTransport:
+        """A sync inner transport for mesh traffic: presents the SVID, checks the server's ID."""
+        from meshlib.identity.outbound import MeshTLSTransport
+
+        assert self.svid is not None and self._peer_verifier is not None
+        return MeshTLSTransport(self.svid.client_context(), self._peer_verifier, limits=limits)
+
+    def async_mtls_transport(self, limits: httpx.Limits | None = None) -> AsyncMeshTLSTransport:
+        from meshlib.identity.outbound import AsyncMeshTLSTransport
+
+        assert self.svid is not None and self._peer_verifier is not None
+        return AsyncMeshTLSTransport(self.svid.client_context(), self._peer_verifier, limits=limits)
 
     def transport(self, **kwargs: Any) -> MeshTransport:
         """An httpx sync transport; ``kwargs`` configure the inner ``httpx.HTTPTransport``."""

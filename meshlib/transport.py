@@ -65,6 +65,10 @@ class MeshTransport(httpx.BaseTransport):
         self._mesh = mesh
         self._inner = inner if inner is not None else httpx.HTTPTransport(**kwargs)
         self._local_responses = local_responses
+        # mTLS for mesh traffic: a separate inner transport, built on first use.
+        self._mtls = mesh.svid is not None
+        self._mtls_limits: httpx.Limits | None = kwargs.get("limits")
+        self._mtls_inner: httpx.BaseTransport | None = None
         self._pool: ThreadPoolExecutor | None = None
         # Mirrors get their own threads: a slow or hanging shadow must never occupy the
         # workers that primary (hedged) attempts need.
@@ -111,11 +115,23 @@ class MeshTransport(httpx.BaseTransport):
     def _send(self, send: Send) -> Outcome:
         clock = self._mesh.clock
         start = clock()
+        inner = self._inner if not self._mtls else self._mesh_inner(send.request)
         try:
-            response = self._inner.handle_request(send.request)
+            response = inner.handle_request(send.request)
         except httpx.TransportError as error:
             return Outcome(None, error, clock() - start)
         return Outcome(response, None, clock() - start)
+
+    def _mesh_inner(self, request: httpx.Request) -> httpx.BaseTransport:
+        """The transport for an attempt to a mesh endpoint: the mTLS one (``request`` switched
+        to https, Host header unchanged) when the mesh's mTLS mode asks for it."""
+        if not self._mesh.mtls_enabled():
+            return self._inner
+        request.url = _https(request.url)
+        with self._pool_lock:
+            if self._mtls_inner is None:
+                self._mtls_inner = self._mesh.mtls_transport(self._mtls_limits)
+            return self._mtls_inner
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -175,7 +191,8 @@ class MeshTransport(httpx.BaseTransport):
 
     def _send_mirror(self, request: httpx.Request) -> None:
         try:
-            response = self._inner.handle_request(request)
+            inner = self._inner if not self._mtls else self._mesh_inner(request)
+            response = inner.handle_request(request)
             try:
                 response.read()
             finally:
@@ -193,6 +210,12 @@ class MeshTransport(httpx.BaseTransport):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self._inner.close()
+        if self._mtls_inner is not None:
+            self._mtls_inner.close()
+
+
+def _https(url: httpx.URL) -> httpx.URL:
+    return url if url.scheme == "https" else url.copy_with(scheme="https")
 
 
 def _close_outcome(future: Future[Outcome]) -> None:
@@ -215,6 +238,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._mesh = mesh
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport(**kwargs)
         self._local_responses = local_responses
+        self._mtls = mesh.svid is not None
+        self._mtls_limits: httpx.Limits | None = kwargs.get("limits")
+        self._mtls_inner: httpx.AsyncBaseTransport | None = None
         self._mirror_tasks: set[asyncio.Task[None]] = set()  # strong refs until done
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -258,11 +284,20 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def _send(self, send: Send) -> Outcome:
         clock = self._mesh.clock
         start = clock()
+        inner = self._inner if not self._mtls else self._mesh_inner(send.request)
         try:
-            response = await self._inner.handle_async_request(send.request)
+            response = await inner.handle_async_request(send.request)
         except httpx.TransportError as error:
             return Outcome(None, error, clock() - start)
         return Outcome(response, None, clock() - start)
+
+    def _mesh_inner(self, request: httpx.Request) -> httpx.AsyncBaseTransport:
+        if not self._mesh.mtls_enabled():
+            return self._inner
+        request.url = _https(request.url)
+        if self._mtls_inner is None:  # no await in between: no other task interleaves
+            self._mtls_inner = self._mesh.async_mtls_transport(self._mtls_limits)
+        return self._mtls_inner
 
     async def _race(self, race: Race) -> RaceResult:
         import anyio
@@ -326,7 +361,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     async def _send_mirror(self, request: httpx.Request) -> None:
         try:
-            response = await self._inner.handle_async_request(request)
+            inner = self._inner if not self._mtls else self._mesh_inner(request)
+            response = await inner.handle_async_request(request)
             try:
                 await response.aread()
             finally:
@@ -339,3 +375,5 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             task.cancel()
         self._mirror_tasks.clear()
         await self._inner.aclose()
+        if self._mtls_inner is not None:
+            await self._mtls_inner.aclose()
