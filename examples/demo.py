@@ -2,16 +2,24 @@
 
 Everything runs in this one process on 127.0.0.1:
 
+* a certificate authority is created in a temporary directory, and every workload gets an
+  X.509 SVID for its service account (``productpage``, ``reviews`` for both versions,
+  ``ratings``);
 * ``productpage`` is this script: it calls ``http://reviews/...`` through a mesh client;
-* ``reviews-v1`` and ``reviews-v2`` (the canary) are uvicorn apps; each calls
-  ``http://ratings/...`` through its own mesh (service ``reviews``) and still answers, without
-  stars, when ratings fails; reviews-v1 is flaky (503 on ~10% of requests);
-* ``ratings`` is a uvicorn app.
+* ``reviews-v1`` and ``reviews-v2`` (the canary) are ASGI apps served by ``meshlib.serve``
+  (strict mutual TLS) behind ``MeshMiddleware``; each calls ``http://ratings/...`` through its
+  own mesh and still answers, without stars, when ratings fails; reviews-v1 is flaky (503 on
+  ~10% of requests);
+* ``ratings`` is served the same way.
 
-One policy file (written to a temporary directory) drives both meshes: a canary split of
-reviews (v1 90 / v2 10), retries and a timeout for reviews, and fault injection on ratings.
-Traffic runs for ``--duration`` seconds, then the script prints a per-edge table and what each
-policy did, computed from the calls' decision records (``response.extensions["mesh_decision"]``).
+One policy file (written to the temporary directory) drives every mesh: ``mtls: strict``, a
+canary split of reviews (v1 90 / v2 10), retries and a timeout for reviews, fault injection on
+ratings, and SMI TrafficTargets allowing productpage → reviews and reviews → ratings only.
+Traffic runs for ``--duration`` seconds; then intruders call ratings directly (with
+productpage's valid certificate, which no TrafficTarget allows there; over plain HTTP; over TLS
+without a client certificate), and the script prints a per-edge table and what each policy
+did, computed from the calls' decision records (``response.extensions["mesh_decision"]``) and
+the mesh's metrics.
 
     python examples/demo.py --duration 20 --concurrency 8
 """
@@ -23,6 +31,7 @@ import asyncio
 import json
 import random
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -34,15 +43,26 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from prometheus_client import CollectorRegistry
 
 import meshlib
+from meshlib.identity import CertificateAuthority, SpiffeID
+from meshlib.identity.tls import SVIDSource
+from meshlib.serving import Server as ServedApp
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
+TRUST_DOMAIN = "bookinfo.local"
+#: workload → service account; each workload gets its own SVID (both reviews versions are
+#: the same account, so both present the same SPIFFE ID).
+ACCOUNTS = {
+    "productpage": "productpage",
+    "reviews-v1": "reviews",
+    "reviews-v2": "reviews",
+    "ratings": "ratings",
+}
 CANARY_PERCENT = 10
 FLAKY_PERCENT = 10  # reviews-v1 answers 503 this often
 ABORT_PERCENT = 10  # ratings: injected 503
@@ -50,24 +70,64 @@ DELAY_PERCENT = 25  # ratings: injected 100 ms delay
 
 POLICY = """\
 apiVersion: meshlib/v1
+kind: Mesh
+metadata: {{name: mesh}}
+spec: {{trustDomain: {trust_domain}, mtls: strict}}
+---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {{name: productpage}}
+spec: {{serviceAccount: productpage}}   # a caller only: no endpoints
+---
+apiVersion: meshlib/v1
 kind: Service
 metadata: {{name: reviews}}
-spec: {{}}                      # the root of the split: callers say http://reviews/
+spec: {{serviceAccount: reviews}}       # the root of the split: callers say http://reviews/
 ---
 apiVersion: meshlib/v1
 kind: Service
 metadata: {{name: reviews-v1}}
-spec: {{endpoints: [{{address: "127.0.0.1:{reviews_v1}", labels: {{version: v1}}}}]}}
+spec:
+  serviceAccount: reviews
+  endpoints: [{{address: "127.0.0.1:{reviews_v1}", labels: {{version: v1}}}}]
 ---
 apiVersion: meshlib/v1
 kind: Service
 metadata: {{name: reviews-v2}}
-spec: {{endpoints: [{{address: "127.0.0.1:{reviews_v2}", labels: {{version: v2}}}}]}}
+spec:
+  serviceAccount: reviews
+  endpoints: [{{address: "127.0.0.1:{reviews_v2}", labels: {{version: v2}}}}]
 ---
 apiVersion: meshlib/v1
 kind: Service
 metadata: {{name: ratings}}
-spec: {{endpoints: [{{address: "127.0.0.1:{ratings}"}}]}}
+spec:
+  serviceAccount: ratings
+  endpoints: [{{address: "127.0.0.1:{ratings}"}}]
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {{name: bookinfo-api}}
+spec:
+  matches:
+  - {{name: reviews, methods: [GET], pathRegex: "/reviews/.*"}}
+  - {{name: ratings, methods: [GET], pathRegex: "/ratings/.*"}}
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {{name: productpage-to-reviews}}
+spec:
+  destination: {{kind: ServiceAccount, name: reviews, namespace: default}}
+  rules: [{{kind: HTTPRouteGroup, name: bookinfo-api, matches: [reviews]}}]
+  sources: [{{kind: ServiceAccount, name: productpage, namespace: default}}]
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {{name: reviews-to-ratings}}
+spec:
+  destination: {{kind: ServiceAccount, name: ratings, namespace: default}}
+  rules: [{{kind: HTTPRouteGroup, name: bookinfo-api, matches: [ratings]}}]
+  sources: [{{kind: ServiceAccount, name: reviews, namespace: default}}]
 ---
 apiVersion: split.smi-spec.io/v1alpha4
 kind: TrafficSplit
@@ -211,37 +271,39 @@ class Reviews:
 
 
 class Server:
-    """A free 127.0.0.1 port now (the policy file needs it), an ASGI app served there by
-    uvicorn on a thread later."""
+    """A 127.0.0.1 port reserved now (the policy file needs it), an ASGI app served there later
+    by ``meshlib.serve`` under strict mutual TLS, behind ``MeshMiddleware``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when
-        # the listening socket says it is TCP, and without it every reply waits ~40 ms (Nagle).
+        # Bound but not listening, with SO_REUSEADDR: no other socket gets the port, and
+        # uvicorn (which binds with SO_REUSEADDR too) can listen on it; closed once it does.
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
-        self.server: uvicorn.Server | None = None
-        self.thread: threading.Thread | None = None
+        self.server: ServedApp | None = None
 
-    def serve(self, app: Any, lifespan: str = "off") -> None:
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan=lifespan)
-        self.server = server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [self.sock]}, name=self.name, daemon=True
+    def serve(self, app: Any, mesh: meshlib.Mesh, svid_dir: Path, lifespan: str = "off") -> None:
+        self.server = meshlib.serve(
+            meshlib.MeshMiddleware(app, mesh=mesh),  # caller identity, then authorization
+            mesh=mesh,
+            host="127.0.0.1",
+            port=self.port,
+            svid_dir=str(svid_dir),
+            mode="strict",
+            lifespan=lifespan,
+            log_level="warning",
+            access_log=False,
         )
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not start")
-            time.sleep(0.01)
+        self.sock.close()
 
     def stop(self) -> None:
-        if self.server is not None and self.thread is not None:
-            self.server.should_exit = True
-            self.thread.join(timeout=10)
-        self.sock.close()
+        try:
+            if self.server is not None:
+                self.server.stop(timeout=10)
+        finally:
+            self.sock.close()
 
 
 # --- traffic ------------------------------------------------------------------------------------
@@ -301,6 +363,59 @@ async def productpage(
     print()
 
 
+# --- intruders -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Intrusions:
+    """What ratings answered to callers the policy does not allow."""
+
+    denied_status: int | None = None  # productpage's valid SVID, no TrafficTarget for it
+    denied_reason: str | None = None
+    plain: str = "not tried"  # plain HTTP: the error the client saw, or "served" (bad)
+    no_cert: str = "not tried"  # TLS without a client certificate: likewise
+
+    @property
+    def held(self) -> bool:
+        return (
+            self.denied_status == 403
+            and self.denied_reason == "denied"
+            and self.plain.startswith("refused")
+            and self.no_cert.startswith("refused")
+        )
+
+
+async def intruders(ratings_port: int, productpage_svid: Path) -> Intrusions:
+    """Call ratings directly, skipping reviews: with productpage's certificate (authenticated,
+    not authorized), over plain HTTP, and over TLS without a client certificate."""
+    url = f"https://127.0.0.1:{ratings_port}/ratings/1"
+    out = Intrusions()
+    source = SVIDSource(productpage_svid, trust_domain=TRUST_DOMAIN)
+    try:
+        async with httpx.AsyncClient(verify=source.client_context(), timeout=5) as client:
+            response = await client.get(url)
+        out.denied_status = response.status_code
+        out.denied_reason = response.headers.get(meshlib.REASON_HEADER)
+    except httpx.HTTPError as error:  # not the expected answer either: reported, not raised
+        out.denied_reason = f"no answer, {type(error).__name__}"
+
+    async def refused(client: httpx.AsyncClient, target: str) -> str:
+        try:
+            async with client:
+                response = await client.get(target)
+        except httpx.HTTPError as error:
+            return f"refused ({type(error).__name__})"
+        return f"served {response.status_code}"
+
+    plain_url = url.replace("https://", "http://")
+    out.plain = await refused(httpx.AsyncClient(timeout=5), plain_url)
+    # Trusts the mesh's root, so only the missing client certificate can fail the handshake.
+    no_cert = ssl.create_default_context(cadata=source.material.bundle_pem)
+    no_cert.check_hostname = False
+    out.no_cert = await refused(httpx.AsyncClient(verify=no_cert, timeout=5), url)
+    return out
+
+
 # --- the report ---------------------------------------------------------------------------------
 
 
@@ -316,7 +431,7 @@ def short(key: str | None) -> str:
 EXHAUSTED = "mesh_retry_budget_exhausted_total"
 
 
-def report(recorder: Recorder, registry: CollectorRegistry) -> bool:
+def report(recorder: Recorder, registry: CollectorRegistry, intrusions: Intrusions) -> bool:
     """Print the per-edge table and the policy summary; True if the run looks healthy."""
     records = list(recorder.records)
     edges: dict[tuple[str, str], list[Record]] = defaultdict(list)
@@ -362,8 +477,19 @@ def report(recorder: Recorder, registry: CollectorRegistry) -> bool:
         sample.value
         for family in registry.collect()
         for sample in family.samples
-        if sample.name == "mesh_requests_total"
+        if sample.name == "mesh_requests_total" and sample.labels["direction"] == "outbound"
     )
+    # Inbound authorization decisions: (caller SPIFFE ID, destination, verdict) → count.
+    authz: dict[tuple[str, str, str], float] = defaultdict(float)
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == "mesh_authz_decisions_total":
+                labels = sample.labels
+                authz[(labels["source"], labels["destination"], labels["verdict"])] += sample.value
+    allowed = sum(n for (_, _, verdict), n in authz.items() if verdict == "allow")
+    verified = sum(n for (src, _, _), n in authz.items() if src.startswith("spiffe://"))
+    unauthenticated = sum(authz.values()) - verified
+    callers = sorted({src.rsplit("/", 1)[-1] for (src, _, _) in authz if src.startswith("spiffe")})
 
     print()
     print("What each policy did")
@@ -388,6 +514,21 @@ def report(recorder: Recorder, registry: CollectorRegistry) -> bool:
         f" {DELAY_PERCENT}% configured)"
     )
     print(f"    pages served without stars (reviews degraded gracefully): {degraded}")
+    print(f"  Mesh mtls: strict (trust domain {TRUST_DOMAIN}, one CA, {len(ACCOUNTS)} SVIDs)")
+    print(
+        f"    every edge encrypted and authenticated: {verified:g} requests from verified"
+        f" SPIFFE IDs\n      (sa {', '.join(callers) or 'none'}),"
+        f" {unauthenticated:g} without a certificate"
+    )
+    print(f"    plain HTTP client: {intrusions.plain}")
+    print(f"    TLS client without a certificate: {intrusions.no_cert}")
+    print("  TrafficTarget productpage-to-reviews, reviews-to-ratings (no other caller allowed)")
+    verdict = "denied" if intrusions.denied_status == 403 else "NOT denied, answered"
+    print(
+        f"    {allowed:g} calls allowed; intruder {verdict} {intrusions.denied_status}"
+        f" (x-mesh-reason: {intrusions.denied_reason}):\n      productpage's valid SVID"
+        " calling ratings directly"
+    )
     print(
         f"  metrics: mesh_requests_total {calls_metric:g},"
         f" mesh_retries_total {metrics.get('mesh_retries_total', 0):g},"
@@ -395,7 +536,9 @@ def report(recorder: Recorder, registry: CollectorRegistry) -> bool:
     )
     print()
     print(f"productpage: {len(page)} calls, {share(ok, len(page))} answered without a 5xx")
-    return bool(page) and ok >= 0.9 * len(page)
+    if not intrusions.held:
+        print("intruders were NOT kept out: the mesh's security policy did not hold")
+    return bool(page) and ok >= 0.9 * len(page) and intrusions.held
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -416,9 +559,16 @@ def main(argv: list[str] | None = None) -> int:
     healthy = False
     with tempfile.TemporaryDirectory(prefix="meshlib-demo-") as tmp:
         try:
+            # One CA for the mesh; one SVID (cert.pem, key.pem, bundle.pem) per workload.
+            ca = CertificateAuthority.create(TRUST_DOMAIN)
+            svids: dict[str, Path] = {}
+            for workload, account in ACCOUNTS.items():
+                spiffe_id = SpiffeID.for_workload(TRUST_DOMAIN, "default", account)
+                svids[workload] = ca.issue(spiffe_id).save(Path(tmp) / "svid" / workload)
             path = Path(tmp) / "mesh.yaml"
             path.write_text(
                 POLICY.format(
+                    trust_domain=TRUST_DOMAIN,
                     ratings=ratings.port,
                     reviews_v1=reviews_v1.port,
                     reviews_v2=reviews_v2.port,
@@ -428,28 +578,42 @@ def main(argv: list[str] | None = None) -> int:
                     abort_percent=ABORT_PERCENT,
                 )
             )
-            # Two services, two meshes, one policy file: each mesh knows who it calls from.
-            page_mesh = meshlib.Mesh.from_file(
-                path, service="productpage", seed=args.seed, registry=registry
-            )
-            meshes.append(page_mesh)
-            reviews_mesh = meshlib.Mesh.from_file(
-                path, service="reviews", seed=args.seed + 1, registry=registry
-            )
-            meshes.append(reviews_mesh)
-            ratings.serve(Ratings())
+
+            # One policy file, one mesh per workload: each knows who it is (for authorization
+            # of what arrives) and presents its own SVID (for mTLS on what it sends).
+            def mesh_for(workload: str, seed: int) -> meshlib.Mesh:
+                mesh = meshlib.Mesh.from_file(
+                    path, service=workload, seed=seed, registry=registry, svid_dir=svids[workload]
+                )
+                meshes.append(mesh)
+                return mesh
+
+            page_mesh = mesh_for("productpage", args.seed)
+            ratings.serve(Ratings(), mesh_for("ratings", args.seed + 1), svids["ratings"])
+            v1_mesh = mesh_for("reviews-v1", args.seed + 2)
             reviews_v1.serve(
-                Reviews("v1", reviews_mesh, recorder, FLAKY_PERCENT, args.seed + 11), "on"
+                Reviews("v1", v1_mesh, recorder, FLAKY_PERCENT, args.seed + 11),
+                v1_mesh,
+                svids["reviews-v1"],
+                "on",
             )
-            reviews_v2.serve(Reviews("v2", reviews_mesh, recorder, 0, args.seed + 12), "on")
+            v2_mesh = mesh_for("reviews-v2", args.seed + 3)
+            reviews_v2.serve(
+                Reviews("v2", v2_mesh, recorder, 0, args.seed + 12),
+                v2_mesh,
+                svids["reviews-v2"],
+                "on",
+            )
 
             print("meshlib demo: productpage → reviews (v1 90% / v2 10% canary) → ratings")
             for server in servers:
-                print(f"  {server.name:<11} http://127.0.0.1:{server.port}")
+                account = SpiffeID.for_workload(TRUST_DOMAIN, "default", ACCOUNTS[server.name])
+                print(f"  {server.name:<11} https://127.0.0.1:{server.port}  {account}")
             print(f"  policy      {path}")
             print(f"traffic for {args.duration:g}s, {args.concurrency} calls in flight:")
             asyncio.run(productpage(page_mesh, recorder, args.duration, args.concurrency))
-            healthy = report(recorder, registry)
+            intrusions = asyncio.run(intruders(ratings.port, svids["productpage"]))
+            healthy = report(recorder, registry, intrusions)
         finally:
             for server in reversed(servers):
                 server.stop()
