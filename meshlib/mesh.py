@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from meshlib.identity.outbound import AsyncMeshTLSTransport, MeshTLSTransport, PeerVerifier
-    from meshlib.identity.tls import SVIDSource
+    from meshlib.identity.rotation import RotationStatus, RotationWatcher
+    from meshlib.identity.tls import SVIDMaterial, SVIDSource
     from meshlib.metrics import MeshMetrics
 
 log = logging.getLogger("meshlib")
@@ -78,7 +79,9 @@ class Mesh:
     """An embedded mesh for one service.
 
     ``clock`` (monotonic seconds) and ``seed`` make decisions reproducible in tests; the
-    defaults are ``time.monotonic`` and an unseeded RNG.
+    defaults are ``time.monotonic`` and an unseeded RNG. With ``svid_dir``, the SVID files are
+    polled every ``svid_poll_interval`` seconds (``None``: never) and a renewed pair is swapped
+    in for new connections (:mod:`meshlib.identity.rotation`; see :attr:`svid_status`).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class Mesh:
         metrics: bool = True,
         local_responses: bool = False,
         svid_dir: str | os.PathLike[str] | None = None,
+        svid_poll_interval: float | None = 1.0,
     ) -> None:
         self.service = service
         self.namespace = namespace
@@ -112,12 +116,22 @@ class Mesh:
         #: the snapshot's ``spec.mtls`` is strict or permissive.
         self.svid: SVIDSource | None = None
         self._peer_verifier: PeerVerifier | None = None
+        self._rotation: RotationWatcher | None = None
         if svid_dir is not None:
             from meshlib.identity.outbound import PeerVerifier
             from meshlib.identity.tls import SVIDSource
 
             self.svid = SVIDSource(svid_dir, trust_domain=snapshot.mesh.trust_domain)
             self._peer_verifier = PeerVerifier(lambda: self._router.snapshot, self.svid)
+            if svid_poll_interval is not None:
+                from meshlib.identity.rotation import RotationWatcher
+
+                self._rotation = RotationWatcher(
+                    self.svid,
+                    rng=random.Random(seed),
+                    poll_interval=svid_poll_interval,
+                    on_reload=self._set_cert_expiry,
+                ).start()
         self._router = Router(snapshot)
         self._destinations: dict[str, Destination] = {}
         self._lock = threading.Lock()
@@ -384,7 +398,20 @@ class Mesh:
 
     # -- lifetime -------------------------------------------------------------------------------
 
+    @property
+    def svid_status(self) -> RotationStatus | None:
+        """The SVID rotation state (expiry, renewal time, last reload, last error); ``None``
+        without ``svid_dir`` or with ``svid_poll_interval=None``."""
+        return None if self._rotation is None else self._rotation.status
+
+    def _set_cert_expiry(self, material: SVIDMaterial) -> None:
+        if self.metrics is not None:
+            expiry = material.certificate.not_valid_after_utc.timestamp()
+            self.metrics.set_cert_expiry(str(material.spiffe_id), expiry)
+
     def close(self) -> None:
+        if self._rotation is not None:
+            self._rotation.stop()
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)

@@ -168,6 +168,12 @@ class MeshMetrics:
             ("result",),
             registry=registry,
         )
+        self.cert_expiry = Gauge(
+            "mesh_cert_expiry_timestamp_seconds",
+            "Expiry (not-after, Unix seconds) of the SVID this workload presents.",
+            ("identity",),
+            registry=registry,
+        )
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> MeshMetrics:
@@ -210,6 +216,10 @@ class MeshMetrics:
 
     def set_circuit_state(self, source: str, destination: str, state: str) -> None:
         self.circuit_state.labels(source, destination).set(_CIRCUIT_VALUES[state])
+
+    def set_cert_expiry(self, identity: str, timestamp: float) -> None:
+        """The not-after of the SVID presented as ``identity`` (set at load and each reload)."""
+        self.cert_expiry.labels(identity).set(timestamp)
 
 
 _CIRCUIT_VALUES = {"closed": 0.0, "open": 1.0, "half_open": 2.0}

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     import uvicorn
 
     from meshlib.config.model import MTLSMode
-    from meshlib.identity.tls import SVIDSource
+    from meshlib.identity.rotation import RotationStatus, RotationWatcher
+    from meshlib.identity.tls import SVIDMaterial, SVIDSource
     from meshlib.mesh import Mesh
 
 __all__ = ["Server", "run", "serve", "tls_extension"]
@@ -75,6 +76,13 @@ class Server:
         self.svid = svid
         self._thread = thread
         self._loop = loop
+        self._rotation: RotationWatcher | None = None
+
+    @property
+    def svid_status(self) -> RotationStatus | None:
+        """The SVID rotation state (see :class:`meshlib.identity.rotation.RotationStatus`);
+        ``None`` without TLS or with ``svid_poll_interval=None``."""
+        return None if self._rotation is None else self._rotation.status
 
     @property
     def url(self) -> str:
@@ -100,6 +108,8 @@ class Server:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, finish in-flight requests (uvicorn's graceful shutdown), join."""
+        if self._rotation is not None:
+            self._rotation.stop()
         self.server.should_exit = True
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -124,13 +134,16 @@ def serve(
     svid_dir: str | None = None,
     mode: MTLSMode | str | None = None,
     startup_timeout: float = 10.0,
+    svid_poll_interval: float | None = 1.0,
     **uvicorn_kwargs: Any,
 ) -> Server:
     """Run ``app`` under uvicorn on a background thread; return once it listens.
 
     ``port=0`` picks a free port (see :attr:`Server.port`). ``svid_dir`` holds ``cert.pem``,
     ``key.pem`` and ``bundle.pem`` (``meshctl ca issue --out``); required unless the mode is
-    ``disable``. Extra keyword arguments go to :class:`uvicorn.Config`.
+    ``disable``. The SVID directory is polled every ``svid_poll_interval`` seconds (``None``:
+    never) and a renewed pair is swapped in on the server's loop
+    (:mod:`meshlib.identity.rotation`). Extra keyword arguments go to :class:`uvicorn.Config`.
     """
     import asyncio
 
@@ -171,7 +184,24 @@ def serve(
     if "port" not in state:
         thread.join(startup_timeout)
         raise state.get("error") or RuntimeError("uvicorn did not start")
-    return Server(server, thread, state["loop"], host, state["port"], resolved, source)
+    running = Server(server, thread, state["loop"], host, state["port"], resolved, source)
+    if source is not None and svid_poll_interval is not None:
+        from meshlib.identity.rotation import RotationWatcher
+
+        metrics = mesh.metrics
+
+        def on_reload(material: SVIDMaterial) -> None:
+            if metrics is not None:
+                expiry = material.certificate.not_valid_after_utc.timestamp()
+                metrics.set_cert_expiry(str(material.spiffe_id), expiry)
+
+        running._rotation = RotationWatcher(
+            source,
+            reload=running.reload_svid,
+            poll_interval=svid_poll_interval,
+            on_reload=on_reload,
+        ).start()
+    return running
 
 
 def run(

@@ -84,6 +84,11 @@ class PeerVerifier:
             return None, f"{host}:{port} is not an endpoint of any mesh service"
         return found
 
+    def client_context(self, pool_context: ssl.SSLContext) -> ssl.SSLContext:
+        """The context for a new connection: the SVID source's current one, swapped whole on
+        rotation so no handshake sees a half-loaded pair (``pool_context`` is ignored)."""
+        return self._source.current_client_context()
+
     def verify(self, host: str, port: int, ssl_object: Any) -> None:
         """Raise ``httpcore.ConnectError`` unless the peer is the expected workload."""
         from meshlib.serving import _peer_chain
@@ -138,6 +143,7 @@ class _VerifyingStream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
+        ssl_context = self._verifier.client_context(ssl_context)
         tls = self._stream.start_tls(ssl_context, server_hostname, timeout)
         try:
             self._verifier.verify(self._host, self._port, tls.get_extra_info("ssl_object"))
@@ -223,6 +229,7 @@ class _AsyncVerifyingStream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        ssl_context = self._verifier.client_context(ssl_context)
         tls = await self._stream.start_tls(ssl_context, server_hostname, timeout)
         try:
             self._verifier.verify(self._host, self._port, tls.get_extra_info("ssl_object"))

@@ -93,6 +93,7 @@ class SVIDSource:
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+        self._fresh_client: ssl.SSLContext | None = None
         self._current = self._read(trust_domain)
         self.trust_domain = trust_domain or self._current.spiffe_id.trust_domain
 
@@ -130,15 +131,35 @@ class SVIDSource:
         ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
+    def current_client_context(self) -> ssl.SSLContext:
+        """A client context for the pair loaded *now*, replaced (never modified) by
+        :meth:`reload`: safe for handshakes in other threads while a reload runs, where
+        loading a pair into a shared context has a window with the new certificate and no
+        key. Mesh client transports take this one for each new connection."""
+        ctx = self._fresh_client
+        if ctx is None:
+            with self._lock:
+                material = self._current
+            ctx = self._build(ssl.PROTOCOL_TLS_CLIENT, material, register=False)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            with self._lock:
+                if self._current is material:
+                    self._fresh_client = ctx
+        return ctx
+
     def _base(self, protocol: int) -> ssl.SSLContext:
+        with self._lock:
+            return self._build(protocol, self._current, register=True)
+
+    def _build(self, protocol: int, material: SVIDMaterial, *, register: bool) -> ssl.SSLContext:
         ctx = ssl.SSLContext(protocol)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if hasattr(ssl, "VERIFY_X509_STRICT"):
             ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-        with self._lock:
-            material = self._current
-            _load_pair(ctx, material)
-            ctx.load_verify_locations(cadata=material.bundle_pem)
+        _load_pair(ctx, material)
+        ctx.load_verify_locations(cadata=material.bundle_pem)
+        if register:
             self._contexts.add(ctx)
         return ctx
 
@@ -173,6 +194,7 @@ class SVIDSource:
                 if added_pem:
                     ctx.load_verify_locations(cadata=added_pem)
             self._current = new
+            self._fresh_client = None
         self.last_error = None
         return True
 

@@ -182,6 +182,9 @@ def start(
             app,
             mesh=mesh,
             svid_dir=None if svid_dir is None else str(svid_dir),
+            # These tests reload by hand (server.reload_svid()); the rotation watcher has its
+            # own tests (test_rotation.py) and must not race them.
+            svid_poll_interval=None,
             lifespan="off",
             timeout_keep_alive=5,
         )
