@@ -12,7 +12,7 @@ import bisect
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -126,6 +126,7 @@ class MeshMetrics:
     _shared: weakref.WeakKeyDictionary[CollectorRegistry, MeshMetrics] = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._authz_children: dict[tuple[str, str, str, str], Any] = {}
         self.calls = _CallStats()
         registry.register(self.calls)
         self.retries = Counter(
@@ -209,7 +210,13 @@ class MeshMetrics:
     def observe_authz(self, source: str, destination: str, verdict: str, mode: str) -> None:
         """One inbound authorization decision (``verdict``: allow or deny; ``mode``: the
         mesh's accessControl)."""
-        self.authz_decisions.labels(source, destination, verdict, mode).inc()
+        key = (source, destination, verdict, mode)
+        child = self._authz_children.get(key)
+        if child is None:  # labels() is the costly part: cache the child, bounded
+            child = self.authz_decisions.labels(*key)
+            if len(self._authz_children) < MAX_SERIES:
+                self._authz_children[key] = child
+        child.inc()
 
     def observe_attempt(self, source: str, destination: str, endpoint: str) -> None:
         self.calls.observe_attempt(("outbound", source, destination, endpoint))
