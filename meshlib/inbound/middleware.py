@@ -113,6 +113,15 @@ class MeshMiddleware:
         headers = sanitize_headers(scope.get("headers") or (), identity)
         scope = {**scope, "headers": headers}  # a new dict: the server's scope stays as it was
         if kind == "websocket":
+            # A WebSocket upgrade is authorized like a GET of its path (a DENY rule must not be
+            # bypassed by upgrading); refused before accept, which servers answer with 403.
+            scope = self._normalize(scope)
+            path = scope.get("path", "")
+            if self._authorize(identity, "GET", path, headers) is Verdict.DENY:
+                message = await receive()  # websocket.connect
+                if message.get("type") == "websocket.connect":
+                    await send({"type": "websocket.close", "code": 1008})
+                return
             await self.app(scope, receive, send)
             return
 

@@ -151,3 +151,27 @@ def test_explain_shows_the_deciding_rule(
     assert "--caller" in capsys.readouterr().err
     assert main(base) == 0
     assert "authz:" not in capsys.readouterr().out
+
+
+def test_websocket_upgrade_is_authorized_like_a_get(setup: Callable[..., Setup]) -> None:
+    """A DENY must not be bypassed by upgrading to a WebSocket: the upgrade is closed before
+    accept (servers answer it with 403) and the app never sees it."""
+    middleware, app, registry = setup(mesh(), SERVICES, ROUTES, TARGET_V1)
+
+    def ws_call(identity: str | None) -> list[dict[str, Any]]:
+        scope = scope_for(identity, "/reviews/1")
+        scope["type"] = "websocket"
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "websocket.connect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        asyncio.run(middleware(scope, receive, send))
+        return sent
+
+    assert ws_call(DETAILS) == [{"type": "websocket.close", "code": 1008}]
+    assert app.paths == []
+    assert decisions(registry, "deny", "open", DETAILS) == 1
