@@ -45,10 +45,11 @@ from meshlib.errors import (
 from meshlib.policy.balancer import EndpointState
 from meshlib.policy.fault import NO_FAULT, FaultDecision, decide_faults
 from meshlib.policy.retry import (
-    IDEMPOTENT_METHODS,
     MAX_RETRY_AFTER,
     Failure,
     backoff_delay,
+    is_failure_status,
+    is_idempotent,
     max_retries,
     parse_retry_after,
     should_retry,
@@ -78,6 +79,7 @@ class Send:
     state: EndpointState
     number: int
     hedge: bool = False
+    tls: bool = False  # over mutual TLS (the mesh's mTLS transport), decided per call
 
 
 @dataclass(slots=True)
@@ -106,6 +108,7 @@ class Mirror:
     """Send a copy somewhere, do not wait, discard the answer; the driver answers None."""
 
     request: httpx.Request
+    tls: bool = False
 
 
 @dataclass(slots=True)
@@ -154,6 +157,8 @@ class CallHost(Protocol):
 
     def extra_faults(self, service_key: str, route: str | None) -> tuple[FaultRule, ...]: ...
 
+    def uses_mtls(self, router: Router) -> bool: ...
+
 
 # --- classification -------------------------------------------------------------------------------
 
@@ -163,7 +168,7 @@ def classify(outcome: Outcome) -> tuple[Failure, int | None]:
     response = outcome.response
     if response is not None:
         status = response.status_code
-        return (Failure.STATUS if status >= 500 or status == 429 else Failure.NONE), status
+        return (Failure.STATUS if is_failure_status(status) else Failure.NONE), status
     error = outcome.error
     if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
         return Failure.CONNECT, None
@@ -174,60 +179,56 @@ def classify(outcome: Outcome) -> tuple[Failure, int | None]:
     return Failure.ERROR, None
 
 
-def _counts_against_health(failure: Failure, status: int | None) -> bool:
-    if failure is Failure.NONE:
-        return False
-    if failure is Failure.STATUS:
-        return status is not None and status >= 500
-    return True
-
-
 # --- requests -------------------------------------------------------------------------------------
 
 
-def _endpoint_url(url: httpx.URL, host: str, port: int) -> httpx.URL:
-    """``url`` with the endpoint's host and port: path, query and scheme unchanged.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _endpoint_url(url: httpx.URL, host: str, port: int, tls: bool = False) -> httpx.URL:
+    """``url`` aimed at one endpoint: host and port swapped, ``https`` when the attempt goes
+    over mutual TLS; path and query unchanged.
 
     ``URL.copy_with`` re-parses the whole URL (about 15 µs, the largest cost of a call); the
-    parsed form is a named tuple whose host and port can be swapped directly. The fast path
-    is checked against ``copy_with`` in tests/policy/test_call_url.py and falls back to it
-    whenever the private shape is not the expected one.
+    parsed form is a named tuple whose fields can be swapped directly. The fast path is checked
+    against ``copy_with`` in tests/policy/test_call_url.py and falls back to it whenever the
+    private shape is not the expected one.
     """
+    scheme = "https" if tls else url.scheme
     ref = getattr(url, "_uri_reference", None)
     if ref is not None and hasattr(ref, "_replace") and port > 0:
+        # httpx keeps a scheme's default port as None (as copy_with would normalise it).
+        parsed_port = None if _DEFAULT_PORTS.get(scheme) == port else port
         new = httpx.URL.__new__(httpx.URL)
-        new._uri_reference = ref._replace(host=host.lower(), port=port)
+        new._uri_reference = ref._replace(scheme=scheme, host=host.lower(), port=parsed_port)
         return new
-    return url.copy_with(host=host, port=port)
+    return url.copy_with(scheme=scheme, host=host, port=port)
 
 
 def _attempt_request(
-    request: httpx.Request, state: EndpointState, timeout: float | None, remaining: float | None
+    request: httpx.Request,
+    state: EndpointState,
+    timeout: float | None,
+    remaining: float | None,
+    tls: bool = False,
 ) -> httpx.Request:
     """The request as sent to one endpoint: same method, path, headers (Host kept) and body."""
     endpoint = state.endpoint
     # Request() copies headers and extensions itself: edit the copies, never the caller's.
     attempt = httpx.Request(
         request.method,
-        _endpoint_url(request.url, endpoint.host, endpoint.port),
+        _endpoint_url(request.url, endpoint.host, endpoint.port, tls),
         headers=request.headers,
         stream=request.stream,
         extensions=request.extensions,
     )
     if timeout is not None:
-        current = attempt.extensions.get("timeout")
-        if current:
-            attempt.extensions["timeout"] = {
-                k: timeout if current.get(k) is None else min(timeout, current[k])
-                for k in ("connect", "read", "write", "pool")
-            }
-        else:
-            attempt.extensions["timeout"] = {
-                "connect": timeout,
-                "read": timeout,
-                "write": timeout,
-                "pool": timeout,
-            }
+        # The per-try timeout caps each phase; a shorter client setting still wins.
+        current = attempt.extensions.get("timeout") or {}
+        attempt.extensions["timeout"] = {
+            k: timeout if current.get(k) is None else min(timeout, current[k])
+            for k in ("connect", "read", "write", "pool")
+        }
     if remaining is not None:
         attempt.headers[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
     return attempt
@@ -278,9 +279,11 @@ class _Plan:
     max_retries: int
     #: Whether attempts must record latency (only hedging on the observed p95 reads it).
     track_latency: bool
+    #: Whether attempts go over mutual TLS (the mesh has an SVID and ``mtls`` is not disable).
+    tls: bool
 
 
-def _plan(router: Router, service_key: str, route: str | None) -> _Plan:
+def _plan(host: CallHost, router: Router, service_key: str, route: str | None) -> _Plan:
     key = (service_key, route)
     plan: _Plan | None = router.derived.get(key)
     if plan is None:
@@ -291,6 +294,7 @@ def _plan(router: Router, service_key: str, route: str | None) -> _Plan:
             router.mirrors(service_key),
             max_retries(policy.retries),
             policy.hedging.enabled and policy.hedging.delay is None,
+            host.uses_mtls(router),
         )
         router.derived[key] = plan
     return plan
@@ -306,7 +310,7 @@ def run_call(
 
     # 1. route and split
     match = router.route_for(service, request.method, request, request.headers)
-    plan = _plan(router, service.key, match.name)
+    plan = _plan(host, router, service.key, match.name)
     decision = Decision(service.key, router.snapshot.version, route=match.name)
     backend = service.key
     if match.split is not None:
@@ -416,10 +420,10 @@ def _admitted_call(
         if plan.mirrors and replayable:
             for rule in plan.mirrors:
                 if rng.random() * 100.0 < rule.percent:
-                    copy = _mirror_request(host, router, request, rule.mirror)
+                    copy = _mirror_request(host, router, request, rule.mirror, plan.tls)
                     if copy is not None:
                         decision.mirrored_to = rule.mirror
-                        yield Mirror(copy)
+                        yield Mirror(copy, plan.tls)
 
         # 8. attempts
         return (
@@ -460,14 +464,14 @@ def _inject(
 
 
 def _mirror_request(
-    host: CallHost, router: Router, request: httpx.Request, mirror_key: str
+    host: CallHost, router: Router, request: httpx.Request, mirror_key: str, tls: bool
 ) -> httpx.Request | None:
     dest = host.destination(mirror_key, router)
     with dest.lock:
         state = dest.endpoints.pick(host.clock(), host.rng)
     if state is None:
         return None
-    copy = _attempt_request(request, state, None, None)
+    copy = _attempt_request(request, state, None, None, tls)
     copy.headers["host"] = f"{request.url.host}-shadow"  # Istio marks mirrored traffic so
     return copy
 
@@ -481,6 +485,7 @@ def _begin(
     per_try: float | None,
     deadline: float | None,
     hedge: bool,
+    tls: bool,
 ) -> Send | None:
     """Admit and place one attempt (breaker, pick); None if nothing may be sent."""
     now = host.clock()
@@ -502,7 +507,8 @@ def _begin(
     timeout = per_try
     if remaining is not None and (timeout is None or remaining < timeout):
         timeout = remaining
-    return Send(_attempt_request(request, state, timeout, remaining), state, number, hedge)
+    attempt = _attempt_request(request, state, timeout, remaining, tls)
+    return Send(attempt, state, number, hedge, tls)
 
 
 def _finish(
@@ -527,7 +533,7 @@ def _finish(
     response = outcome.response
     if response is not None:  # the common case, classified inline
         status: int | None = response.status_code
-        failed = status >= 500 or status == 429  # type: ignore[operator]
+        failed = is_failure_status(status)  # type: ignore[arg-type]
         failure = Failure.STATUS if failed else Failure.NONE
         unhealthy = status >= 500  # type: ignore[operator]
     else:
@@ -594,7 +600,7 @@ def _attempts(
     retry_policy = plan.policy.retries
     per_try = retry_policy.per_try_timeout
     retries_left = plan.max_retries
-    idempotent = request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
+    idempotent = is_idempotent(request.method, request.headers)
     hedging = plan.policy.hedging
     can_hedge = hedging.enabled and idempotent and replayable
     track_latency = plan.track_latency
@@ -603,7 +609,7 @@ def _attempts(
 
     while True:
         number += 1
-        send = _begin(host, dest, request, tried, number, per_try, deadline, False)
+        send = _begin(host, dest, request, tried, number, per_try, deadline, False, plan.tls)
         if send is None:
             if not decision.attempts and dest.breaker.state.value == "closed":
                 raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)
@@ -727,7 +733,9 @@ def _race(
             if not dest.budget.try_withdraw(now):
                 decision.budget = "exhausted"
                 return None
-        send = _begin(host, dest, request, tried, first.number + 1, per_try, deadline, True)
+        send = _begin(
+            host, dest, request, tried, first.number + 1, per_try, deadline, True, plan.tls
+        )
         if send is not None:
             started.append(send)
             decision.hedges += 1

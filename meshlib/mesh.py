@@ -217,18 +217,24 @@ class Mesh:
     # -- calls ----------------------------------------------------------------------------------
 
     def start_call(self, request: httpx.Request) -> Generator[Effect, Any, httpx.Response] | None:
-        """The call sequence for a request to a mesh service; None for other hosts."""
+        """The call sequence for a request to a mesh service; None for other hosts. Raises
+        AccessDeniedError for a host outside the mesh under ``egress: registry-only``."""
         router = self._router  # one snapshot for the whole call
         service = router.resolve(request.url.host, self.namespace)
         if service is None:
             if router.snapshot.mesh.egress is Egress.REGISTRY_ONLY:
-                return _refuse_egress(request, router.snapshot.version)
+                raise _egress_refused(request, router.snapshot.version)
             return None
         return run_call(self, router, service, request)
 
+    def uses_mtls(self, router: Router) -> bool:
+        """Whether calls under ``router``'s snapshot go over mutual TLS: this mesh has an SVID
+        and the snapshot's ``spec.mtls`` is not ``disable``. Decided once per call."""
+        return self.svid is not None and router.snapshot.mesh.mtls is not MTLSMode.DISABLE
+
     def mtls_enabled(self) -> bool:
         """Whether calls to mesh services use mTLS now (an SVID and ``spec.mtls`` not disable)."""
-        return self.svid is not None and self._router.snapshot.mesh.mtls is not MTLSMode.DISABLE
+        return self.uses_mtls(self._router)
 
     def mtls_transport(self, limits: httpx.Limits | None = None) -> MeshTLSTransport:
         """A sync inner transport for mesh traffic: presents the SVID, checks the server's ID."""
@@ -447,10 +453,9 @@ def _file_digest(path: Path) -> str | None:
         return None
 
 
-def _refuse_egress(request: httpx.Request, version: int) -> Generator[Effect, Any, httpx.Response]:
+def _egress_refused(request: httpx.Request, version: int) -> AccessDeniedError:
     decision = Decision(request.url.host, version, reason="denied", status=AccessDeniedError.status)
-    raise AccessDeniedError(
+    return AccessDeniedError(
         f"egress to {request.url.host!r} refused: not a mesh service (egress: registry-only)",
         decision=decision,
     )
-    yield  # pragma: no cover - makes this a generator

@@ -64,12 +64,6 @@ class _CallStats(Collector):
                     key = tuple(_OVERFLOW for _ in key)
                 attempts[key] = attempts.get(key, 0) + 1
 
-    def observe_attempt(self, labels: tuple[str, ...]) -> None:
-        with self._lock:
-            if labels not in self._attempts and len(self._attempts) >= MAX_SERIES:
-                labels = tuple(_OVERFLOW for _ in labels)
-            self._attempts[labels] = self._attempts.get(labels, 0) + 1
-
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             calls = [(k, v.count, v.total, list(v.buckets)) for k, v in self._calls.items()]
@@ -217,9 +211,6 @@ class MeshMetrics:
             if len(self._authz_children) < MAX_SERIES:
                 self._authz_children[key] = child
         child.inc()
-
-    def observe_attempt(self, source: str, destination: str, endpoint: str) -> None:
-        self.calls.observe_attempt(("outbound", source, destination, endpoint))
 
     def set_circuit_state(self, source: str, destination: str, state: str) -> None:
         self.circuit_state.labels(source, destination).set(_CIRCUIT_VALUES[state])

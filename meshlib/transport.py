@@ -66,7 +66,6 @@ class MeshTransport(httpx.BaseTransport):
         self._inner = inner if inner is not None else httpx.HTTPTransport(**kwargs)
         self._local_responses = local_responses
         # mTLS for mesh traffic: a separate inner transport, built on first use.
-        self._mtls = mesh.svid is not None
         self._mtls_limits: httpx.Limits | None = kwargs.get("limits")
         self._mtls_inner: httpx.BaseTransport | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -77,10 +76,10 @@ class MeshTransport(httpx.BaseTransport):
         self._mirrors = threading.BoundedSemaphore(MAX_MIRRORS_IN_FLIGHT)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        call = self._mesh.start_call(request)
-        if call is None:
-            return self._inner.handle_request(request)
         try:
+            call = self._mesh.start_call(request)
+            if call is None:
+                return self._inner.handle_request(request)
             return self._drive(call)
         except MeshError as error:
             if self._local_responses:
@@ -104,7 +103,7 @@ class MeshTransport(httpx.BaseTransport):
                 elif kind is Race:
                     result = self._race(effect)  # type: ignore[arg-type]
                 elif kind is Mirror:
-                    self._mirror(effect.request)  # type: ignore[union-attr]
+                    self._mirror(effect)  # type: ignore[arg-type]
                 effect = call.send(result)
         except StopIteration as stop:
             response: httpx.Response = stop.value
@@ -115,19 +114,16 @@ class MeshTransport(httpx.BaseTransport):
     def _send(self, send: Send) -> Outcome:
         clock = self._mesh.clock
         start = clock()
-        inner = self._inner if not self._mtls else self._mesh_inner(send.request)
+        inner = self._tls_inner() if send.tls else self._inner
         try:
             response = inner.handle_request(send.request)
         except httpx.TransportError as error:
             return Outcome(None, error, clock() - start)
         return Outcome(response, None, clock() - start)
 
-    def _mesh_inner(self, request: httpx.Request) -> httpx.BaseTransport:
-        """The transport for an attempt to a mesh endpoint: the mTLS one (``request`` switched
-        to https, Host header unchanged) when the mesh's mTLS mode asks for it."""
-        if not self._mesh.mtls_enabled():
-            return self._inner
-        request.url = _https(request.url)
+    def _tls_inner(self) -> httpx.BaseTransport:
+        """The mesh's mTLS transport (the call sequence decided the attempt goes over TLS and
+        aimed its URL at ``https``), built on first use."""
         with self._pool_lock:
             if self._mtls_inner is None:
                 self._mtls_inner = self._mesh.mtls_transport(self._mtls_limits)
@@ -181,18 +177,18 @@ class MeshTransport(httpx.BaseTransport):
             return RaceResult(win_send, win_outcome, lose_send, lose_outcome)
         raise AssertionError("unreachable: race ended without an outcome")
 
-    def _mirror(self, request: httpx.Request) -> None:
+    def _mirror(self, mirror: Mirror) -> None:
         if not self._mirrors.acquire(blocking=False):
             return
         try:
-            self._mirror_executor().submit(self._send_mirror, request)
+            self._mirror_executor().submit(self._send_mirror, mirror)
         except RuntimeError:  # executor shut down
             self._mirrors.release()
 
-    def _send_mirror(self, request: httpx.Request) -> None:
+    def _send_mirror(self, mirror: Mirror) -> None:
         try:
-            inner = self._inner if not self._mtls else self._mesh_inner(request)
-            response = inner.handle_request(request)
+            inner = self._tls_inner() if mirror.tls else self._inner
+            response = inner.handle_request(mirror.request)
             try:
                 response.read()
             finally:
@@ -212,10 +208,6 @@ class MeshTransport(httpx.BaseTransport):
         self._inner.close()
         if self._mtls_inner is not None:
             self._mtls_inner.close()
-
-
-def _https(url: httpx.URL) -> httpx.URL:
-    return url if url.scheme == "https" else url.copy_with(scheme="https")
 
 
 def _close_outcome(future: Future[Outcome]) -> None:
@@ -238,16 +230,15 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._mesh = mesh
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport(**kwargs)
         self._local_responses = local_responses
-        self._mtls = mesh.svid is not None
         self._mtls_limits: httpx.Limits | None = kwargs.get("limits")
         self._mtls_inner: httpx.AsyncBaseTransport | None = None
         self._mirror_tasks: set[asyncio.Task[None]] = set()  # strong refs until done
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = self._mesh.start_call(request)
-        if call is None:
-            return await self._inner.handle_async_request(request)
         try:
+            call = self._mesh.start_call(request)
+            if call is None:
+                return await self._inner.handle_async_request(request)
             return await self._drive(call)
         except MeshError as error:
             if self._local_responses:
@@ -273,7 +264,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 elif kind is Race:
                     result = await self._race(effect)  # type: ignore[arg-type]
                 elif kind is Mirror:
-                    self._mirror(effect.request)  # type: ignore[union-attr]
+                    self._mirror(effect)  # type: ignore[arg-type]
                 effect = call.send(result)
         except StopIteration as stop:
             response: httpx.Response = stop.value
@@ -284,17 +275,14 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def _send(self, send: Send) -> Outcome:
         clock = self._mesh.clock
         start = clock()
-        inner = self._inner if not self._mtls else self._mesh_inner(send.request)
+        inner = self._tls_inner() if send.tls else self._inner
         try:
             response = await inner.handle_async_request(send.request)
         except httpx.TransportError as error:
             return Outcome(None, error, clock() - start)
         return Outcome(response, None, clock() - start)
 
-    def _mesh_inner(self, request: httpx.Request) -> httpx.AsyncBaseTransport:
-        if not self._mesh.mtls_enabled():
-            return self._inner
-        request.url = _https(request.url)
+    def _tls_inner(self) -> httpx.AsyncBaseTransport:
         if self._mtls_inner is None:  # no await in between: no other task interleaves
             self._mtls_inner = self._mesh.async_mtls_transport(self._mtls_limits)
         return self._mtls_inner
@@ -346,7 +334,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         receiver.close()
         return result
 
-    def _mirror(self, request: httpx.Request) -> None:
+    def _mirror(self, mirror: Mirror) -> None:
         import asyncio
 
         try:
@@ -355,14 +343,14 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             return  # not on asyncio (e.g. trio): mirroring is skipped, never blocks the call
         if len(self._mirror_tasks) >= MAX_MIRRORS_IN_FLIGHT:
             return
-        task = loop.create_task(self._send_mirror(request))
+        task = loop.create_task(self._send_mirror(mirror))
         self._mirror_tasks.add(task)
         task.add_done_callback(self._mirror_tasks.discard)
 
-    async def _send_mirror(self, request: httpx.Request) -> None:
+    async def _send_mirror(self, mirror: Mirror) -> None:
         try:
-            inner = self._inner if not self._mtls else self._mesh_inner(request)
-            response = await inner.handle_async_request(request)
+            inner = self._tls_inner() if mirror.tls else self._inner
+            response = await inner.handle_async_request(mirror.request)
             try:
                 await response.aread()
             finally:

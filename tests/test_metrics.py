@@ -6,6 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from meshlib import metrics as metrics_module
+from meshlib.decision import AttemptRecord
 from meshlib.metrics import MeshMetrics
 
 
@@ -45,8 +46,8 @@ def test_calls_are_counted_with_golden_names_and_labels(registry: CollectorRegis
 
 def test_attempts_and_circuit_state(registry: CollectorRegistry) -> None:
     m = MeshMetrics.for_registry(registry)
-    for _ in range(3):
-        m.observe_attempt("web.default", "reviews.default", "127.0.0.1:9000")
+    attempts = [AttemptRecord(n, "127.0.0.1:9000", "status", status=503) for n in (1, 2, 3)]
+    m.observe_call("web.default", "reviews.default", "", "503", "upstream_error", 0.01, attempts)
     labels = {
         "direction": "outbound",
         "source": "web.default",

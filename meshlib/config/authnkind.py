@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit
 
-from meshlib.config.documents import DocContext, as_str, at, maps
+from meshlib.config.documents import DocContext, as_str, maps
 from meshlib.config.fragments import DURATION, NONEMPTY, STRING, Schema, array, obj
 from meshlib.config.model import JwtLocation, JwtRule, RequestAuthentication
 from meshlib.config.values import format_duration, parse_duration
@@ -66,20 +66,9 @@ def build_request_authentication(ctx: DocContext) -> RequestAuthentication | Non
     spec = ctx.doc.get("spec")
     if not isinstance(spec, YMap):
         return None
-    service: str | None = None
-    raw_service, line = at(spec, "target.service")
-    if raw_service is not None:
-        service = ctx.service(raw_service, "spec.target.service", line)
-        if service is None:
-            return None
-        if service.split(".", 1)[1] != ctx.namespace:
-            ctx.error(
-                "spec.target.service",
-                line,
-                f"target {service} is outside the document's namespace {ctx.namespace!r}; "
-                "put the RequestAuthentication in the service's namespace",
-            )
-            return None
+    ok_target, service = ctx.local_target(spec, "RequestAuthentication")
+    if not ok_target:
+        return None
     rules: list[JwtRule] = []
     issuers: dict[str, int] = {}
     ok = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from meshlib.config.documents import DocContext, as_str, at, maps
+from meshlib.config.documents import DocContext, as_str, maps
 from meshlib.config.fragments import NONEMPTY, STRING, Schema, array, enum, obj
 from meshlib.config.model import (
     AuthorizationPolicy,
@@ -69,20 +69,9 @@ def build_authorization_policy(ctx: DocContext) -> AuthorizationPolicy | None:
         spec = YMap(ctx.line)
     if not isinstance(spec, YMap):
         return None
-    service: str | None = None
-    raw_service, line = at(spec, "target.service")
-    if raw_service is not None:
-        service = ctx.service(raw_service, "spec.target.service", line)
-        if service is None:
-            return None
-        if service.split(".", 1)[1] != ctx.namespace:
-            ctx.error(
-                "spec.target.service",
-                line,
-                f"target {service} is outside the policy's namespace {ctx.namespace!r}; "
-                "put the policy in the service's namespace",
-            )
-            return None
+    ok_target, service = ctx.local_target(spec, "AuthorizationPolicy")
+    if not ok_target:
+        return None
     action = AuthzAction.DENY if spec.get("action") == "DENY" else AuthzAction.ALLOW
     rules: list[AuthorizationPolicyRule] = []
     ok = True

@@ -57,6 +57,26 @@ class DocContext:
             self.error(path, line, str(exc))
             return None
 
+    def local_target(self, spec: Any, kind: str) -> tuple[bool, str | None]:
+        """``spec.target.service`` of a kind that must live in its target's namespace:
+        ``(True, service key)``, ``(True, None)`` for namespace-wide, ``(False, None)`` after
+        reporting a problem."""
+        raw, line = at(spec, "target.service")
+        if raw is None:
+            return True, None
+        service = self.service(raw, "spec.target.service", line)
+        if service is None:
+            return False, None
+        if service.split(".", 1)[1] != self.namespace:
+            self.error(
+                "spec.target.service",
+                line,
+                f"target {service} is outside the policy's namespace {self.namespace!r}; "
+                f"put the {kind} in the service's namespace",
+            )
+            return False, None
+        return True, service
+
 
 def at(node: Any, dotted: str) -> tuple[Any, int]:
     """The value at ``a.b.c`` inside nested YMaps and its line; (None, line) if absent."""

@@ -84,9 +84,9 @@ class PeerVerifier:
             return None, f"{host}:{port} is not an endpoint of any mesh service"
         return found
 
-    def client_context(self, pool_context: ssl.SSLContext) -> ssl.SSLContext:
+    def client_context(self) -> ssl.SSLContext:
         """The context for a new connection: the SVID source's current one, swapped whole on
-        rotation so no handshake sees a half-loaded pair (``pool_context`` is ignored)."""
+        rotation so no handshake sees a half-loaded pair (the pool's own context is not used)."""
         return self._source.current_client_context()
 
     def verify(self, host: str, port: int, ssl_object: Any) -> None:
@@ -143,7 +143,7 @@ class _VerifyingStream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
-        ssl_context = self._verifier.client_context(ssl_context)
+        ssl_context = self._verifier.client_context()
         tls = self._stream.start_tls(ssl_context, server_hostname, timeout)
         try:
             self._verifier.verify(self._host, self._port, tls.get_extra_info("ssl_object"))
@@ -229,7 +229,7 @@ class _AsyncVerifyingStream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        ssl_context = self._verifier.client_context(ssl_context)
+        ssl_context = self._verifier.client_context()
         tls = await self._stream.start_tls(ssl_context, server_hostname, timeout)
         try:
             self._verifier.verify(self._host, self._port, tls.get_extra_info("ssl_object"))

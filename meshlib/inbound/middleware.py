@@ -149,12 +149,7 @@ class MeshMiddleware:
                 }
                 scope = {**scope, "extensions": extensions}
         method, path = scope.get("method", ""), scope.get("path", "")
-        # Claims only when there are some: a subclass hook with the older signature still works.
-        verdict = (
-            self._authorize(identity, method, path, headers)
-            if claims is None
-            else self._authorize(identity, method, path, headers, jwt_claims=claims)
-        )
+        verdict = self._authorize(identity, method, path, headers, jwt_claims=claims)
         if verdict is Verdict.DENY:
             await send_local_reply(send, 403, Reason.DENIED)
             self._record(source, 403, Reason.DENIED, start)
@@ -184,14 +179,18 @@ class MeshMiddleware:
             self._record(source, status, reason, start)
 
     def _authz_index(self) -> AuthzIndex:
-        """This service's authorization index under the current snapshot (memoised on the
-        router, so a reload takes effect at the next request). An undeclared service is
-        authorized by its name as service account."""
+        """This service's authorization index under the current snapshot, memoised on the
+        router (a reload takes effect at the next request; two lookups per request cost two
+        dict hits). An undeclared service is authorized by its name as service account."""
         router = self.mesh.router
-        service = router.services.get(self._destination) or ServiceDef(
-            self.mesh.service, self.mesh.namespace, ()
-        )
-        return index_for(router, service)
+        key = ("authz-middleware", self._destination)
+        index: AuthzIndex | None = router.derived.get(key)
+        if index is None:
+            service = router.services.get(self._destination) or ServiceDef(
+                self.mesh.service, self.mesh.namespace, ()
+            )
+            index = router.derived[key] = index_for(router, service)
+        return index
 
     def _jwt_rules(self) -> tuple[JwtRule, ...]:
         """The JWT rules of every RequestAuthentication that applies to this service (its own
@@ -259,7 +258,7 @@ class MeshMiddleware:
             except SpiffeIDError:
                 caller = None  # an identity that does not parse grants nothing
         header_map: dict[str, str] = {}
-        for name, value in headers:
+        for name, value in headers if index.in_force else ():  # only rules read headers
             key = name.decode("latin-1").lower()
             text = value.decode("latin-1")
             header_map[key] = f"{header_map[key]},{text}" if key in header_map else text

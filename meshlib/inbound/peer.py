@@ -18,8 +18,8 @@ Trust model (SEC-9; Envoy's XFCC ``SANITIZE`` default, Linkerd's identity-header
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
 
 from meshlib.call import DEADLINE_HEADER
 
@@ -49,7 +49,6 @@ CONTROL_PREFIXES = ("x-mesh-", "l5d-", "x-envoy-")
 MAX_PROPAGATED_TIMEOUT = 3600.0
 
 _DEADLINE = DEADLINE_HEADER.encode("latin-1")
-_SPIFFE_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
 def verified_identity(scope: Mapping[str, Any], trust_domain: str) -> str | None:
@@ -65,7 +64,7 @@ def verified_identity(scope: Mapping[str, Any], trust_domain: str) -> str | None
     chain = tls.get("client_cert_chain") or ()
     if not chain or not isinstance(chain[0], str):
         return None
-    spiffe_id = _single_uri_san(chain[0])
+    spiffe_id = _workload_id_of(chain[0])
     if spiffe_id is None or spiffe_trust_domain(spiffe_id) != trust_domain:
         return None
     return spiffe_id
@@ -73,37 +72,29 @@ def verified_identity(scope: Mapping[str, Any], trust_domain: str) -> str | None
 
 def spiffe_trust_domain(spiffe_id: str) -> str | None:
     """The trust domain of a well-formed workload SPIFFE ID, or ``None`` if it is malformed."""
-    if len(spiffe_id) > 2048:
-        return None
+    # meshlib.identity loads cryptography: only when an identity is actually being checked.
+    from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
+
     try:
-        parts = urlsplit(spiffe_id)
-    except ValueError:
+        parsed = SpiffeID.parse(spiffe_id)
+    except SpiffeIDError:
         return None
-    if parts.scheme != "spiffe" or parts.query or parts.fragment or "?" in spiffe_id:
-        return None
-    domain = parts.netloc
-    if not domain or domain != domain.lower() or not set(domain) <= _SPIFFE_SAFE:
-        return None  # also rejects user info and ports (":" and "@" are not allowed)
-    segments = parts.path.split("/")
-    if len(segments) < 2 or segments[0] != "":
-        return None  # a workload ID has a path
-    for segment in segments[1:]:
-        if segment in ("", ".", "..") or not set(segment) <= _SPIFFE_SAFE:
-            return None
-    return domain
+    return None if parsed.is_trust_domain else parsed.trust_domain
 
 
-def _single_uri_san(pem: str) -> str | None:
-    # cryptography loads only when a client certificate is present (never on plain HTTP).
+@lru_cache(maxsize=1024)
+def _workload_id_of(pem: str) -> str | None:
+    """The SPIFFE ID in a PEM certificate's single URI SAN. Memoised: a keep-alive connection
+    presents the same certificate on every request, and parsing it is the costly part."""
     from cryptography import x509
 
+    from meshlib.identity.svid import SVIDError, spiffe_id_of
+
     try:
-        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, UnicodeEncodeError, x509.ExtensionNotFound):
+        parsed = spiffe_id_of(x509.load_pem_x509_certificate(pem.encode("ascii")))
+    except (ValueError, UnicodeEncodeError, SVIDError):
         return None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    return uris[0] if len(uris) == 1 else None
+    return str(parsed)
 
 
 def sanitize_headers(

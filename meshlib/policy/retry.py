@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 from meshlib.config.model import BackoffPolicy, RetryPolicy
@@ -52,8 +52,10 @@ def is_failure_status(status: int) -> bool:
     return status >= 500 or status == 429
 
 
-def is_idempotent(method: str, has_idempotency_key: bool) -> bool:
-    return has_idempotency_key or method in IDEMPOTENT_METHODS
+def is_idempotent(method: str, headers: Mapping[str, str]) -> bool:
+    """RFC 9110 idempotent methods, or any request carrying an ``Idempotency-Key`` (the header
+    is only looked up for other methods: the lookup is the costly part)."""
+    return method in IDEMPOTENT_METHODS or "idempotency-key" in headers
 
 
 def status_retryable(retry_on: frozenset[str], status: int) -> bool:

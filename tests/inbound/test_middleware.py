@@ -236,7 +236,7 @@ def test_per_identity_buckets_are_bounded(mesh: meshlib.Mesh) -> None:
 def test_authorization_hook_can_deny_with_403(mesh: meshlib.Mesh) -> None:
     class Guarded(meshlib.MeshMiddleware):
         def _authorize(
-            self, identity: str | None, method: str, path: str, headers: object = ()
+            self, identity: str | None, method: str, path: str, headers: object = (), **_: object
         ) -> Verdict:
             return Verdict.DENY if path.startswith("/admin") else Verdict.ALLOW
 

@@ -104,13 +104,13 @@ def test_unreplayable_body_is_never_retried(
 
 @pytest.mark.parametrize("method", sorted(IDEMPOTENT_METHODS))
 def test_idempotent_methods(method: str) -> None:
-    assert is_idempotent(method, has_idempotency_key=False)
+    assert is_idempotent(method, {})
 
 
 @pytest.mark.parametrize("method", ["POST", "PATCH", "CONNECT"])
 def test_non_idempotent_methods_unless_idempotency_key(method: str) -> None:
-    assert not is_idempotent(method, has_idempotency_key=False)
-    assert is_idempotent(method, has_idempotency_key=True)
+    assert not is_idempotent(method, {})
+    assert is_idempotent(method, {"idempotency-key": "k-1"})
 
 
 @pytest.mark.parametrize(
