@@ -97,21 +97,43 @@ def _workload_id_of(pem: str) -> str | None:
     return str(parsed)
 
 
+#: Verdict per raw header name: KEEP always, DROP always, MEMBER kept only from verified members.
+_KEEP, _DROP, _MEMBER = 0, 1, 2
+_FROM_MEMBER = frozenset({_KEEP, _MEMBER})
+_FROM_OUTSIDER = frozenset({_KEEP})
+#: Bound on memoised header names (names come from peers; past the bound, verdicts are computed
+#: each time instead of remembered).
+_MAX_NAME_CACHE = 4096
+_name_verdicts: dict[bytes, int] = {}
+
+
+def _verdict_of(name: bytes) -> int:
+    verdict = _name_verdicts.get(name)
+    if verdict is not None:
+        return verdict
+    lowered = name.lower()
+    normal = lowered.replace(b"_", b"-").decode("latin-1")
+    if normal in IDENTITY_HEADERS or normal.startswith(IDENTITY_PREFIXES):
+        verdict = _DROP
+    elif normal.startswith(CONTROL_PREFIXES):
+        # an underscore spelling of a control header is dropped from every peer
+        verdict = _MEMBER if lowered == normal.encode("latin-1") else _DROP
+    else:
+        verdict = _KEEP
+    if len(_name_verdicts) < _MAX_NAME_CACHE:
+        _name_verdicts[name] = verdict
+    return verdict
+
+
 def sanitize_headers(
     headers: Iterable[tuple[bytes, bytes]], identity: str | None
 ) -> list[tuple[bytes, bytes]]:
     """``headers`` as they may reach the app from a peer whose verified identity is ``identity``
     (``None``: not a mesh member): identity claims re-derived, control headers kept only from
-    members."""
-    kept: list[tuple[bytes, bytes]] = []
-    for name, value in headers:
-        lowered = name.lower()
-        normal = lowered.replace(b"_", b"-").decode("latin-1")
-        if normal in IDENTITY_HEADERS or normal.startswith(IDENTITY_PREFIXES):
-            continue
-        if normal.startswith(CONTROL_PREFIXES) and (identity is None or lowered != normal.encode()):
-            continue
-        kept.append((name, value))
+    members. Verdicts are memoised per header name: on the inbound hot path a request usually
+    repeats the names of the one before."""
+    allowed = _FROM_MEMBER if identity is not None else _FROM_OUTSIDER
+    kept = [(name, value) for name, value in headers if _verdict_of(name) in allowed]
     if identity is not None:
         kept.append((IDENTITY_HEADER.encode("latin-1"), identity.encode("latin-1")))
     return kept
