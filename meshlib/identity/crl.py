@@ -10,6 +10,9 @@ CRL for *every* root, revoked serials or not.
 
 Each CRL's ``lastUpdate`` is later than the one it replaces (by a second if the clock has not
 moved on): OpenSSL keeps every CRL loaded into a live context and picks the newest per issuer.
+It is backdated by a minute, like certificates, so that this never puts it in the future
+(OpenSSL would pass over a not-yet-valid CRL for the older one) and peers whose clock is a
+little behind accept it.
 A CRL is valid for :data:`CRL_VALIDITY`; re-sign before then (``meshctl ca revoke --dir DIR``
 with no certificate) or every peer chained to that root is refused.
 """
@@ -25,7 +28,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from meshlib.identity.ca import CAError, CertificateAuthority
+from meshlib.identity.ca import CLOCK_SKEW, CAError, CertificateAuthority
 
 __all__ = [
     "CRL_FILE",
@@ -81,7 +84,7 @@ def sign_crl(
     """A CRL from ``ca`` revoking ``serials`` (serial, revocation date), numbered one past
     ``previous`` and issued strictly after it."""
     number = 1
-    last_update = now.replace(microsecond=0)
+    last_update = (now - CLOCK_SKEW).replace(microsecond=0)
     if previous is not None:
         try:
             number = previous.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
