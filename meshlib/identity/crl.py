@@ -115,11 +115,24 @@ def sign_crl(
     return builder.sign(ca.key, hashes.SHA256())
 
 
+#: (signed bytes, signature, issuer) → valid: peers are re-checked on every new connection and
+#: the signature check is most of the cost of a CRL lookup; the key covers everything signed.
+_SIGNATURES: dict[tuple[bytes, bytes, x509.Certificate], bool] = {}
+_SIGNATURES_MAX = 256
+
+
 def issued_by(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate) -> bool:
     """Whether ``crl`` names ``ca_cert`` as issuer and carries its valid signature."""
     if crl.issuer != ca_cert.subject:
         return False
-    try:
-        return crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
-    except TypeError:
-        return False
+    key = (crl.tbs_certlist_bytes, crl.signature, ca_cert)
+    valid = _SIGNATURES.get(key)
+    if valid is None:
+        try:
+            valid = crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
+        except TypeError:
+            valid = False
+        if len(_SIGNATURES) >= _SIGNATURES_MAX:
+            _SIGNATURES.clear()
+        _SIGNATURES[key] = valid
+    return valid
