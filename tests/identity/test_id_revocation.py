@@ -204,3 +204,23 @@ def test_issue_copies_crl_pem_and_cli_revoke(
     assert (tmp_path / "web2" / "crl.pem").read_bytes() == Path(ca, "crl.pem").read_bytes()
     assert main(["ca", "revoke", "--dir", ca, str(tmp_path / "nope.pem")]) == 1
     assert "meshctl ca revoke: cannot read" in capsys.readouterr().err
+
+
+def test_crl_pem_appearing_later_turns_checking_on_in_live_contexts(
+    cadir: CADirectory, tmp_path: Path
+) -> None:
+    """SEC-6: a workload started without crl.pem gets CRL checking at the reload that finds one,
+    in the contexts it already handed out."""
+    cadir.issue(API, out=tmp_path / "api")
+    cadir.issue(WEB, out=tmp_path / "web")
+    server = SVIDSource(tmp_path / "api")
+    ctx = server.server_context()
+    assert server.crls is None and not ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
+    web = SVIDSource(tmp_path / "web")
+    _handshake(ctx, web.client_context())
+    cadir.revoke([tmp_path / "web" / "cert.pem"])
+    (tmp_path / "api" / "crl.pem").write_bytes((cadir.path / "crl.pem").read_bytes())
+    assert server.reload() is True and server.crls is not None
+    assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
+    with pytest.raises(ssl.SSLError, match="revoked"):
+        _handshake(ctx, web.client_context())
