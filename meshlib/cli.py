@@ -281,12 +281,14 @@ def _fault(fault: FaultRule, headers: Mapping[str, str]) -> str:
 def _add_ca(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "ca",
-        help="the built-in certificate authority: init a root, issue SVIDs, inspect certificates",
+        help="the built-in certificate authority: roots, SVIDs, bundles, revocation",
         description="A small CA for workload identity (SPIFFE X.509 SVIDs). See docs/security.md.",
     )
     ca = p.add_subparsers(dest="ca_verb", metavar="CA_VERB", required=True)
     init = ca.add_parser("init", help="create a root CA (EC P-256, 10 years) in DIR")
-    init.add_argument("--dir", required=True, help="writes DIR/ca.pem and DIR/ca-key.pem (0600)")
+    init.add_argument(
+        "--dir", required=True, help="writes DIR/ca.pem, DIR/ca-key.pem (0600), DIR/bundle.pem"
+    )
     init.add_argument("--trust-domain", default=None, help="default: cluster.local")
     init.add_argument("--force", action="store_true", help="replace an existing root key")
     init.set_defaults(func=_cmd_ca_init)
@@ -294,24 +296,58 @@ def _add_ca(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     issue.add_argument("--dir", required=True, help="the CA directory (from 'ca init')")
     issue.add_argument("--namespace", required=True)
     issue.add_argument("--service-account", required=True)
-    issue.add_argument("--out", required=True, help="writes cert.pem, key.pem (0600), bundle.pem")
+    issue.add_argument(
+        "--out",
+        required=True,
+        help="writes cert.pem, key.pem (0600), bundle.pem (DIR's) and crl.pem (if DIR has one)",
+    )
     issue.add_argument("--ttl", default="24h", help="certificate lifetime, e.g. 24h, 90m")
     issue.set_defaults(func=_cmd_ca_issue)
     inspect = ca.add_parser("inspect", help="print subject, SPIFFE ID, validity and issuer")
     inspect.add_argument("file", metavar="FILE", help="a PEM file of one or more certificates")
     inspect.add_argument("--bundle", help="also verify FILE as an SVID chain against these roots")
     inspect.set_defaults(func=_cmd_ca_inspect)
+    rotate = ca.add_parser(
+        "rotate", help="make a new root, keep the old one, publish bundle {old, new}"
+    )
+    rotate.add_argument("--dir", required=True, help="the CA directory")
+    rotate.set_defaults(func=_cmd_ca_rotate)
+    bundle = ca.add_parser("bundle", help="write the published trust bundle (with its sequence)")
+    bundle.add_argument("--dir", required=True, help="the CA directory")
+    bundle.add_argument("--out", required=True, help="the bundle file to write")
+    bundle.add_argument(
+        "--drop-old",
+        action="store_true",
+        help="publish the bundle without the previous root (next sequence) first",
+    )
+    bundle.add_argument(
+        "--force",
+        action="store_true",
+        help="with --drop-old: even if leaves issued by the previous root are still unexpired",
+    )
+    bundle.set_defaults(func=_cmd_ca_bundle)
+    revoke = ca.add_parser("revoke", help="revoke leaf certificates: re-sign DIR/crl.pem")
+    revoke.add_argument("--dir", required=True, help="the CA directory")
+    revoke.add_argument(
+        "files",
+        metavar="CERTFILE",
+        nargs="*",
+        help="certificates to revoke; none: just re-sign the CRLs (before their nextUpdate)",
+    )
+    revoke.set_defaults(func=_cmd_ca_revoke)
 
 
 def _cmd_ca_init(args: argparse.Namespace) -> int:
-    from meshlib.identity import DEFAULT_TRUST_DOMAIN, CertificateAuthority, IdentityError
+    from meshlib.identity import DEFAULT_TRUST_DOMAIN, IdentityError
+    from meshlib.identity.cadir import CADirectory
 
+    cadir = CADirectory(args.dir)
     try:
-        ca = CertificateAuthority.create(args.trust_domain or DEFAULT_TRUST_DOMAIN)
-        out = ca.save(args.dir, overwrite=args.force)
+        ca = cadir.init(args.trust_domain or DEFAULT_TRUST_DOMAIN, force=args.force)
     except IdentityError as exc:
         print(f"meshctl ca init: {exc.reason}", file=sys.stderr)
         return EXIT_INVALID
+    out = cadir.path
     print(f"{out}/ca.pem: root CA for spiffe://{ca.trust_domain}, key in {out}/ca-key.pem")
     return EXIT_OK
 
@@ -319,22 +355,23 @@ def _cmd_ca_init(args: argparse.Namespace) -> int:
 def _cmd_ca_issue(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from meshlib.identity import CertificateAuthority, IdentityError, SpiffeID
+    from meshlib.identity import IdentityError, SpiffeID
+    from meshlib.identity.cadir import CADirectory
 
     try:
         ttl = parse_duration(args.ttl)
     except ValueError as exc:
         raise _UsageError(f"--ttl: {exc}") from None
     try:
-        ca = CertificateAuthority.load(args.dir)
-        spiffe_id = SpiffeID.for_workload(ca.trust_domain, args.namespace, args.service_account)
-        svid = ca.issue(spiffe_id, ttl=dt.timedelta(seconds=ttl))
-        out = svid.save(args.out)
+        cadir = CADirectory(args.dir)
+        td = cadir.current().trust_domain
+        spiffe_id = SpiffeID.for_workload(td, args.namespace, args.service_account)
+        svid = cadir.issue(spiffe_id, out=args.out, ttl=dt.timedelta(seconds=ttl))
     except IdentityError as exc:
         print(f"meshctl ca issue: {exc.reason}", file=sys.stderr)
         return EXIT_INVALID
     until = svid.certificate.not_valid_after_utc.isoformat()
-    print(f"{out}/cert.pem: {spiffe_id} valid until {until}")
+    print(f"{args.out}/cert.pem: {spiffe_id} valid until {until}")
     return EXIT_OK
 
 
@@ -355,6 +392,53 @@ def _cmd_ca_inspect(args: argparse.Namespace) -> int:
     except IdentityError as exc:
         print(f"meshctl ca inspect: {exc.reason}", file=sys.stderr)
         return EXIT_INVALID
+    return EXIT_OK
+
+
+def _cmd_ca_rotate(args: argparse.Namespace) -> int:
+    from meshlib.identity import IdentityError
+    from meshlib.identity.bundle import root_label
+    from meshlib.identity.cadir import CADirectory
+
+    try:
+        new, bundle = CADirectory(args.dir).rotate()
+    except IdentityError as exc:
+        print(f"meshctl ca rotate: {exc.reason}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"new root: {root_label(new.certificate)} (the previous one kept for the overlap)")
+    print(f"{args.dir}/bundle.pem: {len(bundle.roots)} roots, sequence {bundle.sequence}")
+    return EXIT_OK
+
+
+def _cmd_ca_bundle(args: argparse.Namespace) -> int:
+    from meshlib.identity import IdentityError
+    from meshlib.identity.cadir import CADirectory
+
+    if args.force and not args.drop_old:
+        raise _UsageError("--force only applies with --drop-old")
+    try:
+        bundle = CADirectory(args.dir).export_bundle(
+            args.out, drop_old=args.drop_old, force=args.force
+        )
+    except IdentityError as exc:
+        print(f"meshctl ca bundle: {exc.reason}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{args.out}: {len(bundle.roots)} root(s), sequence {bundle.sequence}")
+    return EXIT_OK
+
+
+def _cmd_ca_revoke(args: argparse.Namespace) -> int:
+    from meshlib.identity import IdentityError
+    from meshlib.identity.cadir import CADirectory
+
+    try:
+        revoked = CADirectory(args.dir).revoke(args.files)
+    except IdentityError as exc:
+        print(f"meshctl ca revoke: {exc.reason}", file=sys.stderr)
+        return EXIT_INVALID
+    for serial, root in revoked:
+        print(f"revoked serial {serial:x} (issued by {root})")
+    print(f"{args.dir}/crl.pem: re-signed; copy it into each SVID directory")
     return EXIT_OK
 
 

@@ -319,7 +319,7 @@ def tls_extension(
     else:
         chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(ssl_object, leaf_der)]
         try:
-            verify_svid(chain, source.bundle, trust_domain=trust_domain)
+            verify_svid(chain, source.bundle, trust_domain=trust_domain, crls=source.crls)
         except SVIDError as exc:
             raise PeerRefused(exc.reason) from None
         chain_pem = [chain[0].public_bytes(serialization.Encoding.PEM).decode("ascii")]

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshlib.identity.bundle import TrustBundle
 from meshlib.identity.spiffe import IdentityError, SpiffeID, SpiffeIDError
 
 __all__ = [
@@ -49,6 +50,7 @@ ROOT_VALIDITY = dt.timedelta(days=3650)
 DEFAULT_SVID_TTL = dt.timedelta(hours=24)
 #: NotBefore is backdated by this much so a peer whose clock is slightly behind accepts the cert.
 CLOCK_SKEW = dt.timedelta(minutes=1)
+ROOT_COMMON_NAME = "meshlib root CA"
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
@@ -85,6 +87,8 @@ class X509SVID:
     key: ec.EllipticCurvePrivateKey = field(repr=False)
     intermediates: tuple[x509.Certificate, ...] = ()
     bundle: tuple[x509.Certificate, ...] = ()
+    #: Written as the bundle's sequence line (:mod:`meshlib.identity.bundle`); 0: none.
+    bundle_sequence: int = 0
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
@@ -96,7 +100,8 @@ class X509SVID:
         out = _ensure_dir(directory)
         _write_atomic(out / SVID_KEY_FILE, _key_pem(self.key), mode=0o600)
         _write_atomic(out / SVID_CERT_FILE, _certs_pem(self.chain), mode=0o644)
-        _write_atomic(out / SVID_BUNDLE_FILE, _certs_pem(self.bundle), mode=0o644)
+        bundle = TrustBundle(self.bundle, self.bundle_sequence).to_pem()
+        _write_atomic(out / SVID_BUNDLE_FILE, bundle, mode=0o644)
         return out
 
 
@@ -115,14 +120,16 @@ class CertificateAuthority:
         *,
         validity: dt.timedelta = ROOT_VALIDITY,
         clock: Clock = _utcnow,
+        common_name: str = ROOT_COMMON_NAME,
     ) -> CertificateAuthority:
-        """A new self-signed EC P-256 root for ``trust_domain``."""
+        """A new self-signed EC P-256 root for ``trust_domain``. Roots that overlap during a
+        rotation get different common names: CRLs are matched to roots by name."""
         td_id = SpiffeID.for_trust_domain(trust_domain)
         key = _new_key()
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlib"),
-                x509.NameAttribute(NameOID.COMMON_NAME, "meshlib root CA"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             ]
         )
         now = clock()
@@ -151,10 +158,17 @@ class CertificateAuthority:
         return cls(trust_domain, cert, key)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> CertificateAuthority:
-        """Load ``ca.pem`` and ``ca-key.pem``; refuse a key file others can read."""
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        cert_file: str = CA_CERT_FILE,
+        key_file: str = CA_KEY_FILE,
+    ) -> CertificateAuthority:
+        """Load ``ca.pem`` and ``ca-key.pem`` (or the given names); refuse a key file others
+        can read."""
         base = Path(directory)
-        cert_path, key_path = base / CA_CERT_FILE, base / CA_KEY_FILE
+        cert_path, key_path = base / cert_file, base / key_file
         for path in (cert_path, key_path):
             if not path.is_file():
                 raise CAError(f"{path} does not exist (run 'meshctl ca init --dir {base}')")
@@ -181,14 +195,22 @@ class CertificateAuthority:
             raise CAError(f"{cert_path} has no 'spiffe://<trust-domain>' URI SAN")
         return cls(td_id.trust_domain, cert, key)
 
-    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write ``ca.pem`` and ``ca-key.pem`` (0600) into ``directory`` (made 0700 if new)."""
+    def save(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        cert_file: str = CA_CERT_FILE,
+        key_file: str = CA_KEY_FILE,
+    ) -> Path:
+        """Write ``ca.pem`` and ``ca-key.pem`` (0600), or the given names, into ``directory``
+        (made 0700 if new)."""
         out = _ensure_dir(directory)
-        key_path = out / CA_KEY_FILE
+        key_path = out / key_file
         if key_path.exists() and not overwrite:
             raise CAError(f"{key_path} already exists; refusing to replace a root key")
         _write_atomic(key_path, _key_pem(self.key), mode=0o600)
-        _write_atomic(out / CA_CERT_FILE, _certs_pem([self.certificate]), mode=0o644)
+        _write_atomic(out / cert_file, _certs_pem([self.certificate]), mode=0o644)
         return out
 
     @property

@@ -103,7 +103,10 @@ class PeerVerifier:
         snapshot = self._snapshot()
         try:
             actual = verify_svid(
-                chain, self._source.bundle, trust_domain=snapshot.mesh.trust_domain
+                chain,
+                self._source.bundle,
+                trust_domain=snapshot.mesh.trust_domain,
+                crls=self._source.crls,
             )
         except SVIDError as exc:
             raise httpcore.ConnectError(

@@ -1,7 +1,9 @@
 """SVID rotation: watch the SVID directory and swap a renewed pair in, without dropping calls.
 
 meshlib does not hold the CA key: whoever issues certificates (``meshctl ca issue --out DIR``,
-or an agent) replaces ``cert.pem``, ``key.pem`` and ``bundle.pem`` in the directory. A
+or an agent) replaces ``cert.pem``, ``key.pem``, ``bundle.pem`` and ``crl.pem`` in the directory
+(a new bundle during a root rotation, a new CRL after a revocation, are picked up the same way,
+so either takes effect within about two poll intervals). A
 :class:`RotationWatcher` polls their stat (mtime, size, inode); once a change has settled for
 one poll interval it calls the reload function (:meth:`SVIDSource.reload`, or
 :meth:`meshlib.serving.Server.reload_svid`, which runs it on the server's event loop). The source
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshlib.identity.ca import SVID_BUNDLE_FILE, SVID_CERT_FILE, SVID_KEY_FILE
+from meshlib.identity.crl import CRL_FILE
 from meshlib.identity.tls import SVIDMaterial, SVIDSource
 
 __all__ = ["RENEW_FRACTION", "RENEW_JITTER", "RotationStatus", "RotationWatcher", "renewal_time"]
@@ -161,7 +164,7 @@ class RotationWatcher:
 
     def _stat(self) -> _Stat:
         out: list[tuple[int, int, int] | None] = []
-        for name in (SVID_CERT_FILE, SVID_KEY_FILE, SVID_BUNDLE_FILE):
+        for name in (SVID_CERT_FILE, SVID_KEY_FILE, SVID_BUNDLE_FILE, CRL_FILE):
             try:
                 st = os.stat(Path(self.source.directory, name))
             except OSError:

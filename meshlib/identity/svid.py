@@ -9,7 +9,10 @@ The checks follow X509-SVID §4–5, in this order, and the first failure raises
 2. chain: every certificate is signed by the next one (or by a bundle root), issuers are CAs,
    and the chain ends at a root in the bundle ("unknown CA" otherwise);
 3. time: every certificate of the path is inside its validity window at ``now``;
-4. identity: the trust domain, or the whole SPIFFE ID, is the one expected.
+4. revocation (only when CRLs are given): the leaf's issuer has a current CRL and the leaf's
+   serial is not on it. Like OpenSSL's ``VERIFY_CRL_CHECK_LEAF`` this fails closed: no CRL
+   from the issuer, or an expired one, refuses the leaf;
+5. identity: the trust domain, or the whole SPIFFE ID, is the one expected.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from collections.abc import Iterable, Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from meshlib.identity.bundle import root_label
 from meshlib.identity.ca import uri_sans
+from meshlib.identity.crl import issued_by
 from meshlib.identity.spiffe import IdentityError, SpiffeID, SpiffeIDError
 
 __all__ = ["MAX_CHAIN_LENGTH", "SVIDError", "describe_certificate", "spiffe_id_of", "verify_svid"]
@@ -53,12 +58,14 @@ def verify_svid(
     now: dt.datetime | None = None,
     trust_domain: str | None = None,
     expected_id: SpiffeID | str | None = None,
+    crls: Sequence[x509.CertificateRevocationList] | None = None,
 ) -> SpiffeID:
     """Verify ``chain`` (leaf first) against the ``bundle`` roots; return the leaf's SPIFFE ID.
 
     ``now`` defaults to the current time (inject it in tests). ``trust_domain`` and
     ``expected_id`` narrow what is accepted; the trust domain also applies when only the ID
-    is given, since it is part of the ID.
+    is given, since it is part of the ID. ``crls`` (``None``: no revocation checking) are the
+    CRLs the leaf is checked against.
     """
     if not chain:
         raise SVIDError("no certificate presented")
@@ -70,7 +77,10 @@ def verify_svid(
     leaf = chain[0]
     spiffe_id = _check_leaf(leaf)
     path = _build_path(list(chain), roots)
-    _check_validity(path, now if now is not None else dt.datetime.now(dt.timezone.utc))
+    at = now if now is not None else dt.datetime.now(dt.timezone.utc)
+    _check_validity(path, at)
+    if crls is not None:
+        _check_revocation(leaf, path[1], crls, at)
     if trust_domain is not None and spiffe_id.trust_domain != trust_domain:
         raise SVIDError(
             f"SPIFFE ID {spiffe_id} is in trust domain {spiffe_id.trust_domain!r}, "
@@ -190,6 +200,36 @@ def _check_validity(path: Sequence[x509.Certificate], now: dt.datetime) -> None:
                 f"{role} certificate has expired (notAfter "
                 f"{cert.not_valid_after_utc.isoformat()}, now {now.isoformat()})"
             )
+
+
+def _check_revocation(
+    leaf: x509.Certificate,
+    issuer: x509.Certificate,
+    crls: Sequence[x509.CertificateRevocationList],
+    now: dt.datetime,
+) -> None:
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.timezone.utc)
+    mine = [crl for crl in crls if issued_by(crl, issuer)]
+    if not mine:
+        raise SVIDError(
+            f"no CRL from {root_label(issuer)}, the leaf's issuer "
+            "(CRL checking is on and fails closed)"
+        )
+    crl = max(mine, key=lambda c: c.last_update_utc)
+    next_update = crl.next_update_utc
+    if now < crl.last_update_utc or (next_update is not None and now > next_update):
+        raise SVIDError(
+            f"the CRL from {root_label(issuer)} is not current (lastUpdate "
+            f"{crl.last_update_utc.isoformat()}, nextUpdate "
+            f"{next_update.isoformat() if next_update else '-'}, now {now.isoformat()})"
+        )
+    entry = crl.get_revoked_certificate_by_serial_number(leaf.serial_number)
+    if entry is not None:
+        raise SVIDError(
+            f"leaf serial {leaf.serial_number:x} was revoked by {root_label(issuer)} "
+            f"on {entry.revocation_date_utc.isoformat()}"
+        )
 
 
 def describe_certificate(cert: x509.Certificate) -> list[tuple[str, str]]:

@@ -2,13 +2,21 @@
 ``ssl.SSLContext`` objects, reloadable without ever breaking a live context.
 
 :class:`SVIDSource` reads the ``meshctl ca issue --out`` layout (``cert.pem`` chain,
-``key.pem``, ``bundle.pem``, which may hold several roots). :meth:`SVIDSource.reload` reads the
-files again and validates the new pair in memory *before* touching anything live:
+``key.pem``, ``bundle.pem``, which may hold several roots, and optionally ``crl.pem``).
+:meth:`SVIDSource.reload` reads the files again and validates them in memory *before* touching
+anything live:
 
 1. ``cert.pem`` parses and ``key.pem`` is an unencrypted EC key that matches its leaf;
-2. the chain is a valid SVID for the bundle (:func:`~meshlib.identity.svid.verify_svid`) in the
-   expected trust domain;
-3. its SPIFFE ID is the one already served (unless ``allow_identity_change``).
+2. ``bundle.pem``'s sequence (:mod:`meshlib.identity.bundle`) is not lower than the live one; a
+   lower one is ignored (logged, counted in :attr:`SVIDSource.stale_bundles`) and the live
+   roots are kept, while the rest of the reload goes on;
+3. the chain is a valid SVID for the bundle (:func:`~meshlib.identity.svid.verify_svid`) in the
+   expected trust domain. A bundle that no longer holds the root this workload's leaf chains
+   to is refused with that reason (root rotation pre-flight, SEC-7): re-issue the leaf first;
+4. its SPIFFE ID is the one already served (unless ``allow_identity_change``);
+5. with ``crl.pem``: every CRL parses and every root of the bundle has one (checking fails
+   closed, so a root without a CRL would refuse all its peers). Once CRL checking is on, a
+   reload without ``crl.pem`` is refused: removing the file cannot turn revocation off.
 
 Only then is the new pair loaded (``load_cert_chain``) into every context the source built, so
 new connections present it and established ones keep theirs. A failed reload leaves every
@@ -17,11 +25,16 @@ context as it was, raises, and keeps its reason in :attr:`SVIDSource.last_error`
 Roots are only ever *added* to a live context (OpenSSL cannot forget one); the in-memory
 :attr:`SVIDSource.bundle` does follow removals, and the server's SPIFFE re-check
 (:mod:`meshlib.serving`) verifies peers against it, so a removed root stops authenticating
-peers at the next connection.
+peers at the next connection. CRLs likewise are added (OpenSSL uses the newest per issuer, and
+the CA makes each one newer than the last) and the re-check uses :attr:`SVIDSource.crls`.
+With CRLs, contexts verify with ``VERIFY_CRL_CHECK_LEAF``: the peer's leaf must not be revoked
+and its issuer must have a CRL. Connections established before a revocation are not closed;
+they last until either side closes them (keep-alive timeout, pool expiry).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import tempfile
@@ -31,9 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from meshlib.identity.bundle import load_bundle, root_label
 from meshlib.identity.ca import (
     SVID_BUNDLE_FILE,
     SVID_CERT_FILE,
@@ -41,10 +56,13 @@ from meshlib.identity.ca import (
     CAError,
     load_certificates,
 )
+from meshlib.identity.crl import CRL_FILE, crls_pem, issued_by, load_crls
 from meshlib.identity.spiffe import IdentityError, SpiffeID
 from meshlib.identity.svid import SVIDError, verify_svid
 
 __all__ = ["SVIDMaterial", "SVIDSource", "TLSConfigError"]
+
+log = logging.getLogger("meshlib.identity")
 
 
 class TLSConfigError(IdentityError):
@@ -59,6 +77,9 @@ class SVIDMaterial:
     chain: tuple[x509.Certificate, ...]
     key_pem: bytes
     bundle: tuple[x509.Certificate, ...]
+    bundle_sequence: int = 0
+    #: The CRLs of ``crl.pem``; empty: no revocation checking.
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -94,7 +115,9 @@ class SVIDSource:
         self._lock = threading.Lock()
         self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
         self._fresh_client: ssl.SSLContext | None = None
-        self._current = self._read(trust_domain)
+        #: Bundle files ignored because their sequence was lower than the live one.
+        self.stale_bundles = 0
+        self._current = self._read(trust_domain, None)
         self.trust_domain = trust_domain or self._current.spiffe_id.trust_domain
 
     # -- what is loaded -------------------------------------------------------------------
@@ -110,6 +133,16 @@ class SVIDSource:
     @property
     def bundle(self) -> tuple[x509.Certificate, ...]:
         return self._current.bundle
+
+    @property
+    def bundle_sequence(self) -> int:
+        return self._current.bundle_sequence
+
+    @property
+    def crls(self) -> tuple[x509.CertificateRevocationList, ...] | None:
+        """The live CRLs, for :func:`~meshlib.identity.svid.verify_svid`'s ``crls``; ``None``
+        when revocation is not checked (no ``crl.pem``)."""
+        return self._current.crls or None
 
     # -- contexts -------------------------------------------------------------------------
 
@@ -159,6 +192,8 @@ class SVIDSource:
             ctx.verify_flags |= ssl.VERIFY_X509_STRICT
         _load_pair(ctx, material)
         ctx.load_verify_locations(cadata=material.bundle_pem)
+        if material.crls:
+            _load_crls(ctx, material.crls)
         if register:
             self._contexts.add(ctx)
         return ctx
@@ -173,7 +208,7 @@ class SVIDSource:
         :attr:`last_error`) if the new files are refused; nothing live changes then.
         """
         try:
-            new = self._read(self.trust_domain)
+            new = self._read(self.trust_domain, self._current)
             if new.spiffe_id != self._current.spiffe_id and not self.allow_identity_change:
                 raise TLSConfigError(
                     f"new SVID is for {new.spiffe_id}, this workload is "
@@ -182,28 +217,47 @@ class SVIDSource:
         except IdentityError as exc:
             self.last_error = exc.reason
             raise
-        if new.chain == self._current.chain and new.bundle == self._current.bundle:
+        old = self._current
+        if (new.chain, new.bundle, new.bundle_sequence, new.crls) == (
+            old.chain,
+            old.bundle,
+            old.bundle_sequence,
+            old.crls,
+        ):
             self.last_error = None
             return False
         with self._lock:
-            old_bundle = set(self._current.bundle)
-            added = [c for c in new.bundle if c not in old_bundle]
+            added = [c for c in new.bundle if c not in set(old.bundle)]
             added_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in added)
+            new_crls = [c for c in new.crls if c not in old.crls]  # CRLs are unhashable
             for ctx in list(self._contexts):
                 _load_pair(ctx, new)  # validated above: cannot fail on a key mismatch
                 if added_pem:
                     ctx.load_verify_locations(cadata=added_pem)
+                if new_crls:
+                    _load_crls(ctx, new_crls)
             self._current = new
             self._fresh_client = None
         self.last_error = None
         return True
 
-    def _read(self, trust_domain: str | None) -> SVIDMaterial:
+    def _read(self, trust_domain: str | None, live: SVIDMaterial | None) -> SVIDMaterial:
         base = self.directory
         cert_path, key_path = base / SVID_CERT_FILE, base / SVID_KEY_FILE
         bundle_path = base / SVID_BUNDLE_FILE
         chain = tuple(load_certificates(cert_path))
-        bundle = tuple(load_certificates(bundle_path))
+        published = load_bundle(bundle_path)
+        bundle, sequence = published.roots, published.sequence
+        if live is not None and sequence < live.bundle_sequence:
+            self.stale_bundles += 1
+            log.warning(
+                "%s has bundle sequence %d, lower than the live %d: ignored, keeping the live "
+                "roots",
+                bundle_path,
+                sequence,
+                live.bundle_sequence,
+            )
+            bundle, sequence = live.bundle, live.bundle_sequence
         try:
             key_pem = key_path.read_bytes()
         except OSError as exc:
@@ -219,8 +273,69 @@ class SVIDSource:
         try:
             spiffe_id = verify_svid(chain, bundle, trust_domain=trust_domain)
         except SVIDError as exc:
+            dropped = _dropped_root(chain, bundle, () if live is None else live.bundle)
+            if dropped is not None:
+                raise TLSConfigError(
+                    f"{bundle_path} (sequence {sequence}) refused: this workload's leaf "
+                    f"{cert_path} is still chained to {root_label(dropped)} which the new bundle "
+                    "drops; re-issue the leaf under a root of the new bundle first"
+                ) from exc
             raise SVIDError(f"{cert_path}: {exc.reason}") from exc
-        return SVIDMaterial(spiffe_id, chain, key_pem, bundle)
+        crls = self._read_crls(bundle, live)
+        return SVIDMaterial(spiffe_id, chain, key_pem, bundle, sequence, crls)
+
+    def _read_crls(
+        self, bundle: tuple[x509.Certificate, ...], live: SVIDMaterial | None
+    ) -> tuple[x509.CertificateRevocationList, ...]:
+        crl_path = self.directory / CRL_FILE
+        if not crl_path.exists():
+            if live is not None and live.crls:
+                raise TLSConfigError(
+                    f"{crl_path} is gone but CRL checking is on; removing the file does not "
+                    "turn revocation off (restart the workload to do that)"
+                )
+            return ()
+        crls = load_crls(crl_path)
+        for root in bundle:
+            if not any(issued_by(crl, root) for crl in crls):
+                raise TLSConfigError(
+                    f"{crl_path} has no CRL from {root_label(root)}, a root of the bundle; "
+                    "CRL checking fails closed, so every peer chained to it would be refused"
+                )
+        return crls
+
+
+def _dropped_root(
+    chain: tuple[x509.Certificate, ...],
+    bundle: tuple[x509.Certificate, ...],
+    live_bundle: tuple[x509.Certificate, ...],
+) -> x509.Certificate | None:
+    """The live root that ``chain`` ends at if the new ``bundle`` no longer holds it."""
+    top = chain[-1]
+    for root in live_bundle:
+        if root not in bundle:
+            try:
+                top.verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return root
+    return None
+
+
+def _load_crls(
+    ctx: ssl.SSLContext,
+    crls: list[x509.CertificateRevocationList] | tuple[x509.CertificateRevocationList, ...],
+) -> None:
+    """Add CRLs to ``ctx``'s store and check the peer's leaf against them. ``cadata`` takes
+    only certificates, so they go through a private temporary file."""
+    with tempfile.TemporaryDirectory(prefix="meshlib-crl-") as tmp:
+        crl_file = Path(tmp, CRL_FILE)
+        crl_file.write_bytes(crls_pem(crls))
+        try:
+            ctx.load_verify_locations(cafile=crl_file)
+        except ssl.SSLError as exc:
+            raise TLSConfigError(f"TLS refused the CRLs: {exc.reason or exc}") from exc
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _load_pair(ctx: ssl.SSLContext, material: SVIDMaterial) -> None:

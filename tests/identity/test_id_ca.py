@@ -179,7 +179,11 @@ def test_cli_init_issue_inspect_round_trip(
     assert _mode(out / "key.pem") == 0o600
     leaf = load_certificates(out / "cert.pem")[0]
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(hours=2, minutes=1)
-    assert (out / "bundle.pem").read_bytes() == (ca_dir / "ca.pem").read_bytes()
+    # the published bundle: the root, with sequence 1 (SEC-7)
+    assert (out / "bundle.pem").read_bytes() == (ca_dir / "bundle.pem").read_bytes()
+    assert (out / "bundle.pem").read_bytes() == (
+        b"# meshlib-bundle-sequence: 1\n" + (ca_dir / "ca.pem").read_bytes()
+    )
 
     bundle = str(out / "bundle.pem")
     assert main(["ca", "inspect", str(out / "cert.pem"), "--bundle", bundle]) == 0

@@ -19,7 +19,7 @@ def test_python_snippet_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "leaf certificate has expired" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("verb", ["init", "issue", "inspect"])
+@pytest.mark.parametrize("verb", ["init", "issue", "inspect", "rotate", "bundle", "revoke"])
 def test_documented_ca_verbs_exist(verb: str) -> None:
     assert f"meshctl ca {verb}" in DOC.read_text()
     assert main(["ca", verb, "--help"]) == 0
