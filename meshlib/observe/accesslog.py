@@ -44,6 +44,8 @@ class AccessLog:
         self.format = format
         self.dropped = 0
         self._logger = logger_
+        if logger_.level == logging.NOTSET:  # enabling the log is the opt-in: not lost to the
+            logger_.setLevel(logging.INFO)  # root logger's default WARNING level
         self._pending: deque[CallEvent] = deque(maxlen=max_pending)
         self._wake = threading.Event()
         self._idle = False
