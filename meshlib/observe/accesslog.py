@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("meshlib.access")
 
 FORMATS = ("json", "text")
+#: How long the writer lets events gather once woken, so a busy caller costs one wake-up per
+#: batch rather than one per call (lines reach the handlers at most this late).
+LINGER = 0.05
 
 #: The access log each mesh got from :func:`sync_access_log` (weak: dies with its mesh).
 _installed: weakref.WeakKeyDictionary[Mesh, AccessLog] = weakref.WeakKeyDictionary()
@@ -49,7 +52,8 @@ class AccessLog:
         self._pending: deque[CallEvent] = deque(maxlen=max_pending)
         self._wake = threading.Event()
         self._idle = False
-        self._busy = False
+        self._passes_started = 0  # write passes (for flush: one started after it, done)
+        self._passes_done = 0
         self._stop = False
         self._drained = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="meshlib-access-log", daemon=True)
@@ -70,30 +74,41 @@ class AccessLog:
 
     def _run(self) -> None:
         pending = self._pending
+        wake = self._wake
         while True:
-            self._busy = True
-            while pending:
-                event = pending.popleft()
-                try:
-                    self._logger.info(self.line(event))
-                except Exception:  # a broken handler must not kill the writer
-                    logging.getLogger("meshlib.observe").exception("access log write failed")
-            with self._drained:
-                self._busy = False
-                self._drained.notify_all()
+            self._write_pending()
             if self._stop:
                 return
             self._idle = True
-            if not pending:  # re-check after announcing idleness: an append may have raced it
-                self._wake.wait(1.0)
-            self._wake.clear()
+            if not pending:  # re-checked after announcing idleness: an append may have raced it
+                wake.wait()
             self._idle = False
+            wake.clear()
+            if not self._stop:  # let a batch gather: one wake-up per batch, not per event
+                wake.wait(LINGER)
+
+    def _write_pending(self) -> None:
+        with self._drained:
+            self._passes_started += 1
+        pending = self._pending
+        while pending:
+            event = pending.popleft()
+            try:
+                self._logger.info(self.line(event))
+            except Exception:  # a broken handler must not kill the writer
+                logging.getLogger("meshlib.observe").exception("access log write failed")
+        with self._drained:
+            self._passes_done += 1
+            self._drained.notify_all()
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every event appended so far is logged (for tests and shutdown)."""
+        """Wait until every event appended so far is logged (for tests and shutdown): a write
+        pass that starts after this call has finished."""
+        with self._drained:
+            target = self._passes_started + 1
         self._wake.set()
         with self._drained:
-            return self._drained.wait_for(lambda: not self._pending and not self._busy, timeout)
+            return self._drained.wait_for(lambda: self._passes_done >= target, timeout)
 
     def close(self) -> None:
         """Log what is pending, then stop the writer."""

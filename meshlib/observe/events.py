@@ -213,26 +213,31 @@ class EventHub:
         url = request.url
         attempts = decision.attempts
         status = decision.status
+        reason = decision.reason
+        # positional: about twice as fast as keywords for a 19-field dataclass
         self.emit(
             CallEvent(
-                time=time.time(),
-                direction="outbound",
-                source=source,
-                destination=destination,
-                route=decision.route,
-                method=request.method,
-                authority=url.netloc.decode("ascii", "replace"),
-                path=url.path,  # no query string: it may carry secrets
-                status=status,
-                code=code,
-                duration=seconds,
-                flag=flag_for(decision.reason, status, decision.budget),
-                reason=decision.reason,
-                attempts=len(attempts),
-                retries=decision.retries,
-                endpoint=attempts[-1].endpoint if attempts else None,
-                trace_id=current_trace_id(),
-                version=decision.snapshot_version,
+                time.time(),
+                "outbound",
+                source,
+                destination,
+                decision.route,
+                request.method,
+                url.netloc.decode("ascii", "replace"),
+                url.path,  # no query string: it may carry secrets
+                status,
+                code,
+                seconds,
+                Flag.OK
+                if reason == "ok" and (status is None or status < 500)
+                else flag_for(reason, status, decision.budget),
+                reason,
+                len(attempts),
+                decision.retries,
+                attempts[-1].endpoint if attempts else None,
+                None,
+                current_trace_id(),
+                decision.snapshot_version,
             )
         )
 
