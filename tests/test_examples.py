@@ -110,6 +110,8 @@ FEATURES = [
     "inbound",
     "authorization",
     "origin-authentication",
+    "access-logs",
+    "admin",
 ]
 _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
