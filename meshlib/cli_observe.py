@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,13 +53,15 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     return run
 
 
+_NUMBER = re.compile(r"^-?[\d.]+%?$")
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Left-aligned text columns, numbers right-aligned."""
     cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     numeric = [
-        all(isinstance(row[i], (int, float)) for row in rows) and bool(rows)
-        for i in range(len(headers))
+        bool(rows) and all(_NUMBER.match(str(row[i])) for row in rows) for i in range(len(headers))
     ]
     lines = []
     for r in cells:
