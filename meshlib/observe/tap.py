@@ -57,8 +57,12 @@ class Subscription:
         waiter, self._waiter = self._waiter, None
         return waiter
 
-    def _take(self) -> CallEvent | None:
+    def _take(self, waiter: Callable[[], None]) -> CallEvent | None:
+        """An event if one came; forgets ``waiter`` (a timed-out wait must not be woken later,
+        e.g. on an event loop that has closed since)."""
         with self._tap._lock:
+            if self._waiter == waiter:
+                self._waiter = None
             return self._items.popleft() if self._items else None
 
     def _arm(self, waiter: Callable[[], None]) -> CallEvent | None:
@@ -76,7 +80,7 @@ class Subscription:
         if event is not None:
             return event
         ready.wait(timeout)
-        return self._take()
+        return self._take(ready.set)
 
     async def next(self, timeout: float | None = None) -> CallEvent | None:
         """The next event, awaiting up to ``timeout`` seconds (None: none came)."""
@@ -91,7 +95,7 @@ class Subscription:
             return event
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(future, timeout)
-        return self._take()
+        return self._take(wake)
 
     def close(self) -> None:
         self._tap.unsubscribe(self)

@@ -225,3 +225,10 @@ def test_a_slow_handler_never_blocks_the_caller_and_drops_are_counted() -> None:
     finally:
         release.set()
         log.close()
+
+
+def test_disabled_access_log_in_the_policy_builds_no_events() -> None:
+    text = ACCESS_JSON.replace("enabled: true, format: json", "enabled: false") + bare("r")
+    with meshlib.Mesh.from_text(text, service="t", metrics=False) as mesh:
+        assert mesh.snapshot.mesh.access_log is None
+        assert access_log_of(mesh) is None and mesh.events is None
