@@ -360,6 +360,9 @@ def run_call(
                 clock() - start,
                 decision.attempts,
             )
+        events = getattr(host, "events", None)  # call-completion events (meshlib.observe)
+        if events is not None:
+            events.outbound(host.source, backend, request, decision, code, clock() - start)
 
 
 def _admitted_call(

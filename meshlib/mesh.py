@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
     from meshlib.identity.tls import SVIDMaterial, SVIDSource
     from meshlib.metrics import MeshMetrics
+    from meshlib.observe.admin import AdminApp
+    from meshlib.observe.events import EventHub
 
 log = logging.getLogger("meshlib")
 
@@ -100,6 +102,7 @@ class Mesh:
         local_responses: bool = False,
         svid_dir: str | os.PathLike[str] | None = None,
         svid_poll_interval: float | None = 1.0,
+        access_log: str | None = None,
     ) -> None:
         self.service = service
         self.namespace = namespace
@@ -138,6 +141,11 @@ class Mesh:
         self._faults: tuple[FaultRule, ...] = ()
         self._fault_index: dict[tuple[str, str | None], tuple[FaultRule, ...]] = {}
         self.reload_status = ReloadStatus(True, snapshot.version, digest=snapshot.digest)
+        #: Call-event consumers (meshlib.observe); None, the hooks' only cost, until one attaches.
+        self.events: EventHub | None = None
+        self.last_rejected: ReloadStatus | None = None  # the last rejected reload, kept after
+        self._access_log = access_log  # "json" | "text": wins over the policy's spec.accessLog
+        self._sync_observers()
         self._path = Path(path) if path is not None else None
         self._poll_interval = poll_interval
         self._stop = threading.Event()
@@ -336,6 +344,21 @@ class Mesh:
         """Swap in a new validated snapshot atomically (calls in flight keep theirs)."""
         self._router = Router(snapshot)  # a single reference assignment: atomic
         self.reload_status = ReloadStatus(True, snapshot.version, digest=snapshot.digest)
+        self._sync_observers()
+
+    def _sync_observers(self) -> None:
+        """Follow ``spec.accessLog`` (or the ``access_log`` argument) at start and on reload."""
+        if self._access_log or self.snapshot.mesh.access_log or self.events is not None:
+            from meshlib.observe.accesslog import sync_access_log
+
+            sync_access_log(self, self._access_log)
+
+    def admin_app(self, *, tap_size: int = 1000, top_window: float = 60.0) -> AdminApp:
+        """A read-only ASGI debug app for this mesh (meshlib.observe.admin): serve it on a
+        localhost-only admin port, never on the public listener."""
+        from meshlib.observe.admin import AdminApp
+
+        return AdminApp(self, tap_size=tap_size, top_window=top_window)
 
     def reload(self) -> bool:
         """Re-read the policy file now. A bad file keeps the last good snapshot in force."""
@@ -358,6 +381,7 @@ class Mesh:
             self.reload_status = ReloadStatus(
                 False, self.snapshot.version, error=error, digest=_file_digest(path), at=time.time()
             )
+            self.last_rejected = self.reload_status
             if self.metrics is not None:
                 self.metrics.reloads.labels("rejected").inc()
             log.error(
@@ -421,6 +445,8 @@ class Mesh:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        if self.events is not None:
+            self.events.close()
 
     def __enter__(self) -> Mesh:
         return self

@@ -36,6 +36,19 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^A/B split as configured$",
         ],
     ),
+    "observe.py": (
+        [],
+        [
+            r"^ratings: CircuitOpenError \(circuit_open\)$",
+            r'^access: .*-> reviews\.default "GET reviews/reviews/fault" 503 fault_injected',
+            r"^last rejected: .*\(kept version 1\), 1 problem\(s\):$",
+            r"spec\.accessLog\.format: 'xml' is not one of json, text$",
+            r"^ratings\.default +127\.0\.0\.1:1 +healthy +[\d.]+ +0 +2 +open",
+            r"^outbound +productpage\.default +reviews\.default +- +7 +[\d.]+ +85\.7%",
+            r"^outbound +productpage\.default +ratings\.default +- +3 +[\d.]+ +0\.0%",
+            r'-> ratings\.default "GET ratings/ratings/1" 503 circuit_open [\d.]+ms attempts=0$',
+        ],
+    ),
     "demo.py": (
         ["--duration", "2"],
         [
@@ -110,6 +123,8 @@ FEATURES = [
     "inbound",
     "authorization",
     "origin-authentication",
+    "access-logs",
+    "admin",
 ]
 _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")

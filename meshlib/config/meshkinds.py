@@ -50,7 +50,11 @@ def build_mesh(ctx: DocContext) -> MeshSettings:
         egress = Egress(spec.get("egress", defaults.egress.value))
     except ValueError:  # reported by the structural check
         return defaults
-    return MeshSettings(trust, mtls, access, egress)
+    log = spec.get("accessLog")
+    access_log = None
+    if isinstance(log, YMap) and log.get("enabled", True) is True:
+        access_log = str(log.get("format", "json"))
+    return MeshSettings(trust, mtls, access, egress, access_log)
 
 
 def build_service(ctx: DocContext) -> ServiceDef | None:

@@ -67,6 +67,7 @@ class MeshSettings:
     mtls: MTLSMode = MTLSMode.DISABLE
     access_control: AccessControl = AccessControl.OPEN
     egress: Egress = Egress.ALLOW_ANY
+    access_log: str | None = None  # spec.accessLog format ("json" | "text") when enabled
 
 
 @dataclass(frozen=True)

@@ -319,6 +319,10 @@ def _meshlib_docs() -> dict[str, Schema]:
             "mtls": enum("strict", "permissive", "disable"),
             "accessControl": enum("open", "audit", "enforce"),
             "egress": enum("allow-any", "registry-only"),
+            "accessLog": obj(
+                {"enabled": {"type": "boolean"}, "format": enum("json", "text")},
+                description="one log line per call and inbound request (meshlib.access)",
+            ),
         }
     )
     fault = obj(

@@ -138,7 +138,7 @@ class MeshMiddleware:
             except Unauthenticated as exc:
                 log.info("origin authentication failed for %s: %s", self._destination, exc)
                 await send_local_reply(send, 401, Reason.UNAUTHENTICATED)
-                self._record(source, 401, Reason.UNAUTHENTICATED, start)
+                self._record(source, 401, Reason.UNAUTHENTICATED, start, scope)
                 return
             if principal is not None:
                 claims = principal.claims
@@ -152,13 +152,13 @@ class MeshMiddleware:
         verdict = self._authorize(identity, method, path, headers, jwt_claims=claims)
         if verdict is Verdict.DENY:
             await send_local_reply(send, 403, Reason.DENIED)
-            self._record(source, 403, Reason.DENIED, start)
+            self._record(source, 403, Reason.DENIED, start, scope)
             return
         refused_by = self._admit(source, start)
         if refused_by is not None:
             retry_after = max(1, math.ceil(1.0 / refused_by.requests_per_second))
             await send_local_reply(send, 429, Reason.RATE_LIMITED, retry_after=retry_after)
-            self._record(source, 429, Reason.RATE_LIMITED, start)
+            self._record(source, 429, Reason.RATE_LIMITED, start, scope)
             return
 
         deadline = self._deadline(headers if identity is not None else (), start)
@@ -176,7 +176,7 @@ class MeshMiddleware:
         finally:
             inbound_deadline.reset(token)
             reason = Reason.UPSTREAM_ERROR if status >= 500 else Reason.OK
-            self._record(source, status, reason, start)
+            self._record(source, status, reason, start, scope)
 
     def _authz_index(self) -> AuthzIndex:
         """This service's authorization index under the current snapshot, memoised on the
@@ -311,12 +311,17 @@ class MeshMiddleware:
             candidates.append(now + self.default_timeout)
         return min(candidates) if candidates else None
 
-    def _record(self, source: str, status: int, reason: Reason, start: float) -> None:
+    def _record(self, source: str, status: int, reason: Reason, start: float, scope: Scope) -> None:
         metrics = self.mesh.metrics
         if metrics is not None:
             metrics.observe_inbound(
                 source, self._destination, "", str(status), reason.value, self._clock() - start
             )
+        events = self.mesh.events  # call-completion events (meshlib.observe)
+        if events is not None:
+            peer = None if source == UNAUTHENTICATED else source
+            seconds = self._clock() - start
+            events.inbound(source, self._destination, scope, status, reason, seconds, peer)
 
 
 async def send_local_reply(

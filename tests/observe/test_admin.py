@@ -1,0 +1,235 @@
+"""The admin app and the meshctl verbs against a real uvicorn admin server, after scripted
+traffic to real echo backends: status with the last rejected reload, an ejected endpoint,
+a tap bounded by count and by time, exact top numbers, and the verbs' output."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from e2e.conftest import service_yaml
+from harness.server import ServerHandle, run_uvicorn
+
+import meshlib
+from meshlib.cli import main
+
+pytestmark = pytest.mark.timeout(30)
+
+NO_RETRIES = """---
+apiVersion: meshlib/v1
+kind: TrafficPolicy
+metadata: {name: reviews-policy}
+spec:
+  target: {service: reviews}
+  retries: {attempts: 0}
+  circuitBreaker: {consecutiveFailures: 1000}
+  loadBalancer: {type: round-robin}
+  outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}
+"""
+
+
+@pytest.fixture
+def serve_admin() -> Iterator[Callable[[meshlib.Mesh], ServerHandle]]:
+    started: list[tuple[ServerHandle, Any]] = []
+
+    def serve(mesh: meshlib.Mesh) -> ServerHandle:
+        app = mesh.admin_app(top_window=60.0)
+        server = run_uvicorn(app, name="admin")
+        started.append((server, app))
+        return server
+
+    yield serve
+    for server, app in started:
+        server.stop()
+        app.close()
+
+
+def get(server: ServerHandle, path: str) -> Any:
+    response = httpx.get(server.url + path, timeout=5)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_status_shows_the_version_and_the_last_rejected_reload(
+    tmp_path: Path, echo_factory, serve_admin, capsys
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    backend = echo_factory("reviews")
+    path = tmp_path / "policy.yaml"
+    good = service_yaml("reviews", [backend.port])
+    path.write_text(good)
+    with meshlib.Mesh.from_file(
+        path, service="tester", watch=False, registry=CollectorRegistry()
+    ) as mesh:
+        server = serve_admin(mesh)
+        version = mesh.snapshot.version
+        path.write_text(good + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {}\n")
+        assert not mesh.reload()
+
+        status = get(server, "/status")
+        assert status["service"] == "tester.default"
+        assert status["snapshot"]["version"] == version
+        assert status["snapshot"]["files"] == [str(path)]
+        assert status["reload"]["ok"] is False
+        (problem,) = status["last_rejected"]["error"]["problems"]
+        assert problem["file"] == str(path) and problem["document"] == 2 and problem["line"] > 0
+
+        path.write_text(good.replace("reviews", "ratings"))
+        assert mesh.reload()
+        status = get(server, "/status")
+        assert status["reload"]["ok"] is True and status["snapshot"]["version"] > version
+        assert status["last_rejected"]["error"]["problems"] == [problem]  # kept after
+        assert get(server, "/config")["documents"][0]["metadata"]["name"] == "ratings"
+
+        assert main(["status", server.url]) == 0
+        out = capsys.readouterr().out
+        assert f"version {mesh.snapshot.version}" in out
+        assert "last rejected" in out and problem["text"] in out
+        assert main(["status", server.url, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["status"]["reload"]["ok"] is True
+
+
+def test_endpoints_show_an_ejected_endpoint_and_meshctl_status_the_table(
+    make_mesh, echo_factory, serve_admin, capsys
+) -> None:
+    good, bad = echo_factory("good"), echo_factory("bad")
+    bad.set_status(503)
+    mesh = make_mesh(service_yaml("reviews", [good.port, bad.port]) + NO_RETRIES)
+    server = serve_admin(mesh)
+    with mesh.client() as client:
+        for _ in range(4):  # round robin: two failures on `bad` eject it
+            client.get("http://reviews/x")
+    (dest,) = get(server, "/endpoints")["destinations"]
+    assert dest["destination"] == "reviews.default" and dest["breaker"] == "closed"
+    assert dest["in_flight"] == 0 and dest["ejections"] == 1
+    assert isinstance(dest["retry_budget"], float)
+    rows = {row["address"]: row for row in dest["endpoints"]}
+    ejected, healthy = rows[f"127.0.0.1:{bad.port}"], rows[f"127.0.0.1:{good.port}"]
+    assert ejected["healthy"] is False and 0 < ejected["ejected_for_seconds"] <= 30
+    assert ejected["times_ejected"] == 1 and ejected["requests"] == 2
+    assert healthy["healthy"] is True and healthy["ejected_until"] is None
+    assert healthy["ewma_ms"] > 0 and healthy["in_flight"] == 0
+
+    assert main(["status", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "DESTINATION" in out and "ejected" in out and f"127.0.0.1:{bad.port}" in out
+
+
+def test_tap_streams_recent_then_live_events_and_stops_at_the_limit(
+    make_mesh, echo_factory, serve_admin
+) -> None:
+    backend = echo_factory("reviews")
+    mesh = make_mesh(service_yaml("reviews", [backend.port]) + NO_RETRIES)
+    server = serve_admin(mesh)
+    lines: list[dict[str, Any]] = []
+
+    def read() -> None:
+        with httpx.stream("GET", server.url + "/tap?limit=5&seconds=20", timeout=25) as r:
+            lines.extend(json.loads(line) for line in r.iter_lines() if line)
+
+    with mesh.client() as client:
+        client.get("http://reviews/0")
+        client.get("http://reviews/1")
+        reader = threading.Thread(target=read)
+        reader.start()
+        tap = _tap_of(mesh)
+        assert _wait(lambda: tap.subscribers == 1)
+        for n in range(2, 8):  # more than the limit: the stream ends at 5 all the same
+            client.get(f"http://reviews/{n}")
+        reader.join(10)
+    assert not reader.is_alive()
+    assert [line["path"] for line in lines] == ["/0", "/1", "/2", "/3", "/4"]
+    assert all(line["flag"] == "ok" and line["direction"] == "outbound" for line in lines)
+    assert _wait(lambda: tap.subscribers == 0)  # the stream's subscription is gone
+
+
+def test_tap_time_bound_filters_and_bad_parameters(
+    make_mesh, echo_factory, serve_admin, capsys
+) -> None:
+    backend = echo_factory("reviews")
+    text = (
+        service_yaml("reviews", [backend.port]) + "---\n" + service_yaml("ratings", [backend.port])
+    )
+    mesh = make_mesh(text)
+    server = serve_admin(mesh)
+    with mesh.client() as client:
+        client.get("http://reviews/a")
+        client.get("http://ratings/b")
+    response = httpx.get(server.url + "/tap?seconds=0.2&destination=ratings", timeout=5)
+    assert response.headers["content-type"] == "application/x-ndjson"
+    assert [json.loads(x)["path"] for x in response.text.splitlines()] == ["/b"]
+
+    bad = httpx.get(server.url + "/tap?limit=0", timeout=5)
+    assert bad.status_code == 400 and "limit must be between 1" in bad.json()["error"]
+    assert httpx.get(server.url + "/nope", timeout=5).status_code == 404
+    assert httpx.post(server.url + "/status", timeout=5).status_code == 405
+
+    assert main(["tap", server.url, "--seconds", "0.2", "--destination", "reviews"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert '"GET reviews/a" 200 ok' in line and "outbound -> reviews.default" in line
+    assert main(["tap", server.url, "--limit", "2", "--json"]) == 0
+    assert [json.loads(x)["path"] for x in capsys.readouterr().out.splitlines()] == ["/a", "/b"]
+
+
+def test_top_counts_exactly_and_meshctl_top_prints_the_table(
+    make_mesh, echo_factory, serve_admin, capsys
+) -> None:
+    backend = echo_factory("reviews")
+    backend.set_status(503, path="/fail")
+    mesh = make_mesh(service_yaml("reviews", [backend.port]) + NO_RETRIES)
+    server = serve_admin(mesh)
+    with mesh.client() as client:
+        for n in range(10):
+            client.get("http://reviews/fail" if n % 5 == 0 else f"http://reviews/{n}")
+    top = get(server, "/top")
+    (edge,) = top["edges"]
+    assert edge["direction"] == "outbound" and edge["destination"] == "reviews.default"
+    assert (edge["requests"], edge["successes"], edge["success_rate"]) == (10, 8, 0.8)
+    assert edge["rate"] > 0 and 0 < edge["p50_ms"] <= edge["p99_ms"]
+
+    assert main(["top", server.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == [
+        "DIRECTION",
+        "SOURCE",
+        "DESTINATION",
+        "ROUTE",
+        "REQS",
+        "RPS",
+        "SUCCESS",
+        "P50_MS",
+        "P99_MS",
+    ]
+    cells = out[1].split()
+    assert cells[:5] == ["outbound", "tester.default", "reviews.default", "-", "10"]
+    assert cells[6] == "80.0%"
+    assert main(["top", server.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["edges"][0]["requests"] == 10
+
+
+def test_meshctl_reports_an_unreachable_admin_app(capsys) -> None:
+    assert main(["status", "http://127.0.0.1:1", "--timeout", "2"]) == 1
+    assert "meshctl status:" in capsys.readouterr().err
+
+
+def _tap_of(mesh: meshlib.Mesh) -> Any:
+    from meshlib.observe.tap import Tap
+
+    assert mesh.events is not None
+    return next(c for c in mesh.events.consumers if isinstance(c, Tap))
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll a state that has no event to wait on (a subscription appearing server-side)."""
+    done = threading.Event()
+    for _ in range(int(timeout / 0.005)):
+        if predicate():
+            return True
+        done.wait(0.005)
+    return predicate()
