@@ -1,0 +1,1 @@
+"""The Observe pillar's tools built on the mesh's telemetry (exporters, the service graph)."""
