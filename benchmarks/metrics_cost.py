@@ -31,9 +31,9 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import meshlib  # noqa: E402
-from meshlib.decision import AttemptRecord  # noqa: E402
-from meshlib.metrics import MeshMetrics  # noqa: E402
+import meshlib
+from meshlib.decision import AttemptRecord
+from meshlib.metrics import MeshMetrics
 
 POLICY = """\
 apiVersion: meshlib/v1
