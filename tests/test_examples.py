@@ -110,6 +110,7 @@ FEATURES = [
     "inbound",
     "authorization",
     "origin-authentication",
+    "metrics",
 ]
 _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
