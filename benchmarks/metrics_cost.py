@@ -2,13 +2,15 @@
 
     python benchmarks/metrics_cost.py [--calls 20000] [--rounds 7] [--json out.json]
 
-No sockets: outbound calls go through ``MeshTransport`` to an ``httpx.MockTransport`` that
-answers 200 at once, and inbound requests go through ``MeshMiddleware`` around a bare ASGI app
-driven by hand, so the mesh's own work is all that is timed and the metrics' share of it stands
-out. Two meshes differ only in ``Mesh(metrics=False)``; the variants run interleaved (rounds
-alternate which goes first) and each round's time per call is kept, so the median difference
-is the metrics' cost, with noise that hits both alike cancelled out. A micro line times the
-metrics calls alone (``observe_call`` with one attempt, ``observe_inbound`` + the authz count).
+No sockets: outbound calls go through ``MeshTransport`` (driven directly) to an
+``httpx.MockTransport`` that answers 200 at once, and inbound requests go through
+``MeshMiddleware`` around a bare ASGI app driven by hand, so the mesh's own work is all that is
+timed. Times are this thread's CPU time. Two meshes differ only in ``Mesh(metrics=False)``; the
+variants run interleaved (rounds alternate which goes first) and the median of the per-round
+differences is the metrics' share. On a shared machine that difference is noisy (several µs
+between two identical meshes), so a micro line also times the metrics calls alone
+(``observe_call`` with one attempt; ``observe_inbound`` plus the authz count), best of the
+rounds: the number to hold against the budget.
 
 The target (issue 4) is at most 3 µs per call. Importing this module has no side effects.
 """
@@ -57,6 +59,10 @@ spec: {target: {service: backend, route: items}, timeout: 10s}
 
 TARGET_US = 3.0
 
+#: CPU time of this thread: other processes on a shared machine do not inflate it the way
+#: they inflate wall time (everything measured runs on this thread, sockets are not involved).
+_clock = time.thread_time
+
 
 def _ok(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, content=b"ok")
@@ -69,13 +75,16 @@ def _mesh(metrics: bool) -> meshlib.Mesh:
 
 
 def _outbound(mesh: meshlib.Mesh) -> Callable[[int], float]:
-    client = httpx.Client(transport=meshlib.MeshTransport(mesh, inner=httpx.MockTransport(_ok)))
+    """The mesh transport driven directly with one prebuilt request: httpx's client-side work
+    (building requests, cookies, redirects) is the same either way and only adds noise."""
+    transport = meshlib.MeshTransport(mesh, inner=httpx.MockTransport(_ok))
+    request = httpx.Request("GET", "http://backend/items/1")
 
     def run(n: int) -> float:
-        start = time.perf_counter()
+        start = _clock()
         for _ in range(n):
-            client.get("http://backend/items/1")
-        return time.perf_counter() - start
+            transport.handle_request(request).close()
+        return _clock() - start
 
     return run
 
@@ -101,27 +110,32 @@ def _inbound(mesh: meshlib.Mesh) -> Callable[[int], float]:
         return None
 
     async def loop(n: int) -> float:
-        start = time.perf_counter()
+        start = _clock()
         for _ in range(n):
             await middleware(scope, receive, send)
-        return time.perf_counter() - start
+        return _clock() - start
 
     return lambda n: asyncio.run(loop(n))
 
 
-def _micro(n: int) -> dict[str, float]:
-    """The metrics calls alone, in µs per call."""
+def _micro(n: int, rounds: int) -> dict[str, float]:
+    """The metrics calls alone, in µs per call, best of ``rounds``."""
+    best = [_micro_round(n) for _ in range(rounds)]
+    return {side: min(r[side] for r in best) for side in ("outbound", "inbound")}
+
+
+def _micro_round(n: int) -> dict[str, float]:
     m = MeshMetrics(CollectorRegistry())
     attempts = [AttemptRecord(1, "127.0.0.1:9", "ok", status=200)]
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(n):
         m.observe_call("bench.default", "backend.default", "items", "200", "ok", 0.001, attempts)
-    outbound = time.perf_counter() - start
-    start = time.perf_counter()
+    outbound = _clock() - start
+    start = _clock()
     for _ in range(n):
         m.observe_authz("unauthenticated", "bench.default", "allow", "permissive")
         m.observe_inbound("unauthenticated", "bench.default", "/items/{id}", "200", "ok", 0.001)
-    inbound = time.perf_counter() - start
+    inbound = _clock() - start
     return {"outbound": outbound / n * 1e6, "inbound": inbound / n * 1e6}
 
 
@@ -150,7 +164,7 @@ def measure(calls: int, rounds: int) -> dict[str, Any]:
                 "added_us": statistics.median(deltas),
                 "ratio": on_us / off_us,
             }
-        result["micro_us"] = _micro(calls)
+        result["micro_us"] = _micro(calls, rounds)
     finally:
         on.close()
         off.close()
@@ -159,7 +173,8 @@ def measure(calls: int, rounds: int) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> str:
     lines = [
-        f"metrics cost per call ({result['calls']} calls x {result['rounds']} rounds, medians)",
+        f"metrics cost per call, CPU time ({result['calls']} calls x {result['rounds']} rounds, "
+        "medians)",
         "",
         "| side | metrics on µs | metrics off µs | added µs | ratio |",
         "|---|---:|---:|---:|---:|",

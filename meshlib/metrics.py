@@ -46,7 +46,7 @@ class _CallStats(Collector):
         self,
         labels: tuple[str, ...],
         seconds: float,
-        attempt_labels: tuple[tuple[str, ...], ...] = (),
+        attempt_labels: Sequence[tuple[str, ...]] = (),
     ) -> None:
         index = bisect.bisect_left(_BUCKETS, seconds)
         with self._lock:  # one lock for the call and its attempts
@@ -236,9 +236,12 @@ class MeshMetrics:
         self.calls.observe_call(
             ("outbound", source, destination, route, code, reason),
             seconds,
-            tuple(
-                ("outbound", source, destination, a.endpoint, _attempt_code(a)) for a in attempts
-            ),
+            [
+                ("outbound", source, destination, a.endpoint, a.outcome)
+                if a.status is None
+                else ("outbound", source, destination, a.endpoint, str(a.status))
+                for a in attempts
+            ],
         )
 
     def observe_inbound(
@@ -261,7 +264,3 @@ class MeshMetrics:
 
 
 _CIRCUIT_VALUES = {"closed": 0.0, "open": 1.0, "half_open": 2.0}
-
-
-def _attempt_code(attempt: AttemptRecord) -> str:
-    return attempt.outcome if attempt.status is None else str(attempt.status)
