@@ -199,3 +199,21 @@ def test_metrics_off_registers_nothing(registry: CollectorRegistry) -> None:
         assert series(registry, "mesh_requests_total") == []
     finally:
         mesh.close()
+
+
+def test_cost_benchmark_runs() -> None:
+    """benchmarks/metrics_cost.py stays runnable (the numbers of a tiny run mean nothing)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "metrics_cost.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--calls", "200", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=True,
+    )
+    assert "| outbound |" in done.stdout and "| inbound |" in done.stdout
+    assert "metrics calls alone (best round): outbound" in done.stdout
