@@ -397,8 +397,12 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     output = graph.RENDERERS[args.format](graph.build(scrapes, interval))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(output)
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(output)
+        except OSError as exc:
+            print(f"meshctl graph: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+            return EXIT_INVALID
     else:
         sys.stdout.write(output)
     return EXIT_OK

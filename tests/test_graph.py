@@ -134,6 +134,15 @@ def test_graph_names_the_url_it_could_not_scrape(capsys: pytest.CaptureFixture[s
     assert cli.main(["graph", "http://127.0.0.1:9/metrics", "--timeout", "2"]) == 1
     assert capsys.readouterr().err.startswith("meshctl graph: http://127.0.0.1:9/metrics: ")
     assert cli.main(["graph", "ftp://x"]) == 1
+    assert capsys.readouterr().err == "meshctl graph: ftp://x: not an http(s) URL\n"
+
+
+def test_graph_names_the_file_it_could_not_write(
+    chain: dict[str, ServerHandle], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "missing" / "graph.svg"
+    assert cli.main(["graph", chain["a"].url, "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"meshctl graph: cannot write {out}: ")
 
 
 # --- the graph logic alone ---------------------------------------------------------------------
