@@ -20,6 +20,7 @@ from meshlib.errors import (
 )
 from meshlib.inbound import MeshMiddleware
 from meshlib.mesh import FaultHandle, Mesh, ReloadStatus
+from meshlib.observe.exporter import MetricsServer, metrics_app, start_metrics_server
 from meshlib.serving import serve
 from meshlib.transport import AsyncMeshTransport, MeshTransport
 
@@ -41,6 +42,7 @@ __all__ = [
     "MeshMiddleware",
     "MeshTimeout",
     "MeshTransport",
+    "MetricsServer",
     "NoHealthyEndpointsError",
     "Problem",
     "RateLimitedError",
@@ -48,5 +50,7 @@ __all__ = [
     "ReloadStatus",
     "RetryBudgetExhaustedError",
     "__version__",
+    "metrics_app",
     "serve",
+    "start_metrics_server",
 ]

@@ -443,6 +443,56 @@ def _cmd_ca_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- graph -------------------------------------------------------------------------------------
+
+
+def _add_graph(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "graph",
+        help="who calls whom, from the metrics of several services",
+        description="Scrape each URL's /metrics (mesh_requests_total) and print the service "
+        "graph: edges with requests and success rate. Two scrapes --interval seconds apart "
+        "give rates; otherwise totals since each process started.",
+    )
+    p.add_argument("urls", nargs="+", metavar="URL", help="a service's metrics URL")
+    p.add_argument("--format", choices=("text", "svg", "html"), default="text")
+    p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    p.add_argument("--interval", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    p.set_defaults(func=_cmd_graph)
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    import time
+
+    from meshlib.observe import graph
+
+    if args.interval < 0 or args.timeout <= 0:
+        raise _UsageError("--interval must be >= 0 and --timeout > 0")
+    try:
+        scrapes = graph.scrape(args.urls, args.timeout)
+        interval = None
+        if args.interval > 0:
+            time.sleep(args.interval)
+            later = graph.scrape(args.urls, args.timeout)
+            scrapes = [graph.delta(a, b) for a, b in zip(scrapes, later, strict=True)]
+            interval = args.interval
+    except graph.GraphError as exc:
+        print(f"meshctl graph: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    output = graph.RENDERERS[args.format](graph.build(scrapes, interval))
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(output)
+        except OSError as exc:
+            print(f"meshctl graph: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+            return EXIT_INVALID
+    else:
+        sys.stdout.write(output)
+    return EXIT_OK
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 _VERBS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
@@ -451,6 +501,7 @@ _VERBS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], No
     _add_explain,
     _add_ca,
     *OBSERVE_VERBS,  # status, tap, top (meshlib.cli_observe)
+    _add_graph,
 )
 
 

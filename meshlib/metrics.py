@@ -46,7 +46,7 @@ class _CallStats(Collector):
         self,
         labels: tuple[str, ...],
         seconds: float,
-        attempt_labels: tuple[tuple[str, ...], ...] = (),
+        attempt_labels: Sequence[tuple[str, ...]] = (),
     ) -> None:
         index = bisect.bisect_left(_BUCKETS, seconds)
         with self._lock:  # one lock for the call and its attempts
@@ -108,7 +108,36 @@ class _Row:
         self.buckets = [0] * (len(_BUCKETS) + 1)
 
 
-_ATTEMPT_LABELS = ("direction", "source", "destination", "endpoint")
+#: ``code`` is the attempt's own status, or its outcome when it got none (``connect_failure``,
+#: ``timeout``, ``reset``, ``cancelled`` for a hedge that lost the race, ``error``): the
+#: "actual" success rate, before retries, is read from these.
+_ATTEMPT_LABELS = ("direction", "source", "destination", "endpoint", "code")
+
+
+class Labelled:
+    """A prometheus-client metric with its labelled children cached.
+
+    ``Counter.labels()`` validates and locks on every call (about 1.5 µs); a call that
+    retries or injects a fault would pay it on the hot path. Here a known label set costs one
+    dict lookup. Beyond ``MAX_SERIES`` label sets the extra ones share an overflow child.
+    """
+
+    __slots__ = ("_children", "metric")
+
+    def __init__(self, metric: Counter | Gauge) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        """The child for ``values`` (a ``Counter`` or ``Gauge`` child: ``inc()``/``set()``)."""
+        child = self._children.get(values)
+        if child is None:  # a race only builds the same child twice: labels() is idempotent
+            if len(self._children) >= MAX_SERIES:
+                values = tuple(_OVERFLOW for _ in values)
+                child = self._children.get(values)
+            if child is None:
+                child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class MeshMetrics:
@@ -120,54 +149,69 @@ class MeshMetrics:
     _shared: weakref.WeakKeyDictionary[CollectorRegistry, MeshMetrics] = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._authz_children: dict[tuple[str, str, str, str], Any] = {}
         self.calls = _CallStats()
         registry.register(self.calls)
-        self.retries = Counter(
-            "mesh_retries_total", "Retries sent.", ("source", "destination"), registry=registry
+        self.retries = Labelled(
+            Counter(
+                "mesh_retries_total", "Retries sent.", ("source", "destination"), registry=registry
+            )
         )
-        self.budget_exhausted = Counter(
-            "mesh_retry_budget_exhausted_total",
-            "Retries skipped because the retry budget was spent.",
-            ("source", "destination"),
-            registry=registry,
+        self.budget_exhausted = Labelled(
+            Counter(
+                "mesh_retry_budget_exhausted_total",
+                "Retries skipped because the retry budget was spent.",
+                ("source", "destination"),
+                registry=registry,
+            )
         )
-        self.circuit_state = Gauge(
-            "mesh_circuit_state",
-            "Circuit breaker state per backend: 0 closed, 1 open, 2 half-open.",
-            ("source", "destination"),
-            registry=registry,
+        self.circuit_state = Labelled(
+            Gauge(
+                "mesh_circuit_state",
+                "Circuit breaker state per backend: 0 closed, 1 open, 2 half-open.",
+                ("source", "destination"),
+                registry=registry,
+            )
         )
-        self.ejections = Counter(
-            "mesh_endpoint_ejections_total",
-            "Outlier ejections of endpoints.",
-            ("source", "destination", "endpoint"),
-            registry=registry,
+        self.ejections = Labelled(
+            Counter(
+                "mesh_endpoint_ejections_total",
+                "Outlier ejections of endpoints.",
+                ("source", "destination", "endpoint"),
+                registry=registry,
+            )
         )
-        self.faults = Counter(
-            "mesh_faults_injected_total",
-            "Faults injected by policy.",
-            ("source", "destination", "kind"),
-            registry=registry,
+        self.faults = Labelled(
+            Counter(
+                "mesh_faults_injected_total",
+                "Faults injected by policy.",
+                ("source", "destination", "kind"),
+                registry=registry,
+            )
         )
-        self.authz_decisions = Counter(
-            "mesh_authz_decisions_total",
-            "Inbound authorization decisions; verdict is the policy's answer (an audit-mode "
-            "deny is counted as deny although the request proceeds).",
-            ("source", "destination", "verdict", "mode"),
-            registry=registry,
+        self.authz_decisions = Labelled(
+            Counter(
+                "mesh_authz_decisions_total",
+                "Inbound authorization decisions; verdict is the policy's answer (an audit-mode "
+                "deny is counted as deny although the request proceeds).",
+                ("source", "destination", "verdict", "mode"),
+                registry=registry,
+            )
         )
-        self.reloads = Counter(
-            "mesh_config_reloads_total",
-            "Policy reloads by result.",
-            ("result",),
-            registry=registry,
+        self.reloads = Labelled(
+            Counter(
+                "mesh_config_reloads_total",
+                "Policy reloads by result.",
+                ("result",),
+                registry=registry,
+            )
         )
-        self.cert_expiry = Gauge(
-            "mesh_cert_expiry_timestamp_seconds",
-            "Expiry (not-after, Unix seconds) of the SVID this workload presents.",
-            ("identity",),
-            registry=registry,
+        self.cert_expiry = Labelled(
+            Gauge(
+                "mesh_cert_expiry_timestamp_seconds",
+                "Expiry (not-after, Unix seconds) of the SVID this workload presents.",
+                ("identity",),
+                registry=registry,
+            )
         )
 
     @classmethod
@@ -192,7 +236,12 @@ class MeshMetrics:
         self.calls.observe_call(
             ("outbound", source, destination, route, code, reason),
             seconds,
-            tuple(("outbound", source, destination, a.endpoint) for a in attempts),
+            [
+                ("outbound", source, destination, a.endpoint, a.outcome)
+                if a.status is None
+                else ("outbound", source, destination, a.endpoint, str(a.status))
+                for a in attempts
+            ],
         )
 
     def observe_inbound(
@@ -204,13 +253,7 @@ class MeshMetrics:
     def observe_authz(self, source: str, destination: str, verdict: str, mode: str) -> None:
         """One inbound authorization decision (``verdict``: allow or deny; ``mode``: the
         mesh's accessControl)."""
-        key = (source, destination, verdict, mode)
-        child = self._authz_children.get(key)
-        if child is None:  # labels() is the costly part: cache the child, bounded
-            child = self.authz_decisions.labels(*key)
-            if len(self._authz_children) < MAX_SERIES:
-                self._authz_children[key] = child
-        child.inc()
+        self.authz_decisions.labels(source, destination, verdict, mode).inc()
 
     def set_circuit_state(self, source: str, destination: str, state: str) -> None:
         self.circuit_state.labels(source, destination).set(_CIRCUIT_VALUES[state])

@@ -125,6 +125,7 @@ FEATURES = [
     "origin-authentication",
     "access-logs",
     "admin",
+    "metrics",
 ]
 _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")

@@ -44,17 +44,30 @@ def test_calls_are_counted_with_golden_names_and_labels(registry: CollectorRegis
     assert "# TYPE mesh_request_duration_seconds histogram" in exposition
 
 
-def test_attempts_and_circuit_state(registry: CollectorRegistry) -> None:
+def test_attempts_carry_their_own_code_and_circuit_state(registry: CollectorRegistry) -> None:
     m = MeshMetrics.for_registry(registry)
-    attempts = [AttemptRecord(n, "127.0.0.1:9000", "status", status=503) for n in (1, 2, 3)]
-    m.observe_call("web.default", "reviews.default", "", "503", "upstream_error", 0.01, attempts)
-    labels = {
-        "direction": "outbound",
-        "source": "web.default",
-        "destination": "reviews.default",
-        "endpoint": "127.0.0.1:9000",
+    attempts = [
+        AttemptRecord(1, "127.0.0.1:9000", "status", status=503),
+        AttemptRecord(2, "127.0.0.1:9001", "connect_failure"),
+        AttemptRecord(3, "127.0.0.1:9000", "ok", status=200),
+    ]
+    m.observe_call("web.default", "reviews.default", "", "200", "ok", 0.01, attempts)
+    base = {"direction": "outbound", "source": "web.default", "destination": "reviews.default"}
+    expected = {
+        ("127.0.0.1:9000", "503"): 1,
+        ("127.0.0.1:9001", "connect_failure"): 1,
+        ("127.0.0.1:9000", "200"): 1,
     }
-    assert registry.get_sample_value("mesh_attempts_total", labels) == 3
+    for (endpoint, code), n in expected.items():
+        labels = dict(base, endpoint=endpoint, code=code)
+        assert registry.get_sample_value("mesh_attempts_total", labels) == n
+    # effective (per call, after retries): 1 of 1 succeeded; actual (per attempt): 1 of 3
+    assert (
+        registry.get_sample_value(
+            "mesh_requests_total", {**base, "route": "", "code": "200", "reason": "ok"}
+        )
+        == 1
+    )
     m.set_circuit_state("web.default", "reviews.default", "open")
     state = {"source": "web.default", "destination": "reviews.default"}
     assert registry.get_sample_value("mesh_circuit_state", state) == 1.0
@@ -62,7 +75,29 @@ def test_attempts_and_circuit_state(registry: CollectorRegistry) -> None:
     assert registry.get_sample_value("mesh_circuit_state", state) == 2.0
 
 
-def test_label_sets_are_bounded(registry: CollectorRegistry, monkeypatch) -> None:
+def test_labelled_children_are_cached_and_bounded(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = MeshMetrics.for_registry(registry)
+    child = m.retries.labels("web.default", "reviews.default")
+    assert m.retries.labels("web.default", "reviews.default") is child
+    monkeypatch.setattr(metrics_module, "MAX_SERIES", 3)
+    for i in range(10):
+        m.faults.labels("web.default", f"svc-{i}.default", "abort").inc()
+    samples = {
+        s.labels["destination"]: s.value
+        for family in registry.collect()
+        if family.name == "mesh_faults_injected"
+        for s in family.samples
+        if s.name == "mesh_faults_injected_total"
+    }
+    assert len(samples) == 4  # three real series and one overflow
+    assert samples["__overflow__"] == 7
+
+
+def test_label_sets_are_bounded(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(metrics_module, "MAX_SERIES", 5)
     m = MeshMetrics.for_registry(registry)
     for i in range(50):

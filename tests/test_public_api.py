@@ -26,6 +26,7 @@ EXPECTED = {
     "MeshMiddleware",
     "MeshTimeout",
     "MeshTransport",
+    "MetricsServer",
     "NoHealthyEndpointsError",
     "Problem",
     "RateLimitedError",
@@ -33,7 +34,9 @@ EXPECTED = {
     "ReloadStatus",
     "RetryBudgetExhaustedError",
     "__version__",
+    "metrics_app",
     "serve",
+    "start_metrics_server",
 }
 
 #: Each mesh error, the httpx exception it must be caught by, its status and its reason.

@@ -176,7 +176,7 @@ class MeshMiddleware:
         finally:
             inbound_deadline.reset(token)
             reason = Reason.UPSTREAM_ERROR if status >= 500 else Reason.OK
-            self._record(source, status, reason, start, scope)
+            self._record(source, status, reason, start, scope, route_template(scope))
 
     def _authz_index(self) -> AuthzIndex:
         """This service's authorization index under the current snapshot, memoised on the
@@ -311,17 +311,32 @@ class MeshMiddleware:
             candidates.append(now + self.default_timeout)
         return min(candidates) if candidates else None
 
-    def _record(self, source: str, status: int, reason: Reason, start: float, scope: Scope) -> None:
+    def _record(
+        self, source: str, status: int, reason: Reason, start: float, scope: Scope, route: str = ""
+    ) -> None:
         metrics = self.mesh.metrics
         if metrics is not None:
             metrics.observe_inbound(
-                source, self._destination, "", str(status), reason.value, self._clock() - start
+                source, self._destination, route, str(status), reason.value, self._clock() - start
             )
         events = self.mesh.events  # call-completion events (meshlib.observe)
         if events is not None:
             peer = None if source == UNAUTHENTICATED else source
             seconds = self._clock() - start
-            events.inbound(source, self._destination, scope, status, reason, seconds, peer)
+            events.inbound(source, self._destination, scope, status, reason, seconds, peer, route)
+
+
+def route_template(scope: Scope) -> str:
+    """The ``route`` metric label of an inbound request: the template of the route the app's
+    router matched, never the raw path (which would make one series per URL).
+
+    The contract is FastAPI's: after matching, the router stores the matched route object in
+    the scope it was given (``scope["route"]``, with the template as ``.path``); the scope is
+    the dict this middleware passed on, so it is readable once the app returns. No route
+    (no router, nothing matched, refused before the app) is the one bucket ``""``.
+    """
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else ""
 
 
 async def send_local_reply(

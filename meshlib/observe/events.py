@@ -250,15 +250,17 @@ class EventHub:
         reason: Reason,
         seconds: float,
         peer: str | None = None,
+        route: str | None = None,
     ) -> None:
-        """Called once per inbound HTTP request where the middleware records its metrics."""
+        """Called once per inbound HTTP request where the middleware records its metrics;
+        ``route`` is the framework's route template when the app exposes one."""
         self.emit(
             CallEvent(
                 time.time(),
                 "inbound",
                 source,
                 destination,
-                None,
+                route or None,
                 str(scope.get("method", "")),
                 _host_header(scope.get("headers") or ()),
                 str(scope.get("path", "")),

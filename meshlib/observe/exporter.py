@@ -1,0 +1,99 @@
+"""Serving the mesh's metrics: an ASGI ``/metrics`` app to mount, a standalone exporter.
+
+Both read a prometheus-client registry — the one given to ``Mesh(registry=...)``, or the
+default one, as ``Mesh`` itself does. prometheus-client is imported when they are called, not
+when this module is, so ``import meshlib`` stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import threading
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client import CollectorRegistry
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+    """An ASGI app answering every HTTP request with the registry's metrics.
+
+    The Prometheus text format by default, OpenMetrics when the scraper asks for it in
+    ``Accept`` (as Prometheus does), gzip when ``Accept-Encoding`` allows it. Mount it in the
+    application (``Mount("/metrics", metrics_app())`` in Starlette, ``app.mount(...)`` in
+    FastAPI) or serve it alone; it answers lifespan events so a server can run it bare.
+    """
+    from prometheus_client import REGISTRY, make_asgi_app
+
+    exposition = make_asgi_app(registry if registry is not None else REGISTRY)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await exposition(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    return app
+
+
+class MetricsServer:
+    """A running standalone exporter (see :func:`start_metrics_server`); :meth:`stop` it, or
+    use it as a context manager."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        self.host = str(server.server_address[0])
+        self.port = int(server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """The exporter's base URL (every path answers with the metrics)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving, close the socket and wait for the server thread. Idempotent."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_metrics_server(
+    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None
+) -> MetricsServer:
+    """Serve the registry's metrics over HTTP from a daemon thread, for programs that are not
+    ASGI applications (a worker, a CLI, a sync web app). ``port=0`` picks a free port (read it
+    back from ``.port``). Loopback by default: exposing metrics is the caller's choice."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    server, thread = start_http_server(
+        port, addr=addr, registry=registry if registry is not None else REGISTRY
+    )
+    return MetricsServer(server, thread)

@@ -1,0 +1,329 @@
+"""``meshctl graph``: the who-calls-whom graph of a mesh, from its services' own metrics.
+
+Every meshed process counts its calls in ``mesh_requests_total``: outbound with the caller as
+``source`` and the backend as ``destination``, inbound with the caller's verified identity
+(or ``unauthenticated``) as ``source``. Scraping several services' ``/metrics`` and summing the
+outbound series per (source, destination) gives the edges, as a Kiali-style view would, with no
+collector in between. Inbound series complete the picture: they confirm an edge the caller
+reported (``seen by: both``) and add the edges whose caller was not scraped (a client outside
+the mesh, a service not listed), which only the callee saw.
+
+Two scrapes ``interval`` seconds apart give rates (requests per second over the interval);
+one scrape gives totals since each process started. Counters that went backwards (a restart)
+count from zero.
+
+Rendering is plain text (for a terminal), a hand-written SVG (nodes in layers from the entry
+points, edges labelled with requests and success rate) or an HTML page embedding the SVG.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from xml.sax.saxutils import escape
+
+#: A scrape: one series key -> its value. The key is (direction, source, destination, code).
+Series = dict[tuple[str, str, str, str], float]
+
+_SPIFFE = re.compile(r"^spiffe://[^/]+/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
+UNAUTHENTICATED = "unauthenticated"
+
+
+class GraphError(Exception):
+    """A scrape that failed or did not parse; the message names the URL."""
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """Calls from ``source`` to ``destination`` over the observed window."""
+
+    source: str
+    destination: str
+    requests: float
+    successes: float
+    seen_by: str  # "caller", "callee" or "both"
+    rate: float | None = None  # requests per second, when two scrapes were taken
+
+    @property
+    def success_rate(self) -> float | None:
+        """Share of calls not answered 5xx nor failed (``None`` without calls)."""
+        return self.successes / self.requests if self.requests else None
+
+
+@dataclass(frozen=True, slots=True)
+class Graph:
+    nodes: tuple[str, ...]
+    edges: tuple[Edge, ...]
+    interval: float | None  # seconds between the two scrapes, None for totals
+    sources: int  # how many endpoints were scraped
+
+
+def parse(text: str, url: str = "<text>") -> Series:
+    """The ``mesh_requests_total`` series of one exposition, summed over route and reason."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    series: Series = defaultdict(float)
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name != "mesh_requests_total":
+                    continue
+                labels = sample.labels
+                key = (
+                    labels.get("direction", ""),
+                    labels.get("source", ""),
+                    labels.get("destination", ""),
+                    labels.get("code", ""),
+                )
+                series[key] += sample.value
+    except ValueError as exc:
+        raise GraphError(f"{url}: not a Prometheus exposition ({exc})") from exc
+    return dict(series)
+
+
+def delta(before: Series, after: Series) -> Series:
+    """What each series counted between two scrapes (a counter that went down restarted)."""
+    out: Series = {}
+    for key, value in after.items():
+        previous = before.get(key, 0.0)
+        out[key] = value - previous if value >= previous else value
+    return out
+
+
+def service_name(source: str) -> str:
+    """A node name for a ``source`` label: SPIFFE IDs become ``account.namespace`` (the
+    form of the outbound side's service keys); anything else is kept."""
+    match = _SPIFFE.match(source)
+    return f"{match['sa']}.{match['ns']}" if match else source
+
+
+def _succeeded(code: str) -> bool:
+    return code.isdigit() and int(code) < 500
+
+
+def build(scrapes: Sequence[Series], interval: float | None = None) -> Graph:
+    """The graph of the summed scrapes (each one process: replicas add up)."""
+    outbound: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    inbound: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for series in scrapes:
+        for (direction, source, destination, code), value in series.items():
+            if direction == "outbound":
+                table = outbound
+            elif direction == "inbound":
+                table, source = inbound, service_name(source)
+            else:
+                continue
+            counts = table[(source, destination)]
+            counts[0] += value
+            if _succeeded(code):
+                counts[1] += value
+    reporters = {source for source, _ in outbound}
+    called = {destination for _, destination in outbound}
+    reporting_callees = {destination for _, destination in inbound}
+    edges = [
+        _edge(s, d, counts, "both" if d in reporting_callees else "caller", interval)
+        for (s, d), counts in outbound.items()
+    ]
+    for (s, d), counts in inbound.items():
+        if s in reporters or (s == UNAUTHENTICATED and d in called):
+            continue  # the caller reported it (plain-HTTP callers are all "unauthenticated")
+        edges.append(_edge(s, d, counts, "callee", interval))
+    edges = [e for e in edges if e.requests > 0 or interval is None]
+    edges.sort(key=lambda e: (e.source, e.destination))
+    nodes = sorted({e.source for e in edges} | {e.destination for e in edges})
+    return Graph(tuple(nodes), tuple(edges), interval, len(scrapes))
+
+
+def _edge(
+    source: str, destination: str, counts: list[float], seen_by: str, interval: float | None
+) -> Edge:
+    rate = counts[0] / interval if interval else None
+    return Edge(source, destination, counts[0], counts[1], seen_by, rate)
+
+
+def scrape(urls: Iterable[str], timeout: float = 5.0) -> list[Series]:
+    """Fetch and parse each URL (``http://host:port`` alone means ``/metrics``)."""
+    import httpx
+
+    out: list[Series] = []
+    with httpx.Client(timeout=timeout) as client:
+        for url in dict.fromkeys(urls):  # the same endpoint twice would count it twice
+            target = metrics_url(url)
+            try:
+                response = client.get(target)
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                raise GraphError(f"{target}: {exc}") from exc
+            out.append(parse(response.text, target))
+    return out
+
+
+def metrics_url(url: str) -> str:
+    """``url`` with ``/metrics`` as its path when it has none."""
+    import httpx
+
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise GraphError(f"{url}: not an http(s) URL")
+    return str(parsed.copy_with(path="/metrics")) if parsed.path in ("", "/") else url
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _success(edge: Edge) -> str:
+    rate = edge.success_rate
+    return "-" if rate is None else f"{rate * 100:.1f}%"
+
+
+def _count(value: float) -> str:
+    return f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+
+
+def render_text(graph: Graph) -> str:
+    """One line per edge: requests (and rate), success rate and who reported it."""
+    window = f"over {graph.interval:g}s" if graph.interval else "totals since start"
+    head = f"service graph: {len(graph.nodes)} services, {len(graph.edges)} edges ({window}, "
+    head += f"{graph.sources} scraped)"
+    rows = [("edge", "requests", "rps", "success", "seen by")]
+    for e in graph.edges:
+        rps = "-" if e.rate is None else f"{e.rate:.2f}"
+        rows.append(
+            (f"{e.source} → {e.destination}", _count(e.requests), rps, _success(e), e.seen_by)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [head, ""]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:4], widths[1:4], strict=True)
+        ]
+        lines.append("  ".join([*cells, row[4]]).rstrip())
+    if not graph.edges:
+        lines.append("(no mesh_requests_total series found)")
+    return "\n".join(lines) + "\n"
+
+
+def _layers(graph: Graph) -> dict[str, int]:
+    """Each node's column: its longest distance from an entry point (a node nobody calls),
+    cycles cut; nodes only on cycles start at column 0."""
+    callers: Mapping[str, list[str]] = _adjacent(graph, reverse=True)
+    callees = _adjacent(graph)
+    layer = {n: 0 for n in graph.nodes}
+    frontier = [n for n in graph.nodes if not callers.get(n)] or list(graph.nodes[:1])
+    seen: set[str] = set(frontier)
+    while frontier:
+        following: list[str] = []
+        for node in frontier:
+            for nxt in callees.get(node, ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    layer[nxt] = layer[node] + 1
+                    following.append(nxt)
+        frontier = following
+        if not frontier:
+            rest = [n for n in graph.nodes if n not in seen]
+            frontier = rest[:1]
+            seen.update(frontier)
+    return layer
+
+
+def _adjacent(graph: Graph, reverse: bool = False) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for e in graph.edges:
+        a, b = (e.destination, e.source) if reverse else (e.source, e.destination)
+        out[a].append(b)
+    return out
+
+
+_COL, _ROW, _MARGIN, _RADIUS = 260, 120, 90, 34
+
+
+def _positions(graph: Graph) -> dict[str, tuple[float, float]]:
+    columns: dict[int, list[str]] = defaultdict(list)
+    for node, column in sorted(_layers(graph).items(), key=lambda kv: (kv[1], kv[0])):
+        columns[column].append(node)
+    tallest = max((len(c) for c in columns.values()), default=1)
+    pos: dict[str, tuple[float, float]] = {}
+    for column, nodes in columns.items():
+        offset = (tallest - len(nodes)) * _ROW / 2
+        for row, node in enumerate(nodes):
+            pos[node] = (_MARGIN + column * _COL, _MARGIN + offset + row * _ROW)
+    return pos
+
+
+def _color(edge: Edge) -> str:
+    rate = edge.success_rate
+    if rate is None or rate >= 0.99:
+        return "#2e7d32"
+    return "#ef6c00" if rate >= 0.95 else "#c62828"
+
+
+def render_svg(graph: Graph) -> str:
+    """A standalone SVG: services as circles in columns from the entry points, calls as
+    arrows coloured by success rate (green ≥ 99%, orange ≥ 95%, red below) and labelled with
+    requests (or rate) and success."""
+    pos = _positions(graph)
+    width = max((x for x, _ in pos.values()), default=0) + 2 * _MARGIN
+    height = max((y for _, y in pos.values()), default=0) + 2 * _MARGIN
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="12">',
+        "<title>meshlib service graph</title>",
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" '
+        'markerHeight="8" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
+        'fill="context-stroke"/></marker></defs>',
+    ]
+    for edge in graph.edges:
+        parts.append(_svg_edge(edge, pos))
+    for node, (x, y) in sorted(pos.items()):
+        parts.append(
+            f'<g class="node"><circle cx="{x:.1f}" cy="{y:.1f}" r="{_RADIUS}" fill="#e3f2fd" '
+            f'stroke="#1565c0" stroke-width="2"/><text x="{x:.1f}" y="{y + _RADIUS + 16:.1f}" '
+            f'text-anchor="middle">{escape(node)}</text></g>'
+        )
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _svg_edge(edge: Edge, pos: Mapping[str, tuple[float, float]]) -> str:
+    (x1, y1), (x2, y2) = pos[edge.source], pos[edge.destination]
+    color = _color(edge)
+    amount = f"{edge.rate:.2f} rps" if edge.rate is not None else f"{_count(edge.requests)} req"
+    label = escape(f"{amount} · {_success(edge)}")
+    title = escape(f"{edge.source} → {edge.destination}: {amount}, {_success(edge)} success")
+    if (x1, y1) == (x2, y2):  # a service calling itself: a loop above the node
+        top = y1 - _RADIUS
+        return (
+            f'<g class="edge"><title>{title}</title><path d="M{x1 - 12:.1f},{top:.1f} '
+            f'C{x1 - 40:.1f},{top - 60:.1f} {x1 + 40:.1f},{top - 60:.1f} {x1 + 12:.1f},{top:.1f}" '
+            f'fill="none" stroke="{color}" stroke-width="2" marker-end="url(#arrow)"/>'
+            f'<text x="{x1:.1f}" y="{top - 50:.1f}" text-anchor="middle">{label}</text></g>'
+        )
+    length = math.hypot(x2 - x1, y2 - y1)
+    ux, uy = (x2 - x1) / length, (y2 - y1) / length
+    sx, sy = x1 + ux * _RADIUS, y1 + uy * _RADIUS
+    ex, ey = x2 - ux * (_RADIUS + 2), y2 - uy * (_RADIUS + 2)
+    mx, my = (sx + ex) / 2 - uy * 10, (sy + ey) / 2 + ux * 10 - 4
+    return (
+        f'<g class="edge"><title>{title}</title><line x1="{sx:.1f}" y1="{sy:.1f}" '
+        f'x2="{ex:.1f}" y2="{ey:.1f}" stroke="{color}" stroke-width="2" '
+        f'marker-end="url(#arrow)"/><text x="{mx:.1f}" y="{my:.1f}" text-anchor="middle" '
+        f'fill="{color}">{label}</text></g>'
+    )
+
+
+def render_html(graph: Graph) -> str:
+    """A self-contained page: the SVG and the text table, no external resources."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<title>meshlib service graph</title>"
+        "<style>body{font-family:sans-serif;margin:2em}pre{background:#f5f5f5;padding:1em}"
+        "</style></head><body>\n<h1>meshlib service graph</h1>\n"
+        f"{render_svg(graph)}<pre>{escape(render_text(graph))}</pre>\n</body></html>\n"
+    )
+
+
+RENDERERS = {"text": render_text, "svg": render_svg, "html": render_html}

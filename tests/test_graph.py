@@ -1,0 +1,193 @@
+"""``meshctl graph`` on a live three-service chain (a → b → c over real sockets), each service
+serving its own metrics through ``meshlib.metrics_app``; then the graph logic alone."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import ServerHandle, run_uvicorn
+from prometheus_client import CollectorRegistry
+
+import meshlib
+from meshlib import cli
+from meshlib.observe import graph
+
+pytestmark = pytest.mark.timeout(60)
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _service(name: str, port: int) -> str:
+    return (
+        "apiVersion: meshlib/v1\nkind: Service\n"
+        f"metadata: {{name: {name}}}\nspec:\n  endpoints: [{{address: '127.0.0.1:{port}'}}]\n"
+    )
+
+
+def _app(mesh: meshlib.Mesh, registry: CollectorRegistry, next_hop: str | None) -> Any:
+    """``/metrics`` outside the mesh (a scrape is not traffic); everything else through the
+    middleware: forward the same path to ``next_hop``, or, at the end of the chain, answer 503
+    for ``/fail`` and 200 otherwise."""
+    metrics = meshlib.metrics_app(registry)
+
+    async def handler(scope: Any, receive: Any, send: Any) -> None:
+        status = 503 if scope["path"] == "/fail" else 200
+        if next_hop is not None:
+            async with mesh.async_client() as client:
+                status = (await client.get(f"http://{next_hop}{scope['path']}")).status_code
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    meshed = meshlib.MeshMiddleware(handler, mesh=mesh)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/metrics":
+            await metrics(scope, receive, send)
+        else:
+            await meshed(scope, receive, send)
+
+    return app
+
+
+@pytest.fixture
+def chain() -> Iterator[dict[str, ServerHandle]]:
+    """Services c, b, a started in that order (each needs the next one's port)."""
+    servers: dict[str, ServerHandle] = {}
+    meshes: list[meshlib.Mesh] = []
+    try:
+        next_hop: tuple[str, int] | None = None
+        for name in ("c", "b", "a"):
+            policy = _service(*next_hop) if next_hop else _service("nobody", 9)
+            registry = CollectorRegistry()
+            mesh = meshlib.Mesh.from_text(policy, service=name, registry=registry, watch=False)
+            meshes.append(mesh)
+            hop = next_hop[0] if next_hop else None
+            servers[name] = run_uvicorn(_app(mesh, registry, hop), name=f"graph-{name}")
+            next_hop = (name, servers[name].port)
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+        for mesh in meshes:
+            mesh.close()
+
+
+def _drive(chain: dict[str, ServerHandle], ok: int, fail: int) -> None:
+    with httpx.Client(base_url=chain["a"].url) as client:
+        for path in ["/ok"] * ok + ["/fail"] * fail:
+            client.get(path)
+
+
+def test_graph_text_lists_the_exact_edges_and_counts(
+    chain: dict[str, ServerHandle], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _drive(chain, ok=5, fail=2)
+    urls = [f"{chain[n].url}/metrics" for n in ("a", "b", "c")]
+    assert cli.main(["graph", *urls]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "service graph: 4 services, 3 edges (totals since start, 3 scraped)"
+    rows = [line.split() for line in out[3:]]
+    assert rows == [
+        ["a.default", "→", "b.default", "7", "-", "71.4%", "both"],
+        ["b.default", "→", "c.default", "7", "-", "71.4%", "both"],
+        ["unauthenticated", "→", "a.default", "7", "-", "71.4%", "callee"],
+    ]
+
+
+def test_graph_svg_and_html_files(chain: dict[str, ServerHandle], tmp_path: Path) -> None:
+    _drive(chain, ok=3, fail=0)
+    urls = [chain[n].url for n in ("a", "b", "c")]  # no path: /metrics is implied
+    svg_file, html_file = tmp_path / "graph.svg", tmp_path / "graph.html"
+    assert cli.main(["graph", *urls, "--format", "svg", "--out", str(svg_file)]) == 0
+    root = ET.fromstring(svg_file.read_text())
+    assert root.tag == f"{SVG}svg"
+    names = {t.text for g in root.iter(f"{SVG}g") if g.get("class") == "node" for t in g}
+    assert names >= {"a.default", "b.default", "c.default", "unauthenticated"}
+    titles = [t.text for g in root.iter(f"{SVG}g") if g.get("class") == "edge" for t in g]
+    assert "a.default → b.default: 3 req, 100.0% success" in titles
+    assert cli.main(["graph", *urls, "--format", "html", "--out", str(html_file)]) == 0
+    page = html_file.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "b.default" in page
+
+
+def test_graph_rates_from_two_scrapes(
+    chain: dict[str, ServerHandle], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _drive(chain, ok=4, fail=0)  # before the window: not counted
+    urls = [chain[n].url for n in ("a", "b")]
+    before = graph.scrape(urls)
+    _drive(chain, ok=2, fail=0)
+    after = graph.scrape(urls)
+    g = graph.build([graph.delta(x, y) for x, y in zip(before, after, strict=True)], 2.0)
+    edges = {(e.source, e.destination): e for e in g.edges}
+    assert edges[("a.default", "b.default")].requests == 2
+    assert edges[("a.default", "b.default")].rate == 1.0
+    assert edges[("b.default", "c.default")].seen_by == "caller"  # c was not scraped
+
+
+def test_graph_names_the_url_it_could_not_scrape(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["graph", "http://127.0.0.1:9/metrics", "--timeout", "2"]) == 1
+    assert capsys.readouterr().err.startswith("meshctl graph: http://127.0.0.1:9/metrics: ")
+    assert cli.main(["graph", "ftp://x"]) == 1
+    assert capsys.readouterr().err == "meshctl graph: ftp://x: not an http(s) URL\n"
+
+
+def test_graph_names_the_file_it_could_not_write(
+    chain: dict[str, ServerHandle], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "missing" / "graph.svg"
+    assert cli.main(["graph", chain["a"].url, "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"meshctl graph: cannot write {out}: ")
+
+
+# --- the graph logic alone ---------------------------------------------------------------------
+
+
+def _exposition(*rows: tuple[str, str, str, str, float]) -> str:
+    lines = ["# TYPE mesh_requests counter"]
+    for direction, source, destination, code, value in rows:
+        lines.append(
+            f'mesh_requests_total{{direction="{direction}",source="{source}",'
+            f'destination="{destination}",route="",code="{code}",reason="ok"}} {value}'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def test_inbound_from_an_unscraped_identity_completes_the_graph() -> None:
+    spiffe = "spiffe://shop.test/ns/prod/sa/batch"
+    callee = graph.parse(
+        _exposition(
+            ("inbound", spiffe, "api.prod", "200", 9),
+            ("inbound", spiffe, "api.prod", "500", 1),
+            ("inbound", "spiffe://shop.test/ns/prod/sa/web", "api.prod", "200", 4),
+        )
+    )
+    caller = graph.parse(_exposition(("outbound", "web.prod", "api.prod", "200", 4)))
+    g = graph.build([callee, caller])
+    assert [(e.source, e.destination, e.requests, e.seen_by) for e in g.edges] == [
+        ("batch.prod", "api.prod", 10, "callee"),
+        ("web.prod", "api.prod", 4, "both"),
+    ]
+    assert g.edges[0].success_rate == 0.9
+
+
+def test_a_counter_reset_counts_from_zero() -> None:
+    key = ("outbound", "a.default", "b.default", "200")
+    assert graph.delta({key: 100.0}, {key: 7.0}) == {key: 7.0}
+    assert graph.delta({key: 100.0}, {key: 107.0}) == {key: 7.0}
+
+
+def test_garbage_is_reported_with_its_url() -> None:
+    with pytest.raises(graph.GraphError, match=r"^http://x/metrics: not a Prometheus"):
+        graph.parse("this is {not metrics\n", "http://x/metrics")
+
+
+def test_empty_graph_renders() -> None:
+    g = graph.build([])
+    assert "(no mesh_requests_total series found)" in graph.render_text(g)
+    ET.fromstring(graph.render_svg(g))
