@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshlib")
 
 _versions = itertools.count(1)
+_DISABLE = MTLSMode.DISABLE
 
 
 @dataclass(frozen=True)
@@ -227,14 +228,22 @@ class Mesh:
             return None
         return run_call(self, router, service, request)
 
-    def uses_mtls(self, router: Router) -> bool:
-        """Whether calls under ``router``'s snapshot go over mutual TLS: this mesh has an SVID
-        and the snapshot's ``spec.mtls`` is not ``disable``. Decided once per call."""
-        return self.svid is not None and router.snapshot.mesh.mtls is not MTLSMode.DISABLE
+    def uses_mtls(self, router: Router, service_key: str) -> bool:
+        """Whether calls to ``service_key`` under ``router``'s snapshot go over mutual TLS:
+        this mesh has an SVID and the service's effective mode (a namespace or service
+        TrafficPolicy ``mtls.mode``, else ``Mesh.spec.mtls``) is strict or permissive."""
+        return self.svid is not None and router.policy(service_key, None).mtls is not _DISABLE
 
-    def mtls_enabled(self) -> bool:
-        """Whether calls to mesh services use mTLS now (an SVID and ``spec.mtls`` not disable)."""
-        return self.uses_mtls(self._router)
+    def mtls_mode(self, service_key: str | None = None) -> MTLSMode:
+        """The effective mTLS mode of ``service_key`` (default: this mesh's own service) now."""
+        return self._router.policy(service_key or self.source, None).mtls
+
+    def mtls_enabled(self, service_key: str | None = None) -> bool:
+        """Whether calls to ``service_key`` (default: any service under the mesh-wide mode)
+        use mTLS now."""
+        if service_key is None:
+            return self.svid is not None and self.snapshot.mesh.mtls is not _DISABLE
+        return self.uses_mtls(self._router, service_key)
 
     def mtls_transport(self, limits: httpx.Limits | None = None) -> MeshTLSTransport:
         """A sync inner transport for mesh traffic: presents the SVID, checks the server's ID."""
