@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import asyncio
@@ -371,12 +371,23 @@ def _sniffing_protocol(
                 self._timer.cancel()
             app = tls_class(**self._kwargs)
             if data[:1] == b"\x16":  # a TLS record of type handshake
-                tls = SSLProtocol(asyncio.get_running_loop(), app, context, None, server_side=True)
+                # typeshed lags CPython: SSLProtocol is a BufferedProtocol (3.11+) and takes
+                # no waiter when nobody awaits the handshake.
+                tls = cast(
+                    "asyncio.BufferedProtocol",
+                    SSLProtocol(
+                        asyncio.get_running_loop(),
+                        app,
+                        context,
+                        None,  # type: ignore[arg-type]
+                        server_side=True,
+                    ),
+                )
                 transport.set_protocol(tls)
                 tls.connection_made(transport)
                 view = memoryview(data)
                 while view:
-                    buffer = tls.get_buffer(len(view))
+                    buffer = memoryview(tls.get_buffer(len(view)))
                     n = min(len(buffer), len(view))
                     buffer[:n] = view[:n]
                     tls.buffer_updated(n)
@@ -389,7 +400,7 @@ def _sniffing_protocol(
                 return
             transport.set_protocol(app)
             app.connection_made(transport)
-            app.data_received(data)  # type: ignore[attr-defined]
+            app.data_received(data)
 
     return Sniffer
 
