@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from meshlib.identity.outbound import AsyncMeshTLSTransport, MeshTLSTransport, PeerVerifier
+    from meshlib.identity.renewal import Issuer, Renewer
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
     from meshlib.identity.tls import SVIDMaterial, SVIDSource
     from meshlib.metrics import MeshMetrics
@@ -118,6 +119,7 @@ class Mesh:
         self.svid: SVIDSource | None = None
         self._peer_verifier: PeerVerifier | None = None
         self._rotation: RotationWatcher | None = None
+        self._renewer: Renewer | None = None
         if svid_dir is not None:
             from meshlib.identity.outbound import PeerVerifier
             from meshlib.identity.tls import SVIDSource
@@ -424,7 +426,34 @@ class Mesh:
             expiry = material.certificate.not_valid_after_utc.timestamp()
             self.metrics.set_cert_expiry(str(material.spiffe_id), expiry)
 
+    def start_renewal(self, issuer: Issuer, **options: Any) -> Renewer:
+        """Renew this mesh's SVID from ``issuer`` (e.g. ``LocalIssuer(ca_dir)``) at half-life,
+        retrying while it is unavailable; each renewed pair is loaded at once. ``options``
+        go to :class:`meshlib.identity.renewal.Renewer`; :meth:`close` stops it."""
+        from meshlib.identity.renewal import Renewer
+
+        if self.svid is None:
+            raise RuntimeError("renewal needs an SVID: create the mesh with svid_dir")
+        if self._renewer is not None:
+            raise RuntimeError("renewal is already running for this mesh")
+        options.setdefault("metrics", self.metrics)
+        options.setdefault("on_renewed", self._load_renewed)
+        self._renewer = Renewer(self.svid, issuer, **options).start()
+        return self._renewer
+
+    def _load_renewed(self, _svid: object) -> None:
+        """Swap a renewed pair in now; raise if it is refused (the renewer then retries)."""
+        assert self.svid is not None
+        if self._rotation is None:
+            self.svid.reload()
+            return
+        self._rotation.check()
+        if self._rotation.status.last_error is not None:
+            raise RuntimeError(f"renewed SVID refused: {self._rotation.status.last_error}")
+
     def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.stop()
         if self._rotation is not None:
             self._rotation.stop()
         self._stop.set()
