@@ -76,13 +76,21 @@ class LocalIssuer:
     attempt only, and a CA that returns is used at the next one."""
 
     def __init__(
-        self, ca_dir: str | os.PathLike[str], *, ttl: dt.timedelta = DEFAULT_SVID_TTL
+        self,
+        ca_dir: str | os.PathLike[str],
+        *,
+        ttl: dt.timedelta = DEFAULT_SVID_TTL,
+        clock: Callable[[], dt.datetime] | None = None,
     ) -> None:
         self.ca_dir = Path(ca_dir)
         self.ttl = ttl
+        self._clock = clock  # the CA's clock (tests); None: now
 
     def issue(self, spiffe_id: SpiffeID) -> X509SVID:
-        return CertificateAuthority.load(self.ca_dir).issue(spiffe_id, ttl=self.ttl)
+        ca = CertificateAuthority.load(self.ca_dir)
+        if self._clock is None:
+            return ca.issue(spiffe_id, ttl=self.ttl)
+        return ca.issue(spiffe_id, ttl=self.ttl, clock=self._clock)
 
     def __repr__(self) -> str:
         return f"LocalIssuer({str(self.ca_dir)!r}, ttl={self.ttl})"
