@@ -22,12 +22,12 @@ peers at the next connection.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import tempfile
 import threading
 import weakref
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +81,9 @@ class SVIDSource:
 
     ``trust_domain`` (default: the trust domain of the SVID first loaded) is what every loaded
     SVID must belong to. A ``key.pem`` readable by group or others is logged as a warning, or
-    refused with ``strict_key_permissions=True``. Not thread-safe by itself: call :meth:`reload` from the thread that
-    serves the contexts (``meshlib.serving.Server.reload_svid`` does).
+    refused with ``strict_key_permissions=True``. Not thread-safe by itself: call
+    :meth:`reload` from the thread that serves the contexts
+    (``meshlib.serving.Server.reload_svid`` does).
     """
 
     def __init__(
