@@ -286,3 +286,29 @@ def test_plain_bytes_that_look_like_nothing_are_closed_on_strict(pki: PKI, serve
         sock.sendall(b"\x00garbage\r\n\r\n")
         assert sock.recv(100) == b""  # closed without an answer that could echo input
     assert app.scopes == []
+
+
+def test_a_pinned_mode_ignores_the_policy(pki: PKI) -> None:
+    """``mode=`` pins the server: pinned strict refuses plaintext and certificate-less TLS
+    although the policy says permissive; pinned permissive serves plaintext although it says
+    strict."""
+    mesh = meshlib.Mesh.from_text(_policy(), service="productpage", registry=CollectorRegistry())
+    svid = str(pki.ca.issue(SERVER_ID).save(pki.root / "pp"))
+    kwargs: dict[str, Any] = {"svid_dir": svid, "svid_poll_interval": None, "lifespan": "off"}
+    strict = serve(Recorder(), mesh=mesh, mode="strict", **kwargs)
+    details = meshlib.Mesh.from_text(_policy(), service="details", registry=CollectorRegistry())
+    permissive = serve(Recorder(), mesh=details, mode="permissive", **kwargs)
+    try:
+        assert (strict.mode, permissive.mode) == (MTLSMode.STRICT, MTLSMode.PERMISSIVE)
+        with pytest.raises(httpx.TransportError):
+            _plain(strict)
+        with https_client(client_context(pki.ca)) as client, pytest.raises(httpx.TransportError):
+            client.get(strict.url + "/")
+        with https_client(client_context(pki.ca, pki.client_dir)) as client:
+            assert client.get(strict.url + "/").status_code == 200
+        assert _plain(permissive).status_code == 200
+    finally:
+        strict.stop()
+        permissive.stop()
+        mesh.close()
+        details.close()
