@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import asyncio
@@ -369,38 +369,42 @@ def _sniffing_protocol(
             assert transport is not None
             if self._timer is not None:
                 self._timer.cancel()
-            app = tls_class(**self._kwargs)
             if data[:1] == b"\x16":  # a TLS record of type handshake
-                # typeshed lags CPython: SSLProtocol is a BufferedProtocol (3.11+) and takes
-                # no waiter when nobody awaits the handshake.
-                tls = cast(
-                    "asyncio.BufferedProtocol",
-                    SSLProtocol(
-                        asyncio.get_running_loop(),
-                        app,
-                        context,
-                        None,  # type: ignore[arg-type]
-                        server_side=True,
-                    ),
-                )
-                transport.set_protocol(tls)
-                tls.connection_made(transport)
-                view = memoryview(data)
-                while view:
-                    buffer = memoryview(tls.get_buffer(len(view)))
-                    n = min(len(buffer), len(view))
-                    buffer[:n] = view[:n]
-                    tls.buffer_updated(n)
-                    view = view[n:]
+                self._start_tls(transport, data)
                 return
             if mode_of() is MTLSMode.STRICT:
                 peer = transport.get_extra_info("peername")
                 log.warning("mTLS strict: refused a plaintext connection from %s", peer)
                 transport.abort()
                 return
+            app = tls_class(**self._kwargs)
             transport.set_protocol(app)
             app.connection_made(transport)
             app.data_received(data)
+
+        def _start_tls(self, transport: asyncio.Transport, data: bytes) -> None:
+            """Put asyncio's TLS layer between the socket and the HTTP protocol, as
+            ``loop.start_tls`` does, and replay the bytes already read into it."""
+            # typeshed's stub lags CPython: no waiter is needed when nobody awaits the handshake
+            tls = SSLProtocol(
+                asyncio.get_running_loop(),
+                tls_class(**self._kwargs),
+                context,
+                None,  # type: ignore[arg-type]
+                server_side=True,
+            )
+            transport.set_protocol(tls)
+            tls.connection_made(transport)
+            if not isinstance(tls, asyncio.BufferedProtocol):  # Python 3.10
+                tls.data_received(data)
+                return
+            view = memoryview(data)  # 3.11+: SSLProtocol is a BufferedProtocol
+            while view:
+                buffer = memoryview(tls.get_buffer(len(view)))
+                n = min(len(buffer), len(view))
+                buffer[:n] = view[:n]
+                tls.buffer_updated(n)
+                view = view[n:]
 
     return Sniffer
 
