@@ -118,15 +118,32 @@ def test_bad_mtls_values_are_rejected_with_file_and_line(spec: str, message: str
 # --- servers that follow their service's mode --------------------------------------------------
 
 
+class Signalling(Recorder):
+    """A recorder the test can wait on (mirrored copies arrive after the call returns)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = threading.Condition()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await super().__call__(scope, receive, send)
+        with self.seen:
+            self.seen.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        with self.seen:
+            return self.seen.wait_for(lambda: len(self.scopes) >= count, timeout)
+
+
 @pytest.fixture
-def servers(pki: PKI) -> Iterator[Callable[..., tuple[Any, meshlib.Mesh, Recorder]]]:
+def servers(pki: PKI) -> Iterator[Callable[..., tuple[Any, meshlib.Mesh, Signalling]]]:
     """``run(service, text)`` → (server following ``service``'s mode, its mesh, recorder)."""
     running: list[tuple[Any, meshlib.Mesh]] = []
 
-    def run(service: str, text: str, sid: SpiffeID) -> tuple[Any, meshlib.Mesh, Recorder]:
+    def run(service: str, text: str, sid: SpiffeID) -> tuple[Any, meshlib.Mesh, Signalling]:
         svid = pki.ca.issue(sid).save(pki.root / service)
         mesh = meshlib.Mesh.from_text(text, service=service, registry=CollectorRegistry())
-        recorder = Recorder()
+        recorder = Signalling()
         server = serve(
             meshlib.MeshMiddleware(recorder, mesh=mesh),
             mesh=mesh,
@@ -312,3 +329,36 @@ def test_a_pinned_mode_ignores_the_policy(pki: PKI) -> None:
         permissive.stop()
         mesh.close()
         details.close()
+
+
+def test_split_backends_and_mirrors_each_use_their_own_mode(pki: PKI, servers: Any) -> None:
+    """The root's mode does not decide for a split backend or a mirror target: each
+    destination is called with TLS iff its own effective mode says so."""
+    text = _policy(ns_mode="disable", svc_mode="strict")
+    strict, _, strict_app = servers("productpage", text, SERVER_ID)  # strict by service policy
+    plain, _, plain_app = servers("details", text, DETAILS_ID)  # disable by namespace policy
+    text = (
+        text.replace('"127.0.0.1:1"', f'"127.0.0.1:{strict.port}"').replace(
+            '"127.0.0.1:2"', f'"127.0.0.1:{plain.port}"'
+        )
+        + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {name: shop}\n"
+        + "---\napiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\n"
+        + "metadata: {name: shop-split}\nspec:\n  service: shop\n"
+        + "  backends: [{service: productpage, weight: 1}, {service: details, weight: 1}]\n"
+        + "---\napiVersion: meshlib/v1\nkind: TrafficMirror\nmetadata: {name: copy}\n"
+        + "spec: {service: shop, mirror: productpage, percent: 100}\n"
+    )
+    with (
+        meshlib.Mesh.from_text(
+            text, service="web", seed=3, registry=CollectorRegistry(), svid_dir=str(pki.client_dir)
+        ) as mesh,
+        mesh.client(timeout=5.0) as client,
+    ):
+        assert not mesh.mtls_enabled("shop.default")
+        statuses = [client.get("http://shop/").status_code for _ in range(16)]
+        # productpage gets its share of the split plus a mirrored copy of every call
+        assert strict_app.wait_for(32 - len(plain_app.scopes)), len(strict_app.scopes)
+    assert set(statuses) == {200}
+    assert 0 < len(plain_app.scopes) < 16
+    assert {s["scheme"] for s in plain_app.scopes} == {"http"}
+    assert {s["scheme"] for s in strict_app.scopes} == {"https"}
