@@ -57,8 +57,8 @@ def test_ca_outage_past_expiry_fails_closed_then_recovers(pki: PKI, start: Any) 
     ca_dir = pki.ca.save(pki.root / "ca")
     away = pki.root / "ca-away"
     server, app = start(pki.ca.issue(REVIEWS_ID).save(pki.root / "reviews"))  # strict
-    # the client's SVID lives 3 s (scaled from hours): renewal at ~1.5 s, alert at 2.4 s
-    short = pki.ca.issue(CLIENT_ID, ttl=dt.timedelta(seconds=3), backdate=dt.timedelta(0))
+    # the client's SVID lives 4 s (scaled from hours): renewal at 2 s ± 0.4 s, alert at 3.2 s
+    short = pki.ca.issue(CLIENT_ID, ttl=dt.timedelta(seconds=4), backdate=dt.timedelta(0))
     client_dir = short.save(pki.root / "web")
     not_after = short.certificate.not_valid_after_utc.timestamp()
     registry = CollectorRegistry()
