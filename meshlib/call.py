@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -157,7 +157,7 @@ class CallHost(Protocol):
 
     def extra_faults(self, service_key: str, route: str | None) -> tuple[FaultRule, ...]: ...
 
-    def uses_mtls(self, router: Router) -> bool: ...
+    def uses_mtls(self, router: Router, service_key: str) -> bool: ...
 
 
 # --- classification -------------------------------------------------------------------------------
@@ -279,7 +279,8 @@ class _Plan:
     max_retries: int
     #: Whether attempts must record latency (only hedging on the observed p95 reads it).
     track_latency: bool
-    #: Whether attempts go over mutual TLS (the mesh has an SVID and ``mtls`` is not disable).
+    #: Whether attempts go over mutual TLS (the mesh has an SVID and the destination's
+    #: effective ``mtls`` mode is not disable).
     tls: bool
 
 
@@ -294,7 +295,7 @@ def _plan(host: CallHost, router: Router, service_key: str, route: str | None) -
             router.mirrors(service_key),
             max_retries(policy.retries),
             policy.hedging.enabled and policy.hedging.delay is None,
-            host.uses_mtls(router),
+            host.uses_mtls(router, service_key),
         )
         router.derived[key] = plan
     return plan
@@ -317,6 +318,8 @@ def run_call(
         backend = pick_backend(match.split, host.rng)
         decision.split = match.split.name
     decision.backend = backend
+    if backend != service.key and host.uses_mtls(router, backend) is not plan.tls:
+        plan = replace(plan, tls=not plan.tls)  # a split backend with its own mode
     dest = host.destination(backend, router)
 
     # 2. the deadline covers everything below; an inbound request's deadline caps it
@@ -423,10 +426,11 @@ def _admitted_call(
         if plan.mirrors and replayable:
             for rule in plan.mirrors:
                 if rng.random() * 100.0 < rule.percent:
-                    copy = _mirror_request(host, router, request, rule.mirror, plan.tls)
+                    tls = host.uses_mtls(router, rule.mirror)
+                    copy = _mirror_request(host, router, request, rule.mirror, tls)
                     if copy is not None:
                         decision.mirrored_to = rule.mirror
-                        yield Mirror(copy, plan.tls)
+                        yield Mirror(copy, tls)
 
         # 8. attempts
         return (

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from meshlib.identity.outbound import AsyncMeshTLSTransport, MeshTLSTransport, PeerVerifier
+    from meshlib.identity.renewal import Issuer, Renewer
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
     from meshlib.identity.tls import SVIDMaterial, SVIDSource
     from meshlib.metrics import MeshMetrics
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshlib")
 
 _versions = itertools.count(1)
+_DISABLE = MTLSMode.DISABLE
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class Mesh:
         self.svid: SVIDSource | None = None
         self._peer_verifier: PeerVerifier | None = None
         self._rotation: RotationWatcher | None = None
+        self._renewer: Renewer | None = None
         if svid_dir is not None:
             from meshlib.identity.outbound import PeerVerifier
             from meshlib.identity.tls import SVIDSource
@@ -235,14 +238,22 @@ class Mesh:
             return None
         return run_call(self, router, service, request)
 
-    def uses_mtls(self, router: Router) -> bool:
-        """Whether calls under ``router``'s snapshot go over mutual TLS: this mesh has an SVID
-        and the snapshot's ``spec.mtls`` is not ``disable``. Decided once per call."""
-        return self.svid is not None and router.snapshot.mesh.mtls is not MTLSMode.DISABLE
+    def uses_mtls(self, router: Router, service_key: str) -> bool:
+        """Whether calls to ``service_key`` under ``router``'s snapshot go over mutual TLS:
+        this mesh has an SVID and the service's effective mode (a namespace or service
+        TrafficPolicy ``mtls.mode``, else ``Mesh.spec.mtls``) is strict or permissive."""
+        return self.svid is not None and router.policy(service_key, None).mtls is not _DISABLE
 
-    def mtls_enabled(self) -> bool:
-        """Whether calls to mesh services use mTLS now (an SVID and ``spec.mtls`` not disable)."""
-        return self.uses_mtls(self._router)
+    def mtls_mode(self, service_key: str | None = None) -> MTLSMode:
+        """The effective mTLS mode of ``service_key`` (default: this mesh's own service) now."""
+        return self._router.policy(service_key or self.source, None).mtls
+
+    def mtls_enabled(self, service_key: str | None = None) -> bool:
+        """Whether calls to ``service_key`` (default: any service under the mesh-wide mode)
+        use mTLS now."""
+        if service_key is None:
+            return self.svid is not None and self.snapshot.mesh.mtls is not _DISABLE
+        return self.uses_mtls(self._router, service_key)
 
     def mtls_transport(self, limits: httpx.Limits | None = None) -> MeshTLSTransport:
         """A sync inner transport for mesh traffic: presents the SVID, checks the server's ID."""
@@ -439,7 +450,34 @@ class Mesh:
             expiry = material.certificate.not_valid_after_utc.timestamp()
             self.metrics.set_cert_expiry(str(material.spiffe_id), expiry)
 
+    def start_renewal(self, issuer: Issuer, **options: Any) -> Renewer:
+        """Renew this mesh's SVID from ``issuer`` (e.g. ``LocalIssuer(ca_dir)``) at half-life,
+        retrying while it is unavailable; each renewed pair is loaded at once. ``options``
+        go to :class:`meshlib.identity.renewal.Renewer`; :meth:`close` stops it."""
+        from meshlib.identity.renewal import Renewer
+
+        if self.svid is None:
+            raise RuntimeError("renewal needs an SVID: create the mesh with svid_dir")
+        if self._renewer is not None:
+            raise RuntimeError("renewal is already running for this mesh")
+        options.setdefault("metrics", self.metrics)
+        options.setdefault("on_renewed", self._load_renewed)
+        self._renewer = Renewer(self.svid, issuer, **options).start()
+        return self._renewer
+
+    def _load_renewed(self, _svid: object) -> None:
+        """Swap a renewed pair in now; raise if it is refused (the renewer then retries)."""
+        assert self.svid is not None
+        if self._rotation is None:
+            self.svid.reload()
+            return
+        self._rotation.check()
+        if self._rotation.status.last_error is not None:
+            raise RuntimeError(f"renewed SVID refused: {self._rotation.status.last_error}")
+
     def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.stop()
         if self._rotation is not None:
             self._rotation.stop()
         self._stop.set()

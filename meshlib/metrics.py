@@ -213,6 +213,18 @@ class MeshMetrics:
                 registry=registry,
             )
         )
+        self.renewal_failures = Counter(
+            "mesh_cert_renewal_failures_total",
+            "Failed SVID renewal attempts (the issuer or CA was unavailable or refused).",
+            ("identity",),
+            registry=registry,
+        )
+        self.renewal_overdue = Gauge(
+            "mesh_cert_renewal_overdue",
+            "1 once 80% of the SVID's lifetime has passed without a renewal, else 0.",
+            ("identity",),
+            registry=registry,
+        )
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> MeshMetrics:
@@ -261,6 +273,12 @@ class MeshMetrics:
     def set_cert_expiry(self, identity: str, timestamp: float) -> None:
         """The not-after of the SVID presented as ``identity`` (set at load and each reload)."""
         self.cert_expiry.labels(identity).set(timestamp)
+
+    def renewal_failed(self, identity: str) -> None:
+        self.renewal_failures.labels(identity).inc()
+
+    def set_renewal_overdue(self, identity: str, overdue: bool) -> None:
+        self.renewal_overdue.labels(identity).set(1.0 if overdue else 0.0)
 
 
 _CIRCUIT_VALUES = {"closed": 0.0, "open": 1.0, "half_open": 2.0}

@@ -11,13 +11,22 @@ and the dates; the SPIFFE shape and trust domain are meshlib's), and then either
 * injects the extension into every scope the connection makes, where
   :class:`~meshlib.inbound.MeshMiddleware` reads the caller's identity.
 
-Modes (``mode=``, default: the mesh's ``spec.mtls``):
+Modes (``mode=`` pins one; by default the effective mode of the mesh's own service,
+``mesh.mtls_mode()``: a namespace or service TrafficPolicy ``mtls.mode``, else
+``Mesh.spec.mtls``, followed across policy reloads):
 
-* ``strict``: a client certificate is required (the TLS handshake fails without one);
-* ``permissive``: TLS, client certificate optional; a client without one is served as
-  unauthenticated. Plain HTTP on the same port is *not* accepted: permissive means
-  "client certificate optional", not "TLS optional";
-* ``disable``: plain HTTP, no TLS extension.
+* ``strict``: a verified client certificate is required. Pinned, the TLS handshake itself
+  requires one; followed, the server asks for one and refuses plaintext connections and
+  certificate-less TLS connections itself (and, on a connection opened while the mode was
+  permissive, answers each request 403 with reason ``unauthenticated``);
+* ``permissive``: TLS with an optional client certificate *and* plain HTTP on the same port
+  (the first byte of a connection tells them apart); callers without a certificate are served
+  as unauthenticated;
+* ``disable``: plain HTTP, no TLS extension. A server started under ``disable`` stays plain:
+  TLS needs an SVID and a TLS listener, so turning mTLS on for it means a restart.
+
+A flip strict → permissive → strict therefore needs no new socket and never fails a request
+from a meshed client (one that presents its SVID).
 
 In both TLS modes a client that *does* present a certificate must present a valid SVID of the
 trust domain, or the connection is refused: a peer that claims an identity and gets it wrong is
@@ -51,6 +60,9 @@ log = logging.getLogger("meshlib.serving")
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
+
+#: Seconds a new connection may stay silent before its first byte says TLS or plain HTTP.
+SNIFF_TIMEOUT = 10.0
 
 _TLS_VERSIONS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
@@ -232,7 +244,7 @@ def _build(
 
     from meshlib.config.model import MTLSMode
 
-    resolved = MTLSMode(mode) if mode is not None else mesh.snapshot.mesh.mtls
+    resolved = MTLSMode(mode) if mode is not None else mesh.mtls_mode()
     options: dict[str, Any] = {"log_config": None, "lifespan": "auto"}
     options.update(uvicorn_kwargs)
     source: SVIDSource | None = None
@@ -244,9 +256,14 @@ def _build(
         from meshlib.identity.tls import SVIDSource
 
         source = SVIDSource(svid_dir, trust_domain=mesh.snapshot.mesh.trust_domain)
-        context = source.server_context(require_client_cert=resolved is MTLSMode.STRICT)
-        options["http"] = _protocol_class(source, strict=resolved is MTLSMode.STRICT, mesh=mesh)
-        options["ssl_context_factory"] = lambda _config, _default: context
+        # Pinned strict: the handshake itself requires a certificate. Otherwise the mode may
+        # change under a live socket, so a certificate is requested, not required, and strict
+        # is enforced per connection and per request (see _sniffing_protocol).
+        pinned_strict = mode is not None and resolved is MTLSMode.STRICT
+        context = source.server_context(require_client_cert=pinned_strict)
+        mode_of = (lambda: resolved) if mode is not None else mesh.mtls_mode
+        tls_class = _protocol_class(source, mode_of=mode_of, mesh=mesh)
+        options["http"] = _sniffing_protocol(tls_class, context, mode_of)
     else:
         options.setdefault("http", "h11")
     config = uvicorn.Config(app, host=host, port=port, **options)
@@ -254,38 +271,142 @@ def _build(
     return uvicorn.Server(config), source, resolved
 
 
-def _protocol_class(source: SVIDSource, *, strict: bool, mesh: Mesh) -> type[asyncio.Protocol]:
-    """An h11 protocol that checks the peer's SVID and fills the ASGI TLS extension."""
+def _protocol_class(
+    source: SVIDSource, *, mode_of: Callable[[], MTLSMode], mesh: Mesh
+) -> type[asyncio.Protocol]:
+    """An h11 protocol that checks the peer's SVID and fills the ASGI TLS extension, and
+    refuses requests without a verified client certificate while the mode is strict."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from meshlib.config.model import MTLSMode
+
+    strict = MTLSMode.STRICT
 
     class MeshTLSProtocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is None:
-                return
-            try:
-                tls = tls_extension(
-                    ssl_object,
-                    source,
-                    trust_domain=mesh.snapshot.mesh.trust_domain,  # per connection: reloads apply
-                    require_client_cert=strict,
-                )
-            except PeerRefused as exc:
-                peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown peer"
-                log.warning("mTLS: refused connection from %s: %s", peer, exc.reason)
-                transport.abort()
-                return
+            tls: dict[str, Any] | None = None
+            if ssl_object is not None:
+                try:
+                    tls = tls_extension(
+                        ssl_object,
+                        source,
+                        trust_domain=mesh.snapshot.mesh.trust_domain,  # per connection: reloads
+                        require_client_cert=mode_of() is strict,
+                    )
+                except PeerRefused as exc:
+                    peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown peer"
+                    log.warning("mTLS: refused connection from %s: %s", peer, exc.reason)
+                    transport.abort()
+                    return
+            verified = tls is not None and bool(tls["client_cert_chain"])
             inner = self.app
 
             async def with_tls(scope: Scope, receive: Any, send: Any) -> None:
                 if scope.get("type") in ("http", "websocket"):
-                    scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
+                    if not verified and mode_of() is strict:  # the mode became strict
+                        await _refuse_unverified(scope, send)
+                        return
+                    if tls is not None:
+                        scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
                 await inner(scope, receive, send)
 
             self.app = with_tls
 
     return MeshTLSProtocol
+
+
+async def _refuse_unverified(scope: Scope, send: Any) -> None:
+    """403 (reason ``unauthenticated``) for a request without a verified client certificate
+    on a connection opened before the mode turned strict; a WebSocket is closed instead."""
+    from meshlib.errors import Reason
+    from meshlib.inbound.middleware import send_local_reply
+
+    log.warning("mTLS strict: refused a request without a client certificate")
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await send_local_reply(send, 403, Reason.UNAUTHENTICATED)
+
+
+def _sniffing_protocol(
+    tls_class: type[asyncio.Protocol],
+    context: ssl.SSLContext,
+    mode_of: Callable[[], MTLSMode],
+) -> type[asyncio.Protocol]:
+    """A protocol that looks at a connection's first byte: a TLS handshake record (0x16) is
+    handed to an asyncio TLS layer over ``tls_class``; anything else is plain HTTP, served by
+    ``tls_class`` without TLS unless the mode is strict, when the connection is closed.
+
+    One port thus serves both while the mode is permissive (Istio PERMISSIVE semantics), and
+    a mode change needs no new socket. A peer that sends nothing is dropped after
+    ``SNIFF_TIMEOUT`` seconds.
+    """
+    import asyncio
+    from asyncio.sslproto import SSLProtocol
+
+    from meshlib.config.model import MTLSMode
+
+    class Sniffer(asyncio.Protocol):
+        def __init__(self, **kwargs: Any) -> None:
+            self._kwargs = kwargs
+            self._transport: asyncio.Transport | None = None
+            self._timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self._transport = transport
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(SNIFF_TIMEOUT, transport.abort)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+
+        def data_received(self, data: bytes) -> None:
+            transport = self._transport
+            assert transport is not None
+            if self._timer is not None:
+                self._timer.cancel()
+            if data[:1] == b"\x16":  # a TLS record of type handshake
+                self._start_tls(transport, data)
+                return
+            if mode_of() is MTLSMode.STRICT:
+                peer = transport.get_extra_info("peername")
+                log.warning("mTLS strict: refused a plaintext connection from %s", peer)
+                transport.abort()
+                return
+            app = tls_class(**self._kwargs)
+            transport.set_protocol(app)
+            app.connection_made(transport)
+            app.data_received(data)
+
+        def _start_tls(self, transport: asyncio.Transport, data: bytes) -> None:
+            """Put asyncio's TLS layer between the socket and the HTTP protocol, as
+            ``loop.start_tls`` does, and replay the bytes already read into it."""
+            # typeshed's stub lags CPython: no waiter is needed when nobody awaits the handshake
+            tls = SSLProtocol(
+                asyncio.get_running_loop(),
+                tls_class(**self._kwargs),
+                context,
+                None,  # type: ignore[arg-type]
+                server_side=True,
+            )
+            transport.set_protocol(tls)
+            tls.connection_made(transport)
+            if not isinstance(tls, asyncio.BufferedProtocol):  # Python 3.10
+                tls.data_received(data)
+                return
+            view = memoryview(data)  # 3.11+: SSLProtocol is a BufferedProtocol
+            while view:
+                buffer = memoryview(tls.get_buffer(len(view)))
+                n = min(len(buffer), len(view))
+                buffer[:n] = view[:n]
+                tls.buffer_updated(n)
+                view = view[n:]
+
+    return Sniffer
 
 
 class PeerRefused(Exception):

@@ -149,6 +149,14 @@ def build_traffic_policy(ctx: DocContext) -> TrafficPolicyDoc | None:
         burst = as_int(at(spec, "rateLimit.burst")[0])
         fields["rate_limit"] = RateLimitPolicy(rps, burst if burst else max(1, math.ceil(rps)))
     _check_orderings(ctx, spec, fields)
+    if "mtls" in fields and target is not None and target.scope in ("mesh", "route"):
+        ctx.error(
+            "spec.mtls.mode",
+            at(spec, "mtls.mode")[1],
+            "mtls applies to a namespace or a service (mesh-wide it is Mesh.spec.mtls; "
+            "a route cannot have its own: TLS belongs to the connection)",
+        )
+        return None
     if target is None:
         return None
     return TrafficPolicyDoc(ctx.name, ctx.namespace, target, fields, ctx.origin)
@@ -179,6 +187,11 @@ def _convert(ctx: DocContext, pf: PolicyField, value: Any, path: str, line: int)
             return LoadBalancerKind(value)
         except ValueError:
             return None
+    if pf.convert == "mtls_mode":
+        try:
+            return MTLSMode(value)
+        except ValueError:
+            return None  # the structural check reported the value
     schema_type = pf.schema.get("type")
     if schema_type == "integer":
         number = as_int(value)

@@ -365,6 +365,8 @@ class EffectivePolicy:
     rate_limit: RateLimitPolicy | None = None
     connection_pool: ConnectionPoolPolicy = field(default_factory=ConnectionPoolPolicy)
     hedging: HedgingPolicy = field(default_factory=HedgingPolicy)
+    #: The destination's mTLS mode: a namespace or service TrafficPolicy, else Mesh.spec.mtls.
+    mtls: MTLSMode = MTLSMode.DISABLE
     sources: Mapping[str, str] = field(default_factory=dict)
 
 

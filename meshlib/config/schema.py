@@ -42,7 +42,8 @@ class PolicyField:
     yaml_path: str  # camelCase path under spec, e.g. "retries.perTryTimeout"
     model_name: str  # dotted EffectivePolicy attribute, e.g. "retries.per_try_timeout"
     schema: Schema
-    convert: str = "plain"  # "plain" | "duration" | "retry_on" | "lb_kind" | "hedge_delay"
+    #: "plain" | "duration" | "retry_on" | "lb_kind" | "hedge_delay" | "mtls_mode"
+    convert: str = "plain"
     bounds: tuple[float, float] | None = None  # for durations: seconds (inclusive)
     required: bool = False  # required when its parent object is present
 
@@ -161,6 +162,9 @@ POLICY_FIELDS: tuple[PolicyField, ...] = (
         (MS, DAY),
     ),
     PolicyField("hedging.maxAttempts", "hedging.max_attempts", integer(2, 5)),
+    # Per namespace or service (never mesh-wide: that is Mesh.spec.mtls; never per route: TLS
+    # is a property of the connection, not of the request).
+    PolicyField("mtls.mode", "mtls", enum("strict", "permissive", "disable"), "mtls_mode"),
 )
 
 TARGET = obj(

@@ -224,14 +224,18 @@ class CertificateAuthority:
         *,
         ttl: dt.timedelta = DEFAULT_SVID_TTL,
         clock: Clock = _utcnow,
+        backdate: dt.timedelta = CLOCK_SKEW,
     ) -> X509SVID:
-        """Issue an X.509 SVID for ``spiffe_id`` (which must be in this CA's trust domain)."""
+        """Issue an X.509 SVID for ``spiffe_id`` (which must be in this CA's trust domain),
+        valid from ``backdate`` before now (peer clock skew) until ``ttl`` after now."""
         if spiffe_id.trust_domain != self.trust_domain:
             raise CAError(f"{spiffe_id} is not in this CA's trust domain {self.trust_domain!r}")
         if spiffe_id.is_trust_domain:
             raise CAError(f"{spiffe_id} has no path; a workload SVID needs one")
         if ttl <= dt.timedelta(0):
             raise CAError(f"ttl must be positive, got {ttl}")
+        if backdate < dt.timedelta(0):
+            raise CAError(f"backdate must not be negative, got {backdate}")
         now = clock()
         not_after = min(now + ttl, self.certificate.not_valid_after_utc)
         key = _new_key()
@@ -244,7 +248,7 @@ class CertificateAuthority:
             .issuer_name(self.certificate.subject)
             .public_key(key.public_key())
             .serial_number(_serial())
-            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_before(now - backdate)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(cert_sign=False), critical=True)

@@ -40,7 +40,7 @@ import ssl
 import tempfile
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -75,7 +75,7 @@ class SVIDMaterial:
 
     spiffe_id: SpiffeID
     chain: tuple[x509.Certificate, ...]
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # never in reprs, logs or exceptions
     bundle: tuple[x509.Certificate, ...]
     bundle_sequence: int = 0
     #: The CRLs of ``crl.pem``; empty: no revocation checking.
@@ -98,8 +98,10 @@ class SVIDSource:
     """The SVID in ``directory``, validated, and the TLS contexts built from it.
 
     ``trust_domain`` (default: the trust domain of the SVID first loaded) is what every loaded
-    SVID must belong to. Not thread-safe by itself: call :meth:`reload` from the thread that
-    serves the contexts (``meshlib.serving.Server.reload_svid`` does).
+    SVID must belong to. A ``key.pem`` readable by group or others is logged as a warning, or
+    refused with ``strict_key_permissions=True``. Not thread-safe by itself: call
+    :meth:`reload` from the thread that serves the contexts
+    (``meshlib.serving.Server.reload_svid`` does).
     """
 
     def __init__(
@@ -108,9 +110,11 @@ class SVIDSource:
         *,
         trust_domain: str | None = None,
         allow_identity_change: bool = False,
+        strict_key_permissions: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.allow_identity_change = allow_identity_change
+        self.strict_key_permissions = strict_key_permissions
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
@@ -260,8 +264,14 @@ class SVIDSource:
             bundle, sequence = live.bundle, live.bundle_sequence
         try:
             key_pem = key_path.read_bytes()
+            mode = key_path.stat().st_mode & 0o777
         except OSError as exc:
             raise CAError(f"cannot read {key_path}: {exc.strerror}") from exc
+        if os.name == "posix" and mode & 0o077:
+            message = f"{key_path} is readable by others (mode {mode:04o}); chmod 600 it"
+            if self.strict_key_permissions:
+                raise TLSConfigError(message)
+            log.warning("%s", message)
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError) as exc:

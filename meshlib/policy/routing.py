@@ -16,6 +16,7 @@ from meshlib.config.model import (
     FaultRule,
     HTTPMatch,
     MirrorRule,
+    MTLSMode,
     PolicyTarget,
     ServiceDef,
     Snapshot,
@@ -211,6 +212,9 @@ class Router:
                 current = chosen.get(fname)
                 if current is None or rank < current[0]:
                     chosen[fname] = (rank, value, f"{scope}:{doc.namespace}/{doc.name}")
+        mesh_mtls = self.snapshot.mesh.mtls  # mesh-wide mTLS is Mesh.spec.mtls, not a policy
+        if "mtls" not in chosen and mesh_mtls is not MTLSMode.DISABLE:
+            chosen["mtls"] = (len(_SCOPE_ORDER), mesh_mtls, "mesh:Mesh.spec.mtls")
         policy = EffectivePolicy()
         sources: dict[str, str] = {}
         for fname, (_, value, source) in sorted(chosen.items()):

@@ -112,6 +112,7 @@ def test_without_authorization_paths_are_left_alone(setup: Callable[..., Setup])
 def test_audit_mode_allows_logs_and_counts_would_deny(
     setup: Callable[..., Setup], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """SEC-13: audit mode allows, logs and labels the metric with the would-be verdict."""
     middleware, app, registry = setup(mesh("audit"), SERVICES, ROUTES, TARGET_V1)
     with caplog.at_level(logging.WARNING, logger="meshlib.inbound"):
         sent = call(middleware, scope_for(DETAILS, "/reviews/1"))

@@ -304,10 +304,28 @@ def test_authorization_policy_table(
     allowed: bool,
     rule: str,
 ) -> None:
+    """SEC-13: one allow rule admits only its identity/method/path, DENY beats ALLOW, an ALLOW
+    policy without rules allows nothing."""
     snapshot = load(mesh(), SERVICES, ROUTES, *policies)
     verdict = decide(snapshot, caller, method, path, claims=claims)
     assert verdict.allowed is allowed, verdict
     assert rule in verdict.rule
+
+
+def test_health_endpoint_is_reachable_only_through_an_explicit_exemption() -> None:
+    """SEC-13: under enforce, a health path is denied like any other until a policy exempts
+    it; the exemption opens that path to anyone and nothing else."""
+    snapshot = load(mesh("enforce"), SERVICES)
+    assert not decide(snapshot, None, "GET", "/healthz").allowed
+    assert not decide(snapshot, RATINGS, "GET", "/healthz").allowed
+    probe = policy(
+        "target: {service: reviews}\nrules: [{to: [{methods: [GET], paths: [/healthz]}]}]"
+    )
+    snapshot = load(mesh("enforce"), SERVICES, probe)
+    assert decide(snapshot, None, "GET", "/healthz").allowed
+    assert not decide(snapshot, None, "GET", "/healthz/../admin").allowed
+    assert not decide(snapshot, None, "POST", "/healthz").allowed
+    assert not decide(snapshot, RATINGS, "GET", "/reviews/1").allowed
 
 
 def test_enforce_mode_and_namespace_wide_policy() -> None:

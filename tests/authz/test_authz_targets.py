@@ -138,6 +138,7 @@ def test_traffic_target_table(
 
 
 def test_destination_not_named_is_open_by_default() -> None:
+    """SEC-13: without accessControl enforce, only destinations a TrafficTarget names deny."""
     snapshot = load(mesh(), SERVICES, ROUTES, TARGET_V1)
     verdict = decide(snapshot, None, "DELETE", "/anything", service="details.default")
     assert verdict.allowed and not verdict.denied_by_policy
@@ -145,6 +146,7 @@ def test_destination_not_named_is_open_by_default() -> None:
 
 
 def test_unknown_identity_never_widens_access() -> None:
+    """SEC-13: a rule naming a nonexistent identity opens nothing."""
     # A TrafficTarget whose only source is an account no Service uses: loaded with a warning,
     # and it admits nobody else — the destination is now deny-by-default.
     snapshot = load(mesh(), SERVICES, ROUTES, target_spec(3, sources="ghost"))
@@ -164,6 +166,7 @@ def test_destination_account_defaults_to_service_name() -> None:
 
 
 def test_enforce_denies_unnamed_destinations() -> None:
+    """SEC-13: authorization enforced with no rule for a destination: everything denied."""
     snapshot = load(mesh("enforce"), SERVICES, ROUTES, TARGET_V1)
     verdict = decide(snapshot, RATINGS, service="details.default")
     assert not verdict.allowed and verdict.denied_by_policy and verdict.mode == "enforce"
@@ -173,6 +176,7 @@ def test_enforce_denies_unnamed_destinations() -> None:
 
 
 def test_audit_allows_but_records_would_deny() -> None:
+    """SEC-13: audit mode allows but records the would-be denial."""
     snapshot = load(mesh("audit"), SERVICES, ROUTES, TARGET_V1)
     named = decide(snapshot, DETAILS)
     assert named.allowed and named.denied_by_policy and named.verdict == "deny"

@@ -99,12 +99,15 @@ def test_issue_refuses(sid: str, ttl: dt.timedelta, reason: str) -> None:
 
 
 def test_keys_never_appear_in_reprs() -> None:
+    """SEC-14: keys never appear in reprs."""
     ca = make_ca()
     svid = ca.issue(SpiffeID.parse(WEB), clock=at())
     assert "key=" not in repr(ca) and "key=" not in repr(svid)
 
 
 def test_save_load_round_trip_with_0600_keys_under_umask_000(tmp_path: Path) -> None:
+    """SEC-14: fresh key writes are 0600 in a 0700 directory even under umask 000, and no
+    temporary (partial) file is left visible."""
     old = os.umask(0)
     try:
         ca = make_ca()
@@ -127,6 +130,7 @@ def test_save_load_round_trip_with_0600_keys_under_umask_000(tmp_path: Path) -> 
 
 
 def test_overwriting_a_0644_key_file_yields_0600(tmp_path: Path) -> None:
+    """SEC-14: overwriting an existing 0644 key file results in 0600."""
     out = tmp_path / "web"
     out.mkdir()
     (out / "key.pem").write_text("old")
@@ -146,6 +150,7 @@ def test_init_refuses_to_replace_a_root_key_unless_asked(tmp_path: Path) -> None
 
 
 def test_load_refuses_a_world_readable_key(tmp_path: Path) -> None:
+    """SEC-14: a CA key readable by group or others is refused at load."""
     make_ca().save(tmp_path)
     (tmp_path / "ca-key.pem").chmod(0o644)
     with pytest.raises(CAError, match="readable by others"):
