@@ -125,6 +125,7 @@ LAZY_MODULES = (
     "jsonschema",
     "cryptography",
     "jwt",
+    "opentelemetry",
 )
 
 

@@ -50,7 +50,11 @@ def build_mesh(ctx: DocContext) -> MeshSettings:
         egress = Egress(spec.get("egress", defaults.egress.value))
     except ValueError:  # reported by the structural check
         return defaults
-    return MeshSettings(trust, mtls, access, egress)
+    tracing = spec.get("tracing")
+    sampling = as_number(tracing.get("sampling")) if isinstance(tracing, YMap) else None
+    if sampling is None or not 0.0 <= sampling <= 1.0:  # out of range: reported by the check
+        sampling = defaults.tracing_sampling
+    return MeshSettings(trust, mtls, access, egress, sampling)
 
 
 def build_service(ctx: DocContext) -> ServiceDef | None:

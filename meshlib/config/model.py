@@ -67,6 +67,8 @@ class MeshSettings:
     mtls: MTLSMode = MTLSMode.DISABLE
     access_control: AccessControl = AccessControl.OPEN
     egress: Egress = Egress.ALLOW_ANY
+    #: Fraction of traces meshlib starts (no incoming context) that are sampled, 0..1.
+    tracing_sampling: float = 1.0
 
 
 @dataclass(frozen=True)

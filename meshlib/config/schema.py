@@ -319,6 +319,16 @@ def _meshlib_docs() -> dict[str, Schema]:
             "mtls": enum("strict", "permissive", "disable"),
             "accessControl": enum("open", "audit", "enforce"),
             "egress": enum("allow-any", "registry-only"),
+            "tracing": obj(
+                {
+                    "sampling": {
+                        "type": "number",
+                        "minimum": 0,
+                        "maximum": 1,
+                        "description": "fraction of traces started here that are sampled",
+                    }
+                }
+            ),
         }
     )
     fault = obj(
