@@ -328,6 +328,8 @@ def _decision_attributes(span: Span, decision: Decision) -> None:
         span.set_attribute("mesh.split", decision.split)
     if decision.faults:
         span.set_attribute("mesh.fault", ",".join(decision.faults))
+    if decision.deadline is not None:
+        span.set_attribute("mesh.deadline_ms", int(decision.deadline * 1000))
     if decision.budget != "ok":
         span.set_attribute("mesh.budget", decision.budget)
 
