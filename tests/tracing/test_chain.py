@@ -153,6 +153,8 @@ def test_a_middle_service_without_sdk_does_not_break_the_trace(recorder, make_me
 
     assert httpx.get(a.url + "/start", timeout=10).status_code == 200
     recorder.wait_for_server("/start")
+    for hop in HOPS:
+        recorder.wait_for_server(f"/{hop}")
     spans = recorder.spans()
     assert len({s.context.trace_id for s in spans}) == 1
     assert not [s for s in spans if s.attributes.get("url.path") == "/work"]  # B records nothing
