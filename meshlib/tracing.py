@@ -433,6 +433,7 @@ class InboundTrace:
         self.app_called = False
         self.route: str | None = None
         self.deadline_ms: int | None = None
+        self.annotated = False
 
     async def run(
         self, handle: Handler, scope: Scope, receive: Receive, send: ASGISend, app: ASGIApp
@@ -455,7 +456,7 @@ class InboundTrace:
         token = otel_context.attach(attach) if attach is not None else None
         error: BaseException | None = None
         try:
-            await handle(scope, receive, self._observe(send), self._observe_app(app, span))
+            await handle(scope, receive, self._observe(send, span), self._observe_app(app, span))
         except BaseException as exc:
             error = exc
             raise
@@ -463,7 +464,10 @@ class InboundTrace:
             if token is not None:
                 otel_context.detach(token)
             if span is not None and span.is_recording():
-                self._finish(span, owned, error)
+                if not self.annotated:  # no response started (an error, a disconnect)
+                    self._annotate(span)
+                if owned:
+                    self._finish(span, error)
             if owned and span is not None:
                 span.end()
 
@@ -492,13 +496,17 @@ class InboundTrace:
                 attributes["server.port"] = server[1]
         return self._tracer.start_span(method, parent, SpanKind.SERVER, attributes)
 
-    def _observe(self, send: ASGISend) -> ASGISend:
+    def _observe(self, send: ASGISend, span: Span | None) -> ASGISend:
         async def observing(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.status = int(message["status"])
                 for name, value in message.get("headers") or ():
                     if name.lower() == _REASON:
                         self.reason = value.decode("latin-1")
+                # Now, not at the end: a span opened outside (OTel's ASGI middleware) is ended
+                # by its owner as soon as the response is complete.
+                if span is not None and span.is_recording():
+                    self._annotate(span)
             await send(message)
 
         return observing
@@ -514,19 +522,17 @@ class InboundTrace:
                 if deadline is not None:
                     left = deadline - self._tracing.clock()
                     self.deadline_ms = max(0, int(left * 1000))
-            try:
-                await app(scope, receive, send)
-            finally:
-                route = scope.get("route")
-                template = getattr(route, "path", None)  # Starlette / FastAPI route template
-                if isinstance(template, str):
-                    self.route = template
+            await app(scope, receive, send)
 
         return observed
 
-    def _finish(self, span: Span, owned: bool, error: BaseException | None) -> None:
+    def _annotate(self, span: Span) -> None:
+        """The mesh's view of the request, on our span or on one opened outside."""
+        self.annotated = True
         scope = self._scope
-        status = self.status
+        route = getattr(scope.get("route"), "path", None)  # Starlette / FastAPI template
+        if isinstance(route, str):
+            self.route = route
         peer = _peer(scope, self._tracing)
         if peer is not None:
             span.set_attribute("mesh.peer", peer)
@@ -540,10 +546,12 @@ class InboundTrace:
             span.set_attribute("mesh.deadline_ms", self.deadline_ms)
         if self.route is not None:
             span.set_attribute("http.route", self.route)
-        if not owned:
-            return
+
+    def _finish(self, span: Span, error: BaseException | None) -> None:
+        """Name, status code and outcome of our own SERVER span."""
+        status = self.status
         if self.route is not None:
-            span.update_name(f"{scope.get('method', '')} {self.route}")
+            span.update_name(f"{self._scope.get('method', '')} {self.route}")
         if status is not None:
             span.set_attribute("http.response.status_code", status)
         if error is not None:

@@ -39,7 +39,9 @@ class Recorder:
         self._ended = threading.Condition()
         self.provider.add_span_processor(_Notify(self._ended))
 
-    def wait_for(self, predicate: Callable[[list[ReadableSpan]], bool], timeout: float = 5.0) -> None:
+    def wait_for(
+        self, predicate: Callable[[list[ReadableSpan]], bool], timeout: float = 5.0
+    ) -> None:
         """Block until ``predicate(spans)`` holds: a server ends its span after it has sent the
         response, so the client may read the answer before the span is exported."""
         with self._ended:
@@ -61,7 +63,9 @@ class Recorder:
 
     def children(self, parent: ReadableSpan) -> list[ReadableSpan]:
         return [
-            s for s in self.spans() if s.parent is not None and s.parent.span_id == parent.context.span_id
+            s
+            for s in self.spans()
+            if s.parent is not None and s.parent.span_id == parent.context.span_id
         ]
 
 
@@ -126,7 +130,10 @@ async def reply(send: Any, status: int, body: bytes) -> None:
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -64,7 +64,9 @@ def three_services(recorder, make_mesh, serve, *, b_provider: Any = None):
             await asyncio.create_task(from_task()),
             await asyncio.to_thread(sync_call, "to_thread"),
             await anyio.to_thread.run_sync(sync_call, "anyio"),
-            await loop.run_in_executor(None, contextvars.copy_context().run, sync_call, "copy_context"),
+            await loop.run_in_executor(
+                None, contextvars.copy_context().run, sync_call, "copy_context"
+            ),
         ]
         await reply(send, 200, ",".join(map(str, statuses)).encode())
 
@@ -99,7 +101,9 @@ def test_one_trace_across_three_services_tasks_and_threads(recorder, make_mesh, 
         assert span.parent is not None, span.name
         return by_id[span.parent.span_id]
 
-    (a_server,) = [s for s in spans if s.kind is SpanKind.SERVER and s.attributes["url.path"] == "/start"]
+    (a_server,) = [
+        s for s in spans if s.kind is SpanKind.SERVER and s.attributes["url.path"] == "/start"
+    ]
     assert a_server.parent is None  # the trace starts at A
     (a_call,) = [s for s in recorder.named("GET b") if s.attributes.get("mesh.attempt") is None]
     assert a_call.kind is SpanKind.CLIENT and parent(a_call) is a_server
