@@ -8,14 +8,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from harness import ServerHandle, run_uvicorn
+from harness.leaks import assert_threads_stopped
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 import meshlib
-from harness import ServerHandle, run_uvicorn
-from harness.leaks import assert_threads_stopped
 
 
 class _Notify(SpanProcessor):
@@ -123,6 +123,11 @@ def service_yaml(name: str, port: int, extra: str = "") -> str:
 
 
 MESH_ONLY = "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: mesh}\nspec: {}\n"
+
+
+def sampling(rate: str) -> str:
+    """A Mesh document (after a ``---``) with ``spec.tracing.sampling: rate``."""
+    return MESH_ONLY.replace("spec: {}", f"spec: {{tracing: {{sampling: {rate}}}}}")
 
 
 async def reply(send: Any, status: int, body: bytes) -> None:

@@ -13,7 +13,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 import meshlib
 from meshlib.tracing import TRACER_NAME
 
-from .conftest import service_yaml, traceparent_ids
+from .conftest import sampling, service_yaml, traceparent_ids
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -156,8 +156,8 @@ def test_a_connect_failure_marks_call_and_attempt(recorder, make_mesh) -> None:
 def test_sampling_applies_to_roots_only(recorder, make_mesh) -> None:
     """With sampling 0.5 about half of the roots are recorded (seeded, so exact here); a call
     inside an existing sampled trace is always recorded."""
-    sampled = "---\napiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: m}\nspec: {tracing: {sampling: 0.5}}\n"
-    mesh = make_mesh(service_yaml("reviews", 9, sampled), tracer_provider=recorder.provider)
+    half = "---\n" + sampling("0.5")
+    mesh = make_mesh(service_yaml("reviews", 9, half), tracer_provider=recorder.provider)
     with mesh.inject_fault("reviews", abort=503), mesh.client(local_responses=True) as client:
         for _ in range(40):
             client.get("http://reviews/s")
@@ -181,7 +181,7 @@ def test_no_span_without_a_provider_and_no_header_without_a_context(
 
 
 def test_invalid_sampling_is_rejected_with_its_place() -> None:
-    text = "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: m}\nspec: {tracing: {sampling: 1.5}}\n"
+    text = sampling("1.5")
     with pytest.raises(meshlib.ConfigError) as caught:
         meshlib.Mesh.from_text(text, service="x")
     assert "spec.tracing.sampling" in str(caught.value)

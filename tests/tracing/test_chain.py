@@ -16,7 +16,15 @@ from opentelemetry.trace import NoOpTracerProvider, SpanKind
 from meshlib import MeshMiddleware
 from meshlib.call import DEADLINE_HEADER
 
-from .conftest import MESH_ONLY, drain, headers_of, reply, service_yaml, traceparent_ids
+from .conftest import (
+    MESH_ONLY,
+    drain,
+    headers_of,
+    reply,
+    sampling,
+    service_yaml,
+    traceparent_ids,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -182,7 +190,7 @@ def test_sampling_zero_records_nothing_downstream(recorder, make_mesh, serve) ->
         await reply(send, 200, b"b")
 
     b = serve(MeshMiddleware(b_app, mesh=mesh_b), "b")
-    sampling_zero = "---\napiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: m}\nspec: {tracing: {sampling: 0}}\n"
+    sampling_zero = "---\n" + sampling("0")
     mesh_a = make_mesh(
         service_yaml("b", b.port, sampling_zero), service="a", tracer_provider=recorder.provider
     )
