@@ -33,7 +33,9 @@ elsewhere keeps its sampled flag; meshlib never samples again inside it.
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
@@ -74,6 +76,8 @@ Call = Generator[Effect, Any, httpx.Response]
 
 #: Instrumentation scope name of every span meshlib records.
 TRACER_NAME = "meshlib"
+#: Seconds between two looks at OpenTelemetry's global provider while none is set.
+GLOBAL_RECHECK = 1.0
 
 _REASON = REASON_HEADER.encode("latin-1")
 _IDENTITY = IDENTITY_HEADER.encode("latin-1")
@@ -99,16 +103,28 @@ class Tracing:
         self.clock = clock
         self._rng = random.Random(seed)  # sampling draws only: never the policy RNG's sequence
         self._tracer: Tracer | None = None
+        self._recheck = 0.0  # monotonic time of the next look at the global provider
         self._textmap: TextMapPropagator | None = None
         self._fields: frozenset[bytes] = frozenset()
 
     def tracer(self) -> Tracer | None:
-        """The tracer spans are recorded with; ``None`` while the provider is a no-op."""
+        """The tracer spans are recorded with; ``None`` while the provider is a no-op.
+
+        Looking the global provider up costs about a microsecond (it reads ``os.environ``),
+        so while none is set it is looked up again at most every :data:`GLOBAL_RECHECK`
+        seconds: a provider set after the mesh is built is used from then on.
+        """
         tracer = self._tracer
         if tracer is not None:
             return tracer
+        now = time.monotonic()
+        if now < self._recheck:
+            return None
+        self._recheck = now + GLOBAL_RECHECK
         provider = self._provider if self._provider is not None else trace.get_tracer_provider()
         if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+            if self._provider is not None:
+                self._recheck = math.inf  # a no-op provider given explicitly: never anything
             return None
         from meshlib import __version__
 
@@ -150,7 +166,10 @@ class Tracing:
     def _carries_context(self, scope: Scope) -> bool:
         """Whether the request has a header the global propagator reads (traceparent, ...)."""
         fields = self.fields()
-        return any(name in fields for name, _ in scope.get("headers") or ())
+        for name, _ in scope.get("headers") or ():
+            if name in fields:
+                return True
+        return False
 
     def fields(self) -> frozenset[bytes]:
         """The header names the global propagator reads, as ASGI spells them."""
