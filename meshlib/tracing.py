@@ -552,7 +552,7 @@ class InboundTrace:
         route = getattr(scope.get("route"), "path", None)  # Starlette / FastAPI template
         if isinstance(route, str):
             self.route = route
-        peer = _peer(scope, self._tracing)
+        peer = _peer(scope, self._tracing, sanitized=self.app_called)
         if peer is not None:
             span.set_attribute("mesh.peer", peer)
         if self.app_called or self.reason == "rate_limited":
@@ -580,12 +580,15 @@ class InboundTrace:
             _set_error(span, str(status or 500), self.reason or "server error")
 
 
-def _peer(scope: Scope, tracing: Tracing) -> str | None:
-    """The caller's verified SPIFFE ID: the header the middleware set for the app, or (for a
-    request refused before the app) from the TLS extension."""
-    for name, value in scope.get("headers") or ():
-        if name == _IDENTITY:
-            return bytes(value).decode("latin-1")
+def _peer(scope: Scope, tracing: Tracing, *, sanitized: bool) -> str | None:
+    """The caller's verified SPIFFE ID: the header the middleware set in the app's
+    (``sanitized``) scope, or, for a request refused before the app, from the TLS extension —
+    never from the raw headers, where a peer could claim any identity."""
+    if sanitized:
+        for name, value in scope.get("headers") or ():
+            if name == _IDENTITY:
+                return bytes(value).decode("latin-1")
+        return None
     return verified_identity(scope, tracing.settings().trust_domain)
 
 
