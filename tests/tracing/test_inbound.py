@@ -130,3 +130,19 @@ def test_websocket_is_not_traced_and_still_served(recorder, make_mesh) -> None:
     asyncio.run(meshlib.MeshMiddleware(ws_app, mesh=mesh)(ws_scope, receive, send))
     assert accepted == ["/ws"] and sent == [{"type": "websocket.accept"}]
     assert recorder.spans() == []
+
+
+def test_a_global_provider_set_later_is_picked_up(recorder, monkeypatch) -> None:
+    """No provider given: the global one is looked up again at most every GLOBAL_RECHECK s."""
+    import meshlib.tracing as tracing_module
+    from meshlib.config.model import MeshSettings
+
+    now = [100.0]
+    monkeypatch.setattr(tracing_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    tracing = tracing_module.Tracing(None, MeshSettings, lambda: now[0])
+    assert tracing.tracer() is None  # the global provider is OpenTelemetry's no-op proxy
+    monkeypatch.setattr(tracing_module.trace, "get_tracer_provider", lambda: recorder.provider)
+    assert tracing.tracer() is None  # not looked at again yet
+    now[0] += tracing_module.GLOBAL_RECHECK
+    tracer = tracing.tracer()
+    assert tracer is not None and tracing.tracer() is tracer
