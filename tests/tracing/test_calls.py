@@ -81,7 +81,7 @@ def test_a_retry_is_a_second_attempt_span_under_one_call(
 
 def test_hedged_attempts_are_both_visible(recorder, make_mesh, echo_factory) -> None:
     slow, fast = echo_factory("slow"), echo_factory("fast")
-    slow.set_delay(1.0)
+    slow.set_delay(0.4)
     hedge = policy(
         "  loadBalancer: {type: round-robin}\n"
         "  hedging: {enabled: true, delay: 50ms, maxAttempts: 2}\n"

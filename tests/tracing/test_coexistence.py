@@ -84,7 +84,7 @@ def test_hedge_threads_are_not_traced_twice(
 ) -> None:
     """Sync hedges run on a thread pool: the suppression travels with a copy of the context."""
     fast, slow = echo_factory("fast"), echo_factory("slow")
-    slow.set_delay(1.0)
+    slow.set_delay(0.4)
     text = (
         "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\nspec:\n  endpoints:\n"
         f"  - address: 127.0.0.1:{fast.port}\n  - address: 127.0.0.1:{slow.port}\n---\n"
