@@ -59,6 +59,7 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 
+from meshlib import __version__
 from meshlib.call import Effect, Mirror, Outcome, Race, Send, classify
 from meshlib.config.model import MeshSettings, ServiceDef
 from meshlib.context import inbound_deadline
@@ -126,8 +127,6 @@ class Tracing:
             if self._provider is not None:
                 self._recheck = math.inf  # a no-op provider given explicitly: never anything
             return None
-        from meshlib import __version__
-
         tracer = self._tracer = provider.get_tracer(TRACER_NAME, __version__)
         return tracer
 
@@ -180,6 +179,7 @@ class Tracing:
         return self._fields
 
     def settings(self) -> MeshSettings:
+        """The mesh settings in force (trust domain, sampling)."""
         return self._settings()
 
 
