@@ -35,6 +35,7 @@ from meshlib.policy.routing import Router
 from meshlib.transport import AsyncMeshTransport, MeshTransport
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
     from meshlib.identity.outbound import AsyncMeshTLSTransport, MeshTLSTransport, PeerVerifier
@@ -86,6 +87,8 @@ class Mesh:
     defaults are ``time.monotonic`` and an unseeded RNG. With ``svid_dir``, the SVID files are
     polled every ``svid_poll_interval`` seconds (``None``: never) and a renewed pair is swapped
     in for new connections (:mod:`meshlib.identity.rotation`; see :attr:`svid_status`).
+    ``tracer_provider`` records the mesh's spans (default: OpenTelemetry's global provider,
+    looked up until one is set; :mod:`meshlib.tracing`).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class Mesh:
         svid_dir: str | os.PathLike[str] | None = None,
         svid_poll_interval: float | None = 1.0,
         access_log: str | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.service = service
         self.namespace = namespace
@@ -117,6 +121,9 @@ class Mesh:
 
             self.metrics = MeshMetrics.for_registry(registry)
         self.local_responses = local_responses
+        from meshlib.tracing import Tracing  # the OpenTelemetry API loads with the first mesh
+
+        self.tracing = Tracing(tracer_provider, lambda: self._router.snapshot.mesh, clock, seed)
         #: This workload's SVID (``svid_dir``): calls to mesh services use mTLS with it when
         #: the snapshot's ``spec.mtls`` is strict or permissive.
         self.svid: SVIDSource | None = None
@@ -236,7 +243,7 @@ class Mesh:
             if router.snapshot.mesh.egress is Egress.REGISTRY_ONLY:
                 raise _egress_refused(request, router.snapshot.version)
             return None
-        return run_call(self, router, service, request)
+        return self.tracing.trace_call(run_call(self, router, service, request), request, service)
 
     def uses_mtls(self, router: Router, service_key: str) -> bool:
         """Whether calls to ``service_key`` under ``router``'s snapshot go over mutual TLS:

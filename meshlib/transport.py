@@ -8,6 +8,7 @@ are meant to be read side by side: they differ only in ``await`` and in how they
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Generator
@@ -149,14 +150,16 @@ class MeshTransport(httpx.BaseTransport):
 
     def _race(self, race: Race) -> RaceResult:
         pool = self._executor()
-        first = pool.submit(self._send, race.first)
+        # Each attempt runs in a copy of the caller's context (tracing's, for one).
+        first = pool.submit(contextvars.copy_context().run, self._send, race.first)
         done, _ = wait([first], timeout=race.delay)
         if done:
             return RaceResult(race.first, first.result())
         second = race.backup()
         if second is None:
             return RaceResult(race.first, first.result())
-        sends = {first: race.first, pool.submit(self._send, second): second}
+        second_future = pool.submit(contextvars.copy_context().run, self._send, second)
+        sends = {first: race.first, second_future: second}
         pending: set[Future[Outcome]] = set(sends)
         finished: list[tuple[Send, Outcome]] = []
         while pending:
@@ -181,7 +184,9 @@ class MeshTransport(httpx.BaseTransport):
         if not self._mirrors.acquire(blocking=False):
             return
         try:
-            self._mirror_executor().submit(self._send_mirror, mirror)
+            self._mirror_executor().submit(
+                contextvars.copy_context().run, self._send_mirror, mirror
+            )
         except RuntimeError:  # executor shut down
             self._mirrors.release()
 

@@ -73,6 +73,20 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^productpage: [1-9]\d* calls, \d+\.\d% answered without a 5xx$",
         ],
     ),
+    "tracing_chain.py": (
+        [],
+        [
+            r"^GET /checkout: 200 42 in stock; 42 in stock$",
+            r"^one trace, 12 spans$",
+            r"^frontend +SERVER GET /checkout +200$",
+            r"^  frontend +CLIENT GET catalog \(call, deadline \d+ ms\) +200$",
+            r"^    frontend +CLIENT attempt 1 → 127\.0\.0\.1:\d+ +200$",
+            r"^      catalog +SERVER GET /items +200$",
+            r"^          catalog +CLIENT attempt 1 → 127\.0\.0\.1:\d+ +503$",
+            r"^          catalog +CLIENT attempt 2 → 127\.0\.0\.1:\d+ +200$",
+            r"^            inventory +SERVER GET /stock/2 +200$",
+        ],
+    ),
 }
 
 
@@ -126,6 +140,7 @@ FEATURES = [
     "access-logs",
     "admin",
     "metrics",
+    "tracing",
 ]
 _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")

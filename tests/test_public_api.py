@@ -128,6 +128,7 @@ LAZY_MODULES = (
     "jsonschema",
     "cryptography",
     "jwt",
+    "opentelemetry",
 )
 
 

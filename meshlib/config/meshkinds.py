@@ -54,7 +54,11 @@ def build_mesh(ctx: DocContext) -> MeshSettings:
     access_log = None
     if isinstance(log, YMap) and log.get("enabled", True) is True:
         access_log = str(log.get("format", "json"))
-    return MeshSettings(trust, mtls, access, egress, access_log)
+    tracing = spec.get("tracing")
+    sampling = as_number(tracing.get("sampling")) if isinstance(tracing, YMap) else None
+    if sampling is None or not 0.0 <= sampling <= 1.0:  # out of range: reported by the check
+        sampling = defaults.tracing_sampling
+    return MeshSettings(trust, mtls, access, egress, access_log, sampling)
 
 
 def build_service(ctx: DocContext) -> ServiceDef | None:

@@ -68,6 +68,8 @@ class MeshSettings:
     access_control: AccessControl = AccessControl.OPEN
     egress: Egress = Egress.ALLOW_ANY
     access_log: str | None = None  # spec.accessLog format ("json" | "text") when enabled
+    #: Fraction of traces meshlib starts (no incoming context) that are sampled, 0..1.
+    tracing_sampling: float = 1.0
 
 
 @dataclass(frozen=True)

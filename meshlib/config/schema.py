@@ -327,6 +327,16 @@ def _meshlib_docs() -> dict[str, Schema]:
                 {"enabled": {"type": "boolean"}, "format": enum("json", "text")},
                 description="one log line per call and inbound request (meshlib.access)",
             ),
+            "tracing": obj(
+                {
+                    "sampling": {
+                        "type": "number",
+                        "minimum": 0,
+                        "maximum": 1,
+                        "description": "fraction of traces started here that are sampled",
+                    }
+                }
+            ),
         }
     )
     fault = obj(

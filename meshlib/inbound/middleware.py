@@ -104,9 +104,18 @@ class MeshMiddleware:
         self._verifier: JwtVerifier | None = None  # built on first use (imports PyJWT)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Tracing (meshlib.tracing) wraps the whole handling: its SERVER span sees local
+        # replies too, and its context is attached while the app runs.
+        traced = self.mesh.tracing.inbound(scope) if scope["type"] == "http" else None
+        if traced is None:
+            await self._handle(scope, receive, send, self.app)
+        else:
+            await traced.run(self._handle, scope, receive, send, self.app)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
         kind = scope["type"]
         if kind not in ("http", "websocket"):
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
         # Read per request, so a reload that changes the trust domain applies at once.
         identity = verified_identity(scope, self.mesh.snapshot.mesh.trust_domain)
@@ -122,7 +131,7 @@ class MeshMiddleware:
                 if message.get("type") == "websocket.connect":
                     await send({"type": "websocket.close", "code": 1008})
                 return
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
 
         start = self._clock()
@@ -172,7 +181,7 @@ class MeshMiddleware:
 
         token = inbound_deadline.set(deadline)
         try:
-            await self.app(scope, receive, observing_send)
+            await app(scope, receive, observing_send)
         finally:
             inbound_deadline.reset(token)
             reason = Reason.UPSTREAM_ERROR if status >= 500 else Reason.OK
