@@ -24,10 +24,11 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from meshlib.observe.asgi import Receive, Scope, Send, answer_lifespan
 from meshlib.observe.events import CallEvent, attach, detach
 from meshlib.observe.tap import Predicate, Tap
 from meshlib.observe.top import Top
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
     from meshlib.errors import ConfigError
     from meshlib.mesh import Mesh, ReloadStatus
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 #: Defaults and caps of ``/tap``: a tap is always bounded, in events and in time.
 TAP_DEFAULT_LIMIT = 100
@@ -80,7 +77,7 @@ class AdminApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -308,13 +305,3 @@ async def _json(send: Send, status_code: int, body: Any) -> None:
 async def _until_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -7,9 +7,11 @@ when this module is, so ``import meshlib`` stays light.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from meshlib.observe.asgi import Receive, Scope, Send, answer_lifespan
 
 if TYPE_CHECKING:
     import threading
@@ -17,9 +19,6 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
@@ -39,13 +38,7 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
         if scope["type"] == "http":
             await exposition(scope, receive, send)
         elif scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
 
     return app
 
