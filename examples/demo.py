@@ -26,7 +26,7 @@ serving its mesh's admin app (``mesh.admin_app()``) and, for the three served wo
 metrics (``meshlib.metrics_app`` mounted at ``/metrics``); productpage, a plain client program,
 runs the standalone exporter (``meshlib.start_metrics_server``). Every workload has its own
 OpenTelemetry SDK provider (as separate processes would), all exporting to one in-memory
-exporter, and the policy samples 2% of the traces productpage starts. The script prints one
+exporter, and the policy samples 5% of the traces productpage starts. The script prints one
 sampled trace as a tree, then runs the real ``meshctl`` verbs against the running services:
 ``status`` and ``top`` of productpage, ``tap --limit 5`` of reviews-v1, and ``graph`` of the
 four metrics endpoints (text, then an SVG and an HTML page written to ``--out``, a new
@@ -85,7 +85,7 @@ CANARY_PERCENT = 10
 FLAKY_PERCENT = 10  # reviews-v1 answers 503 this often
 ABORT_PERCENT = 10  # ratings: injected 503
 DELAY_PERCENT = 25  # ratings: injected 100 ms delay
-TRACE_SAMPLING = 0.02  # share of productpage's calls that start a recorded trace
+TRACE_SAMPLING = 0.05  # share of productpage's calls that start a recorded trace
 
 POLICY = """\
 apiVersion: meshlib/v1

@@ -71,6 +71,21 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^    [1-9]\d* calls allowed; intruder denied 403 \(x-mesh-reason: denied\):$",
             r"metrics: mesh_requests_total [1-9]\d*, mesh_retries_total \d+",
             r"^productpage: [1-9]\d* calls, \d+\.\d% answered without a 5xx$",
+            # the Observe pillar on the live services: a sampled trace, then meshctl verbs
+            r"^  [1-9]\d* traces sampled \(5% of productpage's calls start one\)",
+            r"^  productpage CLIENT GET reviews → reviews-v[12] \(deadline 1000 ms",
+            r"^    productpage CLIENT attempt 1 → 127\.0\.0\.1:\d+  \d{3}$",
+            r"^      reviews-v[12] +SERVER GET /reviews/\d+ \(from sa/productpage, \d+ ms left\)",
+            r"^\$ meshctl status http://127\.0\.0\.1:\d+$",
+            r"^reviews-v1\.default +127\.0\.0\.1:\d+ +healthy .* closed",
+            r"^outbound +productpage\.default +reviews-v1\.default +- +[1-9]\d* +[\d.]+ +[\d.]+%",
+            r"^\$ meshctl tap http://127\.0\.0\.1:\d+ --limit 5$",
+            r'(inbound  <- spiffe://bookinfo\.local/ns/default/sa/productpage "GET reviews/reviews/'
+            r'|outbound -> ratings\.default "GET ratings/ratings/)',
+            r"^service graph: 5 services, 5 edges \(totals since start, 4 scraped\)$",
+            r"^productpage\.default → reviews-v1\.default +[1-9]\d* +- +[\d.]+% +both$",
+            r"^reviews-v1\.default → ratings\.default +[1-9]\d* +- +[\d.]+% +both$",
+            r"^service graph written to .*demo-graph\.svg and demo-graph\.html$",
         ],
     ),
     "tracing_chain.py": (
