@@ -134,6 +134,7 @@ DOCS = [
     ROOT / "docs" / "quickstart.md",
     ROOT / "docs" / "concepts.md",
     ROOT / "docs" / "testing.md",
+    ROOT / "docs" / "observability.md",
     *sorted((ROOT / "docs" / "features").glob("*.md")),
 ]
 FEATURES = [
