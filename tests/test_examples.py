@@ -17,7 +17,8 @@ pytestmark = pytest.mark.timeout(120)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-#: file name → (command-line arguments, regular expressions the output must contain)
+#: file name → (command-line arguments, regular expressions the output must contain);
+#: ``{tmp}`` in an argument is a fresh temporary directory (files an example writes).
 EXPECTED: dict[str, tuple[list[str], list[str]]] = {
     "quickstart.py": (
         [],
@@ -50,7 +51,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     "demo.py": (
-        ["--duration", "2"],
+        ["--duration", "2", "--out", "{tmp}"],
         [
             r"traffic for 2s, 8 calls in flight",
             r"calls +\d+ +success +\d+\.\d+% +\d+\.\d+ rps",
@@ -110,10 +111,10 @@ def test_every_example_is_covered() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example_runs(name: str) -> None:
+def test_example_runs(name: str, tmp_path: Path) -> None:
     args, patterns = EXPECTED[name]
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
+        [sys.executable, str(EXAMPLES / name), *(a.replace("{tmp}", str(tmp_path)) for a in args)],
         capture_output=True,
         text=True,
         timeout=100,
@@ -124,6 +125,9 @@ def test_example_runs(name: str) -> None:
     for pattern in patterns:
         assert re.search(pattern, output, re.MULTILINE), f"{pattern!r} not in output:\n{output}"
     assert "Traceback" not in done.stderr, done.stderr
+    if name == "demo.py":  # meshctl graph wrote the service graph where it was told
+        assert (tmp_path / "demo-graph.svg").read_text().startswith("<svg ")
+        assert "reviews-v1.default → ratings.default" in (tmp_path / "demo-graph.html").read_text()
 
 
 # --- the docs show real code ------------------------------------------------------------------
