@@ -655,6 +655,7 @@ def interesting_trace(spans: Iterable[ReadableSpan]) -> list[ReadableSpan]:
 
 
 def print_tree(trace: list[ReadableSpan]) -> None:
+    """Each span under its parent, in start order (a parent outside ``trace`` makes a root)."""
     ids = {span.context.span_id for span in trace}
     children: dict[int | None, list[ReadableSpan]] = defaultdict(list)
     for span in sorted(trace, key=lambda s: s.start_time or 0):
