@@ -21,7 +21,18 @@ without a client certificate), and the script prints a per-edge table and what e
 did, computed from the calls' decision records (``response.extensions["mesh_decision"]``) and
 the mesh's metrics.
 
-    python examples/demo.py --duration 20 --concurrency 8
+Then the Observe pillar, on the live services. Each workload has a localhost-only admin port
+serving its mesh's admin app (``mesh.admin_app()``) and, for the three served workloads, its
+metrics (``meshlib.metrics_app`` mounted at ``/metrics``); productpage, a plain client program,
+runs the standalone exporter (``meshlib.start_metrics_server``). Every workload has its own
+OpenTelemetry SDK provider (as separate processes would), all exporting to one in-memory
+exporter, and the policy samples 5% of the traces productpage starts. The script prints one
+sampled trace as a tree, then runs the real ``meshctl`` verbs against the running services:
+``status`` and ``top`` of productpage, ``tap --limit 5`` of reviews-v1, and ``graph`` of the
+four metrics endpoints (text, then an SVG and an HTML page written to ``--out``, a new
+temporary directory by default).
+
+    python examples/demo.py --duration 20 --concurrency 8 [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,15 +48,22 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
+from prometheus_client.samples import Sample
 
 import meshlib
+import meshlib.cli
 from meshlib.identity import CertificateAuthority, SpiffeID
 from meshlib.identity.tls import SVIDSource
 from meshlib.serving import Server as ServedApp
@@ -67,12 +85,13 @@ CANARY_PERCENT = 10
 FLAKY_PERCENT = 10  # reviews-v1 answers 503 this often
 ABORT_PERCENT = 10  # ratings: injected 503
 DELAY_PERCENT = 25  # ratings: injected 100 ms delay
+TRACE_SAMPLING = 0.05  # share of productpage's calls that start a recorded trace
 
 POLICY = """\
 apiVersion: meshlib/v1
 kind: Mesh
 metadata: {{name: mesh}}
-spec: {{trustDomain: {trust_domain}, mtls: strict}}
+spec: {{trustDomain: {trust_domain}, mtls: strict, tracing: {{sampling: {sampling}}}}}
 ---
 apiVersion: meshlib/v1
 kind: Service
@@ -431,7 +450,14 @@ def short(key: str | None) -> str:
 EXHAUSTED = "mesh_retry_budget_exhausted_total"
 
 
-def report(recorder: Recorder, registry: CollectorRegistry, intrusions: Intrusions) -> bool:
+def samples(registries: Iterable[CollectorRegistry], *names: str) -> Iterator[Sample]:
+    """The samples called ``names`` in every workload's registry."""
+    for registry in registries:
+        for family in registry.collect():
+            yield from (sample for sample in family.samples if sample.name in names)
+
+
+def report(recorder: Recorder, registries: list[CollectorRegistry], intrusions: Intrusions) -> bool:
     """Print the per-edge table and the policy summary; True if the run looks healthy."""
     records = list(recorder.records)
     edges: dict[tuple[str, str], list[Record]] = defaultdict(list)
@@ -467,25 +493,19 @@ def report(recorder: Recorder, registry: CollectorRegistry, intrusions: Intrusio
     def share(part: int, whole: int) -> str:
         return f"{100 * part / whole:.1f}%" if whole else "n/a"
 
-    metrics = {
-        sample.name: sample.value
-        for family in registry.collect()
-        for sample in family.samples
-        if sample.name in ("mesh_retries_total", EXHAUSTED)
-    }
+    metrics: dict[str, float] = defaultdict(float)
+    for sample in samples(registries, "mesh_retries_total", EXHAUSTED):
+        metrics[sample.name] += sample.value
     calls_metric = sum(
         sample.value
-        for family in registry.collect()
-        for sample in family.samples
-        if sample.name == "mesh_requests_total" and sample.labels["direction"] == "outbound"
+        for sample in samples(registries, "mesh_requests_total")
+        if sample.labels["direction"] == "outbound"
     )
     # Inbound authorization decisions: (caller SPIFFE ID, destination, verdict) → count.
     authz: dict[tuple[str, str, str], float] = defaultdict(float)
-    for family in registry.collect():
-        for sample in family.samples:
-            if sample.name == "mesh_authz_decisions_total":
-                labels = sample.labels
-                authz[(labels["source"], labels["destination"], labels["verdict"])] += sample.value
+    for sample in samples(registries, "mesh_authz_decisions_total"):
+        labels = sample.labels
+        authz[(labels["source"], labels["destination"], labels["verdict"])] += sample.value
     allowed = sum(n for (_, _, verdict), n in authz.items() if verdict == "allow")
     verified = sum(n for (src, _, _), n in authz.items() if src.startswith("spiffe://"))
     unauthenticated = sum(authz.values()) - verified
@@ -541,6 +561,156 @@ def report(recorder: Recorder, registry: CollectorRegistry, intrusions: Intrusio
     return bool(page) and ok >= 0.9 * len(page) and intrusions.held
 
 
+# --- observe: admin ports, traces, meshctl ----------------------------------------------------
+
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+SPANS = InMemorySpanExporter()
+
+
+def tracer_provider(workload: str) -> TracerProvider:
+    """One OpenTelemetry SDK provider per workload, as each process would have its own; all
+    export to ``SPANS`` so the demo can print a trace (an OTLP exporter would send them to
+    Jaeger instead: docs/observability.md)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": workload}))
+    provider.add_span_processor(SimpleSpanProcessor(SPANS))
+    return provider
+
+
+class AdminPort:
+    """One workload's localhost-only admin port: its mesh's admin app, and ``/metrics`` when
+    ``metrics`` is given. Served workloads mount ``meshlib.metrics_app`` here rather than on
+    their strict-mTLS listener, so a scraper needs no client certificate and scrapes are not
+    counted as traffic."""
+
+    def __init__(self, name: str, mesh: meshlib.Mesh, metrics: ASGIApp | None) -> None:
+        self.admin = mesh.admin_app()  # from now on the mesh feeds its tap and top
+        admin = self.admin
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if metrics is not None and scope["type"] == "http" and scope["path"] == "/metrics":
+                await metrics(scope, receive, send)
+            else:
+                await admin(scope, receive, send)
+
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"admin-{name}", daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"{name}: the admin port did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.admin.close()
+
+
+def describe(span: ReadableSpan) -> str:
+    """One line of the trace tree: workload, span kind, what the span is, its status."""
+    attrs = span.attributes or {}
+    workload = span.resource.attributes.get("service.name")
+    notes = []
+    if span.kind.name == "SERVER":
+        what = f"{attrs.get('http.request.method')} {attrs.get('url.path')}"
+        if "mesh.peer" in attrs:
+            notes.append(f"from sa/{str(attrs['mesh.peer']).rsplit('/', 1)[-1]}")
+        if "mesh.deadline_ms" in attrs:
+            notes.append(f"{attrs['mesh.deadline_ms']} ms left")
+    elif "mesh.attempt" in attrs:
+        what = f"attempt {attrs['mesh.attempt']} → {attrs['server.address']}:{attrs['server.port']}"
+    else:
+        what = f"{span.name} → {short(str(attrs.get('mesh.backend')))}"
+        notes.append(f"deadline {attrs.get('mesh.deadline_ms')} ms")
+        if attrs.get("mesh.fault"):
+            notes.append(f"fault {attrs['mesh.fault']}")
+        if attrs.get("mesh.retries"):
+            notes.append(f"retries {attrs['mesh.retries']}")
+    status = attrs.get("http.response.status_code", "-")
+    extra = f" ({', '.join(notes)})" if notes else ""
+    return f"{workload:<11} {span.kind.name:<6} {what}{extra}  {status}"
+
+
+def interesting_trace(spans: Iterable[ReadableSpan]) -> list[ReadableSpan]:
+    """The sampled trace to show: one with a retry if any, else one with a fault, else the
+    longest (empty without any)."""
+    traces: dict[int, list[ReadableSpan]] = defaultdict(list)
+    for span in spans:
+        traces[span.context.trace_id].append(span)
+
+    def interest(trace: list[ReadableSpan]) -> tuple[bool, bool, int]:
+        attrs = [span.attributes or {} for span in trace]
+        return (
+            any(a.get("mesh.retries") for a in attrs),
+            any(a.get("mesh.fault") for a in attrs),
+            len(trace),
+        )
+
+    return max(traces.values(), key=interest, default=[])
+
+
+def print_tree(trace: list[ReadableSpan]) -> None:
+    """Each span under its parent, in start order (a parent outside ``trace`` makes a root)."""
+    ids = {span.context.span_id for span in trace}
+    children: dict[int | None, list[ReadableSpan]] = defaultdict(list)
+    for span in sorted(trace, key=lambda s: s.start_time or 0):
+        parent = span.parent.span_id if span.parent is not None else None
+        children[parent if parent in ids else None].append(span)
+
+    def walk(parent: int | None, depth: int) -> None:
+        for span in children.get(parent, []):
+            print("  " + "  " * depth + describe(span))
+            walk(span.context.span_id, depth + 1)
+
+    walk(None, 0)
+
+
+def meshctl(*argv: str) -> int:
+    """Run a ``meshctl`` verb in this process, as typed in a shell."""
+    print(f"\n$ meshctl {' '.join(argv)}", flush=True)
+    code = meshlib.cli.main(list(argv))
+    sys.stdout.flush()
+    return code
+
+
+def observe(ports: dict[str, AdminPort], metrics_urls: list[str], out: Path) -> bool:
+    """Print one sampled trace and run meshctl against the live admin ports and metrics; True
+    if a trace was recorded and every verb succeeded."""
+    spans = SPANS.get_finished_spans()
+    trace = interesting_trace(spans)
+    sampled = len({span.context.trace_id for span in spans})
+    print()
+    print("Observe")
+    print(
+        f"  {sampled} traces sampled ({TRACE_SAMPLING:.0%} of productpage's calls start one);"
+        f" one of them, {len(trace)} spans:"
+    )
+    print_tree(trace)
+    graph = ("graph", *metrics_urls)
+    codes = [
+        meshctl("status", ports["productpage"].url),
+        meshctl("top", ports["productpage"].url),
+        meshctl("tap", ports["reviews-v1"].url, "--limit", "5"),
+        meshctl(*graph),
+        meshctl(*graph, "--format", "svg", "--out", str(out / "demo-graph.svg")),
+        meshctl(*graph, "--format", "html", "--out", str(out / "demo-graph.html")),
+    ]
+    print(
+        "\n(reviews.default → ratings is ratings' own view: both reviews versions present the"
+        " SVID\n of service account reviews, and injected aborts never reach ratings.)"
+    )
+    print(f"service graph written to {out}/demo-graph.svg and demo-graph.html")
+    failed = [code for code in codes if code != 0]
+    if failed or not trace:
+        print("Observe: no trace recorded" if not trace else f"Observe: {len(failed)} verbs failed")
+    return bool(trace) and not failed
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -549,13 +719,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of traffic")
     parser.add_argument("--concurrency", type=int, default=8, help="calls in flight")
     parser.add_argument("--seed", type=int, default=7, help="seed for every random choice")
+    parser.add_argument(
+        "--out", type=Path, help="where to write demo-graph.svg/.html (default: a new temp dir)"
+    )
     args = parser.parse_args(argv)
+    out: Path = args.out or Path(tempfile.mkdtemp(prefix="meshlib-demo-graph-"))
+    out.mkdir(parents=True, exist_ok=True)
 
-    registry = CollectorRegistry()
+    # One registry and one tracer provider per workload, as if each were its own process:
+    # each /metrics shows one workload's view, and meshctl graph puts them together.
+    registries = {workload: CollectorRegistry() for workload in ACCOUNTS}
+    providers = {workload: tracer_provider(workload) for workload in ACCOUNTS}
     recorder = Recorder()
     servers = [Server(name) for name in ("ratings", "reviews-v1", "reviews-v2")]
     ratings, reviews_v1, reviews_v2 = servers
-    meshes: list[meshlib.Mesh] = []
+    meshes: dict[str, meshlib.Mesh] = {}
+    ports: dict[str, AdminPort] = {}
+    exporter: meshlib.MetricsServer | None = None
     healthy = False
     with tempfile.TemporaryDirectory(prefix="meshlib-demo-") as tmp:
         try:
@@ -576,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                     v2_weight=CANARY_PERCENT,
                     delay_percent=DELAY_PERCENT,
                     abort_percent=ABORT_PERCENT,
+                    sampling=TRACE_SAMPLING,
                 )
             )
 
@@ -583,9 +764,14 @@ def main(argv: list[str] | None = None) -> int:
             # of what arrives) and presents its own SVID (for mTLS on what it sends).
             def mesh_for(workload: str, seed: int) -> meshlib.Mesh:
                 mesh = meshlib.Mesh.from_file(
-                    path, service=workload, seed=seed, registry=registry, svid_dir=svids[workload]
+                    path,
+                    service=workload,
+                    seed=seed,
+                    registry=registries[workload],
+                    tracer_provider=providers[workload],
+                    svid_dir=svids[workload],
                 )
-                meshes.append(mesh)
+                meshes[workload] = mesh
                 return mesh
 
             page_mesh = mesh_for("productpage", args.seed)
@@ -604,21 +790,40 @@ def main(argv: list[str] | None = None) -> int:
                 svids["reviews-v2"],
                 "on",
             )
+            # Admin ports on localhost; productpage is a plain client program, so its
+            # metrics come from the standalone exporter rather than a mounted app.
+            exporter = meshlib.start_metrics_server(0, registry=registries["productpage"])
+            metrics_urls = {"productpage": exporter.url}
+            ports["productpage"] = AdminPort("productpage", page_mesh, None)
+            for server in servers:
+                app = meshlib.metrics_app(registries[server.name])
+                ports[server.name] = AdminPort(server.name, meshes[server.name], app)
+                metrics_urls[server.name] = f"{ports[server.name].url}/metrics"
 
             print("meshlib demo: productpage → reviews (v1 90% / v2 10% canary) → ratings")
             for server in servers:
                 account = SpiffeID.for_workload(TRUST_DOMAIN, "default", ACCOUNTS[server.name])
                 print(f"  {server.name:<11} https://127.0.0.1:{server.port}  {account}")
             print(f"  policy      {path}")
+            print("admin apps and metrics, on localhost only:")
+            for workload, port in ports.items():
+                print(f"  {workload:<11} admin {port.url}  metrics {metrics_urls[workload]}")
             print(f"traffic for {args.duration:g}s, {args.concurrency} calls in flight:")
             asyncio.run(productpage(page_mesh, recorder, args.duration, args.concurrency))
             intrusions = asyncio.run(intruders(ratings.port, svids["productpage"]))
-            healthy = report(recorder, registry, intrusions)
+            healthy = report(recorder, list(registries.values()), intrusions)
+            healthy = observe(ports, list(metrics_urls.values()), out) and healthy
         finally:
+            for port in ports.values():
+                port.stop()
+            if exporter is not None:
+                exporter.stop()
             for server in reversed(servers):
                 server.stop()
-            for mesh in meshes:
+            for mesh in meshes.values():
                 mesh.close()
+            for provider in providers.values():
+                provider.shutdown()
     return 0 if healthy else 1
 
 

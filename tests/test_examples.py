@@ -17,7 +17,8 @@ pytestmark = pytest.mark.timeout(120)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-#: file name → (command-line arguments, regular expressions the output must contain)
+#: file name → (command-line arguments, regular expressions the output must contain);
+#: ``{tmp}`` in an argument is a fresh temporary directory (files an example writes).
 EXPECTED: dict[str, tuple[list[str], list[str]]] = {
     "quickstart.py": (
         [],
@@ -50,7 +51,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     "demo.py": (
-        ["--duration", "2"],
+        ["--duration", "2", "--out", "{tmp}"],
         [
             r"traffic for 2s, 8 calls in flight",
             r"calls +\d+ +success +\d+\.\d+% +\d+\.\d+ rps",
@@ -71,6 +72,21 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^    [1-9]\d* calls allowed; intruder denied 403 \(x-mesh-reason: denied\):$",
             r"metrics: mesh_requests_total [1-9]\d*, mesh_retries_total \d+",
             r"^productpage: [1-9]\d* calls, \d+\.\d% answered without a 5xx$",
+            # the Observe pillar on the live services: a sampled trace, then meshctl verbs
+            r"^  [1-9]\d* traces sampled \(5% of productpage's calls start one\)",
+            r"^  productpage CLIENT GET reviews → reviews-v[12] \(deadline 1000 ms",
+            r"^    productpage CLIENT attempt 1 → 127\.0\.0\.1:\d+  \d{3}$",
+            r"^      reviews-v[12] +SERVER GET /reviews/\d+ \(from sa/productpage, \d+ ms left\)",
+            r"^\$ meshctl status http://127\.0\.0\.1:\d+$",
+            r"^reviews-v1\.default +127\.0\.0\.1:\d+ +healthy .* closed",
+            r"^outbound +productpage\.default +reviews-v1\.default +- +[1-9]\d* +[\d.]+ +[\d.]+%",
+            r"^\$ meshctl tap http://127\.0\.0\.1:\d+ --limit 5$",
+            r'(inbound  <- spiffe://bookinfo\.local/ns/default/sa/productpage "GET reviews/reviews/'
+            r'|outbound -> ratings\.default "GET ratings/ratings/)',
+            r"^service graph: 5 services, 5 edges \(totals since start, 4 scraped\)$",
+            r"^productpage\.default → reviews-v1\.default +[1-9]\d* +- +[\d.]+% +both$",
+            r"^reviews-v1\.default → ratings\.default +[1-9]\d* +- +[\d.]+% +both$",
+            r"^service graph written to .*demo-graph\.svg and demo-graph\.html$",
         ],
     ),
     "tracing_chain.py": (
@@ -95,10 +111,10 @@ def test_every_example_is_covered() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example_runs(name: str) -> None:
+def test_example_runs(name: str, tmp_path: Path) -> None:
     args, patterns = EXPECTED[name]
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
+        [sys.executable, str(EXAMPLES / name), *(a.replace("{tmp}", str(tmp_path)) for a in args)],
         capture_output=True,
         text=True,
         timeout=100,
@@ -109,6 +125,9 @@ def test_example_runs(name: str) -> None:
     for pattern in patterns:
         assert re.search(pattern, output, re.MULTILINE), f"{pattern!r} not in output:\n{output}"
     assert "Traceback" not in done.stderr, done.stderr
+    if name == "demo.py":  # meshctl graph wrote the service graph where it was told
+        assert (tmp_path / "demo-graph.svg").read_text().startswith("<svg ")
+        assert "reviews-v1.default → ratings.default" in (tmp_path / "demo-graph.html").read_text()
 
 
 # --- the docs show real code ------------------------------------------------------------------
@@ -119,6 +138,7 @@ DOCS = [
     ROOT / "docs" / "quickstart.md",
     ROOT / "docs" / "concepts.md",
     ROOT / "docs" / "testing.md",
+    ROOT / "docs" / "observability.md",
     *sorted((ROOT / "docs" / "features").glob("*.md")),
 ]
 FEATURES = [
