@@ -139,6 +139,18 @@ def sanitize_headers(
     return kept
 
 
+def passes_unchanged(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether :func:`sanitize_headers` would keep all of ``headers`` from a peer that is not a
+    mesh member, judged from memoised verdicts alone: the middleware then hands the server's
+    list to the app instead of a copy. A name not seen before answers ``False`` (the caller
+    sanitizes, which memoises it), so this never keeps a header sanitation would drop."""
+    verdicts = _name_verdicts
+    for name, _ in headers:
+        if verdicts.get(name) != _KEEP:
+            return False
+    return True
+
+
 def propagated_timeout(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
     """Seconds left of the caller's deadline (``x-mesh-timeout-ms``), clamped to
     :data:`MAX_PROPAGATED_TIMEOUT`; ``None`` if absent or malformed. Read it only from headers
