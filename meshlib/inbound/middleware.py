@@ -16,8 +16,15 @@ The inbound stack, in order (each step's reason beside it):
 6. the deadline — set last, around the app alone, so outbound calls made while handling the
    request get only the time that is left.
 
-Per-request state lives in locals of ``__call__``; the instance holds configuration and the
+Per-request state lives in locals of ``_handle``; the instance holds configuration and the
 token buckets (shared state by nature, behind a lock).
+
+The stack is a budget (issue 3: at most 10 µs of server CPU per request; measure with
+``benchmarks/inbound_loop.py`` and ``benchmarks/inbound.py``). What a request needs from the
+policy (trust domain, authorization index, JWT rules) is a plan derived once per snapshot, and
+steps that cannot apply cost a test each: with no header to strip, no path to normalise and no
+token, the app gets the server's scope itself instead of a copy; with no authorization in force,
+the decision is "allow" (still counted) without evaluating anything.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
@@ -159,23 +167,11 @@ class MeshMiddleware:
             app_scope = _normalized(app_scope, path)
             path = app_scope.get("path", "")
         if plan.jwt_rules:
-            from meshlib.origin import Unauthenticated
-
-            try:
-                principal = await self._jwt_verifier().authenticate(plan.jwt_rules, headers)
-            except Unauthenticated as exc:
-                log.info("origin authentication failed for %s: %s", self._destination, exc)
-                await send_local_reply(send, 401, Reason.UNAUTHENTICATED)
+            authenticated = await self._authenticate(plan.jwt_rules, headers, app_scope, send)
+            if authenticated is None:
                 self._record(source, 401, Reason.UNAUTHENTICATED, start, app_scope)
                 return
-            if principal is not None:
-                claims = principal.claims
-                extensions = dict(app_scope.get("extensions") or {})
-                extensions["meshlib"] = {
-                    "request_principal": principal.request_principal,
-                    "claims": dict(claims),
-                }
-                app_scope = {**app_scope, "extensions": extensions}
+            app_scope, claims = authenticated
         if plan.in_force or self._authz_hooked:
             verdict = self._authorize(identity, method, path, headers, jwt_claims=claims)
             if verdict is Verdict.DENY:
@@ -214,6 +210,33 @@ class MeshMiddleware:
             reason = Reason.UPSTREAM_ERROR if status >= 500 else Reason.OK
             route = route_template(app_scope) if "route" in app_scope else ""
             self._record(source, status, reason, start, app_scope, route)
+
+    async def _authenticate(
+        self,
+        rules: tuple[JwtRule, ...],
+        headers: Iterable[tuple[bytes, bytes]],
+        scope: Scope,
+        send: Send,
+    ) -> tuple[Scope, Mapping[str, Any] | None] | None:
+        """Origin authentication: ``None`` once a bad token was answered with 401, else the
+        scope for the app (with the verified principal and claims, if a token came) and the
+        claims for authorization (``None``: no token)."""
+        from meshlib.origin import Unauthenticated
+
+        try:
+            principal = await self._jwt_verifier().authenticate(rules, headers)
+        except Unauthenticated as exc:
+            log.info("origin authentication failed for %s: %s", self._destination, exc)
+            await send_local_reply(send, 401, Reason.UNAUTHENTICATED)
+            return None
+        if principal is None:
+            return scope, None
+        extensions = dict(scope.get("extensions") or {})
+        extensions["meshlib"] = {
+            "request_principal": principal.request_principal,
+            "claims": dict(principal.claims),
+        }
+        return {**scope, "extensions": extensions}, principal.claims
 
     async def _handle_other(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
         """Scopes other than ``http``: a WebSocket handshake gets identity, header sanitation
@@ -286,16 +309,7 @@ class MeshMiddleware:
         logged at WARNING and counted, and the request proceeds.
         """
         index = self._plan().authz
-        caller: SpiffeID | None = None
-        if identity is not None:
-            # Imported here: meshlib.identity loads cryptography, which plain-HTTP users
-            # never need (a verified identity means it is loaded already).
-            from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
-
-            try:
-                caller = SpiffeID.parse(identity)
-            except SpiffeIDError:
-                caller = None  # an identity that does not parse grants nothing
+        caller = None if identity is None else _caller(identity)
         header_map: dict[str, str] = {}
         for name, value in headers if index.reads_headers else ():  # only rules read them
             key = name.decode("latin-1").lower()
@@ -363,6 +377,20 @@ class MeshMiddleware:
         if events is not None:
             peer = None if source == UNAUTHENTICATED else source
             events.inbound(source, self._destination, scope, status, reason, seconds, peer, route)
+
+
+@lru_cache(maxsize=1024)
+def _caller(identity: str) -> SpiffeID | None:
+    """The parsed SPIFFE ID of a verified caller (``None``: it does not parse, and grants
+    nothing). Memoised: a member's requests repeat its identity, and parsing costs µs."""
+    # Imported here: meshlib.identity loads cryptography, which plain-HTTP users never need
+    # (a verified identity means it is loaded already).
+    from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
+
+    try:
+        return SpiffeID.parse(identity)
+    except SpiffeIDError:
+        return None
 
 
 def _normalized(scope: Scope, path: str) -> Scope:

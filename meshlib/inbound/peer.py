@@ -70,8 +70,11 @@ def verified_identity(scope: Mapping[str, Any], trust_domain: str) -> str | None
     return spiffe_id
 
 
+@lru_cache(maxsize=1024)
 def spiffe_trust_domain(spiffe_id: str) -> str | None:
-    """The trust domain of a well-formed workload SPIFFE ID, or ``None`` if it is malformed."""
+    """The trust domain of a well-formed workload SPIFFE ID, or ``None`` if it is malformed.
+    Memoised: every request of a verified member asks it about the same few IDs (parsing one
+    costs several microseconds)."""
     # meshlib.identity loads cryptography: only when an identity is actually being checked.
     from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
 
