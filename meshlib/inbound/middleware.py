@@ -196,11 +196,13 @@ class MeshMiddleware:
             deadline = self._deadline(headers if identity is not None else (), start)
         status = 500  # what the server answers if the app fails before starting a response
 
-        async def observing_send(message: Message) -> None:
+        def observing_send(message: Message) -> Awaitable[None]:
+            # A plain function handing back the server's awaitable: no coroutine of its own
+            # per message.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            await send(message)
+            return send(message)
 
         token = inbound_deadline.set(deadline)
         try:
