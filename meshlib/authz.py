@@ -21,7 +21,7 @@ trust domain or another shape matches no source, so an unknown identity never wi
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshlib.config.model import (
@@ -96,6 +96,8 @@ def normalize_path(path: str) -> str | None:
     """
     if not path.startswith("/"):
         return None
+    if not ("%" in path or "\\" in path or "\x00" in path or "//" in path or "/." in path):
+        return path  # the common case: nothing to decode, merge, remove or refuse
     decoded = path
     if "%" in decoded:
         out: list[str] = []
@@ -157,13 +159,18 @@ class AuthzIndex:
     targets: tuple[_Target, ...]
     deny: tuple[AuthorizationPolicy, ...]
     allow: tuple[AuthorizationPolicy, ...]
+    #: Whether any authorization applies here (else everything is allowed untouched).
+    in_force: bool = field(init=False)
+    #: Whether any rule matches on request headers (only HTTPRouteGroup matches do): if not,
+    #: the middleware need not decode them.
+    reads_headers: bool = field(init=False)
 
-    @property
-    def in_force(self) -> bool:
-        """Whether any authorization applies here (else everything is allowed untouched)."""
-        return bool(self.targets or self.deny or self.allow) or self.mode is not (
-            AccessControl.OPEN
-        )
+    def __post_init__(self) -> None:
+        # Derived once per snapshot, read on every request: plain attributes, not properties.
+        in_force = bool(self.targets or self.deny or self.allow)
+        object.__setattr__(self, "in_force", in_force or self.mode is not AccessControl.OPEN)
+        reads = any(m.headers for t in self.targets for r in t.rules for m in r.matches or ())
+        object.__setattr__(self, "reads_headers", reads)
 
     @classmethod
     def build(cls, snapshot: Snapshot, service: ServiceDef) -> AuthzIndex:

@@ -16,8 +16,15 @@ The inbound stack, in order (each step's reason beside it):
 6. the deadline — set last, around the app alone, so outbound calls made while handling the
    request get only the time that is left.
 
-Per-request state lives in locals of ``__call__``; the instance holds configuration and the
+Per-request state lives in locals of ``_handle``; the instance holds configuration and the
 token buckets (shared state by nature, behind a lock).
+
+The stack is a budget (issue 3: at most 10 µs of server CPU per request; measure with
+``benchmarks/inbound_loop.py`` and ``benchmarks/inbound.py``). What a request needs from the
+policy (trust domain, authorization index, JWT rules) is a plan derived once per snapshot, and
+steps that cannot apply cost a test each: with no header to strip, no path to normalise and no
+token, the app gets the server's scope itself instead of a copy; with no authorization in force,
+the decision is "allow" (still counted) without evaluating anything.
 """
 
 from __future__ import annotations
@@ -28,20 +35,27 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 from meshlib.authz import AuthzIndex, authorize, index_for, normalize_path
-from meshlib.config.model import JwtRule, RateLimitPolicy, ServiceDef
+from meshlib.config.model import AccessControl, JwtRule, RateLimitPolicy, ServiceDef
 from meshlib.context import inbound_deadline
 from meshlib.errors import REASON_HEADER, Reason
-from meshlib.inbound.peer import propagated_timeout, sanitize_headers, verified_identity
+from meshlib.inbound.peer import (
+    passes_unchanged,
+    propagated_timeout,
+    sanitize_headers,
+    verified_identity,
+)
 from meshlib.policy.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from meshlib.identity.spiffe import SpiffeID
     from meshlib.mesh import Mesh
     from meshlib.origin import JwtVerifier
+    from meshlib.policy.routing import Router
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,6 +76,20 @@ class Verdict(enum.Enum):
 
     ALLOW = "allow"
     DENY = "deny"
+
+
+#: The ``mode`` label of a decision where no authorization applies (``accessControl: open``).
+_OPEN_MODE = AccessControl.OPEN.value
+
+
+class _Plan(NamedTuple):
+    """Everything a request needs from one policy snapshot, derived once per snapshot (one
+    identity check per request instead of several memo lookups)."""
+
+    trust_domain: str
+    authz: AuthzIndex
+    in_force: bool  # whether any authorization applies (else: allowed, path untouched)
+    jwt_rules: tuple[JwtRule, ...]  # RequestAuthentications of this service and namespace
 
 
 class MeshMiddleware:
@@ -102,6 +130,9 @@ class MeshMiddleware:
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._destination = f"{mesh.service}.{mesh.namespace}"
         self._verifier: JwtVerifier | None = None  # built on first use (imports PyJWT)
+        self._planned: tuple[Router, _Plan] | None = None  # the plan of the current snapshot
+        #: A subclass that overrides the authorization hook is asked on every request.
+        self._authz_hooked = type(self)._authorize is not MeshMiddleware._authorize
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Tracing (meshlib.tracing) wraps the whole handling: its SERVER span sees local
@@ -113,108 +144,144 @@ class MeshMiddleware:
             await traced.run(self._handle, scope, receive, send, self.app)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
-        kind = scope["type"]
-        if kind not in ("http", "websocket"):
-            await app(scope, receive, send)
+        if scope["type"] != "http":
+            await self._handle_other(scope, receive, send, app)
             return
-        # Read per request, so a reload that changes the trust domain applies at once.
-        identity = verified_identity(scope, self.mesh.snapshot.mesh.trust_domain)
-        headers = sanitize_headers(scope.get("headers") or (), identity)
-        scope = {**scope, "headers": headers}  # a new dict: the server's scope stays as it was
-        if kind == "websocket":
-            # A WebSocket upgrade is authorized like a GET of its path (a DENY rule must not be
-            # bypassed by upgrading); refused before accept, which servers answer with 403.
-            scope = self._normalize(scope)
-            path = scope.get("path", "")
-            if self._authorize(identity, "GET", path, headers) is Verdict.DENY:
-                message = await receive()  # websocket.connect
-                if message.get("type") == "websocket.connect":
-                    await send({"type": "websocket.close", "code": 1008})
-                return
-            await app(scope, receive, send)
-            return
-
         start = self._clock()
+        plan = self._plan()
+        # The app gets ``scope`` itself when nothing in it changes (the common case: no
+        # identity, no header to strip, no path to normalise, no token); else one copy, so
+        # the server's scope stays as it was.
+        app_scope = scope
+        identity = verified_identity(scope, plan.trust_domain) if scope.get("extensions") else None
+        received = scope.get("headers")
+        if identity is None and received is not None and passes_unchanged(received):
+            headers = received
+        else:
+            headers = sanitize_headers(received or (), identity)
+            app_scope = {**scope, "headers": headers}
         source = identity or UNAUTHENTICATED
-        scope = self._normalize(scope)
-        claims: Mapping[str, Any] | None = None
-        rules = self._jwt_rules()
-        if rules:
-            from meshlib.origin import Unauthenticated
-
-            try:
-                principal = await self._jwt_verifier().authenticate(rules, headers)
-            except Unauthenticated as exc:
-                log.info("origin authentication failed for %s: %s", self._destination, exc)
-                await send_local_reply(send, 401, Reason.UNAUTHENTICATED)
-                self._record(source, 401, Reason.UNAUTHENTICATED, start, scope)
-                return
-            if principal is not None:
-                claims = principal.claims
-                extensions = dict(scope.get("extensions") or {})
-                extensions["meshlib"] = {
-                    "request_principal": principal.request_principal,
-                    "claims": dict(claims),
-                }
-                scope = {**scope, "extensions": extensions}
         method, path = scope.get("method", ""), scope.get("path", "")
-        verdict = self._authorize(identity, method, path, headers, jwt_claims=claims)
-        if verdict is Verdict.DENY:
-            await send_local_reply(send, 403, Reason.DENIED)
-            self._record(source, 403, Reason.DENIED, start, scope)
-            return
-        refused_by = self._admit(source, start)
-        if refused_by is not None:
-            retry_after = max(1, math.ceil(1.0 / refused_by.requests_per_second))
-            await send_local_reply(send, 429, Reason.RATE_LIMITED, retry_after=retry_after)
-            self._record(source, 429, Reason.RATE_LIMITED, start, scope)
-            return
+        claims: Mapping[str, Any] | None = None
+        if plan.in_force:
+            app_scope = _normalized(app_scope, path)
+            path = app_scope.get("path", "")
+        if plan.jwt_rules:
+            authenticated = await self._authenticate(plan.jwt_rules, headers, app_scope, send)
+            if authenticated is None:
+                self._record(source, 401, Reason.UNAUTHENTICATED, start, app_scope)
+                return
+            app_scope, claims = authenticated
+        if plan.in_force or self._authz_hooked:
+            verdict = self._authorize(identity, method, path, headers, jwt_claims=claims)
+            if verdict is Verdict.DENY:
+                await send_local_reply(send, 403, Reason.DENIED)
+                self._record(source, 403, Reason.DENIED, start, app_scope)
+                return
+        else:  # nothing to decide: allowed as "open", counted without building a verdict
+            metrics = self.mesh.metrics
+            if metrics is not None:
+                metrics.observe_authz(source, self._destination, "allow", _OPEN_MODE)
+        if self._total is not None or self.per_identity_rate_limit is not None:
+            refused_by = self._admit(source, start)
+            if refused_by is not None:
+                retry_after = max(1, math.ceil(1.0 / refused_by.requests_per_second))
+                await send_local_reply(send, 429, Reason.RATE_LIMITED, retry_after=retry_after)
+                self._record(source, 429, Reason.RATE_LIMITED, start, app_scope)
+                return
 
-        deadline = self._deadline(headers if identity is not None else (), start)
+        if identity is None and self.default_timeout is None:
+            deadline = inbound_deadline.get()  # nothing to add to the deadline in force
+        else:
+            deadline = self._deadline(headers if identity is not None else (), start)
         status = 500  # what the server answers if the app fails before starting a response
 
-        async def observing_send(message: Message) -> None:
+        def observing_send(message: Message) -> Awaitable[None]:
+            # A plain function handing back the server's awaitable: no coroutine of its own
+            # per message.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            await send(message)
+            return send(message)
 
         token = inbound_deadline.set(deadline)
         try:
-            await app(scope, receive, observing_send)
+            await app(app_scope, receive, observing_send)
         finally:
             inbound_deadline.reset(token)
             reason = Reason.UPSTREAM_ERROR if status >= 500 else Reason.OK
-            self._record(source, status, reason, start, scope, route_template(scope))
+            route = route_template(app_scope) if "route" in app_scope else ""
+            self._record(source, status, reason, start, app_scope, route)
 
-    def _authz_index(self) -> AuthzIndex:
-        """This service's authorization index under the current snapshot, memoised on the
-        router (a reload takes effect at the next request; two lookups per request cost two
-        dict hits). An undeclared service is authorized by its name as service account."""
-        router = self.mesh.router
-        key = ("authz-middleware", self._destination)
-        index: AuthzIndex | None = router.derived.get(key)
-        if index is None:
-            service = router.services.get(self._destination) or ServiceDef(
-                self.mesh.service, self.mesh.namespace, ()
-            )
-            index = router.derived[key] = index_for(router, service)
-        return index
+    async def _authenticate(
+        self,
+        rules: tuple[JwtRule, ...],
+        headers: Iterable[tuple[bytes, bytes]],
+        scope: Scope,
+        send: Send,
+    ) -> tuple[Scope, Mapping[str, Any] | None] | None:
+        """Origin authentication: ``None`` once a bad token was answered with 401, else the
+        scope for the app (with the verified principal and claims, if a token came) and the
+        claims for authorization (``None``: no token)."""
+        from meshlib.origin import Unauthenticated
 
-    def _jwt_rules(self) -> tuple[JwtRule, ...]:
-        """The JWT rules of every RequestAuthentication that applies to this service (its own
-        and its namespace-wide ones), memoised per snapshot on the router."""
+        try:
+            principal = await self._jwt_verifier().authenticate(rules, headers)
+        except Unauthenticated as exc:
+            log.info("origin authentication failed for %s: %s", self._destination, exc)
+            await send_local_reply(send, 401, Reason.UNAUTHENTICATED)
+            return None
+        if principal is None:
+            return scope, None
+        extensions = dict(scope.get("extensions") or {})
+        extensions["meshlib"] = {
+            "request_principal": principal.request_principal,
+            "claims": dict(principal.claims),
+        }
+        return {**scope, "extensions": extensions}, principal.claims
+
+    async def _handle_other(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+        """Scopes other than ``http``: a WebSocket handshake gets identity, header sanitation
+        and authorization; anything else (``lifespan``, unknown) passes through untouched."""
+        if scope["type"] != "websocket":
+            await app(scope, receive, send)
+            return
+        identity = verified_identity(scope, self._plan().trust_domain)
+        headers = sanitize_headers(scope.get("headers") or (), identity)
+        scope = {**scope, "headers": headers}  # a new dict: the server's scope stays as it was
+        # A WebSocket upgrade is authorized like a GET of its path (a DENY rule must not be
+        # bypassed by upgrading); refused before accept, which servers answer with 403.
+        path = scope.get("path", "")
+        if self._plan().in_force:
+            scope = _normalized(scope, path)
+            path = scope.get("path", "")
+        if self._authorize(identity, "GET", path, headers) is Verdict.DENY:
+            message = await receive()  # websocket.connect
+            if message.get("type") == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        await app(scope, receive, send)
+
+    def _plan(self) -> _Plan:
+        """What this middleware needs from the current policy snapshot, derived once per
+        snapshot: a reload swaps the router, and the next request derives a new plan."""
         router = self.mesh.router
-        key = ("origin", self._destination)
-        rules: tuple[JwtRule, ...] | None = router.derived.get(key)
-        if rules is None:
-            rules = router.derived[key] = tuple(
-                rule
-                for ra in router.snapshot.request_authentications
-                if ra.namespace == self.mesh.namespace and ra.service in (None, self._destination)
-                for rule in ra.rules
-            )
-        return rules
+        planned = self._planned
+        if planned is not None and planned[0] is router:
+            return planned[1]
+        service = router.services.get(self._destination) or ServiceDef(
+            self.mesh.service, self.mesh.namespace, ()
+        )
+        index = index_for(router, service)  # an undeclared service: its name as its account
+        rules = tuple(
+            rule
+            for ra in router.snapshot.request_authentications
+            if ra.namespace == self.mesh.namespace and ra.service in (None, self._destination)
+            for rule in ra.rules
+        )
+        plan = _Plan(router.snapshot.mesh.trust_domain, index, index.in_force, rules)
+        self._planned = (router, plan)  # one reference assignment: threads see old or new
+        return plan
 
     def _jwt_verifier(self) -> JwtVerifier:
         """One verifier (and JWKS cache) per middleware, kept across policy reloads."""
@@ -225,18 +292,6 @@ class MeshMiddleware:
                 if self._verifier is None:
                     self._verifier = JwtVerifier(JwksStore(clock=self._clock))
         return self._verifier
-
-    def _normalize(self, scope: Scope) -> Scope:
-        """Once any authorization applies to this service, the app sees the normalised path
-        the decision is made on (NET-6: decision and routing use the same string)."""
-        path = scope.get("path", "")
-        if not self._authz_index().in_force:
-            return scope
-        normal = normalize_path(path)
-        if normal is None or normal == path:
-            return scope  # unnormalisable paths are denied by the authorization step
-        raw = quote(normal, safe="/:@!$&'()*+,;=-._~").encode("ascii")
-        return {**scope, "path": normal, "raw_path": raw}
 
     def _authorize(
         self,
@@ -255,19 +310,10 @@ class MeshMiddleware:
         claims (``None``: no token). In ``audit`` mode a would-be denial is
         logged at WARNING and counted, and the request proceeds.
         """
-        index = self._authz_index()
-        caller: SpiffeID | None = None
-        if identity is not None:
-            # Imported here: meshlib.identity loads cryptography, which plain-HTTP users
-            # never need (a verified identity means it is loaded already).
-            from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
-
-            try:
-                caller = SpiffeID.parse(identity)
-            except SpiffeIDError:
-                caller = None  # an identity that does not parse grants nothing
+        index = self._plan().authz
+        caller = None if identity is None else _caller(identity)
         header_map: dict[str, str] = {}
-        for name, value in headers if index.in_force else ():  # only rules read headers
+        for name, value in headers if index.reads_headers else ():  # only rules read them
             key = name.decode("latin-1").lower()
             text = value.decode("latin-1")
             header_map[key] = f"{header_map[key]},{text}" if key in header_map else text
@@ -323,16 +369,40 @@ class MeshMiddleware:
     def _record(
         self, source: str, status: int, reason: Reason, start: float, scope: Scope, route: str = ""
     ) -> None:
+        seconds = self._clock() - start
         metrics = self.mesh.metrics
         if metrics is not None:
-            metrics.observe_inbound(
-                source, self._destination, route, str(status), reason.value, self._clock() - start
-            )
+            # ``_value_``: the enum's plain attribute (``.value`` is a descriptor call)
+            code = str(status)
+            metrics.observe_inbound(source, self._destination, route, code, reason._value_, seconds)
         events = self.mesh.events  # call-completion events (meshlib.observe)
         if events is not None:
             peer = None if source == UNAUTHENTICATED else source
-            seconds = self._clock() - start
             events.inbound(source, self._destination, scope, status, reason, seconds, peer, route)
+
+
+@lru_cache(maxsize=1024)
+def _caller(identity: str) -> SpiffeID | None:
+    """The parsed SPIFFE ID of a verified caller (``None``: it does not parse, and grants
+    nothing). Memoised: a member's requests repeat its identity, and parsing costs µs."""
+    # Imported here: meshlib.identity loads cryptography, which plain-HTTP users never need
+    # (a verified identity means it is loaded already).
+    from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
+
+    try:
+        return SpiffeID.parse(identity)
+    except SpiffeIDError:
+        return None
+
+
+def _normalized(scope: Scope, path: str) -> Scope:
+    """Once any authorization applies to this service, the app sees the normalised path
+    the decision is made on (NET-6: decision and routing use the same string)."""
+    normal = normalize_path(path)
+    if normal is None or normal == path:
+        return scope  # unnormalisable paths are denied by the authorization step
+    raw = quote(normal, safe="/:@!$&'()*+,;=-._~").encode("ascii")
+    return {**scope, "path": normal, "raw_path": raw}
 
 
 def route_template(scope: Scope) -> str:
