@@ -238,7 +238,11 @@ def _capped(current: Mapping[str, float | None] | None, timeout: float) -> dict[
     if not current:
         return {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
     get = current.get
-    c, r, w, p = get("connect"), get("read"), get("write"), get("pool")
+    c = get("connect")
+    if c is not None and c == get("read") == get("write") == get("pool"):  # httpx.Timeout(x)
+        c = timeout if c > timeout else c
+        return {"connect": c, "read": c, "write": c, "pool": c}
+    r, w, p = get("read"), get("write"), get("pool")
     return {
         "connect": timeout if c is None or c > timeout else c,
         "read": timeout if r is None or r > timeout else r,
