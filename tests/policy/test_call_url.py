@@ -95,6 +95,12 @@ def test_attempt_request_equals_the_public_constructor(
         slow.stream,
     )
     assert set(vars(fast)) == set(vars(slow))
+    if timeout is not None:  # each phase capped, a shorter client setting kept
+        current = extensions.get("timeout") or {}
+        assert fast.extensions["timeout"] == {
+            k: timeout if current.get(k) is None else min(timeout, current[k])
+            for k in ("connect", "read", "write", "pool")
+        }
     assert (list(original.headers.raw), dict(original.extensions)) == before  # untouched
     fast.headers["x-new"] = "1"
     assert "x-new" not in original.headers
