@@ -65,7 +65,7 @@ class _CallStats(Collector):
             for a in attempts:
                 status = a.status
                 code = a.outcome if status is None else str(status)
-                attempt = (direction, source, destination, a.endpoint, code)
+                attempt: tuple[str, ...] = (direction, source, destination, a.endpoint, code)
                 if attempt not in counts and len(counts) >= MAX_SERIES:
                     attempt = (_OVERFLOW,) * len(_ATTEMPT_LABELS)
                 counts[attempt] = counts.get(attempt, 0) + 1
