@@ -15,6 +15,8 @@ Variants (all ``GET /`` on one keep-alive connection, sync client):
 * ``mesh``: ``mesh.client().get`` through meshlib, the default set-up: metrics on, tracing with
   OpenTelemetry's no-op provider; the policy has a timeout and retries;
 * ``no-metrics``: as ``mesh`` with ``Mesh(metrics=False)``;
+* ``no-tracing``: as ``mesh`` with the tracing hook bypassed (what a call cost before tracing
+  existed): ``mesh`` minus this is the no-op provider's cost;
 * ``propagate``: as ``mesh`` (no SDK) inside an attached remote span context, as while handling
   a request that came with a ``traceparent``: the context is injected into every attempt;
 * ``sdk``: as ``mesh`` with an SDK ``TracerProvider`` and a ``BatchSpanProcessor`` whose
@@ -49,7 +51,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 SERVER_SCRIPT = BENCH_DIR / "server.py"
 
-VARIANTS = ("raw", "mesh", "no-metrics", "propagate", "sdk")
+VARIANTS = ("raw", "mesh", "no-metrics", "no-tracing", "propagate", "sdk")
 #: A raw keep-alive GET on the issue's reference machine, in µs (docs/design.md).
 REFERENCE_RAW_US = 240.0
 
@@ -101,6 +103,8 @@ def _client(variant: str, port: int) -> tuple[Any, str, Any]:
     mesh = meshlib.Mesh.from_text(
         POLICY.format(port=port), service="bench-client", namespace="default", **options
     )
+    if variant == "no-tracing":
+        mesh.tracing.trace_call = lambda call, request, service: call
     return mesh.client(), "http://backend/", provider
 
 
@@ -140,7 +144,7 @@ def run_client(variant: str, port: int, calls: int, warmup: int) -> int:
 
 def _supported(variant: str) -> bool:
     """Whether the meshlib on the path can run ``variant`` (older checkouts had no tracing)."""
-    if variant in ("propagate", "sdk"):
+    if variant in ("no-tracing", "propagate", "sdk"):
         import importlib.util
 
         return importlib.util.find_spec("meshlib.tracing") is not None
