@@ -81,8 +81,8 @@ TRACER_NAME = "meshlib"
 GLOBAL_RECHECK = 1.0
 
 _REASON = REASON_HEADER.encode("latin-1")
-_current_context = otel_context.get_current
 _IDENTITY = IDENTITY_HEADER.encode("latin-1")
+_current_context = otel_context.get_current
 
 
 class Tracing:
@@ -151,7 +151,8 @@ class Tracing:
             return call
         tracer = self.tracer()
         if tracer is None:
-            return _propagating(call, self.carrier(ctx)) if ctx else call
+            carrier = self.carrier(ctx) if ctx else None
+            return _propagating(call, carrier) if carrier else call
         return _traced(call, _CallSpans(self, tracer, ctx, request, service))
 
     def carrier(self, ctx: Context) -> dict[str, str]:
@@ -159,7 +160,8 @@ class Tracing:
 
         Computed once per context and propagator: the calls made while one inbound request is
         handled share its context, and a context never changes (setting a value makes a new
-        one), so the injection is not redone for each of them.
+        one), so the injection is not redone for each of them. Empty when the context holds
+        nothing to propagate (no valid span, no baggage).
         """
         textmap = propagate.get_global_textmap()
         last = self._carried
