@@ -21,8 +21,9 @@ The order of the stack, each step with its reason:
 
 from __future__ import annotations
 
+import operator
 import random
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -183,6 +184,31 @@ def classify(outcome: Outcome) -> tuple[Failure, int | None]:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEADLINE_KEY = DEADLINE_HEADER.encode("ascii")  # lower case, as httpx keys its header list
+_header_key = operator.itemgetter(1)
+_new_url = httpx.URL.__new__
+_new_request = httpx.Request.__new__
+_new_tuple = tuple.__new__
+
+
+def _private_shapes_ok() -> bool:
+    """Whether httpx's ``URL``, ``Request`` and ``Headers`` have the private shape the fast
+    paths below write (checked once, at import): a parsed URL tuple with the expected fields,
+    a ``Request`` built from a stream that holds exactly five attributes, and a header list of
+    ``(raw key, lower-case key, value)``. Any other httpx takes the public constructors."""
+    probe = httpx.Request(
+        "GET", "http://probe/", headers={"X-A": "b"}, stream=httpx.ByteStream(b"")
+    )
+    ref = getattr(probe.url, "_uri_reference", None)
+    return (
+        getattr(ref, "_fields", None)
+        == ("scheme", "userinfo", "host", "port", "path", "query", "fragment")
+        and set(vars(probe)) == {"method", "url", "headers", "extensions", "stream"}
+        and getattr(probe.headers, "_list", None) == [(b"X-A", b"x-a", b"b")]
+    )
+
+
+_FAST = _private_shapes_ok()
 
 
 def _endpoint_url(url: httpx.URL, host: str, port: int, tls: bool = False) -> httpx.URL:
@@ -194,15 +220,35 @@ def _endpoint_url(url: httpx.URL, host: str, port: int, tls: bool = False) -> ht
     against ``copy_with`` in tests/policy/test_call_url.py and falls back to it whenever the
     private shape is not the expected one.
     """
-    scheme = "https" if tls else url.scheme
-    ref = getattr(url, "_uri_reference", None)
-    if ref is not None and hasattr(ref, "_replace") and port > 0:
+    if _FAST and port > 0:
+        ref = url._uri_reference
+        scheme = "https" if tls else ref[0]
         # httpx keeps a scheme's default port as None (as copy_with would normalise it).
         parsed_port = None if _DEFAULT_PORTS.get(scheme) == port else port
-        new = httpx.URL.__new__(httpx.URL)
-        new._uri_reference = ref._replace(scheme=scheme, host=host.lower(), port=parsed_port)
+        new = _new_url(httpx.URL)
+        new._uri_reference = _new_tuple(
+            type(ref), (scheme, ref[1], host.lower(), parsed_port, ref[4], ref[5], ref[6])
+        )
         return new
-    return url.copy_with(scheme=scheme, host=host, port=port)
+    return url.copy_with(scheme="https" if tls else url.scheme, host=host, port=port)
+
+
+def _capped(current: Mapping[str, float | None] | None, timeout: float) -> dict[str, Any]:
+    """The timeout extension with every phase capped at ``timeout`` (a shorter setting wins)."""
+    if not current:
+        return {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+    get = current.get
+    c = get("connect")
+    if c is not None and c == get("read") == get("write") == get("pool"):  # httpx.Timeout(x)
+        c = timeout if c > timeout else c
+        return {"connect": c, "read": c, "write": c, "pool": c}
+    r, w, p = get("read"), get("write"), get("pool")
+    return {
+        "connect": timeout if c is None or c > timeout else c,
+        "read": timeout if r is None or r > timeout else r,
+        "write": timeout if w is None or w > timeout else w,
+        "pool": timeout if p is None or p > timeout else p,
+    }
 
 
 def _attempt_request(
@@ -212,25 +258,38 @@ def _attempt_request(
     remaining: float | None,
     tls: bool = False,
 ) -> httpx.Request:
-    """The request as sent to one endpoint: same method, path, headers (Host kept) and body."""
+    """The request as sent to one endpoint: same method, path, headers (Host kept) and body;
+    the per-try ``timeout`` caps each phase, the ``remaining`` deadline goes in a header.
+
+    Headers and extensions are copies: the caller's request is never edited. With the
+    expected httpx shapes (:func:`_private_shapes_ok`) the request is assembled directly —
+    ``Request()`` would wrap the URL again and the header setter scans every header — which
+    tests/policy/test_call_url.py checks against the public constructor.
+    """
     endpoint = state.endpoint
-    # Request() copies headers and extensions itself: edit the copies, never the caller's.
-    attempt = httpx.Request(
-        request.method,
-        _endpoint_url(request.url, endpoint.host, endpoint.port, tls),
-        headers=request.headers,
-        stream=request.stream,
-        extensions=request.extensions,
-    )
+    url = _endpoint_url(request.url, endpoint.host, endpoint.port, tls)
+    extensions = dict(request.extensions)
     if timeout is not None:
-        # The per-try timeout caps each phase; a shorter client setting still wins.
-        current = attempt.extensions.get("timeout") or {}
-        attempt.extensions["timeout"] = {
-            k: timeout if current.get(k) is None else min(timeout, current[k])
-            for k in ("connect", "read", "write", "pool")
-        }
-    if remaining is not None:
-        attempt.headers[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
+        extensions["timeout"] = _capped(extensions.get("timeout"), timeout)
+    deadline = None if remaining is None else str(max(1, int(remaining * 1000)))
+    if not _FAST:
+        attempt = httpx.Request(request.method, url, headers=request.headers, stream=request.stream)
+        attempt.extensions = extensions
+        if deadline is not None:
+            attempt.headers[DEADLINE_HEADER] = deadline
+        return attempt
+    attempt = _new_request(httpx.Request)
+    attempt.method = request.method
+    attempt.url = url
+    headers = attempt.headers = httpx.Headers(request.headers)
+    if deadline is not None:
+        items = headers._list
+        if _DEADLINE_KEY in map(_header_key, items):
+            headers[DEADLINE_HEADER] = deadline  # the caller set one: replaced, as the setter does
+        else:
+            items.append((_DEADLINE_KEY, _DEADLINE_KEY, deadline.encode("ascii")))
+    attempt.extensions = extensions
+    attempt.stream = request.stream
     return attempt
 
 
@@ -509,7 +568,7 @@ def _begin(
             breaker.on_abandon()
             return None
         dest.endpoints.on_start(state)
-    tried.append(state.address)
+    tried.append(state.endpoint.address)
     remaining = None if deadline is None else deadline - now
     timeout = per_try
     if remaining is not None and (timeout is None or remaining < timeout):
@@ -540,9 +599,9 @@ def _finish(
     response = outcome.response
     if response is not None:  # the common case, classified inline
         status: int | None = response.status_code
-        failed = is_failure_status(status)  # type: ignore[arg-type]
-        failure = Failure.STATUS if failed else Failure.NONE
         unhealthy = status >= 500  # type: ignore[operator]
+        failed = unhealthy or status == 429  # is_failure_status, inline
+        failure = Failure.STATUS if failed else Failure.NONE
     else:
         failure, status = classify(outcome)
         failed = unhealthy = True
@@ -567,8 +626,8 @@ def _finish(
     decision.attempts.append(
         AttemptRecord(
             send.number,
-            state.address,
-            failure.value,
+            state.endpoint.address,
+            failure._value_,  # .value is a descriptor call; _value_ is the same str
             status,
             None if error is None else type(error).__name__,
             outcome.elapsed,
@@ -578,19 +637,14 @@ def _finish(
     return failure, status
 
 
-def _send(dest: Destination, send: Send) -> Generator[Effect, Any, Outcome]:
-    """Yield one attempt. If the call is abandoned meanwhile (the caller's task cancelled, a
-    KeyboardInterrupt), give back what the attempt held: its endpoint's in-flight count and a
-    half-open breaker's probe slot — otherwise a cancelled probe would keep the breaker
-    refusing forever."""
-    try:
-        outcome: Outcome = yield send
-    except GeneratorExit:
-        with dest.lock:
+def _abandon(dest: Destination, sends: list[Send]) -> None:
+    """The call was abandoned (the caller's task cancelled, a KeyboardInterrupt) while these
+    attempts were out: give back what they held — the endpoint's in-flight count and a
+    half-open breaker's probe slot, or a cancelled probe would keep the breaker refusing."""
+    with dest.lock:
+        for send in sends:
             dest.endpoints.on_abandon(send.state)
             dest.breaker.on_abandon()
-        raise
-    return outcome
 
 
 def _attempts(
@@ -622,40 +676,31 @@ def _attempts(
                 raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)
             raise _fail(CircuitOpenError(f"circuit open for {dest.key}"), decision)
 
+        hedge_delay = None
+        if can_hedge and retries_left > 0 and not refuse:
+            hedge_delay = hedging.delay if hedging.delay is not None else dest.p95()
         if refuse:
             outcome = Outcome(None, httpx.ConnectError("connection refused (injected)"), 0.0)
-        elif can_hedge and retries_left > 0:
-            hedge_delay = hedging.delay if hedging.delay is not None else dest.p95()
-            if hedge_delay is None:
-                outcome = yield from _send(dest, send)
-            else:
-                started: list[Send] = [send]
-                try:
-                    race: RaceResult = yield _race(
-                        host,
-                        request,
-                        send,
-                        hedge_delay,
-                        plan,
-                        dest,
-                        decision,
-                        deadline,
-                        tried,
-                        started,
-                    )
-                except GeneratorExit:  # abandoned mid-race: give back what the attempts held
-                    with dest.lock:
-                        for held in started:
-                            dest.endpoints.on_abandon(held.state)
-                            dest.breaker.on_abandon()
-                    raise
-                if race.loser is not None:
-                    _finish(host, dest, decision, race.loser, race.loser_outcome, track_latency)
-                    retries_left -= 1
-                    number += 1
-                send, outcome = race.winner, race.outcome
+        elif hedge_delay is None:
+            try:
+                outcome = yield send
+            except GeneratorExit:
+                _abandon(dest, [send])
+                raise
         else:
-            outcome = yield from _send(dest, send)
+            started: list[Send] = [send]
+            try:
+                race: RaceResult = yield _race(
+                    host, request, send, hedge_delay, plan, dest, decision, deadline, tried, started
+                )
+            except GeneratorExit:
+                _abandon(dest, started)
+                raise
+            if race.loser is not None:
+                _finish(host, dest, decision, race.loser, race.loser_outcome, track_latency)
+                retries_left -= 1
+                number += 1
+            send, outcome = race.winner, race.outcome
         failure, status = _finish(host, dest, decision, send, outcome, track_latency)
         response = outcome.response
         if failure is Failure.NONE:

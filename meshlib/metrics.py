@@ -43,26 +43,32 @@ class _CallStats(Collector):
         self._attempts: dict[tuple[str, ...], int] = {}
 
     def observe_call(
-        self,
-        labels: tuple[str, ...],
-        seconds: float,
-        attempt_labels: Sequence[tuple[str, ...]] = (),
+        self, labels: tuple[str, ...], seconds: float, attempts: Sequence[AttemptRecord] = ()
     ) -> None:
+        """One call (``labels``: :data:`_LABELS`) and its attempts, each counted under the
+        call's direction, source and destination, its endpoint and its own code."""
         index = bisect.bisect_left(_BUCKETS, seconds)
         with self._lock:  # one lock for the call and its attempts
             row = self._calls.get(labels)
             if row is None:
+                key = labels
                 if len(self._calls) >= MAX_SERIES:
-                    labels = tuple(_OVERFLOW for _ in labels)
-                row = self._calls.setdefault(labels, _Row())
+                    key = tuple(_OVERFLOW for _ in labels)
+                row = self._calls.setdefault(key, _Row())
             row.count += 1
             row.total += seconds
             row.buckets[index] += 1
-            attempts = self._attempts
-            for key in attempt_labels:
-                if key not in attempts and len(attempts) >= MAX_SERIES:
-                    key = tuple(_OVERFLOW for _ in key)
-                attempts[key] = attempts.get(key, 0) + 1
+            if not attempts:
+                return
+            direction, source, destination = labels[0], labels[1], labels[2]
+            counts = self._attempts
+            for a in attempts:
+                status = a.status
+                code = a.outcome if status is None else str(status)
+                attempt: tuple[str, ...] = (direction, source, destination, a.endpoint, code)
+                if attempt not in counts and len(counts) >= MAX_SERIES:
+                    attempt = (_OVERFLOW,) * len(_ATTEMPT_LABELS)
+                counts[attempt] = counts.get(attempt, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
@@ -246,14 +252,7 @@ class MeshMetrics:
     ) -> None:
         """One call: counted, timed, and each of its attempts counted per endpoint."""
         self.calls.observe_call(
-            ("outbound", source, destination, route, code, reason),
-            seconds,
-            [
-                ("outbound", source, destination, a.endpoint, a.outcome)
-                if a.status is None
-                else ("outbound", source, destination, a.endpoint, str(a.status))
-                for a in attempts
-            ],
+            ("outbound", source, destination, route, code, reason), seconds, attempts
         )
 
     def observe_inbound(

@@ -82,6 +82,7 @@ GLOBAL_RECHECK = 1.0
 
 _REASON = REASON_HEADER.encode("latin-1")
 _IDENTITY = IDENTITY_HEADER.encode("latin-1")
+_current_context = otel_context.get_current
 
 
 class Tracing:
@@ -107,6 +108,7 @@ class Tracing:
         self._recheck = 0.0  # monotonic time of the next look at the global provider
         self._textmap: TextMapPropagator | None = None
         self._fields: frozenset[bytes] = frozenset()
+        self._carried: tuple[Context, TextMapPropagator, dict[str, str]] | None = None
 
     def tracer(self) -> Tracer | None:
         """The tracer spans are recorded with; ``None`` while the provider is a no-op.
@@ -140,15 +142,35 @@ class Tracing:
     def trace_call(self, call: Call, request: httpx.Request, service: ServiceDef) -> Call:
         """``call`` itself when there is nothing to record or propagate (the hot path), else
         ``call`` wrapped to record spans or to carry the current context to every attempt."""
-        ctx = otel_context.get_current()
+        ctx = _current_context()
+        if not ctx and self._tracer is None and time.monotonic() < self._recheck:
+            return call  # no SDK (looked at within the last second) and no context to carry
         if ctx and (
             ctx.get(_SUPPRESS_HTTP_INSTRUMENTATION_KEY) or ctx.get(_SUPPRESS_INSTRUMENTATION_KEY)
         ):
             return call
         tracer = self.tracer()
         if tracer is None:
-            return _propagating(call, ctx) if ctx else call
+            carrier = self.carrier(ctx) if ctx else None
+            return _propagating(call, carrier) if carrier else call
         return _traced(call, _CallSpans(self, tracer, ctx, request, service))
+
+    def carrier(self, ctx: Context) -> dict[str, str]:
+        """The headers the global propagator writes for ``ctx``.
+
+        Computed once per context and propagator: the calls made while one inbound request is
+        handled share its context, and a context never changes (setting a value makes a new
+        one), so the injection is not redone for each of them. Empty when the context holds
+        nothing to propagate (no valid span, no baggage).
+        """
+        textmap = propagate.get_global_textmap()
+        last = self._carried
+        if last is not None and last[0] is ctx and last[1] is textmap:
+            return last[2]
+        carrier: dict[str, str] = {}
+        textmap.inject(carrier, context=ctx)
+        self._carried = (ctx, textmap, carrier)  # one assignment: other threads see old or new
+        return carrier
 
     # -- inbound ---------------------------------------------------------------------------------
 
@@ -405,19 +427,20 @@ def _traced_backup(
     return traced
 
 
-def _propagating(call: Call, ctx: Context) -> Call:
-    """``call``, with the current context (no SDK: nothing recorded) on every attempt."""
+def _propagating(call: Call, carrier: dict[str, str]) -> Call:
+    """``call``, with the current context's headers (no SDK: nothing recorded) on every
+    attempt."""
     result: Any = None
     try:
         while True:
             effect = call.send(result)
             kind = type(effect)
             if kind is Send:
-                propagate.inject(effect.request.headers, context=ctx)  # type: ignore[union-attr]
+                _carry(effect.request.headers, carrier)  # type: ignore[union-attr]
             elif kind is Race:
                 race: Race = effect  # type: ignore[assignment]
-                propagate.inject(race.first.request.headers, context=ctx)
-                race.backup = _propagating_backup(race.backup, ctx)
+                _carry(race.first.request.headers, carrier)
+                race.backup = _propagating_backup(race.backup, carrier)
             result = yield effect
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
@@ -425,13 +448,18 @@ def _propagating(call: Call, ctx: Context) -> Call:
         call.close()
 
 
+def _carry(headers: httpx.Headers, carrier: dict[str, str]) -> None:
+    for name, value in carrier.items():
+        headers[name] = value
+
+
 def _propagating_backup(
-    backup: Callable[[], Send | None], ctx: Context
+    backup: Callable[[], Send | None], carrier: dict[str, str]
 ) -> Callable[[], Send | None]:
     def propagating() -> Send | None:
         send = backup()
         if send is not None:
-            propagate.inject(send.request.headers, context=ctx)
+            _carry(send.request.headers, carrier)
         return send
 
     return propagating

@@ -1,0 +1,288 @@
+"""Outbound hot-path budget in CPU instructions per call, independent of machine load.
+
+    python benchmarks/hotpath.py [--quick] [--variants raw,mesh,...] [--jobs 2]
+
+Wall-clock benchmarks (benchmarks/run.py) move with the load of a shared machine; instruction
+counts do not. This script starts ``benchmarks/server.py`` (uvicorn on loopback) and runs its
+own client part under ``valgrind --tool=callgrind`` twice per variant, with N and 2N keep-alive
+GETs after the same warm-up (N = 200; 50 with ``--quick``). Start-up, imports, warm-up and exit
+are the same in both runs, so the cost of one call is ``(I(2N) - I(N)) / N``. Only the client
+process is counted; the server runs natively.
+
+Variants (all ``GET /`` on one keep-alive connection, sync client):
+
+* ``raw``: ``httpx.Client.get`` straight to the server;
+* ``mesh``: ``mesh.client().get`` through meshlib, the default set-up: metrics on, tracing with
+  OpenTelemetry's no-op provider; the policy has a timeout and retries;
+* ``no-metrics``: as ``mesh`` with ``Mesh(metrics=False)``;
+* ``no-tracing``: as ``mesh`` with the tracing hook bypassed (what a call cost before tracing
+  existed): ``mesh`` minus this is the no-op provider's cost;
+* ``propagate``: as ``mesh`` (no SDK) inside an attached remote span context, as while handling
+  a request that came with a ``traceparent``: the context is injected into every attempt;
+* ``sdk``: as ``mesh`` with an SDK ``TracerProvider`` and a ``BatchSpanProcessor`` whose
+  exporter drops everything (span creation, attributes, queueing and the export thread count).
+
+To measure another checkout of meshlib, put it first on the path (the client inherits it)::
+
+    PYTHONPATH=/path/to/checkout python benchmarks/hotpath.py
+
+Variants that checkout cannot run (no ``meshlib.tracing``) are reported as n/a. The output is a
+Markdown table; the ``≈ µs`` column scales the extra instructions by the raw call's cost on the
+issue's reference machine (240 µs per raw GET), the way docs/design.md states the budget.
+Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+SERVER_SCRIPT = BENCH_DIR / "server.py"
+
+VARIANTS = ("raw", "mesh", "no-metrics", "no-tracing", "propagate", "sdk")
+#: A raw keep-alive GET on the issue's reference machine, in µs (docs/design.md).
+REFERENCE_RAW_US = 240.0
+
+POLICY = """\
+apiVersion: meshlib/v1
+kind: Service
+metadata: {{name: backend, namespace: default}}
+spec:
+  endpoints:
+  - address: 127.0.0.1:{port}
+---
+apiVersion: meshlib/v1
+kind: TrafficPolicy
+metadata: {{name: backend-policy, namespace: default}}
+spec:
+  target: {{service: backend}}
+  timeout: 5s
+  retries: {{attempts: 2, retryOn: [5xx, reset, connect-failure]}}
+"""
+
+#: A remote parent for the ``propagate`` variant (the W3C spec's example ids).
+TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+SPAN_ID = 0xB7AD6B7169203331
+
+
+# --- client part (runs under callgrind) -----------------------------------------------------------
+
+
+def _client(variant: str, port: int) -> tuple[Any, str, Any]:
+    """The client for ``variant``, the URL it calls, and what to close/shut down at the end."""
+    import httpx
+
+    if variant == "raw":
+        client = httpx.Client()
+        return client, f"http://127.0.0.1:{port}/", None
+    import meshlib
+
+    options: dict[str, Any] = {}
+    provider: Any = None
+    if variant == "no-metrics":
+        options["metrics"] = False
+    elif variant == "sdk":
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(_drop_exporter(), max_queue_size=1 << 16))
+        options["tracer_provider"] = provider
+    mesh = meshlib.Mesh.from_text(
+        POLICY.format(port=port), service="bench-client", namespace="default", **options
+    )
+    if variant == "no-tracing":
+        mesh.tracing.trace_call = lambda call, request, service: call
+    return mesh.client(), "http://backend/", provider
+
+
+def _drop_exporter() -> Any:
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    return Drop()
+
+
+def run_client(variant: str, port: int, calls: int, warmup: int) -> int:
+    """``warmup`` + ``calls`` GETs; exits non-zero if any answer is not 200."""
+    client, url, provider = _client(variant, port)
+    token = None
+    if variant == "propagate":
+        from opentelemetry import context, trace
+
+        parent = trace.SpanContext(TRACE_ID, SPAN_ID, True, trace.TraceFlags(1))
+        token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+    get = client.get
+    bad = 0
+    for _ in range(warmup + calls):
+        response = get(url)
+        bad += response.status_code != 200
+    if token is not None:
+        from opentelemetry import context
+
+        context.detach(token)
+    client.close()
+    if provider is not None:
+        provider.shutdown()  # the queued spans are exported (dropped) inside the measurement
+    return 1 if bad else 0
+
+
+def _supported(variant: str) -> bool:
+    """Whether the meshlib on the path can run ``variant`` (older checkouts had no tracing)."""
+    if variant in ("no-tracing", "propagate", "sdk"):
+        import importlib.util
+
+        return importlib.util.find_spec("meshlib.tracing") is not None
+    return True
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+
+def _start_server() -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER_SCRIPT)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        cwd=str(BENCH_DIR),
+        start_new_session=True,  # a Ctrl-C reaches only us; we stop the server
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20.0
+    buf = b""
+    while b"\n" not in buf:
+        if time.monotonic() > deadline:
+            _stop(proc)
+            raise TimeoutError("benchmarks/server.py did not report its port in time")
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 256)
+            if not chunk:
+                raise RuntimeError(f"benchmarks/server.py exited early ({proc.wait()})")
+            buf += chunk
+    match = re.search(rb"PORT (\d+)", buf)
+    if match is None:
+        _stop(proc)
+        raise RuntimeError(f"unexpected server output {buf!r}")
+    return proc, int(match.group(1))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def instructions(variant: str, port: int, calls: int, warmup: int, out_dir: Path) -> int:
+    """Instructions the client process executes for ``variant`` with ``calls`` measured GETs."""
+    out = out_dir / f"callgrind.{variant}.{calls}"
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        __file__,
+        "--client",
+        variant,
+        "--port",
+        str(port),
+        "--calls",
+        str(calls),
+        "--warmup",
+        str(warmup),
+    ]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # same dict layouts in both runs
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} ({calls} calls) failed:\n{result.stderr[-3000:]}")
+    match = re.search(r"^summary: (\d+)", out.read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no summary line in {out}")
+    return int(match.group(1))
+
+
+def measure(variants: Sequence[str], calls: int, warmup: int, jobs: int) -> dict[str, float | None]:
+    """Instructions per call for each variant (``None``: not supported by this meshlib)."""
+    proc, port = _start_server()
+    try:
+        with tempfile.TemporaryDirectory(prefix="hotpath-") as tmp, ThreadPoolExecutor(jobs) as ex:
+            runnable = [v for v in variants if _supported(v)]
+            futures = {
+                (v, n): ex.submit(instructions, v, port, n, warmup, Path(tmp))
+                for v in runnable
+                for n in (calls, 2 * calls)
+            }
+            per_call: dict[str, float | None] = dict.fromkeys(variants)
+            for v in runnable:
+                per_call[v] = (futures[v, 2 * calls].result() - futures[v, calls].result()) / calls
+            return per_call
+    finally:
+        _stop(proc)
+
+
+def table(per_call: dict[str, float | None], calls: int) -> str:
+    raw = per_call.get("raw")
+    lines = [
+        f"Instructions per call, (I({2 * calls}) - I({calls})) / {calls}, client process only:",
+        "",
+        "| variant | instructions per call | vs raw | ≈ µs at 240 µs per raw call |",
+        "|---|--:|--:|--:|",
+    ]
+    for variant, value in per_call.items():
+        if value is None:
+            lines.append(f"| {variant} | n/a | | |")
+            continue
+        extra = us = ""
+        if raw and variant != "raw":
+            delta = value - raw
+            extra = f"{delta:+,.0f} ({delta / raw:+.1%})"
+            us = f"{delta / raw * REFERENCE_RAW_US:+.1f}"
+        lines.append(f"| {variant} | {value:,.0f} | {extra} | {us} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 50 instead of 200")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--jobs", type=int, default=2, help="callgrind runs at a time")
+    parser.add_argument("--client", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--calls", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=50, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.client is not None:
+        return run_client(args.client, args.port, args.calls, args.warmup)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    calls = 50 if args.quick else 200
+    warmup = 20 if args.quick else 50
+    print(table(measure(variants, calls, warmup, args.jobs), calls))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Smoke test of ``benchmarks/hotpath.py`` without valgrind (a callgrind run takes minutes):
+the client part of every variant runs natively against ``benchmarks/server.py`` and gets its
+answers, and the table is computed from given counts. The counts themselves are not checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_SPEC = importlib.util.spec_from_file_location("hotpath", ROOT / "benchmarks" / "hotpath.py")
+assert _SPEC is not None and _SPEC.loader is not None
+hotpath = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(hotpath)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_every_client_variant_runs_natively() -> None:
+    proc, port = hotpath._start_server()
+    try:
+        for variant in hotpath.VARIANTS:
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    hotpath.__file__,
+                    "--client",
+                    variant,
+                    "--port",
+                    str(port),
+                    "--calls",
+                    "3",
+                    "--warmup",
+                    "1",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+            )
+            assert done.returncode == 0, (variant, done.stderr)
+    finally:
+        hotpath._stop(proc)
+    assert proc.poll() is not None
+
+
+def test_table_is_relative_to_raw() -> None:
+    text = hotpath.table({"raw": 1_000_000.0, "mesh": 1_060_000.0, "sdk": None}, 200)
+    assert "(I(400) - I(200)) / 200" in text
+    assert "| raw | 1,000,000 |  |  |" in text
+    assert "| mesh | 1,060,000 | +60,000 (+6.0%) | +14.4 |" in text
+    assert "| sdk | n/a | | |" in text
