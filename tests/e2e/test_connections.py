@@ -126,7 +126,12 @@ def test_reset_mid_response_is_not_retried(caller, make_mesh, partition) -> None
     # Measure one response through the proxy, then cut the next ones in the middle of the body.
     before = proxy.bytes_down
     probe = httpx.get(f"{proxy.url}/item", headers={"host": "reviews"})
-    total = proxy.bytes_down - before
+    head = f"HTTP/1.1 {probe.status_code} {probe.reason_phrase}\r\n".encode()
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in probe.headers.raw)
+    total = len(head) + 2 + len(probe.content)
+    # the proxy counts forwarded bytes just after writing them: wait for the whole response
+    assert proxy.wait_until(lambda p: p.bytes_down - before >= total)
+    assert proxy.bytes_down - before == total
     cut = total - len(probe.content) // 2
     behind.clear_counters()
     proxy.set_mode("reset_after", n=cut)
