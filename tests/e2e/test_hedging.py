@@ -195,7 +195,9 @@ def test_nothing_is_retried_past_the_commit_point(caller, make_mesh, echo_factor
     a, b = echo_factory("a"), echo_factory("b")
     for backend in (a, b):
         backend.set_behavior("error_mid_body", times=1)
-    mesh = hedging_mesh(make_mesh, a, b)
+    # a long hedge delay: on a loaded machine a first attempt slower than 100 ms would be
+    # hedged, which is not what this test is about
+    mesh = hedging_mesh(make_mesh, a, b, delay="2s")
     c = caller.bind(mesh)
 
     error = c.outcome("GET", URL)
