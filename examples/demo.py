@@ -700,10 +700,6 @@ def observe(ports: dict[str, AdminPort], metrics_urls: list[str], out: Path) -> 
         meshctl(*graph, "--format", "svg", "--out", str(out / "demo-graph.svg")),
         meshctl(*graph, "--format", "html", "--out", str(out / "demo-graph.html")),
     ]
-    print(
-        "\n(reviews.default → ratings is ratings' own view: both reviews versions present the"
-        " SVID\n of service account reviews, and injected aborts never reach ratings.)"
-    )
     print(f"service graph written to {out}/demo-graph.svg and demo-graph.html")
     failed = [code for code in codes if code != 0]
     if failed or not trace:

@@ -176,6 +176,35 @@ def test_inbound_from_an_unscraped_identity_completes_the_graph() -> None:
     assert g.edges[0].success_rate == 0.9
 
 
+def test_workloads_sharing_a_service_account_are_matched_by_the_identity_they_present() -> None:
+    """reviews-v1 and reviews-v2 both present .../sa/reviews: the callee's inbound series from
+    that identity confirms their edges instead of adding a ``reviews.default`` node."""
+    spiffe = "spiffe://cluster.local/ns/default/sa/reviews"
+    expiry = f'mesh_cert_expiry_timestamp_seconds{{identity="{spiffe}"}} 1.9e9\n'
+    v1 = graph.parse(_exposition(("outbound", "reviews-v1.default", "ratings.default", "200", 6)))
+    v1_with_id = graph.parse(
+        _exposition(("outbound", "reviews-v1.default", "ratings.default", "200", 6)) + expiry
+    )
+    v2 = graph.parse(
+        _exposition(("outbound", "reviews-v2.default", "ratings.default", "200", 4)) + expiry
+    )
+    ratings = graph.parse(_exposition(("inbound", spiffe, "ratings.default", "200", 10)))
+
+    g = graph.build([v1_with_id, v2, ratings])
+    assert [(e.source, e.destination, e.requests, e.seen_by) for e in g.edges] == [
+        ("reviews-v1.default", "ratings.default", 6, "both"),
+        ("reviews-v2.default", "ratings.default", 4, "both"),
+    ]
+    assert g.nodes == ("ratings.default", "reviews-v1.default", "reviews-v2.default")
+    # the identity marker survives a delta of two scrapes
+    assert graph.build([graph.delta(v2, v2), ratings]).edges[-1].seen_by == "both"
+    # without the marker (an old exposition) the callee's view stays a node of its own
+    old = graph.build([v1, ratings])
+    assert ("reviews.default", "ratings.default", 10, "callee") in [
+        (e.source, e.destination, e.requests, e.seen_by) for e in old.edges
+    ]
+
+
 def test_a_counter_reset_counts_from_zero() -> None:
     key = ("outbound", "a.default", "b.default", "200")
     assert graph.delta({key: 100.0}, {key: 7.0}) == {key: 7.0}

@@ -8,6 +8,12 @@ collector in between. Inbound series complete the picture: they confirm an edge 
 reported (``seen by: both``) and add the edges whose caller was not scraped (a client outside
 the mesh, a service not listed), which only the callee saw.
 
+Callees name a caller by its SPIFFE ID (``account.namespace``), callers name themselves by their
+service (``reviews-v1.default``); the two differ when several workloads share one service
+account. Each scrape's ``mesh_cert_expiry_timestamp_seconds{identity}`` says which identity that
+process presents, so an inbound series from that identity is matched to the scraped callers
+that present it instead of becoming a node of its own.
+
 Two scrapes ``interval`` seconds apart give rates (requests per second over the interval);
 one scrape gives totals since each process started. Counters that went backwards (a restart)
 count from zero.
@@ -25,8 +31,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-#: A scrape: one series key -> its value. The key is (direction, source, destination, code).
+#: A scrape: one series key -> its value. The key is (direction, source, destination, code);
+#: direction ``identity`` marks the SPIFFE ID the scraped process presents (value 1).
 Series = dict[tuple[str, str, str, str], float]
+
+IDENTITY = "identity"
 
 _SPIFFE = re.compile(r"^spiffe://[^/]+/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
 UNAUTHENTICATED = "unauthenticated"
@@ -62,16 +71,20 @@ class Graph:
 
 
 def parse(text: str, url: str = "<text>") -> Series:
-    """The ``mesh_requests_total`` series of one exposition, summed over route and reason."""
+    """The ``mesh_requests_total`` series of one exposition, summed over route and reason,
+    and the identity the process presents (from ``mesh_cert_expiry_timestamp_seconds``)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     series: Series = defaultdict(float)
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                labels = sample.labels
+                if sample.name == "mesh_cert_expiry_timestamp_seconds" and labels.get(IDENTITY):
+                    series[(IDENTITY, labels[IDENTITY], "", "")] = 1.0
+                    continue
                 if sample.name != "mesh_requests_total":
                     continue
-                labels = sample.labels
                 key = (
                     labels.get("direction", ""),
                     labels.get("source", ""),
@@ -108,7 +121,13 @@ def build(scrapes: Sequence[Series], interval: float | None = None) -> Graph:
     """The graph of the summed scrapes (each one process: replicas add up)."""
     outbound: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     inbound: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    # an identity's node name -> the scraped workloads presenting it
+    presented_by: dict[str, set[str]] = defaultdict(set)
     for series in scrapes:
+        own = {source for direction, source, _, _ in series if direction == "outbound"}
+        for direction, source, _, _ in series:
+            if direction == IDENTITY:
+                presented_by[service_name(source)] |= own
         for (direction, source, destination, code), value in series.items():
             if direction == "outbound":
                 table = outbound
@@ -123,13 +142,18 @@ def build(scrapes: Sequence[Series], interval: float | None = None) -> Graph:
     reporters = {source for source, _ in outbound}
     called = {destination for _, destination in outbound}
     reporting_callees = {destination for _, destination in inbound}
+    callers_of: dict[str, set[str]] = defaultdict(set)
+    for source, destination in outbound:
+        callers_of[destination].add(source)
     edges = [
         _edge(s, d, counts, "both" if d in reporting_callees else "caller", interval)
         for (s, d), counts in outbound.items()
     ]
     for (s, d), counts in inbound.items():
-        if s in reporters or (s == UNAUTHENTICATED and d in called):
-            continue  # the caller reported it (plain-HTTP callers are all "unauthenticated")
+        if s in reporters or presented_by.get(s, set()) & callers_of[d]:
+            continue  # the caller reported it (under its own name, or one presenting s)
+        if s == UNAUTHENTICATED and d in called:
+            continue  # plain-HTTP callers are all "unauthenticated"
         edges.append(_edge(s, d, counts, "callee", interval))
     edges = [e for e in edges if e.requests > 0 or interval is None]
     edges.sort(key=lambda e: (e.source, e.destination))
