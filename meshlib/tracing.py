@@ -503,7 +503,12 @@ class InboundTrace:
         token = otel_context.attach(attach) if attach is not None else None
         error: BaseException | None = None
         try:
-            await handle(scope, receive, self._observe(send, span), self._observe_app(app, span))
+            if span is None:  # carrying a context, recording nothing: no wrappers needed
+                await handle(scope, receive, send, app)
+            else:
+                await handle(
+                    scope, receive, self._observe(send, span), self._observe_app(app, span)
+                )
         except BaseException as exc:
             error = exc
             raise
