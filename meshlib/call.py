@@ -379,6 +379,7 @@ def run_call(
     decision.backend = backend
     if backend != service.key and host.uses_mtls(router, backend) is not plan.tls:
         plan = replace(plan, tls=not plan.tls)  # a split backend with its own mode
+    decision.mtls = plan.tls
     dest = host.destination(backend, router)
 
     # 2. the deadline covers everything below; an inbound request's deadline caps it

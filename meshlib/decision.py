@@ -44,6 +44,7 @@ class Decision:
     reason: str = "ok"  # a meshlib.errors.Reason value
     status: int | None = None  # the status returned to the caller (local or upstream)
     deadline: float | None = None  # overall timeout in seconds, if any
+    mtls: bool = False  # attempts went over mutual TLS (the backend's effective mtls mode)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -72,4 +73,5 @@ class Decision:
             "reason": self.reason,
             "status": self.status,
             "deadline": self.deadline,
+            "mtls": self.mtls,
         }

@@ -209,8 +209,13 @@ def test_client_uses_tls_only_where_the_mode_says(pki: PKI, servers: Any) -> Non
         mesh.client(timeout=5.0) as client,
     ):
         assert mesh.mtls_enabled("productpage.default") and not mesh.mtls_enabled("details.default")
-        assert client.get("http://productpage/").text == str(CLIENT_ID)
-        assert client.get("http://details/").status_code == 200
+        over_tls = client.get("http://productpage/")
+        assert over_tls.text == str(CLIENT_ID)
+        plain_response = client.get("http://details/")
+        assert plain_response.status_code == 200
+        # the decision record says which calls went over mTLS
+        assert over_tls.extensions["mesh_decision"].mtls is True
+        assert plain_response.extensions["mesh_decision"].as_dict()["mtls"] is False
     assert [s["scheme"] for s in strict_app.scopes] == ["https"]
     assert [s["scheme"] for s in plain_app.scopes] == ["http"]
 
