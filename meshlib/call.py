@@ -394,7 +394,7 @@ def run_call(
     code = "error"
     try:
         response = yield from _admitted_call(
-            host, router, service, request, plan, dest, decision, deadline
+            host, router, service, request, plan, dest, decision, deadline, start
         )
         code = str(response.status_code)
         decision.status = response.status_code
@@ -437,10 +437,11 @@ def _admitted_call(
     dest: Destination,
     decision: Decision,
     deadline: float | None,
+    now: float,
 ) -> Generator[Effect, Any, httpx.Response]:
-    """Faults, admission, replayability, mirroring, then the attempts loop."""
-    clock = host.clock
-    rng = host.rng
+    """Faults, admission, replayability, mirroring, then the attempts loop. ``now`` is the
+    clock reading the call started with: admission and the first pick reuse it while no
+    effect has been yielded (nothing in between waits)."""
 
     # 3. faults: decided before the call leaves; an abort is an answer, not a failure to retry
     rules = plan.faults
@@ -449,10 +450,11 @@ def _admitted_call(
         rules = rules + extra
     refuse = False
     if rules:
-        fault = decide_faults(rules, request.headers, rng)
+        fault = decide_faults(rules, request.headers, host.rng)
         if fault is not NO_FAULT:
             refuse = fault.refuse
             yield from _inject(host, service, request, fault, decision, deadline)
+            now = host.clock()
             if fault.abort is not None:
                 decision.faults.append(f"abort:{fault.abort}")
                 decision.reason = Reason.FAULT_ABORT.value
@@ -460,7 +462,6 @@ def _admitted_call(
 
     # 4–5. admission: rate limit, concurrency limit, budget deposit
     policy = plan.policy
-    now = clock()
     max_in_flight = policy.connection_pool.max_connections
     with dest.lock:
         if dest.rate_limit is not None and not dest.rate_limit.take(now):
@@ -481,9 +482,11 @@ def _admitted_call(
         if not replayable and size is not None and fits:
             yield Buffer(request)
             replayable = True
+            now = host.clock()
 
         # 7. mirror
         if plan.mirrors and replayable:
+            rng = host.rng
             for rule in plan.mirrors:
                 if rng.random() * 100.0 < rule.percent:
                     tls = host.uses_mtls(router, rule.mirror)
@@ -491,10 +494,13 @@ def _admitted_call(
                     if copy is not None:
                         decision.mirrored_to = rule.mirror
                         yield Mirror(copy, tls)
+                        now = host.clock()
 
         # 8. attempts
         return (
-            yield from _attempts(host, request, plan, dest, decision, deadline, replayable, refuse)
+            yield from _attempts(
+                host, request, plan, dest, decision, deadline, replayable, refuse, now
+            )
         )
     finally:
         with dest.lock:
@@ -553,9 +559,12 @@ def _begin(
     deadline: float | None,
     hedge: bool,
     tls: bool,
+    now: float | None = None,
 ) -> Send | None:
-    """Admit and place one attempt (breaker, pick); None if nothing may be sent."""
-    now = host.clock()
+    """Admit and place one attempt (breaker, pick); None if nothing may be sent. ``now``: a
+    clock reading that is still current, if the caller has one."""
+    if now is None:
+        now = host.clock()
     with dest.lock:
         breaker = dest.breaker
         before = breaker.state
@@ -657,6 +666,7 @@ def _attempts(
     deadline: float | None,
     replayable: bool,
     refuse: bool,
+    admitted_at: float,
 ) -> Generator[Effect, Any, httpx.Response]:
     clock = host.clock
     retry_policy = plan.policy.retries
@@ -668,10 +678,14 @@ def _attempts(
     track_latency = plan.track_latency
     tried: list[str] = []
     number = 0
+    picked_at: float | None = admitted_at  # current for the first attempt only
 
     while True:
         number += 1
-        send = _begin(host, dest, request, tried, number, per_try, deadline, False, plan.tls)
+        send = _begin(
+            host, dest, request, tried, number, per_try, deadline, False, plan.tls, picked_at
+        )
+        picked_at = None
         if send is None:
             if not decision.attempts and dest.breaker.state.value == "closed":
                 raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)

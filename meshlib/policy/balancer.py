@@ -207,9 +207,11 @@ class EndpointSet:
         must not attract load); ``unhealthy`` ones (default: the same) count toward ejection —
         a 429 is slow but healthy: the endpoint is alive and pushing back.
         Returns True when this outcome ejected the endpoint."""
-        state.pending = max(0, state.pending - 1)
-        decay = self.balancer.decay
-        state.observe(now, max(rtt, FAILURE_PENALTY) if failed else rtt, decay)
+        pending = state.pending
+        state.pending = pending - 1 if pending > 0 else 0
+        if failed and rtt < FAILURE_PENALTY:
+            rtt = FAILURE_PENALTY
+        state.observe(now, rtt, self.balancer.decay)
         if not (failed if unhealthy is None else unhealthy):
             state.consecutive_failures = 0
             return False

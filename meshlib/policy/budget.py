@@ -70,8 +70,13 @@ class RetryBudget:
             self._floor_stamp = now
 
     def deposit(self, now: float) -> None:
-        """Count one call (not attempt)."""
-        self._calls[self._advance(now)] += 1
+        """Count one call (not attempt). Within the newest bucket (the usual case) the window
+        does not move, so :meth:`_advance` is skipped."""
+        epoch = int(now / self._width)
+        if epoch == self._epoch:
+            self._calls[epoch % _BUCKETS] += 1
+        else:
+            self._calls[self._advance(now)] += 1
 
     def _ratio_balance(self) -> float:
         return self.policy.ratio * sum(self._calls) - sum(self._retries)
