@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import operator
 import random
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Collection, Generator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -460,6 +460,17 @@ def _admitted_call(
                 decision.reason = Reason.FAULT_ABORT.value
                 return local_response(request, fault.abort, Reason.FAULT_ABORT, decision)
 
+    # 6 (decided here, performed after admission). Replayability is decided once, before the
+    # first attempt: only a body of known length within the replay buffer is replayed, even
+    # when it is already in memory.
+    size = _body_size(request)
+    fits = size is None or size <= MAX_REPLAY_BUFFER
+    replayable = fits and isinstance(request.stream, httpx.ByteStream)
+    buffer = not replayable and size is not None and fits
+    # With nothing to buffer or mirror, nothing happens between admission and the first pick:
+    # the pick is made under the admission's lock (one lock section fewer per call).
+    first: tuple[EndpointState | None] | None = None
+
     # 4–5. admission: rate limit, concurrency limit, budget deposit
     policy = plan.policy
     max_in_flight = policy.connection_pool.max_connections
@@ -473,13 +484,14 @@ def _admitted_call(
             )
         dest.in_flight += 1
         dest.budget.deposit(now)
+        if not buffer and not plan.mirrors:
+            first = (_place(host, dest, (), now),)
+    # Whether the call still holds its in-flight slot: a successful attempt gives it back under
+    # the lock it already takes for its outcome (one lock section fewer per call).
+    lease = [True]
     try:
-        # 6. replayability is decided once, before the first attempt: only a body of known
-        # length within the replay buffer is replayed, even when it is already in memory
-        size = _body_size(request)
-        fits = size is None or size <= MAX_REPLAY_BUFFER
-        replayable = fits and isinstance(request.stream, httpx.ByteStream)
-        if not replayable and size is not None and fits:
+        # 6. buffering
+        if buffer:
             yield Buffer(request)
             replayable = True
             now = host.clock()
@@ -499,12 +511,13 @@ def _admitted_call(
         # 8. attempts
         return (
             yield from _attempts(
-                host, request, plan, dest, decision, deadline, replayable, refuse, now
+                host, request, plan, dest, decision, deadline, replayable, refuse, now, first, lease
             )
         )
     finally:
-        with dest.lock:
-            dest.in_flight -= 1
+        if lease[0]:
+            with dest.lock:
+                dest.in_flight -= 1
 
 
 def _inject(
@@ -549,6 +562,26 @@ def _mirror_request(
     return copy
 
 
+def _place(
+    host: CallHost, dest: Destination, tried: Collection[str], now: float
+) -> EndpointState | None:
+    """The breaker's admission and the endpoint pick for one attempt, under ``dest.lock``
+    (held by the caller); None if nothing may be sent."""
+    breaker = dest.breaker
+    before = breaker.state
+    allowed = breaker.allow(now)
+    if breaker.state is not before and host.metrics is not None:
+        host.metrics.set_circuit_state(host.source, dest.key, breaker.state.value)
+    if not allowed:
+        return None
+    state = dest.endpoints.pick(now, host.rng, tried)
+    if state is None:
+        breaker.on_abandon()
+        return None
+    dest.endpoints.on_start(state)
+    return state
+
+
 def _begin(
     host: CallHost,
     dest: Destination,
@@ -560,24 +593,20 @@ def _begin(
     hedge: bool,
     tls: bool,
     now: float | None = None,
+    placed: tuple[EndpointState | None] | None = None,
 ) -> Send | None:
     """Admit and place one attempt (breaker, pick); None if nothing may be sent. ``now``: a
-    clock reading that is still current, if the caller has one."""
+    clock reading that is still current, if the caller has one; ``placed``: the outcome of
+    :func:`_place`, if the caller has already placed the attempt at that time."""
     if now is None:
         now = host.clock()
-    with dest.lock:
-        breaker = dest.breaker
-        before = breaker.state
-        allowed = breaker.allow(now)
-        if breaker.state is not before and host.metrics is not None:
-            host.metrics.set_circuit_state(host.source, dest.key, breaker.state.value)
-        if not allowed:
-            return None
-        state = dest.endpoints.pick(now, host.rng, tried)
-        if state is None:
-            breaker.on_abandon()
-            return None
-        dest.endpoints.on_start(state)
+    if placed is None:
+        with dest.lock:
+            state = _place(host, dest, tried, now)
+    else:
+        state = placed[0]
+    if state is None:
+        return None
     tried.append(state.endpoint.address)
     remaining = None if deadline is None else deadline - now
     timeout = per_try
@@ -594,9 +623,11 @@ def _finish(
     send: Send,
     outcome: Outcome | None,
     track_latency: bool,
+    lease: list[bool] | None = None,
 ) -> tuple[Failure, int | None]:
     """Feed one attempt's outcome to endpoint health, the breaker and the decision record:
-    one classification for all of them."""
+    one classification for all of them. A success ends the call: with its ``lease``, the
+    call's in-flight slot is given back under the same lock."""
     state = send.state
     if outcome is None:  # a hedge loser cancelled before it answered
         with dest.lock:
@@ -625,8 +656,12 @@ def _finish(
         else:
             breaker.on_success()
         after = breaker.state
-        if track_latency and not failed:
-            dest.record_latency(outcome.elapsed)
+        if not failed:
+            if track_latency:
+                dest.record_latency(outcome.elapsed)
+            if lease is not None:
+                dest.in_flight -= 1
+                lease[0] = False
     if (ejected or after is not before) and host.metrics is not None:
         if ejected:
             host.metrics.ejections.labels(host.source, dest.key, state.address).inc()
@@ -667,6 +702,8 @@ def _attempts(
     replayable: bool,
     refuse: bool,
     admitted_at: float,
+    first: tuple[EndpointState | None] | None,
+    lease: list[bool],
 ) -> Generator[Effect, Any, httpx.Response]:
     clock = host.clock
     retry_policy = plan.policy.retries
@@ -683,9 +720,9 @@ def _attempts(
     while True:
         number += 1
         send = _begin(
-            host, dest, request, tried, number, per_try, deadline, False, plan.tls, picked_at
+            host, dest, request, tried, number, per_try, deadline, False, plan.tls, picked_at, first
         )
-        picked_at = None
+        picked_at = first = None
         if send is None:
             if not decision.attempts and dest.breaker.state.value == "closed":
                 raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)
@@ -716,7 +753,7 @@ def _attempts(
                 retries_left -= 1
                 number += 1
             send, outcome = race.winner, race.outcome
-        failure, status = _finish(host, dest, decision, send, outcome, track_latency)
+        failure, status = _finish(host, dest, decision, send, outcome, track_latency, lease)
         response = outcome.response
         if failure is Failure.NONE:
             assert response is not None
