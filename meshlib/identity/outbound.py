@@ -73,8 +73,9 @@ class PeerVerifier:
         self._source = source
         self._cache: tuple[int, Mapping[tuple[str, int], _Expected]] = (-1, {})
 
-    def expected(self, host: str, port: int) -> _Expected:
-        snapshot = self._snapshot()
+    def expected(self, host: str, port: int, snapshot: Snapshot | None = None) -> _Expected:
+        if snapshot is None:
+            snapshot = self._snapshot()
         version, mapping = self._cache
         if version != snapshot.version:
             mapping = expected_identities(snapshot)
@@ -93,14 +94,14 @@ class PeerVerifier:
         """Raise ``httpcore.ConnectError`` unless the peer is the expected workload."""
         from meshlib.serving import _peer_chain
 
-        expected, service = self.expected(host, port)
+        snapshot = self._snapshot()  # one read: the expected ID and trust domain agree
+        expected, service = self.expected(host, port, snapshot)
         if expected is None:
             raise httpcore.ConnectError(f"mTLS: {service}")
         leaf_der = None if ssl_object is None else ssl_object.getpeercert(True)
         if leaf_der is None:
             raise httpcore.ConnectError(f"mTLS: server {host}:{port} presented no certificate")
         chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(ssl_object, leaf_der)]
-        snapshot = self._snapshot()
         try:
             actual = verify_svid(
                 chain,
