@@ -120,6 +120,19 @@ class PeerVerifier:
             )
 
 
+#: httpx's own default limits, which ``httpx.HTTPTransport`` would apply.
+_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+
+def _pool_limits(limits: httpx.Limits) -> dict[str, Any]:
+    """``limits`` as httpcore pool arguments, as httpx passes them to the pool it builds."""
+    return {
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+    }
+
+
 # --- sync ---------------------------------------------------------------------------------------
 
 
@@ -191,7 +204,7 @@ class MeshTLSTransport(httpx.HTTPTransport):
     def __init__(
         self, ssl_context: ssl.SSLContext, verifier: PeerVerifier, *, limits: httpx.Limits | None
     ) -> None:
-        limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        limits = limits or _DEFAULT_LIMITS
         super().__init__(verify=ssl_context, trust_env=False, limits=limits)
         if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
             raise RuntimeError(  # pragma: no cover - guards the private attribute
@@ -199,9 +212,7 @@ class MeshTLSTransport(httpx.HTTPTransport):
             )
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
+            **_pool_limits(limits),
             network_backend=_VerifyingBackend(verifier),
         )
 
@@ -277,7 +288,7 @@ class AsyncMeshTLSTransport(httpx.AsyncHTTPTransport):
     def __init__(
         self, ssl_context: ssl.SSLContext, verifier: PeerVerifier, *, limits: httpx.Limits | None
     ) -> None:
-        limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        limits = limits or _DEFAULT_LIMITS
         super().__init__(verify=ssl_context, trust_env=False, limits=limits)
         if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
             raise RuntimeError(  # pragma: no cover - guards the private attribute
@@ -286,8 +297,6 @@ class AsyncMeshTLSTransport(httpx.AsyncHTTPTransport):
             )
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
+            **_pool_limits(limits),
             network_backend=_AsyncVerifyingBackend(verifier),
         )
