@@ -73,8 +73,9 @@ class PeerVerifier:
         self._source = source
         self._cache: tuple[int, Mapping[tuple[str, int], _Expected]] = (-1, {})
 
-    def expected(self, host: str, port: int) -> _Expected:
-        snapshot = self._snapshot()
+    def expected(self, host: str, port: int, snapshot: Snapshot | None = None) -> _Expected:
+        if snapshot is None:
+            snapshot = self._snapshot()
         version, mapping = self._cache
         if version != snapshot.version:
             mapping = expected_identities(snapshot)
@@ -93,14 +94,14 @@ class PeerVerifier:
         """Raise ``httpcore.ConnectError`` unless the peer is the expected workload."""
         from meshlib.serving import _peer_chain
 
-        expected, service = self.expected(host, port)
+        snapshot = self._snapshot()  # one read: the expected ID and trust domain agree
+        expected, service = self.expected(host, port, snapshot)
         if expected is None:
             raise httpcore.ConnectError(f"mTLS: {service}")
         leaf_der = None if ssl_object is None else ssl_object.getpeercert(True)
         if leaf_der is None:
             raise httpcore.ConnectError(f"mTLS: server {host}:{port} presented no certificate")
         chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(ssl_object, leaf_der)]
-        snapshot = self._snapshot()
         try:
             actual = verify_svid(
                 chain,
@@ -117,6 +118,19 @@ class PeerVerifier:
                 f"mTLS: server identity {actual} does not match expected {expected} "
                 f"for {service} ({host}:{port})"
             )
+
+
+#: httpx's own default limits, which ``httpx.HTTPTransport`` would apply.
+_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+
+def _pool_limits(limits: httpx.Limits) -> dict[str, Any]:
+    """``limits`` as httpcore pool arguments, as httpx passes them to the pool it builds."""
+    return {
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+    }
 
 
 # --- sync ---------------------------------------------------------------------------------------
@@ -190,7 +204,7 @@ class MeshTLSTransport(httpx.HTTPTransport):
     def __init__(
         self, ssl_context: ssl.SSLContext, verifier: PeerVerifier, *, limits: httpx.Limits | None
     ) -> None:
-        limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        limits = limits or _DEFAULT_LIMITS
         super().__init__(verify=ssl_context, trust_env=False, limits=limits)
         if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
             raise RuntimeError(  # pragma: no cover - guards the private attribute
@@ -198,9 +212,7 @@ class MeshTLSTransport(httpx.HTTPTransport):
             )
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
+            **_pool_limits(limits),
             network_backend=_VerifyingBackend(verifier),
         )
 
@@ -276,7 +288,7 @@ class AsyncMeshTLSTransport(httpx.AsyncHTTPTransport):
     def __init__(
         self, ssl_context: ssl.SSLContext, verifier: PeerVerifier, *, limits: httpx.Limits | None
     ) -> None:
-        limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        limits = limits or _DEFAULT_LIMITS
         super().__init__(verify=ssl_context, trust_env=False, limits=limits)
         if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
             raise RuntimeError(  # pragma: no cover - guards the private attribute
@@ -285,8 +297,6 @@ class AsyncMeshTLSTransport(httpx.AsyncHTTPTransport):
             )
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
+            **_pool_limits(limits),
             network_backend=_AsyncVerifyingBackend(verifier),
         )

@@ -163,10 +163,7 @@ class SVIDSource:
         ``check_hostname`` is off: a SPIFFE ID is a URI SAN, not a DNS name; the caller checks
         the server's ID with :func:`~meshlib.identity.svid.verify_svid`.
         """
-        ctx = self._base(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
+        return _as_mesh_client(self._base(ssl.PROTOCOL_TLS_CLIENT))
 
     def current_client_context(self) -> ssl.SSLContext:
         """A client context for the pair loaded *now*, replaced (never modified) by
@@ -177,9 +174,7 @@ class SVIDSource:
         if ctx is None:
             with self._lock:
                 material = self._current
-            ctx = self._build(ssl.PROTOCOL_TLS_CLIENT, material, register=False)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx = _as_mesh_client(self._build(ssl.PROTOCOL_TLS_CLIENT, material, register=False))
             with self._lock:
                 if self._current is material:
                     self._fresh_client = ctx
@@ -231,7 +226,8 @@ class SVIDSource:
             self.last_error = None
             return False
         with self._lock:
-            added = [c for c in new.bundle if c not in set(old.bundle)]
+            old_roots = set(old.bundle)
+            added = [c for c in new.bundle if c not in old_roots]
             added_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in added)
             new_crls = [c for c in new.crls if c not in old.crls]  # CRLs are unhashable
             for ctx in list(self._contexts):
@@ -313,6 +309,13 @@ class SVIDSource:
                     "CRL checking fails closed, so every peer chained to it would be refused"
                 )
         return crls
+
+
+def _as_mesh_client(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """No hostname check (a SPIFFE ID is a URI SAN; the caller verifies it), chain required."""
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def _dropped_root(
