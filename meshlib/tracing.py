@@ -548,7 +548,7 @@ class InboundTrace:
                 attributes["server.port"] = server[1]
         return self._tracer.start_span(method, parent, SpanKind.SERVER, attributes)
 
-    def _observe(self, send: ASGISend, span: Span | None) -> ASGISend:
+    def _observe(self, send: ASGISend, span: Span) -> ASGISend:
         async def observing(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.status = int(message["status"])
@@ -557,14 +557,14 @@ class InboundTrace:
                         self.reason = value.decode("latin-1")
                 # Now, not at the end: a span opened outside (OTel's ASGI middleware) is ended
                 # by its owner as soon as the response is complete.
-                if span is not None and span.is_recording():
+                if span.is_recording():
                     self._annotate(span)
             await send(message)
 
         return observing
 
-    def _observe_app(self, app: ASGIApp, span: Span | None) -> ASGIApp:
-        recording = span is not None and span.is_recording()
+    def _observe_app(self, app: ASGIApp, span: Span) -> ASGIApp:
+        recording = span.is_recording()
 
         async def observed(scope: Scope, receive: Receive, send: ASGISend) -> None:
             self.app_called = True

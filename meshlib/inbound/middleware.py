@@ -246,13 +246,14 @@ class MeshMiddleware:
         if scope["type"] != "websocket":
             await app(scope, receive, send)
             return
-        identity = verified_identity(scope, self._plan().trust_domain)
+        plan = self._plan()
+        identity = verified_identity(scope, plan.trust_domain)
         headers = sanitize_headers(scope.get("headers") or (), identity)
         scope = {**scope, "headers": headers}  # a new dict: the server's scope stays as it was
         # A WebSocket upgrade is authorized like a GET of its path (a DENY rule must not be
         # bypassed by upgrading); refused before accept, which servers answer with 403.
         path = scope.get("path", "")
-        if self._plan().in_force:
+        if plan.in_force:
             scope = _normalized(scope, path)
             path = scope.get("path", "")
         if self._authorize(identity, "GET", path, headers) is Verdict.DENY:
