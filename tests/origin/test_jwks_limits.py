@@ -6,6 +6,7 @@ Each case is served by a real uvicorn on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import re
 import threading
 from collections.abc import Iterator
@@ -95,6 +96,10 @@ class HostileJwks:
                     return
                 except asyncio.TimeoutError:
                     pass
+        elif mode == "gzip":  # compressed although identity was asked for
+            data = gzip.compress(GOOD.encode().ljust(64 * MAX_JWKS_BYTES))  # 64 MiB -> ~64 KiB
+            await start([(b"content-encoding", b"gzip")])
+            await body(data, False)
         elif mode == "huge-length":
             # A Content-Length far over the cap, then nothing until the client leaves.
             await start([(b"content-length", str(10 * 1024**3).encode())])
@@ -210,3 +215,13 @@ def test_content_length_over_the_cap_is_refused_before_reading(
     assert "nothing read" in error and "deadline" not in error
     assert app.disconnected.wait(5)
     assert app.sent == 0
+
+
+def test_compressed_body_is_refused(served: tuple[HostileJwks, ServerHandle]) -> None:
+    """A gzip body would be decoded a whole network read at a time (a 64 KiB read can be 64 MiB
+    decoded), so the fetch asks for identity and refuses anything else."""
+    app, handle = served
+    source, keys = _primed(handle)
+    app.mode = "gzip"
+    error = _refused(source, keys)
+    assert "Content-Encoding 'gzip' refused" in error
