@@ -3,11 +3,12 @@ present this workload's SVID and check the server's SPIFFE ID before any request
 
 httpx and httpcore have no public hook between the TLS handshake and the first write, so the
 check lives in an httpcore *network backend*: its streams' ``start_tls`` runs the real
-handshake (OpenSSL verifies the chain against the SVID bundle), then re-checks the peer's leaf
-as an SVID of the trust domain and compares its SPIFFE ID with the one expected for the
-endpoint ``(host, port)``. A mismatch closes the connection and raises
-``httpcore.ConnectError`` (``httpx.ConnectError`` to the caller): the request never reached the
-server, so the mesh may retry it elsewhere for any method.
+handshake (OpenSSL verifies the chain against the SVID bundle and, with a ``crl.pem``, that the
+leaf is not revoked), then re-checks the peer's leaf as an SVID of the trust domain against the
+*live* bundle and CRLs (which may be newer than the context the handshake used) and compares its
+SPIFFE ID with the one expected for the endpoint ``(host, port)``. A mismatch closes the
+connection and raises ``httpcore.ConnectError`` (``httpx.ConnectError`` to the caller): the
+request never reached the server, so the mesh may retry it elsewhere for any method.
 
 The expected identity of an endpoint is ``spiffe://<trust domain>/ns/<namespace>/sa/<service
 account, or the service name>`` of the service that lists it, from the current snapshot

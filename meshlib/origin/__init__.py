@@ -6,12 +6,21 @@ service: it imports PyJWT and cryptography, which plain meshes never need.
 
 from __future__ import annotations
 
-from meshlib.origin.jwks import FileJwks, InlineJwks, JwksSource, JwksStore, KeySet, UrlJwks
+from meshlib.origin.jwks import (
+    FileJwks,
+    InlineJwks,
+    JwksFetchError,
+    JwksSource,
+    JwksStore,
+    KeySet,
+    UrlJwks,
+)
 from meshlib.origin.verify import JwtVerifier, OriginPrincipal, Unauthenticated, find_token
 
 __all__ = [
     "FileJwks",
     "InlineJwks",
+    "JwksFetchError",
     "JwksSource",
     "JwksStore",
     "JwtVerifier",

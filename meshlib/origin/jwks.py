@@ -6,6 +6,12 @@ and early when a token names an unknown ``kid`` — at most once per ``min_refre
 so a flood of random ``kid``s cannot turn into a flood of fetches. A request whose key is not
 cached waits for the fetch that concerns it for at most ``max_wait`` seconds, then is refused
 (fail closed); the fetch carries on in the background. A failed fetch keeps the old keys.
+
+A fetch is bounded in size and time whatever the endpoint does: the body is streamed and the
+fetch refused as soon as it passes :data:`MAX_JWKS_BYTES` (before reading anything if
+``Content-Length`` already says so), and connect, headers and body together must finish within
+one deadline (``timeout``), which a per-read timeout alone would not give against a body that
+trickles in a byte at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ log = logging.getLogger("meshlib.origin")
 #: JWKS documents above this size are refused (a key set is a few KiB).
 MAX_JWKS_BYTES = 1024 * 1024
 _CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
+
+
+class JwksFetchError(ValueError):
+    """A JWKS URL answered with something that is not a usable key set document (status,
+    size, encoding or deadline); the message names the URL and the limit."""
 
 
 class KeySet:
@@ -144,7 +155,10 @@ class FileJwks(JwksSource):
             if st.st_size > MAX_JWKS_BYTES:
                 raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
             with open(self.path, "rb") as f:
-                keys = KeySet.parse(f.read(MAX_JWKS_BYTES + 1))
+                data = f.read(MAX_JWKS_BYTES + 1)  # the file may have grown since the stat
+            if len(data) > MAX_JWKS_BYTES:
+                raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
+            keys = KeySet.parse(data)
         except (OSError, ValueError) as exc:
             log.warning("jwks file %s unusable, keeping the previous keys: %s", self.path, exc)
             return self._keys
@@ -224,15 +238,14 @@ class UrlJwks(JwksSource):
     async def _fetch(self) -> bool:
         self.fetches += 1
         try:
-            async with httpx.AsyncClient(
-                timeout=self.timeout, trust_env=False, follow_redirects=False
-            ) as client:
-                response = await client.get(self.url, headers={"accept": "application/json"})
-            if response.status_code != 200:
-                raise ValueError(f"HTTP {response.status_code}")
-            if len(response.content) > MAX_JWKS_BYTES:
-                raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
-            keys = KeySet.parse(response.content)
+            try:
+                body = await asyncio.wait_for(self._download(), self.timeout)
+            except asyncio.TimeoutError:
+                raise JwksFetchError(
+                    f"jwksUri {self.url}: no complete response within the {self.timeout:g} s "
+                    "deadline (connect, headers and body together)"
+                ) from None
+            keys = KeySet.parse(body)
         except Exception as exc:  # a background fetch must never raise unobserved
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("jwks fetch from %s failed, keeping cached keys: %s", self.url, exc)
@@ -241,6 +254,45 @@ class UrlJwks(JwksSource):
         self._fetched_at = self.clock()
         self.last_error = None
         return True
+
+    async def _download(self) -> bytes:
+        """The body of a 200 response, streamed and refused past :data:`MAX_JWKS_BYTES`: at
+        most that plus one network read is ever held. The caller bounds the time."""
+        where = f"jwksUri {self.url}"
+        async with (
+            httpx.AsyncClient(
+                timeout=self.timeout, trust_env=False, follow_redirects=False
+            ) as client,
+            client.stream(
+                "GET",
+                self.url,
+                # identity: the cap counts the bytes that are held, which a compressed body
+                # (decoded a whole network read at a time) would multiply
+                headers={"accept": "application/json", "accept-encoding": "identity"},
+            ) as response,
+        ):
+            if response.status_code != 200:
+                raise JwksFetchError(f"{where}: HTTP {response.status_code}")
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                raise JwksFetchError(
+                    f"{where}: Content-Encoding {encoding!r} refused (identity was asked for)"
+                )
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > MAX_JWKS_BYTES:
+                raise JwksFetchError(
+                    f"{where}: Content-Length {declared} is over the {MAX_JWKS_BYTES}-byte cap "
+                    "(nothing read)"
+                )
+            body = bytearray()
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise JwksFetchError(
+                        f"{where}: body is over the {MAX_JWKS_BYTES}-byte cap (stopped after "
+                        f"reading {len(body)} bytes)"
+                    )
+            return bytes(body)
 
 
 class JwksStore:

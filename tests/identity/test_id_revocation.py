@@ -1,6 +1,7 @@
 """Revocation (SEC-6) without sockets: CRLs from the CA directory, verify_svid against them,
 SVIDSource loading crl.pem, and OpenSSL's own CRL checks in real handshakes over memory BIOs
-(revoked leaf refused, unrevoked accepted, a missing CRL for one CA fails closed)."""
+(revoked leaf refused, unrevoked accepted, a missing CRL for one CA fails closed), for a revoked
+client and a revoked server, and the client's SPIFFE re-check (PeerVerifier) of a server."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import datetime as dt
 import ssl
 from pathlib import Path
 
+import httpcore
 import pytest
 from cryptography import x509
 from idcerts import TD
+from prometheus_client import CollectorRegistry
 
+import meshlib
 from meshlib.cli import main
 from meshlib.identity import CAError, CertificateAuthority, SpiffeID, SVIDError, verify_svid
 from meshlib.identity.cadir import CADirectory
 from meshlib.identity.crl import load_crls
+from meshlib.identity.outbound import PeerVerifier
 from meshlib.identity.tls import SVIDSource, TLSConfigError
 
 WEB = SpiffeID.for_workload(TD, "default", "web")
@@ -30,9 +35,9 @@ def cadir(tmp_path: Path) -> CADirectory:
     return d
 
 
-def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> None:
+def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> ssl.SSLObject:
     """A full TLS handshake between two contexts over memory BIOs; raises what either side
-    raises (the server's verification of the client certificate included)."""
+    raises (the server's verification of the client certificate included). The client end."""
     s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
     client = client_ctx.wrap_bio(c_in, c_out, server_side=False)
@@ -55,7 +60,7 @@ def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> None:
             try:
                 client.read(1)
             except ssl.SSLWantReadError:
-                return
+                return client
     raise AssertionError("handshake did not finish")
 
 
@@ -224,3 +229,71 @@ def test_crl_pem_appearing_later_turns_checking_on_in_live_contexts(
     assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
     with pytest.raises(ssl.SSLError, match="revoked"):
         _handshake(ctx, web.client_context())
+
+
+def test_client_contexts_refuse_a_revoked_server(cadir: CADirectory, tmp_path: Path) -> None:
+    """SEC-6, server side: a client's crl.pem revoking a *server* leaf makes OpenSSL fail the
+    client's handshake with it, in the context handed out before the reload (the CRL is added)
+    and in the per-connection context the mesh transports take (rebuilt at the reload); another
+    server of the same identity is unaffected."""
+    cadir.revoke([])
+    cadir.issue(WEB, out=tmp_path / "web")
+    cadir.issue(API, out=tmp_path / "api-a")
+    cadir.issue(API, out=tmp_path / "api-b")
+    client = SVIDSource(tmp_path / "web")
+    handed_out, fresh_before = client.client_context(), client.current_client_context()
+    a, b = SVIDSource(tmp_path / "api-a"), SVIDSource(tmp_path / "api-b")
+    _handshake(a.server_context(), fresh_before)
+
+    cadir.revoke([tmp_path / "api-a" / "cert.pem"])
+    (tmp_path / "web" / "crl.pem").write_bytes((cadir.path / "crl.pem").read_bytes())
+    assert client.reload() is True
+    fresh = client.current_client_context()
+    assert fresh is not fresh_before  # replaced whole, never modified
+    for ctx in (handed_out, fresh):
+        assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
+        with pytest.raises(ssl.SSLCertVerificationError, match="certificate revoked"):
+            _handshake(a.server_context(), ctx)
+        _handshake(b.server_context(), ctx)
+    # the context taken before the reload does not know: the SPIFFE re-check is what catches
+    # a connection made on it (below and tests/mtls/test_server_revocation.py)
+    _handshake(a.server_context(), fresh_before)
+
+
+def test_peer_verifier_checks_the_server_leaf_against_the_live_crls(
+    cadir: CADirectory, tmp_path: Path
+) -> None:
+    """SEC-6: the client's SPIFFE re-check of a server (PeerVerifier.verify, run after every
+    client handshake) refuses a revoked server leaf even when OpenSSL accepted it, naming the
+    endpoint and the serial; an unrevoked server of the same identity passes."""
+    cadir.revoke([])
+    cadir.issue(WEB, out=tmp_path / "web")
+    cadir.issue(API, out=tmp_path / "api-a")
+    cadir.issue(API, out=tmp_path / "api-b")
+    client = SVIDSource(tmp_path / "web")
+    no_crl = client.current_client_context()  # taken before the revocation arrives
+    cadir.revoke([tmp_path / "api-a" / "cert.pem"])
+    (tmp_path / "web" / "crl.pem").write_bytes((cadir.path / "crl.pem").read_bytes())
+    assert client.reload() is True
+    mesh = meshlib.Mesh.from_text(
+        f"apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {{name: mesh}}\n"
+        f"spec: {{trustDomain: {TD}}}\n---\n"
+        "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: api, namespace: default}\n"
+        'spec: {endpoints: [{address: "10.0.0.1:8443"}, {address: "10.0.0.2:8443"}]}\n',
+        service="web",
+        registry=CollectorRegistry(),
+    )
+    try:
+        verifier = PeerVerifier(lambda: mesh.snapshot, client)
+        a = SVIDSource(tmp_path / "api-a")
+        b = SVIDSource(tmp_path / "api-b")
+        revoked = _handshake(a.server_context(), no_crl)  # OpenSSL did not object
+        serial = f"{a.material.certificate.serial_number:x}"
+        with pytest.raises(
+            httpcore.ConnectError,
+            match=rf"server 10\.0\.0\.1:8443 .* leaf serial {serial} was revoked",
+        ):
+            verifier.verify("10.0.0.1", 8443, revoked)
+        verifier.verify("10.0.0.2", 8443, _handshake(b.server_context(), no_crl))
+    finally:
+        mesh.close()
