@@ -12,13 +12,12 @@ algorithm-confusion attacks exploit. Istio, too, verifies only against JWKS publ
 
 from __future__ import annotations
 
-import json
 from urllib.parse import urlsplit
 
 from meshlib.config.documents import DocContext, as_str, maps
 from meshlib.config.fragments import DURATION, NONEMPTY, STRING, Schema, array, obj
 from meshlib.config.model import JwtLocation, JwtRule, RequestAuthentication
-from meshlib.config.values import format_duration, parse_duration
+from meshlib.config.values import MAX_JSON_DEPTH, format_duration, parse_duration, parse_json
 from meshlib.config.yamlsafe import YMap, YSeq
 
 #: The JWS algorithms a rule may allow, by the key type that verifies them.
@@ -118,7 +117,8 @@ def _rule(ctx: DocContext, item: YMap, path: str) -> JwtRule | None:
         ctx.error(
             f"{path}.jwks",
             item.line_of("jwks"),
-            'jwks must be a JSON object {"keys": [...]} (a JWK Set)',
+            'jwks must be a JSON object {"keys": [...]} (a JWK Set), '
+            f"nested at most {MAX_JSON_DEPTH} levels",
         )
         ok = False
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
@@ -186,7 +186,7 @@ def _algorithm_problem(alg: str) -> str | None:
 
 def _valid_jwks(text: str) -> bool:
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except ValueError:
         return False
     return isinstance(data, dict) and isinstance(data.get("keys"), list)

@@ -97,8 +97,12 @@ def build_service(ctx: DocContext) -> ServiceDef | None:
             continue
         seen[address] = i
         weight = as_int(item.get("weight", 1))
-        labels = item.get("labels")
-        clean = {k: v for k, v in labels.items() if isinstance(v, str)} if labels else {}
+        labels = item.get("labels")  # not a map of strings: reported by the structural check
+        clean = (
+            {k: v for k, v in labels.items() if isinstance(v, str)}
+            if isinstance(labels, YMap)
+            else {}
+        )
         endpoints.append(Endpoint(address, weight if weight and weight > 0 else 1, clean))
     account = as_str(spec.get("serviceAccount"))
     port = as_int(spec.get("port"))

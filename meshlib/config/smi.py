@@ -19,7 +19,7 @@ from meshlib.config.model import (
     TrafficTarget,
     TrafficTargetRule,
 )
-from meshlib.config.values import compile_regex, parse_quantity_milli
+from meshlib.config.values import compile_regex, parse_quantity_milli, shown
 from meshlib.config.yamlsafe import YMap, YSeq
 
 log = logging.getLogger("meshlib.config")
@@ -89,7 +89,9 @@ def build_split(ctx: DocContext) -> Split | None:
 
 def _weight(ctx: DocContext, value: object, path: str, line: int) -> int | None:
     if ctx.version == 1:
-        if isinstance(value, bool) or (isinstance(value, (int, float)) and value < 0):
+        if isinstance(value, bool) or (
+            isinstance(value, (int, float)) and not 0 <= value <= MAX_WEIGHT  # NaN too
+        ):
             return None  # reported by the structural check
         try:
             milli = parse_quantity_milli(value)
@@ -99,7 +101,7 @@ def _weight(ctx: DocContext, value: object, path: str, line: int) -> int | None:
             return None
         if milli > MAX_WEIGHT:
             ctx.error(
-                path, line, f"weight {value!r} is too large (at most {MAX_WEIGHT} milli-units)"
+                path, line, f"weight {shown(value)} is too large (at most {MAX_WEIGHT} milli-units)"
             )
             return None
         return milli
