@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshlib.config.model import Origin
-from meshlib.config.values import service_key
+from meshlib.config.values import service_key, shown
 from meshlib.config.yamlsafe import YMap, YSeq
 from meshlib.errors import Problem
 
@@ -72,7 +72,7 @@ class DocContext:
             self.error(
                 "spec.target.service",
                 line,
-                f"target {service} is outside the policy's namespace {self.namespace!r}; "
+                f"target {service} is outside the policy's namespace {shown(self.namespace)}; "
                 f"put the {kind} in the service's namespace",
             )
             return False, None

@@ -29,6 +29,7 @@ from meshlib.config.smi import (
     build_split,
     build_tcp_route,
     build_traffic_target,
+    build_udp_route,
 )
 from meshlib.config.values import parse_duration, shown
 from meshlib.config.yamlsafe import YamlDocument, YMap, read_documents
@@ -63,6 +64,7 @@ _BUILDERS: dict[str, Callable[[DocContext, Parsed], None]] = {
     "Service": lambda c, p: _keep(p.services, build_service(c), c),
     "HTTPRouteGroup": lambda c, p: _keep(p.route_groups, build_route_group(c), c),
     "TCPRoute": lambda c, p: p.tcp_routes.append((build_tcp_route(c), c)),
+    "UDPRoute": lambda c, p: p.udp_routes.append((build_udp_route(c), c)),
     "TrafficSplit": lambda c, p: _keep(p.splits, build_split(c), c),
     "TrafficTarget": lambda c, p: _keep(p.targets, build_traffic_target(c), c),
     "TrafficPolicy": lambda c, p: _keep(p.policies, build_traffic_policy(c), c),
@@ -269,6 +271,7 @@ def _assemble(
         authorization_policies=tuple(a for a, _ in p.authz_policies),
         request_authentications=tuple(r for r, _ in p.request_authentications),
         tcp_routes={f"{t.name}.{t.namespace}": t for t, _ in p.tcp_routes},
+        udp_routes={f"{u.name}.{u.namespace}": u for u, _ in p.udp_routes},
         raw_documents=tuple(raw),
         warnings=tuple(warnings),
     )

@@ -45,7 +45,11 @@ _RE2_OPTIONS.log_errors = False  # rejected patterns are reported as Problems, n
 
 def shown(value: object) -> str:
     """``repr(value)`` for a message, cut to :data:`MAX_SHOWN` characters with its length."""
-    text = repr(value)
+    return clipped(repr(value))
+
+
+def clipped(text: str) -> str:
+    """``text`` for a message, cut to :data:`MAX_SHOWN` characters with its length."""
     if len(text) <= MAX_SHOWN:
         return text
     return f"{text[: MAX_SHOWN - 10]}… ({len(text)} characters)"
@@ -150,25 +154,27 @@ def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` → (host, port), validating both."""
     host, sep, port_text = address.rpartition(":")
     if not sep or not host:
-        raise ValueError(f"address {address!r} must be host:port (IPv6 as [::1]:80)")
+        raise ValueError(f"address {shown(address)} must be host:port (IPv6 as [::1]:80)")
     digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
     port = int(port_text) if digits else 0
     if not 1 <= port <= 65535:
         raise ValueError(f"address {shown(address)} has port {shown(port_text)}, expected 1..65535")
     if host.startswith("["):
         if not host.endswith("]"):
-            raise ValueError(f"address {address!r}: unclosed '[' around an IPv6 host")
+            raise ValueError(f"address {shown(address)}: unclosed '[' around an IPv6 host")
         try:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise ValueError(
-                f"address {address!r}: {host[1:-1]!r} is not an IPv6 address"
+                f"address {shown(address)}: {shown(host[1:-1])} is not an IPv6 address"
             ) from None
         return host[1:-1], port
     if ":" in host:
-        raise ValueError(f"address {address!r}: write IPv6 hosts in brackets, like [::1]:80")
+        raise ValueError(f"address {shown(address)}: write IPv6 hosts in brackets, like [::1]:80")
     if not _HOSTNAME.match(host):
-        raise ValueError(f"address {address!r}: {host!r} is not a valid host name or IP address")
+        raise ValueError(
+            f"address {shown(address)}: {shown(host)} is not a valid host name or IP address"
+        )
     return host, port
 
 
@@ -183,14 +189,14 @@ def service_key(ref: str, namespace: str) -> str:
         parts.append(namespace)
     elif len(parts) > 2 and parts[2] != "svc":
         raise ValueError(
-            f"service reference {ref!r} must be 'name', 'name.namespace' or "
+            f"service reference {shown(ref)} must be 'name', 'name.namespace' or "
             "'name.namespace.svc[.domain]'"
         )
     name, ns = parts[0], parts[1]
     for label in (name, ns):
         if not _DNS_LABEL.match(label) or len(label) > 63:
             raise ValueError(
-                f"service reference {ref!r}: {label!r} is not a lower-case DNS label "
+                f"service reference {shown(ref)}: {shown(label)} is not a lower-case DNS label "
                 "(a-z, 0-9 and '-')"
             )
     return f"{name}.{ns}"
@@ -211,7 +217,7 @@ def compile_regex(pattern: str, *, anchored: bool = False) -> Pattern:
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
         raise ValueError(
-            f"regular expression {pattern!r} is not supported by RE2 ({reason}); "
+            f"regular expression {shown(pattern)} is not supported by RE2 ({reason}); "
             "backreferences and lookaround are not allowed"
         ) from None
     return compiled

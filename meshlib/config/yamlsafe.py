@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from yaml.constructor import SafeConstructor
 
+from meshlib.config.values import clipped, shown
+
 MAX_DEPTH = 64
 MAX_DOCUMENTS = 1000
 
@@ -145,15 +147,15 @@ class _Builder:
                 raise _Reject(
                     key_line,
                     path,
-                    f"mapping key {key_node.value!r} is not a string "
-                    f"(quote it: '{key_node.value}')",
+                    f"mapping key {shown(key_node.value)} is not a string "
+                    f"(quote it: '{clipped(key_node.value)}')",
                 )
             child = f"{path}.{key}" if path else key
             if key in result:
                 raise _Reject(
                     key_line,
                     child,
-                    f"duplicate key {key!r} (first at line {result.key_lines[key]})",
+                    f"duplicate key {shown(key)} (first at line {result.key_lines[key]})",
                 )
             result.key_lines[key] = key_line
             result[key] = self.build(value_node, child, depth + 1, key_line)
@@ -168,7 +170,10 @@ class _Builder:
         try:
             return construct(self._constructor, node)
         except (yaml.YAMLError, ValueError) as exc:
-            raise _Reject(line, path, f"bad {node.tag.rsplit(':', 1)[-1]} value: {exc}") from None
+            reason = clipped(str(exc))
+            raise _Reject(
+                line, path, f"bad {node.tag.rsplit(':', 1)[-1]} value: {reason}"
+            ) from None
 
 
 def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
