@@ -86,7 +86,9 @@ def _declare_services(text: str) -> str:
             load_text(declared)
             return declared
         except ConfigError as exc:
-            missing = sorted({m.groups() for p in exc.problems for m in _UNDECLARED.finditer(p.message)})
+            missing = sorted(
+                {m.groups() for p in exc.problems for m in _UNDECLARED.finditer(p.message)}
+            )
         if not missing:
             return declared
         declared += "".join(
@@ -107,16 +109,26 @@ def _examples() -> Iterator[tuple[str, str]]:
 EXAMPLES = dict(_examples())
 
 
-def _spans(text: str) -> list[tuple[int, int, bool]]:
-    """(start, end, is_key) of every node of ``text``; empty if it is not YAML any more."""
-    found: list[tuple[int, int, bool]] = []
+class Node:
+    """Where a node of the YAML text is: a character span, and whether it is a key or a leaf."""
 
-    def walk(node: yaml.Node, is_key: bool) -> None:
-        found.append((node.start_mark.index, node.end_mark.index, is_key))
+    def __init__(self, node: yaml.Node, is_key: bool, under: str) -> None:
+        self.start, self.end = node.start_mark.index, node.end_mark.index
+        self.is_key = is_key
+        self.is_leaf = isinstance(node, yaml.ScalarNode)
+        self.under = under  # the key this value is under ("" for list items and keys)
+
+
+def _nodes(text: str) -> list[Node]:
+    """Every node of ``text``, in document order; empty if it is not YAML any more."""
+    found: list[Node] = []
+
+    def walk(node: yaml.Node, is_key: bool, under: str = "") -> None:
+        found.append(Node(node, is_key, under))
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 walk(key, True)
-                walk(value, False)
+                walk(value, False, str(key.value))
         elif isinstance(node, yaml.SequenceNode):
             for item in node.value:
                 walk(item, False)
@@ -130,27 +142,46 @@ def _spans(text: str) -> list[tuple[int, int, bool]]:
     return found
 
 
+def _splice(text: str, spans: list[tuple[int, int, str]]) -> str:
+    """``text`` with each (start, end) span replaced; spans must not overlap."""
+    for start, end, new in sorted(spans, reverse=True):
+        text = text[:start] + new + text[end:]
+    return text
+
+
 @st.composite
 def mutated(draw: st.DrawFn, text: str) -> str | bytes:
     for _ in range(draw(st.integers(1, 3))):
-        spans = _spans(text)
-        kind = draw(st.sampled_from(("replace", "replace", "delete", "truncate", "bytes")))
-        if kind in ("replace", "delete") and spans:
-            start, end, is_key = draw(st.sampled_from(spans))
-            if kind == "replace":
-                text = text[:start] + draw(st.sampled_from(REPLACEMENTS)) + text[end:]
-            elif is_key:  # the key, its value and the rest of its line
-                line_end = text.find("\n", end)
-                text = text[:start] + (text[line_end:] if line_end >= 0 else "")
+        nodes = _nodes(text)
+        # Kinds and versions stay, so the documents reach their builders ("one" changes them).
+        leaves = [
+            n for n in nodes if n.is_leaf and not n.is_key and n.under not in ("kind", "apiVersion")
+        ]
+        kind = draw(st.sampled_from(("many", "many", "one", "delete", "truncate", "bytes")))
+        if kind == "many" and leaves:
+            # One replacement at every k-th value: with k = 1 every field of every document
+            # meets it at once, so each builder sees it, not only the first field checked.
+            new = draw(st.sampled_from(REPLACEMENTS))
+            k = draw(st.integers(1, 4))
+            offset = draw(st.integers(0, k - 1))
+            text = _splice(text, [(n.start, n.end, new) for n in leaves[offset::k]])
+        elif kind == "one" and nodes:
+            node = draw(st.sampled_from(nodes))  # a key, a leaf or a whole map or list
+            text = _splice(text, [(node.start, node.end, draw(st.sampled_from(REPLACEMENTS)))])
+        elif kind == "delete" and nodes:
+            node = draw(st.sampled_from(nodes))
+            if node.is_key:  # the key, its value and the rest of its line
+                line_end = text.find("\n", node.end)
+                text = text[: node.start] + (text[line_end:] if line_end >= 0 else "")
             else:
-                text = text[:start] + text[end:]
-        elif kind == "truncate" or not spans:
-            text = text[: draw(st.integers(0, len(text)))]
-        else:
+                text = text[: node.start] + text[node.end :]
+        elif kind == "bytes":
             data = text.encode()
             at = draw(st.integers(0, len(data)))
             bad = draw(st.sampled_from((b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xfe\xff")))
             return data[:at] + bad + data[at:]
+        else:
+            text = text[: draw(st.integers(0, len(text)))]
     return text
 
 

@@ -397,6 +397,7 @@ def test_udp_route_only_in_v1alpha4(version: int) -> None:
 def test_udp_route_rule_needs_traffic_target_v1alpha3() -> None:
     found = problems_with_services(UDP_ROUTE, udp_target(version=2))
     p = find(found, "spec.rules[0].kind", "'UDPRoute' is not one of HTTPRouteGroup, TCPRoute")
+    assert p.line == line_of(with_services(UDP_ROUTE, udp_target(version=2)), "kind: UDPRoute", 2)
     assert not [q for q in found if "does not exist" in q.message]  # not a wrong-kind error
 
 
