@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from cfgdocs import N_SERVICES, find, line_of, load, problems_with_services, with_services
 
@@ -191,15 +189,16 @@ REGEX_BOMBS = ["^(a+)+$", "(a|aa)+$", "(x+x+)+y"]
 
 
 @pytest.mark.parametrize("pattern", REGEX_BOMBS)
-def test_catastrophic_patterns_are_linear_under_re2(pattern: str) -> None:
+def test_catastrophic_patterns_are_compiled_by_re2(pattern: str) -> None:
+    """RE2 matches in time linear in the subject (no backtracking), so a pattern that is
+    exponential under ``re`` is harmless: what is checked is that RE2 compiled it and answers
+    right. How long a match takes is measured by benchmarks/config_load.py."""
     text = ROUTES_V4.replace('pathRegex: ".*"', f'pathRegex: "{pattern}"')
     match = load(text).route_groups["ab-test.default"].matches[1]
     assert match.path_regex is not None
-    subject = "a" * 40 + "!"
-    start = time.perf_counter()
-    for _ in range(10):
-        match.path_regex.match(subject)
-    assert (time.perf_counter() - start) / 10 < 0.005
+    assert type(match.path_regex).__module__.split(".")[0] == "re2"
+    assert match.path_regex.match("a" * 40 + "!") is None  # the backtracking worst case
+    assert match.path_regex.match({"^(a+)+$": "aaaa", "(a|aa)+$": "aaa"}.get(pattern, "xxy"))
 
 
 @pytest.mark.parametrize(
