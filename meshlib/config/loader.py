@@ -139,6 +139,13 @@ def decode_policy(source: str, data: bytes) -> str:
         ) from None
 
 
+def _not_unicode(source: str, text: str, index: int) -> Problem:
+    line = text.count("\n", 0, index) + 1
+    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    message = f"text is not valid Unicode (a lone surrogate, U+{ord(text[index]):04X})"
+    return Problem(source, line, 0, "", message, column)
+
+
 def _too_big(path: str, size: int) -> Problem:
     return Problem(
         path, 0, 0, "", f"file is {size} bytes, larger than the {MAX_FILE_BYTES}-byte limit"
@@ -153,10 +160,17 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     for i, (name, text) in enumerate(sources):
         if i:
             digest.update(b"\0")
-        encoded = text.encode("utf-8", "surrogatepass")
+        unreadable: Problem | None = None
+        try:
+            encoded = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: str can hold it, UTF-8 cannot
+            encoded = text.encode("utf-8", "surrogatepass")
+            unreadable = _not_unicode(name, text, exc.start)
         digest.update(encoded)
         if len(encoded) > MAX_FILE_BYTES:
-            problems.append(_too_big(name, len(encoded)))
+            unreadable = _too_big(name, len(encoded))
+        if unreadable is not None:
+            problems.append(unreadable)
             continue
         docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
         problems.extend(

@@ -205,6 +205,8 @@ def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
                 continue
             if value is not None:  # an empty document (a stray '---') is not an error
                 docs.append(YamlDocument(index, line, value))
+    except yaml.reader.ReaderError as exc:
+        problems.append(_reader_problem(exc, index + 1, text))
     except yaml.MarkedYAMLError as exc:
         problems.append(_syntax_problem(exc, index + 1, text))
     except yaml.YAMLError as exc:  # pragma: no cover - unmarked errors are rare
@@ -232,6 +234,17 @@ def _syntax_problem(exc: yaml.MarkedYAMLError, document: int, text: str) -> Yaml
         if mark is not None and _char_at(text, mark.line, mark.column) == "\t":
             message += " (a tab: indent with spaces, YAML does not allow tabs there)"
     return YamlProblem(line, document, "", message, column)
+
+
+def _reader_problem(exc: yaml.reader.ReaderError, document: int, text: str) -> YamlProblem:
+    """A character YAML does not allow (a control character): libyaml reports no mark, only
+    the offset of the character in the UTF-8 encoding of the text."""
+    prefix = text.encode("utf-8")[: exc.position].decode("utf-8", "replace")
+    line = prefix.count("\n") + 1
+    column = len(prefix) - (prefix.rfind("\n") + 1) + 1
+    char = exc.character
+    what = f"U+{char:04X}" if isinstance(char, int) else shown(char)
+    return YamlProblem(line, document, "", f"invalid YAML: character {what}: {exc.reason}", column)
 
 
 def _char_at(text: str, line: int, column: int) -> str:

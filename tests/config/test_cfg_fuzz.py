@@ -58,11 +58,15 @@ REPLACEMENTS = (
     "!!binary aGVsbG8=",
     "2001-12-14",
     "&x 1",
+    "'a\x00b'",
+    "\x07",
+    "\ud800",
 )
 
 #: Problems about the YAML text, the file or a document as a whole, which have no field.
 _FIELDLESS = (
     "invalid YAML",
+    "text is not valid Unicode",
     "nesting deeper than",
     "file is not valid UTF-8",
     "the file holds no policy documents",

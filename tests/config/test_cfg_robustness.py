@@ -145,6 +145,21 @@ def test_bytes_that_are_not_utf8_through_text_and_file(tmp_path: Path) -> None:
     assert info.value.problems[0].line == 5
 
 
+def test_text_with_a_lone_surrogate() -> None:
+    """A Python str can hold what UTF-8 cannot; libyaml used to raise UnicodeEncodeError."""
+    [p] = problems(service_doc("{serviceAccount: x}") + "# \ud800\n")
+    assert "not valid Unicode" in p.message and "U+D800" in p.message
+    assert (p.line, p.column) == (5, 3)
+
+
+@pytest.mark.parametrize(("char", "code"), [("\x00", "U+0000"), ("\x07", "U+0007")])
+def test_control_character_is_named_with_its_line(char: str, code: str) -> None:
+    """libyaml reports it with a UTF-8 byte offset and no mark: the line is computed from it."""
+    [p] = problems("# é\n" + service_doc(f"{{serviceAccount: 'é{char}'}}"))
+    assert f"character {code}" in p.message and "\n" not in p.message
+    assert (p.line, p.column) == (5, 26)  # counted in characters, not UTF-8 bytes
+
+
 def test_valid_bytes_load_like_text() -> None:
     text = service_doc("{serviceAccount: x}")
     assert load_text(text.encode()).digest == load_text(text).digest
