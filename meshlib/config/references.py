@@ -263,6 +263,13 @@ def _traffic_target(
                     item.line_of("name"),
                     f"{rule.kind} {shown(rule.name)} does not exist {where_ns}",
                 )
+            elif rule.kind == "UDPRoute":
+                ctx.warn(
+                    f"{base}[{i}]",
+                    item.line_of("kind"),
+                    f"UDPRoute {shown(rule.name)} admits no request: meshlib enforces HTTP "
+                    "traffic only (UDP is for other data planes reading the same manifest)",
+                )
             continue
         if rule.kind != "HTTPRouteGroup":
             continue  # a kind this version does not allow: reported by the structural check

@@ -357,9 +357,13 @@ def test_udp_route_as_the_smi_spec_writes_it() -> None:
     assert snap.tcp_routes == {}
 
 
-def test_traffic_target_rule_names_a_udp_route() -> None:
-    t = load(UDP_ROUTE, udp_target()).traffic_targets[0]
+def test_traffic_target_rule_names_a_udp_route_and_says_http_only() -> None:
+    snap = load(UDP_ROUTE, udp_target())
+    t = snap.traffic_targets[0]
     assert [(r.kind, r.name) for r in t.rules] == [("UDPRoute", "the-routes")]
+    [w] = [w for w in snap.warnings if "UDPRoute" in w.message]
+    assert w.field == "spec.rules[0]" and "HTTP traffic only" in w.message
+    assert w.line == line_of(with_services(UDP_ROUTE, udp_target()), "kind: UDPRoute", 2)
 
 
 def test_dangling_udp_route_names_the_kind_the_rule_asked_for() -> None:
