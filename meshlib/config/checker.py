@@ -16,7 +16,7 @@ from typing import Any
 
 from meshlib.config.fragments import DEFS
 from meshlib.config.values import parse_duration, shown
-from meshlib.config.yamlsafe import YMap, YSeq
+from meshlib.config.yamlsafe import YMap, YSeq, field_path
 
 
 @dataclass(frozen=True)
@@ -146,14 +146,14 @@ def _check_object(
     extra = schema.get("additionalProperties", True)
     for key in schema.get("required", ()):
         if key not in value:
-            where = f"{path}.{key}" if path else key
+            where = field_path(path, key)
             out.append(Finding(line, where, f"missing required field {key!r}"))
     if "minProperties" in schema and len(value) < schema["minProperties"]:
         out.append(Finding(line, path, f"must have at least {schema['minProperties']} entry"))
     if "maxProperties" in schema and len(value) > schema["maxProperties"]:
         out.append(Finding(line, path, f"must have at most {schema['maxProperties']} entry"))
     for key, item in value.items():
-        where = f"{path}.{key}" if path else key
+        where = field_path(path, key)
         item_line = _child_line(value, key, line)
         if key in props:
             check(item, props[key], where, item_line, out)

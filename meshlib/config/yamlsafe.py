@@ -9,6 +9,7 @@ the 1-based line of each field for error messages.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,18 @@ class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
             elif implicit[1]:
                 return _STR
         return super().resolve(kind, value, implicit)
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_/-]+")
+
+
+def field_path(parent: str, key: str) -> str:
+    """The path of ``key`` under ``parent`` as problems name it: ``spec.port``; a key that is
+    empty or holds a dot is quoted, so the path still says which key
+    (``metadata.labels['app.kubernetes.io/name']``, ``['']``)."""
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    return f"{parent}[{shown(key)}]"
 
 
 class YMap(dict[str, Any]):
@@ -150,7 +163,7 @@ class _Builder:
                     f"mapping key {shown(key_node.value)} is not a string "
                     f"(quote it: '{clipped(key_node.value)}')",
                 )
-            child = f"{path}.{key}" if path else key
+            child = field_path(path, key)
             if key in result:
                 raise _Reject(
                     key_line,

@@ -212,3 +212,11 @@ def test_an_explicit_mesh_document_is_the_empty_policy(tmp_path: Path) -> None:
 def test_a_syntax_error_is_not_reported_as_no_documents() -> None:
     [p] = problems("key: [unclosed\n")
     assert "invalid YAML" in p.message
+
+
+def test_an_empty_or_dotted_key_is_still_named_in_the_field() -> None:
+    [p] = problems(mesh_doc("{}") + "'': {a: 1}\n")
+    assert p.field == "['']" and "unknown field ''" in p.message and p.line == 5
+    text = service_doc("{endpoints: [{address: 'h:1', labels: {app.kubernetes.io/name: 1}}]}")
+    [p] = problems(text)
+    assert p.field == "spec.endpoints[0].labels['app.kubernetes.io/name']"
