@@ -197,6 +197,8 @@ def _resolve(snapshot: Snapshot, target: TrafficTarget) -> _Target:
     rules: list[_TargetRule] = []
     for i, rule in enumerate(target.rules):
         label = f"TrafficTarget {target.namespace}/{target.name} rule {i}"
+        if rule.kind == "UDPRoute":
+            continue  # UDP traffic: meshlib carries HTTP only, so the rule admits no request
         if rule.kind != "HTTPRouteGroup":
             # A TCPRoute grants connection-level access: every request on it is admitted.
             rules.append(_TargetRule(label, None))

@@ -44,7 +44,8 @@ def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "validate",
         help="check policy files; several files are validated together as one policy",
         description="Parse and check policy files. Prints every problem as "
-        "'file:line (document N): field: message' and exits 1 if there is any.",
+        "'file:line (document N): field: message' and exits 1 if there is any "
+        "(a file with no documents is a problem: write a Mesh document for an empty policy).",
     )
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=_cmd_validate)
@@ -72,7 +73,8 @@ def _load(files: Sequence[str]) -> Snapshot | None:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         n = len(exc.problems)
-        print(f"{n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
+        if n > 1:  # one problem is its own one-line reason (DESIGN.md §7)
+            print(f"{n} problems found", file=sys.stderr)
         return None
 
 

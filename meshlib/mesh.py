@@ -186,9 +186,9 @@ class Mesh:
 
     @classmethod
     def from_text(
-        cls, text: str, *, service: str, namespace: str = "default", **kwargs: Any
+        cls, text: str | bytes, *, service: str, namespace: str = "default", **kwargs: Any
     ) -> Mesh:
-        """A mesh from policy text (no file, no watching)."""
+        """A mesh from policy text, or UTF-8 bytes (no file, no watching)."""
         from meshlib.config.loader import load_text
 
         snapshot = load_text(text, version=next(_versions))

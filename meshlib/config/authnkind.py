@@ -12,13 +12,12 @@ algorithm-confusion attacks exploit. Istio, too, verifies only against JWKS publ
 
 from __future__ import annotations
 
-import json
 from urllib.parse import urlsplit
 
 from meshlib.config.documents import DocContext, as_str, maps
 from meshlib.config.fragments import DURATION, NONEMPTY, STRING, Schema, array, obj
 from meshlib.config.model import JwtLocation, JwtRule, RequestAuthentication
-from meshlib.config.values import format_duration, parse_duration
+from meshlib.config.values import MAX_JSON_DEPTH, format_duration, parse_duration, parse_json, shown
 from meshlib.config.yamlsafe import YMap, YSeq
 
 #: The JWS algorithms a rule may allow, by the key type that verifies them.
@@ -81,7 +80,7 @@ def build_request_authentication(ctx: DocContext) -> RequestAuthentication | Non
             ctx.error(
                 f"spec.jwtRules[{i}].issuer",
                 item_line,
-                f"issuer {rule.issuer!r} already has a rule "
+                f"issuer {shown(rule.issuer)} already has a rule "
                 f"(spec.jwtRules[{issuers[rule.issuer]}])",
             )
             ok = False
@@ -111,14 +110,17 @@ def _rule(ctx: DocContext, item: YMap, path: str) -> JwtRule | None:
     if uri is not None:
         parts = urlsplit(uri)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            ctx.error(f"{path}.jwksUri", item.line_of("jwksUri"), f"{uri!r} is not an http(s) URL")
+            ctx.error(
+                f"{path}.jwksUri", item.line_of("jwksUri"), f"{shown(uri)} is not an http(s) URL"
+            )
             ok = False
     inline = as_str(item.get("jwks"))
     if inline is not None and not _valid_jwks(inline):
         ctx.error(
             f"{path}.jwks",
             item.line_of("jwks"),
-            'jwks must be a JSON object {"keys": [...]} (a JWK Set)',
+            'jwks must be a JSON object {"keys": [...]} (a JWK Set), '
+            f"nested at most {MAX_JSON_DEPTH} levels",
         )
         ok = False
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
@@ -181,12 +183,12 @@ def _algorithm_problem(alg: str) -> str | None:
             f"{alg}: HMAC (shared-secret) algorithms are not supported for origin "
             "authentication; use an asymmetric algorithm (RS*, PS*, ES*) and a JWKS"
         )
-    return f"unknown algorithm {alg!r}; use one of: {', '.join(ALGORITHMS)}"
+    return f"unknown algorithm {shown(alg)}; use one of: {', '.join(ALGORITHMS)}"
 
 
 def _valid_jwks(text: str) -> bool:
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except ValueError:
         return False
     return isinstance(data, dict) and isinstance(data.get("keys"), list)

@@ -21,6 +21,7 @@ from meshlib.config.model import (
     AuthzOperation,
     AuthzSource,
 )
+from meshlib.config.values import shown
 from meshlib.config.yamlsafe import YMap, YSeq
 
 _GLOBS: Schema = array(NONEMPTY, 1)
@@ -107,7 +108,9 @@ def _rule(ctx: DocContext, item: YMap, path: str) -> AuthorizationPolicyRule | N
         for j, m in enumerate(methods or ()):
             if m != "*" and not m.isalpha():
                 ctx.error(
-                    f"{where}.methods[{j}]", body.line_of("methods"), f"{m!r} is not an HTTP method"
+                    f"{where}.methods[{j}]",
+                    body.line_of("methods"),
+                    f"{shown(m)} is not an HTTP method",
                 )
                 ok = False
         paths = _globs(ctx, body, "paths", where)
@@ -116,7 +119,7 @@ def _rule(ctx: DocContext, item: YMap, path: str) -> AuthorizationPolicyRule | N
                 ctx.error(
                     f"{where}.paths[{j}]",
                     body.line_of("paths"),
-                    f"path {p!r} must start with '/' (or '*' for a suffix match)",
+                    f"path {shown(p)} must start with '/' (or '*' for a suffix match)",
                 )
                 ok = False
         operations.append(
@@ -138,7 +141,7 @@ def _rule(ctx: DocContext, item: YMap, path: str) -> AuthorizationPolicyRule | N
             ctx.error(
                 f"{path}.when[{i}].key",
                 line,
-                f"unsupported condition key {key!r}; use request.auth.claims[<name>]",
+                f"unsupported condition key {shown(key)}; use request.auth.claims[<name>]",
             )
             ok = False
             continue
@@ -169,7 +172,7 @@ def _globs(ctx: DocContext, body: YMap, field: str, where: str) -> tuple[str, ..
             ctx.error(
                 f"{where}.{field}[{j}]",
                 raw.line_of(j),
-                f"{v!r}: '*' is allowed only alone, as a prefix or as a suffix",
+                f"{shown(v)}: '*' is allowed only alone, as a prefix or as a suffix",
             )
             continue
         values.append(v)

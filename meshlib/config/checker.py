@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshlib.config.fragments import DEFS
-from meshlib.config.values import parse_duration
-from meshlib.config.yamlsafe import YMap, YSeq
+from meshlib.config.values import parse_duration, shown
+from meshlib.config.yamlsafe import YMap, YSeq, field_path
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,12 @@ def check(value: Any, schema: Mapping[str, Any], path: str, line: int, out: list
         _check_any_of(value, schema, path, line, out)
         return
     if "const" in schema and value != schema["const"]:
-        out.append(Finding(line, path, f"must be {schema['const']!r}, got {value!r}"))
+        out.append(Finding(line, path, f"must be {schema['const']!r}, got {shown(value)}"))
         return
     json_type = schema.get("type")
     if json_type is not None and not _has_type(value, json_type):
         if json_type == "integer" and isinstance(value, float) and not isinstance(value, bool):
-            msg = f"must be a whole number, got {value!r}"
+            msg = f"must be a whole number, got {shown(value)}"
         else:
             wanted = schema.get("title") or _TYPE_WORDS[json_type]
             msg = f"must be {wanted}, got {type_name(value)}"
@@ -136,7 +136,7 @@ def _check_any_of(
         out.extend(typed[0])
         return
     words = [b.get("title") or _TYPE_WORDS.get(b.get("type", ""), "?") for b, _ in attempts]
-    out.append(Finding(line, path, f"must be {' or '.join(words)}, got {value!r}"))
+    out.append(Finding(line, path, f"must be {' or '.join(words)}, got {shown(value)}"))
 
 
 def _check_object(
@@ -146,14 +146,14 @@ def _check_object(
     extra = schema.get("additionalProperties", True)
     for key in schema.get("required", ()):
         if key not in value:
-            where = f"{path}.{key}" if path else key
+            where = field_path(path, key)
             out.append(Finding(line, where, f"missing required field {key!r}"))
     if "minProperties" in schema and len(value) < schema["minProperties"]:
         out.append(Finding(line, path, f"must have at least {schema['minProperties']} entry"))
     if "maxProperties" in schema and len(value) > schema["maxProperties"]:
         out.append(Finding(line, path, f"must have at most {schema['maxProperties']} entry"))
     for key, item in value.items():
-        where = f"{path}.{key}" if path else key
+        where = field_path(path, key)
         item_line = _child_line(value, key, line)
         if key in props:
             check(item, props[key], where, item_line, out)
@@ -187,7 +187,7 @@ def _check_string(
             Finding(
                 line,
                 path,
-                f"{value!r} is not one of {', '.join(choices)}{suggest(value, choices)}",
+                f"{shown(value)} is not one of {', '.join(choices)}{suggest(value, choices)}",
             )
         )
         return
@@ -212,7 +212,7 @@ def _check_string(
     pattern = schema.get("pattern")
     if pattern is not None and not re.search(pattern, value):
         wanted = schema.get("title") or f"a string matching {pattern}"
-        out.append(Finding(line, path, f"{value!r} is not {wanted}"))
+        out.append(Finding(line, path, f"{shown(value)} is not {wanted}"))
 
 
 def _check_number(
@@ -221,11 +221,13 @@ def _check_number(
     if isinstance(value, float) and not math.isfinite(value):
         out.append(Finding(line, path, f"must be a finite number, got {value!r}"))
         return
+    # Python compares an int of any size with these bounds exactly; nothing converts it here.
+    got = shown(value)
     if "minimum" in schema and value < schema["minimum"]:
-        out.append(Finding(line, path, f"must be at least {schema['minimum']}, got {value!r}"))
+        out.append(Finding(line, path, f"must be at least {schema['minimum']}, got {got}"))
     elif "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
         out.append(
-            Finding(line, path, f"must be greater than {schema['exclusiveMinimum']}, got {value!r}")
+            Finding(line, path, f"must be greater than {schema['exclusiveMinimum']}, got {got}")
         )
     elif "maximum" in schema and value > schema["maximum"]:
-        out.append(Finding(line, path, f"must be at most {schema['maximum']}, got {value!r}"))
+        out.append(Finding(line, path, f"must be at most {schema['maximum']}, got {got}"))

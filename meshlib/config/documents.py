@@ -7,11 +7,12 @@ problem in the same document is still found.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshlib.config.model import Origin
-from meshlib.config.values import service_key
+from meshlib.config.values import service_key, shown
 from meshlib.config.yamlsafe import YMap, YSeq
 from meshlib.errors import Problem
 
@@ -71,7 +72,7 @@ class DocContext:
             self.error(
                 "spec.target.service",
                 line,
-                f"target {service} is outside the policy's namespace {self.namespace!r}; "
+                f"target {service} is outside the policy's namespace {shown(self.namespace)}; "
                 f"put the {kind} in the service's namespace",
             )
             return False, None
@@ -105,6 +106,12 @@ def as_int(value: Any) -> int | None:
 
 
 def as_number(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
+    """A finite float, or None: not a number, ``.inf``/``.nan``, or an integer past the float
+    range (YAML reads 400 digits as an int; ``float()`` of it overflows). The structural check
+    reports each of these; builders then just skip the value."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value.bit_length() > 1023:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None

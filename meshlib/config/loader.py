@@ -12,7 +12,7 @@ from typing import Any
 
 from meshlib.config.authnkind import build_request_authentication
 from meshlib.config.authzkind import build_authorization_policy
-from meshlib.config.checker import Finding, check, suggest
+from meshlib.config.checker import Finding, check, suggest, type_name
 from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_str, at
 from meshlib.config.meshkinds import (
     build_fault,
@@ -29,24 +29,42 @@ from meshlib.config.smi import (
     build_split,
     build_tcp_route,
     build_traffic_target,
+    build_udp_route,
 )
-from meshlib.config.values import parse_duration
+from meshlib.config.values import parse_duration, shown
 from meshlib.config.yamlsafe import YamlDocument, YMap, read_documents
 from meshlib.errors import ConfigError, Problem
 
-__all__ = ["MAX_FILE_BYTES", "load_file", "load_files", "load_text", "parse_duration"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "NO_DOCUMENTS",
+    "decode_policy",
+    "load_file",
+    "load_files",
+    "load_text",
+    "parse_duration",
+]
 
 log = logging.getLogger("meshlib.config")
 log.addHandler(logging.NullHandler())  # a library: the application decides where logs go
 
 #: Files above this size are rejected before being read (CFG-7).
 MAX_FILE_BYTES = 8 * 1024 * 1024
+#: Starts the message of a problem that only the last-resort guard in :func:`_load` reports.
+INTERNAL_ERROR = "internal error while checking this document"
+#: An empty file is far more often a truncated write than a wish for no policy at all, and
+#: applying it on reload would make every declared service unknown: it is refused.
+NO_DOCUMENTS = (
+    "the file holds no policy documents (it is empty, or only comments and '---'); "
+    "write a Mesh document (apiVersion: meshlib/v1, kind: Mesh) for an empty policy"
+)
 
 _BUILDERS: dict[str, Callable[[DocContext, Parsed], None]] = {
     "Mesh": lambda c, p: p.meshes.append((build_mesh(c), c)),
     "Service": lambda c, p: _keep(p.services, build_service(c), c),
     "HTTPRouteGroup": lambda c, p: _keep(p.route_groups, build_route_group(c), c),
     "TCPRoute": lambda c, p: p.tcp_routes.append((build_tcp_route(c), c)),
+    "UDPRoute": lambda c, p: p.udp_routes.append((build_udp_route(c), c)),
     "TrafficSplit": lambda c, p: _keep(p.splits, build_split(c), c),
     "TrafficTarget": lambda c, p: _keep(p.targets, build_traffic_target(c), c),
     "TrafficPolicy": lambda c, p: _keep(p.policies, build_traffic_policy(c), c),
@@ -64,8 +82,12 @@ def _keep(into: list[tuple[Any, DocContext]], obj: Any, ctx: DocContext) -> None
         into.append((obj, ctx))
 
 
-def load_text(text: str, *, source: str = "<string>", version: int = 0) -> Snapshot:
-    """Parse and validate one policy text (multi-document YAML)."""
+def load_text(text: str | bytes, *, source: str = "<string>", version: int = 0) -> Snapshot:
+    """Parse and validate one policy text (multi-document YAML); bytes must be UTF-8."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_FILE_BYTES:
+            raise ConfigError([_too_big(source, len(text))])
+        text = decode_policy(source, text)
     return _load([(source, text)], version)
 
 
@@ -102,14 +124,26 @@ def read_policy_file(path: str) -> str:
         raise ConfigError([Problem(path, 0, 0, "", f"cannot read file: {exc.strerror}")]) from None
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError([_too_big(path, len(data))])
+    return decode_policy(path, data)
+
+
+def decode_policy(source: str, data: bytes) -> str:
+    """UTF-8 policy bytes as text; anything else → ConfigError naming the line of the bad byte."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ConfigError(
-            [Problem(path, line, 0, "", f"file is not valid UTF-8 (byte {exc.start})", col)]
+            [Problem(source, line, 0, "", f"file is not valid UTF-8 (byte {exc.start})", col)]
         ) from None
+
+
+def _not_unicode(source: str, text: str, index: int) -> Problem:
+    line = text.count("\n", 0, index) + 1
+    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    message = f"text is not valid Unicode (a lone surrogate, U+{ord(text[index]):04X})"
+    return Problem(source, line, 0, "", message, column)
 
 
 def _too_big(path: str, size: int) -> Problem:
@@ -126,23 +160,40 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     for i, (name, text) in enumerate(sources):
         if i:
             digest.update(b"\0")
-        encoded = text.encode("utf-8", "surrogatepass")
+        unreadable: Problem | None = None
+        try:
+            encoded = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: str can hold it, UTF-8 cannot
+            encoded = text.encode("utf-8", "surrogatepass")
+            unreadable = _not_unicode(name, text, exc.start)
         digest.update(encoded)
         if len(encoded) > MAX_FILE_BYTES:
-            problems.append(_too_big(name, len(encoded)))
+            unreadable = _too_big(name, len(encoded))
+        if unreadable is not None:
+            problems.append(unreadable)
             continue
         docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
         problems.extend(
             Problem(name, p.line, p.document, p.field, p.message, p.column) for p in yaml_problems
         )
+        if not docs and not yaml_problems:
+            problems.append(Problem(name, 1, 0, "", NO_DOCUMENTS))
         for doc in docs:
-            ctx = _document(name, doc, problems)
-            if ctx is None:
-                continue
-            raw.append(ctx.doc)
-            parsed.contexts.append(ctx)
-            _BUILDERS[ctx.kind](ctx, parsed)
-    check_references(parsed)
+            try:
+                ctx = _document(name, doc, problems)
+                if ctx is None:
+                    continue
+                raw.append(ctx.doc)
+                parsed.contexts.append(ctx)
+                _BUILDERS[ctx.kind](ctx, parsed)
+            except Exception as exc:  # defence in depth: see _internal_error
+                problems.append(_internal_error(name, doc.line, doc.index, exc))
+    try:
+        check_references(parsed)
+    except Exception as exc:  # defence in depth: see _internal_error
+        first = parsed.contexts[0] if parsed.contexts else None
+        file = first.file if first else sources[0][0] if sources else "<policy>"
+        problems.append(_internal_error(file, first.line if first else 1, 0, exc))
     warnings: list[Problem] = []
     for ctx in parsed.contexts:
         problems.extend(ctx.problems)
@@ -154,6 +205,22 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     for w in warnings:
         log.warning("policy: %s", w)
     return _assemble(parsed, sources, digest.hexdigest(), version, raw, warnings)
+
+
+def _internal_error(file: str, line: int, document: int, exc: Exception) -> Problem:
+    """Defence in depth only: every input is meant to end in a Problem made by the checks.
+
+    A bug in a check must still reject the file with its name and document, keeping the last
+    good snapshot, rather than escape as another exception type through a reload.
+    """
+    log.error("policy check failed unexpectedly in %s document %d", file, document, exc_info=exc)
+    return Problem(
+        file,
+        line,
+        document,
+        "",
+        f"{INTERNAL_ERROR} ({type(exc).__name__}); this is a meshlib bug, please report it",
+    )
 
 
 def _document(file: str, doc: YamlDocument, problems: list[Problem]) -> DocContext | None:
@@ -175,11 +242,16 @@ def _document(file: str, doc: YamlDocument, problems: list[Problem]) -> DocConte
     if versions is None:
         known = sorted(DOCUMENT_SCHEMAS)
         hint = suggest(kind, known) or f"; known kinds: {', '.join(known)}"
-        fail("kind", kind_line, f"unknown kind {kind!r}{hint}")
+        fail("kind", kind_line, f"unknown kind {shown(kind)}{hint}")
         return None
-    if api not in versions:
+    if not isinstance(api, str) or api not in versions:
         accepted = ", ".join(versions)
-        got = "missing apiVersion" if api is None else f"apiVersion {api!r} is not known"
+        if api is None:
+            got = "missing apiVersion"
+        elif not isinstance(api, str):
+            got = f"apiVersion must be a string, got {type_name(api)}"
+        else:
+            got = f"apiVersion {shown(api)} is not known"
         fail("apiVersion", api_line, f"{got} for {kind}; use one of: {accepted}")
         return None
     findings: list[Finding] = []
@@ -187,7 +259,7 @@ def _document(file: str, doc: YamlDocument, problems: list[Problem]) -> DocConte
     problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
     name = as_str(at(value, "metadata.name")[0]) or ""
     namespace = as_str(at(value, "metadata.namespace")[0]) or DEFAULT_NAMESPACE
-    return DocContext(file, doc.index, doc.line, value, kind, str(api), name, namespace)
+    return DocContext(file, doc.index, doc.line, value, kind, api, name, namespace)
 
 
 def _assemble(
@@ -213,6 +285,7 @@ def _assemble(
         authorization_policies=tuple(a for a, _ in p.authz_policies),
         request_authentications=tuple(r for r, _ in p.request_authentications),
         tcp_routes={f"{t.name}.{t.namespace}": t for t, _ in p.tcp_routes},
+        udp_routes={f"{u.name}.{u.namespace}": u for u, _ in p.udp_routes},
         raw_documents=tuple(raw),
         warnings=tuple(warnings),
     )

@@ -31,6 +31,7 @@ from meshlib.config.values import (
     check_duration_range,
     parse_address,
     parse_duration,
+    shown,
 )
 from meshlib.config.yamlsafe import YMap
 
@@ -67,7 +68,7 @@ def build_service(ctx: DocContext) -> ServiceDef | None:
         ctx.error(
             "metadata.name",
             name_line,
-            f"service name {ctx.name!r} may not contain '.': services are addressed as "
+            f"service name {shown(ctx.name)} may not contain '.': services are addressed as "
             "name.namespace",
         )
         return None
@@ -97,8 +98,12 @@ def build_service(ctx: DocContext) -> ServiceDef | None:
             continue
         seen[address] = i
         weight = as_int(item.get("weight", 1))
-        labels = item.get("labels")
-        clean = {k: v for k, v in labels.items() if isinstance(v, str)} if labels else {}
+        labels = item.get("labels")  # not a map of strings: reported by the structural check
+        clean = (
+            {k: v for k, v in labels.items() if isinstance(v, str)}
+            if isinstance(labels, YMap)
+            else {}
+        )
         endpoints.append(Endpoint(address, weight if weight and weight > 0 else 1, clean))
     account = as_str(spec.get("serviceAccount"))
     port = as_int(spec.get("port"))
@@ -181,7 +186,7 @@ def _convert(ctx: DocContext, pf: PolicyField, value: Any, path: str, line: int)
         try:
             check_duration_range(seconds, minimum=lo, maximum=hi)
         except ValueError as exc:
-            ctx.error(path, line, f"{value!r}: {exc}")
+            ctx.error(path, line, f"{shown(value)}: {exc}")
             return None
         return seconds
     if pf.convert == "retry_on":
@@ -233,7 +238,8 @@ def _retry_on(ctx: DocContext, value: Any, path: str, line: int) -> frozenset[st
         ctx.error(
             path,
             line,
-            f"unknown retry condition {v!r}; use {', '.join(RETRY_ON)} or a status code like 503",
+            f"unknown retry condition {shown(v)}; "
+            f"use {', '.join(RETRY_ON)} or a status code like 503",
         )
     return None if bad else frozenset(items)
 
@@ -278,7 +284,9 @@ def build_fault(ctx: DocContext) -> FaultRule | None:
                 delay = DelayFault(fixed, _percent(raw_delay.get("percent")))
         except ValueError as exc:
             ctx.error(
-                "spec.delay.fixed", raw_delay.line_of("fixed"), f"{raw_delay['fixed']!r}: {exc}"
+                "spec.delay.fixed",
+                raw_delay.line_of("fixed"),
+                f"{shown(raw_delay['fixed'])}: {exc}",
             )
     status = as_int(raw_abort.get("status")) if isinstance(raw_abort, YMap) else None
     if isinstance(raw_abort, YMap) and status is not None and 200 <= status <= 599:

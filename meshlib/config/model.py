@@ -136,6 +136,17 @@ class TCPRoute:
 
 
 @dataclass(frozen=True)
+class UDPRoute:
+    """SMI UDPRoute (specs.smi-spec.io/v1alpha4): parsed so a TrafficTarget may name it; meshlib
+    carries HTTP only, so it admits no request (see authz)."""
+
+    name: str
+    namespace: str
+    ports: tuple[int, ...] = ()
+    origin: Origin | None = None
+
+
+@dataclass(frozen=True)
 class SplitBackend:
     service: str  # service key "name.namespace"
     weight: int  # relative; v1alpha1 quantities are converted to milli-units
@@ -163,7 +174,7 @@ class Split:
 
 @dataclass(frozen=True)
 class TrafficTargetRule:
-    kind: str  # "HTTPRouteGroup" | "TCPRoute"
+    kind: str  # "HTTPRouteGroup" | "TCPRoute" | "UDPRoute"
     name: str
     matches: tuple[str, ...] = ()
 
@@ -465,6 +476,7 @@ class Snapshot:
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     request_authentications: tuple[RequestAuthentication, ...] = ()
     tcp_routes: Mapping[str, TCPRoute] = field(default_factory=dict)
+    udp_routes: Mapping[str, UDPRoute] = field(default_factory=dict)
     raw_documents: tuple[Mapping[str, Any], ...] = ()
     #: Accepted-with-a-note findings (e.g. retry attempts clamped), shown by ``meshctl validate``.
     warnings: tuple[Problem, ...] = ()

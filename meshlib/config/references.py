@@ -6,11 +6,11 @@ traffic, so it is a load error instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshlib.config.documents import DocContext, at, maps
+from meshlib.config.documents import DocContext, as_str, at, maps
 from meshlib.config.model import (
     AuthorizationPolicy,
     FaultRule,
@@ -24,9 +24,10 @@ from meshlib.config.model import (
     TCPRoute,
     TrafficPolicyDoc,
     TrafficTarget,
+    UDPRoute,
 )
 from meshlib.config.schema import POLICY_FIELDS
-from meshlib.config.values import service_key
+from meshlib.config.values import service_key, shown
 
 _YAML_PATH = {pf.model_name: pf.yaml_path for pf in POLICY_FIELDS}
 _YAML_PATH["rate_limit"] = "rateLimit"
@@ -41,6 +42,7 @@ class Parsed:
     services: list[tuple[ServiceDef, DocContext]] = field(default_factory=list)
     route_groups: list[tuple[RouteGroup, DocContext]] = field(default_factory=list)
     tcp_routes: list[tuple[TCPRoute, DocContext]] = field(default_factory=list)
+    udp_routes: list[tuple[UDPRoute, DocContext]] = field(default_factory=list)
     splits: list[tuple[Split, DocContext]] = field(default_factory=list)
     policies: list[tuple[TrafficPolicyDoc, DocContext]] = field(default_factory=list)
     faults: list[tuple[FaultRule, DocContext]] = field(default_factory=list)
@@ -53,7 +55,7 @@ class Parsed:
 
 
 def where(ctx: DocContext) -> str:
-    return f"{ctx.kind} {ctx.name!r} (document {ctx.index}, {ctx.file}:{ctx.line})"
+    return f"{ctx.kind} {shown(ctx.name)} (document {ctx.index}, {ctx.file}:{ctx.line})"
 
 
 def check_references(p: Parsed) -> None:
@@ -77,9 +79,13 @@ def check_references(p: Parsed) -> None:
             key = getattr(mirror, attr)
             if key not in services:
                 ctx.error(f"spec.{attr}", at(ctx.doc, f"spec.{attr}")[1], _no_service(key))
-    tcp = {f"{t.name}.{t.namespace}" for t, _ in p.tcp_routes}
+    # Connection-level routes, by kind: a TrafficTarget rule names them without matches.
+    l4_routes = {
+        "TCPRoute": {f"{t.name}.{t.namespace}" for t, _ in p.tcp_routes},
+        "UDPRoute": {f"{u.name}.{u.namespace}" for u, _ in p.udp_routes},
+    }
     for target, ctx in p.targets:
-        _traffic_target(ctx, target, groups, tcp, p.services)
+        _traffic_target(ctx, target, groups, l4_routes, p.services)
     scoped: list[tuple[AuthorizationPolicy | RequestAuthentication, DocContext]] = [
         *p.authz_policies,
         *p.request_authentications,
@@ -95,7 +101,9 @@ def check_references(p: Parsed) -> None:
 
 def _no_service(key: str) -> str:
     name, ns = key.split(".", 1)
-    return f"service {name!r} is not declared in namespace {ns!r} (add a Service document)"
+    return (
+        f"service {shown(name)} is not declared in namespace {shown(ns)} (add a Service document)"
+    )
 
 
 def _unique_names(contexts: Iterable[DocContext]) -> None:
@@ -108,7 +116,7 @@ def _unique_names(contexts: Iterable[DocContext]) -> None:
             ctx.error(
                 "metadata.name",
                 at(ctx.doc, "metadata.name")[1],
-                f"duplicate {ctx.kind} {ctx.name!r} in namespace {ctx.namespace!r}; "
+                f"duplicate {ctx.kind} {shown(ctx.name)} in namespace {shown(ctx.namespace)}; "
                 f"first: {where(first[key])}",
             )
         else:
@@ -131,7 +139,8 @@ def _route_names(groups: list[tuple[RouteGroup, DocContext]]) -> dict[str, set[s
                 ctx.error(
                     f"{base}[{i}].name",
                     item.line_of("name"),
-                    f"route name {name!r} is already used in namespace {group.namespace!r} by "
+                    f"route name {shown(name)} is already used in namespace "
+                    f"{shown(group.namespace)} by "
                     f"{where(prior)}; route names must be unique per namespace",
                 )
             owner.setdefault(key, ctx)
@@ -184,7 +193,7 @@ def _splits(
                 ctx.error(
                     f"spec.matches[{i}].name",
                     maps(at(ctx.doc, "spec.matches")[0])[i][2],
-                    f"HTTPRouteGroup {name!r} does not exist in namespace {ns!r}",
+                    f"HTTPRouteGroup {shown(name)} does not exist in namespace {shown(ns)}",
                 )
 
 
@@ -205,7 +214,7 @@ def _target_exists(
         ctx.error(
             "spec.target.route",
             at(ctx.doc, "spec.target.route")[1],
-            f"no HTTPRouteGroup in namespace {ns!r} has a match named {target.route!r}",
+            f"no HTTPRouteGroup in namespace {shown(ns)} has a match named {shown(target.route)}",
         )
 
 
@@ -233,27 +242,43 @@ def _traffic_target(
     ctx: DocContext,
     target: TrafficTarget,
     groups: dict[str, RouteGroup],
-    tcp: set[str],
+    l4_routes: Mapping[str, set[str]],
     services: list[tuple[ServiceDef, DocContext]],
 ) -> None:
     base = "specs" if ctx.version == 1 else "spec.rules"
-    items = maps(at(ctx.doc, base)[0])
-    for (i, item, line), rule in zip(items, target.rules, strict=False):
+    # The builder kept the rules that have a kind and a name, in order: pair them with their
+    # items the same way, so an error names the rule it is about.
+    items = [
+        (i, item)
+        for i, item, _ in maps(at(ctx.doc, base)[0])
+        if as_str(item.get("kind")) is not None and as_str(item.get("name")) is not None
+    ]
+    for (i, item), rule in zip(items, target.rules, strict=True):
         key = f"{rule.name}.{target.namespace}"
-        if rule.kind == "TCPRoute":
-            if key not in tcp:
+        where_ns = f"in namespace {shown(target.namespace)}"
+        if rule.kind in l4_routes:
+            if key not in l4_routes[rule.kind]:
                 ctx.error(
                     f"{base}[{i}].name",
-                    line,
-                    f"TCPRoute {rule.name!r} does not exist in namespace {target.namespace!r}",
+                    item.line_of("name"),
+                    f"{rule.kind} {shown(rule.name)} does not exist {where_ns}",
+                )
+            elif rule.kind == "UDPRoute":
+                ctx.warn(
+                    f"{base}[{i}]",
+                    item.line_of("kind"),
+                    f"UDPRoute {shown(rule.name)} admits no request: meshlib enforces HTTP "
+                    "traffic only (UDP is for other data planes reading the same manifest)",
                 )
             continue
+        if rule.kind != "HTTPRouteGroup":
+            continue  # a kind this version does not allow: reported by the structural check
         group = groups.get(key)
         if group is None:
             ctx.error(
                 f"{base}[{i}].name",
                 item.line_of("name"),
-                f"HTTPRouteGroup {rule.name!r} does not exist in namespace {target.namespace!r}",
+                f"HTTPRouteGroup {shown(rule.name)} does not exist {where_ns}",
             )
             continue
         known = {m.name for m in group.matches}
@@ -262,7 +287,7 @@ def _traffic_target(
                 ctx.error(
                     f"{base}[{i}].matches[{j}]",
                     item.line_of("matches"),
-                    f"HTTPRouteGroup {rule.name!r} has no match named {match!r}",
+                    f"HTTPRouteGroup {shown(rule.name)} has no match named {shown(match)}",
                 )
     # Unknown identities cannot widen access (a rule only admits what it names), but they are
     # usually typos, so say so.
@@ -275,6 +300,6 @@ def _traffic_target(
             ctx.warn(
                 f"{'' if ctx.version == 1 else 'spec.'}{path}",
                 ctx.line,
-                f"service account {who[0]!r} in namespace {who[1]!r} is not used by any "
+                f"service account {shown(who[0])} in namespace {shown(who[1])} is not used by any "
                 "declared Service",
             )

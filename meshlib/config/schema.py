@@ -265,6 +265,13 @@ def _tcp_route(version: int) -> Schema:
     return _doc(api, "TCPRoute", {"spec": obj({"matches": ports})})
 
 
+def _udp_route() -> Schema:
+    """UDPRoute exists in specs.smi-spec.io/v1alpha4 only (SMI 0.6.0, with TrafficTarget
+    v1alpha3); its shape is TCPRoute's."""
+    ports = obj({"ports": array(integer(1, 65535))})
+    return _doc(SPECS_VERSIONS[3], "UDPRoute", {"spec": obj({"matches": ports})})
+
+
 def _traffic_target(version: int) -> Schema:
     subject = obj(
         {
@@ -279,8 +286,13 @@ def _traffic_target(version: int) -> Schema:
     destination["properties"]["port"] = {
         "anyOf": [integer(1, 65535), {"type": "string", "pattern": "^[0-9]+$"}]
     }
+    kinds = (
+        ("HTTPRouteGroup", "TCPRoute", "UDPRoute")
+        if version >= 3
+        else ("HTTPRouteGroup", "TCPRoute")
+    )
     rule = obj(
-        {"kind": enum("HTTPRouteGroup", "TCPRoute"), "name": NONEMPTY, "matches": array(NONEMPTY)},
+        {"kind": enum(*kinds), "name": NONEMPTY, "matches": array(NONEMPTY)},
         "kind",
         "name",
     )
@@ -372,6 +384,7 @@ def _build_document_schemas() -> dict[str, dict[str, Schema]]:
         },
         "HTTPRouteGroup": {api: _route_group(i + 1) for i, api in enumerate(SPECS_VERSIONS)},
         "TCPRoute": {api: _tcp_route(i + 1) for i, api in enumerate(SPECS_VERSIONS)},
+        "UDPRoute": {SPECS_VERSIONS[3]: _udp_route()},
         "TrafficTarget": {api: _traffic_target(i + 1) for i, api in enumerate(ACCESS_VERSIONS)},
     }
     for kind, schema in _meshlib_docs().items():

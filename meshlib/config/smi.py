@@ -1,5 +1,5 @@
-"""Builders for the SMI kinds (TrafficSplit, HTTPRouteGroup, TCPRoute, TrafficTarget), every
-published version, into the validated model.
+"""Builders for the SMI kinds (TrafficSplit, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficTarget),
+every published version, into the validated model.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from meshlib.config.model import (
     TCPRoute,
     TrafficTarget,
     TrafficTargetRule,
+    UDPRoute,
 )
-from meshlib.config.values import compile_regex, parse_quantity_milli
+from meshlib.config.values import compile_regex, parse_quantity_milli, shown
 from meshlib.config.yamlsafe import YMap, YSeq
 
 log = logging.getLogger("meshlib.config")
@@ -89,7 +90,9 @@ def build_split(ctx: DocContext) -> Split | None:
 
 def _weight(ctx: DocContext, value: object, path: str, line: int) -> int | None:
     if ctx.version == 1:
-        if isinstance(value, bool) or (isinstance(value, (int, float)) and value < 0):
+        if isinstance(value, bool) or (
+            isinstance(value, (int, float)) and not 0 <= value <= MAX_WEIGHT  # NaN too
+        ):
             return None  # reported by the structural check
         try:
             milli = parse_quantity_milli(value)
@@ -99,7 +102,7 @@ def _weight(ctx: DocContext, value: object, path: str, line: int) -> int | None:
             return None
         if milli > MAX_WEIGHT:
             ctx.error(
-                path, line, f"weight {value!r} is too large (at most {MAX_WEIGHT} milli-units)"
+                path, line, f"weight {shown(value)} is too large (at most {MAX_WEIGHT} milli-units)"
             )
             return None
         return milli
@@ -123,7 +126,7 @@ def build_route_group(ctx: DocContext) -> RouteGroup | None:
             ctx.error(
                 f"{path}.name",
                 item.line_of("name"),
-                f"duplicate route name {name!r} (also {base}[{names[name]}]); route names are "
+                f"duplicate route name {shown(name)} (also {base}[{names[name]}]); route names are "
                 "policy targets and must be unique",
             )
             continue
@@ -152,7 +155,9 @@ def _http_match(ctx: DocContext, item: YMap, name: str, path: str) -> HTTPMatch 
         for j, m in enumerate(raw_methods):
             if isinstance(m, str) and m != "*" and not m.strip().isalpha():
                 ctx.error(
-                    f"{path}.methods[{j}]", raw_methods.line_of(j), f"{m!r} is not an HTTP method"
+                    f"{path}.methods[{j}]",
+                    raw_methods.line_of(j),
+                    f"{shown(m)} is not an HTTP method",
                 )
                 ok = False
     headers: list[tuple[str, Pattern]] = []
@@ -172,7 +177,7 @@ def _http_match(ctx: DocContext, item: YMap, name: str, path: str) -> HTTPMatch 
             continue
         lower = header.lower()
         if lower in seen_headers:
-            ctx.error(hpath, line, f"header {header!r} is matched twice")
+            ctx.error(hpath, line, f"header {shown(header)} is matched twice")
             ok = False
             continue
         seen_headers.add(lower)
@@ -187,9 +192,17 @@ def _http_match(ctx: DocContext, item: YMap, name: str, path: str) -> HTTPMatch 
 
 
 def build_tcp_route(ctx: DocContext) -> TCPRoute:
+    return TCPRoute(ctx.name, ctx.namespace, _ports(ctx), ctx.origin)
+
+
+def build_udp_route(ctx: DocContext) -> UDPRoute:
+    return UDPRoute(ctx.name, ctx.namespace, _ports(ctx), ctx.origin)
+
+
+def _ports(ctx: DocContext) -> tuple[int, ...]:
+    """``spec.matches.ports`` (v1alpha4); empty means every port of the service."""
     ports, _ = at(ctx.doc, "spec.matches.ports")
-    values = tuple(p for p in ports if as_int(p) is not None) if isinstance(ports, YSeq) else ()
-    return TCPRoute(ctx.name, ctx.namespace, values, ctx.origin)
+    return tuple(p for p in ports if as_int(p) is not None) if isinstance(ports, YSeq) else ()
 
 
 def build_traffic_target(ctx: DocContext) -> TrafficTarget | None:

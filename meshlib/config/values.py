@@ -1,13 +1,15 @@
-"""Parsers for the scalar value formats of the policy file: durations, quantities, addresses,
-service references and RE2 patterns. Each raises ``ValueError`` with a message fit for a user.
+"""Parsers for the value formats of the policy file: durations, quantities, addresses, service
+references, RE2 patterns and inline JSON. Each raises ``ValueError`` with a message fit for a
+user, and each bounds its input first, so no input reaches an arithmetic or recursion limit.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
-from decimal import Decimal, InvalidOperation
-from typing import cast
+from decimal import Decimal, localcontext
+from typing import Any, cast
 
 import re2
 
@@ -18,6 +20,14 @@ MAX_REGEX_LENGTH = 1024
 #: Default bounds for durations: Istio requires at least 1 ms, and anything past a day is a typo.
 MIN_DURATION = 0.001
 MAX_DURATION = 86400.0
+#: Digits in one number of a duration or a quantity. Far more than any real value needs, and few
+#: enough that the decimal arithmetic below is exact (a 400-digit number used to overflow it).
+MAX_NUMBER_DIGITS = 18
+#: Nesting of inline JSON (a JWKS is 3 levels deep). CPython's decoder recurses once per level,
+#: so the depth is checked before decoding, by a scan that does not recurse.
+MAX_JSON_DEPTH = 32
+#: Longest value quoted back in a message: a 400-digit number is named, not printed in full.
+MAX_SHOWN = 40
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
@@ -27,9 +37,32 @@ _HOSTNAME = re.compile(
     r"(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*\.?$"
 )
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|k)?$")
+_JSON_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # rejected patterns are reported as Problems, not on stderr
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, cut to :data:`MAX_SHOWN` characters with its length."""
+    return clipped(repr(value))
+
+
+def clipped(text: str) -> str:
+    """``text`` for a message, cut to :data:`MAX_SHOWN` characters with its length."""
+    if len(text) <= MAX_SHOWN:
+        return text
+    return f"{text[: MAX_SHOWN - 10]}… ({len(text)} characters)"
+
+
+def _decimal(digits: str, what: str) -> Decimal:
+    """A decimal literal (``12`` or ``1.5``) of at most :data:`MAX_NUMBER_DIGITS` digits."""
+    count = len(digits) - ("." in digits)
+    if count > MAX_NUMBER_DIGITS:
+        raise ValueError(
+            f"{what}: a number of {count} digits, at most {MAX_NUMBER_DIGITS} are allowed"
+        )
+    return Decimal(digits)
 
 
 def parse_duration(text: str) -> float:
@@ -39,26 +72,31 @@ def parse_duration(text: str) -> float:
     Bounds (such as "at least 1 ms") are the caller's: they depend on the field.
     """
     if not isinstance(text, str):
-        raise ValueError(f"expected a duration string such as '2s', got {text!r}")
+        raise ValueError(f"expected a duration string such as '2s', got {shown(text)}")
     s = text.strip()
     if s.startswith("-"):
-        raise ValueError(f"negative duration {text!r} is not allowed")
+        raise ValueError(f"negative duration {shown(text)} is not allowed")
     if s == "0":
         return 0.0
     pos = 0
     total = Decimal(0)
-    for m in _DURATION_PART.finditer(s):
-        if m.start() != pos:
-            break
-        total += Decimal(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or not s:
-        raise ValueError(
-            f"invalid duration {text!r}: use a number with a unit ms, s, m or h, "
-            "such as '250ms', '2s', '1m30s'"
-        )
-    if total != total.quantize(Decimal("0.001")):
-        raise ValueError(f"duration {text!r} is finer than the 1ms precision")
+    # Each part is at most 18 digits times 3600; 60 digits of precision keep the sum of every
+    # part an 8 MiB file can hold exact, so quantize() below never meets a rounded value.
+    with localcontext() as exact:
+        exact.prec = 60
+        for m in _DURATION_PART.finditer(s):
+            if m.start() != pos:
+                break
+            number = _decimal(m.group(1), f"duration {shown(text)}")
+            total += number * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(s) or not s:
+            raise ValueError(
+                f"invalid duration {shown(text)}: use a number with a unit ms, s, m or h, "
+                "such as '250ms', '2s', '1m30s'"
+            )
+        if total != total.quantize(Decimal("0.001")):
+            raise ValueError(f"duration {shown(text)} is finer than the 1ms precision")
     return float(total)
 
 
@@ -94,20 +132,21 @@ def parse_quantity_milli(value: object) -> int:
     if isinstance(value, float):
         value = repr(value)
     if not isinstance(value, str):
-        raise ValueError(f"a weight must be a quantity such as '500m' or 1, got {value!r}")
+        raise ValueError(f"a weight must be a quantity such as '500m' or 1, got {shown(value)}")
     if value.strip().startswith("-"):
-        raise ValueError(f"a weight must not be negative, got {value!r}")
+        raise ValueError(f"a weight must not be negative, got {shown(value)}")
     m = _QUANTITY.match(value.strip())
     if m is None:
-        raise ValueError(f"invalid quantity {value!r}: use a number like '1' or milli-units '500m'")
-    try:
-        number = Decimal(m.group(1))
-    except InvalidOperation:  # pragma: no cover - the pattern only admits decimals
-        raise ValueError(f"invalid quantity {value!r}") from None
+        raise ValueError(
+            f"invalid quantity {shown(value)}: use a number like '1' or milli-units '500m'"
+        )
+    number = _decimal(m.group(1), f"quantity {shown(value)}")
     scale = {"m": Decimal(1), None: Decimal(1000), "k": Decimal(1_000_000)}[m.group(2)]
-    milli = number * scale
-    if milli != milli.to_integral_value():
-        raise ValueError(f"quantity {value!r} is finer than one milli-unit")
+    with localcontext() as exact:  # 18 digits times 10**6 fit: the product is exact
+        exact.prec = 40
+        milli = number * scale
+        if milli != milli.to_integral_value():
+            raise ValueError(f"quantity {shown(value)} is finer than one milli-unit")
     return int(milli)
 
 
@@ -115,24 +154,28 @@ def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` → (host, port), validating both."""
     host, sep, port_text = address.rpartition(":")
     if not sep or not host:
-        raise ValueError(f"address {address!r} must be host:port (IPv6 as [::1]:80)")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"address {address!r} has port {port_text!r}, expected 1..65535")
+        raise ValueError(f"address {shown(address)} must be host:port (IPv6 as [::1]:80)")
+    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    port = int(port_text) if digits else 0
+    if not 1 <= port <= 65535:
+        raise ValueError(f"address {shown(address)} has port {shown(port_text)}, expected 1..65535")
     if host.startswith("["):
         if not host.endswith("]"):
-            raise ValueError(f"address {address!r}: unclosed '[' around an IPv6 host")
+            raise ValueError(f"address {shown(address)}: unclosed '[' around an IPv6 host")
         try:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise ValueError(
-                f"address {address!r}: {host[1:-1]!r} is not an IPv6 address"
+                f"address {shown(address)}: {shown(host[1:-1])} is not an IPv6 address"
             ) from None
-        return host[1:-1], int(port_text)
+        return host[1:-1], port
     if ":" in host:
-        raise ValueError(f"address {address!r}: write IPv6 hosts in brackets, like [::1]:80")
+        raise ValueError(f"address {shown(address)}: write IPv6 hosts in brackets, like [::1]:80")
     if not _HOSTNAME.match(host):
-        raise ValueError(f"address {address!r}: {host!r} is not a valid host name or IP address")
-    return host, int(port_text)
+        raise ValueError(
+            f"address {shown(address)}: {shown(host)} is not a valid host name or IP address"
+        )
+    return host, port
 
 
 def service_key(ref: str, namespace: str) -> str:
@@ -146,14 +189,14 @@ def service_key(ref: str, namespace: str) -> str:
         parts.append(namespace)
     elif len(parts) > 2 and parts[2] != "svc":
         raise ValueError(
-            f"service reference {ref!r} must be 'name', 'name.namespace' or "
+            f"service reference {shown(ref)} must be 'name', 'name.namespace' or "
             "'name.namespace.svc[.domain]'"
         )
     name, ns = parts[0], parts[1]
     for label in (name, ns):
         if not _DNS_LABEL.match(label) or len(label) > 63:
             raise ValueError(
-                f"service reference {ref!r}: {label!r} is not a lower-case DNS label "
+                f"service reference {shown(ref)}: {shown(label)} is not a lower-case DNS label "
                 "(a-z, 0-9 and '-')"
             )
     return f"{name}.{ns}"
@@ -174,7 +217,23 @@ def compile_regex(pattern: str, *, anchored: bool = False) -> Pattern:
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
         raise ValueError(
-            f"regular expression {pattern!r} is not supported by RE2 ({reason}); "
+            f"regular expression {shown(pattern)} is not supported by RE2 ({reason}); "
             "backreferences and lookaround are not allowed"
         ) from None
     return compiled
+
+
+def parse_json(text: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for inline JSON in a policy, nesting checked first (no RecursionError)."""
+    depth = 0
+    # Strings are skipped whole, so brackets inside them are not counted; an unterminated
+    # string ends the scan and json.loads reports it.
+    for m in _JSON_STRING_OR_BRACKET.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > max_depth:
+                raise ValueError(f"JSON nested deeper than {max_depth} levels")
+        elif token in ("]", "}"):
+            depth -= 1
+    return json.loads(text)

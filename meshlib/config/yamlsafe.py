@@ -9,12 +9,15 @@ the 1-based line of each field for error messages.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 from yaml.constructor import SafeConstructor
+
+from meshlib.config.values import clipped, shown
 
 MAX_DEPTH = 64
 MAX_DOCUMENTS = 1000
@@ -46,6 +49,18 @@ class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
             elif implicit[1]:
                 return _STR
         return super().resolve(kind, value, implicit)
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_/-]+")
+
+
+def field_path(parent: str, key: str) -> str:
+    """The path of ``key`` under ``parent`` as problems name it: ``spec.port``; a key that is
+    empty or holds a dot is quoted, so the path still says which key
+    (``metadata.labels['app.kubernetes.io/name']``, ``['']``)."""
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    return f"{parent}[{shown(key)}]"
 
 
 class YMap(dict[str, Any]):
@@ -145,15 +160,15 @@ class _Builder:
                 raise _Reject(
                     key_line,
                     path,
-                    f"mapping key {key_node.value!r} is not a string "
-                    f"(quote it: '{key_node.value}')",
+                    f"mapping key {shown(key_node.value)} is not a string "
+                    f"(quote it: '{clipped(key_node.value)}')",
                 )
-            child = f"{path}.{key}" if path else key
+            child = field_path(path, key)
             if key in result:
                 raise _Reject(
                     key_line,
                     child,
-                    f"duplicate key {key!r} (first at line {result.key_lines[key]})",
+                    f"duplicate key {shown(key)} (first at line {result.key_lines[key]})",
                 )
             result.key_lines[key] = key_line
             result[key] = self.build(value_node, child, depth + 1, key_line)
@@ -168,7 +183,10 @@ class _Builder:
         try:
             return construct(self._constructor, node)
         except (yaml.YAMLError, ValueError) as exc:
-            raise _Reject(line, path, f"bad {node.tag.rsplit(':', 1)[-1]} value: {exc}") from None
+            reason = clipped(str(exc))
+            raise _Reject(
+                line, path, f"bad {node.tag.rsplit(':', 1)[-1]} value: {reason}"
+            ) from None
 
 
 def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
@@ -200,6 +218,8 @@ def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
                 continue
             if value is not None:  # an empty document (a stray '---') is not an error
                 docs.append(YamlDocument(index, line, value))
+    except yaml.reader.ReaderError as exc:
+        problems.append(_reader_problem(exc, index + 1, text))
     except yaml.MarkedYAMLError as exc:
         problems.append(_syntax_problem(exc, index + 1, text))
     except yaml.YAMLError as exc:  # pragma: no cover - unmarked errors are rare
@@ -227,6 +247,17 @@ def _syntax_problem(exc: yaml.MarkedYAMLError, document: int, text: str) -> Yaml
         if mark is not None and _char_at(text, mark.line, mark.column) == "\t":
             message += " (a tab: indent with spaces, YAML does not allow tabs there)"
     return YamlProblem(line, document, "", message, column)
+
+
+def _reader_problem(exc: yaml.reader.ReaderError, document: int, text: str) -> YamlProblem:
+    """A character YAML does not allow (a control character): libyaml reports no mark, only
+    the offset of the character in the UTF-8 encoding of the text."""
+    prefix = text.encode("utf-8")[: exc.position].decode("utf-8", "replace")
+    line = prefix.count("\n") + 1
+    column = len(prefix) - (prefix.rfind("\n") + 1) + 1
+    char = exc.character
+    what = f"U+{char:04X}" if isinstance(char, int) else shown(char)
+    return YamlProblem(line, document, "", f"invalid YAML: character {what}: {exc.reason}", column)
 
 
 def _char_at(text: str, line: int, column: int) -> str:

@@ -197,6 +197,22 @@ def test_tcp_route_rule_admits_every_request_from_listed_source() -> None:
     assert not decide(snapshot, DETAILS, "GET", "/x").allowed
 
 
+def test_udp_route_rule_admits_no_http_request() -> None:
+    """meshlib carries HTTP only: a rule for UDP traffic grants no request, and the target still
+    makes its destination deny-by-default."""
+    udp = (
+        "apiVersion: specs.smi-spec.io/v1alpha4\nkind: UDPRoute\nmetadata: {name: dns}\n"
+        "spec: {matches: {ports: [53]}}\n"
+    )
+    target = target_spec(3).replace(
+        "kind: HTTPRouteGroup\n    name: api\n    matches: [reads]", "kind: UDPRoute\n    name: dns"
+    )
+    snapshot = load(mesh(), SERVICES, ROUTES, udp, target)
+    assert [r.kind for r in snapshot.traffic_targets[0].rules] == ["UDPRoute"]
+    assert not decide(snapshot, RATINGS, "GET", "/x").allowed
+    assert not decide(snapshot, DETAILS, "GET", "/x").allowed
+
+
 def test_index_is_built_once_per_snapshot() -> None:
     snapshot = load(mesh(), SERVICES, ROUTES, TARGET_V1)
     router = Router(snapshot)

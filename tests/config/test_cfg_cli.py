@@ -11,6 +11,7 @@ import pytest
 from cfgdocs import with_services
 
 from meshlib.cli import main
+from meshlib.config.loader import NO_DOCUMENTS
 
 ROUTES = """
 apiVersion: specs.smi-spec.io/v1alpha4
@@ -126,6 +127,68 @@ def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "cannot read file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["", "---\n", "# only a comment\n"])
+def test_validate_empty_file_fails_with_a_one_line_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    assert main(["validate", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    [line] = err.splitlines()
+    assert line == f"{path}:1: {NO_DOCUMENTS}"
+
+
+HUGE = "9" * 400
+#: (the input named in issue 8, its document, the field the one-line reason names)
+BAD_INPUTS = [
+    (
+        "duration",
+        "apiVersion: meshlib/v1\nkind: TrafficPolicy\nmetadata: {name: p}\n"
+        f"spec: {{timeout: '{HUGE}s'}}\n",
+        "spec.timeout",
+    ),
+    (
+        "rate",
+        "apiVersion: meshlib/v1\nkind: TrafficPolicy\nmetadata: {name: p}\n"
+        "spec: {rateLimit: {requestsPerSecond: .inf}}\n",
+        "spec.rateLimit.requestsPerSecond",
+    ),
+    (
+        "sampling",
+        f"apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {{name: m}}\n"
+        f"spec: {{tracing: {{sampling: {HUGE}}}}}\n",
+        "spec.tracing.sampling",
+    ),
+    ("apiVersion", "apiVersion: {a: 1}\nkind: Service\nmetadata: {name: s}\n", "apiVersion"),
+    (
+        "labels",
+        "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: s}\n"
+        "spec: {endpoints: [{address: 'h:1', labels: [a, b]}]}\n",
+        "spec.endpoints[0].labels",
+    ),
+    (
+        "jwks",
+        "apiVersion: meshlib/v1\nkind: RequestAuthentication\nmetadata: {name: j}\n"
+        f"spec: {{jwtRules: [{{issuer: i, jwks: '{'[' * 100_000}'}}]}}\n",
+        "spec.jwtRules[0].jwks",
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "text", "field"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_validate_names_file_line_and_field_of_each_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], label: str, text: str, field: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["validate", str(path)]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"{path}:") and f" {field}: " in line, label
+    assert len(line) < 300, label  # the value is named, not printed
+
+
 def test_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     out = capsys.readouterr().out
@@ -179,3 +242,7 @@ def test_console_script_end_to_end(good: Path, bad: Path) -> None:
     assert ok.returncode == 0 and ": ok (" in ok.stdout
     ko = subprocess.run([str(script), "validate", str(bad)], capture_output=True, text=True)
     assert ko.returncode == 1 and "weigth" in ko.stderr
+    empty = good.with_name("empty.yaml")
+    empty.write_text("")
+    none = subprocess.run([str(script), "validate", str(empty)], capture_output=True, text=True)
+    assert none.returncode == 1 and none.stderr == f"{empty}:1: {NO_DOCUMENTS}\n"

@@ -100,7 +100,7 @@ def test_schema_covers_every_kind_and_version() -> None:
     }
     assert pairs == {(k, a) for k, versions in DOCUMENT_SCHEMAS.items() for a in versions}
     assert ("TrafficSplit", "split.smi-spec.io/v1alpha1") in pairs
-    assert len({k for k, _ in pairs}) == 11
+    assert len({k for k, _ in pairs}) == 12
 
 
 def test_services_fixture_validates(validator: jsonschema.Draft202012Validator) -> None:

@@ -8,11 +8,14 @@ from hypothesis import strategies as st
 
 from meshlib.config.loader import parse_duration
 from meshlib.config.values import (
+    MAX_NUMBER_DIGITS,
     check_duration_range,
     format_duration,
     parse_address,
+    parse_json,
     parse_quantity_milli,
     service_key,
+    shown,
 )
 
 
@@ -105,7 +108,20 @@ def test_addresses(address: str, parsed: tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["localhost", ":80", "h:0", "h:65536", "h:-1", "[::1:80", "::1:80", "a b:80"]
+    "address",
+    [
+        "localhost",
+        ":80",
+        "h:0",
+        "h:65536",
+        "h:-1",
+        "[::1:80",
+        "::1:80",
+        "a b:80",
+        "h:\u0668\u0660",  # Arabic-Indic "80": str.isdigit() says yes, a port it is not
+        "h:\u00b2",  # superscript two: isdigit() too, and int() refuses it
+        "h:" + "0" * 4000 + "80",
+    ],
 )
 def test_bad_addresses(address: str) -> None:
     with pytest.raises(ValueError):
@@ -129,3 +145,32 @@ def test_service_key(ref: str, key: str) -> None:
 def test_bad_service_refs(ref: str) -> None:
     with pytest.raises(ValueError):
         service_key(ref, "default")
+
+
+def test_numbers_in_durations_and_quantities_are_bounded_in_digits() -> None:
+    """Decimal arithmetic keeps 28 digits by default: 400 digits raised InvalidOperation."""
+    longest = "1" * MAX_NUMBER_DIGITS
+    assert parse_duration(longest + "ms") == pytest.approx(int(longest) / 1000)
+    for text in (longest + "1s", "1." + "0" * MAX_NUMBER_DIGITS + "s", "9" * 400 + "h"):
+        with pytest.raises(ValueError, match=f"at most {MAX_NUMBER_DIGITS} are allowed"):
+            parse_duration(text)
+    with pytest.raises(ValueError, match="digits"):
+        parse_quantity_milli("9" * 400 + "m")
+    # long sums of parts stay exact: the 1 ms precision check never sees a rounded total
+    assert parse_duration("1h" * 1000 + "1ms") == pytest.approx(3_600_000.001)
+
+
+def test_parse_json_bounds_nesting_without_recursing() -> None:
+    assert parse_json('{"keys": [{"n": "[[[[{{"}]}') == {"keys": [{"n": "[[[[{{"}]}
+    assert parse_json("[" * 32 + "]" * 32) is not None
+    for text in ("[" * 33 + "]" * 33, "[" * 100_000, '{"a": ' * 1000):
+        with pytest.raises(ValueError, match="nested deeper than 32"):
+            parse_json(text)
+    with pytest.raises(ValueError):
+        parse_json('"unterminated [[[[')
+
+
+def test_shown_names_long_values_by_their_start_and_length() -> None:
+    assert shown("short") == "'short'"
+    long = shown("9" * 400)
+    assert long.startswith("'999") and long.endswith("(402 characters)") and len(long) < 60

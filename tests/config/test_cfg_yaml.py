@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -75,10 +74,10 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 """
 
 
-def test_billion_laughs_rejected_fast() -> None:
-    start = time.perf_counter()
+def test_billion_laughs_rejected_at_the_first_alias() -> None:
+    """Rejected where the first alias is met, before anything is expanded: the work is bounded
+    by the text's size (benchmarks/config_load.py measures it)."""
     [p] = problems(BILLION_LAUGHS)
-    assert time.perf_counter() - start < 0.5
     assert "aliases" in p.message
     assert p.field == "b[0]" and p.line == 2
 
@@ -151,11 +150,9 @@ def test_huge_file_rejected_without_reading(
         return handle
 
     monkeypatch.setattr("builtins.open", spy_open)
-    start = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         load_file(path)
-    assert time.perf_counter() - start < 0.5
-    assert read_sizes == []  # rejected from stat() alone
+    assert read_sizes == []  # rejected from stat() alone: never opened, so never read
     [p] = info.value.problems
     assert "larger than" in p.message and str(MAX_FILE_BYTES) in p.message
     assert p.file == str(path) and p.document == 0
@@ -214,11 +211,7 @@ def test_large_legitimate_file_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "large.yaml"
     path.write_text(text)
     assert os.path.getsize(path) > 5_000_000
-    # CPU time, not wall time: the suite may share a small machine with other jobs.
-    start = time.process_time()
-    snap = load_file(path)
-    elapsed = time.process_time() - start
-    assert elapsed < 10, elapsed
+    snap = load_file(path)  # how long it takes: benchmarks/config_load.py
     assert len(snap.services) == text.count("kind: Service")
     assert all(len(s.endpoints) == 100 for s in snap.services.values())
 

@@ -1,0 +1,164 @@
+"""How long the policy loader takes on the inputs its tests only check for behaviour.
+
+    python benchmarks/config_load.py [--quick] [--rounds 5] [--json out.json]
+
+Four figures, each the best of ``--rounds`` runs of this thread's CPU time (the machine may be
+shared; the best run is the one least disturbed):
+
+- ``regex``: one ``match`` of ``"a" * 40 + "!"`` against each catastrophic pattern of
+  tests/config/test_cfg_smi.py, compiled by the loader (RE2). Python's ``re`` takes seconds on
+  the first of them; RE2 stays in microseconds because it never backtracks.
+- ``billion laughs``: loading the nine-level alias bomb of tests/config/test_cfg_yaml.py; it is
+  rejected at its first alias, before anything is expanded.
+- ``huge file``: rejecting a sparse 50 MiB file from its size alone (never opened).
+- ``large file``: loading a legitimate ~5 MiB policy (``--quick``: ~0.5 MiB) of services with
+  100 endpoints each.
+
+No sockets. Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from meshlib.config.loader import load_file, load_text
+from meshlib.errors import ConfigError
+
+REGEX_BOMBS = ("^(a+)+$", "(a|aa)+$", "(x+x+)+y")
+#: Nine levels of nine aliases each: 9**9 strings if expanded.
+BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]\n"
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+ROUTES = """\
+apiVersion: meshlib/v1
+kind: Service
+metadata: {{name: reviews}}
+spec: {{}}
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {{name: bomb}}
+spec:
+  matches:
+  - name: bomb
+    pathRegex: "{pattern}"
+"""
+
+
+def large_policy(target_bytes: int) -> str:
+    """Services of 100 endpoints each, with labels, until the text is ``target_bytes`` long."""
+    parts: list[str] = []
+    size = n = 0
+    while size < target_bytes:
+        endpoints = "".join(
+            f"  - address: pod-{n}-{i}.svc-{n}.ns-{n % 7}.svc.cluster.local:8080\n"
+            f"    weight: {1 + i % 5}\n"
+            f"    labels: {{topology.kubernetes.io/zone: europe-west-{i % 3}, "
+            f"app.kubernetes.io/version: v{i % 2}.{n}.0}}\n"
+            for i in range(100)
+        )
+        part = (
+            f"apiVersion: meshlib/v1\nkind: Service\nmetadata:\n  name: svc-{n}\n"
+            f"  namespace: ns-{n % 7}\nspec:\n  serviceAccount: sa-{n}\n  port: 8080\n"
+            f"  endpoints:\n{endpoints}---\n"
+        )
+        parts.append(part)
+        size += len(part)
+        n += 1
+    return "".join(parts)
+
+
+def best(run: Callable[[], Any], rounds: int, repeat: int = 1) -> float:
+    """Best CPU seconds per call of ``run`` over ``rounds`` rounds of ``repeat`` calls."""
+    times = []
+    for _ in range(rounds):
+        start = time.thread_time()
+        for _ in range(repeat):
+            run()
+        times.append((time.thread_time() - start) / repeat)
+    return min(times)
+
+
+def _rejected(load: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            load()
+        except ConfigError:
+            return
+        raise AssertionError("expected a ConfigError")
+
+    return run
+
+
+def measure(quick: bool, rounds: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"quick": quick, "rounds": rounds, "regex_us": {}}
+    subject = "a" * 40 + "!"
+    for pattern in REGEX_BOMBS:
+        snap = load_text(ROUTES.format(pattern=pattern))
+        compiled = snap.route_groups["bomb.default"].matches[0].path_regex
+        assert compiled is not None and compiled.match(subject) is None
+        seconds = best(lambda c=compiled: c.match(subject), rounds, repeat=1000)
+        result["regex_us"][pattern] = seconds * 1e6
+    result["billion_laughs_ms"] = best(_rejected(lambda: load_text(BILLION_LAUGHS)), rounds) * 1e3
+    with tempfile.TemporaryDirectory() as tmp:
+        huge = Path(tmp) / "huge.yaml"
+        with open(huge, "wb") as f:
+            f.truncate(50 * 1024 * 1024)  # sparse: costs no disk
+        result["huge_file_ms"] = best(_rejected(lambda: load_file(huge)), rounds) * 1e3
+        large = Path(tmp) / "large.yaml"
+        large.write_text(large_policy((512 if quick else 5 * 1024) * 1024))
+        result["large_file_bytes"] = os.path.getsize(large)
+        snap = load_file(large)
+        result["large_file_services"] = len(snap.services)
+        result["large_file_s"] = best(lambda: load_file(large), 1 if quick else min(rounds, 3))
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [
+        f"policy loader, best of {r['rounds']} rounds, this thread's CPU time"
+        + (" (--quick)" if r["quick"] else ""),
+        "",
+        "| input | cost |",
+        "|---|--:|",
+    ]
+    for pattern, us in r["regex_us"].items():
+        shown = pattern.replace("|", "\\|")  # a table cell
+        lines.append(f"| regex `{shown}` on 'a'*40+'!' (one match) | {us:.2f} µs |")
+    lines.append(f"| billion laughs, rejected | {r['billion_laughs_ms']:.3f} ms |")
+    lines.append(f"| 50 MiB file, rejected from its size | {r['huge_file_ms']:.3f} ms |")
+    mib = r["large_file_bytes"] / 2**20
+    lines.append(
+        f"| {mib:.1f} MiB policy, {r['large_file_services']} services x 100 endpoints, "
+        f"loaded | {r['large_file_s']:.2f} s |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~0.5 MiB large file, 2 rounds")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    result = measure(args.quick, 2 if args.quick else args.rounds)
+    print(report(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

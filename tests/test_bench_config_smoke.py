@@ -1,0 +1,25 @@
+"""Smoke test of ``benchmarks/config_load.py --quick``: every figure is measured and reported
+(the loader's answers are checked inside the script). The numbers themselves are not checked."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import config_load
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_quick_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_json = tmp_path / "config.json"
+    assert config_load.main(["--quick", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) (µs|ms|s) \|$", out, re.MULTILINE)
+    assert len(rows) == len(config_load.REGEX_BOMBS) + 3, out
+    figures = json.loads(out_json.read_text())
+    assert set(figures["regex_us"]) == set(config_load.REGEX_BOMBS)
+    assert figures["large_file_services"] > 0 and figures["large_file_bytes"] > 500_000
