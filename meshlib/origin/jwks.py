@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -31,6 +30,7 @@ import jwt
 
 from meshlib.config.authnkind import ALGORITHMS
 from meshlib.config.model import JwtRule
+from meshlib.config.values import parse_json
 
 log = logging.getLogger("meshlib.origin")
 
@@ -60,8 +60,9 @@ class KeySet:
     @classmethod
     def parse(cls, data: str | bytes) -> KeySet:
         """Parse a JWK Set; keys that are not RSA/EC signing keys are dropped. ValueError if
-        the document is not a JWK Set."""
-        doc = json.loads(data)
+        the document is not a JWK Set, a nesting bomb included (depth is checked first)."""
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        doc = parse_json(text)
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise ValueError('not a JWK Set (expected {"keys": [...]})')
         usable = [

@@ -190,6 +190,10 @@ def test_jwks_file_is_reread_when_it_changes(
     assert status_of(app, token(rotated, kid="rsa-2")) == 200
     path.write_text("{not json")
     assert status_of(app, token(rotated, kid="rsa-2")) == 200  # bad file: old keys kept
+    path.write_text('{"keys": ' + "[" * 100_000)  # a nesting bomb: not a RecursionError
+    assert status_of(app, token(rotated, kid="rsa-2")) == 200
+    path.write_bytes(b'{"keys": [\xff]}')  # not UTF-8
+    assert status_of(app, token(rotated, kid="rsa-2")) == 200
 
 
 def test_missing_jwks_file_fails_closed(
