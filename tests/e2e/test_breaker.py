@@ -4,6 +4,7 @@ failure re-opens."""
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -137,4 +138,89 @@ def test_probe_failure_reopens(caller, make_mesh, echo_factory) -> None:
     wait_open_duration(mesh, reopened)
     assert c.get(URL).status_code == 200
     assert backend.requests == 5
+    assert mesh.destinations()["reviews.default"].breaker.state is BreakerState.CLOSED
+
+
+# -- what the breaker counts: calls, not attempts (issue 8 item 5) ---------------------------------
+
+FLAP_PERIOD = 0.1
+
+FLAPPING_POLICY = """\
+apiVersion: meshlib/v1
+kind: TrafficPolicy
+metadata: {name: reviews-policy}
+spec:
+  target: {service: reviews}
+  retries:
+    attempts: 2
+    retryOn: [reset, connect-failure, 5xx]
+    backoff: {baseInterval: 1ms, maxInterval: 5ms}
+    budget: {ratio: 1.0, minRetriesPerSecond: 1000}
+  # The flapping endpoint keeps its share of the calls for the whole test (no ejection, no
+  # latency-aware avoidance): the breaker alone must stay closed, whatever its attempts do.
+  loadBalancer: {type: round-robin}
+  outlierDetection: {consecutiveFailures: 1000000}
+"""
+
+
+class Flapper:
+    """Switches a backend between serving and resetting every connection (an RST after reading
+    the request, before any response byte) every ``period`` seconds, on its own thread, until
+    stopped."""
+
+    def __init__(self, backend, period: float) -> None:
+        self.backend = backend
+        self.period = period
+        self.flips = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="e2e-flapper", daemon=True)
+
+    def _run(self) -> None:
+        resetting = False
+        while not self._stop.wait(self.period):  # the fault's schedule, not a synchronisation
+            resetting = not resetting
+            self.backend.set_behavior("reset_before_headers" if resetting else "ok")
+            self.flips += 1
+
+    def __enter__(self) -> Flapper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        assert not self._thread.is_alive()
+        self.backend.set_behavior("ok")
+
+
+@pytest.mark.timeout(60)
+def test_one_flapping_endpoint_does_not_open_the_breaker(caller, make_mesh, echo_factory) -> None:
+    """Three endpoints, one flapping between serving and resetting connections every 100 ms,
+    many concurrent calls with retries: each call fails over to another endpoint, so callers
+    see no failure and the per-backend breaker (default: 5 consecutive failures) stays closed.
+    Taking the flapping endpoint out is outlier detection's job, not the breaker's (turned off
+    here, so the breaker faces every failed attempt)."""
+    backends = [echo_factory(name) for name in ("a", "b", "c")]
+    for b in backends:
+        b.set_delay(0.01)  # calls overlap the flips
+    mesh = make_mesh(
+        service_yaml("reviews", [b.port for b in backends]) + "---\n" + FLAPPING_POLICY
+    )
+    c = caller.bind(mesh)
+    concurrency = 200 if caller.mode == "async" else 50
+
+    with Flapper(backends[0], FLAP_PERIOD) as flapper:
+        results: list[object] = []
+        for _ in range(4):  # 4 × 200 calls, so the calls span several flips
+            results += c.many(200, "GET", URL, concurrency=concurrency)
+        flips = flapper.flips
+
+    circuit_open = [r for r in results if isinstance(r, CircuitOpenError)]
+    failed = [r for r in results if not (isinstance(r, httpx.Response) and r.status_code == 200)]
+    assert circuit_open == [], f"{len(circuit_open)} of {len(results)} calls: circuit open"
+    assert failed == [], f"{len(failed)} of {len(results)} failed, e.g. {failed[:3]!r}"
+    # The fault really happened, and calls recovered from it by retrying elsewhere.
+    decisions = [r.extensions["mesh_decision"] for r in results]  # type: ignore[union-attr]
+    assert flips >= 2
+    assert any(d.retries > 0 and d.attempts[0].outcome == "reset" for d in decisions)
     assert mesh.destinations()["reviews.default"].breaker.state is BreakerState.CLOSED
