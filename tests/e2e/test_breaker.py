@@ -1,32 +1,38 @@
-"""Circuit breaker over real sockets: open after N consecutive failures (calls then fail fast
-without reaching the backend), one probe after openDuration, probe success closes, probe
-failure re-opens."""
+"""Circuit breaker over real sockets: open after N consecutive failed calls (calls then fail
+fast without reaching the backend), one probe after openDuration, probe success closes, probe
+failure re-opens; a flapping endpoint whose failures retries absorb never opens it.
+
+The open duration is the default 30 s on the mesh's injectable clock (a :class:`FakeClock` the
+test advances), not slept through."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from policy.fakes import FakeClock
 
+import meshlib
 from e2e.conftest import service_yaml
 from meshlib.errors import REASON_HEADER, CircuitOpenError
 from meshlib.policy.breaker import BreakerState
 
 pytestmark = pytest.mark.timeout(30)
 
-OPEN_DURATION = 0.3
+OPEN_DURATION = 30.0  # the default
 
-BREAKER = f"""\
+BREAKER = """\
 apiVersion: meshlib/v1
 kind: TrafficPolicy
-metadata: {{name: reviews-policy}}
+metadata: {name: reviews-policy}
 spec:
-  target: {{service: reviews}}
-  retries: {{attempts: 0}}
-  circuitBreaker: {{consecutiveFailures: 3, openDuration: {int(OPEN_DURATION * 1000)}ms}}
+  target: {service: reviews}
+  retries: {attempts: 0}
+  circuitBreaker: {consecutiveFailures: 3, openDuration: 30s}
 """
 
 URL = "http://reviews/r"
@@ -44,18 +50,26 @@ def trip(c, mesh, backend) -> float:
     return opened
 
 
-def wait_open_duration(mesh, opened: float) -> None:
-    """Let the open duration pass (a duration under test, not a synchronisation)."""
-    remaining = opened + OPEN_DURATION + 0.02 - mesh.clock()
-    if remaining > 0:
-        time.sleep(remaining)
+def breaker_mesh(make_mesh: Callable[..., meshlib.Mesh], backend, clock: FakeClock) -> meshlib.Mesh:
+    return make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + BREAKER, clock=clock)
+
+
+def pass_open_duration(c, clock: FakeClock, opened: float, backend) -> None:
+    """Move the mesh's clock past the open duration; just before its end, calls are still
+    refused without reaching the backend."""
+    clock.advance(opened + OPEN_DURATION - 0.01 - clock())
+    sent = backend.requests
+    assert isinstance(c.outcome("GET", URL), CircuitOpenError)
+    assert backend.requests == sent
+    clock.advance(0.02)
 
 
 def test_breaker_opens_after_consecutive_failures_and_fails_fast(
     caller, make_mesh, echo_factory
 ) -> None:
     backend = echo_factory("a")
-    mesh = make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + BREAKER)
+    clock = FakeClock()
+    mesh = breaker_mesh(make_mesh, backend, clock)
     c = caller.bind(mesh)
     trip(c, mesh, backend)
     assert backend.requests == 3
@@ -81,7 +95,8 @@ def test_breaker_opens_after_consecutive_failures_and_fails_fast(
 
 def test_success_resets_the_consecutive_count(caller, make_mesh, echo_factory) -> None:
     backend = echo_factory("a")
-    mesh = make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + BREAKER)
+    clock = FakeClock()
+    mesh = breaker_mesh(make_mesh, backend, clock)
     c = caller.bind(mesh)
     for _ in range(3):
         backend.set_status(503, times=2)
@@ -94,13 +109,14 @@ def test_half_open_admits_exactly_one_probe_and_its_success_closes(
     caller, make_mesh, echo_factory
 ) -> None:
     backend = echo_factory("a")
-    mesh = make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + BREAKER)
+    clock = FakeClock()
+    mesh = breaker_mesh(make_mesh, backend, clock)
     c = caller.bind(mesh)
     opened = trip(c, mesh, backend)
-    wait_open_duration(mesh, opened)
+    pass_open_duration(c, clock, opened, backend)
 
     backend.reset()
-    backend.set_delay(0.3, times=1)  # the probe stays in flight while others try
+    backend.set_delay(1.0, times=1)  # the probe stays in flight while the others try
     with ThreadPoolExecutor(1) as pool:
         probe = pool.submit(c.outcome, "GET", URL)
         assert backend.wait_until(lambda b: b.in_flight == 1)
@@ -119,10 +135,11 @@ def test_half_open_admits_exactly_one_probe_and_its_success_closes(
 
 def test_probe_failure_reopens(caller, make_mesh, echo_factory) -> None:
     backend = echo_factory("a")
-    mesh = make_mesh(service_yaml("reviews", [backend.port]) + "---\n" + BREAKER)
+    clock = FakeClock()
+    mesh = breaker_mesh(make_mesh, backend, clock)
     c = caller.bind(mesh)
     opened = trip(c, mesh, backend)
-    wait_open_duration(mesh, opened)
+    pass_open_duration(c, clock, opened, backend)
 
     probe = c.get(URL)  # the backend still answers 503
     assert probe.status_code == 503
@@ -135,7 +152,7 @@ def test_probe_failure_reopens(caller, make_mesh, echo_factory) -> None:
 
     # and a full open duration later a new probe is admitted
     backend.reset()
-    wait_open_duration(mesh, reopened)
+    pass_open_duration(c, clock, reopened, backend)
     assert c.get(URL).status_code == 200
     assert backend.requests == 5
     assert mesh.destinations()["reviews.default"].breaker.state is BreakerState.CLOSED
