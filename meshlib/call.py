@@ -593,6 +593,9 @@ def _inject(
     if fault.delay is not None:
         clock = host.clock
         decision.faults.append(f"delay:{fault.delay:g}s")
+        # Envoy's DI: the call's reason unless something worse happens later (an abort, a
+        # failure after the delay, the deadline), which then names the call's end instead.
+        decision.reason = Reason.FAULT_DELAY.value
         wait = fault.delay
         if deadline is not None:
             wait = min(wait, max(0.0, deadline - clock()))
