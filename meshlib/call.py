@@ -113,12 +113,20 @@ class Buffer:
     request: httpx.Request
 
 
+#: Told how a mirrored copy ended: ``(response, None)`` answered (the response already read
+#: and closed), ``(None, error)`` failed, ``(None, None)`` dropped without being sent.
+MirrorObserver = Callable[[httpx.Response | None, BaseException | None], None]
+
+
 @dataclass(slots=True)
 class Mirror:
-    """Send a copy somewhere, do not wait, discard the answer; the driver answers None."""
+    """Send a copy somewhere, do not wait, discard the answer; the driver answers None. The
+    driver calls ``observe`` (if set, e.g. by tracing) exactly once, when the copy has ended."""
 
     request: httpx.Request
     tls: bool = False
+    service: str = ""  # the mirror service's key
+    observe: MirrorObserver | None = None
 
 
 @dataclass(slots=True)
@@ -517,7 +525,7 @@ def _admitted_call(
                     copy = _mirror_request(host, router, request, rule.mirror, tls)
                     if copy is not None:
                         decision.mirrored_to = rule.mirror
-                        yield Mirror(copy, tls)
+                        yield Mirror(copy, tls, rule.mirror)
                         now = host.clock()
 
         # 8. attempts
