@@ -77,6 +77,7 @@ _REFUSED = Admission.REFUSED
 _PROBE = Admission.PROBE
 _HALF_OPEN = BreakerState.HALF_OPEN.value  # the circuit-state metric's words
 _CLOSED = BreakerState.CLOSED.value
+_OPEN_STATE = BreakerState.OPEN
 
 # --- effects: what the core asks its driver to do ------------------------------------------------
 
@@ -811,6 +812,10 @@ def _attempts(
         retry = retries_left > 0 and should_retry(
             retry_policy, failure, status, idempotent=idempotent, replayable=replayable
         )
+        if retry and dest.breaker.state is _OPEN_STATE:
+            # Other calls' verdicts opened the breaker while this one was out: the backend as a
+            # whole is failing, so this call ends with what it has instead of adding retries.
+            retry = False
         retry_after = None
         if retry and response is not None:
             retry_after = parse_retry_after(response.headers.get("retry-after"))

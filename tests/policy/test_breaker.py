@@ -365,3 +365,24 @@ def test_abandoned_call_leaves_no_verdict(
     call.close()  # the caller went away before the call ended
     assert breaker_of(mesh).state is BreakerState.CLOSED
     assert mesh.destinations()["reviews.default"].in_flight == 0
+
+
+def test_calls_in_flight_stop_retrying_once_the_breaker_opens(
+    mesh_for: Callable[[str], meshlib.Mesh], clock: FakeClock
+) -> None:
+    """A call admitted while closed whose attempt fails after other calls' verdicts opened the
+    breaker ends with what it has: the backend as a whole is failing, retries would only add
+    load. (Its own verdict arrives while open and changes nothing.)"""
+    mesh = mesh_for(backend("  circuitBreaker: {consecutiveFailures: 1, openDuration: 10s}\n"))
+    slow = start(mesh)
+    first = slow.send(None)  # admitted while closed, its first attempt out
+    assert isinstance(first, Send)
+    assert isinstance(outcome_of(mesh, clock, status(503)), httpx.Response)  # opens it
+    assert breaker_of(mesh).state is BreakerState.OPEN
+    with pytest.raises(StopIteration) as stop:
+        slow.send(Outcome(httpx.Response(503, request=first.request), None, 0.01))
+    decision = stop.value.value.extensions["mesh_decision"]
+    assert (decision.retries, len(decision.attempts), decision.status) == (0, 1, 503)
+    clock.advance(10.0)  # the open timer was not re-armed by that late failure
+    assert Driver(clock, status(200)).run(start(mesh)).status_code == 200
+    assert breaker_of(mesh).state is BreakerState.CLOSED
