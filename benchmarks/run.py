@@ -1,7 +1,8 @@
-"""meshlib benchmarks: client overhead, slow-endpoint tail, outage amplification, import time.
+"""meshlib benchmarks: client overhead, slow-endpoint tail, outage amplification, overflow
+refusal latency, import time.
 
     python benchmarks/run.py [--quick] [--json out.json]
-        [--scenario overhead|tail|outage|import|all]
+        [--scenario overhead|tail|outage|overflow|import|all]
 
 Every backend is ``benchmarks/server.py`` (uvicorn, 1 worker, asyncio loop, h11, no access log) in
 its own process on 127.0.0.1, so the client's CPU clocks (``time.process_time`` per round,
@@ -34,6 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -1022,6 +1024,130 @@ def scenario_outage(
     return {"rate": cfg.rate, "seconds": cfg.seconds, "rows": rows}
 
 
+# --- scenario 5: connection-pool overflow ---------------------------------------------------------
+
+#: The held call's backend delay: refused calls are timed while it is in flight.
+OVERFLOW_HOLD_S = 0.5
+
+
+@dataclass
+class OverflowConfig:
+    rounds: int
+    calls_per_round: int
+
+
+def _held(mesh: Any) -> bool:
+    """Whether the mesh's one connection-pool slot for ``backend`` is taken."""
+    dest = mesh.destinations().get("backend.default")
+    return dest is not None and dest.in_flight >= 1
+
+
+def _wait_held(mesh: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not _held(mesh):  # bounded: a benchmark polls, a test would wait on an event
+        if time.monotonic() > deadline:
+            raise TimeoutError("the held call never took the pool slot")
+        time.sleep(0.001)
+
+
+def _overflow_row(
+    variant: str, wall_ns: list[int], cpu_ns: list[int], other: Counter[str], backend_requests: int
+) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "refused": len(wall_ns),
+        "wall_us_p50": percentile(wall_ns, 50) / 1e3,
+        "wall_us_p99": percentile(wall_ns, 99) / 1e3,
+        "wall_us_max": max(wall_ns, default=0) / 1e3,
+        "cpu_us_p50": percentile(cpu_ns, 50) / 1e3,
+        "other_outcomes": dict(other),
+        "backend_requests": backend_requests,
+    }
+
+
+def scenario_overflow(
+    cfg: OverflowConfig, stack: contextlib.ExitStack, tmpdir: Path, meshlib: ModuleType | None
+) -> dict[str, Any]:
+    """How long a call refused by the connection-pool limit takes (``maxConnections: 1``): one
+    call is held in flight at a backend answering after :data:`OVERFLOW_HOLD_S`, and further
+    calls are timed while it is — each should be refused locally (``ConnectionPoolOverflowError``,
+    reason ``overflow``) without waiting for it and without reaching the backend."""
+    names = ("meshlib (sync)", "meshlib (async)")
+    if meshlib is None:
+        return {"rows": [{"variant": n, "skipped": "pending"} for n in names]}
+    (server,) = start_servers([(OVERFLOW_HOLD_S, 200)], stack, tmpdir)
+    yaml_text = policy_yaml(
+        [server.port], attempts=0, extra=("connectionPool: {maxConnections: 1}",)
+    )
+    mesh = open_mesh(meshlib, tmpdir, "overflow", yaml_text)
+    stack.callback(mesh.close)
+    overflow_error = meshlib.ConnectionPoolOverflowError
+    rows: list[dict[str, Any]] = []
+
+    client = mesh.client()
+    stack.callback(client.close)
+    wall: list[int] = []
+    cpu: list[int] = []
+    other: Counter[str] = Counter()
+    before = server.count()
+    for _ in range(cfg.rounds):
+        with contextlib.ExitStack() as hold:
+            pool = hold.enter_context(ThreadPoolExecutor(1))
+            held = pool.submit(client.get, MESH_URL)
+            _wait_held(mesh)
+            for _ in range(cfg.calls_per_round):
+                if held.done():
+                    break
+                t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+                try:
+                    client.get(MESH_URL)
+                    other["answered"] += 1
+                except overflow_error:
+                    wall.append(time.perf_counter_ns() - t0)
+                    cpu.append(time.thread_time_ns() - c0)
+                except httpx.HTTPError as exc:
+                    other[type(exc).__name__] += 1
+            held.result(timeout=10)
+    rows.append(_overflow_row(names[0], wall, cpu, other, server.count() - before))
+
+    loop = asyncio.new_event_loop()
+    stack.callback(loop.close)
+
+    async def measure() -> dict[str, Any]:
+        wall: list[int] = []
+        cpu: list[int] = []
+        other: Counter[str] = Counter()
+        async with mesh.async_client() as aclient:
+            for _ in range(cfg.rounds):
+                held = asyncio.create_task(aclient.get(MESH_URL))
+                deadline = time.monotonic() + 5.0
+                while not _held(mesh) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
+                for _ in range(cfg.calls_per_round):
+                    if held.done():
+                        break
+                    t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+                    try:
+                        await aclient.get(MESH_URL)
+                        other["answered"] += 1
+                    except overflow_error:
+                        wall.append(time.perf_counter_ns() - t0)
+                        cpu.append(time.thread_time_ns() - c0)
+                    except httpx.HTTPError as exc:
+                        other[type(exc).__name__] += 1
+                await held
+        return {"wall": wall, "cpu": cpu, "other": other}
+
+    before = server.count()
+    measured = loop.run_until_complete(measure())
+    rows.append(
+        _overflow_row(
+            names[1], measured["wall"], measured["cpu"], measured["other"], server.count() - before
+        )
+    )
+    return {"rounds": cfg.rounds, "calls_per_round": cfg.calls_per_round, "rows": rows}
+
+
 # --- scenario 4: import time ----------------------------------------------------------------------
 
 
@@ -1311,6 +1437,26 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"| {'yes' if row['within_bound'] else 'NO'} | {row['outcomes']} |"
             )
         lines.append("")
+    if "overflow" in results:
+        f = results["overflow"]
+        lines += [
+            "### Connection-pool overflow: a refused call",
+            "",
+            "| variant | refused calls | wall p50 / p99 / max µs | CPU p50 µs "
+            "| other outcomes | backend requests |",
+            "|---|--:|--:|--:|---|--:|",
+        ]
+        for row in f["rows"]:
+            if "skipped" in row:
+                lines.append(f"| {row['variant']} | {row['skipped']} | | | | |")
+                continue
+            lines.append(
+                f"| {row['variant']} | {row['refused']} | {fmt(row['wall_us_p50'])} / "
+                f"{fmt(row['wall_us_p99'])} / {fmt(row['wall_us_max'])} "
+                f"| {fmt(row['cpu_us_p50'])} | {row['other_outcomes'] or '-'} "
+                f"| {row['backend_requests']} |"
+            )
+        lines.append("")
     if "import" in results:
         i = results["import"]
         lines += ["### `import meshlib`", ""]
@@ -1341,7 +1487,7 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 # --- entry point ----------------------------------------------------------------------------------
 
-SCENARIOS = ("overhead", "tail", "outage", "import")
+SCENARIOS = ("overhead", "tail", "outage", "overflow", "import")
 
 
 def _parse_delays(text: str) -> list[tuple[float, float]]:
@@ -1458,6 +1604,11 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             with contextlib.ExitStack() as inner:
                 results["outage"] = scenario_outage(outage_cfg, inner, tmpdir, meshlib)
             _timed(results["outage"])
+        if "overflow" in scenarios:
+            overflow_cfg = OverflowConfig(rounds=2 if quick else 10, calls_per_round=200)
+            with contextlib.ExitStack() as inner:
+                results["overflow"] = scenario_overflow(overflow_cfg, inner, tmpdir, meshlib)
+            _timed(results["overflow"])
         if "import" in scenarios:
             results["import"] = _timed(scenario_import(2 if quick else 5))
     return results

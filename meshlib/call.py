@@ -11,12 +11,15 @@ The order of the stack, each step with its reason:
 1. route + split — everything below depends on which backend this call goes to;
 2. deadline start — the overall timeout covers faults, backoff and every attempt;
 3. faults — above retries, so an injected abort is returned, never retried;
-4. rate limit and connection-pool limit — before any budget is spent on a call we refuse;
+4. rate limit, connection-pool limit, circuit breaker — before any budget is spent on a call
+   we refuse; the breaker admits *calls*, so a retry is never refused half-way through one;
 5. budget deposit — every admitted call earns retry budget, once;
 6. body buffering — replayability is decided before the first attempt, never after;
 7. mirror — fire-and-forget, after admission, so refused calls are not mirrored;
-8. attempts: breaker → endpoint pick (avoiding endpoints already tried) → send (maybe hedged)
-   → one classification feeding balancer, outlier detection, breaker and retry decision.
+8. attempts: endpoint pick (avoiding endpoints already tried) → send (maybe hedged) → one
+   classification feeding balancer, outlier detection and the retry decision;
+9. the call's final outcome, after retries and endpoint switching, is the breaker's one verdict
+   for the call (what its caller saw; a single bad endpoint is outlier detection's business).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from meshlib.errors import (
     RetryBudgetExhaustedError,
 )
 from meshlib.policy.balancer import EndpointState
+from meshlib.policy.breaker import Admission, BreakerState
 from meshlib.policy.fault import NO_FAULT, FaultDecision, decide_faults
 from meshlib.policy.retry import (
     MAX_RETRY_AFTER,
@@ -68,6 +72,12 @@ MAX_REPLAY_BUFFER = 64 * 1024
 
 #: Header telling the upstream how much of the caller's deadline is left, in milliseconds.
 DEADLINE_HEADER = "x-mesh-timeout-ms"
+
+_REFUSED = Admission.REFUSED
+_PROBE = Admission.PROBE
+_HALF_OPEN = BreakerState.HALF_OPEN.value  # the circuit-state metric's words
+_CLOSED = BreakerState.CLOSED.value
+_OPEN_STATE = BreakerState.OPEN
 
 # --- effects: what the core asks its driver to do ------------------------------------------------
 
@@ -104,12 +114,20 @@ class Buffer:
     request: httpx.Request
 
 
+#: Told how a mirrored copy ended: ``(response, None)`` answered (the response already read
+#: and closed), ``(None, error)`` failed, ``(None, None)`` dropped without being sent.
+MirrorObserver = Callable[[httpx.Response | None, BaseException | None], None]
+
+
 @dataclass(slots=True)
 class Mirror:
-    """Send a copy somewhere, do not wait, discard the answer; the driver answers None."""
+    """Send a copy somewhere, do not wait, discard the answer; the driver answers None. The
+    driver calls ``observe`` (if set, e.g. by tracing) exactly once, when the copy has ended."""
 
     request: httpx.Request
     tls: bool = False
+    service: str = ""  # the mirror service's key
+    observe: MirrorObserver | None = None
 
 
 @dataclass(slots=True)
@@ -471,7 +489,7 @@ def _admitted_call(
     # the pick is made under the admission's lock (one lock section fewer per call).
     first: tuple[EndpointState | None] | None = None
 
-    # 4–5. admission: rate limit, concurrency limit, budget deposit
+    # 4–5. admission: rate limit, concurrency limit, circuit breaker, budget deposit
     policy = plan.policy
     max_in_flight = policy.connection_pool.max_connections
     with dest.lock:
@@ -482,13 +500,16 @@ def _admitted_call(
                 ConnectionPoolOverflowError(f"{dest.key}: {max_in_flight} calls in flight"),
                 decision,
             )
+        admission = dest.breaker.admit(now)
+        if admission is _REFUSED:
+            raise _fail(CircuitOpenError(f"circuit open for {dest.key}"), decision)
         dest.in_flight += 1
         dest.budget.deposit(now)
         if not buffer and not plan.mirrors:
             first = (_place(host, dest, (), now),)
-    # Whether the call still holds its in-flight slot: a successful attempt gives it back under
-    # the lock it already takes for its outcome (one lock section fewer per call).
-    lease = [True]
+    if admission is _PROBE and host.metrics is not None:  # open → half-open happened here
+        host.metrics.set_circuit_state(host.source, dest.key, _HALF_OPEN)
+    lease = _Lease(admission)
     try:
         # 6. buffering
         if buffer:
@@ -505,19 +526,59 @@ def _admitted_call(
                     copy = _mirror_request(host, router, request, rule.mirror, tls)
                     if copy is not None:
                         decision.mirrored_to = rule.mirror
-                        yield Mirror(copy, tls)
+                        yield Mirror(copy, tls, rule.mirror)
                         now = host.clock()
 
         # 8. attempts
-        return (
-            yield from _attempts(
-                host, request, plan, dest, decision, deadline, replayable, refuse, now, first, lease
-            )
+        response = yield from _attempts(
+            host, request, plan, dest, decision, deadline, replayable, refuse, now, first, lease
         )
+        if lease.held:  # a failed answer handed back (5xx, 429): a 5xx is a failed call
+            lease.healthy = response.status_code < 500
+        return response
+    except (MeshError, httpx.TransportError):
+        # The caller gets an error: the backend's failure if anything was sent to it; a call
+        # refused before its first attempt (no endpoint, say) leaves no verdict.
+        if lease.held and decision.attempts:
+            lease.healthy = False
+        raise
     finally:
-        if lease[0]:
-            with dest.lock:
-                dest.in_flight -= 1
+        if lease.held:
+            _settle(host, dest, lease)
+
+
+class _Lease:
+    """What an admitted call holds until it ends: its in-flight slot and its breaker admission,
+    and the verdict the breaker gets (None: no verdict, e.g. abandoned). A successful attempt
+    settles it under the lock it already takes for its outcome (one lock section fewer per
+    call); every other ending settles it in :func:`_settle`."""
+
+    __slots__ = ("admission", "healthy", "held")
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.held = True
+        self.healthy: bool | None = None
+
+
+def _settle(host: CallHost, dest: Destination, lease: _Lease) -> None:
+    """Give back the call's in-flight slot and hand the breaker the call's verdict."""
+    lease.held = False
+    healthy = lease.healthy
+    now = host.clock() if healthy is False else 0.0
+    breaker = dest.breaker
+    with dest.lock:
+        dest.in_flight -= 1
+        before = breaker.state
+        if healthy is None:
+            breaker.on_abandon(lease.admission)
+        elif healthy:
+            breaker.on_success(lease.admission)
+        else:
+            breaker.on_failure(lease.admission, now)
+        after = breaker.state
+    if after is not before and host.metrics is not None:
+        host.metrics.set_circuit_state(host.source, dest.key, after.value)
 
 
 def _inject(
@@ -541,6 +602,9 @@ def _inject(
     if fault.delay is not None:
         clock = host.clock
         decision.faults.append(f"delay:{fault.delay:g}s")
+        # Envoy's DI: the call's reason unless something worse happens later (an abort, a
+        # failure after the delay, the deadline), which then names the call's end instead.
+        decision.reason = Reason.FAULT_DELAY.value
         wait = fault.delay
         if deadline is not None:
             wait = min(wait, max(0.0, deadline - clock()))
@@ -565,20 +629,11 @@ def _mirror_request(
 def _place(
     host: CallHost, dest: Destination, tried: Collection[str], now: float
 ) -> EndpointState | None:
-    """The breaker's admission and the endpoint pick for one attempt, under ``dest.lock``
-    (held by the caller); None if nothing may be sent."""
-    breaker = dest.breaker
-    before = breaker.state
-    allowed = breaker.allow(now)
-    if breaker.state is not before and host.metrics is not None:
-        host.metrics.set_circuit_state(host.source, dest.key, breaker.state.value)
-    if not allowed:
-        return None
+    """The endpoint pick for one attempt, under ``dest.lock`` (held by the caller); None if
+    there is no endpoint to send to."""
     state = dest.endpoints.pick(now, host.rng, tried)
-    if state is None:
-        breaker.on_abandon()
-        return None
-    dest.endpoints.on_start(state)
+    if state is not None:
+        dest.endpoints.on_start(state)
     return state
 
 
@@ -595,7 +650,7 @@ def _begin(
     now: float | None = None,
     placed: tuple[EndpointState | None] | None = None,
 ) -> Send | None:
-    """Admit and place one attempt (breaker, pick); None if nothing may be sent. ``now``: a
+    """Place one attempt (the endpoint pick); None if there is no endpoint. ``now``: a
     clock reading that is still current, if the caller has one; ``placed``: the outcome of
     :func:`_place`, if the caller has already placed the attempt at that time."""
     if now is None:
@@ -623,16 +678,15 @@ def _finish(
     send: Send,
     outcome: Outcome | None,
     track_latency: bool,
-    lease: list[bool] | None = None,
+    lease: _Lease | None = None,
 ) -> tuple[Failure, int | None]:
-    """Feed one attempt's outcome to endpoint health, the breaker and the decision record:
-    one classification for all of them. A success ends the call: with its ``lease``, the
-    call's in-flight slot is given back under the same lock."""
+    """Feed one attempt's outcome to endpoint health and the decision record: one
+    classification for both. A success ends the call: with its ``lease``, the call's in-flight
+    slot is given back and the breaker told of the call's success under the same lock."""
     state = send.state
     if outcome is None:  # a hedge loser cancelled before it answered
         with dest.lock:
             dest.endpoints.on_abandon(state)
-            dest.breaker.on_abandon()
         decision.attempts.append(
             AttemptRecord(send.number, state.address, "cancelled", hedge=send.hedge)
         )
@@ -647,26 +701,23 @@ def _finish(
         failure, status = classify(outcome)
         failed = unhealthy = True
     now = host.clock()
+    closed = False  # whether this call's success closed a half-open breaker
     with dest.lock:
         ejected = dest.endpoints.on_end(state, now, outcome.elapsed, failed, unhealthy)
-        breaker = dest.breaker
-        before = breaker.state
-        if unhealthy:
-            breaker.on_failure(now)
-        else:
-            breaker.on_success()
-        after = breaker.state
         if not failed:
             if track_latency:
                 dest.record_latency(outcome.elapsed)
             if lease is not None:
                 dest.in_flight -= 1
-                lease[0] = False
-    if (ejected or after is not before) and host.metrics is not None:
+                lease.held = False
+                admission = lease.admission
+                dest.breaker.on_success(admission)
+                closed = admission is _PROBE  # the half-open probe succeeded
+    if (ejected or closed) and host.metrics is not None:
         if ejected:
             host.metrics.ejections.labels(host.source, dest.key, state.address).inc()
-        if after is not before:
-            host.metrics.set_circuit_state(host.source, dest.key, after.value)
+        if closed:
+            host.metrics.set_circuit_state(host.source, dest.key, _CLOSED)
     error = outcome.error
     decision.attempts.append(
         AttemptRecord(
@@ -684,12 +735,11 @@ def _finish(
 
 def _abandon(dest: Destination, sends: list[Send]) -> None:
     """The call was abandoned (the caller's task cancelled, a KeyboardInterrupt) while these
-    attempts were out: give back what they held — the endpoint's in-flight count and a
-    half-open breaker's probe slot, or a cancelled probe would keep the breaker refusing."""
+    attempts were out: give back the endpoints' in-flight counts (the call's own slot and a
+    half-open breaker's probe are given back when the call ends, by :func:`_settle`)."""
     with dest.lock:
         for send in sends:
             dest.endpoints.on_abandon(send.state)
-            dest.breaker.on_abandon()
 
 
 def _attempts(
@@ -703,7 +753,7 @@ def _attempts(
     refuse: bool,
     admitted_at: float,
     first: tuple[EndpointState | None] | None,
-    lease: list[bool],
+    lease: _Lease,
 ) -> Generator[Effect, Any, httpx.Response]:
     clock = host.clock
     retry_policy = plan.policy.retries
@@ -724,9 +774,7 @@ def _attempts(
         )
         picked_at = first = None
         if send is None:
-            if not decision.attempts and dest.breaker.state.value == "closed":
-                raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)
-            raise _fail(CircuitOpenError(f"circuit open for {dest.key}"), decision)
+            raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)
 
         hedge_delay = None
         if can_hedge and retries_left > 0 and not refuse:
@@ -764,6 +812,10 @@ def _attempts(
         retry = retries_left > 0 and should_retry(
             retry_policy, failure, status, idempotent=idempotent, replayable=replayable
         )
+        if retry and dest.breaker.state is _OPEN_STATE:
+            # Other calls' verdicts opened the breaker while this one was out: the backend as a
+            # whole is failing, so this call ends with what it has instead of adding retries.
+            retry = False
         retry_after = None
         if retry and response is not None:
             retry_after = parse_retry_after(response.headers.get("retry-after"))

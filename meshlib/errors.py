@@ -50,7 +50,14 @@ REASON_HEADER = "x-mesh-reason"
 
 
 class Reason(str, enum.Enum):
-    """Why a call ended the way it did: a short vocabulary, like Envoy's response flags."""
+    """Why a call ended the way it did: a short vocabulary, like Envoy's response flags.
+
+    One value per call. ``fault_delay`` marks a call that got an injected delay and otherwise
+    ended well; any failure after the delay names the failure instead (the decision's
+    ``faults`` still lists the delay). There is no "no route" reason (Envoy's NR): a call to a
+    mesh service that matches no route goes to the service itself (SMI), and a host that is
+    not a mesh service is passed through or, under ``egress: registry-only``, ``denied``.
+    """
 
     OK = "ok"
     TIMEOUT = "timeout"  # UT
@@ -60,13 +67,12 @@ class Reason(str, enum.Enum):
     RATE_LIMITED = "rate_limited"  # RL
     OVERFLOW = "overflow"  # UO
     FAULT_ABORT = "fault_abort"  # FI
-    FAULT_DELAY = "fault_delay"  # DI
+    FAULT_DELAY = "fault_delay"  # DI: an injected delay, the call otherwise fine
     CONNECT_FAILURE = "connect_failure"  # UF
     RESET = "reset"  # UR
     UPSTREAM_ERROR = "upstream_error"  # a 5xx answered by the upstream
     DENIED = "denied"  # RBAC
     UNAUTHENTICATED = "unauthenticated"  # (JWT origin authentication failed)
-    NO_ROUTE = "no_route"  # NR
 
 
 @dataclass(frozen=True)

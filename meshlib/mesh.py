@@ -241,7 +241,9 @@ class Mesh:
         service = router.resolve(request.url.host, self.namespace)
         if service is None:
             if router.snapshot.mesh.egress is Egress.REGISTRY_ONLY:
-                raise _egress_refused(request, router.snapshot.version)
+                refused = _egress_refused(request, router.snapshot.version)
+                self.tracing.refused(request, refused)
+                raise refused
             return None
         return self.tracing.trace_call(run_call(self, router, service, request), request, service)
 

@@ -7,7 +7,9 @@ Outbound, the call sequence (:func:`meshlib.call.run_call`) stays free of tracin
 wraps its generator of effects. A ``Send`` leaving for the driver starts an *attempt* span
 (kind CLIENT, child of the *call* span, itself CLIENT) and gets that span's ``traceparent``, so
 the upstream's SERVER span is the child of the attempt that reached it; the outcome coming
-back ends it. A hedge ``Race`` gets a span for each attempt it starts. While an attempt is out
+back ends it. A hedge ``Race`` gets a span for each attempt it starts. A ``Mirror`` gets its own
+CLIENT span, child of the call span and marked ``mesh.mirror``, ended by the driver's report of
+how the copy ended (it outlives the call). While an attempt is out
 with the driver, a context holding the call span and OpenTelemetry's "suppress HTTP
 instrumentation" key is attached, so opentelemetry-instrumentation-httpx (which wraps
 ``httpx.HTTPTransport``, meshlib's *inner* transport) neither opens a second CLIENT span nor
@@ -20,6 +22,10 @@ open, e.g. by OpenTelemetry's ASGI middleware outside meshlib's) and *attaches* 
 around the request, where the deadline is set too: an outbound call made anywhere while the
 request is handled — the handler, a task it spawns, a thread started with a context-copying
 helper — continues the trace with no application code.
+
+A call the mesh refuses before it becomes a call (a host outside the mesh under ``egress:
+registry-only``) gets a CLIENT span of its own too, with error status and the reason
+(:meth:`Tracing.refused`).
 
 Cost: with no SDK (the default no-op provider) nothing is created. An incoming trace context is
 still carried through (extracted, attached, injected into outbound attempts), so a service
@@ -154,6 +160,33 @@ class Tracing:
             carrier = self.carrier(ctx) if ctx else None
             return _propagating(call, carrier) if carrier else call
         return _traced(call, _CallSpans(self, tracer, ctx, request, service))
+
+    def refused(self, request: httpx.Request, error: MeshError) -> None:
+        """Record a CLIENT span for a call refused before any call sequence ran (egress:
+        registry-only): error status, the reason, the exception. Only on that path: nothing
+        is looked up for calls that go ahead."""
+        tracer = self.tracer()
+        if tracer is None:
+            return
+        parent = _current_context()
+        root = not trace.get_current_span(parent).get_span_context().is_valid
+        if root and not self.sample_root():
+            return
+        url = request.url
+        span = tracer.start_span(
+            f"{request.method} {url.host}",
+            parent,
+            SpanKind.CLIENT,
+            {
+                "http.request.method": request.method,
+                "url.full": str(url),
+                "server.address": url.host,
+                "mesh.reason": error.reason.value,
+            },
+        )
+        span.record_exception(error)
+        _set_error(span, error.reason.value, f"{error.reason.value}: {error}")
+        span.end()
 
     def carrier(self, ctx: Context) -> dict[str, str]:
         """The headers the global propagator writes for ``ctx``.
@@ -303,6 +336,27 @@ class _CallSpans:
         self.attempts[id(send)] = span
         propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
 
+    def mirror(self, mirror: Mirror) -> None:
+        """Open the mirrored copy's span (a child of the call span, marked as a mirror), put its
+        context on the copy, and have the driver end it when the copy ends."""
+        request = mirror.request
+        if self.recording:
+            url = request.url
+            attributes: dict[str, Any] = {
+                "http.request.method": self.method,
+                "url.full": str(url),
+                "server.address": url.host,
+                "server.port": url.port or (443 if url.scheme == "https" else 80),
+                "mesh.mirror": True,
+                "mesh.service": mirror.service,
+            }
+            name = f"{self.method} {mirror.service.partition('.')[0]}"
+            span: Span = self.tracer.start_span(name, self.context, SpanKind.CLIENT, attributes)
+        else:
+            span = _unsampled(self.span.get_span_context())
+        propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
+        mirror.observe = _mirror_observer(span)
+
     def end(self, send: Send, outcome: Outcome | None) -> None:
         span = self.attempts.pop(id(send), None)
         if span is None:
@@ -390,6 +444,8 @@ def _traced(call: Call, spans: _CallSpans) -> Call:
                 race: Race = effect  # type: ignore[assignment]
                 spans.begin(race.first)
                 race.backup = _traced_backup(race.backup, spans)
+            elif kind is Mirror:
+                spans.mirror(effect)  # type: ignore[arg-type]
             token = None
             if kind is Send or kind is Race or kind is Mirror:
                 token = otel_context.attach(spans.send_context)
@@ -413,6 +469,30 @@ def _traced(call: Call, spans: _CallSpans) -> Call:
     finally:
         spans.finish(response, error)
         call.close()
+
+
+def _mirror_observer(
+    span: Span,
+) -> Callable[[httpx.Response | None, BaseException | None], None]:
+    """Ends a mirror's span with how the copy ended (called by the driver, on any thread)."""
+
+    def ended(response: httpx.Response | None, error: BaseException | None) -> None:
+        if span.is_recording():
+            if response is not None:
+                status = response.status_code
+                span.set_attribute("http.response.status_code", status)
+                span.set_attribute("mesh.outcome", "ok" if status < 500 else "status")
+                if status >= 400:
+                    _set_error(span, str(status), "mirror answered with an error status")
+            elif error is not None:
+                span.set_attribute("mesh.outcome", "error")
+                span.record_exception(error)
+                _set_error(span, type(error).__name__, str(error))
+            else:
+                span.set_attribute("mesh.outcome", "dropped")  # too many copies in flight
+        span.end()
+
+    return ended
 
 
 def _traced_backup(
@@ -441,6 +521,8 @@ def _propagating(call: Call, carrier: dict[str, str]) -> Call:
                 race: Race = effect  # type: ignore[assignment]
                 _carry(race.first.request.headers, carrier)
                 race.backup = _propagating_backup(race.backup, carrier)
+            elif kind is Mirror:
+                _carry(effect.request.headers, carrier)  # type: ignore[union-attr]
             result = yield effect
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]

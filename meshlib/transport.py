@@ -45,6 +45,14 @@ HEDGE_WORKERS = 64
 MAX_MIRRORS_IN_FLIGHT = 32
 
 
+def _mirror_ended(
+    mirror: Mirror, response: httpx.Response | None, error: BaseException | None
+) -> None:
+    """Tell the mirror's observer (tracing) how the copy ended."""
+    if mirror.observe is not None:
+        mirror.observe(response, error)
+
+
 def _local_reply(request: httpx.Request, error: MeshError) -> httpx.Response:
     decision = error.decision or Decision(request.url.host, 0)
     return local_response(request, error.status, error.reason, decision)
@@ -182,6 +190,7 @@ class MeshTransport(httpx.BaseTransport):
 
     def _mirror(self, mirror: Mirror) -> None:
         if not self._mirrors.acquire(blocking=False):
+            _mirror_ended(mirror, None, None)  # dropped: too many copies in flight
             return
         try:
             self._mirror_executor().submit(
@@ -189,8 +198,11 @@ class MeshTransport(httpx.BaseTransport):
             )
         except RuntimeError:  # executor shut down
             self._mirrors.release()
+            _mirror_ended(mirror, None, None)
 
     def _send_mirror(self, mirror: Mirror) -> None:
+        response = None
+        failure: BaseException | None = None
         try:
             inner = self._tls_inner() if mirror.tls else self._inner
             response = inner.handle_request(mirror.request)
@@ -198,10 +210,15 @@ class MeshTransport(httpx.BaseTransport):
                 response.read()
             finally:
                 response.close()
-        except httpx.HTTPError:
-            pass  # a mirror's failure is nobody's business but its metrics'
+        except httpx.HTTPError as error:
+            # a mirror's failure is nobody's business but its own span's
+            response, failure = None, error
+        except BaseException as error:
+            response, failure = None, error
+            raise
         finally:
             self._mirrors.release()
+            _mirror_ended(mirror, response, failure)
 
     def close(self) -> None:
         with self._pool_lock:
@@ -345,14 +362,19 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # not on asyncio (e.g. trio): mirroring is skipped, never blocks the call
+            # not on asyncio (e.g. trio): mirroring is skipped, never blocks the call
+            _mirror_ended(mirror, None, None)
+            return
         if len(self._mirror_tasks) >= MAX_MIRRORS_IN_FLIGHT:
+            _mirror_ended(mirror, None, None)
             return
         task = loop.create_task(self._send_mirror(mirror))
         self._mirror_tasks.add(task)
         task.add_done_callback(self._mirror_tasks.discard)
 
     async def _send_mirror(self, mirror: Mirror) -> None:
+        response = None
+        failure: BaseException | None = None
         try:
             inner = self._tls_inner() if mirror.tls else self._inner
             response = await inner.handle_async_request(mirror.request)
@@ -360,8 +382,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 await response.aread()
             finally:
                 await response.aclose()
-        except httpx.HTTPError:
-            pass
+        except httpx.HTTPError as error:
+            response, failure = None, error
+        except BaseException as error:  # cancelled (the transport closing): ended all the same
+            response, failure = None, error
+            raise
+        finally:
+            _mirror_ended(mirror, response, failure)
 
     async def aclose(self) -> None:
         for task in list(self._mirror_tasks):

@@ -44,13 +44,13 @@ class Flag(str, enum.Enum):
     BUDGET_EXHAUSTED = "budget_exhausted"  # URX
     RATE_LIMITED = "rate_limited"  # RL
     OVERFLOW = "overflow"  # UO
-    FAULT_INJECTED = "fault_injected"  # FI
+    FAULT_INJECTED = "fault_injected"  # FI: an injected abort answered
+    FAULT_DELAY = "fault_delay"  # DI: an injected delay, then answered (a success)
     DENIED = "denied"  # RBAC
     UNAUTHENTICATED = "unauthenticated"  # (JWT origin authentication)
     UPSTREAM_ERROR = "upstream_error"  # a 5xx answered by the upstream
     CONNECT_FAILURE = "connect_failure"  # UF
     RESET = "reset"  # UR
-    NO_ROUTE = "no_route"  # NR
 
 
 _BY_REASON: dict[str, Flag] = {
@@ -62,14 +62,16 @@ _BY_REASON: dict[str, Flag] = {
     Reason.RATE_LIMITED.value: Flag.RATE_LIMITED,
     Reason.OVERFLOW.value: Flag.OVERFLOW,
     Reason.FAULT_ABORT.value: Flag.FAULT_INJECTED,
-    Reason.FAULT_DELAY.value: Flag.FAULT_INJECTED,
+    Reason.FAULT_DELAY.value: Flag.FAULT_DELAY,
     Reason.CONNECT_FAILURE.value: Flag.CONNECT_FAILURE,
     Reason.RESET.value: Flag.RESET,
     Reason.UPSTREAM_ERROR.value: Flag.UPSTREAM_ERROR,
     Reason.DENIED.value: Flag.DENIED,
     Reason.UNAUTHENTICATED.value: Flag.UNAUTHENTICATED,
-    Reason.NO_ROUTE.value: Flag.NO_ROUTE,
 }
+
+#: Flags of calls that succeeded (a delayed call that was then answered is a success).
+_SUCCESS = frozenset({Flag.OK, Flag.FAULT_DELAY})
 
 
 def flag_for(reason: str, status: int | None, budget: str = "ok") -> Flag:
@@ -79,7 +81,7 @@ def flag_for(reason: str, status: int | None, budget: str = "ok") -> Flag:
     flag = _BY_REASON.get(reason, Flag.UPSTREAM_ERROR)
     if flag is Flag.UPSTREAM_ERROR and budget == "exhausted":
         return Flag.BUDGET_EXHAUSTED
-    if flag is Flag.OK and status is not None and status >= 500:
+    if flag in _SUCCESS and status is not None and status >= 500:
         return Flag.UPSTREAM_ERROR
     return flag
 
@@ -110,7 +112,8 @@ class CallEvent:
 
     @property
     def ok(self) -> bool:
-        return self.flag is Flag.OK
+        """Whether the call succeeded (a delay injected on the way does not make it fail)."""
+        return self.flag in _SUCCESS
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -1,6 +1,9 @@
 """FAULT-4 and FAULT-5 over real sockets: outlier ejection after consecutive failures, growing
 re-ejections, the maxEjectionPercent cap, return after the ejection time, panic (fail open)
-when too few endpoints are healthy, and fail-fast when there is no endpoint at all."""
+when too few endpoints are healthy, and fail-fast when there is no endpoint at all.
+
+Ejection times are the default 30 s × n on the mesh's injectable clock (a :class:`FakeClock`
+the test advances), not slept through."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from policy.fakes import FakeClock
 from prometheus_client import CollectorRegistry
 
 from e2e.conftest import service_yaml
@@ -21,7 +25,7 @@ URL = "http://reviews/r"
 def outlier_policy(
     *,
     failures: int = 5,
-    base: str = "300ms",
+    base: str = "30s",
     max_percent: int = 20,
     panic: int = 50,
 ) -> str:
@@ -49,11 +53,9 @@ def state_of(mesh, backend):
     raise AssertionError(f"no endpoint state for {backend}")
 
 
-def sleep_until(mesh, when: float) -> None:
-    """Let an ejection time pass (the duration under test, not a synchronisation)."""
-    remaining = when - mesh.clock()
-    if remaining > 0:
-        time.sleep(remaining + 0.01)
+def advance_to(clock: FakeClock, when: float) -> None:
+    """Move the mesh's clock to ``when`` (the end of an ejection)."""
+    clock.advance(max(0.0, when - clock()))
 
 
 def ejections_metric(registry: CollectorRegistry) -> float:
@@ -84,9 +86,11 @@ def test_failing_endpoint_is_ejected_longer_each_time_and_returns(
     backends = [echo_factory(f"b{i}") for i in range(5)]
     bad = backends[0]
     registry = CollectorRegistry()
+    clock = FakeClock()
     mesh = make_mesh(
         service_yaml("reviews", [b.port for b in backends]) + "---\n" + outlier_policy(),
         registry=registry,
+        clock=clock,
     )
     c = caller.bind(mesh)
     bad.set_status(503)
@@ -94,7 +98,7 @@ def test_failing_endpoint_is_ejected_longer_each_time_and_returns(
     before, after = call_until(c, mesh, bad, 5)
     state = state_of(mesh, bad)
     assert state.times_ejected == 1
-    assert before + 0.3 <= state.ejected_until <= after + 0.3
+    assert before + 30.0 <= state.ejected_until <= after + 30.0
     assert ejections_metric(registry) == 1
 
     # While ejected it gets nothing and every call succeeds elsewhere.
@@ -103,18 +107,23 @@ def test_failing_endpoint_is_ejected_longer_each_time_and_returns(
     assert bad.requests == 5
     assert all(b.requests >= 5 for b in backends[1:])
 
+    # Just before its ejection ends it still gets nothing.
+    advance_to(clock, state.ejected_until - 0.01)
+    assert [c.get(URL).status_code for _ in range(8)] == [200] * 8
+    assert bad.requests == 5
+
     # After its ejection time it is tried again; still failing, it is ejected for twice as long.
-    sleep_until(mesh, state.ejected_until)
+    advance_to(clock, state.ejected_until)
     before, after = call_until(c, mesh, bad, 10)
     assert state.times_ejected == 2
-    assert before + 0.6 <= state.ejected_until <= after + 0.6
+    assert before + 60.0 <= state.ejected_until <= after + 60.0
     assert ejections_metric(registry) == 2
     assert [c.get(URL).status_code for _ in range(8)] == [200] * 8
     assert bad.requests == 10
 
     # Healed, it returns after the (longer) ejection and serves again.
     bad.reset()
-    sleep_until(mesh, state.ejected_until)
+    advance_to(clock, state.ejected_until)
     served = [c.get(URL).json()["backend"] for _ in range(10)]
     assert served.count("b0") == 2  # round-robin over 5 again
     assert state.times_ejected == 2

@@ -135,9 +135,58 @@ def test_circuit_open_rate_limited_fault_and_no_endpoint_flags(mesh_for, clock) 
     assert [e.flag for e in events] == [Flag.NO_HEALTHY_ENDPOINT]
 
 
+def test_injected_delay_is_flagged_in_decision_event_and_metrics(clock) -> None:
+    """Envoy's DI: a call that got an injected delay and was then answered says so — decision
+    reason ``fault_delay``, event flag ``fault_delay`` (still a success), the metric's
+    ``reason`` label — while a failure after the delay names the failure."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    mesh = meshlib.Mesh.from_text(
+        with_policy("retries: {attempts: 0}"),
+        service="productpage",
+        clock=clock,
+        seed=1,
+        registry=registry,
+        watch=False,
+    )
+    try:
+        events = observed(mesh)
+        with mesh.inject_fault("reviews", delay=0.2):
+            delayed = run(mesh, clock, status(200))
+            failed = run(mesh, clock, status(503))
+        plain = run(mesh, clock, status(200))
+    finally:
+        mesh.close()
+    decisions = [r.extensions["mesh_decision"] for r in (delayed, failed, plain)]
+    assert [(d.reason, d.faults) for d in decisions] == [
+        ("fault_delay", ["delay:0.2s"]),
+        ("upstream_error", ["delay:0.2s"]),
+        ("ok", []),
+    ]
+    assert [(e.flag, e.ok) for e in events] == [
+        (Flag.FAULT_DELAY, True),
+        (Flag.UPSTREAM_ERROR, False),
+        (Flag.OK, True),
+    ]
+    assert "fault_delay" in events[0].text() and events[0].as_dict()["flag"] == "fault_delay"
+    labels = {
+        "direction": "outbound",
+        "source": "productpage.default",
+        "destination": "reviews.default",
+        "route": "",
+    }
+    count = registry.get_sample_value
+    assert count("mesh_requests_total", {**labels, "code": "200", "reason": "fault_delay"}) == 1
+    assert count("mesh_requests_total", {**labels, "code": "503", "reason": "upstream_error"}) == 1
+    assert count("mesh_requests_total", {**labels, "code": "200", "reason": "ok"}) == 1
+
+
 def test_flag_for_maps_every_reason() -> None:
     for reason in meshlib.Reason:
         assert isinstance(flag_for(reason.value, 200), Flag)
+    assert flag_for("fault_delay", 200) is Flag.FAULT_DELAY
+    assert flag_for("fault_delay", 502) is Flag.UPSTREAM_ERROR
     assert flag_for("overflow", 503) is Flag.OVERFLOW
     assert flag_for("ok", 502) is Flag.UPSTREAM_ERROR
     assert flag_for("upstream_error", 503, "exhausted") is Flag.BUDGET_EXHAUSTED
