@@ -48,7 +48,9 @@ class Failure(enum.Enum):
 
 
 def is_failure_status(status: int) -> bool:
-    """Statuses that count against endpoint health, breakers and the balancer."""
+    """Statuses that make an attempt a failed one for the balancer (429 included: an
+    overloaded endpoint is avoided); endpoint health, outlier detection and the breaker count
+    only 5xx, the breaker once per call."""
     return status >= 500 or status == 429
 
 
