@@ -303,23 +303,103 @@ def _build(
         tls_class = _protocol_class(source, mode_of=mode_of, mesh=mesh)
         options["http"] = _sniffing_protocol(tls_class, context, mode_of)
     else:
-        options.setdefault("http", _h11_protocol())
+        options.setdefault("http", _protocol_class())
     config = uvicorn.Config(app, host=host, port=port, **options)
     config.load()
     return uvicorn.Server(config), source, resolved
 
 
-def _h11_protocol() -> type[H11Protocol]:
-    """uvicorn's h11 protocol, parsing with :func:`_framing_checked_connection`; :func:`serve`
-    uses it without TLS (with TLS, :func:`_protocol_class`)."""
+def _protocol_class(
+    source: SVIDSource | None = None,
+    *,
+    mode_of: Callable[[], MTLSMode] | None = None,
+    mesh: Mesh | None = None,
+) -> type[H11Protocol]:
+    """uvicorn's h11 protocol as :func:`serve` runs it: requests parsed with
+    :func:`_framing_checked_connection`, and a stop that closes idle connections at once and
+    asks for ``Connection: close`` on the responses it still waits for.
+
+    With ``source`` (TLS modes, under :func:`_sniffing_protocol`) it also checks the peer's SVID
+    and fills the ASGI TLS extension, and refuses requests without a verified client
+    certificate while the mode is strict."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    from meshlib.config.model import MTLSMode
+
     class MeshH11Protocol(H11Protocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, tcp: asyncio.Transport | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.conn = _framing_checked_connection(self.config.h11_max_incomplete_event_size)
+            #: The socket's own transport under asyncio's TLS layer (``None``: plain HTTP,
+            #: where ``self.transport`` is the socket's).
+            self.tcp = tcp
+            self.draining = False
 
-    return MeshH11Protocol
+        def shutdown(self) -> None:
+            self.draining = True
+            cycle = self.cycle
+            idle = cycle is None or cycle.response_complete
+            if not idle and not cycle.response_started:
+                # The response still to come says the connection ends with it (RFC 9112
+                # section 9.6), so the caller does not send its next request here. A new list:
+                # the default headers are shared by every connection.
+                cycle.default_headers = [*cycle.default_headers, (b"connection", b"close")]
+            super().shutdown()  # idle: closes now; else after the response
+            if idle:
+                self._close_socket()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.draining:  # uvicorn closed the connection after this response
+                self._close_socket()
+
+        def _close_socket(self) -> None:
+            """Under TLS, closing writes our close_notify and then waits for the peer's, which
+            a caller's pooled, idle connection never sends (nothing reads it): close the
+            socket without waiting, as RFC 8446 section 6.1 allows. The close_notify and any
+            response bytes still buffered are flushed first."""
+            if self.tcp is not None:
+                self.tcp.close()
+
+    if source is None:
+        return MeshH11Protocol
+    assert mode_of is not None and mesh is not None
+    svid, current_mode, own_mesh = source, mode_of, mesh  # narrowed, for the closures below
+    strict = MTLSMode.STRICT
+
+    class MeshTLSProtocol(MeshH11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            tls: dict[str, Any] | None = None
+            if ssl_object is not None:
+                try:
+                    tls = tls_extension(
+                        ssl_object,
+                        svid,
+                        trust_domain=own_mesh.snapshot.mesh.trust_domain,  # per connection
+                        require_client_cert=current_mode() is strict,
+                    )
+                except PeerRefused as exc:
+                    peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown peer"
+                    log.warning("mTLS: refused connection from %s: %s", peer, exc.reason)
+                    transport.abort()
+                    return
+            verified = tls is not None and bool(tls["client_cert_chain"])
+            inner = self.app
+
+            async def with_tls(scope: Scope, receive: Any, send: Any) -> None:
+                if scope.get("type") in ("http", "websocket"):
+                    if not verified and current_mode() is strict:  # the mode became strict
+                        await _refuse_unverified(scope, send)
+                        return
+                    if tls is not None:
+                        scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
+                await inner(scope, receive, send)
+
+            self.app = with_tls
+
+    return MeshTLSProtocol
 
 
 def _framing_checked_connection(max_incomplete_event_size: int | None) -> h11.Connection:
@@ -361,69 +441,6 @@ def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
         elif size == 17 and name.lower() == b"transfer-encoding":
             chunked = True
     return length and chunked
-
-
-def _protocol_class(
-    source: SVIDSource, *, mode_of: Callable[[], MTLSMode], mesh: Mesh
-) -> type[asyncio.Protocol]:
-    """An h11 protocol (:func:`_h11_protocol`) that checks the peer's SVID and fills the ASGI
-    TLS extension, and refuses requests without a verified client certificate while the mode
-    is strict."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    from meshlib.config.model import MTLSMode
-
-    strict = MTLSMode.STRICT
-
-    class MeshTLSProtocol(H11Protocol):
-        def __init__(self, *args: Any, tcp: asyncio.Transport | None = None, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.conn = _framing_checked_connection(self.config.h11_max_incomplete_event_size)
-            #: The socket's own transport under asyncio's TLS layer (``None``: plain HTTP,
-            #: ``self.transport`` is the socket's).
-            self.tcp = tcp
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            ssl_object = transport.get_extra_info("ssl_object")
-            tls: dict[str, Any] | None = None
-            if ssl_object is not None:
-                try:
-                    tls = tls_extension(
-                        ssl_object,
-                        source,
-                        trust_domain=mesh.snapshot.mesh.trust_domain,  # per connection: reloads
-                        require_client_cert=mode_of() is strict,
-                    )
-                except PeerRefused as exc:
-                    peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown peer"
-                    log.warning("mTLS: refused connection from %s: %s", peer, exc.reason)
-                    transport.abort()
-                    return
-            verified = tls is not None and bool(tls["client_cert_chain"])
-            inner = self.app
-
-            async def with_tls(scope: Scope, receive: Any, send: Any) -> None:
-                if scope.get("type") in ("http", "websocket"):
-                    if not verified and mode_of() is strict:  # the mode became strict
-                        await _refuse_unverified(scope, send)
-                        return
-                    if tls is not None:
-                        scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
-                await inner(scope, receive, send)
-
-            self.app = with_tls
-
-        def shutdown(self) -> None:
-            idle = self.cycle is None or self.cycle.response_complete
-            super().shutdown()  # TLS: close_notify written, then it waits for the peer's
-            if idle and self.tcp is not None:
-                # ... which an idle pooled client never sends (it does not read an idle
-                # connection): close the socket now. The close_notify already written is
-                # flushed first; the peer sees it, then end of stream.
-                self.tcp.close()
-
-    return MeshTLSProtocol
 
 
 async def _refuse_unverified(scope: Scope, send: Any) -> None:
