@@ -6,6 +6,8 @@ callers' next calls reach the new instance without failing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,14 +31,20 @@ GRACE = 15.0
 
 
 class SlowApp:
-    """``/slow`` waits for :attr:`release` (set from the test) before answering, ``/stream``
+    """``/slow`` waits for :meth:`release` (called from the test) before answering, ``/stream``
     sends its headers and then waits; anything else answers at once. The body names the
     instance, so a caller can tell which one answered."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.started = threading.Event()
-        self.release = threading.Event()
+        self.started = threading.Event()  # a /slow or /stream request is waiting
+        self._released: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def release(self) -> None:
+        """Let the waiting request finish (from the test's thread)."""
+        assert self._loop is not None and self._released is not None
+        self._loop.call_soon_threadsafe(self._released.set)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -47,8 +55,9 @@ class SlowApp:
         if scope["path"] == "/stream":
             await send(start)
         if scope["path"] in ("/slow", "/stream"):
+            self._loop, self._released = asyncio.get_running_loop(), asyncio.Event()
             self.started.set()
-            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, GRACE)
+            await self._released.wait()
         if scope["path"] != "/stream":
             await send(start)
         await send({"type": "http.response.body", "body": body})
@@ -133,7 +142,7 @@ def test_stop_under_live_callers_closes_idle_drains_in_flight_and_callers_move_o
         assert poll(lambda: len(connections) == 1), f"{len(connections)} connections left"
         assert not stopping.done()
 
-        old.release.set()
+        old.release()
         finished = in_flight.result(timeout=10.0)
         assert (finished.status_code, finished.text) == (200, "old")
         if path == "/slow":
@@ -160,3 +169,42 @@ def test_stop_with_only_idle_callers_returns_and_the_port_is_free(
         assert server.server.server_state.connections == set()
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{server.port}/", timeout=2.0)
+
+
+def test_a_request_outliving_the_grace_is_cut_and_stop_still_returns(
+    pki: PKI, make_mesh: Callable[..., meshlib.Mesh]
+) -> None:
+    """serve's default grace (SHUTDOWN_GRACE; uvicorn's own default waits forever)."""
+    app = SlowApp("old")  # /slow is never released
+    mesh = make_mesh("strict")
+    server = serve(
+        meshlib.MeshMiddleware(app, mesh=mesh),
+        mesh=mesh,
+        svid_dir=str(pki.server_dir),
+        svid_poll_interval=None,
+        lifespan="off",
+    )
+    caller = _caller(pki, "strict", server.port)
+    try:
+        with caller, caller.client(timeout=GRACE) as client, ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(client.get, "http://productpage/slow")
+            assert app.started.wait(5.0)
+            server.stop()  # the grace runs out: cancelled and aborted, no TimeoutError
+            assert server.server.server_state.connections == set()
+            # cut: uvicorn's 500 for the cancelled app, or the aborted connection
+            with contextlib.suppress(httpx.TransportError):
+                assert in_flight.result(timeout=10.0).status_code == 500
+    finally:
+        server.stop()
+
+
+def test_a_connection_that_never_spoke_is_closed_by_the_stop(
+    pki: PKI, workload: Callable[..., Server]
+) -> None:
+    """Until its first byte says TLS or plain HTTP, a connection is idle: a stop closes it."""
+    server = workload("permissive", SlowApp("old"))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5.0) as silent:
+        connections = server.server.server_state.connections
+        assert poll(lambda: len(connections) == 1)  # accepted, waiting for a first byte
+        server.stop()
+        assert silent.recv(1) == b""  # closed by the server (a timeout fails the test)
