@@ -377,7 +377,7 @@ def _protocol_class(
                     tls = tls_extension(
                         ssl_object,
                         svid,
-                        trust_domain=own_mesh.snapshot.mesh.trust_domain,  # per connection
+                        trust_domain=own_mesh.snapshot.mesh.trust_domain,  # per connection: reloads
                         require_client_cert=current_mode() is strict,
                     )
                 except PeerRefused as exc:
