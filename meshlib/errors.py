@@ -73,6 +73,7 @@ class Reason(str, enum.Enum):
     UPSTREAM_ERROR = "upstream_error"  # a 5xx answered by the upstream
     DENIED = "denied"  # RBAC
     UNAUTHENTICATED = "unauthenticated"  # (JWT origin authentication failed)
+    BAD_REQUEST = "bad_request"  # DPE (inbound: a request refused as malformed)
 
 
 @dataclass(frozen=True)

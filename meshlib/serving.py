@@ -32,12 +32,26 @@ In both TLS modes a client that *does* present a certificate must present a vali
 trust domain, or the connection is refused: a peer that claims an identity and gets it wrong is
 misconfigured or hostile, never silently downgraded.
 
-Imports of uvicorn, asyncio and the identity package happen on first use, so ``import meshlib``
-stays light.
+Whatever the mode, requests are parsed by meshlib's h11 protocol class, which refuses what
+h11 alone lets through: a request carrying both ``Content-Length`` and ``Transfer-Encoding`` is
+answered 400 and its connection closed before any app sees it (RFC 9112 §6.3; otherwise a
+request hidden after the chunked body would be served on the same connection — request
+smuggling). h11 itself refuses the other ambiguous framings with 400 and a close.
+
+Stopping (:meth:`Server.stop`) closes idle keep-alive connections at once — over TLS too, where
+the server sends its ``close_notify`` and closes without waiting for the peer's (a pooled HTTP
+client never reads an idle connection, so it would never answer) — and gives in-flight requests
+a grace period (``timeout_graceful_shutdown``, default :data:`SHUTDOWN_GRACE` seconds) to finish
+with ``Connection: close``; what is left after it is cancelled and its connection aborted.
+Callers' next calls open new connections, to whatever listens then.
+
+Imports of uvicorn, asyncio, h11 and the identity package happen on first use, so
+``import meshlib`` stays light.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -47,7 +61,9 @@ if TYPE_CHECKING:
     import asyncio
     import ssl
 
+    import h11
     import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from meshlib.config.model import MTLSMode
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
@@ -63,6 +79,11 @@ ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
 
 #: Seconds a new connection may stay silent before its first byte says TLS or plain HTTP.
 SNIFF_TIMEOUT = 10.0
+#: Seconds in-flight requests get to finish once :meth:`Server.stop` is called (uvicorn's
+#: ``timeout_graceful_shutdown``; pass that keyword to :func:`serve` to change it).
+SHUTDOWN_GRACE = 2.0
+#: Seconds :meth:`Server.stop` allows beyond the grace for uvicorn's own shutdown steps.
+STOP_MARGIN = 3.0
 
 _TLS_VERSIONS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
@@ -118,10 +139,17 @@ class Server:
 
         return asyncio.run_coroutine_threadsafe(reload(), self._loop).result(timeout)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, finish in-flight requests (uvicorn's graceful shutdown), join."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting; close idle connections at once; let in-flight requests finish
+        within the grace period (then cancel them and abort their connections); join.
+
+        ``timeout`` (seconds; default: the grace plus :data:`STOP_MARGIN`) bounds the whole
+        stop: :class:`TimeoutError` if the server thread is still running after it."""
         if self._rotation is not None:
             self._rotation.stop()
+        if timeout is None:
+            grace = self.server.config.timeout_graceful_shutdown
+            timeout = (SHUTDOWN_GRACE if grace is None else grace) + STOP_MARGIN
         self.server.should_exit = True
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -180,7 +208,13 @@ def serve(
         state["port"] = int(server.servers[0].sockets[0].getsockname()[1])
         started.set()
         await server.main_loop()
-        await server.shutdown()
+        await server.shutdown()  # idle connections close now, in-flight ones get the grace
+        # What the grace left open (a response never finished, a peer that never closed) is
+        # cut, so no socket outlives the server's loop.
+        for connection in list(server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
 
     def target() -> None:
         try:
@@ -245,7 +279,11 @@ def _build(
     from meshlib.config.model import MTLSMode
 
     resolved = MTLSMode(mode) if mode is not None else mesh.mtls_mode()
-    options: dict[str, Any] = {"log_config": None, "lifespan": "auto"}
+    options: dict[str, Any] = {
+        "log_config": None,
+        "lifespan": "auto",
+        "timeout_graceful_shutdown": SHUTDOWN_GRACE,  # uvicorn's default waits forever
+    }
     options.update(uvicorn_kwargs)
     source: SVIDSource | None = None
     if resolved is not MTLSMode.DISABLE:
@@ -265,24 +303,71 @@ def _build(
         tls_class = _protocol_class(source, mode_of=mode_of, mesh=mesh)
         options["http"] = _sniffing_protocol(tls_class, context, mode_of)
     else:
-        options.setdefault("http", "h11")
+        options.setdefault("http", _protocol_class())
     config = uvicorn.Config(app, host=host, port=port, **options)
     config.load()
     return uvicorn.Server(config), source, resolved
 
 
 def _protocol_class(
-    source: SVIDSource, *, mode_of: Callable[[], MTLSMode], mesh: Mesh
-) -> type[asyncio.Protocol]:
-    """An h11 protocol that checks the peer's SVID and fills the ASGI TLS extension, and
-    refuses requests without a verified client certificate while the mode is strict."""
+    source: SVIDSource | None = None,
+    *,
+    mode_of: Callable[[], MTLSMode] | None = None,
+    mesh: Mesh | None = None,
+) -> type[H11Protocol]:
+    """uvicorn's h11 protocol as :func:`serve` runs it: requests parsed with
+    :func:`_framing_checked_connection`, and a stop that closes idle connections at once and
+    asks for ``Connection: close`` on the responses it still waits for.
+
+    With ``source`` (TLS modes, under :func:`_sniffing_protocol`) it also checks the peer's SVID
+    and fills the ASGI TLS extension, and refuses requests without a verified client
+    certificate while the mode is strict."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from meshlib.config.model import MTLSMode
 
+    class MeshH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, tcp: asyncio.Transport | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn = _framing_checked_connection(self.config.h11_max_incomplete_event_size)
+            #: The socket's own transport under asyncio's TLS layer (``None``: plain HTTP,
+            #: where ``self.transport`` is the socket's).
+            self.tcp = tcp
+            self.draining = False
+
+        def shutdown(self) -> None:
+            self.draining = True
+            cycle = self.cycle
+            idle = cycle is None or cycle.response_complete
+            if not idle and not cycle.response_started:
+                # The response still to come says the connection ends with it (RFC 9112
+                # section 9.6), so the caller does not send its next request here. A new list:
+                # the default headers are shared by every connection.
+                cycle.default_headers = [*cycle.default_headers, (b"connection", b"close")]
+            super().shutdown()  # idle: closes now; else after the response
+            if idle:
+                self._close_socket()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.draining:  # uvicorn closed the connection after this response
+                self._close_socket()
+
+        def _close_socket(self) -> None:
+            """Under TLS, closing writes our close_notify and then waits for the peer's, which
+            a caller's pooled, idle connection never sends (nothing reads it): close the
+            socket without waiting, as RFC 8446 section 6.1 allows. The close_notify and any
+            response bytes still buffered are flushed first."""
+            if self.tcp is not None:
+                self.tcp.close()
+
+    if source is None:
+        return MeshH11Protocol
+    assert mode_of is not None and mesh is not None
+    svid, current_mode, own_mesh = source, mode_of, mesh  # narrowed, for the closures below
     strict = MTLSMode.STRICT
 
-    class MeshTLSProtocol(H11Protocol):
+    class MeshTLSProtocol(MeshH11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
@@ -291,9 +376,9 @@ def _protocol_class(
                 try:
                     tls = tls_extension(
                         ssl_object,
-                        source,
-                        trust_domain=mesh.snapshot.mesh.trust_domain,  # per connection: reloads
-                        require_client_cert=mode_of() is strict,
+                        svid,
+                        trust_domain=own_mesh.snapshot.mesh.trust_domain,  # per connection: reloads
+                        require_client_cert=current_mode() is strict,
                     )
                 except PeerRefused as exc:
                     peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown peer"
@@ -305,7 +390,7 @@ def _protocol_class(
 
             async def with_tls(scope: Scope, receive: Any, send: Any) -> None:
                 if scope.get("type") in ("http", "websocket"):
-                    if not verified and mode_of() is strict:  # the mode became strict
+                    if not verified and current_mode() is strict:  # the mode became strict
                         await _refuse_unverified(scope, send)
                         return
                     if tls is not None:
@@ -315,6 +400,47 @@ def _protocol_class(
             self.app = with_tls
 
     return MeshTLSProtocol
+
+
+def _framing_checked_connection(max_incomplete_event_size: int | None) -> h11.Connection:
+    """A server-side h11 connection that also refuses a request with both ``Content-Length``
+    and ``Transfer-Encoding``, which h11 reads as chunked and keeps the connection for."""
+    import h11
+
+    size = max_incomplete_event_size
+    cls = _framing_checked_class()
+    return cls(h11.SERVER) if size is None else cls(h11.SERVER, size)
+
+
+@functools.cache
+def _framing_checked_class() -> type[h11.Connection]:
+    import h11
+
+    class FramingChecked(h11.Connection):
+        def next_event(self) -> Any:
+            event = super().next_event()
+            if type(event) is h11.Request and _ambiguous_framing(event.headers.raw_items()):
+                # uvicorn answers a RemoteProtocolError with 400 and closes the connection,
+                # before the request (or anything hidden after its body) reaches the app.
+                raise h11.RemoteProtocolError(
+                    "both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)"
+                )
+            return event
+
+    return FramingChecked
+
+
+def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's headers carry both framings (``Content-Length`` and
+    ``Transfer-Encoding``): the one a front proxy used may not be the one read here."""
+    length = chunked = False
+    for name, _ in headers:
+        size = len(name)  # a length test first: most headers are neither
+        if size == 14 and name.lower() == b"content-length":
+            length = True
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            chunked = True
+    return length and chunked
 
 
 async def _refuse_unverified(scope: Scope, send: Any) -> None:
@@ -331,7 +457,7 @@ async def _refuse_unverified(scope: Scope, send: Any) -> None:
 
 
 def _sniffing_protocol(
-    tls_class: type[asyncio.Protocol],
+    tls_class: Callable[..., asyncio.Protocol],
     context: ssl.SSLContext,
     mode_of: Callable[[], MTLSMode],
 ) -> type[asyncio.Protocol]:
@@ -341,7 +467,8 @@ def _sniffing_protocol(
 
     One port thus serves both while the mode is permissive (Istio PERMISSIVE semantics), and
     a mode change needs no new socket. A peer that sends nothing is dropped after
-    ``SNIFF_TIMEOUT`` seconds.
+    ``SNIFF_TIMEOUT`` seconds, or when the server stops: until its first byte, the connection
+    is one of uvicorn's (``server_state.connections``), idle, so a stop closes it at once.
     """
     import asyncio
     from asyncio.sslproto import SSLProtocol
@@ -351,22 +478,31 @@ def _sniffing_protocol(
     class Sniffer(asyncio.Protocol):
         def __init__(self, **kwargs: Any) -> None:
             self._kwargs = kwargs
-            self._transport: asyncio.Transport | None = None
+            self._connections: set[Any] = kwargs["server_state"].connections
+            self.transport: asyncio.Transport | None = None
             self._timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             assert isinstance(transport, asyncio.Transport)
-            self._transport = transport
+            self.transport = transport
+            self._connections.add(self)
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(SNIFF_TIMEOUT, transport.abort)
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self._connections.discard(self)
             if self._timer is not None:
                 self._timer.cancel()
 
+        def shutdown(self) -> None:
+            """uvicorn's stop: nothing was received, so there is nothing to finish."""
+            if self.transport is not None:
+                self.transport.close()
+
         def data_received(self, data: bytes) -> None:
-            transport = self._transport
+            transport = self.transport
             assert transport is not None
+            self._connections.discard(self)  # the HTTP protocol now answers for it
             if self._timer is not None:
                 self._timer.cancel()
             if data[:1] == b"\x16":  # a TLS record of type handshake
@@ -388,7 +524,7 @@ def _sniffing_protocol(
             # typeshed's stub lags CPython: no waiter is needed when nobody awaits the handshake
             tls = SSLProtocol(
                 asyncio.get_running_loop(),
-                tls_class(**self._kwargs),
+                tls_class(**self._kwargs, tcp=transport),
                 context,
                 None,  # type: ignore[arg-type]
                 server_side=True,

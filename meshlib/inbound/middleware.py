@@ -7,6 +7,10 @@ The inbound stack, in order (each step's reason beside it):
    deadline or a token per message means nothing for a long-lived connection;
 2. peer identity, then header sanitation — first, so no later step (nor the app) ever reads
    a header the peer was not entitled to send;
+   then the method: a case-variant of a standard method (``get``, ``Delete``) is answered 400
+   — methods are case-sensitive (RFC 9110 §9.1), so it is not the method a rule names, yet
+   an app or router may treat it as one; refused before authorization, no allow or deny rule
+   can be side-stepped by case, whichever way the policy compares methods;
 3. origin authentication (a RequestAuthentication applies): a token that does not verify is
    refused with 401; a verified token's claims go to authorization and to the app
    (``scope["extensions"]["meshlib"]``); no token means no request principal;
@@ -80,6 +84,12 @@ class Verdict(enum.Enum):
 
 #: The ``mode`` label of a decision where no authorization applies (``accessControl: open``).
 _OPEN_MODE = AccessControl.OPEN.value
+
+#: RFC 9110 §9 methods and PATCH (RFC 5789), exactly as they are spelled: a request whose
+#: method is one of these in another case is refused (see step 2 of the stack).
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
 
 
 class _Plan(NamedTuple):
@@ -162,6 +172,17 @@ class MeshMiddleware:
             app_scope = {**scope, "headers": headers}
         source = identity or UNAUTHENTICATED
         method, path = scope.get("method", ""), scope.get("path", "")
+        if method not in STANDARD_METHODS and method.upper() in STANDARD_METHODS:
+            log.info(
+                "refused %r %s from %s: not %s (methods are case-sensitive)",
+                method,
+                path,
+                source,
+                method.upper(),
+            )
+            await send_local_reply(send, 400, Reason.BAD_REQUEST)
+            self._record(source, 400, Reason.BAD_REQUEST, start, app_scope)
+            return
         claims: Mapping[str, Any] | None = None
         if plan.in_force:
             app_scope = _normalized(app_scope, path)

@@ -51,6 +51,7 @@ class Flag(str, enum.Enum):
     UPSTREAM_ERROR = "upstream_error"  # a 5xx answered by the upstream
     CONNECT_FAILURE = "connect_failure"  # UF
     RESET = "reset"  # UR
+    BAD_REQUEST = "bad_request"  # DPE
 
 
 _BY_REASON: dict[str, Flag] = {
@@ -68,6 +69,7 @@ _BY_REASON: dict[str, Flag] = {
     Reason.UPSTREAM_ERROR.value: Flag.UPSTREAM_ERROR,
     Reason.DENIED.value: Flag.DENIED,
     Reason.UNAUTHENTICATED.value: Flag.UNAUTHENTICATED,
+    Reason.BAD_REQUEST.value: Flag.BAD_REQUEST,
 }
 
 #: Flags of calls that succeeded (a delayed call that was then answered is a success).

@@ -40,12 +40,11 @@ def poll(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 # ---------------------------------------------------------------------- server runner
 
 
-def test_run_uvicorn_starts_fast_and_stops_cleanly() -> None:
+def test_run_uvicorn_answers_as_soon_as_it_returns_and_stops_cleanly() -> None:
+    """How long a start takes is a benchmark (benchmarks/harness_start.py), not a test."""
     backend = EchoBackend("plain")
     sockets_before = open_socket_count()
-    started = time.perf_counter()
     handles = [run_uvicorn(backend) for _ in range(5)]
-    assert time.perf_counter() - started < 1.0
     try:
         ports = {h.port for h in handles}
         assert len(ports) == 5 and 0 not in ports

@@ -86,12 +86,13 @@ def http_scope(
     extensions: dict[str, Any] | None = None,
     path: str = "/",
     kind: str = "http",
+    method: str = "GET",
 ) -> dict[str, Any]:
     scope: dict[str, Any] = {
         "type": kind,
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "GET",
+        "method": method,
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),

@@ -279,3 +279,34 @@ def test_inbound_requests_are_counted(mesh: meshlib.Mesh) -> None:
         if s.name == "mesh_requests_total" and s.labels.get("direction") == "inbound"
     }
     assert samples == {("200", "ok"): 1.0, ("429", "rate_limited"): 1.0}
+
+
+@pytest.mark.parametrize("method", ["get", "Get", "Delete", "pOST", "options", "patch"])
+def test_a_case_variant_of_a_standard_method_is_refused_before_the_app(
+    mesh: meshlib.Mesh, method: str
+) -> None:
+    app = Recorder()
+    sent = call(meshlib.MeshMiddleware(app, mesh=mesh), http_scope(method=method))
+    assert sent[0]["status"] == 400
+    assert headers_of(sent[0])["x-mesh-reason"] == "bad_request"
+    assert app.scopes == []
+    assert mesh.metrics is not None
+    reasons = {
+        s.labels["reason"]
+        for family in mesh.metrics.calls.collect()
+        for s in family.samples
+        if s.name == "mesh_requests_total" and s.labels.get("code") == "400"
+    }
+    assert reasons == {"bad_request"}
+
+
+@pytest.mark.parametrize(
+    "method", ["GET", "DELETE", "PATCH", "PURGE", "purge", "PROPFIND", "M-Search"]
+)
+def test_standard_methods_and_other_extension_methods_pass_as_sent(
+    mesh: meshlib.Mesh, method: str
+) -> None:
+    app = Recorder()
+    sent = call(meshlib.MeshMiddleware(app, mesh=mesh), http_scope(method=method))
+    assert sent[0]["status"] == 200
+    assert [scope["method"] for scope in app.scopes] == [method]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -151,3 +152,55 @@ def test_lifespan_reaches_the_app(make_mesh: Callable[..., meshlib.Mesh]) -> Non
     with server:
         assert httpx.get(server.url + "/").status_code == 200
     assert events[0] == "lifespan.startup"
+
+
+def _policy(rule: str) -> str:
+    return (
+        SERVICE_ONLY + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {name: productpage}\n"
+        "spec: {}\n---\napiVersion: meshlib/v1\nkind: AuthorizationPolicy\n"
+        f"metadata: {{name: p}}\nspec: {{target: {{service: productpage}}, {rule}}}\n"
+    )
+
+
+ALLOW_GET = _policy("rules: [{to: [{methods: [GET]}]}]")
+DENY_DELETE = _policy("action: DENY, rules: [{to: [{methods: [DELETE]}]}]")
+
+
+def _raw_request(port: int, method: str) -> tuple[int, str]:
+    """(status, x-mesh-reason) for ``method /`` sent as is (httpx would upper-case it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:
+        sock.sendall(f"{method} / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head = received.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in head[1:])
+    return int(head[0].split()[1]), fields.get(meshlib.REASON_HEADER, "")
+
+
+@pytest.mark.parametrize(
+    ("policy", "method", "status", "reason"),
+    [
+        (ALLOW_GET, "GET", 200, ""),
+        (ALLOW_GET, "get", 400, "bad_request"),  # was admitted by the GET rule, as "get"
+        (ALLOW_GET, "Get", 400, "bad_request"),
+        (ALLOW_GET, "POST", 403, "denied"),
+        (DENY_DELETE, "DELETE", 403, "denied"),
+        (DENY_DELETE, "Delete", 400, "bad_request"),
+        (DENY_DELETE, "GET", 200, ""),
+        (DENY_DELETE, "PURGE", 200, ""),  # extension methods pass as sent
+        (DENY_DELETE, "purge", 200, ""),
+    ],
+)
+def test_a_method_case_variant_is_refused_before_authorization(
+    make_mesh: Callable[..., meshlib.Mesh], policy: str, method: str, status: int, reason: str
+) -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["method"])
+        await headers_app(scope, receive, send)
+
+    with run_uvicorn(meshlib.MeshMiddleware(app, mesh=make_mesh(policy))) as server:
+        assert _raw_request(server.port, method) == (status, reason)
+    assert seen == ([method] if status == 200 else [])
