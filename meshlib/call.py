@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import operator
 import random
-from collections.abc import Callable, Collection, Generator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Generator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -68,6 +68,13 @@ MAX_REPLAY_BUFFER = 64 * 1024
 
 #: Header telling the upstream how much of the caller's deadline is left, in milliseconds.
 DEADLINE_HEADER = "x-mesh-timeout-ms"
+
+#: Request extension marking a call whose response the caller streams (``client.stream``):
+#: its deadline ends at the response headers and ``streamIdleTimeout`` bounds each read of the
+#: body. ``mesh.client()`` sets it; with ``httpx.Client(transport=mesh.transport())`` pass
+#: ``extensions={STREAM_EXTENSION: True}`` to ``client.stream``. Without it the deadline covers
+#: the whole body (docs/features/timeouts.md).
+STREAM_EXTENSION = "mesh_stream"
 
 # --- effects: what the core asks its driver to do ------------------------------------------------
 
@@ -325,6 +332,212 @@ def _fail(error: MeshError, decision: Decision) -> MeshError:
     return error
 
 
+# --- the end of a call: reporting, and the response body ----------------------------------------
+
+
+def _report(
+    host: CallHost,
+    backend: str,
+    request: httpx.Request,
+    decision: Decision,
+    code: str,
+    start: float,
+) -> None:
+    """Count the call (metrics, call-completion events) once, when it has ended."""
+    clock = host.clock
+    metrics = host.metrics
+    if metrics is not None:
+        metrics.observe_call(
+            host.source,
+            backend,
+            decision.route or "",
+            code,
+            decision.reason,
+            clock() - start,
+            decision.attempts,
+        )
+    events = getattr(host, "events", None)  # call-completion events (meshlib.observe)
+    if events is not None:
+        events.outbound(host.source, backend, request, decision, code, clock() - start)
+
+
+@dataclass(slots=True)
+class _CallEnd:
+    """What reporting a call needs, kept by its response body until the body ends."""
+
+    host: CallHost
+    backend: str
+    request: httpx.Request
+    decision: Decision
+    start: float
+
+
+class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """The body of a call's response as its caller reads it, held to the call's time limits.
+    The call ends — metrics, events and its span are recorded — when the body does: read to
+    the end, failed, or closed by the caller.
+
+    - A buffered call (``client.get``, ``client.post``...: the default) is bounded by its
+      deadline up to the last byte, as Envoy's route timeout bounds the whole response. Every
+      chunk is checked against the deadline, and the connection's read timeout is set to the
+      time left when the body starts, so neither a trickle nor a stalled read can hold the
+      call for ever; past the deadline the read raises :class:`MeshTimeout`.
+    - A streamed call (the request carries :data:`STREAM_EXTENSION`: ``client.stream`` on a
+      ``mesh.client()``) was bounded by its deadline up to the response headers; each read of
+      the body then waits at most ``streamIdleTimeout`` (Envoy's ``stream_idle_timeout``).
+
+    The client's own read timeout still applies to each read when it is shorter. httpx calls
+    :meth:`__iter__` or :meth:`__aiter__` by the client's kind; both are the same loop.
+    """
+
+    __slots__ = (
+        "_call",
+        "_deadline",
+        "_ended",
+        "_extensions",
+        "_idle",
+        "_inner",
+        "_read",
+        "_timeouts",
+    )
+
+    def __init__(
+        self,
+        inner: httpx.SyncByteStream | httpx.AsyncByteStream,
+        call: _CallEnd,
+        deadline: float | None,
+        idle: float | None,
+        extensions: dict[str, Any],
+        timeouts: Mapping[str, float | None] | None,
+    ) -> None:
+        self._inner = inner
+        self._call = call
+        self._deadline = deadline  # None: streamed, or no deadline
+        self._idle = idle
+        self._extensions = extensions  # the attempt's: httpcore reads its "timeout" entry
+        self._timeouts = timeouts  # the caller's (the client's timeouts)
+        self._read: float | None = None  # the read timeout set when the body started
+        #: None while the body is open; then the listeners to tell when it ends
+        self._ended: list[Callable[[BaseException | None], None]] | None = []
+
+    def then(self, listener: Callable[[BaseException | None], None]) -> bool:
+        """Call ``listener(error)`` when the body ends (``error`` None: read to the end or
+        closed). False, and nothing registered, when it has already ended."""
+        if self._ended is None:
+            return False
+        self._ended.append(listener)
+        return True
+
+    def __iter__(self) -> Iterator[bytes]:
+        inner = self._inner
+        if not isinstance(inner, httpx.SyncByteStream):
+            raise RuntimeError("Attempted to call a sync iterator on an async stream.")
+        try:
+            self._begin()
+            deadline = self._deadline
+            clock = self._call.host.clock
+            for chunk in inner:
+                if deadline is not None and clock() >= deadline:
+                    raise self._expired(None)
+                yield chunk
+        except MeshError:
+            raise  # this body's own MeshTimeout, already counted
+        except httpx.TimeoutException as error:
+            raise self._expired(error) from error
+        except httpx.TransportError as error:
+            self._broken(error)
+            raise
+        self._end(None, str(self._call.decision.status))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        inner = self._inner
+        if not isinstance(inner, httpx.AsyncByteStream):
+            raise RuntimeError("Attempted to call an async iterator on a sync stream.")
+        try:
+            self._begin()
+            deadline = self._deadline
+            clock = self._call.host.clock
+            async for chunk in inner:
+                if deadline is not None and clock() >= deadline:
+                    raise self._expired(None)
+                yield chunk
+        except MeshError:
+            raise  # this body's own MeshTimeout, already counted
+        except httpx.TimeoutException as error:
+            raise self._expired(error) from error
+        except httpx.TransportError as error:
+            self._broken(error)
+            raise
+        self._end(None, str(self._call.decision.status))
+
+    def close(self) -> None:
+        try:
+            if isinstance(self._inner, httpx.SyncByteStream):
+                self._inner.close()
+        finally:
+            self._end(None, str(self._call.decision.status))
+
+    async def aclose(self) -> None:
+        try:
+            if isinstance(self._inner, httpx.AsyncByteStream):
+                await self._inner.aclose()
+        finally:
+            self._end(None, str(self._call.decision.status))
+
+    def _begin(self) -> None:
+        """Bound the connection's reads of the body: httpcore (HTTP/1.1) takes the read
+        timeout from the request's extensions once, when the body starts, so it is set here,
+        on the first read, to what is left of the deadline (buffered) or to the idle timeout
+        (streamed) — whichever is shorter, with the client's own."""
+        timeouts = self._timeouts
+        bound = self._idle
+        own = None if timeouts is None else timeouts.get("read")
+        if own is not None and (bound is None or own < bound):
+            bound = own
+        deadline = self._deadline
+        if deadline is not None:
+            left = deadline - self._call.host.clock()
+            if left <= 0:
+                raise self._expired(None)
+            if bound is None or left < bound:
+                bound = left
+        current = self._extensions.get("timeout")
+        self._extensions["timeout"] = {**current, "read": bound} if current else {"read": bound}
+        self._read = bound
+
+    def _expired(self, cause: httpx.TimeoutException | None) -> MeshError:
+        """The body's time limit passed: the call fails with MeshTimeout (504, timeout)."""
+        call = self._call
+        if self._deadline is not None:
+            why = "the deadline passed"
+        else:
+            why = f"no data within the read timeout ({self._read or 0:g}s)"
+        error = _fail(
+            MeshTimeout(f"call to {call.backend} timed out reading the response body: {why}"),
+            call.decision,
+        )
+        error.__cause__ = cause
+        self._end(error, str(error.status))
+        return error
+
+    def _broken(self, error: httpx.TransportError) -> None:
+        """The connection failed mid-body (reset, truncated): the call ends in error."""
+        decision = self._call.decision
+        decision.reason = Reason.RESET.value
+        error.decision = decision  # type: ignore[attr-defined]
+        self._end(error, "error")
+
+    def _end(self, error: BaseException | None, code: str) -> None:
+        listeners = self._ended
+        if listeners is None:
+            return
+        self._ended = None
+        call = self._call
+        _report(call.host, call.backend, call.request, call.decision, code, call.start)
+        for listener in listeners:
+            listener(error)
+
+
 # --- the sequence ---------------------------------------------------------------------------------
 
 
@@ -392,13 +605,25 @@ def run_call(
     decision.deadline = timeout
 
     code = "error"
+    body: Body | None = None
     try:
-        response = yield from _admitted_call(
+        response, attempt = yield from _admitted_call(
             host, router, service, request, plan, dest, decision, deadline, start
         )
         code = str(response.status_code)
         decision.status = response.status_code
         response.extensions[DECISION_EXTENSION] = decision
+        if attempt is not None and not response.is_closed:
+            # The body is still on the wire: the call ends, and is reported, when it does.
+            streamed = request.extensions.get(STREAM_EXTENSION)
+            response.stream = body = Body(
+                response.stream,
+                _CallEnd(host, backend, request, decision, start),
+                None if streamed else deadline,
+                plan.policy.stream_idle_timeout,
+                attempt.extensions,
+                request.extensions.get("timeout"),
+            )
         return response
     except MeshError as error:
         code = str(error.status)
@@ -412,20 +637,8 @@ def run_call(
         error.decision = decision  # type: ignore[attr-defined]
         raise
     finally:
-        metrics = host.metrics
-        if metrics is not None:
-            metrics.observe_call(
-                host.source,
-                backend,
-                decision.route or "",
-                code,
-                decision.reason,
-                clock() - start,
-                decision.attempts,
-            )
-        events = getattr(host, "events", None)  # call-completion events (meshlib.observe)
-        if events is not None:
-            events.outbound(host.source, backend, request, decision, code, clock() - start)
+        if body is None:
+            _report(host, backend, request, decision, code, start)
 
 
 def _admitted_call(
@@ -438,7 +651,7 @@ def _admitted_call(
     decision: Decision,
     deadline: float | None,
     now: float,
-) -> Generator[Effect, Any, httpx.Response]:
+) -> Generator[Effect, Any, tuple[httpx.Response, httpx.Request | None]]:
     """Faults, admission, replayability, mirroring, then the attempts loop. ``now`` is the
     clock reading the call started with: admission and the first pick reuse it while no
     effect has been yielded (nothing in between waits)."""
@@ -458,7 +671,7 @@ def _admitted_call(
             if fault.abort is not None:
                 decision.faults.append(f"abort:{fault.abort}")
                 decision.reason = Reason.FAULT_ABORT.value
-                return local_response(request, fault.abort, Reason.FAULT_ABORT, decision)
+                return local_response(request, fault.abort, Reason.FAULT_ABORT, decision), None
 
     # 6 (decided here, performed after admission). Replayability is decided once, before the
     # first attempt: only a body of known length within the replay buffer is replayed, even
@@ -704,7 +917,7 @@ def _attempts(
     admitted_at: float,
     first: tuple[EndpointState | None] | None,
     lease: list[bool],
-) -> Generator[Effect, Any, httpx.Response]:
+) -> Generator[Effect, Any, tuple[httpx.Response, httpx.Request | None]]:
     clock = host.clock
     retry_policy = plan.policy.retries
     per_try = retry_policy.per_try_timeout
@@ -757,7 +970,7 @@ def _attempts(
         response = outcome.response
         if failure is Failure.NONE:
             assert response is not None
-            return response
+            return response, send.request
 
         # Decide whether to try again; otherwise hand back what we have.
         now = clock()
@@ -784,14 +997,14 @@ def _attempts(
             if not retry:
                 if response is not None:
                     decision.reason = Reason.UPSTREAM_ERROR.value
-                    return response
+                    return response, send.request
                 error = RetryBudgetExhaustedError(f"retry budget for {dest.key} exhausted")
                 error.__cause__ = outcome.error
                 raise _fail(error, decision)
         if not retry:
             if response is not None:
                 decision.reason = Reason.UPSTREAM_ERROR.value
-                return response
+                return response, send.request
             if failure is Failure.TIMEOUT:
                 timeout_error = MeshTimeout(
                     f"call to {dest.key} timed out after {len(decision.attempts)} attempt(s)"
