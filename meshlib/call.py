@@ -9,7 +9,8 @@ results back in, so no policy logic is written twice (the pattern of ``httpx/_au
 The order of the stack, each step with its reason:
 
 1. route + split — everything below depends on which backend this call goes to;
-2. deadline start — the overall timeout covers faults, backoff and every attempt;
+2. deadline start — the overall timeout covers faults, backoff, every attempt and (unless the
+   caller streams the response) the response body, which :class:`Body` holds to it;
 3. faults — above retries, so an injected abort is returned, never retried;
 4. rate limit and connection-pool limit — before any budget is spent on a call we refuse;
 5. budget deposit — every admitted call earns retry budget, once;

@@ -363,7 +363,9 @@ class EffectivePolicy:
     e.g. ``"service:reviews-policy"``) or ``"default"``.
     """
 
-    timeout: float | None = None  # overall deadline over all attempts; None = no deadline
+    #: Overall deadline over all attempts and the response body (a streamed one: its headers);
+    #: None = no deadline.
+    timeout: float | None = None
     #: Longest wait for each read of a response body (the only bound on a streamed one).
     stream_idle_timeout: float | None = STREAM_IDLE_TIMEOUT
     retries: RetryPolicy = field(default_factory=RetryPolicy)

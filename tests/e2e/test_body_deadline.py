@@ -260,3 +260,39 @@ def test_plug_in_form_bounds_every_body_unless_told(mode, make_mesh, body_backen
 
     assert isinstance(read({}), meshlib.MeshTimeout)
     assert read({STREAM_EXTENSION: True}) == b"x" * 400
+
+
+# --- the call span ends with the body ------------------------------------------------------------
+
+
+def test_the_call_span_ends_with_the_body(caller, make_mesh, body_backend) -> None:
+    """The CLIENT span of a call stays open while its body is read and records a body that
+    ran out of time; attempts end at their headers."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    backend, server = body_backend(size=1, gap=0.1, chunks=100)
+    mesh = make_mesh(
+        service_yaml("reviews", [server.port]) + policy("timeout: 500ms\n"),
+        tracer_provider=provider,
+    )
+    try:
+        result = caller.bind(mesh).outcome("GET", "http://reviews/trickle")
+        assert isinstance(result, meshlib.MeshTimeout), result
+        spans = exporter.get_finished_spans()
+    finally:
+        provider.shutdown()
+
+    (call,) = [s for s in spans if s.kind is SpanKind.CLIENT and "mesh.attempt" not in s.attributes]
+    (attempt,) = [s for s in spans if "mesh.attempt" in s.attributes]
+    assert call.attributes is not None and call.attributes["mesh.reason"] == "timeout"
+    assert call.status.status_code is StatusCode.ERROR
+    assert attempt.attributes is not None and attempt.attributes["mesh.outcome"] == "ok"
+    assert call.end_time is not None and attempt.end_time is not None
+    assert call.end_time > attempt.end_time  # the call went on after the headers
+    assert backend.gone.wait(5)
