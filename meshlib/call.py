@@ -362,17 +362,6 @@ def _report(
         events.outbound(host.source, backend, request, decision, code, clock() - start)
 
 
-@dataclass(slots=True)
-class _CallEnd:
-    """What reporting a call needs, kept by its response body until the body ends."""
-
-    host: CallHost
-    backend: str
-    request: httpx.Request
-    decision: Decision
-    start: float
-
-
 class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
     """The body of a call's response as its caller reads it, held to the call's time limits.
     The call ends — metrics, events and its span are recorded — when the body does: read to
@@ -392,41 +381,54 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
     """
 
     __slots__ = (
-        "_call",
+        "_backend",
         "_deadline",
-        "_ended",
+        "_decision",
         "_extensions",
+        "_host",
         "_idle",
         "_inner",
+        "_listeners",
+        "_open",
         "_read",
-        "_timeouts",
+        "_request",
+        "_start",
     )
 
     def __init__(
         self,
         inner: httpx.SyncByteStream | httpx.AsyncByteStream,
-        call: _CallEnd,
+        host: CallHost,
+        backend: str,
+        request: httpx.Request,
+        decision: Decision,
+        start: float,
         deadline: float | None,
         idle: float | None,
         extensions: dict[str, Any],
-        timeouts: Mapping[str, float | None] | None,
     ) -> None:
         self._inner = inner
-        self._call = call
+        # what reporting the call needs when the body ends
+        self._host = host
+        self._backend = backend
+        self._request = request  # the caller's: its "timeout" extension holds the client's
+        self._decision = decision
+        self._start = start
         self._deadline = deadline  # None: streamed, or no deadline
         self._idle = idle
         self._extensions = extensions  # the attempt's: httpcore reads its "timeout" entry
-        self._timeouts = timeouts  # the caller's (the client's timeouts)
         self._read: float | None = None  # the read timeout set when the body started
-        #: None while the body is open; then the listeners to tell when it ends
-        self._ended: list[Callable[[BaseException | None], None]] | None = []
+        self._open = True
+        self._listeners: list[Callable[[BaseException | None], None]] | None = None
 
     def then(self, listener: Callable[[BaseException | None], None]) -> bool:
         """Call ``listener(error)`` when the body ends (``error`` None: read to the end or
         closed). False, and nothing registered, when it has already ended."""
-        if self._ended is None:
+        if not self._open:
             return False
-        self._ended.append(listener)
+        if self._listeners is None:
+            self._listeners = []
+        self._listeners.append(listener)
         return True
 
     def __iter__(self) -> Iterator[bytes]:
@@ -436,7 +438,7 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         try:
             self._begin()
             deadline = self._deadline
-            clock = self._call.host.clock
+            clock = self._host.clock
             for chunk in inner:
                 if deadline is not None and clock() >= deadline:
                     raise self._expired(None)
@@ -448,7 +450,7 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         except httpx.TransportError as error:
             self._broken(error)
             raise
-        self._end(None, str(self._call.decision.status))
+        self._end(None, None)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         inner = self._inner
@@ -457,7 +459,7 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         try:
             self._begin()
             deadline = self._deadline
-            clock = self._call.host.clock
+            clock = self._host.clock
             async for chunk in inner:
                 if deadline is not None and clock() >= deadline:
                     raise self._expired(None)
@@ -469,53 +471,56 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         except httpx.TransportError as error:
             self._broken(error)
             raise
-        self._end(None, str(self._call.decision.status))
+        self._end(None, None)
 
     def close(self) -> None:
         try:
             if isinstance(self._inner, httpx.SyncByteStream):
                 self._inner.close()
         finally:
-            self._end(None, str(self._call.decision.status))
+            if self._open:
+                self._end(None, None)
 
     async def aclose(self) -> None:
         try:
             if isinstance(self._inner, httpx.AsyncByteStream):
                 await self._inner.aclose()
         finally:
-            self._end(None, str(self._call.decision.status))
+            if self._open:
+                self._end(None, None)
 
     def _begin(self) -> None:
         """Bound the connection's reads of the body: httpcore (HTTP/1.1) takes the read
         timeout from the request's extensions once, when the body starts, so it is set here,
         on the first read, to what is left of the deadline (buffered) or to the idle timeout
         (streamed) — whichever is shorter, with the client's own."""
-        timeouts = self._timeouts
         bound = self._idle
+        timeouts = self._request.extensions.get("timeout")
         own = None if timeouts is None else timeouts.get("read")
         if own is not None and (bound is None or own < bound):
             bound = own
         deadline = self._deadline
         if deadline is not None:
-            left = deadline - self._call.host.clock()
+            left = deadline - self._host.clock()
             if left <= 0:
                 raise self._expired(None)
             if bound is None or left < bound:
                 bound = left
-        current = self._extensions.get("timeout")
-        self._extensions["timeout"] = {**current, "read": bound} if current else {"read": bound}
+        extensions = self._extensions
+        current = extensions.get("timeout")
+        # A new dict: without a per-try timeout it is the caller's own, never edited.
+        extensions["timeout"] = {**current, "read": bound} if current else {"read": bound}
         self._read = bound
 
     def _expired(self, cause: httpx.TimeoutException | None) -> MeshError:
         """The body's time limit passed: the call fails with MeshTimeout (504, timeout)."""
-        call = self._call
         if self._deadline is not None:
             why = "the deadline passed"
         else:
             why = f"no data within the read timeout ({self._read or 0:g}s)"
         error = _fail(
-            MeshTimeout(f"call to {call.backend} timed out reading the response body: {why}"),
-            call.decision,
+            MeshTimeout(f"call to {self._backend} timed out reading the response body: {why}"),
+            self._decision,
         )
         error.__cause__ = cause
         self._end(error, str(error.status))
@@ -523,20 +528,23 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
 
     def _broken(self, error: httpx.TransportError) -> None:
         """The connection failed mid-body (reset, truncated): the call ends in error."""
-        decision = self._call.decision
+        decision = self._decision
         decision.reason = Reason.RESET.value
         error.decision = decision  # type: ignore[attr-defined]
         self._end(error, "error")
 
-    def _end(self, error: BaseException | None, code: str) -> None:
-        listeners = self._ended
-        if listeners is None:
+    def _end(self, error: BaseException | None, code: str | None) -> None:
+        """Report the call, once. ``code``: the metrics label (None: the response's status)."""
+        if not self._open:
             return
-        self._ended = None
-        call = self._call
-        _report(call.host, call.backend, call.request, call.decision, code, call.start)
-        for listener in listeners:
-            listener(error)
+        self._open = False
+        decision = self._decision
+        if code is None:
+            code = str(decision.status)
+        _report(self._host, self._backend, self._request, decision, code, self._start)
+        if self._listeners is not None:
+            for listener in self._listeners:
+                listener(error)
 
 
 # --- the sequence ---------------------------------------------------------------------------------
@@ -619,11 +627,14 @@ def run_call(
             streamed = request.extensions.get(STREAM_EXTENSION)
             response.stream = body = Body(
                 response.stream,
-                _CallEnd(host, backend, request, decision, start),
+                host,
+                backend,
+                request,
+                decision,
+                start,
                 None if streamed else deadline,
                 plan.policy.stream_idle_timeout,
                 attempt.extensions,
-                request.extensions.get("timeout"),
             )
         return response
     except MeshError as error:
