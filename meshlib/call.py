@@ -24,7 +24,16 @@ from __future__ import annotations
 
 import operator
 import random
-from collections.abc import AsyncIterator, Callable, Collection, Generator, Iterator, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -384,9 +393,7 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         "_backend",
         "_deadline",
         "_decision",
-        "_extensions",
         "_host",
-        "_idle",
         "_inner",
         "_listeners",
         "_open",
@@ -415,11 +422,31 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         self._decision = decision
         self._start = start
         self._deadline = deadline  # None: streamed, or no deadline
-        self._idle = idle
-        self._extensions = extensions  # the attempt's: httpcore reads its "timeout" entry
-        self._read: float | None = None  # the read timeout set when the body started
         self._open = True
         self._listeners: list[Callable[[BaseException | None], None]] | None = None
+        # Bound each read of the body. httpcore (HTTP/1.1) takes the read timeout from the
+        # attempt's extensions once per response body, when the body starts; set here, at the
+        # headers, it is what is left of the deadline (buffered) or the idle timeout (streamed)
+        # — whichever is shorter, with the client's own.
+        own = request.extensions.get("timeout")
+        client_read = None if own is None else own.get("read")
+        bound = (
+            idle
+            if client_read is None or (idle is not None and idle < client_read)
+            else client_read
+        )
+        if deadline is not None:
+            left = deadline - host.clock()
+            if left < 0.001:  # never 0: a zero read timeout is a non-blocking read, an error
+                left = 0.001
+            if bound is None or left < bound:
+                bound = left
+        self._read = bound
+        timeouts = extensions.get("timeout")
+        if timeouts is None or timeouts is own:  # the caller's own dict is never edited
+            extensions["timeout"] = {**(timeouts or {}), "read": bound}
+        else:  # the attempt's own copy (per-try and deadline caps)
+            timeouts["read"] = bound
 
     def then(self, listener: Callable[[BaseException | None], None]) -> bool:
         """Call ``listener(error)`` when the body ends (``error`` None: read to the end or
@@ -432,11 +459,8 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         return True
 
     def __iter__(self) -> Iterator[bytes]:
-        inner = self._inner
-        if not isinstance(inner, httpx.SyncByteStream):
-            raise RuntimeError("Attempted to call a sync iterator on an async stream.")
+        inner: Iterable[bytes] = self._inner  # type: ignore[assignment]  # a sync client's
         try:
-            self._begin()
             deadline = self._deadline
             clock = self._host.clock
             for chunk in inner:
@@ -453,11 +477,8 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         self._end(None, None)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        inner = self._inner
-        if not isinstance(inner, httpx.AsyncByteStream):
-            raise RuntimeError("Attempted to call an async iterator on a sync stream.")
+        inner: AsyncIterable[bytes] = self._inner  # type: ignore[assignment]  # an async client's
         try:
-            self._begin()
             deadline = self._deadline
             clock = self._host.clock
             async for chunk in inner:
@@ -475,42 +496,17 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
 
     def close(self) -> None:
         try:
-            if isinstance(self._inner, httpx.SyncByteStream):
-                self._inner.close()
+            self._inner.close()  # type: ignore[union-attr]  # a sync client's: sync
         finally:
             if self._open:
                 self._end(None, None)
 
     async def aclose(self) -> None:
         try:
-            if isinstance(self._inner, httpx.AsyncByteStream):
-                await self._inner.aclose()
+            await self._inner.aclose()  # type: ignore[union-attr]  # an async client's: async
         finally:
             if self._open:
                 self._end(None, None)
-
-    def _begin(self) -> None:
-        """Bound the connection's reads of the body: httpcore (HTTP/1.1) takes the read
-        timeout from the request's extensions once, when the body starts, so it is set here,
-        on the first read, to what is left of the deadline (buffered) or to the idle timeout
-        (streamed) — whichever is shorter, with the client's own."""
-        bound = self._idle
-        timeouts = self._request.extensions.get("timeout")
-        own = None if timeouts is None else timeouts.get("read")
-        if own is not None and (bound is None or own < bound):
-            bound = own
-        deadline = self._deadline
-        if deadline is not None:
-            left = deadline - self._host.clock()
-            if left <= 0:
-                raise self._expired(None)
-            if bound is None or left < bound:
-                bound = left
-        extensions = self._extensions
-        current = extensions.get("timeout")
-        # A new dict: without a per-try timeout it is the caller's own, never edited.
-        extensions["timeout"] = {**current, "read": bound} if current else {"read": bound}
-        self._read = bound
 
     def _expired(self, cause: httpx.TimeoutException | None) -> MeshError:
         """The body's time limit passed: the call fails with MeshTimeout (504, timeout)."""
