@@ -379,11 +379,12 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
     - A buffered call (``client.get``, ``client.post``...: the default) is bounded by its
       deadline up to the last byte, as Envoy's route timeout bounds the whole response. Every
       chunk is checked against the deadline, and the connection's read timeout is set to the
-      time left when the body starts, so neither a trickle nor a stalled read can hold the
+      time left when the headers arrive, so neither a trickle nor a stalled read can hold the
       call for ever; past the deadline the read raises :class:`MeshTimeout`.
     - A streamed call (the request carries :data:`STREAM_EXTENSION`: ``client.stream`` on a
       ``mesh.client()``) was bounded by its deadline up to the response headers; each read of
-      the body then waits at most ``streamIdleTimeout`` (Envoy's ``stream_idle_timeout``).
+      the body then waits at most ``streamIdleTimeout`` (Envoy's ``stream_idle_timeout``), and
+      the deadline is not checked.
 
     The client's own read timeout still applies to each read when it is shorter. httpx calls
     :meth:`__iter__` or :meth:`__aiter__` by the client's kind; both are the same loop.
