@@ -35,7 +35,8 @@ class BodyBackend:
     then the end of the body — or, with ``stall``, nothing more until the client leaves.
 
     ``sent`` counts the body bytes handed to the connection; ``done`` is set when the
-    response ended or the client disconnected, ``gone`` when the client disconnected.
+    response ended or the client disconnected, ``gone`` when the client disconnected before
+    the end of the body.
     """
 
     def __init__(self, *, size: int, gap: float, chunks: int, stall: bool = False) -> None:
@@ -62,6 +63,7 @@ class BodyBackend:
             left.set()
 
         watcher = asyncio.ensure_future(watch())
+        complete = False  # uvicorn answers receive() with a disconnect after a whole response
         try:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             chunk = b"x" * self.size
@@ -77,9 +79,10 @@ class BodyBackend:
                     await asyncio.wait_for(left.wait(), 25)
                 else:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    complete = True
         finally:
             watcher.cancel()
-            if left.is_set():
+            if left.is_set() and not complete:
                 self.gone.set()
             self.done.set()
 
