@@ -9,7 +9,8 @@ results back in, so no policy logic is written twice (the pattern of ``httpx/_au
 The order of the stack, each step with its reason:
 
 1. route + split — everything below depends on which backend this call goes to;
-2. deadline start — the overall timeout covers faults, backoff and every attempt;
+2. deadline start — the overall timeout covers faults, backoff, every attempt and (unless the
+   caller streams the response) the response body, which :class:`Body` holds to it;
 3. faults — above retries, so an injected abort is returned, never retried;
 4. rate limit, connection-pool limit, circuit breaker — before any budget is spent on a call
    we refuse; the breaker admits *calls*, so a retry is never refused half-way through one;
@@ -26,7 +27,16 @@ from __future__ import annotations
 
 import operator
 import random
-from collections.abc import Callable, Collection, Generator, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -78,6 +88,13 @@ _PROBE = Admission.PROBE
 _HALF_OPEN = BreakerState.HALF_OPEN.value  # the circuit-state metric's words
 _CLOSED = BreakerState.CLOSED.value
 _OPEN_STATE = BreakerState.OPEN
+
+#: Request extension marking a call whose response the caller streams (``client.stream``):
+#: its deadline ends at the response headers and ``streamIdleTimeout`` bounds each read of the
+#: body. ``mesh.client()`` sets it; with ``httpx.Client(transport=mesh.transport())`` pass
+#: ``extensions={STREAM_EXTENSION: True}`` to ``client.stream``. Without it the deadline covers
+#: the whole body (docs/features/timeouts.md).
+STREAM_EXTENSION = "mesh_stream"
 
 # --- effects: what the core asks its driver to do ------------------------------------------------
 
@@ -343,6 +360,208 @@ def _fail(error: MeshError, decision: Decision) -> MeshError:
     return error
 
 
+# --- the end of a call: reporting, and the response body ----------------------------------------
+
+
+def _report(
+    host: CallHost,
+    backend: str,
+    request: httpx.Request,
+    decision: Decision,
+    code: str,
+    start: float,
+) -> None:
+    """Count the call (metrics, call-completion events) once, when it has ended."""
+    clock = host.clock
+    metrics = host.metrics
+    if metrics is not None:
+        metrics.observe_call(
+            host.source,
+            backend,
+            decision.route or "",
+            code,
+            decision.reason,
+            clock() - start,
+            decision.attempts,
+        )
+    events = getattr(host, "events", None)  # call-completion events (meshlib.observe)
+    if events is not None:
+        events.outbound(host.source, backend, request, decision, code, clock() - start)
+
+
+class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """The body of a call's response as its caller reads it, held to the call's time limits.
+    The call ends — metrics, events and its span are recorded — when the body does: read to
+    the end, failed, or closed by the caller.
+
+    - A buffered call (``client.get``, ``client.post``...: the default) is bounded by its
+      deadline up to the last byte, as Envoy's route timeout bounds the whole response. Every
+      chunk is checked against the deadline, and the connection's read timeout is set to the
+      time left when the headers arrive, so neither a trickle nor a stalled read can hold the
+      call for ever; past the deadline the read raises :class:`MeshTimeout`.
+    - A streamed call (the request carries :data:`STREAM_EXTENSION`: ``client.stream`` on a
+      ``mesh.client()``) was bounded by its deadline up to the response headers; each read of
+      the body then waits at most ``streamIdleTimeout`` (Envoy's ``stream_idle_timeout``), and
+      the deadline is not checked.
+
+    The client's own read timeout still applies to each read when it is shorter. httpx calls
+    :meth:`__iter__` or :meth:`__aiter__` by the client's kind; both are the same loop.
+    """
+
+    __slots__ = (
+        "_backend",
+        "_deadline",
+        "_decision",
+        "_host",
+        "_inner",
+        "_listeners",
+        "_open",
+        "_read",
+        "_request",
+        "_start",
+    )
+
+    def __init__(
+        self,
+        inner: httpx.SyncByteStream | httpx.AsyncByteStream,
+        host: CallHost,
+        backend: str,
+        request: httpx.Request,
+        decision: Decision,
+        start: float,
+        deadline: float | None,
+        idle: float | None,
+        extensions: dict[str, Any],
+    ) -> None:
+        self._inner = inner
+        # what reporting the call needs when the body ends
+        self._host = host
+        self._backend = backend
+        self._request = request  # the caller's: its "timeout" extension holds the client's
+        self._decision = decision
+        self._start = start
+        self._deadline = deadline  # None: streamed, or no deadline
+        self._open = True
+        self._listeners: list[Callable[[BaseException | None], None]] | None = None
+        # Bound each read of the body. httpcore (HTTP/1.1) takes the read timeout from the
+        # attempt's extensions once per response body, when the body starts; set here, at the
+        # headers, it is what is left of the deadline (buffered) or the idle timeout (streamed)
+        # — whichever is shorter, with the client's own.
+        own = request.extensions.get("timeout")
+        client_read = None if own is None else own.get("read")
+        bound = (
+            idle
+            if client_read is None or (idle is not None and idle < client_read)
+            else client_read
+        )
+        if deadline is not None:
+            left = deadline - host.clock()
+            if left < 0.001:  # never 0: a zero read timeout is a non-blocking read, an error
+                left = 0.001
+            if bound is None or left < bound:
+                bound = left
+        self._read = bound
+        timeouts = extensions.get("timeout")
+        if timeouts is None or timeouts is own:  # the caller's own dict is never edited
+            extensions["timeout"] = {**(timeouts or {}), "read": bound}
+        else:  # the attempt's own copy (per-try and deadline caps)
+            timeouts["read"] = bound
+
+    def then(self, listener: Callable[[BaseException | None], None]) -> bool:
+        """Call ``listener(error)`` when the body ends (``error`` None: read to the end or
+        closed). False, and nothing registered, when it has already ended."""
+        if not self._open:
+            return False
+        if self._listeners is None:
+            self._listeners = []
+        self._listeners.append(listener)
+        return True
+
+    def __iter__(self) -> Iterator[bytes]:
+        inner: Iterable[bytes] = self._inner  # type: ignore[assignment]  # a sync client's
+        try:
+            deadline = self._deadline
+            clock = self._host.clock
+            for chunk in inner:
+                if deadline is not None and clock() >= deadline:
+                    raise self._expired(None)
+                yield chunk
+        except MeshError:
+            raise  # this body's own MeshTimeout, already counted
+        except httpx.TimeoutException as error:
+            raise self._expired(error) from error
+        except httpx.TransportError as error:
+            self._broken(error)
+            raise
+        self._end(None, None)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        inner: AsyncIterable[bytes] = self._inner  # type: ignore[assignment]  # an async client's
+        try:
+            deadline = self._deadline
+            clock = self._host.clock
+            async for chunk in inner:
+                if deadline is not None and clock() >= deadline:
+                    raise self._expired(None)
+                yield chunk
+        except MeshError:
+            raise  # this body's own MeshTimeout, already counted
+        except httpx.TimeoutException as error:
+            raise self._expired(error) from error
+        except httpx.TransportError as error:
+            self._broken(error)
+            raise
+        self._end(None, None)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()  # type: ignore[union-attr]  # a sync client's: sync
+        finally:
+            if self._open:
+                self._end(None, None)
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()  # type: ignore[union-attr]  # an async client's: async
+        finally:
+            if self._open:
+                self._end(None, None)
+
+    def _expired(self, cause: httpx.TimeoutException | None) -> MeshError:
+        """The body's time limit passed: the call fails with MeshTimeout (504, timeout)."""
+        if self._deadline is not None:
+            why = "the deadline passed"
+        else:
+            why = f"no data within the read timeout ({self._read or 0:g}s)"
+        error = _fail(
+            MeshTimeout(f"call to {self._backend} timed out reading the response body: {why}"),
+            self._decision,
+        )
+        error.__cause__ = cause
+        self._end(error, str(error.status))
+        return error
+
+    def _broken(self, error: httpx.TransportError) -> None:
+        """The connection failed mid-body (reset, truncated): the call ends in error."""
+        decision = self._decision
+        decision.reason = Reason.RESET.value
+        error.decision = decision  # type: ignore[attr-defined]
+        self._end(error, "error")
+
+    def _end(self, error: BaseException | None, code: str | None) -> None:
+        """Report the call, once. ``code``: the metrics label (None: the response's status)."""
+        if not self._open:
+            return
+        self._open = False
+        decision = self._decision
+        if code is None:
+            code = str(decision.status)
+        _report(self._host, self._backend, self._request, decision, code, self._start)
+        if self._listeners is not None:
+            for listener in self._listeners:
+                listener(error)
+
+
 # --- the sequence ---------------------------------------------------------------------------------
 
 
@@ -410,13 +629,28 @@ def run_call(
     decision.deadline = timeout
 
     code = "error"
+    body: Body | None = None
     try:
-        response = yield from _admitted_call(
+        response, attempt = yield from _admitted_call(
             host, router, service, request, plan, dest, decision, deadline, start
         )
         code = str(response.status_code)
         decision.status = response.status_code
         response.extensions[DECISION_EXTENSION] = decision
+        if attempt is not None and not response.is_closed:
+            # The body is still on the wire: the call ends, and is reported, when it does.
+            streamed = request.extensions.get(STREAM_EXTENSION)
+            response.stream = body = Body(
+                response.stream,
+                host,
+                backend,
+                request,
+                decision,
+                start,
+                None if streamed else deadline,
+                plan.policy.stream_idle_timeout,
+                attempt.extensions,
+            )
         return response
     except MeshError as error:
         code = str(error.status)
@@ -430,20 +664,8 @@ def run_call(
         error.decision = decision  # type: ignore[attr-defined]
         raise
     finally:
-        metrics = host.metrics
-        if metrics is not None:
-            metrics.observe_call(
-                host.source,
-                backend,
-                decision.route or "",
-                code,
-                decision.reason,
-                clock() - start,
-                decision.attempts,
-            )
-        events = getattr(host, "events", None)  # call-completion events (meshlib.observe)
-        if events is not None:
-            events.outbound(host.source, backend, request, decision, code, clock() - start)
+        if body is None:
+            _report(host, backend, request, decision, code, start)
 
 
 def _admitted_call(
@@ -456,7 +678,7 @@ def _admitted_call(
     decision: Decision,
     deadline: float | None,
     now: float,
-) -> Generator[Effect, Any, httpx.Response]:
+) -> Generator[Effect, Any, tuple[httpx.Response, httpx.Request | None]]:
     """Faults, admission, replayability, mirroring, then the attempts loop. ``now`` is the
     clock reading the call started with: admission and the first pick reuse it while no
     effect has been yielded (nothing in between waits)."""
@@ -476,7 +698,7 @@ def _admitted_call(
             if fault.abort is not None:
                 decision.faults.append(f"abort:{fault.abort}")
                 decision.reason = Reason.FAULT_ABORT.value
-                return local_response(request, fault.abort, Reason.FAULT_ABORT, decision)
+                return local_response(request, fault.abort, Reason.FAULT_ABORT, decision), None
 
     # 6 (decided here, performed after admission). Replayability is decided once, before the
     # first attempt: only a body of known length within the replay buffer is replayed, even
@@ -530,12 +752,12 @@ def _admitted_call(
                         now = host.clock()
 
         # 8. attempts
-        response = yield from _attempts(
+        result = yield from _attempts(
             host, request, plan, dest, decision, deadline, replayable, refuse, now, first, lease
         )
         if lease.held:  # a failed answer handed back (5xx, 429): a 5xx is a failed call
-            lease.healthy = response.status_code < 500
-        return response
+            lease.healthy = result[0].status_code < 500
+        return result
     except (MeshError, httpx.TransportError):
         # The caller gets an error: the backend's failure if anything was sent to it; a call
         # refused before its first attempt (no endpoint, say) leaves no verdict.
@@ -754,7 +976,7 @@ def _attempts(
     admitted_at: float,
     first: tuple[EndpointState | None] | None,
     lease: _Lease,
-) -> Generator[Effect, Any, httpx.Response]:
+) -> Generator[Effect, Any, tuple[httpx.Response, httpx.Request | None]]:
     clock = host.clock
     retry_policy = plan.policy.retries
     per_try = retry_policy.per_try_timeout
@@ -805,7 +1027,7 @@ def _attempts(
         response = outcome.response
         if failure is Failure.NONE:
             assert response is not None
-            return response
+            return response, send.request
 
         # Decide whether to try again; otherwise hand back what we have.
         now = clock()
@@ -836,14 +1058,14 @@ def _attempts(
             if not retry:
                 if response is not None:
                     decision.reason = Reason.UPSTREAM_ERROR.value
-                    return response
+                    return response, send.request
                 error = RetryBudgetExhaustedError(f"retry budget for {dest.key} exhausted")
                 error.__cause__ = outcome.error
                 raise _fail(error, decision)
         if not retry:
             if response is not None:
                 decision.reason = Reason.UPSTREAM_ERROR.value
-                return response
+                return response, send.request
             if failure is Failure.TIMEOUT:
                 timeout_error = MeshTimeout(
                     f"call to {dest.key} timed out after {len(decision.attempts)} attempt(s)"

@@ -127,7 +127,8 @@ class MeshError(Exception):
 
 
 class MeshTimeout(MeshError, httpx.TimeoutException):
-    """The call's overall deadline expired (all attempts included)."""
+    """The call ran out of time: its overall deadline expired (every attempt and, unless the
+    response is streamed, the reading of its body included), or a body read went idle."""
 
     reason = Reason.TIMEOUT
     status = 504

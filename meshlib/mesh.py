@@ -32,7 +32,7 @@ from meshlib.decision import Decision
 from meshlib.destination import Destination
 from meshlib.errors import AccessDeniedError, ConfigError
 from meshlib.policy.routing import Router
-from meshlib.transport import AsyncMeshTransport, MeshTransport
+from meshlib.transport import AsyncMeshClient, AsyncMeshTransport, MeshClient, MeshTransport
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -287,12 +287,13 @@ class Mesh:
         return AsyncMeshTransport(self, **kwargs)
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        """A plain ``httpx.Client`` calling through the mesh. TLS (verify, cert), pool limits,
-        http1/http2 and trust_env go to the inner transport, where httpx would otherwise drop
-        them; everything else (timeout, headers, base_url, ...) to the client."""
+        """An ``httpx.Client`` calling through the mesh: a ``MeshClient``, which tells the mesh
+        which calls are streamed (their deadline ends at the headers). TLS (verify, cert), pool
+        limits, http1/http2 and trust_env go to the inner transport, where httpx would
+        otherwise drop them; everything else (timeout, headers, base_url, ...) to the client."""
         inner = {k: kwargs.pop(k) for k in _TRANSPORT_ARGS if k in kwargs}
         local = kwargs.pop("local_responses", self.local_responses)
-        return httpx.Client(
+        return MeshClient(
             transport=MeshTransport(self, local_responses=local, **inner),
             **_client_args(kwargs, inner),
         )
@@ -300,7 +301,7 @@ class Mesh:
     def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
         inner = {k: kwargs.pop(k) for k in _TRANSPORT_ARGS if k in kwargs}
         local = kwargs.pop("local_responses", self.local_responses)
-        return httpx.AsyncClient(
+        return AsyncMeshClient(
             transport=AsyncMeshTransport(self, local_responses=local, **inner),
             **_client_args(kwargs, inner),
         )

@@ -43,6 +43,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from functools import partial
 from typing import Any
 
 import httpx
@@ -66,7 +67,7 @@ from opentelemetry.trace import (
 )
 
 from meshlib import __version__
-from meshlib.call import Effect, Mirror, Outcome, Race, Send, classify
+from meshlib.call import Body, Effect, Mirror, Outcome, Race, Send, classify
 from meshlib.config.model import MeshSettings, ServiceDef
 from meshlib.context import inbound_deadline
 from meshlib.decision import DECISION_EXTENSION, Decision
@@ -467,7 +468,14 @@ def _traced(call: Call, spans: _CallSpans) -> Call:
         error = exc
         raise
     finally:
-        spans.finish(response, error)
+        # A body still on the wire ends the call when it ends: our call span stays open until
+        # then. A span someone else owns (instrument_client's) is ended by its owner when the
+        # transport returns, so its attributes are set now.
+        body = None if response is None else response.stream
+        if not (
+            type(body) is Body and spans.owned and body.then(partial(_finish_body, spans, response))
+        ):
+            spans.finish(response, error)
         call.close()
 
 
@@ -493,6 +501,12 @@ def _mirror_observer(
         span.end()
 
     return ended
+
+
+def _finish_body(
+    spans: _CallSpans, response: httpx.Response | None, error: BaseException | None
+) -> None:
+    spans.finish(response if error is None else None, error)
 
 
 def _traced_backup(

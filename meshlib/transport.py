@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from meshlib.call import (
+    STREAM_EXTENSION,
     Buffer,
     Close,
     Effect,
@@ -56,6 +57,31 @@ def _mirror_ended(
 def _local_reply(request: httpx.Request, error: MeshError) -> httpx.Response:
     decision = error.decision or Decision(request.url.host, 0)
     return local_response(request, error.status, error.reason, decision)
+
+
+class MeshClient(httpx.Client):
+    """The ``httpx.Client`` of ``mesh.client()``: marks the calls whose response its caller
+    streams (``client.stream``, ``send(stream=True)``), because the transport cannot tell them
+    apart from buffered ones. A streamed call's deadline ends at the response headers; a
+    buffered call's covers the whole body (:class:`meshlib.call.Body`)."""
+
+    def send(
+        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        if stream:
+            request.extensions[STREAM_EXTENSION] = True
+        return super().send(request, stream=stream, **kwargs)
+
+
+class AsyncMeshClient(httpx.AsyncClient):
+    """The ``httpx.AsyncClient`` of ``mesh.async_client()``; see :class:`MeshClient`."""
+
+    async def send(
+        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        if stream:
+            request.extensions[STREAM_EXTENSION] = True
+        return await super().send(request, stream=stream, **kwargs)
 
 
 class MeshTransport(httpx.BaseTransport):

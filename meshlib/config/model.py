@@ -17,6 +17,10 @@ from typing import Any, Protocol
 
 from meshlib.errors import Problem
 
+#: Default ``streamIdleTimeout``, seconds: Envoy's ``stream_idle_timeout`` default, long enough
+#: for server-sent events and watch streams that send a heartbeat every minute or so.
+STREAM_IDLE_TIMEOUT = 300.0
+
 
 class Pattern(Protocol):
     """A compiled, linear-time regular expression (google-re2)."""
@@ -370,7 +374,11 @@ class EffectivePolicy:
     e.g. ``"service:reviews-policy"``) or ``"default"``.
     """
 
-    timeout: float | None = None  # overall deadline over all attempts; None = no deadline
+    #: Overall deadline over all attempts and the response body (a streamed one: its headers);
+    #: None = no deadline.
+    timeout: float | None = None
+    #: Longest wait for each read of a response body (the only bound on a streamed one).
+    stream_idle_timeout: float | None = STREAM_IDLE_TIMEOUT
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     circuit_breaker: CircuitBreakerPolicy = field(default_factory=CircuitBreakerPolicy)
     outlier_detection: OutlierPolicy = field(default_factory=OutlierPolicy)

@@ -64,6 +64,7 @@ MS = 0.001
 
 POLICY_FIELDS: tuple[PolicyField, ...] = (
     PolicyField("timeout", "timeout", DURATION, "duration", (MS, DAY)),
+    PolicyField("streamIdleTimeout", "stream_idle_timeout", DURATION, "duration", (MS, DAY)),
     PolicyField(
         "retries.attempts",
         "retries.attempts",

@@ -214,7 +214,8 @@ class EventHub:
         code: str,
         seconds: float,
     ) -> None:
-        """Called once per outbound call from the call sequence's ``finally``."""
+        """Called once per outbound call, when it ends: from the call sequence's ``finally``, or
+        when the response body still on the wire then ends (:class:`meshlib.call.Body`)."""
         url = request.url
         attempts = decision.attempts
         status = decision.status

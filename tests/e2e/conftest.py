@@ -57,6 +57,19 @@ class Caller:
 
         return self._run(go())  # type: ignore[no-any-return]
 
+    def stream(self, method: str, url: str, **kwargs: Any) -> tuple[httpx.Response, list[bytes]]:
+        """``client.stream``: the response and the chunks read from it one by one (the
+        response is closed). Raises what the client raises, while reading included."""
+        if self.mode == "sync":
+            with self._client.stream(method, url, **kwargs) as response:
+                return response, list(response.iter_raw())
+
+        async def go() -> tuple[httpx.Response, list[bytes]]:
+            async with self._client.stream(method, url, **kwargs) as response:
+                return response, [chunk async for chunk in response.aiter_raw()]
+
+        return self._run(go())  # type: ignore[no-any-return]
+
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
         return self.request("GET", url, **kwargs)
 
