@@ -32,6 +32,7 @@ class EndpointState:
 
     __slots__ = (
         "_cost",
+        "_samples",
         "_stamp",
         "_typical",
         "consecutive_failures",
@@ -46,6 +47,7 @@ class EndpointState:
         self.endpoint = endpoint
         self._cost = 0.0  # peak-EWMA latency estimate, seconds
         self._typical = 0.0  # plain EWMA of the same samples, seconds; never above _cost
+        self._samples = 0  # samples folded into _typical, until its window is full
         self._stamp = -1.0  # when _cost and _typical were last updated; < 0: never
         self.pending = 0  # attempts in flight
         self.requests = 0  # attempts started (for tests and debugging)
@@ -93,15 +95,26 @@ class EndpointState:
 
     def observe(self, now: float, rtt: float, decay: float) -> None:
         """Fold one latency sample in: peaks are taken at once, recoveries decay smoothly
-        (Finagle's PeakEwma: ``cost = cost·w + rtt·(1-w)``, ``w = exp(-Δt/τ)``); the typical
-        latency blends every sample with the same weight, so it never exceeds the peak."""
+        (Finagle's PeakEwma: ``cost = cost·w + rtt·(1-w)``, ``w = exp(-Δt/τ)``).
+
+        The typical latency blends every sample, with weight ``max(1-w, 1/n)`` for the n-th:
+        the plain mean of the samples until there are more than its window holds. With the
+        time weight alone the first sample (a new connection, a cold endpoint: 2× the usual in
+        the benchmark) would weigh as much as the next ``τ`` seconds of samples, and its load
+        term would send traffic to a slower endpoint for that long. Either way it never
+        exceeds the peak."""
+        samples = self._samples + 1
+        self._samples = samples
         if self._stamp < 0:
             self._cost = self._typical = rtt
         else:
             w = math.exp(-(now - self._stamp) / decay) if now > self._stamp else 1.0
             cost = self._cost
             self._cost = rtt if rtt > cost else cost * w + rtt * (1.0 - w)
-            self._typical = self._typical * w + rtt * (1.0 - w)
+            fresh = 1.0 - w
+            if fresh * samples < 1.0:
+                fresh = 1.0 / samples
+            self._typical += (rtt - self._typical) * fresh
         self._stamp = now
 
     def is_ejected(self, now: float) -> bool:

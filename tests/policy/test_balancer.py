@@ -239,6 +239,65 @@ def test_jitter_steers_load_but_never_herds(jitter: float, floor: float, seed: i
         assert max(crowd) <= 5, Counter(crowd)
 
 
+def test_a_cold_first_answer_is_forgotten_within_a_few_samples() -> None:
+    """Warm-up: an endpoint's first answer is often slow (a new connection, a cold process).
+    Its typical latency is the plain mean of the samples until their window is full, so the
+    load term forgets it in a few answers, not in ``decay`` seconds (where 4 attempts in
+    flight at the cold 50 ms would score as high as an idle endpoint at 200 ms)."""
+    es = EndpointSet(endpoints(1))
+    state = es.states[0]
+    now = 1.0
+    es.on_start(state)
+    es.on_end(state, now, 0.050, failed=False)  # cold
+    for _ in range(20):  # then 20 ms answers, 7 ms apart, as under 8 callers
+        now += 0.007
+        es.on_start(state)
+        es.on_end(state, now, 0.020, failed=False)
+    for _ in range(4):
+        es.on_start(state)
+    assert state.score(now, es.balancer.decay) < 5 * 0.022
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_one_slow_endpoint_of_three_stays_below_the_cliff_through_warm_up(seed: int) -> None:
+    """The benchmark's start: every endpoint's first 6 attempts open new connections and take
+    30 ms more. Once the first answers are in, the slow endpoint gets under 1% of the calls
+    of the next seconds. Before: the fast endpoints' cold answers held their typical latency
+    at 2× for seconds, and the load term sent the slow one 1.5%."""
+    eps = endpoints(3)
+    slow = eps[2].address
+    attempts: Counter[str] = Counter()
+
+    def latency(address: str, now: float) -> float:
+        attempts[address] += 1
+        base = 0.200 if address == slow else 0.020
+        return base + 0.030 if attempts[address] <= 6 else base
+
+    picks: list[tuple[float, str]] = []
+    simulate(
+        EndpointSet(eps), latency, calls=1600, concurrency=8, seed=seed, jitter=0.007, picks=picks
+    )
+    window = [a for t, a in picks if 0.5 <= t < 5.0]
+    assert window.count(slow) < 0.01 * len(window), (window.count(slow), len(window))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_an_idle_endpoint_scores_its_peak(seed: int) -> None:
+    """With nothing in flight the score is the peak estimate, as in Finagle: the typical
+    latency never exceeds it, whatever the samples and their spacing."""
+    rng = random.Random(seed)
+    es = EndpointSet(endpoints(1))
+    state = es.states[0]
+    decay = es.balancer.decay
+    now = 0.0
+    for _ in range(300):
+        now += rng.choice([0.0, 0.001, 0.02, 1.0, 7.0])
+        es.on_start(state)
+        es.on_end(state, now, rng.uniform(0.001, 0.5), failed=rng.random() < 0.05)
+        later = now + rng.choice([0.0, 0.5, 5.0])
+        assert state.score(later, decay) == pytest.approx(state.cost(later, decay), rel=1e-12)
+
+
 def test_an_endpoint_that_slows_down_loses_its_load_at_once() -> None:
     """The peak is taken from the first slow answer: the endpoint's share falls from a third
     to under 1% in the very next second."""
