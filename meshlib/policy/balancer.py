@@ -60,8 +60,8 @@ class EndpointState:
         return self.endpoint.address
 
     def cost(self, now: float, decay: float) -> float:
-        """The latency estimate decayed toward zero since the last observation, so an idle
-        endpoint is eventually probed again."""
+        """The peak latency estimate decayed toward zero since the last observation, so an
+        idle endpoint is eventually probed again."""
         if self._stamp < 0:
             return self._cost
         elapsed = now - self._stamp
