@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import pytest
 
@@ -41,17 +41,28 @@ def fail(es: EndpointSet, state: EndpointState, now: float, times: int) -> list[
 
 def simulate(
     es: EndpointSet,
-    latency: Mapping[str, float],
+    latency: Mapping[str, float] | Callable[[str, float], float],
     failing: Collection[str] = (),
     calls: int = 2000,
     concurrency: int = 1,
     seed: int = 1,
+    jitter: float = 0.0,
+    picks: list[tuple[float, str]] | None = None,
+    crowd: list[int] | None = None,
 ) -> Counter[str]:
     """Closed-loop traffic: ``concurrency`` workers each pick, start, wait the endpoint's
-    latency on the fake clock, end, and pick again. Returns picks per address."""
+    latency on the fake clock, end, and pick again. Returns picks per address.
+
+    ``latency`` maps an address to seconds, or is ``f(address, now)`` for an endpoint that
+    changes; ``jitter`` adds an exponential delay of that mean to every attempt, as the
+    caller's own event loop and scheduler do in the real benchmark (a fast endpoint's peak
+    then sits well above its typical latency); ``picks`` collects ``(time, address)`` and
+    ``crowd`` the most attempts in flight on one endpoint after each pick."""
     rng = random.Random(seed)
+    noise = random.Random(seed + 1)  # its own stream: jitter does not shift the picks' draws
+    latency_at = latency if callable(latency) else (lambda address, now: latency[address])
     counts: Counter[str] = Counter()
-    in_flight: list[tuple[float, int, EndpointState]] = []
+    in_flight: list[tuple[float, int, float, EndpointState]] = []
     seq = 0
 
     def start(now: float) -> None:
@@ -60,14 +71,21 @@ def simulate(
         assert state is not None
         es.on_start(state)
         counts[state.address] += 1
+        if picks is not None:
+            picks.append((now, state.address))
+        if crowd is not None:
+            crowd.append(max(s.pending for s in es.states))
         seq += 1
-        heapq.heappush(in_flight, (now + latency[state.address], seq, state))
+        rtt = latency_at(state.address, now)
+        if jitter:
+            rtt += noise.expovariate(1.0 / jitter)
+        heapq.heappush(in_flight, (now + rtt, seq, rtt, state))
 
     for _ in range(concurrency):
         start(0.0)
     for _ in range(calls - concurrency):
-        now, _, state = heapq.heappop(in_flight)
-        es.on_end(state, now, latency[state.address], failed=state.address in failing)
+        now, _, rtt, state = heapq.heappop(in_flight)
+        es.on_end(state, now, rtt, failed=state.address in failing)
         start(now)
     return counts
 
@@ -146,6 +164,173 @@ def test_never_observed_endpoint_is_probed_one_at_a_time() -> None:
     assert new not in [es.pick(1.0, rng) for _ in range(300)]
     es.on_end(new, 1.2, 0.01, failed=False)  # it answered, and fast
     assert [es.pick(1.2, rng) for _ in range(300)].count(new) > 100
+
+
+# -- one slow endpoint of three: the p99 cliff ----------------------------------------------------
+
+#: The caller's own delay on every attempt, as a fraction of the fast latency (exponential mean):
+#: in the real benchmark the healthy p99 is 1.5–2.4× the fast endpoints' delay.
+JITTER = 0.35
+TAIL_CALLS = 20_000
+
+
+def share(picks: list[tuple[float, str]], address: str, start: float, end: float) -> float:
+    window = [a for t, a in picks if start <= t < end]
+    assert len(window) > 100, "the window must hold enough picks to mean anything"
+    return window.count(address) / len(window)
+
+
+@pytest.mark.parametrize(
+    ("fast", "slow"), [(0.002, 0.020), (0.020, 0.200)], ids=["2-20ms", "20-200ms"]
+)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_one_slow_endpoint_of_three_stays_below_the_p99_cliff(
+    fast: float, slow: float, seed: int
+) -> None:
+    """The tail benchmark on the fake clock: 3 endpoints, one ten times slower, 8 callers.
+    Any share above 1% puts the callers' p99 at the slow endpoint's latency. Before: the fast
+    endpoints' jitter peaks times their 3–4 attempts in flight outscored the idle slow one,
+    which was kept one attempt in flight at all times (1.9% of the calls)."""
+    eps = endpoints(3)
+    latency = {eps[0].address: fast, eps[1].address: fast, eps[2].address: slow}
+    es = EndpointSet(eps)
+    counts = simulate(es, latency, calls=TAIL_CALLS, concurrency=8, seed=seed, jitter=JITTER * fast)
+    cliff, _ = binomial_bounds(TAIL_CALLS, 0.01)  # 5σ below 1%: a share of 1% never gets here
+    assert counts[eps[2].address] < cliff, counts
+
+
+def equal_endpoints(jitter: float, seed: int) -> tuple[list[int], list[int]]:
+    """6000 calls by 8 callers on 3 endpoints of 20 ms: picks per endpoint, and the most
+    attempts in flight on one endpoint after each pick (past the first 100)."""
+    eps = endpoints(3)
+    crowd: list[int] = []
+    counts = simulate(
+        EndpointSet(eps),
+        {e.address: 0.020 for e in eps},
+        calls=6000,
+        concurrency=8,
+        seed=seed,
+        jitter=jitter * 0.020,
+        crowd=crowd,
+    )
+    return [counts[e.address] for e in eps], crowd[100:]
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_equal_endpoints_share_the_load_evenly(seed: int) -> None:
+    """The load term spreads: with equal, steady latencies the shares are even and the 8
+    callers never pile up (even is 8/3 attempts in flight per endpoint)."""
+    counts, crowd = equal_endpoints(0.0, seed)
+    low, high = binomial_bounds(sum(counts), 1 / 3)
+    assert all(low <= c <= high for c in counts), counts
+    assert max(crowd) <= 4, Counter(crowd)
+
+
+@pytest.mark.parametrize(("jitter", "floor"), [(JITTER, 0.25), (3 * JITTER, 0.2)])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_jitter_steers_load_but_never_herds(jitter: float, floor: float, seed: int) -> None:
+    """With jitter, an endpoint whose recent worst case is high is avoided for a while (the
+    peak at work), so shares are not binomial; but every endpoint keeps most of its fair
+    share and the 8 callers (almost) never sit on one endpoint."""
+    counts, crowd = equal_endpoints(jitter, seed)
+    assert min(counts) > floor * sum(counts), counts
+    assert sum(c >= 7 for c in crowd) < 0.01 * len(crowd), Counter(crowd)
+    if jitter == JITTER:
+        assert max(crowd) <= 5, Counter(crowd)
+
+
+def test_a_cold_first_answer_is_forgotten_within_a_few_samples() -> None:
+    """Warm-up: an endpoint's first answer is often slow (a new connection, a cold process).
+    Its typical latency is the plain mean of the samples until their window is full, so the
+    load term forgets it in a few answers, not in ``decay`` seconds (where 4 attempts in
+    flight at the cold 50 ms would score as high as an idle endpoint at 200 ms)."""
+    es = EndpointSet(endpoints(1))
+    state = es.states[0]
+    now = 1.0
+    es.on_start(state)
+    es.on_end(state, now, 0.050, failed=False)  # cold
+    for _ in range(20):  # then 20 ms answers, 7 ms apart, as under 8 callers
+        now += 0.007
+        es.on_start(state)
+        es.on_end(state, now, 0.020, failed=False)
+    for _ in range(4):
+        es.on_start(state)
+    assert state.score(now, es.balancer.decay) < 5 * 0.022
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_one_slow_endpoint_of_three_stays_below_the_cliff_through_warm_up(seed: int) -> None:
+    """The benchmark's start: every endpoint's first 6 attempts open new connections and take
+    30 ms more. Once the first answers are in, the slow endpoint gets under 1% of the calls
+    of the next seconds. Before: the fast endpoints' cold answers held their typical latency
+    at 2× for seconds, and the load term sent the slow one 1.5%."""
+    eps = endpoints(3)
+    slow = eps[2].address
+    attempts: Counter[str] = Counter()
+
+    def latency(address: str, now: float) -> float:
+        attempts[address] += 1
+        base = 0.200 if address == slow else 0.020
+        return base + 0.030 if attempts[address] <= 6 else base
+
+    picks: list[tuple[float, str]] = []
+    simulate(
+        EndpointSet(eps), latency, calls=1600, concurrency=8, seed=seed, jitter=0.007, picks=picks
+    )
+    window = [a for t, a in picks if 0.5 <= t < 5.0]
+    assert window.count(slow) < 0.01 * len(window), (window.count(slow), len(window))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_an_idle_endpoint_scores_its_peak(seed: int) -> None:
+    """With nothing in flight the score is the peak estimate, as in Finagle: the typical
+    latency never exceeds it, whatever the samples and their spacing."""
+    rng = random.Random(seed)
+    es = EndpointSet(endpoints(1))
+    state = es.states[0]
+    decay = es.balancer.decay
+    now = 0.0
+    for _ in range(300):
+        now += rng.choice([0.0, 0.001, 0.02, 1.0, 7.0])
+        es.on_start(state)
+        es.on_end(state, now, rng.uniform(0.001, 0.5), failed=rng.random() < 0.05)
+        later = now + rng.choice([0.0, 0.5, 5.0])
+        assert state.score(later, decay) == pytest.approx(state.cost(later, decay), rel=1e-12)
+
+
+def test_an_endpoint_that_slows_down_loses_its_load_at_once() -> None:
+    """The peak is taken from the first slow answer: the endpoint's share falls from a third
+    to under 1% in the very next second."""
+    eps = endpoints(3)
+    turning = eps[2].address
+
+    def latency(address: str, now: float) -> float:
+        return 0.200 if address == turning and now >= 10.0 else 0.020
+
+    picks: list[tuple[float, str]] = []
+    simulate(
+        EndpointSet(eps), latency, calls=9000, concurrency=8, seed=5, jitter=0.007, picks=picks
+    )
+    assert share(picks, turning, 5.0, 10.0) > 0.25
+    assert share(picks, turning, 10.5, 11.5) < 0.01
+    assert share(picks, turning, 11.5, 20.0) < 0.01
+
+
+def test_a_slow_endpoint_that_recovers_gets_its_share_back() -> None:
+    """The decay: an idle slow endpoint's estimate fades (τ = 10 s), it is probed again, its
+    fast answers blend in, and within a few τ it carries a near-even share again."""
+    eps = endpoints(3)
+    recovering = eps[2].address
+
+    def latency(address: str, now: float) -> float:
+        return 0.200 if address == recovering and now < 10.0 else 0.020
+
+    picks: list[tuple[float, str]] = []
+    simulate(
+        EndpointSet(eps), latency, calls=16000, concurrency=8, seed=6, jitter=0.007, picks=picks
+    )
+    assert share(picks, recovering, 5.0, 10.0) < 0.01
+    assert share(picks, recovering, 40.0, 50.0) > 0.25
 
 
 # -- round-robin and random ------------------------------------------------------------------------
