@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from meshlib import metrics as metrics_module
 from meshlib.decision import AttemptRecord
-from meshlib.metrics import MeshMetrics
+from meshlib.observe import metrics as metrics_module
+from meshlib.observe.metrics import MeshMetrics
 
 
 @pytest.fixture

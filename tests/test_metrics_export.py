@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 import meshlib
 from meshlib.inbound.middleware import route_template
-from meshlib.metrics import MeshMetrics
+from meshlib.observe.metrics import MeshMetrics
 
 pytestmark = pytest.mark.timeout(60)
 

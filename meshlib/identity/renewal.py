@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from meshlib.identity.tls import SVIDSource
-    from meshlib.metrics import MeshMetrics
+    from meshlib.observe.metrics import MeshMetrics
 
 __all__ = [
     "OVERDUE_FRACTION",

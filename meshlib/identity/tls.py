@@ -24,7 +24,7 @@ context as it was, raises, and keeps its reason in :attr:`SVIDSource.last_error`
 
 Roots are only ever *added* to a live context (OpenSSL cannot forget one); the in-memory
 :attr:`SVIDSource.bundle` does follow removals, and the server's SPIFFE re-check
-(:mod:`meshlib.serving`) verifies peers against it, so a removed root stops authenticating
+(:mod:`meshlib.inbound.serving`) verifies peers against it, so a removed root stops authenticating
 peers at the next connection. CRLs likewise are added (OpenSSL uses the newest per issuer, and
 the CA makes each one newer than the last) and the re-check uses :attr:`SVIDSource.crls`.
 With CRLs, contexts verify with ``VERIFY_CRL_CHECK_LEAF``: the peer's leaf must not be revoked
@@ -101,7 +101,7 @@ class SVIDSource:
     SVID must belong to. A ``key.pem`` readable by group or others is logged as a warning, or
     refused with ``strict_key_permissions=True``. Not thread-safe by itself: call
     :meth:`reload` from the thread that serves the contexts
-    (``meshlib.serving.Server.reload_svid`` does).
+    (``meshlib.inbound.serving.Server.reload_svid`` does).
     """
 
     def __init__(

@@ -43,7 +43,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
-from meshlib.authz import AuthzIndex, authorize, index_for, normalize_path
 from meshlib.config.model import AccessControl, JwtRule, RateLimitPolicy, ServiceDef
 from meshlib.context import inbound_deadline
 from meshlib.errors import REASON_HEADER, Reason
@@ -53,12 +52,13 @@ from meshlib.inbound.peer import (
     sanitize_headers,
     verified_identity,
 )
+from meshlib.policy.authz import AuthzIndex, authorize, index_for, normalize_path
 from meshlib.policy.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from meshlib.identity.spiffe import SpiffeID
+    from meshlib.inbound.origin import JwtVerifier
     from meshlib.mesh import Mesh
-    from meshlib.origin import JwtVerifier
     from meshlib.policy.routing import Router
 
 Scope = MutableMapping[str, Any]
@@ -145,7 +145,7 @@ class MeshMiddleware:
         self._authz_hooked = type(self)._authorize is not MeshMiddleware._authorize
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Tracing (meshlib.tracing) wraps the whole handling: its SERVER span sees local
+        # Tracing (meshlib.observe.tracing) wraps the whole handling: its SERVER span sees local
         # replies too, and its context is attached while the app runs.
         traced = self.mesh.tracing.inbound(scope) if scope["type"] == "http" else None
         if traced is None:
@@ -244,7 +244,7 @@ class MeshMiddleware:
         """Origin authentication: ``None`` once a bad token was answered with 401, else the
         scope for the app (with the verified principal and claims, if a token came) and the
         claims for authorization (``None``: no token)."""
-        from meshlib.origin import Unauthenticated
+        from meshlib.inbound.origin import Unauthenticated
 
         try:
             principal = await self._jwt_verifier().authenticate(rules, headers)
@@ -308,7 +308,7 @@ class MeshMiddleware:
     def _jwt_verifier(self) -> JwtVerifier:
         """One verifier (and JWKS cache) per middleware, kept across policy reloads."""
         if self._verifier is None:
-            from meshlib.origin import JwksStore, JwtVerifier
+            from meshlib.inbound.origin import JwksStore, JwtVerifier
 
             with self._lock:
                 if self._verifier is None:
@@ -324,7 +324,7 @@ class MeshMiddleware:
         *,
         jwt_claims: Mapping[str, Any] | None = None,
     ) -> Verdict:
-        """Authorization hook: SMI TrafficTargets and AuthorizationPolicies (meshlib.authz).
+        """Authorization hook: SMI TrafficTargets and AuthorizationPolicies (meshlib.policy.authz).
 
         ``identity`` is the verified SPIFFE ID (``None``: not a mesh member); ``path`` is
         ``scope["path"]``, the exact string the app's router will see (NET-6: the decision

@@ -34,9 +34,9 @@ from meshlib.observe.tap import Predicate, Tap
 from meshlib.observe.top import Top
 
 if TYPE_CHECKING:
-    from meshlib.destination import Destination
     from meshlib.errors import ConfigError
     from meshlib.mesh import Mesh, ReloadStatus
+    from meshlib.outbound.destination import Destination
 
 
 #: Defaults and caps of ``/tap``: a tap is always bounded, in events and in time.

@@ -215,7 +215,7 @@ class EventHub:
         seconds: float,
     ) -> None:
         """Called once per outbound call, when it ends: from the call sequence's ``finally``, or
-        when the response body still on the wire then ends (:class:`meshlib.call.Body`)."""
+        when the response body still on the wire then ends (:class:`meshlib.outbound.call.Body`)."""
         url = request.url
         attempts = decision.attempts
         status = decision.status

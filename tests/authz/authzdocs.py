@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from meshlib.authz import AuthzVerdict, authorize
 from meshlib.config.loader import load_text
 from meshlib.config.model import Snapshot
 from meshlib.identity.spiffe import SpiffeID
+from meshlib.policy.authz import AuthzVerdict, authorize
 
 TD = "shop.test"
 

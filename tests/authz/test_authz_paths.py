@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from authz.authzdocs import SERVICES, decide, load, mesh, sa
-from meshlib.authz import normalize_path
+from meshlib.policy.authz import normalize_path
 
 #: deny /admin*, allow /app* for everyone (NET-6 setup).
 POLICIES = """

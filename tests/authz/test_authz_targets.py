@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from authz.authzdocs import ROUTES, SERVICES, TARGET_V1, decide, load, mesh, sa, target_spec
-from meshlib.authz import AuthzIndex, authorize, index_for
 from meshlib.identity.spiffe import SpiffeID
+from meshlib.policy.authz import AuthzIndex, authorize, index_for
 from meshlib.policy.routing import Router
 
 RATINGS = sa("ratings")

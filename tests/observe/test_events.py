@@ -16,8 +16,8 @@ from policy.fakes import Driver, FakeClock, refused, start, status, timed_out
 from policy.test_call import ENDPOINTS, RETRY_5XX, SERVICE, with_policy
 
 import meshlib
-from meshlib.call import Outcome
 from meshlib.observe import CallEvent, Flag, attach, detach, flag_for
+from meshlib.outbound.call import Outcome
 
 
 class Events(list[CallEvent]):

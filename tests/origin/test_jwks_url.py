@@ -12,7 +12,7 @@ import pytest
 from harness import ServerHandle, run_uvicorn
 
 import meshlib
-from meshlib.origin import UrlJwks
+from meshlib.inbound.origin import UrlJwks
 from origin.conftest import (
     ISSUER,
     Recorder,

@@ -11,7 +11,7 @@ import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 import meshlib
-from meshlib.tracing import TRACER_NAME
+from meshlib.observe.tracing import TRACER_NAME
 
 from .conftest import sampling, service_yaml, traceparent_ids
 

@@ -14,7 +14,7 @@ import pytest
 from opentelemetry.trace import NoOpTracerProvider, SpanKind
 
 from meshlib import MeshMiddleware
-from meshlib.call import DEADLINE_HEADER
+from meshlib.outbound.call import DEADLINE_HEADER
 
 from .conftest import (
     MESH_ONLY,

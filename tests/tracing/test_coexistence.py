@@ -15,7 +15,7 @@ from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.trace import SpanKind
 
 from meshlib import MeshMiddleware
-from meshlib.tracing import TRACER_NAME
+from meshlib.observe.tracing import TRACER_NAME
 
 from .conftest import MESH_ONLY, drain, headers_of, reply, service_yaml, traceparent_ids
 

@@ -134,7 +134,7 @@ def test_websocket_is_not_traced_and_still_served(recorder, make_mesh) -> None:
 
 def test_a_global_provider_set_later_is_picked_up(recorder, monkeypatch) -> None:
     """No provider given: the global one is looked up again at most every GLOBAL_RECHECK s."""
-    import meshlib.tracing as tracing_module
+    import meshlib.observe.tracing as tracing_module
     from meshlib.config.model import MeshSettings
 
     now = [100.0]

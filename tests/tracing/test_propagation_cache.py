@@ -13,7 +13,7 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import meshlib
-from meshlib.call import run_call
+from meshlib.outbound.call import run_call
 
 POLICY = """\
 apiVersion: meshlib/v1

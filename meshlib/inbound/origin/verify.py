@@ -23,7 +23,7 @@ from typing import Any
 import jwt
 
 from meshlib.config.model import JwtLocation, JwtRule
-from meshlib.origin.jwks import JwksStore
+from meshlib.inbound.origin.jwks import JwksStore
 
 
 class Unauthenticated(Exception):

@@ -1,6 +1,6 @@
 """The two drivers of the call sequence: an httpx sync transport and an httpx async transport.
 
-Each one resolves the host; mesh services go through :func:`meshlib.call.run_call`, whose
+Each one resolves the host; mesh services go through :func:`meshlib.outbound.call.run_call`, whose
 effects the driver performs; other hosts go straight to the inner transport. The two classes
 are meant to be read side by side: they differ only in ``await`` and in how they race hedges
 (a thread pool here, an anyio task group there).
@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from meshlib.call import (
+from meshlib.decision import Decision
+from meshlib.errors import MeshError
+from meshlib.outbound.call import (
     STREAM_EXTENSION,
     Buffer,
     Close,
@@ -30,8 +32,6 @@ from meshlib.call import (
     Sleep,
     local_response,
 )
-from meshlib.decision import Decision
-from meshlib.errors import MeshError
 
 if TYPE_CHECKING:
     import asyncio
@@ -63,7 +63,7 @@ class MeshClient(httpx.Client):
     """The ``httpx.Client`` of ``mesh.client()``: marks the calls whose response its caller
     streams (``client.stream``, ``send(stream=True)``), because the transport cannot tell them
     apart from buffered ones. A streamed call's deadline ends at the response headers; a
-    buffered call's covers the whole body (:class:`meshlib.call.Body`)."""
+    buffered call's covers the whole body (:class:`meshlib.outbound.call.Body`)."""
 
     def send(
         self, request: httpx.Request, *, stream: bool = False, **kwargs: Any

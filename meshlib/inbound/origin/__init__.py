@@ -6,7 +6,7 @@ service: it imports PyJWT and cryptography, which plain meshes never need.
 
 from __future__ import annotations
 
-from meshlib.origin.jwks import (
+from meshlib.inbound.origin.jwks import (
     FileJwks,
     InlineJwks,
     JwksFetchError,
@@ -15,7 +15,7 @@ from meshlib.origin.jwks import (
     KeySet,
     UrlJwks,
 )
-from meshlib.origin.verify import JwtVerifier, OriginPrincipal, Unauthenticated, find_token
+from meshlib.inbound.origin.verify import JwtVerifier, OriginPrincipal, Unauthenticated, find_token
 
 __all__ = [
     "FileJwks",

@@ -3,8 +3,8 @@
 Only the OpenTelemetry *API* is used: the application chooses the SDK, exporter and sampler.
 Loaded by :class:`~meshlib.mesh.Mesh` when it is built, never by ``import meshlib``.
 
-Outbound, the call sequence (:func:`meshlib.call.run_call`) stays free of tracing: this module
-wraps its generator of effects. A ``Send`` leaving for the driver starts an *attempt* span
+Outbound, the call sequence (:func:`meshlib.outbound.call.run_call`) stays free of tracing: this
+module wraps its generator of effects. A ``Send`` leaving for the driver starts an *attempt* span
 (kind CLIENT, child of the *call* span, itself CLIENT) and gets that span's ``traceparent``, so
 the upstream's SERVER span is the child of the attempt that reached it; the outcome coming
 back ends it. A hedge ``Race`` gets a span for each attempt it starts. A ``Mirror`` gets its own
@@ -67,12 +67,12 @@ from opentelemetry.trace import (
 )
 
 from meshlib import __version__
-from meshlib.call import Body, Effect, Mirror, Outcome, Race, Send, classify
 from meshlib.config.model import MeshSettings, ServiceDef
 from meshlib.context import inbound_deadline
 from meshlib.decision import DECISION_EXTENSION, Decision
 from meshlib.errors import REASON_HEADER, MeshError
 from meshlib.inbound.peer import IDENTITY_HEADER, verified_identity
+from meshlib.outbound.call import Body, Effect, Mirror, Outcome, Race, Send, classify
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -7,7 +7,7 @@ public API; the verified chain is read where the interpreter offers it), re-chec
 X.509 SVID of the mesh's trust domain against the current bundle (OpenSSL verified the chain
 and the dates; the SPIFFE shape and trust domain are meshlib's), and then either
 
-* refuses the connection (closes it, logging the reason on ``meshlib.serving``), or
+* refuses the connection (closes it, logging the reason on ``meshlib.inbound.serving``), or
 * injects the extension into every scope the connection makes, where
   :class:`~meshlib.inbound.MeshMiddleware` reads the caller's identity.
 

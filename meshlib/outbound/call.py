@@ -3,8 +3,8 @@
 :func:`run_call` decides everything about one call — route, split, faults, limits, endpoint,
 retries, backoff, hedges, deadline — and *yields* the I/O it needs as effect values (``Send``,
 ``Sleep``, ``Race``, ``Close``, ``Buffer``, ``Mirror``). The sync transport and the async
-transport (:mod:`meshlib.transport`) are thin drivers that perform those effects and send the
-results back in, so no policy logic is written twice (the pattern of ``httpx/_auth.py``).
+transport (:mod:`meshlib.outbound.transport`) are thin drivers that perform those effects and
+send the results back in, so no policy logic is written twice (the pattern of ``httpx/_auth.py``).
 
 The order of the stack, each step with its reason:
 
@@ -73,8 +73,8 @@ from meshlib.policy.routing import Router
 from meshlib.policy.split import pick_backend
 
 if TYPE_CHECKING:
-    from meshlib.destination import Destination
-    from meshlib.metrics import MeshMetrics
+    from meshlib.observe.metrics import MeshMetrics
+    from meshlib.outbound.destination import Destination
 
 #: Bodies up to this size are buffered so they can be replayed; larger ones stream through and
 #: are never retried (Linkerd and gRFC A6 use 64 KiB).

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from meshlib.cli_observe import VERBS as OBSERVE_VERBS
+from meshlib.cli.observe import VERBS as OBSERVE_VERBS
 from meshlib.config.loader import load_files
 from meshlib.config.model import EffectivePolicy, FaultRule, ServiceDef, Snapshot
 from meshlib.config.schema import POLICY_FIELDS, json_schema
@@ -157,8 +157,8 @@ def _explain_authz(
     path: str,
     headers: Mapping[str, str],
 ) -> None:
-    from meshlib.authz import authorize, index_for
     from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
+    from meshlib.policy.authz import authorize, index_for
 
     caller: SpiffeID | None = None
     if caller_text != "none":
@@ -502,7 +502,7 @@ _VERBS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], No
     _add_schema,
     _add_explain,
     _add_ca,
-    *OBSERVE_VERBS,  # status, tap, top (meshlib.cli_observe)
+    *OBSERVE_VERBS,  # status, tap, top (meshlib.cli.observe)
     _add_graph,
 )
 

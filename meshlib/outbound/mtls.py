@@ -93,7 +93,7 @@ class PeerVerifier:
 
     def verify(self, host: str, port: int, ssl_object: Any) -> None:
         """Raise ``httpcore.ConnectError`` unless the peer is the expected workload."""
-        from meshlib.serving import _peer_chain
+        from meshlib.inbound.serving import _peer_chain
 
         snapshot = self._snapshot()  # one read: the expected ID and trust domain agree
         expected, service = self.expected(host, port, snapshot)
