@@ -43,9 +43,11 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
-    from meshlib.identity.renewal import Issuer, Renewer
+    from meshlib.identity.renewal import Issuer, RenewalMetrics, Renewer
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
     from meshlib.identity.tls import SVIDMaterial, SVIDSource
+    from meshlib.inbound.middleware import InboundHost
+    from meshlib.inbound.serving import ServedMesh
     from meshlib.observe.admin import AdminApp
     from meshlib.observe.events import EventHub
     from meshlib.observe.metrics import MeshMetrics
@@ -538,3 +540,12 @@ def _egress_refused(request: httpx.Request, version: int) -> AccessDeniedError:
         f"egress to {request.url.host!r} refused: not a mesh service (egress: registry-only)",
         decision=decision,
     )
+
+
+if TYPE_CHECKING:
+
+    def _wiring(mesh: Mesh, metrics: MeshMetrics) -> tuple[InboundHost, ServedMesh, RenewalMetrics]:
+        """The mesh is the host the middleware and ``serve`` declare, and its metrics what the
+        renewer reports to: checked by mypy here, where they are handed over by the user or
+        through ``**options`` (the other parts are built in this module and checked there)."""
+        return mesh, mesh, metrics

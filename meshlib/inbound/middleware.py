@@ -40,7 +40,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import quote
 
 from meshlib.config.model import AccessControl, JwtRule, RateLimitPolicy, ServiceDef
@@ -58,7 +58,6 @@ from meshlib.policy.ratelimit import TokenBucket
 if TYPE_CHECKING:
     from meshlib.identity.spiffe import SpiffeID
     from meshlib.inbound.origin import JwtVerifier
-    from meshlib.mesh import Mesh
     from meshlib.policy.routing import Router
 
 Scope = MutableMapping[str, Any]
@@ -66,6 +65,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Handler = Callable[[Scope, Receive, Send, ASGIApp], Awaitable[None]]
 
 log = logging.getLogger("meshlib.inbound")
 
@@ -73,6 +73,72 @@ log = logging.getLogger("meshlib.inbound")
 UNAUTHENTICATED = "unauthenticated"
 #: Bound on per-identity buckets; the least recently seen identity is forgotten first.
 MAX_IDENTITIES = 10_000
+
+
+class TracedRequest(Protocol):
+    """The tracing of one request: ``run`` calls ``handle`` inside its span."""
+
+    async def run(
+        self, handle: Handler, scope: Scope, receive: Receive, send: Send, app: ASGIApp
+    ) -> None: ...
+
+
+class InboundTracing(Protocol):
+    """Tracing of inbound requests (:class:`meshlib.observe.tracing.Tracing`)."""
+
+    def inbound(self, scope: Scope) -> TracedRequest | None:
+        """None when there is nothing to record or propagate (the hot path)."""
+
+
+class InboundMetrics(Protocol):
+    """The metrics the middleware updates (:class:`meshlib.observe.metrics.MeshMetrics`)."""
+
+    def observe_authz(self, source: str, destination: str, verdict: str, mode: str) -> None: ...
+
+    def observe_inbound(
+        self, source: str, destination: str, route: str, code: str, reason: str, seconds: float
+    ) -> None: ...
+
+
+class InboundEvents(Protocol):
+    """Where a handled request is reported (:class:`meshlib.observe.events.EventHub`)."""
+
+    def inbound(
+        self,
+        source: str,
+        destination: str,
+        scope: Mapping[str, Any],
+        status: int,
+        reason: Reason,
+        seconds: float,
+        peer: str | None = None,
+        route: str | None = None,
+    ) -> None: ...
+
+
+class InboundHost(Protocol):
+    """What the middleware needs from the mesh whose decisions it applies (:class:`meshlib.Mesh`):
+    the service it guards, the current policy, a clock and where to report."""
+
+    @property
+    def service(self) -> str: ...
+
+    @property
+    def namespace(self) -> str: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    def clock(self) -> float: ...
+
+    @property
+    def tracing(self) -> InboundTracing: ...
+
+    @property
+    def metrics(self) -> InboundMetrics | None: ...
+
+    @property
+    def events(self) -> InboundEvents | None: ...
 
 
 class Verdict(enum.Enum):
@@ -115,7 +181,7 @@ class MeshMiddleware:
         self,
         app: ASGIApp,
         *,
-        mesh: Mesh,
+        mesh: InboundHost,
         rate_limit: tuple[float, int] | RateLimitPolicy | None = None,
         per_identity_rate_limit: tuple[float, int] | RateLimitPolicy | None = None,
         default_timeout: float | None = None,

@@ -55,7 +55,7 @@ import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import asyncio
@@ -65,14 +65,33 @@ if TYPE_CHECKING:
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    from meshlib.config.model import MTLSMode
+    from meshlib.config.model import MTLSMode, Snapshot
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
     from meshlib.identity.tls import SVIDMaterial, SVIDSource
-    from meshlib.mesh import Mesh
 
 __all__ = ["Server", "run", "serve", "tls_extension"]
 
 log = logging.getLogger("meshlib.serving")
+
+
+class CertMetrics(Protocol):
+    """Where the served SVID's expiry is reported (:class:`meshlib.observe.metrics.MeshMetrics`)."""
+
+    def set_cert_expiry(self, identity: str, timestamp: float) -> None: ...
+
+
+class ServedMesh(Protocol):
+    """What serving needs from the mesh (:class:`meshlib.Mesh`): the mTLS mode in force, the
+    current policy (its trust domain, read per connection) and its metrics."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def metrics(self) -> CertMetrics | None: ...
+
+    def mtls_mode(self, service_key: str | None = None) -> MTLSMode: ...
+
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -168,7 +187,7 @@ class Server:
 def serve(
     app: ASGIApp,
     *,
-    mesh: Mesh,
+    mesh: ServedMesh,
     host: str = "127.0.0.1",
     port: int = 0,
     svid_dir: str | None = None,
@@ -253,7 +272,7 @@ def serve(
 def run(
     app: ASGIApp,
     *,
-    mesh: Mesh,
+    mesh: ServedMesh,
     host: str = "127.0.0.1",
     port: int = 8000,
     svid_dir: str | None = None,
@@ -267,7 +286,7 @@ def run(
 
 def _build(
     app: ASGIApp,
-    mesh: Mesh,
+    mesh: ServedMesh,
     host: str,
     port: int,
     svid_dir: str | None,
@@ -313,7 +332,7 @@ def _protocol_class(
     source: SVIDSource | None = None,
     *,
     mode_of: Callable[[], MTLSMode] | None = None,
-    mesh: Mesh | None = None,
+    mesh: ServedMesh | None = None,
 ) -> type[H11Protocol]:
     """uvicorn's h11 protocol as :func:`serve` runs it: requests parsed with
     :func:`_framing_checked_connection`, and a stop that closes idle connections at once and
@@ -566,6 +585,7 @@ def tls_extension(
     from cryptography.hazmat.primitives import serialization
 
     from meshlib.identity.svid import SVIDError, verify_svid
+    from meshlib.identity.tls import peer_chain
 
     leaf_der = ssl_object.getpeercert(binary_form=True)
     chain_pem: list[str] = []
@@ -574,7 +594,7 @@ def tls_extension(
         if require_client_cert:
             raise PeerRefused("no client certificate (mTLS mode strict)")
     else:
-        chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(ssl_object, leaf_der)]
+        chain = [x509.load_der_x509_certificate(der) for der in peer_chain(ssl_object, leaf_der)]
         try:
             verify_svid(chain, source.bundle, trust_domain=trust_domain, crls=source.crls)
         except SVIDError as exc:
@@ -592,27 +612,6 @@ def tls_extension(
         "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
         "cipher_suite": _cipher_id(ssl_object.context, cipher[0]) if cipher else None,
     }
-
-
-def _peer_chain(ssl_object: ssl.SSLObject, leaf_der: bytes) -> list[bytes]:
-    """The verified chain (leaf first, ending at the trust anchor) where Python exposes it
-    (public on 3.13+, private ``_sslobj`` before), else just the leaf."""
-    getter = getattr(ssl_object, "get_verified_chain", None)
-    if getter is None:
-        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)
-    if getter is None:
-        return [leaf_der]
-    try:
-        chain = getter()
-    except (AttributeError, ValueError):  # pragma: no cover - depends on the interpreter
-        return [leaf_der]
-    out: list[bytes] = []
-    for cert in chain or ():
-        if isinstance(cert, bytes):
-            out.append(cert)
-        else:  # 3.10-3.12: _ssl.Certificate
-            out.append(cert.public_bytes(2))  # 2 = _ssl.ENCODING_DER
-    return out if out and out[0] == leaf_der else [leaf_der]
 
 
 def _cipher_id(context: ssl.SSLContext, name: str) -> int | None:

@@ -39,6 +39,8 @@ elsewhere keeps its sampled flag; meshlib never samples again inside it.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
 import random
 import time
@@ -66,7 +68,6 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 
-from meshlib import __version__
 from meshlib.config.model import MeshSettings, ServiceDef
 from meshlib.context import inbound_deadline
 from meshlib.decision import DECISION_EXTENSION, Decision
@@ -136,7 +137,7 @@ class Tracing:
             if self._provider is not None:
                 self._recheck = math.inf  # a no-op provider given explicitly: never anything
             return None
-        tracer = self._tracer = provider.get_tracer(TRACER_NAME, __version__)
+        tracer = self._tracer = provider.get_tracer(TRACER_NAME, _meshlib_version())
         return tracer
 
     def sample_root(self) -> bool:
@@ -732,3 +733,14 @@ def _carrier(scope: Scope, tracing: Tracing) -> dict[str, str]:
             label = key.decode("latin-1")
             carrier[label] = f"{carrier[label]},{text}" if label in carrier else text
     return carrier
+
+
+@functools.cache
+def _meshlib_version() -> str | None:
+    """The installed meshlib's version, for the tracer's instrumentation scope. Read from the
+    distribution rather than ``meshlib.__version__``: the package root imports the mesh, which
+    builds this module, so importing it from here would point an arrow up (docs/design.md)."""
+    try:
+        return importlib.metadata.version("meshlib")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return None

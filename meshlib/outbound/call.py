@@ -36,6 +36,7 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from meshlib.config.model import EffectivePolicy, FaultRule, MirrorRule, ServiceDef
-from meshlib.context import inbound_deadline
+from meshlib.context import DEADLINE_HEADER, inbound_deadline
 from meshlib.decision import DECISION_EXTENSION, AttemptRecord, Decision
 from meshlib.errors import (
     REASON_HEADER,
@@ -73,15 +74,11 @@ from meshlib.policy.routing import Router
 from meshlib.policy.split import pick_backend
 
 if TYPE_CHECKING:
-    from meshlib.observe.metrics import MeshMetrics
     from meshlib.outbound.destination import Destination
 
 #: Bodies up to this size are buffered so they can be replayed; larger ones stream through and
 #: are never retried (Linkerd and gRFC A6 use 64 KiB).
 MAX_REPLAY_BUFFER = 64 * 1024
-
-#: Header telling the upstream how much of the caller's deadline is left, in milliseconds.
-DEADLINE_HEADER = "x-mesh-timeout-ms"
 
 _REFUSED = Admission.REFUSED
 _PROBE = Admission.PROBE
@@ -178,11 +175,48 @@ class RaceResult:
 Effect = Send | Sleep | Close | Buffer | Mirror | Race
 
 
+class Labels(Protocol):
+    """A metric family with labels: ``labels(*values)`` is the child to ``inc()``."""
+
+    def labels(self, *values: str) -> Any: ...
+
+
+class CallMetrics(Protocol):
+    """The metrics the call sequence updates (:class:`meshlib.observe.metrics.MeshMetrics`)."""
+
+    @property
+    def retries(self) -> Labels: ...
+
+    @property
+    def budget_exhausted(self) -> Labels: ...
+
+    @property
+    def ejections(self) -> Labels: ...
+
+    @property
+    def faults(self) -> Labels: ...
+
+    def observe_call(
+        self,
+        source: str,
+        destination: str,
+        route: str,
+        code: str,
+        reason: str,
+        seconds: float,
+        attempts: Sequence[AttemptRecord] = (),
+    ) -> None: ...
+
+    def set_circuit_state(self, source: str, destination: str, state: str) -> None: ...
+
+
 class CallHost(Protocol):
     """What the call sequence needs from the mesh that runs it."""
 
     source: str
-    metrics: MeshMetrics | None
+
+    @property
+    def metrics(self) -> CallMetrics | None: ...
 
     def clock(self) -> float: ...
 

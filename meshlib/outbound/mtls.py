@@ -35,7 +35,7 @@ from cryptography import x509
 from meshlib.config.model import Snapshot
 from meshlib.identity.spiffe import SpiffeID
 from meshlib.identity.svid import SVIDError, verify_svid
-from meshlib.identity.tls import SVIDSource
+from meshlib.identity.tls import SVIDSource, peer_chain
 
 __all__ = ["AsyncMeshTLSTransport", "MeshTLSTransport", "PeerVerifier"]
 
@@ -93,8 +93,6 @@ class PeerVerifier:
 
     def verify(self, host: str, port: int, ssl_object: Any) -> None:
         """Raise ``httpcore.ConnectError`` unless the peer is the expected workload."""
-        from meshlib.inbound.serving import _peer_chain
-
         snapshot = self._snapshot()  # one read: the expected ID and trust domain agree
         expected, service = self.expected(host, port, snapshot)
         if expected is None:
@@ -102,7 +100,7 @@ class PeerVerifier:
         leaf_der = None if ssl_object is None else ssl_object.getpeercert(True)
         if leaf_der is None:
             raise httpcore.ConnectError(f"mTLS: server {host}:{port} presented no certificate")
-        chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(ssl_object, leaf_der)]
+        chain = [x509.load_der_x509_certificate(der) for der in peer_chain(ssl_object, leaf_der)]
         try:
             actual = verify_svid(
                 chain,

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Generator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -36,14 +36,27 @@ from meshlib.outbound.call import (
 if TYPE_CHECKING:
     import asyncio
 
-    from meshlib.mesh import Mesh
-
 #: Threads for hedged attempts per sync transport (created lazily, only when hedging is on).
 HEDGE_WORKERS = 64
 
 #: Mirrored requests in flight per transport; more are dropped, never queued (mirroring must
 #: not add latency or memory to the primary traffic).
 MAX_MIRRORS_IN_FLIGHT = 32
+
+
+class CallStarter(Protocol):
+    """What a transport needs from the mesh it drives calls for (:class:`meshlib.Mesh`)."""
+
+    def clock(self) -> float: ...
+
+    def start_call(self, request: httpx.Request) -> Generator[Effect, Any, httpx.Response] | None:
+        """The call sequence for ``request``; None for a host outside the mesh."""
+
+    def mtls_transport(self, limits: httpx.Limits | None = None) -> httpx.BaseTransport:
+        """The sync inner transport for attempts over mutual TLS."""
+
+    def async_mtls_transport(self, limits: httpx.Limits | None = None) -> httpx.AsyncBaseTransport:
+        """The async inner transport for attempts over mutual TLS."""
 
 
 def _mirror_ended(
@@ -91,7 +104,7 @@ class MeshTransport(httpx.BaseTransport):
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: CallStarter,
         inner: httpx.BaseTransport | None = None,
         *,
         local_responses: bool = False,
@@ -269,7 +282,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: CallStarter,
         inner: httpx.AsyncBaseTransport | None = None,
         *,
         local_responses: bool = False,

@@ -74,6 +74,7 @@ def test_a_retry_is_a_second_attempt_span_under_one_call(
     assert call.attributes["mesh.retries"] == 1 and call.attributes["mesh.attempts"] == 2
     assert call.status.status_code is StatusCode.UNSET
     assert call.instrumentation_scope.name == TRACER_NAME
+    assert call.instrumentation_scope.version == meshlib.__version__
     # What the backend got last names the second attempt.
     sent = response.json()["headers"]["traceparent"]
     assert traceparent_ids(sent)[:2] == (call.context.trace_id, second.context.span_id)
