@@ -1,7 +1,8 @@
-"""``meshctl status|tap|top URL``: read a running service's admin app (meshlib.observe.admin).
+"""``meshctl status|tap|top|graph URL``: read running services (their admin app, their metrics).
 
-Kept apart from :mod:`meshlib.cli` because these verbs talk to a live process over HTTP
-(httpx) while the others read policy files; :mod:`meshlib.cli` only lists the registrars.
+``status``, ``tap`` and ``top`` read one service's admin app (:mod:`meshlib.observe.admin`);
+``graph`` scrapes several services' ``/metrics`` (:mod:`meshlib.observe.graph`). These verbs
+talk to live processes over HTTP (httpx) while the others read files.
 Every verb prints a readable table or lines by default and the admin app's JSON with
 ``--json``. Exit status: 0 ok, 1 the admin app could not be reached or answered an error.
 """
@@ -18,10 +19,9 @@ from typing import Any
 
 import httpx
 
-EXIT_OK = 0
-EXIT_FAILED = 1
+from meshlib.cli.command import EXIT_INVALID, EXIT_OK, Registrar, Subparsers, UsageError
 
-Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+EXIT_FAILED = EXIT_INVALID  # the admin app could not be reached or answered an error
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -81,7 +81,7 @@ def _when(stamp: float | None) -> str:
 # --- status ------------------------------------------------------------------------------------
 
 
-def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_status(sub: Subparsers) -> None:
     p = sub.add_parser(
         "status",
         help="config version, last (rejected) reload and endpoint health of a running service",
@@ -145,7 +145,7 @@ def format_status(status: dict[str, Any], dests: dict[str, Any]) -> str:
 # --- tap ---------------------------------------------------------------------------------------
 
 
-def _add_tap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_tap(sub: Subparsers) -> None:
     p = sub.add_parser(
         "tap",
         help="stream recent and live calls of a running service (bounded)",
@@ -188,7 +188,7 @@ def _cmd_tap(args: argparse.Namespace) -> int:
 # --- top ---------------------------------------------------------------------------------------
 
 
-def _add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_top(sub: Subparsers) -> None:
     p = sub.add_parser(
         "top",
         help="per-edge request rate, success rate and p50/p99 latency of a running service",
@@ -229,5 +229,54 @@ def format_top(top: dict[str, Any]) -> str:
     return table((*headers, "P50_MS", "P99_MS"), rows)
 
 
-#: Registered by :mod:`meshlib.cli`.
-VERBS: tuple[Registrar, ...] = (_add_status, _add_tap, _add_top)
+# --- graph -------------------------------------------------------------------------------------
+
+
+def _add_graph(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "graph",
+        help="who calls whom, from the metrics of several services",
+        description="Scrape each URL's /metrics (mesh_requests_total) and print the service "
+        "graph: edges with requests and success rate. Two scrapes --interval seconds apart "
+        "give rates; otherwise totals since each process started.",
+    )
+    p.add_argument("urls", nargs="+", metavar="URL", help="a service's metrics URL")
+    p.add_argument("--format", choices=("text", "svg", "html"), default="text")
+    p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    p.add_argument("--interval", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    p.set_defaults(func=_cmd_graph)
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    import time
+
+    from meshlib.observe import graph
+
+    if args.interval < 0 or args.timeout <= 0:
+        raise UsageError("--interval must be >= 0 and --timeout > 0")
+    try:
+        scrapes = graph.scrape(args.urls, args.timeout)
+        interval = None
+        if args.interval > 0:
+            time.sleep(args.interval)
+            later = graph.scrape(args.urls, args.timeout)
+            scrapes = [graph.delta(a, b) for a, b in zip(scrapes, later, strict=True)]
+            interval = args.interval
+    except graph.GraphError as exc:
+        print(f"meshctl graph: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    output = graph.RENDERERS[args.format](graph.build(scrapes, interval))
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(output)
+        except OSError as exc:
+            print(f"meshctl graph: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+            return EXIT_INVALID
+    else:
+        sys.stdout.write(output)
+    return EXIT_OK
+
+
+VERBS: tuple[Registrar, ...] = (_add_status, _add_tap, _add_top, _add_graph)
