@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from authz.authzdocs import ROUTES, SERVICES, TARGET_V1, load, mesh, target_spec
+from policy.authz.authzdocs import ROUTES, SERVICES, TARGET_V1, load, mesh, target_spec
 
 import meshlib
 from inbound.conftest import SERVICE_ONLY, http_scope

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from inbound.conftest import http_scope, tls_extension
-from origin.conftest import inline_rule, jwks, request_authentication, rsa_key
+from inbound.origin.conftest import inline_rule, jwks, request_authentication, rsa_key
 from policy.fakes import Driver, FakeClock, refused, start, status, timed_out
 from policy.test_call import ENDPOINTS, RETRY_5XX, SERVICE, with_policy
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 import meshlib
-from origin.conftest import (
+from inbound.origin.conftest import (
     ISSUER,
     Recorder,
     bearer,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from authz.authzdocs import ROUTES, SERVICES, TARGET_V1, decide, load, mesh, sa, target_spec
 from meshlib.identity.spiffe import SpiffeID
 from meshlib.policy.authz import AuthzIndex, authorize, index_for
 from meshlib.policy.routing import Router
+from policy.authz.authzdocs import ROUTES, SERVICES, TARGET_V1, decide, load, mesh, sa, target_spec
 
 RATINGS = sa("ratings")
 DETAILS = sa("details")

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from authz.authzdocs import ROUTES, SERVICES, TARGET_V1, decide, load, mesh, sa
 from meshlib.config.model import AuthzAction
 from meshlib.errors import ConfigError
 from meshlib.identity.spiffe import SpiffeID
+from policy.authz.authzdocs import ROUTES, SERVICES, TARGET_V1, decide, load, mesh, sa
 
 RATINGS = sa("ratings")
 DETAILS = sa("details")

@@ -12,8 +12,7 @@ import pytest
 from harness import ServerHandle, run_uvicorn
 
 import meshlib
-from meshlib.inbound.origin import UrlJwks
-from origin.conftest import (
+from inbound.origin.conftest import (
     ISSUER,
     Recorder,
     acall,
@@ -24,6 +23,7 @@ from origin.conftest import (
     rsa_key,
     token,
 )
+from meshlib.inbound.origin import UrlJwks
 
 pytestmark = pytest.mark.timeout(30)
 

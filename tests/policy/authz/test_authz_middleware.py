@@ -14,8 +14,8 @@ from inbound.conftest import http_scope, tls_extension
 from prometheus_client import CollectorRegistry
 
 import meshlib
-from authz.authzdocs import ROUTES, SERVICES, TARGET_V1, mesh
 from meshlib.cli import main
+from policy.authz.authzdocs import ROUTES, SERVICES, TARGET_V1, mesh
 
 RATINGS = "spiffe://shop.test/ns/default/sa/ratings"
 DETAILS = "spiffe://shop.test/ns/default/sa/details"

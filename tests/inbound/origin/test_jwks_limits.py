@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from harness import ServerHandle, run_uvicorn
 
+from inbound.origin.conftest import jwks, rsa_key
 from meshlib.inbound.origin import KeySet, UrlJwks
 from meshlib.inbound.origin.jwks import MAX_JWKS_BYTES
-from origin.conftest import jwks, rsa_key
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from authz.authzdocs import SERVICES, decide, load, mesh, sa
 from meshlib.policy.authz import normalize_path
+from policy.authz.authzdocs import SERVICES, decide, load, mesh, sa
 
 #: deny /admin*, allow /app* for everyone (NET-6 setup).
 POLICIES = """

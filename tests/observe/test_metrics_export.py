@@ -207,7 +207,7 @@ def test_cost_benchmark_runs() -> None:
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "metrics_cost.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "metrics_cost.py"
     done = subprocess.run(
         [sys.executable, str(script), "--calls", "200", "--rounds", "1"],
         capture_output=True,
