@@ -147,7 +147,13 @@ def _supported(variant: str) -> bool:
     if variant in ("no-tracing", "propagate", "sdk"):
         import importlib.util
 
-        return importlib.util.find_spec("meshlib.observe.tracing") is not None
+        for name in ("meshlib.observe.tracing", "meshlib.tracing"):  # its home before the layout
+            try:
+                if importlib.util.find_spec(name) is not None:
+                    return True
+            except ModuleNotFoundError:  # no meshlib.observe package in that checkout
+                pass
+        return False
     return True
 
 
