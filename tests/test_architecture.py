@@ -205,9 +205,16 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def _show(imps: list[Import]) -> str:
-    return "; ".join(
-        f"{i.where} {i.module}{'' if i.name is None else ' import ' + i.name}" for i in imps[:3]
-    ) + (f" (+{len(imps) - 3} more)" if len(imps) > 3 else "")
+    """The first three import statements behind an edge, each once with the names it takes."""
+    statements: dict[tuple[str, str], list[str]] = {}
+    for i in imps:
+        statements.setdefault((i.where, i.module), []).extend([i.name] if i.name else [])
+    shown = [
+        f"{where} {module}" + (f" import {', '.join(names)}" if names else "")
+        for (where, module), names in list(statements.items())[:3]
+    ]
+    more = len(statements) - len(shown)
+    return "; ".join(shown) + (f" (+{more} more)" if more else "")
 
 
 # --- the checks ---------------------------------------------------------------------------------
