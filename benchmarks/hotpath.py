@@ -26,7 +26,7 @@ To measure another checkout of meshlib, put it first on the path (the client inh
 
     PYTHONPATH=/path/to/checkout python benchmarks/hotpath.py
 
-Variants that checkout cannot run (no ``meshlib.tracing``) are reported as n/a. The output is a
+Variants that checkout cannot run (no tracing module) are reported as n/a. The output is a
 Markdown table; the ``≈ µs`` column scales the extra instructions by the raw call's cost on the
 issue's reference machine (240 µs per raw GET), the way docs/design.md states the budget.
 Importing this module has no side effects.
@@ -147,7 +147,13 @@ def _supported(variant: str) -> bool:
     if variant in ("no-tracing", "propagate", "sdk"):
         import importlib.util
 
-        return importlib.util.find_spec("meshlib.tracing") is not None
+        for name in ("meshlib.observe.tracing", "meshlib.tracing"):  # its home before the layout
+            try:
+                if importlib.util.find_spec(name) is not None:
+                    return True
+            except ModuleNotFoundError:  # no meshlib.observe package in that checkout
+                pass
+        return False
     return True
 
 

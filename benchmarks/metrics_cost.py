@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import meshlib
 from meshlib.decision import AttemptRecord
-from meshlib.metrics import MeshMetrics
+from meshlib.observe.metrics import MeshMetrics
 
 POLICY = """\
 apiVersion: meshlib/v1

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 import meshlib
-from meshlib.call import Outcome, Send, run_call
+from meshlib.outbound.call import Outcome, Send, run_call
 
 POLICY = """\
 apiVersion: meshlib/v1

@@ -66,7 +66,7 @@ import meshlib
 import meshlib.cli
 from meshlib.identity import CertificateAuthority, SpiffeID
 from meshlib.identity.tls import SVIDSource
-from meshlib.serving import Server as ServedApp
+from meshlib.inbound.serving import Server as ServedApp
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

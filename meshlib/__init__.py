@@ -19,10 +19,10 @@ from meshlib.errors import (
     RetryBudgetExhaustedError,
 )
 from meshlib.inbound import MeshMiddleware
+from meshlib.inbound.serving import serve
 from meshlib.mesh import FaultHandle, Mesh, ReloadStatus
 from meshlib.observe.exporter import MetricsServer, metrics_app, start_metrics_server
-from meshlib.serving import serve
-from meshlib.transport import AsyncMeshTransport, MeshTransport
+from meshlib.outbound.transport import AsyncMeshTransport, MeshTransport
 
 __version__ = "0.1.0"
 

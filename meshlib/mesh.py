@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from meshlib.call import Effect, run_call
 from meshlib.config.model import (
     AbortFault,
     DelayFault,
@@ -29,22 +28,30 @@ from meshlib.config.model import (
     Snapshot,
 )
 from meshlib.decision import Decision
-from meshlib.destination import Destination
 from meshlib.errors import AccessDeniedError, ConfigError
+from meshlib.outbound.call import Effect, run_call
+from meshlib.outbound.destination import Destination
+from meshlib.outbound.transport import (
+    AsyncMeshClient,
+    AsyncMeshTransport,
+    MeshClient,
+    MeshTransport,
+)
 from meshlib.policy.routing import Router
-from meshlib.transport import AsyncMeshClient, AsyncMeshTransport, MeshClient, MeshTransport
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
-    from meshlib.identity.outbound import AsyncMeshTLSTransport, MeshTLSTransport, PeerVerifier
-    from meshlib.identity.renewal import Issuer, Renewer
+    from meshlib.identity.renewal import Issuer, RenewalMetrics, Renewer
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
     from meshlib.identity.tls import SVIDMaterial, SVIDSource
-    from meshlib.metrics import MeshMetrics
+    from meshlib.inbound.middleware import InboundHost
+    from meshlib.inbound.serving import ServedMesh
     from meshlib.observe.admin import AdminApp
     from meshlib.observe.events import EventHub
+    from meshlib.observe.metrics import MeshMetrics
+    from meshlib.outbound.mtls import AsyncMeshTLSTransport, MeshTLSTransport, PeerVerifier
 
 log = logging.getLogger("meshlib")
 
@@ -88,7 +95,7 @@ class Mesh:
     polled every ``svid_poll_interval`` seconds (``None``: never) and a renewed pair is swapped
     in for new connections (:mod:`meshlib.identity.rotation`; see :attr:`svid_status`).
     ``tracer_provider`` records the mesh's spans (default: OpenTelemetry's global provider,
-    looked up until one is set; :mod:`meshlib.tracing`).
+    looked up until one is set; :mod:`meshlib.observe.tracing`).
     """
 
     def __init__(
@@ -117,11 +124,11 @@ class Mesh:
         self._rng = random.Random(seed)
         self.metrics: MeshMetrics | None = None
         if metrics:
-            from meshlib.metrics import MeshMetrics  # prometheus-client loads on first use
+            from meshlib.observe.metrics import MeshMetrics  # prometheus-client loads on first use
 
             self.metrics = MeshMetrics.for_registry(registry)
         self.local_responses = local_responses
-        from meshlib.tracing import Tracing  # the OpenTelemetry API loads with the first mesh
+        from meshlib.observe.tracing import Tracing  # OpenTelemetry's API loads with the first mesh
 
         self.tracing = Tracing(tracer_provider, lambda: self._router.snapshot.mesh, clock, seed)
         #: This workload's SVID (``svid_dir``): calls to mesh services use mTLS with it when
@@ -131,8 +138,8 @@ class Mesh:
         self._rotation: RotationWatcher | None = None
         self._renewer: Renewer | None = None
         if svid_dir is not None:
-            from meshlib.identity.outbound import PeerVerifier
             from meshlib.identity.tls import SVIDSource
+            from meshlib.outbound.mtls import PeerVerifier
 
             self.svid = SVIDSource(svid_dir, trust_domain=snapshot.mesh.trust_domain)
             self._peer_verifier = PeerVerifier(lambda: self._router.snapshot, self.svid)
@@ -266,13 +273,13 @@ class Mesh:
 
     def mtls_transport(self, limits: httpx.Limits | None = None) -> MeshTLSTransport:
         """A sync inner transport for mesh traffic: presents the SVID, checks the server's ID."""
-        from meshlib.identity.outbound import MeshTLSTransport
+        from meshlib.outbound.mtls import MeshTLSTransport
 
         assert self.svid is not None and self._peer_verifier is not None
         return MeshTLSTransport(self.svid.client_context(), self._peer_verifier, limits=limits)
 
     def async_mtls_transport(self, limits: httpx.Limits | None = None) -> AsyncMeshTLSTransport:
-        from meshlib.identity.outbound import AsyncMeshTLSTransport
+        from meshlib.outbound.mtls import AsyncMeshTLSTransport
 
         assert self.svid is not None and self._peer_verifier is not None
         return AsyncMeshTLSTransport(self.svid.client_context(), self._peer_verifier, limits=limits)
@@ -533,3 +540,12 @@ def _egress_refused(request: httpx.Request, version: int) -> AccessDeniedError:
         f"egress to {request.url.host!r} refused: not a mesh service (egress: registry-only)",
         decision=decision,
     )
+
+
+if TYPE_CHECKING:
+
+    def _wiring(mesh: Mesh, metrics: MeshMetrics) -> tuple[InboundHost, ServedMesh, RenewalMetrics]:
+        """The mesh is the host the middleware and ``serve`` declare, and its metrics what the
+        renewer reports to: checked by mypy here, where they are handed over by the user or
+        through ``**options`` (the other parts are built in this module and checked there)."""
+        return mesh, mesh, metrics

@@ -43,6 +43,7 @@ __all__ = [
     "CertificateAuthority",
     "load_certificates",
     "uri_sans",
+    "write_atomic",
 ]
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -98,10 +99,10 @@ class X509SVID:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``cert.pem`` (chain), ``key.pem`` (0600) and ``bundle.pem``; return the dir."""
         out = _ensure_dir(directory)
-        _write_atomic(out / SVID_KEY_FILE, _key_pem(self.key), mode=0o600)
-        _write_atomic(out / SVID_CERT_FILE, _certs_pem(self.chain), mode=0o644)
+        write_atomic(out / SVID_KEY_FILE, _key_pem(self.key), mode=0o600)
+        write_atomic(out / SVID_CERT_FILE, _certs_pem(self.chain), mode=0o644)
         bundle = TrustBundle(self.bundle, self.bundle_sequence).to_pem()
-        _write_atomic(out / SVID_BUNDLE_FILE, bundle, mode=0o644)
+        write_atomic(out / SVID_BUNDLE_FILE, bundle, mode=0o644)
         return out
 
 
@@ -209,8 +210,8 @@ class CertificateAuthority:
         key_path = out / key_file
         if key_path.exists() and not overwrite:
             raise CAError(f"{key_path} already exists; refusing to replace a root key")
-        _write_atomic(key_path, _key_pem(self.key), mode=0o600)
-        _write_atomic(out / cert_file, _certs_pem([self.certificate]), mode=0o644)
+        write_atomic(key_path, _key_pem(self.key), mode=0o600)
+        write_atomic(out / cert_file, _certs_pem([self.certificate]), mode=0o644)
         return out
 
     @property
@@ -330,7 +331,7 @@ def _ensure_dir(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     """Write via a temp file in the same directory, then rename over ``path``.
 
     mkstemp creates the file 0600 whatever the umask, so a key is never briefly wider; the

@@ -41,8 +41,8 @@ from meshlib.identity.ca import (
     X509SVID,
     CAError,
     CertificateAuthority,
-    _write_atomic,
     load_certificates,
+    write_atomic,
 )
 from meshlib.identity.crl import CRL_FILE, crls_pem, issued_by, load_crls, sign_crl
 from meshlib.identity.spiffe import SpiffeID
@@ -194,7 +194,7 @@ class CADirectory:
         """Write the published bundle to ``out`` (after :meth:`drop_old` if asked)."""
         bundle = self.drop_old(force=force) if drop_old else self.bundle()
         try:
-            _write_atomic(Path(out), bundle.to_pem(), mode=0o644)
+            write_atomic(Path(out), bundle.to_pem(), mode=0o644)
         except OSError as exc:
             raise CAError(f"cannot write {out}: {exc.strerror}") from exc
         return bundle
@@ -216,7 +216,7 @@ class CADirectory:
             target = svid.save(out)
             crl = self.path / CRL_FILE
             if crl.exists():
-                _write_atomic(target / CRL_FILE, crl.read_bytes(), mode=0o644)
+                write_atomic(target / CRL_FILE, crl.read_bytes(), mode=0o644)
         return svid
 
     def revoke(self, cert_files: Sequence[str | os.PathLike[str]]) -> list[tuple[int, str]]:
@@ -246,7 +246,7 @@ class CADirectory:
         return [self.current(), *([] if previous is None else [previous])]
 
     def _publish(self, bundle: TrustBundle) -> None:
-        _write_atomic(self.path / SVID_BUNDLE_FILE, bundle.to_pem(), mode=0o644)
+        write_atomic(self.path / SVID_BUNDLE_FILE, bundle.to_pem(), mode=0o644)
 
     def _record(self, svid: X509SVID, ca: CertificateAuthority) -> None:
         line = {
@@ -270,7 +270,7 @@ class CADirectory:
             for serial, when in added.get(index, []):
                 entries.setdefault(serial, when)
             out.append(sign_crl(ca, sorted(entries.items()), previous=previous, now=now))
-        _write_atomic(path, crls_pem(out), mode=0o644)
+        write_atomic(path, crls_pem(out), mode=0o644)
 
 
 def _ski(cert: x509.Certificate) -> str:

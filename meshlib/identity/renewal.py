@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from meshlib.identity.tls import SVIDSource
-    from meshlib.metrics import MeshMetrics
 
 __all__ = [
     "OVERDUE_FRACTION",
@@ -60,6 +59,14 @@ log = logging.getLogger("meshlib.identity.renewal")
 
 #: Past this fraction of its lifetime, an SVID not yet renewed raises the overdue alert.
 OVERDUE_FRACTION = 0.8
+
+
+class RenewalMetrics(Protocol):
+    """Where renewal reports trouble (:class:`meshlib.observe.metrics.MeshMetrics`)."""
+
+    def renewal_failed(self, identity: str) -> None: ...
+
+    def set_renewal_overdue(self, identity: str, overdue: bool) -> None: ...
 
 
 class Issuer(Protocol):
@@ -152,7 +159,7 @@ class Renewer:
         rng: random.Random | None = None,
         base_delay: float = 1.0,
         max_delay: float = 60.0,
-        metrics: MeshMetrics | None = None,
+        metrics: RenewalMetrics | None = None,
         on_renewed: Callable[[X509SVID], object] | None = None,
     ) -> None:
         if not 0 < base_delay <= max_delay:

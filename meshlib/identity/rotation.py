@@ -6,9 +6,9 @@ or an agent) replaces ``cert.pem``, ``key.pem``, ``bundle.pem`` and ``crl.pem`` 
 so either takes effect within about two poll intervals). A
 :class:`RotationWatcher` polls their stat (mtime, size, inode); once a change has settled for
 one poll interval it calls the reload function (:meth:`SVIDSource.reload`, or
-:meth:`meshlib.serving.Server.reload_svid`, which runs it on the server's event loop). The source
-validates the new pair before touching anything live, so a refused pair (mismatched key, wrong
-trust domain, ...) keeps the old one served; the watcher records the error and retries at the
+:meth:`meshlib.inbound.serving.Server.reload_svid`, which runs it on the server's event loop). The
+source validates the new pair before touching anything live, so a refused pair (mismatched key,
+wrong trust domain, ...) keeps the old one served; the watcher records the error and retries at the
 next change of the files.
 
 Renewal is expected at ``not_before + lifetime x (0.5 +/- 0.1)`` (:func:`renewal_time`; the

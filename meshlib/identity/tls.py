@@ -24,7 +24,7 @@ context as it was, raises, and keeps its reason in :attr:`SVIDSource.last_error`
 
 Roots are only ever *added* to a live context (OpenSSL cannot forget one); the in-memory
 :attr:`SVIDSource.bundle` does follow removals, and the server's SPIFFE re-check
-(:mod:`meshlib.serving`) verifies peers against it, so a removed root stops authenticating
+(:mod:`meshlib.inbound.serving`) verifies peers against it, so a removed root stops authenticating
 peers at the next connection. CRLs likewise are added (OpenSSL uses the newest per issuer, and
 the CA makes each one newer than the last) and the re-check uses :attr:`SVIDSource.crls`.
 With CRLs, contexts verify with ``VERIFY_CRL_CHECK_LEAF``: the peer's leaf must not be revoked
@@ -60,7 +60,7 @@ from meshlib.identity.crl import CRL_FILE, crls_pem, issued_by, load_crls
 from meshlib.identity.spiffe import IdentityError, SpiffeID
 from meshlib.identity.svid import SVIDError, verify_svid
 
-__all__ = ["SVIDMaterial", "SVIDSource", "TLSConfigError"]
+__all__ = ["SVIDMaterial", "SVIDSource", "TLSConfigError", "peer_chain"]
 
 log = logging.getLogger("meshlib.identity")
 
@@ -101,7 +101,7 @@ class SVIDSource:
     SVID must belong to. A ``key.pem`` readable by group or others is logged as a warning, or
     refused with ``strict_key_permissions=True``. Not thread-safe by itself: call
     :meth:`reload` from the thread that serves the contexts
-    (``meshlib.serving.Server.reload_svid`` does).
+    (``meshlib.inbound.serving.Server.reload_svid`` does).
     """
 
     def __init__(
@@ -365,3 +365,25 @@ def _load_pair(ctx: ssl.SSLContext, material: SVIDMaterial) -> None:
             ctx.load_cert_chain(cert_file, key_file)
         except ssl.SSLError as exc:
             raise TLSConfigError(f"TLS refused the SVID pair: {exc.reason or exc}") from exc
+
+
+def peer_chain(ssl_object: ssl.SSLObject, leaf_der: bytes) -> list[bytes]:
+    """The verified chain of a TLS peer (leaf first, ending at the trust anchor) where Python
+    exposes it (public on 3.13+, private ``_sslobj`` before), else just the leaf: what both
+    sides of mutual TLS re-check as a SPIFFE SVID after OpenSSL's handshake."""
+    getter = getattr(ssl_object, "get_verified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)
+    if getter is None:
+        return [leaf_der]
+    try:
+        chain = getter()
+    except (AttributeError, ValueError):  # pragma: no cover - depends on the interpreter
+        return [leaf_der]
+    out: list[bytes] = []
+    for cert in chain or ():
+        if isinstance(cert, bytes):
+            out.append(cert)
+        else:  # 3.10-3.12: _ssl.Certificate
+            out.append(cert.public_bytes(2))  # 2 = _ssl.ENCODING_DER
+    return out if out and out[0] == leaf_der else [leaf_der]

@@ -1,7 +1,8 @@
 """The inbound side of the mesh: ASGI middleware for requests arriving at this service.
 
 ``middleware`` drives one request through identity, header sanitation, authorization, rate
-limits and the deadline; ``peer`` holds the pure trust decisions it relies on.
+limits and the deadline; ``peer`` holds the pure trust decisions it relies on; ``origin``
+verifies end-user JWTs; ``serving`` runs an app under uvicorn with the mesh's mutual TLS.
 """
 
 from meshlib.inbound.middleware import UNAUTHENTICATED, MeshMiddleware, Verdict, send_local_reply

@@ -40,10 +40,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import quote
 
-from meshlib.authz import AuthzIndex, authorize, index_for, normalize_path
 from meshlib.config.model import AccessControl, JwtRule, RateLimitPolicy, ServiceDef
 from meshlib.context import inbound_deadline
 from meshlib.errors import REASON_HEADER, Reason
@@ -53,12 +52,12 @@ from meshlib.inbound.peer import (
     sanitize_headers,
     verified_identity,
 )
+from meshlib.policy.authz import AuthzIndex, authorize, index_for, normalize_path
 from meshlib.policy.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from meshlib.identity.spiffe import SpiffeID
-    from meshlib.mesh import Mesh
-    from meshlib.origin import JwtVerifier
+    from meshlib.inbound.origin import JwtVerifier
     from meshlib.policy.routing import Router
 
 Scope = MutableMapping[str, Any]
@@ -66,6 +65,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Handler = Callable[[Scope, Receive, Send, ASGIApp], Awaitable[None]]
 
 log = logging.getLogger("meshlib.inbound")
 
@@ -73,6 +73,72 @@ log = logging.getLogger("meshlib.inbound")
 UNAUTHENTICATED = "unauthenticated"
 #: Bound on per-identity buckets; the least recently seen identity is forgotten first.
 MAX_IDENTITIES = 10_000
+
+
+class TracedRequest(Protocol):
+    """The tracing of one request: ``run`` calls ``handle`` inside its span."""
+
+    async def run(
+        self, handle: Handler, scope: Scope, receive: Receive, send: Send, app: ASGIApp
+    ) -> None: ...
+
+
+class InboundTracing(Protocol):
+    """Tracing of inbound requests (:class:`meshlib.observe.tracing.Tracing`)."""
+
+    def inbound(self, scope: Scope) -> TracedRequest | None:
+        """None when there is nothing to record or propagate (the hot path)."""
+
+
+class InboundMetrics(Protocol):
+    """The metrics the middleware updates (:class:`meshlib.observe.metrics.MeshMetrics`)."""
+
+    def observe_authz(self, source: str, destination: str, verdict: str, mode: str) -> None: ...
+
+    def observe_inbound(
+        self, source: str, destination: str, route: str, code: str, reason: str, seconds: float
+    ) -> None: ...
+
+
+class InboundEvents(Protocol):
+    """Where a handled request is reported (:class:`meshlib.observe.events.EventHub`)."""
+
+    def inbound(
+        self,
+        source: str,
+        destination: str,
+        scope: Mapping[str, Any],
+        status: int,
+        reason: Reason,
+        seconds: float,
+        peer: str | None = None,
+        route: str | None = None,
+    ) -> None: ...
+
+
+class InboundHost(Protocol):
+    """What the middleware needs from the mesh whose decisions it applies (:class:`meshlib.Mesh`):
+    the service it guards, the current policy, a clock and where to report."""
+
+    @property
+    def service(self) -> str: ...
+
+    @property
+    def namespace(self) -> str: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    def clock(self) -> float: ...
+
+    @property
+    def tracing(self) -> InboundTracing: ...
+
+    @property
+    def metrics(self) -> InboundMetrics | None: ...
+
+    @property
+    def events(self) -> InboundEvents | None: ...
 
 
 class Verdict(enum.Enum):
@@ -115,7 +181,7 @@ class MeshMiddleware:
         self,
         app: ASGIApp,
         *,
-        mesh: Mesh,
+        mesh: InboundHost,
         rate_limit: tuple[float, int] | RateLimitPolicy | None = None,
         per_identity_rate_limit: tuple[float, int] | RateLimitPolicy | None = None,
         default_timeout: float | None = None,
@@ -145,7 +211,7 @@ class MeshMiddleware:
         self._authz_hooked = type(self)._authorize is not MeshMiddleware._authorize
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Tracing (meshlib.tracing) wraps the whole handling: its SERVER span sees local
+        # Tracing (meshlib.observe.tracing) wraps the whole handling: its SERVER span sees local
         # replies too, and its context is attached while the app runs.
         traced = self.mesh.tracing.inbound(scope) if scope["type"] == "http" else None
         if traced is None:
@@ -244,7 +310,7 @@ class MeshMiddleware:
         """Origin authentication: ``None`` once a bad token was answered with 401, else the
         scope for the app (with the verified principal and claims, if a token came) and the
         claims for authorization (``None``: no token)."""
-        from meshlib.origin import Unauthenticated
+        from meshlib.inbound.origin import Unauthenticated
 
         try:
             principal = await self._jwt_verifier().authenticate(rules, headers)
@@ -308,7 +374,7 @@ class MeshMiddleware:
     def _jwt_verifier(self) -> JwtVerifier:
         """One verifier (and JWKS cache) per middleware, kept across policy reloads."""
         if self._verifier is None:
-            from meshlib.origin import JwksStore, JwtVerifier
+            from meshlib.inbound.origin import JwksStore, JwtVerifier
 
             with self._lock:
                 if self._verifier is None:
@@ -324,7 +390,7 @@ class MeshMiddleware:
         *,
         jwt_claims: Mapping[str, Any] | None = None,
     ) -> Verdict:
-        """Authorization hook: SMI TrafficTargets and AuthorizationPolicies (meshlib.authz).
+        """Authorization hook: SMI TrafficTargets and AuthorizationPolicies (meshlib.policy.authz).
 
         ``identity`` is the verified SPIFFE ID (``None``: not a mesh member); ``path`` is
         ``scope["path"]``, the exact string the app's router will see (NET-6: the decision

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
-from meshlib.call import DEADLINE_HEADER
+from meshlib.context import DEADLINE_HEADER
 
 #: Set by the middleware (and only by it) to the caller's verified SPIFFE ID.
 IDENTITY_HEADER = "x-mesh-identity"

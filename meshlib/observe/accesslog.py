@@ -18,12 +18,12 @@ import logging
 import threading
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from meshlib.observe.events import CallEvent, attach, detach
+from meshlib.observe.events import CallEvent, Observed, attach, detach
 
 if TYPE_CHECKING:
-    from meshlib.mesh import Mesh
+    from meshlib.config.model import Snapshot
 
 logger = logging.getLogger("meshlib.access")
 
@@ -32,8 +32,16 @@ FORMATS = ("json", "text")
 #: batch rather than one per call (lines reach the handlers at most this late).
 LINGER = 0.05
 
+
+class Logged(Observed, Protocol):
+    """A mesh whose access log follows its policy (``spec.accessLog``): :class:`meshlib.Mesh`."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+
 #: The access log each mesh got from :func:`sync_access_log` (weak: dies with its mesh).
-_installed: weakref.WeakKeyDictionary[Mesh, AccessLog] = weakref.WeakKeyDictionary()
+_installed: weakref.WeakKeyDictionary[Logged, AccessLog] = weakref.WeakKeyDictionary()
 
 
 class AccessLog:
@@ -117,7 +125,7 @@ class AccessLog:
         self._thread.join(timeout=5.0)
 
 
-def sync_access_log(mesh: Mesh, requested: str | None) -> None:
+def sync_access_log(mesh: Logged, requested: str | None) -> None:
     """Attach, replace or detach the mesh's access log to match ``requested`` (the
     ``access_log`` argument, which wins) or else the snapshot's ``spec.accessLog``."""
     wanted = requested if requested is not None else mesh.snapshot.mesh.access_log
@@ -133,6 +141,6 @@ def sync_access_log(mesh: Mesh, requested: str | None) -> None:
         attach(mesh, new)
 
 
-def access_log_of(mesh: Mesh) -> AccessLog | None:
+def access_log_of(mesh: Logged) -> AccessLog | None:
     """The access log :func:`sync_access_log` installed on ``mesh``, if any."""
     return _installed.get(mesh)

@@ -24,19 +24,20 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 from meshlib.observe.asgi import Receive, Scope, Send, answer_lifespan
-from meshlib.observe.events import CallEvent, attach, detach
+from meshlib.observe.events import CallEvent, Observed, attach, detach
 from meshlib.observe.tap import Predicate, Tap
 from meshlib.observe.top import Top
 
 if TYPE_CHECKING:
-    from meshlib.destination import Destination
+    from meshlib.config.model import Snapshot
     from meshlib.errors import ConfigError
-    from meshlib.mesh import Mesh, ReloadStatus
+    from meshlib.identity.rotation import RotationStatus
+    from meshlib.outbound.destination import Destination
 
 
 #: Defaults and caps of ``/tap``: a tap is always bounded, in events and in time.
@@ -47,6 +48,49 @@ TAP_MAX_SECONDS = 3600.0
 _FILTERS = ("destination", "route", "direction", "source")
 
 
+class ReloadRecord(Protocol):
+    """How a reload attempt went (:class:`meshlib.ReloadStatus`)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def error(self) -> ConfigError | None: ...
+
+    @property
+    def digest(self) -> str | None: ...
+
+    @property
+    def at(self) -> float: ...
+
+
+class Administered(Observed, Protocol):
+    """What the admin app reads from the mesh it shows (:class:`meshlib.Mesh`); it only
+    attaches consumers to its events, never changes anything else."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def reload_status(self) -> ReloadRecord: ...
+
+    @property
+    def last_rejected(self) -> ReloadRecord | None: ...
+
+    @property
+    def svid_status(self) -> RotationStatus | None: ...
+
+    def clock(self) -> float: ...
+
+    def destinations(self) -> Mapping[str, Destination]: ...
+
+
 class _BadRequest(Exception):
     pass
 
@@ -54,7 +98,9 @@ class _BadRequest(Exception):
 class AdminApp:
     """ASGI app serving the debug endpoints of ``mesh`` (see the module docstring)."""
 
-    def __init__(self, mesh: Mesh, *, tap_size: int = 1000, top_window: float = 60.0) -> None:
+    def __init__(
+        self, mesh: Administered, *, tap_size: int = 1000, top_window: float = 60.0
+    ) -> None:
         self.mesh = mesh
         self.tap = Tap(tap_size)
         self.top = Top(mesh.clock, top_window)
@@ -139,7 +185,7 @@ class AdminApp:
 # --- the documents ------------------------------------------------------------------------------
 
 
-def status(mesh: Mesh) -> dict[str, Any]:
+def status(mesh: Administered) -> dict[str, Any]:
     """``/status``: what is in force and how the last reloads went."""
     from meshlib.observe.accesslog import access_log_of
 
@@ -171,7 +217,7 @@ def status(mesh: Mesh) -> dict[str, Any]:
     }
 
 
-def _reload(reload: ReloadStatus) -> dict[str, Any]:
+def _reload(reload: ReloadRecord) -> dict[str, Any]:
     return {
         "ok": reload.ok,
         "version": reload.version,
@@ -198,7 +244,7 @@ def _error(error: ConfigError) -> dict[str, Any]:
     }
 
 
-def config(mesh: Mesh) -> dict[str, Any]:
+def config(mesh: Administered) -> dict[str, Any]:
     """``/config``: the documents of the snapshot in force."""
     snapshot = mesh.snapshot
     return {
@@ -209,7 +255,7 @@ def config(mesh: Mesh) -> dict[str, Any]:
     }
 
 
-def endpoints(mesh: Mesh) -> dict[str, Any]:
+def endpoints(mesh: Administered) -> dict[str, Any]:
     """``/endpoints``: the run-time state of every destination called so far."""
     now = mesh.clock()
     wall = time.time()

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshlib.errors import Reason
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     import httpx
 
     from meshlib.decision import Decision
-    from meshlib.mesh import Mesh
 
 log = logging.getLogger("meshlib.observe")
 
@@ -215,7 +214,7 @@ class EventHub:
         seconds: float,
     ) -> None:
         """Called once per outbound call, when it ends: from the call sequence's ``finally``, or
-        when the response body still on the wire then ends (:class:`meshlib.call.Body`)."""
+        when the response body still on the wire then ends (:class:`meshlib.outbound.call.Body`)."""
         url = request.url
         attempts = decision.attempts
         status = decision.status
@@ -306,10 +305,16 @@ def _host_header(headers: Iterable[tuple[bytes, bytes]]) -> str:
     return ""
 
 
+class Observed(Protocol):
+    """What consumers attach to (:class:`meshlib.Mesh`): its hub, ``None`` while nobody listens."""
+
+    events: EventHub | None
+
+
 _attach_lock = threading.Lock()
 
 
-def attach(mesh: Mesh, consumer: Consumer) -> None:
+def attach(mesh: Observed, consumer: Consumer) -> None:
     """Start handing ``mesh``'s call events to ``consumer`` (events are built from now on)."""
     with _attach_lock:
         hub = mesh.events or EventHub()
@@ -317,7 +322,7 @@ def attach(mesh: Mesh, consumer: Consumer) -> None:
         mesh.events = hub
 
 
-def detach(mesh: Mesh, consumer: Consumer) -> None:
+def detach(mesh: Observed, consumer: Consumer) -> None:
     """Stop handing events to ``consumer``; with no consumer left, events are not built."""
     with _attach_lock:
         hub = mesh.events

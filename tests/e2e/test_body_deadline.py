@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 import meshlib
 from e2e.conftest import service_yaml
-from meshlib.call import STREAM_EXTENSION
+from meshlib.outbound.call import STREAM_EXTENSION
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,8 +11,8 @@ import pytest
 
 import meshlib
 from e2e.conftest import service_yaml
-from meshlib.call import DEADLINE_HEADER
 from meshlib.context import inbound_deadline
+from meshlib.outbound.call import DEADLINE_HEADER
 
 pytestmark = pytest.mark.timeout(30)
 

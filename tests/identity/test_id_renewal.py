@@ -22,7 +22,7 @@ from meshlib.identity.renewal import (
     overdue_time,
 )
 from meshlib.identity.tls import SVIDSource
-from meshlib.metrics import MeshMetrics
+from meshlib.observe.metrics import MeshMetrics
 
 TD = "renew.test"
 WEB = SpiffeID.for_workload(TD, "default", "web")

@@ -20,8 +20,8 @@ from meshlib.cli import main
 from meshlib.identity import CAError, CertificateAuthority, SpiffeID, SVIDError, verify_svid
 from meshlib.identity.cadir import CADirectory
 from meshlib.identity.crl import load_crls
-from meshlib.identity.outbound import PeerVerifier
 from meshlib.identity.tls import SVIDSource, TLSConfigError
+from meshlib.outbound.mtls import PeerVerifier
 
 WEB = SpiffeID.for_workload(TD, "default", "web")
 API = SpiffeID.for_workload(TD, "default", "api")

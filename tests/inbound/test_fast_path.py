@@ -13,14 +13,14 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from authz.authzdocs import ROUTES, SERVICES, TARGET_V1, load, mesh, target_spec
+from policy.authz.authzdocs import ROUTES, SERVICES, TARGET_V1, load, mesh, target_spec
 
 import meshlib
 from inbound.conftest import SERVICE_ONLY, http_scope
 from inbound.test_middleware import Recorder, call
-from meshlib.authz import AuthzIndex, normalize_path
 from meshlib.config.loader import load_text
 from meshlib.inbound import IDENTITY_HEADER, passes_unchanged, sanitize_headers
+from meshlib.policy.authz import AuthzIndex, normalize_path
 
 CLEAN = [(b"host", b"svc"), (b"user-agent", b"wrk"), (b"accept", b"*/*")]
 

@@ -14,8 +14,8 @@ from harness import EchoBackend, run_uvicorn
 
 import meshlib
 from inbound.conftest import SERVICE_ONLY
-from meshlib.call import DEADLINE_HEADER
 from meshlib.context import inbound_deadline
+from meshlib.outbound.call import DEADLINE_HEADER
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -170,7 +170,7 @@ def start(
     make_mesh: Callable[..., meshlib.Mesh],
 ) -> Iterator[Callable[..., tuple[Any, Recorder]]]:
     """``start(svid_dir, mtls="strict")`` → (running server, recorder behind MeshMiddleware)."""
-    from meshlib.serving import serve
+    from meshlib.inbound.serving import serve
 
     servers: list[Any] = []
 

@@ -172,7 +172,7 @@ def test_passthrough_hosts_keep_the_plain_inner_transport(
 
 
 def test_ambiguous_endpoint_fails_closed(pki: PKI, caplog: pytest.LogCaptureFixture) -> None:
-    from meshlib.identity.outbound import expected_identities
+    from meshlib.outbound.mtls import expected_identities
 
     def svc(name: str, sa: str) -> str:
         return (
@@ -193,7 +193,7 @@ def test_ambiguous_endpoint_fails_closed(pki: PKI, caplog: pytest.LogCaptureFixt
 
 
 def test_same_identity_under_two_services_is_accepted(pki: PKI) -> None:
-    from meshlib.identity.outbound import expected_identities
+    from meshlib.outbound.mtls import expected_identities
 
     def svc(name: str) -> str:
         return (
@@ -210,7 +210,7 @@ def test_httpx_private_pool_attribute_is_what_requests_go_through(
     pki: PKI, client_mesh: Any
 ) -> None:
     """The mTLS transports replace httpx's private ``_pool``: fail loudly if httpx changes."""
-    from meshlib.identity.outbound import AsyncMeshTLSTransport, MeshTLSTransport
+    from meshlib.outbound.mtls import AsyncMeshTLSTransport, MeshTLSTransport
 
     assert "self._pool.handle_request(" in inspect.getsource(httpx.HTTPTransport.handle_request)
     assert "self._pool.handle_async_request(" in inspect.getsource(

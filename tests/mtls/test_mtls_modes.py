@@ -20,8 +20,8 @@ from meshlib.config.loader import load_text
 from meshlib.config.model import MTLSMode
 from meshlib.errors import ConfigError
 from meshlib.identity import SpiffeID
+from meshlib.inbound.serving import serve
 from meshlib.policy.routing import Router
-from meshlib.serving import serve
 
 from .conftest import CLIENT_ID, PKI, SERVER_ID, TD, Recorder, client_context, https_client
 

@@ -151,7 +151,7 @@ def test_disable_serves_plain_http(pki: PKI, start: Any) -> None:
 
 
 def test_tls_mode_without_svid_dir_is_refused(make_mesh: Any) -> None:
-    from meshlib.serving import serve
+    from meshlib.inbound.serving import serve
 
     with pytest.raises(ValueError, match="svid_dir"):
         serve(lambda *a: None, mesh=make_mesh("strict"))  # type: ignore[arg-type]
@@ -255,7 +255,7 @@ class _FakeSSLObject:
 
 def test_spiffe_recheck_refuses_a_ca_leaf_and_a_missing_cert(pki: PKI) -> None:
     from meshlib.identity.tls import SVIDSource
-    from meshlib.serving import PeerRefused, tls_extension
+    from meshlib.inbound.serving import PeerRefused, tls_extension
 
     source = SVIDSource(pki.server_dir)
     fake: Any = _FakeSSLObject(pki.ca.certificate)

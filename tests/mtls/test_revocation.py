@@ -61,7 +61,7 @@ def _client_mesh(port: int, svid_dir: Path, service: str) -> meshlib.Mesh:
 
 @pytest.fixture
 def clients(tmp_path: Path) -> Iterator[Clients]:
-    from meshlib.serving import serve
+    from meshlib.inbound.serving import serve
 
     cadir = CADirectory(tmp_path / "ca")
     cadir.init(TD)

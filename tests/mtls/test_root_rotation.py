@@ -75,7 +75,7 @@ def _replace(path: Path, data: bytes) -> None:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[RootRig]:
-    from meshlib.serving import serve
+    from meshlib.inbound.serving import serve
 
     cadir = CADirectory(tmp_path / "ca")
     cadir.init(TD)

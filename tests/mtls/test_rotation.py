@@ -226,7 +226,7 @@ class Rig:
 
 @pytest.fixture
 def rig(pki: PKI) -> Iterator[Rig]:
-    from meshlib.serving import serve
+    from meshlib.inbound.serving import serve
 
     server_dir = pki.ca.issue(REVIEWS_ID, ttl=SHORT).save(pki.root / "reviews")
     pki.ca.issue(CLIENT_ID, ttl=SHORT).save(pki.client_dir)

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import meshlib
-from meshlib.serving import Server, serve
+from meshlib.inbound.serving import Server, serve
 
 from .conftest import PKI, mesh_text
 

@@ -33,7 +33,7 @@ import meshlib
 from meshlib.cli import main
 from meshlib.decision import DECISION_EXTENSION, Decision
 from meshlib.identity.cadir import CADirectory
-from meshlib.identity.outbound import PeerVerifier
+from meshlib.outbound.mtls import PeerVerifier
 
 from .conftest import CLIENT_ID, TD, mesh_text
 from .test_rotation import POLL, REVIEWS_ID, _wait
@@ -86,7 +86,7 @@ class Counting:
 class Rig:
     cadir: CADirectory
     root: Path
-    a: Any  # meshlib.serving.Server, revoked in the tests
+    a: Any  # meshlib.inbound.serving.Server, revoked in the tests
     b: Any
     app_a: Counting
     app_b: Counting
@@ -115,7 +115,7 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    from meshlib.serving import serve
+    from meshlib.inbound.serving import serve
 
     cadir = CADirectory(tmp_path / "ca")
     cadir.init(TD)

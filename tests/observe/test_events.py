@@ -11,13 +11,13 @@ from typing import Any
 import httpx
 import pytest
 from inbound.conftest import http_scope, tls_extension
-from origin.conftest import inline_rule, jwks, request_authentication, rsa_key
+from inbound.origin.conftest import inline_rule, jwks, request_authentication, rsa_key
 from policy.fakes import Driver, FakeClock, refused, start, status, timed_out
 from policy.test_call import ENDPOINTS, RETRY_5XX, SERVICE, with_policy
 
 import meshlib
-from meshlib.call import Outcome
 from meshlib.observe import CallEvent, Flag, attach, detach, flag_for
+from meshlib.outbound.call import Outcome
 
 
 class Events(list[CallEvent]):

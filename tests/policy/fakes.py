@@ -1,5 +1,6 @@
 """Test doubles for the pure policy core: a fake monotonic clock, binomial bounds, and a fake
-transport driver that answers the effects of :func:`meshlib.call.run_call` on that clock."""
+transport driver that answers the effects of :func:`meshlib.outbound.call.run_call` on that
+clock."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import httpx
 
 import meshlib
-from meshlib.call import Buffer, Effect, Outcome, Race, RaceResult, Send, Sleep, run_call
+from meshlib.outbound.call import Buffer, Effect, Outcome, Race, RaceResult, Send, Sleep, run_call
 
 #: Answers one attempt, as the network would.
 Responder = Callable[[Send], Outcome]

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 import meshlib
-from meshlib.call import Outcome, Race, RaceResult, Send
 from meshlib.config.model import CircuitBreakerPolicy
+from meshlib.outbound.call import Outcome, Race, RaceResult, Send
 from meshlib.policy.breaker import Admission, BreakerState, CircuitBreaker
 from policy.fakes import Driver, FakeClock, Responder, refused, start, status, timed_out
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 import meshlib
-from meshlib.call import (
+from meshlib.errors import REASON_HEADER
+from meshlib.outbound.call import (
     DEADLINE_HEADER,
     Buffer,
     Close,
@@ -24,7 +25,6 @@ from meshlib.call import (
     RaceResult,
     Send,
 )
-from meshlib.errors import REASON_HEADER
 from policy.fakes import Driver, FakeClock, Responder, refused, script, start, status, timed_out
 
 ENDPOINTS = ", ".join(f'{{address: "10.0.0.{i}:80"}}' for i in range(1, 6))

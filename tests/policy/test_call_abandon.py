@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import meshlib
-from meshlib.call import Race, Send
+from meshlib.outbound.call import Race, Send
 from meshlib.policy.breaker import BreakerState
 from policy.fakes import Driver, FakeClock, start, status
 

@@ -1,4 +1,4 @@
-"""The response body of a call (:class:`meshlib.call.Body`) on the fake clock, no sockets.
+"""The response body of a call (:class:`meshlib.outbound.call.Body`) on the fake clock, no sockets.
 
 A buffered call's deadline covers every chunk of the body and sets the connection's read
 timeout to what is left when the body starts; a streamed call (``STREAM_EXTENSION``) is bounded
@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import meshlib
-from meshlib.call import STREAM_EXTENSION, Body, Send
 from meshlib.config.model import STREAM_IDLE_TIMEOUT
+from meshlib.outbound.call import STREAM_EXTENSION, Body, Outcome, Send
 from policy.fakes import Driver, FakeClock, Responder, start
 from policy.test_call import with_policy
 
@@ -51,10 +51,10 @@ class Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
 
 
 def body(clock: FakeClock, n: int, gap: float, made: list[Chunks]) -> Responder:
-    def respond(send: Send) -> meshlib.call.Outcome:
+    def respond(send: Send) -> Outcome:
         stream = Chunks(clock, send, n, gap)
         made.append(stream)
-        return meshlib.call.Outcome(httpx.Response(200, stream=stream), None, 0.1)
+        return Outcome(httpx.Response(200, stream=stream), None, 0.1)
 
     return respond
 
@@ -160,9 +160,7 @@ def test_stream_idle_timeout_bounds_a_streamed_read(clock: FakeClock) -> None:
 def test_a_response_already_in_memory_is_reported_at_once(clock: FakeClock) -> None:
     registry = CollectorRegistry()
     mesh = make(clock, with_policy("timeout: 1s"), registry)
-    response = Driver(clock, lambda send: meshlib.call.Outcome(httpx.Response(200), None, 0.1)).run(
-        start(mesh)
-    )
+    response = Driver(clock, lambda send: Outcome(httpx.Response(200), None, 0.1)).run(start(mesh))
     assert not isinstance(response.stream, Body)
     assert counted(registry, "200", "ok") == 1
 

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from meshlib import call
-from meshlib.call import _endpoint_url
 from meshlib.config.model import Endpoint
+from meshlib.outbound import call
+from meshlib.outbound.call import _endpoint_url
 from meshlib.policy.balancer import EndpointState
 
 

@@ -1,0 +1,746 @@
+"""Tracing: OpenTelemetry spans for outbound calls and inbound requests, and W3C propagation.
+
+Only the OpenTelemetry *API* is used: the application chooses the SDK, exporter and sampler.
+Loaded by :class:`~meshlib.mesh.Mesh` when it is built, never by ``import meshlib``.
+
+Outbound, the call sequence (:func:`meshlib.outbound.call.run_call`) stays free of tracing: this
+module wraps its generator of effects. A ``Send`` leaving for the driver starts an *attempt* span
+(kind CLIENT, child of the *call* span, itself CLIENT) and gets that span's ``traceparent``, so
+the upstream's SERVER span is the child of the attempt that reached it; the outcome coming
+back ends it. A hedge ``Race`` gets a span for each attempt it starts. A ``Mirror`` gets its own
+CLIENT span, child of the call span and marked ``mesh.mirror``, ended by the driver's report of
+how the copy ended (it outlives the call). While an attempt is out
+with the driver, a context holding the call span and OpenTelemetry's "suppress HTTP
+instrumentation" key is attached, so opentelemetry-instrumentation-httpx (which wraps
+``httpx.HTTPTransport``, meshlib's *inner* transport) neither opens a second CLIENT span nor
+overwrites the header. The attach is handed to the driver across ``yield`` on purpose: the
+sync driver resumes the generator on the same thread, the async one in the same task, and the
+sync driver runs hedges and mirrors in a copy of the context.
+
+Inbound, :class:`InboundTrace` opens a SERVER span per HTTP request (or enriches one already
+open, e.g. by OpenTelemetry's ASGI middleware outside meshlib's) and *attaches* its context
+around the request, where the deadline is set too: an outbound call made anywhere while the
+request is handled — the handler, a task it spawns, a thread started with a context-copying
+helper — continues the trace with no application code.
+
+A call the mesh refuses before it becomes a call (a host outside the mesh under ``egress:
+registry-only``) gets a CLIENT span of its own too, with error status and the reason
+(:meth:`Tracing.refused`).
+
+Cost: with no SDK (the default no-op provider) nothing is created. An incoming trace context is
+still carried through (extracted, attached, injected into outbound attempts), so a service
+without an SDK in the middle of a chain does not break the trace.
+
+Sampling (``Mesh.spec.tracing.sampling``) applies to traces meshlib *starts* (no parent): an
+unsampled root gets a non-recording span context with a random trace id and flags ``00``, so
+downstream parent-based samplers (the SDK default) agree and record nothing. A trace started
+elsewhere keeps its sampled flag; meshlib never samples again inside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from functools import partial
+from typing import Any
+
+import httpx
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.context import (
+    _SUPPRESS_HTTP_INSTRUMENTATION_KEY,
+    _SUPPRESS_INSTRUMENTATION_KEY,
+    Context,
+)
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+    Tracer,
+    TracerProvider,
+)
+
+from meshlib.config.model import MeshSettings, ServiceDef
+from meshlib.context import inbound_deadline
+from meshlib.decision import DECISION_EXTENSION, Decision
+from meshlib.errors import REASON_HEADER, MeshError
+from meshlib.inbound.peer import IDENTITY_HEADER, verified_identity
+from meshlib.outbound.call import Body, Effect, Mirror, Outcome, Race, Send, classify
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+ASGISend = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, ASGISend], Awaitable[None]]
+Handler = Callable[[Scope, Receive, ASGISend, ASGIApp], Awaitable[None]]
+Call = Generator[Effect, Any, httpx.Response]
+
+#: Instrumentation scope name of every span meshlib records.
+TRACER_NAME = "meshlib"
+#: Seconds between two looks at OpenTelemetry's global provider while none is set.
+GLOBAL_RECHECK = 1.0
+
+_REASON = REASON_HEADER.encode("latin-1")
+_IDENTITY = IDENTITY_HEADER.encode("latin-1")
+_current_context = otel_context.get_current
+
+
+class Tracing:
+    """One mesh's tracing: the tracer (resolved lazily), root sampling and propagation.
+
+    ``provider`` is the mesh's ``tracer_provider``; ``None`` means the global provider, looked
+    up on every call until a real one is set (``trace.set_tracer_provider`` may come after the
+    mesh is built), then kept. ``settings`` returns the mesh settings in force (hot reload).
+    """
+
+    def __init__(
+        self,
+        provider: TracerProvider | None,
+        settings: Callable[[], MeshSettings],
+        clock: Callable[[], float],
+        seed: int | None = None,
+    ) -> None:
+        self._provider = provider
+        self._settings = settings
+        self.clock = clock
+        self._rng = random.Random(seed)  # sampling draws only: never the policy RNG's sequence
+        self._tracer: Tracer | None = None
+        self._recheck = 0.0  # monotonic time of the next look at the global provider
+        self._textmap: TextMapPropagator | None = None
+        self._fields: frozenset[bytes] = frozenset()
+        self._carried: tuple[Context, TextMapPropagator, dict[str, str]] | None = None
+
+    def tracer(self) -> Tracer | None:
+        """The tracer spans are recorded with; ``None`` while the provider is a no-op.
+
+        Looking the global provider up costs about a microsecond (it reads ``os.environ``),
+        so while none is set it is looked up again at most every :data:`GLOBAL_RECHECK`
+        seconds: a provider set after the mesh is built is used from then on.
+        """
+        tracer = self._tracer
+        if tracer is not None:
+            return tracer
+        now = time.monotonic()
+        if now < self._recheck:
+            return None
+        self._recheck = now + GLOBAL_RECHECK
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+            if self._provider is not None:
+                self._recheck = math.inf  # a no-op provider given explicitly: never anything
+            return None
+        tracer = self._tracer = provider.get_tracer(TRACER_NAME, _meshlib_version())
+        return tracer
+
+    def sample_root(self) -> bool:
+        """Whether a trace meshlib starts is sampled (``spec.tracing.sampling``)."""
+        rate = self._settings().tracing_sampling
+        return rate >= 1.0 or (rate > 0.0 and self._rng.random() < rate)
+
+    # -- outbound --------------------------------------------------------------------------------
+
+    def trace_call(self, call: Call, request: httpx.Request, service: ServiceDef) -> Call:
+        """``call`` itself when there is nothing to record or propagate (the hot path), else
+        ``call`` wrapped to record spans or to carry the current context to every attempt."""
+        ctx = _current_context()
+        if not ctx and self._tracer is None and time.monotonic() < self._recheck:
+            return call  # no SDK (looked at within the last second) and no context to carry
+        if ctx and (
+            ctx.get(_SUPPRESS_HTTP_INSTRUMENTATION_KEY) or ctx.get(_SUPPRESS_INSTRUMENTATION_KEY)
+        ):
+            return call
+        tracer = self.tracer()
+        if tracer is None:
+            carrier = self.carrier(ctx) if ctx else None
+            return _propagating(call, carrier) if carrier else call
+        return _traced(call, _CallSpans(self, tracer, ctx, request, service))
+
+    def refused(self, request: httpx.Request, error: MeshError) -> None:
+        """Record a CLIENT span for a call refused before any call sequence ran (egress:
+        registry-only): error status, the reason, the exception. Only on that path: nothing
+        is looked up for calls that go ahead."""
+        tracer = self.tracer()
+        if tracer is None:
+            return
+        parent = _current_context()
+        root = not trace.get_current_span(parent).get_span_context().is_valid
+        if root and not self.sample_root():
+            return
+        url = request.url
+        span = tracer.start_span(
+            f"{request.method} {url.host}",
+            parent,
+            SpanKind.CLIENT,
+            {
+                "http.request.method": request.method,
+                "url.full": str(url),
+                "server.address": url.host,
+                "mesh.reason": error.reason.value,
+            },
+        )
+        span.record_exception(error)
+        _set_error(span, error.reason.value, f"{error.reason.value}: {error}")
+        span.end()
+
+    def carrier(self, ctx: Context) -> dict[str, str]:
+        """The headers the global propagator writes for ``ctx``.
+
+        Computed once per context and propagator: the calls made while one inbound request is
+        handled share its context, and a context never changes (setting a value makes a new
+        one), so the injection is not redone for each of them. Empty when the context holds
+        nothing to propagate (no valid span, no baggage).
+        """
+        textmap = propagate.get_global_textmap()
+        last = self._carried
+        if last is not None and last[0] is ctx and last[1] is textmap:
+            return last[2]
+        carrier: dict[str, str] = {}
+        textmap.inject(carrier, context=ctx)
+        self._carried = (ctx, textmap, carrier)  # one assignment: other threads see old or new
+        return carrier
+
+    # -- inbound ---------------------------------------------------------------------------------
+
+    def inbound(self, scope: Scope) -> InboundTrace | None:
+        """How to trace one HTTP request; ``None`` when there is nothing to record or carry."""
+        tracer = self.tracer()
+        if tracer is None:
+            if not self._carries_context(scope):
+                return None
+            if trace.get_current_span().get_span_context().is_valid:
+                return None  # already attached by someone outside (e.g. OTel's ASGI middleware)
+        return InboundTrace(self, tracer, scope)
+
+    def _carries_context(self, scope: Scope) -> bool:
+        """Whether the request has a header the global propagator reads (traceparent, ...)."""
+        fields = self.fields()
+        for name, _ in scope.get("headers") or ():
+            if name in fields:
+                return True
+        return False
+
+    def fields(self) -> frozenset[bytes]:
+        """The header names the global propagator reads, as ASGI spells them."""
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:
+            self._fields = frozenset(f.lower().encode("latin-1") for f in textmap.fields)
+            self._textmap = textmap
+        return self._fields
+
+    def settings(self) -> MeshSettings:
+        """The mesh settings in force (trust domain, sampling)."""
+        return self._settings()
+
+
+# --- spans ---------------------------------------------------------------------------------------
+
+
+def _random_span_id() -> int:
+    return random.getrandbits(64) or 1
+
+
+def _unsampled(parent: SpanContext | None) -> NonRecordingSpan:
+    """A span that records nothing but carries ids and the flag ``00`` downstream: a child of
+    ``parent``, or the root of a new unsampled trace."""
+    if parent is None or not parent.is_valid:
+        trace_id = random.getrandbits(128) or 1
+        return NonRecordingSpan(
+            SpanContext(trace_id, _random_span_id(), False, TraceFlags(TraceFlags.DEFAULT))
+        )
+    return NonRecordingSpan(
+        SpanContext(
+            parent.trace_id, _random_span_id(), False, parent.trace_flags, parent.trace_state
+        )
+    )
+
+
+def _kind(span: Span) -> SpanKind | None:
+    """The kind of a recording SDK span (the API's Span does not expose it)."""
+    kind = getattr(span, "kind", None)
+    return kind if isinstance(kind, SpanKind) else None
+
+
+def _set_error(span: Span, error_type: str, description: str) -> None:
+    span.set_attribute("error.type", error_type)
+    span.set_status(StatusCode.ERROR, description)
+
+
+class _CallSpans:
+    """The spans of one outbound call: the call span and one span per attempt."""
+
+    def __init__(
+        self,
+        tracing: Tracing,
+        tracer: Tracer,
+        parent: Context,
+        request: httpx.Request,
+        service: ServiceDef,
+    ) -> None:
+        self.tracer = tracer
+        self.method = request.method
+        self.name = f"{request.method} {service.name}"
+        current = trace.get_current_span(parent)
+        # A CLIENT span already current (opentelemetry-instrumentation-httpx's instrument_client
+        # on the mesh's client) is this call's span: enriched, never doubled, ended by its owner.
+        self.owned = not (current.is_recording() and _kind(current) is SpanKind.CLIENT)
+        if not self.owned:
+            self.span: Span = current
+        elif current.get_span_context().is_valid or tracing.sample_root():
+            self.span = tracer.start_span(
+                self.name,
+                parent,
+                SpanKind.CLIENT,
+                {
+                    "http.request.method": request.method,
+                    "url.full": str(request.url),
+                    "server.address": request.url.host,
+                    "mesh.service": service.key,
+                },
+            )
+        else:
+            self.span = _unsampled(None)
+        self.recording = self.span.is_recording()
+        self.context = trace.set_span_in_context(self.span, parent)
+        #: Attached while an attempt is with the driver: the call span, HTTP instrumentation off.
+        self.send_context = otel_context.set_value(
+            _SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, self.context
+        )
+        self.attempts: dict[int, Span] = {}  # id(Send) → its span, while in flight
+
+    def begin(self, send: Send) -> None:
+        """Open the attempt's span and put its context on the attempt's request."""
+        request = send.request
+        if self.recording:
+            url = request.url
+            attributes: dict[str, Any] = {
+                "http.request.method": self.method,
+                "url.full": str(url),
+                "server.address": url.host,
+                "server.port": url.port or (443 if url.scheme == "https" else 80),
+                "mesh.attempt": send.number,
+                "mesh.hedge": send.hedge,
+            }
+            if send.number > 1:
+                attributes["http.request.resend_count"] = send.number - 1
+            span: Span = self.tracer.start_span(
+                self.name, self.context, SpanKind.CLIENT, attributes
+            )
+        else:  # the call is not recorded: neither are its attempts, but ids still propagate
+            span = _unsampled(self.span.get_span_context())
+        self.attempts[id(send)] = span
+        propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
+
+    def mirror(self, mirror: Mirror) -> None:
+        """Open the mirrored copy's span (a child of the call span, marked as a mirror), put its
+        context on the copy, and have the driver end it when the copy ends."""
+        request = mirror.request
+        if self.recording:
+            url = request.url
+            attributes: dict[str, Any] = {
+                "http.request.method": self.method,
+                "url.full": str(url),
+                "server.address": url.host,
+                "server.port": url.port or (443 if url.scheme == "https" else 80),
+                "mesh.mirror": True,
+                "mesh.service": mirror.service,
+            }
+            name = f"{self.method} {mirror.service.partition('.')[0]}"
+            span: Span = self.tracer.start_span(name, self.context, SpanKind.CLIENT, attributes)
+        else:
+            span = _unsampled(self.span.get_span_context())
+        propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
+        mirror.observe = _mirror_observer(span)
+
+    def end(self, send: Send, outcome: Outcome | None) -> None:
+        span = self.attempts.pop(id(send), None)
+        if span is None:
+            return
+        if span.is_recording():
+            if outcome is None:
+                span.set_attribute("mesh.outcome", "cancelled")
+            else:
+                failure, status = classify(outcome)
+                span.set_attribute("mesh.outcome", failure.value)
+                if status is not None:
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 400:
+                        _set_error(span, str(status), failure.value)
+                elif outcome.error is not None:
+                    _set_error(span, type(outcome.error).__name__, str(outcome.error))
+        span.end()
+
+    def finish(self, response: httpx.Response | None, error: BaseException | None) -> None:
+        """Close the call span with what the decision record says."""
+        for span in self.attempts.values():  # abandoned in flight
+            if span.is_recording():
+                span.set_attribute("mesh.outcome", "cancelled")
+            span.end()
+        self.attempts.clear()
+        span = self.span
+        if not self.recording:
+            return
+        decision: Decision | None = (
+            response.extensions.get(DECISION_EXTENSION)
+            if response is not None
+            else getattr(error, "decision", None)
+        )
+        if decision is not None:
+            _decision_attributes(span, decision)
+        if self.owned:
+            if response is not None:
+                status = response.status_code
+                span.set_attribute("http.response.status_code", status)
+                if status >= 400:
+                    reason = decision.reason if decision is not None else str(status)
+                    _set_error(span, str(status), reason)
+            elif isinstance(error, MeshError):
+                span.record_exception(error)
+                _set_error(span, error.reason.value, f"{error.reason.value}: {error}")
+            elif isinstance(error, GeneratorExit):
+                _set_error(span, "cancelled", "call abandoned by its caller")
+            elif error is not None:
+                span.record_exception(error)
+                _set_error(span, type(error).__name__, str(error))
+            span.end()
+
+
+def _decision_attributes(span: Span, decision: Decision) -> None:
+    span.set_attribute("mesh.reason", decision.reason)
+    span.set_attribute("mesh.retries", decision.retries)
+    span.set_attribute("mesh.hedges", decision.hedges)
+    span.set_attribute("mesh.attempts", len(decision.attempts))
+    if decision.route is not None:
+        span.set_attribute("mesh.route", decision.route)
+    if decision.backend is not None:
+        span.set_attribute("mesh.backend", decision.backend)
+    if decision.split is not None:
+        span.set_attribute("mesh.split", decision.split)
+    if decision.faults:
+        span.set_attribute("mesh.fault", ",".join(decision.faults))
+    if decision.deadline is not None:
+        span.set_attribute("mesh.deadline_ms", int(decision.deadline * 1000))
+    if decision.budget != "ok":
+        span.set_attribute("mesh.budget", decision.budget)
+
+
+def _traced(call: Call, spans: _CallSpans) -> Call:
+    """``call``, with a span per attempt under the call's span."""
+    result: Any = None
+    response: httpx.Response | None = None
+    error: BaseException | None = None
+    try:
+        while True:
+            effect = call.send(result)
+            kind = type(effect)
+            if kind is Send:
+                spans.begin(effect)  # type: ignore[arg-type]
+            elif kind is Race:
+                race: Race = effect  # type: ignore[assignment]
+                spans.begin(race.first)
+                race.backup = _traced_backup(race.backup, spans)
+            elif kind is Mirror:
+                spans.mirror(effect)  # type: ignore[arg-type]
+            token = None
+            if kind is Send or kind is Race or kind is Mirror:
+                token = otel_context.attach(spans.send_context)
+            try:
+                result = yield effect
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            if kind is Send:
+                spans.end(effect, result)  # type: ignore[arg-type]
+            elif kind is Race:
+                spans.end(result.winner, result.outcome)
+                if result.loser is not None:
+                    spans.end(result.loser, result.loser_outcome)
+    except StopIteration as stop:
+        response = stop.value
+        return response
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        # A body still on the wire ends the call when it ends: our call span stays open until
+        # then. A span someone else owns (instrument_client's) is ended by its owner when the
+        # transport returns, so its attributes are set now.
+        body = None if response is None else response.stream
+        if not (
+            type(body) is Body and spans.owned and body.then(partial(_finish_body, spans, response))
+        ):
+            spans.finish(response, error)
+        call.close()
+
+
+def _mirror_observer(
+    span: Span,
+) -> Callable[[httpx.Response | None, BaseException | None], None]:
+    """Ends a mirror's span with how the copy ended (called by the driver, on any thread)."""
+
+    def ended(response: httpx.Response | None, error: BaseException | None) -> None:
+        if span.is_recording():
+            if response is not None:
+                status = response.status_code
+                span.set_attribute("http.response.status_code", status)
+                span.set_attribute("mesh.outcome", "ok" if status < 500 else "status")
+                if status >= 400:
+                    _set_error(span, str(status), "mirror answered with an error status")
+            elif error is not None:
+                span.set_attribute("mesh.outcome", "error")
+                span.record_exception(error)
+                _set_error(span, type(error).__name__, str(error))
+            else:
+                span.set_attribute("mesh.outcome", "dropped")  # too many copies in flight
+        span.end()
+
+    return ended
+
+
+def _finish_body(
+    spans: _CallSpans, response: httpx.Response | None, error: BaseException | None
+) -> None:
+    spans.finish(response if error is None else None, error)
+
+
+def _traced_backup(
+    backup: Callable[[], Send | None], spans: _CallSpans
+) -> Callable[[], Send | None]:
+    def traced() -> Send | None:
+        send = backup()
+        if send is not None:
+            spans.begin(send)
+        return send
+
+    return traced
+
+
+def _propagating(call: Call, carrier: dict[str, str]) -> Call:
+    """``call``, with the current context's headers (no SDK: nothing recorded) on every
+    attempt."""
+    result: Any = None
+    try:
+        while True:
+            effect = call.send(result)
+            kind = type(effect)
+            if kind is Send:
+                _carry(effect.request.headers, carrier)  # type: ignore[union-attr]
+            elif kind is Race:
+                race: Race = effect  # type: ignore[assignment]
+                _carry(race.first.request.headers, carrier)
+                race.backup = _propagating_backup(race.backup, carrier)
+            elif kind is Mirror:
+                _carry(effect.request.headers, carrier)  # type: ignore[union-attr]
+            result = yield effect
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        call.close()
+
+
+def _carry(headers: httpx.Headers, carrier: dict[str, str]) -> None:
+    for name, value in carrier.items():
+        headers[name] = value
+
+
+def _propagating_backup(
+    backup: Callable[[], Send | None], carrier: dict[str, str]
+) -> Callable[[], Send | None]:
+    def propagating() -> Send | None:
+        send = backup()
+        if send is not None:
+            _carry(send.request.headers, carrier)
+        return send
+
+    return propagating
+
+
+# --- inbound -------------------------------------------------------------------------------------
+
+
+class InboundTrace:
+    """The tracing of one inbound HTTP request: :meth:`run` wraps the middleware's handling."""
+
+    def __init__(self, tracing: Tracing, tracer: Tracer | None, scope: Scope) -> None:
+        self._tracing = tracing
+        self._tracer = tracer
+        self._scope = scope
+        self.status: int | None = None
+        self.reason: str | None = None
+        self.app_called = False
+        self.route: str | None = None
+        self.deadline_ms: int | None = None
+        self.annotated = False
+
+    async def run(
+        self, handle: Handler, scope: Scope, receive: Receive, send: ASGISend, app: ASGIApp
+    ) -> None:
+        parent = otel_context.get_current()
+        current = trace.get_current_span(parent)
+        span: Span | None = None
+        owned = False
+        attach: Context | None = None
+        if current.is_recording() and _kind(current) is SpanKind.SERVER:
+            span = current  # a SERVER span already open for this request: enrich it
+        else:
+            if not current.get_span_context().is_valid:
+                parent = propagate.extract(_carrier(scope, self._tracing), context=parent)
+            if self._tracer is not None:
+                span, owned = self._start(parent), True
+                attach = trace.set_span_in_context(span, parent)
+            else:
+                attach = parent  # no SDK: carry the caller's context through, record nothing
+        token = otel_context.attach(attach) if attach is not None else None
+        error: BaseException | None = None
+        try:
+            if span is None:  # carrying a context, recording nothing: no wrappers needed
+                await handle(scope, receive, send, app)
+            else:
+                await handle(
+                    scope, receive, self._observe(send, span), self._observe_app(app, span)
+                )
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+            if span is not None and span.is_recording():
+                if not self.annotated:  # no response started (an error, a disconnect)
+                    self._annotate(span)
+                if owned:
+                    self._finish(span, error)
+            if owned and span is not None:
+                span.end()
+
+    def _start(self, parent: Context) -> Span:
+        assert self._tracer is not None
+        root = not trace.get_current_span(parent).get_span_context().is_valid
+        if root and not self._tracing.sample_root():
+            return _unsampled(None)
+        scope = self._scope
+        method = scope.get("method", "")
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            "url.path": scope.get("path", ""),
+            "url.scheme": scope.get("scheme", "http"),
+        }
+        query = scope.get("query_string")
+        if query:
+            attributes["url.query"] = query.decode("latin-1")
+        client = scope.get("client")
+        if client:
+            attributes["client.address"] = client[0]
+        server = scope.get("server")
+        if server:
+            attributes["server.address"] = server[0]
+            if server[1] is not None:
+                attributes["server.port"] = server[1]
+        return self._tracer.start_span(method, parent, SpanKind.SERVER, attributes)
+
+    def _observe(self, send: ASGISend, span: Span) -> ASGISend:
+        async def observing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.status = int(message["status"])
+                for name, value in message.get("headers") or ():
+                    if name.lower() == _REASON:
+                        self.reason = value.decode("latin-1")
+                # Now, not at the end: a span opened outside (OTel's ASGI middleware) is ended
+                # by its owner as soon as the response is complete.
+                if span.is_recording():
+                    self._annotate(span)
+            await send(message)
+
+        return observing
+
+    def _observe_app(self, app: ASGIApp, span: Span) -> ASGIApp:
+        recording = span.is_recording()
+
+        async def observed(scope: Scope, receive: Receive, send: ASGISend) -> None:
+            self.app_called = True
+            self._scope = scope  # as the app sees it: sanitized, identity header set
+            if recording:
+                deadline = inbound_deadline.get()
+                if deadline is not None:
+                    left = deadline - self._tracing.clock()
+                    self.deadline_ms = max(0, int(left * 1000))
+            await app(scope, receive, send)
+
+        return observed
+
+    def _annotate(self, span: Span) -> None:
+        """The mesh's view of the request, on our span or on one opened outside."""
+        self.annotated = True
+        scope = self._scope
+        route = getattr(scope.get("route"), "path", None)  # Starlette / FastAPI template
+        if isinstance(route, str):
+            self.route = route
+        peer = _peer(scope, self._tracing, sanitized=self.app_called)
+        if peer is not None:
+            span.set_attribute("mesh.peer", peer)
+        if self.app_called or self.reason == "rate_limited":
+            span.set_attribute("mesh.authz", "allow")
+        elif self.reason == "denied":
+            span.set_attribute("mesh.authz", "deny")
+        if self.reason is not None:
+            span.set_attribute("mesh.reason", self.reason)
+        if self.deadline_ms is not None:
+            span.set_attribute("mesh.deadline_ms", self.deadline_ms)
+        if self.route is not None:
+            span.set_attribute("http.route", self.route)
+
+    def _finish(self, span: Span, error: BaseException | None) -> None:
+        """Name, status code and outcome of our own SERVER span."""
+        status = self.status
+        if self.route is not None:
+            span.update_name(f"{self._scope.get('method', '')} {self.route}")
+        if status is not None:
+            span.set_attribute("http.response.status_code", status)
+        if error is not None:
+            span.record_exception(error)
+            _set_error(span, type(error).__name__, str(error))
+        elif status is None or status >= 500:
+            _set_error(span, str(status or 500), self.reason or "server error")
+
+
+def _peer(scope: Scope, tracing: Tracing, *, sanitized: bool) -> str | None:
+    """The caller's verified SPIFFE ID: the header the middleware set in the app's
+    (``sanitized``) scope, or, for a request refused before the app, from the TLS extension —
+    never from the raw headers, where a peer could claim any identity."""
+    if sanitized:
+        for name, value in scope.get("headers") or ():
+            if name == _IDENTITY:
+                return bytes(value).decode("latin-1")
+        return None
+    return verified_identity(scope, tracing.settings().trust_domain)
+
+
+def _carrier(scope: Scope, tracing: Tracing) -> dict[str, str]:
+    """The request's propagation headers as the default getter reads them (repeats joined)."""
+    fields = tracing.fields()
+    carrier: dict[str, str] = {}
+    for name, value in scope.get("headers") or ():
+        key = bytes(name).lower()
+        if key in fields:
+            text = bytes(value).decode("latin-1")
+            label = key.decode("latin-1")
+            carrier[label] = f"{carrier[label]},{text}" if label in carrier else text
+    return carrier
+
+
+@functools.cache
+def _meshlib_version() -> str | None:
+    """The installed meshlib's version, for the tracer's instrumentation scope. Read from the
+    distribution rather than ``meshlib.__version__``: the package root imports the mesh, which
+    builds this module, so importing it from here would point an arrow up (docs/design.md)."""
+    try:
+        return importlib.metadata.version("meshlib")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return None
