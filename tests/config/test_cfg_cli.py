@@ -508,6 +508,9 @@ def test_completion_script_names_every_verb(shell: str, capsys: pytest.CaptureFi
     assert main(["completion", "tcsh"]) == 2
 
 
+CA_VERBS = ["init", "issue", "inspect", "rotate", "bundle", "revoke"]
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 def test_bash_completion_script_completes_in_bash(tmp_path: Path) -> None:
     script = tmp_path / "meshctl.bash"
@@ -537,12 +540,60 @@ t meshctl validate ''
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "complete -o default -F _meshctl meshctl"
-    assert set(lines[1].split()) == _verbs() - {
-        "init",
-        "issue",
-        "inspect",
-        "rotate",
-        "bundle",
-        "revoke",
-    }
+    assert set(lines[1].split()) == {v for v in _verbs() if v not in CA_VERBS}
     assert lines[2:] == ["init inspect", "text json yaml", "zsh", "--bundle", ""]
+
+
+def _script(shell: str, tmp_path: Path) -> Path:
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshlib.cli", "completion", shell],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / f"meshctl.{shell}"
+    path.write_text(proc.stdout)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_completion_script_completes_in_zsh(tmp_path: Path) -> None:
+    script = _script("zsh", tmp_path)
+    # Outside a completion widget words/CURRENT are plain variables and compadd/_files can be
+    # stood in for: the script's own logic runs in a real zsh.
+    probe = f"""
+compdef() {{ print -r -- "compdef $*"; }}
+compadd() {{ shift; print -r -- "${{(P)1}}"; }}
+_files() {{ print -r -- FILES; }}
+source {script}
+t() {{ words=("$@"); CURRENT=${{#words}}; _meshctl; }}
+t meshctl ''
+t meshctl ca in
+t meshctl validate -o ''
+t meshctl validate ''
+"""
+    done = subprocess.run(["zsh", "-f", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "compdef _meshctl meshctl"
+    assert set(lines[1].split()) == {v for v in _verbs() if v not in CA_VERBS}
+    assert lines[2:] == [" ".join(CA_VERBS), "text json yaml", "FILES"]
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+def test_fish_completion_script_completes_in_fish(tmp_path: Path) -> None:
+    script = _script("fish", tmp_path)
+    probe = (
+        f"source {script}; complete -C 'meshctl ca in'; echo ==; "
+        "complete -C 'meshctl validate -o '; echo ==; complete -C 'meshctl '"
+    )
+    done = subprocess.run(["fish", "-N", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    ca, output, top = (
+        [line.split("\t")[0] for line in part.strip().splitlines()]
+        for part in done.stdout.split("==\n")
+    )
+    assert ca == ["init", "inspect"]
+    assert output == ["json", "text", "yaml"]
+    assert set(top) == {v for v in _verbs() if v not in CA_VERBS}
