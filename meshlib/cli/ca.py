@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshlib.cli.command import EXIT_INVALID, EXIT_OK, Registrar, Subparsers, UsageError
+from meshlib.cli.command import (
+    EXIT_INVALID,
+    EXIT_OK,
+    Registrar,
+    Subparsers,
+    UsageError,
+    add_output_option,
+    print_document,
+)
 from meshlib.config.values import parse_duration
 
 # --- ca ----------------------------------------------------------------------------------------
@@ -43,6 +51,7 @@ def _add_ca(sub: Subparsers) -> None:
     inspect = ca.add_parser("inspect", help="print subject, SPIFFE ID, validity and issuer")
     inspect.add_argument("file", metavar="FILE", help="a PEM file of one or more certificates")
     inspect.add_argument("--bundle", help="also verify FILE as an SVID chain against these roots")
+    add_output_option(inspect)
     inspect.set_defaults(func=_cmd_ca_inspect)
     rotate = ca.add_parser(
         "rotate", help="make a new root, keep the old one, publish bundle {old, new}"
@@ -118,17 +127,34 @@ def _cmd_ca_inspect(args: argparse.Namespace) -> int:
 
     try:
         certs = load_certificates(args.file)
-        for index, cert in enumerate(certs):
-            if len(certs) > 1:
-                print(f"certificate {index + 1} of {len(certs)}:")
-            for label, value in describe_certificate(cert):
-                print(f"  {label + ':':<12} {value}")
+        described = [describe_certificate(cert) for cert in certs]
+        spiffe_id = None
         if args.bundle:
             spiffe_id = verify_svid(certs, load_certificates(args.bundle))
-            print(f"verified:    {spiffe_id} chains to {args.bundle}")
     except IdentityError as exc:
         print(f"meshctl ca inspect: {exc.reason}", file=sys.stderr)
         return EXIT_INVALID
+    if args.output != "text":
+        verified = (
+            None if spiffe_id is None else {"spiffe_id": str(spiffe_id), "bundle": args.bundle}
+        )
+        document = {
+            "file": args.file,
+            # The text's labels as keys ("not before" → not_before), each value as printed.
+            "certificates": [
+                {label.replace(" ", "_"): value for label, value in lines} for lines in described
+            ],
+            "verified": verified,
+        }
+        print_document(document, args.output)
+        return EXIT_OK
+    for index, lines in enumerate(described):
+        if len(certs) > 1:
+            print(f"certificate {index + 1} of {len(certs)}:")
+        for label, value in lines:
+            print(f"  {label + ':':<12} {value}")
+    if spiffe_id is not None:
+        print(f"verified:    {spiffe_id} chains to {args.bundle}")
     return EXIT_OK
 
 

@@ -4,37 +4,79 @@ The verb groups: :mod:`meshlib.cli.policy` (validate, schema, explain: policy fi
 :mod:`meshlib.cli.ca` (the built-in CA) and :mod:`meshlib.cli.observe` (status, tap, top,
 graph: running services). Adding a verb means adding a registrar and its handler to the group
 it belongs to and listing it in that group's ``VERBS``; a new group (``registry``) is listed in
-:data:`GROUPS`. Exit status: 0 ok, 1 invalid configuration (or a failed command), 2 usage error.
+:data:`GROUPS`. ``version`` and ``completion`` are about meshctl itself and live here: the
+completion script is drawn from the finished parser. Exit status: 0 ok, 1 invalid
+configuration (or a failed command), 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from meshlib.cli import ca, observe, policy
-from meshlib.cli.command import EXIT_OK, EXIT_USAGE, Handler, UsageError
+from meshlib.cli.command import EXIT_OK, EXIT_USAGE, Handler, Subparsers, UsageError
+from meshlib.cli.completion import SHELLS, completion_script
 
 #: The verb groups, in the order ``meshctl --help`` lists their verbs.
 GROUPS = (policy, ca, observe)
+
+
+def _version() -> str:
+    # The installed distribution's version: the package's own __init__ is above the CLI.
+    try:
+        return f"meshctl {version('meshlib')}"
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree, not installed
+        return "meshctl (not installed: version unknown)"
+
+
+VERSION = _version()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshctl", description="meshlib command line: validate and explain mesh policy."
     )
+    parser.add_argument("--version", action="version", version=VERSION)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for group in GROUPS:
         for add in group.VERBS:
             add(sub)
+    _add_own_verbs(sub, parser)
     return parser
+
+
+def _add_own_verbs(sub: Subparsers, parser: argparse.ArgumentParser) -> None:
+    version = sub.add_parser("version", help="print meshctl's version (as --version)")
+    version.set_defaults(func=_cmd_version)
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script for SHELL: "
+        "bash: 'source <(meshctl completion bash)'; "
+        "zsh: 'source <(meshctl completion zsh)' after compinit; "
+        "fish: 'meshctl completion fish | source'.",
+    )
+    completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help="bash, zsh or fish")
+
+    def _cmd_completion(args: argparse.Namespace) -> int:
+        sys.stdout.write(completion_script(parser, args.shell))
+        return EXIT_OK
+
+    completion.set_defaults(func=_cmd_completion)
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    print(VERSION)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help (0) and usage errors (2)
+    except SystemExit as exc:  # argparse exits on --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Handler = args.func
     try:

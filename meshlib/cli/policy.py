@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from itertools import takewhile
 from typing import TYPE_CHECKING, Any, TextIO
 
-from meshlib.cli.command import EXIT_INVALID, EXIT_OK, Registrar, Subparsers, UsageError
-from meshlib.config.loader import load_files
+from meshlib.cli.command import (
+    EXIT_INVALID,
+    EXIT_OK,
+    Registrar,
+    Subparsers,
+    UsageError,
+    add_output_option,
+    print_document,
+)
+from meshlib.config.loader import MAX_FILE_BYTES, load_texts, read_policy_file
 from meshlib.config.model import EffectivePolicy, FaultRule, ServiceDef, Snapshot
+from meshlib.config.references import endpointless_services
 from meshlib.config.schema import POLICY_FIELDS, json_schema
 from meshlib.config.values import format_duration
-from meshlib.errors import ConfigError
+from meshlib.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
     from meshlib.policy.routing import Router
@@ -34,18 +45,26 @@ def _add_validate(sub: Subparsers) -> None:
         help="check policy files; several files are validated together as one policy",
         description="Parse and check policy files. Prints every problem as "
         "'file:line (document N): field: message' and exits 1 if there is any "
-        "(a file with no documents is a problem: write a Mesh document for an empty policy).",
+        "(a file with no documents is a problem: write a Mesh document for an empty policy). "
+        "FILE may be '-' (stdin) or a directory (its *.yaml and *.yml files, sorted).",
     )
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="a policy file, '-' or a directory")
+    add_output_option(p)
     p.set_defaults(func=_cmd_validate)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    snapshot = _load(args.files)
-    if snapshot is None:
+    try:
+        snapshot = _load(args.files)
+    except ConfigError as exc:
+        if args.output != "text":
+            print_document(_validation(args.files, None, exc.problems), args.output)
         return EXIT_INVALID
-    for warning in snapshot.warnings:
+    for warning in _warnings(snapshot):
         print(f"warning: {warning}", file=sys.stderr)
+    if args.output != "text":
+        print_document(_validation(args.files, snapshot, ()), args.output)
+        return EXIT_OK
     kinds = Counter(str(doc.get("kind")) for doc in snapshot.raw_documents)
     n = len(snapshot.raw_documents)
     summary = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
@@ -54,17 +73,104 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load(files: Sequence[str]) -> Snapshot | None:
-    """Load files as one policy; print every problem to stderr and return None on failure."""
+def _validation(
+    names: Sequence[str], snapshot: Snapshot | None, problems: Sequence[Problem]
+) -> dict[str, Any]:
+    """``validate -o json|yaml``: the document whose keys docs/cli.md lists."""
+    warnings = _warnings(snapshot) if snapshot is not None else []
+    kinds = Counter(str(d.get("kind")) for d in snapshot.raw_documents) if snapshot else Counter()
+    return {
+        "ok": snapshot is not None,
+        "files": snapshot.source.split(", ") if snapshot else list(names),
+        "documents": len(snapshot.raw_documents) if snapshot else 0,
+        "kinds": dict(kinds),
+        "problems": [_problem(p) for p in problems],
+        "warnings": [_problem(w) for w in warnings],
+    }
+
+
+def _warnings(snapshot: Snapshot) -> list[Problem]:
+    """The loader's warnings and validate's own, in file order."""
+    files = snapshot.source.split(", ")
+    found = [*snapshot.warnings, *endpointless_services(snapshot)]
+    return sorted(
+        found, key=lambda w: (files.index(w.file) if w.file in files else -1, w.document, w.line)
+    )
+
+
+def _problem(p: Problem) -> dict[str, Any]:
+    return {
+        "file": p.file,
+        "line": p.line,
+        "column": p.column,
+        "document": p.document,
+        "field": p.field,
+        "message": p.message,
+    }
+
+
+#: The name stdin has in messages, as in ``cat mesh.yaml | meshctl validate -``.
+STDIN = "<stdin>"
+_POLICY_SUFFIXES = (".yaml", ".yml")
+
+
+def _load(names: Sequence[str]) -> Snapshot:
+    """Load files, ``-`` and directories as one policy; print every problem to stderr.
+
+    Raises the ConfigError after printing it, so a caller can also put it in a document.
+    """
     try:
-        return load_files(files)
+        return load_texts(_read(names))
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         n = len(exc.problems)
         if n > 1:  # one problem is its own one-line reason (DESIGN.md §7)
             print(f"{n} problems found", file=sys.stderr)
-        return None
+        raise
+
+
+def _read(names: Sequence[str]) -> list[tuple[str, str | bytes]]:
+    """Each input's name and text, a directory expanded to its policy files (sorted by name,
+    not recursive, as ``kubectl apply -f DIR``); every unreadable input is one problem."""
+    if names.count("-") > 1:
+        raise UsageError("'-' (stdin) may be given once")
+    sources: list[tuple[str, str | bytes]] = []
+    problems: list[Problem] = []
+    for name in names:
+        try:
+            if name == "-":
+                sources.append((STDIN, sys.stdin.buffer.read(MAX_FILE_BYTES + 1)))
+            elif os.path.isdir(name):
+                files = _policy_files(name)
+                if not files:
+                    raise ConfigError(
+                        [Problem(name, 0, 0, "", "the directory holds no *.yaml or *.yml file")]
+                    )
+                sources.extend((f, read_policy_file(f)) for f in files)
+            else:
+                sources.append((name, read_policy_file(name)))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return sources
+
+
+def _policy_files(directory: str) -> list[str]:
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError as exc:
+        problem = Problem(directory, 0, 0, "", f"cannot read directory: {exc.strerror}")
+        raise ConfigError([problem]) from None
+    # Hidden files are skipped: editors leave swap and lock files (.x.yaml.swp, .#x.yaml) there.
+    return [
+        os.path.join(directory, entry)
+        for entry in entries
+        if entry.endswith(_POLICY_SUFFIXES)
+        and not entry.startswith(".")
+        and os.path.isfile(os.path.join(directory, entry))
+    ]
 
 
 # --- schema ------------------------------------------------------------------------------------
@@ -93,9 +199,10 @@ def _add_explain(sub: Subparsers) -> None:
         "explain",
         help="show the route, split, backends and merged policy a request would get",
         description="Explain what the mesh would do with one request: the route it matches, "
-        "the split and backends, and every policy field with the scope it came from.",
+        "the split and backends, and every policy field (named as in the policy file) with the "
+        "scope it came from.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="a policy file, '-' or a directory")
     p.add_argument("--service", required=True, help="host the caller uses, e.g. reviews")
     p.add_argument("--path", required=True, help="request path, e.g. /reviews/1")
     p.add_argument("--method", default="GET")
@@ -109,6 +216,7 @@ def _add_explain(sub: Subparsers) -> None:
         help="also show the authorization verdict for this caller, e.g. "
         "spiffe://cluster.local/ns/default/sa/ratings ('none': an unauthenticated caller)",
     )
+    add_output_option(p)
     p.set_defaults(func=_cmd_explain)
 
 
@@ -119,8 +227,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         if not sep or not name.strip():
             raise UsageError(f"--header expects K=V, got {item!r}")
         headers[name.strip().lower()] = value
-    snapshot = _load(args.files)
-    if snapshot is None:
+    try:
+        snapshot = _load(args.files)
+    except ConfigError:
         return EXIT_INVALID
     from meshlib.policy.routing import Router  # the data plane is only needed by explain
 
@@ -131,21 +240,25 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             f"{args.service!r} is not a mesh service seen from namespace {args.namespace!r}; "
             f"known: {', '.join(sorted(snapshot.services)) or 'none'}"
         )
-    _explain(sys.stdout, snapshot, router, service.key, args.method.upper(), args.path, headers)
+    method = args.method.upper()
+    doc = _explanation(snapshot, router, service.key, method, args.path, headers)
     if args.caller is not None:
-        _explain_authz(sys.stdout, router, service, args.caller, args.method, args.path, headers)
+        doc["authz"] = _authz(router, service, args.caller, method, args.path, headers)
+    if args.output == "text":
+        _write_explanation(sys.stdout, doc)
+    else:
+        print_document(doc, args.output)
     return EXIT_OK
 
 
-def _explain_authz(
-    out: TextIO,
+def _authz(
     router: Router,
     service: ServiceDef,
     caller_text: str,
     method: str,
     path: str,
     headers: Mapping[str, str],
-) -> None:
+) -> dict[str, Any]:
     from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
     from meshlib.policy.authz import authorize, index_for
 
@@ -157,89 +270,121 @@ def _explain_authz(
             raise UsageError(f"--caller: {exc}") from None
     index = index_for(router, service)
     verdict = authorize(index, service, caller, method, path, headers)
-    answer = "allow" if verdict.allowed else "deny"
-    if verdict.allowed and verdict.denied_by_policy:
-        answer = "allow (audit: would deny)"
-    out.write(f"caller:   {caller if caller is not None else '(unauthenticated)'}\n")
-    out.write(f"authz:    {answer}  [accessControl: {verdict.mode}]\n")
-    out.write(f"  by:     {verdict.rule}\n")
-    out.write(f"  path:   {verdict.path if verdict.path is not None else '(refused)'}\n")
+    return {
+        "caller": str(caller) if caller is not None else None,
+        "allowed": verdict.allowed,
+        "audit_would_deny": verdict.allowed and verdict.denied_by_policy,
+        "mode": str(verdict.mode),
+        "rule": str(verdict.rule),
+        "path": verdict.path,
+    }
 
 
-def _explain(
-    out: TextIO,
+def _explanation(
     snapshot: Snapshot,
     router: Router,
     key: str,
     method: str,
     path: str,
     headers: Mapping[str, str],
-) -> None:
+) -> dict[str, Any]:
+    """What the mesh decides for one request, as the document ``explain -o json`` prints and
+    the text is written from (so the two never disagree)."""
     service = snapshot.services[key]
     match = router.route(service, method, path, headers)
-    write = out.write
-    write(f"request:  {method} {path}" + "".join(f" {k}={v}" for k, v in headers.items()) + "\n")
-    write(f"service:  {key}\n")
-    write(f"route:    {match.name or '(none: no named route matched)'}\n")
+    split_doc: dict[str, Any] | None = None
+    backends: list[dict[str, Any]] = []
     if match.split is None:
         split = snapshot.splits.get(key)
         if split is not None:
-            write(f"split:    {split.name} does not apply (request matches none of its matches)\n")
-        else:
-            write("split:    (none)\n")
-        write(f"backend:  {key} (100%)\n")
-        _endpoints(out, snapshot, key)
+            split_doc = {"name": f"{split.namespace}/{split.name}", "applies": False}
+        backends.append(
+            {"service": key, "weight": None, "share": 100.0, "endpoints": _endpoints(snapshot, key)}
+        )
     else:
         split = match.split
+        split_doc = {"name": f"{split.namespace}/{split.name}", "applies": True}
         total = sum(b.weight for b in split.backends)
-        write(f"split:    {split.namespace}/{split.name}\n")
         for b in split.backends:
-            share = 100.0 * b.weight / total if total else 0.0
-            write(f"backend:  {b.service}  weight {b.weight}  {share:.1f}%\n")
-            _endpoints(out, snapshot, b.service)
-    _policy(out, router.policy(key, match.name))
-    faults = router.faults(key, match.name)
-    write("faults:\n" if faults else "faults:   (none)\n")
-    for fault in faults:
-        write(f"  {fault.namespace}/{fault.name}: {_fault(fault, headers)}\n")
-    mirrors = router.mirrors(key)
-    write("mirrors:\n" if mirrors else "mirrors:  (none)\n")
-    for mirror in mirrors:
-        write(
-            f"  {mirror.namespace}/{mirror.name}: {mirror.percent:g}% copied to {mirror.mirror}\n"
-        )
+            backends.append(
+                {
+                    "service": b.service,
+                    "weight": b.weight,
+                    "share": round(100.0 * b.weight / total, 3) if total else 0.0,
+                    "endpoints": _endpoints(snapshot, b.service),
+                }
+            )
+    policy = router.policy(key, match.name)
+    return {
+        "request": {"method": method, "path": path, "headers": dict(headers)},
+        "service": key,
+        "route": match.name,
+        "split": split_doc,
+        "backends": backends,
+        "policy": [
+            {
+                "field": file_name,
+                "value": _value(policy, model_name),
+                "source": policy.sources.get(model_name, "default"),
+            }
+            for file_name, model_name in _POLICY_ROWS
+        ],
+        "faults": [_fault(f, headers) for f in router.faults(key, match.name)],
+        "mirrors": [
+            {"name": f"{m.namespace}/{m.name}", "mirror": m.mirror, "percent": m.percent}
+            for m in router.mirrors(key)
+        ],
+        "authz": None,
+    }
 
 
-def _endpoints(out: TextIO, snapshot: Snapshot, key: str) -> None:
+def _endpoints(snapshot: Snapshot, key: str) -> list[dict[str, Any]]:
     svc = snapshot.services.get(key)
-    if svc is None or not svc.endpoints:
-        out.write("            (no static endpoints)\n")
-        return
-    for e in svc.endpoints:
-        labels = "".join(f" {k}={v}" for k, v in sorted(e.labels.items()))
-        out.write(f"            {e.address}  weight {e.weight}{labels}\n")
+    if svc is None:
+        return []
+    return [
+        {"address": e.address, "weight": e.weight, "labels": dict(sorted(e.labels.items()))}
+        for e in svc.endpoints
+    ]
 
 
+def _policy_rows() -> tuple[tuple[str, str], ...]:
+    """(the name in the policy file, the EffectivePolicy field it shows), in schema order.
+
+    Several file fields setting one model field (rateLimit.requestsPerSecond and .burst both
+    make ``rate_limit``) are one row named by their common prefix (``rateLimit``).
+    """
+    by_model: dict[str, list[str]] = {}
+    for pf in POLICY_FIELDS:
+        by_model.setdefault(pf.model_name, []).append(pf.yaml_path)
+    rows = []
+    for model_name, yaml_paths in by_model.items():
+        shown_as = yaml_paths[0]
+        if len(yaml_paths) > 1:
+            parts = zip(*(p.split(".") for p in yaml_paths), strict=False)  # a prefix
+            shown_as = ".".join(t[0] for t in takewhile(lambda t: len(set(t)) == 1, parts))
+        rows.append((shown_as, model_name))
+    return tuple(rows)
+
+
+_POLICY_ROWS = _policy_rows()
 _DURATION_FIELDS = {
     pf.model_name for pf in POLICY_FIELDS if pf.convert in ("duration", "hedge_delay")
 }
-_FIELD_NAMES = list(dict.fromkeys(pf.model_name for pf in POLICY_FIELDS))
 
 
-def _policy(out: TextIO, policy: EffectivePolicy) -> None:
-    out.write("policy:\n")
-    width = max(len(name) for name in _FIELD_NAMES)
-    for name in _FIELD_NAMES:
-        value: Any = policy
-        for part in name.split("."):
-            value = getattr(value, part)
-        source = policy.sources.get(name, "default")
-        out.write(f"  {name:<{width}}  {_format(name, value):<18}  {source}\n")
+def _value(policy: EffectivePolicy, name: str) -> str:
+    value: Any = policy
+    for part in name.split("."):
+        value = getattr(value, part)
+    return _format(name, value)
 
 
 def _format(name: str, value: Any) -> str:
     if value is None:
         return {"timeout": "none", "hedging.delay": "p95", "rate_limit": "none"}.get(name, "none")
+    if isinstance(value, bool):  # as the policy file writes it
+        return "true" if value else "false"
     if name in _DURATION_FIELDS and isinstance(value, float):
         return format_duration(value)
     if isinstance(value, frozenset):
@@ -253,17 +398,81 @@ def _format(name: str, value: Any) -> str:
     return str(value)
 
 
-def _fault(fault: FaultRule, headers: Mapping[str, str]) -> str:
+def _fault(fault: FaultRule, headers: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "name": f"{fault.namespace}/{fault.name}",
+        "delay": None
+        if fault.delay is None
+        else {"fixed": format_duration(fault.delay.fixed), "percent": fault.delay.percent},
+        "abort": None
+        if fault.abort is None
+        else {"status": fault.abort.status, "percent": fault.abort.percent},
+        "headers": dict(fault.headers),
+        "matches_request": all(headers.get(k) == v for k, v in fault.headers.items()),
+    }
+
+
+# --- explain: the text -------------------------------------------------------------------------
+
+
+def _write_explanation(out: TextIO, doc: Mapping[str, Any]) -> None:
+    write = out.write
+    request = doc["request"]
+    extra = "".join(f" {k}={v}" for k, v in request["headers"].items())
+    write(f"request:  {request['method']} {request['path']}{extra}\n")
+    write(f"service:  {doc['service']}\n")
+    write(f"route:    {doc['route'] or '(none: no named route matched)'}\n")
+    split = doc["split"]
+    if split is None:
+        write("split:    (none)\n")
+    elif not split["applies"]:
+        write(f"split:    {split['name']} does not apply (request matches none of its matches)\n")
+    else:
+        write(f"split:    {split['name']}\n")
+    for b in doc["backends"]:
+        if b["weight"] is None:
+            write(f"backend:  {b['service']} (100%)\n")
+        else:
+            write(f"backend:  {b['service']}  weight {b['weight']}  {b['share']:.1f}%\n")
+        if not b["endpoints"]:
+            write("            (no static endpoints)\n")
+        for e in b["endpoints"]:
+            labels = "".join(f" {k}={v}" for k, v in e["labels"].items())
+            write(f"            {e['address']}  weight {e['weight']}{labels}\n")
+    write("policy:\n")
+    rows = doc["policy"]
+    field_width = max(len(r["field"]) for r in rows)
+    value_width = max(len(r["value"]) for r in rows)
+    for r in rows:
+        write(f"  {r['field']:<{field_width}}  {r['value']:<{value_width}}  {r['source']}\n")
+    write("faults:\n" if doc["faults"] else "faults:   (none)\n")
+    for fault in doc["faults"]:
+        write(f"  {fault['name']}: {_fault_text(fault)}\n")
+    write("mirrors:\n" if doc["mirrors"] else "mirrors:  (none)\n")
+    for m in doc["mirrors"]:
+        write(f"  {m['name']}: {m['percent']:g}% copied to {m['mirror']}\n")
+    authz = doc["authz"]
+    if authz is not None:
+        answer = "allow" if authz["allowed"] else "deny"
+        if authz["audit_would_deny"]:
+            answer = "allow (audit: would deny)"
+        write(f"caller:   {authz['caller'] or '(unauthenticated)'}\n")
+        write(f"authz:    {answer}  [accessControl: {authz['mode']}]\n")
+        write(f"  by:     {authz['rule']}\n")
+        write(f"  path:   {authz['path'] if authz['path'] is not None else '(refused)'}\n")
+
+
+def _fault_text(fault: Mapping[str, Any]) -> str:
     parts = []
-    if fault.delay is not None:
-        parts.append(f"delay {format_duration(fault.delay.fixed)} on {fault.delay.percent:g}%")
-    if fault.abort is not None:
-        parts.append(f"abort {fault.abort.status} on {fault.abort.percent:g}%")
+    if fault["delay"] is not None:
+        parts.append(f"delay {fault['delay']['fixed']} on {fault['delay']['percent']:g}%")
+    if fault["abort"] is not None:
+        parts.append(f"abort {fault['abort']['status']} on {fault['abort']['percent']:g}%")
     text = ", ".join(parts)
-    if fault.headers:
-        cond = " ".join(f"{k}={v}" for k, v in fault.headers.items())
-        ok = all(headers.get(k) == v for k, v in fault.headers.items())
-        text += f" when {cond} ({'matches' if ok else 'does not match'} this request)"
+    if fault["headers"]:
+        cond = " ".join(f"{k}={v}" for k, v in fault["headers"].items())
+        ok = "matches" if fault["matches_request"] else "does not match"
+        text += f" when {cond} ({ok} this request)"
     return text
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "load_file",
     "load_files",
     "load_text",
+    "load_texts",
     "parse_duration",
 ]
 
@@ -84,11 +85,27 @@ def _keep(into: list[tuple[Any, DocContext]], obj: Any, ctx: DocContext) -> None
 
 def load_text(text: str | bytes, *, source: str = "<string>", version: int = 0) -> Snapshot:
     """Parse and validate one policy text (multi-document YAML); bytes must be UTF-8."""
-    if isinstance(text, bytes):
-        if len(text) > MAX_FILE_BYTES:
-            raise ConfigError([_too_big(source, len(text))])
-        text = decode_policy(source, text)
-    return _load([(source, text)], version)
+    return load_texts([(source, text)], version=version)
+
+
+def load_texts(sources: Iterable[tuple[str, str | bytes]], *, version: int = 0) -> Snapshot:
+    """Validate several named texts (e.g. files and stdin) as one policy, like load_files."""
+    texts: list[tuple[str, str]] = []
+    problems: list[Problem] = []
+    for source, text in sources:
+        if isinstance(text, bytes):
+            if len(text) > MAX_FILE_BYTES:
+                problems.append(_too_big(source, len(text)))
+                continue
+            try:
+                text = decode_policy(source, text)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+                continue
+        texts.append((source, text))
+    if problems:
+        raise ConfigError(problems)
+    return _load(texts, version)
 
 
 def load_file(path: str | os.PathLike[str], *, version: int = 0) -> Snapshot:

@@ -20,6 +20,7 @@ from meshlib.config.model import (
     RequestAuthentication,
     RouteGroup,
     ServiceDef,
+    Snapshot,
     Split,
     TCPRoute,
     TrafficPolicyDoc,
@@ -28,6 +29,7 @@ from meshlib.config.model import (
 )
 from meshlib.config.schema import POLICY_FIELDS
 from meshlib.config.values import service_key, shown
+from meshlib.errors import Problem
 
 _YAML_PATH = {pf.model_name: pf.yaml_path for pf in POLICY_FIELDS}
 _YAML_PATH["rate_limit"] = "rateLimit"
@@ -303,3 +305,32 @@ def _traffic_target(
                 f"service account {shown(who[0])} in namespace {shown(who[1])} is not used by any "
                 "declared Service",
             )
+
+
+def endpointless_services(snapshot: Snapshot) -> tuple[Problem, ...]:
+    """A warning for each Service a call can be routed to that has no endpoints.
+
+    Endpoints come only from the policy file (there is no registry yet), so a call that ends at
+    such a service fails at run time with NoHealthyEndpointsError. Only ``meshctl validate``
+    asks: a service declared for its identity alone (a pure caller) is legal, and a reload
+    should not log about it. The root of a split without matches is skipped: every call to it
+    goes to a backend.
+    """
+    split_away = {root for root, split in snapshot.splits.items() if not split.matches}
+    found = []
+    for key, service in snapshot.services.items():
+        if service.endpoints or key in split_away:
+            continue
+        origin = service.origin
+        found.append(
+            Problem(
+                origin.file if origin else snapshot.source,
+                origin.line if origin else 0,
+                origin.document if origin else 0,
+                "spec.endpoints",
+                f"Service {shown(service.name)} in namespace {shown(service.namespace)} has no "
+                "endpoints: a call routed to it fails with NoHealthyEndpointsError (list its "
+                "endpoints, or ignore this if the service only makes calls)",
+            )
+        )
+    return tuple(found)

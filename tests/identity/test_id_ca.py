@@ -200,6 +200,37 @@ def test_cli_init_issue_inspect_round_trip(
     assert "verified:" in text
 
 
+def test_cli_inspect_output_json_and_yaml_keys_are_stable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import yaml
+
+    ca_dir, out = tmp_path / "ca", tmp_path / "web"
+    assert main(["ca", "init", "--dir", str(ca_dir), "--trust-domain", TD]) == 0
+    args = ["--namespace", "default", "--service-account", "web", "--out", str(out)]
+    assert main(["ca", "issue", "--dir", str(ca_dir), *args]) == 0
+    capsys.readouterr()
+    cert, bundle = str(out / "cert.pem"), str(out / "bundle.pem")
+    assert main(["ca", "inspect", cert, "--bundle", bundle, "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert list(doc) == ["file", "certificates", "verified"]
+    [leaf] = doc["certificates"]
+    keys = ["subject", "spiffe_id", "issuer", "not_before", "not_after", "serial", "ca"]
+    assert list(leaf) == keys
+    assert leaf["spiffe_id"] == WEB and leaf["ca"] == "no"
+    assert leaf["issuer"] == "CN=meshlib root CA,O=meshlib"
+    assert dt.datetime.fromisoformat(leaf["not_after"]) > dt.datetime.now(dt.timezone.utc)
+    assert doc["verified"] == {"spiffe_id": WEB, "bundle": bundle}
+    assert main(["ca", "inspect", str(ca_dir / "ca.pem"), "-o", "yaml"]) == 0
+    root = yaml.safe_load(capsys.readouterr().out)
+    assert root["verified"] is None and root["certificates"][0]["ca"] == "yes"
+    assert main(["ca", "inspect", str(tmp_path / "missing.pem"), "-o", "json"]) == 1
+    out_text, err = capsys.readouterr()
+    assert out_text == "" and err.count("\n") == 1
+
+
 def test_cli_failures_are_one_line_and_non_zero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -89,8 +89,8 @@ def test_explain_shows_the_mode_and_its_source(
     path.write_text(_policy())
     assert meshctl(["explain", str(path), "--service", "productpage", "--path", "/"]) == 0
     out = capsys.readouterr().out.splitlines()
-    line = next(row for row in out if row.strip().startswith("mtls "))
-    assert line.split() == ["mtls", "permissive", "service:default/pp-mtls"]
+    line = next(row for row in out if row.strip().startswith("mtls.mode "))
+    assert line.split() == ["mtls.mode", "permissive", "service:default/pp-mtls"]
 
 
 @pytest.mark.parametrize(
