@@ -140,9 +140,14 @@ def _cmd_ca_inspect(args: argparse.Namespace) -> int:
         )
         document = {
             "file": args.file,
-            # The text's labels as keys ("not before" → not_before), each value as printed.
+            # The text's labels as keys ("not before" → not_before), each value as printed but
+            # for `ca`, a boolean in a machine-read document.
             "certificates": [
-                {label.replace(" ", "_"): value for label, value in lines} for lines in described
+                {
+                    label.replace(" ", "_"): (value == "yes") if label == "ca" else value
+                    for label, value in lines
+                }
+                for lines in described
             ],
             "verified": verified,
         }

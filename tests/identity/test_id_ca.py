@@ -219,13 +219,13 @@ def test_cli_inspect_output_json_and_yaml_keys_are_stable(
     [leaf] = doc["certificates"]
     keys = ["subject", "spiffe_id", "issuer", "not_before", "not_after", "serial", "ca"]
     assert list(leaf) == keys
-    assert leaf["spiffe_id"] == WEB and leaf["ca"] == "no"
+    assert leaf["spiffe_id"] == WEB and leaf["ca"] is False
     assert leaf["issuer"] == "CN=meshlib root CA,O=meshlib"
     assert dt.datetime.fromisoformat(leaf["not_after"]) > dt.datetime.now(dt.timezone.utc)
     assert doc["verified"] == {"spiffe_id": WEB, "bundle": bundle}
     assert main(["ca", "inspect", str(ca_dir / "ca.pem"), "-o", "yaml"]) == 0
     root = yaml.safe_load(capsys.readouterr().out)
-    assert root["verified"] is None and root["certificates"][0]["ca"] == "yes"
+    assert root["verified"] is None and root["certificates"][0]["ca"] is True
     assert main(["ca", "inspect", str(tmp_path / "missing.pem"), "-o", "json"]) == 1
     out_text, err = capsys.readouterr()
     assert out_text == "" and err.count("\n") == 1
