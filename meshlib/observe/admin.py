@@ -30,7 +30,7 @@ from urllib.parse import parse_qs
 
 from meshlib.observe.asgi import Receive, Scope, Send, answer_lifespan
 from meshlib.observe.events import CallEvent, Observed, attach, detach
-from meshlib.observe.tap import Predicate, Tap
+from meshlib.observe.tap import DROP_NEWEST, Predicate, Tap
 from meshlib.observe.top import Top
 
 if TYPE_CHECKING:
@@ -149,7 +149,9 @@ class AdminApp:
         limit = int(_number(query, "limit", TAP_DEFAULT_LIMIT, 1, TAP_MAX_LIMIT))
         seconds = _number(query, "seconds", TAP_DEFAULT_SECONDS, 0.0, TAP_MAX_SECONDS)
         predicate = _predicate(query)
-        sub = self.tap.subscribe(size=limit, predicate=predicate, recent=True)
+        # The stream ends after `limit` events, so a reader that lags keeps the first ones:
+        # dropping the oldest would skip events in the middle of what it prints.
+        sub = self.tap.subscribe(size=limit, predicate=predicate, recent=True, drop=DROP_NEWEST)
         disconnected = asyncio.ensure_future(_until_disconnect(receive))
         try:
             await send(

@@ -4,6 +4,7 @@ a tap bounded by count and by time, exact top numbers, and the verbs' output."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from harness.server import ServerHandle, run_uvicorn
 
 import meshlib
 from meshlib.cli import main
+from observe.test_tap_top import event
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -119,6 +121,39 @@ def test_endpoints_show_an_ejected_endpoint_and_meshctl_status_the_table(
     assert main(["status", server.url]) == 0
     out = capsys.readouterr().out
     assert "DESTINATION" in out and "ejected" in out and f"127.0.0.1:{bad.port}" in out
+
+
+def test_tap_stream_keeps_its_first_events_when_the_reader_lags(
+    make_mesh: Callable[..., meshlib.Mesh],
+) -> None:
+    """A /tap stream ends after `limit` events, so while its reader is busy sending, events
+    past its queue are the ones dropped, never one in the middle (a lagging reader used to print
+    /0 /1 /3 /4 /5: the oldest queued event was dropped for a newer one). No sockets: the
+    ASGI app is driven directly and lags on purpose."""
+    from meshlib.observe.admin import AdminApp
+
+    app = AdminApp(make_mesh(service_yaml("reviews", [1])))
+    app.tap(event(0))
+    app.tap(event(1))
+    paths: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client never disconnects
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            paths.append(json.loads(message["body"])["path"])
+            if len(paths) == 2:  # six events arrive while the reader is still sending
+                for n in range(2, 8):
+                    app.tap(event(n))
+
+    scope = {"type": "http", "method": "GET", "path": "/tap", "query_string": b"limit=5&seconds=5"}
+    try:
+        asyncio.run(app(scope, receive, send))
+    finally:
+        app.close()
+    assert paths == ["/0", "/1", "/2", "/3", "/4"]
 
 
 def test_tap_streams_recent_then_live_events_and_stops_at_the_limit(
