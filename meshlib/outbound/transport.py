@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from meshlib.decision import Decision
-from meshlib.errors import MeshError
+from meshlib.errors import MeshError, Reason, annotate, describe
 from meshlib.outbound.call import (
     STREAM_EXTENSION,
     Buffer,
@@ -32,6 +32,7 @@ from meshlib.outbound.call import (
     Sleep,
     local_response,
 )
+from meshlib.outbound.egress import pass_through_hint, unresolved
 
 if TYPE_CHECKING:
     import asyncio
@@ -58,6 +59,9 @@ class CallStarter(Protocol):
     def async_mtls_transport(self, limits: httpx.Limits | None = None) -> httpx.AsyncBaseTransport:
         """The async inner transport for attempts over mutual TLS."""
 
+    def close_service(self, host: str) -> str | None:
+        """The mesh service a host outside the mesh was probably meant to name, or None."""
+
 
 def _mirror_ended(
     mirror: Mirror, response: httpx.Response | None, error: BaseException | None
@@ -67,9 +71,35 @@ def _mirror_ended(
         mirror.observe(response, error)
 
 
-def _local_reply(request: httpx.Request, error: MeshError) -> httpx.Response:
-    decision = error.decision or Decision(request.url.host, 0)
-    return local_response(request, error.status, error.reason, decision)
+#: The local status of each transport failure of an upstream, as Envoy answers UF and UR.
+_UPSTREAM_STATUS = {Reason.CONNECT_FAILURE: 503, Reason.RESET: 503, Reason.TIMEOUT: 504}
+
+
+def _failed(
+    mesh: CallStarter, request: httpx.Request, error: Exception, local: bool
+) -> httpx.Response | None:
+    """How a failed call leaves its transport: the local response that answers it (with
+    ``local_responses``), or None and ``error`` is re-raised, its note naming the service, the
+    endpoints tried, the attempts and the reason. Only failures get here: nothing of this is
+    looked up for a call that succeeds."""
+    decision: Decision | None = getattr(error, "decision", None)
+    if isinstance(error, MeshError):
+        if local:
+            decision = decision or Decision(request.url.host, 0)
+            return local_response(request, error.status, error.reason, decision)
+    elif decision is None:  # passed through (a host outside the mesh): never a local response
+        if isinstance(error, httpx.ConnectError) and unresolved(error):
+            host = request.url.host
+            hint = pass_through_hint(host, mesh.close_service(host))
+            if hint is not None:
+                annotate(error, hint)
+        return None
+    elif local:  # the upstream's own failure (refused, reset) after the last attempt
+        reason = Reason(decision.reason)
+        return local_response(request, _UPSTREAM_STATUS.get(reason, 503), reason, decision)
+    if decision is not None:
+        annotate(error, describe(decision))
+    return None
 
 
 class MeshClient(httpx.Client):
@@ -129,10 +159,11 @@ class MeshTransport(httpx.BaseTransport):
             if call is None:
                 return self._inner.handle_request(request)
             return self._drive(call)
-        except MeshError as error:
-            if self._local_responses:
-                return _local_reply(request, error)
-            raise
+        except (MeshError, httpx.TransportError) as error:
+            reply = _failed(self._mesh, request, error, self._local_responses)
+            if reply is None:
+                raise
+            return reply
 
     def _drive(self, call: Generator[Effect, Any, httpx.Response]) -> httpx.Response:
         try:
@@ -301,10 +332,11 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if call is None:
                 return await self._inner.handle_async_request(request)
             return await self._drive(call)
-        except MeshError as error:
-            if self._local_responses:
-                return _local_reply(request, error)
-            raise
+        except (MeshError, httpx.TransportError) as error:
+            reply = _failed(self._mesh, request, error, self._local_responses)
+            if reply is None:
+                raise
+            return reply
 
     async def _drive(self, call: Generator[Effect, Any, httpx.Response]) -> httpx.Response:
         try:
