@@ -1,9 +1,10 @@
 """The two drivers of the call sequence: an httpx sync transport and an httpx async transport.
 
 Each one resolves the host; mesh services go through :func:`meshlib.outbound.call.run_call`, whose
-effects the driver performs; other hosts go straight to the inner transport. The two classes
-are meant to be read side by side: they differ only in ``await`` and in how they race hedges
-(a thread pool here, an anyio task group there).
+effects the driver performs; other hosts go straight to the inner transport. A failure leaves
+both through :func:`_failed`: a sidecar-style local response, or the exception with a note on
+what failed. The two classes are meant to be read side by side: they differ only in ``await``
+and in how they race hedges (a thread pool here, an anyio task group there).
 """
 
 from __future__ import annotations
@@ -71,32 +72,30 @@ def _mirror_ended(
         mirror.observe(response, error)
 
 
-#: The local status of each transport failure of an upstream, as Envoy answers UF and UR.
-_UPSTREAM_STATUS = {Reason.CONNECT_FAILURE: 503, Reason.RESET: 503, Reason.TIMEOUT: 504}
-
-
 def _failed(
     mesh: CallStarter, request: httpx.Request, error: Exception, local: bool
 ) -> httpx.Response | None:
     """How a failed call leaves its transport: the local response that answers it (with
-    ``local_responses``), or None and ``error`` is re-raised, its note naming the service, the
+    ``local_responses``), or None and ``error`` is re-raised, a note naming the service, the
     endpoints tried, the attempts and the reason. Only failures get here: nothing of this is
     looked up for a call that succeeds."""
     decision: Decision | None = getattr(error, "decision", None)
-    if isinstance(error, MeshError):
-        if local:
-            decision = decision or Decision(request.url.host, 0)
-            return local_response(request, error.status, error.reason, decision)
-    elif decision is None:  # passed through (a host outside the mesh): never a local response
+    if decision is None and not isinstance(error, MeshError):
+        # A host outside the mesh, passed through: not a mesh call, never a local response.
         if isinstance(error, httpx.ConnectError) and unresolved(error):
             host = request.url.host
             hint = pass_through_hint(host, mesh.close_service(host))
             if hint is not None:
                 annotate(error, hint)
         return None
-    elif local:  # the upstream's own failure (refused, reset) after the last attempt
-        reason = Reason(decision.reason)
-        return local_response(request, _UPSTREAM_STATUS.get(reason, 503), reason, decision)
+    if local:
+        if isinstance(error, MeshError):
+            decision = decision or Decision(request.url.host, 0)
+            return local_response(request, error.status, error.reason, decision)
+        # The upstream's own failure after the last attempt (connect_failure or reset): Envoy
+        # answers both (UF, UR) with a local 503.
+        assert decision is not None
+        return local_response(request, 503, Reason(decision.reason), decision)
     if decision is not None:
         annotate(error, describe(decision))
     return None
