@@ -319,6 +319,44 @@ def test_local_responses_answer_an_injected_refusal_with_503(
     assert a.requests == 0
 
 
+@pytest.fixture
+def full_backlog() -> Iterator[int]:
+    """A port whose listen backlog is full: the kernel drops further SYNs, so a connect
+    times out (a real connect timeout, on loopback)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for sock in [*fillers, server]:
+        sock.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("local", [False, True])
+def test_a_connect_timeout_is_a_connect_failure(caller, make_mesh, full_backlog, local) -> None:
+    """Envoy counts a connect timeout as UF, like a refusal: so does the mesh (not "reset")."""
+    mesh = make_mesh(service_yaml("ratings", [full_backlog]))
+    c = caller.bind(mesh, timeout=httpx.Timeout(10, connect=0.2), local_responses=local)
+    result = c.outcome("GET", "http://ratings/x")
+    if local:
+        assert isinstance(result, httpx.Response), result
+        assert (result.status_code, result.headers[REASON_HEADER]) == (503, "connect_failure")
+        decision = result.extensions["mesh_decision"]
+    else:
+        assert type(result) is httpx.ConnectTimeout, result
+        decision = result.decision  # type: ignore[attr-defined]
+        assert_names_the_call(result, decision)
+    assert decision.reason == "connect_failure"
+    assert {a.outcome for a in decision.attempts} == {"connect_failure"}
+
+
 # --- hosts outside the mesh ----------------------------------------------------------------------
 
 TYPO = "ratngs"  # one letter short of "ratings"
