@@ -15,12 +15,18 @@ written as ``except httpx.TimeoutException`` keeps working::
         └── AccessDeniedError             + httpx.TransportError     (403, "denied")
 
 Each class names its sidecar-style local status (``.status``) so a transport created with
-``local_responses=True`` can answer like Envoy would instead of raising.
+``local_responses=True`` can answer like Envoy would instead of raising. A transport failure of
+the upstream (connection refused, reset) keeps its own httpx type, with ``.decision`` attached.
+
+Every exception that leaves a mesh call carries one more line, :func:`describe`'s, naming the
+service, the endpoints tried, the number of attempts and the reason: an exception note (PEP
+678) on Python 3.11 and later, the end of the message on 3.10 (see :func:`annotate`).
 """
 
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +49,8 @@ __all__ = [
     "RateLimitedError",
     "Reason",
     "RetryBudgetExhaustedError",
+    "annotate",
+    "describe",
 ]
 
 #: Header carried by every local reply (and by injected aborts) naming why the mesh answered.
@@ -174,3 +182,51 @@ class AccessDeniedError(MeshError, httpx.TransportError):
 
     reason = Reason.DENIED
     status = 403
+
+
+# --- what an exception says about its call ------------------------------------------------------
+
+
+def describe(decision: Decision) -> str:
+    """One line on how a call ended: the service called (and the backend a split chose), the
+    reason, the number of attempts and each endpoint tried with its outcome, e.g.
+    ``mesh call to ratings.default failed (connect_failure) after 2 attempts: 127.0.0.1:9080
+    connect_failure, 127.0.0.1:9081 connect_failure``."""
+    called = decision.service
+    if decision.backend is not None and decision.backend != called:
+        called += f" (backend {decision.backend})"
+    attempts = decision.attempts
+    n = len(attempts)
+    if attempts:
+        tried = ", ".join(
+            f"{a.endpoint} {a.outcome if a.status is None else a.status}"
+            + (" (hedge)" if a.hedge else "")
+            for a in attempts
+        )
+    else:
+        tried = "no endpoint tried"
+    line = f"mesh call to {called} failed ({decision.reason}) after {n} attempt"
+    line += f"{'' if n == 1 else 's'}: {tried}"
+    if decision.reason == Reason.TIMEOUT.value and decision.deadline is not None:
+        line += f"; deadline {decision.deadline:g}s"
+    if decision.budget != "ok":
+        line += f"; retry budget {decision.budget}"
+    if decision.faults:
+        line += f"; faults {', '.join(decision.faults)}"
+    return line
+
+
+def annotate(error: BaseException, line: str) -> None:
+    """Add ``line`` to what ``error`` says, once: as an exception note where Python has them
+    (3.11+; tracebacks print notes under the message, the exception keeps its type and
+    message), else at the end of its message, since 3.10's tracebacks print no notes."""
+    if sys.version_info >= (3, 11):
+        if line not in getattr(error, "__notes__", ()):
+            error.add_note(line)
+        return
+    args = error.args
+    if args and isinstance(args[0], str):
+        if line not in args[0]:
+            error.args = (f"{args[0]}\n{line}", *args[1:])
+    else:
+        error.args = (line, *args)

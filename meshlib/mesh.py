@@ -31,6 +31,7 @@ from meshlib.decision import Decision
 from meshlib.errors import AccessDeniedError, ConfigError
 from meshlib.outbound.call import Effect, run_call
 from meshlib.outbound.destination import Destination
+from meshlib.outbound.egress import close_service
 from meshlib.outbound.transport import (
     AsyncMeshClient,
     AsyncMeshTransport,
@@ -248,11 +249,16 @@ class Mesh:
         service = router.resolve(request.url.host, self.namespace)
         if service is None:
             if router.snapshot.mesh.egress is Egress.REGISTRY_ONLY:
-                refused = _egress_refused(request, router.snapshot.version)
+                refused = _egress_refused(request, router.snapshot.version, self.close_service)
                 self.tracing.refused(request, refused)
                 raise refused
             return None
         return self.tracing.trace_call(run_call(self, router, service, request), request, service)
+
+    def close_service(self, host: str) -> str | None:
+        """The mesh service ``host`` (outside the mesh) was probably meant to name, or None;
+        looked up only when a call to such a host has failed."""
+        return close_service(host, self._router.services, self.namespace)
 
     def uses_mtls(self, router: Router, service_key: str) -> bool:
         """Whether calls to ``service_key`` under ``router``'s snapshot go over mutual TLS:
@@ -534,10 +540,15 @@ def _file_digest(path: Path) -> str | None:
         return None
 
 
-def _egress_refused(request: httpx.Request, version: int) -> AccessDeniedError:
-    decision = Decision(request.url.host, version, reason="denied", status=AccessDeniedError.status)
+def _egress_refused(
+    request: httpx.Request, version: int, suggest: Callable[[str], str | None]
+) -> AccessDeniedError:
+    host = request.url.host
+    decision = Decision(host, version, reason="denied", status=AccessDeniedError.status)
+    close = suggest(host)
+    hint = "" if close is None else f"; did you mean {close!r}?"
     return AccessDeniedError(
-        f"egress to {request.url.host!r} refused: not a mesh service (egress: registry-only)",
+        f"egress to {host!r} refused: not a mesh service (egress: registry-only){hint}",
         decision=decision,
     )
 

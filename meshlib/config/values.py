@@ -150,11 +150,55 @@ def parse_quantity_milli(value: object) -> int:
     return int(milli)
 
 
+#: The port a URL's scheme implies, for the example in the message about a URL given as address.
+_SCHEME_PORTS = {"http": 80, "https": 443}
+
+
 def parse_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` → (host, port), validating both."""
+    """``"host:port"`` or ``"[v6]:port"`` → (host, port), validating both.
+
+    The likely mistakes each get a message saying what to write instead: a URL (scheme, path),
+    no port, an IPv6 host without brackets, more than one port.
+    """
+    scheme, sep, rest = address.partition("://")
+    if sep:
+        authority = rest.split("/", 1)[0]
+        port = _SCHEME_PORTS.get(scheme.lower())
+        if not _has_port(authority) and port is not None:
+            authority = f"{authority}:{port}"
+        raise ValueError(
+            f"address {shown(address)}: drop the scheme: write host:port, like {shown(authority)}"
+        )
+    if "/" in address:
+        host_port, _, path = address.partition("/")
+        raise ValueError(
+            f"address {shown(address)}: an endpoint address has no path ({shown('/' + path)}):"
+            f" write host:port, like {shown(host_port)}"
+        )
+    if not address:
+        raise ValueError("address is empty: write host:port, like 'localhost:9080'")
     host, sep, port_text = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"address {shown(address)} must be host:port (IPv6 as [::1]:80)")
+    if not sep:
+        raise ValueError(
+            f"address {shown(address)} has no port: write host:port, like {shown(address + ':80')}"
+        )
+    if not host:
+        raise ValueError(f"address {shown(address)} has no host: write host:port")
+    if ":" in host and not host.startswith("["):
+        # "::1:80" (the port after the last ':' is the likely intent), "::1", "h:80:90"
+        if _is_ipv6(host) and port_text.isascii() and port_text.isdigit():
+            like = f"[{host}]:{port_text}"
+        elif _is_ipv6(address):
+            like = f"[{address}]:80"
+        else:
+            raise ValueError(
+                f"address {shown(address)} has more than one ':': write host:port, one port"
+            )
+        raise ValueError(
+            f"address {shown(address)}: write IPv6 hosts in brackets, like {shown(like)}"
+        )
+    if not port_text:
+        raise ValueError(f"address {shown(address)} has no port after ':': write host:port")
     digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
     port = int(port_text) if digits else 0
     if not 1 <= port <= 65535:
@@ -169,13 +213,25 @@ def parse_address(address: str) -> tuple[str, int]:
                 f"address {shown(address)}: {shown(host[1:-1])} is not an IPv6 address"
             ) from None
         return host[1:-1], port
-    if ":" in host:
-        raise ValueError(f"address {shown(address)}: write IPv6 hosts in brackets, like [::1]:80")
     if not _HOSTNAME.match(host):
         raise ValueError(
             f"address {shown(address)}: {shown(host)} is not a valid host name or IP address"
         )
     return host, port
+
+
+def _has_port(authority: str) -> bool:
+    """Whether a URL's authority (``host``, ``host:port``, ``[v6]:port``) names a port."""
+    port = authority.rpartition(":")[2]
+    return ":" in authority and port.isascii() and port.isdigit() and not authority.endswith("]")
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def service_key(ref: str, namespace: str) -> str:

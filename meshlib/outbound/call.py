@@ -56,6 +56,8 @@ from meshlib.errors import (
     RateLimitedError,
     Reason,
     RetryBudgetExhaustedError,
+    annotate,
+    describe,
 )
 from meshlib.policy.balancer import EndpointState
 from meshlib.policy.breaker import Admission, BreakerState
@@ -572,6 +574,8 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
             self._decision,
         )
         error.__cause__ = cause
+        # The error leaves the mesh here, from the caller's read, not from the transport.
+        annotate(error, describe(self._decision) + "; in the response body")
         self._end(error, str(error.status))
         return error
 
@@ -580,6 +584,8 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         decision = self._decision
         decision.reason = Reason.RESET.value
         error.decision = decision  # type: ignore[attr-defined]
+        # The error leaves the mesh here, from the caller's read, not from the transport.
+        annotate(error, describe(decision) + "; in the response body")
         self._end(error, "error")
 
     def _end(self, error: BaseException | None, code: str | None) -> None:
@@ -690,10 +696,11 @@ def run_call(
         code = str(error.status)
         raise
     except httpx.TransportError as error:
+        # The last attempt's own error, re-raised: a connect failure (refused, or a connect or
+        # pool timeout: Envoy's UF) or a reset; a timeout is a MeshTimeout by now.
+        failure = classify(Outcome(None, error, 0.0))[0]
         decision.reason = (
-            Reason.CONNECT_FAILURE.value
-            if isinstance(error, httpx.ConnectError)
-            else Reason.RESET.value
+            Reason.CONNECT_FAILURE.value if failure is Failure.CONNECT else Reason.RESET.value
         )
         error.decision = decision  # type: ignore[attr-defined]
         raise

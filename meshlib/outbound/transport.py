@@ -1,9 +1,10 @@
 """The two drivers of the call sequence: an httpx sync transport and an httpx async transport.
 
 Each one resolves the host; mesh services go through :func:`meshlib.outbound.call.run_call`, whose
-effects the driver performs; other hosts go straight to the inner transport. The two classes
-are meant to be read side by side: they differ only in ``await`` and in how they race hedges
-(a thread pool here, an anyio task group there).
+effects the driver performs; other hosts go straight to the inner transport. A failure leaves
+both through :func:`_failed`: a sidecar-style local response, or the exception with a note on
+what failed. The two classes are meant to be read side by side: they differ only in ``await``
+and in how they race hedges (a thread pool here, an anyio task group there).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from meshlib.decision import Decision
-from meshlib.errors import MeshError
+from meshlib.errors import MeshError, Reason, annotate, describe
 from meshlib.outbound.call import (
     STREAM_EXTENSION,
     Buffer,
@@ -32,6 +33,7 @@ from meshlib.outbound.call import (
     Sleep,
     local_response,
 )
+from meshlib.outbound.egress import pass_through_hint, unresolved
 
 if TYPE_CHECKING:
     import asyncio
@@ -58,6 +60,9 @@ class CallStarter(Protocol):
     def async_mtls_transport(self, limits: httpx.Limits | None = None) -> httpx.AsyncBaseTransport:
         """The async inner transport for attempts over mutual TLS."""
 
+    def close_service(self, host: str) -> str | None:
+        """The mesh service a host outside the mesh was probably meant to name, or None."""
+
 
 def _mirror_ended(
     mirror: Mirror, response: httpx.Response | None, error: BaseException | None
@@ -67,9 +72,33 @@ def _mirror_ended(
         mirror.observe(response, error)
 
 
-def _local_reply(request: httpx.Request, error: MeshError) -> httpx.Response:
-    decision = error.decision or Decision(request.url.host, 0)
-    return local_response(request, error.status, error.reason, decision)
+def _failed(
+    mesh: CallStarter, request: httpx.Request, error: Exception, local: bool
+) -> httpx.Response | None:
+    """How a failed call leaves its transport: the local response that answers it (with
+    ``local_responses``), or None and ``error`` is re-raised, a note naming the service, the
+    endpoints tried, the attempts and the reason. Only failures get here: nothing of this is
+    looked up for a call that succeeds."""
+    decision: Decision | None = getattr(error, "decision", None)
+    if decision is None and not isinstance(error, MeshError):
+        # A host outside the mesh, passed through: not a mesh call, never a local response.
+        if isinstance(error, httpx.ConnectError) and unresolved(error):
+            host = request.url.host
+            hint = pass_through_hint(host, mesh.close_service(host))
+            if hint is not None:
+                annotate(error, hint)
+        return None
+    if local:
+        if isinstance(error, MeshError):
+            decision = decision or Decision(request.url.host, 0)
+            return local_response(request, error.status, error.reason, decision)
+        # The upstream's own failure after the last attempt (connect_failure or reset): Envoy
+        # answers both (UF, UR) with a local 503.
+        assert decision is not None
+        return local_response(request, 503, Reason(decision.reason), decision)
+    if decision is not None:
+        annotate(error, describe(decision))
+    return None
 
 
 class MeshClient(httpx.Client):
@@ -129,10 +158,11 @@ class MeshTransport(httpx.BaseTransport):
             if call is None:
                 return self._inner.handle_request(request)
             return self._drive(call)
-        except MeshError as error:
-            if self._local_responses:
-                return _local_reply(request, error)
-            raise
+        except (MeshError, httpx.TransportError) as error:
+            reply = _failed(self._mesh, request, error, self._local_responses)
+            if reply is None:
+                raise
+            return reply
 
     def _drive(self, call: Generator[Effect, Any, httpx.Response]) -> httpx.Response:
         try:
@@ -301,10 +331,11 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if call is None:
                 return await self._inner.handle_async_request(request)
             return await self._drive(call)
-        except MeshError as error:
-            if self._local_responses:
-                return _local_reply(request, error)
-            raise
+        except (MeshError, httpx.TransportError) as error:
+            reply = _failed(self._mesh, request, error, self._local_responses)
+            if reply is None:
+                raise
+            return reply
 
     async def _drive(self, call: Generator[Effect, Any, httpx.Response]) -> httpx.Response:
         try:

@@ -597,3 +597,21 @@ def test_fish_completion_script_completes_in_fish(tmp_path: Path) -> None:
     assert ca == ["init", "inspect"]
     assert output == ["json", "text", "yaml"]
     assert set(top) == {v for v in _verbs() if v not in CA_VERBS}
+
+
+def test_validate_names_what_to_drop_from_a_url_given_as_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "svc.yaml"
+    path.write_text(
+        "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: ratings}\n"
+        'spec:\n  endpoints:\n  - address: "http://127.0.0.1:9080"\n'
+    )
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}:6"), err  # the line of the address (a column may follow)
+    assert (
+        "spec.endpoints[0].address: address 'http://127.0.0.1:9080':"
+        " drop the scheme: write host:port, like '127.0.0.1:9080'"
+    ) in err, err
+    assert "brackets" not in err

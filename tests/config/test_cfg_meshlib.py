@@ -79,10 +79,17 @@ def test_service_without_spec_or_endpoints() -> None:
 @pytest.mark.parametrize(
     ("address", "message"),
     [
-        ("10.0.0.1", "host:port"),
+        ("10.0.0.1", "has no port: write host:port, like '10.0.0.1:80'"),
         ("10.0.0.1:0", "1..65535"),
         ("10.0.0.1:70000", "1..65535"),
-        ("::1:80", "brackets"),
+        ("::1:80", "write IPv6 hosts in brackets, like '[::1]:80'"),
+        # a URL where an address goes: each part that does not belong is named
+        ("http://127.0.0.1:9080", "drop the scheme: write host:port, like '127.0.0.1:9080'"),
+        ("https://reviews/api", "drop the scheme: write host:port, like 'reviews:443'"),
+        ("127.0.0.1:9080/api", "has no path ('/api'): write host:port, like '127.0.0.1:9080'"),
+        ("localhost", "has no port: write host:port, like 'localhost:80'"),
+        ("localhost:", "has no port after ':'"),
+        ("reviews:80:90", "has more than one ':'"),
         ("[nothex]:80", "not an IPv6"),
         ("bad_host!:80", "not a valid host"),
     ],

@@ -160,6 +160,11 @@ def test_a_stalled_body_ends_at_the_deadline(caller, make_mesh, body_backend) ->
     assert isinstance(result, meshlib.MeshTimeout), result
     assert result.decision is not None and result.decision.reason == "timeout"
     assert backend.gone.wait(5) and backend.sent == 10
+    said = "\n".join([str(result), *getattr(result, "__notes__", ())])  # the traceback's text
+    assert (
+        f"mesh call to reviews.default failed (timeout) after 1 attempt: 127.0.0.1:{server.port}"
+        " 200; deadline 0.5s; in the response body"
+    ) in said, said
 
 
 def test_an_endless_body_ends_at_the_deadline(caller, make_mesh, body_backend) -> None:

@@ -4,7 +4,9 @@ Every failure the mesh decides raises its MeshError subclass (also the matching 
 carrying ``.reason`` and ``.decision``; ``local_responses=True`` (on the mesh or on one client)
 turns the same failures into sidecar-style responses with the ``x-mesh-reason`` header. A
 failure the upstream caused (connect refused on every try) stays the httpx error, with
-``.decision`` attached. DESIGN.md §5.
+``.decision`` attached, or with ``local_responses`` becomes a 503 like Envoy's UF/UR. Every
+exception that leaves a mesh call says, in a note, which service, which endpoints, how many
+attempts and why. DESIGN.md §5.
 """
 
 from __future__ import annotations
@@ -24,6 +26,26 @@ from e2e.conftest import service_yaml
 from meshlib.errors import REASON_HEADER
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def said(error: BaseException) -> str:
+    """Everything a traceback prints for ``error`` itself: its message and its notes."""
+    return "\n".join([str(error), *getattr(error, "__notes__", ())])
+
+
+def assert_names_the_call(error: BaseException, decision: meshlib.Decision) -> None:
+    """The exception's own text names the service, every endpoint tried, the number of
+    attempts and the reason — once."""
+    text = said(error)
+    assert text.count("mesh call to ") == 1, text
+    assert f"mesh call to {decision.service}" in text, text
+    assert f"({decision.reason})" in text, text
+    n = len(decision.attempts)
+    assert f"after {n} attempt{'' if n == 1 else 's'}" in text, text
+    for attempt in decision.attempts:
+        assert attempt.endpoint in text, text
+    if not decision.attempts:
+        assert "no endpoint tried" in text, text
 
 
 def traffic_policy(spec: str, *, service: str = "reviews") -> str:
@@ -183,6 +205,7 @@ def test_mesh_errors_carry_reason_and_decision(
         assert isinstance(result.__cause__, httpx.ConnectError)
     if name == "timeout":
         assert isinstance(result, httpx.TimeoutException)
+    assert_names_the_call(result, decision)
 
 
 @pytest.mark.parametrize("where", ["mesh", "client"])
@@ -208,6 +231,170 @@ def test_local_responses_answer_like_a_sidecar(
 
 
 # --- failures caused upstream --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_a_refused_connection_names_service_endpoints_attempts_and_reason(
+    caller, make_mesh, refused_ports
+) -> None:
+    ports = refused_ports(2)
+    mesh = make_mesh(service_yaml("ratings", ports))  # unconfigured: 2 retries
+    result = caller.bind(mesh).outcome("GET", "http://ratings/x")
+    assert type(result) is httpx.ConnectError, result  # still the httpx error, nothing else
+    decision = result.decision  # type: ignore[attr-defined]
+    assert len(decision.attempts) == 3
+    assert_names_the_call(result, decision)
+    text = said(result)
+    assert "mesh call to ratings.default failed (connect_failure) after 3 attempts" in text
+    assert {f"127.0.0.1:{p}" for p in ports} <= {a.endpoint for a in decision.attempts}
+
+
+@pytest.mark.timeout(20)
+def test_a_reset_before_the_headers_names_the_call(caller, make_mesh, raw_server_factory) -> None:
+    raw = raw_server_factory("r")
+    raw.set_mode("reset_before_headers")
+    c = caller.bind(make_mesh(service_yaml("ratings", [raw.port])))
+    result = c.outcome("GET", "http://ratings/x")
+    assert isinstance(result, (httpx.ReadError, httpx.RemoteProtocolError)), result
+    assert not isinstance(result, meshlib.MeshError)
+    decision = result.decision  # type: ignore[union-attr]
+    assert decision.reason == "reset"
+    assert_names_the_call(result, decision)
+
+
+@pytest.mark.timeout(20)
+def test_a_reset_in_the_body_names_the_call(caller, make_mesh, raw_server_factory) -> None:
+    """The error leaves from the caller's read of the body, not from the transport."""
+    raw = raw_server_factory("r")
+    raw.set_mode("headers_then_reset")
+    c = caller.bind(make_mesh(service_yaml("ratings", [raw.port])))
+    result = c.outcome("GET", "http://ratings/x")
+    assert isinstance(result, (httpx.ReadError, httpx.RemoteProtocolError)), result
+    decision = result.decision  # type: ignore[union-attr]
+    assert_names_the_call(result, decision)
+    assert "in the response body" in said(result)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("where", ["mesh", "client"])
+def test_local_responses_answer_a_refused_connection_with_503(
+    caller, make_mesh, refused_ports, where
+) -> None:
+    """Envoy answers a connect failure with a local 503 and the UF flag; so does the mesh."""
+    ports = refused_ports(2)
+    mesh = make_mesh(service_yaml("ratings", ports), local_responses=where == "mesh")
+    c = caller.bind(mesh, local_responses=True) if where == "client" else caller.bind(mesh)
+    result = c.outcome("GET", "http://ratings/x")
+    assert isinstance(result, httpx.Response), result
+    assert result.status_code == 503
+    assert result.headers[REASON_HEADER] == "connect_failure"
+    decision = result.extensions["mesh_decision"]
+    assert decision.reason == "connect_failure" and decision.status == 503
+    assert [a.outcome for a in decision.attempts] == ["connect_failure"] * 3
+
+
+@pytest.mark.timeout(20)
+def test_local_responses_answer_a_reset_with_503(caller, make_mesh, raw_server_factory) -> None:
+    raw = raw_server_factory("r")
+    raw.set_mode("reset_before_headers")
+    c = caller.bind(make_mesh(service_yaml("ratings", [raw.port])), local_responses=True)
+    result = c.outcome("GET", "http://ratings/x")
+    assert isinstance(result, httpx.Response), result
+    assert result.status_code == 503
+    assert result.headers[REASON_HEADER] == "reset"
+    assert result.extensions["mesh_decision"].reason == "reset"
+
+
+@pytest.mark.timeout(20)
+def test_local_responses_answer_an_injected_refusal_with_503(
+    caller, make_mesh, echo_factory
+) -> None:
+    a = echo_factory("a")
+    mesh = make_mesh(service_yaml("ratings", [a.port]))
+    mesh.inject_fault("ratings", refuse=True)
+    c = caller.bind(mesh, local_responses=True)
+    result = c.outcome("GET", "http://ratings/x")
+    assert isinstance(result, httpx.Response), result
+    assert (result.status_code, result.headers[REASON_HEADER]) == (503, "connect_failure")
+    assert a.requests == 0
+
+
+@pytest.fixture
+def full_backlog() -> Iterator[int]:
+    """A port whose listen backlog is full: the kernel drops further SYNs, so a connect
+    times out (a real connect timeout, on loopback)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for sock in [*fillers, server]:
+        sock.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("local", [False, True])
+def test_a_connect_timeout_is_a_connect_failure(caller, make_mesh, full_backlog, local) -> None:
+    """Envoy counts a connect timeout as UF, like a refusal: so does the mesh (not "reset")."""
+    mesh = make_mesh(service_yaml("ratings", [full_backlog]))
+    c = caller.bind(mesh, timeout=httpx.Timeout(10, connect=0.2), local_responses=local)
+    result = c.outcome("GET", "http://ratings/x")
+    if local:
+        assert isinstance(result, httpx.Response), result
+        assert (result.status_code, result.headers[REASON_HEADER]) == (503, "connect_failure")
+        decision = result.extensions["mesh_decision"]
+    else:
+        assert type(result) is httpx.ConnectTimeout, result
+        decision = result.decision  # type: ignore[attr-defined]
+        assert_names_the_call(result, decision)
+    assert decision.reason == "connect_failure"
+    assert {a.outcome for a in decision.attempts} == {"connect_failure"}
+
+
+# --- hosts outside the mesh ----------------------------------------------------------------------
+
+TYPO = "ratngs"  # one letter short of "ratings"
+
+
+def resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 80)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(20)
+def test_a_mistyped_mesh_host_that_does_not_resolve_gets_a_hint(
+    caller, make_mesh, refused_ports
+) -> None:
+    if resolves(TYPO):
+        pytest.skip(f"{TYPO!r} resolves on this machine: the name-lookup failure cannot happen")
+    mesh = make_mesh(service_yaml("ratings", refused_ports(1)))  # egress: allow-any (default)
+    result = caller.bind(mesh).outcome("GET", f"http://{TYPO}/x")
+    assert type(result) is httpx.ConnectError, result
+    assert not hasattr(result, "decision")  # not a mesh call: passed through
+    text = said(result)
+    assert f"'{TYPO}' is not a mesh service; did you mean 'ratings'?" in text, text
+    assert text.count("did you mean") == 1
+
+
+@pytest.mark.timeout(20)
+def test_egress_refusal_of_a_mistyped_mesh_host_gets_the_hint(
+    caller, make_mesh, refused_ports
+) -> None:
+    mesh_doc = "---\napiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: mesh}\n"
+    mesh_doc += "spec: {egress: registry-only}\n"
+    mesh = make_mesh(service_yaml("ratings", refused_ports(1)) + mesh_doc)
+    result = caller.bind(mesh).outcome("GET", f"http://{TYPO}/x")
+    assert type(result) is meshlib.AccessDeniedError, result
+    assert "did you mean 'ratings'?" in str(result)
 
 
 def test_connect_failure_after_retries_is_the_httpx_error_with_a_decision(
