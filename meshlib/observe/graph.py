@@ -169,30 +169,86 @@ def _edge(
 
 
 def scrape(urls: Iterable[str], timeout: float = 5.0) -> list[Series]:
-    """Fetch and parse each URL (``http://host:port`` alone means ``/metrics``)."""
+    """Fetch and parse each URL: a metrics URL, or a base URL (``http://host:port``,
+    ``host:port``) meaning its ``/metrics``. Redirects are followed, so an app whose router
+    answers ``/metrics`` with a redirect to ``/metrics/`` (a Starlette ``Mount``) is read."""
     import httpx
 
     out: list[Series] = []
-    with httpx.Client(timeout=timeout) as client:
-        for url in dict.fromkeys(urls):  # the same endpoint twice would count it twice
-            target = metrics_url(url)
+    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+        targets = dict.fromkeys(metrics_url(url) for url in urls)  # each endpoint counted once
+        for target in targets:
             try:
                 response = client.get(target)
-                response.raise_for_status()
             except httpx.HTTPError as exc:
-                raise GraphError(f"{target}: {exc}") from exc
+                raise GraphError(f"{target}: {failure(exc, timeout)}") from exc
+            if response.status_code != 200:
+                raise GraphError(f"{response.url}: HTTP {response.status_code}")
             out.append(parse(response.text, target))
     return out
 
 
 def metrics_url(url: str) -> str:
-    """``url`` with ``/metrics`` as its path when it has none."""
+    """``url`` with ``http://`` when it has no scheme and ``/metrics`` when it has no path."""
     import httpx
 
-    parsed = httpx.URL(url)
+    text = url if "://" in url else f"http://{url}"
+    try:
+        parsed = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise GraphError(f"{url}: not a URL ({exc})") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise GraphError(f"{url}: not an http(s) URL")
-    return str(parsed.copy_with(path="/metrics")) if parsed.path in ("", "/") else url
+    return str(parsed.copy_with(path="/metrics")) if parsed.path in ("", "/") else text
+
+
+def failure(exc: Exception, timeout: float | None = None) -> str:
+    """Why an HTTP request failed, in a few words (no traceback, no documentation link):
+    ``connection refused``, ``no answer within 5s``, ``name not resolved``..."""
+    import httpx
+
+    detail = str(exc).strip()
+    errno = re.match(r"^\[Errno -?\d+\] (.*)$", detail)
+    if errno:
+        detail = errno[1]
+    within = f" within {timeout:g}s" if timeout else ""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"could not connect{within} (timed out)"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer{within}"
+    if isinstance(exc, httpx.ConnectError):
+        lowered = detail.lower()
+        if "refused" in lowered:
+            return "connection refused (nothing listening there?)"
+        if "name or service not known" in lowered or "nodename nor servname" in lowered:
+            return "name not resolved"
+        return f"could not connect: {detail or type(exc).__name__}"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return "too many redirects"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"not an HTTP answer ({detail or 'the server closed the connection'})"
+    return detail.splitlines()[0] if detail else type(exc).__name__
+
+
+def as_dict(graph: Graph) -> dict[str, object]:
+    """The graph as data (``meshctl graph -o json|yaml``; the shape is in docs/cli.md)."""
+    return {
+        "window_seconds": graph.interval,
+        "scraped": graph.sources,
+        "nodes": list(graph.nodes),
+        "edges": [
+            {
+                "source": e.source,
+                "destination": e.destination,
+                "requests": e.requests,
+                "successes": e.successes,
+                "success_rate": None if e.success_rate is None else round(e.success_rate, 6),
+                "rate": None if e.rate is None else round(e.rate, 6),
+                "seen_by": e.seen_by,
+            }
+            for e in graph.edges
+        ],
+    }
 
 
 # --- rendering -----------------------------------------------------------------------------------

@@ -200,15 +200,17 @@ def test_top_counts_exactly_and_meshctl_top_prints_the_table(
         "SOURCE",
         "DESTINATION",
         "ROUTE",
-        "REQS",
-        "RPS",
+        "REQUESTS",
+        "RATE",
         "SUCCESS",
-        "P50_MS",
-        "P99_MS",
+        "P50",
+        "P99",
     ]
     cells = out[1].split()
     assert cells[:5] == ["outbound", "tester.default", "reviews.default", "-", "10"]
-    assert cells[6] == "80.0%"
+    assert cells[5].endswith("/s") and cells[6] == "80.0%"
+    assert cells[7].endswith("ms") and cells[8].endswith("ms")
+    assert out[3].startswith("over the last 60s; SUCCESS: ")
     assert main(["top", server.url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["edges"][0]["requests"] == 10
 
