@@ -319,3 +319,54 @@ def test_svg_edge_labels_sit_beside_their_lines_on_a_background() -> None:
             px, py = x1 + (x2 - x1) * i / 100, y1 + (y2 - y1) * i / 100
             assert not (rx <= px <= rx + rw and ry <= py <= ry + rh), (edge[0].text, i)
     assert lines == 6
+
+
+def test_graph_prints_json_and_yaml_in_the_documented_shape(
+    chain: dict[str, ServerHandle], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import yaml
+
+    _drive(chain, ok=3, fail=1)
+    urls = [chain[n].url for n in ("a", "b")]
+    assert cli.main(["graph", *urls, "-o", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == {
+        "window_seconds": None,
+        "scraped": 2,
+        "nodes": ["a.default", "b.default", "c.default", "unauthenticated"],
+        "edges": [
+            {
+                "source": "a.default",
+                "destination": "b.default",
+                "requests": 4.0,
+                "successes": 3.0,
+                "success_rate": 0.75,
+                "rate": None,
+                "seen_by": "both",
+            },
+            {
+                "source": "b.default",
+                "destination": "c.default",
+                "requests": 4.0,
+                "successes": 3.0,
+                "success_rate": 0.75,
+                "rate": None,
+                "seen_by": "caller",
+            },
+            {
+                "source": "unauthenticated",
+                "destination": "a.default",
+                "requests": 4.0,
+                "successes": 3.0,
+                "success_rate": 0.75,
+                "rate": None,
+                "seen_by": "callee",
+            },
+        ],
+    }
+    assert cli.main(["graph", *urls, "-o", "yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == data
+    assert cli.main(["graph", *urls, "-o", "json", "--format", "svg"]) == 2
+    assert "drop --format" in capsys.readouterr().err
