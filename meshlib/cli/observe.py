@@ -103,7 +103,7 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     return run
 
 
-_NUMBER = re.compile(r"^-?[\d.]+(%|ms|s| \w+)?$")
+_NUMBER = re.compile(r"^-?[\d.]+(%|ms|s|/s| \w+)?$")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
