@@ -145,3 +145,13 @@ def test_meshctl_graph_follows_the_routers_redirect_to_the_mount(
         assert capsys.readouterr().out.startswith("service graph: 0 services")
     (scrape,) = graph.scrape([server.url])
     assert scrape == {}
+
+
+def test_a_starlette_route_serves_it_at_the_exact_path(serve) -> None:
+    """``Route("/metrics", metrics_app())``: an ASGI app (a class instance), not an endpoint
+    function called with a request."""
+    registry = CollectorRegistry()
+    meshlib.Mesh.from_text(POLICY, service="web", registry=registry, watch=False).close()
+    server = serve(Starlette(routes=[Route("/metrics", meshlib.metrics_app(registry))]))
+    response = httpx.get(server.url + "/metrics", timeout=5)
+    assert response.status_code == 200 and "mesh_requests" in response.text
