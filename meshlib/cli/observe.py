@@ -80,7 +80,10 @@ def _get(args: argparse.Namespace, path: str) -> Any:
         raise _Failed(f"{args.url}: not a URL ({exc})") from exc
     if response.status_code != 200:
         raise _Failed(f"{url}: HTTP {response.status_code}: {_first_line(response.text)}")
-    return response.json()
+    try:
+        return response.json()
+    except ValueError:
+        raise _Failed(f"{url}: not an admin app (the answer is not JSON)") from None
 
 
 def _first_line(text: str) -> str:

@@ -387,3 +387,17 @@ def test_an_admin_error_is_one_line_naming_the_url(make_mesh, serve_admin, capsy
     assert capsys.readouterr().err == (
         "meshctl graph: http://127.0.0.1:1/metrics: connection refused (nothing listening there?)\n"
     )
+
+
+def test_status_pointed_at_something_else_says_so_on_one_line(capsys) -> None:
+    """A metrics endpoint answers 200 with text: not an admin app, and no traceback."""
+    from harness.server import run_uvicorn
+
+    server = run_uvicorn(meshlib.metrics_app(), name="not-admin")
+    try:
+        assert main(["status", f"127.0.0.1:{server.port}"]) == 1
+        assert capsys.readouterr().err == (
+            f"meshctl status: {server.url}/status: not an admin app (the answer is not JSON)\n"
+        )
+    finally:
+        server.stop()
