@@ -2,9 +2,12 @@
 
 ``status``, ``tap`` and ``top`` read one service's admin app (:mod:`meshlib.observe.admin`);
 ``graph`` scrapes several services' ``/metrics`` (:mod:`meshlib.observe.graph`). These verbs
-talk to live processes over HTTP (httpx) while the others read files.
-Every verb prints a readable table or lines by default and the admin app's JSON with
-``--json``. Exit status: 0 ok, 1 the admin app could not be reached or answered an error.
+talk to live processes over HTTP (httpx) while the others read files. A URL may omit its
+scheme (``127.0.0.1:9901`` means ``http://127.0.0.1:9901``).
+Every verb prints a readable table or lines by default and ``-o json|yaml`` prints the data
+(the shapes are in docs/cli.md, pinned by tests/observe/test_admin.py and test_graph.py).
+Exit status: 0 ok, 1 a service could not be reached or answered an error (one line on stderr
+naming the URL).
 """
 
 from __future__ import annotations
@@ -22,20 +25,70 @@ import httpx
 from meshlib.cli.command import EXIT_INVALID, EXIT_OK, Registrar, Subparsers, UsageError
 
 EXIT_FAILED = EXIT_INVALID  # the admin app could not be reached or answered an error
+OUTPUTS = ("text", "json", "yaml")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", metavar="URL", help="the admin app, e.g. http://127.0.0.1:9901")
-    p.add_argument("--json", action="store_true", help="print the admin app's JSON")
+    p.add_argument(
+        "url", metavar="URL", help="the admin app, e.g. http://127.0.0.1:9901 or 127.0.0.1:9901"
+    )
+    _add_output(p)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
 
 
+def _add_output(p: argparse.ArgumentParser) -> None:
+    # Defined here, not shared with the file verbs: these print documents read over HTTP.
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=OUTPUTS,
+        default="text",
+        help="text (default), or the data as json or yaml",
+    )
+    p.add_argument(
+        "--json",
+        dest="output",
+        action="store_const",
+        const="json",
+        help="the same as -o json",
+    )
+
+
+def dump(data: Any, output: str) -> str:
+    """``data`` as ``output`` (json: indented; yaml: block style, keys in their order)."""
+    if output == "yaml":
+        import yaml
+
+        return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).rstrip("\n")
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def base_url(url: str) -> str:
+    """``url`` with ``http://`` when it has no scheme, without a trailing slash."""
+    return (url if "://" in url else f"http://{url}").rstrip("/")
+
+
 def _get(args: argparse.Namespace, path: str) -> Any:
-    url = args.url.rstrip("/") + path
-    response = httpx.get(url, timeout=args.timeout)
+    from meshlib.observe.graph import failure
+
+    url = base_url(args.url) + path
+    try:
+        response = httpx.get(url, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        raise _Failed(f"{url}: {failure(exc, args.timeout)}") from exc
+    except ValueError as exc:  # httpx.InvalidURL and the like
+        raise _Failed(f"{args.url}: not a URL ({exc})") from exc
     if response.status_code != 200:
-        raise _Failed(f"{url}: HTTP {response.status_code}: {response.text.strip()}")
-    return response.json()
+        raise _Failed(f"{url}: HTTP {response.status_code}: {_first_line(response.text)}")
+    try:
+        return response.json()
+    except ValueError:
+        raise _Failed(f"{url}: not an admin app (the answer is not JSON)") from None
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else "(empty body)"
 
 
 class _Failed(Exception):
@@ -46,18 +99,18 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (_Failed, httpx.HTTPError) as exc:
+        except _Failed as exc:
             print(f"meshctl {args.verb}: {exc}", file=sys.stderr)
             return EXIT_FAILED
 
     return run
 
 
-_NUMBER = re.compile(r"^-?[\d.]+%?$")
+_NUMBER = re.compile(r"^-?[\d.]+(%|ms|s|/s| \w+)?$")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Left-aligned text columns, numbers right-aligned."""
+    """Left-aligned text columns, numbers (with or without their unit) right-aligned."""
     cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     numeric = [
@@ -73,9 +126,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def _when(stamp: float | None) -> str:
-    if not stamp:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(stamp))
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(stamp)) if stamp else "never"
 
 
 # --- status ------------------------------------------------------------------------------------
@@ -94,21 +145,33 @@ def _add_status(sub: Subparsers) -> None:
 def _cmd_status(args: argparse.Namespace) -> int:
     status = _get(args, "/status")
     dests = _get(args, "/endpoints")
-    if args.json:
-        print(json.dumps({"status": status, "endpoints": dests}, indent=2))
+    if args.output != "text":
+        print(dump({"status": status, "endpoints": dests}, args.output))
         return EXIT_OK
     print(format_status(status, dests))
     return EXIT_OK
 
 
+#: What the endpoint table's columns mean, printed under it.
+STATUS_NOTE = (
+    "LATENCY: peak-EWMA latency of the endpoint, which the balancer compares (decays when idle)\n"
+    "INFLIGHT, REQUESTS: attempts on the endpoint now, and since the process started\n"
+    "RETRY_BUDGET: retries the destination may send now (budget ratio and floor)"
+)
+
+
 def format_status(status: dict[str, Any], dests: dict[str, Any]) -> str:
     snap = status["snapshot"]
     reload = status["reload"]
+    if not reload["at"]:
+        last = "never (the policy in force was loaded at start)"
+    else:
+        last = f"{'ok' if reload['ok'] else 'REJECTED'} at {_when(reload['at'])}"
     lines = [
         f"service:      {status['service']}",
         f"config:       version {snap['version']}  digest {snap['digest'][:12]}  "
-        f"files {', '.join(snap['files'])}",
-        f"last reload:  {'ok' if reload['ok'] else 'REJECTED'} at {_when(reload['at'])}",
+        f"files {', '.join(snap['files']) or '(text)'}",
+        f"last reload:  {last}",
     ]
     rejected = status.get("last_rejected")
     if rejected:
@@ -122,23 +185,26 @@ def format_status(status: dict[str, Any], dests: dict[str, Any]) -> str:
     lines.append(f"access log:   {access['format'] if access else 'off'}")
     rows = []
     for dest in dests["destinations"]:
+        budget = dest["retry_budget"]
         for ep in dest["endpoints"]:
-            health = "healthy" if ep["healthy"] else f"ejected {ep['ejected_for_seconds']}s"
+            health = "healthy" if ep["healthy"] else f"ejected {ep['ejected_for_seconds']:g}s"
             rows.append(
                 (
                     dest["destination"],
                     ep["address"],
                     health,
-                    ep["ewma_ms"],
+                    f"{ep['ewma_ms']:.3f}ms",
                     ep["in_flight"],
                     ep["requests"],
                     dest["breaker"],
-                    dest["retry_budget"],
+                    f"{budget:g} retr{'y' if budget == 1 else 'ies'}",
                 )
             )
     if rows:
-        headers = ("DESTINATION", "ENDPOINT", "HEALTH", "EWMA_MS", "INFLIGHT", "REQS")
-        lines += ["", table((*headers, "BREAKER", "BUDGET"), rows)]
+        headers = ("DESTINATION", "ENDPOINT", "HEALTH", "LATENCY", "INFLIGHT", "REQUESTS")
+        lines += ["", table((*headers, "BREAKER", "RETRY_BUDGET"), rows), "", STATUS_NOTE]
+    else:
+        lines.append("endpoints:    none called yet")
     return "\n".join(lines)
 
 
@@ -163,25 +229,31 @@ def _add_tap(sub: Subparsers) -> None:
 
 def _cmd_tap(args: argparse.Namespace) -> int:
     from meshlib.observe.events import CallEvent
+    from meshlib.observe.graph import failure
 
     params: dict[str, str] = {"limit": str(args.limit), "seconds": str(args.seconds)}
     for key in ("destination", "route", "direction"):
         if getattr(args, key):
             params[key] = getattr(args, key)
-    url = args.url.rstrip("/") + "/tap"
+    url = base_url(args.url) + "/tap"
     timeout = httpx.Timeout(args.timeout, read=args.seconds + args.timeout)
-    with httpx.stream("GET", url, params=params, timeout=timeout) as response:
-        if response.status_code != 200:
-            response.read()
-            raise _Failed(f"{url}: HTTP {response.status_code}: {response.text.strip()}")
-        for line in response.iter_lines():
-            if not line:
-                continue
-            if args.json:
-                print(line)
-            else:
-                print(CallEvent.from_dict(json.loads(line)).text())
-            sys.stdout.flush()
+    try:
+        with httpx.stream("GET", url, params=params, timeout=timeout) as response:
+            if response.status_code != 200:
+                response.read()
+                raise _Failed(f"{url}: HTTP {response.status_code}: {_first_line(response.text)}")
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                if args.output == "json":
+                    print(line)  # NDJSON: one event per line, as the admin app sends it
+                elif args.output == "yaml":
+                    print("---\n" + dump(json.loads(line), "yaml"))
+                else:
+                    print(CallEvent.from_dict(json.loads(line)).text())
+                sys.stdout.flush()
+    except httpx.HTTPError as exc:
+        raise _Failed(f"{url}: {failure(exc, args.timeout)}") from exc
     return EXIT_OK
 
 
@@ -201,14 +273,15 @@ def _add_top(sub: Subparsers) -> None:
 
 def _cmd_top(args: argparse.Namespace) -> int:
     top = _get(args, "/top")
-    if args.json:
-        print(json.dumps(top, indent=2))
+    if args.output != "text":
+        print(dump(top, args.output))
         return EXIT_OK
     print(format_top(top))
     return EXIT_OK
 
 
 def format_top(top: dict[str, Any]) -> str:
+    window = top["window_seconds"]
     rows = [
         (
             e["direction"],
@@ -216,17 +289,21 @@ def format_top(top: dict[str, Any]) -> str:
             e["destination"],
             e["route"] or "-",
             e["requests"],
-            f"{e['rate']:.2f}",
+            f"{e['rate']:.2f}/s",
             f"{e['success_rate'] * 100:.1f}%",
-            e["p50_ms"],
-            e["p99_ms"],
+            f"{e['p50_ms']:.3f}ms",
+            f"{e['p99_ms']:.3f}ms",
         )
         for e in top["edges"]
     ]
     if not rows:
-        return f"no calls in the last {top['window_seconds']:g}s"
-    headers = ("DIRECTION", "SOURCE", "DESTINATION", "ROUTE", "REQS", "RPS", "SUCCESS")
-    return table((*headers, "P50_MS", "P99_MS"), rows)
+        return f"no calls in the last {window:g}s"
+    headers = ("DIRECTION", "SOURCE", "DESTINATION", "ROUTE", "REQUESTS", "RATE", "SUCCESS")
+    note = (
+        f"over the last {window:g}s; SUCCESS: not refused or failed by the mesh and not 5xx; "
+        "P50, P99: latency percentiles"
+    )
+    return table((*headers, "P50", "P99"), rows) + "\n\n" + note
 
 
 # --- graph -------------------------------------------------------------------------------------
@@ -236,12 +313,16 @@ def _add_graph(sub: Subparsers) -> None:
     p = sub.add_parser(
         "graph",
         help="who calls whom, from the metrics of several services",
-        description="Scrape each URL's /metrics (mesh_requests_total) and print the service "
-        "graph: edges with requests and success rate. Two scrapes --interval seconds apart "
-        "give rates; otherwise totals since each process started.",
+        description="Scrape each URL's metrics (mesh_requests_total) and print the service "
+        "graph: edges with requests and success rate. A URL is a service's metrics URL or its "
+        "base URL (/metrics is implied; redirects are followed). Two scrapes --interval "
+        "seconds apart give rates; otherwise totals since each process started.",
     )
-    p.add_argument("urls", nargs="+", metavar="URL", help="a service's metrics URL")
+    p.add_argument(
+        "urls", nargs="+", metavar="URL", help="a service's metrics URL or base URL (host:port)"
+    )
     p.add_argument("--format", choices=("text", "svg", "html"), default="text")
+    _add_output(p)
     p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     p.add_argument("--interval", type=float, default=0.0, metavar="SECONDS")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
@@ -249,12 +330,12 @@ def _add_graph(sub: Subparsers) -> None:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    import time
-
     from meshlib.observe import graph
 
     if args.interval < 0 or args.timeout <= 0:
         raise UsageError("--interval must be >= 0 and --timeout > 0")
+    if args.format != "text" and args.output != "text":
+        raise UsageError(f"-o {args.output} prints the text format's data; drop --format")
     try:
         scrapes = graph.scrape(args.urls, args.timeout)
         interval = None
@@ -266,7 +347,11 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     except graph.GraphError as exc:
         print(f"meshctl graph: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    output = graph.RENDERERS[args.format](graph.build(scrapes, interval))
+    built = graph.build(scrapes, interval)
+    if args.output != "text":
+        output = dump(graph.as_dict(built), args.output) + "\n"
+    else:
+        output = graph.RENDERERS[args.format](built)
     if args.out:
         try:
             with open(args.out, "w", encoding="utf-8") as f:

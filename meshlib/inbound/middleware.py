@@ -297,8 +297,9 @@ class MeshMiddleware:
         finally:
             inbound_deadline.reset(token)
             reason = Reason.UPSTREAM_ERROR if status >= 500 else Reason.OK
-            route = route_template(app_scope) if "route" in app_scope else ""
-            self._record(source, status, reason, start, app_scope, route)
+            if UNCOUNTED not in app_scope:  # a scrape of the metrics or admin app is no traffic
+                route = route_template(app_scope) if "route" in app_scope else ""
+                self._record(source, status, reason, start, app_scope, route)
 
     async def _authenticate(
         self,
@@ -491,6 +492,13 @@ def _normalized(scope: Scope, path: str) -> Scope:
         return scope  # unnormalisable paths are denied by the authorization step
     raw = quote(normal, safe="/:@!$&'()*+,;=-._~").encode("ascii")
     return {**scope, "path": normal, "raw_path": raw}
+
+
+#: The scope key an app sets in the scope it was given to say "this request is not traffic":
+#: meshlib's metrics and admin apps do, so a scrape that reaches them through this middleware
+#: (FastAPI's ``add_middleware`` wraps the mounts too) is left out of the metrics and the call
+#: events (tap, top, access log, graph). Read like ``scope["route"]``, once the app returns.
+UNCOUNTED = "meshlib.uncounted"
 
 
 def route_template(scope: Scope) -> str:

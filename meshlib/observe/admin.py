@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
+from meshlib.inbound.middleware import UNCOUNTED
 from meshlib.observe.asgi import Receive, Scope, Send, answer_lifespan
 from meshlib.observe.events import CallEvent, Observed, attach, detach
 from meshlib.observe.tap import DROP_NEWEST, Predicate, Tap
@@ -127,7 +128,8 @@ class AdminApp:
             return
         if scope["type"] != "http":
             return
-        path = scope.get("path", "")
+        scope[UNCOUNTED] = "admin"  # behind MeshMiddleware, a look at the admin app is no traffic
+        path = _own_path(scope)
         if scope.get("method") not in ("GET", "HEAD"):
             await _json(send, 405, {"error": "the admin app is read-only: GET only"})
             return
@@ -332,6 +334,16 @@ def _predicate(query: dict[str, list[str]]) -> Predicate | None:
         return True
 
     return match
+
+
+def _own_path(scope: Scope) -> str:
+    """The path below the app's mount point (Starlette's ``Mount`` keeps the full path in
+    ``path`` and the mount point in ``root_path``), without a trailing slash."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path.rstrip("/") or "/"
 
 
 async def _json(send: Send, status_code: int, body: Any) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from meshlib.inbound.middleware import UNCOUNTED
 from meshlib.observe.asgi import Receive, Scope, Send, answer_lifespan
 
 if TYPE_CHECKING:
@@ -22,25 +23,58 @@ if TYPE_CHECKING:
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
-    """An ASGI app answering every HTTP request with the registry's metrics.
+def metrics_app(
+    registry: CollectorRegistry | None = None, *, app: ASGIApp | None = None, path: str = "/metrics"
+) -> MetricsApp:
+    """The registry's metrics as an ASGI app (see :class:`MetricsApp`).
 
-    The Prometheus text format by default, OpenMetrics when the scraper asks for it in
-    ``Accept`` (as Prometheus does), gzip when ``Accept-Encoding`` allows it. Mount it in the
-    application (``Mount("/metrics", metrics_app())`` in Starlette, ``app.mount(...)`` in
-    FastAPI) or serve it alone; it answers lifespan events so a server can run it bare.
+    Alone (``app=None``) it answers every HTTP request with the metrics: mount it
+    (``Mount("/metrics", metrics_app())`` in Starlette, ``app.mount(...)`` in FastAPI; both then
+    answer at ``/metrics/``, the router redirecting ``/metrics`` there or handing it to a
+    sibling route) or serve it bare. In front of an application (``metrics_app(app=api)``)
+    it answers ``path`` and ``path/`` itself and passes every other request on, so scrapes
+    never reach the application's middleware and ``/metrics`` needs no redirect.
     """
-    from prometheus_client import REGISTRY, make_asgi_app
+    return MetricsApp(app, registry=registry, path=path)
 
-    exposition = make_asgi_app(registry if registry is not None else REGISTRY)
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await exposition(scope, receive, send)
+class MetricsApp:
+    """The Prometheus text format by default, OpenMetrics when the scraper asks for it in
+    ``Accept`` (as Prometheus does), gzip when ``Accept-Encoding`` allows it.
+
+    Requests it answers are marked in the scope (:data:`UNCOUNTED`): when it is mounted behind
+    ``MeshMiddleware`` (FastAPI's ``add_middleware`` wraps the mounts too) the middleware
+    leaves the scrape out of metrics, the tap and top. A class, not a function, so that
+    Starlette's ``Route("/metrics", ...)`` treats it as an ASGI app, and so that
+    ``add_middleware(MetricsApp)`` puts it in front of an application.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        path: str = "/metrics",
+    ) -> None:
+        from prometheus_client import REGISTRY, make_asgi_app
+
+        if not path.startswith("/"):
+            raise ValueError(f"the metrics path must start with '/', not {path!r}")
+        self.app = app
+        self.path = path.rstrip("/") or "/"
+        self._paths = {self.path, self.path.rstrip("/") + "/"}
+        self._exposition = make_asgi_app(registry if registry is not None else REGISTRY)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is not None and (
+            scope["type"] != "http" or scope.get("path", "") not in self._paths
+        ):
+            await self.app(scope, receive, send)  # the application's own paths and lifespan
+        elif scope["type"] == "http":
+            scope[UNCOUNTED] = "metrics"
+            await self._exposition(scope, receive, send)
         elif scope["type"] == "lifespan":
             await answer_lifespan(receive, send)
-
-    return app
 
 
 class MetricsServer:

@@ -169,30 +169,86 @@ def _edge(
 
 
 def scrape(urls: Iterable[str], timeout: float = 5.0) -> list[Series]:
-    """Fetch and parse each URL (``http://host:port`` alone means ``/metrics``)."""
+    """Fetch and parse each URL: a metrics URL, or a base URL (``http://host:port``,
+    ``host:port``) meaning its ``/metrics``. Redirects are followed, so an app whose router
+    answers ``/metrics`` with a redirect to ``/metrics/`` (a Starlette ``Mount``) is read."""
     import httpx
 
     out: list[Series] = []
-    with httpx.Client(timeout=timeout) as client:
-        for url in dict.fromkeys(urls):  # the same endpoint twice would count it twice
-            target = metrics_url(url)
+    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+        targets = dict.fromkeys(metrics_url(url) for url in urls)  # each endpoint counted once
+        for target in targets:
             try:
                 response = client.get(target)
-                response.raise_for_status()
             except httpx.HTTPError as exc:
-                raise GraphError(f"{target}: {exc}") from exc
+                raise GraphError(f"{target}: {failure(exc, timeout)}") from exc
+            if response.status_code != 200:
+                raise GraphError(f"{response.url}: HTTP {response.status_code}")
             out.append(parse(response.text, target))
     return out
 
 
 def metrics_url(url: str) -> str:
-    """``url`` with ``/metrics`` as its path when it has none."""
+    """``url`` with ``http://`` when it has no scheme and ``/metrics`` when it has no path."""
     import httpx
 
-    parsed = httpx.URL(url)
+    text = url if "://" in url else f"http://{url}"
+    try:
+        parsed = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise GraphError(f"{url}: not a URL ({exc})") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise GraphError(f"{url}: not an http(s) URL")
-    return str(parsed.copy_with(path="/metrics")) if parsed.path in ("", "/") else url
+    return str(parsed.copy_with(path="/metrics")) if parsed.path in ("", "/") else text
+
+
+def failure(exc: Exception, timeout: float | None = None) -> str:
+    """Why an HTTP request failed, in a few words (no traceback, no documentation link):
+    ``connection refused``, ``no answer within 5s``, ``name not resolved``..."""
+    import httpx
+
+    detail = str(exc).strip()
+    errno = re.match(r"^\[Errno -?\d+\] (.*)$", detail)
+    if errno:
+        detail = errno[1]
+    within = f" within {timeout:g}s" if timeout else ""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"could not connect{within} (timed out)"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer{within}"
+    if isinstance(exc, httpx.ConnectError):
+        lowered = detail.lower()
+        if "refused" in lowered:
+            return "connection refused (nothing listening there?)"
+        if "name or service not known" in lowered or "nodename nor servname" in lowered:
+            return "name not resolved"
+        return f"could not connect: {detail or type(exc).__name__}"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return "too many redirects"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"not an HTTP answer ({detail or 'the server closed the connection'})"
+    return detail.splitlines()[0] if detail else type(exc).__name__
+
+
+def as_dict(graph: Graph) -> dict[str, object]:
+    """The graph as data (``meshctl graph -o json|yaml``; the shape is in docs/cli.md)."""
+    return {
+        "window_seconds": graph.interval,
+        "scraped": graph.sources,
+        "nodes": list(graph.nodes),
+        "edges": [
+            {
+                "source": e.source,
+                "destination": e.destination,
+                "requests": e.requests,
+                "successes": e.successes,
+                "success_rate": None if e.success_rate is None else round(e.success_rate, 6),
+                "rate": None if e.rate is None else round(e.rate, 6),
+                "seen_by": e.seen_by,
+            }
+            for e in graph.edges
+        ],
+    }
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -262,10 +318,20 @@ def _adjacent(graph: Graph, reverse: bool = False) -> dict[str, list[str]]:
     return out
 
 
-_COL, _ROW, _MARGIN, _RADIUS = 260, 120, 90, 34
+_COL, _ROW, _RADIUS = 260, 120, 34
+_PAD = 16  # blank border around the drawing
+_FONT = 12  # px; text widths are estimated from it (no font metrics without a renderer)
+_CHAR = 0.62  # average glyph advance of a sans-serif face, in em
+_LABEL_H = 16  # height of an edge label's background
+_GAP = 4  # between a line and its label's background
+
+
+def _text_width(text: str, size: float = _FONT) -> float:
+    return len(text) * size * _CHAR
 
 
 def _positions(graph: Graph) -> dict[str, tuple[float, float]]:
+    """Node centres: one column per layer, each column centred on the tallest one."""
     columns: dict[int, list[str]] = defaultdict(list)
     for node, column in sorted(_layers(graph).items(), key=lambda kv: (kv[1], kv[0])):
         columns[column].append(node)
@@ -274,68 +340,176 @@ def _positions(graph: Graph) -> dict[str, tuple[float, float]]:
     for column, nodes in columns.items():
         offset = (tallest - len(nodes)) * _ROW / 2
         for row, node in enumerate(nodes):
-            pos[node] = (_MARGIN + column * _COL, _MARGIN + offset + row * _ROW)
+            pos[node] = (column * _COL, offset + row * _ROW)
     return pos
+
+
+#: Success-rate bands: (lowest rate, colour, legend text), best first.
+_BANDS = (
+    (0.99, "#2e7d32", "≥ 99% success"),
+    (0.95, "#ef6c00", "95–99% success"),
+    (0.0, "#c62828", "< 95% success"),
+)
 
 
 def _color(edge: Edge) -> str:
     rate = edge.success_rate
-    if rate is None or rate >= 0.99:
-        return "#2e7d32"
-    return "#ef6c00" if rate >= 0.95 else "#c62828"
+    if rate is None:
+        return _BANDS[0][1]
+    return next(color for low, color, _ in _BANDS if rate >= low)
+
+
+class _Box:
+    """The bounding box of what has been drawn, so the canvas fits the content."""
+
+    def __init__(self) -> None:
+        self.x0 = self.y0 = math.inf
+        self.x1 = self.y1 = -math.inf
+
+    def add(self, x0: float, y0: float, x1: float, y1: float) -> None:
+        self.x0, self.y0 = min(self.x0, x0), min(self.y0, y0)
+        self.x1, self.y1 = max(self.x1, x1), max(self.y1, y1)
+
+    def text(self, x: float, y: float, text: str, anchor: str, size: float = _FONT) -> None:
+        """A text at baseline ``y``: its box, from ``x`` by ``anchor``."""
+        width = _text_width(text, size)
+        left = {"start": x, "middle": x - width / 2, "end": x - width}[anchor]
+        self.add(left, y - size, left + width, y + size * 0.3)
+
+
+def window_text(graph: Graph) -> str:
+    """What the numbers cover: a rate window or totals since start."""
+    if graph.interval:
+        return f"rates over {graph.interval:g}s (two scrapes {graph.interval:g}s apart)"
+    return "totals since each process started"
 
 
 def render_svg(graph: Graph) -> str:
-    """A standalone SVG: services as circles in columns from the entry points, calls as
-    arrows coloured by success rate (green ≥ 99%, orange ≥ 95%, red below) and labelled with
-    requests (or rate) and success."""
+    """A standalone SVG: a title and the window the numbers cover; services as circles in
+    columns from the entry points; calls as arrows coloured by success rate, each labelled
+    (requests or requests per second, and success rate) beside its line on a background;
+    a legend for the colours and labels. The canvas is the drawing's bounding box."""
     pos = _positions(graph)
-    width = max((x for x, _ in pos.values()), default=0) + 2 * _MARGIN
-    height = max((y for _, y in pos.values()), default=0) + 2 * _MARGIN
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="12">',
-        "<title>meshlib service graph</title>",
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" '
-        'markerHeight="8" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
-        'fill="context-stroke"/></marker></defs>',
-    ]
+    box = _Box()
+    body: list[str] = []
+    reciprocal = {(e.source, e.destination) for e in graph.edges}
     for edge in graph.edges:
-        parts.append(_svg_edge(edge, pos))
+        two_way = (edge.destination, edge.source) in reciprocal
+        body.append(_svg_edge(edge, pos, box, two_way))
     for node, (x, y) in sorted(pos.items()):
-        parts.append(
+        box.add(x - _RADIUS, y - _RADIUS, x + _RADIUS, y + _RADIUS)
+        box.text(x, y + _RADIUS + 16, node, "middle")
+        body.append(
             f'<g class="node"><circle cx="{x:.1f}" cy="{y:.1f}" r="{_RADIUS}" fill="#e3f2fd" '
             f'stroke="#1565c0" stroke-width="2"/><text x="{x:.1f}" y="{y + _RADIUS + 16:.1f}" '
             f'text-anchor="middle">{escape(node)}</text></g>'
         )
-    parts.append("</svg>")
+    if not pos:
+        box.add(0, 0, 0, 0)
+    # the title above the drawing, the legend below it, both from its left edge
+    left, top = box.x0, box.y0
+    title = "meshlib service graph"
+    subtitle = (
+        f"{len(graph.nodes)} services, {len(graph.edges)} edges, {graph.sources} scraped · "
+        f"{window_text(graph)}"
+    )
+    head = [
+        f'<text class="title" x="{left:.1f}" y="{top - 30:.1f}" font-size="16" '
+        f'font-weight="bold">{escape(title)}</text>',
+        f'<text class="window" x="{left:.1f}" y="{top - 12:.1f}" fill="#555">'
+        f"{escape(subtitle)}</text>",
+    ]
+    box.text(left, top - 30, title, "start", 16)
+    box.text(left, top - 12, subtitle, "start")
+    body = head + body + [_legend(graph, left, box.y1 + 24, box)]
+    x0, y0 = box.x0 - _PAD, box.y0 - _PAD
+    width, height = box.x1 - box.x0 + 2 * _PAD, box.y1 - box.y0 + 2 * _PAD
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="{x0:.1f} {y0:.1f} {width:.1f} {height:.1f}" font-family="sans-serif" '
+        f'font-size="{_FONT}">',
+        f"<title>{escape(title)}: {escape(subtitle)}</title>",
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" '
+        'markerHeight="8" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
+        'fill="context-stroke"/></marker></defs>',
+        f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{width:.1f}" height="{height:.1f}" fill="white"/>',
+        *body,
+        "</svg>",
+    ]
     return "\n".join(parts) + "\n"
 
 
-def _svg_edge(edge: Edge, pos: Mapping[str, tuple[float, float]]) -> str:
+def _legend(graph: Graph, x: float, y: float, box: _Box) -> str:
+    """The colours' meaning in one row, then what a label says, from (``x``, ``y``)."""
+    items = []
+    cx = x
+    for _, color, text in _BANDS:
+        items.append(
+            f'<line x1="{cx:.1f}" y1="{y - 4:.1f}" x2="{cx + 24:.1f}" y2="{y - 4:.1f}" '
+            f'stroke="{color}" stroke-width="3"/>'
+            f'<text x="{cx + 30:.1f}" y="{y:.1f}">{escape(text)}</text>'
+        )
+        box.text(cx + 30, y, text, "start")
+        cx += 30 + _text_width(text) + 20
+    amount = "requests per second" if graph.interval else "requests"
+    note = f"edge label: {amount} · success rate (not 5xx, not failed); hover an edge for details"
+    items.append(f'<text x="{x:.1f}" y="{y + 20:.1f}" fill="#555">{escape(note)}</text>')
+    box.text(x, y + 20, note, "start")
+    return f'<g class="legend">{"".join(items)}</g>'
+
+
+def _label(x: float, y: float, text: str, color: str, box: _Box) -> str:
+    """``text`` centred on (``x``, ``y``) over a white rounded background."""
+    width = _text_width(text) + 8
+    box.add(x - width / 2, y - _LABEL_H / 2, x + width / 2, y + _LABEL_H / 2)
+    return (
+        f'<g class="label"><rect x="{x - width / 2:.1f}" y="{y - _LABEL_H / 2:.1f}" '
+        f'width="{width:.1f}" height="{_LABEL_H}" rx="3" fill="white" fill-opacity="0.9" '
+        f'stroke="{color}" stroke-width="0.5"/><text x="{x:.1f}" y="{y + _FONT * 0.35:.1f}" '
+        f'text-anchor="middle" fill="{color}">{escape(text)}</text></g>'
+    )
+
+
+def _svg_edge(edge: Edge, pos: Mapping[str, tuple[float, float]], box: _Box, two_way: bool) -> str:
     (x1, y1), (x2, y2) = pos[edge.source], pos[edge.destination]
     color = _color(edge)
-    amount = f"{edge.rate:.2f} rps" if edge.rate is not None else f"{_count(edge.requests)} req"
-    label = escape(f"{amount} · {_success(edge)}")
-    title = escape(f"{edge.source} → {edge.destination}: {amount}, {_success(edge)} success")
+    amount = f"{edge.rate:.2f} req/s" if edge.rate is not None else f"{_count(edge.requests)} req"
+    label = f"{amount} · {_success(edge)}"
+    title = escape(
+        f"{edge.source} → {edge.destination}: {amount}, {_success(edge)} success, "
+        f"seen by {edge.seen_by}"
+    )
     if (x1, y1) == (x2, y2):  # a service calling itself: a loop above the node
         top = y1 - _RADIUS
+        box.add(x1 - 40, top - 60, x1 + 40, top)
         return (
             f'<g class="edge"><title>{title}</title><path d="M{x1 - 12:.1f},{top:.1f} '
             f'C{x1 - 40:.1f},{top - 60:.1f} {x1 + 40:.1f},{top - 60:.1f} {x1 + 12:.1f},{top:.1f}" '
             f'fill="none" stroke="{color}" stroke-width="2" marker-end="url(#arrow)"/>'
-            f'<text x="{x1:.1f}" y="{top - 50:.1f}" text-anchor="middle">{label}</text></g>'
+            f"{_label(x1, top - 55 - _LABEL_H / 2, label, color, box)}</g>"
         )
     length = math.hypot(x2 - x1, y2 - y1)
     ux, uy = (x2 - x1) / length, (y2 - y1) / length
-    sx, sy = x1 + ux * _RADIUS, y1 + uy * _RADIUS
-    ex, ey = x2 - ux * (_RADIUS + 2), y2 - uy * (_RADIUS + 2)
-    mx, my = (sx + ex) / 2 - uy * 10, (sy + ey) / 2 + ux * 10 - 4
+    # A call each way keeps each label on the left of its own direction of travel; a one-way
+    # edge's label goes on the outer side of a fan (below a line going down, above one going
+    # up or level, right of a vertical one), away from its siblings' labels.
+    nx, ny = uy, -ux
+    if not two_way:
+        outward = ny * uy > 0 if uy else ny < 0
+        if not outward and not (ny == 0 and nx > 0):
+            nx, ny = -nx, -ny
+    shift = 5.0 if two_way else 0.0  # a call each way: two lines side by side, not one
+    sx, sy = x1 + ux * _RADIUS + nx * shift, y1 + uy * _RADIUS + ny * shift
+    ex, ey = x2 - ux * (_RADIUS + 2) + nx * shift, y2 - uy * (_RADIUS + 2) + ny * shift
+    # the label's centre: far enough along the normal that its box clears the line
+    width = _text_width(label) + 8
+    clear = abs(nx) * width / 2 + abs(ny) * _LABEL_H / 2 + _GAP
+    lx, ly = (sx + ex) / 2 + nx * clear, (sy + ey) / 2 + ny * clear
+    box.add(min(sx, ex), min(sy, ey), max(sx, ex), max(sy, ey))
     return (
         f'<g class="edge"><title>{title}</title><line x1="{sx:.1f}" y1="{sy:.1f}" '
         f'x2="{ex:.1f}" y2="{ey:.1f}" stroke="{color}" stroke-width="2" '
-        f'marker-end="url(#arrow)"/><text x="{mx:.1f}" y="{my:.1f}" text-anchor="middle" '
-        f'fill="{color}">{label}</text></g>'
+        f'marker-end="url(#arrow)"/>{_label(lx, ly, label, color, box)}</g>'
     )
 
 

@@ -235,15 +235,17 @@ def test_top_counts_exactly_and_meshctl_top_prints_the_table(
         "SOURCE",
         "DESTINATION",
         "ROUTE",
-        "REQS",
-        "RPS",
+        "REQUESTS",
+        "RATE",
         "SUCCESS",
-        "P50_MS",
-        "P99_MS",
+        "P50",
+        "P99",
     ]
     cells = out[1].split()
     assert cells[:5] == ["outbound", "tester.default", "reviews.default", "-", "10"]
-    assert cells[6] == "80.0%"
+    assert cells[5].endswith("/s") and cells[6] == "80.0%"
+    assert cells[7].endswith("ms") and cells[8].endswith("ms")
+    assert out[3].startswith("over the last 60s; SUCCESS: ")
     assert main(["top", server.url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["edges"][0]["requests"] == 10
 
@@ -268,3 +270,169 @@ def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         done.wait(0.005)
     return predicate()
+
+
+# --- the verbs' output and URLs (issue 10 items 8, 11, 12) --------------------------------------
+
+STATUS_KEYS = {"service", "snapshot", "reload", "last_rejected", "mtls", "access_log", "svid"}
+DESTINATION_KEYS = {
+    "destination",
+    "in_flight",
+    "breaker",
+    "retry_budget",
+    "panic",
+    "ejections",
+    "endpoints",
+}
+ENDPOINT_KEYS = {
+    "address",
+    "weight",
+    "healthy",
+    "ejected_until",
+    "ejected_for_seconds",
+    "times_ejected",
+    "consecutive_failures",
+    "ewma_ms",
+    "in_flight",
+    "requests",
+}
+TOP_EDGE_KEYS = {
+    "direction",
+    "source",
+    "destination",
+    "route",
+    "requests",
+    "successes",
+    "success_rate",
+    "rate",
+    "p50_ms",
+    "p99_ms",
+}
+
+
+def test_status_says_never_and_puts_units_on_its_numbers(
+    make_mesh, echo_factory, serve_admin, capsys
+) -> None:
+    backend = echo_factory("reviews")
+    mesh = make_mesh(service_yaml("reviews", [backend.port]) + NO_RETRIES)
+    server = serve_admin(mesh)
+    with mesh.client() as client:
+        client.get("http://reviews/x")
+    assert main(["status", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "last reload:  never (the policy in force was loaded at start)" in out
+    assert "ok at -" not in out and " at -" not in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("DESTINATION"))
+    assert header.split() == [
+        "DESTINATION",
+        "ENDPOINT",
+        "HEALTH",
+        "LATENCY",
+        "INFLIGHT",
+        "REQUESTS",
+        "BREAKER",
+        "RETRY_BUDGET",
+    ]
+    row = lines[lines.index(header) + 1].split()
+    assert row[:3] == ["reviews.default", f"127.0.0.1:{backend.port}", "healthy"]
+    assert row[3].endswith("ms") and float(row[3][:-2]) > 0
+    assert row[4:7] == ["0", "1", "closed"] and row[8] in ("retry", "retries")
+    assert "LATENCY: peak-EWMA latency of the endpoint" in out
+    assert "RETRY_BUDGET: retries the destination may send now" in out
+
+
+def test_status_top_and_tap_print_json_and_yaml_in_documented_shapes(
+    make_mesh, echo_factory, serve_admin, capsys
+) -> None:
+    import yaml
+
+    backend = echo_factory("reviews")
+    mesh = make_mesh(service_yaml("reviews", [backend.port]) + NO_RETRIES)
+    server = serve_admin(mesh)
+    with mesh.client() as client:
+        client.get("http://reviews/x")
+
+    assert main(["status", server.url, "-o", "json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert set(status) == {"status", "endpoints"}
+    assert set(status["status"]) == STATUS_KEYS
+    (dest,) = status["endpoints"]["destinations"]
+    assert set(dest) == DESTINATION_KEYS and set(dest["endpoints"][0]) == ENDPOINT_KEYS
+    assert main(["status", server.url, "-o", "yaml"]) == 0
+    as_yaml = yaml.safe_load(capsys.readouterr().out)
+    assert set(as_yaml) == {"status", "endpoints"}
+    assert as_yaml["status"]["snapshot"] == status["status"]["snapshot"]
+
+    assert main(["top", server.url, "-o", "json"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    assert set(top) == {"window_seconds", "edges"} and top["window_seconds"] == 60.0
+    assert set(top["edges"][0]) == TOP_EDGE_KEYS
+    assert main(["top", server.url, "--output", "yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["edges"][0]["requests"] == 1
+
+    assert main(["tap", server.url, "--limit", "1", "-o", "yaml"]) == 0
+    (event,) = [e for e in yaml.safe_load_all(capsys.readouterr().out) if e]
+    assert event["path"] == "/x" and event["direction"] == "outbound"
+
+
+def test_admin_urls_without_a_scheme(make_mesh, echo_factory, serve_admin, capsys) -> None:
+    backend = echo_factory("reviews")
+    mesh = make_mesh(service_yaml("reviews", [backend.port]) + NO_RETRIES)
+    server = serve_admin(mesh)
+    with mesh.client() as client:
+        client.get("http://reviews/x")
+    bare = f"127.0.0.1:{server.port}"
+    assert main(["status", bare]) == 0
+    assert "service:      tester.default" in capsys.readouterr().out
+    assert main(["top", bare + "/"]) == 0
+    assert "reviews.default" in capsys.readouterr().out
+    assert main(["tap", bare, "--limit", "1", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == "/x"
+
+
+def test_meshctl_status_names_the_url_and_the_reason_on_one_line() -> None:
+    """The real CLI, as a user runs it: one line on stderr, no traceback."""
+    import subprocess
+    import sys
+
+    for url in ("http://127.0.0.1:1", "127.0.0.1:1"):
+        done = subprocess.run(
+            [sys.executable, "-m", "meshlib.cli", "status", url, "--timeout", "2"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr == (
+            "meshctl status: http://127.0.0.1:1/status: connection refused "
+            "(nothing listening there?)\n"
+        )
+
+
+def test_an_admin_error_is_one_line_naming_the_url(make_mesh, serve_admin, capsys) -> None:
+    server = serve_admin(make_mesh(service_yaml("reviews", [9])))
+    # the admin app has no /metrics: graph names the URL and the status, nothing more
+    assert main(["graph", server.url]) == 1
+    err = capsys.readouterr().err
+    assert err == f"meshctl graph: {server.url}/metrics: HTTP 404\n"
+    assert main(["graph", f"127.0.0.1:{server.port}/nope", "--timeout", "2"]) == 1
+    assert capsys.readouterr().err == f"meshctl graph: {server.url}/nope: HTTP 404\n"
+    assert main(["graph", "127.0.0.1:1", "--timeout", "2"]) == 1
+    assert capsys.readouterr().err == (
+        "meshctl graph: http://127.0.0.1:1/metrics: connection refused (nothing listening there?)\n"
+    )
+
+
+def test_status_pointed_at_something_else_says_so_on_one_line(capsys) -> None:
+    """A metrics endpoint answers 200 with text: not an admin app, and no traceback."""
+    from harness.server import run_uvicorn
+
+    server = run_uvicorn(meshlib.metrics_app(), name="not-admin")
+    try:
+        assert main(["status", f"127.0.0.1:{server.port}"]) == 1
+        assert capsys.readouterr().err == (
+            f"meshctl status: {server.url}/status: not an admin app (the answer is not JSON)\n"
+        )
+    finally:
+        server.stop()

@@ -109,7 +109,7 @@ def test_graph_svg_and_html_files(chain: dict[str, ServerHandle], tmp_path: Path
     names = {t.text for g in root.iter(f"{SVG}g") if g.get("class") == "node" for t in g}
     assert names >= {"a.default", "b.default", "c.default", "unauthenticated"}
     titles = [t.text for g in root.iter(f"{SVG}g") if g.get("class") == "edge" for t in g]
-    assert "a.default → b.default: 3 req, 100.0% success" in titles
+    assert "a.default → b.default: 3 req, 100.0% success, seen by both" in titles
     assert cli.main(["graph", *urls, "--format", "html", "--out", str(html_file)]) == 0
     page = html_file.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "b.default" in page
@@ -220,3 +220,153 @@ def test_empty_graph_renders() -> None:
     g = graph.build([])
     assert "(no mesh_requests_total series found)" in graph.render_text(g)
     ET.fromstring(graph.render_svg(g))
+
+
+# --- the SVG's layout (issue 10 item 14) --------------------------------------------------------
+
+
+def _bookinfo(interval: float | None = None) -> graph.Graph:
+    def series(*rows: tuple[str, str, str, str, float]) -> graph.Series:
+        return {(d, s, t, c): v for d, s, t, c, v in rows}
+
+    productpage = series(
+        ("outbound", "productpage.default", "reviews-v1.default", "200", 480),
+        ("outbound", "productpage.default", "reviews-v1.default", "503", 20),
+        ("outbound", "productpage.default", "reviews-v2.default", "200", 500),
+        ("outbound", "productpage.default", "details.default", "200", 1000),
+        ("inbound", "unauthenticated", "productpage.default", "200", 1000),
+    )
+    reviews = series(
+        ("outbound", "reviews-v2.default", "ratings.default", "200", 450),
+        ("outbound", "reviews-v2.default", "ratings.default", "500", 50),
+        ("outbound", "ratings.default", "reviews-v2.default", "200", 7),
+        ("outbound", "details.default", "details.default", "200", 5),
+    )
+    return graph.build([productpage, reviews], interval)
+
+
+def _svg(g: graph.Graph) -> ET.Element:
+    return ET.fromstring(graph.render_svg(g))
+
+
+def _texts(element: ET.Element) -> list[str]:
+    return [t.text or "" for t in element.iter(f"{SVG}text")]
+
+
+def test_svg_has_a_title_with_the_window_and_a_legend_for_the_colours() -> None:
+    root = _svg(_bookinfo())
+    (title,) = [t for t in root.iter(f"{SVG}text") if t.get("class") == "title"]
+    assert title.text == "meshlib service graph"
+    (window,) = [t for t in root.iter(f"{SVG}text") if t.get("class") == "window"]
+    assert window.text == ("6 services, 7 edges, 2 scraped · totals since each process started")
+    (legend,) = [g for g in root.iter(f"{SVG}g") if g.get("class") == "legend"]
+    texts = _texts(legend)
+    assert texts[:3] == ["≥ 99% success", "95–99% success", "< 95% success"]
+    assert texts[3].startswith("edge label: requests · success rate")
+    colours = [line.get("stroke") for line in legend.iter(f"{SVG}line")]
+    edge_colours = {
+        line.get("stroke")
+        for g in root.iter(f"{SVG}g")
+        if g.get("class") == "edge"
+        for line in [*g.iter(f"{SVG}line"), *g.iter(f"{SVG}path")]
+    }
+    assert edge_colours == set(colours)  # green, orange and red all drawn, all explained
+
+    rates = _svg(_bookinfo(interval=10.0))
+    (window,) = [t for t in rates.iter(f"{SVG}text") if t.get("class") == "window"]
+    assert window.text is not None and window.text.endswith(
+        "rates over 10s (two scrapes 10s apart)"
+    )
+    assert "50.00 req/s · 90.0%" in _texts(rates)
+
+
+def test_svg_canvas_fits_the_drawing() -> None:
+    """No blank third: the viewBox ends a padding past the outermost nodes and texts."""
+    root = _svg(_bookinfo())
+    x0, y0, width, height = (float(v) for v in (root.get("viewBox") or "").split())
+    circles = [
+        (float(c.get("cx") or 0), float(c.get("cy") or 0), float(c.get("r") or 0))
+        for c in root.iter(f"{SVG}circle")
+    ]
+    left = min(cx - r for cx, _, r in circles)
+    right = max(cx + r for cx, _, r in circles)
+    top = min(cy - r for _, cy, r in circles)
+    bottom = max(cy + r for _, cy, r in circles)
+    assert x0 <= left and right <= x0 + width and y0 <= top and bottom <= y0 + height
+    # beyond the circles: half a node name (at most ~80 px) and the padding across; above,
+    # the self-loop, its label and the title; below, a node name and the legend's two lines
+    assert left - x0 <= 100 and x0 + width - right <= 100
+    assert top - y0 <= 180 and y0 + height - bottom <= 110
+    assert (root.get("width"), root.get("height")) == (f"{width:.0f}", f"{height:.0f}")
+
+
+def test_svg_edge_labels_sit_beside_their_lines_on_a_background() -> None:
+    root = _svg(_bookinfo())
+    edges = [g for g in root.iter(f"{SVG}g") if g.get("class") == "edge"]
+    lines = 0
+    for edge in edges:
+        (label,) = [g for g in edge if g.get("class") == "label"]
+        rect = label.find(f"{SVG}rect")
+        assert rect is not None and rect.get("fill") == "white"
+        rx, ry = float(rect.get("x") or 0), float(rect.get("y") or 0)
+        rw, rh = float(rect.get("width") or 0), float(rect.get("height") or 0)
+        line = edge.find(f"{SVG}line")
+        if line is None:
+            continue  # the self-loop: a path, its label above it
+        lines += 1
+        x1, y1, x2, y2 = (float(line.get(k) or 0) for k in ("x1", "y1", "x2", "y2"))
+        for i in range(101):  # no point of the line (its midpoint included) under the label
+            px, py = x1 + (x2 - x1) * i / 100, y1 + (y2 - y1) * i / 100
+            assert not (rx <= px <= rx + rw and ry <= py <= ry + rh), (edge[0].text, i)
+    assert lines == 6
+
+
+def test_graph_prints_json_and_yaml_in_the_documented_shape(
+    chain: dict[str, ServerHandle], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import yaml
+
+    _drive(chain, ok=3, fail=1)
+    urls = [chain[n].url for n in ("a", "b")]
+    assert cli.main(["graph", *urls, "-o", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == {
+        "window_seconds": None,
+        "scraped": 2,
+        "nodes": ["a.default", "b.default", "c.default", "unauthenticated"],
+        "edges": [
+            {
+                "source": "a.default",
+                "destination": "b.default",
+                "requests": 4.0,
+                "successes": 3.0,
+                "success_rate": 0.75,
+                "rate": None,
+                "seen_by": "both",
+            },
+            {
+                "source": "b.default",
+                "destination": "c.default",
+                "requests": 4.0,
+                "successes": 3.0,
+                "success_rate": 0.75,
+                "rate": None,
+                "seen_by": "caller",
+            },
+            {
+                "source": "unauthenticated",
+                "destination": "a.default",
+                "requests": 4.0,
+                "successes": 3.0,
+                "success_rate": 0.75,
+                "rate": None,
+                "seen_by": "callee",
+            },
+        ],
+    }
+    assert cli.main(["graph", *urls, "-o", "yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == data
+    assert cli.main(["graph", *urls, "-o", "json", "--format", "svg"]) == 2
+    assert "drop --format" in capsys.readouterr().err
