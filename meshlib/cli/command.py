@@ -32,8 +32,9 @@ class UsageError(Exception):
     """A problem with the command line rather than with the policy (exit status 2)."""
 
 
-def add_output_option(parser: argparse.ArgumentParser) -> None:
-    """Give a verb that prints results ``-o/--output text|json|yaml`` (default text)."""
+def add_output_option(parser: argparse.ArgumentParser, *, json_alias: bool = False) -> None:
+    """Give a verb that prints results ``-o/--output text|json|yaml`` (default text); with
+    ``json_alias`` also ``--json`` (the observe verbs had it before ``-o``)."""
     parser.add_argument(
         "-o",
         "--output",
@@ -41,18 +42,26 @@ def add_output_option(parser: argparse.ArgumentParser) -> None:
         default="text",
         help="text (default), or one json/yaml document with the keys docs/cli.md lists",
     )
+    if json_alias:
+        parser.add_argument(
+            "--json", dest="output", action="store_const", const="json", help="the same as -o json"
+        )
+
+
+def format_document(document: Any, output: str) -> str:
+    """One result document as JSON (indented by 2, UTF-8 kept) or YAML (block style, keys in
+    the order given), without a final newline."""
+    if output == "json":
+        return json.dumps(document, indent=2, ensure_ascii=False)
+    if output == "yaml":
+        import yaml  # only when asked: most runs print text
+
+        text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=1 << 20)
+        return str(text).rstrip("\n")
+    raise ValueError(f"not a document format: {output!r}")
 
 
 def print_document(document: Mapping[str, Any], output: str, out: TextIO | None = None) -> None:
-    """Print one result document as JSON (indented by 2) or YAML, keys in the order given."""
+    """Print one result document as JSON or YAML (:func:`format_document`)."""
     stream = out if out is not None else sys.stdout
-    if output == "json":
-        stream.write(json.dumps(document, indent=2) + "\n")
-    elif output == "yaml":
-        import yaml  # only when asked: most runs print text
-
-        stream.write(
-            yaml.safe_dump(dict(document), sort_keys=False, allow_unicode=True, width=1 << 20)
-        )
-    else:  # pragma: no cover - a verb prints its own text
-        raise ValueError(f"not a document format: {output!r}")
+    stream.write(format_document(dict(document), output) + "\n")

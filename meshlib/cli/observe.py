@@ -22,45 +22,25 @@ from typing import Any
 
 import httpx
 
-from meshlib.cli.command import EXIT_INVALID, EXIT_OK, Registrar, Subparsers, UsageError
+from meshlib.cli.command import (
+    EXIT_INVALID,
+    EXIT_OK,
+    Registrar,
+    Subparsers,
+    UsageError,
+    add_output_option,
+    format_document,
+)
 
 EXIT_FAILED = EXIT_INVALID  # the admin app could not be reached or answered an error
-OUTPUTS = ("text", "json", "yaml")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "url", metavar="URL", help="the admin app, e.g. http://127.0.0.1:9901 or 127.0.0.1:9901"
     )
-    _add_output(p)
+    add_output_option(p, json_alias=True)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
-
-
-def _add_output(p: argparse.ArgumentParser) -> None:
-    # Defined here, not shared with the file verbs: these print documents read over HTTP.
-    p.add_argument(
-        "-o",
-        "--output",
-        choices=OUTPUTS,
-        default="text",
-        help="text (default), or the data as json or yaml",
-    )
-    p.add_argument(
-        "--json",
-        dest="output",
-        action="store_const",
-        const="json",
-        help="the same as -o json",
-    )
-
-
-def dump(data: Any, output: str) -> str:
-    """``data`` as ``output`` (json: indented; yaml: block style, keys in their order)."""
-    if output == "yaml":
-        import yaml
-
-        return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True)).rstrip("\n")
-    return json.dumps(data, indent=2, ensure_ascii=False)
 
 
 def base_url(url: str) -> str:
@@ -146,7 +126,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     status = _get(args, "/status")
     dests = _get(args, "/endpoints")
     if args.output != "text":
-        print(dump({"status": status, "endpoints": dests}, args.output))
+        print(format_document({"status": status, "endpoints": dests}, args.output))
         return EXIT_OK
     print(format_status(status, dests))
     return EXIT_OK
@@ -248,7 +228,7 @@ def _cmd_tap(args: argparse.Namespace) -> int:
                 if args.output == "json":
                     print(line)  # NDJSON: one event per line, as the admin app sends it
                 elif args.output == "yaml":
-                    print("---\n" + dump(json.loads(line), "yaml"))
+                    print("---\n" + format_document(json.loads(line), "yaml"))
                 else:
                     print(CallEvent.from_dict(json.loads(line)).text())
                 sys.stdout.flush()
@@ -274,7 +254,7 @@ def _add_top(sub: Subparsers) -> None:
 def _cmd_top(args: argparse.Namespace) -> int:
     top = _get(args, "/top")
     if args.output != "text":
-        print(dump(top, args.output))
+        print(format_document(top, args.output))
         return EXIT_OK
     print(format_top(top))
     return EXIT_OK
@@ -322,7 +302,7 @@ def _add_graph(sub: Subparsers) -> None:
         "urls", nargs="+", metavar="URL", help="a service's metrics URL or base URL (host:port)"
     )
     p.add_argument("--format", choices=("text", "svg", "html"), default="text")
-    _add_output(p)
+    add_output_option(p, json_alias=True)
     p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     p.add_argument("--interval", type=float, default=0.0, metavar="SECONDS")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
@@ -349,7 +329,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     built = graph.build(scrapes, interval)
     if args.output != "text":
-        output = dump(graph.as_dict(built), args.output) + "\n"
+        output = format_document(graph.as_dict(built), args.output) + "\n"
     else:
         output = graph.RENDERERS[args.format](built)
     if args.out:
