@@ -129,6 +129,8 @@ class Mesh:
 
             self.metrics = MeshMetrics.for_registry(registry)
         self.local_responses = local_responses
+        #: Retries wait no backoff (:func:`meshlib.testing.instant_retries` sets it in tests).
+        self.instant_backoff = False
         from meshlib.observe.tracing import Tracing  # OpenTelemetry's API loads with the first mesh
 
         self.tracing = Tracing(tracer_provider, lambda: self._router.snapshot.mesh, clock, seed)
@@ -334,8 +336,9 @@ class Mesh:
     ) -> FaultHandle:
         """Add a fault for calls to ``service`` until the handle is removed."""
         key = service if "." in service else f"{service}.{self.namespace}"
-        if key not in self._router.services:
-            raise ValueError(f"unknown service {service!r}")
+        services = self._router.services
+        if key not in services:
+            raise ValueError(_unknown_service(service, self.namespace, services))
         rule = FaultRule(
             name=f"runtime-{next(_versions)}",
             namespace=key.split(".", 1)[1],
@@ -530,6 +533,17 @@ def _client_args(kwargs: dict[str, Any], inner: Mapping[str, Any]) -> dict[str, 
     if "trust_env" in inner:
         kwargs["trust_env"] = inner["trust_env"]
     return kwargs
+
+
+def _unknown_service(service: str, namespace: str, services: Mapping[str, object]) -> str:
+    """``unknown service 'ratingz' (did you mean 'ratings'?); known services: ...``: names in
+    the mesh's own namespace are shown short, as a test would write them."""
+    from meshlib.config.checker import suggest  # the policy file's did-you-mean; loads YAML
+
+    suffix = f".{namespace}"
+    known = sorted(k.removesuffix(suffix) if k.endswith(suffix) else k for k in services)
+    listed = ", ".join(known) if known else "none (the policy declares no Service)"
+    return f"unknown service {service!r}{suggest(service, known)}; known services: {listed}"
 
 
 def _file_digest(path: Path) -> str | None:
