@@ -168,6 +168,15 @@ _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 
 
+def test_quickstart_lists_every_runtime_dependency() -> None:
+    from importlib.metadata import requires
+
+    runtime = [r for r in requires("meshlib") or [] if "extra ==" not in r]
+    names = sorted(re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in runtime)
+    table = re.findall(r"^\| ([\w.-]+) \|", (ROOT / "docs" / "quickstart.md").read_text(), re.M)
+    assert names and sorted(n.lower() for n in table[1:]) == names  # table[0]: the header row
+
+
 def test_every_feature_has_a_page() -> None:
     pages = sorted(p.stem for p in (ROOT / "docs" / "features").glob("*.md"))
     assert pages == sorted(FEATURES)
