@@ -1,4 +1,5 @@
-"""pytest plugin (entry point ``pytest11``): fault injection into mesh calls for one test.
+"""pytest plugin (entry point ``pytest11``): fault injection into mesh calls for one test, and
+retries without backoff waits.
 
 A test asks for the ``mesh_faults`` fixture and says what should go wrong; the faults apply
 to calls made through the mesh for the duration of that test only, then vanish::
@@ -9,9 +10,15 @@ to calls made through the mesh for the duration of that test only, then vanish::
         mesh_faults.refuse("details")
         ...
 
-The mesh is the test's own ``mesh`` fixture when it has one, or any mesh passed explicitly
-(``mesh_faults.abort("ratings", status=503, mesh=other_mesh)``). Nothing here is global:
-faults live on the mesh object and are removed at teardown. See docs/testing.md.
+The mesh is the test's own ``mesh`` fixture when it has one (another name with the ini option
+``meshlib_mesh_fixture = my_mesh``), or any mesh passed explicitly
+(``mesh_faults.abort("ratings", status=503, mesh=other_mesh)``).
+
+``instant_retries(mesh)`` (a context manager) and the ``mesh_instant_retries`` fixture make a
+mesh's retries wait no backoff: the same attempts, no sleeps between them.
+
+Nothing here is global: faults and the instant switch live on the mesh object and are undone at
+teardown. See docs/testing.md.
 """
 
 from __future__ import annotations
