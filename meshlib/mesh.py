@@ -588,8 +588,15 @@ def _unknown_service(service: str, namespace: str, services: Mapping[str, object
 
     suffix = f".{namespace}"
     known = sorted(k.removesuffix(suffix) if k.endswith(suffix) else k for k in services)
-    listed = ", ".join(known) if known else "none (the policy declares no Service)"
-    return f"unknown service {service!r}{suggest(service, known)}; known services: {listed}"
+    hint = suggest(service, known) or suggest(service, sorted(services))  # "ratingz.shop" too
+    listed = ", ".join(known[:_LISTED]) if known else "none (the policy declares no Service)"
+    if len(known) > _LISTED:
+        listed += f", ... ({len(known) - _LISTED} more)"
+    return f"unknown service {service!r}{hint}; known services: {listed}"
+
+
+#: Known services named in an unknown-service error; a large mesh gets a count for the rest.
+_LISTED = 20
 
 
 def _file_digest(path: Path) -> str | None:

@@ -272,10 +272,14 @@ def test_unknown_service_names_the_known_ones(pytester: pytest.Pytester) -> None
             with pytest.raises(ValueError) as info:
                 mesh_faults.refuse("zzz")
             assert str(info.value) == "unknown service 'zzz'; known services: ratings, reviews"
+
+        def test_qualified_typo(mesh_faults):
+            with pytest.raises(ValueError, match="did you mean 'reviews.default'"):
+                mesh_faults.delay("reviewz.default", 1.0)
         """
     )
     result = pytester.runpytest(*ARGS)
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
 
 #: A project whose mesh fixture is not called ``mesh``: it names it in its ini file.
@@ -416,3 +420,21 @@ def test_instant_retries_make_backoff_zero_and_keep_every_attempt(
     pytester.makepyfile(test_retries=RETRIES)
     result = pytester.runpytest(*ARGS, "-v")
     result.assert_outcomes(passed=5)
+
+
+def test_a_large_mesh_lists_twenty_services_and_counts_the_rest() -> None:
+    from prometheus_client import CollectorRegistry
+
+    import meshlib
+
+    text = "---\n".join(
+        f"apiVersion: meshlib/v1\nkind: Service\nmetadata: {{name: svc{i:02d}}}\nspec: {{}}\n"
+        for i in range(25)
+    )
+    with (
+        meshlib.Mesh.from_text(text, service="t", registry=CollectorRegistry()) as mesh,
+        pytest.raises(ValueError) as info,
+    ):
+        mesh.inject_fault("other", abort=503)
+    listed = ", ".join(f"svc{i:02d}" for i in range(20))
+    assert str(info.value) == f"unknown service 'other'; known services: {listed}, ... (5 more)"
