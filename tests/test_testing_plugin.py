@@ -8,17 +8,31 @@ real uvicorn echo backend through a mesh, and the outer test checks their outcom
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 import pytest
 
-# pytester's in-process runs restore sys.modules afterwards, so a module first imported by an
-# inner run is imported afresh by the next one; PyYAML's C loader keeps the node classes of its
-# first import and a fresh `yaml` no longer recognises them. Importing the policy loader (and
-# YAML with it) here puts both in the snapshot that every inner run starts from.
-import meshlib.config.loader  # noqa: F401
-
 pytest_plugins = ["pytester"]
+
+
+def _import_every_meshlib_module() -> None:
+    """pytester's in-process runs restore sys.modules afterwards, so a module first imported by
+    an inner run (meshlib loads YAML, metrics, tracing... lazily) is imported afresh by the next
+    one or by a later test, and then holds other copies of classes and enums than the modules
+    that imported it before: PyYAML's C loader stops recognising a fresh ``yaml``'s nodes, and
+    the call sequence stops recognising a fresh module's enum members (a refused connection no
+    longer retried, in tests/e2e run after this file). Importing all of meshlib here puts every
+    module, and what it imports, in the snapshot each inner run starts from and returns to."""
+    import meshlib
+
+    for module in pkgutil.walk_packages(meshlib.__path__, "meshlib."):
+        if not module.name.endswith(".__main__"):  # that one runs the CLI
+            importlib.import_module(module.name)
+
+
+_import_every_meshlib_module()
 
 pytestmark = pytest.mark.timeout(60)
 
