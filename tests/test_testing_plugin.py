@@ -337,8 +337,21 @@ def test_a_missing_mesh_fixture_says_how_to_name_one(pytester: pytest.Pytester) 
             )
         """
     )
+    pytester.makepyfile(
+        test_not_a_mesh="""
+        import pytest
+
+        @pytest.fixture
+        def mesh():
+            return 42
+
+        def test_not_a_mesh(mesh, mesh_faults):
+            with pytest.raises(LookupError, match="fixture 'mesh' gives int, not a meshlib.Mesh"):
+                mesh_faults.abort("ratings")
+        """
+    )
     result = pytester.runpytest(*ARGS)
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
     help_text = pytester.runpytest(*ARGS, "--help")
     help_text.stdout.fnmatch_lines(
         ["*meshlib_mesh_fixture (string):*", "*name of the fixture that gives the test's*"]
