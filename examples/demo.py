@@ -51,7 +51,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 import uvicorn
@@ -356,8 +356,7 @@ async def productpage(
                 record = Record("productpage", decision, False, time.perf_counter() - start)
             recorder.add(record)
 
-    # On a terminal the progress line redraws in place; piped, it is written once a second.
-    interval = 0.25 if sys.stdout.isatty() else 1.0
+    line = ProgressLine(sys.stdout)
 
     async def progress() -> None:
         while True:
@@ -365,21 +364,42 @@ async def productpage(
             elapsed = time.monotonic() - started
             ok = sum(r.ok for r in calls)
             rate = 100.0 * ok / len(calls) if calls else 100.0
-            print(
-                f"\r  {min(elapsed, duration):5.1f}s/{duration:g}s  calls {len(calls):6d}"
-                f"  success {rate:6.2f}%  {len(calls) / max(elapsed, 1e-9):6.1f} rps",
-                end="",
-                flush=True,
+            line.show(
+                f"  {min(elapsed, duration):5.1f}s/{duration:g}s  calls {len(calls):6d}"
+                f"  success {rate:6.2f}%  {len(calls) / max(elapsed, 1e-9):6.1f} rps"
             )
             if elapsed >= duration:
                 return
-            await asyncio.sleep(interval)
+            await asyncio.sleep(line.interval)
 
     async with mesh.async_client() as client:
         reporter = asyncio.create_task(progress())
         await asyncio.gather(*(worker(n, client) for n in range(concurrency)))
         await reporter
-    print()
+    line.end()
+
+
+class ProgressLine:
+    """A status line: on a terminal it redraws in place (``\\r``) four times a second; piped
+    to a file or another program, where a carriage return would garble the text, each update
+    is a line of its own, once a second."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.redraw = stream.isatty()
+        self.interval = 0.25 if self.redraw else 1.0
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        self.stream.write(f"\r{text}" if self.redraw else f"{text}\n")
+        self.stream.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        """End the line redrawn in place (piped, every update already ended its line)."""
+        if self.redraw and self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 # --- intruders -----------------------------------------------------------------------------------

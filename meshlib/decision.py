@@ -24,6 +24,7 @@ class AttemptRecord:
     error: str | None = None
     duration: float = 0.0
     hedge: bool = False  # started as a hedge (backup request)
+    backoff: float = 0.0  # seconds waited after this attempt before the retry (0: none)
 
 
 @dataclass(slots=True)
@@ -62,6 +63,7 @@ class Decision:
                     "error": a.error,
                     "duration": round(a.duration, 6),
                     "hedge": a.hedge,
+                    "backoff": round(a.backoff, 6),
                 }
                 for a in self.attempts
             ],

@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import httpx
 
@@ -41,8 +41,22 @@ from meshlib.outbound.transport import (
 from meshlib.policy.routing import Router
 
 if TYPE_CHECKING:
+    import ssl
+
+    # httpx's own names for its argument types: exact for every supported httpx version, and
+    # read by the type checker only (nothing imports httpx._types at run time).
+    from httpx._types import (
+        AuthTypes,
+        CertTypes,
+        CookieTypes,
+        HeaderTypes,
+        ProxyTypes,
+        QueryParamTypes,
+        TimeoutTypes,
+    )
     from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
     from meshlib.identity.renewal import Issuer, RenewalMetrics, Renewer
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
@@ -69,6 +83,34 @@ class ReloadStatus:
     error: ConfigError | None = None
     digest: str | None = None  # sha256 of the rejected (or applied) content
     at: float = 0.0  # wall-clock time of the attempt
+
+
+class ClientOptions(TypedDict, total=False):
+    """The keyword arguments of :meth:`Mesh.client` and :meth:`Mesh.async_client`: those of
+    ``httpx.Client``/``httpx.AsyncClient`` except ``transport`` and ``mounts`` (the mesh is
+    the transport), plus the inner transport's ``retries`` and the mesh's ``local_responses``.
+    A TypedDict, so IDEs and mypy see every name and type while the values reach httpx as
+    given (an omitted one keeps httpx's default)."""
+
+    auth: AuthTypes | None
+    params: QueryParamTypes | None
+    headers: HeaderTypes | None
+    cookies: CookieTypes | None
+    verify: ssl.SSLContext | str | bool
+    cert: CertTypes | None
+    trust_env: bool
+    http1: bool
+    http2: bool
+    proxy: ProxyTypes | None
+    timeout: TimeoutTypes
+    follow_redirects: bool
+    limits: httpx.Limits
+    max_redirects: int
+    event_hooks: Mapping[str, list[Callable[..., Any]]] | None
+    base_url: httpx.URL | str
+    default_encoding: str | Callable[[bytes], str]
+    retries: int  # connect retries of the inner httpx transport (below the mesh's own)
+    local_responses: bool  # mesh failures as local responses (default: the mesh's setting)
 
 
 class FaultHandle:
@@ -129,6 +171,8 @@ class Mesh:
 
             self.metrics = MeshMetrics.for_registry(registry)
         self.local_responses = local_responses
+        #: Retries wait no backoff (:func:`meshlib.testing.instant_retries` sets it in tests).
+        self.instant_backoff = False
         from meshlib.observe.tracing import Tracing  # OpenTelemetry's API loads with the first mesh
 
         self.tracing = Tracing(tracer_provider, lambda: self._router.snapshot.mesh, clock, seed)
@@ -299,11 +343,13 @@ class Mesh:
         kwargs.setdefault("local_responses", self.local_responses)
         return AsyncMeshTransport(self, **kwargs)
 
-    def client(self, **kwargs: Any) -> httpx.Client:
+    def client(self, **options: Unpack[ClientOptions]) -> MeshClient:
         """An ``httpx.Client`` calling through the mesh: a ``MeshClient``, which tells the mesh
-        which calls are streamed (their deadline ends at the headers). TLS (verify, cert), pool
+        which calls are streamed (their deadline ends at the headers). ``options`` are
+        ``httpx.Client``'s keyword arguments (:class:`ClientOptions`). TLS (verify, cert), pool
         limits, http1/http2 and trust_env go to the inner transport, where httpx would
         otherwise drop them; everything else (timeout, headers, base_url, ...) to the client."""
+        kwargs: dict[str, Any] = dict(options)
         inner = {k: kwargs.pop(k) for k in _TRANSPORT_ARGS if k in kwargs}
         local = kwargs.pop("local_responses", self.local_responses)
         return MeshClient(
@@ -311,7 +357,9 @@ class Mesh:
             **_client_args(kwargs, inner),
         )
 
-    def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
+    def async_client(self, **options: Unpack[ClientOptions]) -> AsyncMeshClient:
+        """An ``httpx.AsyncClient`` calling through the mesh; see :meth:`client`."""
+        kwargs: dict[str, Any] = dict(options)
         inner = {k: kwargs.pop(k) for k in _TRANSPORT_ARGS if k in kwargs}
         local = kwargs.pop("local_responses", self.local_responses)
         return AsyncMeshClient(
@@ -334,8 +382,9 @@ class Mesh:
     ) -> FaultHandle:
         """Add a fault for calls to ``service`` until the handle is removed."""
         key = service if "." in service else f"{service}.{self.namespace}"
-        if key not in self._router.services:
-            raise ValueError(f"unknown service {service!r}")
+        services = self._router.services
+        if key not in services:
+            raise ValueError(_unknown_service(service, self.namespace, services))
         rule = FaultRule(
             name=f"runtime-{next(_versions)}",
             namespace=key.split(".", 1)[1],
@@ -530,6 +579,24 @@ def _client_args(kwargs: dict[str, Any], inner: Mapping[str, Any]) -> dict[str, 
     if "trust_env" in inner:
         kwargs["trust_env"] = inner["trust_env"]
     return kwargs
+
+
+def _unknown_service(service: str, namespace: str, services: Mapping[str, object]) -> str:
+    """``unknown service 'ratingz' (did you mean 'ratings'?); known services: ...``: names in
+    the mesh's own namespace are shown short, as a test would write them."""
+    from meshlib.config.checker import suggest  # the policy file's did-you-mean; loads YAML
+
+    suffix = f".{namespace}"
+    known = sorted(k.removesuffix(suffix) if k.endswith(suffix) else k for k in services)
+    hint = suggest(service, known) or suggest(service, sorted(services))  # "ratingz.shop" too
+    listed = ", ".join(known[:_LISTED]) if known else "none (the policy declares no Service)"
+    if len(known) > _LISTED:
+        listed += f", ... ({len(known) - _LISTED} more)"
+    return f"unknown service {service!r}{hint}; known services: {listed}"
+
+
+#: Known services named in an unknown-service error; a large mesh gets a count for the rest.
+_LISTED = 20
 
 
 def _file_digest(path: Path) -> str | None:

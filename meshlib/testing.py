@@ -1,4 +1,5 @@
-"""pytest plugin (entry point ``pytest11``): fault injection into mesh calls for one test.
+"""pytest plugin (entry point ``pytest11``): fault injection into mesh calls for one test, and
+retries without backoff waits.
 
 A test asks for the ``mesh_faults`` fixture and says what should go wrong; the faults apply
 to calls made through the mesh for the duration of that test only, then vanish::
@@ -9,20 +10,36 @@ to calls made through the mesh for the duration of that test only, then vanish::
         mesh_faults.refuse("details")
         ...
 
-The mesh is the test's own ``mesh`` fixture when it has one, or any mesh passed explicitly
-(``mesh_faults.abort("ratings", status=503, mesh=other_mesh)``). Nothing here is global:
-faults live on the mesh object and are removed at teardown. See docs/testing.md.
+The mesh is the test's own ``mesh`` fixture when it has one (another name with the ini option
+``meshlib_mesh_fixture = my_mesh``), or any mesh passed explicitly
+(``mesh_faults.abort("ratings", status=503, mesh=other_mesh)``).
+
+``instant_retries(mesh)`` (a context manager) and the ``mesh_instant_retries`` fixture make a
+mesh's retries wait no backoff: the same attempts, no sleeps between them.
+
+Nothing here is global: faults and the instant switch live on the mesh object and are undone at
+teardown. See docs/testing.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import pytest
 
 from meshlib.mesh import FaultHandle, Mesh
 
-__all__ = ["FaultInjector", "mesh_faults"]
+__all__ = [
+    "MESH_FIXTURE_OPTION",
+    "FaultInjector",
+    "instant_retries",
+    "mesh_faults",
+    "mesh_instant_retries",
+]
+
+#: The ini option naming the project's mesh fixture (``meshlib_mesh_fixture = my_mesh``).
+MESH_FIXTURE_OPTION = "meshlib_mesh_fixture"
 
 
 class FaultInjector:
@@ -32,21 +49,20 @@ class FaultInjector:
         self,
         default_mesh: Mesh | None = None,
         *,
-        find_mesh: Callable[[], Mesh | None] | None = None,
+        find_mesh: Callable[[], Mesh] | None = None,
     ) -> None:
         self._default = default_mesh
         self._find_mesh = find_mesh  # looked up on first use when there is no default
         self._handles: list[FaultHandle] = []
 
     def _mesh(self, mesh: Mesh | None) -> Mesh:
-        if mesh is None and self._default is None and self._find_mesh is not None:
+        if mesh is not None:
+            return mesh
+        if self._default is None:
+            if self._find_mesh is None:
+                raise LookupError("mesh_faults needs a mesh: pass mesh=... explicitly")
             self._default = self._find_mesh()
-        target = mesh if mesh is not None else self._default
-        if target is None:
-            raise LookupError(
-                "mesh_faults needs a mesh: define a `mesh` fixture or pass mesh=... explicitly"
-            )
-        return target
+        return self._default
 
     def abort(
         self,
@@ -112,20 +128,80 @@ class FaultInjector:
             self._handles.pop().remove()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        MESH_FIXTURE_OPTION,
+        help="name of the fixture that gives the test's meshlib.Mesh (mesh_faults, "
+        "mesh_instant_retries use it); default: mesh",
+        default="mesh",
+    )
+
+
+def _mesh_fixture_name(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getini(MESH_FIXTURE_OPTION)) or "mesh"
+
+
+def _find_mesh(request: pytest.FixtureRequest) -> Callable[[], Mesh]:
+    """A lookup of the project's mesh fixture (``meshlib_mesh_fixture``, default ``mesh``),
+    raising a LookupError that says how to name another fixture."""
+    name = _mesh_fixture_name(request)
+
+    def find() -> Mesh:
+        # A fixture the test did not request itself is still found, on first use.
+        try:
+            candidate = request.getfixturevalue(name)
+        except pytest.FixtureLookupError:
+            raise LookupError(
+                f"no fixture named {name!r} gives a mesh: define it, set "
+                f"`{MESH_FIXTURE_OPTION} = <your fixture>` in the [pytest] ini options, "
+                "or pass mesh=... explicitly"
+            ) from None
+        if not isinstance(candidate, Mesh):
+            raise LookupError(
+                f"fixture {name!r} gives {type(candidate).__name__}, not a meshlib.Mesh: "
+                f"set `{MESH_FIXTURE_OPTION} = <your fixture>` in the [pytest] ini options, "
+                "or pass mesh=... explicitly"
+            )
+        return candidate
+
+    return find
+
+
+def _requested_mesh(request: pytest.FixtureRequest) -> Mesh | None:
+    """The mesh fixture's value when the test requests it (set up before, torn down after this
+    plugin's fixtures); a fixture of that name that is not a Mesh is reported on first use."""
+    name = _mesh_fixture_name(request)
+    if name not in request.fixturenames:
+        return None
+    candidate = request.getfixturevalue(name)
+    return candidate if isinstance(candidate, Mesh) else None
+
+
+@contextmanager
+def instant_retries(mesh: Mesh) -> Iterator[Mesh]:
+    """Within the block, calls through ``mesh`` retry without waiting: every retry the policy
+    allows still happens (same attempts, same seeded choices), only the backoff sleeps,
+    ``Retry-After`` included, are zero. Scoped to this mesh; the previous setting is restored
+    on exit, so blocks nest."""
+    before = mesh.instant_backoff
+    mesh.instant_backoff = True
+    try:
+        yield mesh
+    finally:
+        mesh.instant_backoff = before
+
+
+@pytest.fixture
+def mesh_instant_retries(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    """The project's mesh fixture, retrying without backoff for this test only."""
+    with instant_retries(_find_mesh(request)()) as mesh:
+        yield mesh
+
+
 @pytest.fixture
 def mesh_faults(request: pytest.FixtureRequest) -> Iterator[FaultInjector]:
     """Inject faults into calls made through a mesh, for this test only."""
-
-    def find_mesh() -> Mesh | None:
-        # A `mesh` fixture the test did not request itself is still found, on first use.
-        try:
-            candidate = request.getfixturevalue("mesh")
-        except pytest.FixtureLookupError:
-            return None
-        return candidate if isinstance(candidate, Mesh) else None
-
-    default = find_mesh() if "mesh" in request.fixturenames else None
-    injector = FaultInjector(default, find_mesh=find_mesh)
+    injector = FaultInjector(_requested_mesh(request), find_mesh=_find_mesh(request))
     try:
         yield injector
     finally:

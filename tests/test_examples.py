@@ -116,15 +116,17 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *(a.replace("{tmp}", str(tmp_path)) for a in args)],
         capture_output=True,
-        text=True,
         timeout=100,
         cwd=EXAMPLES.parent,
     )
-    output = done.stdout.replace("\r", "\n")
-    assert done.returncode == 0, f"{name} exited {done.returncode}\n{output}\n{done.stderr}"
+    # Bytes, decoded here: text mode's universal newlines would turn a "\r" into "\n".
+    output = done.stdout.decode("utf-8")
+    stderr = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 0, f"{name} exited {done.returncode}\n{output}\n{stderr}"
     for pattern in patterns:
         assert re.search(pattern, output, re.MULTILINE), f"{pattern!r} not in output:\n{output}"
-    assert "Traceback" not in done.stderr, done.stderr
+    assert "Traceback" not in stderr, stderr
+    assert "\r" not in output  # piped: no line is redrawn in place (the demo's progress line)
     if name == "demo.py":  # meshctl graph wrote the service graph where it was told
         assert (tmp_path / "demo-graph.svg").read_text().startswith("<svg ")
         assert "reviews-v1.default → ratings.default" in (tmp_path / "demo-graph.html").read_text()
@@ -164,6 +166,15 @@ FEATURES = [
 ]
 _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
+
+
+def test_quickstart_lists_every_runtime_dependency() -> None:
+    from importlib.metadata import requires
+
+    runtime = [r for r in requires("meshlib") or [] if "extra ==" not in r]
+    names = sorted(re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in runtime)
+    table = re.findall(r"^\| ([\w.-]+) \|", (ROOT / "docs" / "quickstart.md").read_text(), re.M)
+    assert names and sorted(n.lower() for n in table[1:]) == names  # table[0]: the header row
 
 
 def test_every_feature_has_a_page() -> None:

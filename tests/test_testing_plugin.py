@@ -8,11 +8,31 @@ real uvicorn echo backend through a mesh, and the outer test checks their outcom
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["pytester"]
+
+
+def _import_every_meshlib_module() -> None:
+    """pytester's in-process runs restore sys.modules afterwards, so a module first imported by
+    an inner run (meshlib loads YAML, metrics, tracing... lazily) is imported afresh by the next
+    one or by a later test, and then holds other copies of classes and enums than the modules
+    that imported it before: PyYAML's C loader stops recognising a fresh ``yaml``'s nodes, and
+    the call sequence stops recognising a fresh module's enum members (a refused connection no
+    longer retried, in tests/e2e run after this file). Importing all of meshlib here puts every
+    module, and what it imports, in the snapshot each inner run starts from and returns to."""
+    import meshlib
+
+    for module in pkgutil.walk_packages(meshlib.__path__, "meshlib."):
+        if not module.name.endswith(".__main__"):  # that one runs the CLI
+            importlib.import_module(module.name)
+
+
+_import_every_meshlib_module()
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,7 +251,7 @@ def test_without_a_mesh_the_error_says_what_to_do(pytester: pytest.Pytester) -> 
         import pytest
 
         def test_no_mesh(mesh_faults):
-            with pytest.raises(LookupError, match="define a `mesh` fixture or pass mesh="):
+            with pytest.raises(LookupError, match="no fixture named 'mesh' gives a mesh"):
                 mesh_faults.abort("ratings")
         """
     )
@@ -246,3 +266,202 @@ def test_plugin_is_loaded_through_its_entry_point(pytester: pytest.Pytester) -> 
     disabled = pytester.runpytest(*ARGS, "-p", "no:meshlib")
     disabled.assert_outcomes(errors=1)
     disabled.stdout.fnmatch_lines(["*fixture 'mesh_faults' not found*"])
+
+
+def test_unknown_service_names_the_known_ones(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_unknown="""
+        import pytest
+
+        def test_typo(mesh_faults):
+            with pytest.raises(ValueError) as info:
+                mesh_faults.abort("ratingz")
+            assert str(info.value) == (
+                "unknown service 'ratingz' (did you mean 'ratings'?); "
+                "known services: ratings, reviews"
+            )
+
+        def test_far_off(mesh_faults):
+            with pytest.raises(ValueError) as info:
+                mesh_faults.refuse("zzz")
+            assert str(info.value) == "unknown service 'zzz'; known services: ratings, reviews"
+
+        def test_qualified_typo(mesh_faults):
+            with pytest.raises(ValueError, match="did you mean 'reviews.default'"):
+                mesh_faults.delay("reviewz.default", 1.0)
+        """
+    )
+    result = pytester.runpytest(*ARGS)
+    result.assert_outcomes(passed=3)
+
+
+#: A project whose mesh fixture is not called ``mesh``: it names it in its ini file.
+NAMED_CONFTEST = CONFTEST.replace("def mesh(backend)", "def my_mesh(backend)").replace(
+    "def client(mesh):\n    with mesh.client()", "def client(my_mesh):\n    with my_mesh.client()"
+)
+
+
+def test_a_project_names_its_mesh_fixture(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(NAMED_CONFTEST)
+    pytester.makeini("[pytest]\nmeshlib_mesh_fixture = my_mesh\n")
+    pytester.makepyfile(
+        test_named="""
+        def test_requested(my_mesh, mesh_faults, client):
+            mesh_faults.abort("ratings", status=418)
+            assert client.get("http://ratings/r").status_code == 418
+
+        def test_found_lazily(mesh_faults, request):
+            mesh_faults.abort("ratings", status=503)
+            with request.getfixturevalue("my_mesh").client() as c:
+                assert c.get("http://ratings/r").status_code == 503
+        """
+    )
+    result = pytester.runpytest(*ARGS)
+    result.assert_outcomes(passed=2)
+
+
+def test_a_missing_mesh_fixture_says_how_to_name_one(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(NAMED_CONFTEST)  # defines my_mesh, but the ini does not name it
+    pytester.makepyfile(
+        test_unnamed="""
+        import pytest
+
+        def test_no_mesh(mesh_faults):
+            with pytest.raises(LookupError) as info:
+                mesh_faults.abort("ratings")
+            assert str(info.value) == (
+                "no fixture named 'mesh' gives a mesh: define it, set "
+                "`meshlib_mesh_fixture = <your fixture>` in the [pytest] ini options, "
+                "or pass mesh=... explicitly"
+            )
+        """
+    )
+    pytester.makepyfile(
+        test_not_a_mesh="""
+        import pytest
+
+        @pytest.fixture
+        def mesh():
+            return 42
+
+        def test_not_a_mesh(mesh, mesh_faults):
+            with pytest.raises(LookupError, match="fixture 'mesh' gives int, not a meshlib.Mesh"):
+                mesh_faults.abort("ratings")
+        """
+    )
+    result = pytester.runpytest(*ARGS)
+    result.assert_outcomes(passed=2)
+    help_text = pytester.runpytest(*ARGS, "--help")
+    help_text.stdout.fnmatch_lines(
+        ["*meshlib_mesh_fixture (string):*", "*name of the fixture that gives the test's*"]
+    )
+
+
+#: Two services on one echo backend, retried on 5xx: ``slow`` with a 30 s backoff (a test that
+#: waited for it would hit its 20 s timeout), ``quick`` with a 20 ms one (to show the record).
+RETRY_CONFTEST = (
+    CONFTEST.replace("metadata: {{name: reviews}}", "metadata: {{name: quick}}")
+    .replace("metadata: {{name: ratings}}", "metadata: {{name: slow}}")
+    .replace(
+        "'''\n    with meshlib.Mesh",
+        """---
+apiVersion: meshlib/v1
+kind: TrafficPolicy
+metadata: {{name: slow-retries}}
+spec:
+  target: {{service: slow}}
+  timeout: 300s
+  retries: {{attempts: 2, retryOn: [5xx], backoff: {{baseInterval: 30s, maxInterval: 30s}}}}
+---
+apiVersion: meshlib/v1
+kind: TrafficPolicy
+metadata: {{name: quick-retries}}
+spec:
+  target: {{service: quick}}
+  retries: {{attempts: 2, retryOn: [5xx], backoff: {{baseInterval: 20ms, maxInterval: 20ms}}}}
+'''
+    with meshlib.Mesh""",
+    )
+)
+
+RETRIES = """
+import pytest
+
+from meshlib.testing import instant_retries
+
+pytestmark = pytest.mark.timeout(20)
+
+
+def test_fixture(mesh_instant_retries, client, backend):
+    backend.set_status(503, times=2)
+    r = client.get("http://slow/r")
+    assert r.status_code == 200
+    decision = r.extensions["mesh_decision"]
+    assert [a.status for a in decision.attempts] == [503, 503, 200]  # every retry still made
+    assert [a.backoff for a in decision.attempts] == [0.0, 0.0, 0.0]
+
+
+def test_retry_after_is_not_waited_either(mesh_instant_retries, client, backend):
+    backend.set_status(503, headers={"retry-after": "8"}, times=1)
+    r = client.get("http://slow/r")
+    assert r.status_code == 200
+    assert [a.backoff for a in r.extensions["mesh_decision"].attempts] == [0.0, 0.0]
+
+
+def test_context_manager_on_one_mesh_restores(mesh, client, backend):
+    with instant_retries(mesh):
+        with instant_retries(mesh):
+            backend.set_status(503, times=2)
+            assert client.get("http://slow/r").extensions["mesh_decision"].retries == 2
+        assert mesh.instant_backoff  # the outer block is still in force
+    assert not mesh.instant_backoff
+
+
+def test_without_the_switch_the_backoff_is_waited_and_recorded(client, backend):
+    backend.set_status(503, times=1)
+    r = client.get("http://quick/r")
+    backoff = [a.backoff for a in r.extensions["mesh_decision"].attempts]
+    assert 0.0 < backoff[0] <= 0.02 and backoff[1:] == [0.0], backoff
+
+
+def test_async_client(mesh_instant_retries, backend):
+    import asyncio
+
+    async def go():
+        async with mesh_instant_retries.async_client() as c:
+            return await c.get("http://slow/r")
+
+    backend.set_status(503, times=2)
+    r = asyncio.run(go())
+    assert r.status_code == 200
+    assert [a.backoff for a in r.extensions["mesh_decision"].attempts] == [0.0, 0.0, 0.0]
+"""
+
+
+@pytest.mark.timeout(90)
+def test_instant_retries_make_backoff_zero_and_keep_every_attempt(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(RETRY_CONFTEST)
+    pytester.makepyfile(test_retries=RETRIES)
+    result = pytester.runpytest(*ARGS, "-v")
+    result.assert_outcomes(passed=5)
+
+
+def test_a_large_mesh_lists_twenty_services_and_counts_the_rest() -> None:
+    from prometheus_client import CollectorRegistry
+
+    import meshlib
+
+    text = "---\n".join(
+        f"apiVersion: meshlib/v1\nkind: Service\nmetadata: {{name: svc{i:02d}}}\nspec: {{}}\n"
+        for i in range(25)
+    )
+    with (
+        meshlib.Mesh.from_text(text, service="t", registry=CollectorRegistry()) as mesh,
+        pytest.raises(ValueError) as info,
+    ):
+        mesh.inject_fault("other", abort=503)
+    listed = ", ".join(f"svc{i:02d}" for i in range(20))
+    assert str(info.value) == f"unknown service 'other'; known services: {listed}, ... (5 more)"

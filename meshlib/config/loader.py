@@ -4,10 +4,11 @@ every problem; nothing partial is ever returned.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from meshlib.config.authnkind import build_request_authentication
@@ -173,6 +174,7 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     parsed = Parsed()
     problems: list[Problem] = []
     raw: list[YMap] = []
+    read: dict[tuple[str, int], YamlDocument] = {}  # (file, document) → where its fields are
     digest = hashlib.sha256()
     for i, (name, text) in enumerate(sources):
         if i:
@@ -196,6 +198,7 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
         if not docs and not yaml_problems:
             problems.append(Problem(name, 1, 0, "", NO_DOCUMENTS))
         for doc in docs:
+            read[name, doc.index] = doc
             try:
                 ctx = _document(name, doc, problems)
                 if ctx is None:
@@ -216,12 +219,24 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
         problems.extend(ctx.problems)
         warnings.extend(ctx.warnings)
     order = {name: i for i, (name, _) in enumerate(sources)}
+    problems = [_with_column(p, read) for p in problems]
+    warnings = [_with_column(w, read) for w in warnings]
     if problems:
         problems.sort(key=lambda p: (order.get(p.file, -1), p.document, p.line))
         raise ConfigError(problems)
     for w in warnings:
         log.warning("policy: %s", w)
     return _assemble(parsed, sources, digest.hexdigest(), version, raw, warnings)
+
+
+def _with_column(problem: Problem, read: Mapping[tuple[str, int], YamlDocument]) -> Problem:
+    """The problem with the column of its field's value, when the field is in the file on the
+    problem's line (checks report lines; the column comes from the same YAML node marks)."""
+    doc = read.get((problem.file, problem.document))
+    if doc is None or problem.column or not problem.field:
+        return problem
+    column = doc.column_of(problem.field, problem.line)
+    return dataclasses.replace(problem, column=column) if column else problem
 
 
 def _internal_error(file: str, line: int, document: int, exc: Exception) -> Problem:

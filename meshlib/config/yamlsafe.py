@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -107,6 +107,15 @@ class YamlDocument:
     index: int  # 1-based position in the stream
     line: int
     value: Any  # YMap, YSeq, scalar or None for an empty document
+    #: Field path (``spec.backends[1].weight``, as problems name fields) → 1-based line and
+    #: column where its value starts: what lets a problem point at ``file:line:col``.
+    positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def column_of(self, path: str, line: int) -> int:
+        """The column of the value at ``path`` if it starts on ``line``; 0 if unknown (a
+        missing field, or a problem reported on another line than the value's)."""
+        found = self.positions.get(path)
+        return found[1] if found is not None and found[0] == line else 0
 
 
 class _Reject(Exception):
@@ -124,6 +133,7 @@ class _Builder:
         self._constructor = SafeConstructor()
         # A node object reached twice is an alias: libyaml hands back the anchored node itself.
         self._seen: set[int] = set()
+        self.positions: dict[str, tuple[int, int]] = {}
 
     def build(self, node: yaml.Node, path: str, depth: int, where: int = 0) -> Any:
         """``where`` is the line of the key or list holding ``node``: an alias has no line
@@ -134,6 +144,7 @@ class _Builder:
                 where or line, path, "YAML aliases (*name) are not allowed; repeat the value"
             )
         self._seen.add(id(node))
+        self.positions[path] = (line, node.start_mark.column + 1)
         if depth > MAX_DEPTH:
             raise _Reject(line, path, f"nesting deeper than {MAX_DEPTH} levels is not allowed")
         if isinstance(node, yaml.MappingNode):
@@ -211,13 +222,14 @@ def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
             if node is None:
                 continue
             line = node.start_mark.line + 1
+            builder = _Builder()
             try:
-                value = _Builder().build(node, "", 0)
+                value = builder.build(node, "", 0)
             except _Reject as rej:
                 problems.append(YamlProblem(rej.line, index, rej.field, rej.message))
                 continue
             if value is not None:  # an empty document (a stray '---') is not an error
-                docs.append(YamlDocument(index, line, value))
+                docs.append(YamlDocument(index, line, value, builder.positions))
     except yaml.reader.ReaderError as exc:
         problems.append(_reader_problem(exc, index + 1, text))
     except yaml.MarkedYAMLError as exc:

@@ -231,6 +231,10 @@ class CallHost(Protocol):
 
     def uses_mtls(self, router: Router, service_key: str) -> bool: ...
 
+    #: Retry without waiting (:func:`meshlib.testing.instant_retries`): the backoff is still
+    #: drawn, so the seeded sequence is the same, but the wait is zero.
+    instant_backoff: bool
+
 
 # --- classification -------------------------------------------------------------------------------
 
@@ -1087,6 +1091,8 @@ def _attempts(
         delay = 0.0
         if retry:
             delay = backoff_delay(retry_policy.backoff, decision.retries + 1, host.rng, retry_after)
+            if host.instant_backoff:
+                delay = 0.0
             if deadline is not None and now + delay >= deadline:
                 retry = False
         if retry:
@@ -1122,6 +1128,7 @@ def _attempts(
         if response is not None:
             yield Close(response)
         if delay > 0:
+            decision.attempts[-1].backoff = delay
             yield Sleep(delay)
 
 

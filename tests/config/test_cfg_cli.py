@@ -433,7 +433,7 @@ def test_validate_reads_stdin_and_directories_through_the_console_script(
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout.startswith("<stdin>: ok (9 documents")
     broken = run("validate", "-", stdin="kind: Servic\n")
-    assert broken.returncode == 1 and broken.stderr.startswith("<stdin>:1 (document 1): ")
+    assert broken.returncode == 1 and broken.stderr.startswith("<stdin>:1:7 (document 1): ")
     empty_stdin = run("validate", "-")
     assert empty_stdin.returncode == 1 and empty_stdin.stderr == f"<stdin>:1: {NO_DOCUMENTS}\n"
 
