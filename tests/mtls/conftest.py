@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,11 +50,18 @@ def write_pair(
     key: ec.EllipticCurvePrivateKey,
     bundle: tuple[x509.Certificate, ...],
 ) -> Path:
-    """Write cert/key/bundle files without any validation (for crafted, broken pairs)."""
+    """Write cert/key/bundle files without any validation (for crafted, broken pairs). Each
+    file is replaced whole (temporary file, then rename): a watcher polling the directory must
+    see the crafted pair, never a half-written file (that is a different refusal)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "cert.pem").write_bytes(pem(*chain))
-    (directory / "key.pem").write_bytes(key_pem(key))
-    (directory / "bundle.pem").write_bytes(pem(*bundle))
+    for name, data in (
+        ("cert.pem", pem(*chain)),
+        ("key.pem", key_pem(key)),
+        ("bundle.pem", pem(*bundle)),
+    ):
+        tmp = directory / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, directory / name)
     return directory
 
 
