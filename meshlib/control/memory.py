@@ -108,6 +108,9 @@ class MemoryStore:
         self._history: deque[Event] = deque(state.history)
         self._watchers: dict[int, tuple[str, asyncio.Event]] = {}
         self._closed = False
+        #: How many times a waiting watcher was woken: a change wakes only the watchers whose
+        #: prefix it touches (the registry's mesh_registry_watch_wakeups_total counts these).
+        self.wakeups = 0
 
     # -- the protocol -------------------------------------------------------------------
 
@@ -140,9 +143,7 @@ class MemoryStore:
         if key not in self._kv:
             return self._revision
         revision = self._revision + 1
-        self._apply(
-            revision, events=(Event(EventKind.DELETE, key, b"", revision),), deleted=(key,)
-        )
+        self._apply(revision, events=(Event(EventKind.DELETE, key, b"", revision),), deleted=(key,))
         return revision
 
     async def grant(self, ttl: int) -> int:
@@ -285,5 +286,6 @@ class MemoryStore:
                     cursor = event.mod_revision
                 if not events:
                     await wake.wait()
+                    self.wakeups += 1
         finally:
             del self._watchers[token]

@@ -88,6 +88,11 @@ class SQLiteStore:
             self._lock.close()
             raise
 
+    @property
+    def wakeups(self) -> int:
+        """How many times a waiting watcher was woken (see :attr:`MemoryStore.wakeups`)."""
+        return self._memory.wakeups
+
     # -- the protocol: the memory store, journaled here ------------------------------------
 
     async def range(self, prefix: str) -> tuple[int, list[Item]]:
