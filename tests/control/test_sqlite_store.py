@@ -15,6 +15,7 @@ import pytest
 from policy.fakes import FakeClock
 
 from meshlib.control import (
+    Compacted,
     Event,
     EventKind,
     LeaseNotFound,
@@ -57,7 +58,12 @@ async def test_keys_revision_leases_and_history_survive_reopen(tmp_path: Path) -
             ("inst/a", b"alive", 1, lease),
             ("policy", b"v2", 3, None),
         ]
-        # History for watches resumes where it was (the last 4 revisions are kept).
+        # History for watches resumes where it was (the last 4 revisions are kept), and what
+        # was compacted before the close stays compacted: no silent gap.
+        with pytest.raises(Compacted) as info:
+            async with aclosing(store.watch("", 1)) as events:
+                await events.__anext__()
+        assert info.value.revision == 2
         async with aclosing(store.watch("", 2)) as events:
             assert [await events.__anext__() for _ in range(4)] == [
                 Event(EventKind.PUT, "policy", b"v2", 3),
