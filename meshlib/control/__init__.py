@@ -1,0 +1,1 @@
+"""The control plane: the registry (its pure core and its stores)."""
