@@ -389,7 +389,7 @@ def test_heartbeat_records_ack_and_nack(clock: FakeClock) -> None:
     assert registry.get(instance.id) == nacked.instance
     # the report survives a re-register; a later ACK clears the rejection it supersedes
     again = add(registry, clock, 8080)
-    assert again.rejected_version == 4
+    assert (again.rejected_version, again.rejection) == (4, nacked.instance.rejection)
     acked = registry.heartbeat(instance.id, clock(), applied_version=5)
     assert isinstance(acked, Renewed)
     assert (acked.instance.applied_version, acked.instance.rejected_version) == (5, None)
