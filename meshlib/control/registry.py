@@ -219,6 +219,10 @@ class PolicyLog:
     def version(self) -> int:
         return len(self._versions)
 
+    def changed_since(self, index: int) -> bool:
+        """Whether a blocking policy query holding ``index`` (a version) answers now."""
+        return self.version != index
+
     def current(self) -> PolicyVersion | None:
         return self._versions[-1] if self._versions else None
 
@@ -288,6 +292,9 @@ class Registry:
         self._instances: dict[str, Instance] = {}
         self._members: dict[ServiceKey, dict[str, Instance]] = {}
         self._indexes: dict[ServiceKey, int] = dict(indexes or {})
+        for key, index in self._indexes.items():
+            if index < FIRST_INDEX:
+                raise ValueError(f"stored index of {key[0]}/{key[1]} must be >= 1, got {index!r}")
         for instance in instances:
             expected = instance_id(
                 instance.namespace, instance.service, instance.address, instance.port

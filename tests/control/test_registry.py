@@ -404,7 +404,7 @@ def test_heartbeat_records_ack_and_nack(clock: FakeClock) -> None:
 
 def test_if_match_lets_exactly_one_of_two_proposals_win(clock: FakeClock) -> None:
     log = PolicyLog()
-    assert log.version == 0 and log.current() is None
+    assert log.version == 0 and log.current() is None and log.changed_since(-1)
     first = log.propose("a: 1\n", author=ADMIN, if_match=0, now=clock())
     assert first == PolicyVersion(1, "a: 1\n", policy_digest("a: 1\n"), ADMIN, clock())
     one = log.propose("a: 2\n", author=ADMIN, if_match=1, now=clock())
@@ -412,6 +412,7 @@ def test_if_match_lets_exactly_one_of_two_proposals_win(clock: FakeClock) -> Non
     assert isinstance(one, PolicyVersion) and one.version == 2
     assert two == Conflict(current=2)
     assert [v.text for v in log.history()] == ["a: 1\n", "a: 2\n"]
+    assert log.changed_since(1) and not log.changed_since(2)
     assert log.propose("a: 3\n", author=ADMIN, if_match=2, now=clock()).version == 3  # type: ignore[union-attr]
 
 
@@ -444,3 +445,21 @@ def test_registry_loads_its_policy_history(clock: FakeClock) -> None:
     broken = PolicyVersion(2, "x", policy_digest("x"), ADMIN, clock())
     with pytest.raises(ValueError, match="found version 2 at position 1"):
         PolicyLog([broken])
+
+
+def test_bad_settings_and_stored_state_are_refused_naming_what(clock: FakeClock) -> None:
+    with pytest.raises(ValueError, match="preservation_threshold"):
+        RegistrySettings(preservation_threshold=1.5)
+    with pytest.raises(ValueError, match="default_ttl"):
+        RegistrySettings(default_ttl=0.0)
+    with pytest.raises(ValueError, match="epoch"):
+        Registry("", clock())
+    forged = Instance(
+        "0123456789abcdef", NS, "reviews", "10.0.0.1", 8080, (), None, WORKLOAD, TTL, 0.0, 0.0
+    )
+    with pytest.raises(
+        ValueError, match="should have id '" + instance_id(NS, "reviews", "10.0.0.1", 8080)
+    ):
+        Registry("e", clock(), instances=[forged])
+    with pytest.raises(ValueError, match="default/reviews"):
+        Registry("e", clock(), indexes={(NS, "reviews"): 0})
