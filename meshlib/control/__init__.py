@@ -1,6 +1,16 @@
-"""The control plane: the registry's store (and, as issue 11 lands, the registry itself)."""
+"""The control plane: the registry's pure core and its stores (the API, the client and the CLI
+arrive as issue 11 lands)."""
 
 from meshlib.control.memory import MemoryStore
+from meshlib.control.registry import (
+    Instance,
+    PolicyLog,
+    PolicyVersion,
+    Registry,
+    RegistrySettings,
+    VersionConflict,
+    instance_id,
+)
 from meshlib.control.sqlite import SQLiteStore
 from meshlib.control.store import (
     Compacted,
@@ -20,12 +30,19 @@ __all__ = [
     "Conflict",
     "Event",
     "EventKind",
+    "Instance",
     "Item",
     "LeaseNotFound",
     "MemoryStore",
+    "PolicyLog",
+    "PolicyVersion",
+    "Registry",
+    "RegistrySettings",
     "SQLiteStore",
     "Store",
     "StoreClosed",
     "StoreError",
     "StoreLocked",
+    "VersionConflict",
+    "instance_id",
 ]
