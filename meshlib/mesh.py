@@ -583,12 +583,12 @@ def _client_args(kwargs: dict[str, Any], inner: Mapping[str, Any]) -> dict[str, 
 
 def _unknown_service(service: str, namespace: str, services: Mapping[str, object]) -> str:
     """``unknown service 'ratingz' (did you mean 'ratings'?); known services: ...``: names in
-    the mesh's own namespace are shown short, as a test would write them."""
-    from meshlib.config.checker import suggest  # the policy file's did-you-mean; loads YAML
-
+    the mesh's own namespace are shown short, as a test would write them; the suggestion is
+    the one a mistyped host gets (:func:`close_service`)."""
     suffix = f".{namespace}"
     known = sorted(k.removesuffix(suffix) if k.endswith(suffix) else k for k in services)
-    hint = suggest(service, known) or suggest(service, sorted(services))  # "ratingz.shop" too
+    close = close_service(service, services, namespace)
+    hint = "" if close is None else f" (did you mean {close!r}?)"
     listed = ", ".join(known[:_LISTED]) if known else "none (the policy declares no Service)"
     if len(known) > _LISTED:
         listed += f", ... ({len(known) - _LISTED} more)"
