@@ -106,7 +106,7 @@ class MemoryStore:
             if item.lease is not None and item.lease in self._leases:
                 self._leases[item.lease].keys.add(item.key)
         self._history: deque[Event] = deque(state.history)
-        self._watchers: dict[int, tuple[str, asyncio.Event]] = {}
+        self._watchers: dict[int, _Watcher] = {}
         self._closed = False
         #: How many times a waiting watcher was woken: a change wakes only the watchers whose
         #: prefix it touches (the registry's mesh_registry_watch_wakeups_total counts these).
@@ -179,8 +179,8 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._closed = True
-        for _, wake in self._watchers.values():
-            wake.set()
+        for watcher in self._watchers.values():
+            watcher.wake.set()
 
     # -- state machine ------------------------------------------------------------------
 
@@ -254,9 +254,14 @@ class MemoryStore:
             self._history.popleft()
         if events:
             changed = [event.key for event in events]
-            for prefix, wake in self._watchers.values():
-                if any(key.startswith(prefix) for key in changed):
-                    wake.set()
+            for watcher in self._watchers.values():
+                if any(key.startswith(watcher.prefix) for key in changed):
+                    watcher.wake.set()
+                elif watcher.idle and not watcher.wake.is_set():
+                    # Nothing of its own since its cursor: a quiet prefix keeps up with the
+                    # store's revision, so compaction never cuts it off (etcd moves idle
+                    # watchers forward the same way).
+                    watcher.cursor = self._revision
 
     def _detach(self, key: str) -> None:
         old = self._kv.get(key)
@@ -269,23 +274,40 @@ class MemoryStore:
         return [e for e in self._history if e.mod_revision > after_rev and e.key.startswith(prefix)]
 
     async def _watch(self, prefix: str, after_rev: int) -> AsyncIterator[Event]:
-        wake = asyncio.Event()
-        token = id(wake)
-        self._watchers[token] = (prefix, wake)
+        watcher = _Watcher(prefix, after_rev)
+        token = id(watcher)
+        self._watchers[token] = watcher
+        wake = watcher.wake
         try:
-            cursor = after_rev
             while True:
                 if self._closed:
                     raise StoreClosed()
                 # Clear before reading: a write between the read and the wait sets it again,
                 # so no wake-up is lost.
                 wake.clear()
-                events = self._events_after(prefix, cursor)
+                events = self._events_after(prefix, watcher.cursor)
                 for event in events:
                     yield event
-                    cursor = event.mod_revision
+                    watcher.cursor = event.mod_revision
                 if not events:
-                    await wake.wait()
+                    watcher.idle = True
+                    try:
+                        await wake.wait()
+                    finally:
+                        watcher.idle = False
                     self.wakeups += 1
         finally:
             del self._watchers[token]
+
+
+class _Watcher:
+    """One watch's state the writers see: its prefix, its wake-up, how far it has read, and
+    whether it is waiting (only then may a write elsewhere move its cursor)."""
+
+    __slots__ = ("cursor", "idle", "prefix", "wake")
+
+    def __init__(self, prefix: str, cursor: int) -> None:
+        self.prefix = prefix
+        self.cursor = cursor
+        self.idle = False
+        self.wake = asyncio.Event()

@@ -77,14 +77,17 @@ class SQLiteStore:
                 f"`meshctl registry init --data {self.data_dir}`)"
             )
         self._lock = _acquire_lock(self.data_dir / LOCK_FILE)
+        db: sqlite3.Connection | None = None
         try:
-            self._db = sqlite3.connect(self.data_dir / DB_FILE, isolation_level=None)
+            self._db = db = sqlite3.connect(self.data_dir / DB_FILE, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             state = self._load()
             self._memory = MemoryStore(clock=clock, history=history, journal=self, state=state)
         except BaseException:
+            if db is not None:
+                db.close()
             self._lock.close()
             raise
 
@@ -154,10 +157,10 @@ class SQLiteStore:
                     ("next_lease", change.next_lease),
                 ],
             )
+            db.execute("COMMIT")  # inside: a failed commit is rolled back, not left open
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def _load(self) -> State:
         meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())

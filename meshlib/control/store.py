@@ -51,7 +51,6 @@ __all__ = [
     "StoreClosed",
     "StoreError",
     "StoreLocked",
-    "prefix_end",
 ]
 
 
@@ -189,13 +188,3 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release the store; pending watches end with :class:`StoreClosed`."""
         ...
-
-
-def prefix_end(prefix: str) -> str | None:
-    """The smallest key greater than every key starting with ``prefix`` (etcd's
-    ``range_end``), or None when there is none (empty prefix, or one ending in the last code
-    point)."""
-    stripped = prefix.rstrip(chr(0x10FFFF))
-    if not stripped:
-        return None
-    return stripped[:-1] + chr(ord(stripped[-1]) + 1)

@@ -284,6 +284,20 @@ async def test_a_watcher_falling_behind_the_history_gets_compacted(rig: Rig) -> 
         assert info.value.revision == 3
 
 
+async def test_a_quiet_watcher_is_not_cut_off_by_compaction_elsewhere(rig: Rig) -> None:
+    """A watcher caught up on a quiet prefix while other prefixes write past the history has
+    missed nothing: its next event arrives, not Compacted (etcd moves idle watchers along)."""
+    store = rig.make(history=2)
+    async with aclosing(store.watch("quiet/", 0)) as events:
+        first = asyncio.ensure_future(events.__anext__())
+        for _ in range(20):  # let the watcher reach its wait
+            await asyncio.sleep(0)
+        for n in range(20):
+            await store.put("busy/x", str(n).encode())
+        await store.put("quiet/a", b"mine")
+        assert await first == put("quiet/a", b"mine", 21)
+
+
 async def test_close_ends_watches_and_refuses_operations(rig: Rig) -> None:
     store = rig.make()
     async with aclosing(store.watch("", 0)) as events:
