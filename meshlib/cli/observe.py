@@ -56,7 +56,7 @@ def _get(args: argparse.Namespace, path: str) -> Any:
         response = httpx.get(url, timeout=args.timeout)
     except httpx.HTTPError as exc:
         raise _Failed(f"{url}: {failure(exc, args.timeout)}") from exc
-    except ValueError as exc:  # httpx.InvalidURL and the like
+    except (httpx.InvalidURL, ValueError) as exc:  # InvalidURL is not a ValueError
         raise _Failed(f"{args.url}: not a URL ({exc})") from exc
     if response.status_code != 200:
         raise _Failed(f"{url}: HTTP {response.status_code}: {_first_line(response.text)}")
@@ -225,15 +225,21 @@ def _cmd_tap(args: argparse.Namespace) -> int:
             for line in response.iter_lines():
                 if not line:
                     continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    raise _Failed(f"{url}: not an admin app (the answer is not JSON)") from None
                 if args.output == "json":
                     print(line)  # NDJSON: one event per line, as the admin app sends it
                 elif args.output == "yaml":
-                    print("---\n" + format_document(json.loads(line), "yaml"))
+                    print("---\n" + format_document(event, "yaml"))
                 else:
-                    print(CallEvent.from_dict(json.loads(line)).text())
+                    print(CallEvent.from_dict(event).text())
                 sys.stdout.flush()
     except httpx.HTTPError as exc:
         raise _Failed(f"{url}: {failure(exc, args.timeout)}") from exc
+    except httpx.InvalidURL as exc:
+        raise _Failed(f"{args.url}: not a URL ({exc})") from exc
     return EXIT_OK
 
 

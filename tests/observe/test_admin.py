@@ -434,5 +434,17 @@ def test_status_pointed_at_something_else_says_so_on_one_line(capsys) -> None:
         assert capsys.readouterr().err == (
             f"meshctl status: {server.url}/status: not an admin app (the answer is not JSON)\n"
         )
+        assert main(["tap", f"127.0.0.1:{server.port}", "--seconds", "1"]) == 1
+        assert capsys.readouterr().err == (
+            f"meshctl tap: {server.url}/tap: not an admin app (the answer is not JSON)\n"
+        )
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("verb", ["status", "tap", "top"])
+def test_a_url_httpx_refuses_is_one_line_not_a_traceback(verb: str, capsys) -> None:
+    assert main([verb, "http://a:b"]) == 1
+    assert capsys.readouterr().err == (
+        f"meshctl {verb}: http://a:b: not a URL (Invalid port: 'b')\n"
+    )
