@@ -60,28 +60,32 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         if args.output != "text":
             print_document(_validation(args.files, None, exc.problems), args.output)
         return EXIT_INVALID
-    for warning in _warnings(snapshot):
+    warnings = _warnings(snapshot)
+    document = _validation(args.files, snapshot, (), warnings)
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.output != "text":
-        print_document(_validation(args.files, snapshot, ()), args.output)
+        print_document(document, args.output)
         return EXIT_OK
-    kinds = Counter(str(doc.get("kind")) for doc in snapshot.raw_documents)
-    n = len(snapshot.raw_documents)
-    summary = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+    n = document["documents"]
+    summary = ", ".join(f"{count} {kind}" for kind, count in document["kinds"].items())
     noun = "document" if n == 1 else "documents"
     print(f"{snapshot.source}: ok ({n} {noun}{': ' + summary if summary else ''})")
     return EXIT_OK
 
 
 def _validation(
-    names: Sequence[str], snapshot: Snapshot | None, problems: Sequence[Problem]
+    names: Sequence[str],
+    snapshot: Snapshot | None,
+    problems: Sequence[Problem],
+    warnings: Sequence[Problem] = (),
 ) -> dict[str, Any]:
-    """``validate -o json|yaml``: the document whose keys docs/cli.md lists."""
-    warnings = _warnings(snapshot) if snapshot is not None else []
+    """``validate -o json|yaml``: the document whose keys docs/cli.md lists (the text output
+    is written from it too)."""
     kinds = Counter(str(d.get("kind")) for d in snapshot.raw_documents) if snapshot else Counter()
     return {
         "ok": snapshot is not None,
-        "files": snapshot.source.split(", ") if snapshot else list(names),
+        "files": list(snapshot.files) if snapshot else list(names),
         "documents": len(snapshot.raw_documents) if snapshot else 0,
         "kinds": dict(kinds),
         "problems": [_problem(p) for p in problems],
@@ -91,7 +95,7 @@ def _validation(
 
 def _warnings(snapshot: Snapshot) -> list[Problem]:
     """The loader's warnings and validate's own, in file order."""
-    files = snapshot.source.split(", ")
+    files = list(snapshot.files)
     found = [*snapshot.warnings, *endpointless_services(snapshot)]
     return sorted(
         found, key=lambda w: (files.index(w.file) if w.file in files else -1, w.document, w.line)

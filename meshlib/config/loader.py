@@ -305,7 +305,7 @@ def _assemble(
     return Snapshot(
         version=version,
         digest=digest,
-        source=", ".join(name for name, _ in sources),
+        files=tuple(name for name, _ in sources),
         mesh=p.meshes[0][0] if p.meshes else MeshSettings(),
         services={s.key: s for s, _ in p.services},
         route_groups={f"{g.name}.{g.namespace}": g for g, _ in p.route_groups},

@@ -472,7 +472,7 @@ class Snapshot:
 
     version: int
     digest: str  # sha256 of the source text(s)
-    source: str  # file name(s) or "<string>"
+    files: tuple[str, ...]  # the file names read, or ("<string>",)
     mesh: MeshSettings
     services: Mapping[str, ServiceDef]
     route_groups: Mapping[str, RouteGroup]
@@ -488,3 +488,8 @@ class Snapshot:
     raw_documents: tuple[Mapping[str, Any], ...] = ()
     #: Accepted-with-a-note findings (e.g. retry attempts clamped), shown by ``meshctl validate``.
     warnings: tuple[Problem, ...] = ()
+
+    @property
+    def source(self) -> str:
+        """The file names as one line, for messages (``files`` keeps them apart)."""
+        return ", ".join(self.files)

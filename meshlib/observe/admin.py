@@ -201,7 +201,7 @@ def status(mesh: Administered) -> dict[str, Any]:
         "snapshot": {
             "version": snapshot.version,
             "digest": snapshot.digest,
-            "files": [f for f in snapshot.source.split(", ") if f],
+            "files": [f for f in snapshot.files if f],
             "warnings": [str(w) for w in snapshot.warnings],
         },
         "reload": _reload(mesh.reload_status),

@@ -89,6 +89,15 @@ def test_validate_ok(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "warning:" in err and "clamped" in err
 
 
+def test_validate_json_keeps_a_file_name_with_a_comma_whole(
+    good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = good.with_name("a, b.yaml")
+    good.rename(odd)
+    assert main(["validate", "-o", "json", str(odd)]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == [str(odd)]
+
+
 def test_validate_reports_every_problem(bad: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(bad)]) == 1
     out, err = capsys.readouterr()
