@@ -221,13 +221,15 @@ def _check_number(
     if isinstance(value, float) and not math.isfinite(value):
         out.append(Finding(line, path, f"must be a finite number, got {value!r}"))
         return
-    # Python compares an int of any size with these bounds exactly; nothing converts it here.
-    got = shown(value)
+    # Python compares an int of any size with these bounds exactly; nothing converts it here,
+    # and the value is shown (a repr) only when a bound fails.
     if "minimum" in schema and value < schema["minimum"]:
-        out.append(Finding(line, path, f"must be at least {schema['minimum']}, got {got}"))
+        out.append(Finding(line, path, f"must be at least {schema['minimum']}, got {shown(value)}"))
     elif "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
         out.append(
-            Finding(line, path, f"must be greater than {schema['exclusiveMinimum']}, got {got}")
+            Finding(
+                line, path, f"must be greater than {schema['exclusiveMinimum']}, got {shown(value)}"
+            )
         )
     elif "maximum" in schema and value > schema["maximum"]:
-        out.append(Finding(line, path, f"must be at most {schema['maximum']}, got {got}"))
+        out.append(Finding(line, path, f"must be at most {schema['maximum']}, got {shown(value)}"))

@@ -496,8 +496,9 @@ def _normalized(scope: Scope, path: str) -> Scope:
 
 #: The scope key an app sets in the scope it was given to say "this request is not traffic":
 #: meshlib's metrics and admin apps do, so a scrape that reaches them through this middleware
-#: (FastAPI's ``add_middleware`` wraps the mounts too) is left out of the metrics and the call
-#: events (tap, top, access log, graph). Read like ``scope["route"]``, once the app returns.
+#: (FastAPI's ``add_middleware`` wraps the mounts too) is left out of the request metrics and the
+#: call events (tap, top, access log, graph); its authorization decision is still counted.
+#: Read like ``scope["route"]``, once the app returns.
 UNCOUNTED = "meshlib.uncounted"
 
 

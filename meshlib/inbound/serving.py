@@ -7,7 +7,7 @@ public API; the verified chain is read where the interpreter offers it), re-chec
 X.509 SVID of the mesh's trust domain against the current bundle (OpenSSL verified the chain
 and the dates; the SPIFFE shape and trust domain are meshlib's), and then either
 
-* refuses the connection (closes it, logging the reason on ``meshlib.inbound.serving``), or
+* refuses the connection (closes it, logging the reason on ``meshlib.serving``), or
 * injects the extension into every scope the connection makes, where
   :class:`~meshlib.inbound.MeshMiddleware` reads the caller's identity.
 
@@ -306,6 +306,8 @@ def _build(
     options.update(uvicorn_kwargs)
     source: SVIDSource | None = None
     if resolved is not MTLSMode.DISABLE:
+        if "http" in options:  # the TLS protocol is meshlib's: it cannot be swapped out
+            raise ValueError(f"mTLS mode {resolved.value!r}: uvicorn's http= cannot be given")
         if svid_dir is None:
             raise ValueError(
                 f"mTLS mode {resolved.value!r} needs svid_dir (cert.pem, key.pem, ...)"

@@ -44,7 +44,8 @@ class MetricsApp:
 
     Requests it answers are marked in the scope (:data:`UNCOUNTED`): when it is mounted behind
     ``MeshMiddleware`` (FastAPI's ``add_middleware`` wraps the mounts too) the middleware
-    leaves the scrape out of metrics, the tap and top. A class, not a function, so that
+    leaves the scrape out of the request metrics, the tap and top (its authorization decision
+    is still counted). A class, not a function, so that
     Starlette's ``Route("/metrics", ...)`` treats it as an ASGI app, and so that
     ``add_middleware(MetricsApp)`` puts it in front of an application.
     """

@@ -157,6 +157,15 @@ def test_tls_mode_without_svid_dir_is_refused(make_mesh: Any) -> None:
         serve(lambda *a: None, mesh=make_mesh("strict"))  # type: ignore[arg-type]
 
 
+def test_tls_mode_refuses_another_http_protocol(make_mesh: Any) -> None:
+    """Under TLS the protocol class is meshlib's (identity, framing checks): an ``http=`` given
+    to uvicorn would have been dropped silently; it is refused instead."""
+    from meshlib.inbound.serving import serve
+
+    with pytest.raises(ValueError, match="http= cannot be given"):
+        serve(lambda *a: None, mesh=make_mesh("strict"), http="h11")  # type: ignore[arg-type]
+
+
 def test_reload_swaps_pair_for_new_connections_old_ones_keep_working(pki: PKI, start: Any) -> None:
     server, _ = start(pki.server_dir)
     ctx = client_context(pki.ca, pki.client_dir)
