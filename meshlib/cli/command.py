@@ -32,6 +32,18 @@ class UsageError(Exception):
     """A problem with the command line rather than with the policy (exit status 2)."""
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse ``type=`` for a duration in seconds that must be above zero (a zero
+    timeout would make every read fail at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def add_output_option(parser: argparse.ArgumentParser, *, json_alias: bool = False) -> None:
     """Give a verb that prints results ``-o/--output text|json|yaml`` (default text); with
     ``json_alias`` also ``--json`` (the observe verbs had it before ``-o``)."""

@@ -30,6 +30,8 @@ from meshlib.cli.command import (
     UsageError,
     add_output_option,
     format_document,
+    positive_seconds,
+    print_document,
 )
 
 EXIT_FAILED = EXIT_INVALID  # the admin app could not be reached or answered an error
@@ -40,7 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "url", metavar="URL", help="the admin app, e.g. http://127.0.0.1:9901 or 127.0.0.1:9901"
     )
     add_output_option(p, json_alias=True)
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument("--timeout", type=positive_seconds, default=5.0, help="seconds (default 5)")
 
 
 def base_url(url: str) -> str:
@@ -126,7 +128,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     status = _get(args, "/status")
     dests = _get(args, "/endpoints")
     if args.output != "text":
-        print(format_document({"status": status, "endpoints": dests}, args.output))
+        print_document({"status": status, "endpoints": dests}, args.output)
         return EXIT_OK
     print(format_status(status, dests))
     return EXIT_OK
@@ -260,7 +262,7 @@ def _add_top(sub: Subparsers) -> None:
 def _cmd_top(args: argparse.Namespace) -> int:
     top = _get(args, "/top")
     if args.output != "text":
-        print(format_document(top, args.output))
+        print_document(top, args.output)
         return EXIT_OK
     print(format_top(top))
     return EXIT_OK
@@ -311,15 +313,15 @@ def _add_graph(sub: Subparsers) -> None:
     add_output_option(p, json_alias=True)
     p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     p.add_argument("--interval", type=float, default=0.0, metavar="SECONDS")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=positive_seconds, default=5.0, metavar="SECONDS")
     p.set_defaults(func=_cmd_graph)
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
     from meshlib.observe import graph
 
-    if args.interval < 0 or args.timeout <= 0:
-        raise UsageError("--interval must be >= 0 and --timeout > 0")
+    if args.interval < 0:
+        raise UsageError("--interval must be >= 0")
     if args.format != "text" and args.output != "text":
         raise UsageError(f"-o {args.output} prints the text format's data; drop --format")
     try:

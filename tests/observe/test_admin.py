@@ -448,3 +448,11 @@ def test_a_url_httpx_refuses_is_one_line_not_a_traceback(verb: str, capsys) -> N
     assert capsys.readouterr().err == (
         f"meshctl {verb}: http://a:b: not a URL (Invalid port: 'b')\n"
     )
+
+
+@pytest.mark.parametrize("verb", ["status", "tap", "top", "graph"])
+def test_a_timeout_of_zero_is_a_usage_error(verb: str, capsys) -> None:
+    """Every observe verb refuses --timeout 0 at the command line (status used to try, and
+    print 'Operation now in progress')."""
+    assert main([verb, "127.0.0.1:1", "--timeout", "0"]) == 2
+    assert "must be more than 0 seconds" in capsys.readouterr().err
