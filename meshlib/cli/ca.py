@@ -7,11 +7,10 @@ package loads (and with it ``cryptography``) only when a ``ca`` verb runs.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from meshlib.cli.command import (
-    EXIT_INVALID,
     EXIT_OK,
+    CommandFailed,
     Registrar,
     Subparsers,
     UsageError,
@@ -91,8 +90,7 @@ def _cmd_ca_init(args: argparse.Namespace) -> int:
     try:
         ca = cadir.init(args.trust_domain or DEFAULT_TRUST_DOMAIN, force=args.force)
     except IdentityError as exc:
-        print(f"meshctl ca init: {exc.reason}", file=sys.stderr)
-        return EXIT_INVALID
+        raise CommandFailed(exc.reason) from exc
     out = cadir.path
     print(f"{out}/ca.pem: root CA for spiffe://{ca.trust_domain}, key in {out}/ca-key.pem")
     return EXIT_OK
@@ -114,8 +112,7 @@ def _cmd_ca_issue(args: argparse.Namespace) -> int:
         spiffe_id = SpiffeID.for_workload(td, args.namespace, args.service_account)
         svid = cadir.issue(spiffe_id, out=args.out, ttl=dt.timedelta(seconds=ttl))
     except IdentityError as exc:
-        print(f"meshctl ca issue: {exc.reason}", file=sys.stderr)
-        return EXIT_INVALID
+        raise CommandFailed(exc.reason) from exc
     until = svid.certificate.not_valid_after_utc.isoformat()
     print(f"{args.out}/cert.pem: {spiffe_id} valid until {until}")
     return EXIT_OK
@@ -132,8 +129,7 @@ def _cmd_ca_inspect(args: argparse.Namespace) -> int:
         if args.bundle:
             spiffe_id = verify_svid(certs, load_certificates(args.bundle))
     except IdentityError as exc:
-        print(f"meshctl ca inspect: {exc.reason}", file=sys.stderr)
-        return EXIT_INVALID
+        raise CommandFailed(exc.reason) from exc
     if args.output != "text":
         verified = (
             None if spiffe_id is None else {"spiffe_id": str(spiffe_id), "bundle": args.bundle}
@@ -171,8 +167,7 @@ def _cmd_ca_rotate(args: argparse.Namespace) -> int:
     try:
         new, bundle = CADirectory(args.dir).rotate()
     except IdentityError as exc:
-        print(f"meshctl ca rotate: {exc.reason}", file=sys.stderr)
-        return EXIT_INVALID
+        raise CommandFailed(exc.reason) from exc
     print(f"new root: {root_label(new.certificate)} (the previous one kept for the overlap)")
     print(f"{args.dir}/bundle.pem: {len(bundle.roots)} roots, sequence {bundle.sequence}")
     return EXIT_OK
@@ -189,8 +184,7 @@ def _cmd_ca_bundle(args: argparse.Namespace) -> int:
             args.out, drop_old=args.drop_old, force=args.force
         )
     except IdentityError as exc:
-        print(f"meshctl ca bundle: {exc.reason}", file=sys.stderr)
-        return EXIT_INVALID
+        raise CommandFailed(exc.reason) from exc
     print(f"{args.out}: {len(bundle.roots)} root(s), sequence {bundle.sequence}")
     return EXIT_OK
 
@@ -202,8 +196,7 @@ def _cmd_ca_revoke(args: argparse.Namespace) -> int:
     try:
         revoked = CADirectory(args.dir).revoke(args.files)
     except IdentityError as exc:
-        print(f"meshctl ca revoke: {exc.reason}", file=sys.stderr)
-        return EXIT_INVALID
+        raise CommandFailed(exc.reason) from exc
     for serial, root in revoked:
         print(f"revoked serial {serial:x} (issued by {root})")
     print(f"{args.dir}/crl.pem: re-signed; copy it into each SVID directory")

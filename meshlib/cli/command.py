@@ -32,6 +32,11 @@ class UsageError(Exception):
     """A problem with the command line rather than with the policy (exit status 2)."""
 
 
+class CommandFailed(Exception):
+    """The verb could not do its work: a bad file, an unreachable URL, a refused CA step (exit
+    status 1). The message is the one line printed after ``meshctl VERB:``."""
+
+
 def positive_seconds(text: str) -> float:
     """An argparse ``type=`` for a duration in seconds that must be above zero (a zero
     timeout would make every read fail at once)."""

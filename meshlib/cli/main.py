@@ -16,7 +16,15 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from meshlib.cli import ca, observe, policy
-from meshlib.cli.command import EXIT_OK, EXIT_USAGE, Handler, Subparsers, UsageError
+from meshlib.cli.command import (
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandFailed,
+    Handler,
+    Subparsers,
+    UsageError,
+)
 from meshlib.cli.completion import SHELLS, completion_script
 
 #: The verb groups, in the order ``meshctl --help`` lists their verbs.
@@ -79,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits on --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Handler = args.func
+    # "meshctl ca issue: ...", not "meshctl ca: ...", for a verb with sub-verbs
+    said = " ".join(v for v in (args.verb, getattr(args, "ca_verb", None)) if v)
     try:
         return handler(args)
     except UsageError as exc:
-        print(f"meshctl {args.verb}: {exc}", file=sys.stderr)
+        print(f"meshctl {said}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except CommandFailed as exc:
+        print(f"meshctl {said}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     except BrokenPipeError:  # e.g. `meshctl schema | head`
         return EXIT_OK
 

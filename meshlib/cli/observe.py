@@ -17,14 +17,14 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
 from meshlib.cli.command import (
-    EXIT_INVALID,
     EXIT_OK,
+    CommandFailed,
     Registrar,
     Subparsers,
     UsageError,
@@ -33,8 +33,6 @@ from meshlib.cli.command import (
     positive_seconds,
     print_document,
 )
-
-EXIT_FAILED = EXIT_INVALID  # the admin app could not be reached or answered an error
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -57,35 +55,28 @@ def _get(args: argparse.Namespace, path: str) -> Any:
     try:
         response = httpx.get(url, timeout=args.timeout)
     except httpx.HTTPError as exc:
-        raise _Failed(f"{url}: {failure(exc, args.timeout)}") from exc
+        raise CommandFailed(f"{url}: {failure(exc, args.timeout)}") from exc
     except (httpx.InvalidURL, ValueError) as exc:  # InvalidURL is not a ValueError
-        raise _Failed(f"{args.url}: not a URL ({exc})") from exc
+        raise CommandFailed(f"{args.url}: not a URL ({exc})") from exc
     if response.status_code != 200:
-        raise _Failed(f"{url}: HTTP {response.status_code}: {_first_line(response.text)}")
+        raise _refused(url, response)
     try:
         return response.json()
     except ValueError:
-        raise _Failed(f"{url}: not an admin app (the answer is not JSON)") from None
+        raise _not_admin(url) from None
+
+
+def _refused(url: str, response: httpx.Response) -> CommandFailed:
+    return CommandFailed(f"{url}: HTTP {response.status_code}: {_first_line(response.text)}")
+
+
+def _not_admin(url: str) -> CommandFailed:
+    return CommandFailed(f"{url}: not an admin app (the answer is not JSON)")
 
 
 def _first_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[0] if lines else "(empty body)"
-
-
-class _Failed(Exception):
-    """The admin app could not be reached or answered an error (exit status 1)."""
-
-
-def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except _Failed as exc:
-            print(f"meshctl {args.verb}: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-
-    return run
 
 
 _NUMBER = re.compile(r"^-?[\d.]+(%|ms|s|/s| \w+)?$")
@@ -121,7 +112,7 @@ def _add_status(sub: Subparsers) -> None:
         description="Read /status and /endpoints of a service's admin app.",
     )
     _common(p)
-    p.set_defaults(func=_run(_cmd_status))
+    p.set_defaults(func=_cmd_status)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -206,7 +197,7 @@ def _add_tap(sub: Subparsers) -> None:
     p.add_argument("--destination", help="only calls to this service")
     p.add_argument("--route", help="only this route")
     p.add_argument("--direction", choices=("inbound", "outbound"))
-    p.set_defaults(func=_run(_cmd_tap))
+    p.set_defaults(func=_cmd_tap)
 
 
 def _cmd_tap(args: argparse.Namespace) -> int:
@@ -223,14 +214,18 @@ def _cmd_tap(args: argparse.Namespace) -> int:
         with httpx.stream("GET", url, params=params, timeout=timeout) as response:
             if response.status_code != 200:
                 response.read()
-                raise _Failed(f"{url}: HTTP {response.status_code}: {_first_line(response.text)}")
+                raise CommandFailed(
+                    f"{url}: HTTP {response.status_code}: {_first_line(response.text)}"
+                )
             for line in response.iter_lines():
                 if not line:
                     continue
                 try:
                     event = json.loads(line)
                 except ValueError:
-                    raise _Failed(f"{url}: not an admin app (the answer is not JSON)") from None
+                    raise CommandFailed(
+                        f"{url}: not an admin app (the answer is not JSON)"
+                    ) from None
                 if args.output == "json":
                     print(line)  # NDJSON: one event per line, as the admin app sends it
                 elif args.output == "yaml":
@@ -239,9 +234,9 @@ def _cmd_tap(args: argparse.Namespace) -> int:
                     print(CallEvent.from_dict(event).text())
                 sys.stdout.flush()
     except httpx.HTTPError as exc:
-        raise _Failed(f"{url}: {failure(exc, args.timeout)}") from exc
+        raise CommandFailed(f"{url}: {failure(exc, args.timeout)}") from exc
     except httpx.InvalidURL as exc:
-        raise _Failed(f"{args.url}: not a URL ({exc})") from exc
+        raise CommandFailed(f"{args.url}: not a URL ({exc})") from exc
     return EXIT_OK
 
 
@@ -256,7 +251,7 @@ def _add_top(sub: Subparsers) -> None:
         "the admin app's sliding window.",
     )
     _common(p)
-    p.set_defaults(func=_run(_cmd_top))
+    p.set_defaults(func=_cmd_top)
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
@@ -333,8 +328,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
             scrapes = [graph.delta(a, b) for a, b in zip(scrapes, later, strict=True)]
             interval = args.interval
     except graph.GraphError as exc:
-        print(f"meshctl graph: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        raise CommandFailed(str(exc)) from exc
     built = graph.build(scrapes, interval)
     if args.output != "text":
         output = format_document(graph.as_dict(built), args.output) + "\n"
@@ -345,8 +339,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
             with open(args.out, "w", encoding="utf-8") as f:
                 f.write(output)
         except OSError as exc:
-            print(f"meshctl graph: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
-            return EXIT_INVALID
+            raise CommandFailed(f"cannot write {args.out}: {exc.strerror}") from exc
     else:
         sys.stdout.write(output)
     return EXIT_OK

@@ -245,6 +245,7 @@ def test_cli_failures_are_one_line_and_non_zero(
     assert main(["ca", "init", "--dir", str(ca_dir)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert main([*issue, "--out", str(tmp_path / "o"), "--ttl", "soon"]) == 2
+    assert capsys.readouterr().err.startswith("meshctl ca issue: --ttl: ")  # the sub-verb named
     assert main([*issue[:-1], "x/y", "--out", str(tmp_path / "o")]) == 1
     assert "not a valid path segment" in capsys.readouterr().err
     assert main(["ca", "inspect", str(tmp_path / "missing.pem")]) == 1
