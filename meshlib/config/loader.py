@@ -33,7 +33,7 @@ from meshlib.config.smi import (
     build_udp_route,
 )
 from meshlib.config.values import parse_duration, shown
-from meshlib.config.yamlsafe import YamlDocument, YMap, read_documents
+from meshlib.config.yamlsafe import YamlDocument, YMap, line_column, read_documents
 from meshlib.errors import ConfigError, Problem
 
 __all__ = [
@@ -95,11 +95,8 @@ def load_texts(sources: Iterable[tuple[str, str | bytes]], *, version: int = 0) 
     problems: list[Problem] = []
     for source, text in sources:
         if isinstance(text, bytes):
-            if len(text) > MAX_FILE_BYTES:
-                problems.append(_too_big(source, len(text)))
-                continue
             try:
-                text = decode_policy(source, text)
+                text = _policy_text(source, text)
             except ConfigError as exc:
                 problems.extend(exc.problems)
                 continue
@@ -140,9 +137,14 @@ def read_policy_file(path: str) -> str:
             data = f.read(MAX_FILE_BYTES + 1)  # the file may have grown since stat
     except OSError as exc:
         raise ConfigError([Problem(path, 0, 0, "", f"cannot read file: {exc.strerror}")]) from None
+    return _policy_text(path, data)
+
+
+def _policy_text(source: str, data: bytes) -> str:
+    """Policy bytes as text: over the size cap, or not UTF-8 → ConfigError."""
     if len(data) > MAX_FILE_BYTES:
-        raise ConfigError([_too_big(path, len(data))])
-    return decode_policy(path, data)
+        raise ConfigError([_too_big(source, len(data))])
+    return decode_policy(source, data)
 
 
 def decode_policy(source: str, data: bytes) -> str:
@@ -150,16 +152,14 @@ def decode_policy(source: str, data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        line, col = line_column(data, exc.start)
         raise ConfigError(
             [Problem(source, line, 0, "", f"file is not valid UTF-8 (byte {exc.start})", col)]
         ) from None
 
 
 def _not_unicode(source: str, text: str, index: int) -> Problem:
-    line = text.count("\n", 0, index) + 1
-    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    line, column = line_column(text, index)
     message = f"text is not valid Unicode (a lone surrogate, U+{ord(text[index]):04X})"
     return Problem(source, line, 0, "", message, column)
 
@@ -179,18 +179,15 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     for i, (name, text) in enumerate(sources):
         if i:
             digest.update(b"\0")
-        unreadable: Problem | None = None
         try:
             encoded = text.encode("utf-8")
         except UnicodeEncodeError as exc:  # a lone surrogate: str can hold it, UTF-8 cannot
-            encoded = text.encode("utf-8", "surrogatepass")
-            unreadable = _not_unicode(name, text, exc.start)
-        digest.update(encoded)
-        if len(encoded) > MAX_FILE_BYTES:
-            unreadable = _too_big(name, len(encoded))
-        if unreadable is not None:
-            problems.append(unreadable)
+            problems.append(_not_unicode(name, text, exc.start))
             continue
+        if len(encoded) > MAX_FILE_BYTES:
+            problems.append(_too_big(name, len(encoded)))
+            continue
+        digest.update(encoded)
         docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
         problems.extend(
             Problem(name, p.line, p.document, p.field, p.message, p.column) for p in yaml_problems

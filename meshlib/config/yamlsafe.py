@@ -261,12 +261,18 @@ def _syntax_problem(exc: yaml.MarkedYAMLError, document: int, text: str) -> Yaml
     return YamlProblem(line, document, "", message, column)
 
 
+def line_column(text: str | bytes, index: int) -> tuple[int, int]:
+    """The 1-based line and column of offset ``index`` in ``text`` (columns count characters
+    of a str, bytes of bytes)."""
+    newline: Any = b"\n" if isinstance(text, bytes) else "\n"
+    return text.count(newline, 0, index) + 1, index - text.rfind(newline, 0, index)
+
+
 def _reader_problem(exc: yaml.reader.ReaderError, document: int, text: str) -> YamlProblem:
     """A character YAML does not allow (a control character): libyaml reports no mark, only
     the offset of the character in the UTF-8 encoding of the text."""
     prefix = text.encode("utf-8")[: exc.position].decode("utf-8", "replace")
-    line = prefix.count("\n") + 1
-    column = len(prefix) - (prefix.rfind("\n") + 1) + 1
+    line, column = line_column(prefix, len(prefix))
     char = exc.character
     what = f"U+{char:04X}" if isinstance(char, int) else shown(char)
     return YamlProblem(line, document, "", f"invalid YAML: character {what}: {exc.reason}", column)
