@@ -27,7 +27,7 @@ from meshlib.control.store import (
     StoreClosed,
 )
 
-__all__ = ["Change", "Journal", "MemoryStore", "State"]
+__all__ = ["Journal", "JournalEntry", "MemoryStore", "State"]
 
 #: How many revisions of history a store keeps for watches to resume from, by default
 #: (etcd's recipe in CONTROL-PLANE.md compacts to the last 1000 revisions too).
@@ -35,7 +35,7 @@ DEFAULT_HISTORY = 1000
 
 
 @dataclass(frozen=True)
-class Change:
+class JournalEntry:
     """One write as a journal sees it: the store's ``revision`` after it, the ``events`` it
     emits, the keys it wrote (``items``) and removed (``deleted``), the leases it granted
     (id, ttl) or ended, and the bookkeeping a reopened store needs."""
@@ -53,7 +53,7 @@ class Change:
 class Journal(Protocol):
     """Where a durable store records each change before applying it."""
 
-    def record(self, change: Change) -> None: ...
+    def record(self, change: JournalEntry) -> None: ...
 
 
 @dataclass
@@ -221,7 +221,7 @@ class MemoryStore:
         next_lease: int | None = None,
     ) -> None:
         compacted = max(self._compacted, revision - self._history_limit)
-        change = Change(
+        change = JournalEntry(
             revision=revision,
             events=events,
             items=items,

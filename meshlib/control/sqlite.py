@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TextIO
 
-from meshlib.control.memory import DEFAULT_HISTORY, Change, MemoryStore, State
+from meshlib.control.memory import DEFAULT_HISTORY, JournalEntry, MemoryStore, State
 from meshlib.control.store import Event, EventKind, Item, StoreError, StoreLocked
 
 __all__ = ["DB_FILE", "LOCK_FILE", "SQLiteStore"]
@@ -131,7 +131,7 @@ class SQLiteStore:
 
     # -- the journal ------------------------------------------------------------------------
 
-    def record(self, change: Change) -> None:
+    def record(self, change: JournalEntry) -> None:
         """Commit ``change`` in one transaction (called by the memory store before it applies
         the change)."""
         db = self._db

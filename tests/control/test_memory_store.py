@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshlib.control import MemoryStore, SQLiteStore
-from meshlib.control.memory import Change
+from meshlib.control.memory import JournalEntry
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]
 
@@ -51,10 +51,10 @@ class FailingJournal:
     """A journal whose disk is full from the n-th record on."""
 
     def __init__(self, fail_from: int) -> None:
-        self.recorded: list[Change] = []
+        self.recorded: list[JournalEntry] = []
         self.fail_from = fail_from
 
-    def record(self, change: Change) -> None:
+    def record(self, change: JournalEntry) -> None:
         if len(self.recorded) >= self.fail_from:
             raise OSError("disk full")
         self.recorded.append(change)
