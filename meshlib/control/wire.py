@@ -1,0 +1,183 @@
+"""The registry API's answers as values: what the server sends and the client reads, in one place
+so the two cannot drift (the JSON shapes are docs/control-plane.md, "The API").
+
+Each value has ``to_json`` (the server's body) and ``from_json`` (the client's parse, which
+raises :class:`WireError` naming the field when a body is not what the API promises).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshlib.config.model import Endpoint
+
+#: Response headers of a blocking query (CONTROL-PLANE.md §3).
+INDEX_HEADER = "X-Mesh-Index"
+EPOCH_HEADER = "X-Mesh-Epoch"
+AUTHORITATIVE_HEADER = "X-Mesh-Authoritative"
+#: Request header naming the policy's source in error messages (``PUT /v1/policy``).
+SOURCE_HEADER = "X-Mesh-Source"
+
+
+class WireError(ValueError):
+    """A registry answer that does not have the promised shape."""
+
+
+def _get(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in body:
+        raise WireError(f"{where}: field {name!r} is missing")
+    value = body[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise WireError(f"{where}: field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _optional(body: Mapping[str, Any], name: str, kind: type, where: str) -> Any:
+    if body.get(name) is None:
+        return None
+    return _get(body, name, kind, where)
+
+
+def _object(body: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise WireError(f"{where}: expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _labels(value: object, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise WireError(f"{where}: labels must be a map of strings")
+    return dict(value)
+
+
+def host_port(address: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets (the policy file's endpoint address form)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+@dataclass(frozen=True)
+class RegisteredEndpoint:
+    """One live instance of a service as a blocking query returns it."""
+
+    id: str
+    address: str
+    port: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    metrics_port: int | None = None
+
+    def endpoint(self) -> Endpoint:
+        """The policy model's endpoint (weight 1; labels kept for subset routing)."""
+        return Endpoint(host_port(self.address, self.port), 1, dict(self.labels))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "address": self.address,
+            "port": self.port,
+            "labels": dict(self.labels),
+            "metrics_port": self.metrics_port,
+        }
+
+    @classmethod
+    def from_json(cls, body: object, where: str = "endpoint") -> RegisteredEndpoint:
+        obj = _object(body, where)
+        return cls(
+            _get(obj, "id", str, where),
+            _get(obj, "address", str, where),
+            _get(obj, "port", int, where),
+            _labels(obj.get("labels"), where),
+            _optional(obj, "metrics_port", int, where),
+        )
+
+
+@dataclass(frozen=True)
+class EndpointsAnswer:
+    """A full snapshot of one service's live instances (never a delta)."""
+
+    namespace: str
+    service: str
+    index: int
+    epoch: str
+    authoritative: bool
+    endpoints: tuple[RegisteredEndpoint, ...]
+
+    @property
+    def key(self) -> str:
+        """The service key the policy model uses: ``name.namespace``."""
+        return f"{self.service}.{self.namespace}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "service": self.service,
+            "index": self.index,
+            "epoch": self.epoch,
+            "authoritative": self.authoritative,
+            "endpoints": [e.to_json() for e in self.endpoints],
+        }
+
+    @classmethod
+    def from_json(cls, body: object) -> EndpointsAnswer:
+        where = "endpoints answer"
+        obj = _object(body, where)
+        items = _get(obj, "endpoints", list, where)
+        return cls(
+            _get(obj, "namespace", str, where),
+            _get(obj, "service", str, where),
+            _get(obj, "index", int, where),
+            _get(obj, "epoch", str, where),
+            _get(obj, "authoritative", bool, where),
+            tuple(
+                RegisteredEndpoint.from_json(item, f"{where}: endpoints[{i}]")
+                for i, item in enumerate(items)
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class PolicyAnswer:
+    """One policy version as ``GET /v1/policy`` returns it (version 0, text "" before any)."""
+
+    version: int
+    text: str
+    digest: str | None = None
+    author: str | None = None
+    created_at: float | None = None
+    rollback_of: int | None = None
+    #: From the response headers, not the body.
+    epoch: str = ""
+    authoritative: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "digest": self.digest,
+            "text": self.text,
+            "author": self.author,
+            "created_at": self.created_at,
+            "rollback_of": self.rollback_of,
+        }
+
+    @classmethod
+    def from_json(
+        cls, body: object, *, epoch: str = "", authoritative: bool = True
+    ) -> PolicyAnswer:
+        where = "policy answer"
+        obj = _object(body, where)
+        created = _optional(obj, "created_at", (int, float), where)  # type: ignore[arg-type]
+        return cls(
+            _get(obj, "version", int, where),
+            _get(obj, "text", str, where),
+            _optional(obj, "digest", str, where),
+            _optional(obj, "author", str, where),
+            None if created is None else float(created),
+            _optional(obj, "rollback_of", int, where),
+            epoch,
+            authoritative,
+        )
