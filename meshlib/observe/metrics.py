@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
@@ -232,6 +232,33 @@ class MeshMetrics:
             registry=registry,
         )
 
+        self.registry_up = Labelled(
+            Gauge(
+                "mesh_registry_up",
+                "1 while this workload's last request to the registry succeeded, else 0.",
+                ("registry",),
+                registry=registry,
+            )
+        )
+        self.registry_staleness = Labelled(
+            Gauge(
+                "mesh_registry_staleness_seconds",
+                "Seconds since this workload last heard from the registry (0 while a watch is "
+                "answered; grows while the registry is away and the last known state is used).",
+                ("registry",),
+                registry=registry,
+            )
+        )
+        self.policy_version = Labelled(
+            Gauge(
+                "mesh_policy_version",
+                "The registry policy version this workload applied, and the last it rejected "
+                "(0: none).",
+                ("state",),
+                registry=registry,
+            )
+        )
+
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> MeshMetrics:
         reg = registry if registry is not None else REGISTRY
@@ -279,5 +306,61 @@ class MeshMetrics:
     def set_renewal_overdue(self, identity: str, overdue: bool) -> None:
         self.renewal_overdue.labels(identity).set(1.0 if overdue else 0.0)
 
+    def set_registry_up(self, registry: str, up: bool) -> None:
+        self.registry_up.labels(registry).set(1.0 if up else 0.0)
+
+    def track_registry_staleness(self, registry: str, staleness: Callable[[], float]) -> None:
+        """Read ``staleness()`` (seconds) at every scrape: it grows while the registry is away."""
+        self.registry_staleness.labels(registry).set_function(staleness)
+
+    def set_policy_version(self, state: str, version: int) -> None:
+        """``state``: ``applied`` or ``rejected``."""
+        self.policy_version.labels(state).set(float(version))
+
 
 _CIRCUIT_VALUES = {"closed": 0.0, "open": 1.0, "half_open": 2.0}
+
+
+class RegistryMetrics:
+    """The registry process's own families (DESIGN.md §8), served on its ``/metrics``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = registry if registry is not None else REGISTRY
+        self.instances = Gauge(
+            "mesh_registry_instances", "Live registered instances.", registry=reg
+        )
+        self.wakeups = Counter(
+            "mesh_registry_watch_wakeups_total",
+            "Blocking queries answered because their service (or the policy) changed: a change "
+            "to one service wakes only that service's watchers.",
+            registry=reg,
+        )
+        self.refusals = Counter(
+            "mesh_registry_refusals_total",
+            "Requests refused by the registry's authorization (403), by verb.",
+            ("verb",),
+            registry=reg,
+        )
+        self.preserving = Gauge(
+            "mesh_registry_self_preservation",
+            "1 while expiry is held because many instances went silent at once.",
+            registry=reg,
+        )
+        self.watchers = Gauge(
+            "mesh_registry_blocking_queries", "Blocking queries held open now.", registry=reg
+        )
+
+    def set_instances(self, count: int) -> None:
+        self.instances.set(float(count))
+
+    def woke(self, watchers: int = 1) -> None:
+        self.wakeups.inc(watchers)
+
+    def refused(self, verb: str) -> None:
+        self.refusals.labels(verb).inc()
+
+    def set_preserving(self, preserving: bool) -> None:
+        self.preserving.set(1.0 if preserving else 0.0)
+
+    def set_watchers(self, count: int) -> None:
+        self.watchers.set(float(count))
