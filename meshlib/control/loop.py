@@ -77,6 +77,8 @@ class LoopThread:
             thread, loop = self._thread, self._loop
         if thread is None or loop is None or not thread.is_alive():
             return
+        if thread is threading.current_thread():
+            raise RuntimeError(f"{self.name}: stop() from a task on the loop it would stop")
 
         async def cancel_all() -> None:
             current = asyncio.current_task()
