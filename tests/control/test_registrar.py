@@ -65,6 +65,7 @@ class CoreAPI:
         self.down = False
         self.retry_after: float | None = None
         self.hang: set[str] = set()
+        self.registered = threading.Event()
 
     async def _enter(self, verb: str) -> None:
         self.calls.append((verb, self.clock.now))
@@ -97,6 +98,7 @@ class CoreAPI:
             now=self.clock.now,
         )
         assert done.instance.id == instance_id  # the API answers 400 otherwise
+        self.registered.set()
         return Answer(done.instance.ttl, INTERVAL)
 
     async def heartbeat(
@@ -124,16 +126,17 @@ class CoreAPI:
 
 class FakeSleep:
     """The registrar's wait: advances the clock by the delay, ticking the core's expiry every
-    second as the registry app does, then parks the task while ``until()`` holds."""
+    second as the registry app does, then parks the task while ``until()`` holds — at its first
+    wait until the test calls :meth:`run_until`. Its state is read and written on the loop's
+    thread only, so the test thread and the task never race on it."""
 
-    def __init__(self, clock: Clock, api: CoreAPI) -> None:
-        self.clock, self.api = clock, api
+    def __init__(self, clock: Clock, api: CoreAPI, loop: LoopThread) -> None:
+        self.clock, self.api, self.loop = clock, api, loop
         self.delays: list[float] = []
-        self.until: Callable[[], bool] = lambda: False
+        self.until: Callable[[], bool] = lambda: True
         self.parked = threading.Event()
         #: Every task parked in this round waits on it; run_until opens it and makes the next.
         self._gate = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, delay: float) -> None:
         self.delays.append(delay)
@@ -146,18 +149,20 @@ class FakeSleep:
         self.clock.now = end
         self.api.core.expire(end)
         if self.until():
-            self._loop, gate = asyncio.get_running_loop(), self._gate
             self.parked.set()
-            await gate.wait()
+            await self._gate.wait()
         await asyncio.sleep(0)
 
     def run_until(self, condition: Callable[[], bool]) -> None:
         """Let the parked task go on until ``condition`` holds at one of its waits."""
-        self.until = condition
-        self.parked.clear()
-        gate, self._gate = self._gate, asyncio.Event()
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(gate.set)
+
+        async def release() -> None:
+            self.until = condition
+            self.parked.clear()
+            gate, self._gate = self._gate, asyncio.Event()
+            gate.set()
+
+        self.loop.submit(release()).result(WAIT)
         assert self.parked.wait(WAIT), "the registrar never reached the expected state"
 
 
@@ -167,6 +172,11 @@ class World:
     api: CoreAPI
     sleep: FakeSleep
     registrar: Registrar
+    loop: LoopThread
+
+    def close(self) -> None:
+        self.registrar.close()
+        self.loop.stop()
 
     def add(self, **kwargs: object) -> RegistrationHandle:
         return self.registrar.add("default", "reviews", "127.0.0.1", 9080, **kwargs)  # type: ignore[arg-type]
@@ -176,21 +186,22 @@ class World:
 def world() -> Iterator[World]:
     world = make_world()
     yield world
-    world.registrar.close()
+    world.close()
 
 
 def make_world(
     report: Callable[[], PolicyReport] | None = None,
     settings: RegistrarSettings | None = None,
-    loop: LoopThread | None = None,
 ) -> World:
+    """A registrar on a loop the test owns (so the fake sleep can be driven on it)."""
     clock = Clock()
     api = CoreAPI(clock)
-    sleep = FakeSleep(clock, api)
+    loop = LoopThread("test-registrar").start()
+    sleep = FakeSleep(clock, api, loop)
     registrar = Registrar(
         api, report=report, settings=settings, rng=random.Random(11), sleep=sleep, loop=loop
     )
-    return World(clock, api, sleep, registrar)
+    return World(clock, api, sleep, registrar, loop)
 
 
 ID = instance_id("default", "reviews", "127.0.0.1", 9080)
@@ -327,7 +338,7 @@ def test_the_nack_and_its_error_reach_the_core_then_the_ack_clears_it() -> None:
             None,
         )
     finally:
-        world.registrar.close()
+        world.close()
 
 
 def test_a_failing_report_does_not_stop_the_heartbeats() -> None:
@@ -341,7 +352,7 @@ def test_a_failing_report_does_not_stop_the_heartbeats() -> None:
         assert world.api.core.get(ID) is not None
         assert world.api.verbs().count("register") == 1
     finally:
-        world.registrar.close()
+        world.close()
 
 
 def test_close_drains_at_once_waking_the_heartbeat_wait(world: World) -> None:
@@ -366,7 +377,7 @@ def test_close_is_bounded_when_the_registry_hangs() -> None:
         assert handle.status.drained is False
         assert world.api.core.get(ID) is not None  # left to its TTL
     finally:
-        world.registrar.close()
+        world.close()
 
 
 def test_add_never_blocks_and_close_cancels_a_register_in_flight(world: World) -> None:
@@ -378,8 +389,7 @@ def test_add_never_blocks_and_close_cancels_a_register_in_flight(world: World) -
 
 
 def test_closing_the_registrar_drains_every_instance_and_keeps_a_shared_loop() -> None:
-    shared = LoopThread("test-shared").start()
-    world = make_world(loop=shared)
+    world = make_world()
     try:
         first = world.add()
         second = world.registrar.add("default", "reviews", "127.0.0.1", 9081)
@@ -387,17 +397,20 @@ def test_closing_the_registrar_drains_every_instance_and_keeps_a_shared_loop() -
         assert world.api.core.get(first.id) and world.api.core.get(second.id)
         assert world.registrar.close() is True
         assert world.api.core.instances() == ()
-        assert shared.running  # not the registrar's to stop
+        assert world.loop.running  # shared: not the registrar's to stop
         with pytest.raises(RuntimeError, match="closed"):
             world.add()
     finally:
-        shared.stop()
-    assert not shared.running
+        world.close()
+    assert not world.loop.running
 
 
-def test_a_registrar_stops_the_loop_it_started() -> None:
-    world = make_world()
-    world.add()
-    world.sleep.run_until(lambda: world.api.verbs().count("heartbeat") >= 1)
-    world.registrar.close()
+def test_a_registrar_with_real_sleeps_stops_the_loop_it_started() -> None:
+    api = CoreAPI(Clock())
+    registrar = Registrar(api, rng=random.Random(5))  # its own loop, asyncio.sleep
+    handle = registrar.add("default", "reviews", "127.0.0.1", 9080)
+    assert api.registered.wait(WAIT)
+    # the task now sleeps ~3 s for its first heartbeat: close must not wait for it
+    assert registrar.close() is True
+    assert api.core.get(handle.id) is None
     assert not any(t.name == "meshlib-registrar" for t in threading.enumerate())
