@@ -385,8 +385,7 @@ class Registrar:
         returns at once (the register happens in the background, and is retried)."""
         if self._closed:
             raise RuntimeError("the registrar is closed")
-        if not 1 <= port <= 65535:
-            raise ValueError(f"register: port must be in 1..65535, got {port!r}")
+        _check_instance(namespace, service, address, port, metrics_port, ttl)
         handle = RegistrationHandle(
             self, namespace, service, address, port, labels or {}, metrics_port, ttl
         )
@@ -517,6 +516,33 @@ class Registrar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: The TTLs the registry accepts (the API answers 400 outside them).
+TTL_RANGE = (1.0, 300.0)
+
+
+def _check_instance(
+    namespace: str,
+    service: str,
+    address: str,
+    port: int,
+    metrics_port: int | None,
+    ttl: float | None,
+) -> None:
+    """Refuse here what the registry would refuse with a 400: retried in the background, it
+    would only fail again and again, far from the line that asked for it."""
+    for name, value in (("namespace", namespace), ("service", service), ("address", address)):
+        if not value or "\n" in value or "/" in value:
+            raise ValueError(
+                f"register: {name} must be a non-empty name without '/', got {value!r}"
+            )
+    for name, number in (("port", port), ("metrics_port", metrics_port)):
+        if number is not None and not 1 <= number <= 65535:
+            raise ValueError(f"register: {name} must be in 1..65535, got {number!r}")
+    low, high = TTL_RANGE
+    if ttl is not None and not low <= ttl <= high:
+        raise ValueError(f"register: ttl must be {low:g}..{high:g} seconds, got {ttl!r}")
 
 
 def _on_loop(loop: LoopThread) -> bool:

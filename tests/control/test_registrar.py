@@ -259,6 +259,31 @@ def test_settings_and_reports_refuse_bad_values_naming_them() -> None:
         PolicyReport(rejected_version=3)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"namespace": ""}, "namespace must be a non-empty name"),
+        ({"service": "a/b"}, "service must be a non-empty name"),
+        ({"port": 0}, r"port must be in 1\.\.65535, got 0"),
+        ({"metrics_port": 70000}, "metrics_port must be in"),
+        ({"ttl": 0.5}, r"ttl must be 1\.\.300 seconds, got 0\.5"),
+    ],
+)
+def test_add_refuses_what_the_registry_would_refuse_naming_the_field(
+    world: World, kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {
+        "namespace": "default",
+        "service": "reviews",
+        "address": "127.0.0.1",
+        "port": 9080,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        world.registrar.add(**args)  # type: ignore[arg-type]
+    assert world.registrar.handles == () and world.api.calls == []
+
+
 # -- the driver against the core ------------------------------------------------------------
 
 
