@@ -45,6 +45,13 @@ a grace period (``timeout_graceful_shutdown``, default :data:`SHUTDOWN_GRACE` se
 with ``Connection: close``; what is left after it is cancelled and its connection aborted.
 Callers' next calls open new connections, to whatever listens then.
 
+A mesh that keeps a registry (DESIGN.md §8) registers the served instance: once the server
+listens, :func:`serve` calls the mesh's optional ``on_serving(host, port, scheme)``
+(:class:`ServingHook`) with the address callers reach (``advertise``, else ``host``) and the
+real port, and :meth:`Server.stop` closes what it returned *first*, before the listener: the
+instance leaves the registry (callers stop picking it) while it still answers those already
+on their way, and only then does the port go away.
+
 Imports of uvicorn, asyncio, h11 and the identity package happen on first use, so
 ``import meshlib`` stays light.
 """
@@ -55,7 +62,7 @@ import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import asyncio
@@ -69,7 +76,7 @@ if TYPE_CHECKING:
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
     from meshlib.identity.tls import SVIDMaterial, SVIDSource
 
-__all__ = ["Server", "run", "serve", "tls_extension"]
+__all__ = ["Closeable", "Server", "ServingHook", "run", "serve", "tls_extension"]
 
 log = logging.getLogger("meshlib.serving")
 
@@ -91,6 +98,21 @@ class ServedMesh(Protocol):
     def metrics(self) -> CertMetrics | None: ...
 
     def mtls_mode(self, service_key: str | None = None) -> MTLSMode: ...
+
+
+class Closeable(Protocol):
+    """What :meth:`Server.stop` closes first (a registration handle, whose close drains)."""
+
+    def close(self) -> object: ...
+
+
+@runtime_checkable
+class ServingHook(Protocol):
+    """The optional part of a :class:`ServedMesh`, checked at run time so a mesh (or a test's
+    fake) without it serves as before: told where the server listens once it does, it returns
+    what to close when the server stops (``None``: nothing, e.g. a mesh without a registry)."""
+
+    def on_serving(self, host: str, port: int, scheme: str) -> Closeable | None: ...
 
 
 Scope = MutableMapping[str, Any]
@@ -129,6 +151,8 @@ class Server:
         self._thread = thread
         self._loop = loop
         self._rotation: RotationWatcher | None = None
+        #: What the mesh's :class:`ServingHook` returned: closed first by :meth:`stop`.
+        self._registration: Closeable | None = None
 
     @property
     def svid_status(self) -> RotationStatus | None:
@@ -163,7 +187,16 @@ class Server:
         within the grace period (then cancel them and abort their connections); join.
 
         ``timeout`` (seconds; default: the grace plus :data:`STOP_MARGIN`) bounds the whole
-        stop: :class:`TimeoutError` if the server thread is still running after it."""
+        stop: :class:`TimeoutError` if the server thread is still running after it.
+
+        First of all it closes what the mesh's ``on_serving`` returned (the registry drain):
+        callers learn the instance is leaving while it still accepts their calls."""
+        registration, self._registration = self._registration, None
+        if registration is not None:
+            try:
+                registration.close()  # bounded by the registrar's own drain timeout
+            except Exception:  # a failed drain must not keep the server up: the TTL removes it
+                log.exception("stopping %s: the registry drain failed", self.url)
         if self._rotation is not None:
             self._rotation.stop()
         if timeout is None:
@@ -194,6 +227,7 @@ def serve(
     mode: MTLSMode | str | None = None,
     startup_timeout: float = 10.0,
     svid_poll_interval: float | None = 1.0,
+    advertise: str | None = None,
     **uvicorn_kwargs: Any,
 ) -> Server:
     """Run ``app`` under uvicorn on a background thread; return once it listens.
@@ -203,6 +237,12 @@ def serve(
     ``disable``. The SVID directory is polled every ``svid_poll_interval`` seconds (``None``:
     never) and a renewed pair is swapped in on the server's loop
     (:mod:`meshlib.identity.rotation`). Extra keyword arguments go to :class:`uvicorn.Config`.
+
+    When the mesh has an ``on_serving`` hook (:class:`ServingHook`: a mesh with a registry
+    registers the instance there), it is called once the server listens, with ``advertise``
+    (the address callers reach; default ``host``, which must then not be a wildcard such as
+    ``0.0.0.0``), the real port and the scheme; :meth:`Server.stop` closes its result first.
+    If the hook raises, the server is stopped and the error propagates.
     """
     import asyncio
 
@@ -266,6 +306,13 @@ def serve(
             poll_interval=svid_poll_interval,
             on_reload=on_reload,
         ).start()
+    if isinstance(mesh, ServingHook):
+        scheme = "http" if source is None else "https"
+        try:
+            running._registration = mesh.on_serving(advertise or host, running.port, scheme)
+        except BaseException:
+            running.stop()
+            raise
     return running
 
 
