@@ -76,7 +76,7 @@ def init_registry_dir(data: str | Path, trust_domain: str | None = None) -> Regi
     """Make ``data``'s CA (unless ``data/ca`` has one) and issue the registry's and meshctl's
     SVIDs into ``data/registry`` and ``data/admin``. Raises
     :class:`~meshlib.identity.IdentityError` on a CA problem."""
-    from meshlib.control.app import REGISTRY_NAMESPACE
+    from meshlib.control.wire import REGISTRY_NAMESPACE
     from meshlib.identity import DEFAULT_TRUST_DOMAIN, CAError, SpiffeID
     from meshlib.identity.cadir import CADirectory
 

@@ -64,19 +64,12 @@ from meshlib.control.wire import (
     EndpointsAnswer,
     PolicyAnswer,
     RegisteredEndpoint,
+    admin_id,
 )
 from meshlib.errors import ConfigError
 from meshlib.identity.peers import verified_identity
-from meshlib.identity.spiffe import SpiffeID
 
-__all__ = [
-    "DEFAULT_MAX_WATCHERS",
-    "REGISTRY_NAMESPACE",
-    "RegistryApp",
-    "admin_id",
-    "registry_app",
-    "registry_id",
-]
+__all__ = ["DEFAULT_MAX_WATCHERS", "RegistryApp", "registry_app"]
 
 log = logging.getLogger("meshlib.registry")
 
@@ -85,8 +78,6 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Identify = Callable[[Scope], "str | None"]
 
-#: The namespace of the registry's own identities (its server SVID and meshctl's).
-REGISTRY_NAMESPACE = "meshlib-system"
 #: Blocking queries held at once before new ones get 429 + ``Retry-After: 1``.
 DEFAULT_MAX_WATCHERS = 10_000
 #: A request body above this is refused 413; a policy may be as large as the loader allows.
@@ -104,16 +95,6 @@ POLICY = "/registry/policy/"
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-
-
-def registry_id(trust_domain: str) -> str:
-    """The SPIFFE ID the registry serves with (clients pin it)."""
-    return str(SpiffeID.for_workload(trust_domain, REGISTRY_NAMESPACE, "registry"))
-
-
-def admin_id(trust_domain: str) -> str:
-    """The default admin: meshctl's SPIFFE ID (``registry init`` issues its SVID)."""
-    return str(SpiffeID.for_workload(trust_domain, REGISTRY_NAMESPACE, "meshctl"))
 
 
 class _HTTPError(Exception):

@@ -4,8 +4,9 @@ SQLite (or memory) store, served by meshlib's own ``serve`` with strict mTLS on 
 ``registry`` is one running registry; ``registry_factory`` starts more (a restart on the same
 data dir, an injected clock, a small blocking-query limit). Each yields a
 :class:`RunningRegistry`: its URL, the data dir's paths, ``issue(ns, sa)`` for more workload
-SVIDs, ``http(svid_dir)`` for a raw mTLS httpx client and ``expire()`` for an expiry pass run
-on the app's loop (with an injected clock, the 1 s tick is off).
+SVIDs, ``client(svid_dir)`` for a :class:`RegistryClient`, ``http(svid_dir)`` for a raw mTLS
+httpx client and ``expire()`` for an expiry pass run on the app's loop (with an injected clock,
+the 1 s tick is off).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 
 from meshlib.cli.registry import RegistryDir, RegistryServed, init_registry_dir
 from meshlib.control.app import RegistryApp
+from meshlib.control.client import RegistryClient
 from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import RegistrySettings
 from meshlib.control.sqlite import SQLiteStore
@@ -51,7 +53,7 @@ class RunningRegistry:
     app: RegistryApp
     server: Server
     svids: Path
-    _clients: list[httpx.Client] = field(default_factory=list)
+    _closers: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -79,7 +81,13 @@ class RunningRegistry:
         """A raw httpx client presenting ``svid_dir``'s SVID (default: the admin's)."""
         context = SVIDSource(svid_dir or self.admin_svid).client_context()
         client = httpx.Client(base_url=self.url, verify=context, timeout=10.0, **kwargs)
-        self._clients.append(client)
+        self._closers.append(client.close)
+        return client
+
+    def client(self, svid_dir: Path | None = None) -> RegistryClient:
+        """A :class:`RegistryClient` with ``svid_dir``'s SVID (default: the admin's)."""
+        client = RegistryClient(self.url, svid_dir=str(svid_dir or self.admin_svid))
+        self._closers.append(client.close)
         return client
 
     def expire(self) -> int:
@@ -88,9 +96,9 @@ class RunningRegistry:
         return asyncio.run_coroutine_threadsafe(self.app.expire(), self.app.loop).result(10)
 
     def stop(self) -> None:
-        for client in self._clients:
-            client.close()
-        self._clients.clear()
+        for close in self._closers:
+            close()
+        self._closers.clear()
         self.server.stop()  # the lifespan shutdown closes the store (and its lock)
 
 
