@@ -115,17 +115,21 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         *,
         store: str = "sqlite",
         clock: Callable[[], float] | None = None,
+        wall: Callable[[], float] | None = None,
         settings: RegistrySettings | None = None,
         max_watchers: int = 10_000,
         seed: int = 11,
     ) -> RunningRegistry:
         """Start a registry on ``data`` (default: a new dir, initialised); ``clock`` injected
-        turns the 1 s expiry tick off (drive it with :meth:`RunningRegistry.expire`)."""
+        turns the 1 s expiry tick off (drive it with :meth:`RunningRegistry.expire`); ``wall``
+        is the wall clock the store's times are written in."""
         if data is None:
             data = tmp_path / f"registry-{next(count)}"
         made = init_registry_dir(data, TD)
         kv: Store = SQLiteStore(data) if store == "sqlite" else MemoryStore()
         extra: dict[str, Any] = {} if clock is None else {"clock": clock, "tick": 3600.0}
+        if wall is not None:
+            extra["wall"] = wall
         app = RegistryApp(
             kv,
             trust_domain=made.trust_domain,

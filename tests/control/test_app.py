@@ -327,3 +327,50 @@ def test_status_health_and_services(registry: RunningRegistry) -> None:
     assert status["state"] == "serving" and status["authoritative"] is True
     assert (status["instances"], status["services"], status["policy_version"]) == (1, 1, 0)
     assert status["watchers"] == 0 and len(status["epoch"]) == 16
+
+
+def test_heartbeats_persist_at_most_every_third_of_a_ttl(registry_factory: StartRegistry) -> None:
+    """FAULT-7's slack: after a restart an instance's TTL resumes from a beat at most ttl/3
+    old, while most beats write nothing."""
+    clock, wall = FakeClock(), FakeClock(1_800_000_000.0)
+    first = registry_factory(clock=clock, wall=wall)
+    http = first.http(first.issue("default", "reviews"))
+    http.put(path("default", "reviews"), json=body(ttl=9))  # persisted at t=0
+    for _ in range(5):  # t = 1..5: only the beat at t=3 (>= ttl/3 after 0) is written
+        clock.advance(1)
+        wall.advance(1)
+        assert http.post(path("default", "reviews") + "/heartbeat").status_code == 200
+    first.stop()
+
+    again = registry_factory(first.data, clock=clock, wall=wall)
+    listed = again.http().get("/v1/instances").json()["instances"]
+    assert listed[0]["last_heartbeat_age"] == pytest.approx(2.0)  # the beat at t=3, not t=5
+    assert listed[0]["last_heartbeat_age"] <= 9 / 3
+
+
+def test_a_policy_query_is_held_until_a_new_version(registry: RunningRegistry) -> None:
+    admin = registry.http()
+    admin.put("/v1/policy", content=POLICY)
+    held = threading.Event()
+    registry.app.on_watchers = lambda n: held.set() if n == 1 else None
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(admin.get, "/v1/policy?index=1&wait=20s")
+        assert held.wait(10)
+        admin.put("/v1/policy", content=POLICY)  # the same text: no new version, no wake-up
+        assert registry.app.wakeups == 0 and not waiting.done()
+        admin.put("/v1/policy", content=POLICY.replace("9000", "9001"))
+        answer = waiting.result(10)
+    assert answer.headers["X-Mesh-Index"] == "2" and answer.json()["version"] == 2
+    assert registry.app.wakeups == 1
+
+
+def test_a_policy_over_the_loaders_cap_is_413(registry: RunningRegistry) -> None:
+    from meshlib.config.loader import MAX_FILE_BYTES
+
+    admin = registry.http()
+    too_big = admin.put("/v1/policy", content=b"#" * (MAX_FILE_BYTES + 1))
+    assert "limit" in error_of(too_big, 413)["error"]
+    assert admin.get("/v1/policy").json()["version"] == 0
+    error_of(admin.get("/v1/services/default/reviews/endpoints?index=x"), 400)
+    error_of(admin.get("/v1/services/default/reviews/endpoints?index=1&wait=soon"), 400)
+    error_of(admin.put("/v1/policy", content=POLICY, headers={"If-Match": "one"}), 400)
