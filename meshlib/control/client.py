@@ -404,12 +404,40 @@ class RegistryClient(_Base):
         return self._read(call, response)
 
     def register(
-        self, namespace: str, service: str, address: str, port: int, **kwargs: Any
+        self,
+        namespace: str,
+        service: str,
+        address: str,
+        port: int,
+        *,
+        labels: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        ttl: float | None = None,
     ) -> Registered:
-        return self._send(self.calls.register(namespace, service, address, port, **kwargs))
+        call = self.calls.register(
+            namespace, service, address, port, labels=labels, metrics_port=metrics_port, ttl=ttl
+        )
+        return self._send(call)
 
-    def heartbeat(self, namespace: str, service: str, id: str, **kwargs: Any) -> float:
-        return self._send(self.calls.heartbeat(namespace, service, id, **kwargs))
+    def heartbeat(
+        self,
+        namespace: str,
+        service: str,
+        id: str,
+        *,
+        applied_version: int | None = None,
+        rejected_version: int | None = None,
+        error: str | None = None,
+    ) -> float:
+        call = self.calls.heartbeat(
+            namespace,
+            service,
+            id,
+            applied_version=applied_version,
+            rejected_version=rejected_version,
+            error=error,
+        )
+        return self._send(call)
 
     def deregister(self, namespace: str, service: str, id: str) -> int | None:
         return self._send(self.calls.deregister(namespace, service, id))
@@ -420,14 +448,21 @@ class RegistryClient(_Base):
     def services(self) -> tuple[dict[str, Any], ...]:
         return self._send(self.calls.services())
 
-    def endpoints(self, namespace: str, service: str, **kwargs: Any) -> EndpointsAnswer:
-        return self._send(self.calls.endpoints(namespace, service, **kwargs))
+    def endpoints(
+        self, namespace: str, service: str, *, index: int = 0, wait: float | None = None
+    ) -> EndpointsAnswer:
+        call = self.calls.endpoints(namespace, service, index=index, wait=wait)
+        return self._send(call)
 
-    def policy(self, **kwargs: Any) -> PolicyAnswer:
-        return self._send(self.calls.policy(**kwargs))
+    def policy(self, *, index: int = 0, wait: float | None = None) -> PolicyAnswer:
+        call = self.calls.policy(index=index, wait=wait)
+        return self._send(call)
 
-    def apply(self, text: str, **kwargs: Any) -> Applied:
-        return self._send(self.calls.apply(text, **kwargs))
+    def apply(
+        self, text: str, *, if_match: int | None = None, source: str | None = None
+    ) -> Applied:
+        call = self.calls.apply(text, if_match=if_match, source=source)
+        return self._send(call)
 
     def history(self) -> tuple[PolicyAnswer, ...]:
         return self._send(self.calls.history())
@@ -435,8 +470,9 @@ class RegistryClient(_Base):
     def version(self, version: int) -> PolicyAnswer:
         return self._send(self.calls.version(version))
 
-    def rollback(self, version: int, **kwargs: Any) -> Applied:
-        return self._send(self.calls.rollback(version, **kwargs))
+    def rollback(self, version: int, *, if_match: int | None = None) -> Applied:
+        call = self.calls.rollback(version, if_match=if_match)
+        return self._send(call)
 
     def prometheus_sd(self) -> list[dict[str, Any]]:
         return self._send(self.calls.prometheus_sd())
@@ -470,12 +506,40 @@ class AsyncRegistryClient(_Base):
         return self._read(call, response)
 
     async def register(
-        self, namespace: str, service: str, address: str, port: int, **kwargs: Any
+        self,
+        namespace: str,
+        service: str,
+        address: str,
+        port: int,
+        *,
+        labels: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        ttl: float | None = None,
     ) -> Registered:
-        return await self._send(self.calls.register(namespace, service, address, port, **kwargs))
+        call = self.calls.register(
+            namespace, service, address, port, labels=labels, metrics_port=metrics_port, ttl=ttl
+        )
+        return await self._send(call)
 
-    async def heartbeat(self, namespace: str, service: str, id: str, **kwargs: Any) -> float:
-        return await self._send(self.calls.heartbeat(namespace, service, id, **kwargs))
+    async def heartbeat(
+        self,
+        namespace: str,
+        service: str,
+        id: str,
+        *,
+        applied_version: int | None = None,
+        rejected_version: int | None = None,
+        error: str | None = None,
+    ) -> float:
+        call = self.calls.heartbeat(
+            namespace,
+            service,
+            id,
+            applied_version=applied_version,
+            rejected_version=rejected_version,
+            error=error,
+        )
+        return await self._send(call)
 
     async def deregister(self, namespace: str, service: str, id: str) -> int | None:
         return await self._send(self.calls.deregister(namespace, service, id))
@@ -486,14 +550,21 @@ class AsyncRegistryClient(_Base):
     async def services(self) -> tuple[dict[str, Any], ...]:
         return await self._send(self.calls.services())
 
-    async def endpoints(self, namespace: str, service: str, **kwargs: Any) -> EndpointsAnswer:
-        return await self._send(self.calls.endpoints(namespace, service, **kwargs))
+    async def endpoints(
+        self, namespace: str, service: str, *, index: int = 0, wait: float | None = None
+    ) -> EndpointsAnswer:
+        call = self.calls.endpoints(namespace, service, index=index, wait=wait)
+        return await self._send(call)
 
-    async def policy(self, **kwargs: Any) -> PolicyAnswer:
-        return await self._send(self.calls.policy(**kwargs))
+    async def policy(self, *, index: int = 0, wait: float | None = None) -> PolicyAnswer:
+        call = self.calls.policy(index=index, wait=wait)
+        return await self._send(call)
 
-    async def apply(self, text: str, **kwargs: Any) -> Applied:
-        return await self._send(self.calls.apply(text, **kwargs))
+    async def apply(
+        self, text: str, *, if_match: int | None = None, source: str | None = None
+    ) -> Applied:
+        call = self.calls.apply(text, if_match=if_match, source=source)
+        return await self._send(call)
 
     async def history(self) -> tuple[PolicyAnswer, ...]:
         return await self._send(self.calls.history())
@@ -501,8 +572,9 @@ class AsyncRegistryClient(_Base):
     async def version(self, version: int) -> PolicyAnswer:
         return await self._send(self.calls.version(version))
 
-    async def rollback(self, version: int, **kwargs: Any) -> Applied:
-        return await self._send(self.calls.rollback(version, **kwargs))
+    async def rollback(self, version: int, *, if_match: int | None = None) -> Applied:
+        call = self.calls.rollback(version, if_match=if_match)
+        return await self._send(call)
 
     async def prometheus_sd(self) -> list[dict[str, Any]]:
         return await self._send(self.calls.prometheus_sd())

@@ -104,7 +104,7 @@ def test_bad_requests_answer_json_naming_what_was_wrong(registry: RunningRegistr
     assert f"id must be {expected}" in error_of(wrong, 400)["error"]
     not_json = http.put(path("default", "reviews"), content=b"{nope")
     assert "not JSON" in error_of(not_json, 400)["error"]
-    bad_type = http.put(path("default", "reviews"), json=body(port="8080"))
+    bad_type = http.put(path("default", "reviews"), json={"address": "127.0.0.1", "port": "8080"})
     assert "'port'" in error_of(bad_type, 400)["error"]
     bad_ttl = http.put(path("default", "reviews"), json=body(ttl=301))
     assert "'ttl'" in error_of(bad_ttl, 400)["error"]

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.timeout(30)
 
 TD = "shop.test"
 #: ``meshctl registry serve`` on a free port, as a process; the data dir goes last.
-SERVE = (sys.executable, "-m", "meshlib.cli", "registry", "serve", "--listen", "127.0.0.1:0")
-SERVE += ("--data",)
+SERVE: tuple[str, ...] = (sys.executable, "-m", "meshlib.cli", "registry", "serve")
+SERVE += ("--listen", "127.0.0.1:0", "--data")
 MESH = "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: shop.test}\n"
 
 
