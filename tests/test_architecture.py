@@ -55,7 +55,7 @@ LAYERS: dict[str, frozenset[str]] = {
     "testing": VOCABULARY | {"config", "mesh"},
     "cli": VOCABULARY
     | {"config", "identity", "policy", "outbound", "inbound", "observe", "control", "mesh"},
-    "__init__": VOCABULARY | {"mesh", "inbound", "outbound", "observe"},
+    "__init__": VOCABULARY | {"mesh", "inbound", "outbound", "observe", "control"},
 }
 
 #: Who may import the composition root: the package's public API, the CLI and the pytest plugin.

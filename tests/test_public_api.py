@@ -35,6 +35,7 @@ EXPECTED = {
     "RetryBudgetExhaustedError",
     "__version__",
     "metrics_app",
+    "registry_app",
     "serve",
     "start_metrics_server",
 }

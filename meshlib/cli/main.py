@@ -1,12 +1,12 @@
 """``meshctl``: builds the parser from the verb groups and runs one verb.
 
 The verb groups: :mod:`meshlib.cli.policy` (validate, schema, explain: policy files),
-:mod:`meshlib.cli.ca` (the built-in CA) and :mod:`meshlib.cli.observe` (status, tap, top,
-graph: running services). Adding a verb means adding a registrar and its handler to the group
-it belongs to and listing it in that group's ``VERBS``; a new group (``registry``) is listed in
-:data:`GROUPS`. ``version`` and ``completion`` are about meshctl itself and live here: the
-completion script is drawn from the finished parser. Exit status: 0 ok, 1 invalid
-configuration (or a failed command), 2 usage error.
+:mod:`meshlib.cli.ca` (the built-in CA), :mod:`meshlib.cli.observe` (status, tap, top,
+graph: running services) and :mod:`meshlib.cli.registry` (the registry service). Adding a
+verb means adding a registrar and its handler to the group it belongs to and listing it in that
+group's ``VERBS``; a new group is listed in :data:`GROUPS`. ``version`` and ``completion`` are
+about meshctl itself and live here: the completion script is drawn from the finished parser.
+Exit status: 0 ok, 1 invalid configuration (or a failed command), 2 usage error.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from meshlib.cli import ca, observe, policy
+from meshlib.cli import ca, observe, policy, registry
 from meshlib.cli.command import (
     EXIT_INVALID,
     EXIT_OK,
@@ -28,7 +28,7 @@ from meshlib.cli.command import (
 from meshlib.cli.completion import SHELLS, completion_script
 
 #: The verb groups, in the order ``meshctl --help`` lists their verbs.
-GROUPS = (policy, ca, observe)
+GROUPS = (policy, ca, observe, registry)
 
 
 def _version() -> str:
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Handler = args.func
     # "meshctl ca issue: ...", not "meshctl ca: ...", for a verb with sub-verbs
-    said = " ".join(v for v in (args.verb, getattr(args, "ca_verb", None)) if v)
+    sub_verb = getattr(args, "ca_verb", None) or getattr(args, "registry_verb", None)
+    said = " ".join(v for v in (args.verb, sub_verb) if v)
     try:
         return handler(args)
     except UsageError as exc:

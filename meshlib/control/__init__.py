@@ -1,5 +1,6 @@
-"""The control plane: the registry's pure core and its stores (the API, the client and the CLI
-arrive as issue 11 lands)."""
+"""The control plane: the registry's pure core and its stores. The service
+(:mod:`meshlib.control.app`, ``meshlib.registry_app``) and its client
+(:mod:`meshlib.control.client`) are imported from their modules: they load asyncio and httpx."""
 
 from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import (

@@ -79,7 +79,11 @@ class SQLiteStore:
         self._lock = _acquire_lock(self.data_dir / LOCK_FILE)
         db: sqlite3.Connection | None = None
         try:
-            self._db = db = sqlite3.connect(self.data_dir / DB_FILE, isolation_level=None)
+            # check_same_thread off: meshctl opens the store in its main thread (so a locked dir is
+            # refused before serving) and the server's loop thread uses it; one thread at a time.
+            self._db = db = sqlite3.connect(
+                self.data_dir / DB_FILE, isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)

@@ -21,6 +21,20 @@ AUTHORITATIVE_HEADER = "X-Mesh-Authoritative"
 SOURCE_HEADER = "X-Mesh-Source"
 
 
+#: The namespace of the registry's own identities (its server SVID and meshctl's).
+REGISTRY_NAMESPACE = "meshlib-system"
+
+
+def registry_id(trust_domain: str) -> str:
+    """The SPIFFE ID the registry serves with; clients pin it."""
+    return f"spiffe://{trust_domain}/ns/{REGISTRY_NAMESPACE}/sa/registry"
+
+
+def admin_id(trust_domain: str) -> str:
+    """The registry's default admin: meshctl's SPIFFE ID (``registry init`` issues its SVID)."""
+    return f"spiffe://{trust_domain}/ns/{REGISTRY_NAMESPACE}/sa/meshctl"
+
+
 class WireError(ValueError):
     """A registry answer that does not have the promised shape."""
 

@@ -17,11 +17,25 @@ Trust model (SEC-9; Envoy's XFCC ``SANITIZE`` default, Linkerd's identity-header
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from functools import lru_cache
-from typing import Any
+from collections.abc import Iterable
 
 from meshlib.context import DEADLINE_HEADER
+
+# Re-exported: the identity layer reads the caller's ID (the registry needs it too).
+from meshlib.identity.peers import spiffe_trust_domain, verified_identity
+
+__all__ = [
+    "CONTROL_PREFIXES",
+    "IDENTITY_HEADER",
+    "IDENTITY_HEADERS",
+    "IDENTITY_PREFIXES",
+    "MAX_PROPAGATED_TIMEOUT",
+    "passes_unchanged",
+    "propagated_timeout",
+    "sanitize_headers",
+    "spiffe_trust_domain",
+    "verified_identity",
+]
 
 #: Set by the middleware (and only by it) to the caller's verified SPIFFE ID.
 IDENTITY_HEADER = "x-mesh-identity"
@@ -49,55 +63,6 @@ CONTROL_PREFIXES = ("x-mesh-", "l5d-", "x-envoy-")
 MAX_PROPAGATED_TIMEOUT = 3600.0
 
 _DEADLINE = DEADLINE_HEADER.encode("latin-1")
-
-
-def verified_identity(scope: Mapping[str, Any], trust_domain: str) -> str | None:
-    """The caller's SPIFFE ID if it is a verified member of ``trust_domain``, else ``None``.
-
-    Reads ``scope["extensions"]["tls"]`` (ASGI TLS extension): the server has already verified
-    the chain against the mesh's roots; this only checks what the leaf says.
-    """
-    extensions = scope.get("extensions") or {}
-    tls = extensions.get("tls") if isinstance(extensions, Mapping) else None
-    if not isinstance(tls, Mapping) or tls.get("client_cert_error") is not None:
-        return None
-    chain = tls.get("client_cert_chain") or ()
-    if not chain or not isinstance(chain[0], str):
-        return None
-    spiffe_id = _workload_id_of(chain[0])
-    if spiffe_id is None or spiffe_trust_domain(spiffe_id) != trust_domain:
-        return None
-    return spiffe_id
-
-
-@lru_cache(maxsize=1024)
-def spiffe_trust_domain(spiffe_id: str) -> str | None:
-    """The trust domain of a well-formed workload SPIFFE ID, or ``None`` if it is malformed.
-    Memoised: every request of a verified member asks it about the same few IDs (parsing one
-    costs several microseconds)."""
-    # meshlib.identity loads cryptography: only when an identity is actually being checked.
-    from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
-
-    try:
-        parsed = SpiffeID.parse(spiffe_id)
-    except SpiffeIDError:
-        return None
-    return None if parsed.is_trust_domain else parsed.trust_domain
-
-
-@lru_cache(maxsize=1024)
-def _workload_id_of(pem: str) -> str | None:
-    """The SPIFFE ID in a PEM certificate's single URI SAN. Memoised: a keep-alive connection
-    presents the same certificate on every request, and parsing it is the costly part."""
-    from cryptography import x509
-
-    from meshlib.identity.svid import SVIDError, spiffe_id_of
-
-    try:
-        parsed = spiffe_id_of(x509.load_pem_x509_certificate(pem.encode("ascii")))
-    except (ValueError, UnicodeEncodeError, SVIDError):
-        return None
-    return str(parsed)
 
 
 #: Verdict per raw header name: KEEP always, DROP always, MEMBER kept only from verified members.

@@ -1,0 +1,242 @@
+"""``meshctl registry init|serve``: make a registry's data dir (its CA and the registry's and
+meshctl's SVIDs) and serve the registry from it over mutual TLS.
+
+Layout of ``DIR`` after ``registry init`` (docs/control-plane.md, "The CLI")::
+
+    DIR/ca/         the CA, as ``meshctl ca init`` makes it (kept if already there)
+    DIR/registry/   the registry's SVID   spiffe://TD/ns/meshlib-system/sa/registry
+    DIR/admin/      meshctl's SVID        spiffe://TD/ns/meshlib-system/sa/meshctl (an admin)
+    DIR/registry.db, DIR/registry.lock    the SQLite store, once ``serve`` ran
+
+The SVIDs last 24 h: re-run ``registry init`` (it keeps the CA and re-issues both) before they
+expire; renewal arrives with issue 12.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from meshlib.cli.command import EXIT_OK, CommandFailed, Registrar, Subparsers, UsageError
+
+if TYPE_CHECKING:
+    from meshlib.config.model import MTLSMode, Snapshot
+    from meshlib.inbound.serving import CertMetrics
+
+__all__ = ["ADMIN_DIR", "CA_DIR", "REGISTRY_DIR", "VERBS", "RegistryDir", "init_registry_dir"]
+
+CA_DIR = "ca"
+REGISTRY_DIR = "registry"
+ADMIN_DIR = "admin"
+#: Lifetime of the SVIDs ``registry init`` issues.
+SVID_TTL = dt.timedelta(hours=24)
+
+_RENEW_NOTE = (
+    "The SVIDs last 24 h: re-run 'meshctl registry init --data DIR' (the CA is kept, both SVIDs "
+    "are re-issued) before they expire; automatic renewal arrives with issue 12."
+)
+
+
+@dataclass(frozen=True)
+class RegistryDir:
+    """A registry data dir made by :func:`init_registry_dir`."""
+
+    path: Path
+    trust_domain: str
+
+    @property
+    def ca(self) -> Path:
+        return self.path / CA_DIR
+
+    @property
+    def registry_svid(self) -> Path:
+        return self.path / REGISTRY_DIR
+
+    @property
+    def admin_svid(self) -> Path:
+        return self.path / ADMIN_DIR
+
+    def issue(self, namespace: str, service_account: str, out: str | Path) -> Path:
+        """Issue a workload SVID from ``DIR/ca`` into ``out`` (as ``meshctl ca issue``)."""
+        from meshlib.identity import SpiffeID
+        from meshlib.identity.cadir import CADirectory
+
+        spiffe_id = SpiffeID.for_workload(self.trust_domain, namespace, service_account)
+        CADirectory(self.ca).issue(spiffe_id, out=out, ttl=SVID_TTL)
+        return Path(out)
+
+
+def init_registry_dir(data: str | Path, trust_domain: str | None = None) -> RegistryDir:
+    """Make ``data``'s CA (unless ``data/ca`` has one) and issue the registry's and meshctl's
+    SVIDs into ``data/registry`` and ``data/admin``. Raises
+    :class:`~meshlib.identity.IdentityError` on a CA problem."""
+    from meshlib.control.wire import REGISTRY_NAMESPACE
+    from meshlib.identity import DEFAULT_TRUST_DOMAIN, CAError, SpiffeID
+    from meshlib.identity.cadir import CADirectory
+
+    path = Path(data)
+    path.mkdir(parents=True, exist_ok=True)
+    cadir = CADirectory(path / CA_DIR)
+    if (path / CA_DIR / "ca.pem").exists():
+        td = cadir.current().trust_domain
+        if trust_domain is not None and trust_domain != td:
+            raise CAError(
+                f"{path / CA_DIR} is the CA of trust domain {td}, not {trust_domain}: "
+                "use another --data dir"
+            )
+    else:
+        td = cadir.init(trust_domain or DEFAULT_TRUST_DOMAIN).trust_domain
+    made = RegistryDir(path, td)
+    for sa, out in (("registry", made.registry_svid), ("meshctl", made.admin_svid)):
+        spiffe_id = SpiffeID.for_workload(td, REGISTRY_NAMESPACE, sa)
+        cadir.issue(spiffe_id, out=out, ttl=SVID_TTL)
+    return made
+
+
+class RegistryServed:
+    """What :func:`meshlib.inbound.serving.serve` needs of a mesh (its ``ServedMesh``), for the
+    registry: its trust domain and strict mTLS; no metrics."""
+
+    def __init__(self, trust_domain: str) -> None:
+        from meshlib.config.loader import load_text
+
+        self._snapshot = load_text(
+            "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: registry}\n"
+            f"spec: {{trustDomain: {trust_domain}, mtls: strict}}\n",
+            source="registry",
+        )
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def metrics(self) -> CertMetrics | None:
+        return None
+
+    def mtls_mode(self, service_key: str | None = None) -> MTLSMode:
+        from meshlib.config.model import MTLSMode
+
+        return MTLSMode.STRICT
+
+
+def _add_registry(sub: Subparsers) -> None:
+    registry = sub.add_parser(
+        "registry",
+        help="make a registry data dir and serve the registry from it",
+        description="The registry service: discovery, self-registration and policy. " + _RENEW_NOTE,
+    )
+    verbs = registry.add_subparsers(dest="registry_verb", metavar="VERB", required=True)
+    init = verbs.add_parser(
+        "init",
+        help="make DIR/ca (unless present) and the registry's and meshctl's SVIDs",
+        description="Write DIR/ca (as 'meshctl ca init'), DIR/registry (the registry's SVID, "
+        "spiffe://TD/ns/meshlib-system/sa/registry) and DIR/admin (meshctl's SVID, "
+        "spiffe://TD/ns/meshlib-system/sa/meshctl, an admin). " + _RENEW_NOTE,
+    )
+    init.add_argument("--data", required=True, metavar="DIR", help="the registry's data dir")
+    init.add_argument("--trust-domain", help="for a new CA (default cluster.local)")
+    init.set_defaults(func=_cmd_init)
+    serve = verbs.add_parser(
+        "serve",
+        help="serve the registry over mTLS from DIR (one process per DIR)",
+        description="Serve the registry's HTTPS API with DIR/registry's SVID; every client "
+        "must present an SVID of DIR/ca's trust domain. Stops on SIGTERM or SIGINT. " + _RENEW_NOTE,
+    )
+    serve.add_argument("--data", required=True, metavar="DIR", help="from 'registry init'")
+    serve.add_argument(
+        "--listen", default="127.0.0.1:8700", metavar="HOST:PORT", help="default 127.0.0.1:8700"
+    )
+    serve.add_argument(
+        "--store",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help="sqlite (DIR/registry.db, the default) or memory (lost on stop)",
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from meshlib.identity import IdentityError
+
+    try:
+        made = init_registry_dir(args.data, args.trust_domain)
+    except IdentityError as exc:
+        raise CommandFailed(exc.reason) from exc
+    except OSError as exc:
+        raise CommandFailed(f"{args.data}: {exc.strerror}") from exc
+    print(f"{made.ca}: CA of spiffe://{made.trust_domain}")
+    print(f"{made.registry_svid}: the registry's SVID (valid 24 h)")
+    print(f"{made.admin_svid}: meshctl's admin SVID (valid 24 h)")
+    return EXIT_OK
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as (host, port); UsageError naming the problem."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen must be HOST:PORT (port 0..65535), got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from meshlib.control.app import registry_app
+    from meshlib.control.memory import MemoryStore
+    from meshlib.control.sqlite import SQLiteStore
+    from meshlib.control.store import Store, StoreError
+    from meshlib.identity import IdentityError
+    from meshlib.identity.cadir import CADirectory
+    from meshlib.inbound.serving import serve
+
+    host, port = parse_listen(args.listen)
+    data = Path(args.data)
+    if not (data / REGISTRY_DIR / "cert.pem").exists():
+        raise CommandFailed(f"{data}: no registry SVID; run 'meshctl registry init --data {data}'")
+    try:
+        trust_domain = CADirectory(data / CA_DIR).current().trust_domain
+        store: Store = SQLiteStore(data) if args.store == "sqlite" else MemoryStore()
+    except (IdentityError, StoreError) as exc:
+        raise CommandFailed(str(exc)) from exc
+    app = registry_app(store, trust_domain=trust_domain)
+    try:
+        server = serve(
+            app,
+            mesh=RegistryServed(trust_domain),
+            host=host,
+            port=port,
+            svid_dir=str(data / REGISTRY_DIR),
+            mode="strict",
+        )
+    except (IdentityError, RuntimeError, TimeoutError, OSError) as exc:
+        _close(store)
+        raise CommandFailed(f"cannot serve on {args.listen}: {exc}") from exc
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        print(f"registry serving on {server.url} (trust domain {trust_domain})", flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        server.stop()  # the lifespan shutdown closes the store
+    print("registry stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def _close(store: object) -> None:
+    """Close a store that never reached the app's lifespan (the data dir's lock goes with it)."""
+    import asyncio
+
+    close = getattr(store, "close", None)
+    if close is not None:
+        asyncio.run(close())
+
+
+VERBS: tuple[Registrar, ...] = (_add_registry,)

@@ -1,0 +1,979 @@
+"""The registry service as a plain ASGI app: the HTTP API of docs/control-plane.md ("The API")
+driving the pure :class:`~meshlib.control.registry.Registry` core and persisting it in a
+:class:`~meshlib.control.store.Store`.
+
+Store key layout (values are UTF-8 JSON unless said)::
+
+    /registry/epoch                       the epoch, plain text
+    /registry/instances/<ns>/<svc>/<id>   one instance (its times as wall-clock seconds)
+    /registry/indexes/<ns>/<svc>          a service's index (an integer), kept after it empties
+    /registry/policy/<N, 10 digits>       policy version N (append-only; written with
+                                          if_mod_rev=0, so a version is never overwritten)
+
+Rules the driver keeps:
+
+* **Write, then answer.** Every accepted write is in the store before its answer is sent: a
+  crash after an answer never loses what it acknowledged.
+* **Restart.** Startup loads the core from the store: a stored epoch is kept (clients keep their
+  index), an empty store gets a fresh random one (clients reset). The core warms either way.
+  Times are stored as wall-clock seconds and mapped onto the monotonic ``clock`` on load.
+* **Heartbeats are cheap.** A beat writes the store only when the instance's persisted beat is
+  older than a third of its TTL, or its policy report changed: after a restart an instance's
+  TTL resumes from a beat at most ``ttl/3`` old (RELIABILITY.md FAULT-7), and 1,000 instances
+  beating every 3 s cost about one write per second, not 333.
+* **One wake-up per service.** Each watched service (and the policy) has its own
+  :class:`asyncio.Event`; a change sets only that one. ``wakeups`` counts the held queries a
+  change woke (LOAD-6: a change to one service wakes only its watchers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshlib.config.loader import MAX_FILE_BYTES, load_text
+from meshlib.config.model import Snapshot
+from meshlib.control.memory import MemoryStore
+from meshlib.control.registry import (
+    Instance,
+    NotFound,
+    PolicyVersion,
+    Registry,
+    RegistrySettings,
+    ServiceKey,
+    VersionConflict,
+    instance_id,
+)
+from meshlib.control.sqlite import DB_FILE, SQLiteStore
+from meshlib.control.store import Store, StoreError
+from meshlib.control.wire import (
+    AUTHORITATIVE_HEADER,
+    EPOCH_HEADER,
+    INDEX_HEADER,
+    SOURCE_HEADER,
+    EndpointsAnswer,
+    PolicyAnswer,
+    RegisteredEndpoint,
+    admin_id,
+)
+from meshlib.errors import ConfigError
+from meshlib.identity.peers import verified_identity
+
+__all__ = ["DEFAULT_MAX_WATCHERS", "RegistryApp", "registry_app"]
+
+log = logging.getLogger("meshlib.registry")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Identify = Callable[[Scope], "str | None"]
+
+#: Blocking queries held at once before new ones get 429 + ``Retry-After: 1``.
+DEFAULT_MAX_WATCHERS = 10_000
+#: A request body above this is refused 413; a policy may be as large as the loader allows.
+MAX_BODY = 1024 * 1024
+DEFAULT_WAIT = 60.0
+MAX_WAIT = 300.0
+#: Seconds between expiry passes.
+TICK = 1.0
+MIN_TTL, MAX_TTL = 1.0, 300.0
+
+EPOCH_KEY = "/registry/epoch"
+INSTANCES = "/registry/instances/"
+INDEXES = "/registry/indexes/"
+POLICY = "/registry/policy/"
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+
+
+class _HTTPError(Exception):
+    """An answer other than 2xx: ``status`` and the JSON body ``{"error": message, **extra}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **extra}
+        self.headers = tuple(headers)
+
+
+@dataclass
+class _Watch:
+    """The held queries of one service (or of the policy): set ``event`` to wake them all."""
+
+    event: asyncio.Event
+    waiters: int = 0
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    parts: tuple[str, ...]
+    query: dict[str, str]
+    headers: dict[str, str]
+    identity: str | None
+    scope: Scope
+    receive: Receive
+
+
+class RegistryApp:
+    """The registry's ASGI app (lifespan included); build it with :func:`registry_app`."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        trust_domain: str,
+        identify: Identify | None = None,
+        admins: Iterable[str] | None = None,
+        settings: RegistrySettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        max_watchers: int = DEFAULT_MAX_WATCHERS,
+        tick: float = TICK,
+    ) -> None:
+        self.store = store
+        self.trust_domain = trust_domain
+        self.identify: Identify = identify or (lambda scope: verified_identity(scope, trust_domain))
+        self.admins = frozenset(admins if admins is not None else (admin_id(trust_domain),))
+        self.settings = settings or RegistrySettings()
+        self.clock = clock
+        self.wall = wall
+        self.rng = rng or random.Random()
+        self.max_watchers = max_watchers
+        self.tick = tick
+        #: Refused requests (403), for /v1/status.
+        self.refusals = 0
+        #: Held blocking queries a change woke (one per query woken).
+        self.wakeups = 0
+        #: Blocking queries held right now.
+        self.watchers = 0
+        self.registry: Registry | None = None
+        #: The loop the app runs on (set at startup): a driver outside it, such as a test
+        #: forcing an expiry pass, schedules coroutines there.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        #: Called with the number of held queries whenever it changes (tests wait on it).
+        self.on_watchers: Callable[[int], None] | None = None
+        self._watches: dict[ServiceKey | None, _Watch] = {}
+        self._persisted_beat: dict[str, float] = {}
+        self._policy_cache: tuple[int, Snapshot | None] = (-1, None)
+        self._started_wall = wall()
+        self._stopping = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
+        self._open = False
+
+    # -- ASGI ----------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            status, body, headers = await self._dispatch(scope, receive)
+        except _HTTPError as exc:
+            status, body, headers = exc.status, exc.body, exc.headers
+        except StoreError as exc:
+            log.error("registry: the store failed: %s", exc)
+            status, body, headers = 503, {"error": f"the registry's store failed: {exc}"}, ()
+        except Exception:  # never a traceback on the wire
+            log.exception("registry: internal error on %s %s", scope["method"], scope["path"])
+            status, body, headers = 500, {"error": "internal error (see the registry's log)"}, ()
+        payload = json.dumps(body).encode()
+        raw = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        """Load the core from the store and start the expiry tick."""
+        self.registry = await self._load()
+        self.loop = asyncio.get_running_loop()
+        self._open = True
+        self._stopping = asyncio.Event()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def shutdown(self) -> None:
+        """Stop the tick, answer every held query now, close the store."""
+        self._stopping.set()
+        for watch in self._watches.values():
+            watch.event.set()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self._open:
+            self._open = False
+            await self.store.close()
+
+    # -- loading and persisting ------------------------------------------------------------------
+
+    async def _load(self) -> Registry:
+        _, items = await self.store.range("/registry/")
+        now, wall_now = self.clock(), self.wall()
+        epoch = ""
+        instances: list[Instance] = []
+        indexes: dict[ServiceKey, int] = {}
+        policy: list[PolicyVersion] = []
+        for item in items:
+            if item.key == EPOCH_KEY:
+                epoch = item.value.decode()
+            elif item.key.startswith(INSTANCES):
+                instances.append(_instance_from_store(json.loads(item.value), now, wall_now))
+            elif item.key.startswith(INDEXES):
+                ns, svc = item.key[len(INDEXES) :].split("/", 1)
+                indexes[(ns, svc)] = int(item.value)
+            elif item.key.startswith(POLICY):
+                policy.append(PolicyVersion(**json.loads(item.value)))
+        if not epoch:
+            # from the OS, never the (maybe seeded) rng: two registries must not share one
+            epoch = secrets.token_hex(8)
+            await self.store.put(EPOCH_KEY, epoch.encode())
+        for instance in instances:
+            self._persisted_beat[instance.id] = instance.last_heartbeat
+        return Registry(
+            epoch,
+            now,
+            self.settings,
+            instances=instances,
+            indexes=indexes,
+            policy=sorted(policy, key=lambda v: v.version),
+        )
+
+    async def _save_instance(self, instance: Instance) -> None:
+        now, wall_now = self.clock(), self.wall()
+        record = {
+            "id": instance.id,
+            "namespace": instance.namespace,
+            "service": instance.service,
+            "address": instance.address,
+            "port": instance.port,
+            "labels": dict(instance.labels),
+            "metrics_port": instance.metrics_port,
+            "identity": instance.identity,
+            "ttl": instance.ttl,
+            "registered_wall": wall_now - (now - instance.registered_at),
+            "heartbeat_wall": wall_now - (now - instance.last_heartbeat),
+            "applied_version": instance.applied_version,
+            "rejected_version": instance.rejected_version,
+            "rejection": instance.rejection,
+        }
+        await self.store.put(_instance_key(instance), json.dumps(record).encode())
+        self._persisted_beat[instance.id] = instance.last_heartbeat
+
+    async def _save_index(self, key: ServiceKey, index: int) -> None:
+        await self.store.put(f"{INDEXES}{key[0]}/{key[1]}", str(index).encode())
+
+    async def _tick_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.tick)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.expire()
+            except Exception:  # a failing pass must not end the loop: the next one retries
+                log.exception("registry: expiry pass failed")
+
+    async def expire(self) -> int:
+        """One expiry pass (the tick calls it every second); returns how many expired."""
+        registry = self._core()
+        expired = registry.expire(self.clock())
+        for instance in expired:
+            await self.store.delete(_instance_key(instance))
+            self._persisted_beat.pop(instance.id, None)
+        for key in sorted({i.key for i in expired}):
+            await self._save_index(key, registry.index(*key))
+            self._notify(key)
+        return len(expired)
+
+    # -- wake-ups ------------------------------------------------------------------------------
+
+    def _notify(self, key: ServiceKey | None) -> None:
+        """Wake the queries held on ``key`` (a service, or None: the policy), and only them."""
+        watch = self._watches.pop(key, None)
+        if watch is not None:
+            self.wakeups += watch.waiters
+            watch.event.set()
+
+    async def _hold(self, key: ServiceKey | None, changed: Callable[[], bool], wait: float) -> None:
+        """Return when ``changed()`` or after ``wait`` (+ jitter up to wait/16)."""
+        if changed() or wait <= 0:
+            return
+        if self.watchers >= self.max_watchers:
+            raise _HTTPError(
+                429,
+                f"too many blocking queries held ({self.max_watchers}): retry in 1 s",
+                headers=[("Retry-After", "1")],
+            )
+        deadline = wait + self.rng.uniform(0, wait / 16)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        self._count_watchers(+1)
+        try:
+            while not changed() and not self._stopping.is_set():
+                watch = self._watches.get(key)
+                if watch is None:
+                    watch = self._watches[key] = _Watch(asyncio.Event())
+                watch.waiters += 1
+                try:
+                    left = end - loop.time()
+                    if left <= 0:
+                        return
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(watch.event.wait(), left)
+                finally:
+                    watch.waiters -= 1
+                    if watch.waiters == 0 and self._watches.get(key) is watch:
+                        del self._watches[key]
+                if not watch.event.is_set():
+                    return  # timed out
+        finally:
+            self._count_watchers(-1)
+
+    def _count_watchers(self, delta: int) -> None:
+        self.watchers += delta
+        if self.on_watchers is not None:
+            self.on_watchers(self.watchers)
+
+    # -- routing -------------------------------------------------------------------------------
+
+    async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[int, Any, Iterable[Any]]:
+        path: str = scope["path"]
+        parts = tuple(path.strip("/").split("/")) if path.strip("/") else ()
+        request = _Request(
+            scope["method"],
+            parts,
+            _query(scope),
+            {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
+            self.identify(scope),
+            scope,
+            receive,
+        )
+        if parts == ("healthz",):
+            self._allow(request, "GET")
+            return 200, {"ok": True}, ()
+        if parts == ("readyz",):
+            self._allow(request, "GET")
+            if not self._open:
+                return 503, {"error": "the registry's store is not open"}, ()
+            return 200, {"ok": True}, ()
+        if not self._open or self.registry is None:
+            raise _HTTPError(503, "the registry is not started", headers=[("Retry-After", "1")])
+        match parts:
+            case ("v1", "instances"):
+                return await self._list_instances(request)
+            case ("v1", "instances", ns, svc, id):
+                if request.method == "PUT":
+                    return await self._register(request, ns, svc, id)
+                self._allow(request, "PUT", "DELETE")
+                return await self._drain(request, ns, svc, id)
+            case ("v1", "instances", ns, svc, id, "heartbeat"):
+                self._allow(request, "POST")
+                return await self._heartbeat(request, ns, svc, id)
+            case ("v1", "services"):
+                return await self._services(request)
+            case ("v1", "services", ns, svc, "endpoints"):
+                return await self._endpoints(request, ns, svc)
+            case ("v1", "policy"):
+                if request.method == "PUT":
+                    return await self._apply(request)
+                return await self._policy(request)
+            case ("v1", "policy", "history"):
+                return await self._history(request)
+            case ("v1", "policy", "versions", number):
+                return await self._version(request, number)
+            case ("v1", "policy", "rollback"):
+                self._allow(request, "POST")
+                return await self._rollback(request)
+            case ("v1", "sd", "prometheus"):
+                return await self._prometheus(request)
+            case ("v1", "status"):
+                return await self._status(request)
+        raise _HTTPError(404, f"no such endpoint: {path}")
+
+    def _allow(self, request: _Request, *methods: str) -> None:
+        if request.method not in methods:
+            raise _HTTPError(
+                405,
+                f"method {request.method} is not allowed here (allowed: {', '.join(methods)})",
+                headers=[("Allow", ", ".join(methods))],
+            )
+
+    def _core(self) -> Registry:
+        if self.registry is None:
+            raise _HTTPError(503, "the registry is not started", headers=[("Retry-After", "1")])
+        return self.registry
+
+    # -- authorization -------------------------------------------------------------------------
+
+    def _refuse(self, message: str) -> _HTTPError:
+        self.refusals += 1
+        return _HTTPError(403, message)
+
+    def _reader(self, request: _Request) -> str:
+        if request.identity is None:
+            raise self._refuse(
+                f"the caller has no SVID of the trust domain {self.trust_domain}: "
+                "reading the registry needs one"
+            )
+        return request.identity
+
+    def _admin(self, request: _Request, verb: str) -> str:
+        caller = self._reader(request)
+        if caller not in self.admins:
+            raise self._refuse(f"{caller} is not an admin of the registry: it may not {verb}")
+        return caller
+
+    def _instance_writer(self, request: _Request, ns: str, svc: str) -> str:
+        caller = self._reader(request)
+        if caller in self.admins:
+            return caller
+        account = self._service_account(ns, svc)
+        expected = f"spiffe://{self.trust_domain}/ns/{ns}/sa/{account}"
+        if caller != expected:
+            raise self._refuse(
+                f"{caller} may not write instances of {ns}/{svc}: only {expected} "
+                "(the service's account) or an admin may"
+            )
+        return caller
+
+    def _service_account(self, ns: str, svc: str) -> str:
+        """``Service.spec.serviceAccount`` of ``svc.ns`` in the current policy, else ``svc``."""
+        registry = self._core()
+        current = registry.policy.current()
+        version = 0 if current is None else current.version
+        cached_version, snapshot = self._policy_cache
+        if cached_version != version:
+            snapshot = None
+            if current is not None:
+                try:
+                    snapshot = load_text(current.text, source="registry", version=version)
+                except ConfigError:  # stored versions were validated; an old loader may differ
+                    log.exception("registry: policy version %d no longer loads", version)
+            self._policy_cache = (version, snapshot)
+        service = None if snapshot is None else snapshot.services.get(f"{svc}.{ns}")
+        if service is not None and service.service_account:
+            return service.service_account
+        return svc
+
+    # -- instances -----------------------------------------------------------------------------
+
+    async def _register(self, request: _Request, ns: str, svc: str, id: str) -> Answer:
+        identity = self._instance_writer(request, ns, svc)
+        body = await _json_body(request, MAX_BODY)
+        address = _field(body, "address", str)
+        port = _field(body, "port", int)
+        labels = _field(body, "labels", dict, optional=True) or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise _HTTPError(400, "field 'labels' must be a map of strings to strings")
+        metrics_port = _field(body, "metrics_port", int, optional=True)
+        ttl = _field(body, "ttl", (int, float), optional=True)
+        if ttl is not None and not MIN_TTL <= ttl <= MAX_TTL:
+            raise _HTTPError(400, f"field 'ttl' must be {MIN_TTL:g}..{MAX_TTL:g} seconds")
+        expected = instance_id(ns, svc, address, port)
+        if id != expected:
+            raise _HTTPError(
+                400, f"id must be {expected} (instance_id of {ns}/{svc} {address}:{port})"
+            )
+        registry = self._core()
+        try:
+            done = registry.register(
+                ns,
+                svc,
+                address,
+                port,
+                labels=labels,
+                metrics_port=metrics_port,
+                identity=identity,
+                ttl=ttl,
+                now=self.clock(),
+            )
+        except ValueError as exc:
+            raise _HTTPError(400, str(exc)) from None
+        await self._save_instance(done.instance)
+        if done.change.value != "refreshed":
+            await self._save_index(done.instance.key, done.index)
+            self._notify(done.instance.key)
+        ttl_s = done.instance.ttl
+        answer = {
+            "id": done.instance.id,
+            "change": done.change.value,
+            "index": done.index,
+            "ttl": ttl_s,
+            "heartbeat_interval": round(ttl_s / 3, 3),
+        }
+        return (201 if done.change.value == "created" else 200), answer, ()
+
+    async def _heartbeat(self, request: _Request, ns: str, svc: str, id: str) -> Answer:
+        self._instance_writer(request, ns, svc)
+        body = await _json_body(request, MAX_BODY, empty_ok=True)
+        applied = _field(body, "applied_version", int, optional=True)
+        rejected = _field(body, "rejected_version", int, optional=True)
+        error = _field(body, "error", str, optional=True)
+        if (rejected is None) != (error is None):
+            raise _HTTPError(400, "fields 'rejected_version' and 'error' go together (a NACK)")
+        registry = self._core()
+        old = registry.get(id)
+        if old is None or old.key != (ns, svc):
+            raise _HTTPError(404, f"instance {id} is not registered: register again")
+        now = self.clock()
+        done = registry.heartbeat(
+            id, now, applied_version=applied, rejected_version=rejected, nack_error=error
+        )
+        if isinstance(done, NotFound):  # pragma: no cover - checked above
+            raise _HTTPError(404, f"instance {id} is not registered: register again")
+        new = done.instance
+        report_changed = (new.applied_version, new.rejected_version, new.rejection) != (
+            old.applied_version,
+            old.rejected_version,
+            old.rejection,
+        )
+        persisted = self._persisted_beat.get(id, -math.inf)
+        if report_changed or new.last_heartbeat - persisted >= new.ttl / 3:
+            await self._save_instance(new)
+        return 200, {"ttl": new.ttl}, ()
+
+    async def _drain(self, request: _Request, ns: str, svc: str, id: str) -> Answer:
+        self._instance_writer(request, ns, svc)
+        registry = self._core()
+        old = registry.get(id)
+        if old is None or old.key != (ns, svc):
+            raise _HTTPError(404, f"instance {id} is not registered")
+        done = registry.drain(id, self.clock())
+        if isinstance(done, NotFound):  # pragma: no cover - checked above
+            raise _HTTPError(404, f"instance {id} is not registered")
+        await self.store.delete(_instance_key(old))
+        self._persisted_beat.pop(id, None)
+        await self._save_index(old.key, done.index)
+        self._notify(old.key)
+        return 200, {"index": done.index}, ()
+
+    async def _list_instances(self, request: _Request) -> Answer:
+        self._allow(request, "GET")
+        self._reader(request)
+        now = self.clock()
+        return (
+            200,
+            {
+                "instances": [
+                    {
+                        "id": i.id,
+                        "namespace": i.namespace,
+                        "service": i.service,
+                        "address": i.address,
+                        "port": i.port,
+                        "labels": dict(i.labels),
+                        "metrics_port": i.metrics_port,
+                        "identity": i.identity,
+                        "ttl": i.ttl,
+                        "last_heartbeat_age": max(0.0, now - i.last_heartbeat),
+                        "applied_version": i.applied_version,
+                        "rejected_version": i.rejected_version,
+                        "error": i.rejection,
+                    }
+                    for i in self._core().instances()
+                ]
+            },
+            (),
+        )
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    async def _endpoints(self, request: _Request, ns: str, svc: str) -> Answer:
+        self._allow(request, "GET")
+        self._reader(request)
+        index, wait = _blocking(request)
+        registry = self._core()
+        if index:
+            await self._hold((ns, svc), lambda: registry.changed_since(ns, svc, index), wait)
+        found = registry.endpoints(ns, svc, self.clock())
+        answer = EndpointsAnswer(
+            ns,
+            svc,
+            found.index,
+            found.epoch,
+            found.authoritative,
+            tuple(
+                RegisteredEndpoint(i.id, i.address, i.port, dict(i.labels), i.metrics_port)
+                for i in found.instances
+            ),
+        )
+        headers = self._index_headers(found.index, f'"{found.epoch}-{found.index}"')
+        return 200, answer.to_json(), headers
+
+    def _index_headers(self, index: int, etag: str) -> list[tuple[str, str]]:
+        registry = self._core()
+        return [
+            (INDEX_HEADER, str(index)),
+            (EPOCH_HEADER, registry.epoch),
+            (AUTHORITATIVE_HEADER, "true" if registry.authoritative(self.clock()) else "false"),
+            ("ETag", etag),
+        ]
+
+    async def _services(self, request: _Request) -> Answer:
+        self._allow(request, "GET")
+        self._reader(request)
+        registry = self._core()
+        now = self.clock()
+        services = []
+        for ns, svc in registry.services():
+            found = registry.endpoints(ns, svc, now)
+            services.append(
+                {
+                    "namespace": ns,
+                    "service": svc,
+                    "instances": len(found.instances),
+                    "index": found.index,
+                }
+            )
+        return 200, {"services": services}, ()
+
+    async def _prometheus(self, request: _Request) -> Answer:
+        self._allow(request, "GET")
+        self._reader(request)
+        groups = []
+        for i in self._core().instances():
+            if i.metrics_port is None:
+                continue
+            labels = {
+                "__meta_meshlib_namespace": i.namespace,
+                "__meta_meshlib_service": i.service,
+                "__meta_meshlib_instance": i.id,
+            }
+            for k, v in i.labels:
+                labels[f"__meta_meshlib_label_{_prometheus_name(k)}"] = v
+            target = (
+                f"[{i.address}]:{i.metrics_port}"
+                if ":" in i.address
+                else (f"{i.address}:{i.metrics_port}")
+            )
+            groups.append({"targets": [target], "labels": labels})
+        return 200, groups, ()
+
+    # -- policy --------------------------------------------------------------------------------
+
+    def _policy_answer(self, version: PolicyVersion | None) -> PolicyAnswer:
+        if version is None:
+            return PolicyAnswer(0, "")
+        return PolicyAnswer(
+            version.version,
+            version.text,
+            version.digest,
+            version.author,
+            version.created_at,
+            version.rollback_of,
+        )
+
+    async def _policy(self, request: _Request) -> Answer:
+        self._allow(request, "GET", "PUT")
+        self._reader(request)
+        index, wait = _blocking(request)
+        log_ = self._core().policy
+        if index:
+            await self._hold(None, lambda: log_.changed_since(index), wait)
+        current = log_.current()
+        version = 0 if current is None else current.version
+        return (
+            200,
+            self._policy_answer(current).to_json(),
+            self._index_headers(version, f'"{version}"'),
+        )
+
+    async def _history(self, request: _Request) -> Answer:
+        self._allow(request, "GET")
+        self._reader(request)
+        versions = []
+        for v in self._core().policy.history():
+            body = self._policy_answer(v).to_json()
+            del body["text"]
+            versions.append(body)
+        return 200, {"versions": versions}, ()
+
+    async def _version(self, request: _Request, number: str) -> Answer:
+        self._allow(request, "GET")
+        self._reader(request)
+        if not number.isdigit():
+            raise _HTTPError(400, f"policy version must be a number, got {number!r}")
+        found = self._core().policy.get(int(number))
+        if found is None:
+            raise _HTTPError(404, f"no policy version {number}")
+        return 200, self._policy_answer(found).to_json(), [("ETag", f'"{found.version}"')]
+
+    async def _apply(self, request: _Request) -> Answer:
+        author = self._admin(request, "apply a policy (PUT /v1/policy)")
+        data = await _body(request, MAX_FILE_BYTES)
+        source = request.headers.get(SOURCE_HEADER.lower()) or "registry"
+        if_match = _if_match(request)
+        try:
+            load_text(data, source=source)
+        except ConfigError as exc:
+            problems = [str(p) for p in exc.problems]
+            raise _HTTPError(
+                422, f"policy rejected: {problems[0] if problems else exc}", problems=problems
+            ) from None
+        text = data.decode("utf-8")
+        log_ = self._core().policy
+        before = log_.version
+        done = log_.propose(text, author=author, if_match=if_match, now=self.wall())
+        if isinstance(done, VersionConflict):
+            raise _HTTPError(
+                409, f"version conflict: current is {done.current}", current=done.current
+            )
+        changed = done.version != before
+        if changed:
+            await self._save_policy(done)
+        return 200, {"version": done.version, "digest": done.digest, "changed": changed}, ()
+
+    async def _rollback(self, request: _Request) -> Answer:
+        author = self._admin(request, "roll the policy back (POST /v1/policy/rollback)")
+        body = await _json_body(request, MAX_BODY)
+        to = _field(body, "version", int)
+        log_ = self._core().policy
+        before = log_.version
+        done = log_.rollback(to, author=author, if_match=_if_match(request), now=self.wall())
+        if isinstance(done, NotFound):
+            raise _HTTPError(404, f"no policy version {to}")
+        if isinstance(done, VersionConflict):
+            raise _HTTPError(
+                409, f"version conflict: current is {done.current}", current=done.current
+            )
+        if done.version != before:
+            await self._save_policy(done)
+        return 200, {"version": done.version, "rollback_of": to, "digest": done.digest}, ()
+
+    async def _save_policy(self, version: PolicyVersion) -> None:
+        record = {
+            "version": version.version,
+            "text": version.text,
+            "digest": version.digest,
+            "author": version.author,
+            "created_at": version.created_at,
+            "rollback_of": version.rollback_of,
+        }
+        key = f"{POLICY}{version.version:010d}"
+        await self.store.put(key, json.dumps(record).encode(), if_mod_rev=0)
+        self._notify(None)
+
+    # -- status --------------------------------------------------------------------------------
+
+    async def _status(self, request: _Request) -> Answer:
+        self._allow(request, "GET")
+        self._reader(request)
+        registry = self._core()
+        status = registry.status(self.clock())
+        return (
+            200,
+            {
+                "epoch": status.epoch,
+                "state": status.state.value,
+                "reason": status.reason,
+                "authoritative": status.authoritative,
+                "instances": status.instances,
+                "services": len(registry.services()),
+                "policy_version": registry.policy.version,
+                "store": _store_name(self.store),
+                "uptime_seconds": max(0.0, self.wall() - self._started_wall),
+                "refusals": self.refusals,
+                "watchers": self.watchers,
+            },
+            (),
+        )
+
+
+Answer = tuple[int, Any, Iterable[tuple[str, str]]]
+
+
+def registry_app(
+    store: Store,
+    *,
+    trust_domain: str,
+    identify: Identify | None = None,
+    admins: Iterable[str] | None = None,
+    settings: RegistrySettings | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
+    max_watchers: int = DEFAULT_MAX_WATCHERS,
+) -> RegistryApp:
+    """The registry's ASGI app over ``store`` (see :class:`RegistryApp`).
+
+    ``identify`` reads the caller's SPIFFE ID from a request scope (default: the verified client
+    certificate of ``trust_domain``); ``admins`` may apply policy and write any instance
+    (default: meshctl's ID, ``spiffe://TD/ns/meshlib-system/sa/meshctl``).
+    """
+    return RegistryApp(
+        store,
+        trust_domain=trust_domain,
+        identify=identify,
+        admins=admins,
+        settings=settings,
+        clock=clock,
+        wall=wall,
+        rng=rng,
+        max_watchers=max_watchers,
+    )
+
+
+# -- request parsing ---------------------------------------------------------------------------
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    raw: bytes = scope.get("query_string", b"")
+    return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+
+
+def _blocking(request: _Request) -> tuple[int, float]:
+    """``?index=N&wait=30s`` as (index, seconds)."""
+    text = request.query.get("index", "0") or "0"
+    if not text.isdigit():
+        raise _HTTPError(400, f"query parameter 'index' must be a whole number, got {text!r}")
+    wait_text = request.query.get("wait")
+    if wait_text is None:
+        return int(text), DEFAULT_WAIT
+    match = _DURATION.match(wait_text.strip())
+    if match is None:
+        raise _HTTPError(
+            400,
+            f"query parameter 'wait' must be seconds or a duration like 30s or 5m, got "
+            f"{wait_text!r}",
+        )
+    wait = float(match.group(1)) * _UNIT[match.group(2)]
+    return int(text), min(wait, MAX_WAIT)
+
+
+def _if_match(request: _Request) -> int | None:
+    raw = request.headers.get("if-match")
+    if raw is None:
+        return None
+    text = raw.strip().removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise _HTTPError(400, f'header If-Match must be a policy version ("N"), got {raw!r}')
+    return int(text)
+
+
+async def _body(request: _Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _HTTPError(413, f"request body is {length} bytes, over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise _HTTPError(400, "the client went away before sending its body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _HTTPError(413, f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _json_body(request: _Request, limit: int, *, empty_ok: bool = False) -> dict[str, Any]:
+    data = await _body(request, limit)
+    if not data.strip() and empty_ok:
+        return {}
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _HTTPError(400, f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _HTTPError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _field(
+    body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, optional: bool = False
+) -> Any:
+    value = body.get(name)
+    if value is None:
+        if optional:
+            return None
+        raise _HTTPError(400, f"field {name!r} is missing")
+    if isinstance(value, bool) or not isinstance(value, kind):
+        want = kind.__name__ if isinstance(kind, type) else "number"
+        raise _HTTPError(
+            400, f"field {name!r} must be {want}, got {type(value).__name__} ({value!r})"
+        )
+    return value
+
+
+# -- store records -----------------------------------------------------------------------------
+
+
+def _instance_key(instance: Instance) -> str:
+    return f"{INSTANCES}{instance.namespace}/{instance.service}/{instance.id}"
+
+
+def _instance_from_store(record: dict[str, Any], now: float, wall_now: float) -> Instance:
+    """A stored instance with its wall-clock times mapped onto the monotonic clock's ``now``."""
+    return Instance(
+        record["id"],
+        record["namespace"],
+        record["service"],
+        record["address"],
+        record["port"],
+        tuple(sorted(record["labels"].items())),
+        record["metrics_port"],
+        record["identity"],
+        float(record["ttl"]),
+        registered_at=now - max(0.0, wall_now - record["registered_wall"]),
+        last_heartbeat=now - max(0.0, wall_now - record["heartbeat_wall"]),
+        applied_version=record["applied_version"],
+        rejected_version=record["rejected_version"],
+        rejection=record["rejection"],
+    )
+
+
+def _store_name(store: Store) -> str:
+    if isinstance(store, SQLiteStore):
+        return f"sqlite:{store.data_dir / DB_FILE}"
+    if isinstance(store, MemoryStore):
+        return "memory"
+    return type(store).__name__
+
+
+def _prometheus_name(key: str) -> str:
+    """A label key as a Prometheus label name (anything else becomes ``_``)."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)

@@ -1,0 +1,592 @@
+"""The registry's HTTP client, sync and async: one method per endpoint of the API
+(docs/control-plane.md, "The API"), over mutual TLS with an SVID directory, the registry's
+SPIFFE ID pinned, answers as :mod:`meshlib.control.wire` values, failures as typed errors.
+
+Each method builds a :class:`_Call` (the request and how to read its answer) in
+:class:`_Calls`, shared by both clients; only sending it differs. The server's identity is
+checked by :mod:`meshlib.identity.pinned`'s transports, the same check mesh calls use: after
+the handshake and before any request byte, the server must present a valid SVID of the trust
+domain whose ID is ``spiffe://TD/ns/meshlib-system/sa/registry``.
+
+Errors (:class:`RegistryError` has ``status``, ``message`` and the JSON ``body``)::
+
+    RegistryError            any other refusal (400, 405, 413...)
+    ├── RegistryUnavailable  no answer, a timeout, 5xx or 429: try later (.retry_after)
+    ├── RegistryRefused      403: this SVID may not do that
+    ├── RegistryNotFound     404
+    ├── RegistryConflict     409: If-Match lost (.current is the version now)
+    └── PolicyRejected       422: the policy did not load (.problems, one "file:line: ..." each)
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import httpcore
+import httpx
+
+from meshlib.control.registry import instance_id
+from meshlib.control.wire import (
+    AUTHORITATIVE_HEADER,
+    EPOCH_HEADER,
+    SOURCE_HEADER,
+    EndpointsAnswer,
+    PolicyAnswer,
+    WireError,
+    registry_id,
+)
+from meshlib.identity.pinned import AsyncPinnedTransport, PinnedTransport, server_svid
+from meshlib.identity.tls import SVIDSource
+
+__all__ = [
+    "Applied",
+    "AsyncRegistryClient",
+    "PolicyRejected",
+    "Registered",
+    "RegistryClient",
+    "RegistryConflict",
+    "RegistryError",
+    "RegistryNotFound",
+    "RegistryRefused",
+    "RegistryUnavailable",
+]
+
+T = TypeVar("T")
+
+
+class RegistryError(Exception):
+    """The registry refused a request (or answered what the API does not promise)."""
+
+    def __init__(self, status: int, message: str, body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(f"registry: {message}" if status == 0 else f"registry {status}: {message}")
+        self.status = status
+        self.message = message
+        self.body: Mapping[str, Any] = body or {}
+
+
+class RegistryUnavailable(RegistryError):
+    """No answer (connect error, timeout, a server that is not the registry), 5xx or 429;
+    ``retry_after`` is the server's ``Retry-After`` in seconds when it sent one."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(status, message, body)
+        self.retry_after = retry_after
+
+
+class RegistryRefused(RegistryError):
+    """403: the caller's SVID may not do this."""
+
+
+class RegistryNotFound(RegistryError):
+    """404: no such instance, policy version or endpoint."""
+
+
+class RegistryConflict(RegistryError):
+    """409: the If-Match version is not the current one, which is ``current``."""
+
+    def __init__(self, status: int, message: str, body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(status, message, body)
+        current = self.body.get("current")
+        self.current: int | None = current if isinstance(current, int) else None
+
+
+class PolicyRejected(RegistryError):
+    """422: the policy did not load; ``problems`` lists every problem (``file:line: ...``)."""
+
+    def __init__(self, status: int, message: str, body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(status, message, body)
+        problems = self.body.get("problems")
+        self.problems: tuple[str, ...] = (
+            tuple(str(p) for p in problems) if isinstance(problems, list) else ()
+        )
+
+
+_BY_STATUS: dict[int, type[RegistryError]] = {
+    403: RegistryRefused,
+    404: RegistryNotFound,
+    409: RegistryConflict,
+    422: PolicyRejected,
+}
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The answer to a register: the instance's id, what changed, the service's index, the
+    TTL granted and the heartbeat interval the registry asks for."""
+
+    id: str
+    change: str
+    index: int
+    ttl: float
+    heartbeat_interval: float
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The answer to an apply or a rollback: the current version after it."""
+
+    version: int
+    digest: str
+    changed: bool = True
+    rollback_of: int | None = None
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One request, and how to read its 2xx answer."""
+
+    method: str
+    path: str
+    read: Callable[[httpx.Response], T]
+    params: Mapping[str, str] = field(default_factory=dict)
+    json: Any = None
+    content: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: Seconds the server may hold the request (a blocking query) beyond the usual timeout.
+    hold: float = 0.0
+    #: A 404 that means "already done" (a drain of an instance that is gone) reads as this.
+    missing: Callable[[], T] | None = None
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise RegistryError(
+            response.status_code, f"answer is not JSON: {response.text[:200]!r}"
+        ) from None
+
+
+def _check(response: httpx.Response) -> None:
+    """Raise the typed error a non-2xx answer stands for."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    body = body if isinstance(body, dict) else {}
+    message = str(body.get("error") or f"HTTP {status} {response.reason_phrase}")
+    if status == 429 or status >= 500:
+        retry = response.headers.get("Retry-After", "")
+        retry_after = float(retry) if retry.replace(".", "", 1).isdigit() else None
+        raise RegistryUnavailable(status, message, body, retry_after=retry_after)
+    raise _BY_STATUS.get(status, RegistryError)(status, message, body)
+
+
+def _wait(wait: float | None) -> dict[str, str]:
+    return {} if wait is None else {"wait": f"{wait:g}s"}
+
+
+def _if_match(version: int | None) -> dict[str, str]:
+    return {} if version is None else {"If-Match": f'"{version}"'}
+
+
+def _endpoints(response: httpx.Response) -> EndpointsAnswer:
+    return EndpointsAnswer.from_json(_json(response))
+
+
+def _policy(response: httpx.Response) -> PolicyAnswer:
+    return PolicyAnswer.from_json(
+        _json(response),
+        epoch=response.headers.get(EPOCH_HEADER, ""),
+        authoritative=response.headers.get(AUTHORITATIVE_HEADER, "true") == "true",
+    )
+
+
+class _Calls:
+    """The requests of the API, built once for both clients."""
+
+    def register(
+        self,
+        namespace: str,
+        service: str,
+        address: str,
+        port: int,
+        *,
+        labels: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        ttl: float | None = None,
+    ) -> _Call[Registered]:
+        body: dict[str, Any] = {
+            "address": address,
+            "port": port,
+            "labels": dict(labels or {}),
+            "metrics_port": metrics_port,
+        }
+        if ttl is not None:
+            body["ttl"] = ttl
+        id = instance_id(namespace, service, address, port)  # the server checks the same
+
+        def read(response: httpx.Response) -> Registered:
+            found = _json(response)
+            return Registered(
+                str(found["id"]),
+                str(found["change"]),
+                int(found["index"]),
+                float(found["ttl"]),
+                float(found["heartbeat_interval"]),
+            )
+
+        return _Call("PUT", f"/v1/instances/{namespace}/{service}/{id}", read, json=body)
+
+    def heartbeat(
+        self,
+        namespace: str,
+        service: str,
+        id: str,
+        *,
+        applied_version: int | None = None,
+        rejected_version: int | None = None,
+        error: str | None = None,
+    ) -> _Call[float]:
+        body = {
+            "applied_version": applied_version,
+            "rejected_version": rejected_version,
+            "error": error,
+        }
+        path = f"/v1/instances/{namespace}/{service}/{id}/heartbeat"
+        return _Call("POST", path, lambda r: float(_json(r)["ttl"]), json=body)
+
+    def deregister(self, namespace: str, service: str, id: str) -> _Call[int | None]:
+        path = f"/v1/instances/{namespace}/{service}/{id}"
+        return _Call("DELETE", path, lambda r: int(_json(r)["index"]), missing=lambda: None)
+
+    def instances(self) -> _Call[tuple[dict[str, Any], ...]]:
+        return _Call("GET", "/v1/instances", lambda r: tuple(_json(r)["instances"]))
+
+    def services(self) -> _Call[tuple[dict[str, Any], ...]]:
+        return _Call("GET", "/v1/services", lambda r: tuple(_json(r)["services"]))
+
+    def endpoints(
+        self, namespace: str, service: str, *, index: int = 0, wait: float | None = None
+    ) -> _Call[EndpointsAnswer]:
+        path = f"/v1/services/{namespace}/{service}/endpoints"
+        params = {"index": str(index), **_wait(wait)}
+        return _Call("GET", path, _endpoints, params=params, hold=_held(index, wait))
+
+    def policy(self, *, index: int = 0, wait: float | None = None) -> _Call[PolicyAnswer]:
+        params = {"index": str(index), **_wait(wait)}
+        return _Call("GET", "/v1/policy", _policy, params=params, hold=_held(index, wait))
+
+    def apply(
+        self, text: str, *, if_match: int | None = None, source: str | None = None
+    ) -> _Call[Applied]:
+        headers = {**_if_match(if_match), **({SOURCE_HEADER: source} if source else {})}
+
+        def read(response: httpx.Response) -> Applied:
+            found = _json(response)
+            return Applied(int(found["version"]), str(found["digest"]), bool(found["changed"]))
+
+        return _Call("PUT", "/v1/policy", read, content=text.encode(), headers=headers)
+
+    def history(self) -> _Call[tuple[PolicyAnswer, ...]]:
+        def read(response: httpx.Response) -> tuple[PolicyAnswer, ...]:
+            return tuple(
+                PolicyAnswer.from_json({**v, "text": ""}) for v in _json(response)["versions"]
+            )
+
+        return _Call("GET", "/v1/policy/history", read)
+
+    def version(self, version: int) -> _Call[PolicyAnswer]:
+        return _Call("GET", f"/v1/policy/versions/{version}", _policy)
+
+    def rollback(self, version: int, *, if_match: int | None = None) -> _Call[Applied]:
+        def read(response: httpx.Response) -> Applied:
+            found = _json(response)
+            return Applied(
+                int(found["version"]), str(found["digest"]), rollback_of=int(found["rollback_of"])
+            )
+
+        return _Call(
+            "POST",
+            "/v1/policy/rollback",
+            read,
+            json={"version": version},
+            headers=_if_match(if_match),
+        )
+
+    def prometheus_sd(self) -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", "/v1/sd/prometheus", lambda r: list(_json(r)))
+
+    def status(self) -> _Call[dict[str, Any]]:
+        return _Call("GET", "/v1/status", lambda r: dict(_json(r)))
+
+
+def _held(index: int, wait: float | None) -> float:
+    """How long the server may hold a blocking query: wait plus its jitter (wait/16)."""
+    if not index:
+        return 0.0
+    return (60.0 if wait is None else wait) * 17 / 16
+
+
+class _RegistryCheck:
+    """The registry client's server check: an SVID of the trust domain with the registry's ID
+    (a :class:`meshlib.identity.pinned.ServerCheck`)."""
+
+    def __init__(self, source: SVIDSource) -> None:
+        self._source = source
+        self.expected = registry_id(source.trust_domain)
+
+    def client_context(self) -> ssl.SSLContext:
+        return self._source.current_client_context()
+
+    def verify(self, host: str, port: int, ssl_object: Any) -> None:
+        td = self._source.trust_domain
+        actual = server_svid(host, port, ssl_object, self._source, td, "the registry")
+        if str(actual) != self.expected:
+            raise httpcore.ConnectError(
+                f"mTLS: server {host}:{port} is {actual}, not the registry ({self.expected})"
+            )
+
+
+class _Base:
+    def __init__(self, url: str, *, svid_dir: str, timeout: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.source = SVIDSource(svid_dir)
+        self.check = _RegistryCheck(self.source)
+        self.calls = _Calls()
+
+    def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call[Any]) -> httpx.Request:
+        timeout = httpx.Timeout(self.timeout, read=self.timeout + call.hold)
+        return client.build_request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            content=call.content,
+            headers=dict(call.headers),
+            extensions={"timeout": timeout.as_dict()},
+        )
+
+    @staticmethod
+    def _read(call: _Call[T], response: httpx.Response) -> T:
+        if response.status_code == 404 and call.missing is not None:
+            return call.missing()
+        _check(response)
+        try:
+            return call.read(response)
+        except (WireError, KeyError, TypeError, ValueError) as exc:
+            raise RegistryError(
+                response.status_code, f"answer to {call.method} {call.path} is malformed: {exc}"
+            ) from None
+
+
+def _unavailable(call: _Call[Any], exc: httpx.HTTPError) -> RegistryUnavailable:
+    return RegistryUnavailable(0, f"{call.method} {call.path}: {exc}")
+
+
+class RegistryClient(_Base):
+    """The registry's API, blocking (one method per endpoint; see the module docstring)."""
+
+    def __init__(self, url: str, *, svid_dir: str, timeout: float = 5.0) -> None:
+        super().__init__(url, svid_dir=svid_dir, timeout=timeout)
+        transport = PinnedTransport(self.source.client_context(), self.check, limits=None)
+        self._http = httpx.Client(base_url=self.url, transport=transport, trust_env=False)
+
+    def _send(self, call: _Call[T]) -> T:
+        try:
+            response = self._http.send(self._request(self._http, call))
+        except httpx.HTTPError as exc:
+            raise _unavailable(call, exc) from exc
+        return self._read(call, response)
+
+    def register(
+        self,
+        namespace: str,
+        service: str,
+        address: str,
+        port: int,
+        *,
+        labels: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        ttl: float | None = None,
+    ) -> Registered:
+        call = self.calls.register(
+            namespace, service, address, port, labels=labels, metrics_port=metrics_port, ttl=ttl
+        )
+        return self._send(call)
+
+    def heartbeat(
+        self,
+        namespace: str,
+        service: str,
+        id: str,
+        *,
+        applied_version: int | None = None,
+        rejected_version: int | None = None,
+        error: str | None = None,
+    ) -> float:
+        call = self.calls.heartbeat(
+            namespace,
+            service,
+            id,
+            applied_version=applied_version,
+            rejected_version=rejected_version,
+            error=error,
+        )
+        return self._send(call)
+
+    def deregister(self, namespace: str, service: str, id: str) -> int | None:
+        return self._send(self.calls.deregister(namespace, service, id))
+
+    def instances(self) -> tuple[dict[str, Any], ...]:
+        return self._send(self.calls.instances())
+
+    def services(self) -> tuple[dict[str, Any], ...]:
+        return self._send(self.calls.services())
+
+    def endpoints(
+        self, namespace: str, service: str, *, index: int = 0, wait: float | None = None
+    ) -> EndpointsAnswer:
+        call = self.calls.endpoints(namespace, service, index=index, wait=wait)
+        return self._send(call)
+
+    def policy(self, *, index: int = 0, wait: float | None = None) -> PolicyAnswer:
+        call = self.calls.policy(index=index, wait=wait)
+        return self._send(call)
+
+    def apply(
+        self, text: str, *, if_match: int | None = None, source: str | None = None
+    ) -> Applied:
+        call = self.calls.apply(text, if_match=if_match, source=source)
+        return self._send(call)
+
+    def history(self) -> tuple[PolicyAnswer, ...]:
+        return self._send(self.calls.history())
+
+    def version(self, version: int) -> PolicyAnswer:
+        return self._send(self.calls.version(version))
+
+    def rollback(self, version: int, *, if_match: int | None = None) -> Applied:
+        call = self.calls.rollback(version, if_match=if_match)
+        return self._send(call)
+
+    def prometheus_sd(self) -> list[dict[str, Any]]:
+        return self._send(self.calls.prometheus_sd())
+
+    def status(self) -> dict[str, Any]:
+        return self._send(self.calls.status())
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRegistryClient(_Base):
+    """The registry's API for asyncio (the same methods as :class:`RegistryClient`)."""
+
+    def __init__(self, url: str, *, svid_dir: str, timeout: float = 5.0) -> None:
+        super().__init__(url, svid_dir=svid_dir, timeout=timeout)
+        transport = AsyncPinnedTransport(self.source.client_context(), self.check, limits=None)
+        self._http = httpx.AsyncClient(base_url=self.url, transport=transport, trust_env=False)
+
+    async def _send(self, call: _Call[T]) -> T:
+        try:
+            response = await self._http.send(self._request(self._http, call))
+        except httpx.HTTPError as exc:
+            raise _unavailable(call, exc) from exc
+        return self._read(call, response)
+
+    async def register(
+        self,
+        namespace: str,
+        service: str,
+        address: str,
+        port: int,
+        *,
+        labels: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        ttl: float | None = None,
+    ) -> Registered:
+        call = self.calls.register(
+            namespace, service, address, port, labels=labels, metrics_port=metrics_port, ttl=ttl
+        )
+        return await self._send(call)
+
+    async def heartbeat(
+        self,
+        namespace: str,
+        service: str,
+        id: str,
+        *,
+        applied_version: int | None = None,
+        rejected_version: int | None = None,
+        error: str | None = None,
+    ) -> float:
+        call = self.calls.heartbeat(
+            namespace,
+            service,
+            id,
+            applied_version=applied_version,
+            rejected_version=rejected_version,
+            error=error,
+        )
+        return await self._send(call)
+
+    async def deregister(self, namespace: str, service: str, id: str) -> int | None:
+        return await self._send(self.calls.deregister(namespace, service, id))
+
+    async def instances(self) -> tuple[dict[str, Any], ...]:
+        return await self._send(self.calls.instances())
+
+    async def services(self) -> tuple[dict[str, Any], ...]:
+        return await self._send(self.calls.services())
+
+    async def endpoints(
+        self, namespace: str, service: str, *, index: int = 0, wait: float | None = None
+    ) -> EndpointsAnswer:
+        call = self.calls.endpoints(namespace, service, index=index, wait=wait)
+        return await self._send(call)
+
+    async def policy(self, *, index: int = 0, wait: float | None = None) -> PolicyAnswer:
+        call = self.calls.policy(index=index, wait=wait)
+        return await self._send(call)
+
+    async def apply(
+        self, text: str, *, if_match: int | None = None, source: str | None = None
+    ) -> Applied:
+        call = self.calls.apply(text, if_match=if_match, source=source)
+        return await self._send(call)
+
+    async def history(self) -> tuple[PolicyAnswer, ...]:
+        return await self._send(self.calls.history())
+
+    async def version(self, version: int) -> PolicyAnswer:
+        return await self._send(self.calls.version(version))
+
+    async def rollback(self, version: int, *, if_match: int | None = None) -> Applied:
+        call = self.calls.rollback(version, if_match=if_match)
+        return await self._send(call)
+
+    async def prometheus_sd(self) -> list[dict[str, Any]]:
+        return await self._send(self.calls.prometheus_sd())
+
+    async def status(self) -> dict[str, Any]:
+        return await self._send(self.calls.status())
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncRegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

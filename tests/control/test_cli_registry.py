@@ -1,0 +1,137 @@
+"""``meshctl registry init|serve``: the data dir's files, modes and identities; serve as a real
+process, stopped by SIGTERM; one process per data dir."""
+
+from __future__ import annotations
+
+import selectors
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from meshlib.cli.main import main
+from meshlib.control.client import RegistryClient
+from meshlib.identity.svid import spiffe_id_of
+
+pytestmark = pytest.mark.timeout(30)
+
+TD = "shop.test"
+#: ``meshctl registry serve`` on a free port, as a process; the data dir goes last.
+SERVE: tuple[str, ...] = (sys.executable, "-m", "meshlib.cli", "registry", "serve")
+SERVE += ("--listen", "127.0.0.1:0", "--data")
+MESH = "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: shop.test}\n"
+
+
+def leaf_id(svid_dir: Path) -> str:
+    cert = x509.load_pem_x509_certificates((svid_dir / "cert.pem").read_bytes())[0]
+    return str(spiffe_id_of(cert))
+
+
+def test_init_writes_the_ca_and_both_svids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "reg"
+    assert main(["registry", "init", "--data", str(data), "--trust-domain", TD]) == 0
+    assert (data / "ca" / "ca.pem").exists()
+    assert (data / "ca" / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+    for name, sa in (("registry", "registry"), ("admin", "meshctl")):
+        for file in ("cert.pem", "key.pem", "bundle.pem"):
+            assert (data / name / file).exists(), f"{name}/{file}"
+        assert (data / name / "key.pem").stat().st_mode & 0o777 == 0o600
+        assert leaf_id(data / name) == f"spiffe://{TD}/ns/meshlib-system/sa/{sa}"
+    assert "meshctl's admin SVID" in capsys.readouterr().out
+
+    # again: the CA is kept, the SVIDs re-issued; another trust domain is refused
+    root = (data / "ca" / "ca.pem").read_bytes()
+    assert main(["registry", "init", "--data", str(data)]) == 0
+    assert (data / "ca" / "ca.pem").read_bytes() == root
+    assert main(["registry", "init", "--data", str(data), "--trust-domain", "other.test"]) == 1
+    assert "not other.test" in capsys.readouterr().err
+
+
+def test_serve_without_init_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["registry", "serve", "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("meshctl registry serve:") and "registry init" in err
+    assert len(err.splitlines()) == 1
+    assert main(["registry", "serve", "--data", str(tmp_path), "--listen", "nope"]) == 2
+
+
+def _serve(data: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*SERVE, str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _first_line(process: subprocess.Popen[str], timeout: float = 20.0) -> str:
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        assert selector.select(timeout), "the registry printed nothing"
+    return process.stdout.readline().strip()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str], str]]:
+    data = tmp_path / "reg"
+    assert main(["registry", "init", "--data", str(data), "--trust-domain", TD]) == 0
+    process = _serve(data)
+    try:
+        line = _first_line(process)
+        assert line.startswith("registry serving on https://127.0.0.1:"), line
+        yield data, process, line.split()[3]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_serve_answers_over_mtls_and_stops_on_sigterm(
+    served: tuple[Path, subprocess.Popen[str], str],
+) -> None:
+    data, process, url = served
+    with RegistryClient(url, svid_dir=str(data / "admin")) as client:
+        assert client.apply(MESH).version == 1
+        status = client.status()
+    assert status["store"] == f"sqlite:{data / 'registry.db'}"
+
+    second = subprocess.run(
+        [*SERVE, str(data)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 1
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert f"in use by process {process.pid}" in second.stderr
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+    # the lock went with it: the data dir serves again, with the policy kept
+    again = _serve(data)
+    try:
+        url = _first_line(again).split()[3]
+        with RegistryClient(url, svid_dir=str(data / "admin")) as client:
+            assert client.policy().version == 1
+    finally:
+        again.send_signal(signal.SIGINT)
+        assert again.wait(timeout=20) == 0
+        again.communicate(timeout=10)
+
+
+def test_help_says_the_svids_must_be_renewed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["registry", "init", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    # argparse may wrap after a hyphen ("re- run"): look for words without one
+    assert "The SVIDs last 24 h" in out and "issue 12" in out
+    assert "run 'meshctl registry init --data DIR'" in out

@@ -1,0 +1,161 @@
+"""The registry client against a real registry (uvicorn, strict mTLS, SQLite): one method per
+endpoint, wire values back, typed errors, the registry's SPIFFE ID pinned."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from meshlib.cli.registry import RegistryServed
+from meshlib.control.client import (
+    AsyncRegistryClient,
+    PolicyRejected,
+    RegistryClient,
+    RegistryConflict,
+    RegistryError,
+    RegistryNotFound,
+    RegistryRefused,
+    RegistryUnavailable,
+)
+from meshlib.control.registry import instance_id
+from meshlib.control.wire import RegisteredEndpoint
+from meshlib.inbound.serving import serve
+from tests.control.conftest import TD, RunningRegistry, StartRegistry
+from tests.control.test_app import BAD_POLICY, POLICY
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_instances_and_discovery_through_the_client(registry: RunningRegistry) -> None:
+    client = registry.client(registry.issue("default", "reviews"))
+    made = client.register("default", "reviews", "127.0.0.1", 8080, labels={"version": "v1"})
+    assert (made.change, made.ttl, made.heartbeat_interval) == ("created", 10.0, 3.333)
+    assert made.id == instance_id("default", "reviews", "127.0.0.1", 8080)
+    assert (
+        client.register("default", "reviews", "127.0.0.1", 8080, labels={"version": "v1"}).change
+        == "refreshed"
+    )
+
+    answer = client.endpoints("default", "reviews")
+    assert answer.index == made.index and answer.authoritative
+    assert answer.key == "reviews.default"
+    assert answer.endpoints == (
+        RegisteredEndpoint(made.id, "127.0.0.1", 8080, {"version": "v1"}, None),
+    )
+    assert client.heartbeat("default", "reviews", made.id, applied_version=1) == 10.0
+    assert client.instances()[0]["applied_version"] == 1
+    assert client.services() == (
+        {"namespace": "default", "service": "reviews", "instances": 1, "index": made.index},
+    )
+
+    held = threading.Event()
+    registry.app.on_watchers = lambda n: held.set() if n == 1 else None
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.endpoints, "default", "reviews", index=made.index, wait=20)
+        assert held.wait(10)
+        drained = client.deregister("default", "reviews", made.id)
+        assert drained == made.index + 1
+        assert waiting.result(10).endpoints == ()
+    assert client.deregister("default", "reviews", made.id) is None  # 404: already done
+    with pytest.raises(RegistryNotFound) as gone:
+        client.heartbeat("default", "reviews", made.id)
+    assert gone.value.status == 404 and "register again" in gone.value.message
+
+
+def test_policy_through_the_client(registry: RunningRegistry) -> None:
+    admin = registry.client()
+    assert admin.policy().version == 0
+    with pytest.raises(PolicyRejected) as rejected:
+        admin.apply(BAD_POLICY, source="bad.yaml")
+    assert len(rejected.value.problems) == 4
+    assert rejected.value.problems[0].startswith("bad.yaml:4:")
+    applied = admin.apply(POLICY, if_match=0)
+    assert (applied.version, applied.changed) == (1, True)
+    with pytest.raises(RegistryConflict) as conflict:
+        admin.apply(POLICY.replace("9000", "9001"), if_match=0)
+    assert conflict.value.current == 1
+    got = admin.policy(index=0)
+    assert (got.version, got.text, got.digest) == (1, POLICY, applied.digest)
+    assert got.epoch == admin.status()["epoch"] and got.authoritative
+    admin.apply(POLICY.replace("9000", "9001"))
+    back = admin.rollback(1, if_match=2)
+    assert (back.version, back.rollback_of) == (3, 1)
+    assert [v.version for v in admin.history()] == [1, 2, 3]
+    assert admin.version(2).text == POLICY.replace("9000", "9001")
+    with pytest.raises(RegistryNotFound):
+        admin.version(7)
+
+
+def test_refusals_and_limits_are_typed(registry_factory: StartRegistry) -> None:
+    registry = registry_factory(max_watchers=1)
+    reviews = registry.client(registry.issue("default", "reviews"))
+    with pytest.raises(RegistryRefused) as refused:
+        reviews.apply(POLICY)
+    assert refused.value.status == 403 and f"spiffe://{TD}/ns/default/sa/reviews" in str(
+        refused.value
+    )
+    with pytest.raises(RegistryError) as bad:
+        reviews.register("default", "reviews", "127.0.0.1", 8080, ttl=0.5)
+    assert bad.value.status == 400 and type(bad.value) is RegistryError
+
+    held = threading.Event()
+    registry.app.on_watchers = lambda n: held.set() if n == 1 else None
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(reviews.endpoints, "default", "a", index=1, wait=20)
+        assert held.wait(10)
+        with pytest.raises(RegistryUnavailable) as busy:
+            reviews.endpoints("default", "b", index=1, wait=20)
+        assert busy.value.status == 429 and busy.value.retry_after == 1.0
+        registry.client().register("default", "a", "127.0.0.1", 8080)
+        assert len(waiting.result(10).endpoints) == 1
+
+
+def test_a_stopped_registry_is_unavailable(registry: RunningRegistry) -> None:
+    client = registry.client()
+    assert client.status()["state"] == "serving"
+    registry.server.stop()
+    with pytest.raises(RegistryUnavailable) as down:
+        client.status()
+    assert down.value.status == 0 and down.value.retry_after is None
+
+
+def test_the_client_pins_the_registry_id(registry: RunningRegistry) -> None:
+    """A server with a valid SVID of the trust domain that is not the registry is refused
+    before any request byte reaches it."""
+    reached: list[Any] = []
+
+    async def impostor(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope)
+
+    workload = registry.issue("default", "reviews")
+    with serve(
+        impostor,
+        mesh=RegistryServed(TD),
+        svid_dir=str(workload),
+        mode="strict",
+        svid_poll_interval=None,
+        lifespan="off",
+    ) as server:
+        client = RegistryClient(server.url, svid_dir=str(registry.admin_svid))
+        with pytest.raises(RegistryUnavailable) as refused:
+            client.status()
+        client.close()
+    assert f"spiffe://{TD}/ns/default/sa/reviews, not the registry" in str(refused.value)
+    assert reached == []
+
+
+@pytest.mark.anyio
+async def test_the_async_client_shares_the_calls(registry: RunningRegistry) -> None:
+    async with AsyncRegistryClient(registry.url, svid_dir=str(registry.admin_svid)) as client:
+        made = await client.register("default", "reviews", "127.0.0.1", 8080, metrics_port=9100)
+        assert made.change == "created"
+        answer = await client.endpoints("default", "reviews", index=0)
+        assert answer.endpoints[0].metrics_port == 9100
+        assert (await client.prometheus_sd())[0]["targets"] == ["127.0.0.1:9100"]
+        with pytest.raises(PolicyRejected):
+            await client.apply(BAD_POLICY)
+        assert (await client.apply(POLICY)).version == 1
+        assert await client.deregister("default", "reviews", made.id) == made.index + 1
