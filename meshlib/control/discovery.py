@@ -360,18 +360,28 @@ class Discovery:
             self._keys.append(service_key)
             loop = self._loop
         if loop is not None:
-            loop.call_soon_threadsafe(self._spawn_endpoints, service_key)
+            with contextlib.suppress(RuntimeError):  # stopped: the loop is closed, nothing to run
+                loop.call_soon_threadsafe(self._spawn_endpoints, service_key)
 
     def start(self) -> Discovery:
         if self._thread is not None:
             raise RuntimeError("discovery is already started")
         with self._lock:
             cached = [(k, v.endpoints) for k, v in self._views.items()]
-        for (
-            key,
-            endpoints,
-        ) in cached:  # the cache file's state is the floor until the registry answers
+        # The cache file's state stands until the registry answers.
+        for key, endpoints in cached:
             self._sink.set_endpoints(key, endpoints, authoritative=False)
+        if self._policies is not None and self._policy_version > 0:
+            cached_policy = PolicyAnswer(
+                self._policy_version, self._policy_text, epoch=self._epoch, authoritative=False
+            )
+            error = self._policies.apply_policy(cached_policy)
+            if error is None:
+                self.policy_status = PolicyStatus(self._policy_version)
+            else:  # the registry's copy of that version will be offered again
+                log.error("discovery: cached policy %d rejected: %s", cached_policy.version, error)
+                with self._lock:
+                    self._policy_version, self._policy_text = 0, ""
         self._thread = threading.Thread(target=self._run, name="meshlib-discovery", daemon=True)
         self._thread.start()
         self._ready.wait(5.0)

@@ -214,9 +214,14 @@ class MemorySource:
         self.registry = registry
         self.clock = clock
         self.lock = threading.Lock()
+        self.queried = threading.Condition(self.lock)
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.failures: list[SourceUnavailable] = []
         self.queries: list[tuple[str, int]] = []
+
+    def wait_queries(self, n: int, timeout: float = 5.0) -> None:
+        with self.queried:
+            assert self.queried.wait_for(lambda: len(self.queries) >= n, timeout), self.queries
 
     def changed(self) -> None:
         with self.lock:
@@ -241,6 +246,7 @@ class MemorySource:
     ) -> EndpointsAnswer:
         with self.lock:
             self.queries.append((f"{service}.{namespace}", index))
+            self.queried.notify_all()
             if self.failures:
                 raise self.failures.pop(0)
         if index > 0:
@@ -426,7 +432,7 @@ def test_a_warming_registry_does_not_empty_a_cached_service(
         initial=DiscoveryState("epoch-1", 0, "", {"reviews.default": cached}),
         wait=10.0,
     )
-    sink.wait_for(lambda: len(source.queries) >= 2)  # the answer came, and the next query
+    source.wait_queries(3)  # the answer (refused), the reset's answer (refused), a held query
     assert sink.addresses("reviews.default") == ["127.0.0.1:9001", "127.0.0.1:9002"]
     with sink.cond:
         assert len(sink.calls) == 1 and sink.calls[0][2] is False  # only the cache's floor
@@ -468,11 +474,30 @@ def test_stop_wakes_every_task_at_once(
     source.failures = [SourceUnavailable("down")]
     keys = tuple(f"svc{i}.default" for i in range(20))
     d = started(source, sink, sink, services=keys, wait=300.0, pacing=slow)
-    for _ in range(500):  # every loop has sent its first query (and now holds or backs off)
-        with source.lock:
-            if len(source.queries) >= len(keys):
-                break
-        threading.Event().wait(0.01)
+    source.wait_queries(len(keys))  # every loop has sent its first query: it holds or backs off
     assert d.running
     d.stop(timeout=2.0)
     assert not d.running
+
+
+def test_the_cached_policy_is_applied_at_start_and_not_again_for_the_same_version(
+    source: MemorySource, started: Callable[..., Discovery]
+) -> None:
+    sink = RecordingSink()
+    with source.lock:
+        source.registry.policy.propose("v1", author=ADMIN, if_match=None, now=0.0)
+    d = started(source, sink, sink, initial=DiscoveryState("epoch-1", 1, "v1", {}), wait=10.0)
+    assert sink.policies == [1]  # from the cache file, before the registry answered
+    with source.lock:
+        source.registry.policy.propose("v2", author=ADMIN, if_match=None, now=0.0)
+    source.changed()
+    sink.wait_for(lambda: sink.policies[-1] == 2)
+    assert sink.policies == [1, 2]  # the registry's version 1 was not applied twice
+    assert d.policy_status.applied_version == 2
+
+
+def test_watch_after_stop_is_harmless(source: MemorySource) -> None:
+    d = Discovery(source, RecordingSink(), pacing=FAST).start()
+    d.stop()
+    d.watch("late.default")
+    assert not d.running and "late.default" in d.watched()
