@@ -5,15 +5,17 @@ with the registry's server)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from policy.fakes import FakeClock
 
+from control.fakes import MemorySource
 from meshlib.config.model import Endpoint
+from meshlib.control.cache import CacheFile
 from meshlib.control.discovery import (
     Discovery,
     DiscoveryState,
@@ -204,80 +206,6 @@ def test_split_key() -> None:
 
 
 # --- the driver over an in-memory source ---------------------------------------------------
-
-
-class MemorySource:
-    """A DiscoverySource over the registry's real core: a blocking query holds on an asyncio
-    event until :meth:`changed` (called from the test's thread) or its wait passes."""
-
-    def __init__(self, registry: Registry, clock: FakeClock) -> None:
-        self.registry = registry
-        self.clock = clock
-        self.lock = threading.Lock()
-        self.queried = threading.Condition(self.lock)
-        self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self.failures: list[SourceUnavailable] = []
-        self.queries: list[tuple[str, int]] = []
-
-    def wait_queries(self, n: int, timeout: float = 5.0) -> None:
-        with self.queried:
-            assert self.queried.wait_for(lambda: len(self.queries) >= n, timeout), self.queries
-
-    def changed(self) -> None:
-        with self.lock:
-            waiters, self.waiters = self.waiters, []
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
-
-    async def _hold(self, ready: Callable[[], bool], wait: float) -> None:
-        while True:
-            event = asyncio.Event()
-            with self.lock:
-                if ready():
-                    return
-                self.waiters.append((asyncio.get_running_loop(), event))
-            try:
-                await asyncio.wait_for(event.wait(), wait)
-            except TimeoutError:
-                return
-
-    async def endpoints(
-        self, namespace: str, service: str, *, index: int, wait: float
-    ) -> EndpointsAnswer:
-        with self.lock:
-            self.queries.append((f"{service}.{namespace}", index))
-            self.queried.notify_all()
-            if self.failures:
-                raise self.failures.pop(0)
-        if index > 0:
-            await self._hold(lambda: self.registry.changed_since(namespace, service, index), wait)
-        with self.lock:
-            e = self.registry.endpoints(namespace, service, self.clock())
-        return EndpointsAnswer(
-            e.namespace,
-            e.service,
-            e.index,
-            e.epoch,
-            e.authoritative,
-            tuple(RegisteredEndpoint(i.id, i.address, i.port, dict(i.labels)) for i in e.instances),
-        )
-
-    async def policy(self, *, index: int, wait: float) -> PolicyAnswer:
-        log = self.registry.policy
-        if index > 0:
-            await self._hold(lambda: log.changed_since(index), wait)
-        with self.lock:
-            current = log.current()
-        if current is None:
-            return PolicyAnswer(0, "", epoch=self.registry.epoch)
-        return PolicyAnswer(current.version, current.text, epoch=self.registry.epoch)
-
-    def register(self, port: int, service: str = "reviews") -> None:
-        with self.lock:
-            self.registry.register(
-                "default", service, "127.0.0.1", port, identity=WORKLOAD, now=self.clock()
-            )
-        self.changed()
 
 
 class RecordingSink:
@@ -501,3 +429,28 @@ def test_watch_after_stop_is_harmless(source: MemorySource) -> None:
     d.stop()
     d.watch("late.default")
     assert not d.running and "late.default" in d.watched()
+
+
+def test_each_applied_snapshot_is_persisted_to_the_cache_file(
+    source: MemorySource, started: Callable[..., Discovery], tmp_path: Path
+) -> None:
+    cache = CacheFile(tmp_path / "discovery.json", "https://registry:8443", wall=lambda: 5.0)
+    sink = RecordingSink()
+    writes: list[int] = []
+
+    def persist(state: DiscoveryState) -> None:  # the cache's write, then a signal to the test
+        cache.write(state)
+        with sink.cond:
+            writes.append(len(state.services["reviews.default"].endpoints))
+            sink.cond.notify_all()
+
+    source.register(9001)
+    started(source, sink, services=("reviews.default",), persist=persist, wait=10.0)
+    sink.wait_for(lambda: writes == [1])
+    source.register(9002)
+    sink.wait_for(lambda: writes == [1, 2])
+    loaded = cache.load()
+    assert loaded is not None and loaded.state.epoch == "epoch-1"
+    saved = loaded.state.services["reviews.default"]
+    assert [e.address for e in saved.endpoints] == ["127.0.0.1:9001", "127.0.0.1:9002"]
+    assert saved.index == source.registry.index("default", "reviews")

@@ -6,14 +6,18 @@ policy does not declare stays uncallable until a snapshot declares it."""
 
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
+from control.fakes import MemorySource
 from policy.fakes import FakeClock
 
 from e2e.conftest import service_yaml
 from meshlib.config.loader import load_text
 from meshlib.config.model import Endpoint
+from meshlib.control.discovery import Discovery, Pacing
+from meshlib.control.registry import Registry, RegistrySettings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,6 +36,9 @@ spec:
   loadBalancer: {type: round-robin}
   outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}
 """
+
+
+FAST = Pacing(interval=0.01, first_jitter=0.0, backoff_base=0.01, backoff_cap=0.02)
 
 
 def at(*backends: object) -> tuple[Endpoint, ...]:
@@ -159,3 +166,42 @@ def test_concurrent_updates_and_calls_keep_a_consistent_view(
     assert codes == [200] * 40
     states = mesh.destinations()["reviews.default"].endpoints.states
     assert tuple(s.endpoint for s in states) in sets
+
+
+def test_discovery_feeds_the_mesh_and_calls_follow_the_registry(
+    caller, make_mesh, echo_factory
+) -> None:
+    """The whole client chain without the registry's server: the registry's core (in memory)
+    → Discovery's watch and guard → Mesh.set_endpoints → calls to real backends."""
+    a, b = echo_factory("a"), echo_factory("b")
+    clock = FakeClock()
+    source = MemorySource(Registry("epoch-1", clock(), RegistrySettings(warming=0.0)), clock)
+    mesh = make_mesh(EMPTY_REVIEWS + "---\n" + ROUND_ROBIN)
+    source.register(a.port)
+    updates = threading.Condition()
+    sizes: list[int] = []
+
+    class Forward:  # the mesh is the sink; the test is told when an update reached it
+        def set_endpoints(
+            self, key: str, endpoints: tuple[Endpoint, ...], *, authoritative: bool
+        ) -> None:
+            mesh.set_endpoints(key, endpoints, authoritative=authoritative)
+            with updates:
+                sizes.append(len(endpoints))
+                updates.notify_all()
+
+    discovery = Discovery(
+        source, Forward(), services=("reviews.default",), pacing=FAST, rng=random.Random(1)
+    ).start()
+    try:
+        c = caller.bind(mesh)
+        with updates:
+            assert updates.wait_for(lambda: sizes == [1], 5.0)
+        assert served(c, 2) == ["a", "a"]
+        source.register(b.port)
+        with updates:
+            assert updates.wait_for(lambda: sizes == [1, 2], 5.0)
+        assert sorted(served(c, 4)) == ["a", "a", "b", "b"]
+    finally:
+        discovery.stop()
+    assert not discovery.running
