@@ -73,6 +73,9 @@ class MemorySource:
         )
 
     async def policy(self, *, index: int, wait: float) -> PolicyAnswer:
+        with self.lock:
+            self.queries.append(("policy", index))
+            self.queried.notify_all()
         log = self.registry.policy
         if index > 0:
             await self._hold(lambda: log.changed_since(index), wait)

@@ -335,12 +335,11 @@ def test_stale_for_counts_from_the_last_answer_while_down(
     sink.wait_for(lambda: bool(sink.addresses("reviews.default")))
     with source.lock:
         source.failures = [SourceUnavailable("down")] * 1000
+    with source.lock:
+        sent = len(source.queries)
     source.register(9002)  # wakes the held query: answered; the next request fails
     sink.wait_for(lambda: len(sink.addresses("reviews.default")) == 2)
-    for _ in range(500):
-        if not d.up:
-            break
-        threading.Event().wait(0.01)
+    source.wait_queries(sent + 2)  # the failed request, then the retry: the failure is recorded
     assert not d.up
     clock.advance(42.0)
     assert d.stale_for() == pytest.approx(42.0)
@@ -385,10 +384,7 @@ def test_policy_loop_applies_new_versions_and_records_a_rejection(
         source.registry.policy.propose("v2", author=ADMIN, if_match=None, now=0.0)
     source.changed()
     sink.wait_for(lambda: sink.policies == [1, 2])
-    for _ in range(200):
-        if d.policy_status.rejected_version == 2:
-            break
-        threading.Event().wait(0.01)
+    source.wait_queries(3)  # version 1's query, version 2's, then the next: the NACK is recorded
     assert d.policy_status.rejected_version == 2
     assert d.policy_status.error == "policy.yaml:3: bad"
     assert d.state().policy_version == 1  # the last good policy stays
