@@ -445,7 +445,7 @@ class Discovery:
         """Sleep unless stopping; False once stopping (stop wakes every sleeper at once)."""
         assert self._stopping is not None
         if seconds > 0:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError from 3.11 on
                 await asyncio.wait_for(self._stopping.wait(), seconds)
         return not self._stopping.is_set()
 
@@ -476,7 +476,10 @@ class Discovery:
             with self._lock:
                 seen = key in self._states and self._states[key].epoch == answer.epoch
             if changed or not seen:
-                self._take(key, answer)
+                try:
+                    self._take(key, answer)
+                except Exception:  # a sink's bug must not end this service's watch
+                    log.exception("discovery %s: the answer could not be applied", key)
 
     async def _watch_policy(self) -> None:
         assert self._policies is not None
@@ -492,7 +495,10 @@ class Discovery:
                 continue
             self._answer("policy")
             rules.answered(answer.version, answer.epoch)
-            self._take_policy(answer)
+            try:
+                self._take_policy(answer)
+            except Exception:  # a sink's bug must not end the policy's watch
+                log.exception("discovery: policy version %d could not be applied", answer.version)
 
     def _failed(self, loop: str, rules: WatchRules, exc: Exception) -> float:
         retry_after = exc.retry_after if isinstance(exc, SourceUnavailable) else None

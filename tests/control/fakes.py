@@ -48,7 +48,7 @@ class MemorySource:
                 self.waiters.append((asyncio.get_running_loop(), event))
             try:
                 await asyncio.wait_for(event.wait(), wait)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError from 3.11 on
                 return
 
     async def endpoints(

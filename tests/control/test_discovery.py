@@ -450,3 +450,22 @@ def test_each_applied_snapshot_is_persisted_to_the_cache_file(
     saved = loaded.state.services["reviews.default"]
     assert [e.address for e in saved.endpoints] == ["127.0.0.1:9001", "127.0.0.1:9002"]
     assert saved.index == source.registry.index("default", "reviews")
+
+
+def test_a_failing_sink_does_not_end_the_watch(
+    source: MemorySource, started: Callable[..., Discovery]
+) -> None:
+    class Flaky(RecordingSink):
+        def set_endpoints(
+            self, service_key: str, endpoints: tuple[Endpoint, ...], *, authoritative: bool
+        ) -> None:
+            super().set_endpoints(service_key, endpoints, authoritative=authoritative)
+            if len(self.calls) == 1:
+                raise ValueError("a bug in the sink")
+
+    sink = Flaky()
+    source.register(9001)
+    started(source, sink, services=("reviews.default",), wait=10.0)
+    sink.wait_for(lambda: len(sink.calls) == 1)
+    source.register(9002)
+    sink.wait_for(lambda: len(sink.addresses("reviews.default")) == 2)
