@@ -22,6 +22,7 @@ from meshlib.config.model import (
     AbortFault,
     DelayFault,
     Egress,
+    Endpoint,
     FaultRule,
     MTLSMode,
     PolicyTarget,
@@ -83,6 +84,14 @@ class ReloadStatus:
     error: ConfigError | None = None
     digest: str | None = None  # sha256 of the rejected (or applied) content
     at: float = 0.0  # wall-clock time of the attempt
+
+
+@dataclass(frozen=True)
+class DiscoveredEndpoints:
+    """One service's endpoints as the registry last reported them (:meth:`Mesh.set_endpoints`)."""
+
+    endpoints: tuple[Endpoint, ...]
+    authoritative: bool
 
 
 class ClientOptions(TypedDict, total=False):
@@ -199,6 +208,9 @@ class Mesh:
                 ).start()
         self._router = Router(snapshot)
         self._destinations: dict[str, Destination] = {}
+        # Endpoints discovered per service key (set_endpoints), kept apart from the snapshot so
+        # an update costs one service, not a new Snapshot and Router.
+        self._discovered: dict[str, DiscoveredEndpoints] = {}
         self._lock = threading.Lock()
         self._faults: tuple[FaultRule, ...] = ()
         self._fault_index: dict[tuple[str, str | None], tuple[FaultRule, ...]] = {}
@@ -274,7 +286,9 @@ class Mesh:
             service = router.services[key]
             policy = router.policy(key, None)
             if dest is None:
-                dest = Destination(service, policy, self.clock())
+                found = self._discovered.get(key)
+                discovered = () if found is None else found.endpoints
+                dest = Destination(service, policy, self.clock(), discovered)
                 self._destinations[key] = dest
             elif dest.version < router.snapshot.version:
                 dest.update(service, policy, self.clock())
@@ -283,6 +297,39 @@ class Mesh:
 
     def destinations(self) -> Mapping[str, Destination]:
         return dict(self._destinations)
+
+    def set_endpoints(
+        self, service_key: str, endpoints: tuple[Endpoint, ...], *, authoritative: bool = True
+    ) -> None:
+        """Use ``endpoints`` (discovered from the registry) for ``service_key`` (``name.ns``)
+        beside its static ``Service`` endpoints; the static one wins on the same address.
+
+        The cost is that service's alone: no new snapshot, no Router rebuild; its destination,
+        if one exists yet, updates its endpoint list in place and keeps the health of the
+        endpoints that stay. Calls in flight keep the endpoint they picked. A service the
+        policy does not declare still cannot be called: its endpoints are kept and used once a
+        snapshot declares it. ``authoritative`` is recorded (:meth:`discovered`); the
+        static-stability guard that uses it is discovery's
+        (:func:`meshlib.control.discovery.accept`)."""
+        name, dot, namespace = service_key.partition(".")
+        if not (name and dot and namespace):
+            raise ValueError(f"set_endpoints: service key {service_key!r} is not 'name.namespace'")
+        endpoints = tuple(endpoints)
+        for e in endpoints:
+            host, colon, port = e.address.rpartition(":")
+            if not (host and colon and port.isdigit()):
+                raise ValueError(
+                    f"set_endpoints({service_key!r}): address {e.address!r} is not 'host:port'"
+                )
+        with self._lock:  # destination() creates under this lock: no new one misses the set
+            self._discovered[service_key] = DiscoveredEndpoints(endpoints, authoritative)
+            dest = self._destinations.get(service_key)
+            if dest is not None:
+                dest.set_discovered(endpoints)
+
+    def discovered(self) -> Mapping[str, DiscoveredEndpoints]:
+        """The endpoints :meth:`set_endpoints` gave, per service key."""
+        return dict(self._discovered)
 
     # -- calls ----------------------------------------------------------------------------------
 

@@ -1,13 +1,14 @@
 """Run-time state of one destination service: endpoint health, breaker, retry budget, rate
 limit, in-flight count and recent latencies. It outlives snapshots: a reload updates the
-policies and endpoint list in place and keeps the health it learned."""
+policies and endpoint list in place and keeps the health it learned. Its endpoints are the
+policy's static ones plus those discovered from the registry (static wins on an address)."""
 
 from __future__ import annotations
 
 import threading
 from collections import deque
 
-from meshlib.config.model import EffectivePolicy, ServiceDef
+from meshlib.config.model import EffectivePolicy, Endpoint, ServiceDef
 from meshlib.policy.balancer import EndpointSet
 from meshlib.policy.breaker import CircuitBreaker
 from meshlib.policy.budget import RetryBudget
@@ -23,14 +24,24 @@ class Destination:
     """Everything the mesh remembers about calling one service. Decisions on this state are
     taken under ``lock``; I/O happens outside it."""
 
-    def __init__(self, service: ServiceDef, policy: EffectivePolicy, now: float) -> None:
+    def __init__(
+        self,
+        service: ServiceDef,
+        policy: EffectivePolicy,
+        now: float,
+        discovered: tuple[Endpoint, ...] = (),
+    ) -> None:
         self.key = service.key
         self.version = 0  # the newest snapshot version this state was updated from
         self.lock = threading.Lock()
         self.service = service
         self.policy = policy
+        #: Endpoints the registry reported for this service (:meth:`set_discovered`).
+        self.discovered = discovered
         self.endpoints = EndpointSet(
-            service.endpoints, policy.load_balancer, policy.outlier_detection
+            merge_endpoints(service.endpoints, discovered),
+            policy.load_balancer,
+            policy.outlier_detection,
         )
         self.breaker = CircuitBreaker(policy.circuit_breaker)
         self.budget = RetryBudget(policy.retries.budget)
@@ -46,13 +57,29 @@ class Destination:
             self.service = service
             old = self.policy
             self.policy = policy
-            self.endpoints.update(service.endpoints, policy.load_balancer, policy.outlier_detection)
+            self.endpoints.update(
+                merge_endpoints(service.endpoints, self.discovered),
+                policy.load_balancer,
+                policy.outlier_detection,
+            )
             if policy.circuit_breaker != old.circuit_breaker:
                 self.breaker.policy = policy.circuit_breaker
             if policy.retries.budget != old.retries.budget:
                 self.budget = RetryBudget(policy.retries.budget)
             if policy.rate_limit != old.rate_limit:
                 self.rate_limit = TokenBucket(policy.rate_limit, now) if policy.rate_limit else None
+
+    def set_discovered(self, discovered: tuple[Endpoint, ...]) -> None:
+        """Adopt a new discovered set: the endpoint list changes in place, endpoints that stay
+        keep their health (an ejected one stays ejected); nothing else is touched."""
+        with self.lock:
+            self.discovered = discovered
+            policy = self.policy
+            self.endpoints.update(
+                merge_endpoints(self.service.endpoints, discovered),
+                policy.load_balancer,
+                policy.outlier_detection,
+            )
 
     def record_latency(self, seconds: float) -> None:
         self._latencies.append(seconds)
@@ -66,3 +93,16 @@ class Destination:
             if len(samples) >= _MIN_SAMPLES_FOR_P95:
                 self._p95 = samples[min(len(samples) - 1, int(len(samples) * 0.95))]
         return self._p95
+
+
+def merge_endpoints(
+    static: tuple[Endpoint, ...], discovered: tuple[Endpoint, ...]
+) -> tuple[Endpoint, ...]:
+    """The policy's endpoints, then the discovered ones at other addresses: an endpoint the
+    operator wrote (its weight, its labels) wins over the registry's view of the same address."""
+    if not discovered:
+        return static
+    if not static:
+        return discovered
+    taken = {e.address for e in static}
+    return static + tuple(e for e in discovered if e.address not in taken)
