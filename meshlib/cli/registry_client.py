@@ -495,15 +495,13 @@ def _add_rollback(sub: Subparsers) -> None:
 def _cmd_rollback(args: argparse.Namespace) -> int:
     from meshlib.control.client import RegistryNotFound
 
-    try:
-        with _registry(args) as client:
+    with _registry(args) as client:
+        try:
             applied = client.rollback(args.version, if_match=args.if_match)
-    except CommandFailed as exc:
-        if isinstance(exc.__cause__, RegistryNotFound):
+        except RegistryNotFound as exc:
             raise CommandFailed(
                 f"no version {args.version} in the registry (meshctl history lists them)"
             ) from exc
-        raise
     if args.output != "text":
         document = {
             "version": applied.version,

@@ -80,6 +80,13 @@ def test_apply_get_policy_history_and_rollback(
         "",
     )
     sent = registry.client().policy()
+    assert json.loads(
+        run(capsys, "apply", "-f", mesh, reviews, "-o", "json", *at(registry))[1]
+    ) == {
+        "version": 1,
+        "digest": sent.digest,
+        "changed": False,
+    }
     assert sent.text == MESH + "---\n" + REVIEWS  # one text: the files joined by a --- line
     load_text(sent.text)  # and it loads
     assert run(capsys, "apply", "-f", mesh, reviews, *at(registry))[1] == "unchanged: version 1\n"
@@ -112,6 +119,9 @@ def test_apply_get_policy_history_and_rollback(
     }
     assert run(capsys, "rollback", "1", *at(registry))[1] == (
         "unchanged: version 3 already has the text of version 1\n"
+    )
+    assert yaml.safe_load(run(capsys, "rollback", "1", "-o", "yaml", *at(registry))[1]) == (
+        json.loads(out)
     )
     code, _, err = run(capsys, "rollback", "9", *at(registry))
     assert (code, err) == (
@@ -285,6 +295,9 @@ def test_get_services_endpoints_and_instances(
         ["shop", "ratings", "1", str(index["ratings"])],
     ]
     services = json.loads(run(capsys, "get", "services", "-o", "json", *at(registry))[1])
+    assert yaml.safe_load(run(capsys, "get", "services", "-o", "yaml", *at(registry))[1]) == (
+        services
+    )
     assert services["services"][0] == {
         "namespace": "default",
         "service": "reviews",
@@ -315,6 +328,16 @@ def test_get_services_endpoints_and_instances(
         index["ratings"],
     )
     assert [e["port"] for e in shop["endpoints"]] == [9090]
+    as_json = json.loads(
+        run(capsys, "get", "endpoints", "ratings.shop", "-o", "json", *at(registry))[1]
+    )
+    assert as_json == shop and set(as_json["endpoints"][0]) == {
+        "id",
+        "address",
+        "port",
+        "labels",
+        "metrics_port",
+    }
     unknown = run(capsys, "get", "endpoints", "ratings", *at(registry))[1].splitlines()
     assert unknown[0].startswith("ratings.default: index ") and unknown[1] == "no live instances"
     assert run(capsys, "get", "endpoints", "reviews.", *at(registry))[0] == 2
@@ -342,6 +365,9 @@ def test_get_services_endpoints_and_instances(
     assert cut[4:6] == ["-", "2"] and cut[-1].endswith("x…") and len(" ".join(cut[6:])) == 48
     assert "second line" not in out and "-o json has the whole ERROR" in out
     instances = json.loads(run(capsys, "get", "instances", "-o", "json", *at(registry))[1])
+    assert yaml.safe_load(
+        run(capsys, "get", "instances", "-o", "yaml", *at(registry))[1]
+    ).keys() == {"instances"}
     by_id = {i["id"]: i for i in instances["instances"]}
     assert by_id[two.id]["error"] == error and by_id[two.id]["rejected_version"] == 2
     assert by_id[one.id]["applied_version"] == 1 and by_id[one.id]["identity"].endswith(
