@@ -2,7 +2,8 @@
 
 The verb groups: :mod:`meshlib.cli.policy` (validate, schema, explain: policy files),
 :mod:`meshlib.cli.ca` (the built-in CA), :mod:`meshlib.cli.observe` (status, tap, top,
-graph: running services) and :mod:`meshlib.cli.registry` (the registry service). Adding a
+graph: running services), :mod:`meshlib.cli.registry` (the registry service) and
+:mod:`meshlib.cli.registry_client` (apply, get, history, rollback: a running registry). Adding a
 verb means adding a registrar and its handler to the group it belongs to and listing it in that
 group's ``VERBS``; a new group is listed in :data:`GROUPS`. ``version`` and ``completion`` are
 about meshctl itself and live here: the completion script is drawn from the finished parser.
@@ -15,7 +16,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from meshlib.cli import ca, observe, policy, registry
+from meshlib.cli import ca, observe, policy, registry, registry_client
 from meshlib.cli.command import (
     EXIT_INVALID,
     EXIT_OK,
@@ -28,7 +29,7 @@ from meshlib.cli.command import (
 from meshlib.cli.completion import SHELLS, completion_script
 
 #: The verb groups, in the order ``meshctl --help`` lists their verbs.
-GROUPS = (policy, ca, observe, registry)
+GROUPS = (policy, ca, observe, registry, registry_client)
 
 
 def _version() -> str:
@@ -88,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Handler = args.func
     # "meshctl ca issue: ...", not "meshctl ca: ...", for a verb with sub-verbs
-    sub_verb = getattr(args, "ca_verb", None) or getattr(args, "registry_verb", None)
+    sub_verb = next(
+        (v for v in (getattr(args, f"{g}_verb", None) for g in ("ca", "registry", "get")) if v),
+        None,
+    )
     said = " ".join(v for v in (args.verb, sub_verb) if v)
     try:
         return handler(args)

@@ -1,5 +1,6 @@
 """``meshctl registry init|serve``: make a registry's data dir (its CA and the registry's and
-meshctl's SVIDs) and serve the registry from it over mutual TLS.
+meshctl's SVIDs) and serve the registry from it over mutual TLS (``registry status``, a client
+of a running registry, is :mod:`meshlib.cli.registry_client`'s).
 
 Layout of ``DIR`` after ``registry init`` (docs/control-plane.md, "The CLI")::
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshlib.cli.command import EXIT_OK, CommandFailed, Registrar, Subparsers, UsageError
+from meshlib.cli.registry_client import add_registry_status
 
 if TYPE_CHECKING:
     from meshlib.config.model import MTLSMode, Snapshot
@@ -129,7 +131,7 @@ class RegistryServed:
 def _add_registry(sub: Subparsers) -> None:
     registry = sub.add_parser(
         "registry",
-        help="make a registry data dir and serve the registry from it",
+        help="make a registry data dir, serve the registry from it, read its status",
         description="The registry service: discovery, self-registration and policy. " + _RENEW_NOTE,
     )
     verbs = registry.add_subparsers(dest="registry_verb", metavar="VERB", required=True)
@@ -160,6 +162,7 @@ def _add_registry(sub: Subparsers) -> None:
         help="sqlite (DIR/registry.db, the default) or memory (lost on stop)",
     )
     serve.set_defaults(func=_cmd_serve)
+    add_registry_status(verbs)  # a client of a running registry: with apply, get...
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

@@ -775,9 +775,11 @@ class RegistryApp:
             raise _HTTPError(
                 409, f"version conflict: current is {done.current}", current=done.current
             )
-        if done.version != before:
+        changed = done.version != before  # rolling back to the current text makes no version
+        if changed:
             await self._save_policy(done)
-        return 200, {"version": done.version, "rollback_of": to, "digest": done.digest}, ()
+        answer = {"version": done.version, "rollback_of": to, "digest": done.digest}
+        return 200, {**answer, "changed": changed}, ()
 
     async def _save_policy(self, version: PolicyVersion) -> None:
         record = {

@@ -306,7 +306,10 @@ class _Calls:
         def read(response: httpx.Response) -> Applied:
             found = _json(response)
             return Applied(
-                int(found["version"]), str(found["digest"]), rollback_of=int(found["rollback_of"])
+                int(found["version"]),
+                str(found["digest"]),
+                bool(found.get("changed", True)),
+                rollback_of=int(found["rollback_of"]),
             )
 
         return _Call(

@@ -190,7 +190,12 @@ def test_policy_versions_if_match_and_rollback(registry: RunningRegistry) -> Non
 
     back = admin.post("/v1/policy/rollback", json={"version": 1})
     assert back.status_code == 200
-    assert back.json() == {"version": 3, "rollback_of": 1, "digest": first.json()["digest"]}
+    assert back.json() == {
+        "version": 3,
+        "rollback_of": 1,
+        "digest": first.json()["digest"],
+        "changed": True,
+    }
     got = admin.get("/v1/policy")
     assert got.headers["X-Mesh-Index"] == "3" and got.headers["ETag"] == '"3"'
     assert got.json()["text"] == POLICY and got.json()["rollback_of"] == 1
