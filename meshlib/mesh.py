@@ -10,7 +10,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -59,11 +59,13 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
+    from meshlib.control.agent import RegistryAgent
+    from meshlib.control.registrar import RegistrationHandle
     from meshlib.identity.renewal import Issuer, RenewalMetrics, Renewer
     from meshlib.identity.rotation import RotationStatus, RotationWatcher
     from meshlib.identity.tls import SVIDMaterial, SVIDSource
     from meshlib.inbound.middleware import InboundHost
-    from meshlib.inbound.serving import ServedMesh
+    from meshlib.inbound.serving import ServedMesh, ServingHook
     from meshlib.observe.admin import AdminApp
     from meshlib.observe.events import EventHub
     from meshlib.observe.metrics import MeshMetrics
@@ -211,6 +213,8 @@ class Mesh:
         # Endpoints discovered per service key (set_endpoints), kept apart from the snapshot so
         # an update costs one service, not a new Snapshot and Router.
         self._discovered: dict[str, DiscoveredEndpoints] = {}
+        #: The registry link (:meth:`from_registry`): discovery, registrar, cache file.
+        self._agent: RegistryAgent | None = None
         self._lock = threading.Lock()
         self._faults: tuple[FaultRule, ...] = ()
         self._fault_index: dict[tuple[str, str | None], tuple[FaultRule, ...]] = {}
@@ -257,6 +261,117 @@ class Mesh:
 
         snapshot = load_text(text, version=next(_versions))
         return cls(snapshot, service=service, namespace=namespace, **kwargs)
+
+    @classmethod
+    def from_registry(
+        cls,
+        url: str,
+        *,
+        service: str,
+        namespace: str = "default",
+        svid_dir: str | os.PathLike[str],
+        cache_dir: str | os.PathLike[str] | None = None,
+        policy_file: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        startup_timeout: float = 3.0,
+        watch_wait: float | None = None,
+        **kwargs: Any,
+    ) -> Mesh:
+        """A mesh whose policy and endpoints come from the registry at ``url`` (DESIGN.md §8),
+        over mTLS with the SVID in ``svid_dir``; ``policy_file`` (one path or several) adds to
+        the registry's policy and is re-read with each version.
+
+        Start-up waits at most ``startup_timeout`` seconds for the registry; without it the
+        mesh starts from the cache file (``cache_dir``, default ``$MESHLIB_CACHE_DIR`` or
+        ``~/.cache/meshlib``; 0600), else from the local files, and catches up when the
+        registry answers. Use :meth:`register` (or :func:`meshlib.serve`) to be discovered.
+        ``watch_wait`` is the long-poll's hold in seconds (the registry's default: 60).
+        """
+        from meshlib.config.loader import load_texts
+        from meshlib.control.agent import RegistryAgent, cache_path, starting_point
+        from meshlib.control.cache import CacheFile
+        from meshlib.identity.tls import SVIDSource
+
+        if policy_file is None:
+            local: list[str] = []
+        elif isinstance(policy_file, (str, os.PathLike)):
+            local = [os.fspath(policy_file)]
+        else:
+            local = [os.fspath(p) for p in policy_file]
+        svid = os.fspath(svid_dir)
+        trust_domain = SVIDSource(svid).trust_domain
+        cache = CacheFile(cache_path(cache_dir, namespace, service), url)
+
+        def check(sources: list[tuple[str, str]]) -> str | None:
+            try:
+                load_texts(sources)
+            except ConfigError as exc:
+                return str(exc)
+            return None
+
+        start = starting_point(
+            url,
+            svid_dir=svid,
+            local=local,
+            cache=cache,
+            trust_domain=trust_domain,
+            check=check,
+            timeout=startup_timeout,
+        )
+        snapshot = load_texts(start.sources, version=next(_versions))
+        mesh = cls(snapshot, service=service, namespace=namespace, svid_dir=svid, **kwargs)
+        try:
+            mesh._agent = RegistryAgent(
+                url,
+                mesh,
+                svid_dir=svid,
+                local=local,
+                cache=cache,
+                start=start,
+                metrics=mesh.metrics,
+                wait=watch_wait,
+            ).start()
+        except BaseException:
+            mesh.close()
+            raise
+        return mesh
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> Mesh:
+        """A mesh configured by the environment (DESIGN.md §8): ``MESHLIB_SERVICE`` (required),
+        ``MESHLIB_NAMESPACE`` (default ``default``), and either ``MESHLIB_REGISTRY`` (with
+        ``MESHLIB_SVID_DIR``; ``MESHLIB_POLICY`` then adds local files) or ``MESHLIB_POLICY``
+        alone (a policy file, hot-reloaded). Several policy files are separated by
+        ``os.pathsep``. Keyword arguments go to :meth:`from_registry` / :meth:`from_file`."""
+        env = os.environ
+        service = env.get("MESHLIB_SERVICE", "").strip()
+        if not service:
+            raise ValueError("Mesh.from_env: set MESHLIB_SERVICE to this workload's service name")
+        namespace = env.get("MESHLIB_NAMESPACE", "").strip() or "default"
+        policies = [p for p in env.get("MESHLIB_POLICY", "").split(os.pathsep) if p.strip()]
+        registry = env.get("MESHLIB_REGISTRY", "").strip()
+        svid_dir = env.get("MESHLIB_SVID_DIR", "").strip() or None
+        if registry:
+            if svid_dir is None:
+                raise ValueError(
+                    "Mesh.from_env: MESHLIB_REGISTRY is set but MESHLIB_SVID_DIR is not: the "
+                    "registry is reached over mTLS with this workload's SVID"
+                )
+            return cls.from_registry(
+                registry,
+                service=service,
+                namespace=namespace,
+                svid_dir=svid_dir,
+                policy_file=policies or None,
+                **kwargs,
+            )
+        if len(policies) != 1:
+            raise ValueError(
+                "Mesh.from_env: set MESHLIB_REGISTRY (a registry URL) or MESHLIB_POLICY (one "
+                f"policy file){'' if not policies else f'; got {len(policies)} files'}"
+            )
+        if svid_dir is not None:
+            kwargs.setdefault("svid_dir", svid_dir)
+        return cls.from_file(policies[0], service=service, namespace=namespace, **kwargs)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -476,6 +591,33 @@ class Mesh:
         self.reload_status = ReloadStatus(True, snapshot.version, digest=snapshot.digest)
         self._sync_observers()
 
+    def update_policy(self, sources: Sequence[tuple[str, str]], *, origin: str) -> str | None:
+        """Load the named texts as one policy and apply it (the registry's versions come this
+        way); a refused policy keeps the last good one in force, is counted and logged, and
+        its error text is returned (the registry hears it as a NACK)."""
+        from meshlib.config.loader import load_texts
+
+        try:
+            snapshot = load_texts(sources, version=next(_versions))
+        except ConfigError as error:
+            self.reload_status = ReloadStatus(
+                False, self.snapshot.version, error=error, at=time.time()
+            )
+            self.last_rejected = self.reload_status
+            if self.metrics is not None:
+                self.metrics.reloads.labels("rejected").inc()
+            log.error(
+                "policy %s rejected, keeping version %d: %s", origin, self.snapshot.version, error
+            )
+            return str(error)
+        if snapshot.digest == self.snapshot.digest:
+            return None
+        self.apply(snapshot)
+        if self.metrics is not None:
+            self.metrics.reloads.labels("applied").inc()
+        log.info("policy applied: version %d from %s", snapshot.version, origin)
+        return None
+
     def _sync_observers(self) -> None:
         """Follow ``spec.accessLog`` (or the ``access_log`` argument) at start and on reload."""
         if self._access_log or self.snapshot.mesh.access_log or self.events is not None:
@@ -594,7 +736,53 @@ class Mesh:
         if self._rotation.status.last_error is not None:
             raise RuntimeError(f"renewed SVID refused: {self._rotation.status.last_error}")
 
+    # -- the registry ---------------------------------------------------------------------------
+
+    def register(
+        self,
+        address: str,
+        port: int,
+        *,
+        labels: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        ttl: float | None = None,
+    ) -> RegistrationHandle:
+        """Register ``address:port`` as an instance of this mesh's service, kept alive by
+        heartbeats in the background; the handle's ``close()`` drains it (DESIGN.md §8).
+        Needs a mesh made by :meth:`from_registry`."""
+        if self._agent is None:
+            raise RuntimeError(
+                f"mesh {self.source}: no registry to register with (use Mesh.from_registry)"
+            )
+        return self._agent.register(
+            self.namespace,
+            self.service,
+            address,
+            port,
+            labels=labels,
+            metrics_port=metrics_port,
+            ttl=ttl,
+        )
+
+    def on_serving(self, host: str, port: int, scheme: str) -> RegistrationHandle | None:
+        """:func:`meshlib.serve`'s hook: register the served instance (its stop drains it
+        first, while the port still accepts). Without a registry: nothing."""
+        if self._agent is None:
+            return None
+        if host in ("0.0.0.0", "::", ""):
+            raise ValueError(
+                f"serve: host {host!r} is no address callers can reach: pass advertise= "
+                "the address to register"
+            )
+        return self.register(host, port)
+
+    def registry_status(self) -> dict[str, Any] | None:
+        """The registry link's state for /status (None without a registry)."""
+        return None if self._agent is None else self._agent.status()
+
     def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()  # drains what is still registered, while calls still work
         if self._renewer is not None:
             self._renewer.stop()
         if self._rotation is not None:
@@ -673,4 +861,6 @@ if TYPE_CHECKING:
         """The mesh is the host the middleware and ``serve`` declare, and its metrics what the
         renewer reports to: checked by mypy here, where they are handed over by the user or
         through ``**options`` (the other parts are built in this module and checked there)."""
+        hook: ServingHook = mesh  # serve registers through it
+        del hook
         return mesh, mesh, metrics

@@ -70,6 +70,7 @@ def cache_document(registry: str, state: DiscoveryState, fetched_at: float) -> d
 
 def write_cache(path: Path, registry: str, state: DiscoveryState, fetched_at: float) -> None:
     data = json.dumps(cache_document(registry, state, fetched_at), indent=1).encode()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the default dir may not exist
     write_atomic(path, data, mode=CACHE_MODE)
 
 

@@ -136,6 +136,11 @@ class WatchRules:
         snapshot at once instead of waiting on a meaningless index."""
         self.failures = 0
         changed = index != self.index or epoch != self.epoch
+        if changed:
+            # A change is what the loop is for: its request is refunded, so a burst of changes
+            # (a rollout) is followed at once. Only answers that return at once WITHOUT a change
+            # (a misbehaving server, an index that never settles) drain the bucket.
+            self._tokens = min(float(self.pacing.burst), self._tokens + 1.0)
         if (self.epoch and epoch != self.epoch) or index < self.index or index <= 0:
             self.index = 0  # never wait on an index <= 0: the next query answers at once
         else:

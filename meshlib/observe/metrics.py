@@ -306,11 +306,12 @@ class MeshMetrics:
     def set_renewal_overdue(self, identity: str, overdue: bool) -> None:
         self.renewal_overdue.labels(identity).set(1.0 if overdue else 0.0)
 
-    def set_registry_up(self, registry: str, up: bool) -> None:
-        self.registry_up.labels(registry).set(1.0 if up else 0.0)
-
-    def track_registry_staleness(self, registry: str, staleness: Callable[[], float]) -> None:
-        """Read ``staleness()`` (seconds) at every scrape: it grows while the registry is away."""
+    def track_registry(
+        self, registry: str, up: Callable[[], bool], staleness: Callable[[], float]
+    ) -> None:
+        """Read ``up()`` and ``staleness()`` (seconds) at every scrape: staleness grows while
+        the registry is away and the last known state is in use."""
+        self.registry_up.labels(registry).set_function(lambda: 1.0 if up() else 0.0)
         self.registry_staleness.labels(registry).set_function(staleness)
 
     def set_policy_version(self, state: str, version: int) -> None:

@@ -96,6 +96,21 @@ def test_token_bucket_allows_a_burst_of_two_then_one_per_15_seconds() -> None:
     assert total >= 99 * 15.0
 
 
+def test_answers_that_carry_a_change_cost_no_token() -> None:
+    """A rollout changes a service many times in a row, each answer returning at once: every
+    change must be followed at once, not 15 s late (only unchanged instant returns drain)."""
+    clock = FakeClock()
+    r = rules(clock)
+    for index in range(2, 52):
+        assert r.take_token() == 0.0
+        assert r.answered(index, "e1")
+    assert r.take_token() == 0.0
+    r.answered(51, "e1")  # no change, back at once
+    assert r.take_token() == 0.0
+    r.answered(51, "e1")
+    assert r.take_token() == pytest.approx(15.0)
+
+
 def test_a_blocking_query_refills_the_bucket_while_it_waits() -> None:
     clock = FakeClock()
     r = rules(clock)

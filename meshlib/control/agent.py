@@ -1,0 +1,400 @@
+"""A workload's link to the registry: what :meth:`meshlib.Mesh.from_registry` starts with (the
+registry's policy, else the cache file's, else the local floor), and, while it runs, discovery
+(policy and endpoints in), the registrar (instances and the policy ACK/NACK out) and the cache
+file, wired to the mesh through narrow protocols.
+
+The rules live in the parts (:mod:`~meshlib.control.discovery`, :mod:`~meshlib.control.registrar`,
+:mod:`~meshlib.control.cache`); this module only composes them and adapts the HTTP client to the
+two protocols they take, so each part stays testable without the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from meshlib.config.loader import read_policy_file
+from meshlib.config.model import Endpoint, Snapshot
+from meshlib.control.cache import CachedState, CacheFile
+from meshlib.control.client import (
+    AsyncRegistryClient,
+    Registered,
+    RegistryClient,
+    RegistryError,
+    RegistryNotFound,
+    RegistryUnavailable,
+)
+from meshlib.control.discovery import (
+    Discovery,
+    DiscoveryState,
+    SourceUnavailable,
+)
+from meshlib.control.loop import LoopThread
+from meshlib.control.registrar import (
+    InstanceNotFound,
+    PolicyReport,
+    Registrar,
+    RegistrationHandle,
+    RegistrationUnavailable,
+)
+from meshlib.control.wire import EndpointsAnswer, PolicyAnswer
+from meshlib.errors import ConfigError
+
+__all__ = [
+    "RegistryAgent",
+    "RegistrySide",
+    "Start",
+    "cache_path",
+    "policy_sources",
+    "starting_point",
+]
+
+log = logging.getLogger("meshlib.control")
+
+#: Seconds :meth:`Mesh.from_registry` waits for the registry's policy before it starts from the
+#: cache file (or the local floor): a registry that is down must not stall a start-up.
+STARTUP_TIMEOUT = 3.0
+
+Sources = list[tuple[str, str]]
+
+
+class RegistrySide(Protocol):
+    """What the agent needs from the mesh (:class:`meshlib.Mesh`)."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    def set_endpoints(
+        self, service_key: str, endpoints: tuple[Endpoint, ...], *, authoritative: bool = True
+    ) -> None: ...
+
+    def update_policy(self, sources: Sequence[tuple[str, str]], *, origin: str) -> str | None:
+        """Load ``sources`` as one policy and apply it; the error text if it is refused."""
+        ...
+
+
+class RegistryMetrics(Protocol):
+    """Where the agent reports (:class:`meshlib.observe.metrics.MeshMetrics`)."""
+
+    def track_registry(
+        self, registry: str, up: Callable[[], bool], staleness: Callable[[], float]
+    ) -> None: ...
+
+    def set_policy_version(self, state: str, version: int) -> None: ...
+
+
+def registry_source(version: int) -> str:
+    """The source name a registry policy version carries in error messages."""
+    return f"registry policy v{version}"
+
+
+def policy_sources(answer_text: str, version: int, local: Sequence[str]) -> Sources:
+    """The named texts of one policy: the registry's version (if any) and the local files,
+    re-read now. Raises ConfigError for an unreadable local file."""
+    sources: Sources = []
+    if answer_text.strip():
+        sources.append((registry_source(version), answer_text))
+    for path in local:
+        sources.append((path, read_policy_file(path)))
+    return sources
+
+
+def floor_policy(trust_domain: str) -> Sources:
+    """The policy of a workload that has nothing else yet: the mesh settings only, in the
+    SVID's trust domain (so its own certificate stays valid under it)."""
+    text = (
+        "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: mesh}\n"
+        f"spec: {{trustDomain: {trust_domain}}}\n"
+    )
+    return [("<no policy yet>", text)]
+
+
+def cache_path(cache_dir: str | os.PathLike[str] | None, namespace: str, service: str) -> Path:
+    """The cache file of ``service.namespace``: in ``cache_dir``, else ``$MESHLIB_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/meshlib`` (``~/.cache/meshlib``)."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("MESHLIB_CACHE_DIR") or None
+    if cache_dir is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache_dir = os.path.join(base, "meshlib")
+    return Path(cache_dir) / f"registry-{namespace}-{service}.json"
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a registry-backed mesh starts: the policy to load first and discovery's seed."""
+
+    sources: Sources
+    #: Discovery's seed: the chosen policy version and the cached endpoints.
+    initial: DiscoveryState | None
+    #: ``registry``, ``cache`` or ``local`` (nothing from either): for the log and /status.
+    origin: str
+    #: The registry's version this workload refused at start (its NACK), with the error.
+    rejected: tuple[int, str] | None = None
+
+
+def starting_point(
+    url: str,
+    *,
+    svid_dir: str,
+    local: Sequence[str],
+    cache: CacheFile | None,
+    trust_domain: str,
+    check: Callable[[Sources], str | None],
+    timeout: float = STARTUP_TIMEOUT,
+) -> Start:
+    """Ask the registry for its policy (bounded by ``timeout``); check it with the local files
+    (``check`` returns the loader's error or None). Refused or unreachable: the cache file's
+    policy, else the local files alone, else the floor (CONTROL-PLANE.md §5)."""
+    answer: PolicyAnswer | None = None
+    try:
+        with RegistryClient(url, svid_dir=svid_dir, timeout=timeout) as client:
+            answer = client.policy(index=0)
+    except RegistryError as exc:
+        log.warning("registry %s unreachable at start (%s): starting from the cache", url, exc)
+    cached: CachedState | None = cache.load() if cache is not None else None
+    services = dict(cached.state.services) if cached is not None else {}
+    rejected: tuple[int, str] | None = None
+    if answer is not None:
+        sources = policy_sources(answer.text, answer.version, local)
+        error = check(sources) if sources else None
+        if error is None:
+            initial = DiscoveryState(answer.epoch, answer.version, answer.text, services)
+            return Start(sources or _floor(local, trust_domain), initial, "registry")
+        rejected = (answer.version, error)
+        log.error("registry policy v%d refused at start: %s", answer.version, error)
+    if cached is not None and cached.state.policy_version > 0:
+        state = cached.state
+        sources = policy_sources(state.policy_text, state.policy_version, local)
+        if check(sources) is None:
+            return Start(sources, state, "cache", rejected)
+    seed = DiscoveryState(cached.state.epoch, 0, "", services) if cached is not None else None
+    return Start(_floor(local, trust_domain), seed, "local", rejected)
+
+
+def _floor(local: Sequence[str], trust_domain: str) -> Sources:
+    return policy_sources("", 0, local) or floor_policy(trust_domain)
+
+
+class ClientSource:
+    """Discovery's :class:`~meshlib.control.discovery.DiscoverySource` over the HTTP client:
+    every failure is "unavailable" to discovery, which keeps the last state and backs off."""
+
+    def __init__(self, client: AsyncRegistryClient) -> None:
+        self.client = client
+
+    async def endpoints(
+        self, namespace: str, service: str, *, index: int, wait: float
+    ) -> EndpointsAnswer:
+        with _unavailable():
+            return await self.client.endpoints(namespace, service, index=index, wait=wait)
+
+    async def policy(self, *, index: int, wait: float) -> PolicyAnswer:
+        with _unavailable():
+            return await self.client.policy(index=index, wait=wait)
+
+
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    try:
+        yield
+    except RegistryUnavailable as exc:
+        raise SourceUnavailable(str(exc), exc.retry_after) from exc
+    except RegistryError as exc:  # a 403 or 404 too: keep the last state, retry later
+        raise SourceUnavailable(f"registry refused the watch: {exc}") from exc
+
+
+class ClientRegistration:
+    """The registrar's :class:`~meshlib.control.registrar.RegistrationAPI` over the client."""
+
+    def __init__(self, client: AsyncRegistryClient) -> None:
+        self.client = client
+
+    async def register(
+        self,
+        namespace: str,
+        service: str,
+        instance_id: str,
+        address: str,
+        port: int,
+        labels: Mapping[str, str],
+        metrics_port: int | None,
+        ttl: float | None,
+    ) -> Registered:
+        with _registration_errors():
+            return await self.client.register(
+                namespace, service, address, port, labels=labels, metrics_port=metrics_port, ttl=ttl
+            )
+
+    async def heartbeat(
+        self, namespace: str, service: str, instance_id: str, report: PolicyReport
+    ) -> None:
+        with _registration_errors():
+            await self.client.heartbeat(
+                namespace,
+                service,
+                instance_id,
+                applied_version=report.applied_version,
+                rejected_version=report.rejected_version,
+                error=report.error,
+            )
+
+    async def deregister(self, namespace: str, service: str, instance_id: str) -> None:
+        with _registration_errors():
+            await self.client.deregister(namespace, service, instance_id)
+
+
+@contextlib.contextmanager
+def _registration_errors() -> Iterator[None]:
+    try:
+        yield
+    except RegistryNotFound as exc:
+        raise InstanceNotFound(str(exc)) from exc
+    except RegistryUnavailable as exc:
+        raise RegistrationUnavailable(str(exc), exc.retry_after) from exc
+    except RegistryError as exc:  # 400/403: retried with back-off, and loudly
+        log.error("registry refused a registration: %s", exc)
+        raise RegistrationUnavailable(str(exc)) from exc
+
+
+class RegistryAgent:
+    """Discovery, the registrar and the cache of one registry-backed mesh.
+
+    ``mesh`` receives endpoints (:meth:`RegistrySide.set_endpoints`) and policies
+    (:meth:`RegistrySide.update_policy`); every service the applied policy declares is
+    watched. ``local`` files are added to each registry version, re-read each time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        mesh: RegistrySide,
+        *,
+        svid_dir: str,
+        local: Sequence[str] = (),
+        cache: CacheFile | None = None,
+        start: Start | None = None,
+        metrics: RegistryMetrics | None = None,
+        wait: float | None = None,
+    ) -> None:
+        self.url = url
+        self._mesh = mesh
+        self._local = tuple(local)
+        self._metrics = metrics
+        self.origin = start.origin if start is not None else "local"
+        options: dict[str, Any] = {} if wait is None else {"wait": wait}
+        self.discovery = Discovery(
+            ClientSource(AsyncRegistryClient(url, svid_dir=svid_dir)),
+            mesh,
+            self,
+            services=tuple(mesh.snapshot.services),
+            initial=start.initial if start is not None else None,
+            persist=cache.write if cache is not None else None,
+            **options,
+        )
+        self._loop = LoopThread("meshlib-registrar")
+        self.registrar = Registrar(
+            ClientRegistration(AsyncRegistryClient(url, svid_dir=svid_dir)),
+            report=self.report,
+            loop=self._loop,
+        )
+        self._rejected = start.rejected if start is not None else None
+        if metrics is not None:
+            metrics.track_registry(url, lambda: self.discovery.up, self.staleness)
+            if start is not None and start.initial is not None:
+                metrics.set_policy_version("applied", start.initial.policy_version)
+            if self._rejected is not None:
+                metrics.set_policy_version("rejected", self._rejected[0])
+
+    def start(self) -> RegistryAgent:
+        self.discovery.start()
+        return self
+
+    # -- discovery's policy sink -------------------------------------------------------------
+
+    def apply_policy(self, answer: PolicyAnswer) -> str | None:
+        """Load the registry's version with the local files and apply it; the loader's error if
+        this workload refuses it (the last good policy stays: the NACK goes out with the next
+        heartbeat)."""
+        try:
+            sources = policy_sources(answer.text, answer.version, self._local)
+        except ConfigError as exc:
+            error: str | None = str(exc)
+        else:
+            error = self._mesh.update_policy(
+                sources or floor_policy(self._mesh.snapshot.mesh.trust_domain),
+                origin=registry_source(answer.version),
+            )
+        if error is not None:
+            self._rejected = (answer.version, error)
+            if self._metrics is not None:
+                self._metrics.set_policy_version("rejected", answer.version)
+            return error
+        if self._metrics is not None:
+            self._metrics.set_policy_version("applied", answer.version)
+        for key in self._mesh.snapshot.services:
+            self.discovery.watch(key)
+        return None
+
+    # -- the registrar's report ---------------------------------------------------------------
+
+    def report(self) -> PolicyReport:
+        """The policy ACK/NACK each heartbeat carries."""
+        status = self.discovery.policy_status
+        if status.rejected_version is not None and status.error is not None:
+            return PolicyReport(status.applied_version, status.rejected_version, status.error)
+        if status.applied_version is None and self._rejected is not None:
+            return PolicyReport(None, self._rejected[0], self._rejected[1])
+        return PolicyReport(status.applied_version)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def staleness(self) -> float:
+        """Seconds since the registry last answered while it is away (0 while it answers)."""
+        stale = self.discovery.stale_for()
+        return 0.0 if stale is None else stale
+
+    def status(self) -> dict[str, Any]:
+        """For the admin app's /status."""
+        state = self.discovery.state()
+        report = self.report()
+        return {
+            "url": self.url,
+            "up": self.discovery.up,
+            "started_from": self.origin,
+            "epoch": state.epoch,
+            "staleness_seconds": self.discovery.stale_for(),
+            "policy_version": state.policy_version,
+            "policy_rejected": report.rejected_version,
+            "policy_error": report.error,
+            "services": {key: s.index for key, s in sorted(state.services.items())},
+            "instances": [repr(h) for h in self.registrar.handles],
+        }
+
+    def register(
+        self,
+        namespace: str,
+        service: str,
+        address: str,
+        port: int,
+        *,
+        labels: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        ttl: float | None = None,
+    ) -> RegistrationHandle:
+        return self.registrar.add(
+            namespace, service, address, port, labels=labels, metrics_port=metrics_port, ttl=ttl
+        )
+
+    def close(self) -> None:
+        """Drain every registered instance (bounded), then stop watching."""
+        try:
+            self.registrar.close()
+        finally:
+            self._loop.stop()
+            self.discovery.stop()

@@ -1,0 +1,249 @@
+"""Mesh.from_registry end to end: real registry (uvicorn, strict mTLS, SQLite), real echo
+backends, real meshes discovering each other, registering, draining and applying versions."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import meshlib
+from meshlib import NoHealthyEndpointsError
+from tests.control.conftest import TD, RunningRegistry
+
+pytestmark = pytest.mark.timeout(60)
+
+POLICY = f"""\
+apiVersion: meshlib/v1
+kind: Mesh
+metadata: {{name: mesh}}
+spec: {{trustDomain: {TD}, mtls: disable}}
+---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {{name: reviews}}
+spec: {{serviceAccount: reviews}}
+---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {{name: productpage}}
+spec: {{serviceAccount: productpage}}
+"""
+
+
+def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Wait for a condition another thread makes true, bounded (a condition, not a sleep)."""
+    done = threading.Event()
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        done.wait(0.02)
+    return True
+
+
+@pytest.fixture
+def meshes(registry: RunningRegistry, tmp_path: Path) -> Iterator[Callable[..., meshlib.Mesh]]:
+    made: list[meshlib.Mesh] = []
+
+    def make(service: str, **kwargs: Any) -> meshlib.Mesh:
+        kwargs.setdefault("cache_dir", tmp_path / f"cache-{service}")
+        kwargs.setdefault("metrics", False)
+        mesh = meshlib.Mesh.from_registry(
+            registry.url,
+            service=service,
+            svid_dir=registry.issue("default", service),
+            watch_wait=5.0,
+            **kwargs,
+        )
+        made.append(mesh)
+        return mesh
+
+    yield make
+    for mesh in made:
+        mesh.close()
+
+
+def endpoints_of(mesh: meshlib.Mesh, key: str) -> set[str]:
+    found = mesh.discovered().get(key)
+    return set() if found is None else {e.address for e in found.endpoints}
+
+
+def test_a_registered_instance_is_called_and_its_drain_moves_traffic(
+    registry: RunningRegistry, meshes: Callable[..., meshlib.Mesh], echo_factory: Any
+) -> None:
+    registry.client().apply(POLICY)
+    a, b = echo_factory("a"), echo_factory("b")
+    reviews = meshes("reviews")
+    productpage = meshes("productpage")
+    assert "reviews.default" in productpage.snapshot.services
+
+    handle_a = reviews.register("127.0.0.1", a.port)
+    handle_b = reviews.register("127.0.0.1", b.port)
+    both = {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
+    assert until(lambda: endpoints_of(productpage, "reviews.default") == both)
+    with productpage.client() as client:
+        seen = {client.get("http://reviews/x").headers["x-backend"] for _ in range(40)}
+        assert seen == {"a", "b"}
+        assert handle_a.close()
+        assert until(
+            lambda: endpoints_of(productpage, "reviews.default") == both - {f"127.0.0.1:{a.port}"}
+        )
+        assert {client.get("http://reviews/x").headers["x-backend"] for _ in range(20)} == {"b"}
+        assert handle_b.close()
+        assert until(lambda: not endpoints_of(productpage, "reviews.default"))
+        with pytest.raises(NoHealthyEndpointsError):
+            client.get("http://reviews/x")
+
+
+def test_a_new_policy_version_is_applied_and_acked(
+    registry: RunningRegistry, meshes: Callable[..., meshlib.Mesh], echo_factory: Any
+) -> None:
+    admin = registry.client()
+    first = admin.apply(POLICY)
+    reviews = meshes("reviews")
+    reviews.register("127.0.0.1", echo_factory("a").port)
+    assert reviews.registry_status() is not None
+    second = admin.apply(
+        POLICY + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {name: ratings}\n"
+    )
+    assert second.version == first.version + 1
+    assert until(lambda: "ratings.default" in reviews.snapshot.services)
+
+    def acked() -> bool:
+        rows = admin.instances()
+        return bool(rows) and rows[0]["applied_version"] == second.version
+
+    assert until(acked)
+
+
+def test_a_version_the_workload_refuses_is_nacked_and_the_last_good_stays(
+    registry: RunningRegistry,
+    meshes: Callable[..., meshlib.Mesh],
+    echo_factory: Any,
+    tmp_path: Path,
+) -> None:
+    admin = registry.client()
+    admin.apply(POLICY)
+    local = tmp_path / "local.yaml"
+    # Valid alone and valid at the registry; together with the next version it sets one
+    # field twice for one target, which only this workload sees.
+    local.write_text(
+        "apiVersion: meshlib/v1\nkind: TrafficPolicy\nmetadata: {name: local}\n"
+        "spec: {target: {service: reviews}, timeout: 2s}\n"
+    )
+    reviews = meshes("reviews", policy_file=local)
+    reviews.register("127.0.0.1", echo_factory("a").port)
+    good = reviews.snapshot
+    bad = admin.apply(
+        POLICY + "---\napiVersion: meshlib/v1\nkind: TrafficPolicy\nmetadata: {name: central}\n"
+        "spec: {target: {service: reviews}, timeout: 3s}\n"
+    )
+
+    def nacked() -> bool:
+        rows = admin.instances()
+        return bool(rows) and rows[0]["rejected_version"] == bad.version
+
+    assert until(nacked)
+    row = admin.instances()[0]
+    assert "local.yaml" in (row["error"] or "")
+    assert reviews.snapshot is good
+
+
+def test_a_restart_without_the_registry_routes_from_the_cache_file(
+    registry_factory: Any, tmp_path: Path, echo_factory: Any
+) -> None:
+    registry = registry_factory()
+    registry.client().apply(POLICY)
+    backend = echo_factory("a")
+    cache = tmp_path / "cache"
+    svid = registry.issue("default", "productpage")
+    reviews = meshlib.Mesh.from_registry(
+        registry.url,
+        service="reviews",
+        svid_dir=registry.issue("default", "reviews"),
+        cache_dir=tmp_path / "rc",
+        metrics=False,
+        watch_wait=5.0,
+    )
+    reviews.register("127.0.0.1", backend.port)
+    first = meshlib.Mesh.from_registry(
+        registry.url,
+        service="productpage",
+        svid_dir=svid,
+        cache_dir=cache,
+        metrics=False,
+        watch_wait=5.0,
+    )
+    assert until(lambda: bool(endpoints_of(first, "reviews.default")))
+    first.close()
+    url = registry.url
+    registry.stop()  # the registry is gone
+    cache_file = next(cache.iterdir())
+    assert cache_file.stat().st_mode & 0o777 == 0o600
+    second = meshlib.Mesh.from_registry(
+        url,
+        service="productpage",
+        svid_dir=svid,
+        cache_dir=cache,
+        metrics=False,
+        startup_timeout=1.0,
+    )
+    try:
+        assert "reviews.default" in second.snapshot.services
+        with second.client() as client:
+            assert client.get("http://reviews/x").headers["x-backend"] == "a"
+    finally:
+        second.close()
+        reviews.close()
+
+
+def test_from_env(
+    registry: RunningRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    registry.client().apply(POLICY)
+    monkeypatch.setenv("MESHLIB_REGISTRY", registry.url)
+    monkeypatch.setenv("MESHLIB_SERVICE", "reviews")
+    monkeypatch.setenv("MESHLIB_SVID_DIR", str(registry.issue("default", "reviews")))
+    monkeypatch.setenv("MESHLIB_CACHE_DIR", str(tmp_path))
+    with meshlib.Mesh.from_env(metrics=False) as mesh:
+        assert "reviews.default" in mesh.snapshot.services
+    monkeypatch.delenv("MESHLIB_SVID_DIR")
+    with pytest.raises(ValueError, match="MESHLIB_SVID_DIR"):
+        meshlib.Mesh.from_env()
+    monkeypatch.delenv("MESHLIB_SERVICE")
+    with pytest.raises(ValueError, match="MESHLIB_SERVICE"):
+        meshlib.Mesh.from_env()
+
+
+def test_serve_registers_itself_and_drains_on_stop(
+    registry: RunningRegistry, meshes: Callable[..., meshlib.Mesh]
+) -> None:
+    registry.client().apply(POLICY)
+    reviews = meshes("reviews")
+    productpage = meshes("productpage")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"x-backend", b"served")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = meshlib.serve(app, mesh=reviews, mode="disable")
+    try:
+        assert until(
+            lambda: endpoints_of(productpage, "reviews.default") == {f"127.0.0.1:{server.port}"}
+        )
+        with productpage.client() as client:
+            assert client.get("http://reviews/").headers["x-backend"] == "served"
+    finally:
+        server.stop()
+    assert until(lambda: not endpoints_of(productpage, "reviews.default"))
+    assert httpx  # the module's clients are httpx's
