@@ -156,6 +156,15 @@ def format_status(status: dict[str, Any], dests: dict[str, Any]) -> str:
         lines.extend(f"  {p['text']}" for p in error["problems"])
     access = status.get("access_log")
     lines.append(f"access log:   {access['format'] if access else 'off'}")
+    link = status.get("registry")
+    if link:
+        stale = link.get("staleness_seconds")
+        state = "up" if link["up"] else f"AWAY for {stale or 0:.1f}s (using the last known state)"
+        policy = f"policy version {link['policy_version']}"
+        if link.get("policy_rejected") is not None:
+            policy += f", REJECTED version {link['policy_rejected']}: {link['policy_error']}"
+        lines.append(f"registry:     {link['url']} {state}  epoch {link['epoch'] or '-'}")
+        lines.append(f"              {policy}; watching {len(link['services'])} service(s)")
     rows = []
     for dest in dests["destinations"]:
         budget = dest["retry_budget"]

@@ -372,7 +372,11 @@ class RegistryAgent:
             "policy_version": state.policy_version,
             "policy_rejected": report.rejected_version,
             "policy_error": report.error,
-            "services": {key: s.index for key, s in sorted(state.services.items())},
+            # Every watched service, with the index of its last answer (None: none yet).
+            "services": {
+                key: state.services[key].index if key in state.services else None
+                for key in sorted(self.discovery.watched())
+            },
             "instances": [repr(h) for h in self.registrar.handles],
         }
 

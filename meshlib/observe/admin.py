@@ -91,6 +91,8 @@ class Administered(Observed, Protocol):
 
     def destinations(self) -> Mapping[str, Destination]: ...
 
+    def registry_status(self) -> dict[str, Any] | None: ...
+
 
 class _BadRequest(Exception):
     pass
@@ -207,6 +209,9 @@ def status(mesh: Administered) -> dict[str, Any]:
         "reload": _reload(mesh.reload_status),
         "last_rejected": _reload(mesh.last_rejected) if mesh.last_rejected else None,
         "mtls": snapshot.mesh.mtls.value,
+        # The registry link (Mesh.from_registry): url, up, epoch, staleness, the policy
+        # version applied or rejected, each watched service's index; None without one.
+        "registry": mesh.registry_status(),
         "access_log": None
         if access is None
         else {"format": access.format, "dropped": access.dropped},

@@ -247,3 +247,39 @@ def test_serve_registers_itself_and_drains_on_stop(
         server.stop()
     assert until(lambda: not endpoints_of(productpage, "reviews.default"))
     assert httpx  # the module's clients are httpx's
+
+
+def test_status_and_metrics_show_the_registry_link(
+    registry: RunningRegistry, tmp_path: Path
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from meshlib.cli.observe import format_status
+    from meshlib.observe.admin import status
+
+    applied = registry.client().apply(POLICY)
+    prom = CollectorRegistry()
+    with meshlib.Mesh.from_registry(
+        registry.url,
+        service="reviews",
+        svid_dir=registry.issue("default", "reviews"),
+        cache_dir=tmp_path,
+        registry=prom,
+        watch_wait=5.0,
+    ) as mesh:
+        assert until(
+            lambda: prom.get_sample_value("mesh_registry_up", {"registry": registry.url}) == 1.0
+        )
+        assert prom.get_sample_value("mesh_policy_version", {"state": "applied"}) == applied.version
+        assert (
+            prom.get_sample_value("mesh_registry_staleness_seconds", {"registry": registry.url})
+            == 0.0
+        )
+        link = status(mesh)["registry"]
+        assert link["url"] == registry.url and link["up"] is True
+        assert link["policy_version"] == applied.version
+        assert "reviews.default" in link["services"]
+        text = format_status(status(mesh), {"destinations": []})
+        assert f"registry:     {registry.url} up" in text
+    plain = meshlib.Mesh.from_text(POLICY, service="reviews", metrics=False)
+    assert status(plain)["registry"] is None
