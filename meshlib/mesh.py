@@ -3,6 +3,7 @@ destination, and hands out httpx clients and transports that call through it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -586,7 +587,13 @@ class Mesh:
     # -- reload ---------------------------------------------------------------------------------
 
     def apply(self, snapshot: Snapshot) -> None:
-        """Swap in a new validated snapshot atomically (calls in flight keep theirs)."""
+        """Swap in a new validated snapshot atomically (calls in flight keep theirs).
+
+        A snapshot whose version is not above the one in force (``load_text`` defaults to 0)
+        is given the next version first: destinations adopt a snapshot by comparing versions,
+        so an older number would leave them on the previous policy."""
+        if snapshot.version <= self._router.snapshot.version:
+            snapshot = dataclasses.replace(snapshot, version=next(_versions))
         self._router = Router(snapshot)  # a single reference assignment: atomic
         self.reload_status = ReloadStatus(True, snapshot.version, digest=snapshot.digest)
         self._sync_observers()

@@ -117,7 +117,7 @@ def test_an_undeclared_service_is_stored_until_a_snapshot_declares_it(
     c = caller.bind(mesh)
     assert mesh.router.resolve("reviews", "default") is None  # still not a mesh service
     assert "reviews.default" not in mesh.destinations()
-    mesh.apply(load_text(service_yaml("ratings", [r.port]) + "---\n" + EMPTY_REVIEWS, version=99))
+    mesh.apply(load_text(service_yaml("ratings", [r.port]) + "---\n" + EMPTY_REVIEWS))
     assert served(c, 2) == ["a", "a"]
 
 
@@ -127,7 +127,7 @@ def test_a_new_snapshot_keeps_the_discovered_endpoints(caller, make_mesh, echo_f
     mesh.set_endpoints("reviews.default", at(a))
     c = caller.bind(mesh)
     assert served(c, 1) == ["a"]
-    mesh.apply(load_text(service_yaml("reviews", [b.port]) + "---\n" + ROUND_ROBIN, version=99))
+    mesh.apply(load_text(service_yaml("reviews", [b.port]) + "---\n" + ROUND_ROBIN))
     assert sorted(served(c, 4)) == ["a", "a", "b", "b"]
 
 
@@ -205,3 +205,18 @@ def test_discovery_feeds_the_mesh_and_calls_follow_the_registry(
     finally:
         discovery.stop()
     assert not discovery.running
+
+
+def test_apply_of_a_snapshot_numbered_below_the_one_in_force_still_takes_effect(
+    caller, make_mesh, echo_factory
+) -> None:
+    """``load_text`` numbers a snapshot 0 by default; destinations adopt snapshots by version, so
+    Mesh.apply renumbers one that is not above the version in force (it used to be ignored by
+    every destination that existed already: calls kept going to the old endpoints)."""
+    a, b = echo_factory("a"), echo_factory("b")
+    mesh = make_mesh(service_yaml("reviews", [a.port]))
+    c = caller.bind(mesh)
+    assert served(c, 2) == ["a", "a"]
+    mesh.apply(load_text(service_yaml("reviews", [b.port])))  # version 0
+    assert mesh.snapshot.version > 0
+    assert served(c, 2) == ["b", "b"]

@@ -274,7 +274,16 @@ def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 # --- the verbs' output and URLs (issue 10 items 8, 11, 12) --------------------------------------
 
-STATUS_KEYS = {"service", "snapshot", "reload", "last_rejected", "mtls", "access_log", "svid", "registry"}
+STATUS_KEYS = {
+    "service",
+    "snapshot",
+    "reload",
+    "last_rejected",
+    "mtls",
+    "access_log",
+    "svid",
+    "registry",
+}
 DESTINATION_KEYS = {
     "destination",
     "in_flight",
