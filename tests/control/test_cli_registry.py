@@ -103,7 +103,7 @@ def test_serve_answers_over_mtls_and_stops_on_sigterm(
     with RegistryClient(url, svid_dir=str(data / "admin")) as client:
         assert client.apply(MESH).version == 1
         status = client.status()
-    assert status["store"] == f"sqlite:{data / 'registry.db'}"
+    assert status.store == f"sqlite:{data / 'registry.db'}"
 
     second = subprocess.run(
         [*SERVE, str(data)],

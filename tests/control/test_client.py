@@ -21,7 +21,7 @@ from meshlib.control.client import (
     RegistryUnavailable,
 )
 from meshlib.control.registry import instance_id
-from meshlib.control.wire import RegisteredEndpoint
+from meshlib.control.wire import RegisteredEndpoint, ServiceInfo
 from meshlib.inbound.serving import serve
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
 from tests.control.test_app import BAD_POLICY, POLICY
@@ -46,10 +46,13 @@ def test_instances_and_discovery_through_the_client(registry: RunningRegistry) -
         RegisteredEndpoint(made.id, "127.0.0.1", 8080, {"version": "v1"}, None),
     )
     assert client.heartbeat("default", "reviews", made.id, applied_version=1) == 10.0
-    assert client.instances()[0]["applied_version"] == 1
-    assert client.services() == (
-        {"namespace": "default", "service": "reviews", "instances": 1, "index": made.index},
+    (instance,) = client.instances()
+    assert (instance.id, instance.applied_version, instance.labels) == (
+        made.id,
+        1,
+        {"version": "v1"},
     )
+    assert client.services() == (ServiceInfo("default", "reviews", 1, made.index),)
 
     held = threading.Event()
     registry.app.on_watchers = lambda n: held.set() if n == 1 else None
@@ -79,7 +82,7 @@ def test_policy_through_the_client(registry: RunningRegistry) -> None:
     assert conflict.value.current == 1
     got = admin.policy(index=0)
     assert (got.version, got.text, got.digest) == (1, POLICY, applied.digest)
-    assert got.epoch == admin.status()["epoch"] and got.authoritative
+    assert got.epoch == admin.status().epoch and got.authoritative
     admin.apply(POLICY.replace("9000", "9001"))
     back = admin.rollback(1, if_match=2)
     assert (back.version, back.rollback_of) == (3, 1)
@@ -115,7 +118,7 @@ def test_refusals_and_limits_are_typed(registry_factory: StartRegistry) -> None:
 
 def test_a_stopped_registry_is_unavailable(registry: RunningRegistry) -> None:
     client = registry.client()
-    assert client.status()["state"] == "serving"
+    assert client.status().state == "serving"
     registry.server.stop()
     with pytest.raises(RegistryUnavailable) as down:
         client.status()
