@@ -14,6 +14,11 @@ Rules the driver keeps:
 
 * **Write, then answer.** Every accepted write is in the store before its answer is sent: a
   crash after an answer never loses what it acknowledged.
+* **Plan, persist, commit.** A write asks the core what it would do (``plan_*``), writes that to
+  the store, and only then commits it to the core, one write at a time: a store failure (503 +
+  ``Retry-After``) leaves memory as it was, and no reader ever sees, and builds on, an index the
+  store then refused. An index key is written before the record it counts, so a half-done write
+  leaves the store at most one spurious index ahead, never behind.
 * **Restart.** Startup loads the core from the store: a stored epoch is kept (clients keep their
   index), an empty store gets a fresh random one (clients reset). The core warms either way.
   Times are stored as wall-clock seconds and mapped onto the monotonic ``clock`` on load.
@@ -23,7 +28,8 @@ Rules the driver keeps:
   beating every 3 s cost about one write per second, not 333.
 * **One wake-up per service.** Each watched service (and the policy) has its own
   :class:`asyncio.Event`; a change sets only that one. ``wakeups`` counts the held queries a
-  change woke (LOAD-6: a change to one service wakes only its watchers).
+  change woke (LOAD-6: a change to one service wakes only its watchers). The end of warming is
+  a change to every answer (``authoritative`` turns true): the pass that sees it wakes all.
 """
 
 from __future__ import annotations
@@ -861,6 +867,7 @@ class RegistryApp:
             changed = done.version != before
             if changed:
                 await self._save_policy(done)
+                log_.commit(done)
         if changed:
             self._notify(None)
         return 200, {"version": done.version, "digest": done.digest, "changed": changed}, ()
@@ -883,6 +890,7 @@ class RegistryApp:
             changed = done.version != before  # rolling back to the current text makes no version
             if changed:
                 await self._save_policy(done)
+                log_.commit(done)
         if changed:
             self._notify(None)
         answer = {"version": done.version, "rollback_of": to, "digest": done.digest}
@@ -899,7 +907,6 @@ class RegistryApp:
         }
         key = f"{POLICY}{version.version:010d}"
         await self.store.put(key, json.dumps(record).encode(), if_mod_rev=0)
-        self._core().policy.commit(version)
 
     # -- status --------------------------------------------------------------------------------
 

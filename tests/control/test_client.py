@@ -21,7 +21,13 @@ from meshlib.control.client import (
     RegistryUnavailable,
 )
 from meshlib.control.registry import instance_id
-from meshlib.control.wire import RegisteredEndpoint, ServiceInfo
+from meshlib.control.wire import (
+    InstanceInfo,
+    RegisteredEndpoint,
+    RegistryStatusInfo,
+    ServiceInfo,
+    WireError,
+)
 from meshlib.inbound.serving import serve
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
 from tests.control.test_app import BAD_POLICY, POLICY
@@ -162,3 +168,16 @@ async def test_the_async_client_shares_the_calls(registry: RunningRegistry) -> N
             await client.apply(BAD_POLICY)
         assert (await client.apply(POLICY)).version == 1
         assert await client.deregister("default", "reviews", made.id) == made.index + 1
+
+
+def test_typed_answers_round_trip_and_name_a_bad_field() -> None:
+    instance = InstanceInfo(
+        "abc", "default", "reviews", "127.0.0.1", 8080, {"v": "1"}, 9100, "spiffe://t/x", 10.0, 1.5
+    )
+    status = RegistryStatusInfo("e", "serving", None, True, 1, 1, 2, "memory", 3.0, 0, 0)
+    for value in (instance, ServiceInfo("default", "reviews", 1, 4), status):
+        assert type(value).from_json(value.to_json()) == value
+    with pytest.raises(WireError, match=r"instances\[0\]: field 'port' has the wrong type"):
+        InstanceInfo.from_json({**instance.to_json(), "port": "80"}, "instances[0]")
+    with pytest.raises(WireError, match="field 'uptime_seconds' has the wrong type"):
+        RegistryStatusInfo.from_json({**status.to_json(), "uptime_seconds": True})
