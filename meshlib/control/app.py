@@ -651,10 +651,10 @@ class RegistryApp:
         if (rejected is None) != (error is None):
             raise _HTTPError(400, "fields 'rejected_version' and 'error' go together (a NACK)")
         registry = self._core()
-        old = registry.get(id)
-        if old is None or old.key != (ns, svc):
-            raise _HTTPError(404, f"instance {id} is not registered: register again")
-        async with self._writing:
+        async with self._writing:  # read under the lock: a write awaiting its store may drain it
+            old = registry.get(id)
+            if old is None or old.key != (ns, svc):
+                raise _HTTPError(404, f"instance {id} is not registered: register again")
             done = registry.plan_heartbeat(
                 id,
                 self.clock(),
@@ -679,10 +679,10 @@ class RegistryApp:
     async def _drain(self, request: _Request, ns: str, svc: str, id: str) -> Answer:
         self._instance_writer(request, ns, svc, "drain")
         registry = self._core()
-        old = registry.get(id)
-        if old is None or old.key != (ns, svc):
-            raise _HTTPError(404, f"instance {id} is not registered")
-        async with self._writing:
+        async with self._writing:  # read under the lock, as a heartbeat does
+            old = registry.get(id)
+            if old is None or old.key != (ns, svc):
+                raise _HTTPError(404, f"instance {id} is not registered")
             done = registry.plan_drain(id, self.clock())
             if isinstance(done, NotFound):  # pragma: no cover - checked above
                 raise _HTTPError(404, f"instance {id} is not registered")
