@@ -22,16 +22,28 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshlib.cli.command import EXIT_OK, CommandFailed, Registrar, Subparsers, UsageError
 from meshlib.cli.registry_client import add_registry_status
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from meshlib.config.model import MTLSMode, Snapshot
+    from meshlib.control.app import RegistryApp
+    from meshlib.control.store import Store
     from meshlib.inbound.serving import CertMetrics
 
-__all__ = ["ADMIN_DIR", "CA_DIR", "REGISTRY_DIR", "VERBS", "RegistryDir", "init_registry_dir"]
+__all__ = [
+    "ADMIN_DIR",
+    "CA_DIR",
+    "REGISTRY_DIR",
+    "VERBS",
+    "RegistryDir",
+    "init_registry_dir",
+    "registry_with_metrics",
+]
 
 CA_DIR = "ca"
 REGISTRY_DIR = "registry"
@@ -128,6 +140,26 @@ class RegistryServed:
         return MTLSMode.STRICT
 
 
+def registry_with_metrics(
+    store: Store, *, trust_domain: str, collector: CollectorRegistry | None = None, **options: Any
+) -> RegistryApp:
+    """The registry's app as ``registry serve`` runs it: reporting to a
+    :class:`~meshlib.observe.metrics.RegistryMetrics` in ``collector`` (default: the process's
+    Prometheus registry) and answering ``GET /metrics`` from it, behind the same mTLS and SVID
+    check as every other path. ``options`` go to :class:`~meshlib.control.app.RegistryApp`."""
+    from meshlib.control.app import RegistryApp
+    from meshlib.observe.exporter import metrics_app
+    from meshlib.observe.metrics import RegistryMetrics
+
+    return RegistryApp(
+        store,
+        trust_domain=trust_domain,
+        metrics=RegistryMetrics(collector),
+        exposition=metrics_app(collector),
+        **options,
+    )
+
+
 def _add_registry(sub: Subparsers) -> None:
     registry = sub.add_parser(
         "registry",
@@ -189,10 +221,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from meshlib.control.app import registry_app
     from meshlib.control.memory import MemoryStore
     from meshlib.control.sqlite import SQLiteStore
-    from meshlib.control.store import Store, StoreError
+    from meshlib.control.store import StoreError
     from meshlib.identity import IdentityError
     from meshlib.identity.cadir import CADirectory
     from meshlib.inbound.serving import serve
@@ -206,7 +237,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         store: Store = SQLiteStore(data) if args.store == "sqlite" else MemoryStore()
     except (IdentityError, StoreError) as exc:
         raise CommandFailed(str(exc)) from exc
-    app = registry_app(store, trust_domain=trust_domain)
+    app = registry_with_metrics(store, trust_domain=trust_domain)
     try:
         server = serve(
             app,

@@ -36,7 +36,7 @@ from meshlib.cli.observe import table
 
 if TYPE_CHECKING:
     from meshlib.control.client import RegistryClient
-    from meshlib.control.wire import PolicyAnswer
+    from meshlib.control.wire import PolicyAnswer, RegistryStatusInfo
 
 __all__ = ["REGISTRY_ENV", "SVID_DIR_ENV", "VERBS", "add_registry_status", "joined_policy"]
 
@@ -348,11 +348,11 @@ def _cmd_get_services(args: argparse.Namespace) -> int:
     with _registry(args) as client:
         services = client.services()
     if args.output != "text":
-        print_document({"services": list(services)}, args.output)
+        print_document({"services": [s.to_json() for s in services]}, args.output)
     elif not services:
         print("no services registered")
     else:
-        rows = [(s["namespace"], s["service"], s["instances"], s["index"]) for s in services]
+        rows = [(s.namespace, s.service, s.instances, s.index) for s in services]
         print(table(("NAMESPACE", "SERVICE", "INSTANCES", "INDEX"), rows))
     return EXIT_OK
 
@@ -403,20 +403,20 @@ def _cmd_get_instances(args: argparse.Namespace) -> int:
     with _registry(args) as client:
         instances = client.instances()
     if args.output != "text":
-        print_document({"instances": list(instances)}, args.output)
+        print_document({"instances": [i.to_json() for i in instances]}, args.output)
         return EXIT_OK
     if not instances:
         print("no instances registered")
         return EXIT_OK
     rows = [
         (
-            i["id"],
-            f"{i['service']}.{i['namespace']}",
-            f"{i['address']}:{i['port']}",
-            f"{float(i['last_heartbeat_age']):.1f}s",
-            _dash(i["applied_version"]),
-            _dash(i["rejected_version"]),
-            _short(i["error"]),
+            i.id,
+            f"{i.service}.{i.namespace}",
+            f"{i.address}:{i.port}",
+            f"{i.last_heartbeat_age:.1f}s",
+            _dash(i.applied_version),
+            _dash(i.rejected_version),
+            _short(i.error),
         )
         for i in instances
     ]
@@ -539,26 +539,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     with _registry(args) as client:
         status = client.status()
     if args.output != "text":
-        print_document(status, args.output)
+        print_document(status.to_json(), args.output)
         return EXIT_OK
     print(format_status(status))
     return EXIT_OK
 
 
-def format_status(status: dict[str, Any]) -> str:
-    reason = f" ({status['reason']})" if status.get("reason") else ""
-    authoritative = "yes" if status["authoritative"] else "no (answers may be incomplete)"
+def format_status(status: RegistryStatusInfo) -> str:
+    reason = f" ({status.reason})" if status.reason else ""
+    authoritative = "yes" if status.authoritative else "no (answers may be incomplete)"
     return "\n".join(
         [
-            f"epoch:          {status['epoch']}",
-            f"state:          {status['state']}{reason}",
+            f"epoch:          {status.epoch}",
+            f"state:          {status.state}{reason}",
             f"authoritative:  {authoritative}",
-            f"instances:      {status['instances']} in {status['services']} service(s)",
-            f"policy version: {status['policy_version']}",
-            f"store:          {status['store']}",
-            f"uptime:         {float(status['uptime_seconds']):.0f}s",
-            f"watchers:       {status['watchers']}",
-            f"refusals:       {status['refusals']}",
+            f"instances:      {status.instances} in {status.services} service(s)",
+            f"policy version: {status.policy_version}",
+            f"store:          {status.store}",
+            f"uptime:         {status.uptime_seconds:.0f}s",
+            f"watchers:       {status.watchers}",
+            f"refusals:       {status.refusals}",
         ]
     )
 

@@ -14,6 +14,11 @@ Rules the driver keeps:
 
 * **Write, then answer.** Every accepted write is in the store before its answer is sent: a
   crash after an answer never loses what it acknowledged.
+* **Plan, persist, commit.** A write asks the core what it would do (``plan_*``), writes that to
+  the store, and only then commits it to the core, one write at a time: a store failure (503 +
+  ``Retry-After``) leaves memory as it was, and no reader ever sees, and builds on, an index the
+  store then refused. An index key is written before the record it counts, so a half-done write
+  leaves the store at most one spurious index ahead, never behind.
 * **Restart.** Startup loads the core from the store: a stored epoch is kept (clients keep their
   index), an empty store gets a fresh random one (clients reset). The core warms either way.
   Times are stored as wall-clock seconds and mapped onto the monotonic ``clock`` on load.
@@ -23,7 +28,8 @@ Rules the driver keeps:
   beating every 3 s cost about one write per second, not 333.
 * **One wake-up per service.** Each watched service (and the policy) has its own
   :class:`asyncio.Event`; a change sets only that one. ``wakeups`` counts the held queries a
-  change woke (LOAD-6: a change to one service wakes only its watchers).
+  change woke (LOAD-6: a change to one service wakes only its watchers). The end of warming is
+  a change to every answer (``authoritative`` turns true): the pass that sees it wakes all.
 """
 
 from __future__ import annotations
@@ -39,12 +45,13 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from meshlib.config.loader import MAX_FILE_BYTES, load_text
 from meshlib.config.model import Snapshot
 from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import (
+    Change,
     Instance,
     NotFound,
     PolicyVersion,
@@ -62,14 +69,17 @@ from meshlib.control.wire import (
     INDEX_HEADER,
     SOURCE_HEADER,
     EndpointsAnswer,
+    InstanceInfo,
     PolicyAnswer,
     RegisteredEndpoint,
+    RegistryStatusInfo,
+    ServiceInfo,
     admin_id,
 )
 from meshlib.errors import ConfigError
 from meshlib.identity.peers import verified_identity
 
-__all__ = ["DEFAULT_MAX_WATCHERS", "RegistryApp", "registry_app"]
+__all__ = ["DEFAULT_MAX_WATCHERS", "RegistryApp", "RegistryMetricsSink", "registry_app"]
 
 log = logging.getLogger("meshlib.registry")
 
@@ -77,6 +87,23 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Identify = Callable[[Scope], "str | None"]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class RegistryMetricsSink(Protocol):
+    """What the app reports to its metrics (``meshlib.observe.metrics.RegistryMetrics`` fits;
+    the composition root passes one, since the control plane may not import observe)."""
+
+    def set_instances(self, count: int) -> None: ...
+
+    def woke(self, watchers: int = 1) -> None: ...
+
+    def refused(self, verb: str) -> None: ...
+
+    def set_preserving(self, preserving: bool) -> None: ...
+
+    def set_watchers(self, count: int) -> None: ...
+
 
 #: Blocking queries held at once before new ones get 429 + ``Retry-After: 1``.
 DEFAULT_MAX_WATCHERS = 10_000
@@ -149,6 +176,8 @@ class RegistryApp:
         rng: random.Random | None = None,
         max_watchers: int = DEFAULT_MAX_WATCHERS,
         tick: float = TICK,
+        metrics: RegistryMetricsSink | None = None,
+        exposition: ASGIApp | None = None,
     ) -> None:
         self.store = store
         self.trust_domain = trust_domain
@@ -160,6 +189,10 @@ class RegistryApp:
         self.rng = rng or random.Random()
         self.max_watchers = max_watchers
         self.tick = tick
+        self.metrics = metrics
+        #: Answers ``GET /metrics`` to callers with an SVID of the trust domain, as every path
+        #: (e.g. ``meshlib.observe.exporter.metrics_app()``); None: /metrics is 404.
+        self.exposition = exposition
         #: Refused requests (403), for /v1/status.
         self.refusals = 0
         #: Held blocking queries a change woke (one per query woken).
@@ -179,6 +212,11 @@ class RegistryApp:
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
         self._open = False
+        # One write at a time: a write plans its change on the core, persists it, then commits
+        # it, and no other write may commit in between (the plan would be stale).
+        self._writing = asyncio.Lock()
+        #: Whether the end of warming has woken the held queries yet.
+        self._warm = False
 
     # -- ASGI ----------------------------------------------------------------------------------
 
@@ -189,12 +227,18 @@ class RegistryApp:
         if scope["type"] != "http":
             return
         try:
+            if self.exposition is not None and scope["path"].rstrip("/") == "/metrics":
+                self._may_read_metrics(scope)
+                await self.exposition(scope, receive, send)
+                return
             status, body, headers = await self._dispatch(scope, receive)
         except _HTTPError as exc:
             status, body, headers = exc.status, exc.body, exc.headers
         except StoreError as exc:
             log.error("registry: the store failed: %s", exc)
-            status, body, headers = 503, {"error": f"the registry's store failed: {exc}"}, ()
+            # the write changed nothing (plan, persist, commit): retrying it is safe
+            status, body = 503, {"error": f"the registry's store failed: {exc}"}
+            headers = (("Retry-After", "1"),)
         except Exception:  # never a traceback on the wire
             log.exception("registry: internal error on %s %s", scope["method"], scope["path"])
             status, body, headers = 500, {"error": "internal error (see the registry's log)"}, ()
@@ -206,6 +250,20 @@ class RegistryApp:
         ]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
+
+    def _may_read_metrics(self, scope: Scope) -> None:
+        if scope["method"] != "GET":
+            raise _HTTPError(
+                405,
+                f"method {scope['method']} is not allowed here (allowed: GET)",
+                headers=[("Allow", "GET")],
+            )
+        if self.identify(scope) is None:
+            raise self._refuse(
+                f"the caller has no SVID of the trust domain {self.trust_domain}: "
+                "reading the registry's metrics needs one",
+                "read",
+            )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -225,6 +283,8 @@ class RegistryApp:
     async def startup(self) -> None:
         """Load the core from the store and start the expiry tick."""
         self.registry = await self._load()
+        self._warm = self.registry.authoritative(self.clock())
+        self._counted()
         self.loop = asyncio.get_running_loop()
         self._open = True
         self._stopping = asyncio.Event()
@@ -315,13 +375,27 @@ class RegistryApp:
     async def expire(self) -> int:
         """One expiry pass (the tick calls it every second); returns how many expired."""
         registry = self._core()
-        expired = registry.expire(self.clock())
-        for instance in expired:
-            await self.store.delete(_instance_key(instance))
-            self._persisted_beat.pop(instance.id, None)
-        for key in sorted({i.key for i in expired}):
-            await self._save_index(key, registry.index(*key))
+        now = self.clock()
+        async with self._writing:
+            expired = registry.due(now)
+            keys = sorted({i.key for i in expired})
+            for key in keys:  # indexes first, as for a drain; a failed pass is retried whole
+                await self._save_index(key, registry.index(*key) + 1)
+            for instance in expired:
+                await self.store.delete(_instance_key(instance))
+                self._persisted_beat.pop(instance.id, None)
+            registry.remove_expired(expired)
+            if expired:
+                self._counted()
+        if self.metrics is not None:
+            self.metrics.set_preserving(registry.status(now).preserving_since is not None)
+        for key in keys:
             self._notify(key)
+        if not self._warm and registry.authoritative(now):
+            # held queries answer authoritative=true at once, not after their wait
+            self._warm = True
+            for watched in list(self._watches):
+                self._notify(watched)
         return len(expired)
 
     # -- wake-ups ------------------------------------------------------------------------------
@@ -331,7 +405,14 @@ class RegistryApp:
         watch = self._watches.pop(key, None)
         if watch is not None:
             self.wakeups += watch.waiters
+            if self.metrics is not None and watch.waiters:
+                self.metrics.woke(watch.waiters)
             watch.event.set()
+
+    def _counted(self) -> None:
+        """Report the instance count (after a commit that may have moved it)."""
+        if self.metrics is not None and self.registry is not None:
+            self.metrics.set_instances(len(self.registry.instances()))
 
     async def _hold(self, key: ServiceKey | None, changed: Callable[[], bool], wait: float) -> None:
         """Return when ``changed()`` or after ``wait`` (+ jitter up to wait/16)."""
@@ -368,8 +449,17 @@ class RegistryApp:
         finally:
             self._count_watchers(-1)
 
+    def _warming(self, registry: Registry) -> Callable[[], bool]:
+        """For a query held while warming: whether warming has ended since (the answer's
+        ``authoritative`` changed, so the query answers though its index did not move)."""
+        if registry.authoritative(self.clock()):
+            return lambda: False
+        return lambda: registry.authoritative(self.clock())
+
     def _count_watchers(self, delta: int) -> None:
         self.watchers += delta
+        if self.metrics is not None:
+            self.metrics.set_watchers(self.watchers)
         if self.on_watchers is not None:
             self.on_watchers(self.watchers)
 
@@ -444,26 +534,30 @@ class RegistryApp:
 
     # -- authorization -------------------------------------------------------------------------
 
-    def _refuse(self, message: str) -> _HTTPError:
+    def _refuse(self, message: str, verb: str) -> _HTTPError:
+        """A 403, counted (``verb``: read, register, heartbeat, drain, apply, rollback)."""
         self.refusals += 1
+        if self.metrics is not None:
+            self.metrics.refused(verb)
         return _HTTPError(403, message)
 
-    def _reader(self, request: _Request) -> str:
+    def _reader(self, request: _Request, verb: str = "read") -> str:
         if request.identity is None:
             raise self._refuse(
                 f"the caller has no SVID of the trust domain {self.trust_domain}: "
-                "reading the registry needs one"
+                "reading the registry needs one",
+                verb,
             )
         return request.identity
 
-    def _admin(self, request: _Request, verb: str) -> str:
-        caller = self._reader(request)
+    def _admin(self, request: _Request, verb: str, what: str) -> str:
+        caller = self._reader(request, verb)
         if caller not in self.admins:
-            raise self._refuse(f"{caller} is not an admin of the registry: it may not {verb}")
+            raise self._refuse(f"{caller} is not an admin of the registry: it may not {what}", verb)
         return caller
 
-    def _instance_writer(self, request: _Request, ns: str, svc: str) -> str:
-        caller = self._reader(request)
+    def _instance_writer(self, request: _Request, ns: str, svc: str, verb: str) -> str:
+        caller = self._reader(request, verb)
         if caller in self.admins:
             return caller
         account = self._service_account(ns, svc)
@@ -471,7 +565,8 @@ class RegistryApp:
         if caller != expected:
             raise self._refuse(
                 f"{caller} may not write instances of {ns}/{svc}: only {expected} "
-                "(the service's account) or an admin may"
+                "(the service's account) or an admin may",
+                verb,
             )
         return caller
 
@@ -497,7 +592,7 @@ class RegistryApp:
     # -- instances -----------------------------------------------------------------------------
 
     async def _register(self, request: _Request, ns: str, svc: str, id: str) -> Answer:
-        identity = self._instance_writer(request, ns, svc)
+        identity = self._instance_writer(request, ns, svc, "register")
         body = await _json_body(request, MAX_BODY)
         address = _field(body, "address", str)
         port = _field(body, "port", int)
@@ -514,23 +609,28 @@ class RegistryApp:
                 400, f"id must be {expected} (instance_id of {ns}/{svc} {address}:{port})"
             )
         registry = self._core()
-        try:
-            done = registry.register(
-                ns,
-                svc,
-                address,
-                port,
-                labels=labels,
-                metrics_port=metrics_port,
-                identity=identity,
-                ttl=ttl,
-                now=self.clock(),
-            )
-        except ValueError as exc:
-            raise _HTTPError(400, str(exc)) from None
-        await self._save_instance(done.instance)
-        if done.change.value != "refreshed":
-            await self._save_index(done.instance.key, done.index)
+        async with self._writing:
+            try:
+                done = registry.plan_register(
+                    ns,
+                    svc,
+                    address,
+                    port,
+                    labels=labels,
+                    metrics_port=metrics_port,
+                    identity=identity,
+                    ttl=ttl,
+                    now=self.clock(),
+                )
+            except ValueError as exc:
+                raise _HTTPError(400, str(exc)) from None
+            moved = done.change is not Change.REFRESHED
+            if moved:  # the index first: a store ahead by an index is a spurious wake-up, no more
+                await self._save_index(done.instance.key, done.index)
+            await self._save_instance(done.instance)
+            registry.commit(done)
+            self._counted()
+        if moved:
             self._notify(done.instance.key)
         ttl_s = done.instance.ttl
         answer = {
@@ -543,7 +643,7 @@ class RegistryApp:
         return (201 if done.change.value == "created" else 200), answer, ()
 
     async def _heartbeat(self, request: _Request, ns: str, svc: str, id: str) -> Answer:
-        self._instance_writer(request, ns, svc)
+        self._instance_writer(request, ns, svc, "heartbeat")
         body = await _json_body(request, MAX_BODY, empty_ok=True)
         applied = _field(body, "applied_version", int, optional=True)
         rejected = _field(body, "rejected_version", int, optional=True)
@@ -551,38 +651,46 @@ class RegistryApp:
         if (rejected is None) != (error is None):
             raise _HTTPError(400, "fields 'rejected_version' and 'error' go together (a NACK)")
         registry = self._core()
-        old = registry.get(id)
-        if old is None or old.key != (ns, svc):
-            raise _HTTPError(404, f"instance {id} is not registered: register again")
-        now = self.clock()
-        done = registry.heartbeat(
-            id, now, applied_version=applied, rejected_version=rejected, nack_error=error
-        )
-        if isinstance(done, NotFound):  # pragma: no cover - checked above
-            raise _HTTPError(404, f"instance {id} is not registered: register again")
-        new = done.instance
-        report_changed = (new.applied_version, new.rejected_version, new.rejection) != (
-            old.applied_version,
-            old.rejected_version,
-            old.rejection,
-        )
-        persisted = self._persisted_beat.get(id, -math.inf)
-        if report_changed or new.last_heartbeat - persisted >= new.ttl / 3:
-            await self._save_instance(new)
+        async with self._writing:  # read under the lock: a write awaiting its store may drain it
+            old = registry.get(id)
+            if old is None or old.key != (ns, svc):
+                raise _HTTPError(404, f"instance {id} is not registered: register again")
+            done = registry.plan_heartbeat(
+                id,
+                self.clock(),
+                applied_version=applied,
+                rejected_version=rejected,
+                nack_error=error,
+            )
+            if isinstance(done, NotFound):  # pragma: no cover - checked above
+                raise _HTTPError(404, f"instance {id} is not registered: register again")
+            new = done.instance
+            report_changed = (new.applied_version, new.rejected_version, new.rejection) != (
+                old.applied_version,
+                old.rejected_version,
+                old.rejection,
+            )
+            persisted = self._persisted_beat.get(id, -math.inf)
+            if report_changed or new.last_heartbeat - persisted >= new.ttl / 3:
+                await self._save_instance(new)
+            registry.commit(done)
         return 200, {"ttl": new.ttl}, ()
 
     async def _drain(self, request: _Request, ns: str, svc: str, id: str) -> Answer:
-        self._instance_writer(request, ns, svc)
+        self._instance_writer(request, ns, svc, "drain")
         registry = self._core()
-        old = registry.get(id)
-        if old is None or old.key != (ns, svc):
-            raise _HTTPError(404, f"instance {id} is not registered")
-        done = registry.drain(id, self.clock())
-        if isinstance(done, NotFound):  # pragma: no cover - checked above
-            raise _HTTPError(404, f"instance {id} is not registered")
-        await self.store.delete(_instance_key(old))
-        self._persisted_beat.pop(id, None)
-        await self._save_index(old.key, done.index)
+        async with self._writing:  # read under the lock, as a heartbeat does
+            old = registry.get(id)
+            if old is None or old.key != (ns, svc):
+                raise _HTTPError(404, f"instance {id} is not registered")
+            done = registry.plan_drain(id, self.clock())
+            if isinstance(done, NotFound):  # pragma: no cover - checked above
+                raise _HTTPError(404, f"instance {id} is not registered")
+            await self._save_index(old.key, done.index)
+            await self.store.delete(_instance_key(old))
+            self._persisted_beat.pop(id, None)
+            registry.commit(done)
+            self._counted()
         self._notify(old.key)
         return 200, {"index": done.index}, ()
 
@@ -594,21 +702,21 @@ class RegistryApp:
             200,
             {
                 "instances": [
-                    {
-                        "id": i.id,
-                        "namespace": i.namespace,
-                        "service": i.service,
-                        "address": i.address,
-                        "port": i.port,
-                        "labels": dict(i.labels),
-                        "metrics_port": i.metrics_port,
-                        "identity": i.identity,
-                        "ttl": i.ttl,
-                        "last_heartbeat_age": max(0.0, now - i.last_heartbeat),
-                        "applied_version": i.applied_version,
-                        "rejected_version": i.rejected_version,
-                        "error": i.rejection,
-                    }
+                    InstanceInfo(
+                        i.id,
+                        i.namespace,
+                        i.service,
+                        i.address,
+                        i.port,
+                        dict(i.labels),
+                        i.metrics_port,
+                        i.identity,
+                        i.ttl,
+                        max(0.0, now - i.last_heartbeat),
+                        i.applied_version,
+                        i.rejected_version,
+                        i.rejection,
+                    ).to_json()
                     for i in self._core().instances()
                 ]
             },
@@ -623,7 +731,10 @@ class RegistryApp:
         index, wait = _blocking(request)
         registry = self._core()
         if index:
-            await self._hold((ns, svc), lambda: registry.changed_since(ns, svc, index), wait)
+            warming = self._warming(registry)
+            await self._hold(
+                (ns, svc), lambda: registry.changed_since(ns, svc, index) or warming(), wait
+            )
         found = registry.endpoints(ns, svc, self.clock())
         answer = EndpointsAnswer(
             ns,
@@ -656,14 +767,7 @@ class RegistryApp:
         services = []
         for ns, svc in registry.services():
             found = registry.endpoints(ns, svc, now)
-            services.append(
-                {
-                    "namespace": ns,
-                    "service": svc,
-                    "instances": len(found.instances),
-                    "index": found.index,
-                }
-            )
+            services.append(ServiceInfo(ns, svc, len(found.instances), found.index).to_json())
         return 200, {"services": services}, ()
 
     async def _prometheus(self, request: _Request) -> Answer:
@@ -706,9 +810,11 @@ class RegistryApp:
         self._allow(request, "GET", "PUT")
         self._reader(request)
         index, wait = _blocking(request)
-        log_ = self._core().policy
+        registry = self._core()
+        log_ = registry.policy
         if index:
-            await self._hold(None, lambda: log_.changed_since(index), wait)
+            warming = self._warming(registry)
+            await self._hold(None, lambda: log_.changed_since(index) or warming(), wait)
         current = log_.current()
         version = 0 if current is None else current.version
         return (
@@ -738,7 +844,7 @@ class RegistryApp:
         return 200, self._policy_answer(found).to_json(), [("ETag", f'"{found.version}"')]
 
     async def _apply(self, request: _Request) -> Answer:
-        author = self._admin(request, "apply a policy (PUT /v1/policy)")
+        author = self._admin(request, "apply", "apply a policy (PUT /v1/policy)")
         data = await _body(request, MAX_FILE_BYTES)
         source = request.headers.get(SOURCE_HEADER.lower()) or "registry"
         if_match = _if_match(request)
@@ -751,33 +857,42 @@ class RegistryApp:
             ) from None
         text = data.decode("utf-8")
         log_ = self._core().policy
-        before = log_.version
-        done = log_.propose(text, author=author, if_match=if_match, now=self.wall())
-        if isinstance(done, VersionConflict):
-            raise _HTTPError(
-                409, f"version conflict: current is {done.current}", current=done.current
-            )
-        changed = done.version != before
+        async with self._writing:
+            before = log_.version
+            done = log_.plan_propose(text, author=author, if_match=if_match, now=self.wall())
+            if isinstance(done, VersionConflict):
+                raise _HTTPError(
+                    409, f"version conflict: current is {done.current}", current=done.current
+                )
+            changed = done.version != before
+            if changed:
+                await self._save_policy(done)
+                log_.commit(done)
         if changed:
-            await self._save_policy(done)
+            self._notify(None)
         return 200, {"version": done.version, "digest": done.digest, "changed": changed}, ()
 
     async def _rollback(self, request: _Request) -> Answer:
-        author = self._admin(request, "roll the policy back (POST /v1/policy/rollback)")
+        author = self._admin(request, "rollback", "roll the policy back (POST /v1/policy/rollback)")
         body = await _json_body(request, MAX_BODY)
         to = _field(body, "version", int)
         log_ = self._core().policy
-        before = log_.version
-        done = log_.rollback(to, author=author, if_match=_if_match(request), now=self.wall())
-        if isinstance(done, NotFound):
-            raise _HTTPError(404, f"no policy version {to}")
-        if isinstance(done, VersionConflict):
-            raise _HTTPError(
-                409, f"version conflict: current is {done.current}", current=done.current
-            )
-        changed = done.version != before  # rolling back to the current text makes no version
+        if_match = _if_match(request)
+        async with self._writing:
+            before = log_.version
+            done = log_.plan_rollback(to, author=author, if_match=if_match, now=self.wall())
+            if isinstance(done, NotFound):
+                raise _HTTPError(404, f"no policy version {to}")
+            if isinstance(done, VersionConflict):
+                raise _HTTPError(
+                    409, f"version conflict: current is {done.current}", current=done.current
+                )
+            changed = done.version != before  # rolling back to the current text makes no version
+            if changed:
+                await self._save_policy(done)
+                log_.commit(done)
         if changed:
-            await self._save_policy(done)
+            self._notify(None)
         answer = {"version": done.version, "rollback_of": to, "digest": done.digest}
         return 200, {**answer, "changed": changed}, ()
 
@@ -792,7 +907,6 @@ class RegistryApp:
         }
         key = f"{POLICY}{version.version:010d}"
         await self.store.put(key, json.dumps(record).encode(), if_mod_rev=0)
-        self._notify(None)
 
     # -- status --------------------------------------------------------------------------------
 
@@ -801,23 +915,20 @@ class RegistryApp:
         self._reader(request)
         registry = self._core()
         status = registry.status(self.clock())
-        return (
-            200,
-            {
-                "epoch": status.epoch,
-                "state": status.state.value,
-                "reason": status.reason,
-                "authoritative": status.authoritative,
-                "instances": status.instances,
-                "services": len(registry.services()),
-                "policy_version": registry.policy.version,
-                "store": _store_name(self.store),
-                "uptime_seconds": max(0.0, self.wall() - self._started_wall),
-                "refusals": self.refusals,
-                "watchers": self.watchers,
-            },
-            (),
+        answer = RegistryStatusInfo(
+            status.epoch,
+            status.state.value,
+            status.reason,
+            status.authoritative,
+            status.instances,
+            len(registry.services()),
+            registry.policy.version,
+            _store_name(self.store),
+            max(0.0, self.wall() - self._started_wall),
+            self.refusals,
+            self.watchers,
         )
+        return 200, answer.to_json(), ()
 
 
 Answer = tuple[int, Any, Iterable[tuple[str, str]]]

@@ -34,7 +34,10 @@ from meshlib.control.wire import (
     EPOCH_HEADER,
     SOURCE_HEADER,
     EndpointsAnswer,
+    InstanceInfo,
     PolicyAnswer,
+    RegistryStatusInfo,
+    ServiceInfo,
     WireError,
     registry_id,
 )
@@ -205,6 +208,28 @@ def _policy(response: httpx.Response) -> PolicyAnswer:
     )
 
 
+def _list(response: httpx.Response, name: str) -> list[Any]:
+    found = _json(response)
+    items = found.get(name) if isinstance(found, dict) else None
+    if not isinstance(items, list):
+        raise WireError(f"{name} answer: field {name!r} must be a list")
+    return items
+
+
+def _instances(response: httpx.Response) -> tuple[InstanceInfo, ...]:
+    return tuple(
+        InstanceInfo.from_json(item, f"instances answer: instances[{n}]")
+        for n, item in enumerate(_list(response, "instances"))
+    )
+
+
+def _services(response: httpx.Response) -> tuple[ServiceInfo, ...]:
+    return tuple(
+        ServiceInfo.from_json(item, f"services answer: services[{n}]")
+        for n, item in enumerate(_list(response, "services"))
+    )
+
+
 class _Calls:
     """The requests of the API, built once for both clients."""
 
@@ -263,11 +288,11 @@ class _Calls:
         path = f"/v1/instances/{namespace}/{service}/{id}"
         return _Call("DELETE", path, lambda r: int(_json(r)["index"]), missing=lambda: None)
 
-    def instances(self) -> _Call[tuple[dict[str, Any], ...]]:
-        return _Call("GET", "/v1/instances", lambda r: tuple(_json(r)["instances"]))
+    def instances(self) -> _Call[tuple[InstanceInfo, ...]]:
+        return _Call("GET", "/v1/instances", _instances)
 
-    def services(self) -> _Call[tuple[dict[str, Any], ...]]:
-        return _Call("GET", "/v1/services", lambda r: tuple(_json(r)["services"]))
+    def services(self) -> _Call[tuple[ServiceInfo, ...]]:
+        return _Call("GET", "/v1/services", _services)
 
     def endpoints(
         self, namespace: str, service: str, *, index: int = 0, wait: float | None = None
@@ -323,8 +348,8 @@ class _Calls:
     def prometheus_sd(self) -> _Call[list[dict[str, Any]]]:
         return _Call("GET", "/v1/sd/prometheus", lambda r: list(_json(r)))
 
-    def status(self) -> _Call[dict[str, Any]]:
-        return _Call("GET", "/v1/status", lambda r: dict(_json(r)))
+    def status(self) -> _Call[RegistryStatusInfo]:
+        return _Call("GET", "/v1/status", lambda r: RegistryStatusInfo.from_json(_json(r)))
 
 
 def _held(index: int, wait: float | None) -> float:
@@ -445,10 +470,10 @@ class RegistryClient(_Base):
     def deregister(self, namespace: str, service: str, id: str) -> int | None:
         return self._send(self.calls.deregister(namespace, service, id))
 
-    def instances(self) -> tuple[dict[str, Any], ...]:
+    def instances(self) -> tuple[InstanceInfo, ...]:
         return self._send(self.calls.instances())
 
-    def services(self) -> tuple[dict[str, Any], ...]:
+    def services(self) -> tuple[ServiceInfo, ...]:
         return self._send(self.calls.services())
 
     def endpoints(
@@ -480,7 +505,7 @@ class RegistryClient(_Base):
     def prometheus_sd(self) -> list[dict[str, Any]]:
         return self._send(self.calls.prometheus_sd())
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RegistryStatusInfo:
         return self._send(self.calls.status())
 
     def close(self) -> None:
@@ -547,10 +572,10 @@ class AsyncRegistryClient(_Base):
     async def deregister(self, namespace: str, service: str, id: str) -> int | None:
         return await self._send(self.calls.deregister(namespace, service, id))
 
-    async def instances(self) -> tuple[dict[str, Any], ...]:
+    async def instances(self) -> tuple[InstanceInfo, ...]:
         return await self._send(self.calls.instances())
 
-    async def services(self) -> tuple[dict[str, Any], ...]:
+    async def services(self) -> tuple[ServiceInfo, ...]:
         return await self._send(self.calls.services())
 
     async def endpoints(
@@ -582,7 +607,7 @@ class AsyncRegistryClient(_Base):
     async def prometheus_sd(self) -> list[dict[str, Any]]:
         return await self._send(self.calls.prometheus_sd())
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> RegistryStatusInfo:
         return await self._send(self.calls.status())
 
     async def aclose(self) -> None:

@@ -239,20 +239,47 @@ class PolicyLog:
         precondition). The version is the fencing token: of two proposals made against the same
         version exactly one wins, the other gets :class:`VersionConflict` and re-reads.
         Re-proposing the current text makes no new version (a repeated apply is not a change)."""
-        return self._append(text, author=author, if_match=if_match, now=now, rollback_of=None)
+        return self._commit_new(self.plan_propose(text, author=author, if_match=if_match, now=now))
+
+    def plan_propose(
+        self, text: str, *, author: str, if_match: int | None, now: float
+    ) -> PolicyVersion | VersionConflict:
+        """What :meth:`propose` would return, appending nothing: a driver persists a new version
+        (``version == self.version + 1``), then passes it to :meth:`commit`."""
+        return self._next(text, author=author, if_match=if_match, now=now, rollback_of=None)
 
     def rollback(
         self, to_version: int, *, author: str, if_match: int | None = None, now: float
     ) -> PolicyVersion | VersionConflict | NotFound:
         """A NEW version carrying ``to_version``'s text: history is never rewritten."""
+        done = self.plan_rollback(to_version, author=author, if_match=if_match, now=now)
+        return done if isinstance(done, NotFound) else self._commit_new(done)
+
+    def plan_rollback(
+        self, to_version: int, *, author: str, if_match: int | None = None, now: float
+    ) -> PolicyVersion | VersionConflict | NotFound:
+        """What :meth:`rollback` would return, appending nothing (see :meth:`plan_propose`)."""
         old = self.get(to_version)
         if old is None:
             return NotFound(f"policy version {to_version}")
-        return self._append(
+        return self._next(
             old.text, author=author, if_match=if_match, now=now, rollback_of=old.version
         )
 
-    def _append(
+    def commit(self, version: PolicyVersion) -> None:
+        """Append a planned version; it must be the next one."""
+        if version.version != self.version + 1:
+            raise ValueError(
+                f"policy version {version.version} is not the next one ({self.version + 1})"
+            )
+        self._versions = (*self._versions, version)
+
+    def _commit_new(self, done: PolicyVersion | VersionConflict) -> PolicyVersion | VersionConflict:
+        if isinstance(done, PolicyVersion) and done.version == self.version + 1:
+            self.commit(done)
+        return done
+
+    def _next(
         self, text: str, *, author: str, if_match: int | None, now: float, rollback_of: int | None
     ) -> PolicyVersion | VersionConflict:
         if if_match is not None and if_match != self.version:
@@ -261,9 +288,7 @@ class PolicyLog:
         current = self.current()
         if current is not None and current.digest == digest:
             return current
-        version = PolicyVersion(self.version + 1, text, digest, author, now, rollback_of)
-        self._versions = (*self._versions, version)
-        return version
+        return PolicyVersion(self.version + 1, text, digest, author, now, rollback_of)
 
 
 class Registry:
@@ -376,6 +401,35 @@ class Registry:
         now: float,
     ) -> Registration:
         """Create or refresh the instance at ``address:port``; its id is :func:`instance_id`."""
+        done = self.plan_register(
+            namespace,
+            service,
+            address,
+            port,
+            labels=labels,
+            metrics_port=metrics_port,
+            identity=identity,
+            ttl=ttl,
+            now=now,
+        )
+        self.commit(done)
+        return done
+
+    def plan_register(
+        self,
+        namespace: str,
+        service: str,
+        address: str,
+        port: int,
+        *,
+        labels: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        identity: str,
+        ttl: float | None = None,
+        now: float,
+    ) -> Registration:
+        """What :meth:`register` would do, changing nothing: a driver persists the answer, then
+        passes it to :meth:`commit`, so a failed store write leaves the core as it was."""
         ttl = self.settings.default_ttl if ttl is None else ttl
         _check_registration(namespace, service, address, port, labels or {}, metrics_port, ttl)
         if not identity:
@@ -406,10 +460,8 @@ class Registry:
                 rejection=old.rejection,
             )
             change = Change.REFRESHED if old.registration == new.registration else Change.UPDATED
-        self._put(new)
-        if change is not Change.REFRESHED:
-            self._bump(new.key)
-        return Registration(new, change, self.index(namespace, service))
+        index = self.index(namespace, service) + (0 if change is Change.REFRESHED else 1)
+        return Registration(new, change, index)
 
     def heartbeat(
         self,
@@ -424,6 +476,27 @@ class Registry:
         a NACK of ``rejected_version`` with ``nack_error``, as xDS does). :class:`NotFound` when
         it expired or never was: the client re-registers now (Eureka's 404). A heartbeat never
         moves the service's index: watchers wake for membership, not for liveness."""
+        done = self.plan_heartbeat(
+            id,
+            now,
+            applied_version=applied_version,
+            rejected_version=rejected_version,
+            nack_error=nack_error,
+        )
+        if isinstance(done, Renewed):
+            self.commit(done)
+        return done
+
+    def plan_heartbeat(
+        self,
+        id: str,
+        now: float,
+        *,
+        applied_version: int | None = None,
+        rejected_version: int | None = None,
+        nack_error: str | None = None,
+    ) -> Renewed | NotFound:
+        """What :meth:`heartbeat` would do, changing nothing (see :meth:`plan_register`)."""
         if (rejected_version is None) != (nack_error is None):
             raise ValueError("heartbeat: a NACK needs both rejected_version and nack_error")
         old = self._instances.get(id)
@@ -436,16 +509,32 @@ class Registry:
                 new = replace(new, rejected_version=None, rejection=None)
         if rejected_version is not None:
             new = replace(new, rejected_version=rejected_version, rejection=nack_error)
-        self._put(new)
         return Renewed(new)
 
     def drain(self, id: str, now: float) -> Drained | NotFound:
         """Remove the instance at once: an explicit delete is never held by self-preservation."""
+        done = self.plan_drain(id, now)
+        if isinstance(done, Drained):
+            self.commit(done)
+        return done
+
+    def plan_drain(self, id: str, now: float) -> Drained | NotFound:
+        """What :meth:`drain` would do, changing nothing (see :meth:`plan_register`)."""
         old = self._instances.get(id)
         if old is None:
             return NotFound(id)
-        self._remove(old)
-        return Drained(old, self._bump(old.key))
+        return Drained(old, self.index(*old.key) + 1)
+
+    def commit(self, change: Registration | Renewed | Drained) -> None:
+        """Apply a planned change: the one the matching ``plan_*`` call returned, with no other
+        change committed in between (the driver serialises its writes)."""
+        if isinstance(change, Drained):
+            self._remove(change.instance)
+            self._indexes[change.instance.key] = change.index
+            return
+        self._put(change.instance)
+        if isinstance(change, Registration):
+            self._indexes[change.instance.key] = change.index
 
     def expire(self, now: float) -> tuple[Instance, ...]:
         """One expiry pass: remove the instances whose TTL passed, and return them.
@@ -456,6 +545,14 @@ class Registry:
         fault and holds expiry (self-preservation) until the loss ends or
         ``preservation_limit`` passes, whichever is first; then expiry resumes.
         """
+        expired = self.due(now)
+        self.remove_expired(expired)
+        return expired
+
+    def due(self, now: float) -> tuple[Instance, ...]:
+        """The instances one expiry pass at ``now`` removes, removing none (the driver persists
+        their removal, then calls :meth:`remove_expired`). It does move the self-preservation
+        state: that is the pass's own decision, never persisted."""
         if not self.authoritative(now):
             return ()
         s = self.settings
@@ -479,14 +576,17 @@ class Registry:
             return ()
         elif not mass:
             self._armed = True
-        expired = tuple(
+        return tuple(
             i for i in sorted(self._instances.values(), key=lambda i: i.id) if now >= i.deadline
         )
+
+    def remove_expired(self, expired: Iterable[Instance]) -> None:
+        """Remove what :meth:`due` returned (once the driver persisted the removal)."""
+        expired = tuple(expired)
         for instance in expired:
             self._remove(instance)
         for key in sorted({i.key for i in expired}):  # one bump per service: one wake-up
             self._bump(key)
-        return expired
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

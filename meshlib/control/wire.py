@@ -195,3 +195,148 @@ class PolicyAnswer:
             epoch,
             authoritative,
         )
+
+
+def _number(obj: Mapping[str, Any], name: str, where: str) -> float:
+    value = _get(obj, name, (int, float), where)
+    if isinstance(value, bool):
+        raise WireError(f"{where}: field {name!r} has the wrong type (bool)")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """One registered instance as ``GET /v1/instances`` lists it (``meshctl get instances``)."""
+
+    id: str
+    namespace: str
+    service: str
+    address: str
+    port: int
+    labels: Mapping[str, str]
+    metrics_port: int | None
+    identity: str
+    ttl: float
+    #: Seconds since its last heartbeat, when the registry answered.
+    last_heartbeat_age: float
+    applied_version: int | None = None
+    rejected_version: int | None = None
+    #: The client's loader error for ``rejected_version``.
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "namespace": self.namespace,
+            "service": self.service,
+            "address": self.address,
+            "port": self.port,
+            "labels": dict(self.labels),
+            "metrics_port": self.metrics_port,
+            "identity": self.identity,
+            "ttl": self.ttl,
+            "last_heartbeat_age": self.last_heartbeat_age,
+            "applied_version": self.applied_version,
+            "rejected_version": self.rejected_version,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, body: object, where: str = "instance") -> InstanceInfo:
+        obj = _object(body, where)
+        return cls(
+            _get(obj, "id", str, where),
+            _get(obj, "namespace", str, where),
+            _get(obj, "service", str, where),
+            _get(obj, "address", str, where),
+            _get(obj, "port", int, where),
+            _labels(obj.get("labels"), where),
+            _optional(obj, "metrics_port", int, where),
+            _get(obj, "identity", str, where),
+            _number(obj, "ttl", where),
+            _number(obj, "last_heartbeat_age", where),
+            _optional(obj, "applied_version", int, where),
+            _optional(obj, "rejected_version", int, where),
+            _optional(obj, "error", str, where),
+        )
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """One service as ``GET /v1/services`` lists it."""
+
+    namespace: str
+    service: str
+    instances: int
+    index: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "service": self.service,
+            "instances": self.instances,
+            "index": self.index,
+        }
+
+    @classmethod
+    def from_json(cls, body: object, where: str = "service") -> ServiceInfo:
+        obj = _object(body, where)
+        return cls(
+            _get(obj, "namespace", str, where),
+            _get(obj, "service", str, where),
+            _get(obj, "instances", int, where),
+            _get(obj, "index", int, where),
+        )
+
+
+@dataclass(frozen=True)
+class RegistryStatusInfo:
+    """``GET /v1/status``: the registry's epoch, state and counts (``meshctl registry status``)."""
+
+    epoch: str
+    #: ``warming``, ``serving`` or ``preserving``.
+    state: str
+    #: Why it is preserving, else None.
+    reason: str | None
+    authoritative: bool
+    instances: int
+    services: int
+    policy_version: int
+    #: ``sqlite:/path`` or ``memory``.
+    store: str
+    uptime_seconds: float
+    refusals: int
+    watchers: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "state": self.state,
+            "reason": self.reason,
+            "authoritative": self.authoritative,
+            "instances": self.instances,
+            "services": self.services,
+            "policy_version": self.policy_version,
+            "store": self.store,
+            "uptime_seconds": self.uptime_seconds,
+            "refusals": self.refusals,
+            "watchers": self.watchers,
+        }
+
+    @classmethod
+    def from_json(cls, body: object) -> RegistryStatusInfo:
+        where = "status answer"
+        obj = _object(body, where)
+        return cls(
+            _get(obj, "epoch", str, where),
+            _get(obj, "state", str, where),
+            _optional(obj, "reason", str, where),
+            _get(obj, "authoritative", bool, where),
+            _get(obj, "instances", int, where),
+            _get(obj, "services", int, where),
+            _get(obj, "policy_version", int, where),
+            _get(obj, "store", str, where),
+            _number(obj, "uptime_seconds", where),
+            _get(obj, "refusals", int, where),
+            _get(obj, "watchers", int, where),
+        )

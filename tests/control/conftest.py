@@ -6,7 +6,8 @@ data dir, an injected clock, a small blocking-query limit). Each yields a
 :class:`RunningRegistry`: its URL, the data dir's paths, ``issue(ns, sa)`` for more workload
 SVIDs, ``client(svid_dir)`` for a :class:`RegistryClient`, ``http(svid_dir)`` for a raw mTLS
 httpx client and ``expire()`` for an expiry pass run on the app's loop (with an injected clock,
-the 1 s tick is off).
+the 1 s tick is off). ``wrap`` puts a test's store wrapper (a failing one) between the app and
+its store; ``metrics=True`` builds the app as ``registry serve`` does, with its /metrics.
 """
 
 from __future__ import annotations
@@ -20,8 +21,14 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
-from meshlib.cli.registry import RegistryDir, RegistryServed, init_registry_dir
+from meshlib.cli.registry import (
+    RegistryDir,
+    RegistryServed,
+    init_registry_dir,
+    registry_with_metrics,
+)
 from meshlib.control.app import RegistryApp
 from meshlib.control.client import RegistryClient
 from meshlib.control.memory import MemoryStore
@@ -119,6 +126,8 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         settings: RegistrySettings | None = None,
         max_watchers: int = 10_000,
         seed: int = 11,
+        wrap: Callable[[Store], Store] | None = None,
+        metrics: bool = False,
     ) -> RunningRegistry:
         """Start a registry on ``data`` (default: a new dir, initialised); ``clock`` injected
         turns the 1 s expiry tick off (drive it with :meth:`RunningRegistry.expire`); ``wall``
@@ -127,16 +136,23 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
             data = tmp_path / f"registry-{next(count)}"
         made = init_registry_dir(data, TD)
         kv: Store = SQLiteStore(data) if store == "sqlite" else MemoryStore()
+        if wrap is not None:
+            kv = wrap(kv)
         extra: dict[str, Any] = {} if clock is None else {"clock": clock, "tick": 3600.0}
         if wall is not None:
             extra["wall"] = wall
-        app = RegistryApp(
-            kv,
-            trust_domain=made.trust_domain,
-            settings=settings or RegistrySettings(warming=0.0),
-            rng=random.Random(seed),
-            max_watchers=max_watchers,
+        options: dict[str, Any] = {
+            "settings": settings or RegistrySettings(warming=0.0),
+            "rng": random.Random(seed),
+            "max_watchers": max_watchers,
             **extra,
+        }
+        app = (
+            registry_with_metrics(
+                kv, trust_domain=made.trust_domain, collector=CollectorRegistry(), **options
+            )
+            if metrics
+            else RegistryApp(kv, trust_domain=made.trust_domain, **options)
         )
         server = serve(
             app,

@@ -10,12 +10,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 
 from meshlib.cli.main import main
 from meshlib.control.client import RegistryClient
 from meshlib.identity.svid import spiffe_id_of
+from meshlib.identity.tls import SVIDSource
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,7 +105,12 @@ def test_serve_answers_over_mtls_and_stops_on_sigterm(
     with RegistryClient(url, svid_dir=str(data / "admin")) as client:
         assert client.apply(MESH).version == 1
         status = client.status()
-    assert status["store"] == f"sqlite:{data / 'registry.db'}"
+    assert status.store == f"sqlite:{data / 'registry.db'}"
+    admin = SVIDSource(data / "admin").client_context()
+    with httpx.Client(base_url=url, verify=admin, timeout=10.0) as http:
+        metrics = http.get("/metrics")
+    assert metrics.status_code == 200, metrics.text
+    assert "mesh_registry_instances 0.0" in metrics.text
 
     second = subprocess.run(
         [*SERVE, str(data)],

@@ -286,7 +286,7 @@ def test_get_services_endpoints_and_instances(
     ratings = registry.client(registry.issue("shop", "ratings"))
     ratings.register("shop", "ratings", "127.0.0.3", 9090)
 
-    index = {s["service"]: s["index"] for s in registry.client().services()}
+    index = {s.service: s.index for s in registry.client().services()}
     code, out, _ = run(capsys, "get", "services", *at(registry))
     assert code == 0
     assert [line.split() for line in out.splitlines()] == [

@@ -21,7 +21,13 @@ from meshlib.control.client import (
     RegistryUnavailable,
 )
 from meshlib.control.registry import instance_id
-from meshlib.control.wire import RegisteredEndpoint
+from meshlib.control.wire import (
+    InstanceInfo,
+    RegisteredEndpoint,
+    RegistryStatusInfo,
+    ServiceInfo,
+    WireError,
+)
 from meshlib.inbound.serving import serve
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
 from tests.control.test_app import BAD_POLICY, POLICY
@@ -46,10 +52,13 @@ def test_instances_and_discovery_through_the_client(registry: RunningRegistry) -
         RegisteredEndpoint(made.id, "127.0.0.1", 8080, {"version": "v1"}, None),
     )
     assert client.heartbeat("default", "reviews", made.id, applied_version=1) == 10.0
-    assert client.instances()[0]["applied_version"] == 1
-    assert client.services() == (
-        {"namespace": "default", "service": "reviews", "instances": 1, "index": made.index},
+    (instance,) = client.instances()
+    assert (instance.id, instance.applied_version, instance.labels) == (
+        made.id,
+        1,
+        {"version": "v1"},
     )
+    assert client.services() == (ServiceInfo("default", "reviews", 1, made.index),)
 
     held = threading.Event()
     registry.app.on_watchers = lambda n: held.set() if n == 1 else None
@@ -79,7 +88,7 @@ def test_policy_through_the_client(registry: RunningRegistry) -> None:
     assert conflict.value.current == 1
     got = admin.policy(index=0)
     assert (got.version, got.text, got.digest) == (1, POLICY, applied.digest)
-    assert got.epoch == admin.status()["epoch"] and got.authoritative
+    assert got.epoch == admin.status().epoch and got.authoritative
     admin.apply(POLICY.replace("9000", "9001"))
     back = admin.rollback(1, if_match=2)
     assert (back.version, back.rollback_of) == (3, 1)
@@ -115,7 +124,7 @@ def test_refusals_and_limits_are_typed(registry_factory: StartRegistry) -> None:
 
 def test_a_stopped_registry_is_unavailable(registry: RunningRegistry) -> None:
     client = registry.client()
-    assert client.status()["state"] == "serving"
+    assert client.status().state == "serving"
     registry.server.stop()
     with pytest.raises(RegistryUnavailable) as down:
         client.status()
@@ -159,3 +168,16 @@ async def test_the_async_client_shares_the_calls(registry: RunningRegistry) -> N
             await client.apply(BAD_POLICY)
         assert (await client.apply(POLICY)).version == 1
         assert await client.deregister("default", "reviews", made.id) == made.index + 1
+
+
+def test_typed_answers_round_trip_and_name_a_bad_field() -> None:
+    instance = InstanceInfo(
+        "abc", "default", "reviews", "127.0.0.1", 8080, {"v": "1"}, 9100, "spiffe://t/x", 10.0, 1.5
+    )
+    status = RegistryStatusInfo("e", "serving", None, True, 1, 1, 2, "memory", 3.0, 0, 0)
+    for value in (instance, ServiceInfo("default", "reviews", 1, 4), status):
+        assert type(value).from_json(value.to_json()) == value
+    with pytest.raises(WireError, match=r"instances\[0\]: field 'port' has the wrong type"):
+        InstanceInfo.from_json({**instance.to_json(), "port": "80"}, "instances[0]")
+    with pytest.raises(WireError, match="field 'uptime_seconds' has the wrong type"):
+        RegistryStatusInfo.from_json({**status.to_json(), "uptime_seconds": True})

@@ -463,3 +463,28 @@ def test_bad_settings_and_stored_state_are_refused_naming_what(clock: FakeClock)
         Registry("e", clock(), instances=[forged])
     with pytest.raises(ValueError, match="default/reviews"):
         Registry("e", clock(), indexes={(NS, "reviews"): 0})
+
+
+def test_a_plan_changes_nothing_until_committed() -> None:
+    registry = Registry("e1", 0.0, RegistrySettings(warming=0.0))
+    plan = registry.plan_register(
+        "default", "reviews", "10.0.0.1", 80, identity="spiffe://x", now=1.0
+    )
+    assert plan.change is Change.CREATED and plan.index == 2
+    assert registry.instances() == () and registry.index("default", "reviews") == 1
+    registry.commit(plan)
+    assert registry.instances() == (plan.instance,) and registry.index("default", "reviews") == 2
+
+    drain = registry.plan_drain(plan.instance.id, 2.0)
+    assert isinstance(drain, Drained) and drain.index == 3
+    assert registry.get(plan.instance.id) == plan.instance
+    registry.commit(drain)
+    assert registry.get(plan.instance.id) is None and registry.index("default", "reviews") == 3
+
+    log = registry.policy
+    version = log.plan_propose("a: 1", author="spiffe://x", if_match=0, now=5.0)
+    assert isinstance(version, PolicyVersion) and log.version == 0
+    log.commit(version)
+    assert log.current() == version
+    with pytest.raises(ValueError, match="not the next one"):
+        log.commit(version)
