@@ -117,7 +117,7 @@ def test_a_new_policy_version_is_applied_and_acked(
 
     def acked() -> bool:
         rows = admin.instances()
-        return bool(rows) and rows[0]["applied_version"] == second.version
+        return bool(rows) and rows[0].applied_version == second.version
 
     assert until(acked)
 
@@ -147,11 +147,11 @@ def test_a_version_the_workload_refuses_is_nacked_and_the_last_good_stays(
 
     def nacked() -> bool:
         rows = admin.instances()
-        return bool(rows) and rows[0]["rejected_version"] == bad.version
+        return bool(rows) and rows[0].rejected_version == bad.version
 
     assert until(nacked)
     row = admin.instances()[0]
-    assert "local.yaml" in (row["error"] or "")
+    assert "local.yaml" in (row.error or "")
     assert reviews.snapshot is good
 
 
