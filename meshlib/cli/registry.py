@@ -117,9 +117,10 @@ class RegistryServed:
     """What :func:`meshlib.inbound.serving.serve` needs of a mesh (its ``ServedMesh``), for the
     registry: its trust domain and strict mTLS; no metrics."""
 
-    def __init__(self, trust_domain: str) -> None:
+    def __init__(self, trust_domain: str, app: RegistryApp | None = None) -> None:
         from meshlib.config.loader import load_text
 
+        self._app = app
         self._snapshot = load_text(
             "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: registry}\n"
             f"spec: {{trustDomain: {trust_domain}, mtls: strict}}\n",
@@ -138,6 +139,19 @@ class RegistryServed:
         from meshlib.config.model import MTLSMode
 
         return MTLSMode.STRICT
+
+    def on_serving(self, host: str, port: int, scheme: str) -> _Release | None:
+        """``serve``'s hook: its stop closes the result first, which answers the held
+        long-polls before uvicorn's graceful shutdown waits on them."""
+        return None if self._app is None else _Release(self._app)
+
+
+class _Release:
+    def __init__(self, app: RegistryApp) -> None:
+        self._app = app
+
+    def close(self) -> None:
+        self._app.release()
 
 
 def registry_with_metrics(
@@ -241,7 +255,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         server = serve(
             app,
-            mesh=RegistryServed(trust_domain),
+            mesh=RegistryServed(trust_domain, app),
             host=host,
             port=port,
             svid_dir=str(data / REGISTRY_DIR),

@@ -210,6 +210,8 @@ class RegistryApp:
         self._policy_cache: tuple[int, Snapshot | None] = (-1, None)
         self._started_wall = wall()
         self._stopping = asyncio.Event()
+        #: Set by :meth:`release`: no query is held any more (the server is stopping).
+        self._released = False
         self._ticker: asyncio.Task[None] | None = None
         self._open = False
         # One write at a time: a write plans its change on the core, persists it, then commits
@@ -289,6 +291,22 @@ class RegistryApp:
         self._open = True
         self._stopping = asyncio.Event()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    def release(self) -> None:
+        """Answer every held blocking query now, and each new one at once: the server is about
+        to stop, and a long-poll held for its wait would hold up the graceful shutdown (and
+        then be cancelled mid-answer). Callable from any thread; clients re-poll, find the
+        registry gone and back off."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing is held
+            loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        self._released = True
+        for watch in self._watches.values():
+            watch.event.set()
 
     async def shutdown(self) -> None:
         """Stop the tick, answer every held query now, close the store."""
@@ -416,7 +434,7 @@ class RegistryApp:
 
     async def _hold(self, key: ServiceKey | None, changed: Callable[[], bool], wait: float) -> None:
         """Return when ``changed()`` or after ``wait`` (+ jitter up to wait/16)."""
-        if changed() or wait <= 0:
+        if changed() or wait <= 0 or self._released:
             return
         if self.watchers >= self.max_watchers:
             raise _HTTPError(
@@ -429,7 +447,7 @@ class RegistryApp:
         end = loop.time() + deadline
         self._count_watchers(+1)
         try:
-            while not changed() and not self._stopping.is_set():
+            while not changed() and not self._stopping.is_set() and not self._released:
                 watch = self._watches.get(key)
                 if watch is None:
                     watch = self._watches[key] = _Watch(asyncio.Event())

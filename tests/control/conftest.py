@@ -103,10 +103,10 @@ class RunningRegistry:
         return asyncio.run_coroutine_threadsafe(self.app.expire(), self.app.loop).result(10)
 
     def stop(self) -> None:
-        for close in self._closers:
+        self.server.stop()  # the lifespan shutdown closes the store (and its lock)
+        for close in self._closers:  # after: a query still held gets its answer first
             close()
         self._closers.clear()
-        self.server.stop()  # the lifespan shutdown closes the store (and its lock)
 
 
 StartRegistry = Callable[..., RunningRegistry]
@@ -156,7 +156,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         )
         server = serve(
             app,
-            mesh=RegistryServed(made.trust_domain),
+            mesh=RegistryServed(made.trust_domain, app),
             svid_dir=str(made.registry_svid),
             mode="strict",
             svid_poll_interval=None,

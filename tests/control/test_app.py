@@ -379,3 +379,28 @@ def test_a_policy_over_the_loaders_cap_is_413(registry: RunningRegistry) -> None
     error_of(admin.get("/v1/services/default/reviews/endpoints?index=x"), 400)
     error_of(admin.get("/v1/services/default/reviews/endpoints?index=1&wait=soon"), 400)
     error_of(admin.put("/v1/policy", content=POLICY, headers={"If-Match": "one"}), 400)
+
+
+@pytest.mark.timeout(30)
+def test_stop_answers_held_queries_before_the_graceful_shutdown_waits_on_them(
+    registry: RunningRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long-poll held for its wait used to hold up uvicorn's graceful shutdown until the
+    grace ran out and was then cancelled mid-answer (an ERROR log per held query)."""
+    http = registry.http(registry.issue("default", "reviews"))
+    held = threading.Event()
+    registry.app.on_watchers = lambda n: held.set() if n == 2 else None
+    index = http.get("/v1/services/default/reviews/endpoints").json()["index"]
+    with ThreadPoolExecutor(2) as pool:
+        endpoints = pool.submit(
+            http.get, f"/v1/services/default/reviews/endpoints?index={index}&wait=60s"
+        )
+        other = pool.submit(
+            http.get, f"/v1/services/default/ratings/endpoints?index={index}&wait=60s"
+        )
+        assert held.wait(10)
+        with caplog.at_level("ERROR", logger="uvicorn.error"):
+            registry.stop()
+        assert endpoints.result(5).status_code == 200
+        assert other.result(5).status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
