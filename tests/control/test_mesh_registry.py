@@ -247,3 +247,33 @@ def test_serve_registers_itself_and_drains_on_stop(
         server.stop()
     assert until(lambda: not endpoints_of(productpage, "reviews.default"))
     assert httpx  # the module's clients are httpx's
+
+
+def test_a_discovered_endpoint_is_called_over_mtls(
+    registry: RunningRegistry, meshes: Callable[..., meshlib.Mesh]
+) -> None:
+    # The server's expected SPIFFE ID comes from the service that lists the endpoint: a
+    # discovered endpoint is listed by the registry, not by the snapshot (it was refused).
+    registry.client().apply(POLICY.replace("mtls: disable", "mtls: strict"))
+    reviews = meshes("reviews")
+    productpage = meshes("productpage")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"over mTLS"})
+
+    assert reviews.svid is not None
+    server = meshlib.serve(app, mesh=reviews, svid_dir=str(registry.issue("default", "reviews")))
+    try:
+        assert server.url.startswith("https://")
+        assert until(
+            lambda: endpoints_of(productpage, "reviews.default") == {f"127.0.0.1:{server.port}"}
+        )
+        with productpage.client() as client:
+            answer = client.get("http://reviews/")
+        assert answer.text == "over mTLS"
+        assert answer.extensions["mesh_decision"].attempts[0].endpoint == f"127.0.0.1:{server.port}"
+    finally:
+        server.stop()
