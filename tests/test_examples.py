@@ -180,6 +180,7 @@ DOCS = [
     ROOT / "docs" / "concepts.md",
     ROOT / "docs" / "testing.md",
     ROOT / "docs" / "observability.md",
+    ROOT / "docs" / "control-plane.md",
     *sorted((ROOT / "docs" / "features").glob("*.md")),
 ]
 FEATURES = [
