@@ -109,9 +109,6 @@ class DiscoveredSets:
         self.sets[service_key] = found
         self._generation += 1
 
-    def get(self, service_key: str) -> DiscoveredEndpoints | None:
-        return self.sets.get(service_key)
-
     def generation(self) -> int:
         return self._generation
 
@@ -427,8 +424,7 @@ class Mesh:
             service = router.services[key]
             policy = router.policy(key, None)
             if dest is None:
-                found = self._discovered.get(key)
-                discovered = () if found is None else found.endpoints
+                discovered = self._discovered.endpoints(key)
                 dest = Destination(service, policy, self.clock(), discovered)
                 self._destinations[key] = dest
             elif dest.version < router.snapshot.version:
