@@ -101,6 +101,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^  canary 90/10: first call on reviews-v2 [\d.]+ s after the registry accepted",
             r"^\$ meshctl registry status\n  epoch: .*\n  state: +serving",
             r"^  its traffic moved: gone from the callers' endpoints [\d.]+ s after the kill",
+            r"^  reviews-v1 calls since the kill: [1-9]\d* on \S+, 0 on \S+$",
             r"^  failed calls since the kill: 0 of [1-9]\d*$",
             r"^stopped 5 processes \(pids [\d ]+\); still running: 0$",
         ],
