@@ -97,6 +97,27 @@ class DiscoveredEndpoints:
     authoritative: bool
 
 
+class DiscoveredSets:
+    """The endpoints discovered per service key (:meth:`Mesh.set_endpoints`) and a generation
+    that every change bumps, so the mTLS check (which must also know the identity of an
+    endpoint only the registry lists) re-derives its table on a change, not per connection."""
+
+    def __init__(self) -> None:
+        self.sets: dict[str, DiscoveredEndpoints] = {}
+        self._generation = 0
+
+    def put(self, service_key: str, found: DiscoveredEndpoints) -> None:
+        self.sets[service_key] = found
+        self._generation += 1
+
+    def generation(self) -> int:
+        return self._generation
+
+    def endpoints(self, service_key: str) -> tuple[Endpoint, ...]:
+        found = self.sets.get(service_key)
+        return () if found is None else found.endpoints
+
+
 class ClientOptions(TypedDict, total=False):
     """The keyword arguments of :meth:`Mesh.client` and :meth:`Mesh.async_client`: those of
     ``httpx.Client``/``httpx.AsyncClient`` except ``transport`` and ``mounts`` (the mesh is
@@ -188,6 +209,9 @@ class Mesh:
         from meshlib.observe.tracing import Tracing  # OpenTelemetry's API loads with the first mesh
 
         self.tracing = Tracing(tracer_provider, lambda: self._router.snapshot.mesh, clock, seed)
+        # Endpoints discovered per service key (set_endpoints), kept apart from the snapshot so
+        # an update costs one service, not a new Snapshot and Router.
+        self._discovered = DiscoveredSets()
         #: This workload's SVID (``svid_dir``): calls to mesh services use mTLS with it when
         #: the snapshot's ``spec.mtls`` is strict or permissive.
         self.svid: SVIDSource | None = None
@@ -199,7 +223,9 @@ class Mesh:
             from meshlib.outbound.mtls import PeerVerifier
 
             self.svid = SVIDSource(svid_dir, trust_domain=snapshot.mesh.trust_domain)
-            self._peer_verifier = PeerVerifier(lambda: self._router.snapshot, self.svid)
+            self._peer_verifier = PeerVerifier(
+                lambda: self._router.snapshot, self.svid, self._discovered
+            )
             if svid_poll_interval is not None:
                 from meshlib.identity.rotation import RotationWatcher
 
@@ -211,9 +237,6 @@ class Mesh:
                 ).start()
         self._router = Router(snapshot)
         self._destinations: dict[str, Destination] = {}
-        # Endpoints discovered per service key (set_endpoints), kept apart from the snapshot so
-        # an update costs one service, not a new Snapshot and Router.
-        self._discovered: dict[str, DiscoveredEndpoints] = {}
         #: The registry link (:meth:`from_registry`): discovery, registrar, cache file.
         self._agent: RegistryAgent | None = None
         self._lock = threading.Lock()
@@ -402,8 +425,7 @@ class Mesh:
             service = router.services[key]
             policy = router.policy(key, None)
             if dest is None:
-                found = self._discovered.get(key)
-                discovered = () if found is None else found.endpoints
+                discovered = self._discovered.endpoints(key)
                 dest = Destination(service, policy, self.clock(), discovered)
                 self._destinations[key] = dest
             elif dest.version < router.snapshot.version:
@@ -438,14 +460,14 @@ class Mesh:
                     f"set_endpoints({service_key!r}): address {e.address!r} is not 'host:port'"
                 )
         with self._lock:  # destination() creates under this lock: no new one misses the set
-            self._discovered[service_key] = DiscoveredEndpoints(endpoints, authoritative)
+            self._discovered.put(service_key, DiscoveredEndpoints(endpoints, authoritative))
             dest = self._destinations.get(service_key)
             if dest is not None:
                 dest.set_discovered(endpoints)
 
     def discovered(self) -> Mapping[str, DiscoveredEndpoints]:
         """The endpoints :meth:`set_endpoints` gave, per service key."""
-        return dict(self._discovered)
+        return dict(self._discovered.sets)
 
     # -- calls ----------------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ so no example can rot unnoticed; docs point at these files for their code snippe
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import subprocess
 import sys
@@ -89,6 +91,25 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^service graph written to .*demo-graph\.svg and demo-graph\.html$",
         ],
     ),
+    "registry_demo.py": (
+        ["--seconds", "2"],
+        [
+            r"^registry serving on https://127\.0\.0\.1:\d+ \(pid \d+\)$",
+            r"^\$ meshctl apply -f \S+v100\.yaml\n  applied version 1$",
+            r"^  serving reviews-v2 on https://127\.0\.0\.1:\d+ \(pid \d+\)$",
+            r"^  reviews-v1 100\.0% of [1-9]\d* calls$",
+            r"^  canary 90/10: first call on reviews-v2 [\d.]+ s after the registry accepted",
+            r"^\$ meshctl registry status\n  epoch: .*\n  state: +serving",
+            r"^  its traffic moved: gone from the callers' endpoints [\d.]+ s after the kill",
+            r"^  reviews-v1 calls since the kill: [1-9]\d* on \S+, 0 on \S+$",
+            r"^  failed calls since the kill: 0 of [1-9]\d*$",
+            r"^stopped 5 processes \(pids [\d ]+\); still running: 0$",
+        ],
+    ),
+    "registry_workload.py": (
+        ["--help"],  # a workload needs a registry: registry_demo.py runs it for real
+        [r"MESHLIB_REGISTRY, MESHLIB_SERVICE,\s+MESHLIB_SVID_DIR"],
+    ),
     "tracing_chain.py": (
         [],
         [
@@ -130,6 +151,25 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
     if name == "demo.py":  # meshctl graph wrote the service graph where it was told
         assert (tmp_path / "demo-graph.svg").read_text().startswith("<svg ")
         assert "reviews-v1.default → ratings.default" in (tmp_path / "demo-graph.html").read_text()
+    if name == "registry_demo.py":
+        check_registry_demo(output)
+
+
+def check_registry_demo(output: str) -> None:
+    """Each split's observed share is its weight within 5 binomial sigmas, and every process
+    the demo started is gone once it exited."""
+    splits = re.findall(r"^  split \d+/(\d+): reviews-v2 ([\d.]+)% of (\d+) calls", output, re.M)
+    assert [weight for weight, _, _ in splits] == ["10", "50"], output
+    for weight, observed, calls in splits:
+        p, n = int(weight) / 100, int(calls)
+        assert n >= 50, f"too few calls for a share: {n}"
+        # + 0.0005: the demo prints the share rounded to 0.1 %
+        assert abs(float(observed) / 100 - p) <= 5 * math.sqrt(p * (1 - p) / n) + 0.0005
+    pids = re.search(r"^stopped 5 processes \(pids ([\d ]+)\)", output, re.M)
+    assert pids is not None
+    for pid in map(int, pids.group(1).split()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 # --- the docs show real code ------------------------------------------------------------------
@@ -141,6 +181,7 @@ DOCS = [
     ROOT / "docs" / "concepts.md",
     ROOT / "docs" / "testing.md",
     ROOT / "docs" / "observability.md",
+    ROOT / "docs" / "control-plane.md",
     *sorted((ROOT / "docs" / "features").glob("*.md")),
 ]
 FEATURES = [

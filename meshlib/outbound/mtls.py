@@ -10,9 +10,10 @@ connection and raises ``httpcore.ConnectError`` (``httpx.ConnectError`` to the c
 request never reached the server, so the mesh may retry it elsewhere for any method.
 
 The expected identity of an endpoint is ``spiffe://<trust domain>/ns/<namespace>/sa/<service
-account, or the service name>`` of the service that lists it, from the current snapshot
-(re-derived when the snapshot version changes). An endpoint listed by two services with
-different identities is refused (fail closed).
+account, or the service name>`` of the service that lists it: in the current snapshot, or among
+the endpoints discovered for that service from the registry (re-derived when the snapshot
+version or the discovered sets change). An endpoint listed by two services with different
+identities is refused (fail closed).
 
 :class:`MeshTLSTransport` and :class:`AsyncMeshTLSTransport` are those transports (they
 replace httpx's private ``_pool``: see :mod:`meshlib.identity.pinned`) with :class:`PeerVerifier`
@@ -23,12 +24,12 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import httpcore
 
-from meshlib.config.model import Snapshot
+from meshlib.config.model import Endpoint, Snapshot
 from meshlib.identity.pinned import AsyncPinnedTransport, PinnedTransport, server_svid
 from meshlib.identity.spiffe import SpiffeID
 from meshlib.identity.tls import SVIDSource
@@ -41,13 +42,28 @@ log = logging.getLogger("meshlib.identity")
 _Expected = tuple[SpiffeID | None, str]
 
 
-def expected_identities(snapshot: Snapshot) -> dict[tuple[str, int], _Expected]:
-    """Endpoint ``(host, port)`` → the SPIFFE ID its server must present, and the service."""
+class DiscoveredSets(Protocol):
+    """The endpoints discovered per service from the registry (the mesh's), as the check reads
+    them: ``generation`` changes whenever any set does, so the identities are re-derived only
+    then, not per connection."""
+
+    def generation(self) -> int: ...
+
+    def endpoints(self, service_key: str) -> Sequence[Endpoint]: ...
+
+
+def expected_identities(
+    snapshot: Snapshot, discovered: DiscoveredSets | None = None
+) -> dict[tuple[str, int], _Expected]:
+    """Endpoint ``(host, port)`` → the SPIFFE ID its server must present, and the service.
+    ``discovered`` endpoints count for the services the snapshot declares (a service it does
+    not declare cannot be called, so its endpoints name no identity)."""
     td = snapshot.mesh.trust_domain
     found: dict[tuple[str, int], _Expected] = {}
     for service in snapshot.services.values():
         sid = SpiffeID.for_workload(td, service.namespace, service.service_account or service.name)
-        for endpoint in service.endpoints:
+        extra = () if discovered is None else discovered.endpoints(service.key)
+        for endpoint in (*service.endpoints, *extra):
             key = (endpoint.host.lower(), endpoint.port)
             previous = found.get(key)
             if previous is None:
@@ -65,18 +81,25 @@ def expected_identities(snapshot: Snapshot) -> dict[tuple[str, int], _Expected]:
 class PeerVerifier:
     """Checks an established TLS connection's server against the expected identity."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot], source: SVIDSource) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        source: SVIDSource,
+        discovered: DiscoveredSets | None = None,
+    ) -> None:
         self._snapshot = snapshot
         self._source = source
-        self._cache: tuple[int, Mapping[tuple[str, int], _Expected]] = (-1, {})
+        self._discovered = discovered
+        self._cache: tuple[tuple[int, int], Mapping[tuple[str, int], _Expected]] = ((-1, -1), {})
 
     def expected(self, host: str, port: int, snapshot: Snapshot | None = None) -> _Expected:
         if snapshot is None:
             snapshot = self._snapshot()
-        version, mapping = self._cache
-        if version != snapshot.version:
-            mapping = expected_identities(snapshot)
-            self._cache = (snapshot.version, mapping)  # one assignment: atomic
+        generation = 0 if self._discovered is None else self._discovered.generation()
+        key, mapping = self._cache
+        if key != (snapshot.version, generation):
+            mapping = expected_identities(snapshot, self._discovered)
+            self._cache = ((snapshot.version, generation), mapping)  # one assignment: atomic
         found = mapping.get((host.lower().strip("[]"), port))
         if found is None:
             return None, f"{host}:{port} is not an endpoint of any mesh service"

@@ -283,3 +283,59 @@ def test_status_and_metrics_show_the_registry_link(
         assert f"registry:     {registry.url} up" in text
     plain = meshlib.Mesh.from_text(POLICY, service="reviews", metrics=False)
     assert status(plain)["registry"] is None
+
+
+def test_a_discovered_endpoint_is_called_over_mtls(
+    registry: RunningRegistry, meshes: Callable[..., meshlib.Mesh]
+) -> None:
+    # The server's expected SPIFFE ID comes from the service that lists the endpoint: a
+    # discovered endpoint is listed by the registry, not by the snapshot (it was refused).
+    registry.client().apply(POLICY.replace("mtls: disable", "mtls: strict"))
+    reviews = meshes("reviews")
+    productpage = meshes("productpage")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"over mTLS"})
+
+    assert reviews.svid is not None
+    server = meshlib.serve(app, mesh=reviews, svid_dir=str(registry.issue("default", "reviews")))
+    try:
+        assert server.url.startswith("https://")
+        assert until(
+            lambda: endpoints_of(productpage, "reviews.default") == {f"127.0.0.1:{server.port}"}
+        )
+        with productpage.client() as client:
+            answer = client.get("http://reviews/")
+        assert answer.text == "over mTLS"
+        assert answer.extensions["mesh_decision"].attempts[0].endpoint == f"127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+
+
+def test_a_discovered_endpoint_with_another_identity_is_refused(
+    registry: RunningRegistry, meshes: Callable[..., meshlib.Mesh]
+) -> None:
+    registry.client().apply(POLICY.replace("mtls: disable", "mtls: strict"))
+    reviews = meshes("reviews")
+    productpage = meshes("productpage")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"impostor"})
+
+    # Registered as reviews (by reviews' registrar) but serving another account's SVID.
+    impostor = registry.issue("default", "impostor")
+    server = meshlib.serve(app, mesh=reviews, svid_dir=str(impostor))
+    try:
+        assert until(
+            lambda: endpoints_of(productpage, "reviews.default") == {f"127.0.0.1:{server.port}"}
+        )
+        with productpage.client() as client, pytest.raises(httpx.ConnectError, match="impostor"):
+            client.get("http://reviews/")
+    finally:
+        server.stop()
