@@ -239,6 +239,8 @@ class Mesh:
         self._destinations: dict[str, Destination] = {}
         #: The registry link (:meth:`from_registry`): discovery, registrar, cache file.
         self._agent: RegistryAgent | None = None
+        #: The labels and metrics port ``serve`` registers this workload's instance with.
+        self._served_as: tuple[dict[str, str], int | None] = ({}, None)
         self._lock = threading.Lock()
         self._faults: tuple[FaultRule, ...] = ()
         self._fault_index: dict[tuple[str, str | None], tuple[FaultRule, ...]] = {}
@@ -298,6 +300,8 @@ class Mesh:
         policy_file: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         startup_timeout: float = 3.0,
         watch_wait: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
         **kwargs: Any,
     ) -> Mesh:
         """A mesh whose policy and endpoints come from the registry at ``url`` (DESIGN.md §8),
@@ -309,6 +313,8 @@ class Mesh:
         ``~/.cache/meshlib``; 0600), else from the local files, and catches up when the
         registry answers. Use :meth:`register` (or :func:`meshlib.serve`) to be discovered.
         ``watch_wait`` is the long-poll's hold in seconds (the registry's default: 60).
+        ``labels`` and ``metrics_port`` are what :func:`meshlib.serve` registers the served
+        instance with (subset routing, Prometheus discovery).
         """
         from meshlib.config.loader import load_texts
         from meshlib.control.agent import RegistryAgent, cache_path, starting_point
@@ -343,6 +349,7 @@ class Mesh:
         )
         snapshot = load_texts(start.sources, version=next(_versions))
         mesh = cls(snapshot, service=service, namespace=namespace, svid_dir=svid, **kwargs)
+        mesh._served_as = (dict(labels or {}), metrics_port)
         try:
             mesh._agent = RegistryAgent(
                 url,
@@ -363,7 +370,9 @@ class Mesh:
     def from_env(cls, **kwargs: Any) -> Mesh:
         """A mesh configured by the environment (DESIGN.md §8): ``MESHLIB_SERVICE`` (required),
         ``MESHLIB_NAMESPACE`` (default ``default``), and either ``MESHLIB_REGISTRY`` (with
-        ``MESHLIB_SVID_DIR``; ``MESHLIB_POLICY`` then adds local files) or ``MESHLIB_POLICY``
+        ``MESHLIB_SVID_DIR``; ``MESHLIB_POLICY`` then adds local files, ``MESHLIB_LABELS``
+        (``version=v2,zone=a``) and ``MESHLIB_METRICS_PORT`` describe the served instance) or
+        ``MESHLIB_POLICY``
         alone (a policy file, hot-reloaded). Several policy files are separated by
         ``os.pathsep``. Keyword arguments go to :meth:`from_registry` / :meth:`from_file`."""
         env = os.environ
@@ -375,6 +384,14 @@ class Mesh:
         registry = env.get("MESHLIB_REGISTRY", "").strip()
         svid_dir = env.get("MESHLIB_SVID_DIR", "").strip() or None
         if registry:
+            kwargs.setdefault("labels", _env_labels(env.get("MESHLIB_LABELS", "")))
+            port_text = env.get("MESHLIB_METRICS_PORT", "").strip()
+            if port_text:
+                if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                    raise ValueError(
+                        f"Mesh.from_env: MESHLIB_METRICS_PORT={port_text!r} is not a port"
+                    )
+                kwargs.setdefault("metrics_port", int(port_text))
             if svid_dir is None:
                 raise ValueError(
                     "Mesh.from_env: MESHLIB_REGISTRY is set but MESHLIB_SVID_DIR is not: the "
@@ -803,7 +820,8 @@ class Mesh:
                 f"serve: host {host!r} is no address callers can reach: pass advertise= "
                 "the address to register"
             )
-        return self.register(host, port)
+        labels, metrics_port = self._served_as
+        return self.register(host, port, labels=labels, metrics_port=metrics_port)
 
     def registry_status(self) -> dict[str, Any] | None:
         """The registry link's state for /status (None without a registry)."""
@@ -836,6 +854,22 @@ class Mesh:
 
 #: httpx.Client arguments that really configure the transport.
 _TRANSPORT_ARGS = ("verify", "cert", "limits", "http1", "http2", "trust_env", "retries", "proxy")
+
+
+def _env_labels(text: str) -> dict[str, str]:
+    """``MESHLIB_LABELS``: ``key=value`` pairs separated by commas."""
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(
+                f"Mesh.from_env: MESHLIB_LABELS item {item.strip()!r} is not key=value "
+                "(write e.g. version=v2,zone=a)"
+            )
+        labels[key.strip()] = value.strip()
+    return labels
 
 
 def _client_args(kwargs: dict[str, Any], inner: Mapping[str, Any]) -> dict[str, Any]:

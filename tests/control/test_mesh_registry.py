@@ -339,3 +339,39 @@ def test_a_discovered_endpoint_with_another_identity_is_refused(
             client.get("http://reviews/")
     finally:
         server.stop()
+
+
+def test_serve_registers_with_the_meshs_labels_and_metrics_port(
+    registry: RunningRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    registry.client().apply(POLICY)
+    monkeypatch.setenv("MESHLIB_REGISTRY", registry.url)
+    monkeypatch.setenv("MESHLIB_SERVICE", "reviews")
+    monkeypatch.setenv("MESHLIB_SVID_DIR", str(registry.issue("default", "reviews")))
+    monkeypatch.setenv("MESHLIB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MESHLIB_LABELS", "version=v2, zone=a")
+    monkeypatch.setenv("MESHLIB_METRICS_PORT", "9464")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    with meshlib.Mesh.from_env(metrics=False, watch_wait=5.0) as mesh:
+        server = meshlib.serve(app, mesh=mesh, mode="disable")
+        try:
+            admin = registry.client()
+            assert until(lambda: len(admin.instances()) == 1)
+            row = admin.instances()[0]
+            assert dict(row.labels) == {"version": "v2", "zone": "a"}
+            assert row.metrics_port == 9464 and row.port == server.port
+            groups = admin.prometheus_sd()
+            assert groups[0]["targets"] == ["127.0.0.1:9464"]
+            assert groups[0]["labels"]["__meta_meshlib_label_version"] == "v2"
+        finally:
+            server.stop()
+    monkeypatch.setenv("MESHLIB_LABELS", "version")
+    with pytest.raises(ValueError, match="MESHLIB_LABELS item 'version' is not key=value"):
+        meshlib.Mesh.from_env()
+    monkeypatch.setenv("MESHLIB_LABELS", "")
+    monkeypatch.setenv("MESHLIB_METRICS_PORT", "http")
+    with pytest.raises(ValueError, match="MESHLIB_METRICS_PORT"):
+        meshlib.Mesh.from_env()
