@@ -294,7 +294,7 @@ def test_three_services_on_three_processes_discover_each_other(
     cluster.started("productpage", "reviews-v1", "reviews-v2")
     with cluster.client() as admin:
         assert until(lambda: len(admin.instances()) == 3, 20)
-        rows = {row["service"]: f"{row['address']}:{row['port']}" for row in admin.instances()}
+        rows = {row.service: f"{row.address}:{row.port}" for row in admin.instances()}
         assert rows == {
             "productpage": cluster.addresses["productpage"],
             "reviews-v1": cluster.addresses["reviews-v1"],
@@ -307,7 +307,7 @@ def test_three_services_on_three_processes_discover_each_other(
         assert answer.status_code == 200, answer.text
         assert answer.json()["reviews"] == {"service": "reviews-v1", "instance": rows["reviews-v1"]}
         # every workload applied the registry's version 1 (its ACK rides the heartbeats)
-        assert until(lambda: all(r["applied_version"] == 1 for r in admin.instances()), 15)
+        assert until(lambda: all(r.applied_version == 1 for r in admin.instances()), 15)
 
 
 def test_a_canary_applied_with_meshctl_shifts_live_traffic_within_seconds(
@@ -366,8 +366,8 @@ def test_a_killed_instance_moves_within_one_ttl_with_zero_failed_calls(
     killed_at = time.time()
     cluster.children["reviews-v1-a"].popen.wait(timeout=10)
     with cluster.client() as admin:  # dead now: its last heartbeat is final
-        (row,) = [r for r in admin.instances() if f"{r['address']}:{r['port']}" == victim]
-        last_beat = time.time() - row["last_heartbeat_age"]
+        (row,) = [r for r in admin.instances() if f"{r.address}:{r.port}" == victim]
+        last_beat = time.time() - row.last_heartbeat_age
     assert until(lambda: victim not in endpoints(loadgen, "reviews-v1"), TTL + TICK + 5)
     gone_at = time.time()
     print(
