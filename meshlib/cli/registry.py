@@ -29,6 +29,7 @@ from meshlib.cli.registry_client import add_registry_status
 
 if TYPE_CHECKING:
     from meshlib.config.model import MTLSMode, Snapshot
+    from meshlib.control.app import RegistryApp
     from meshlib.inbound.serving import CertMetrics
 
 __all__ = ["ADMIN_DIR", "CA_DIR", "REGISTRY_DIR", "VERBS", "RegistryDir", "init_registry_dir"]
@@ -103,10 +104,14 @@ def init_registry_dir(data: str | Path, trust_domain: str | None = None) -> Regi
 
 class RegistryServed:
     """What :func:`meshlib.inbound.serving.serve` needs of a mesh (its ``ServedMesh``), for the
-    registry: its trust domain and strict mTLS; no metrics."""
+    registry: its trust domain and strict mTLS; no metrics. With ``app``, its ``on_serving``
+    hook hands the server the app's release, which ``Server.stop`` runs first: the held
+    blocking queries are answered before the grace period would cancel them."""
 
-    def __init__(self, trust_domain: str) -> None:
+    def __init__(self, trust_domain: str, app: RegistryApp | None = None) -> None:
         from meshlib.config.loader import load_text
+
+        self._app = app
 
         self._snapshot = load_text(
             "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: registry}\n"
@@ -126,6 +131,19 @@ class RegistryServed:
         from meshlib.config.model import MTLSMode
 
         return MTLSMode.STRICT
+
+    def on_serving(self, host: str, port: int, scheme: str) -> _Release | None:
+        return None if self._app is None else _Release(self._app)
+
+
+class _Release:
+    """Closed first by ``Server.stop``: answers the app's held queries."""
+
+    def __init__(self, app: RegistryApp) -> None:
+        self._app = app
+
+    def close(self) -> None:
+        self._app.release()
 
 
 def _add_registry(sub: Subparsers) -> None:
@@ -210,7 +228,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         server = serve(
             app,
-            mesh=RegistryServed(trust_domain),
+            mesh=RegistryServed(trust_domain, app),
             host=host,
             port=port,
             svid_dir=str(data / REGISTRY_DIR),

@@ -62,13 +62,15 @@ class SourceUnavailable(Exception):
 class DiscoverySource(Protocol):
     """Blocking queries of the registry (``GET /v1/services/…/endpoints``, ``GET /v1/policy``).
     ``index`` 0 asks for an answer at once; otherwise the source may hold up to ``wait``
-    seconds for a change. Raises :class:`SourceUnavailable` when the registry cannot answer."""
+    seconds for a change — unless ``epoch`` (the one the index came from; "" for none) is not
+    the registry's, which answers at once. Raises :class:`SourceUnavailable` when the
+    registry cannot answer."""
 
     async def endpoints(
-        self, namespace: str, service: str, *, index: int, wait: float
+        self, namespace: str, service: str, *, index: int, wait: float, epoch: str = ""
     ) -> EndpointsAnswer: ...
 
-    async def policy(self, *, index: int, wait: float) -> PolicyAnswer: ...
+    async def policy(self, *, index: int, wait: float, epoch: str = "") -> PolicyAnswer: ...
 
 
 class EndpointSink(Protocol):
@@ -492,7 +494,7 @@ class Discovery:
         while await self._sleep(rules.take_token()):
             try:
                 answer = await self._source.endpoints(
-                    namespace, name, index=rules.index, wait=self._wait
+                    namespace, name, index=rules.index, wait=self._wait, epoch=rules.epoch
                 )
             except Exception as exc:
                 if not await self._back_off(self._failed(key, rules, exc)):
@@ -515,7 +517,9 @@ class Discovery:
             return
         while await self._sleep(rules.take_token()):
             try:
-                answer = await self._source.policy(index=rules.index, wait=self._wait)
+                answer = await self._source.policy(
+                    index=rules.index, wait=self._wait, epoch=rules.epoch
+                )
             except Exception as exc:
                 if not await self._back_off(self._failed("policy", rules, exc)):
                     return

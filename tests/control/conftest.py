@@ -142,7 +142,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         )
         server = serve(
             app,
-            mesh=RegistryServed(made.trust_domain),
+            mesh=RegistryServed(made.trust_domain, app),
             svid_dir=str(made.registry_svid),
             mode="strict",
             svid_poll_interval=None,
