@@ -494,7 +494,7 @@ class Discovery:
         while await self._sleep(rules.take_token()):
             try:
                 answer = await self._source.endpoints(
-                    namespace, name, index=rules.index, wait=self._wait, epoch=rules.epoch
+                    namespace, name, index=rules.index, wait=self._hold(rules), epoch=rules.epoch
                 )
             except Exception as exc:
                 if not await self._back_off(self._failed(key, rules, exc)):
@@ -518,7 +518,7 @@ class Discovery:
         while await self._sleep(rules.take_token()):
             try:
                 answer = await self._source.policy(
-                    index=rules.index, wait=self._wait, epoch=rules.epoch
+                    index=rules.index, wait=self._hold(rules), epoch=rules.epoch
                 )
             except Exception as exc:
                 if not await self._back_off(self._failed("policy", rules, exc)):
@@ -530,6 +530,13 @@ class Discovery:
                 self._take_policy(answer)
             except Exception:  # a sink's bug must not end the policy's watch
                 log.exception("discovery: policy version %d could not be applied", answer.version)
+
+    def _hold(self, rules: WatchRules) -> float:
+        """How long the next query may be held: not at all after a failure. A registry back
+        from an outage would hold the loop's unchanged index for a whole wait, and until that
+        answer the client cannot tell it is back (``up`` 0, staleness growing): the first
+        query answers at once, the next ones block again."""
+        return 0.0 if rules.failures else self._wait
 
     def _failed(self, loop: str, rules: WatchRules, exc: Exception) -> float:
         retry_after = exc.retry_after if isinstance(exc, SourceUnavailable) else None

@@ -28,6 +28,7 @@ class MemorySource:
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.failures: list[SourceUnavailable] = []
         self.queries: list[tuple[str, int]] = []
+        self.waits: list[float] = []  # each query's wait, beside ``queries``
 
     def wait_queries(self, n: int, timeout: float = 5.0) -> None:
         with self.queried:
@@ -56,6 +57,7 @@ class MemorySource:
     ) -> EndpointsAnswer:
         with self.lock:
             self.queries.append((f"{service}.{namespace}", index))
+            self.waits.append(wait)
             self.queried.notify_all()
             if self.failures:
                 raise self.failures.pop(0)
@@ -75,6 +77,7 @@ class MemorySource:
     async def policy(self, *, index: int, wait: float, epoch: str = "") -> PolicyAnswer:
         with self.lock:
             self.queries.append(("policy", index))
+            self.waits.append(wait)
             self.queried.notify_all()
         log = self.registry.policy
         if index > 0 and epoch in ("", self.registry.epoch):

@@ -517,3 +517,29 @@ def test_an_answer_wakes_the_loops_still_backing_off(
         lambda: bool(sink.addresses("reviews.default")) and bool(sink.addresses("ratings.default"))
     )
     assert d.up
+
+
+def test_after_a_failure_the_first_query_does_not_hold(
+    source: MemorySource, started: Callable[..., Discovery]
+) -> None:
+    # FAULT-6: a loop back from an outage sent its old index with the full wait; the registry
+    # held it (nothing had changed), so up stayed 0 and staleness grew for a whole wait after
+    # the registry returned. The first query after a failure asks for an answer at once.
+    sink = RecordingSink()
+    source.register(9001)
+    d = started(source, sink, services=("reviews.default",), wait=60.0)
+    sink.wait_for(lambda: bool(sink.addresses("reviews.default")))
+    source.wait_queries(2)  # the second query holds on the answer's index
+    with source.lock:
+        source.failures = [SourceUnavailable("down")]
+        sent = len(source.queries)
+    source.register(9002)  # ends the hold: the next request fails, the one after must not hold
+    source.wait_queries(sent + 2)
+    polled = threading.Event()
+    for _ in range(250):  # bounded: 5 s
+        if d.up:
+            break
+        polled.wait(0.02)
+    assert d.up
+    with source.lock:
+        assert source.waits[sent + 1] == 0.0 and source.queries[sent + 1][1] > 0
