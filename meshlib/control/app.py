@@ -261,7 +261,7 @@ class RegistryApp:
             watch.event.set()
 
     async def shutdown(self) -> None:
-        """Stop the tick, answer every held query now, close the store."""
+        """Stop the tick, answer any query still held (503, as :meth:`release`), close the store."""
         self._release()
         if self._ticker is not None:
             self._ticker.cancel()
