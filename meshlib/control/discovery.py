@@ -455,9 +455,15 @@ class Discovery:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _back_off(self, seconds: float) -> bool:
+    async def _back_off(self, seconds: float, exc: Exception) -> bool:
         """A failed loop's back-off: like :meth:`_sleep`, but cut short when another loop of
-        this client hears from the registry again."""
+        this client hears from the registry again — after the registry's ``Retry-After``, which
+        stands whatever the other loops hear."""
+        floor = exc.retry_after if isinstance(exc, SourceUnavailable) else None
+        if floor is not None and floor > 0:
+            if not await self._sleep(min(floor, seconds)):
+                return False
+            seconds -= floor
         assert self._stopping is not None and self._back is not None
         waits = [
             asyncio.ensure_future(self._stopping.wait()),
@@ -497,7 +503,7 @@ class Discovery:
                     namespace, name, index=rules.index, wait=self._hold(rules), epoch=rules.epoch
                 )
             except Exception as exc:
-                if not await self._back_off(self._failed(key, rules, exc)):
+                if not await self._back_off(self._failed(key, rules, exc), exc):
                     return
                 continue
             self._answer(key)
@@ -521,7 +527,7 @@ class Discovery:
                     index=rules.index, wait=self._hold(rules), epoch=rules.epoch
                 )
             except Exception as exc:
-                if not await self._back_off(self._failed("policy", rules, exc)):
+                if not await self._back_off(self._failed("policy", rules, exc), exc):
                     return
                 continue
             self._answer("policy")
