@@ -193,7 +193,6 @@ def restart(
 # --- FAULT-6: the registry is down ---------------------------------------------------------
 
 
-@pytest.mark.timeout(40)
 def test_registry_down_calls_keep_working_and_catch_up_when_it_returns(
     registry_factory: StartRegistry,
     meshes: Callable[..., meshlib.Mesh],
