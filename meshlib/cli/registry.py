@@ -115,7 +115,9 @@ def init_registry_dir(data: str | Path, trust_domain: str | None = None) -> Regi
 
 class RegistryServed:
     """What :func:`meshlib.inbound.serving.serve` needs of a mesh (its ``ServedMesh``), for the
-    registry: its trust domain and strict mTLS; no metrics."""
+    registry: its trust domain and strict mTLS; no metrics. With ``app``, its ``on_serving``
+    hook hands the server the app's release, which ``Server.stop`` runs first: the held
+    blocking queries are answered before the grace period would cancel them."""
 
     def __init__(self, trust_domain: str, app: RegistryApp | None = None) -> None:
         from meshlib.config.loader import load_text
@@ -147,6 +149,8 @@ class RegistryServed:
 
 
 class _Release:
+    """Closed first by ``Server.stop``: answers the app's held queries."""
+
     def __init__(self, app: RegistryApp) -> None:
         self._app = app
 

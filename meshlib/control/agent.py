@@ -189,14 +189,16 @@ class ClientSource:
         self.client = client
 
     async def endpoints(
-        self, namespace: str, service: str, *, index: int, wait: float
+        self, namespace: str, service: str, *, index: int, wait: float, epoch: str = ""
     ) -> EndpointsAnswer:
         with _unavailable():
-            return await self.client.endpoints(namespace, service, index=index, wait=wait)
+            return await self.client.endpoints(
+                namespace, service, index=index, wait=wait, epoch=epoch or None
+            )
 
-    async def policy(self, *, index: int, wait: float) -> PolicyAnswer:
+    async def policy(self, *, index: int, wait: float, epoch: str = "") -> PolicyAnswer:
         with _unavailable():
-            return await self.client.policy(index=index, wait=wait)
+            return await self.client.policy(index=index, wait=wait, epoch=epoch or None)
 
 
 @contextlib.contextmanager

@@ -210,8 +210,6 @@ class RegistryApp:
         self._policy_cache: tuple[int, Snapshot | None] = (-1, None)
         self._started_wall = wall()
         self._stopping = asyncio.Event()
-        #: Set by :meth:`release`: no query is held any more (the server is stopping).
-        self._released = False
         self._ticker: asyncio.Task[None] | None = None
         self._open = False
         # One write at a time: a write plans its change on the core, persists it, then commits
@@ -292,27 +290,39 @@ class RegistryApp:
         self._stopping = asyncio.Event()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
-    def release(self) -> None:
-        """Answer every held blocking query now, and each new one at once: the server is about
-        to stop, and a long-poll held for its wait would hold up the graceful shutdown (and
-        then be cancelled mid-answer). Callable from any thread; clients re-poll, find the
-        registry gone and back off."""
+    def release(self, timeout: float = 1.0) -> None:
+        """Answer every held blocking query now and hold no new one; callable from any thread,
+        it returns once the held queries have answered (at most ``timeout`` s). The server
+        calls it when it starts stopping: the lifespan's :meth:`shutdown` comes only after the
+        server's grace period, which a query held for up to 300 s outlasts — it was cancelled
+        into a 500 and a traceback, or its connection closed unanswered (FAULT-6/7)."""
         loop = self.loop
         if loop is None or loop.is_closed():
             return
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing is held
-            loop.call_soon_threadsafe(self._release)
+        try:
+            done = asyncio.run_coroutine_threadsafe(self._released(timeout), loop)
+        except RuntimeError:  # the loop closed meanwhile: nothing is held
+            return
+        with contextlib.suppress(Exception):  # a stop goes on whatever happens here
+            done.result(timeout + 1.0)
+
+    async def _released(self, timeout: float) -> None:
+        self._release()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        # Each answered query's handler must run to write its answer; yield until they have.
+        while self.watchers > 0 and loop.time() < end:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0)  # one more turn: the last handler's send reaches the transport
 
     def _release(self) -> None:
-        self._released = True
+        self._stopping.set()
         for watch in self._watches.values():
             watch.event.set()
 
     async def shutdown(self) -> None:
-        """Stop the tick, answer every held query now, close the store."""
-        self._stopping.set()
-        for watch in self._watches.values():
-            watch.event.set()
+        """Stop the tick, answer any query still held (503, as :meth:`release`), close the store."""
+        self._release()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -434,8 +444,12 @@ class RegistryApp:
 
     async def _hold(self, key: ServiceKey | None, changed: Callable[[], bool], wait: float) -> None:
         """Return when ``changed()`` or after ``wait`` (+ jitter up to wait/16)."""
-        if changed() or wait <= 0 or self._released:
+        if changed() or wait <= 0:
             return
+        if self._stopping.is_set():
+            raise _HTTPError(
+                503, "the registry is stopping: retry in 1 s", headers=[("Retry-After", "1")]
+            )
         if self.watchers >= self.max_watchers:
             raise _HTTPError(
                 429,
@@ -447,7 +461,7 @@ class RegistryApp:
         end = loop.time() + deadline
         self._count_watchers(+1)
         try:
-            while not changed() and not self._stopping.is_set() and not self._released:
+            while not changed() and not self._stopping.is_set():
                 watch = self._watches.get(key)
                 if watch is None:
                     watch = self._watches[key] = _Watch(asyncio.Event())
@@ -466,6 +480,14 @@ class RegistryApp:
                     return  # timed out
         finally:
             self._count_watchers(-1)
+        if self._stopping.is_set() and not changed():
+            # Not an answer "unchanged": a client takes that as a quiet long-poll and asks
+            # again at once, spending its token bucket on a registry that is going away (it
+            # then slept 15 s past the registry's return). A 503 is the truth: its watch
+            # backs off and comes back.
+            raise _HTTPError(
+                503, "the registry is stopping: retry in 1 s", headers=[("Retry-After", "1")]
+            )
 
     def _warming(self, registry: Registry) -> Callable[[], bool]:
         """For a query held while warming: whether warming has ended since (the answer's
@@ -746,9 +768,9 @@ class RegistryApp:
     async def _endpoints(self, request: _Request, ns: str, svc: str) -> Answer:
         self._allow(request, "GET")
         self._reader(request)
-        index, wait = _blocking(request)
+        index, wait, epoch = _blocking(request)
         registry = self._core()
-        if index:
+        if index and epoch in (None, registry.epoch):
             warming = self._warming(registry)
             await self._hold(
                 (ns, svc), lambda: registry.changed_since(ns, svc, index) or warming(), wait
@@ -827,10 +849,10 @@ class RegistryApp:
     async def _policy(self, request: _Request) -> Answer:
         self._allow(request, "GET", "PUT")
         self._reader(request)
-        index, wait = _blocking(request)
+        index, wait, epoch = _blocking(request)
         registry = self._core()
         log_ = registry.policy
-        if index:
+        if index and epoch in (None, registry.epoch):
             warming = self._warming(registry)
             await self._hold(None, lambda: log_.changed_since(index) or warming(), wait)
         current = log_.current()
@@ -993,14 +1015,18 @@ def _query(scope: Scope) -> dict[str, str]:
     return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
 
 
-def _blocking(request: _Request) -> tuple[int, float]:
-    """``?index=N&wait=30s`` as (index, seconds)."""
+def _blocking(request: _Request) -> tuple[int, float, str | None]:
+    """``?index=N&wait=30s&epoch=E`` as (index, seconds, epoch or None). The epoch is the one
+    the client's index came from: a query from another epoch is answered at once, because an
+    index of another life of the registry means nothing here, even when it is equal (an
+    empty restart numbers its services from 1 again)."""
     text = request.query.get("index", "0") or "0"
     if not text.isdigit():
         raise _HTTPError(400, f"query parameter 'index' must be a whole number, got {text!r}")
+    epoch = request.query.get("epoch") or None
     wait_text = request.query.get("wait")
     if wait_text is None:
-        return int(text), DEFAULT_WAIT
+        return int(text), DEFAULT_WAIT, epoch
     match = _DURATION.match(wait_text.strip())
     if match is None:
         raise _HTTPError(
@@ -1009,7 +1035,7 @@ def _blocking(request: _Request) -> tuple[int, float]:
             f"{wait_text!r}",
         )
     wait = float(match.group(1)) * _UNIT[match.group(2)]
-    return int(text), min(wait, MAX_WAIT)
+    return int(text), min(wait, MAX_WAIT), epoch
 
 
 def _if_match(request: _Request) -> int | None:

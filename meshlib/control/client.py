@@ -188,6 +188,11 @@ def _check(response: httpx.Response) -> None:
     raise _BY_STATUS.get(status, RegistryError)(status, message, body)
 
 
+def _epoch(epoch: str | None) -> dict[str, str]:
+    """The epoch the index came from: the registry answers at once if it is not its own."""
+    return {"epoch": epoch} if epoch else {}
+
+
 def _wait(wait: float | None) -> dict[str, str]:
     return {} if wait is None else {"wait": f"{wait:g}s"}
 
@@ -295,14 +300,22 @@ class _Calls:
         return _Call("GET", "/v1/services", _services)
 
     def endpoints(
-        self, namespace: str, service: str, *, index: int = 0, wait: float | None = None
+        self,
+        namespace: str,
+        service: str,
+        *,
+        index: int = 0,
+        wait: float | None = None,
+        epoch: str | None = None,
     ) -> _Call[EndpointsAnswer]:
         path = f"/v1/services/{namespace}/{service}/endpoints"
-        params = {"index": str(index), **_wait(wait)}
+        params = {"index": str(index), **_wait(wait), **_epoch(epoch)}
         return _Call("GET", path, _endpoints, params=params, hold=_held(index, wait))
 
-    def policy(self, *, index: int = 0, wait: float | None = None) -> _Call[PolicyAnswer]:
-        params = {"index": str(index), **_wait(wait)}
+    def policy(
+        self, *, index: int = 0, wait: float | None = None, epoch: str | None = None
+    ) -> _Call[PolicyAnswer]:
+        params = {"index": str(index), **_wait(wait), **_epoch(epoch)}
         return _Call("GET", "/v1/policy", _policy, params=params, hold=_held(index, wait))
 
     def apply(
@@ -477,13 +490,21 @@ class RegistryClient(_Base):
         return self._send(self.calls.services())
 
     def endpoints(
-        self, namespace: str, service: str, *, index: int = 0, wait: float | None = None
+        self,
+        namespace: str,
+        service: str,
+        *,
+        index: int = 0,
+        wait: float | None = None,
+        epoch: str | None = None,
     ) -> EndpointsAnswer:
-        call = self.calls.endpoints(namespace, service, index=index, wait=wait)
+        call = self.calls.endpoints(namespace, service, index=index, wait=wait, epoch=epoch)
         return self._send(call)
 
-    def policy(self, *, index: int = 0, wait: float | None = None) -> PolicyAnswer:
-        call = self.calls.policy(index=index, wait=wait)
+    def policy(
+        self, *, index: int = 0, wait: float | None = None, epoch: str | None = None
+    ) -> PolicyAnswer:
+        call = self.calls.policy(index=index, wait=wait, epoch=epoch)
         return self._send(call)
 
     def apply(
@@ -579,13 +600,21 @@ class AsyncRegistryClient(_Base):
         return await self._send(self.calls.services())
 
     async def endpoints(
-        self, namespace: str, service: str, *, index: int = 0, wait: float | None = None
+        self,
+        namespace: str,
+        service: str,
+        *,
+        index: int = 0,
+        wait: float | None = None,
+        epoch: str | None = None,
     ) -> EndpointsAnswer:
-        call = self.calls.endpoints(namespace, service, index=index, wait=wait)
+        call = self.calls.endpoints(namespace, service, index=index, wait=wait, epoch=epoch)
         return await self._send(call)
 
-    async def policy(self, *, index: int = 0, wait: float | None = None) -> PolicyAnswer:
-        call = self.calls.policy(index=index, wait=wait)
+    async def policy(
+        self, *, index: int = 0, wait: float | None = None, epoch: str | None = None
+    ) -> PolicyAnswer:
+        call = self.calls.policy(index=index, wait=wait, epoch=epoch)
         return await self._send(call)
 
     async def apply(

@@ -62,13 +62,15 @@ class SourceUnavailable(Exception):
 class DiscoverySource(Protocol):
     """Blocking queries of the registry (``GET /v1/services/…/endpoints``, ``GET /v1/policy``).
     ``index`` 0 asks for an answer at once; otherwise the source may hold up to ``wait``
-    seconds for a change. Raises :class:`SourceUnavailable` when the registry cannot answer."""
+    seconds for a change — unless ``epoch`` (the one the index came from; "" for none) is not
+    the registry's, which answers at once. Raises :class:`SourceUnavailable` when the
+    registry cannot answer."""
 
     async def endpoints(
-        self, namespace: str, service: str, *, index: int, wait: float
+        self, namespace: str, service: str, *, index: int, wait: float, epoch: str = ""
     ) -> EndpointsAnswer: ...
 
-    async def policy(self, *, index: int, wait: float) -> PolicyAnswer: ...
+    async def policy(self, *, index: int, wait: float, epoch: str = "") -> PolicyAnswer: ...
 
 
 class EndpointSink(Protocol):
@@ -150,9 +152,13 @@ class WatchRules:
 
     def failed(self, retry_after: float | None = None) -> float:
         """The back-off before the next attempt: full jitter over ``0.5 s × 2^n`` capped at
-        30 s, and never less than the server's ``Retry-After``."""
+        30 s, and never less than the server's ``Retry-After``. The failed request's token is
+        refunded: the back-off, not the bucket, paces a loop that cannot reach the registry."""
         self.failures += 1
         pacing = self.pacing
+        # The back-off paces failures; were they charged to the bucket too, a few seconds'
+        # outage would leave the loop 15 s in debt per request once the registry is back.
+        self._tokens = min(float(pacing.burst), self._tokens + 1.0)
         ceiling = min(pacing.backoff_cap, pacing.backoff_base * 2.0 ** min(self.failures - 1, 16))
         delay = self._rng.uniform(0.0, ceiling)
         if retry_after is not None and retry_after > delay:
@@ -315,6 +321,8 @@ class Discovery:
         self._last_answer: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        #: Set (and replaced) when a loop answers while others back off: it wakes them.
+        self._back: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -416,6 +424,7 @@ class Discovery:
 
     async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
         self._stopping = asyncio.Event()
+        self._back = asyncio.Event()
         with self._lock:
             self._loop = loop
             keys = list(self._keys)
@@ -446,6 +455,27 @@ class Discovery:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _back_off(self, seconds: float, exc: Exception) -> bool:
+        """A failed loop's back-off: like :meth:`_sleep`, but cut short when another loop of
+        this client hears from the registry again — after the registry's ``Retry-After``, which
+        stands whatever the other loops hear."""
+        floor = exc.retry_after if isinstance(exc, SourceUnavailable) else None
+        if floor is not None and floor > 0:
+            if not await self._sleep(min(floor, seconds)):
+                return False
+            seconds -= floor
+        assert self._stopping is not None and self._back is not None
+        waits = [
+            asyncio.ensure_future(self._stopping.wait()),
+            asyncio.ensure_future(self._back.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return not self._stopping.is_set()
+
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless stopping; False once stopping (stop wakes every sleeper at once)."""
         assert self._stopping is not None
@@ -470,10 +500,10 @@ class Discovery:
         while await self._sleep(rules.take_token()):
             try:
                 answer = await self._source.endpoints(
-                    namespace, name, index=rules.index, wait=self._wait
+                    namespace, name, index=rules.index, wait=self._hold(rules), epoch=rules.epoch
                 )
             except Exception as exc:
-                if not await self._sleep(self._failed(key, rules, exc)):
+                if not await self._back_off(self._failed(key, rules, exc), exc):
                     return
                 continue
             self._answer(key)
@@ -493,9 +523,11 @@ class Discovery:
             return
         while await self._sleep(rules.take_token()):
             try:
-                answer = await self._source.policy(index=rules.index, wait=self._wait)
+                answer = await self._source.policy(
+                    index=rules.index, wait=self._hold(rules), epoch=rules.epoch
+                )
             except Exception as exc:
-                if not await self._sleep(self._failed("policy", rules, exc)):
+                if not await self._back_off(self._failed("policy", rules, exc), exc):
                     return
                 continue
             self._answer("policy")
@@ -504,6 +536,13 @@ class Discovery:
                 self._take_policy(answer)
             except Exception:  # a sink's bug must not end the policy's watch
                 log.exception("discovery: policy version %d could not be applied", answer.version)
+
+    def _hold(self, rules: WatchRules) -> float:
+        """How long the next query may be held: not at all after a failure. A registry back
+        from an outage would hold the loop's unchanged index for a whole wait, and until that
+        answer the client cannot tell it is back (``up`` 0, staleness growing): the first
+        query answers at once, the next ones block again."""
+        return 0.0 if rules.failures else self._wait
 
     def _failed(self, loop: str, rules: WatchRules, exc: Exception) -> float:
         retry_after = exc.retry_after if isinstance(exc, SourceUnavailable) else None
@@ -521,8 +560,16 @@ class Discovery:
     def _answer(self, loop: str) -> None:
         with self._lock:
             self._failing.discard(loop)
+            others_failing = bool(self._failing)
             self._answered = True
             self._last_answer = self._clock()
+        if others_failing and self._back is not None:
+            # One answer proves the registry is back: the loops still backing off ask now
+            # instead of sleeping out a back-off that may be 30 s (FAULT-6: a client whose
+            # policy loop had resynced still showed stale endpoints 25 s after the return).
+            # They are this client's own loops, so clients stay spread by their own jitter.
+            self._back.set()
+            self._back = asyncio.Event()
 
     def _take(self, key: str, answer: EndpointsAnswer) -> None:
         with self._lock:

@@ -128,10 +128,12 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         seed: int = 11,
         wrap: Callable[[Store], Store] | None = None,
         metrics: bool = False,
+        port: int = 0,
     ) -> RunningRegistry:
         """Start a registry on ``data`` (default: a new dir, initialised); ``clock`` injected
         turns the 1 s expiry tick off (drive it with :meth:`RunningRegistry.expire`); ``wall``
-        is the wall clock the store's times are written in."""
+        is the wall clock the store's times are written in; ``port`` (default: a free one) lets
+        a restart come back at the URL its clients know."""
         if data is None:
             data = tmp_path / f"registry-{next(count)}"
         made = init_registry_dir(data, TD)
@@ -160,6 +162,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
             svid_dir=str(made.registry_svid),
             mode="strict",
             svid_poll_interval=None,
+            port=port,
         )
         svids = data.parent / f"{data.name}-svids"
         svids.mkdir(exist_ok=True)

@@ -28,6 +28,7 @@ class MemorySource:
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.failures: list[SourceUnavailable] = []
         self.queries: list[tuple[str, int]] = []
+        self.waits: list[float] = []  # each query's wait, beside ``queries``
 
     def wait_queries(self, n: int, timeout: float = 5.0) -> None:
         with self.queried:
@@ -52,14 +53,15 @@ class MemorySource:
                 return
 
     async def endpoints(
-        self, namespace: str, service: str, *, index: int, wait: float
+        self, namespace: str, service: str, *, index: int, wait: float, epoch: str = ""
     ) -> EndpointsAnswer:
         with self.lock:
             self.queries.append((f"{service}.{namespace}", index))
+            self.waits.append(wait)
             self.queried.notify_all()
             if self.failures:
                 raise self.failures.pop(0)
-        if index > 0:
+        if index > 0 and epoch in ("", self.registry.epoch):
             await self._hold(lambda: self.registry.changed_since(namespace, service, index), wait)
         with self.lock:
             e = self.registry.endpoints(namespace, service, self.clock())
@@ -72,12 +74,13 @@ class MemorySource:
             tuple(RegisteredEndpoint(i.id, i.address, i.port, dict(i.labels)) for i in e.instances),
         )
 
-    async def policy(self, *, index: int, wait: float) -> PolicyAnswer:
+    async def policy(self, *, index: int, wait: float, epoch: str = "") -> PolicyAnswer:
         with self.lock:
             self.queries.append(("policy", index))
+            self.waits.append(wait)
             self.queried.notify_all()
         log = self.registry.policy
-        if index > 0:
+        if index > 0 and epoch in ("", self.registry.epoch):
             await self._hold(lambda: log.changed_since(index), wait)
         with self.lock:
             current = log.current()

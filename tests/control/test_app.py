@@ -401,6 +401,7 @@ def test_stop_answers_held_queries_before_the_graceful_shutdown_waits_on_them(
         assert held.wait(10)
         with caplog.at_level("ERROR", logger="uvicorn.error"):
             registry.stop()
-        assert endpoints.result(5).status_code == 200
-        assert other.result(5).status_code == 200
+        for held_query in (endpoints.result(5), other.result(5)):
+            assert held_query.status_code == 503  # the truth: back off, come back
+            assert held_query.headers["retry-after"] == "1"
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []

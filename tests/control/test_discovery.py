@@ -111,6 +111,19 @@ def test_answers_that_carry_a_change_cost_no_token() -> None:
     assert r.take_token() == pytest.approx(15.0)
 
 
+def test_failed_requests_are_paced_by_the_back_off_not_the_bucket() -> None:
+    """FAULT-6: each failed request of an outage spent a token, so after a 3 s outage a loop
+    owed the bucket 15 s per request and resynced 10-25 s after the registry returned. A
+    failure is paced by its back-off (full jitter, capped at 30 s) and costs no token."""
+    clock = FakeClock()
+    r = rules(clock)
+    for _ in range(20):
+        assert r.take_token() == 0.0
+        clock.advance(r.failed())
+    r.answered(7, "e1")  # the registry is back: its first answer carries the state
+    assert r.take_token() == 0.0
+
+
 def test_a_blocking_query_refills_the_bucket_while_it_waits() -> None:
     clock = FakeClock()
     r = rules(clock)
@@ -484,3 +497,49 @@ def test_a_failing_sink_does_not_end_the_watch(
     sink.wait_for(lambda: len(sink.calls) == 1)
     source.register(9002)
     sink.wait_for(lambda: len(sink.addresses("reviews.default")) == 2)
+
+
+def test_an_answer_wakes_the_loops_still_backing_off(
+    source: MemorySource, started: Callable[..., Discovery]
+) -> None:
+    # FAULT-6: after an outage each loop sleeps its own back-off, up to 30 s; once one loop of
+    # the client hears from the registry, the others ask at once instead of staying stale.
+    sink = RecordingSink()
+    source.register(9001)
+    source.register(9002, service="ratings")
+    slow = Pacing(first_jitter=0.0, backoff_base=300.0, backoff_cap=300.0)
+    source.failures = [SourceUnavailable("down"), SourceUnavailable("down")]
+    d = started(source, sink, services=("reviews.default", "ratings.default"), pacing=slow)
+    source.wait_queries(2)  # both loops failed: each sleeps up to 300 s
+    assert not d.up
+    d.watch("details.default")  # a new loop's first query is answered
+    sink.wait_for(
+        lambda: bool(sink.addresses("reviews.default")) and bool(sink.addresses("ratings.default"))
+    )
+    assert d.up
+
+
+def test_after_a_failure_the_first_query_does_not_hold(
+    source: MemorySource, started: Callable[..., Discovery]
+) -> None:
+    # FAULT-6: a loop back from an outage sent its old index with the full wait; the registry
+    # held it (nothing had changed), so up stayed 0 and staleness grew for a whole wait after
+    # the registry returned. The first query after a failure asks for an answer at once.
+    sink = RecordingSink()
+    source.register(9001)
+    d = started(source, sink, services=("reviews.default",), wait=60.0)
+    sink.wait_for(lambda: bool(sink.addresses("reviews.default")))
+    source.wait_queries(2)  # the second query holds on the answer's index
+    with source.lock:
+        source.failures = [SourceUnavailable("down")]
+        sent = len(source.queries)
+    source.register(9002)  # ends the hold: the next request fails, the one after must not hold
+    source.wait_queries(sent + 2)
+    polled = threading.Event()
+    for _ in range(250):  # bounded: 5 s
+        if d.up:
+            break
+        polled.wait(0.02)
+    assert d.up
+    with source.lock:
+        assert source.waits[sent + 1] == 0.0 and source.queries[sent + 1][1] > 0
