@@ -301,6 +301,8 @@ class Round:
     started: float
     last: float = 0.0
     first: float = math.inf
+    #: This process's CPU time when the last answer arrived.
+    cpu_at_last: float = 0.0
     #: The watchers that count (None: all of them).
     members: frozenset[int] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -345,6 +347,7 @@ class Watchers:
                 r.last = max(r.last, now)
                 r.first = min(r.first, now)
                 if r.remaining == 0:
+                    r.cpu_at_last = time.process_time()
                     r.done.set()
                 # the next long-poll waits for the round's end: 200 real watchers have a CPU
                 # each, so their re-polls would not compete with the answers still arriving
@@ -412,7 +415,7 @@ async def propagation(
                 times.append((r.last - r.started) * 1000)
                 firsts.append((r.first - r.started) * 1000)
                 registry_cpu += running.cpu_seconds() - cpu
-                load_cpu += time.process_time() - own
+                load_cpu += r.cpu_at_last - own
                 wall += r.last - r.started
         finally:
             await watchers.stop(change)
@@ -585,7 +588,9 @@ def report(results: dict[str, Any], command: str) -> str:
     lines = [
         f"`{command}` — registry pinned to CPU {results['machine']['registry_cpu']}, "
         f"load on CPU {results['machine']['load_cpus']}; {results['settings']['store']} store; "
-        f"{results['machine']['summary']}",
+        f"{results['machine']['summary']}; load average "
+        f"{results['machine']['load_average'][0]:.1f} before, "
+        f"{results['machine']['load_average'][1]:.1f} after (this run included)",
         "",
         "| figure | value | target |",
         "|---|--:|---|",
@@ -658,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, help="concurrent registering clients (16)")
     parser.add_argument("--registrations", type=int, help="instances registered in a. (2000)")
     parser.add_argument("--watchers", type=int, help="long-polls in b. and c. (200)")
-    parser.add_argument("--repetitions", type=int, help="changes measured in b., each (50)")
+    parser.add_argument("--repetitions", type=int, help="changes measured in b., each (100)")
     parser.add_argument("--services", type=int, help="services the watchers of c. spread over")
     parser.add_argument("--wake-repetitions", type=int, help="changes in c. (20)")
     parser.add_argument("--instances", type=int, help="heartbeating instances in d. (1000)")
@@ -677,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clients": 16,
         "registrations": 2000,
         "watchers": 200,
-        "repetitions": 50,
+        "repetitions": 100,
         "services": 100,
         "wake_repetitions": 20,
         "instances": 1000,
@@ -711,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, str(REPO_ROOT))
     settings = Settings.from_args(args)
     registry_cpu, load_cpus = _cpus()
+    load_before = os.getloadavg()[0]
     previous = os.sched_getaffinity(0)
     os.sched_setaffinity(0, load_cpus)  # restored below: a test calling main() keeps its cores
     try:
@@ -722,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         os.sched_setaffinity(0, previous)
     results["machine"] = _machine(registry_cpu, load_cpus)
+    results["machine"]["load_average"] = [load_before, os.getloadavg()[0]]
     results["settings"] = {**vars(settings), "store": args.store}
     command = "python benchmarks/registry.py" + (" " + " ".join(argv) if argv else "")
     if argv is None and len(sys.argv) > 1:
