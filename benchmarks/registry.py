@@ -611,6 +611,13 @@ def report(results: dict[str, Any], command: str) -> str:
             f"{p['registry_cpu_ms_per_change']:.0f} / {p['load_cpu_util'] * 100:.0f} | |",
         ]
     only = wake["answered_max"] <= wake["own_watchers_per_change"]
+    # a load generator starved by other processes beats less often: the CPU is then no verdict
+    intended = hb["instances"] / hb["interval_s"]
+    beats_verdict = (
+        _verdict(hb["cpu_percent"] <= TARGET_HEARTBEAT_CPU_PERCENT)
+        if hb["beats_per_second"] >= 0.9 * intended
+        else f"not judged: {hb['beats_per_second']:.0f} of {intended:.0f} beats/s delivered"
+    )
     lines += [
         f"| watchers answered per change ({wake['watchers']} over {wake['services']} services, "
         f"{wake['changes']} changes; max) | {wake['answered_per_change']:.1f} "
@@ -620,8 +627,7 @@ def report(results: dict[str, Any], command: str) -> str:
         f"| {wake['global_index_would_answer']:.0f} | |",
         f"| registry CPU, {hb['instances']} instances beating every {hb['interval_s']:g} s "
         f"(% of one core, {hb['window_s']:.1f} s) | {hb['cpu_percent']:.2f} | <= "
-        f"{TARGET_HEARTBEAT_CPU_PERCENT:.0f} %: "
-        f"{_verdict(hb['cpu_percent'] <= TARGET_HEARTBEAT_CPU_PERCENT)} |",
+        f"{TARGET_HEARTBEAT_CPU_PERCENT:.0f} %: {beats_verdict} |",
         f"| ... of which idle (nothing beating) | {hb['idle_cpu_percent']:.2f} | |",
         f"| heartbeats/s delivered (failed, re-registered after a 404) "
         f"| {hb['beats_per_second']:.0f} ({hb['failures']}, {hb['reregistered']}) | |",
