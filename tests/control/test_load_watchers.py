@@ -9,7 +9,9 @@ as asyncio tasks, long-polling the endpoints of 100 services (two each).
   once its ``wait`` has passed.
 
 How long an answer takes is a benchmark's business (benchmarks/registry.py); these tests only
-count who answered and how much CPU an idle registry burns.
+count who answered and how much CPU an idle registry burns. The catalogue's churn half (50
+registrations/s for 60 s, each watcher's loop under its token bucket) belongs to the discovery
+client's tests, whose loop that is; here every answer carries its service's latest index.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def test_idle_watchers_cost_no_cpu_and_answer_only_when_their_wait_ends(
 ) -> None:
     held = count_held(registry)
     clients, indexes = setup(registry)
-    wait = 5.0
+    wait = 8.0  # leaves 6 s to hold 200 queries (200 TLS handshakes) on a loaded machine
 
     async def watch(i: int, index: int) -> tuple[float, EndpointsAnswer]:
         started = time.monotonic()
@@ -151,7 +153,7 @@ def test_idle_watchers_cost_no_cpu_and_answer_only_when_their_wait_ends(
         # the earliest wait can end, so no answer (and no handshake: every connection is up)
         # falls inside it
         window_end = sent + wait - 1.0
-        assert time.monotonic() < window_end - 1.0, "200 queries took over 3 s to be held"
+        assert time.monotonic() < window_end - 1.0, "200 queries took over 6 s to be held"
         cpu, started = await server_thread_cpu(registry), time.monotonic()
         await asyncio.sleep(window_end - time.monotonic())
         cpu, window = await server_thread_cpu(registry) - cpu, time.monotonic() - started
