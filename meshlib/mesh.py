@@ -331,12 +331,8 @@ class Mesh:
         trust_domain = SVIDSource(svid).trust_domain
         cache = CacheFile(cache_path(cache_dir, namespace, service), url)
 
-        def check(sources: list[tuple[str, str]]) -> str | None:
-            try:
-                load_texts(sources)
-            except ConfigError as exc:
-                return str(exc)
-            return None
+        def load(sources: list[tuple[str, str]]) -> Snapshot:
+            return load_texts(sources, version=next(_versions))
 
         start = starting_point(
             url,
@@ -344,10 +340,10 @@ class Mesh:
             local=local,
             cache=cache,
             trust_domain=trust_domain,
-            check=check,
+            load=load,
             timeout=startup_timeout,
         )
-        snapshot = load_texts(start.sources, version=next(_versions))
+        snapshot = start.snapshot
         mesh = cls(snapshot, service=service, namespace=namespace, svid_dir=svid, **kwargs)
         mesh._served_as = (dict(labels or {}), metrics_port)
         try:

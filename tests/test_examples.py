@@ -99,7 +99,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^  serving reviews-v2 on https://127\.0\.0\.1:\d+ \(pid \d+\)$",
             r"^  reviews-v1 100\.0% of [1-9]\d* calls$",
             r"^  canary 90/10: first call on reviews-v2 [\d.]+ s after the registry accepted",
-            r"^\$ meshctl registry status\n  epoch: .*\n  state: +serving",
+            r"^\$ meshctl registry status\n  epoch: .*\n  state: +(serving|warming)",
             r"^  its traffic moved: gone from the callers' endpoints [\d.]+ s after the kill",
             r"^  reviews-v1 calls since the kill: [1-9]\d* on \S+, 0 on \S+$",
             r"^  failed calls since the kill: 0 of [1-9]\d*$",

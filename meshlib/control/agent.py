@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +33,9 @@ from meshlib.control.client import (
 from meshlib.control.discovery import (
     Discovery,
     DiscoveryState,
+    ServiceState,
     SourceUnavailable,
+    split_key,
 )
 from meshlib.control.loop import LoopThread
 from meshlib.control.registrar import (
@@ -127,15 +130,20 @@ def cache_path(cache_dir: str | os.PathLike[str] | None, namespace: str, service
 
 @dataclass(frozen=True)
 class Start:
-    """Where a registry-backed mesh starts: the policy to load first and discovery's seed."""
+    """Where a registry-backed mesh starts: its first snapshot and discovery's seed."""
 
-    sources: Sources
-    #: Discovery's seed: the chosen policy version and the cached endpoints.
+    snapshot: Snapshot
+    #: Discovery's seed: the chosen policy version and the endpoints known at start.
     initial: DiscoveryState | None
     #: ``registry``, ``cache`` or ``local`` (nothing from either): for the log and /status.
     origin: str
     #: The registry's version this workload refused at start (its NACK), with the error.
     rejected: tuple[int, str] | None = None
+
+
+#: At most this many services' endpoints are fetched before start-up returns (the rest arrive
+#: through the watches): a first call right after start finds its endpoints.
+STARTUP_SERVICES = 64
 
 
 def starting_point(
@@ -145,36 +153,49 @@ def starting_point(
     local: Sequence[str],
     cache: CacheFile | None,
     trust_domain: str,
-    check: Callable[[Sources], str | None],
+    load: Callable[[Sources], Snapshot],
     timeout: float = STARTUP_TIMEOUT,
 ) -> Start:
-    """Ask the registry for its policy (bounded by ``timeout``); check it with the local files
-    (``check`` returns the loader's error or None). Refused or unreachable: the cache file's
-    policy, else the local files alone, else the floor (CONTROL-PLANE.md §5)."""
-    answer: PolicyAnswer | None = None
-    try:
-        with RegistryClient(url, svid_dir=svid_dir, timeout=timeout) as client:
-            answer = client.policy(index=0)
-    except RegistryError as exc:
-        log.warning("registry %s unreachable at start (%s): starting from the cache", url, exc)
+    """Ask the registry for its policy, and for the endpoints of the services it declares, all
+    bounded by ``timeout``; load it with the local files (``load`` raises ConfigError).
+    Refused or unreachable: the cache file's policy and endpoints, else the local files alone,
+    else the floor (CONTROL-PLANE.md §5). The snapshot is loaded once, here."""
     cached: CachedState | None = cache.load() if cache is not None else None
     services = dict(cached.state.services) if cached is not None else {}
     rejected: tuple[int, str] | None = None
-    if answer is not None:
-        sources = policy_sources(answer.text, answer.version, local)
-        error = check(sources) if sources else None
-        if error is None:
-            initial = DiscoveryState(answer.epoch, answer.version, answer.text, services)
-            return Start(sources or _floor(local, trust_domain), initial, "registry")
-        rejected = (answer.version, error)
-        log.error("registry policy v%d refused at start: %s", answer.version, error)
+    deadline = time.monotonic() + timeout
+    try:
+        with RegistryClient(url, svid_dir=svid_dir, timeout=timeout) as client:
+            answer = client.policy(index=0)
+            try:
+                snapshot = load(
+                    policy_sources(answer.text, answer.version, local)
+                    or _floor(local, trust_domain)
+                )
+            except ConfigError as exc:
+                rejected = (answer.version, str(exc))
+                log.error("registry policy v%d refused at start: %s", answer.version, exc)
+            else:
+                for key in list(snapshot.services)[:STARTUP_SERVICES]:
+                    client.timeout = max(0.1, deadline - time.monotonic())
+                    namespace, name = split_key(key)
+                    found = client.endpoints(namespace, name)
+                    endpoints = tuple(e.endpoint() for e in found.endpoints)
+                    services[key] = ServiceState(found.index, found.epoch, endpoints)
+                initial = DiscoveryState(answer.epoch, answer.version, answer.text, services)
+                return Start(snapshot, initial, "registry")
+    except RegistryError as exc:
+        log.warning("registry %s unreachable at start (%s): starting from the cache", url, exc)
     if cached is not None and cached.state.policy_version > 0:
         state = cached.state
-        sources = policy_sources(state.policy_text, state.policy_version, local)
-        if check(sources) is None:
-            return Start(sources, state, "cache", rejected)
+        try:
+            snapshot = load(policy_sources(state.policy_text, state.policy_version, local))
+        except ConfigError as exc:
+            log.error("cached policy v%d refused at start: %s", state.policy_version, exc)
+        else:
+            return Start(snapshot, replace(state, services=services), "cache", rejected)
     seed = DiscoveryState(cached.state.epoch, 0, "", services) if cached is not None else None
-    return Start(_floor(local, trust_domain), seed, "local", rejected)
+    return Start(load(_floor(local, trust_domain)), seed, "local", rejected)
 
 
 def _floor(local: Sequence[str], trust_domain: str) -> Sources:
@@ -288,6 +309,7 @@ class RegistryAgent:
         self._mesh = mesh
         self._local = tuple(local)
         self._metrics = metrics
+        self._cache = cache
         self.origin = start.origin if start is not None else "local"
         options: dict[str, Any] = {} if wait is None else {"wait": wait}
         self.discovery = Discovery(
@@ -299,7 +321,7 @@ class RegistryAgent:
             persist=cache.write if cache is not None else None,
             **options,
         )
-        self._loop = LoopThread("meshlib-registrar")
+        self._loop = LoopThread("meshlib-registry-link")
         self.registrar = Registrar(
             ClientRegistration(AsyncRegistryClient(url, svid_dir=svid_dir)),
             report=self.report,
@@ -315,6 +337,13 @@ class RegistryAgent:
 
     def start(self) -> RegistryAgent:
         self.discovery.start()
+        if self.origin == "registry" and self._cache is not None:
+            # What start-up fetched is already applied: keep it even if nothing changes before
+            # the next restart (discovery writes the file on changes only).
+            try:
+                self._cache.write(self.discovery.state())
+            except OSError as exc:
+                log.error("discovery: cache not written: %s", exc)
         return self
 
     # -- discovery's policy sink -------------------------------------------------------------
