@@ -375,3 +375,19 @@ def test_serve_registers_with_the_meshs_labels_and_metrics_port(
     monkeypatch.setenv("MESHLIB_METRICS_PORT", "http")
     with pytest.raises(ValueError, match="MESHLIB_METRICS_PORT"):
         meshlib.Mesh.from_env()
+
+
+def test_a_first_call_right_after_start_finds_the_registered_endpoints(
+    registry: RunningRegistry, meshes: Callable[..., meshlib.Mesh], echo_factory: Any
+) -> None:
+    """Start-up fetches the declared services' endpoints with the policy: no call made right
+    after ``from_registry`` returns fails for want of a first watch answer."""
+    admin = registry.client()
+    admin.apply(POLICY)
+    backend = echo_factory("a")
+    reviews = meshes("reviews")
+    reviews.register("127.0.0.1", backend.port)
+    assert until(lambda: len(admin.instances()) == 1)
+    productpage = meshes("productpage")
+    with productpage.client() as client:
+        assert client.get("http://reviews/x").headers["x-backend"] == "a"
