@@ -9,6 +9,8 @@ Store key layout (values are UTF-8 JSON unless said)::
     /registry/indexes/<ns>/<svc>          a service's index (an integer), kept after it empties
     /registry/policy/<N, 10 digits>       policy version N (append-only; written with
                                           if_mod_rev=0, so a version is never overwritten)
+    /registry/tokens/<id>                 a join token's record (meshlib/control/tokens.py;
+                                          not loaded into the core)
 
 Rules the driver keeps:
 
