@@ -9,6 +9,8 @@ Store key layout (values are UTF-8 JSON unless said)::
     /registry/indexes/<ns>/<svc>          a service's index (an integer), kept after it empties
     /registry/policy/<N, 10 digits>       policy version N (append-only; written with
                                           if_mod_rev=0, so a version is never overwritten)
+    /registry/tokens/<id>                 a join token's record (meshlib/control/tokens.py;
+                                          not loaded into the core)
 
 Rules the driver keeps:
 
@@ -63,6 +65,14 @@ from meshlib.control.registry import (
 )
 from meshlib.control.sqlite import DB_FILE, SQLiteStore
 from meshlib.control.store import Store, StoreError
+from meshlib.control.tokens import (
+    DEFAULT_TOKEN_TTL,
+    TokenRequestError,
+    issue_token,
+    list_tokens,
+    revoke_token,
+    state_of,
+)
 from meshlib.control.wire import (
     AUTHORITATIVE_HEADER,
     EPOCH_HEADER,
@@ -74,6 +84,8 @@ from meshlib.control.wire import (
     RegisteredEndpoint,
     RegistryStatusInfo,
     ServiceInfo,
+    TokenInfo,
+    TokenIssued,
     admin_id,
 )
 from meshlib.errors import ConfigError
@@ -557,6 +569,14 @@ class RegistryApp:
                 return await self._prometheus(request)
             case ("v1", "status"):
                 return await self._status(request)
+            case ("v1", "tokens"):
+                if request.method == "POST":
+                    return await self._create_token(request)
+                self._allow(request, "GET", "POST")
+                return await self._tokens(request)
+            case ("v1", "tokens", id):
+                self._allow(request, "DELETE")
+                return await self._revoke_token(request, id)
         raise _HTTPError(404, f"no such endpoint: {path}")
 
     def _allow(self, request: _Request, *methods: str) -> None:
@@ -969,6 +989,58 @@ class RegistryApp:
             self.watchers,
         )
         return 200, answer.to_json(), ()
+
+    # -- join tokens -------------------------------------------------------------------------
+    # Admin only, the secret shown once (meshlib/control/tokens.py). Tokens live in the store
+    # only, never in the core: a write is one compare-and-set of its own key and needs no
+    # ``_writing`` lock, and startup's load skips their prefix.
+
+    async def _create_token(self, request: _Request) -> Answer:
+        author = self._admin(request, "tokens", "create join tokens (POST /v1/tokens)")
+        body = await _json_body(request, MAX_BODY)
+        spiffe_id = _field(body, "spiffe_id", str)
+        ttl = _field(body, "ttl", (int, float), optional=True)
+        try:
+            token, record = await issue_token(
+                self.store,
+                spiffe_id,
+                ttl=DEFAULT_TOKEN_TTL if ttl is None else ttl,
+                now=self.wall(),
+                author=author,
+                trust_domain=self.trust_domain,
+            )
+        except TokenRequestError as exc:
+            raise _HTTPError(400, str(exc)) from None
+        log.info("registry: %s created join token %s for %s", author, record.id, spiffe_id)
+        answer = TokenIssued(token, record.id, record.spiffe_id, record.expires_at)
+        return 201, answer.to_json(), ()
+
+    async def _tokens(self, request: _Request) -> Answer:
+        self._admin(request, "tokens", "list join tokens (GET /v1/tokens)")
+        now = self.wall()
+        listed = [
+            TokenInfo(
+                r.id,
+                r.spiffe_id,
+                state_of(r, now).value,
+                r.created_at,
+                r.expires_at,
+                r.created_by,
+                r.used_at,
+                r.used_by_serial,
+                r.revoked_at,
+            ).to_json()
+            for r in await list_tokens(self.store)
+        ]
+        return 200, {"tokens": listed}, ()
+
+    async def _revoke_token(self, request: _Request, id: str) -> Answer:
+        author = self._admin(request, "tokens", "revoke join tokens (DELETE /v1/tokens/{id})")
+        revoked = await revoke_token(self.store, id, self.wall())
+        if revoked is None:
+            raise _HTTPError(404, f"no join token {id!r} (meshctl token list shows them)")
+        log.info("registry: %s revoked join token %s", author, id)
+        return 200, {"id": revoked.id, "revoked_at": revoked.revoked_at}, ()
 
 
 Answer = tuple[int, Any, Iterable[tuple[str, str]]]

@@ -24,6 +24,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpcore
 import httpx
@@ -38,6 +39,8 @@ from meshlib.control.wire import (
     PolicyAnswer,
     RegistryStatusInfo,
     ServiceInfo,
+    TokenInfo,
+    TokenIssued,
     WireError,
     registry_id,
 )
@@ -364,6 +367,25 @@ class _Calls:
     def status(self) -> _Call[RegistryStatusInfo]:
         return _Call("GET", "/v1/status", lambda r: RegistryStatusInfo.from_json(_json(r)))
 
+    def create_token(self, spiffe_id: str, *, ttl: float | None = None) -> _Call[TokenIssued]:
+        body: dict[str, Any] = {"spiffe_id": spiffe_id}
+        if ttl is not None:
+            body["ttl"] = ttl
+        return _Call("POST", "/v1/tokens", lambda r: TokenIssued.from_json(_json(r)), json=body)
+
+    def tokens(self) -> _Call[tuple[TokenInfo, ...]]:
+        def read(response: httpx.Response) -> tuple[TokenInfo, ...]:
+            return tuple(
+                TokenInfo.from_json(item, f"tokens answer: tokens[{n}]")
+                for n, item in enumerate(_list(response, "tokens"))
+            )
+
+        return _Call("GET", "/v1/tokens", read)
+
+    def revoke_token(self, id: str) -> _Call[float]:
+        path = f"/v1/tokens/{quote(id, safe='')}"
+        return _Call("DELETE", path, lambda r: float(_json(r)["revoked_at"]))
+
 
 def _held(index: int, wait: float | None) -> float:
     """How long the server may hold a blocking query: wait plus its jitter (wait/16)."""
@@ -529,6 +551,18 @@ class RegistryClient(_Base):
     def status(self) -> RegistryStatusInfo:
         return self._send(self.calls.status())
 
+    def create_token(self, spiffe_id: str, *, ttl: float | None = None) -> TokenIssued:
+        """A one-time join token for ``spiffe_id`` (admin only); ``ttl`` seconds, default 15 min."""
+        return self._send(self.calls.create_token(spiffe_id, ttl=ttl))
+
+    def tokens(self) -> tuple[TokenInfo, ...]:
+        """Every join token the registry keeps, with its state (admin only)."""
+        return self._send(self.calls.tokens())
+
+    def revoke_token(self, id: str) -> float:
+        """Revoke join token ``id``; returns when it was revoked (admin only)."""
+        return self._send(self.calls.revoke_token(id))
+
     def close(self) -> None:
         self._http.close()
 
@@ -638,6 +672,15 @@ class AsyncRegistryClient(_Base):
 
     async def status(self) -> RegistryStatusInfo:
         return await self._send(self.calls.status())
+
+    async def create_token(self, spiffe_id: str, *, ttl: float | None = None) -> TokenIssued:
+        return await self._send(self.calls.create_token(spiffe_id, ttl=ttl))
+
+    async def tokens(self) -> tuple[TokenInfo, ...]:
+        return await self._send(self.calls.tokens())
+
+    async def revoke_token(self, id: str) -> float:
+        return await self._send(self.calls.revoke_token(id))
 
     async def aclose(self) -> None:
         await self._http.aclose()
