@@ -255,7 +255,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         store: Store = SQLiteStore(data) if args.store == "sqlite" else MemoryStore()
     except (IdentityError, StoreError) as exc:
         raise CommandFailed(str(exc)) from exc
-    app = registry_with_metrics(store, trust_domain=trust_domain)
+    # The CA dir is polled every second: 'meshctl ca rotate'/'revoke' reach the workloads.
+    app = registry_with_metrics(store, trust_domain=trust_domain, ca_dir=data / CA_DIR)
     try:
         server = serve(
             app,

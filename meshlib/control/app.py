@@ -41,12 +41,14 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from meshlib.config.loader import MAX_FILE_BYTES, load_text
@@ -78,6 +80,7 @@ from meshlib.control.wire import (
     EPOCH_HEADER,
     INDEX_HEADER,
     SOURCE_HEADER,
+    BundleAnswer,
     EndpointsAnswer,
     InstanceInfo,
     PolicyAnswer,
@@ -89,7 +92,11 @@ from meshlib.control.wire import (
     admin_id,
 )
 from meshlib.errors import ConfigError
+from meshlib.identity.ca import CA_CERT_FILE, SVID_BUNDLE_FILE
+from meshlib.identity.cadir import CADirectory
+from meshlib.identity.crl import CRL_FILE, crls_pem, load_crls
 from meshlib.identity.peers import verified_identity
+from meshlib.identity.spiffe import IdentityError
 
 __all__ = ["DEFAULT_MAX_WATCHERS", "RegistryApp", "RegistryMetricsSink", "registry_app"]
 
@@ -131,6 +138,12 @@ EPOCH_KEY = "/registry/epoch"
 INSTANCES = "/registry/instances/"
 INDEXES = "/registry/indexes/"
 POLICY = "/registry/policy/"
+
+#: The watch key of ``GET /v1/ca/bundle``'s held queries: a service key no service can have
+#: (namespaces are never empty), so the bundle shares ``_hold``/``_notify`` with the services.
+BUNDLE_WATCH: ServiceKey = ("", "ca-bundle")
+#: The CA dir files whose stat the tick compares (the bundle falls back to ca.pem without one).
+CA_FILES = (SVID_BUNDLE_FILE, CRL_FILE, CA_CERT_FILE)
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
@@ -190,6 +203,7 @@ class RegistryApp:
         tick: float = TICK,
         metrics: RegistryMetricsSink | None = None,
         exposition: ASGIApp | None = None,
+        ca_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.store = store
         self.trust_domain = trust_domain
@@ -229,6 +243,13 @@ class RegistryApp:
         self._writing = asyncio.Lock()
         #: Whether the end of warming has woken the held queries yet.
         self._warm = False
+        #: The CA dir whose published bundle and CRLs ``GET /v1/ca/bundle`` serves (None: 404).
+        self.ca_dir = None if ca_dir is None else Path(ca_dir)
+        self._ca_seen: tuple[tuple[int, int, int] | None, ...] | None = None
+        self._bundle: BundleAnswer | None = None
+        #: The bundle index is not persisted: held queries name this process's epoch, so an
+        #: index from before a restart is answered at once, never waited on.
+        self._bundle_epoch = secrets.token_hex(8)
 
     # -- ASGI ----------------------------------------------------------------------------------
 
@@ -295,6 +316,7 @@ class RegistryApp:
     async def startup(self) -> None:
         """Load the core from the store and start the expiry tick."""
         self.registry = await self._load()
+        self.poll_ca()
         self._warm = self.registry.authoritative(self.clock())
         self._counted()
         self.loop = asyncio.get_running_loop()
@@ -411,6 +433,10 @@ class RegistryApp:
                 await self.expire()
             except Exception:  # a failing pass must not end the loop: the next one retries
                 log.exception("registry: expiry pass failed")
+            try:
+                self.poll_ca()
+            except Exception:  # as above: the next tick polls again
+                log.exception("registry: CA dir poll failed")
 
     async def expire(self) -> int:
         """One expiry pass (the tick calls it every second); returns how many expired."""
@@ -577,6 +603,8 @@ class RegistryApp:
             case ("v1", "tokens", id):
                 self._allow(request, "DELETE")
                 return await self._revoke_token(request, id)
+            case ("v1", "ca", "bundle"):
+                return await self._ca_bundle(request)
         raise _HTTPError(404, f"no such endpoint: {path}")
 
     def _allow(self, request: _Request, *methods: str) -> None:
@@ -968,6 +996,81 @@ class RegistryApp:
         key = f"{POLICY}{version.version:010d}"
         await self.store.put(key, json.dumps(record).encode(), if_mod_rev=0)
 
+    # -- trust bundle and CRLs (GET /v1/ca/bundle) ---------------------------------------------
+
+    def poll_ca(self) -> bool:
+        """Publish the CA dir's bundle and CRLs if they changed (the tick calls it every
+        second); True when the bundle index moved. A stat of three files when nothing changed;
+        a file that does not parse (mid-write by hand, damaged) keeps the last good answer, is
+        logged, and is read again once its stat changes."""
+        if self.ca_dir is None:
+            return False
+        seen = _stat_files(self.ca_dir, CA_FILES)
+        if seen == self._ca_seen:
+            return False
+        self._ca_seen = seen
+        try:
+            bundle = CADirectory(self.ca_dir).bundle()
+            crl_path = self.ca_dir / CRL_FILE
+            crls = crls_pem(load_crls(crl_path)) if crl_path.exists() else b""
+        except (IdentityError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            kept = "none yet" if self._bundle is None else f"sequence {self._bundle.sequence}"
+            log.error(
+                "registry: CA dir %s refused, keeping the last bundle (%s): %s",
+                self.ca_dir,
+                kept,
+                reason,
+            )
+            return False
+        current = self._bundle
+        text, crls_text = bundle.to_pem().decode(), crls.decode()
+        if current is not None and (current.bundle, current.crls) == (text, crls_text):
+            return False  # touched, not changed: held queries stay held
+        if current is not None and bundle.sequence < current.sequence:
+            log.warning(
+                "registry: %s went from bundle sequence %d to %d; workloads keep the higher one",
+                self.ca_dir,
+                current.sequence,
+                bundle.sequence,
+            )
+        index = 1 if current is None else current.index + 1
+        self._bundle = BundleAnswer(index, bundle.sequence, text, crls_text)
+        log.info(
+            "registry: CA bundle index %d (sequence %d, %s)",
+            index,
+            bundle.sequence,
+            "with CRLs" if crls_text else "no CRLs",
+        )
+        self._notify(BUNDLE_WATCH)
+        return True
+
+    async def _ca_bundle(self, request: _Request) -> Answer:
+        self._allow(request, "GET")
+        self._reader(request)
+        if self.ca_dir is None:
+            raise _HTTPError(404, "this registry was started without a CA dir: it serves no bundle")
+        index, wait, epoch = _blocking(request)
+        if index and epoch in (None, self._bundle_epoch):
+            # Any other index (one from the future, one from before a restart) answers at once.
+            await self._hold(BUNDLE_WATCH, lambda: self._bundle_index() != index, wait)
+        answer = self._bundle
+        if answer is None:
+            raise _HTTPError(
+                503,
+                f"the CA dir {self.ca_dir} has no readable bundle yet (see the registry's log)",
+                headers=[("Retry-After", "1")],
+            )
+        headers = [
+            (INDEX_HEADER, str(answer.index)),
+            (EPOCH_HEADER, self._bundle_epoch),
+            ("ETag", f'"{self._bundle_epoch}-{answer.index}"'),
+        ]
+        return 200, answer.to_json(), headers
+
+    def _bundle_index(self) -> int:
+        return 0 if self._bundle is None else self._bundle.index
+
     # -- status --------------------------------------------------------------------------------
 
     async def _status(self, request: _Request) -> Answer:
@@ -1057,6 +1160,7 @@ def registry_app(
     wall: Callable[[], float] = time.time,
     rng: random.Random | None = None,
     max_watchers: int = DEFAULT_MAX_WATCHERS,
+    ca_dir: str | os.PathLike[str] | None = None,
 ) -> RegistryApp:
     """The registry's ASGI app over ``store`` (see :class:`RegistryApp`).
 
@@ -1074,6 +1178,7 @@ def registry_app(
         wall=wall,
         rng=rng,
         max_watchers=max_watchers,
+        ca_dir=ca_dir,
     )
 
 
@@ -1201,6 +1306,19 @@ def _store_name(store: Store) -> str:
     if isinstance(store, MemoryStore):
         return "memory"
     return type(store).__name__
+
+
+def _stat_files(directory: Path, names: Iterable[str]) -> tuple[tuple[int, int, int] | None, ...]:
+    """(mtime, size, inode) of each file, None for a missing one: a change of any is a change."""
+    out: list[tuple[int, int, int] | None] = []
+    for name in names:
+        try:
+            st = os.stat(directory / name)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
 
 
 def _prometheus_name(key: str) -> str:

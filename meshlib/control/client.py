@@ -34,6 +34,7 @@ from meshlib.control.wire import (
     AUTHORITATIVE_HEADER,
     EPOCH_HEADER,
     SOURCE_HEADER,
+    BundleAnswer,
     EndpointsAnswer,
     InstanceInfo,
     PolicyAnswer,
@@ -216,6 +217,10 @@ def _policy(response: httpx.Response) -> PolicyAnswer:
     )
 
 
+def _bundle(response: httpx.Response) -> BundleAnswer:
+    return BundleAnswer.from_json(_json(response), epoch=response.headers.get(EPOCH_HEADER, ""))
+
+
 def _list(response: httpx.Response, name: str) -> list[Any]:
     found = _json(response)
     items = found.get(name) if isinstance(found, dict) else None
@@ -360,6 +365,12 @@ class _Calls:
             json={"version": version},
             headers=_if_match(if_match),
         )
+
+    def bundle(
+        self, *, index: int = 0, wait: float | None = None, epoch: str | None = None
+    ) -> _Call[BundleAnswer]:
+        params = {"index": str(index), **_wait(wait), **_epoch(epoch)}
+        return _Call("GET", "/v1/ca/bundle", _bundle, params=params, hold=_held(index, wait))
 
     def prometheus_sd(self) -> _Call[list[dict[str, Any]]]:
         return _Call("GET", "/v1/sd/prometheus", lambda r: list(_json(r)))
@@ -545,6 +556,13 @@ class RegistryClient(_Base):
         call = self.calls.rollback(version, if_match=if_match)
         return self._send(call)
 
+    def bundle(
+        self, *, index: int = 0, wait: float | None = None, epoch: str | None = None
+    ) -> BundleAnswer:
+        """The CA's trust bundle and CRLs; with ``index`` (and the answer's ``epoch``), held
+        until they change or ``wait`` seconds pass."""
+        return self._send(self.calls.bundle(index=index, wait=wait, epoch=epoch))
+
     def prometheus_sd(self) -> list[dict[str, Any]]:
         return self._send(self.calls.prometheus_sd())
 
@@ -666,6 +684,11 @@ class AsyncRegistryClient(_Base):
     async def rollback(self, version: int, *, if_match: int | None = None) -> Applied:
         call = self.calls.rollback(version, if_match=if_match)
         return await self._send(call)
+
+    async def bundle(
+        self, *, index: int = 0, wait: float | None = None, epoch: str | None = None
+    ) -> BundleAnswer:
+        return await self._send(self.calls.bundle(index=index, wait=wait, epoch=epoch))
 
     async def prometheus_sd(self) -> list[dict[str, Any]]:
         return await self._send(self.calls.prometheus_sd())

@@ -97,6 +97,15 @@ class RunningRegistry:
         self._closers.append(client.close)
         return client
 
+    def poll_ca(self) -> bool:
+        """One poll of the CA dir on the app's own loop (the tick's); whether the index moved."""
+        assert self.app.loop is not None
+
+        async def poll() -> bool:
+            return self.app.poll_ca()
+
+        return asyncio.run_coroutine_threadsafe(poll(), self.app.loop).result(10)
+
     def expire(self) -> int:
         """One expiry pass on the app's own loop; how many instances expired."""
         assert self.app.loop is not None
@@ -129,11 +138,13 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         wrap: Callable[[Store], Store] | None = None,
         metrics: bool = False,
         port: int = 0,
+        ca: bool = True,
     ) -> RunningRegistry:
         """Start a registry on ``data`` (default: a new dir, initialised); ``clock`` injected
         turns the 1 s expiry tick off (drive it with :meth:`RunningRegistry.expire`); ``wall``
         is the wall clock the store's times are written in; ``port`` (default: a free one) lets
-        a restart come back at the URL its clients know."""
+        a restart come back at the URL its clients know; ``ca`` serves ``DIR/ca``'s bundle and
+        CRLs (``GET /v1/ca/bundle``), as ``registry serve`` does."""
         if data is None:
             data = tmp_path / f"registry-{next(count)}"
         made = init_registry_dir(data, TD)
@@ -147,6 +158,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
             "settings": settings or RegistrySettings(warming=0.0),
             "rng": random.Random(seed),
             "max_watchers": max_watchers,
+            "ca_dir": made.ca if ca else None,
             **extra,
         }
         app = (
