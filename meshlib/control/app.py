@@ -26,8 +26,11 @@ Rules the driver keeps:
   Times are stored as wall-clock seconds and mapped onto the monotonic ``clock`` on load.
 * **Heartbeats are cheap.** A beat writes the store only when the instance's persisted beat is
   older than a third of its TTL, or its policy report changed: after a restart an instance's
-  TTL resumes from a beat at most ``ttl/3`` old (RELIABILITY.md FAULT-7), and 1,000 instances
-  beating every 3 s cost about one write per second, not 333.
+  TTL resumes from a beat at most ``ttl/3`` old (RELIABILITY.md FAULT-7). An instance beating
+  at the interval its registration answers (``ttl/3``, ± jitter) therefore writes about every
+  second beat: 1,000 instances beating every 3 s with a 10 s TTL write about 170 times a
+  second, not 333 (``benchmarks/registry_app.py`` counts 0.4–0.5 writes per beat; on SQLite a
+  write is ~0.1 ms, under a tenth of a beat's whole cost, docs/performance.md "Registry").
 * **One wake-up per service.** Each watched service (and the policy) has its own
   :class:`asyncio.Event`; a change sets only that one. ``wakeups`` counts the held queries a
   change woke (LOAD-6: a change to one service wakes only its watchers). The end of warming is
