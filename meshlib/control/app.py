@@ -26,8 +26,11 @@ Rules the driver keeps:
   Times are stored as wall-clock seconds and mapped onto the monotonic ``clock`` on load.
 * **Heartbeats are cheap.** A beat writes the store only when the instance's persisted beat is
   older than a third of its TTL, or its policy report changed: after a restart an instance's
-  TTL resumes from a beat at most ``ttl/3`` old (RELIABILITY.md FAULT-7), and 1,000 instances
-  beating every 3 s cost about one write per second, not 333.
+  TTL resumes from a beat at most ``ttl/3`` old (RELIABILITY.md FAULT-7). An instance beating
+  at the interval its registration answers (``ttl/3``, ± jitter) therefore writes about every
+  second beat: 1,000 instances beating every 3 s with a 10 s TTL write about 170 times a
+  second, not 333 (``benchmarks/registry_app.py`` counts 0.4–0.5 writes per beat; on SQLite a
+  write is ~0.1 ms, under a tenth of a beat's whole cost, docs/performance.md "Registry").
 * **One wake-up per service.** Each watched service (and the policy) has its own
   :class:`asyncio.Event`; a change sets only that one. ``wakeups`` counts the held queries a
   change woke (LOAD-6: a change to one service wakes only its watchers). The end of warming is
@@ -47,7 +50,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -168,10 +171,18 @@ class _HTTPError(Exception):
 
 @dataclass
 class _Watch:
-    """The held queries of one service (or of the policy): set ``event`` to wake them all."""
+    """The held queries of one service (or of the policy): set ``event`` to wake them all.
+
+    ``answers`` holds the encoded answer the woken queries send, by the state it shows (index,
+    epoch, authoritative): one change wakes up to thousands of queries of one service, and they
+    all send the same bytes, so the first to answer encodes them and the others reuse them. It
+    lives as long as the wake-up (the watch is dropped once its queries are done), so it holds
+    nothing for quiet services and never serves a state but the one it was built from.
+    """
 
     event: asyncio.Event
     waiters: int = 0
+    answers: dict[tuple[int, str, bool], bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -275,7 +286,8 @@ class RegistryApp:
         except Exception:  # never a traceback on the wire
             log.exception("registry: internal error on %s %s", scope["method"], scope["path"])
             status, body, headers = 500, {"error": "internal error (see the registry's log)"}, ()
-        payload = json.dumps(body).encode()
+        # an answer shared by the queries one change woke comes already encoded (see _Watch)
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         raw = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
@@ -478,12 +490,16 @@ class RegistryApp:
     def _counted(self) -> None:
         """Report the instance count (after a commit that may have moved it)."""
         if self.metrics is not None and self.registry is not None:
-            self.metrics.set_instances(len(self.registry.instances()))
+            self.metrics.set_instances(self.registry.count())
 
-    async def _hold(self, key: ServiceKey | None, changed: Callable[[], bool], wait: float) -> None:
-        """Return when ``changed()`` or after ``wait`` (+ jitter up to wait/16)."""
+    async def _hold(
+        self, key: ServiceKey | None, changed: Callable[[], bool], wait: float
+    ) -> _Watch | None:
+        """Return when ``changed()`` or after ``wait`` (+ jitter up to wait/16): the watch whose
+        wake-up ended the hold (its ``answers`` are shared by the queries it woke), else None."""
+        woken: _Watch | None = None
         if changed() or wait <= 0:
-            return
+            return None
         if self._stopping.is_set():
             raise _HTTPError(
                 503, "the registry is stopping: retry in 1 s", headers=[("Retry-After", "1")]
@@ -507,7 +523,7 @@ class RegistryApp:
                 try:
                     left = end - loop.time()
                     if left <= 0:
-                        return
+                        return None
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(watch.event.wait(), left)
                 finally:
@@ -515,7 +531,8 @@ class RegistryApp:
                     if watch.waiters == 0 and self._watches.get(key) is watch:
                         del self._watches[key]
                 if not watch.event.is_set():
-                    return  # timed out
+                    return None  # timed out
+                woken = watch
         finally:
             self._count_watchers(-1)
         if self._stopping.is_set() and not changed():
@@ -526,6 +543,7 @@ class RegistryApp:
             raise _HTTPError(
                 503, "the registry is stopping: retry in 1 s", headers=[("Retry-After", "1")]
             )
+        return woken
 
     def _warming(self, registry: Registry) -> Callable[[], bool]:
         """For a query held while warming: whether warming has ended since (the answer's
@@ -818,12 +836,19 @@ class RegistryApp:
         self._reader(request)
         index, wait, epoch = _blocking(request)
         registry = self._core()
+        woken = None
         if index and epoch in (None, registry.epoch):
             warming = self._warming(registry)
-            await self._hold(
+            woken = await self._hold(
                 (ns, svc), lambda: registry.changed_since(ns, svc, index) or warming(), wait
             )
-        found = registry.endpoints(ns, svc, self.clock())
+        now = self.clock()
+        state = (registry.index(ns, svc), registry.epoch, registry.authoritative(now))
+        headers = self._index_headers(state, f'"{state[1]}-{state[0]}"')
+        shared = None if woken is None else woken.answers.get(state)
+        if shared is not None:
+            return 200, shared, headers
+        found = registry.endpoints(ns, svc, now)
         answer = EndpointsAnswer(
             ns,
             svc,
@@ -835,15 +860,18 @@ class RegistryApp:
                 for i in found.instances
             ),
         )
-        headers = self._index_headers(found.index, f'"{found.epoch}-{found.index}"')
-        return 200, answer.to_json(), headers
+        payload = json.dumps(answer.to_json()).encode()
+        if woken is not None:
+            woken.answers[state] = payload
+        return 200, payload, headers
 
-    def _index_headers(self, index: int, etag: str) -> list[tuple[str, str]]:
-        registry = self._core()
+    def _index_headers(self, state: tuple[int, str, bool], etag: str) -> list[tuple[str, str]]:
+        """The headers of a readable answer; ``state`` is (index, epoch, authoritative)."""
+        index, epoch, authoritative = state
         return [
             (INDEX_HEADER, str(index)),
-            (EPOCH_HEADER, registry.epoch),
-            (AUTHORITATIVE_HEADER, "true" if registry.authoritative(self.clock()) else "false"),
+            (EPOCH_HEADER, epoch),
+            (AUTHORITATIVE_HEADER, "true" if authoritative else "false"),
             ("ETag", etag),
         ]
 
@@ -900,16 +928,20 @@ class RegistryApp:
         index, wait, epoch = _blocking(request)
         registry = self._core()
         log_ = registry.policy
+        woken = None
         if index and epoch in (None, registry.epoch):
             warming = self._warming(registry)
-            await self._hold(None, lambda: log_.changed_since(index) or warming(), wait)
+            woken = await self._hold(None, lambda: log_.changed_since(index) or warming(), wait)
         current = log_.current()
         version = 0 if current is None else current.version
-        return (
-            200,
-            self._policy_answer(current).to_json(),
-            self._index_headers(version, f'"{version}"'),
-        )
+        state = (version, registry.epoch, registry.authoritative(self.clock()))
+        headers = self._index_headers(state, f'"{version}"')
+        shared = None if woken is None else woken.answers.get(state)
+        if shared is None:
+            shared = json.dumps(self._policy_answer(current).to_json()).encode()
+            if woken is not None:
+                woken.answers[state] = shared
+        return 200, shared, headers
 
     async def _history(self, request: _Request) -> Answer:
         self._allow(request, "GET")
