@@ -6,8 +6,9 @@ Certificates have the RFC 5280 shape strict TLS stacks demand (OpenSSL ``X509_ST
   ``spiffe://<trust-domain>`` (as SPIRE does; it is also how :meth:`CertificateAuthority.load`
   learns the trust domain), basicConstraints critical CA=true pathlen 0, keyUsage critical
   keyCertSign + cRLSign, subject key identifier, 10 years.
-- leaf (X509-SVID §4): EC P-256, subject ``O=meshlib`` (SPIFFE ignores it; a non-empty subject
-  keeps the SAN non-critical legal), exactly one URI SAN, basicConstraints critical CA=false,
+- leaf (X509-SVID §4): EC P-256 (or the caller's key, when a CSR is signed), subject
+  ``O=meshlib`` (SPIFFE ignores it; a non-empty subject keeps the SAN non-critical legal),
+  exactly one URI SAN, basicConstraints critical CA=false,
   keyUsage critical digitalSignature, extendedKeyUsage serverAuth + clientAuth, SKI and AKI,
   random positive 128-bit serial, valid from one minute ago (clock skew) for ``ttl``.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshlib.identity.bundle import TrustBundle
@@ -41,6 +42,7 @@ __all__ = [
     "X509SVID",
     "CAError",
     "CertificateAuthority",
+    "LeafPublicKey",
     "load_certificates",
     "uri_sans",
     "write_atomic",
@@ -60,6 +62,8 @@ SVID_KEY_FILE = "key.pem"
 SVID_BUNDLE_FILE = "bundle.pem"
 
 Clock = Callable[[], dt.datetime]
+#: The keys a leaf may carry (what :func:`meshlib.identity.csr.check_csr` accepts).
+LeafPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 class CAError(IdentityError):
@@ -228,7 +232,24 @@ class CertificateAuthority:
         backdate: dt.timedelta = CLOCK_SKEW,
     ) -> X509SVID:
         """Issue an X.509 SVID for ``spiffe_id`` (which must be in this CA's trust domain),
-        valid from ``backdate`` before now (peer clock skew) until ``ttl`` after now."""
+        valid from ``backdate`` before now (peer clock skew) until ``ttl`` after now: a new
+        EC P-256 key, and :meth:`sign` on its public half."""
+        key = _new_key()
+        cert = self.sign(key.public_key(), spiffe_id, ttl=ttl, clock=clock, backdate=backdate)
+        return X509SVID(spiffe_id, cert, key, (), self.bundle)
+
+    def sign(
+        self,
+        public_key: LeafPublicKey,
+        spiffe_id: SpiffeID,
+        *,
+        ttl: dt.timedelta = DEFAULT_SVID_TTL,
+        clock: Clock = _utcnow,
+        backdate: dt.timedelta = CLOCK_SKEW,
+    ) -> x509.Certificate:
+        """The leaf certificate (X509-SVID shape, see the module docstring) for ``spiffe_id``
+        over a key the caller holds (from a CSR checked by
+        :func:`meshlib.identity.csr.check_csr`); the same rules as :meth:`issue`."""
         if spiffe_id.trust_domain != self.trust_domain:
             raise CAError(f"{spiffe_id} is not in this CA's trust domain {self.trust_domain!r}")
         if spiffe_id.is_trust_domain:
@@ -239,15 +260,14 @@ class CertificateAuthority:
             raise CAError(f"backdate must not be negative, got {backdate}")
         now = clock()
         not_after = min(now + ttl, self.certificate.not_valid_after_utc)
-        key = _new_key()
         issuer_ski = self.certificate.extensions.get_extension_for_class(
             x509.SubjectKeyIdentifier
         ).value
-        cert = (
+        return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlib")]))
             .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(_serial())
             .not_valid_before(now - backdate)
             .not_valid_after(not_after)
@@ -259,7 +279,7 @@ class CertificateAuthority:
                 ),
                 critical=False,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
                 critical=False,
@@ -270,7 +290,6 @@ class CertificateAuthority:
             )
             .sign(self.key, hashes.SHA256())
         )
-        return X509SVID(spiffe_id, cert, key, (), self.bundle)
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
