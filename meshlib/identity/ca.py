@@ -44,6 +44,7 @@ __all__ = [
     "CertificateAuthority",
     "LeafPublicKey",
     "load_certificates",
+    "new_serial",
     "uri_sans",
     "write_atomic",
 ]
@@ -78,7 +79,8 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _serial() -> int:
+def new_serial() -> int:
+    """A leaf or root serial number."""
     # 128 random bits with the top bit cleared: positive, and at most 16 DER content octets.
     return secrets.randbits(127) | 1
 
@@ -144,7 +146,7 @@ class CertificateAuthority:
             .subject_name(name)
             .issuer_name(name)
             .public_key(key.public_key())
-            .serial_number(_serial())
+            .serial_number(new_serial())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -246,10 +248,13 @@ class CertificateAuthority:
         ttl: dt.timedelta = DEFAULT_SVID_TTL,
         clock: Clock = _utcnow,
         backdate: dt.timedelta = CLOCK_SKEW,
+        serial: int | None = None,
     ) -> x509.Certificate:
         """The leaf certificate (X509-SVID shape, see the module docstring) for ``spiffe_id``
         over a key the caller holds (from a CSR checked by
-        :func:`meshlib.identity.csr.check_csr`); the same rules as :meth:`issue`."""
+        :func:`meshlib.identity.csr.check_csr`); the same rules as :meth:`issue`. ``serial``
+        (default: random, see :func:`new_serial`) lets a caller name the leaf before it
+        exists (a join token records the serial it was used for)."""
         if spiffe_id.trust_domain != self.trust_domain:
             raise CAError(f"{spiffe_id} is not in this CA's trust domain {self.trust_domain!r}")
         if spiffe_id.is_trust_domain:
@@ -258,6 +263,8 @@ class CertificateAuthority:
             raise CAError(f"ttl must be positive, got {ttl}")
         if backdate < dt.timedelta(0):
             raise CAError(f"backdate must not be negative, got {backdate}")
+        if serial is not None and not 0 < serial < 2**159:
+            raise CAError(f"serial must be positive and at most 20 octets, got {serial}")
         now = clock()
         not_after = min(now + ttl, self.certificate.not_valid_after_utc)
         issuer_ski = self.certificate.extensions.get_extension_for_class(
@@ -268,7 +275,7 @@ class CertificateAuthority:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlib")]))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
-            .serial_number(_serial())
+            .serial_number(new_serial() if serial is None else serial)
             .not_valid_before(now - backdate)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
