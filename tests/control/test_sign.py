@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from meshlib.cli.registry import RegistryServed
 from meshlib.control.client import (
     AsyncRegistryClient,
     RegistryClient,
@@ -28,6 +29,8 @@ from meshlib.identity import CertificateAuthority, SpiffeID, verify_svid
 from meshlib.identity.bundle import TrustBundle
 from meshlib.identity.cadir import CADirectory
 from meshlib.identity.csr import make_csr
+from meshlib.identity.tls import SVIDSource
+from meshlib.inbound.serving import serve
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
 from tests.control.test_app_consistency import scrape
 
@@ -296,3 +299,26 @@ def test_the_bootstrap_client_refuses_a_server_outside_its_bundle(
     )
     with client, pytest.raises(RegistryUnavailable):
         client.sign(make_csr(_key(), REVIEWS), token="mlt1.aaa.secret")
+
+
+def test_a_certificate_of_another_ca_is_still_refused_at_the_handshake(
+    registry: RunningRegistry, tmp_path: Path
+) -> None:
+    # optional means "none is fine", never "a wrong one is fine"
+    stranger = CertificateAuthority.create(TD).issue(REVIEWS).save(tmp_path / "stranger")
+    context = SVIDSource(stranger).client_context()
+    context.load_verify_locations(cafile=str(registry.admin_svid / "bundle.pem"))
+    with (
+        httpx.Client(base_url=registry.url, verify=context, timeout=5.0) as client,
+        pytest.raises(httpx.TransportError),
+    ):
+        client.get("/healthz")
+
+
+def test_client_cert_optional_needs_tls(registry: RunningRegistry) -> None:
+    mesh = RegistryServed(TD)
+    svid = str(registry.data / "registry")
+    with pytest.raises(ValueError, match="needs TLS"):
+        serve(registry.app, mesh=mesh, svid_dir=svid, mode="disable", client_cert="optional")
+    with pytest.raises(ValueError, match="'mode' or 'optional'"):
+        serve(registry.app, mesh=mesh, svid_dir=svid, mode="strict", client_cert="maybe")
