@@ -198,8 +198,10 @@ def _add_registry(sub: Subparsers) -> None:
     serve = verbs.add_parser(
         "serve",
         help="serve the registry over mTLS from DIR (one process per DIR)",
-        description="Serve the registry's HTTPS API with DIR/registry's SVID; every client "
-        "must present an SVID of DIR/ca's trust domain. Stops on SIGTERM or SIGINT. " + _RENEW_NOTE,
+        description="Serve the registry's HTTPS API with DIR/registry's SVID, signing CSRs "
+        "with DIR/ca; every path needs a client SVID of DIR/ca's trust domain but /healthz, "
+        "/readyz and POST /v1/ca/sign with a join token (TLS only: plain HTTP is refused). "
+        "Stops on SIGTERM or SIGINT. " + _RENEW_NOTE,
     )
     serve.add_argument("--data", required=True, metavar="DIR", help="from 'registry init'")
     serve.add_argument(
@@ -210,6 +212,12 @@ def _add_registry(sub: Subparsers) -> None:
         choices=("sqlite", "memory"),
         default="sqlite",
         help="sqlite (DIR/registry.db, the default) or memory (lost on stop)",
+    )
+    serve.add_argument(
+        "--svid-ttl",
+        default="24h",
+        metavar="DURATION",
+        help="lifetime of the SVIDs POST /v1/ca/sign issues, e.g. 24h, 90m (default 24h)",
     )
     serve.set_defaults(func=_cmd_serve)
     add_registry_status(verbs)  # a client of a running registry: with apply, get...
@@ -239,6 +247,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from meshlib.config.values import parse_duration
+    from meshlib.control import tokens
     from meshlib.control.memory import MemoryStore
     from meshlib.control.sqlite import SQLiteStore
     from meshlib.control.store import StoreError
@@ -247,6 +257,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from meshlib.inbound.serving import serve
 
     host, port = parse_listen(args.listen)
+    try:
+        svid_ttl = dt.timedelta(seconds=parse_duration(args.svid_ttl))
+    except ValueError as exc:
+        raise UsageError(f"--svid-ttl: {exc}") from None
+    if svid_ttl <= dt.timedelta(0):
+        raise UsageError(f"--svid-ttl must be positive, got {args.svid_ttl!r}")
     data = Path(args.data)
     if not (data / REGISTRY_DIR / "cert.pem").exists():
         raise CommandFailed(f"{data}: no registry SVID; run 'meshctl registry init --data {data}'")
@@ -255,8 +271,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         store: Store = SQLiteStore(data) if args.store == "sqlite" else MemoryStore()
     except (IdentityError, StoreError) as exc:
         raise CommandFailed(str(exc)) from exc
-    # The CA dir is polled every second: 'meshctl ca rotate'/'revoke' reach the workloads.
-    app = registry_with_metrics(store, trust_domain=trust_domain, ca_dir=data / CA_DIR)
+    # The CA dir is polled every second ('meshctl ca rotate'/'revoke' reach the workloads) and
+    # signs CSRs: renewals by SVID, first contacts by the join tokens kept in the store.
+    app = registry_with_metrics(
+        store,
+        trust_domain=trust_domain,
+        ca_dir=data / CA_DIR,
+        svid_ttl=svid_ttl,
+        join_tokens=tokens,
+    )
     try:
         server = serve(
             app,
@@ -265,6 +288,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             port=port,
             svid_dir=str(data / REGISTRY_DIR),
             mode="strict",
+            # a first contact has a join token, not yet an SVID: the app decides per path
+            client_cert="optional",
         )
     except (IdentityError, RuntimeError, TimeoutError, OSError) as exc:
         _close(store)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import math
@@ -52,7 +53,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshlib.config.loader import MAX_FILE_BYTES, load_text
 from meshlib.config.model import Snapshot
@@ -95,13 +99,27 @@ from meshlib.control.wire import (
     admin_id,
 )
 from meshlib.errors import ConfigError
-from meshlib.identity.ca import CA_CERT_FILE, SVID_BUNDLE_FILE
+from meshlib.identity.ca import (
+    CA_CERT_FILE,
+    DEFAULT_SVID_TTL,
+    SVID_BUNDLE_FILE,
+    LeafPublicKey,
+    new_serial,
+)
 from meshlib.identity.cadir import CADirectory
 from meshlib.identity.crl import CRL_FILE, crls_pem, load_crls
+from meshlib.identity.csr import CSRRefused, check_csr
 from meshlib.identity.peers import verified_identity
-from meshlib.identity.spiffe import IdentityError
+from meshlib.identity.spiffe import IdentityError, SpiffeID, SpiffeIDError
 
-__all__ = ["DEFAULT_MAX_WATCHERS", "RegistryApp", "RegistryMetricsSink", "registry_app"]
+__all__ = [
+    "DEFAULT_MAX_WATCHERS",
+    "JoinTokens",
+    "RegistryApp",
+    "RegistryMetricsSink",
+    "TokenGrant",
+    "registry_app",
+]
 
 log = logging.getLogger("meshlib.registry")
 
@@ -109,6 +127,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Identify = Callable[[Scope], "str | None"]
+_T = TypeVar("_T")
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
@@ -125,6 +144,27 @@ class RegistryMetricsSink(Protocol):
     def set_preserving(self, preserving: bool) -> None: ...
 
     def set_watchers(self, count: int) -> None: ...
+
+
+class TokenGrant(Protocol):
+    """What a join token grants (``meshlib.control.tokens.TokenRecord`` fits): its identity."""
+
+    @property
+    def spiffe_id(self) -> str: ...
+
+
+class JoinTokens(Protocol):
+    """The join tokens ``POST /v1/ca/sign`` takes (the module ``meshlib.control.tokens`` fits):
+    look a token up without using it, use it once, and the refusal both raise (``.reason``)."""
+
+    @property
+    def TokenRefused(self) -> type[Exception]: ...  # the module's class, by its name
+
+    async def verify_token(self, store: Store, token_text: object, now: float) -> TokenGrant: ...
+
+    async def consume(
+        self, store: Store, token_text: object, now: float, *, serial: str | None = None
+    ) -> TokenGrant: ...
 
 
 #: Blocking queries held at once before new ones get 429 + ``Retry-After: 1``.
@@ -215,6 +255,8 @@ class RegistryApp:
         metrics: RegistryMetricsSink | None = None,
         exposition: ASGIApp | None = None,
         ca_dir: str | os.PathLike[str] | None = None,
+        svid_ttl: dt.timedelta = DEFAULT_SVID_TTL,
+        join_tokens: JoinTokens | None = None,
     ) -> None:
         self.store = store
         self.trust_domain = trust_domain
@@ -230,7 +272,15 @@ class RegistryApp:
         #: Answers ``GET /metrics`` to callers with an SVID of the trust domain, as every path
         #: (e.g. ``meshlib.observe.exporter.metrics_app()``); None: /metrics is 404.
         self.exposition = exposition
-        #: Refused requests (403), for /v1/status.
+        #: The CA directory ``POST /v1/ca/sign`` signs with (``DIR/ca``, read per request so a
+        #: ``meshctl ca rotate`` is picked up); None: the registry does not sign (404).
+        self.ca_dir = None if ca_dir is None else Path(ca_dir)
+        #: Lifetime of the SVIDs the registry signs.
+        self.svid_ttl = svid_ttl
+        #: The join tokens the first-contact form of ``POST /v1/ca/sign`` spends; None: that
+        #: form is refused 401 (renewal with an SVID still works).
+        self.join_tokens = join_tokens
+        #: Refused requests (401, 403), for /v1/status.
         self.refusals = 0
         #: Held blocking queries a change woke (one per query woken).
         self.wakeups = 0
@@ -581,6 +631,15 @@ class RegistryApp:
             if not self._open:
                 return 503, {"error": "the registry's store is not open"}, ()
             return 200, {"ok": True}, ()
+        if request.identity is None and parts != ("v1", "ca", "sign"):
+            # The server lets TLS callers without a client certificate in (a first contact
+            # has only a join token): every path but the three above needs an SVID.
+            raise self._refuse(
+                f"the caller has no SVID of the trust domain {self.trust_domain}: {path} needs "
+                "one (without one, only /healthz, /readyz and POST /v1/ca/sign with a join "
+                "token are served)",
+                "read",
+            )
         if not self._open or self.registry is None:
             raise _HTTPError(503, "the registry is not started", headers=[("Retry-After", "1")])
         match parts:
@@ -623,6 +682,9 @@ class RegistryApp:
                 return await self._revoke_token(request, id)
             case ("v1", "ca", "bundle"):
                 return await self._ca_bundle(request)
+            case ("v1", "ca", "sign"):
+                self._allow(request, "POST")
+                return await self._sign(request)
         raise _HTTPError(404, f"no such endpoint: {path}")
 
     def _allow(self, request: _Request, *methods: str) -> None:
@@ -640,12 +702,13 @@ class RegistryApp:
 
     # -- authorization -------------------------------------------------------------------------
 
-    def _refuse(self, message: str, verb: str) -> _HTTPError:
-        """A 403, counted (``verb``: read, register, heartbeat, drain, apply, rollback)."""
+    def _refuse(self, message: str, verb: str, status: int = 403) -> _HTTPError:
+        """A 403 (or ``status``: 401 for no credentials at all), counted (``verb``: read,
+        register, heartbeat, drain, apply, rollback, sign)."""
         self.refusals += 1
         if self.metrics is not None:
             self.metrics.refused(verb)
-        return _HTTPError(403, message)
+        return _HTTPError(status, message)
 
     def _reader(self, request: _Request, verb: str = "read") -> str:
         if request.identity is None:
@@ -1177,6 +1240,95 @@ class RegistryApp:
         log.info("registry: %s revoked join token %s", author, id)
         return 200, {"id": revoked.id, "revoked_at": revoked.revoked_at}, ()
 
+    # -- signing -------------------------------------------------------------------------------
+
+    async def _sign(self, request: _Request) -> Answer:
+        """``POST /v1/ca/sign``: a leaf for the CSR's key, for the identity of the join token
+        (first contact) or of the caller's SVID (renewal); never the CSR's own claim."""
+        if self.ca_dir is None:
+            raise _HTTPError(404, "this registry does not sign (it was started without a CA)")
+        try:
+            token = _bearer(request)
+        except ValueError as exc:
+            raise self._refuse(str(exc), "sign", 401) from None
+        if token is None and request.identity is None:
+            raise self._refuse(
+                "present a join token (Authorization: Bearer) or your current SVID", "sign", 401
+            )
+        body = await _json_body(request, MAX_BODY)
+        pem = _field(body, "csr", str).encode("utf-8", "replace")
+        serial: int | None = None  # renewal: the CA picks it
+        if token is None:
+            assert request.identity is not None
+            spiffe_id = self._sign_identity(request.identity)
+            public_key = self._checked_key(pem, spiffe_id)
+        else:
+            tokens = self._join_tokens()
+            now = self.wall()
+            try:
+                grant = await tokens.verify_token(self.store, token, now)
+            except tokens.TokenRefused as exc:
+                raise self._refuse(f"join token refused: {_reason(exc)}", "sign") from None
+            spiffe_id = self._sign_identity(grant.spiffe_id)
+            # checked before the token is spent: a refused CSR leaves the token unused
+            public_key = self._checked_key(pem, spiffe_id)
+            # nor does a CA that cannot be read (a bad file would spend it for nothing)
+            await self._ca_call(CADirectory(self.ca_dir).current)
+            serial = new_serial()
+            try:
+                await tokens.consume(self.store, token, now, serial=f"{serial:x}")
+            except tokens.TokenRefused as exc:  # another request spent it meanwhile
+                raise self._refuse(f"join token refused: {_reason(exc)}", "sign") from None
+        ca_dir = CADirectory(self.ca_dir)
+        cert, bundle = await self._ca_call(
+            lambda: ca_dir.sign(public_key, spiffe_id, ttl=self.svid_ttl, serial=serial)
+        )
+        answer = {
+            "certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            "bundle": bundle.to_pem().decode("ascii"),
+            "spiffe_id": str(spiffe_id),
+            "expires_at": int(cert.not_valid_after_utc.timestamp()),
+        }
+        return 200, answer, ()
+
+    async def _ca_call(self, call: Callable[[], _T]) -> _T:
+        """``call`` (file reads, a signature) off the loop, which serves the blocking queries;
+        a CA that cannot be read is a 503."""
+        try:
+            return await asyncio.to_thread(call)
+        except IdentityError as exc:
+            log.error("registry: cannot sign with %s: %s", self.ca_dir, exc.reason)
+            raise _HTTPError(
+                503, f"the registry's CA cannot sign: {exc.reason}", headers=[("Retry-After", "5")]
+            ) from None
+
+    def _join_tokens(self) -> JoinTokens:
+        if self.join_tokens is None:
+            raise self._refuse("join tokens are not enabled on this registry", "sign", 401)
+        return self.join_tokens
+
+    def _sign_identity(self, text: str) -> SpiffeID:
+        """The workload ID a leaf is signed for (a token's or an SVID's: valid, but checked
+        again, since only a workload ID of this trust domain may be signed)."""
+        try:
+            spiffe_id = SpiffeID.parse(text)
+        except SpiffeIDError as exc:
+            raise self._refuse(f"{text!r} is not a SPIFFE ID: {exc.reason}", "sign") from None
+        if spiffe_id.trust_domain != self.trust_domain or spiffe_id.is_trust_domain:
+            raise self._refuse(
+                f"{spiffe_id} is not a workload ID of the trust domain {self.trust_domain}", "sign"
+            )
+        return spiffe_id
+
+    def _checked_key(self, pem: bytes, spiffe_id: SpiffeID) -> LeafPublicKey:
+        """The CSR's public key, if :func:`~meshlib.identity.csr.check_csr` accepts it."""
+        try:
+            key = check_csr(pem, spiffe_id).public_key()
+        except CSRRefused as exc:
+            raise self._refuse(f"CSR refused: {exc.reason}", "sign") from None
+        assert isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey))  # check_csr's rule
+        return key
+
 
 Answer = tuple[int, Any, Iterable[tuple[str, str]]]
 
@@ -1245,6 +1397,22 @@ def _blocking(request: _Request) -> tuple[int, float, str | None]:
         )
     wait = float(match.group(1)) * _UNIT[match.group(2)]
     return int(text), min(wait, MAX_WAIT), epoch
+
+
+def _bearer(request: _Request) -> str | None:
+    """The token of ``Authorization: Bearer <token>``; None without the header."""
+    raw = request.headers.get("authorization")
+    if raw is None:
+        return None
+    scheme, _, token = raw.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ValueError("header Authorization must be 'Bearer <join token>'")
+    return token.strip()
+
+
+def _reason(exc: Exception) -> str:
+    """A refusal's reason (``.reason``, as the join tokens' refusal carries)."""
+    return str(getattr(exc, "reason", exc))
 
 
 def _if_match(request: _Request) -> int | None:

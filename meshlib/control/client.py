@@ -8,11 +8,16 @@ checked by :mod:`meshlib.identity.pinned`'s transports, the same check mesh call
 the handshake and before any request byte, the server must present a valid SVID of the trust
 domain whose ID is ``spiffe://TD/ns/meshlib-system/sa/registry``.
 
+A workload without an SVID yet (its first contact, with a join token) uses
+:meth:`RegistryClient.for_bootstrap`: server-authenticated TLS against a trust bundle obtained
+out of band, the same registry ID pinned, no client certificate; only :meth:`~RegistryClient.sign`
+with a token is served to it.
+
 Errors (:class:`RegistryError` has ``status``, ``message`` and the JSON ``body``)::
 
     RegistryError            any other refusal (400, 405, 413...)
     ├── RegistryUnavailable  no answer, a timeout, 5xx or 429: try later (.retry_after)
-    ├── RegistryRefused      403: this SVID may not do that
+    ├── RegistryRefused      403: this SVID may not do that (401: no credentials at all)
     ├── RegistryNotFound     404
     ├── RegistryConflict     409: If-Match lost (.current is the version now)
     └── PolicyRejected       422: the policy did not load (.problems, one "file:line: ..." each)
@@ -21,13 +26,14 @@ Errors (:class:`RegistryError` has ``status``, ``message`` and the JSON ``body``
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpcore
 import httpx
+from cryptography import x509
 
 from meshlib.control.registry import instance_id
 from meshlib.control.wire import (
@@ -45,8 +51,17 @@ from meshlib.control.wire import (
     WireError,
     registry_id,
 )
-from meshlib.identity.pinned import AsyncPinnedTransport, PinnedTransport, server_svid
-from meshlib.identity.tls import SVIDSource
+from meshlib.identity.bundle import TrustBundle
+from meshlib.identity.ca import uri_sans
+from meshlib.identity.pinned import (
+    AsyncPinnedTransport,
+    PinnedTransport,
+    ServerCheck,
+    server_svid,
+)
+from meshlib.identity.spiffe import SpiffeID, SpiffeIDError
+from meshlib.identity.svid import SVIDError, verify_svid
+from meshlib.identity.tls import SVIDSource, peer_chain
 
 __all__ = [
     "Applied",
@@ -59,6 +74,7 @@ __all__ = [
     "RegistryNotFound",
     "RegistryRefused",
     "RegistryUnavailable",
+    "Signed",
 ]
 
 T = TypeVar("T")
@@ -119,6 +135,7 @@ class PolicyRejected(RegistryError):
 
 
 _BY_STATUS: dict[int, type[RegistryError]] = {
+    401: RegistryRefused,
     403: RegistryRefused,
     404: RegistryNotFound,
     409: RegistryConflict,
@@ -146,6 +163,18 @@ class Applied:
     digest: str
     changed: bool = True
     rollback_of: int | None = None
+
+
+@dataclass(frozen=True)
+class Signed:
+    """The answer to a sign: the certificate chain (leaf first, PEM), the trust bundle's file
+    text (with its sequence line), the SPIFFE ID signed for and when the leaf expires (unix
+    seconds)."""
+
+    certificate: str
+    bundle: str
+    spiffe_id: str
+    expires_at: float
 
 
 @dataclass(frozen=True)
@@ -397,6 +426,22 @@ class _Calls:
         path = f"/v1/tokens/{quote(id, safe='')}"
         return _Call("DELETE", path, lambda r: float(_json(r)["revoked_at"]))
 
+    def sign(self, csr_pem: bytes | str, token: str | None = None) -> _Call[Signed]:
+        def read(response: httpx.Response) -> Signed:
+            body = _json(response)
+            fields = {k: body[k] for k in ("certificate", "bundle", "spiffe_id")}
+            for name, value in fields.items():
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} is {type(value).__name__}, not a string")
+            expires = body["expires_at"]
+            if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+                raise ValueError(f"expires_at is {type(expires).__name__}, not a number")
+            return Signed(**fields, expires_at=float(expires))
+
+        pem = csr_pem.decode("ascii") if isinstance(csr_pem, bytes) else csr_pem
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        return _Call("POST", "/v1/ca/sign", read, json={"csr": pem}, headers=headers)
+
 
 def _held(index: int, wait: float | None) -> float:
     """How long the server may hold a blocking query: wait plus its jitter (wait/16)."""
@@ -425,12 +470,80 @@ class _RegistryCheck:
             )
 
 
+class _BootstrapCheck:
+    """The server check of a client without an SVID: server-authenticated TLS against
+    ``roots`` (a trust bundle obtained out of band), the registry's SPIFFE ID pinned."""
+
+    def __init__(self, roots: Sequence[x509.Certificate], trust_domain: str) -> None:
+        self._roots = tuple(roots)
+        self._trust_domain = trust_domain
+        self.expected = registry_id(trust_domain)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if hasattr(ssl, "VERIFY_X509_STRICT"):
+            context.verify_flags |= ssl.VERIFY_X509_STRICT
+        context.load_verify_locations(cadata=TrustBundle(self._roots).to_pem().decode("ascii"))
+        context.check_hostname = False  # a SPIFFE ID is a URI SAN: verify() checks it
+        context.verify_mode = ssl.CERT_REQUIRED
+        self._context = context
+
+    def client_context(self) -> ssl.SSLContext:
+        return self._context
+
+    def verify(self, host: str, port: int, ssl_object: Any) -> None:
+        leaf_der = None if ssl_object is None else ssl_object.getpeercert(True)
+        if leaf_der is None:
+            raise httpcore.ConnectError(f"TLS: server {host}:{port} presented no certificate")
+        chain = [x509.load_der_x509_certificate(der) for der in peer_chain(ssl_object, leaf_der)]
+        try:
+            verify_svid(
+                chain, self._roots, trust_domain=self._trust_domain, expected_id=self.expected
+            )
+        except SVIDError as exc:
+            raise httpcore.ConnectError(
+                f"TLS: server {host}:{port} is not the registry ({self.expected}): {exc.reason}"
+            ) from None
+
+
+def _bootstrap_check(bundle_pem: bytes) -> _BootstrapCheck:
+    """The check for a bundle file's text; its roots' ``spiffe://TD`` SAN names the trust
+    domain (as :meth:`meshlib.identity.CertificateAuthority.load` reads it)."""
+    bundle = TrustBundle.parse(bundle_pem, "the bootstrap bundle")
+    for root in bundle.roots:
+        for uri in uri_sans(root):
+            try:
+                found = SpiffeID.parse(uri)
+            except SpiffeIDError:
+                continue
+            if found.is_trust_domain:
+                return _BootstrapCheck(bundle.roots, found.trust_domain)
+    raise ValueError("the bootstrap bundle has no root with a 'spiffe://<trust-domain>' URI SAN")
+
+
 class _Base:
-    def __init__(self, url: str, *, svid_dir: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        svid_dir: str | None = None,
+        bundle_pem: bytes | None = None,
+        timeout: float = 5.0,
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.source = SVIDSource(svid_dir)
-        self.check = _RegistryCheck(self.source)
+        #: The client's SVID (None: a bootstrap client, which presents none).
+        self.source: SVIDSource | None = None
+        self.check: ServerCheck
+        if (svid_dir is None) == (bundle_pem is None):
+            raise ValueError("give exactly one of svid_dir (mTLS) or bundle_pem (bootstrap)")
+        if svid_dir is not None:
+            self.source = SVIDSource(svid_dir)
+            self.check = _RegistryCheck(self.source)
+            self._context = self.source.client_context()
+        else:
+            assert bundle_pem is not None
+            self.check = _bootstrap_check(bundle_pem)
+            self._context = self.check.client_context()
         self.calls = _Calls()
 
     def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call[Any]) -> httpx.Request:
@@ -465,10 +578,24 @@ def _unavailable(call: _Call[Any], exc: httpx.HTTPError) -> RegistryUnavailable:
 class RegistryClient(_Base):
     """The registry's API, blocking (one method per endpoint; see the module docstring)."""
 
-    def __init__(self, url: str, *, svid_dir: str, timeout: float = 5.0) -> None:
-        super().__init__(url, svid_dir=svid_dir, timeout=timeout)
-        transport = PinnedTransport(self.source.client_context(), self.check, limits=None)
+    def __init__(
+        self,
+        url: str,
+        *,
+        svid_dir: str | None = None,
+        bundle_pem: bytes | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        super().__init__(url, svid_dir=svid_dir, bundle_pem=bundle_pem, timeout=timeout)
+        transport = PinnedTransport(self._context, self.check, limits=None)
         self._http = httpx.Client(base_url=self.url, transport=transport, trust_env=False)
+
+    @classmethod
+    def for_bootstrap(cls, url: str, *, bundle_pem: bytes, timeout: float = 5.0) -> RegistryClient:
+        """A client without an SVID, for a first contact with a join token (:meth:`sign`):
+        TLS verifying the registry against ``bundle_pem`` (a bundle file's text) and pinning
+        its SPIFFE ID; it presents no certificate."""
+        return cls(url, bundle_pem=bundle_pem, timeout=timeout)
 
     def _send(self, call: _Call[T]) -> T:
         try:
@@ -581,6 +708,11 @@ class RegistryClient(_Base):
         """Revoke join token ``id``; returns when it was revoked (admin only)."""
         return self._send(self.calls.revoke_token(id))
 
+    def sign(self, csr_pem: bytes | str, token: str | None = None) -> Signed:
+        """A leaf for the CSR's key: for the join token's identity with ``token``, else for
+        this client's SVID's (renewal)."""
+        return self._send(self.calls.sign(csr_pem, token))
+
     def close(self) -> None:
         self._http.close()
 
@@ -594,10 +726,26 @@ class RegistryClient(_Base):
 class AsyncRegistryClient(_Base):
     """The registry's API for asyncio (the same methods as :class:`RegistryClient`)."""
 
-    def __init__(self, url: str, *, svid_dir: str, timeout: float = 5.0) -> None:
-        super().__init__(url, svid_dir=svid_dir, timeout=timeout)
-        transport = AsyncPinnedTransport(self.source.client_context(), self.check, limits=None)
+    def __init__(
+        self,
+        url: str,
+        *,
+        svid_dir: str | None = None,
+        bundle_pem: bytes | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        super().__init__(url, svid_dir=svid_dir, bundle_pem=bundle_pem, timeout=timeout)
+        transport = AsyncPinnedTransport(self._context, self.check, limits=None)
         self._http = httpx.AsyncClient(base_url=self.url, transport=transport, trust_env=False)
+
+    @classmethod
+    def for_bootstrap(
+        cls, url: str, *, bundle_pem: bytes, timeout: float = 5.0
+    ) -> AsyncRegistryClient:
+        """A client without an SVID, for a first contact with a join token (:meth:`sign`):
+        TLS verifying the registry against ``bundle_pem`` (a bundle file's text) and pinning
+        its SPIFFE ID; it presents no certificate."""
+        return cls(url, bundle_pem=bundle_pem, timeout=timeout)
 
     async def _send(self, call: _Call[T]) -> T:
         try:
@@ -704,6 +852,10 @@ class AsyncRegistryClient(_Base):
 
     async def revoke_token(self, id: str) -> float:
         return await self._send(self.calls.revoke_token(id))
+
+    async def sign(self, csr_pem: bytes | str, token: str | None = None) -> Signed:
+        """As :meth:`RegistryClient.sign`."""
+        return await self._send(self.calls.sign(csr_pem, token))
 
     async def aclose(self) -> None:
         await self._http.aclose()

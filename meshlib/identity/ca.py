@@ -6,8 +6,9 @@ Certificates have the RFC 5280 shape strict TLS stacks demand (OpenSSL ``X509_ST
   ``spiffe://<trust-domain>`` (as SPIRE does; it is also how :meth:`CertificateAuthority.load`
   learns the trust domain), basicConstraints critical CA=true pathlen 0, keyUsage critical
   keyCertSign + cRLSign, subject key identifier, 10 years.
-- leaf (X509-SVID §4): EC P-256, subject ``O=meshlib`` (SPIFFE ignores it; a non-empty subject
-  keeps the SAN non-critical legal), exactly one URI SAN, basicConstraints critical CA=false,
+- leaf (X509-SVID §4): EC P-256 (or the caller's key, when a CSR is signed), subject
+  ``O=meshlib`` (SPIFFE ignores it; a non-empty subject keeps the SAN non-critical legal),
+  exactly one URI SAN, basicConstraints critical CA=false,
   keyUsage critical digitalSignature, extendedKeyUsage serverAuth + clientAuth, SKI and AKI,
   random positive 128-bit serial, valid from one minute ago (clock skew) for ``ttl``.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshlib.identity.bundle import TrustBundle
@@ -41,7 +42,9 @@ __all__ = [
     "X509SVID",
     "CAError",
     "CertificateAuthority",
+    "LeafPublicKey",
     "load_certificates",
+    "new_serial",
     "uri_sans",
     "write_atomic",
 ]
@@ -60,6 +63,8 @@ SVID_KEY_FILE = "key.pem"
 SVID_BUNDLE_FILE = "bundle.pem"
 
 Clock = Callable[[], dt.datetime]
+#: The keys a leaf may carry (what :func:`meshlib.identity.csr.check_csr` accepts).
+LeafPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 class CAError(IdentityError):
@@ -74,7 +79,8 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _serial() -> int:
+def new_serial() -> int:
+    """A leaf or root serial number."""
     # 128 random bits with the top bit cleared: positive, and at most 16 DER content octets.
     return secrets.randbits(127) | 1
 
@@ -140,7 +146,7 @@ class CertificateAuthority:
             .subject_name(name)
             .issuer_name(name)
             .public_key(key.public_key())
-            .serial_number(_serial())
+            .serial_number(new_serial())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -228,7 +234,27 @@ class CertificateAuthority:
         backdate: dt.timedelta = CLOCK_SKEW,
     ) -> X509SVID:
         """Issue an X.509 SVID for ``spiffe_id`` (which must be in this CA's trust domain),
-        valid from ``backdate`` before now (peer clock skew) until ``ttl`` after now."""
+        valid from ``backdate`` before now (peer clock skew) until ``ttl`` after now: a new
+        EC P-256 key, and :meth:`sign` on its public half."""
+        key = _new_key()
+        cert = self.sign(key.public_key(), spiffe_id, ttl=ttl, clock=clock, backdate=backdate)
+        return X509SVID(spiffe_id, cert, key, (), self.bundle)
+
+    def sign(
+        self,
+        public_key: LeafPublicKey,
+        spiffe_id: SpiffeID,
+        *,
+        ttl: dt.timedelta = DEFAULT_SVID_TTL,
+        clock: Clock = _utcnow,
+        backdate: dt.timedelta = CLOCK_SKEW,
+        serial: int | None = None,
+    ) -> x509.Certificate:
+        """The leaf certificate (X509-SVID shape, see the module docstring) for ``spiffe_id``
+        over a key the caller holds (from a CSR checked by
+        :func:`meshlib.identity.csr.check_csr`); the same rules as :meth:`issue`. ``serial``
+        (default: random, see :func:`new_serial`) lets a caller name the leaf before it
+        exists (a join token records the serial it was used for)."""
         if spiffe_id.trust_domain != self.trust_domain:
             raise CAError(f"{spiffe_id} is not in this CA's trust domain {self.trust_domain!r}")
         if spiffe_id.is_trust_domain:
@@ -237,18 +263,19 @@ class CertificateAuthority:
             raise CAError(f"ttl must be positive, got {ttl}")
         if backdate < dt.timedelta(0):
             raise CAError(f"backdate must not be negative, got {backdate}")
+        if serial is not None and not 0 < serial < 2**159:
+            raise CAError(f"serial must be positive and at most 20 octets, got {serial}")
         now = clock()
         not_after = min(now + ttl, self.certificate.not_valid_after_utc)
-        key = _new_key()
         issuer_ski = self.certificate.extensions.get_extension_for_class(
             x509.SubjectKeyIdentifier
         ).value
-        cert = (
+        return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlib")]))
             .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(_serial())
+            .public_key(public_key)
+            .serial_number(new_serial() if serial is None else serial)
             .not_valid_before(now - backdate)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -259,7 +286,7 @@ class CertificateAuthority:
                 ),
                 critical=False,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
                 critical=False,
@@ -270,7 +297,6 @@ class CertificateAuthority:
             )
             .sign(self.key, hashes.SHA256())
         )
-        return X509SVID(spiffe_id, cert, key, (), self.bundle)
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:

@@ -41,6 +41,7 @@ from meshlib.identity.ca import (
     X509SVID,
     CAError,
     CertificateAuthority,
+    LeafPublicKey,
     load_certificates,
     write_atomic,
 )
@@ -211,13 +212,29 @@ class CADirectory:
         ca, bundle = self.current(), self.bundle()
         svid = ca.issue(spiffe_id, ttl=ttl, clock=self._clock)
         svid = replace(svid, bundle=bundle.roots, bundle_sequence=bundle.sequence)
-        self._record(svid, ca)
+        self.record(svid.certificate, svid.spiffe_id, ca)
         if out is not None:
             target = svid.save(out)
             crl = self.path / CRL_FILE
             if crl.exists():
                 write_atomic(target / CRL_FILE, crl.read_bytes(), mode=0o644)
         return svid
+
+    def sign(
+        self,
+        public_key: LeafPublicKey,
+        spiffe_id: SpiffeID,
+        *,
+        ttl: dt.timedelta = DEFAULT_SVID_TTL,
+        serial: int | None = None,
+    ) -> tuple[x509.Certificate, TrustBundle]:
+        """A leaf for a caller's key (a checked CSR's) from the current root, recorded in
+        ``issued.jsonl`` as :meth:`issue` records its SVIDs; returned with the published
+        bundle the caller should trust."""
+        ca, bundle = self.current(), self.bundle()
+        cert = ca.sign(public_key, spiffe_id, ttl=ttl, clock=self._clock, serial=serial)
+        self.record(cert, spiffe_id, ca)
+        return cert, bundle
 
     def revoke(self, cert_files: Sequence[str | os.PathLike[str]]) -> list[tuple[int, str]]:
         """Add each file's leaf to its issuing root's CRL and re-sign every root's CRL into
@@ -248,12 +265,16 @@ class CADirectory:
     def _publish(self, bundle: TrustBundle) -> None:
         write_atomic(self.path / SVID_BUNDLE_FILE, bundle.to_pem(), mode=0o644)
 
-    def _record(self, svid: X509SVID, ca: CertificateAuthority) -> None:
+    def record(
+        self, certificate: x509.Certificate, spiffe_id: SpiffeID, ca: CertificateAuthority
+    ) -> None:
+        """Append a leaf ``ca`` issued to ``issued.jsonl`` (what :meth:`drop_old` and
+        ``meshctl ca revoke`` look up)."""
         line = {
-            "serial": f"{svid.certificate.serial_number:x}",
-            "spiffe_id": str(svid.spiffe_id),
+            "serial": f"{certificate.serial_number:x}",
+            "spiffe_id": str(spiffe_id),
             "root_ski": _ski(ca.certificate),
-            "not_after": svid.certificate.not_valid_after_utc.isoformat(),
+            "not_after": certificate.not_valid_after_utc.isoformat(),
         }
         with open(self.path / ISSUED_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")

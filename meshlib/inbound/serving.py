@@ -28,6 +28,13 @@ Modes (``mode=`` pins one; by default the effective mode of the mesh's own servi
 A flip strict → permissive → strict therefore needs no new socket and never fails a request
 from a meshed client (one that presents its SVID).
 
+``client_cert="optional"`` (with a TLS mode) makes a server that is **TLS only, client
+certificate optional, the app decides**: plain HTTP is refused as under strict, the handshake
+asks for a client certificate without requiring one, and a request without one reaches the app
+with no client certificate in its TLS extension (so ``verified_identity`` is ``None``) — the app
+refuses what needs an identity. The registry serves this way: a workload's first contact has a
+join token, not yet an SVID (docs/control-plane.md, "The API").
+
 In both TLS modes a client that *does* present a certificate must present a valid SVID of the
 trust domain, or the connection is refused: a peer that claims an identity and gets it wrong is
 misconfigured or hostile, never silently downgraded.
@@ -228,6 +235,7 @@ def serve(
     startup_timeout: float = 10.0,
     svid_poll_interval: float | None = 1.0,
     advertise: str | None = None,
+    client_cert: str = "mode",
     **uvicorn_kwargs: Any,
 ) -> Server:
     """Run ``app`` under uvicorn on a background thread; return once it listens.
@@ -238,6 +246,10 @@ def serve(
     never) and a renewed pair is swapped in on the server's loop
     (:mod:`meshlib.identity.rotation`). Extra keyword arguments go to :class:`uvicorn.Config`.
 
+    ``client_cert``: ``"mode"`` (the default) requires or tolerates a client certificate as the
+    mode says; ``"optional"`` serves TLS only with an optional client certificate whatever the
+    mode, leaving the decision to the app (see the module docstring).
+
     When the mesh has an ``on_serving`` hook (:class:`ServingHook`: a mesh with a registry
     registers the instance there), it is called once the server listens, with ``advertise``
     (the address callers reach; default ``host``, which must then not be a wildcard such as
@@ -246,7 +258,9 @@ def serve(
     """
     import asyncio
 
-    server, source, resolved = _build(app, mesh, host, port, svid_dir, mode, uvicorn_kwargs)
+    server, source, resolved = _build(
+        app, mesh, host, port, svid_dir, mode, uvicorn_kwargs, client_cert
+    )
     started = threading.Event()
     state: dict[str, Any] = {}
 
@@ -324,10 +338,11 @@ def run(
     port: int = 8000,
     svid_dir: str | None = None,
     mode: MTLSMode | str | None = None,
+    client_cert: str = "mode",
     **uvicorn_kwargs: Any,
 ) -> None:
     """Like :func:`serve`, but blocking in the calling thread (for scripts; handles Ctrl-C)."""
-    server, _, _ = _build(app, mesh, host, port, svid_dir, mode, uvicorn_kwargs)
+    server, _, _ = _build(app, mesh, host, port, svid_dir, mode, uvicorn_kwargs, client_cert)
     server.run()
 
 
@@ -339,12 +354,18 @@ def _build(
     svid_dir: str | None,
     mode: MTLSMode | str | None,
     uvicorn_kwargs: dict[str, Any],
+    client_cert: str = "mode",
 ) -> tuple[uvicorn.Server, SVIDSource | None, MTLSMode]:
     import uvicorn
 
     from meshlib.config.model import MTLSMode
 
     resolved = MTLSMode(mode) if mode is not None else mesh.mtls_mode()
+    if client_cert not in ("mode", "optional"):
+        raise ValueError(f"client_cert must be 'mode' or 'optional', got {client_cert!r}")
+    optional = client_cert == "optional"
+    if optional and resolved is MTLSMode.DISABLE:
+        raise ValueError("client_cert='optional' needs TLS: the mTLS mode is 'disable'")
     options: dict[str, Any] = {
         "log_config": None,
         "lifespan": "auto",
@@ -366,10 +387,17 @@ def _build(
         # change under a live socket, so a certificate is requested, not required, and strict
         # is enforced per connection and per request (see _sniffing_protocol).
         pinned_strict = mode is not None and resolved is MTLSMode.STRICT
-        context = source.server_context(require_client_cert=pinned_strict)
+        context = source.server_context(require_client_cert=pinned_strict and not optional)
         mode_of = (lambda: resolved) if mode is not None else mesh.mtls_mode
-        tls_class = _protocol_class(source, mode_of=mode_of, mesh=mesh)
-        options["http"] = _sniffing_protocol(tls_class, context, mode_of)
+        if optional:
+            # TLS only (the sniffer refuses plaintext as under strict), while the connection
+            # and its requests are served as under permissive: no certificate is no refusal.
+            # The per-request code is the same; only what the mode reads as differs.
+            tls_class = _protocol_class(source, mode_of=lambda: MTLSMode.PERMISSIVE, mesh=mesh)
+            options["http"] = _sniffing_protocol(tls_class, context, lambda: MTLSMode.STRICT)
+        else:
+            tls_class = _protocol_class(source, mode_of=mode_of, mesh=mesh)
+            options["http"] = _sniffing_protocol(tls_class, context, mode_of)
     else:
         options.setdefault("http", _protocol_class())
     config = uvicorn.Config(app, host=host, port=port, **options)

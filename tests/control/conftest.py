@@ -1,5 +1,7 @@
 """A real registry for tests: ``meshctl registry init``'s data dir in tmp_path, the app over a
-SQLite (or memory) store, served by meshlib's own ``serve`` with strict mTLS on 127.0.0.1.
+SQLite (or memory) store, served by meshlib's own ``serve`` on 127.0.0.1 as ``registry serve``
+does: TLS only, a client certificate optional (the app refuses a caller without one on every
+path but /healthz, /readyz and the token form of POST /v1/ca/sign), signing with ``DIR/ca``.
 
 ``registry`` is one running registry; ``registry_factory`` starts more (a restart on the same
 data dir, an injected clock, a small blocking-query limit). Each yields a
@@ -29,7 +31,7 @@ from meshlib.cli.registry import (
     init_registry_dir,
     registry_with_metrics,
 )
-from meshlib.control.app import RegistryApp
+from meshlib.control.app import JoinTokens, RegistryApp
 from meshlib.control.client import RegistryClient
 from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import RegistrySettings
@@ -139,12 +141,14 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         metrics: bool = False,
         port: int = 0,
         ca: bool = True,
+        join_tokens: JoinTokens | None = None,
     ) -> RunningRegistry:
         """Start a registry on ``data`` (default: a new dir, initialised); ``clock`` injected
         turns the 1 s expiry tick off (drive it with :meth:`RunningRegistry.expire`); ``wall``
         is the wall clock the store's times are written in; ``port`` (default: a free one) lets
         a restart come back at the URL its clients know; ``ca`` serves ``DIR/ca``'s bundle and
-        CRLs (``GET /v1/ca/bundle``), as ``registry serve`` does."""
+        CRLs (``GET /v1/ca/bundle``) and signs, as ``registry serve`` does; ``join_tokens`` is
+        what the token form of POST /v1/ca/sign spends (default: none, that form is refused)."""
         if data is None:
             data = tmp_path / f"registry-{next(count)}"
         made = init_registry_dir(data, TD)
@@ -155,6 +159,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         if wall is not None:
             extra["wall"] = wall
         options: dict[str, Any] = {
+            "join_tokens": join_tokens,
             "settings": settings or RegistrySettings(warming=0.0),
             "rng": random.Random(seed),
             "max_watchers": max_watchers,
@@ -173,6 +178,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
             mesh=RegistryServed(made.trust_domain, app),
             svid_dir=str(made.registry_svid),
             mode="strict",
+            client_cert="optional",  # as `registry serve`: the app refuses callers without one
             svid_poll_interval=None,
             port=port,
         )

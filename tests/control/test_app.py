@@ -292,14 +292,14 @@ def test_authorization_refuses_other_identities(registry: RunningRegistry) -> No
     assert status["refusals"] == registry.app.refusals == 5
 
 
-def test_a_client_without_a_certificate_cannot_connect(registry: RunningRegistry) -> None:
+def test_a_client_without_a_certificate_gets_health_and_403(registry: RunningRegistry) -> None:
+    # TLS without a client certificate connects (a first contact has a join token, not an
+    # SVID); the app serves it only the health checks (tests/control/test_sign.py walks all)
     no_cert = ssl.create_default_context(cafile=str(registry.admin_svid / "bundle.pem"))
     no_cert.check_hostname = False
-    with (
-        httpx.Client(base_url=registry.url, verify=no_cert, timeout=5.0) as anonymous,
-        pytest.raises(httpx.TransportError),
-    ):
-        anonymous.get("/healthz")
+    with httpx.Client(base_url=registry.url, verify=no_cert, timeout=5.0) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        error_of(anonymous.get("/v1/services"), 403)
 
 
 def test_restart_with_data_keeps_epoch_instances_and_index(

@@ -13,9 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshlib.cli.main import main
-from meshlib.control.client import RegistryClient
+from meshlib.control.client import RegistryClient, RegistryRefused
+from meshlib.identity import SpiffeID
+from meshlib.identity.csr import make_csr
 from meshlib.identity.svid import spiffe_id_of
 from meshlib.identity.tls import SVIDSource
 
@@ -63,6 +66,8 @@ def test_serve_without_init_fails_in_one_line(
     assert err.startswith("meshctl registry serve:") and "registry init" in err
     assert len(err.splitlines()) == 1
     assert main(["registry", "serve", "--data", str(tmp_path), "--listen", "nope"]) == 2
+    assert main(["registry", "serve", "--data", str(tmp_path), "--svid-ttl", "soon"]) == 2
+    assert "--svid-ttl" in capsys.readouterr().err
 
 
 def _serve(data: Path) -> subprocess.Popen[str]:
@@ -111,6 +116,16 @@ def test_serve_answers_over_mtls_and_stops_on_sigterm(
         metrics = http.get("/metrics")
     assert metrics.status_code == 200, metrics.text
     assert "mesh_registry_instances 0.0" in metrics.text
+    # it signs with DIR/ca (renewal by SVID), and lets a caller without one reach the app
+    key = ec.generate_private_key(ec.SECP256R1())
+    admin_id = SpiffeID.parse(f"spiffe://{TD}/ns/meshlib-system/sa/meshctl")
+    with RegistryClient(url, svid_dir=str(data / "admin")) as client:
+        assert client.sign(make_csr(key, admin_id)).spiffe_id == str(admin_id)
+    bundle = (data / "admin" / "bundle.pem").read_bytes()
+    with RegistryClient.for_bootstrap(url, bundle_pem=bundle) as anonymous:
+        with pytest.raises(RegistryRefused) as refused:
+            anonymous.sign(make_csr(key, admin_id))
+        assert refused.value.status == 401
 
     second = subprocess.run(
         [*SERVE, str(data)],
