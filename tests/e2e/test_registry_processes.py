@@ -368,10 +368,15 @@ def test_a_canary_applied_with_meshctl_shifts_live_traffic_within_seconds(
 def test_a_killed_instance_moves_within_one_ttl_with_zero_failed_calls(
     cluster: Cluster, loadgen: meshlib.Mesh, traffic: Callable[[meshlib.Mesh], Traffic]
 ) -> None:
-    cluster.workload("productpage", "productpage", "productpage")
     cluster.workload("reviews-v1-a", "reviews-v1", "reviews")
     cluster.workload("reviews-v1-b", "reviews-v1", "reviews")
-    cluster.started("productpage", "reviews-v1-a", "reviews-v1-b")
+    cluster.started("reviews-v1-a", "reviews-v1-b")
+    with cluster.client() as admin:
+        assert until(lambda: len(admin.instances()) == 2, 20)
+    # productpage starts once both are registered: its start-up fetch finds them, so its first
+    # request already has somewhere to go (a 502 storm would open loadgen's breaker on it)
+    cluster.workload("productpage", "productpage", "productpage")
+    cluster.started("productpage")
     victim, survivor = cluster.addresses["reviews-v1-a"], cluster.addresses["reviews-v1-b"]
     assert until(lambda: endpoints(loadgen, "reviews-v1") == {victim, survivor}, 20)
     assert until(lambda: bool(endpoints(loadgen, "productpage")), 20)
