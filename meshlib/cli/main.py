@@ -2,8 +2,9 @@
 
 The verb groups: :mod:`meshlib.cli.policy` (validate, schema, explain: policy files),
 :mod:`meshlib.cli.ca` (the built-in CA), :mod:`meshlib.cli.observe` (status, tap, top,
-graph: running services), :mod:`meshlib.cli.registry` (the registry service) and
-:mod:`meshlib.cli.registry_client` (apply, get, history, rollback: a running registry). Adding a
+graph: running services), :mod:`meshlib.cli.registry` (the registry service),
+:mod:`meshlib.cli.registry_client` (apply, get, history, rollback: a running registry) and
+:mod:`meshlib.cli.token` (a running registry's join tokens). Adding a
 verb means adding a registrar and its handler to the group it belongs to and listing it in that
 group's ``VERBS``; a new group is listed in :data:`GROUPS`. ``version`` and ``completion`` are
 about meshctl itself and live here: the completion script is drawn from the finished parser.
@@ -16,7 +17,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from meshlib.cli import ca, observe, policy, registry, registry_client
+from meshlib.cli import ca, observe, policy, registry, registry_client, token
 from meshlib.cli.command import (
     EXIT_INVALID,
     EXIT_OK,
@@ -29,7 +30,7 @@ from meshlib.cli.command import (
 from meshlib.cli.completion import SHELLS, completion_script
 
 #: The verb groups, in the order ``meshctl --help`` lists their verbs.
-GROUPS = (policy, ca, observe, registry, registry_client)
+GROUPS = (policy, ca, observe, registry, registry_client, token)
 
 
 def _version() -> str:
@@ -90,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     handler: Handler = args.func
     # "meshctl ca issue: ...", not "meshctl ca: ...", for a verb with sub-verbs
     sub_verb = next(
-        (v for v in (getattr(args, f"{g}_verb", None) for g in ("ca", "registry", "get")) if v),
+        (
+            v
+            for v in (getattr(args, f"{g}_verb", None) for g in ("ca", "registry", "get", "token"))
+            if v
+        ),
         None,
     )
     said = " ".join(v for v in (args.verb, sub_verb) if v)

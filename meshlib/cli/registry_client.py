@@ -38,7 +38,16 @@ if TYPE_CHECKING:
     from meshlib.control.client import RegistryClient
     from meshlib.control.wire import PolicyAnswer, RegistryStatusInfo
 
-__all__ = ["REGISTRY_ENV", "SVID_DIR_ENV", "VERBS", "add_registry_status", "joined_policy"]
+__all__ = [
+    "REGISTRY_ENV",
+    "SVID_DIR_ENV",
+    "VERBS",
+    "add_connection_options",
+    "add_registry_status",
+    "connect",
+    "joined_policy",
+    "svid_dir_of",
+]
 
 REGISTRY_ENV = "MESHLIB_REGISTRY"
 SVID_DIR_ENV = "MESHLIB_SVID_DIR"
@@ -135,6 +144,13 @@ def _registry(args: argparse.Namespace) -> Iterator[RegistryClient]:
         raise CommandFailed(f"registry {url}: {exc.status or 'error'}: {exc.message}") from exc
     except httpx.InvalidURL as exc:  # raised when the request is built, and no HTTPError
         raise CommandFailed(f"{url}: not a URL ({exc})") from exc
+
+
+#: The options and the client of every verb that talks to a running registry, for the verb
+#: groups outside this module (``meshctl token``): one set of flags, one wording of failures.
+add_connection_options = _connection
+connect = _registry
+svid_dir_of = _svid_dir
 
 
 def _when(stamp: float | None) -> str:

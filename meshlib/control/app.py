@@ -9,6 +9,8 @@ Store key layout (values are UTF-8 JSON unless said)::
     /registry/indexes/<ns>/<svc>          a service's index (an integer), kept after it empties
     /registry/policy/<N, 10 digits>       policy version N (append-only; written with
                                           if_mod_rev=0, so a version is never overwritten)
+    /registry/tokens/<id>                 a join token's record (meshlib/control/tokens.py;
+                                          not loaded into the core)
 
 Rules the driver keeps:
 
@@ -54,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshlib.config.loader import MAX_FILE_BYTES, load_text
 from meshlib.config.model import Snapshot
+from meshlib.control import tokens as stored_tokens
 from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import (
     Change,
@@ -68,6 +71,14 @@ from meshlib.control.registry import (
 )
 from meshlib.control.sqlite import DB_FILE, SQLiteStore
 from meshlib.control.store import Store, StoreError
+from meshlib.control.tokens import (
+    DEFAULT_TOKEN_TTL,
+    TokenRequestError,
+    issue_token,
+    list_tokens,
+    revoke_token,
+    state_of,
+)
 from meshlib.control.wire import (
     AUTHORITATIVE_HEADER,
     EPOCH_HEADER,
@@ -79,6 +90,8 @@ from meshlib.control.wire import (
     RegisteredEndpoint,
     RegistryStatusInfo,
     ServiceInfo,
+    TokenInfo,
+    TokenIssued,
     admin_id,
 )
 from meshlib.errors import ConfigError
@@ -238,9 +251,10 @@ class RegistryApp:
         self.ca_dir = None if ca_dir is None else Path(ca_dir)
         #: Lifetime of the SVIDs the registry signs.
         self.svid_ttl = svid_ttl
-        #: The join tokens the first-contact form of ``POST /v1/ca/sign`` spends; None: that
-        #: form is refused 401 (renewal with an SVID still works).
-        self.join_tokens = join_tokens
+        #: The join tokens the first-contact form of ``POST /v1/ca/sign`` spends: by default
+        #: the ones ``POST /v1/tokens`` mints into this app's own store
+        #: (:mod:`meshlib.control.tokens`); a test may put a stand-in here.
+        self.join_tokens: JoinTokens = stored_tokens if join_tokens is None else join_tokens
         #: Refused requests (401, 403), for /v1/status.
         self.refusals = 0
         #: Held blocking queries a change woke (one per query woken).
@@ -617,6 +631,14 @@ class RegistryApp:
             case ("v1", "ca", "sign"):
                 self._allow(request, "POST")
                 return await self._sign(request)
+            case ("v1", "tokens"):
+                if request.method == "POST":
+                    return await self._create_token(request)
+                self._allow(request, "GET", "POST")
+                return await self._tokens(request)
+            case ("v1", "tokens", id):
+                self._allow(request, "DELETE")
+                return await self._revoke_token(request, id)
         raise _HTTPError(404, f"no such endpoint: {path}")
 
     def _allow(self, request: _Request, *methods: str) -> None:
@@ -1051,7 +1073,7 @@ class RegistryApp:
             spiffe_id = self._sign_identity(request.identity)
             public_key = self._checked_key(pem, spiffe_id)
         else:
-            tokens = self._join_tokens()
+            tokens = self.join_tokens
             now = self.wall()
             try:
                 grant = await tokens.verify_token(self.store, token, now)
@@ -1088,11 +1110,6 @@ class RegistryApp:
         }
         return 200, answer, ()
 
-    def _join_tokens(self) -> JoinTokens:
-        if self.join_tokens is None:
-            raise self._refuse("join tokens are not enabled on this registry", "sign", 401)
-        return self.join_tokens
-
     def _sign_identity(self, text: str) -> SpiffeID:
         """The workload ID a leaf is signed for (a token's or an SVID's: valid, but checked
         again, since only a workload ID of this trust domain may be signed)."""
@@ -1114,6 +1131,58 @@ class RegistryApp:
             raise self._refuse(f"CSR refused: {exc.reason}", "sign") from None
         assert isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey))  # check_csr's rule
         return key
+
+    # -- join tokens -------------------------------------------------------------------------
+    # Admin only, the secret shown once (meshlib/control/tokens.py). Tokens live in the store
+    # only, never in the core: a write is one compare-and-set of its own key and needs no
+    # ``_writing`` lock, and startup's load skips their prefix.
+
+    async def _create_token(self, request: _Request) -> Answer:
+        author = self._admin(request, "tokens", "create join tokens (POST /v1/tokens)")
+        body = await _json_body(request, MAX_BODY)
+        spiffe_id = _field(body, "spiffe_id", str)
+        ttl = _field(body, "ttl", (int, float), optional=True)
+        try:
+            token, record = await issue_token(
+                self.store,
+                spiffe_id,
+                ttl=DEFAULT_TOKEN_TTL if ttl is None else ttl,
+                now=self.wall(),
+                author=author,
+                trust_domain=self.trust_domain,
+            )
+        except TokenRequestError as exc:
+            raise _HTTPError(400, str(exc)) from None
+        log.info("registry: %s created join token %s for %s", author, record.id, spiffe_id)
+        answer = TokenIssued(token, record.id, record.spiffe_id, record.expires_at)
+        return 201, answer.to_json(), ()
+
+    async def _tokens(self, request: _Request) -> Answer:
+        self._admin(request, "tokens", "list join tokens (GET /v1/tokens)")
+        now = self.wall()
+        listed = [
+            TokenInfo(
+                r.id,
+                r.spiffe_id,
+                state_of(r, now).value,
+                r.created_at,
+                r.expires_at,
+                r.created_by,
+                r.used_at,
+                r.used_by_serial,
+                r.revoked_at,
+            ).to_json()
+            for r in await list_tokens(self.store)
+        ]
+        return 200, {"tokens": listed}, ()
+
+    async def _revoke_token(self, request: _Request, id: str) -> Answer:
+        author = self._admin(request, "tokens", "revoke join tokens (DELETE /v1/tokens/{id})")
+        revoked = await revoke_token(self.store, id, self.wall())
+        if revoked is None:
+            raise _HTTPError(404, f"no join token {id!r} (meshctl token list shows them)")
+        log.info("registry: %s revoked join token %s", author, id)
+        return 200, {"id": revoked.id, "revoked_at": revoked.revoked_at}, ()
 
 
 Answer = tuple[int, Any, Iterable[tuple[str, str]]]

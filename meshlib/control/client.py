@@ -29,6 +29,7 @@ import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpcore
 import httpx
@@ -44,6 +45,8 @@ from meshlib.control.wire import (
     PolicyAnswer,
     RegistryStatusInfo,
     ServiceInfo,
+    TokenInfo,
+    TokenIssued,
     WireError,
     registry_id,
 )
@@ -409,6 +412,25 @@ class _Calls:
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         return _Call("POST", "/v1/ca/sign", read, json={"csr": pem}, headers=headers)
 
+    def create_token(self, spiffe_id: str, *, ttl: float | None = None) -> _Call[TokenIssued]:
+        body: dict[str, Any] = {"spiffe_id": spiffe_id}
+        if ttl is not None:
+            body["ttl"] = ttl
+        return _Call("POST", "/v1/tokens", lambda r: TokenIssued.from_json(_json(r)), json=body)
+
+    def tokens(self) -> _Call[tuple[TokenInfo, ...]]:
+        def read(response: httpx.Response) -> tuple[TokenInfo, ...]:
+            return tuple(
+                TokenInfo.from_json(item, f"tokens answer: tokens[{n}]")
+                for n, item in enumerate(_list(response, "tokens"))
+            )
+
+        return _Call("GET", "/v1/tokens", read)
+
+    def revoke_token(self, id: str) -> _Call[float]:
+        path = f"/v1/tokens/{quote(id, safe='')}"
+        return _Call("DELETE", path, lambda r: float(_json(r)["revoked_at"]))
+
 
 def _held(index: int, wait: float | None) -> float:
     """How long the server may hold a blocking query: wait plus its jitter (wait/16)."""
@@ -661,6 +683,18 @@ class RegistryClient(_Base):
         this client's SVID's (renewal)."""
         return self._send(self.calls.sign(csr_pem, token))
 
+    def create_token(self, spiffe_id: str, *, ttl: float | None = None) -> TokenIssued:
+        """A one-time join token for ``spiffe_id`` (admin only); ``ttl`` seconds, default 15 min."""
+        return self._send(self.calls.create_token(spiffe_id, ttl=ttl))
+
+    def tokens(self) -> tuple[TokenInfo, ...]:
+        """Every join token the registry keeps, with its state (admin only)."""
+        return self._send(self.calls.tokens())
+
+    def revoke_token(self, id: str) -> float:
+        """Revoke join token ``id``; returns when it was revoked (admin only)."""
+        return self._send(self.calls.revoke_token(id))
+
     def close(self) -> None:
         self._http.close()
 
@@ -790,6 +824,15 @@ class AsyncRegistryClient(_Base):
     async def sign(self, csr_pem: bytes | str, token: str | None = None) -> Signed:
         """As :meth:`RegistryClient.sign`."""
         return await self._send(self.calls.sign(csr_pem, token))
+
+    async def create_token(self, spiffe_id: str, *, ttl: float | None = None) -> TokenIssued:
+        return await self._send(self.calls.create_token(spiffe_id, ttl=ttl))
+
+    async def tokens(self) -> tuple[TokenInfo, ...]:
+        return await self._send(self.calls.tokens())
+
+    async def revoke_token(self, id: str) -> float:
+        return await self._send(self.calls.revoke_token(id))
 
     async def aclose(self) -> None:
         await self._http.aclose()

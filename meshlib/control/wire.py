@@ -340,3 +340,78 @@ class RegistryStatusInfo:
             _get(obj, "refusals", int, where),
             _get(obj, "watchers", int, where),
         )
+
+
+@dataclass(frozen=True)
+class TokenIssued:
+    """``POST /v1/tokens``: a new join token; ``token`` is the only time its secret is shown."""
+
+    token: str
+    id: str
+    spiffe_id: str
+    expires_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "token": self.token,
+            "id": self.id,
+            "spiffe_id": self.spiffe_id,
+            "expires_at": self.expires_at,
+        }
+
+    @classmethod
+    def from_json(cls, body: object) -> TokenIssued:
+        where = "token answer"
+        obj = _object(body, where)
+        return cls(
+            _get(obj, "token", str, where),
+            _get(obj, "id", str, where),
+            _get(obj, "spiffe_id", str, where),
+            _number(obj, "expires_at", where),
+        )
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One join token as ``GET /v1/tokens`` lists it (never its secret nor its hash)."""
+
+    id: str
+    spiffe_id: str
+    #: ``unused``, ``used``, ``expired`` or ``revoked``.
+    state: str
+    created_at: float
+    expires_at: float
+    created_by: str
+    used_at: float | None = None
+    used_by_serial: str | None = None
+    revoked_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "spiffe_id": self.spiffe_id,
+            "state": self.state,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "created_by": self.created_by,
+            "used_at": self.used_at,
+            "used_by_serial": self.used_by_serial,
+            "revoked_at": self.revoked_at,
+        }
+
+    @classmethod
+    def from_json(cls, body: object, where: str = "token") -> TokenInfo:
+        obj = _object(body, where)
+        used_at = None if obj.get("used_at") is None else _number(obj, "used_at", where)
+        revoked_at = None if obj.get("revoked_at") is None else _number(obj, "revoked_at", where)
+        return cls(
+            _get(obj, "id", str, where),
+            _get(obj, "spiffe_id", str, where),
+            _get(obj, "state", str, where),
+            _number(obj, "created_at", where),
+            _number(obj, "expires_at", where),
+            _get(obj, "created_by", str, where),
+            used_at,
+            _optional(obj, "used_by_serial", str, where),
+            revoked_at,
+        )

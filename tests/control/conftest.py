@@ -137,7 +137,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         turns the 1 s expiry tick off (drive it with :meth:`RunningRegistry.expire`); ``wall``
         is the wall clock the store's times are written in; ``port`` (default: a free one) lets
         a restart come back at the URL its clients know; ``join_tokens`` is what the token form
-        of POST /v1/ca/sign spends (default: none, that form is refused)."""
+        of POST /v1/ca/sign spends (default: the real ones, minted by POST /v1/tokens)."""
         if data is None:
             data = tmp_path / f"registry-{next(count)}"
         made = init_registry_dir(data, TD)
