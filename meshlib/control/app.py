@@ -49,7 +49,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -116,6 +116,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Identify = Callable[[Scope], "str | None"]
+_T = TypeVar("_T")
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
@@ -1060,7 +1061,10 @@ class RegistryApp:
         (first contact) or of the caller's SVID (renewal); never the CSR's own claim."""
         if self.ca_dir is None:
             raise _HTTPError(404, "this registry does not sign (it was started without a CA)")
-        token = _bearer(request)
+        try:
+            token = _bearer(request)
+        except ValueError as exc:
+            raise self._refuse(str(exc), "sign", 401) from None
         if token is None and request.identity is None:
             raise self._refuse(
                 "present a join token (Authorization: Bearer) or your current SVID", "sign", 401
@@ -1082,26 +1086,17 @@ class RegistryApp:
             spiffe_id = self._sign_identity(grant.spiffe_id)
             # checked before the token is spent: a refused CSR leaves the token unused
             public_key = self._checked_key(pem, spiffe_id)
+            # nor does a CA that cannot be read (a bad file would spend it for nothing)
+            await self._ca_call(CADirectory(self.ca_dir).current)
             serial = new_serial()
             try:
                 await tokens.consume(self.store, token, now, serial=f"{serial:x}")
             except tokens.TokenRefused as exc:  # another request spent it meanwhile
                 raise self._refuse(f"join token refused: {_reason(exc)}", "sign") from None
         ca_dir = CADirectory(self.ca_dir)
-        try:
-            # file reads and a signature: off the loop, which serves the blocking queries
-            cert, bundle = await asyncio.to_thread(
-                ca_dir.sign,
-                public_key,
-                spiffe_id,
-                ttl=self.svid_ttl,
-                serial=serial,
-            )
-        except IdentityError as exc:
-            log.error("registry: cannot sign with %s: %s", self.ca_dir, exc.reason)
-            raise _HTTPError(
-                503, f"the registry's CA cannot sign: {exc.reason}", headers=[("Retry-After", "5")]
-            ) from None
+        cert, bundle = await self._ca_call(
+            lambda: ca_dir.sign(public_key, spiffe_id, ttl=self.svid_ttl, serial=serial)
+        )
         answer = {
             "certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
             "bundle": bundle.to_pem().decode("ascii"),
@@ -1109,6 +1104,17 @@ class RegistryApp:
             "expires_at": int(cert.not_valid_after_utc.timestamp()),
         }
         return 200, answer, ()
+
+    async def _ca_call(self, call: Callable[[], _T]) -> _T:
+        """``call`` (file reads, a signature) off the loop, which serves the blocking queries;
+        a CA that cannot be read is a 503."""
+        try:
+            return await asyncio.to_thread(call)
+        except IdentityError as exc:
+            log.error("registry: cannot sign with %s: %s", self.ca_dir, exc.reason)
+            raise _HTTPError(
+                503, f"the registry's CA cannot sign: {exc.reason}", headers=[("Retry-After", "5")]
+            ) from None
 
     def _sign_identity(self, text: str) -> SpiffeID:
         """The workload ID a leaf is signed for (a token's or an SVID's: valid, but checked
@@ -1259,7 +1265,7 @@ def _bearer(request: _Request) -> str | None:
         return None
     scheme, _, token = raw.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise _HTTPError(401, "header Authorization must be 'Bearer <join token>'")
+        raise ValueError("header Authorization must be 'Bearer <join token>'")
     return token.strip()
 
 

@@ -324,3 +324,17 @@ def test_client_cert_optional_needs_tls(registry: RunningRegistry) -> None:
         serve(registry.app, mesh=mesh, svid_dir=svid, mode="disable", client_cert="optional")
     with pytest.raises(ValueError, match="'mode' or 'optional'"):
         serve(registry.app, mesh=mesh, svid_dir=svid, mode="strict", client_cert="maybe")
+
+
+def test_an_unreadable_ca_is_503_and_spends_no_token(registry_factory: StartRegistry) -> None:
+    tokens = StandInTokens({"mlt1.aaa.secret": str(REVIEWS)})
+    registry = registry_factory(join_tokens=tokens)
+    key_file = registry.data / "ca" / "ca-key.pem"
+    key_file.chmod(0o644)  # CertificateAuthority.load refuses a key others can read
+    with pytest.raises(RegistryUnavailable) as info:
+        _bootstrap(registry).sign(make_csr(_key(), REVIEWS), token="mlt1.aaa.secret")
+    assert info.value.status == 503 and "readable by others" in info.value.message
+    assert tokens.used == {}
+    key_file.chmod(0o600)
+    signed = _bootstrap(registry).sign(make_csr(_key(), REVIEWS), token="mlt1.aaa.secret")
+    assert signed.spiffe_id == str(REVIEWS)
