@@ -398,3 +398,54 @@ def test_registry_down_across_renewal_backs_off_and_renews_when_it_returns(
     finally:
         for mesh in made:
             mesh.close()
+
+
+# -- the environment --------------------------------------------------------------------------
+
+
+def test_from_env_bootstraps_from_a_join_string_alone(
+    registry: RunningRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MESHLIB_JOIN_TOKEN's join string names the registry: MESHLIB_REGISTRY is not needed
+    registry.client().apply(POLICY)
+    svid_dir = tmp_path / "svid"
+    monkeypatch.setenv("MESHLIB_SERVICE", "reviews")
+    monkeypatch.setenv("MESHLIB_SVID_DIR", str(svid_dir))
+    monkeypatch.setenv("MESHLIB_JOIN_TOKEN", join_string(registry, REVIEWS))
+    monkeypatch.delenv("MESHLIB_REGISTRY", raising=False)
+    monkeypatch.delenv("MESHLIB_POLICY", raising=False)
+    with meshlib.Mesh.from_env(cache_dir=tmp_path / "cache", metrics=False) as mesh:
+        assert SVIDSource(svid_dir).spiffe_id == REVIEWS
+        assert mesh.renewer is not None  # renewed through the registry by default
+        assert "reviews.default" in mesh.snapshot.services
+
+
+def test_from_env_bootstraps_a_bare_token_with_a_bundle_and_keeps_a_usable_svid(
+    registry: RunningRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svid_dir = tmp_path / "svid"
+    token = registry.client().create_token(str(REVIEWS)).token
+    monkeypatch.setenv("MESHLIB_SERVICE", "reviews")
+    monkeypatch.setenv("MESHLIB_SVID_DIR", str(svid_dir))
+    monkeypatch.setenv("MESHLIB_REGISTRY", registry.url)
+    monkeypatch.setenv("MESHLIB_JOIN_TOKEN", token)
+    monkeypatch.setenv("MESHLIB_BUNDLE", str(registry.admin_svid / "bundle.pem"))
+    monkeypatch.delenv("MESHLIB_POLICY", raising=False)
+    with meshlib.Mesh.from_env(cache_dir=tmp_path / "cache", metrics=False, renew=False) as mesh:
+        assert mesh.renewer is None  # renew=False opts out
+    first = serial(svid_dir)
+    assert state_of(registry, token) == "used"
+    # a restart with the (now spent) token still set keeps the usable SVID: no second trade
+    with meshlib.Mesh.from_env(cache_dir=tmp_path / "cache", metrics=False):
+        assert serial(svid_dir) == first
+
+
+def test_a_bare_token_without_a_bundle_says_what_is_missing(
+    registry: RunningRegistry, tmp_path: Path
+) -> None:
+    token = registry.client().create_token(str(REVIEWS)).token
+    with pytest.raises(ValueError, match="a bare join token needs the registry's trust bundle"):
+        meshlib.Mesh.from_registry(
+            registry.url, service="reviews", svid_dir=tmp_path / "svid", join_token=token
+        )
+    assert state_of(registry, token) == "unused"
