@@ -19,6 +19,7 @@ import pytest
 from cryptography import x509
 
 import meshlib
+from meshlib.cli.token import join_string as cli_join_string
 from meshlib.control.client import RegistryRefused, RegistryUnavailable
 from meshlib.control.remote import (
     JOIN_PREFIX,
@@ -77,8 +78,12 @@ def root_pin(registry: RunningRegistry) -> str:
 
 
 def join_string(registry: RunningRegistry, spiffe_id: SpiffeID) -> str:
+    """What ``meshctl token create --join`` prints (its own function), checked against ours."""
     token = registry.client().create_token(str(spiffe_id)).token
-    return f"{JOIN_PREFIX}{registry.url}:{root_pin(registry)}:{token}"
+    bundle = TrustBundle.parse((registry.admin_svid / "bundle.pem").read_bytes(), "bundle")
+    text = cli_join_string(registry.url, bundle.roots[-1], token)
+    assert text == f"{JOIN_PREFIX}{registry.url}:{root_pin(registry)}:{token}"
+    return text
 
 
 def state_of(registry: RunningRegistry, token: str) -> str:
