@@ -180,7 +180,9 @@ def discovered(mesh: meshlib.Mesh, key: str) -> bool:
 
 
 def serial(svid_dir: Path) -> int:
-    return SVIDSource(svid_dir).material.certificate.serial_number
+    """The serial in cert.pem (one atomic file: the pair may be mid-renewal while a renewer
+    runs, key.pem already new and cert.pem not yet)."""
+    return x509.load_pem_x509_certificate((svid_dir / "cert.pem").read_bytes()).serial_number
 
 
 # -- first contact ----------------------------------------------------------------------------
