@@ -61,8 +61,12 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NS = "bench"
-#: Watchers per client: httpx's pool holds 100 connections and each held query needs one.
-WATCHERS_PER_CLIENT = 50
+#: Watchers per client: each held query needs a connection, and httpx's pool keeps only 20 alive
+#: (``max_keepalive_connections``). With 50, the 30 connections past it were closed as their
+#: answers came back and each re-poll paid a new mutual-TLS handshake (and SVID check) on the
+#: registry — about 130 per change, most of the registry's CPU in the propagation phase. A real
+#: watcher is its own process and keeps its one connection.
+WATCHERS_PER_CLIENT = 20
 #: Long enough that no held query ends by its wait inside a measurement.
 WAIT = 120.0
 TARGET_PROPAGATION_P99_MS = 250.0
@@ -132,10 +136,16 @@ def _cpus() -> tuple[set[int], set[int]]:
 
 @contextlib.contextmanager
 def registry_process(
-    data: Path, core: set[int], store: str = "sqlite"
+    data: Path, core: set[int], store: str = "sqlite", profile: Path | None = None
 ) -> Iterator[RegistryProcess]:
-    """Init ``data``, serve it on a free port pinned to ``core``; stop it (SIGTERM) on exit."""
+    """Init ``data``, serve it on a free port pinned to ``core``; stop it (SIGTERM) on exit.
+    With ``profile``, each of the registry's threads runs under cProfile and writes its stats to
+    ``profile.<thread name>`` as it ends (``benchmarks/profiled.py``)."""
     cli = [sys.executable, "-m", "meshlib.cli", "registry"]
+    serve = cli
+    if profile is not None:  # every thread profiled: the server's is not the main one
+        profiled = Path(__file__).with_name("profiled.py")
+        serve = [sys.executable, str(profiled), str(profile), *cli[1:]]
     init = subprocess.run(
         [*cli, "init", "--data", str(data), "--trust-domain", "bench.test"],
         capture_output=True,
@@ -146,7 +156,16 @@ def registry_process(
         raise RuntimeError(f"meshctl registry init failed: {init.stderr.strip()}")
     url = f"https://127.0.0.1:{_free_port()}"
     process = subprocess.Popen(
-        [*cli, "serve", "--data", str(data), "--store", store, "--listen", url[len("https://") :]],
+        [
+            *serve,
+            "serve",
+            "--data",
+            str(data),
+            "--store",
+            store,
+            "--listen",
+            url[len("https://") :],
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -487,7 +506,7 @@ async def heartbeats(
 ) -> dict[str, Any]:
     from meshlib.control.client import RegistryNotFound
 
-    clients = Clients(running, WATCHERS_PER_CLIENT * 4)
+    clients = Clients(running, 4 * WATCHERS_PER_CLIENT)  # 4 clients, as before (a beat is short)
     rng = random.Random(11)
     numbers = [next(counter) for _ in range(s.instances)]
     instances: list[tuple[int, str, str]] = []
@@ -558,20 +577,29 @@ async def heartbeats(
     }
 
 
-async def run_all(running: RegistryProcess, s: Settings) -> dict[str, Any]:
+PARTS = ("registrations", "propagation", "wakeups", "heartbeats")
+
+
+async def run_all(
+    running: RegistryProcess, s: Settings, parts: Sequence[str] = PARTS
+) -> dict[str, Any]:
     from meshlib.control.client import AsyncRegistryClient
 
     counter = iter(range(10_000_000, 20_000_000))
     results: dict[str, Any] = {}
-    _log("a. registrations ...")
-    results["registrations"] = await registrations(running, s)
+    if "registrations" in parts:
+        _log("a. registrations ...")
+        results["registrations"] = await registrations(running, s)
     async with AsyncRegistryClient(running.url, svid_dir=running.admin_svid, timeout=30) as admin:
-        _log("b. propagation ...")
-        results["propagation"] = await propagation(running, s, admin, counter)
-        _log("c. wake-ups ...")
-        results["wakeups"] = await wakeups(running, s, admin, counter)
-    _log("d. heartbeat CPU ...")
-    results["heartbeats"] = await heartbeats(running, s, counter)
+        if "propagation" in parts:
+            _log("b. propagation ...")
+            results["propagation"] = await propagation(running, s, admin, counter)
+        if "wakeups" in parts:
+            _log("c. wake-ups ...")
+            results["wakeups"] = await wakeups(running, s, admin, counter)
+    if "heartbeats" in parts:
+        _log("d. heartbeat CPU ...")
+        results["heartbeats"] = await heartbeats(running, s, counter)
     return results
 
 
@@ -583,8 +611,7 @@ def _verdict(ok: bool) -> str:
 
 
 def report(results: dict[str, Any], command: str) -> str:
-    reg, prop = results["registrations"], results["propagation"]
-    wake, hb = results["wakeups"], results["heartbeats"]
+    """The run as a Markdown table; only the parts that ran (``--only``)."""
     lines = [
         f"`{command}` — registry pinned to CPU {results['machine']['registry_cpu']}, "
         f"load on CPU {results['machine']['load_cpus']}; {results['settings']['store']} store; "
@@ -594,55 +621,78 @@ def report(results: dict[str, Any], command: str) -> str:
         "",
         "| figure | value | target |",
         "|---|--:|---|",
-        f"| registrations/s ({reg['clients']} clients, {reg['registrations']} instances) "
-        f"| {reg['per_second']:.0f} | |",
-        f"| registry CPU per registration (ms) | {reg['registry_cpu_ms_per_registration']:.2f} | |",
-        f"| deregistrations/s | {reg['deregistrations_per_second']:.0f} | |",
     ]
-    for kind, label in (("register", "a register"), ("apply", "PUT /v1/policy")):
-        p = prop[kind]
-        ok = p["p99_ms"] <= TARGET_PROPAGATION_P99_MS
+    ratios = []
+    if "registrations" in results:
+        reg = results["registrations"]
         lines += [
-            f"| propagation of {label} to all {p['watchers']} watchers, p50 / p99 / max (ms, "
-            f"{p['repetitions']} reps) | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} / "
-            f"{p['max_ms']:.1f} | p99 <= {TARGET_PROPAGATION_P99_MS:.0f} ms: {_verdict(ok)} |",
-            f"| ... first watcher's answer, p50 (ms) / registry CPU per change (ms) / load "
-            f"generator's CPU while fanning out (% of its core) | {p['first_p50_ms']:.1f} / "
-            f"{p['registry_cpu_ms_per_change']:.0f} / {p['load_cpu_util'] * 100:.0f} | |",
+            f"| registrations/s ({reg['clients']} clients, {reg['registrations']} instances) "
+            f"| {reg['per_second']:.0f} | |",
+            f"| registry CPU per registration (ms) | "
+            f"{reg['registry_cpu_ms_per_registration']:.2f} | |",
+            f"| deregistrations/s | {reg['deregistrations_per_second']:.0f} | |",
         ]
-    only = wake["answered_max"] <= wake["own_watchers_per_change"]
-    # a load generator starved by other processes beats less often: the CPU is then no verdict
-    intended = hb["instances"] / hb["interval_s"]
-    beats_verdict = (
-        _verdict(hb["cpu_percent"] <= TARGET_HEARTBEAT_CPU_PERCENT)
-        if hb["beats_per_second"] >= 0.9 * intended
-        else f"not judged: {hb['beats_per_second']:.0f} of {intended:.0f} beats/s delivered"
-    )
-    lines += [
-        f"| watchers answered per change ({wake['watchers']} over {wake['services']} services, "
-        f"{wake['changes']} changes; max) | {wake['answered_per_change']:.1f} "
-        f"({wake['answered_max']}) | only that service's "
-        f"{wake['own_watchers_per_change']:.0f}: {_verdict(only)} |",
-        f"| ... with one global index (Consul-style, computed: queries held at the change) "
-        f"| {wake['global_index_would_answer']:.0f} | |",
-        f"| registry CPU, {hb['instances']} instances beating every {hb['interval_s']:g} s "
-        f"(% of one core, {hb['window_s']:.1f} s) | {hb['cpu_percent']:.2f} | <= "
-        f"{TARGET_HEARTBEAT_CPU_PERCENT:.0f} %: {beats_verdict} |",
-        f"| ... of which idle (nothing beating) | {hb['idle_cpu_percent']:.2f} | |",
-        f"| heartbeats/s delivered (failed, re-registered after a 404) "
-        f"| {hb['beats_per_second']:.0f} ({hb['failures']}, {hb['reregistered']}) | |",
-        f"| registry CPU per heartbeat (ms, idle removed) | "
-        f"{hb['registry_cpu_ms_per_beat']:.3f} | |",
-        "",
-        "Ratios: one global index answers "
-        f"{wake['global_index_would_answer'] / max(wake['answered_per_change'], 1e-9):.0f}x "
-        "the queries the per-service index answers for one change; propagation p99 of a "
-        f"register is {prop['register']['p99_ms'] / TARGET_PROPAGATION_P99_MS:.2f}x its target, "
-        f"of an apply {prop['apply']['p99_ms'] / TARGET_PROPAGATION_P99_MS:.2f}x; heartbeat "
-        f"CPU is {hb['cpu_percent'] / TARGET_HEARTBEAT_CPU_PERCENT:.2f}x its target. "
-        f"Watch answers that went backwards in index: "
-        f"{prop['register']['backwards'] + prop['apply']['backwards']}.",
-    ]
+    if "propagation" in results:
+        prop = results["propagation"]
+        for kind, label in (("register", "a register"), ("apply", "PUT /v1/policy")):
+            p = prop[kind]
+            ok = p["p99_ms"] <= TARGET_PROPAGATION_P99_MS
+            lines += [
+                f"| propagation of {label} to all {p['watchers']} watchers, p50 / p99 / max (ms, "
+                f"{p['repetitions']} reps) | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} / "
+                f"{p['max_ms']:.1f} | p99 <= {TARGET_PROPAGATION_P99_MS:.0f} ms: {_verdict(ok)} |",
+                f"| ... first watcher's answer, p50 (ms) / registry CPU per change (ms) / load "
+                f"generator's CPU while fanning out (% of its core) | {p['first_p50_ms']:.1f} / "
+                f"{p['registry_cpu_ms_per_change']:.0f} / {p['load_cpu_util'] * 100:.0f} | |",
+            ]
+        ratios.append(
+            f"propagation p99 of a register is "
+            f"{prop['register']['p99_ms'] / TARGET_PROPAGATION_P99_MS:.2f}x its target, "
+            f"of an apply {prop['apply']['p99_ms'] / TARGET_PROPAGATION_P99_MS:.2f}x; "
+            "watch answers that went backwards in index: "
+            f"{prop['register']['backwards'] + prop['apply']['backwards']}"
+        )
+    if "wakeups" in results:
+        wake = results["wakeups"]
+        only = wake["answered_max"] <= wake["own_watchers_per_change"]
+        lines += [
+            f"| watchers answered per change ({wake['watchers']} over {wake['services']} "
+            f"services, {wake['changes']} changes; max) | {wake['answered_per_change']:.1f} "
+            f"({wake['answered_max']}) | only that service's "
+            f"{wake['own_watchers_per_change']:.0f}: {_verdict(only)} |",
+            f"| ... with one global index (Consul-style, computed: queries held at the change) "
+            f"| {wake['global_index_would_answer']:.0f} | |",
+        ]
+        ratios.insert(  # first, as the ratio the benchmark was made for
+            0,
+            "one global index answers "
+            f"{wake['global_index_would_answer'] / max(wake['answered_per_change'], 1e-9):.0f}x "
+            "the queries the per-service index answers for one change",
+        )
+    if "heartbeats" in results:
+        hb = results["heartbeats"]
+        # a load generator starved by other processes beats less often: then no verdict
+        intended = hb["instances"] / hb["interval_s"]
+        beats_verdict = (
+            _verdict(hb["cpu_percent"] <= TARGET_HEARTBEAT_CPU_PERCENT)
+            if hb["beats_per_second"] >= 0.9 * intended
+            else f"not judged: {hb['beats_per_second']:.0f} of {intended:.0f} beats/s delivered"
+        )
+        lines += [
+            f"| registry CPU, {hb['instances']} instances beating every {hb['interval_s']:g} s "
+            f"(% of one core, {hb['window_s']:.1f} s) | {hb['cpu_percent']:.2f} | <= "
+            f"{TARGET_HEARTBEAT_CPU_PERCENT:.0f} %: {beats_verdict} |",
+            f"| ... of which idle (nothing beating) | {hb['idle_cpu_percent']:.2f} | |",
+            f"| heartbeats/s delivered (failed, re-registered after a 404) "
+            f"| {hb['beats_per_second']:.0f} ({hb['failures']}, {hb['reregistered']}) | |",
+            f"| registry CPU per heartbeat (ms, idle removed) | "
+            f"{hb['registry_cpu_ms_per_beat']:.3f} | |",
+        ]
+        ratios.append(
+            f"heartbeat CPU is {hb['cpu_percent'] / TARGET_HEARTBEAT_CPU_PERCENT:.2f}x its target"
+        )
+    if ratios:
+        lines += ["", "Ratios: " + "; ".join(ratios) + "."]
     return "\n".join(lines)
 
 
@@ -683,6 +733,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the registry's store (sqlite, the default; memory shows what SQLite costs)",
     )
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=PARTS,
+        help="run only this part (repeatable): e.g. --only heartbeats --only propagation",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run the registry under cProfile and write its stats here (the CPU figures then "
+        "include cProfile's own cost: read the profile for where the time goes, not the table)",
+    )
     args = parser.parse_args(argv)
     full = {
         "clients": 16,
@@ -728,9 +790,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with (
             tempfile.TemporaryDirectory(prefix="meshlib-registry-bench-") as tmp,
-            registry_process(Path(tmp) / "data", registry_cpu, args.store) as running,
+            registry_process(Path(tmp) / "data", registry_cpu, args.store, args.profile) as running,
         ):
-            results = asyncio.run(run_all(running, settings))
+            results = asyncio.run(run_all(running, settings, args.only or PARTS))
     finally:
         os.sched_setaffinity(0, previous)
     results["machine"] = _machine(registry_cpu, load_cpus)

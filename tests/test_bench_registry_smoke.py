@@ -45,6 +45,14 @@ def test_quick_run_reports_every_figure(capsys: pytest.CaptureFixture[str], tmp_
     assert data["heartbeats"]["failures"] == 0
 
 
+def test_only_runs_the_parts_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    assert registry.main(["--quick", "--only", "heartbeats"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"\| registry CPU per heartbeat \(ms, idle removed\) \| {NUMBER} \|", out)
+    assert "registrations/s" not in out and "propagation" not in out
+    assert re.search(r"^Ratios: heartbeat CPU is [\d.]+x its target\.$", out, re.M)
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(SystemExit):
         registry.main(["--watchers", "0"])

@@ -248,6 +248,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from meshlib.config.values import parse_duration
+    from meshlib.control import tokens
     from meshlib.control.memory import MemoryStore
     from meshlib.control.sqlite import SQLiteStore
     from meshlib.control.store import StoreError
@@ -270,8 +271,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         store: Store = SQLiteStore(data) if args.store == "sqlite" else MemoryStore()
     except (IdentityError, StoreError) as exc:
         raise CommandFailed(str(exc)) from exc
+    # The CA dir is polled every second ('meshctl ca rotate'/'revoke' reach the workloads) and
+    # signs CSRs: renewals by SVID, first contacts by the join tokens kept in the store.
     app = registry_with_metrics(
-        store, trust_domain=trust_domain, ca_dir=data / CA_DIR, svid_ttl=svid_ttl
+        store,
+        trust_domain=trust_domain,
+        ca_dir=data / CA_DIR,
+        svid_ttl=svid_ttl,
+        join_tokens=tokens,
     )
     try:
         server = serve(

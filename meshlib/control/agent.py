@@ -45,7 +45,8 @@ from meshlib.control.registrar import (
     RegistrationHandle,
     RegistrationUnavailable,
 )
-from meshlib.control.wire import EndpointsAnswer, PolicyAnswer
+from meshlib.control.trust import BundleNotServed, BundleWatcher
+from meshlib.control.wire import BundleAnswer, EndpointsAnswer, PolicyAnswer
 from meshlib.errors import ConfigError
 
 __all__ = [
@@ -221,6 +222,18 @@ class ClientSource:
         with _unavailable():
             return await self.client.policy(index=index, wait=wait, epoch=epoch or None)
 
+    async def bundle(self, *, index: int, wait: float, epoch: str = "") -> BundleAnswer:
+        """The trust watcher's :class:`~meshlib.control.trust.BundleSource`."""
+        try:
+            with _unavailable():
+                return await self.client.bundle(index=index, wait=wait, epoch=epoch or None)
+        except SourceUnavailable as exc:
+            if isinstance(exc.__cause__, RegistryNotFound):
+                raise BundleNotServed(
+                    f"the registry at {self.client.url} serves no bundle"
+                ) from exc
+            raise
+
 
 @contextlib.contextmanager
 def _unavailable() -> Iterator[None]:
@@ -327,6 +340,14 @@ class RegistryAgent:
             report=self.report,
             loop=self._loop,
         )
+        #: Writes the registry's trust bundle and CRLs into ``svid_dir`` for the mesh's
+        #: rotation watcher (``meshctl ca rotate``/``revoke`` reach this workload).
+        self.trust = BundleWatcher(
+            ClientSource(AsyncRegistryClient(url, svid_dir=svid_dir)),
+            svid_dir,
+            loop=self._loop,
+            **options,
+        )
         self._rejected = start.rejected if start is not None else None
         if metrics is not None:
             metrics.track_registry(url, lambda: self.discovery.up, self.staleness)
@@ -337,6 +358,7 @@ class RegistryAgent:
 
     def start(self) -> RegistryAgent:
         self.discovery.start()
+        self.trust.start()
         if self.origin == "registry" and self._cache is not None:
             # What start-up fetched is already applied: keep it even if nothing changes before
             # the next restart (discovery writes the file on changes only).
@@ -409,6 +431,11 @@ class RegistryAgent:
                 for key in sorted(self.discovery.watched())
             },
             "instances": [repr(h) for h in self.registrar.handles],
+            "trust": {
+                "bundle_sequence": self.trust.sequence,
+                "served": self.trust.served,
+                "refused": self.trust.refused,
+            },
         }
 
     def register(
@@ -429,6 +456,7 @@ class RegistryAgent:
     def close(self) -> None:
         """Drain every registered instance (bounded), then stop watching."""
         try:
+            self.trust.stop()
             self.registrar.close()
         finally:
             self._loop.stop()

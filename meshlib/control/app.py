@@ -26,8 +26,11 @@ Rules the driver keeps:
   Times are stored as wall-clock seconds and mapped onto the monotonic ``clock`` on load.
 * **Heartbeats are cheap.** A beat writes the store only when the instance's persisted beat is
   older than a third of its TTL, or its policy report changed: after a restart an instance's
-  TTL resumes from a beat at most ``ttl/3`` old (RELIABILITY.md FAULT-7), and 1,000 instances
-  beating every 3 s cost about one write per second, not 333.
+  TTL resumes from a beat at most ``ttl/3`` old (RELIABILITY.md FAULT-7). An instance beating
+  at the interval its registration answers (``ttl/3``, ± jitter) therefore writes about every
+  second beat: 1,000 instances beating every 3 s with a 10 s TTL write about 170 times a
+  second, not 333 (``benchmarks/registry_app.py`` counts 0.4–0.5 writes per beat; on SQLite a
+  write is ~0.1 ms, under a tenth of a beat's whole cost, docs/performance.md "Registry").
 * **One wake-up per service.** Each watched service (and the policy) has its own
   :class:`asyncio.Event`; a change sets only that one. ``wakeups`` counts the held queries a
   change woke (LOAD-6: a change to one service wakes only its watchers). The end of warming is
@@ -42,12 +45,13 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import random
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -84,6 +88,7 @@ from meshlib.control.wire import (
     EPOCH_HEADER,
     INDEX_HEADER,
     SOURCE_HEADER,
+    BundleAnswer,
     EndpointsAnswer,
     InstanceInfo,
     PolicyAnswer,
@@ -95,8 +100,15 @@ from meshlib.control.wire import (
     admin_id,
 )
 from meshlib.errors import ConfigError
-from meshlib.identity.ca import DEFAULT_SVID_TTL, LeafPublicKey, new_serial
+from meshlib.identity.ca import (
+    CA_CERT_FILE,
+    DEFAULT_SVID_TTL,
+    SVID_BUNDLE_FILE,
+    LeafPublicKey,
+    new_serial,
+)
 from meshlib.identity.cadir import CADirectory
+from meshlib.identity.crl import CRL_FILE, crls_pem, load_crls
 from meshlib.identity.csr import CSRRefused, check_csr
 from meshlib.identity.peers import verified_identity
 from meshlib.identity.spiffe import IdentityError, SpiffeID, SpiffeIDError
@@ -171,6 +183,12 @@ INSTANCES = "/registry/instances/"
 INDEXES = "/registry/indexes/"
 POLICY = "/registry/policy/"
 
+#: The watch key of ``GET /v1/ca/bundle``'s held queries: a service key no service can have
+#: (namespaces are never empty), so the bundle shares ``_hold``/``_notify`` with the services.
+BUNDLE_WATCH: ServiceKey = ("", "ca-bundle")
+#: The CA dir files whose stat the tick compares (the bundle falls back to ca.pem without one).
+CA_FILES = (SVID_BUNDLE_FILE, CRL_FILE, CA_CERT_FILE)
+
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 
@@ -194,10 +212,18 @@ class _HTTPError(Exception):
 
 @dataclass
 class _Watch:
-    """The held queries of one service (or of the policy): set ``event`` to wake them all."""
+    """The held queries of one service (or of the policy): set ``event`` to wake them all.
+
+    ``answers`` holds the encoded answer the woken queries send, by the state it shows (index,
+    epoch, authoritative): one change wakes up to thousands of queries of one service, and they
+    all send the same bytes, so the first to answer encodes them and the others reuse them. It
+    lives as long as the wake-up (the watch is dropped once its queries are done), so it holds
+    nothing for quiet services and never serves a state but the one it was built from.
+    """
 
     event: asyncio.Event
     waiters: int = 0
+    answers: dict[tuple[int, str, bool], bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -229,7 +255,7 @@ class RegistryApp:
         tick: float = TICK,
         metrics: RegistryMetricsSink | None = None,
         exposition: ASGIApp | None = None,
-        ca_dir: str | Path | None = None,
+        ca_dir: str | os.PathLike[str] | None = None,
         svid_ttl: dt.timedelta = DEFAULT_SVID_TTL,
         join_tokens: JoinTokens | None = None,
     ) -> None:
@@ -280,6 +306,13 @@ class RegistryApp:
         self._writing = asyncio.Lock()
         #: Whether the end of warming has woken the held queries yet.
         self._warm = False
+        #: The CA dir whose published bundle and CRLs ``GET /v1/ca/bundle`` serves (None: 404).
+        self.ca_dir = None if ca_dir is None else Path(ca_dir)
+        self._ca_seen: tuple[tuple[int, int, int] | None, ...] | None = None
+        self._bundle: BundleAnswer | None = None
+        #: The bundle index is not persisted: held queries name this process's epoch, so an
+        #: index from before a restart is answered at once, never waited on.
+        self._bundle_epoch = secrets.token_hex(8)
 
     # -- ASGI ----------------------------------------------------------------------------------
 
@@ -305,7 +338,8 @@ class RegistryApp:
         except Exception:  # never a traceback on the wire
             log.exception("registry: internal error on %s %s", scope["method"], scope["path"])
             status, body, headers = 500, {"error": "internal error (see the registry's log)"}, ()
-        payload = json.dumps(body).encode()
+        # an answer shared by the queries one change woke comes already encoded (see _Watch)
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         raw = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
@@ -346,6 +380,7 @@ class RegistryApp:
     async def startup(self) -> None:
         """Load the core from the store and start the expiry tick."""
         self.registry = await self._load()
+        self.poll_ca()
         self._warm = self.registry.authoritative(self.clock())
         self._counted()
         self.loop = asyncio.get_running_loop()
@@ -462,6 +497,10 @@ class RegistryApp:
                 await self.expire()
             except Exception:  # a failing pass must not end the loop: the next one retries
                 log.exception("registry: expiry pass failed")
+            try:
+                self.poll_ca()
+            except Exception:  # as above: the next tick polls again
+                log.exception("registry: CA dir poll failed")
 
     async def expire(self) -> int:
         """One expiry pass (the tick calls it every second); returns how many expired."""
@@ -503,12 +542,16 @@ class RegistryApp:
     def _counted(self) -> None:
         """Report the instance count (after a commit that may have moved it)."""
         if self.metrics is not None and self.registry is not None:
-            self.metrics.set_instances(len(self.registry.instances()))
+            self.metrics.set_instances(self.registry.count())
 
-    async def _hold(self, key: ServiceKey | None, changed: Callable[[], bool], wait: float) -> None:
-        """Return when ``changed()`` or after ``wait`` (+ jitter up to wait/16)."""
+    async def _hold(
+        self, key: ServiceKey | None, changed: Callable[[], bool], wait: float
+    ) -> _Watch | None:
+        """Return when ``changed()`` or after ``wait`` (+ jitter up to wait/16): the watch whose
+        wake-up ended the hold (its ``answers`` are shared by the queries it woke), else None."""
+        woken: _Watch | None = None
         if changed() or wait <= 0:
-            return
+            return None
         if self._stopping.is_set():
             raise _HTTPError(
                 503, "the registry is stopping: retry in 1 s", headers=[("Retry-After", "1")]
@@ -532,7 +575,7 @@ class RegistryApp:
                 try:
                     left = end - loop.time()
                     if left <= 0:
-                        return
+                        return None
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(watch.event.wait(), left)
                 finally:
@@ -540,7 +583,8 @@ class RegistryApp:
                     if watch.waiters == 0 and self._watches.get(key) is watch:
                         del self._watches[key]
                 if not watch.event.is_set():
-                    return  # timed out
+                    return None  # timed out
+                woken = watch
         finally:
             self._count_watchers(-1)
         if self._stopping.is_set() and not changed():
@@ -551,6 +595,7 @@ class RegistryApp:
             raise _HTTPError(
                 503, "the registry is stopping: retry in 1 s", headers=[("Retry-After", "1")]
             )
+        return woken
 
     def _warming(self, registry: Registry) -> Callable[[], bool]:
         """For a query held while warming: whether warming has ended since (the answer's
@@ -629,9 +674,6 @@ class RegistryApp:
                 return await self._prometheus(request)
             case ("v1", "status"):
                 return await self._status(request)
-            case ("v1", "ca", "sign"):
-                self._allow(request, "POST")
-                return await self._sign(request)
             case ("v1", "tokens"):
                 if request.method == "POST":
                     return await self._create_token(request)
@@ -640,6 +682,11 @@ class RegistryApp:
             case ("v1", "tokens", id):
                 self._allow(request, "DELETE")
                 return await self._revoke_token(request, id)
+            case ("v1", "ca", "bundle"):
+                return await self._ca_bundle(request)
+            case ("v1", "ca", "sign"):
+                self._allow(request, "POST")
+                return await self._sign(request)
         raise _HTTPError(404, f"no such endpoint: {path}")
 
     def _allow(self, request: _Request, *methods: str) -> None:
@@ -854,12 +901,19 @@ class RegistryApp:
         self._reader(request)
         index, wait, epoch = _blocking(request)
         registry = self._core()
+        woken = None
         if index and epoch in (None, registry.epoch):
             warming = self._warming(registry)
-            await self._hold(
+            woken = await self._hold(
                 (ns, svc), lambda: registry.changed_since(ns, svc, index) or warming(), wait
             )
-        found = registry.endpoints(ns, svc, self.clock())
+        now = self.clock()
+        state = (registry.index(ns, svc), registry.epoch, registry.authoritative(now))
+        headers = self._index_headers(state, f'"{state[1]}-{state[0]}"')
+        shared = None if woken is None else woken.answers.get(state)
+        if shared is not None:
+            return 200, shared, headers
+        found = registry.endpoints(ns, svc, now)
         answer = EndpointsAnswer(
             ns,
             svc,
@@ -871,15 +925,18 @@ class RegistryApp:
                 for i in found.instances
             ),
         )
-        headers = self._index_headers(found.index, f'"{found.epoch}-{found.index}"')
-        return 200, answer.to_json(), headers
+        payload = json.dumps(answer.to_json()).encode()
+        if woken is not None:
+            woken.answers[state] = payload
+        return 200, payload, headers
 
-    def _index_headers(self, index: int, etag: str) -> list[tuple[str, str]]:
-        registry = self._core()
+    def _index_headers(self, state: tuple[int, str, bool], etag: str) -> list[tuple[str, str]]:
+        """The headers of a readable answer; ``state`` is (index, epoch, authoritative)."""
+        index, epoch, authoritative = state
         return [
             (INDEX_HEADER, str(index)),
-            (EPOCH_HEADER, registry.epoch),
-            (AUTHORITATIVE_HEADER, "true" if registry.authoritative(self.clock()) else "false"),
+            (EPOCH_HEADER, epoch),
+            (AUTHORITATIVE_HEADER, "true" if authoritative else "false"),
             ("ETag", etag),
         ]
 
@@ -936,16 +993,20 @@ class RegistryApp:
         index, wait, epoch = _blocking(request)
         registry = self._core()
         log_ = registry.policy
+        woken = None
         if index and epoch in (None, registry.epoch):
             warming = self._warming(registry)
-            await self._hold(None, lambda: log_.changed_since(index) or warming(), wait)
+            woken = await self._hold(None, lambda: log_.changed_since(index) or warming(), wait)
         current = log_.current()
         version = 0 if current is None else current.version
-        return (
-            200,
-            self._policy_answer(current).to_json(),
-            self._index_headers(version, f'"{version}"'),
-        )
+        state = (version, registry.epoch, registry.authoritative(self.clock()))
+        headers = self._index_headers(state, f'"{version}"')
+        shared = None if woken is None else woken.answers.get(state)
+        if shared is None:
+            shared = json.dumps(self._policy_answer(current).to_json()).encode()
+            if woken is not None:
+                woken.answers[state] = shared
+        return 200, shared, headers
 
     async def _history(self, request: _Request) -> Answer:
         self._allow(request, "GET")
@@ -1032,6 +1093,81 @@ class RegistryApp:
         key = f"{POLICY}{version.version:010d}"
         await self.store.put(key, json.dumps(record).encode(), if_mod_rev=0)
 
+    # -- trust bundle and CRLs (GET /v1/ca/bundle) ---------------------------------------------
+
+    def poll_ca(self) -> bool:
+        """Publish the CA dir's bundle and CRLs if they changed (the tick calls it every
+        second); True when the bundle index moved. A stat of three files when nothing changed;
+        a file that does not parse (mid-write by hand, damaged) keeps the last good answer, is
+        logged, and is read again once its stat changes."""
+        if self.ca_dir is None:
+            return False
+        seen = _stat_files(self.ca_dir, CA_FILES)
+        if seen == self._ca_seen:
+            return False
+        self._ca_seen = seen
+        try:
+            bundle = CADirectory(self.ca_dir).bundle()
+            crl_path = self.ca_dir / CRL_FILE
+            crls = crls_pem(load_crls(crl_path)) if crl_path.exists() else b""
+        except (IdentityError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            kept = "none yet" if self._bundle is None else f"sequence {self._bundle.sequence}"
+            log.error(
+                "registry: CA dir %s refused, keeping the last bundle (%s): %s",
+                self.ca_dir,
+                kept,
+                reason,
+            )
+            return False
+        current = self._bundle
+        text, crls_text = bundle.to_pem().decode(), crls.decode()
+        if current is not None and (current.bundle, current.crls) == (text, crls_text):
+            return False  # touched, not changed: held queries stay held
+        if current is not None and bundle.sequence < current.sequence:
+            log.warning(
+                "registry: %s went from bundle sequence %d to %d; workloads keep the higher one",
+                self.ca_dir,
+                current.sequence,
+                bundle.sequence,
+            )
+        index = 1 if current is None else current.index + 1
+        self._bundle = BundleAnswer(index, bundle.sequence, text, crls_text)
+        log.info(
+            "registry: CA bundle index %d (sequence %d, %s)",
+            index,
+            bundle.sequence,
+            "with CRLs" if crls_text else "no CRLs",
+        )
+        self._notify(BUNDLE_WATCH)
+        return True
+
+    async def _ca_bundle(self, request: _Request) -> Answer:
+        self._allow(request, "GET")
+        self._reader(request)
+        if self.ca_dir is None:
+            raise _HTTPError(404, "this registry was started without a CA dir: it serves no bundle")
+        index, wait, epoch = _blocking(request)
+        if index and epoch in (None, self._bundle_epoch):
+            # Any other index (one from the future, one from before a restart) answers at once.
+            await self._hold(BUNDLE_WATCH, lambda: self._bundle_index() != index, wait)
+        answer = self._bundle
+        if answer is None:
+            raise _HTTPError(
+                503,
+                f"the CA dir {self.ca_dir} has no readable bundle yet (see the registry's log)",
+                headers=[("Retry-After", "1")],
+            )
+        headers = [
+            (INDEX_HEADER, str(answer.index)),
+            (EPOCH_HEADER, self._bundle_epoch),
+            ("ETag", f'"{self._bundle_epoch}-{answer.index}"'),
+        ]
+        return 200, answer.to_json(), headers
+
+    def _bundle_index(self) -> int:
+        return 0 if self._bundle is None else self._bundle.index
+
     # -- status --------------------------------------------------------------------------------
 
     async def _status(self, request: _Request) -> Answer:
@@ -1053,6 +1189,58 @@ class RegistryApp:
             self.watchers,
         )
         return 200, answer.to_json(), ()
+
+    # -- join tokens -------------------------------------------------------------------------
+    # Admin only, the secret shown once (meshlib/control/tokens.py). Tokens live in the store
+    # only, never in the core: a write is one compare-and-set of its own key and needs no
+    # ``_writing`` lock, and startup's load skips their prefix.
+
+    async def _create_token(self, request: _Request) -> Answer:
+        author = self._admin(request, "tokens", "create join tokens (POST /v1/tokens)")
+        body = await _json_body(request, MAX_BODY)
+        spiffe_id = _field(body, "spiffe_id", str)
+        ttl = _field(body, "ttl", (int, float), optional=True)
+        try:
+            token, record = await issue_token(
+                self.store,
+                spiffe_id,
+                ttl=DEFAULT_TOKEN_TTL if ttl is None else ttl,
+                now=self.wall(),
+                author=author,
+                trust_domain=self.trust_domain,
+            )
+        except TokenRequestError as exc:
+            raise _HTTPError(400, str(exc)) from None
+        log.info("registry: %s created join token %s for %s", author, record.id, spiffe_id)
+        answer = TokenIssued(token, record.id, record.spiffe_id, record.expires_at)
+        return 201, answer.to_json(), ()
+
+    async def _tokens(self, request: _Request) -> Answer:
+        self._admin(request, "tokens", "list join tokens (GET /v1/tokens)")
+        now = self.wall()
+        listed = [
+            TokenInfo(
+                r.id,
+                r.spiffe_id,
+                state_of(r, now).value,
+                r.created_at,
+                r.expires_at,
+                r.created_by,
+                r.used_at,
+                r.used_by_serial,
+                r.revoked_at,
+            ).to_json()
+            for r in await list_tokens(self.store)
+        ]
+        return 200, {"tokens": listed}, ()
+
+    async def _revoke_token(self, request: _Request, id: str) -> Answer:
+        author = self._admin(request, "tokens", "revoke join tokens (DELETE /v1/tokens/{id})")
+        revoked = await revoke_token(self.store, id, self.wall())
+        if revoked is None:
+            raise _HTTPError(404, f"no join token {id!r} (meshctl token list shows them)")
+        log.info("registry: %s revoked join token %s", author, id)
+        return 200, {"id": revoked.id, "revoked_at": revoked.revoked_at}, ()
 
     # -- signing -------------------------------------------------------------------------------
 
@@ -1138,58 +1326,6 @@ class RegistryApp:
         assert isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey))  # check_csr's rule
         return key
 
-    # -- join tokens -------------------------------------------------------------------------
-    # Admin only, the secret shown once (meshlib/control/tokens.py). Tokens live in the store
-    # only, never in the core: a write is one compare-and-set of its own key and needs no
-    # ``_writing`` lock, and startup's load skips their prefix.
-
-    async def _create_token(self, request: _Request) -> Answer:
-        author = self._admin(request, "tokens", "create join tokens (POST /v1/tokens)")
-        body = await _json_body(request, MAX_BODY)
-        spiffe_id = _field(body, "spiffe_id", str)
-        ttl = _field(body, "ttl", (int, float), optional=True)
-        try:
-            token, record = await issue_token(
-                self.store,
-                spiffe_id,
-                ttl=DEFAULT_TOKEN_TTL if ttl is None else ttl,
-                now=self.wall(),
-                author=author,
-                trust_domain=self.trust_domain,
-            )
-        except TokenRequestError as exc:
-            raise _HTTPError(400, str(exc)) from None
-        log.info("registry: %s created join token %s for %s", author, record.id, spiffe_id)
-        answer = TokenIssued(token, record.id, record.spiffe_id, record.expires_at)
-        return 201, answer.to_json(), ()
-
-    async def _tokens(self, request: _Request) -> Answer:
-        self._admin(request, "tokens", "list join tokens (GET /v1/tokens)")
-        now = self.wall()
-        listed = [
-            TokenInfo(
-                r.id,
-                r.spiffe_id,
-                state_of(r, now).value,
-                r.created_at,
-                r.expires_at,
-                r.created_by,
-                r.used_at,
-                r.used_by_serial,
-                r.revoked_at,
-            ).to_json()
-            for r in await list_tokens(self.store)
-        ]
-        return 200, {"tokens": listed}, ()
-
-    async def _revoke_token(self, request: _Request, id: str) -> Answer:
-        author = self._admin(request, "tokens", "revoke join tokens (DELETE /v1/tokens/{id})")
-        revoked = await revoke_token(self.store, id, self.wall())
-        if revoked is None:
-            raise _HTTPError(404, f"no join token {id!r} (meshctl token list shows them)")
-        log.info("registry: %s revoked join token %s", author, id)
-        return 200, {"id": revoked.id, "revoked_at": revoked.revoked_at}, ()
-
 
 Answer = tuple[int, Any, Iterable[tuple[str, str]]]
 
@@ -1205,6 +1341,7 @@ def registry_app(
     wall: Callable[[], float] = time.time,
     rng: random.Random | None = None,
     max_watchers: int = DEFAULT_MAX_WATCHERS,
+    ca_dir: str | os.PathLike[str] | None = None,
 ) -> RegistryApp:
     """The registry's ASGI app over ``store`` (see :class:`RegistryApp`).
 
@@ -1222,6 +1359,7 @@ def registry_app(
         wall=wall,
         rng=rng,
         max_watchers=max_watchers,
+        ca_dir=ca_dir,
     )
 
 
@@ -1365,6 +1503,19 @@ def _store_name(store: Store) -> str:
     if isinstance(store, MemoryStore):
         return "memory"
     return type(store).__name__
+
+
+def _stat_files(directory: Path, names: Iterable[str]) -> tuple[tuple[int, int, int] | None, ...]:
+    """(mtime, size, inode) of each file, None for a missing one: a change of any is a change."""
+    out: list[tuple[int, int, int] | None] = []
+    for name in names:
+        try:
+            st = os.stat(directory / name)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
 
 
 def _prometheus_name(key: str) -> str:

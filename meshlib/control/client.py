@@ -40,6 +40,7 @@ from meshlib.control.wire import (
     AUTHORITATIVE_HEADER,
     EPOCH_HEADER,
     SOURCE_HEADER,
+    BundleAnswer,
     EndpointsAnswer,
     InstanceInfo,
     PolicyAnswer,
@@ -245,6 +246,10 @@ def _policy(response: httpx.Response) -> PolicyAnswer:
     )
 
 
+def _bundle(response: httpx.Response) -> BundleAnswer:
+    return BundleAnswer.from_json(_json(response), epoch=response.headers.get(EPOCH_HEADER, ""))
+
+
 def _list(response: httpx.Response, name: str) -> list[Any]:
     found = _json(response)
     items = found.get(name) if isinstance(found, dict) else None
@@ -390,27 +395,17 @@ class _Calls:
             headers=_if_match(if_match),
         )
 
+    def bundle(
+        self, *, index: int = 0, wait: float | None = None, epoch: str | None = None
+    ) -> _Call[BundleAnswer]:
+        params = {"index": str(index), **_wait(wait), **_epoch(epoch)}
+        return _Call("GET", "/v1/ca/bundle", _bundle, params=params, hold=_held(index, wait))
+
     def prometheus_sd(self) -> _Call[list[dict[str, Any]]]:
         return _Call("GET", "/v1/sd/prometheus", lambda r: list(_json(r)))
 
     def status(self) -> _Call[RegistryStatusInfo]:
         return _Call("GET", "/v1/status", lambda r: RegistryStatusInfo.from_json(_json(r)))
-
-    def sign(self, csr_pem: bytes | str, token: str | None = None) -> _Call[Signed]:
-        def read(response: httpx.Response) -> Signed:
-            body = _json(response)
-            fields = {k: body[k] for k in ("certificate", "bundle", "spiffe_id")}
-            for name, value in fields.items():
-                if not isinstance(value, str):
-                    raise ValueError(f"{name} is {type(value).__name__}, not a string")
-            expires = body["expires_at"]
-            if isinstance(expires, bool) or not isinstance(expires, (int, float)):
-                raise ValueError(f"expires_at is {type(expires).__name__}, not a number")
-            return Signed(**fields, expires_at=float(expires))
-
-        pem = csr_pem.decode("ascii") if isinstance(csr_pem, bytes) else csr_pem
-        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-        return _Call("POST", "/v1/ca/sign", read, json={"csr": pem}, headers=headers)
 
     def create_token(self, spiffe_id: str, *, ttl: float | None = None) -> _Call[TokenIssued]:
         body: dict[str, Any] = {"spiffe_id": spiffe_id}
@@ -430,6 +425,22 @@ class _Calls:
     def revoke_token(self, id: str) -> _Call[float]:
         path = f"/v1/tokens/{quote(id, safe='')}"
         return _Call("DELETE", path, lambda r: float(_json(r)["revoked_at"]))
+
+    def sign(self, csr_pem: bytes | str, token: str | None = None) -> _Call[Signed]:
+        def read(response: httpx.Response) -> Signed:
+            body = _json(response)
+            fields = {k: body[k] for k in ("certificate", "bundle", "spiffe_id")}
+            for name, value in fields.items():
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} is {type(value).__name__}, not a string")
+            expires = body["expires_at"]
+            if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+                raise ValueError(f"expires_at is {type(expires).__name__}, not a number")
+            return Signed(**fields, expires_at=float(expires))
+
+        pem = csr_pem.decode("ascii") if isinstance(csr_pem, bytes) else csr_pem
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        return _Call("POST", "/v1/ca/sign", read, json={"csr": pem}, headers=headers)
 
 
 def _held(index: int, wait: float | None) -> float:
@@ -672,16 +683,18 @@ class RegistryClient(_Base):
         call = self.calls.rollback(version, if_match=if_match)
         return self._send(call)
 
+    def bundle(
+        self, *, index: int = 0, wait: float | None = None, epoch: str | None = None
+    ) -> BundleAnswer:
+        """The CA's trust bundle and CRLs; with ``index`` (and the answer's ``epoch``), held
+        until they change or ``wait`` seconds pass."""
+        return self._send(self.calls.bundle(index=index, wait=wait, epoch=epoch))
+
     def prometheus_sd(self) -> list[dict[str, Any]]:
         return self._send(self.calls.prometheus_sd())
 
     def status(self) -> RegistryStatusInfo:
         return self._send(self.calls.status())
-
-    def sign(self, csr_pem: bytes | str, token: str | None = None) -> Signed:
-        """A leaf for the CSR's key: for the join token's identity with ``token``, else for
-        this client's SVID's (renewal)."""
-        return self._send(self.calls.sign(csr_pem, token))
 
     def create_token(self, spiffe_id: str, *, ttl: float | None = None) -> TokenIssued:
         """A one-time join token for ``spiffe_id`` (admin only); ``ttl`` seconds, default 15 min."""
@@ -694,6 +707,11 @@ class RegistryClient(_Base):
     def revoke_token(self, id: str) -> float:
         """Revoke join token ``id``; returns when it was revoked (admin only)."""
         return self._send(self.calls.revoke_token(id))
+
+    def sign(self, csr_pem: bytes | str, token: str | None = None) -> Signed:
+        """A leaf for the CSR's key: for the join token's identity with ``token``, else for
+        this client's SVID's (renewal)."""
+        return self._send(self.calls.sign(csr_pem, token))
 
     def close(self) -> None:
         self._http.close()
@@ -815,15 +833,16 @@ class AsyncRegistryClient(_Base):
         call = self.calls.rollback(version, if_match=if_match)
         return await self._send(call)
 
+    async def bundle(
+        self, *, index: int = 0, wait: float | None = None, epoch: str | None = None
+    ) -> BundleAnswer:
+        return await self._send(self.calls.bundle(index=index, wait=wait, epoch=epoch))
+
     async def prometheus_sd(self) -> list[dict[str, Any]]:
         return await self._send(self.calls.prometheus_sd())
 
     async def status(self) -> RegistryStatusInfo:
         return await self._send(self.calls.status())
-
-    async def sign(self, csr_pem: bytes | str, token: str | None = None) -> Signed:
-        """As :meth:`RegistryClient.sign`."""
-        return await self._send(self.calls.sign(csr_pem, token))
 
     async def create_token(self, spiffe_id: str, *, ttl: float | None = None) -> TokenIssued:
         return await self._send(self.calls.create_token(spiffe_id, ttl=ttl))
@@ -833,6 +852,10 @@ class AsyncRegistryClient(_Base):
 
     async def revoke_token(self, id: str) -> float:
         return await self._send(self.calls.revoke_token(id))
+
+    async def sign(self, csr_pem: bytes | str, token: str | None = None) -> Signed:
+        """As :meth:`RegistryClient.sign`."""
+        return await self._send(self.calls.sign(csr_pem, token))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -362,6 +362,11 @@ class Registry:
     def get(self, id: str) -> Instance | None:
         return self._instances.get(id)
 
+    def count(self) -> int:
+        """How many instances are registered (without sorting them, as :meth:`instances` does:
+        the driver reports it after every register)."""
+        return len(self._instances)
+
     def instances(self) -> tuple[Instance, ...]:
         """Every registered instance, sorted by service then id (``meshctl get instances``)."""
         return tuple(sorted(self._instances.values(), key=lambda i: (i.key, i.id)))

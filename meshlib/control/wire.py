@@ -197,6 +197,41 @@ class PolicyAnswer:
         )
 
 
+@dataclass(frozen=True)
+class BundleAnswer:
+    """The CA's published trust bundle and CRLs as ``GET /v1/ca/bundle`` returns them: ``bundle``
+    is the ``bundle.pem`` text with its sequence line, ``crls`` the PEM CRLs ("" for none).
+    ``index`` moves whenever either changes; ``epoch`` (a response header) names the registry
+    process the index belongs to (the bundle index is not persisted)."""
+
+    index: int
+    sequence: int
+    bundle: str
+    crls: str = ""
+    #: From the response headers, not the body.
+    epoch: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "sequence": self.sequence,
+            "bundle": self.bundle,
+            "crls": self.crls,
+        }
+
+    @classmethod
+    def from_json(cls, body: object, *, epoch: str = "") -> BundleAnswer:
+        where = "bundle answer"
+        obj = _object(body, where)
+        return cls(
+            _get(obj, "index", int, where),
+            _get(obj, "sequence", int, where),
+            _get(obj, "bundle", str, where),
+            _get(obj, "crls", str, where),
+            epoch,
+        )
+
+
 def _number(obj: Mapping[str, Any], name: str, where: str) -> float:
     value = _get(obj, name, (int, float), where)
     if isinstance(value, bool):

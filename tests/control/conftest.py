@@ -99,6 +99,15 @@ class RunningRegistry:
         self._closers.append(client.close)
         return client
 
+    def poll_ca(self) -> bool:
+        """One poll of the CA dir on the app's own loop (the tick's); whether the index moved."""
+        assert self.app.loop is not None
+
+        async def poll() -> bool:
+            return self.app.poll_ca()
+
+        return asyncio.run_coroutine_threadsafe(poll(), self.app.loop).result(10)
+
     def expire(self) -> int:
         """One expiry pass on the app's own loop; how many instances expired."""
         assert self.app.loop is not None
@@ -131,13 +140,16 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         wrap: Callable[[Store], Store] | None = None,
         metrics: bool = False,
         port: int = 0,
+        ca: bool = True,
         join_tokens: JoinTokens | None = None,
     ) -> RunningRegistry:
         """Start a registry on ``data`` (default: a new dir, initialised); ``clock`` injected
         turns the 1 s expiry tick off (drive it with :meth:`RunningRegistry.expire`); ``wall``
         is the wall clock the store's times are written in; ``port`` (default: a free one) lets
-        a restart come back at the URL its clients know; ``join_tokens`` is what the token form
-        of POST /v1/ca/sign spends (default: the real ones, minted by POST /v1/tokens)."""
+        a restart come back at the URL its clients know; ``ca`` serves ``DIR/ca``'s bundle and
+        CRLs (``GET /v1/ca/bundle``) and signs, as ``registry serve`` does; ``join_tokens`` is
+        what the token form of POST /v1/ca/sign spends (default: the real ones, minted by POST
+        /v1/tokens)."""
         if data is None:
             data = tmp_path / f"registry-{next(count)}"
         made = init_registry_dir(data, TD)
@@ -148,11 +160,11 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         if wall is not None:
             extra["wall"] = wall
         options: dict[str, Any] = {
-            "ca_dir": made.ca,
             "join_tokens": join_tokens,
             "settings": settings or RegistrySettings(warming=0.0),
             "rng": random.Random(seed),
             "max_watchers": max_watchers,
+            "ca_dir": made.ca if ca else None,
             **extra,
         }
         app = (

@@ -159,6 +159,55 @@ def test_a_change_wakes_only_the_watchers_of_its_service(registry: RunningRegist
     assert registry.app.wakeups == 2
 
 
+def test_the_queries_one_change_wakes_share_one_encoded_answer(
+    registry: RunningRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change to a service watched by N held queries built and encoded its answer N times
+    (a fan-out to 200 watchers spent most of the registry's own CPU on that); now the first
+    woken query encodes it and the others send the same bytes. A query not held builds its own,
+    so nothing is served from a state older than the one it asks about."""
+    from meshlib.control.wire import EndpointsAnswer, PolicyAnswer
+
+    built = {"endpoints": 0, "policy": 0}
+    for kind, cls in (("endpoints", EndpointsAnswer), ("policy", PolicyAnswer)):
+
+        def counted(self: Any, _kind: str = kind, _to_json: Any = cls.to_json) -> Any:
+            built[_kind] += 1
+            return _to_json(self)
+
+        monkeypatch.setattr(cls, "to_json", counted)
+    admin = registry.http()
+    admin.put("/v1/policy", content=POLICY)
+    index = admin.get("/v1/services/default/reviews/endpoints").json()["index"]
+    held = threading.Event()
+    registry.app.on_watchers = lambda n: held.set() if n == 6 else None
+    built.update(endpoints=0, policy=0)
+    with ThreadPoolExecutor(6) as pool:
+        reviews = [
+            pool.submit(admin.get, f"/v1/services/default/reviews/endpoints?index={index}&wait=20s")
+            for _ in range(3)
+        ]
+        policies = [pool.submit(admin.get, "/v1/policy?index=1&wait=20s") for _ in range(3)]
+        assert held.wait(10)
+        admin.put(path("default", "reviews"), json=body())
+        admin.put("/v1/policy", content=POLICY.replace("9000", "9001"))
+        endpoint_answers = [f.result(10) for f in reviews]
+        policy_answers = [f.result(10) for f in policies]
+    assert built == {"endpoints": 1, "policy": 1}
+    assert len({a.content for a in endpoint_answers}) == 1
+    assert endpoint_answers[0].json()["index"] == index + 1
+    assert [e["port"] for e in endpoint_answers[0].json()["endpoints"]] == [8080]
+    assert {a.headers["X-Mesh-Index"] for a in endpoint_answers} == {str(index + 1)}
+    assert len({a.content for a in policy_answers}) == 1
+    assert policy_answers[0].json()["version"] == 2
+    assert {a.headers["X-Mesh-Index"] for a in policy_answers} == {"2"}
+
+    admin.put(path("default", "reviews", port=8081), json=body(port=8081))
+    fresh = admin.get("/v1/services/default/reviews/endpoints").json()
+    assert [e["port"] for e in fresh["endpoints"]] == [8080, 8081]
+    assert built["endpoints"] == 2
+
+
 def test_bad_policy_is_refused_with_every_problem_and_never_becomes_a_version(
     registry: RunningRegistry,
 ) -> None:
