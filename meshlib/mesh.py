@@ -302,6 +302,9 @@ class Mesh:
         watch_wait: float | None = None,
         labels: Mapping[str, str] | None = None,
         metrics_port: int | None = None,
+        join_token: str | None = None,
+        bundle: str | os.PathLike[str] | None = None,
+        renew: bool | Mapping[str, Any] = True,
         **kwargs: Any,
     ) -> Mesh:
         """A mesh whose policy and endpoints come from the registry at ``url`` (DESIGN.md §8),
@@ -315,10 +318,17 @@ class Mesh:
         ``watch_wait`` is the long-poll's hold in seconds (the registry's default: 60).
         ``labels`` and ``metrics_port`` are what :func:`meshlib.serve` registers the served
         instance with (subset routing, Prometheus discovery).
+
+        Identity (docs/security.md "Bootstrap"): when ``svid_dir`` holds no usable SVID,
+        ``join_token`` (a join string, or a bare token with ``bundle``, a bundle.pem path) is
+        traded for one first. The SVID is then renewed by the registry at half-life
+        (:class:`~meshlib.control.remote.RemoteIssuer`); ``renew=False`` opts out, a mapping
+        gives the :class:`~meshlib.identity.renewal.Renewer` options.
         """
         from meshlib.config.loader import load_texts
         from meshlib.control.agent import RegistryAgent, cache_path, starting_point
         from meshlib.control.cache import CacheFile
+        from meshlib.control.remote import RemoteIssuer, ensure_svid
         from meshlib.identity.tls import SVIDSource
 
         if policy_file is None:
@@ -328,6 +338,7 @@ class Mesh:
         else:
             local = [os.fspath(p) for p in policy_file]
         svid = os.fspath(svid_dir)
+        ensure_svid(url, svid, join_token=join_token, bundle=bundle)
         trust_domain = SVIDSource(svid).trust_domain
         cache = CacheFile(cache_path(cache_dir, namespace, service), url)
 
@@ -357,6 +368,9 @@ class Mesh:
                 metrics=mesh.metrics,
                 wait=watch_wait,
             ).start()
+            if renew:
+                options = dict(renew) if isinstance(renew, Mapping) else {}
+                mesh.start_renewal(RemoteIssuer(url, svid), **options)
         except BaseException:
             mesh.close()
             raise
@@ -367,8 +381,9 @@ class Mesh:
         """A mesh configured by the environment (DESIGN.md §8): ``MESHLIB_SERVICE`` (required),
         ``MESHLIB_NAMESPACE`` (default ``default``), and either ``MESHLIB_REGISTRY`` (with
         ``MESHLIB_SVID_DIR``; ``MESHLIB_POLICY`` then adds local files, ``MESHLIB_LABELS``
-        (``version=v2,zone=a``) and ``MESHLIB_METRICS_PORT`` describe the served instance) or
-        ``MESHLIB_POLICY``
+        (``version=v2,zone=a``) and ``MESHLIB_METRICS_PORT`` describe the served instance;
+        ``MESHLIB_JOIN_TOKEN``, a join string (which also names the registry) or a bare token
+        with ``MESHLIB_BUNDLE``, gets the first SVID) or ``MESHLIB_POLICY``
         alone (a policy file, hot-reloaded). Several policy files are separated by
         ``os.pathsep``. Keyword arguments go to :meth:`from_registry` / :meth:`from_file`."""
         env = os.environ
@@ -379,6 +394,13 @@ class Mesh:
         policies = [p for p in env.get("MESHLIB_POLICY", "").split(os.pathsep) if p.strip()]
         registry = env.get("MESHLIB_REGISTRY", "").strip()
         svid_dir = env.get("MESHLIB_SVID_DIR", "").strip() or None
+        join_token = env.get("MESHLIB_JOIN_TOKEN", "").strip() or None
+        if join_token is not None:
+            from meshlib.control.remote import join_registry
+
+            registry = registry or join_registry(join_token) or ""
+            kwargs.setdefault("join_token", join_token)
+            kwargs.setdefault("bundle", env.get("MESHLIB_BUNDLE", "").strip() or None)
         if registry:
             kwargs.setdefault("labels", _env_labels(env.get("MESHLIB_LABELS", "")))
             port_text = env.get("MESHLIB_METRICS_PORT", "").strip()
@@ -752,6 +774,11 @@ class Mesh:
         if self.metrics is not None:
             expiry = material.certificate.not_valid_after_utc.timestamp()
             self.metrics.set_cert_expiry(str(material.spiffe_id), expiry)
+
+    @property
+    def renewer(self) -> Renewer | None:
+        """The running SVID renewer (its ``status``: renewals, failures, last error), if any."""
+        return self._renewer
 
     def start_renewal(self, issuer: Issuer, **options: Any) -> Renewer:
         """Renew this mesh's SVID from ``issuer`` (e.g. ``LocalIssuer(ca_dir)``) at half-life,

@@ -60,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshlib.config.loader import MAX_FILE_BYTES, load_text
 from meshlib.config.model import Snapshot
+from meshlib.control import tokens as stored_tokens
 from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import (
     Change,
@@ -277,9 +278,10 @@ class RegistryApp:
         self.ca_dir = None if ca_dir is None else Path(ca_dir)
         #: Lifetime of the SVIDs the registry signs.
         self.svid_ttl = svid_ttl
-        #: The join tokens the first-contact form of ``POST /v1/ca/sign`` spends; None: that
-        #: form is refused 401 (renewal with an SVID still works).
-        self.join_tokens = join_tokens
+        #: The join tokens the first-contact form of ``POST /v1/ca/sign`` spends: by default
+        #: the ones ``POST /v1/tokens`` mints into this app's own store
+        #: (:mod:`meshlib.control.tokens`); a test may put a stand-in here.
+        self.join_tokens: JoinTokens = stored_tokens if join_tokens is None else join_tokens
         #: Refused requests (401, 403), for /v1/status.
         self.refusals = 0
         #: Held blocking queries a change woke (one per query woken).
@@ -1263,7 +1265,7 @@ class RegistryApp:
             spiffe_id = self._sign_identity(request.identity)
             public_key = self._checked_key(pem, spiffe_id)
         else:
-            tokens = self._join_tokens()
+            tokens = self.join_tokens
             now = self.wall()
             try:
                 grant = await tokens.verify_token(self.store, token, now)
@@ -1301,11 +1303,6 @@ class RegistryApp:
             raise _HTTPError(
                 503, f"the registry's CA cannot sign: {exc.reason}", headers=[("Retry-After", "5")]
             ) from None
-
-    def _join_tokens(self) -> JoinTokens:
-        if self.join_tokens is None:
-            raise self._refuse("join tokens are not enabled on this registry", "sign", 401)
-        return self.join_tokens
 
     def _sign_identity(self, text: str) -> SpiffeID:
         """The workload ID a leaf is signed for (a token's or an SVID's: valid, but checked

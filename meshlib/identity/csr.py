@@ -129,16 +129,19 @@ def _describe(name: x509.GeneralName) -> str:
     return f"{kind}:{str(name.value)[:200]}"
 
 
-def make_csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, spiffe_id: SpiffeID) -> bytes:
+def make_csr(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, spiffe_id: SpiffeID | None
+) -> bytes:
     """A PEM CSR for ``spiffe_id`` signed with ``key`` (the client side of :func:`check_csr`:
-    the key never leaves the host, only this request does)."""
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlib")]))
-        .add_extension(
+    the key never leaves the host, only this request does). ``None`` asks for no SAN at all: a
+    host trading a join token does not know its identity yet, the registry takes the token's."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlib")])
+    )
+    if spiffe_id is not None:
+        builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
             critical=False,
         )
-        .sign(key, hashes.SHA256())
-    )
+    csr = builder.sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM)

@@ -148,7 +148,8 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         is the wall clock the store's times are written in; ``port`` (default: a free one) lets
         a restart come back at the URL its clients know; ``ca`` serves ``DIR/ca``'s bundle and
         CRLs (``GET /v1/ca/bundle``) and signs, as ``registry serve`` does; ``join_tokens`` is
-        what the token form of POST /v1/ca/sign spends (default: none, that form is refused)."""
+        what the token form of POST /v1/ca/sign spends (default: the real ones, minted by POST
+        /v1/tokens)."""
         if data is None:
             data = tmp_path / f"registry-{next(count)}"
         made = init_registry_dir(data, TD)
