@@ -367,6 +367,7 @@ class Mesh:
                 start=start,
                 metrics=mesh.metrics,
                 wait=watch_wait,
+                source=mesh.svid,
             ).start()
             if renew:
                 options = dict(renew) if isinstance(renew, Mapping) else {}

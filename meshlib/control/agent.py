@@ -48,6 +48,7 @@ from meshlib.control.registrar import (
 from meshlib.control.trust import BundleNotServed, BundleWatcher
 from meshlib.control.wire import BundleAnswer, EndpointsAnswer, PolicyAnswer
 from meshlib.errors import ConfigError
+from meshlib.identity.tls import SVIDSource
 
 __all__ = [
     "RegistryAgent",
@@ -317,7 +318,13 @@ class RegistryAgent:
         start: Start | None = None,
         metrics: RegistryMetrics | None = None,
         wait: float | None = None,
+        source: SVIDSource | None = None,
     ) -> None:
+        # The mesh's own SVID source when it has one: rotation reloads it, so the registry
+        # connections present a renewed SVID as soon as it is on disk.
+        credentials: dict[str, Any] = (
+            {"source": source} if source is not None else {"svid_dir": svid_dir}
+        )
         self.url = url
         self._mesh = mesh
         self._local = tuple(local)
@@ -326,7 +333,7 @@ class RegistryAgent:
         self.origin = start.origin if start is not None else "local"
         options: dict[str, Any] = {} if wait is None else {"wait": wait}
         self.discovery = Discovery(
-            ClientSource(AsyncRegistryClient(url, svid_dir=svid_dir)),
+            ClientSource(AsyncRegistryClient(url, **credentials)),
             mesh,
             self,
             services=tuple(mesh.snapshot.services),
@@ -336,14 +343,14 @@ class RegistryAgent:
         )
         self._loop = LoopThread("meshlib-registry-link")
         self.registrar = Registrar(
-            ClientRegistration(AsyncRegistryClient(url, svid_dir=svid_dir)),
+            ClientRegistration(AsyncRegistryClient(url, **credentials)),
             report=self.report,
             loop=self._loop,
         )
         #: Writes the registry's trust bundle and CRLs into ``svid_dir`` for the mesh's
         #: rotation watcher (``meshctl ca rotate``/``revoke`` reach this workload).
         self.trust = BundleWatcher(
-            ClientSource(AsyncRegistryClient(url, svid_dir=svid_dir)),
+            ClientSource(AsyncRegistryClient(url, **credentials)),
             svid_dir,
             loop=self._loop,
             **options,

@@ -528,15 +528,24 @@ class _Base:
         svid_dir: str | None = None,
         bundle_pem: bytes | None = None,
         timeout: float = 5.0,
+        source: SVIDSource | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         #: The client's SVID (None: a bootstrap client, which presents none).
         self.source: SVIDSource | None = None
         self.check: ServerCheck
-        if (svid_dir is None) == (bundle_pem is None):
-            raise ValueError("give exactly one of svid_dir (mTLS) or bundle_pem (bootstrap)")
-        if svid_dir is not None:
+        if sum(x is not None for x in (svid_dir, bundle_pem, source)) != 1:
+            raise ValueError(
+                "give exactly one of svid_dir or source (mTLS) or bundle_pem (bootstrap)"
+            )
+        if source is not None:
+            # A live source (the mesh's, reloaded as the SVID rotates and renews): each new
+            # connection presents the SVID loaded now, never one that expired meanwhile.
+            self.source = source
+            self.check = _RegistryCheck(self.source)
+            self._context = self.source.client_context()
+        elif svid_dir is not None:
             self.source = SVIDSource(svid_dir)
             self.check = _RegistryCheck(self.source)
             self._context = self.source.client_context()
@@ -585,8 +594,11 @@ class RegistryClient(_Base):
         svid_dir: str | None = None,
         bundle_pem: bytes | None = None,
         timeout: float = 5.0,
+        source: SVIDSource | None = None,
     ) -> None:
-        super().__init__(url, svid_dir=svid_dir, bundle_pem=bundle_pem, timeout=timeout)
+        super().__init__(
+            url, svid_dir=svid_dir, bundle_pem=bundle_pem, timeout=timeout, source=source
+        )
         transport = PinnedTransport(self._context, self.check, limits=None)
         self._http = httpx.Client(base_url=self.url, transport=transport, trust_env=False)
 
@@ -733,8 +745,11 @@ class AsyncRegistryClient(_Base):
         svid_dir: str | None = None,
         bundle_pem: bytes | None = None,
         timeout: float = 5.0,
+        source: SVIDSource | None = None,
     ) -> None:
-        super().__init__(url, svid_dir=svid_dir, bundle_pem=bundle_pem, timeout=timeout)
+        super().__init__(
+            url, svid_dir=svid_dir, bundle_pem=bundle_pem, timeout=timeout, source=source
+        )
         transport = AsyncPinnedTransport(self._context, self.check, limits=None)
         self._http = httpx.AsyncClient(base_url=self.url, transport=transport, trust_env=False)
 

@@ -181,3 +181,34 @@ def test_typed_answers_round_trip_and_name_a_bad_field() -> None:
         InstanceInfo.from_json({**instance.to_json(), "port": "80"}, "instances[0]")
     with pytest.raises(WireError, match="field 'uptime_seconds' has the wrong type"):
         RegistryStatusInfo.from_json({**status.to_json(), "uptime_seconds": True})
+
+
+@pytest.mark.timeout(30)
+def test_a_client_on_a_live_source_presents_the_svid_loaded_now(
+    registry: RunningRegistry, tmp_path: Any
+) -> None:
+    """The registry link of a mesh shares the mesh's SVID source, which rotation reloads: a
+    new connection presents the renewed SVID (a private source read once would keep the first
+    one until it expired, and every registry call would then fail)."""
+    import shutil
+
+    from meshlib.control.client import RegistryClient
+    from meshlib.identity.tls import SVIDSource
+
+    live = tmp_path / "live"
+    shutil.copytree(registry.issue("default", "reviews"), live)
+    source = SVIDSource(live)
+    client = RegistryClient(registry.url, source=source)
+    try:
+        assert client.instances() == ()
+        first = source.material.certificate.serial_number
+        renewed = registry.dir.issue("default", "reviews", tmp_path / "renewed")
+        for name in ("cert.pem", "key.pem"):
+            shutil.copy(renewed / name, live / name)
+        assert source.reload()
+        assert source.material.certificate.serial_number != first
+        # the context the client's next connection is made with carries the renewed pair
+        assert client.check.client_context() is source.current_client_context()
+        assert client.instances() == ()
+    finally:
+        client.close()
