@@ -191,6 +191,7 @@ class Call:
     ok: bool
     service: str  # reviews-v1 / reviews-v2 ("" for a failed call)
     instance: str
+    sent: float = 0.0  # monotonic, when the request went out
 
 
 class Traffic:
@@ -217,13 +218,14 @@ class Traffic:
     def _run(self) -> None:
         with self.mesh.client(timeout=5.0) as client:
             while not self._stop.is_set():
-                call = Call(time.monotonic(), time.time(), False, "", "")
+                sent = time.monotonic()
+                call = Call(sent, time.time(), False, "", "", sent)
                 try:
                     answer = client.get("http://productpage/productpage")
                     if answer.status_code == 200:
                         reviews = answer.json()["reviews"]
                         service, instance = reviews["service"], reviews["instance"]
-                        call = Call(time.monotonic(), time.time(), True, service, instance)
+                        call = Call(time.monotonic(), time.time(), True, service, instance, sent)
                     else:
                         self.errors[f"{answer.status_code} {answer.text[:80]}"] += 1
                 except Exception as exc:  # counted and shown: a failed call is the finding
@@ -291,28 +293,39 @@ def run(data: Path, seconds: float) -> None:
         meshctl(f"apply -f {q(data / 'v100.yaml')}", env=admin)
 
         print("\n== 2. four workloads register themselves ==")
-        workloads = []
-        for name, service, account in (
-            ("productpage", "productpage", "productpage"),
-            ("reviews-v1-a", "reviews-v1", "reviews"),
-            ("reviews-v1-b", "reviews-v1", "reviews"),
-            ("reviews-v2", "reviews-v2", "reviews"),
-        ):
+
+        def launch(name: str, service: str, account: str) -> Process:
             env = {
                 "MESHLIB_REGISTRY": url,
                 "MESHLIB_SERVICE": service,
                 "MESHLIB_SVID_DIR": str(svids[account]),
                 "MESHLIB_CACHE_DIR": str(data / "cache" / name),
             }
-            workloads.append(
-                procs.start(name, [sys.executable, str(WORKLOAD), "--seed", "11"], env)
-            )
-        addresses = {}
-        for process in workloads:
+            return procs.start(name, [sys.executable, str(WORKLOAD), "--seed", "11"], env)
+
+        def serving(process: Process) -> None:
             line = process.wait_for("serving ", 60)  # "serving SERVICE on https://HOST:PORT"
             addresses[process.name] = line.rsplit("/", 1)[1]
             print(f"  {line} (pid {process.popen.pid})")
 
+        def until_seen(counts: dict[str, int]) -> None:
+            deadline = time.monotonic() + 30
+            while {s: len(endpoints(loadgen, s)) for s in counts} != counts:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the workloads did not all appear in the registry")
+                time.sleep(0.05)
+
+        addresses: dict[str, str] = {}
+        # The callees first: productpage then finds them in its start-up fetch, so its first
+        # request already has somewhere to go (one started before them would answer 502 until
+        # its watch saw them register, about a second).
+        reviews = [
+            launch("reviews-v1-a", "reviews-v1", "reviews"),
+            launch("reviews-v1-b", "reviews-v1", "reviews"),
+            launch("reviews-v2", "reviews-v2", "reviews"),
+        ]
+        for process in reviews:
+            serving(process)
         loadgen = meshlib.Mesh.from_registry(
             url,
             service="loadgen",
@@ -320,12 +333,9 @@ def run(data: Path, seconds: float) -> None:
             cache_dir=data / "cache" / "loadgen",
             metrics=False,
         )
-        deadline = time.monotonic() + 30
-        services = ("productpage", "reviews-v1", "reviews-v2")
-        while [len(endpoints(loadgen, s)) for s in services] != [1, 2, 1]:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the workloads did not all appear in the registry")
-            time.sleep(0.05)
+        until_seen({"reviews-v1": 2, "reviews-v2": 1})
+        serving(launch("productpage", "productpage", "productpage"))
+        until_seen({"productpage": 1, "reviews-v1": 2, "reviews-v2": 1})
         meshctl("get instances", env=admin)
 
         print("\n== 3. steady traffic: loadgen → productpage → reviews (split 100/0) ==")
@@ -357,11 +367,12 @@ def run(data: Path, seconds: float) -> None:
         meshctl("registry status", env=admin)
 
         print("\n== 5. SIGKILL one reviews-v1 instance: no drain, the TTL must notice ==")
-        victim = workloads[1]
+        victim = reviews[0]
         gone = addresses[victim.name]
         victim.signal(signal.SIGKILL)
         killed = time.monotonic()
         victim.popen.wait(timeout=10)
+        dead = time.monotonic()  # from here no request can reach it
         print(f"  SIGKILL {victim.name} at {gone} (pid {victim.popen.pid})")
         deadline = killed + TTL + 5
         while gone in endpoints(loadgen, "reviews-v1") and time.monotonic() < deadline:
@@ -371,7 +382,10 @@ def run(data: Path, seconds: float) -> None:
         after = traffic.since(killed)
         traffic.stop()
         failed = sum(not c.ok for c in after)
-        by_instance = Counter(c.instance for c in after if c.service == "reviews-v1")
+        # Requests sent once it was dead (one sent just before can still have its answer).
+        by_instance = Counter(
+            c.instance for c in after if c.service == "reviews-v1" and c.sent >= dead
+        )
         if gone in endpoints(loadgen, "reviews-v1"):
             print(f"  NOT removed from the callers' endpoints within {moved:.1f} s")
         else:
@@ -379,7 +393,7 @@ def run(data: Path, seconds: float) -> None:
                 f"  its traffic moved: gone from the callers' endpoints {moved:.1f} s after the "
                 f"kill (TTL {TTL:.0f} s)"
             )
-        survivor = addresses[workloads[2].name]
+        survivor = addresses[reviews[1].name]
         print(
             f"  reviews-v1 calls since the kill: {by_instance[survivor]} on {survivor}, "
             f"{by_instance[gone]} on {gone}"
