@@ -271,12 +271,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         store: Store = SQLiteStore(data) if args.store == "sqlite" else MemoryStore()
     except (IdentityError, StoreError) as exc:
         raise CommandFailed(str(exc)) from exc
-    # The CA dir is polled every second ('meshctl ca rotate'/'revoke' reach the workloads) and
+    # The CA dir is polled every second ('meshctl ca rotate'/'revoke' reach the workloads, and
+    # the registry's own SVID dir, which the server polls: it refuses revoked clients too) and
     # signs CSRs: renewals by SVID, first contacts by the join tokens kept in the store.
     app = registry_with_metrics(
         store,
         trust_domain=trust_domain,
         ca_dir=data / CA_DIR,
+        svid_dir=data / REGISTRY_DIR,
         svid_ttl=svid_ttl,
         join_tokens=tokens,
     )
@@ -290,6 +292,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             mode="strict",
             # a first contact has a join token, not yet an SVID: the app decides per path
             client_cert="optional",
+            # on (1 s): the CRLs the app copies from DIR/ca into DIR/registry reach the server
+            svid_poll_interval=1.0,
         )
     except (IdentityError, RuntimeError, TimeoutError, OSError) as exc:
         _close(store)

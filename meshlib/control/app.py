@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -83,6 +84,7 @@ from meshlib.control.tokens import (
     revoke_token,
     state_of,
 )
+from meshlib.control.trust import write_update
 from meshlib.control.wire import (
     AUTHORITATIVE_HEADER,
     EPOCH_HEADER,
@@ -110,8 +112,9 @@ from meshlib.identity.ca import (
 from meshlib.identity.cadir import CADirectory
 from meshlib.identity.crl import CRL_FILE, crls_pem, load_crls
 from meshlib.identity.csr import CSRRefused, check_csr
-from meshlib.identity.peers import verified_identity
+from meshlib.identity.peers import peer_certificate, verified_identity
 from meshlib.identity.spiffe import IdentityError, SpiffeID, SpiffeIDError
+from meshlib.identity.svid import SVIDError, verify_svid
 
 __all__ = [
     "DEFAULT_MAX_WATCHERS",
@@ -258,6 +261,7 @@ class RegistryApp:
         ca_dir: str | os.PathLike[str] | None = None,
         svid_ttl: dt.timedelta = DEFAULT_SVID_TTL,
         join_tokens: JoinTokens | None = None,
+        svid_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.store = store
         self.trust_domain = trust_domain
@@ -313,6 +317,11 @@ class RegistryApp:
         #: The bundle index is not persisted: held queries name this process's epoch, so an
         #: index from before a restart is answered at once, never waited on.
         self._bundle_epoch = secrets.token_hex(8)
+        #: The registry's own SVID dir (``DIR/registry``, served with SVID polling on): each
+        #: new bundle/CRLs the CA poll publishes is written there too, under the workloads'
+        #: never-roll-back rules, so the registry's own server refuses revoked clients.
+        self.svid_dir = None if svid_dir is None else Path(svid_dir)
+        self._own_refused: str | None = None
 
     # -- ASGI ----------------------------------------------------------------------------------
 
@@ -1140,7 +1149,21 @@ class RegistryApp:
             "with CRLs" if crls_text else "no CRLs",
         )
         self._notify(BUNDLE_WATCH)
+        self._trust_own(self._bundle)
         return True
+
+    def _trust_own(self, answer: BundleAnswer) -> None:
+        """Write ``answer`` into the registry's own SVID dir as a workload's bundle watcher
+        would (:func:`~meshlib.control.trust.write_update`): the server's rotation watcher
+        reloads it, and a client certificate ``meshctl ca revoke`` named fails its next
+        handshake with the registry too (a revoked workload could otherwise go on
+        registering, beating and renewing its SVID until it expired)."""
+        if self.svid_dir is None:
+            return
+        update, _ = write_update(self.svid_dir, answer)
+        if update.refused is not None and update.refused != self._own_refused:
+            log.warning("registry: own SVID dir: %s", update.refused)
+        self._own_refused = update.refused
 
     async def _ca_bundle(self, request: _Request) -> Answer:
         self._allow(request, "GET")
@@ -1263,6 +1286,7 @@ class RegistryApp:
         if token is None:
             assert request.identity is not None
             spiffe_id = self._sign_identity(request.identity)
+            await self._renewable(request)
             public_key = self._checked_key(pem, spiffe_id)
         else:
             tokens = self.join_tokens
@@ -1303,6 +1327,33 @@ class RegistryApp:
             raise _HTTPError(
                 503, f"the registry's CA cannot sign: {exc.reason}", headers=[("Retry-After", "5")]
             ) from None
+
+    async def _renewable(self, request: _Request) -> None:
+        """Refuse (403, counted) to renew a certificate the CA dir's current CRLs revoke, or
+        that no root of its current bundle signed. The handshake refuses revoked clients once
+        the registry's own SVID dir has the CRLs (:meth:`_trust_own`, within about 3 s); this
+        reads ``DIR/ca`` per request, so not even that window lets a revoked SVID mint a
+        fresh certificate."""
+        assert self.ca_dir is not None
+        pem = peer_certificate(request.scope)
+        if pem is None:  # an identity without a certificate: only a test's ``identify`` does it
+            raise self._refuse("renewal needs the caller's verified certificate", "sign")
+        ca_dir = self.ca_dir
+
+        def check() -> str | None:
+            leaf = x509.load_pem_x509_certificate(pem.encode("ascii"))
+            bundle = CADirectory(ca_dir).bundle()
+            crl_path = ca_dir / CRL_FILE
+            crls = load_crls(crl_path) if crl_path.exists() else None
+            try:
+                verify_svid([leaf], bundle.roots, trust_domain=self.trust_domain, crls=crls)
+            except SVIDError as exc:
+                return exc.reason
+            return None
+
+        reason = await self._ca_call(check)
+        if reason is not None:
+            raise self._refuse(f"your SVID cannot be renewed: {reason}", "sign")
 
     def _sign_identity(self, text: str) -> SpiffeID:
         """The workload ID a leaf is signed for (a token's or an SVID's: valid, but checked

@@ -39,6 +39,7 @@ __all__ = [
     "BundleWatcher",
     "TrustUpdate",
     "plan_update",
+    "write_update",
 ]
 
 log = logging.getLogger("meshlib.control.trust")
@@ -223,37 +224,49 @@ class BundleWatcher:
         """Write what :func:`plan_update` says for ``answer``; never raises (a failed write is
         logged and retried with the next change)."""
         self.sequence = answer.sequence
-        bundle_path = self.directory / SVID_BUNDLE_FILE
-        crl_path = self.directory / CRL_FILE
-        update = plan_update(answer, _read(bundle_path), _read(crl_path), str(self.directory))
+        update, written = write_update(self.directory, answer)
         if update.refused is not None and update.refused != self.refused:
             log.warning("trust: %s", update.refused)
         self.refused = update.refused
-        try:
-            # CRLs first: a bundle adding a root is refused by the reload until that root has
-            # a CRL in crl.pem (checking fails closed), a CRL for a root not yet trusted is not.
-            if update.crls is not None:
-                write_atomic(crl_path, update.crls, mode=0o644)
-                self.writes += 1
-            if update.bundle is not None:
-                write_atomic(bundle_path, update.bundle, mode=0o644)
-                self.writes += 1
-        except OSError as exc:
-            log.error("trust: cannot write into %s: %s", self.directory, exc)
-            return update
-        if update.bundle is not None or update.crls is not None:
-            log.info(
-                "trust: wrote %s into %s (bundle sequence %d, registry index %d)",
-                " and ".join(
-                    name
-                    for name, data in ((CRL_FILE, update.crls), (SVID_BUNDLE_FILE, update.bundle))
-                    if data is not None
-                ),
-                self.directory,
-                answer.sequence,
-                answer.index,
-            )
+        self.writes += written
         return update
+
+
+def write_update(directory: Path, answer: BundleAnswer) -> tuple[TrustUpdate, int]:
+    """Write what :func:`plan_update` says for ``answer`` into the SVID dir ``directory``:
+    the update and how many files were written. Never raises (a failed write is logged; the
+    caller retries with the next change). The workloads' :class:`BundleWatcher` and the
+    registry's own CA poll (its server's SVID dir) both write through here, so neither can
+    roll trust back."""
+    bundle_path = directory / SVID_BUNDLE_FILE
+    crl_path = directory / CRL_FILE
+    update = plan_update(answer, _read(bundle_path), _read(crl_path), str(directory))
+    written = 0
+    try:
+        # CRLs first: a bundle adding a root is refused by the reload until that root has
+        # a CRL in crl.pem (checking fails closed), a CRL for a root not yet trusted is not.
+        if update.crls is not None:
+            write_atomic(crl_path, update.crls, mode=0o644)
+            written += 1
+        if update.bundle is not None:
+            write_atomic(bundle_path, update.bundle, mode=0o644)
+            written += 1
+    except OSError as exc:
+        log.error("trust: cannot write into %s: %s", directory, exc)
+        return update, written
+    if written:
+        log.info(
+            "trust: wrote %s into %s (bundle sequence %d, registry index %d)",
+            " and ".join(
+                name
+                for name, data in ((CRL_FILE, update.crls), (SVID_BUNDLE_FILE, update.bundle))
+                if data is not None
+            ),
+            directory,
+            answer.sequence,
+            answer.index,
+        )
+    return update, written
 
 
 def _read(path: Path) -> bytes | None:

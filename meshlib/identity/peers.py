@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["spiffe_trust_domain", "verified_identity"]
+__all__ = ["peer_certificate", "spiffe_trust_domain", "verified_identity"]
 
 
 def verified_identity(scope: Mapping[str, Any], trust_domain: str) -> str | None:
@@ -33,6 +33,17 @@ def verified_identity(scope: Mapping[str, Any], trust_domain: str) -> str | None
     if spiffe_id is None or spiffe_trust_domain(spiffe_id) != trust_domain:
         return None
     return spiffe_id
+
+
+def peer_certificate(scope: Mapping[str, Any]) -> str | None:
+    """The PEM leaf the caller presented, if the TLS layer verified it (else ``None``): for a
+    check beyond the identity, such as the registry's revocation check before renewing it."""
+    extensions = scope.get("extensions") or {}
+    tls = extensions.get("tls") if isinstance(extensions, Mapping) else None
+    if not isinstance(tls, Mapping) or tls.get("client_cert_error") is not None:
+        return None
+    chain = tls.get("client_cert_chain") or ()
+    return chain[0] if chain and isinstance(chain[0], str) else None
 
 
 @lru_cache(maxsize=1024)

@@ -142,6 +142,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         port: int = 0,
         ca: bool = True,
         join_tokens: JoinTokens | None = None,
+        svid_poll: float | None = None,
     ) -> RunningRegistry:
         """Start a registry on ``data`` (default: a new dir, initialised); ``clock`` injected
         turns the 1 s expiry tick off (drive it with :meth:`RunningRegistry.expire`); ``wall``
@@ -149,7 +150,9 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
         a restart come back at the URL its clients know; ``ca`` serves ``DIR/ca``'s bundle and
         CRLs (``GET /v1/ca/bundle``) and signs, as ``registry serve`` does; ``join_tokens`` is
         what the token form of POST /v1/ca/sign spends (default: the real ones, minted by POST
-        /v1/tokens)."""
+        /v1/tokens); ``svid_poll`` polls the registry's SVID dir (``DIR/registry``) every so
+        many seconds, as ``registry serve`` does every second, so the CRLs the CA poll copies
+        there reach the server's handshakes (default: off)."""
         if data is None:
             data = tmp_path / f"registry-{next(count)}"
         made = init_registry_dir(data, TD)
@@ -165,6 +168,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
             "rng": random.Random(seed),
             "max_watchers": max_watchers,
             "ca_dir": made.ca if ca else None,
+            "svid_dir": made.registry_svid if ca else None,
             **extra,
         }
         app = (
@@ -180,7 +184,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
             svid_dir=str(made.registry_svid),
             mode="strict",
             client_cert="optional",  # as `registry serve`: the app refuses callers without one
-            svid_poll_interval=None,
+            svid_poll_interval=svid_poll,
             port=port,
         )
         svids = data.parent / f"{data.name}-svids"
