@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import httpx
 import pytest
 
 import meshlib
@@ -286,28 +285,24 @@ def within_5_sigma(hits: int, n: int, p: float) -> bool:
     return abs(hits / n - p) <= 5 * math.sqrt(p * (1 - p) / n)
 
 
-def first_answer(loadgen: meshlib.Mesh, timeout: float = 20.0) -> httpx.Response:
-    """The first 200 from productpage, or its last answer after ``timeout``: the workloads
-    start together, so productpage may answer 502 (no reviews endpoint yet) until its watch
-    has seen the registration — discovery is eventually consistent, within about a second."""
-    answers: list[httpx.Response] = []
-
-    def ok() -> bool:
-        with loadgen.client(timeout=5.0) as client:
-            answers.append(client.get("http://productpage/productpage"))
-        return answers[-1].status_code == 200
-
-    until(ok, timeout)
-    return answers[-1]
+def start_in_order(cluster: Cluster, callees: dict[str, str]) -> None:
+    """Start ``callees`` (name → service, account ``reviews``), wait until the registry lists
+    them, then start productpage: its start-up fetch finds them, so its first request has
+    somewhere to go. Started together, productpage would answer 502 until its watch saw them
+    (about a second), and those 502s open the caller's breaker on productpage for 30 s."""
+    for name, service in callees.items():
+        cluster.workload(name, service, "reviews")
+    cluster.started(*callees)
+    with cluster.client() as admin:
+        assert until(lambda: len(admin.instances()) == len(callees), 20)
+    cluster.workload("productpage", "productpage", "productpage")
+    cluster.started("productpage")
 
 
 def test_three_services_on_three_processes_discover_each_other(
     cluster: Cluster, loadgen: meshlib.Mesh
 ) -> None:
-    cluster.workload("productpage", "productpage", "productpage")
-    cluster.workload("reviews-v1", "reviews-v1", "reviews")
-    cluster.workload("reviews-v2", "reviews-v2", "reviews")
-    cluster.started("productpage", "reviews-v1", "reviews-v2")
+    start_in_order(cluster, {"reviews-v1": "reviews-v1", "reviews-v2": "reviews-v2"})
     with cluster.client() as admin:
         assert until(lambda: len(admin.instances()) == 3, 20)
         rows = {row.service: f"{row.address}:{row.port}" for row in admin.instances()}
@@ -317,9 +312,9 @@ def test_three_services_on_three_processes_discover_each_other(
             "reviews-v2": cluster.addresses["reviews-v2"],
         }
         assert until(lambda: endpoints(loadgen, "productpage") == {rows["productpage"]}, 20)
-        # productpage finds reviews-v1 through the registry too (its own watch, started within
-        # 0-1 s of jitter, sees the registration): its answer names the instance
-        answer = first_answer(loadgen)
+        # productpage found reviews-v1 through the registry too: its answer names the instance
+        with loadgen.client(timeout=5.0) as client:
+            answer = client.get("http://productpage/productpage")
         assert answer.status_code == 200, answer.text
         assert answer.json()["reviews"] == {"service": "reviews-v1", "instance": rows["reviews-v1"]}
         # every workload applied the registry's version 1 (its ACK rides the heartbeats)
@@ -329,13 +324,10 @@ def test_three_services_on_three_processes_discover_each_other(
 def test_a_canary_applied_with_meshctl_shifts_live_traffic_within_seconds(
     cluster: Cluster, loadgen: meshlib.Mesh, traffic: Callable[[meshlib.Mesh], Traffic]
 ) -> None:
-    for name in ("productpage", "reviews-v1", "reviews-v2"):
-        cluster.workload(name, name, "productpage" if name == "productpage" else "reviews")
-    cluster.started("productpage", "reviews-v1", "reviews-v2")
+    start_in_order(cluster, {"reviews-v1": "reviews-v1", "reviews-v2": "reviews-v2"})
     assert until(
         lambda: endpoints(loadgen, "productpage") == {cluster.addresses["productpage"]}, 20
     )
-    assert first_answer(loadgen).status_code == 200  # productpage has found reviews-v1
     live = traffic(loadgen)
     assert until(lambda: sum(c.ok for c in live.snapshot()) >= 100, 30)
     assert {c.service for c in live.snapshot() if c.ok} == {"reviews-v1"}  # 100/0
@@ -368,15 +360,7 @@ def test_a_canary_applied_with_meshctl_shifts_live_traffic_within_seconds(
 def test_a_killed_instance_moves_within_one_ttl_with_zero_failed_calls(
     cluster: Cluster, loadgen: meshlib.Mesh, traffic: Callable[[meshlib.Mesh], Traffic]
 ) -> None:
-    cluster.workload("reviews-v1-a", "reviews-v1", "reviews")
-    cluster.workload("reviews-v1-b", "reviews-v1", "reviews")
-    cluster.started("reviews-v1-a", "reviews-v1-b")
-    with cluster.client() as admin:
-        assert until(lambda: len(admin.instances()) == 2, 20)
-    # productpage starts once both are registered: its start-up fetch finds them, so its first
-    # request already has somewhere to go (a 502 storm would open loadgen's breaker on it)
-    cluster.workload("productpage", "productpage", "productpage")
-    cluster.started("productpage")
+    start_in_order(cluster, {"reviews-v1-a": "reviews-v1", "reviews-v1-b": "reviews-v1"})
     victim, survivor = cluster.addresses["reviews-v1-a"], cluster.addresses["reviews-v1-b"]
     assert until(lambda: endpoints(loadgen, "reviews-v1") == {victim, survivor}, 20)
     assert until(lambda: bool(endpoints(loadgen, "productpage")), 20)
