@@ -26,8 +26,12 @@ def test_quick_run_reports_every_figure(capsys: pytest.CaptureFixture[str], tmp_
     assert os.sched_getaffinity(0) == cores
     out = capsys.readouterr().out
     rows = {
-        "signs/s": rf"\| renewals signed/s \(4 clients, 40 signs, mTLS, fresh P-256 key each\) "
-        rf"\| {NUMBER} \|",
+        "signs/s": r"\| renewals signed/s \(4 clients, 40 signs, mTLS connections kept, fresh "
+        rf"P-256 key each\) \| {NUMBER} \|",
+        "signs/s, new connections": r"\| renewals signed/s, a new mTLS connection each \(as "
+        rf"`RemoteIssuer`; 4 clients, 20 signs\) \| {NUMBER} \|",
+        "CPU per new-connection renewal": r"\| registry CPU per renewal on a new connection "
+        rf"\(ms\) \| {NUMBER} \|",
         "CPU per sign": rf"\| registry CPU per sign \(ms\) \| {NUMBER} \|",
         "wrong answers": r"\| answers for the wrong identity or key \| 0 \|",
         "first call": rf"\| token created → first 200 over strict mTLS, p50 / p99 / max \(ms, 2 "
@@ -35,13 +39,14 @@ def test_quick_run_reports_every_figure(capsys: pytest.CaptureFixture[str], tmp_
         "bootstrap": rf"\| \.\.\. of which token → `from_registry` returned, p50 / p99 \(ms\) \| "
         rf"{NUMBER} / {NUMBER} \|",
         "derived": r"\| registry CPU for 1,000 workloads renewing every 12 h \(% of one core, "
-        rf"DERIVED: 1,000/43200 signs/s × CPU per sign\) \| {NUMBER} \|",
+        rf"DERIVED: 1,000/43200 signs/s × CPU per renewal on a new connection\) \| {NUMBER} \|",
     }
     for name, pattern in rows.items():
         assert re.search(pattern, out, re.M), f"{name} row missing:\n{out}"
     data = json.loads(out_json.read_text())
     assert set(data) >= {"renewals", "first_call", "derived", "machine", "settings"}
     assert data["renewals"]["signs"] == 40
+    assert data["renewals"]["fresh_signs"] == 20
     assert data["first_call"]["repetitions"] == 2
     assert data["derived"]["signs_per_second"] == pytest.approx(1000 / 43200)
 
