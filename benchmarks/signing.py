@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script: ``benchmarks`` is a package of the repo
-    sys.path.insert(0, str(REPO_ROOT))
+if not __package__ and str(REPO_ROOT) not in sys.path:  # run as a script, not imported
+    sys.path.insert(0, str(REPO_ROOT))  # so that ``benchmarks`` (a package of the repo) imports
 
 from benchmarks.registry import (  # noqa: E402 - needs the path above when run as a script
     RegistryProcess,
