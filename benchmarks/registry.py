@@ -126,8 +126,9 @@ def _free_port() -> int:
         return port
 
 
-def _cpus() -> tuple[set[int], set[int]]:
-    """(the registry's core, the load generator's cores): split when there are two or more."""
+def split_cores() -> tuple[set[int], set[int]]:
+    """(the registry's core, the load generator's cores): split when there are two or more
+    (benchmarks/signing.py splits the same way)."""
     mine = sorted(os.sched_getaffinity(0))
     if len(mine) < 2:
         return set(mine), set(mine)
@@ -696,7 +697,8 @@ def report(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def _machine(registry_cpu: set[int], load_cpus: set[int]) -> dict[str, Any]:
+def machine_info(registry_cpu: set[int], load_cpus: set[int]) -> dict[str, Any]:
+    """The cores each side ran on, the CPU model and Python (benchmarks/signing.py uses it too)."""
     model = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -783,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     settings = Settings.from_args(args)
-    registry_cpu, load_cpus = _cpus()
+    registry_cpu, load_cpus = split_cores()
     load_before = os.getloadavg()[0]
     previous = os.sched_getaffinity(0)
     os.sched_setaffinity(0, load_cpus)  # restored below: a test calling main() keeps its cores
@@ -795,7 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = asyncio.run(run_all(running, settings, args.only or PARTS))
     finally:
         os.sched_setaffinity(0, previous)
-    results["machine"] = _machine(registry_cpu, load_cpus)
+    results["machine"] = machine_info(registry_cpu, load_cpus)
     results["machine"]["load_average"] = [load_before, os.getloadavg()[0]]
     results["settings"] = {**vars(settings), "store": args.store}
     command = "python benchmarks/registry.py" + (" " + " ".join(argv) if argv else "")
