@@ -520,6 +520,10 @@ def _bootstrap_check(bundle_pem: bytes) -> _BootstrapCheck:
     raise ValueError("the bootstrap bundle has no root with a 'spiffe://<trust-domain>' URI SAN")
 
 
+#: The async client's pool (discovery holds one long-poll per watched service on it).
+_WATCH_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+
+
 class _Base:
     def __init__(
         self,
@@ -750,7 +754,10 @@ class AsyncRegistryClient(_Base):
         super().__init__(
             url, svid_dir=svid_dir, bundle_pem=bundle_pem, timeout=timeout, source=source
         )
-        transport = AsyncPinnedTransport(self._context, self.check, limits=None)
+        # One connection per held long-poll (a workload watches every declared service): no
+        # cap to queue a watch behind the others, and every one kept alive, so a re-poll
+        # reuses its connection instead of a new mutual-TLS handshake.
+        transport = AsyncPinnedTransport(self._context, self.check, limits=_WATCH_LIMITS)
         self._http = httpx.AsyncClient(base_url=self.url, transport=transport, trust_env=False)
 
     @classmethod

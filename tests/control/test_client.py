@@ -212,3 +212,35 @@ def test_a_client_on_a_live_source_presents_the_svid_loaded_now(
         assert client.instances() == ()
     finally:
         client.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_async_client_holds_more_long_polls_than_httpxs_default_pool(
+    registry: RunningRegistry,
+) -> None:
+    """Discovery holds one long-poll per watched service on one async client: httpx's default
+    pool (100 connections, 20 kept alive) queued the 101st watch behind the others and closed
+    all but 20 connections after each answer (a new mutual-TLS handshake per re-poll)."""
+    import asyncio
+
+    from meshlib.control.client import AsyncRegistryClient
+
+    count = 110
+    held = threading.Event()
+    registry.app.on_watchers = lambda n: held.set() if n >= count else None
+
+    async def run() -> int:
+        client = AsyncRegistryClient(registry.url, svid_dir=str(registry.admin_svid))
+        try:
+            polls = [
+                asyncio.ensure_future(client.endpoints("default", f"s{i}", index=1, wait=30.0))
+                for i in range(count)
+            ]
+            reached = await asyncio.to_thread(held.wait, 20)
+            registry.app.release()  # answer them all now (503), as a stopping registry does
+            await asyncio.gather(*polls, return_exceptions=True)
+            return count if reached else registry.app.watchers
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()) == count
