@@ -33,6 +33,7 @@ from meshlib.identity import CertificateAuthority, SpiffeID
 from meshlib.identity.bundle import TrustBundle
 from meshlib.identity.tls import SVIDSource
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
+from tests.control.waiting import until
 from tests.harness.echo import EchoBackend
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,17 +59,6 @@ spec: {{serviceAccount: productpage}}
 """
 
 HOURS = 3600.0
-
-
-def until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    """Wait for a condition other threads make true, bounded."""
-    done = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        done.wait(0.02)
-    return True
 
 
 def root_pin(registry: RunningRegistry) -> str:

@@ -3,8 +3,6 @@ backends, real meshes discovering each other, registering, draining and applying
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import pytest
 import meshlib
 from meshlib import NoHealthyEndpointsError
 from tests.control.conftest import TD, RunningRegistry
+from tests.control.waiting import endpoints_of, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,17 +33,6 @@ kind: Service
 metadata: {{name: productpage}}
 spec: {{serviceAccount: productpage}}
 """
-
-
-def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Wait for a condition another thread makes true, bounded (a condition, not a sleep)."""
-    done = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        done.wait(0.02)
-    return True
 
 
 @pytest.fixture
@@ -67,11 +55,6 @@ def meshes(registry: RunningRegistry, tmp_path: Path) -> Iterator[Callable[..., 
     yield make
     for mesh in made:
         mesh.close()
-
-
-def endpoints_of(mesh: meshlib.Mesh, key: str) -> set[str]:
-    found = mesh.discovered().get(key)
-    return set() if found is None else {e.address for e in found.endpoints}
 
 
 def test_a_registered_instance_is_called_and_its_drain_moves_traffic(

@@ -25,6 +25,7 @@ from meshlib.config.model import Endpoint
 from meshlib.control.client import PolicyRejected, RegistryClient, RegistryUnavailable
 from meshlib.control.registry import RegistrySettings, instance_id
 from tests.control.conftest import TD, FakeClock, RunningRegistry, StartRegistry
+from tests.control.waiting import endpoints_of, until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -55,28 +56,6 @@ spec:
 
 #: A short TTL so "several TTLs" is seconds (heartbeats every TTL/3).
 TTL = 1.0
-
-
-def until(
-    predicate: Callable[[], bool], timeout: float = 10.0, step: Callable[[], Any] | None = None
-) -> bool:
-    """Wait for a condition another thread makes true, bounded; ``step`` (a call) runs between
-    checks instead of an idle wait, so traffic flows for the whole window."""
-    idle = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        if step is None:
-            idle.wait(0.02)
-        else:
-            step()
-    return True
-
-
-def endpoints_of(mesh: meshlib.Mesh, key: str = "reviews.default") -> set[str]:
-    found = mesh.discovered().get(key)
-    return set() if found is None else {e.address for e in found.endpoints}
 
 
 class Recorder:

@@ -5,9 +5,6 @@ certificate even before that. A real registry (uvicorn, TLS on loopback, its rea
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -22,22 +19,12 @@ from meshlib.identity.spiffe import SpiffeID
 from meshlib.identity.tls import SVIDSource
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
 from tests.control.test_app_consistency import scrape
+from tests.control.waiting import until
 
 pytestmark = pytest.mark.timeout(30)
 
 REVIEWS = SpiffeID.for_workload(TD, "default", "reviews")
 RATINGS = SpiffeID.for_workload(TD, "default", "ratings")
-
-
-def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Wait for a condition another thread makes true, bounded (a condition, not a sleep)."""
-    pause = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        pause.wait(0.05)
-    return True
 
 
 def _status(registry: RunningRegistry, svid_dir: Path) -> int:

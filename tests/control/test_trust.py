@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from meshlib.identity.cadir import CADirectory
 from meshlib.identity.crl import CRL_FILE
 from meshlib.identity.spiffe import SpiffeID
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
+from tests.control.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,17 +50,6 @@ kind: Service
 metadata: {{name: productpage}}
 spec: {{serviceAccount: productpage}}
 """
-
-
-def until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    """Wait for a condition another thread makes true, bounded (a condition, not a sleep)."""
-    pause = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        pause.wait(0.05)
-    return True
 
 
 @pytest.fixture
