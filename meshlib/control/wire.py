@@ -8,7 +8,7 @@ raises :class:`WireError` naming the field when a body is not what the API promi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from meshlib.config.model import Endpoint
@@ -306,12 +306,7 @@ class ServiceInfo:
     index: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "namespace": self.namespace,
-            "service": self.service,
-            "instances": self.instances,
-            "index": self.index,
-        }
+        return asdict(self)  # every field, each a JSON scalar
 
     @classmethod
     def from_json(cls, body: object, where: str = "service") -> ServiceInfo:
@@ -344,19 +339,7 @@ class RegistryStatusInfo:
     watchers: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "state": self.state,
-            "reason": self.reason,
-            "authoritative": self.authoritative,
-            "instances": self.instances,
-            "services": self.services,
-            "policy_version": self.policy_version,
-            "store": self.store,
-            "uptime_seconds": self.uptime_seconds,
-            "refusals": self.refusals,
-            "watchers": self.watchers,
-        }
+        return asdict(self)  # every field, each a JSON scalar
 
     @classmethod
     def from_json(cls, body: object) -> RegistryStatusInfo:
@@ -387,12 +370,7 @@ class TokenIssued:
     expires_at: float
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "token": self.token,
-            "id": self.id,
-            "spiffe_id": self.spiffe_id,
-            "expires_at": self.expires_at,
-        }
+        return asdict(self)  # every field, each a JSON scalar
 
     @classmethod
     def from_json(cls, body: object) -> TokenIssued:
@@ -422,17 +400,7 @@ class TokenInfo:
     revoked_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "spiffe_id": self.spiffe_id,
-            "state": self.state,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "created_by": self.created_by,
-            "used_at": self.used_at,
-            "used_by_serial": self.used_by_serial,
-            "revoked_at": self.revoked_at,
-        }
+        return asdict(self)  # every field, each a JSON scalar
 
     @classmethod
     def from_json(cls, body: object, where: str = "token") -> TokenInfo:
