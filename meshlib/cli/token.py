@@ -33,6 +33,7 @@ from meshlib.cli.registry_client import (
     registry_url,
     svid_dir_of,
 )
+from meshlib.control.wire import JOIN_PREFIX
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["JOIN_PREFIX", "VERBS", "join_string", "pinned_root"]
 
 #: The join string's scheme and version: ``meshlib-join:v1:<url>:<spki sha256 hex>:<token>``.
-JOIN_PREFIX = "meshlib-join:v1:"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h)?$")
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshlib.control.client import RegistryClient, Signed
+from meshlib.control.wire import JOIN_PREFIX
 from meshlib.identity.bundle import TrustBundle
 from meshlib.identity.ca import SVID_BUNDLE_FILE, SVID_CERT_FILE, SVID_KEY_FILE, X509SVID
 from meshlib.identity.csr import make_csr
@@ -58,7 +59,6 @@ __all__ = [
 ]
 
 #: The join string's scheme and version.
-JOIN_PREFIX = "meshlib-join:v1:"
 _PIN = re.compile(r"^[0-9a-f]{64}$")
 
 

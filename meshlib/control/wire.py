@@ -17,6 +17,9 @@ from meshlib.config.model import Endpoint
 INDEX_HEADER = "X-Mesh-Index"
 EPOCH_HEADER = "X-Mesh-Epoch"
 AUTHORITATIVE_HEADER = "X-Mesh-Authoritative"
+#: The prefix of a join string: ``meshlib-join:v1:<registry URL>:<root SPKI sha256>:<token>``
+#: (``meshctl token create --join`` writes it, :func:`meshlib.control.remote.parse_join` reads it).
+JOIN_PREFIX = "meshlib-join:v1:"
 #: Request header naming the policy's source in error messages (``PUT /v1/policy``).
 SOURCE_HEADER = "X-Mesh-Source"
 
