@@ -554,8 +554,13 @@ class RegistryApp:
             self.mirror.wrote(index_key(key), revision)
 
     def _index_revision(self, key: ServiceKey) -> int | None:
-        """The ``expected`` of :meth:`_save_index` for a change planned now (None: no replicas)."""
-        return None if self.mirror is None else self.mirror.mod_revision(index_key(key))
+        """The ``expected`` of :meth:`_save_index` for a change planned now (None: no replicas).
+        An index another replica wrote whose record has not arrived yet is applied first: the
+        plan must build on it."""
+        if self.mirror is None:
+            return None
+        self._mirrored(self.mirror.settle(key))
+        return self.mirror.mod_revision(index_key(key))
 
     async def _delete_instance(self, instance: Instance, *, cas: bool = False) -> None:
         key = _instance_key(instance)
@@ -565,15 +570,18 @@ class RegistryApp:
         if self.mirror is not None:
             self.mirror.wrote(key, revision, present=False)
 
-    async def _lost(self, conflict: Conflict, expected: int | None) -> None:
-        """After losing a compare-and-set to another replica: wait (at most ``CATCH_UP`` s) for
-        the mirror to show the winner's write, so the next plan builds on it."""
+    async def _lost(self, conflict: Conflict, expected: int | None, service: ServiceKey) -> None:
+        """After losing an index compare-and-set to another replica: wait (at most ``CATCH_UP``
+        s) for the mirror to show the winner's index and its record, so the next plan builds on
+        them."""
         mirror = self.mirror
         if mirror is None:  # pragma: no cover - only replicas write compare-and-sets here
             raise conflict
         loop = asyncio.get_running_loop()
         end = loop.time() + CATCH_UP
-        while mirror.mod_revision(conflict.key) == expected and loop.time() < end:
+        while loop.time() < end and (
+            mirror.mod_revision(conflict.key) == expected or mirror.pending(service)
+        ):
             moved = self._mirror_moved
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(moved.wait(), end - loop.time())
@@ -606,8 +614,10 @@ class RegistryApp:
                 await asyncio.wait_for(self._stopping.wait(), self.tick)
             if self._stopping.is_set():
                 return
-            if self.replicas:
+            if self.mirror is not None:
                 await self.check_store()
+                # an index whose record never came (its writer died between the two writes)
+                self._mirrored(self.mirror.flush(self.clock(), CATCH_UP))
             try:
                 await self.expire()
             except Exception:  # a failing pass must not end the loop: the next one retries
@@ -684,30 +694,28 @@ class RegistryApp:
         removed: list[Instance] = []
         if self._healthy():
             async with self._writing:
-                expired = registry.due(now)
-                for key in sorted({i.key for i in expired}):
-                    # the index first, as in a single registry: a lost delete leaves it one ahead
+                # One index move per instance, each followed by its record's delete: the other
+                # replicas' mirrors announce a move once the record it counts arrives.
+                for instance in registry.due(now):
+                    key = instance.key
                     for _ in range(REPLANS):
                         expected = self._index_revision(key)
                         index = registry.index(*key) + 1
                         try:
                             await self._save_index(key, index, expected)
                         except Conflict as exc:
-                            await self._lost(exc, expected)
+                            await self._lost(exc, expected, key)
                             continue
                         registry.set_index(key, index)
                         break
                     else:
                         continue  # the next pass tries again
-                    for instance in expired:
-                        if instance.key != key:
-                            continue
-                        try:
-                            await self._delete_instance(instance, cas=True)
-                        except Conflict:
-                            continue  # renewed (or drained) through another replica meanwhile
-                        registry.remove(instance.id)
-                        removed.append(instance)
+                    try:
+                        await self._delete_instance(instance, cas=True)
+                    except Conflict:
+                        continue  # renewed (or drained) through another replica meanwhile
+                    registry.remove(instance.id)
+                    removed.append(instance)
                 if removed:
                     self._counted()
         if self.metrics is not None:
@@ -1073,7 +1081,7 @@ class RegistryApp:
                     try:
                         await self._save_index(done.instance.key, done.index, expected)
                     except Conflict as exc:  # another replica moved it first: plan again
-                        await self._lost(exc, expected)
+                        await self._lost(exc, expected, (ns, svc))
                         continue
                 await self._save_instance(done.instance)
                 registry.commit(done)
@@ -1151,7 +1159,7 @@ class RegistryApp:
                 try:
                     await self._save_index(old.key, done.index, expected)
                 except Conflict as exc:  # another replica moved it first: plan again
-                    await self._lost(exc, expected)
+                    await self._lost(exc, expected, old.key)
                     continue
                 await self._delete_instance(old)
                 registry.commit(done)

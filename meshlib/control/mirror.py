@@ -87,6 +87,31 @@ class Mirror:
         self.registry = registry
         self.revision = revision
         self._applied: dict[str, _Applied] = {}
+        # A writer moves a service's index, then writes the one record the move counts (a
+        # register's put, a drain's or an expiry's delete). The index waits here until that
+        # record arrives, so a watcher woken by it never answers without the change: service ->
+        # (index, when it arrived).
+        self._pending: dict[ServiceKey, tuple[int, float]] = {}
+
+    def pending(self, key: ServiceKey) -> bool:
+        """Whether an index of ``key`` waits for its record."""
+        return key in self._pending
+
+    def settle(self, key: ServiceKey) -> set[Touched]:
+        """Apply ``key``'s waiting index now (before this replica plans a change of its own to
+        the service, or once the record is overdue: its writer died between the two writes)."""
+        waiting = self._pending.pop(key, None)
+        if waiting is None or not self.registry.set_index(key, waiting[0]):
+            return set()
+        return {key}
+
+    def flush(self, now: float, older_than: float) -> set[Touched]:
+        """Settle every index that has waited ``older_than`` seconds or more for its record."""
+        touched: set[Touched] = set()
+        for key, (_, since) in sorted(self._pending.items()):
+            if now - since >= older_than:
+                touched |= self.settle(key)
+        return touched
 
     def mod_revision(self, key: str) -> int:
         """The key's mod_revision as far as the mirror knows: 0 when absent (a compare-and-set
@@ -128,6 +153,8 @@ class Mirror:
                 self._applied[key] = _Applied(revision, False)
                 touched |= self._take(key, None, now, wall_now)
         self.revision = max(self.revision, revision)
+        for service in list(self._pending):  # a list is whole: nothing is still to come
+            touched |= self.settle(service)
         return touched
 
     def _take(self, key: str, value: bytes | None, now: float, wall_now: float) -> set[Touched]:
@@ -135,12 +162,19 @@ class Mirror:
         if key.startswith(INSTANCES):
             if value is None:
                 gone = registry.remove(key.rsplit("/", 1)[-1])
-                return set() if gone is None else {gone.key}
+                if gone is None:
+                    return set()
+                return {gone.key, *self.settle(gone.key)}
             instance = instance_from_record(json.loads(value), now, wall_now)
-            return {instance.key} if registry.upsert(instance) else set()
+            if not registry.upsert(instance):
+                return set()  # a beat: watchers see nothing, and no index counts it
+            return {instance.key, *self.settle(instance.key)}
         if key.startswith(INDEXES) and value is not None:
-            ns, svc = key[len(INDEXES) :].split("/", 1)
-            return {(ns, svc)} if registry.set_index((ns, svc), int(value)) else set()
+            service: ServiceKey = tuple(key[len(INDEXES) :].split("/", 1))  # type: ignore[assignment]
+            touched = self.settle(service)  # its record never came: announce it anyway
+            if int(value) > registry.index(*service):
+                self._pending[service] = (int(value), now)
+            return touched
         if key.startswith(POLICY) and value is not None:
             version = PolicyVersion(**json.loads(value))
             # versions are written in order, each with if_mod_rev=0 after the one before it
