@@ -157,3 +157,62 @@ def test_help_says_the_svids_must_be_renewed(capsys: pytest.CaptureFixture[str])
     # argparse may wrap after a hyphen ("re- run"): look for words without one
     assert "The SVIDs last 24 h" in out and "issue 12" in out
     assert "run 'meshctl registry init --data DIR'" in out
+
+
+# -- --store etcd --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--store", "etcd"], "--store etcd needs --etcd URL[,URL...]"),
+        (
+            ["--etcd", "http://127.0.0.1:2379"],
+            "--etcd goes with --store etcd (the store is sqlite)",
+        ),
+        (["--store", "memory", "--etcd-prefix", "p/"], "--etcd-prefix goes with --store etcd"),
+        (["--store", "etcd", "--etcd", "127.0.0.1:2379"], "'127.0.0.1:2379' is not an http(s)"),
+        (["--store", "etcd", "--etcd", "http://a:1,ftp://b:2"], "'ftp://b:2' is not an http(s)"),
+        (["--store", "etcd", "--etcd", "http://a"], "'http://a' must be http(s)://HOST:PORT"),
+        (["--store", "etcd", "--etcd", " , "], "--etcd needs at least one URL"),
+    ],
+)
+def test_serve_refuses_wrong_etcd_flags_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    # checked before the data dir is read: tmp_path has no registry at all
+    assert main(["registry", "serve", "--data", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_serve_with_etcd_runs_stateless_debounced_replicas(tmp_path: Path) -> None:
+    import argparse
+
+    from meshlib.cli.registry import store_options
+
+    def parsed(**flags: str) -> argparse.Namespace:
+        return argparse.Namespace(**{"store": "sqlite", "etcd": None, "etcd_prefix": "", **flags})
+
+    chosen = store_options(
+        parsed(store="etcd", etcd="http://127.0.0.1:2379, https://10.0.0.2:2379", etcd_prefix="a/")
+    )
+    assert chosen == {
+        "store": "etcd",
+        "etcd": ["http://127.0.0.1:2379", "https://10.0.0.2:2379"],
+        "prefix": "a/",
+        "app": {"replicas": True, "debounce": (0.1, 1.0)},
+    }
+    assert store_options(parsed()) == {"store": "sqlite"}  # one process, no replica mode
+
+
+def test_the_etcd_store_is_built_lazily_and_takes_no_data_dir_lock(tmp_path: Path) -> None:
+    pytest.importorskip("meshlib.control.etcd", reason="the etcd store has not landed yet")
+    from meshlib.control.etcd import EtcdStore
+
+    from meshlib.cli.registry import open_store
+
+    chosen = {"store": "etcd", "etcd": ["http://127.0.0.1:1"], "prefix": "p/"}
+    store = open_store(chosen, tmp_path)
+    assert isinstance(store, EtcdStore)
+    assert list(tmp_path.iterdir()) == []  # no registry.db, no registry.lock
