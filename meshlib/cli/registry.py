@@ -272,13 +272,13 @@ def etcd_urls(text: str) -> list[str]:
     if not urls:
         raise UsageError("--etcd needs at least one URL, e.g. http://127.0.0.1:2379")
     for url in urls:
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError:
-            port = parts = None  # type: ignore[assignment]
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"--etcd: {url!r} is not an http(s)://HOST:PORT URL")
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or out of range
+            port = None
         if port is None or parts.path.strip("/"):
             raise UsageError(f"--etcd: {url!r} must be http(s)://HOST:PORT (a port, no path)")
     return urls

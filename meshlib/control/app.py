@@ -541,17 +541,31 @@ class RegistryApp:
         }
         key = _instance_key(instance)
         expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
-        revision = await self.store.put(key, json.dumps(record).encode(), if_mod_rev=expected)
+        await self._write(
+            key, self.store.put(key, json.dumps(record).encode(), if_mod_rev=expected)
+        )
         self._persisted_beat[instance.id] = instance.last_heartbeat
-        if self.mirror is not None:
-            self.mirror.wrote(key, revision)
+
+    async def _write(self, key: str, write: Awaitable[int], *, present: bool = True) -> int:
+        """Run a store write of ``key``; with replicas, the mirror holds the key's events until
+        the write's revision is known, then applies those newer than it (another replica's)."""
+        mirror = self.mirror
+        if mirror is None:
+            return await write
+        mirror.writing(key)
+        revision: int | None = None
+        try:
+            revision = await write
+            return revision
+        finally:
+            for event in mirror.written(key, revision, present=present):
+                self._mirrored(mirror.apply(event, self.clock(), self.wall()))
 
     async def _save_index(self, key: ServiceKey, index: int, expected: int | None = None) -> None:
         """Write ``key``'s index; with replicas, a compare-and-set on ``expected`` (the index
         key's mod_revision in the mirror when the change was planned)."""
-        revision = await self.store.put(index_key(key), str(index).encode(), if_mod_rev=expected)
-        if self.mirror is not None:
-            self.mirror.wrote(index_key(key), revision)
+        put = self.store.put(index_key(key), str(index).encode(), if_mod_rev=expected)
+        await self._write(index_key(key), put)
 
     def _index_revision(self, key: ServiceKey) -> int | None:
         """The ``expected`` of :meth:`_save_index` for a change planned now (None: no replicas).
@@ -565,10 +579,8 @@ class RegistryApp:
     async def _delete_instance(self, instance: Instance, *, cas: bool = False) -> None:
         key = _instance_key(instance)
         expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
-        revision = await self.store.delete(key, if_mod_rev=expected)
+        await self._write(key, self.store.delete(key, if_mod_rev=expected), present=False)
         self._persisted_beat.pop(instance.id, None)
-        if self.mirror is not None:
-            self.mirror.wrote(key, revision, present=False)
 
     async def _lost(self, conflict: Conflict, expected: int | None, service: ServiceKey) -> None:
         """After losing an index compare-and-set to another replica: wait (at most ``CATCH_UP``
@@ -1399,7 +1411,7 @@ class RegistryApp:
         }
         key = f"{POLICY}{version.version:010d}"
         try:
-            revision = await self.store.put(key, json.dumps(record).encode(), if_mod_rev=0)
+            await self._write(key, self.store.put(key, json.dumps(record).encode(), if_mod_rev=0))
         except Conflict:
             # another replica wrote this version first: of two applies made against the same
             # version exactly one wins, as If-Match promises within one registry
@@ -1408,8 +1420,6 @@ class RegistryApp:
                 f"version conflict: another replica wrote version {version.version} first",
                 current=version.version,
             ) from None
-        if self.mirror is not None:
-            self.mirror.wrote(key, revision)
 
     # -- trust bundle and CRLs (GET /v1/ca/bundle) ---------------------------------------------
 

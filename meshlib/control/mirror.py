@@ -92,6 +92,21 @@ class Mirror:
         # record arrives, so a watcher woken by it never answers without the change: service ->
         # (index, when it arrived).
         self._pending: dict[ServiceKey, tuple[int, float]] = {}
+        # Keys this replica is writing: their events wait until the write's revision is known
+        # (the echo of a write may arrive before the write's own answer).
+        self._inflight: dict[str, list[Event]] = {}
+
+    def writing(self, key: str) -> None:
+        """This replica starts a write of ``key``: hold its events until :meth:`written`."""
+        self._inflight.setdefault(key, [])
+
+    def written(self, key: str, revision: int | None, *, present: bool = True) -> list[Event]:
+        """The write of ``key`` ended: at ``revision`` (None: it failed, nothing known). Returns
+        the held events for the driver to :meth:`apply` (the write's own echo is then stale)."""
+        held = self._inflight.pop(key, [])
+        if revision is not None:
+            self.wrote(key, revision, present=present)
+        return held
 
     def pending(self, key: ServiceKey) -> bool:
         """Whether an index of ``key`` waits for its record."""
@@ -128,6 +143,10 @@ class Mirror:
     def apply(self, event: Event, now: float, wall_now: float) -> set[Touched]:
         """Apply one store event; what it changed for watchers (empty: nothing, or stale)."""
         self.revision = max(self.revision, event.mod_revision)
+        held = self._inflight.get(event.key)
+        if held is not None:
+            held.append(event)
+            return set()
         seen = self._applied.get(event.key)
         if seen is not None and event.mod_revision <= seen.revision:
             return set()

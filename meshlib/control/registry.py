@@ -543,7 +543,7 @@ class Registry:
         """Apply a planned change: the one the matching ``plan_*`` call returned, with no other
         change committed in between (the driver serialises its writes)."""
         if isinstance(change, Drained):
-            self._remove(change.instance)
+            self.remove(change.instance.id)  # a replica's mirror may have removed it already
             self.set_index(change.instance.key, change.index)
             return
         self._put(change.instance)

@@ -240,3 +240,21 @@ def test_debounce_keys_are_independent_and_bad_windows_refused() -> None:
         Debouncer(1.0, 0.1)
     with pytest.raises(ValueError, match="quiet"):
         Debouncer(-1.0, 1.0)
+
+
+def test_a_write_in_flight_holds_its_keys_events_until_its_revision_is_known() -> None:
+    registry = Registry("e", 100.0)
+    mirror = Mirror(registry)
+    mirror.writing(ikey(1))
+    # its echo (rev 5) and another replica's later write (rev 6) arrive before the answer
+    assert mirror.apply(Event(EventKind.PUT, ikey(1), record(1, WALL), 5), 100.0, WALL) == set()
+    assert mirror.apply(Event(EventKind.DELETE, ikey(1), b"", 6), 100.0, WALL) == set()
+    assert registry.get(instance(1, 0).id) is None  # nothing applied yet
+    registry.upsert(instance(1, 100.0))  # the driver commits its own write
+    held = mirror.written(ikey(1), 5)
+    assert [mirror.apply(e, 100.0, WALL) for e in held] == [set(), {(NS, SVC)}]
+    assert registry.get(instance(1, 0).id) is None  # the later delete won, the echo was stale
+    # a failed write (no revision): every held event applies
+    mirror.writing(ikey(2))
+    mirror.apply(Event(EventKind.PUT, ikey(2), record(2, WALL), 7), 100.0, WALL)
+    assert [mirror.apply(e, 100.0, WALL) for e in mirror.written(ikey(2), None)] == [{(NS, SVC)}]

@@ -61,6 +61,17 @@ class Wrapped:
         self.conflicted = asyncio.Event()
         #: Set: the watch in progress fails (a lost connection to etcd), as does each new one.
         self.cut = asyncio.Event()
+        #: Set: a write answers only once this view's watch delivered its echo (as etcd may
+        #: deliver a watch event before the write's own answer).
+        self.echo_first = False
+        self.delivered = 0
+        self._delivery = asyncio.Event()
+
+    async def _after_echo(self, revision: int) -> int:
+        while self.echo_first and self.delivered < revision:
+            self._delivery.clear()
+            await self._delivery.wait()
+        return revision
 
     def _check(self, operation: str) -> None:
         if self.down:
@@ -82,11 +93,13 @@ class Wrapped:
         self, key: str, value: bytes, *, lease: int | None = None, if_mod_rev: int | None = None
     ) -> int:
         self._check("put")
-        return await self._counted(self.inner.put(key, value, lease=lease, if_mod_rev=if_mod_rev))
+        put = self.inner.put(key, value, lease=lease, if_mod_rev=if_mod_rev)
+        return await self._after_echo(await self._counted(put))
 
     async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
         self._check("delete")
-        return await self._counted(self.inner.delete(key, if_mod_rev=if_mod_rev))
+        delete = self.inner.delete(key, if_mod_rev=if_mod_rev)
+        return await self._after_echo(await self._counted(delete))
 
     async def grant(self, ttl: int) -> int:
         return await self.inner.grant(ttl)
@@ -116,6 +129,8 @@ class Wrapped:
                     return
                 await self.gate.wait()
                 yield event
+                self.delivered = max(self.delivered, event.mod_revision)  # the mirror applied it
+                self._delivery.set()
         finally:
             cut.cancel()
             if following is not None and not following.done():
@@ -262,6 +277,23 @@ def test_a_burst_of_50_registrations_wakes_a_watcher_once_per_debounce_window() 
             assert b.app.wakeups == 1
             assert answer.json()["index"] == 51  # one answer with all 50, not 50 answers
             assert len(ports(answer)) == 50
+
+    run(main)
+
+
+def test_writes_whose_echo_arrives_before_their_answer_are_committed_once() -> None:
+    async def main() -> None:
+        async with replicas() as (a, b, shared):
+            a.view.echo_first = True
+            assert (await register(a, 9001)).status_code == 201
+            applied = await a.http.put("/v1/policy", content=POLICY)
+            assert applied.status_code == 200, applied.text
+            assert (await a.http.delete(ipath(9001))).status_code == 200
+            await caught_up(shared, a.app, b.app)
+            for r in (a, b):
+                assert (await r.http.get("/v1/policy")).json()["version"] == 1
+                answer = await r.http.get(EP)
+                assert ports(answer) == set() and answer.json()["index"] == 3
 
     run(main)
 
