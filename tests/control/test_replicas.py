@@ -12,6 +12,7 @@ import contextlib
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -443,3 +444,99 @@ def test_a_broken_watch_makes_answers_non_authoritative_until_it_resumes() -> No
             assert json.loads((await b.http.get("/v1/status")).text)["replica"]["watch_ok"]
 
     run(main)
+
+
+# -- over a real etcd (once the etcd store and its test cluster have landed) -----------------------
+
+
+@pytest.mark.timeout(90)
+def test_replicas_over_a_real_etcd_share_writes_and_survive_its_loss(tmp_path: Path) -> None:
+    etcd_store = pytest.importorskip("meshlib.control.etcd", reason="the etcd store has not landed")
+    cluster_module = pytest.importorskip(
+        "etcd_cluster", reason="the etcd test cluster has not landed"
+    )
+    if cluster_module.ETCD is None:
+        pytest.skip("etcd not installed: apt-get install etcd-server (CI installs it)")
+    cluster = cluster_module.EtcdCluster.start(tmp_path / "etcd", size=1)
+    policy_b = POLICY.replace("reviews-sa", "reviews-other")
+
+    async def main() -> None:
+        apps, clients = [], []
+        for seed in (1, 2):
+            app = RegistryApp(
+                etcd_store.EtcdStore(cluster.endpoints, prefix="replicas/", timeout=0.5),
+                trust_domain=TD,
+                identify=lambda scope: ADMIN,
+                settings=RegistrySettings(warming=0.0),
+                rng=random.Random(seed),
+                tick=3600.0,  # the test checks the store itself
+                replicas=True,
+                debounce=(0.05, 0.5),
+            )
+            await app.startup()
+            apps.append(app)
+            transport = httpx.ASGITransport(app=app)
+            clients.append(httpx.AsyncClient(transport=transport, base_url=f"http://r{seed}"))
+        a, b = clients
+        try:
+            held = asyncio.create_task(b.get(EP, params={"index": 1, "wait": "20s"}))
+            await held_on(apps[1], 1)
+            puts = [
+                c.put(ipath(9000 + i), json={"address": "10.0.0.1", "port": 9000 + i})
+                for i, c in enumerate([a, b] * 5)
+            ]
+            done = await asyncio.gather(*puts)
+            assert [r.status_code for r in done] == [201] * 10, [r.text for r in done]
+            assert sorted(r.json()["index"] for r in done) == list(range(2, 12))  # index CAS
+            assert (await asyncio.wait_for(held, 10)).json()["index"] > 1
+            for c in (a, b):
+                await until_async(lambda c=c: c.get(EP), lambda r: len(ports(r)) == 10)
+
+            headers = {"If-Match": '"0"'}
+            race = await asyncio.gather(
+                a.put("/v1/policy", content=POLICY, headers=headers),
+                b.put("/v1/policy", content=policy_b, headers=headers),
+            )
+            assert sorted(r.status_code for r in race) == [200, 409], [r.text for r in race]
+
+            cluster.nodes[0].kill()  # no quorum: no etcd at all
+            for app in apps:
+                assert await app.check_store() is False
+            refused = await a.put(ipath(9100), json={"address": "10.0.0.1", "port": 9100})
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            read = await b.get(EP)
+            assert len(ports(read)) == 10 and read.headers["X-Mesh-Authoritative"] == "false"
+
+            cluster.nodes[0].start()
+            for app in apps:
+                await until_async(app.check_store, lambda ok: ok is True)
+            # writes wait for the mirror too: it lists again after its watch broke
+            await until(lambda: all(app.watch_ok for app in apps), timeout=20.0)
+            back = await a.put(ipath(9100), json={"address": "10.0.0.1", "port": 9100})
+            assert back.status_code == 201, back.text
+            await until_async(lambda: b.get(EP), lambda r: len(ports(r)) == 11)
+            assert (await b.get(EP)).headers["X-Mesh-Authoritative"] == "true"
+        finally:
+            for c in clients:
+                await c.aclose()
+            for app in apps:
+                await app.shutdown()
+
+    try:
+        asyncio.run(main())
+    finally:
+        cluster.stop()
+
+
+async def until_async(
+    call: Callable[[], Awaitable[_T]], ok: Callable[[_T], bool], timeout: float = 20.0
+) -> _T:
+    """Call ``call()`` until ``ok`` of its result (a real store answers in real time), bounded."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        result = await call()
+        if ok(result):
+            return result
+        assert loop.time() < end, f"not reached in {timeout} s: {result!r}"
+        await asyncio.sleep(0.05)
