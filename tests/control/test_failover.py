@@ -30,6 +30,7 @@ from meshlib.control.client import (
 )
 from meshlib.control.registry import RegistrySettings
 from meshlib.control.store import Store
+from meshlib.identity.tls import SVIDSource
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
 from tests.control.test_app_consistency import FailingStore
 from tests.control.test_registry_faults import POLICY, Recorder, Traffic
@@ -304,3 +305,52 @@ def _status_with(link: dict[str, Any]) -> dict[str, Any]:
     finally:
         plain.close()
     return {**found, "registry": link, "trust_domain": TD}
+
+
+@pytest.mark.timeout(30)
+def test_a_join_string_bootstraps_at_its_registry_then_the_list_is_used(
+    registry: RunningRegistry, dead: str, tmp_path: Path
+) -> None:
+    from tests.control.test_bootstrap import REVIEWS, join_string
+
+    registry.client().apply(POLICY)
+    join = join_string(registry, REVIEWS)
+    svid_dir = tmp_path / "svid"
+    with pytest.raises(ValueError, match="the join string is for the registry at"):
+        meshlib.Mesh.from_registry(
+            [dead], service="reviews", svid_dir=svid_dir, join_token=join, metrics=False
+        )
+    with meshlib.Mesh.from_registry(
+        [dead, registry.url],
+        service="reviews",
+        svid_dir=svid_dir,
+        join_token=join,
+        cache_dir=tmp_path / "cache",
+        metrics=False,
+        watch_wait=5.0,
+    ) as mesh:
+        assert SVIDSource(svid_dir).spiffe_id == REVIEWS
+        link = mesh.registry_status()
+        assert link is not None and link["started_from"] == "registry"
+        assert link["urls"] == [dead, registry.url] and link["url"] == registry.url
+
+
+@pytest.mark.timeout(30)
+def test_a_bare_token_with_a_bundle_bootstraps_past_a_dead_registry(
+    registry: RunningRegistry, dead: str, tmp_path: Path
+) -> None:
+    from tests.control.test_bootstrap import REVIEWS
+
+    token = registry.client().create_token(str(REVIEWS)).token
+    svid_dir = tmp_path / "svid"
+    with meshlib.Mesh.from_registry(
+        f"{dead},{registry.url}",
+        service="reviews",
+        svid_dir=svid_dir,
+        join_token=token,
+        bundle=registry.admin_svid / "bundle.pem",
+        cache_dir=tmp_path / "cache",
+        metrics=False,
+        renew=False,
+    ):
+        assert SVIDSource(svid_dir).spiffe_id == REVIEWS
