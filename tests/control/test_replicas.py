@@ -153,11 +153,13 @@ class Replica:
 
 @contextlib.asynccontextmanager
 async def replicas(
-    clock: FakeClock | None = None, debounce: tuple[float, float] | None = None
+    clock: FakeClock | None = None,
+    debounce: tuple[float, float] | None = None,
+    history: int = 1000,
 ) -> AsyncIterator[tuple[Replica, Replica, MemoryStore]]:
     """Replicas A and B over one MemoryStore; with ``clock``, both run on it (and the wall clock
     follows it), the tick is off and a test drives expiry and health checks itself."""
-    shared = MemoryStore()
+    shared = MemoryStore(history=history)
     clock = clock or FakeClock()
     made: list[Replica] = []
     for seed in (1, 2):
@@ -297,6 +299,29 @@ def test_writes_whose_echo_arrives_before_their_answer_are_committed_once() -> N
                 assert ports(answer) == set() and answer.json()["index"] == 3
 
     run(main)
+
+
+def test_a_mirror_that_fell_behind_the_history_lists_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with replicas(history=4) as (a, b, shared):
+            assert (await register(a, 9000)).status_code == 201
+            await caught_up(shared, b.app)
+            b.view.gate.clear()  # B's watch falls behind...
+            for port in range(9001, 9006):
+                assert (await register(a, port)).status_code == 201
+            assert (await a.http.delete(ipath(9000))).status_code == 200
+            index = (await a.http.get(EP)).json()["index"]
+            b.view.gate.set()  # ...past the store's history: Compacted, and B lists again
+            await caught_up(shared, b.app)
+            answer = await b.http.get(EP)
+            assert ports(answer) == set(range(9001, 9006))  # the drained one is gone too
+            assert answer.json()["index"] == index
+            assert answer.headers["X-Mesh-Authoritative"] == "true"
+
+    run(main)
+    assert "the mirror's watch was compacted: listing again" in caplog.text
 
 
 # -- compare-and-sets ----------------------------------------------------------------------------
