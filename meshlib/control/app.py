@@ -1146,9 +1146,11 @@ class RegistryApp:
             if report_changed or new.last_heartbeat - persisted >= new.ttl / 3:
                 try:  # replicas: a compare-and-set, so a beat never brings back an expired record
                     await self._save_instance(new, cas=True)
-                except Conflict:
-                    # another replica wrote or deleted the record meanwhile: the client
-                    # registers again (idempotent, no index move if nothing changed)
+                except Conflict as exc:
+                    # another replica wrote or deleted the record meanwhile: once the mirror
+                    # shows it, the client registers again (idempotent; a CREATED if the
+                    # record is gone, so the index moves and watchers hear of it)
+                    await self._lost(exc, exc.expected, (ns, svc))
                     raise _HTTPError(
                         404, f"instance {id} changed through another replica: register again"
                     ) from None

@@ -410,6 +410,31 @@ def test_an_expiry_loses_to_a_beat_its_mirror_had_not_seen() -> None:
     run(main)
 
 
+def test_a_beat_never_brings_back_a_record_another_replica_expired() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        async with replicas(clock) as (a, b, shared):
+            assert (await register(a, 9001, ttl=3)).status_code == 201
+            await caught_up(shared, a.app, b.app)
+            a.view.gate.clear()  # A does not hear of the expiry...
+            clock.advance(3.5)
+            assert await b.app.expire() == 1
+            beat = asyncio.create_task(a.http.post(ipath(9001) + "/heartbeat"))  # a late beat
+            await asyncio.wait_for(a.view.conflicted.wait(), 10)  # its write lost...
+            a.view.gate.set()  # ...it waits for A's mirror to show why, then answers 404
+            assert (await asyncio.wait_for(beat, 10)).status_code == 404
+            _, items = await shared.range("/registry/instances/")
+            assert items == []
+            await caught_up(shared, a.app)
+            assert (await register(a, 9001, ttl=3)).status_code == 201  # a new index
+            await caught_up(shared, a.app, b.app)
+            answer = await b.http.get(EP)  # registered 2, expired 3, registered again 4
+            assert ports(answer) == {9001} and answer.json()["index"] == 4
+
+    run(main)
+
+
 # -- store health --------------------------------------------------------------------------------
 
 
