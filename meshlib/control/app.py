@@ -35,6 +35,12 @@ Rules the driver keeps:
   :class:`asyncio.Event`; a change sets only that one. ``wakeups`` counts the held queries a
   change woke (LOAD-6: a change to one service wakes only its watchers). The end of warming is
   a change to every answer (``authoritative`` turns true): the pass that sees it wakes all.
+* **Replicas** (``replicas=True``: several processes over one etcd). The store is mirrored
+  into the core (:mod:`meshlib.control.mirror`, which also holds the key layout above); index
+  writes, expiry deletes and persisted beats are compare-and-sets against the mirror's
+  revisions, a lost index CAS waits for the mirror and plans again; wake-ups may be debounced;
+  a store that fails its health check, or a broken mirror, makes answers non-authoritative and
+  writes 503 (docs/control-plane.md, "Replicas").
 """
 
 from __future__ import annotations
