@@ -776,7 +776,7 @@ class RegistryApp:
                 listed = False
             except StoreClosed:
                 return
-            except (StoreError, OSError) as exc:
+            except Exception as exc:  # the store, or a record that does not decode: list again
                 log.error("registry: the mirror's watch failed, retrying: %s", exc)
                 self._set_health(watch_ok=False)
                 listed = False
