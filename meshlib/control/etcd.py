@@ -113,7 +113,7 @@ class _StreamFailed(Exception):
     """A watch stream ended or answered with an error; the watch retries on another endpoint."""
 
 
-@dataclass
+@dataclass(eq=False)  # each watch is itself (the store keeps a set of them)
 class _Watch:
     queue: asyncio.Queue[Event | StoreError]
     task: asyncio.Task[None] | None = None
