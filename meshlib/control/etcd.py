@@ -109,6 +109,10 @@ class _Reply:
         return str(self.data.get("message") or self.data.get("error") or self.data)
 
 
+#: A write as the caller asked for it: (value or None for a delete, lease, if_mod_rev).
+_Write = tuple[bytes | None, int | None, int | None]
+
+
 class _StreamFailed(Exception):
     """A watch stream ended or answered with an error; the watch retries on another endpoint."""
 
@@ -184,6 +188,8 @@ class EtcdStore:
         self._compacted = 0
         self._physical = 0
         self._watches: set[_Watch] = set()
+        #: Per key, the last write that ended in StoreUnavailable (its outcome is unknown).
+        self._unsure: dict[str, _Write] = {}
         self._closed = False
 
     @property
@@ -215,7 +221,7 @@ class EtcdStore:
         if lease is not None:
             request["lease"] = str(lease)
         body = self._txn(wire, if_mod_rev, {"request_put": request})
-        reply = await self._call(operation, "/v3/kv/txn", body)
+        reply = await self._write(operation, key, body, (bytes(value), lease, if_mod_rev))
         if not reply.ok and lease is not None and reply.code == _NOT_FOUND:
             self._leases.pop(lease, None)
             raise LeaseNotFound(lease)
@@ -241,7 +247,7 @@ class EtcdStore:
         operation = f"delete {key!r}"
         wire = self._key(key)
         body = self._txn(wire, if_mod_rev, {"request_delete_range": {"key": wire}})
-        reply = await self._call(operation, "/v3/kv/txn", body)
+        reply = await self._write(operation, key, body, (None, None, if_mod_rev))
         self._refuse(reply, operation)
         revision = self._revision(reply.data)
         if reply.data.get("succeeded"):
@@ -332,11 +338,13 @@ class EtcdStore:
         tried = 0
         while True:
             url = self.endpoints[self._current]
-            remaining = deadline - time.monotonic()
+            # One endpoint gets its share of the budget, not all of it: a follower that cut
+            # off from a dead leader holds a request until etcd's own timeout, while another
+            # endpoint may already answer.
+            share = max(self._timeout / len(self.endpoints), 0.25)
+            attempt = max(min(share, deadline - time.monotonic()), 0.05)
             try:
-                response = await self._client.post(
-                    url + path, json=body, timeout=max(remaining, 0.05)
-                )
+                response = await self._client.post(url + path, json=body, timeout=attempt)
             except httpx.ConnectError as exc:
                 reason = f"{url}: cannot connect ({exc})"
             except httpx.TransportError as exc:
@@ -359,6 +367,21 @@ class EtcdStore:
             if tried % len(self.endpoints) == 0:
                 # Every endpoint failed once: give an election a moment before the next round.
                 await asyncio.sleep(min(0.1, max(remaining, 0.0)))
+
+    async def _write(self, operation: str, key: str, body: dict[str, Any], write: _Write) -> _Reply:
+        """A txn on ``key`` that is safe to repeat: when an earlier call of the very same write
+        ended in :class:`StoreUnavailable` (outcome unknown), this one is marked uncertain, so
+        finding that write already done counts as success rather than a conflict."""
+        retrying = self._unsure.get(key) == write
+        try:
+            reply = await self._call(operation, "/v3/kv/txn", body)
+        except StoreUnavailable:
+            self._unsure[key] = write
+            raise
+        self._unsure.pop(key, None)
+        if retrying:
+            reply.uncertain = True
+        return reply
 
     async def _head(self, operation: str) -> int:
         """The store's revision from a linearizable read (needs a leader and a quorum)."""

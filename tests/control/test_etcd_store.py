@@ -1,0 +1,207 @@
+"""The etcd store against real etcd processes, past the store contract: endpoint rotation, a
+leader killed under compare-and-set writes, quorum loss, server-side compaction under a live
+watch, and a lease that etcd itself expires."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+
+import httpx
+import pytest
+from etcd_cluster import EtcdCluster
+from harness import ChaosProxy
+from policy.fakes import FakeClock
+
+from meshlib.control import (
+    Compacted,
+    Conflict,
+    EtcdStore,
+    EventKind,
+    LeaseNotFound,
+    StoreUnavailable,
+)
+
+pytestmark = [pytest.mark.anyio]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def dead_url() -> str:
+    """A loopback URL nothing listens on (the port was free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.timeout(20)
+async def test_a_dead_first_endpoint_rotates_to_a_live_one(etcd: EtcdCluster) -> None:
+    dead = dead_url()
+    store = EtcdStore(f"{dead},{etcd.endpoints[0]}", timeout=2.0)
+    try:
+        assert await store.put("k", b"v") == 1
+        assert store.endpoint == etcd.endpoints[0]
+        assert [i.value for i in (await store.range("k"))[1]] == [b"v"]
+    finally:
+        await store.close()
+
+
+def test_endpoints_are_checked() -> None:
+    with pytest.raises(ValueError, match=re.escape("'127.0.0.1:2379' is not an http")):
+        EtcdStore("127.0.0.1:2379")
+    with pytest.raises(ValueError, match="at least one endpoint"):
+        EtcdStore(" , ")
+
+
+@pytest.mark.timeout(60)
+async def test_cas_writes_survive_a_sigkilled_leader_none_lost_or_doubled(
+    etcd3: EtcdCluster,
+) -> None:
+    """Each write is a compare-and-set on the previous one; the caller repeats a write that
+    ended in StoreUnavailable. Afterwards the key's history holds every value exactly once."""
+    store = EtcdStore(etcd3.endpoints, timeout=2.0)
+    writes, kill_at = 60, 20
+    longest_gap = 0.0
+    try:
+        revision = await store.put("counter", b"0", if_mod_rev=0)
+        first = revision
+        last_ok = time.monotonic()
+        for n in range(1, writes + 1):
+            if n == kill_at:
+                etcd3.leader().kill()
+            while True:
+                try:
+                    revision = await store.put("counter", str(n).encode(), if_mod_rev=revision)
+                    break
+                except StoreUnavailable:
+                    # Unknown outcome: repeat the very same write.
+                    assert time.monotonic() - last_ok < 15, "writes did not resume"
+            now = time.monotonic()
+            longest_gap = max(longest_gap, now - last_ok)
+            last_ok = now
+
+        values = []
+        async with aclosing(store.watch("counter", first - 1)) as events:
+            while len(values) < writes + 1:
+                event = await asyncio.wait_for(events.__anext__(), 10)
+                assert event.kind is EventKind.PUT
+                values.append(int(event.value))
+        assert values == list(range(writes + 1)), "a write was lost or applied twice"
+        assert (await store.range("counter"))[0] == revision
+        # Writes resume within a few seconds of the leader's death (the issue's bound).
+        assert longest_gap < 10, longest_gap
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(40)
+async def test_no_quorum_is_store_unavailable_naming_operation_and_reason(
+    etcd3: EtcdCluster,
+) -> None:
+    store = EtcdStore(etcd3.endpoints, timeout=1.0)
+    try:
+        assert await store.status() == 0
+        etcd3.nodes[0].kill()
+        etcd3.nodes[1].kill()
+        with pytest.raises(StoreUnavailable) as info:
+            await store.put("k", b"v")
+        assert info.value.operation == "put 'k'"
+        assert "put 'k'" in str(info.value) and info.value.reason in str(info.value)
+        assert "127.0.0.1" in info.value.reason
+        with pytest.raises(StoreUnavailable) as info:
+            await store.status()
+        assert info.value.operation == "status"
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_live_watch_compacted_by_the_server_raises_and_relisting_resumes(
+    etcd: EtcdCluster,
+) -> None:
+    """The watch's stream is reopened after its wall-clock bound from the last revision it
+    delivered; the server compacted past it meanwhile, so it cancels the new stream."""
+    store = EtcdStore(etcd.endpoints, watch_bound=0.3)
+    try:
+        at = await store.put("w/a", b"1")
+        async with aclosing(store.watch("w/", 0)) as events:
+            first = await asyncio.wait_for(events.__anext__(), 5)
+            assert (first.key, first.mod_revision) == ("w/a", at)
+            for n in range(5):
+                latest = await store.put("other/x", str(n).encode())
+            async with httpx.AsyncClient() as client:
+                # Store revision r is etcd revision r + 1.
+                answer = await client.post(
+                    etcd.endpoints[0] + "/v3/kv/compaction", json={"revision": str(latest + 1)}
+                )
+                assert answer.status_code == 200, answer.text
+            with pytest.raises(Compacted) as info:
+                await asyncio.wait_for(events.__anext__(), 10)
+            assert info.value.revision == latest - 1
+
+        revision, items = await store.range("w/")
+        assert [(i.key, i.value) for i in items] == [("w/a", b"1")]
+        async with aclosing(store.watch("w/", revision)) as events:
+            written = await store.put("w/b", b"2")
+            event = await asyncio.wait_for(events.__anext__(), 5)
+            assert (event.key, event.value, event.mod_revision) == ("w/b", b"2", written)
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_lease_never_kept_alive_is_expired_by_etcd_and_watched(etcd: EtcdCluster) -> None:
+    """The granting store's clock never moves, so only etcd's own expiry can remove the key."""
+    granter = EtcdStore(etcd.endpoints, clock=FakeClock())
+    observer = EtcdStore(etcd.endpoints)
+    try:
+        lease = await granter.grant(1)
+        at = await granter.put("inst/a", b"x", lease=lease)
+        async with aclosing(observer.watch("inst/", at)) as events:
+            event = await asyncio.wait_for(events.__anext__(), 10)
+        assert (event.kind, event.key, event.mod_revision) == (EventKind.DELETE, "inst/a", at + 1)
+        assert (await observer.range("inst/"))[1] == []
+        with pytest.raises(LeaseNotFound):
+            await granter.keepalive(lease)
+    finally:
+        await granter.close()
+        await observer.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_compare_and_set_whose_answer_is_lost_is_safe_to_repeat(
+    etcd: EtcdCluster, chaos_factory: Callable[..., ChaosProxy]
+) -> None:
+    """The proxy lets the request reach etcd and resets the connection instead of the answer:
+    the write happened, the store cannot know. Retried, it finds its own value and returns
+    that revision instead of a Conflict."""
+    proxy = chaos_factory(etcd.endpoints[0])
+    store = EtcdStore([proxy.url, etcd.endpoints[0]], timeout=2.0)
+    lone = EtcdStore(proxy.url, timeout=0.5)
+    try:
+        first = await store.put("k", b"v0", if_mod_rev=0)
+        proxy.set_mode("reset_after", n=0)
+        # Within one call: retried on the next endpoint.
+        second = await store.put("k", b"v1", if_mod_rev=first)
+        assert second == first + 1
+        assert [(i.value, i.mod_revision) for i in (await store.range("k"))[1]] == [(b"v1", second)]
+        # Across calls: the write ends in StoreUnavailable, the caller repeats it.
+        with pytest.raises(StoreUnavailable):
+            await lone.put("k", b"v2", if_mod_rev=second)
+        proxy.set_mode("pass")
+        assert await lone.put("k", b"v2", if_mod_rev=second) == second + 1
+        # Another write with the same stale token still loses.
+        with pytest.raises(Conflict) as info:
+            await store.put("k", b"v3", if_mod_rev=second)
+        assert info.value.actual == second + 1
+    finally:
+        await store.close()
+        await lone.close()
