@@ -41,7 +41,11 @@ the store retries it on another endpoint):
 * a delete of a key already gone changes nothing;
 * a compare-and-set retried after an unknown outcome that finds its own value (and lease)
   already in place returns that revision instead of raising ``Conflict``: the first attempt
-  won; a compare-and-set delete retried that finds the key gone returns the current revision;
+  won; a compare-and-set delete retried that finds the key gone returns the current revision.
+  "Retried" covers the store's own retry on the next endpoint and the caller repeating the very
+  same write (key, value, lease, ``if_mod_rev``) after it raised ``StoreUnavailable``; a
+  write whose attempts were all answered is never taken for a lost one, so two writers racing
+  with the same token and the same bytes still see exactly one win;
 * a lease grant carries an ID chosen by the store, so a repeated grant answers "lease already
   exists" for the lease it created, which is success; revoke and keepalive are idempotent.
 
