@@ -117,6 +117,13 @@ class _Reply:
 _Write = tuple[bytes | None, int | None, int | None]
 
 
+@dataclass
+class _Sent:
+    """Whether some attempt of a request went out and got no answer (it may have been applied)."""
+
+    uncertain: bool = False
+
+
 class _StreamFailed(Exception):
     """A watch stream ended or answered with an error; the watch retries on another endpoint."""
 
@@ -333,12 +340,15 @@ class EtcdStore:
 
     # -- requests -----------------------------------------------------------------------
 
-    async def _call(self, operation: str, path: str, body: dict[str, Any]) -> _Reply:
+    async def _call(
+        self, operation: str, path: str, body: dict[str, Any], sent: _Sent | None = None
+    ) -> _Reply:
         """POST ``body`` to ``path``, moving across endpoints until one answers or ``timeout``
-        seconds pass (then :class:`StoreUnavailable`)."""
+        seconds pass (then :class:`StoreUnavailable`); ``sent`` learns whether an attempt
+        without an answer may have been applied."""
         self._check_open()
         deadline = time.monotonic() + self._timeout
-        uncertain = False
+        sent = sent or _Sent()
         tried = 0
         while True:
             url = self.endpoints[self._current]
@@ -349,17 +359,17 @@ class EtcdStore:
             attempt = max(min(share, deadline - time.monotonic()), 0.05)
             try:
                 response = await self._client.post(url + path, json=body, timeout=attempt)
-            except httpx.ConnectError as exc:
-                reason = f"{url}: cannot connect ({exc})"
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                reason = f"{url}: cannot connect ({type(exc).__name__} {exc})"
             except httpx.TransportError as exc:
                 # Sent, but no answer: the request may have been applied.
-                uncertain = True
+                sent.uncertain = True
                 reason = f"{url}: {type(exc).__name__} ({exc or 'no answer'})"
             else:
                 data = self._json(response)
                 if response.status_code < 500 and response.status_code != 429:
-                    return _Reply(response.status_code, data, uncertain)
-                uncertain = True
+                    return _Reply(response.status_code, data, sent.uncertain)
+                sent.uncertain = True
                 reason = f"{url}: HTTP {response.status_code} {data.get('message', '')}".strip()
             if self._closed:
                 raise StoreClosed()
@@ -377,10 +387,12 @@ class EtcdStore:
         ended in :class:`StoreUnavailable` (outcome unknown), this one is marked uncertain, so
         finding that write already done counts as success rather than a conflict."""
         retrying = self._unsure.get(key) == write
+        sent = _Sent()
         try:
-            reply = await self._call(operation, "/v3/kv/txn", body)
+            reply = await self._call(operation, "/v3/kv/txn", body, sent)
         except StoreUnavailable:
-            self._unsure[key] = write
+            if sent.uncertain or retrying:
+                self._unsure[key] = write
             raise
         self._unsure.pop(key, None)
         if retrying:
@@ -420,8 +432,16 @@ class EtcdStore:
             now = self._clock()
             due = sorted((d, lease) for lease, (_, d) in self._leases.items() if d <= now)
             for _, lease in due:
-                self._leases.pop(lease, None)
-                reply = await self._call(f"revoke {lease}", "/v3/lease/revoke", {"ID": str(lease)})
+                held = self._leases.pop(lease, None)
+                if held is None:
+                    continue  # revoked meanwhile by another task
+                try:
+                    reply = await self._call(
+                        f"revoke {lease}", "/v3/lease/revoke", {"ID": str(lease)}
+                    )
+                except StoreError:
+                    self._leases[lease] = held  # due still: the next operation tries again
+                    raise
                 if not reply.ok and reply.code != _NOT_FOUND:  # gone already: etcd expired it
                     self._refuse(reply, f"revoke {lease}")
 
