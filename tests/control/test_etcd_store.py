@@ -221,3 +221,21 @@ async def test_a_compare_and_set_whose_answer_is_lost_is_safe_to_repeat(
     finally:
         await store.close()
         await lone.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_watch_with_no_endpoint_left_raises_store_unavailable(etcd: EtcdCluster) -> None:
+    """A registry replica marks itself non-authoritative while its mirror's watch is broken:
+    the watch must say so, not wait forever."""
+    store = EtcdStore(etcd.endpoints, timeout=0.5)
+    try:
+        at = await store.put("w/a", b"1")
+        async with aclosing(store.watch("w/", at - 1)) as events:
+            assert (await asyncio.wait_for(events.__anext__(), 5)).key == "w/a"
+            etcd.nodes[0].kill()
+            with pytest.raises(StoreUnavailable) as info:
+                await asyncio.wait_for(events.__anext__(), 10)
+        assert info.value.operation == "watch 'w/'"
+        assert etcd.endpoints[0] in info.value.reason
+    finally:
+        await store.close()
