@@ -46,6 +46,7 @@ Factory = Callable[[Path, FakeClock, int, ExitStack], Store]
 
 
 def etcd_store(data_dir: Path, clock: FakeClock, history: int, stack: ExitStack) -> Store:
+    """An etcd store on its own fresh one-member etcd in ``data_dir`` (about 1 s to start)."""
     cluster = EtcdCluster.start(data_dir, 1)
     stack.callback(cluster.stop)
     return EtcdStore(cluster.endpoints, clock=clock, history=history)
