@@ -22,8 +22,11 @@ How the protocol maps onto etcd (3.4, Debian's ``etcd-server``):
   has no ``type``, a failed txn no ``succeeded``); a watch cancelled because its start was
   compacted keeps the HTTP stream open, so the store closes it; progress notifications keep a
   stream busy, so a read timeout never fires — each stream is bounded by ``watch_bound``
-  seconds of wall-clock time and then reopened after the last revision it delivered. A cancel
-  with ``compact_revision`` raises :class:`~meshlib.control.store.Compacted`.
+  seconds of wall-clock time and then reopened after the last revision it delivered (or the
+  last settled progress notification: run etcd with
+  ``--experimental-watch-progress-notify-interval`` below ``watch_bound`` so a quiet watch
+  resumes from a recent revision). A cancel with ``compact_revision`` raises
+  :class:`~meshlib.control.store.Compacted`.
 * **History**: ``history=None`` leaves compaction to the server (run etcd with
   ``--auto-compaction-mode revision --auto-compaction-retention 1000``). ``history=N`` makes the
   store keep the Memory store's rules itself: after each write, events more than N revisions
@@ -86,6 +89,9 @@ _NOT_FOUND = 5
 _ALREADY_EXISTS = 9
 _OUT_OF_RANGE = 11  # compaction of an already compacted revision
 
+#: How old a progress notification must be before a resumed watch starts after it.
+_PROGRESS_SETTLE = 0.25
+
 #: How many events a watch buffers before it stops reading its stream (etcd then holds the
 #: rest and, if compaction passes the watcher, cancels it: the consumer re-lists).
 _WATCH_BUFFER = 1000
@@ -135,6 +141,25 @@ class _Watch:
     #: The etcd revision to start from when the stream is (re)opened.
     start: int = 0
     failing_since: float | None = field(default=None)
+    #: The last progress notification not yet trusted: (etcd revision, wall-clock arrival).
+    progress: tuple[int, float] | None = None
+
+    def note_progress(self, revision: int) -> None:
+        self.settle()
+        self.progress = (revision, time.monotonic())
+
+    def settle(self) -> None:
+        """Trust a progress notification once it is :data:`_PROGRESS_SETTLE` seconds old: a
+        resumed stream then starts after its revision, not after the last event (etcd 3.4 can
+        send a notification a moment before the event of that revision, so a fresh one is not
+        yet proof that everything up to it arrived)."""
+        if self.progress is not None and time.monotonic() - self.progress[1] >= _PROGRESS_SETTLE:
+            self.start = max(self.start, self.progress[0] + 1)
+            self.progress = None
+
+    def resume_point(self) -> int:
+        self.settle()
+        return self.start
 
 
 def _b64(raw: bytes) -> str:
@@ -567,11 +592,12 @@ class EtcdStore:
 
     async def _stream(self, url: str, prefix: str, watch: _Watch) -> None:
         key, end = self._span(prefix)
+        start = watch.resume_point()
         request = {
             "create_request": {
                 "key": key,
                 "range_end": end,
-                "start_revision": str(watch.start),
+                "start_revision": str(start),
                 "progress_notify": True,
             }
         }
@@ -594,7 +620,7 @@ class EtcdStore:
                     compacted = int(result.get("compact_revision", 0))
                     if compacted:
                         # The stream stays open after this: leaving the block closes it.
-                        raise Compacted(max(compacted - 2, 0), watch.start - 2)
+                        raise Compacted(max(compacted - 2, 0), start - 2)
                     raise _StreamFailed(str(result.get("cancel_reason", "watch cancelled")))
                 watch.failing_since = None
                 events = result.get("events", [])
@@ -603,5 +629,7 @@ class EtcdStore:
                     await watch.queue.put(event)
                     watch.start = event.mod_revision + 2
                 if not events and not result.get("created"):
-                    # A progress notification: every event up to its revision was sent.
-                    watch.start = max(watch.start, int(result["header"]["revision"]) + 1)
+                    # A progress notification: every event up to its revision was sent (a
+                    # quiet watch resumes from there, not from its last event, so compaction
+                    # of other prefixes' history does not cut it off).
+                    watch.note_progress(int(result["header"]["revision"]))

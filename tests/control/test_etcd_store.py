@@ -239,3 +239,34 @@ async def test_a_watch_with_no_endpoint_left_raises_store_unavailable(etcd: Etcd
         assert etcd.endpoints[0] in info.value.reason
     finally:
         await store.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_quiet_watch_resumed_after_its_bound_is_not_cut_off_by_compaction(
+    etcd: EtcdCluster,
+) -> None:
+    """Other prefixes write and the server compacts past the quiet watch's last event; its
+    stream is reopened after the wall-clock bound from the last progress notification, so its
+    next event arrives instead of Compacted."""
+    store = EtcdStore(etcd.endpoints, watch_bound=1.5)
+    try:
+        at = await store.put("quiet/a", b"1")
+        async with aclosing(store.watch("quiet/", at - 1)) as events:
+            assert (await asyncio.wait_for(events.__anext__(), 5)).key == "quiet/a"
+            pending = asyncio.ensure_future(events.__anext__())
+            for n in range(5):
+                latest = await store.put("busy/x", str(n).encode())
+            async with httpx.AsyncClient() as client:
+                answer = await client.post(
+                    etcd.endpoints[0] + "/v3/kv/compaction", json={"revision": str(latest + 1)}
+                )
+                assert answer.status_code == 200, answer.text
+            # Real time is the property here: the stream is reopened after 1.5 s (the fixture's
+            # etcd sends progress notifications every 500 ms, the first ~1 s after an event).
+            await asyncio.sleep(2.5)
+            assert not pending.done()
+            written = await store.put("quiet/b", b"2")
+            event = await asyncio.wait_for(pending, 5)
+            assert (event.key, event.mod_revision) == ("quiet/b", written)
+    finally:
+        await store.close()
