@@ -92,6 +92,9 @@ _OUT_OF_RANGE = 11  # compaction of an already compacted revision
 #: How old a progress notification must be before a resumed watch starts after it.
 _PROGRESS_SETTLE = 0.25
 
+#: How many keys one range request asks for (a larger range takes several, at one revision).
+_PAGE = 1000
+
 #: How many events a watch buffers before it stops reading its stream (etcd then holds the
 #: rest and, if compaction passes the watcher, cancels it: the consumer re-lists).
 _WATCH_BUFFER = 1000
@@ -237,13 +240,24 @@ class EtcdStore:
 
     async def range(self, prefix: str) -> tuple[int, list[Item]]:
         await self._touch()
+        operation = f"range {prefix!r}"
         key, end = self._span(prefix)
-        reply = await self._call(
-            f"range {prefix!r}", "/v3/kv/range", {"key": key, "range_end": end}
-        )
-        self._refuse(reply, f"range {prefix!r}")
-        items = [self._item(kv) for kv in reply.data.get("kvs", [])]
-        return self._revision(reply.data), items
+        request: dict[str, Any] = {"key": key, "range_end": end, "limit": str(_PAGE)}
+        items: list[Item] = []
+        revision: int | None = None
+        while True:
+            # Pages of _PAGE keys, every page after the first read at the first one's
+            # revision: one consistent snapshot without one huge gateway answer.
+            reply = await self._call(operation, "/v3/kv/range", request)
+            self._refuse(reply, operation)
+            kvs = reply.data.get("kvs", [])
+            items.extend(self._item(kv) for kv in kvs)
+            if revision is None:
+                revision = self._revision(reply.data)
+                request["revision"] = str(revision + 1)
+            if not reply.data.get("more") or not kvs:
+                return revision, items
+            request["key"] = _b64(base64.b64decode(kvs[-1]["key"]) + b"\0")
 
     async def put(
         self, key: str, value: bytes, *, lease: int | None = None, if_mod_rev: int | None = None

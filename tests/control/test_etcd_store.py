@@ -5,6 +5,7 @@ watch, and a lease that etcd itself expires."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 import time
@@ -32,6 +33,10 @@ pytestmark = [pytest.mark.anyio]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
 
 
 def dead_url() -> str:
@@ -268,5 +273,30 @@ async def test_a_quiet_watch_resumed_after_its_bound_is_not_cut_off_by_compactio
             written = await store.put("quiet/b", b"2")
             event = await asyncio.wait_for(pending, 5)
             assert (event.key, event.mod_revision) == ("quiet/b", written)
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(20)
+async def test_a_range_larger_than_a_page_is_one_consistent_snapshot(etcd: EtcdCluster) -> None:
+    """2,500 keys (written straight through the gateway, 125 per txn) come back in several
+    pages, all read at the revision of the first."""
+    keys = [f"many/{n:05d}" for n in range(2500)]
+    async with httpx.AsyncClient(base_url=etcd.endpoints[0]) as client:
+        for start in range(0, len(keys), 125):
+            puts = [
+                {"request_put": {"key": b64(key.encode()), "value": b64(key.encode())}}
+                for key in keys[start : start + 125]
+            ]
+            answer = await client.post("/v3/kv/txn", json={"success": puts})
+            assert answer.status_code == 200, answer.text
+    store = EtcdStore(etcd.endpoints)
+    try:
+        revision, items = await store.range("many/")
+        assert revision == 20  # 20 txns
+        assert [i.key for i in items] == keys
+        assert all(i.value == i.key.encode() and i.mod_revision >= 1 for i in items)
+        await store.delete("many/00000")
+        assert (await store.range("many/"))[1][0].key == "many/00001"
     finally:
         await store.close()
