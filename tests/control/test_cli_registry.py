@@ -207,10 +207,8 @@ def test_serve_with_etcd_runs_stateless_debounced_replicas(tmp_path: Path) -> No
 
 
 def test_the_etcd_store_is_built_lazily_and_takes_no_data_dir_lock(tmp_path: Path) -> None:
-    pytest.importorskip("meshlib.control.etcd", reason="the etcd store has not landed yet")
-    from meshlib.control.etcd import EtcdStore
-
     from meshlib.cli.registry import open_store
+    from meshlib.control.etcd import EtcdStore
 
     chosen = {"store": "etcd", "etcd": ["http://127.0.0.1:1"], "prefix": "p/"}
     store = open_store(chosen, tmp_path)

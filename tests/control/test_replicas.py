@@ -12,25 +12,22 @@ import contextlib
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
+from etcd_cluster import EtcdCluster
 
-from meshlib.control import store as store_module
 from meshlib.control.app import RegistryApp
+from meshlib.control.etcd import EtcdStore
 from meshlib.control.memory import MemoryStore
 from meshlib.control.mirror import EPOCH_KEY
 from meshlib.control.registry import RegistrySettings, instance_id
-from meshlib.control.store import Conflict, Event, Item, Store, StoreError
+from meshlib.control.store import Conflict, Event, Item, Store, StoreError, StoreUnavailable
 from tests.control.conftest import TD, FakeClock
 from tests.control.test_app import POLICY
 
 pytestmark = pytest.mark.timeout(30)
-
-#: StoreUnavailable once the etcd store's helper lands it; StoreError (its base) until then.
-StoreUnavailable: type[StoreError] = getattr(store_module, "StoreUnavailable", StoreError)
 
 ADMIN = f"spiffe://{TD}/ns/meshlib-system/sa/meshctl"
 WALL0 = 1_700_000_000.0
@@ -43,9 +40,7 @@ def ipath(port: int, address: str = "10.0.0.1") -> str:
 
 
 def unavailable(operation: str) -> StoreError:
-    if StoreUnavailable is StoreError:
-        return StoreError(f"{operation}: no quorum (test)")
-    return StoreUnavailable(operation, "no quorum (test)")  # type: ignore[call-arg]
+    return StoreUnavailable(operation, "no quorum (test)")
 
 
 class Wrapped:
@@ -496,25 +491,19 @@ def test_a_broken_watch_makes_answers_non_authoritative_until_it_resumes() -> No
     run(main)
 
 
-# -- over a real etcd (once the etcd store and its test cluster have landed) -----------------------
+# -- over a real etcd -----------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(90)
-def test_replicas_over_a_real_etcd_share_writes_and_survive_its_loss(tmp_path: Path) -> None:
-    etcd_store = pytest.importorskip("meshlib.control.etcd", reason="the etcd store has not landed")
-    cluster_module = pytest.importorskip(
-        "etcd_cluster", reason="the etcd test cluster has not landed"
-    )
-    if cluster_module.ETCD is None:
-        pytest.skip("etcd not installed: apt-get install etcd-server (CI installs it)")
-    cluster = cluster_module.EtcdCluster.start(tmp_path / "etcd", size=1)
+def test_replicas_over_a_real_etcd_share_writes_and_survive_its_loss(etcd: EtcdCluster) -> None:
+    cluster = etcd
     policy_b = POLICY.replace("reviews-sa", "reviews-other")
 
     async def main() -> None:
         apps, clients = [], []
         for seed in (1, 2):
             app = RegistryApp(
-                etcd_store.EtcdStore(cluster.endpoints, prefix="replicas/", timeout=0.5),
+                EtcdStore(cluster.endpoints, prefix="replicas/", timeout=0.5),
                 trust_domain=TD,
                 identify=lambda scope: ADMIN,
                 settings=RegistrySettings(warming=0.0),
@@ -572,10 +561,7 @@ def test_replicas_over_a_real_etcd_share_writes_and_survive_its_loss(tmp_path: P
             for app in apps:
                 await app.shutdown()
 
-    try:
-        asyncio.run(main())
-    finally:
-        cluster.stop()
+    asyncio.run(main())  # the fixture stops etcd
 
 
 async def until_async(
