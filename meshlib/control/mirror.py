@@ -10,6 +10,7 @@ held on replica B hears of a registration made through replica A (docs/control-p
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from collections.abc import Hashable, Iterable
@@ -87,6 +88,10 @@ class Mirror:
         self.registry = registry
         self.revision = revision
         self._applied: dict[str, _Applied] = {}
+        # This replica's own deletes, (revision, key): a tombstone is needed only until the
+        # watch has passed its revision (events come in order), then it is dropped, so deleted
+        # keys do not pile up in a long-lived replica.
+        self._tombstones: list[tuple[int, str]] = []
         # A writer moves a service's index, then writes the one record the move counts (a
         # register's put, a drain's or an expiry's delete). The index waits here until that
         # record arrives, so a watcher woken by it never answers without the change: service ->
@@ -139,6 +144,12 @@ class Mirror:
         seen = self._applied.get(key)
         if seen is None or seen.revision <= revision:
             self._applied[key] = _Applied(revision, present)
+            if not present:
+                heapq.heappush(self._tombstones, (revision, key))
+
+    def tracked(self) -> int:
+        """How many keys the mirror keeps a revision for (live keys and unpassed tombstones)."""
+        return len(self._applied)
 
     def apply(self, event: Event, now: float, wall_now: float) -> set[Touched]:
         """Apply one store event; what it changed for watchers (empty: nothing, or stale)."""
@@ -149,10 +160,22 @@ class Mirror:
             return set()
         seen = self._applied.get(event.key)
         if seen is not None and event.mod_revision <= seen.revision:
+            self._prune()
             return set()
         present = event.kind is EventKind.PUT
-        self._applied[event.key] = _Applied(event.mod_revision, present)
+        if present:
+            self._applied[event.key] = _Applied(event.mod_revision, present)
+        else:  # the watch is in order: no older event of the key can follow
+            self._applied.pop(event.key, None)
+        self._prune()
         return self._take(event.key, event.value if present else None, now, wall_now)
+
+    def _prune(self) -> None:
+        while self._tombstones and self._tombstones[0][0] <= self.revision:
+            revision, key = heapq.heappop(self._tombstones)
+            seen = self._applied.get(key)
+            if seen is not None and not seen.present and seen.revision == revision:
+                del self._applied[key]
 
     def relist(
         self, revision: int, items: Iterable[Item], now: float, wall_now: float
@@ -169,9 +192,10 @@ class Mirror:
         for instance in self.registry.instances():
             key = f"{INSTANCES}{instance.namespace}/{instance.service}/{instance.id}"
             if key not in listed and self._applied.get(key, _Applied(0, True)).revision <= revision:
-                self._applied[key] = _Applied(revision, False)
+                self._applied.pop(key, None)
                 touched |= self._take(key, None, now, wall_now)
         self.revision = max(self.revision, revision)
+        self._prune()
         for service in list(self._pending):  # a list is whole: nothing is still to come
             touched |= self.settle(service)
         return touched

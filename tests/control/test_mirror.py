@@ -258,3 +258,24 @@ def test_a_write_in_flight_holds_its_keys_events_until_its_revision_is_known() -
     mirror.writing(ikey(2))
     mirror.apply(Event(EventKind.PUT, ikey(2), record(2, WALL), 7), 100.0, WALL)
     assert [mirror.apply(e, 100.0, WALL) for e in mirror.written(ikey(2), None)] == [{(NS, SVC)}]
+
+
+def test_deleted_keys_do_not_pile_up() -> None:
+    registry = Registry("e", 100.0)
+    mirror = Mirror(registry)
+    for port in range(1, 101):  # another replica registers and drains 100 instances
+        mirror.apply(Event(EventKind.PUT, ikey(port), record(port, WALL), 2 * port), 100.0, WALL)
+        mirror.apply(Event(EventKind.DELETE, ikey(port), b"", 2 * port + 1), 100.0, WALL)
+    assert mirror.tracked() == 0 and registry.count() == 0
+    # this replica's own delete: a tombstone until the watch passes it, its echo ignored
+    mirror.apply(Event(EventKind.PUT, ikey(1), record(1, WALL), 300), 100.0, WALL)
+    registry.remove(instance(1, 0).id)
+    mirror.wrote(ikey(1), 301, present=False)
+    assert mirror.tracked() == 1
+    # an event at the tombstone's revision (as its echo) is stale: no resurrection
+    assert mirror.apply(Event(EventKind.PUT, ikey(1), record(1, WALL), 301), 100.0, WALL) == set()
+    assert mirror.tracked() == 0 and registry.count() == 0
+    # a later put of the key is newer than the tombstone was: it applies
+    assert mirror.apply(Event(EventKind.PUT, ikey(1), record(1, WALL), 302), 100.0, WALL) == {
+        (NS, SVC)
+    }
