@@ -669,6 +669,11 @@ class RegistryApp:
         if watch_ok is not None:
             self.watch_ok = watch_ok
         if self._healthy() != before:
+            if self._healthy() and self.registry is not None:
+                # no beat was taken while it was down: expire nothing until they had the time
+                # to come back (one warming period), as after a restart
+                self.registry.warm_again(self.clock())
+                self._warm = self.registry.authoritative(self.clock())
             for watched in list(self._watches):
                 self._wake(watched)
 

@@ -574,6 +574,12 @@ class Registry:
             self._remove(old)
         return old
 
+    def warm_again(self, now: float) -> None:
+        """Warm again from ``now`` (one ``warming`` period: not authoritative, nothing expired),
+        as after a start: the driver could not take heartbeats for a while (its store was
+        down), so the beats it holds are stale through no fault of the instances."""
+        self.started_at = now
+
     def set_index(self, key: ServiceKey, index: int) -> bool:
         """Move ``key``'s index to ``index`` if that is ahead of it; True when it moved. An index
         never goes backwards, so a late echo of an older one changes nothing."""

@@ -279,3 +279,12 @@ def test_deleted_keys_do_not_pile_up() -> None:
     assert mirror.apply(Event(EventKind.PUT, ikey(1), record(1, WALL), 302), 100.0, WALL) == {
         (NS, SVC)
     }
+
+
+def test_warm_again_holds_expiry_for_one_warming_period() -> None:
+    registry = Registry("e", 0.0, RegistrySettings(warming=10.0))
+    registry.upsert(instance(1, 0.0))  # TTL 10
+    assert [i.port for i in registry.due(30.0)] == [1]
+    registry.warm_again(30.0)  # the driver's store was down: the beat is stale, not the instance
+    assert registry.due(39.0) == () and not registry.authoritative(39.0)
+    assert [i.port for i in registry.due(40.0)] == [1] and registry.authoritative(40.0)

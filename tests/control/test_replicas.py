@@ -151,6 +151,7 @@ async def replicas(
     clock: FakeClock | None = None,
     debounce: tuple[float, float] | None = None,
     history: int = 1000,
+    warming: float = 0.0,
 ) -> AsyncIterator[tuple[Replica, Replica, MemoryStore]]:
     """Replicas A and B over one MemoryStore; with ``clock``, both run on it (and the wall clock
     follows it), the tick is off and a test drives expiry and health checks itself."""
@@ -163,7 +164,7 @@ async def replicas(
             view,  # type: ignore[arg-type]
             trust_domain=TD,
             identify=lambda scope: ADMIN,
-            settings=RegistrySettings(warming=0.0),
+            settings=RegistrySettings(warming=warming),
             clock=clock,
             wall=lambda: WALL0 + clock(),
             rng=random.Random(seed),
@@ -464,6 +465,36 @@ def test_a_store_without_quorum_refuses_writes_and_marks_reads_until_it_recovers
             assert (await register(a, 9002)).status_code == 201
             status = (await a.http.get("/v1/status")).json()
             assert status["authoritative"] is True and status["replica"]["store_ok"] is True
+
+    run(main)
+
+
+def test_after_the_store_comes_back_a_replica_warms_before_it_expires() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        async with replicas(clock, warming=3.0) as (a, b, shared):
+            clock.advance(3.0)  # past the start's warming
+            assert (await register(a, 9001, ttl=3)).status_code == 201
+            await caught_up(shared, a.app, b.app)
+            for r in (a, b):
+                r.view.down = True
+                assert await r.app.check_store() is False
+            clock.advance(5.0)  # no beat could be taken meanwhile: 9001's TTL passed
+            for r in (a, b):
+                r.view.down = False
+                assert await r.app.check_store() is True
+            assert await b.app.expire() == 0  # warming again: nothing expires...
+            status = (await b.http.get("/v1/status")).json()
+            assert status["state"] == "warming" and status["authoritative"] is False
+            for _ in range(3):  # ...while the instance beats again
+                clock.advance(1.0)
+                assert (await a.http.post(ipath(9001) + "/heartbeat")).status_code == 200
+                await caught_up(shared, b.app)
+                assert await b.app.expire() == 0
+            status = (await b.http.get("/v1/status")).json()
+            assert status["state"] == "serving" and status["authoritative"] is True
+            assert ports(await b.http.get(EP)) == {9001}
 
     run(main)
 
