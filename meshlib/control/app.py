@@ -68,6 +68,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from meshlib.config.loader import MAX_FILE_BYTES, load_text
 from meshlib.config.model import Snapshot
 from meshlib.control import tokens as stored_tokens
+from meshlib.control.etcd import EtcdStore
 from meshlib.control.memory import MemoryStore
 from meshlib.control.mirror import (
     EPOCH_KEY,
@@ -113,6 +114,7 @@ from meshlib.control.wire import (
     PolicyAnswer,
     RegisteredEndpoint,
     RegistryStatusInfo,
+    ReplicaHealth,
     ServiceInfo,
     TokenInfo,
     TokenIssued,
@@ -1545,11 +1547,9 @@ class RegistryApp:
             max(0.0, self.wall() - self._started_wall),
             self.refusals,
             self.watchers,
+            ReplicaHealth(self.store_ok, self.watch_ok) if self.replicas else None,
         )
-        body = answer.to_json()
-        if self.replicas:
-            body["replica"] = {"store_ok": self.store_ok, "watch_ok": self.watch_ok}
-        return 200, body, ()
+        return 200, answer.to_json(), ()
 
     # -- join tokens -------------------------------------------------------------------------
     # Admin only, the secret shown once (meshlib/control/tokens.py). Tokens live in the store
@@ -1883,6 +1883,8 @@ def _store_name(store: Store) -> str:
         return f"sqlite:{store.data_dir / DB_FILE}"
     if isinstance(store, MemoryStore):
         return "memory"
+    if isinstance(store, EtcdStore):
+        return f"etcd:{','.join(store.endpoints)}"
     return type(store).__name__
 
 
