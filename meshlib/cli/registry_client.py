@@ -127,12 +127,12 @@ def _registry(args: argparse.Namespace) -> Iterator[RegistryClient]:
         with client:
             yield client
     except RegistryUnavailable as exc:
-        if exc.status:  # it answered: 5xx or 429
+        if exc.status:  # it answered: 5xx or 429 (name the one of several URLs that did)
             said = f"unavailable ({exc.status})"
-            raise CommandFailed(f"registry {url} {said}: {exc.message}") from exc
+            raise CommandFailed(f"registry {exc.url or url} {said}: {exc.message}") from exc
         raise CommandFailed(f"registry {url} unreachable: {exc.message}") from exc
     except RegistryRefused as exc:
-        raise CommandFailed(f"registry {url} refused: {exc.message}") from exc
+        raise CommandFailed(f"registry {exc.url or url} refused: {exc.message}") from exc
     except RegistryConflict as exc:
         raise CommandFailed(
             f"version conflict: the registry is at version {exc.current}; "

@@ -95,7 +95,10 @@ log = logging.getLogger("meshlib.control")
 
 
 class RegistryError(Exception):
-    """The registry refused a request (or answered what the API does not promise)."""
+    """The registry refused a request (or answered what the API does not promise); ``url`` is
+    the registry that answered (one of a client's several URLs), None when none did."""
+
+    url: str | None = None
 
     def __init__(self, status: int, message: str, body: Mapping[str, Any] | None = None) -> None:
         super().__init__(f"registry: {message}" if status == 0 else f"registry {status}: {message}")
@@ -228,11 +231,15 @@ def _check(response: httpx.Response) -> None:
         body = None
     body = body if isinstance(body, dict) else {}
     message = str(body.get("error") or f"HTTP {status} {response.reason_phrase}")
+    error: RegistryError
     if status == 429 or status >= 500:
         retry = response.headers.get("Retry-After", "")
         retry_after = float(retry) if retry.replace(".", "", 1).isdigit() else None
-        raise RegistryUnavailable(status, message, body, retry_after=retry_after)
-    raise _BY_STATUS.get(status, RegistryError)(status, message, body)
+        error = RegistryUnavailable(status, message, body, retry_after=retry_after)
+    else:
+        error = _BY_STATUS.get(status, RegistryError)(status, message, body)
+    error.url = f"{response.url.scheme}://{response.url.netloc.decode('ascii')}"
+    raise error
 
 
 def _epoch(epoch: str | None) -> dict[str, str]:

@@ -112,6 +112,7 @@ def test_a_503_moves_the_next_call_to_the_next_url(
         with pytest.raises(RegistryUnavailable) as caught:
             client.apply(POLICY)
         assert caught.value.status == 503  # raised as with one URL: the caller backs off
+        assert caught.value.url == first.url  # the one of the two that answered 503
         assert client.url == second.url
         assert client.apply(POLICY).version == 1  # the next call goes to the second
         assert client.status().epoch == second.client().status().epoch
@@ -119,6 +120,30 @@ def test_a_503_moves_the_next_call_to_the_next_url(
         # watch held there) changes nothing.
         client.registry.failed(first.url, "a late failure")
         assert client.url == second.url
+
+
+@pytest.mark.timeout(20)
+def test_meshctl_names_the_registry_that_answered_503_not_the_list(
+    registry_factory: StartRegistry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made: list[FailingStore] = []
+
+    def wrap(store: Store) -> Store:
+        made.append(FailingStore(store))
+        return made[-1]
+
+    first = registry_factory(wrap=wrap)
+    second = second_registry(registry_factory, first, tmp_path, policy=False)
+    made[0].failing = True
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    listed = f"{first.url},{second.url}"
+    code = main(
+        ["apply", "-f", str(policy), "--registry", listed, "--svid-dir", str(first.admin_svid)]
+    )
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"registry {first.url} unavailable (503)" in err and listed not in err
 
 
 def test_a_rotation_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
