@@ -79,8 +79,10 @@ WAIT = 60.0
 WATCHERS_PER_CLIENT = 50
 #: Clients the instances of A register and beat through.
 BEAT_CLIENTS = 8
-#: Registers in flight at once while A fills the registry.
-FILL_CONCURRENCY = 64
+#: Requests in flight at once per beating client (each is a connection: the pool has no cap).
+IN_FLIGHT = 8
+#: A storm client's registrar registers its instances one at a time over one connection.
+STORM_REGISTERS_IN_FLIGHT = 1
 TARGET_PROPAGATION_P99_MS = 500.0
 TARGET_STORM_S = 30.0
 #: The flags tests/etcd_cluster.py uses (docs/control-plane.md): fast re-election on loopback.
@@ -445,6 +447,11 @@ class Fleet:
             AsyncRegistryClient(urls[i % len(urls)], svid_dir=registries.admin_svid, timeout=30)
             for i in range(BEAT_CLIENTS)
         ]
+        # The client's pool has no cap (a held query per watched service): unbounded, a busy
+        # load generator's slow answers open a new mutual-TLS connection per waiting request
+        # (3,700 connections and 800 MB of registry RSS in a first run). A beating host has
+        # a few requests in flight, so each client here has IN_FLIGHT at most.
+        self.slots = [asyncio.Semaphore(IN_FLIGHT) for _ in self.clients]
         self.s = s
         self.rng = random.Random(s.seed)
         self.registered = 0
@@ -453,42 +460,41 @@ class Fleet:
         self.reregistered = 0
         self.errors: Counter[str] = Counter()
         self.tasks: list[asyncio.Task[None]] = []
-        self.fill = asyncio.Semaphore(FILL_CONCURRENCY)
 
     async def _register(self, n: int) -> float:
         address, port = _address(n)
-        client = self.clients[n % len(self.clients)]
-        answer = await client.register(
-            NS, _service(n, self.s.services), address, port, ttl=self.s.ttl
-        )
+        async with self.slots[n % len(self.clients)]:
+            answer = await self.clients[n % len(self.clients)].register(
+                NS, _service(n, self.s.services), address, port, ttl=self.s.ttl
+            )
         return float(answer.heartbeat_interval)
 
     async def _keep(self, n: int) -> None:
         from meshlib.control.client import RegistryError, RegistryNotFound
+        from meshlib.control.registry import instance_id
 
-        async with self.fill:
-            while True:
-                try:
-                    interval = await self._register(n)
-                    break
-                except RegistryError as exc:
-                    self.errors[f"register {exc.status}"] += 1
-                    await asyncio.sleep(1.0)
+        while True:
+            try:
+                interval = await self._register(n)
+                break
+            except RegistryError as exc:
+                self.errors[f"register {exc.status}"] += 1
+                await asyncio.sleep(1.0)
         self.registered += 1
+        if self.registered % 2000 == 0:
+            _log(f"   {self.registered} registered")
         if self.registered == self.s.instances:
             self.all_registered.set()
         delay = self.rng.uniform(0, interval)  # first beats spread over one interval
-        client = self.clients[n % len(self.clients)]
         address, port = _address(n)
-        from meshlib.control.registry import instance_id
-
         service = _service(n, self.s.services)
         id = instance_id(NS, service, address, port)
         while True:
             await asyncio.sleep(delay)
             delay = interval * self.rng.uniform(0.9, 1.1)
             try:
-                await client.heartbeat(NS, service, id)
+                async with self.slots[n % len(self.clients)]:
+                    await self.clients[n % len(self.clients)].heartbeat(NS, service, id)
                 self.beats += 1
             except RegistryNotFound:  # expired: register again at once, as the registrar does
                 self.reregistered += 1
@@ -719,6 +725,7 @@ class Storm:
             AsyncRegistryClient(urls[c % len(urls)], svid_dir=registries.admin_svid, timeout=30)
             for c in range(s.clients)
         ]
+        self.registering = [asyncio.Semaphore(STORM_REGISTERS_IN_FLIGHT) for _ in self.clients]
         self.s = s
         self.pacing = Pacing() if jitter else Pacing(first_jitter=0.0)
         self.rng = random.Random(s.seed + (2 if jitter else 3))
@@ -754,9 +761,10 @@ class Storm:
         address, port = _address(n)
         while True:
             try:
-                answer = await self.clients[c].register(
-                    NS, _service(n, self.s.services), address, port, ttl=self.s.ttl
-                )
+                async with self.registering[c]:
+                    answer = await self.clients[c].register(
+                        NS, _service(n, self.s.services), address, port, ttl=self.s.ttl
+                    )
             except Exception as exc:
                 retry_after = self._count(exc)
                 schedule, delay = plan(schedule, Failed(retry_after), rng, settings)
