@@ -59,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -805,7 +806,7 @@ class Storm:
                     self.watched_at = time.perf_counter()
                 self._check_steady()
 
-    async def run(self, registries: Registries, admins: Sequence[Any]) -> dict[str, Any]:
+    async def run(self, registries: Registries) -> dict[str, Any]:
         s = self.s
         tasks = []
         self.started = time.perf_counter()
@@ -816,34 +817,27 @@ class Storm:
             tasks += [
                 asyncio.create_task(self._watch(c, w)) for w in range(c, s.watchers, s.clients)
             ]
-        peak_cpu = [0.0] * len(registries.processes)
-        peak_held = 0
-        samples: list[dict[str, Any]] = []
-        cpu, at = registries.cpu_seconds(), time.perf_counter()
+        sampler = Sampler(registries, self.started)
+        sampler.start()
         own = time.process_time()
         try:
-            deadline = self.started + 120
-            while not self.steady.is_set():
-                if time.perf_counter() > deadline:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.steady.wait(), 0.25)
-                now_cpu, now = registries.cpu_seconds(), time.perf_counter()
-                use = [(b - a) / (now - at) * 100 for a, b in zip(cpu, now_cpu, strict=True)]
-                cpu, at = now_cpu, now
-                peak_cpu = [max(p, u) for p, u in zip(peak_cpu, use, strict=True)]
-                with contextlib.suppress(Exception):
-                    held = await _held(admins)
-                    peak_held = max(peak_held, held)
-                    samples.append({"t": now - self.started, "cpu": use, "held": held})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.steady.wait(), 120)
             wall = time.perf_counter() - self.started
             own_cpu = time.process_time() - own
         finally:
+            sampler.stop()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for client in self.clients:
                 await client.aclose()
+        samples = sampler.samples
+        peak_cpu = [
+            max([x["cpu"][i] for x in samples], default=0.0)
+            for i in range(len(registries.processes))
+        ]
+        peak_held = max([x["held"] for x in samples], default=0)
         failures = sum(n for k, n in self.statuses.items() if k == "connection" or k[0] == "5")
         return {
             "clients": s.clients,
@@ -865,22 +859,48 @@ class Storm:
 
 
 async def storms(registries: Registries, s: Settings) -> list[dict[str, Any]]:
-    from meshlib.control.client import AsyncRegistryClient
-
     found = []
     for jitter in (True, False):
         _log(f"B. restart storm, {'with' if jitter else 'without'} first-request jitter ...")
         await asyncio.to_thread(registries.restart)
+        found.append(await Storm(registries, s, jitter).run(registries))
+    return found
+
+
+class Sampler(threading.Thread):
+    """Every 0.25 s, each registry process's CPU and the queries it holds, from a thread of
+    its own: the storm keeps the event loop too busy to sample on time."""
+
+    def __init__(self, registries: Registries, started: float) -> None:
+        super().__init__(name="storm-sampler", daemon=True)
+        self.registries, self.started = registries, started
+        self.samples: list[dict[str, Any]] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from meshlib.control.client import RegistryClient, RegistryError
+
         admins = [
-            AsyncRegistryClient(url, svid_dir=registries.admin_svid, timeout=10)
-            for url in registries.urls
+            RegistryClient(url, svid_dir=self.registries.admin_svid, timeout=2.0)
+            for url in self.registries.urls
         ]
         try:
-            found.append(await Storm(registries, s, jitter).run(registries, admins))
+            cpu, at = self.registries.cpu_seconds(), time.perf_counter()
+            while not self.stopping.wait(0.25):
+                now_cpu, now = self.registries.cpu_seconds(), time.perf_counter()
+                use = [(b - a) / (now - at) * 100 for a, b in zip(cpu, now_cpu, strict=True)]
+                cpu, at = now_cpu, now
+                held = -1
+                with contextlib.suppress(RegistryError):
+                    held = sum(admin.status().watchers for admin in admins)
+                self.samples.append({"t": now - self.started, "cpu": use, "held": held})
         finally:
             for admin in admins:
-                await admin.aclose()
-    return found
+                admin.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
 
 
 # -- report --------------------------------------------------------------------------------------
