@@ -230,6 +230,10 @@ class Etcd:
         )
         return len(kvs), size
 
+    def cpu_seconds(self) -> list[float]:
+        """utime + stime per etcd process (they share the registry's core)."""
+        return [_cpu_seconds(process.pid) for process in self.processes]
+
     def stop(self) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -240,6 +244,14 @@ class Etcd:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` so far, from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state): utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _b64(text: str) -> str:
@@ -360,12 +372,10 @@ class Registries:
 
     def cpu_seconds(self) -> list[float]:
         """utime + stime of every thread, per process."""
-        found = []
-        for process in self.processes:
-            stat = Path(f"/proc/{process.pid}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            found.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-        return found
+        return [_cpu_seconds(process.pid) for process in self.processes]
+
+    def etcd_cpu_seconds(self) -> list[float]:
+        return [] if self.etcd is None else self.etcd.cpu_seconds()
 
     def memory_mb(self) -> list[dict[str, float]]:
         """VmRSS and VmHWM (peak RSS) per process, MB."""
@@ -651,6 +661,7 @@ async def propagation(registries: Registries, s: Settings) -> dict[str, Any]:
                 watchers.pending[service].pop(id, None)
             times.append((p.done_at - p.sent) * 1000)
 
+        etcd1 = registries.etcd_cpu_seconds()
         cpu1, own1, rev1, beats1 = (
             registries.cpu_seconds(),
             time.process_time(),
@@ -672,6 +683,7 @@ async def propagation(registries: Registries, s: Settings) -> dict[str, Any]:
             registries.store_revision(),
         )
         beats = fleet.beats - beats1
+        etcd2 = registries.etcd_cpu_seconds()
         memory = registries.memory_mb()
         size = registries.store_size()
     finally:
@@ -697,6 +709,7 @@ async def propagation(registries: Registries, s: Settings) -> dict[str, Any]:
         "register_answer_p50_ms": statistics.median(answers),
         "window_s": wall,
         "registry_cpu_percent": [(b - a) / wall * 100 for a, b in zip(cpu1, cpu2, strict=True)],
+        "etcd_cpu_percent": [(b - a) / wall * 100 for a, b in zip(etcd1, etcd2, strict=True)],
         "registry_memory": memory,
         "store_writes_per_s": (rev2 - rev1) / wall,
         "store": size,
@@ -940,6 +953,8 @@ def report(results: dict[str, Any], command: str) -> str:
         f"| ... the register's own answer, p50 (ms) | {a['register_answer_p50_ms']:.1f} | |",
         f"| registry CPU while measuring (% of one core, per process) | {cpus} | |",
         f"| registry RSS (MB, per process) | {rss} | |",
+        f"| etcd CPU while measuring (% of one core, per node) | "
+        f"{' + '.join(f'{c:.0f}' for c in a['etcd_cpu_percent']) or '-'} | |",
         f"| heartbeats/s delivered (TTL {st['ttl']:g} s; errors, re-registered) | "
         f"{a['beats_per_s']:.0f} ({sum(a['beat_errors'].values())}, {a['reregistered']}) | |",
         f"| store writes/s (revision delta) | {a['store_writes_per_s']:.0f} | |",
