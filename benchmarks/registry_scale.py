@@ -12,7 +12,9 @@ what it costs is reported beside the figures.
 
 **A. Propagation at scale.** ``--instances`` instances across ``--services`` services are
 registered (TTL ``--ttl``) and kept alive by heartbeats every ``heartbeat_interval`` of the
-register answer (± 10 %, as the registrar), an instance whose beat gets a 404 registering again;
+register answer (± 10 %, as the registrar), an instance whose beat gets a 404 registering again,
+through 8 clients with at most 8 requests in flight each (a host's handful, not one connection
+per instance: the client's pool has no cap);
 ``--watchers`` long-polls (``?index=N&wait=60s``) spread over the services and over the
 replicas. Once every watcher holds a query, the measured phase: ``--changes`` registrations of
 new instances at ``--rate`` per second (open loop, seeded random services that have watchers,
@@ -27,15 +29,17 @@ store's size and the bytes of the instance records, and this process's CPU.
 same command on the same port and store: the instances are still in the store); then
 ``--clients`` fresh clients start at once, each with its own ``AsyncRegistryClient`` (its own
 connections and TLS handshakes), its share of the instances (registered again at once, as the
-registrar's first attempt is) and of the watchers, each watch driven by the discovery loop's
-own rules (:class:`meshlib.control.discovery.WatchRules`: the first-request jitter, the token
-bucket, the full-jitter back-off honouring ``Retry-After``; failed registers back off with the
-registrar's :func:`meshlib.control.registrar.plan`). Measured: the time until every watcher has
-an answer and every instance is registered again ("steady state"), the peak of the registry's
-CPU and of its held queries (``/v1/status`` sampled every 0.25 s), and every answer that was not
-2xx, by status (a 5xx or a connection error is a failure the target forbids; 429 is load
-shedding). Twice: with the discovery loop's default first-request jitter (``Pacing()``:
-uniform 0–1 s) and without it (``Pacing(first_jitter=0)``), with a restart before each.
+registrar's first attempt is, one at a time per client over one connection — the real registrar
+sends its instances' registers concurrently) and of the watchers, each watch driven by the
+discovery loop's own rules (:class:`meshlib.control.discovery.WatchRules`: the first-request
+jitter, the token bucket, the full-jitter back-off honouring ``Retry-After``; failed registers
+back off with the registrar's :func:`meshlib.control.registrar.plan`). Measured: the time until
+every watcher has an answer and every instance is registered again ("steady state"), the peak of
+the registry's CPU and of its held queries (``/v1/status`` sampled every 0.25 s from a thread of
+its own), and every answer that was not 2xx, by status (a 5xx or a connection error is a failure
+the target forbids; 429 is load shedding). Twice: with the discovery loop's default first-
+request jitter (``Pacing()``: uniform 0–1 s) and without it (``Pacing(first_jitter=0)``), with a
+restart before each.
 
 Markdown goes to stdout, progress to stderr, every number to ``--json`` (default
 ``benchmarks/results/registry_scale-<store>.json``). Every process it starts is stopped.
