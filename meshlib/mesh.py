@@ -291,7 +291,7 @@ class Mesh:
     @classmethod
     def from_registry(
         cls,
-        url: str,
+        url: str | Sequence[str],
         *,
         service: str,
         namespace: str = "default",
@@ -324,10 +324,15 @@ class Mesh:
         traded for one first. The SVID is then renewed by the registry at half-life
         (:class:`~meshlib.control.remote.RemoteIssuer`); ``renew=False`` opts out, a mapping
         gives the :class:`~meshlib.identity.renewal.Renewer` options.
+
+        ``url`` may list several registries (replicas over one store): a sequence, or one
+        string of URLs separated by commas. Every part (start-up, discovery, the registrar, the
+        trust bundle, renewal) shares which one is in use and moves to the next when it fails.
         """
         from meshlib.config.loader import load_texts
         from meshlib.control.agent import RegistryAgent, cache_path, starting_point
         from meshlib.control.cache import CacheFile
+        from meshlib.control.client import RegistryURLs
         from meshlib.control.remote import RemoteIssuer, ensure_svid
         from meshlib.identity.tls import SVIDSource
 
@@ -337,16 +342,17 @@ class Mesh:
             local = [os.fspath(policy_file)]
         else:
             local = [os.fspath(p) for p in policy_file]
+        registry = RegistryURLs(url)  # a bad URL is named here, before anything starts
         svid = os.fspath(svid_dir)
-        ensure_svid(url, svid, join_token=join_token, bundle=bundle)
+        ensure_svid(registry, svid, join_token=join_token, bundle=bundle)
         trust_domain = SVIDSource(svid).trust_domain
-        cache = CacheFile(cache_path(cache_dir, namespace, service), url)
+        cache = CacheFile(cache_path(cache_dir, namespace, service), ",".join(registry.urls))
 
         def load(sources: list[tuple[str, str]]) -> Snapshot:
             return load_texts(sources, version=next(_versions))
 
         start = starting_point(
-            url,
+            registry,
             svid_dir=svid,
             local=local,
             cache=cache,
@@ -359,7 +365,7 @@ class Mesh:
         mesh._served_as = (dict(labels or {}), metrics_port)
         try:
             mesh._agent = RegistryAgent(
-                url,
+                registry,
                 mesh,
                 svid_dir=svid,
                 local=local,
@@ -371,7 +377,7 @@ class Mesh:
             ).start()
             if renew:
                 options = dict(renew) if isinstance(renew, Mapping) else {}
-                mesh.start_renewal(RemoteIssuer(url, svid), **options)
+                mesh.start_renewal(RemoteIssuer(registry, svid), **options)
         except BaseException:
             mesh.close()
             raise
@@ -380,7 +386,8 @@ class Mesh:
     @classmethod
     def from_env(cls, **kwargs: Any) -> Mesh:
         """A mesh configured by the environment (DESIGN.md §8): ``MESHLIB_SERVICE`` (required),
-        ``MESHLIB_NAMESPACE`` (default ``default``), and either ``MESHLIB_REGISTRY`` (with
+        ``MESHLIB_NAMESPACE`` (default ``default``), and either ``MESHLIB_REGISTRY`` (one URL,
+        or several separated by commas; with
         ``MESHLIB_SVID_DIR``; ``MESHLIB_POLICY`` then adds local files, ``MESHLIB_LABELS``
         (``version=v2,zone=a``) and ``MESHLIB_METRICS_PORT`` describe the served instance;
         ``MESHLIB_JOIN_TOKEN``, a join string (which also names the registry) or a bare token

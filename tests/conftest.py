@@ -20,6 +20,7 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
+from etcd_cluster import ETCD, EtcdCluster  # noqa: E402
 from harness import ChaosProxy, EchoBackend, RawServer  # noqa: E402
 from harness.leaks import assert_threads_stopped  # noqa: E402
 
@@ -88,3 +89,23 @@ def chaos_factory() -> Iterator[Callable[..., ChaosProxy]]:
 
     yield make
     _teardown(created, lambda p: p.close())
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A one-member etcd on a free loopback port, in the test's temporary directory."""
+    if ETCD is None:
+        pytest.skip("etcd not installed: apt-get install etcd-server (CI installs it)")
+    cluster = EtcdCluster.start(tmp_path / "etcd", 1)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A three-member etcd cluster on free loopback ports, in the test's temporary directory."""
+    if ETCD is None:
+        pytest.skip("etcd not installed: apt-get install etcd-server (CI installs it)")
+    cluster = EtcdCluster.start(tmp_path / "etcd3", 3)
+    yield cluster
+    cluster.stop()

@@ -163,7 +163,10 @@ def format_status(status: dict[str, Any], dests: dict[str, Any]) -> str:
         policy = f"policy version {link['policy_version']}"
         if link.get("policy_rejected") is not None:
             policy += f", REJECTED version {link['policy_rejected']}: {link['policy_error']}"
-        lines.append(f"registry:     {link['url']} {state}  epoch {link['epoch'] or '-'}")
+        urls = link.get("urls") or [link["url"]]
+        # With several registries, which one is in use now ("2 of 3").
+        which = f" ({urls.index(link['url']) + 1} of {len(urls)})" if len(urls) > 1 else ""
+        lines.append(f"registry:     {link['url']}{which} {state}  epoch {link['epoch'] or '-'}")
         lines.append(f"              {policy}; watching {len(link['services'])} service(s)")
     rows = []
     for dest in dests["destinations"]:

@@ -1,7 +1,8 @@
 """``meshctl apply|get|history|rollback`` and ``meshctl registry status``: the verbs that talk
 to a running registry over its HTTPS API (:class:`meshlib.control.client.RegistryClient`).
 
-Every verb takes ``--registry URL`` (or ``MESHLIB_REGISTRY``) and ``--svid-dir DIR`` (or
+Every verb takes ``--registry URL[,URL…]`` (or ``MESHLIB_REGISTRY``; several registries over
+one store: a registry that cannot be reached is passed over for the next) and ``--svid-dir DIR`` (or
 ``MESHLIB_SVID_DIR``), the SVID it presents: the admin SVID ``registry init`` writes to
 ``DIR/admin`` for apply and rollback, any SVID of the trust domain for reads. ``apply``
 validates the files with the same loader the registry and the services use before it sends
@@ -63,8 +64,9 @@ DEFAULT_NAMESPACE = "default"
 def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--registry",
-        metavar="URL",
-        help=f"the registry, e.g. https://127.0.0.1:8700 (default ${REGISTRY_ENV})",
+        metavar="URL[,URL...]",
+        help="the registry, e.g. https://127.0.0.1:8700, or several separated by commas "
+        f"(tried in turn) (default ${REGISTRY_ENV})",
     )
     p.add_argument(
         "--svid-dir",
@@ -75,15 +77,19 @@ def _connection(p: argparse.ArgumentParser) -> None:
 
 
 def registry_url(args: argparse.Namespace) -> str:
-    """``--registry`` or ``$MESHLIB_REGISTRY``, ``https://`` added when it has no scheme."""
-    url = args.registry or os.environ.get(REGISTRY_ENV, "")
-    if not url:
+    """``--registry`` or ``$MESHLIB_REGISTRY``: one URL or several separated by commas, each
+    with ``https://`` added when it has no scheme; returned joined by commas."""
+    given = args.registry or os.environ.get(REGISTRY_ENV, "")
+    if not given.strip():
         raise UsageError(f"no registry: pass --registry URL or set {REGISTRY_ENV}")
-    if "://" not in url:
-        url = f"https://{url}"
-    if not url.startswith("https://"):
-        raise UsageError(f"the registry is served over HTTPS only, got {url!r}")
-    return url.rstrip("/")
+    urls = []
+    for url in (each.strip() for each in given.split(",")):
+        if url and "://" not in url:
+            url = f"https://{url}"
+        if url and not url.startswith("https://"):
+            raise UsageError(f"the registry is served over HTTPS only, got {url!r}")
+        urls.append(url.rstrip("/"))  # an empty one is named by the client's check
+    return ",".join(urls)
 
 
 def _svid_dir(args: argparse.Namespace) -> str:

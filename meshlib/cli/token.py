@@ -30,7 +30,6 @@ from meshlib.cli.observe import table
 from meshlib.cli.registry_client import (
     add_connection_options,
     connect,
-    registry_url,
     svid_dir_of,
 )
 from meshlib.control.wire import JOIN_PREFIX
@@ -146,7 +145,9 @@ def _cmd_create(args: argparse.Namespace) -> int:
             )
     with connect(args) as client:
         issued = client.create_token(args.spiffe_id, ttl=args.ttl)
-    join = None if root is None else join_string(registry_url(args), root, issued.token)
+        # One URL in a join string: the registry that issued the token (replicas share it).
+        issuer = client.url
+    join = None if root is None else join_string(issuer, root, issued.token)
     if args.output != "text":
         document: dict[str, Any] = {
             **issued.to_json(),

@@ -1,7 +1,9 @@
-"""The control plane: the registry's pure core and its stores. The service
-(:mod:`meshlib.control.app`, ``meshlib.registry_app``) and its client
-(:mod:`meshlib.control.client`) are imported from their modules: they load asyncio and httpx."""
+"""The control plane: the registry's pure core and its stores (Memory, SQLite, etcd). The
+service (:mod:`meshlib.control.app`, ``meshlib.registry_app``) and its client
+(:mod:`meshlib.control.client`) are imported from their modules: they load the ASGI and TLS
+machinery."""
 
+from meshlib.control.etcd import EtcdStore
 from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import (
     Instance,
@@ -24,11 +26,13 @@ from meshlib.control.store import (
     StoreClosed,
     StoreError,
     StoreLocked,
+    StoreUnavailable,
 )
 
 __all__ = [
     "Compacted",
     "Conflict",
+    "EtcdStore",
     "Event",
     "EventKind",
     "Instance",
@@ -44,6 +48,7 @@ __all__ = [
     "StoreClosed",
     "StoreError",
     "StoreLocked",
+    "StoreUnavailable",
     "VersionConflict",
     "instance_id",
 ]

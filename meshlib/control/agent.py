@@ -29,6 +29,7 @@ from meshlib.control.client import (
     RegistryError,
     RegistryNotFound,
     RegistryUnavailable,
+    RegistryURLs,
 )
 from meshlib.control.discovery import (
     Discovery,
@@ -149,7 +150,7 @@ STARTUP_SERVICES = 64
 
 
 def starting_point(
-    url: str,
+    url: str | Sequence[str] | RegistryURLs,
     *,
     svid_dir: str,
     local: Sequence[str],
@@ -187,7 +188,8 @@ def starting_point(
                 initial = DiscoveryState(answer.epoch, answer.version, answer.text, services)
                 return Start(snapshot, initial, "registry")
     except RegistryError as exc:
-        log.warning("registry %s unreachable at start (%s): starting from the cache", url, exc)
+        where = ",".join(url.urls) if isinstance(url, RegistryURLs) else url
+        log.warning("registry %s unreachable at start (%s): starting from the cache", where, exc)
     if cached is not None and cached.state.policy_version > 0:
         state = cached.state
         try:
@@ -309,7 +311,7 @@ class RegistryAgent:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str] | RegistryURLs,
         mesh: RegistrySide,
         *,
         svid_dir: str,
@@ -325,7 +327,10 @@ class RegistryAgent:
         credentials: dict[str, Any] = (
             {"source": source} if source is not None else {"svid_dir": svid_dir}
         )
-        self.url = url
+        #: The registry URLs, shared by the three clients below (each on its own event loop):
+        #: when one of them leaves a registry, every watch follows, and the move is logged once.
+        self.registry = url if isinstance(url, RegistryURLs) else RegistryURLs(url)
+        url = self.registry
         self._mesh = mesh
         self._local = tuple(local)
         self._metrics = metrics
@@ -357,11 +362,19 @@ class RegistryAgent:
         )
         self._rejected = start.rejected if start is not None else None
         if metrics is not None:
-            metrics.track_registry(url, lambda: self.discovery.up, self.staleness)
+            # Labelled by the whole list: the series stays one across a move between URLs.
+            metrics.track_registry(
+                ",".join(self.registry.urls), lambda: self.discovery.up, self.staleness
+            )
             if start is not None and start.initial is not None:
                 metrics.set_policy_version("applied", start.initial.policy_version)
             if self._rejected is not None:
                 metrics.set_policy_version("rejected", self._rejected[0])
+
+    @property
+    def url(self) -> str:
+        """The registry URL in use now."""
+        return self.registry.url
 
     def start(self) -> RegistryAgent:
         self.discovery.start()
@@ -424,7 +437,9 @@ class RegistryAgent:
         state = self.discovery.state()
         report = self.report()
         return {
-            "url": self.url,
+            # The registry URL in use now (the one every call goes to first), and the list.
+            "url": self.registry.url,
+            "urls": list(self.registry.urls),
             "up": self.discovery.up,
             "started_from": self.origin,
             "epoch": state.epoch,

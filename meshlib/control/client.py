@@ -13,6 +13,14 @@ A workload without an SVID yet (its first contact, with a join token) uses
 out of band, the same registry ID pinned, no client certificate; only :meth:`~RegistryClient.sign`
 with a token is served to it.
 
+Several registries (replicas over one store): ``url`` may be a list, or a string of URLs
+separated by commas; :class:`RegistryURLs` keeps which one is current. A connect failure (the
+request was never sent) is retried at once on the next URL, each URL at most once per call;
+any other failure of the transport, a timeout or a 503 moves the client to the next URL for
+its next call and raises as with one URL (the callers' loops back off with full jitter). The
+clients of one workload share one :class:`RegistryURLs`, so a rotation one of them makes is
+the one every watch follows, and it is logged once.
+
 Errors (:class:`RegistryError` has ``status``, ``message`` and the JSON ``body``)::
 
     RegistryError            any other refusal (400, 405, 413...)
@@ -25,11 +33,13 @@ Errors (:class:`RegistryError` has ``status``, ``message`` and the JSON ``body``
 
 from __future__ import annotations
 
+import logging
 import ssl
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpcore
 import httpx
@@ -73,11 +83,15 @@ __all__ = [
     "RegistryError",
     "RegistryNotFound",
     "RegistryRefused",
+    "RegistryURLs",
     "RegistryUnavailable",
     "Signed",
+    "registry_urls",
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger("meshlib.control")
 
 
 class RegistryError(Exception):
@@ -520,21 +534,105 @@ def _bootstrap_check(bundle_pem: bytes) -> _BootstrapCheck:
     raise ValueError("the bootstrap bundle has no root with a 'spiffe://<trust-domain>' URI SAN")
 
 
+def registry_urls(url: str | Sequence[str]) -> tuple[str, ...]:
+    """The registry URLs ``url`` names: one URL, several separated by commas, or a sequence of
+    either; each ``scheme://host[:port]`` with its trailing ``/`` removed. Raises
+    :class:`ValueError` naming the first bad one (an empty entry, no host, a bad port, a URL
+    given twice)."""
+    parts = [url] if isinstance(url, str) else list(url)
+    found: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError(f"a registry URL is a string, got {type(part).__name__}")
+        found.extend(each.strip().rstrip("/") for each in part.split(","))
+    if not found:
+        raise ValueError("no registry URL given")
+    for n, each in enumerate(found, 1):
+        where = f"registry URL #{n} of {len(found)}" if len(found) > 1 else "registry URL"
+        if not each:
+            raise ValueError(f"{where} is empty (a stray comma in {url!r}?)")
+        parsed = urlsplit(each)
+        if parsed.scheme not in ("https", "http") or not parsed.hostname:
+            raise ValueError(f"{where} {each!r} is not https://host[:port]")
+        try:
+            parsed.port  # noqa: B018 - a property that raises on a malformed port
+        except ValueError:
+            raise ValueError(f"{where} {each!r} has a bad port") from None
+        if found.index(each) != n - 1:
+            raise ValueError(f"{where} {each!r} is listed twice")
+    return tuple(found)
+
+
+class RegistryURLs:
+    """The registry URLs a client fails over between, and which one is current. Thread-safe:
+    a workload's clients (each on its own event loop) share one, so they all follow a rotation
+    and it is logged once, not once per request or per watch."""
+
+    def __init__(self, url: str | Sequence[str]) -> None:
+        self.urls = registry_urls(url)
+        self._index = 0
+        self._lock = threading.Lock()
+        #: Whether the current URL has answered since it became current: a rotation away from
+        #: one that never did (every registry down, one call after another) is not news.
+        self._answered = False
+
+    @property
+    def url(self) -> str:
+        """The URL the next call goes to first."""
+        return self.urls[self._index]
+
+    def after(self, url: str) -> str:
+        """The URL that comes after ``url`` in the list (wrapping)."""
+        return self.urls[(self.urls.index(url) + 1) % len(self.urls)]
+
+    def answered(self) -> None:
+        self._answered = True
+
+    def failed(self, url: str, reason: object) -> None:
+        """``url`` failed: move on to the next URL, unless another call already moved the
+        client away from it (the watches held on a registry that stopped all fail together;
+        the first one moves the client, the rest find it moved)."""
+        if len(self.urls) == 1:
+            return
+        with self._lock:
+            if self.urls[self._index] != url:
+                return
+            self._index = (self._index + 1) % len(self.urls)
+            answered, self._answered = self._answered, False
+            now = self.urls[self._index]
+        if answered:
+            log.warning("registry %s failed (%s): moving to %s", url, reason, now)
+        else:
+            log.debug("registry %s failed (%s): moving to %s", url, reason, now)
+
+    def __repr__(self) -> str:
+        return f"RegistryURLs({','.join(self.urls)!r}, current={self.url!r})"
+
+
 #: The async client's pool (discovery holds one long-poll per watched service on it).
 _WATCH_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+
+
+#: Failures of a request that was never sent: the next URL is tried at once.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+
+#: What a client is given as its registry: one URL, several (a sequence, or a string of URLs
+#: separated by commas), or a :class:`RegistryURLs` shared with other clients.
+RegistryAt = str | Sequence[str] | RegistryURLs
 
 
 class _Base:
     def __init__(
         self,
-        url: str,
+        url: RegistryAt,
         *,
         svid_dir: str | None = None,
         bundle_pem: bytes | None = None,
         timeout: float = 5.0,
         source: SVIDSource | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        #: The registry URLs and the current one (shared when given as a RegistryURLs).
+        self.registry = url if isinstance(url, RegistryURLs) else RegistryURLs(url)
         self.timeout = timeout
         #: The client's SVID (None: a bootstrap client, which presents none).
         self.source: SVIDSource | None = None
@@ -559,17 +657,52 @@ class _Base:
             self._context = self.check.client_context()
         self.calls = _Calls()
 
-    def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call[Any]) -> httpx.Request:
+    @property
+    def url(self) -> str:
+        """The registry URL the next call goes to first."""
+        return self.registry.url
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self.registry.urls
+
+    def _request(
+        self, client: httpx.Client | httpx.AsyncClient, url: str, call: _Call[Any]
+    ) -> httpx.Request:
         timeout = httpx.Timeout(self.timeout, read=self.timeout + call.hold)
         return client.build_request(
             call.method,
-            call.path,
+            url + call.path,
             params=call.params,
             json=call.json,
             content=call.content,
             headers=dict(call.headers),
             extensions={"timeout": timeout.as_dict()},
         )
+
+    def _answer(self, call: _Call[T], url: str, response: httpx.Response) -> T:
+        """Read ``url``'s answer; a 503 (the registry is there but cannot serve: no quorum,
+        shutting down) moves the client on for its next call."""
+        if response.status_code == 503:
+            self.registry.failed(url, "503")
+        else:
+            self.registry.answered()
+        return self._read(call, response)
+
+    def _failed(self, call: _Call[Any], url: str, exc: httpx.HTTPError) -> RegistryUnavailable:
+        """A failure of the transport at ``url`` (a timeout, a reset): the client moves on for
+        its next call, and this one fails (its outcome is unknown: it may have been served)."""
+        self.registry.failed(url, exc)
+        return _unavailable(call, exc, url if len(self.registry.urls) > 1 else None)
+
+    def _unreachable(
+        self, call: _Call[Any], failures: list[tuple[str, httpx.HTTPError]]
+    ) -> RegistryUnavailable:
+        """Every URL refused the connection (or its handshake)."""
+        if len(failures) == 1:
+            return _unavailable(call, failures[0][1])
+        said = "; ".join(f"{url}: {exc}" for url, exc in failures)
+        return RegistryUnavailable(0, f"{call.method} {call.path}: no registry reachable ({said})")
 
     @staticmethod
     def _read(call: _Call[T], response: httpx.Response) -> T:
@@ -584,8 +717,11 @@ class _Base:
             ) from None
 
 
-def _unavailable(call: _Call[Any], exc: httpx.HTTPError) -> RegistryUnavailable:
-    return RegistryUnavailable(0, f"{call.method} {call.path}: {exc}")
+def _unavailable(
+    call: _Call[Any], exc: httpx.HTTPError, url: str | None = None
+) -> RegistryUnavailable:
+    at = "" if url is None else f" at {url}"
+    return RegistryUnavailable(0, f"{call.method} {call.path}{at}: {exc}")
 
 
 class RegistryClient(_Base):
@@ -593,7 +729,7 @@ class RegistryClient(_Base):
 
     def __init__(
         self,
-        url: str,
+        url: RegistryAt,
         *,
         svid_dir: str | None = None,
         bundle_pem: bytes | None = None,
@@ -604,21 +740,32 @@ class RegistryClient(_Base):
             url, svid_dir=svid_dir, bundle_pem=bundle_pem, timeout=timeout, source=source
         )
         transport = PinnedTransport(self._context, self.check, limits=None)
-        self._http = httpx.Client(base_url=self.url, transport=transport, trust_env=False)
+        self._http = httpx.Client(transport=transport, trust_env=False)
 
     @classmethod
-    def for_bootstrap(cls, url: str, *, bundle_pem: bytes, timeout: float = 5.0) -> RegistryClient:
+    def for_bootstrap(
+        cls, url: RegistryAt, *, bundle_pem: bytes, timeout: float = 5.0
+    ) -> RegistryClient:
         """A client without an SVID, for a first contact with a join token (:meth:`sign`):
         TLS verifying the registry against ``bundle_pem`` (a bundle file's text) and pinning
         its SPIFFE ID; it presents no certificate."""
         return cls(url, bundle_pem=bundle_pem, timeout=timeout)
 
     def _send(self, call: _Call[T]) -> T:
-        try:
-            response = self._http.send(self._request(self._http, call))
-        except httpx.HTTPError as exc:
-            raise _unavailable(call, exc) from exc
-        return self._read(call, response)
+        url = self.registry.url
+        failures: list[tuple[str, httpx.HTTPError]] = []
+        for _ in self.registry.urls:  # each URL at most once per call
+            try:
+                response = self._http.send(self._request(self._http, url, call))
+            except _NOT_SENT as exc:  # never sent: the next URL, at once
+                self.registry.failed(url, exc)
+                failures.append((url, exc))
+                url = self.registry.after(url)
+                continue
+            except httpx.HTTPError as exc:
+                raise self._failed(call, url, exc) from exc
+            return self._answer(call, url, response)
+        raise self._unreachable(call, failures) from failures[-1][1]
 
     def register(
         self,
@@ -744,7 +891,7 @@ class AsyncRegistryClient(_Base):
 
     def __init__(
         self,
-        url: str,
+        url: RegistryAt,
         *,
         svid_dir: str | None = None,
         bundle_pem: bytes | None = None,
@@ -758,11 +905,11 @@ class AsyncRegistryClient(_Base):
         # cap to queue a watch behind the others, and every one kept alive, so a re-poll
         # reuses its connection instead of a new mutual-TLS handshake.
         transport = AsyncPinnedTransport(self._context, self.check, limits=_WATCH_LIMITS)
-        self._http = httpx.AsyncClient(base_url=self.url, transport=transport, trust_env=False)
+        self._http = httpx.AsyncClient(transport=transport, trust_env=False)
 
     @classmethod
     def for_bootstrap(
-        cls, url: str, *, bundle_pem: bytes, timeout: float = 5.0
+        cls, url: RegistryAt, *, bundle_pem: bytes, timeout: float = 5.0
     ) -> AsyncRegistryClient:
         """A client without an SVID, for a first contact with a join token (:meth:`sign`):
         TLS verifying the registry against ``bundle_pem`` (a bundle file's text) and pinning
@@ -770,11 +917,20 @@ class AsyncRegistryClient(_Base):
         return cls(url, bundle_pem=bundle_pem, timeout=timeout)
 
     async def _send(self, call: _Call[T]) -> T:
-        try:
-            response = await self._http.send(self._request(self._http, call))
-        except httpx.HTTPError as exc:
-            raise _unavailable(call, exc) from exc
-        return self._read(call, response)
+        url = self.registry.url
+        failures: list[tuple[str, httpx.HTTPError]] = []
+        for _ in self.registry.urls:  # each URL at most once per call
+            try:
+                response = await self._http.send(self._request(self._http, url, call))
+            except _NOT_SENT as exc:  # never sent: the next URL, at once
+                self.registry.failed(url, exc)
+                failures.append((url, exc))
+                url = self.registry.after(url)
+                continue
+            except httpx.HTTPError as exc:
+                raise self._failed(call, url, exc) from exc
+            return self._answer(call, url, response)
+        raise self._unreachable(call, failures) from failures[-1][1]
 
     async def register(
         self,

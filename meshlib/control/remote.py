@@ -26,7 +26,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,7 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshlib.control.client import RegistryClient, Signed
+from meshlib.control.client import RegistryClient, RegistryURLs, Signed
 from meshlib.control.wire import JOIN_PREFIX
 from meshlib.identity.bundle import TrustBundle
 from meshlib.identity.ca import SVID_BUNDLE_FILE, SVID_CERT_FILE, SVID_KEY_FILE, X509SVID
@@ -249,7 +249,7 @@ def _svid_of(signed: Signed, key: ec.EllipticCurvePrivateKey, url: str) -> X509S
 
 
 def bootstrap(
-    url: str,
+    url: str | Sequence[str] | RegistryURLs,
     token: str,
     svid_dir: str | Path,
     *,
@@ -259,19 +259,24 @@ def bootstrap(
 ) -> X509SVID:
     """Trade join ``token`` at the registry ``url`` for a first SVID, written into
     ``svid_dir``; the registry is authenticated by ``bundle_pem`` (a bundle file's text) or
-    by ``root_spki_sha256`` (a join string's pin), exactly one. Raises
-    :class:`BootstrapError` (or the client's ``RegistryError``: a refused token says why)."""
+    by ``root_spki_sha256`` (a join string's pin, which names one registry), exactly one.
+    With a bundle, ``url`` may list several registries (the client fails over between them).
+    Raises :class:`BootstrapError` (or the client's ``RegistryError``: a refused token says
+    why)."""
     if (bundle_pem is None) == (root_spki_sha256 is None):
         raise ValueError("bootstrap: give exactly one of bundle_pem or root_spki_sha256")
+    urls = url if isinstance(url, RegistryURLs) else RegistryURLs(url)
     if root_spki_sha256 is not None:
-        bundle_pem = pinned_bundle(url, root_spki_sha256, timeout=timeout)
+        if len(urls.urls) != 1:
+            raise ValueError("bootstrap: a pinned root is collected from one registry URL")
+        bundle_pem = pinned_bundle(urls.url, root_spki_sha256, timeout=timeout)
     assert bundle_pem is not None
     key = _new_key()
     # No SAN: the identity is the token's, which the registry knows and this host need not.
     csr = make_csr(key, None)
-    with RegistryClient.for_bootstrap(url, bundle_pem=bundle_pem, timeout=timeout) as client:
+    with RegistryClient.for_bootstrap(urls, bundle_pem=bundle_pem, timeout=timeout) as client:
         signed = client.sign(csr, token=token)
-    svid = _svid_of(signed, key, url)
+    svid = _svid_of(signed, key, urls.url)
     svid.save(svid_dir)  # key.pem first, 0600 from its creation (write_atomic)
     return svid
 
@@ -283,13 +288,14 @@ class RemoteIssuer:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str] | RegistryURLs,
         svid_dir: str | Path,
         *,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.url = url
+        #: The registry URLs (shared with the workload's other clients when given so).
+        self.registry = url if isinstance(url, RegistryURLs) else RegistryURLs(url)
         self.svid_dir = Path(svid_dir)
         self.timeout = timeout
         self._clock = clock
@@ -304,7 +310,7 @@ class RemoteIssuer:
                 f"(meshctl token create --spiffe-id {spiffe_id})"
             )
         key = _new_key()
-        with RegistryClient(self.url, svid_dir=str(self.svid_dir), timeout=self.timeout) as c:
+        with RegistryClient(self.registry, svid_dir=str(self.svid_dir), timeout=self.timeout) as c:
             signed = c.sign(make_csr(key, spiffe_id))
         svid = _svid_of(signed, key, self.url)
         if svid.spiffe_id != spiffe_id:
@@ -313,12 +319,17 @@ class RemoteIssuer:
             )
         return svid
 
+    @property
+    def url(self) -> str:
+        """The registry URL in use now."""
+        return self.registry.url
+
     def __repr__(self) -> str:
-        return f"RemoteIssuer({self.url!r}, {str(self.svid_dir)!r})"
+        return f"RemoteIssuer({','.join(self.registry.urls)!r}, {str(self.svid_dir)!r})"
 
 
 def ensure_svid(
-    url: str,
+    url: str | Sequence[str] | RegistryURLs,
     svid_dir: str | Path,
     *,
     join_token: str | None = None,
@@ -328,19 +339,25 @@ def ensure_svid(
     """Start-up's identity step (``Mesh.from_registry``): nothing when ``svid_dir`` holds a
     usable SVID or no ``join_token`` is given; else :func:`bootstrap` with it. ``join_token``
     is a join string (URL and root pin) or a bare token, which needs ``bundle`` (a bundle.pem
-    path); with both, the bundle is what authenticates the registry. Returns the new SVID."""
+    path); with both, the bundle is what authenticates the registry. Returns the new SVID.
+
+    ``url`` may list several registries: a join string names one of them, and the bootstrap
+    goes to that one (its pin was collected there); with a bundle, to the list."""
     if join_token is None or has_usable_svid(svid_dir):
         return None
+    urls = url if isinstance(url, RegistryURLs) else RegistryURLs(url)
+    at: str | RegistryURLs = urls
     pin: str | None = None
     token = join_token.strip()
     if token.startswith(JOIN_PREFIX):
         join = parse_join(token)
-        if join.url.rstrip("/") != url.rstrip("/"):
+        if join.url.rstrip("/") not in urls.urls:
+            listed = ", ".join(urls.urls)
             raise ValueError(
-                f"the join string is for the registry at {join.url}, not {url}: "
+                f"the join string is for the registry at {join.url}, not {listed}: "
                 "create the token for this registry (meshctl token create --join)"
             )
-        pin, token = join.root_spki_sha256, join.token
+        pin, token, at = join.root_spki_sha256, join.token, join.url.rstrip("/")
     bundle_pem: bytes | None = None
     if bundle is not None:
         try:
@@ -353,6 +370,8 @@ def ensure_svid(
             "a bare join token needs the registry's trust bundle (bundle=, MESHLIB_BUNDLE), "
             "or use the join string meshctl token create --join prints (it pins the root)"
         )
+    if pin is None:
+        at = urls  # a bundle authenticates every registry of the list
     return bootstrap(
-        url, token, svid_dir, bundle_pem=bundle_pem, root_spki_sha256=pin, timeout=timeout
+        at, token, svid_dir, bundle_pem=bundle_pem, root_spki_sha256=pin, timeout=timeout
     )

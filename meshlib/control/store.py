@@ -51,6 +51,7 @@ __all__ = [
     "StoreClosed",
     "StoreError",
     "StoreLocked",
+    "StoreUnavailable",
 ]
 
 
@@ -64,7 +65,8 @@ class StoreError(Exception):
         ├── LeaseNotFound   unknown, revoked or expired lease: .lease
         ├── Compacted       a watch asked for history the store no longer keeps: .revision
         ├── StoreLocked     another process owns the data dir: .path, .pid
-        └── StoreClosed     the store was closed
+        ├── StoreClosed     the store was closed
+        └── StoreUnavailable no answer in time or no quorum: .operation, .reason
     """
 
 
@@ -118,6 +120,20 @@ class StoreClosed(StoreError):
 
     def __init__(self) -> None:
         super().__init__("the store is closed")
+
+
+class StoreUnavailable(StoreError):
+    """The store did not answer in time or has no quorum. A read can be retried; a write's
+    outcome is unknown (it may have happened), so the caller retries it as a repeatable write
+    or reports 503."""
+
+    def __init__(self, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(
+            f"the store is unavailable for {operation}: {reason} (a read can be retried; a "
+            "write may or may not have happened)"
+        )
 
 
 class EventKind(str, enum.Enum):

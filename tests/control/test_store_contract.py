@@ -2,24 +2,27 @@
 store in :data:`STORES`.
 
 The tests speak only the ``Store`` protocol plus a :class:`Rig`: a store factory and a way to
-move the store's time. The etcd store (a later issue) joins by adding one entry to
-:data:`STORES` whose ``advance`` waits for real time; nothing else here changes.
+move the store's time. The etcd store runs each store on its own fresh one-member etcd (started
+in the store's data dir, stopped at teardown); it enforces the leases it grants on the injected
+clock too, so the same fake clock drives it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import aclosing
+from contextlib import ExitStack, aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from etcd_cluster import EtcdCluster, needs_etcd
 from policy.fakes import FakeClock
 
 from meshlib.control import (
     Compacted,
     Conflict,
+    EtcdStore,
     Event,
     EventKind,
     LeaseNotFound,
@@ -37,13 +40,27 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-#: Builds a store in ``data_dir`` whose leases run on ``clock``, keeping ``history`` revisions.
-Factory = Callable[[Path, FakeClock, int], Store]
+#: Builds a store in ``data_dir`` whose leases run on ``clock``, keeping ``history`` revisions;
+#: whatever it starts for the store (a server) it stops through the ``ExitStack``.
+Factory = Callable[[Path, FakeClock, int, ExitStack], Store]
+
+
+def etcd_store(data_dir: Path, clock: FakeClock, history: int, stack: ExitStack) -> Store:
+    """An etcd store on its own fresh one-member etcd in ``data_dir`` (about 1 s to start)."""
+    cluster = EtcdCluster.start(data_dir, 1)
+    stack.callback(cluster.stop)
+    return EtcdStore(cluster.endpoints, clock=clock, history=history)
+
 
 STORES: dict[str, Factory] = {
-    "memory": lambda data_dir, clock, history: MemoryStore(clock=clock, history=history),
-    "sqlite": lambda data_dir, clock, history: SQLiteStore(data_dir, clock=clock, history=history),
+    "memory": lambda data_dir, clock, history, _: MemoryStore(clock=clock, history=history),
+    "sqlite": lambda data_dir, clock, history, _: SQLiteStore(
+        data_dir, clock=clock, history=history
+    ),
+    "etcd": etcd_store,
 }
+#: Marks per store: the etcd rows skip where the binary is missing.
+MARKS = {"etcd": [needs_etcd]}
 
 
 @dataclass
@@ -54,11 +71,12 @@ class Rig:
     data_dir: Path
     clock: FakeClock
     opened: list[Store]
+    stack: ExitStack
 
     def make(self, history: int = 1000) -> Store:
         directory = self.data_dir / f"store{len(self.opened)}"
         directory.mkdir()
-        store = self.factory(directory, self.clock, history)
+        store = self.factory(directory, self.clock, history, self.stack)
         self.opened.append(store)
         return store
 
@@ -66,12 +84,13 @@ class Rig:
         self.clock.advance(seconds)
 
 
-@pytest.fixture(params=sorted(STORES))
+@pytest.fixture(params=[pytest.param(name, marks=MARKS.get(name, [])) for name in sorted(STORES)])
 def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(STORES[request.param], tmp_path, FakeClock(), [])
-    yield rig
-    for store in rig.opened:
-        asyncio.run(store.close())
+    with ExitStack() as stack:
+        rig = Rig(STORES[request.param], tmp_path, FakeClock(), [], stack)
+        yield rig
+        for store in rig.opened:
+            asyncio.run(store.close())
 
 
 async def take(events: AsyncIterator[Event], n: int) -> list[Event]:

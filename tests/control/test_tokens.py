@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import random
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from meshlib.control.tokens import (
     verify_token,
     when,
 )
-from tests.control.test_store_contract import STORES
+from tests.control.test_store_contract import MARKS, STORES
 
 TD = "shop.test"
 WORKLOAD = f"spiffe://{TD}/ns/default/sa/reviews"
@@ -179,11 +180,12 @@ def test_times_read_as_utc() -> None:
 # -- the drivers, on every store -----------------------------------------------------------------
 
 
-@pytest.fixture(params=sorted(STORES))
+@pytest.fixture(params=[pytest.param(name, marks=MARKS.get(name, [])) for name in sorted(STORES)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    made = STORES[request.param](tmp_path, FakeClock(), 1000)
-    yield made
-    asyncio.run(made.close())
+    with ExitStack() as stack:
+        made = STORES[request.param](tmp_path, FakeClock(), 1000, stack)
+        yield made
+        asyncio.run(made.close())
 
 
 class ReadTogether:
