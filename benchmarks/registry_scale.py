@@ -91,17 +91,6 @@ IN_FLIGHT = 8
 STORM_REGISTERS_IN_FLIGHT = 1
 TARGET_PROPAGATION_P99_MS = 500.0
 TARGET_STORM_S = 30.0
-#: The flags tests/etcd_cluster.py uses (docs/control-plane.md): fast re-election on loopback.
-ETCD_FLAGS = (
-    "--heartbeat-interval",
-    "50",
-    "--election-timeout",
-    "500",
-    "--auto-compaction-mode",
-    "revision",
-    "--auto-compaction-retention",
-    "1000",
-)
 
 
 def _log(message: str) -> None:
@@ -129,81 +118,29 @@ def _service(n: int, services: int) -> str:
 
 @dataclass
 class Etcd:
-    """A minimal etcd cluster on loopback (the benchmark's own starter: the tests' fixture
-    lives under tests/, which a benchmark does not import)."""
+    """The etcd cluster of ``tests/etcd_cluster.py`` (free loopback ports, the documented
+    flags, every member stopped by :meth:`stop`) and what the benchmark reads from it."""
 
-    processes: list[subprocess.Popen[bytes]]
-    endpoints: list[str]
+    cluster: Any
 
     @classmethod
     def start(cls, base: Path, size: int) -> Etcd:
-        binary = shutil.which("etcd")
-        if binary is None:
+        if shutil.which("etcd") is None:
             raise RuntimeError("etcd not installed: apt-get install etcd-server")
-        names = [f"etcd{i}" for i in range(size)]
-        clients = [f"http://127.0.0.1:{_free_port()}" for _ in names]
-        peers = [f"http://127.0.0.1:{_free_port()}" for _ in names]
-        cluster = ",".join(f"{n}={p}" for n, p in zip(names, peers, strict=True))
-        processes: list[subprocess.Popen[bytes]] = []
-        etcd = cls(processes, clients)
-        try:
-            for name, client, peer in zip(names, clients, peers, strict=True):
-                node = base / name
-                node.mkdir(parents=True)
-                log = (node / "etcd.log").open("wb")
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            binary,
-                            "--name",
-                            name,
-                            "--data-dir",
-                            str(node / "data"),
-                            "--listen-client-urls",
-                            client,
-                            "--advertise-client-urls",
-                            client,
-                            "--listen-peer-urls",
-                            peer,
-                            "--initial-advertise-peer-urls",
-                            peer,
-                            "--initial-cluster",
-                            cluster,
-                            "--initial-cluster-state",
-                            "new",
-                            "--initial-cluster-token",
-                            f"bench-{os.getpid()}",
-                            *ETCD_FLAGS,
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-                log.close()
-            etcd._wait_writable()
-        except BaseException:
-            etcd.stop()
-            raise
-        return etcd
+        tests = str(REPO_ROOT / "tests")
+        if tests not in sys.path:
+            sys.path.insert(0, tests)
+        from etcd_cluster import EtcdCluster
 
-    def _wait_writable(self, timeout: float = 30.0) -> None:
-        import httpx
+        return cls(EtcdCluster.start(base, size))
 
-        deadline = time.monotonic() + timeout
-        body = {"key": _b64("/bench/ready"), "value": _b64("1")}
-        while True:
-            for process in self.processes:
-                if process.poll() is not None:
-                    raise RuntimeError(f"etcd exited at start ({process.returncode})")
-            try:
-                httpx.post(
-                    f"{self.endpoints[0]}/v3/kv/put", json=body, timeout=2
-                ).raise_for_status()
-                return
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the etcd cluster took no write in 30 s") from None
-                time.sleep(0.1)
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self.cluster.endpoints)
+
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [node.process for node in self.cluster.nodes if node.process is not None]
 
     def status(self) -> dict[str, Any]:
         """The first node's ``/v3/maintenance/status`` that answers (revision, dbSize)."""
@@ -240,15 +177,7 @@ class Etcd:
         return [_cpu_seconds(process.pid) for process in self.processes]
 
     def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        self.cluster.stop()
 
 
 def _cpu_seconds(pid: int) -> float:
