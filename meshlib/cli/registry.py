@@ -9,6 +9,10 @@ Layout of ``DIR`` after ``registry init`` (docs/control-plane.md, "The CLI")::
     DIR/admin/      meshctl's SVID        spiffe://TD/ns/meshlib-system/sa/meshctl (an admin)
     DIR/registry.db, DIR/registry.lock    the SQLite store, once ``serve`` ran
 
+With ``serve --store etcd --etcd URL[,URL...]`` the registry's state lives in etcd instead and
+several replicas serve it at once, each from its own copy of ``DIR`` (docs/control-plane.md,
+"Replicas"): no ``registry.db`` and no lock.
+
 The SVIDs last 24 h: re-run ``registry init`` (it keeps the CA and re-issues both) before they
 expire; renewal arrives with issue 12.
 """
@@ -209,9 +213,23 @@ def _add_registry(sub: Subparsers) -> None:
     )
     serve.add_argument(
         "--store",
-        choices=("sqlite", "memory"),
+        choices=("sqlite", "memory", "etcd"),
         default="sqlite",
-        help="sqlite (DIR/registry.db, the default) or memory (lost on stop)",
+        help="sqlite (DIR/registry.db, one process per DIR; the default), memory (lost on "
+        "stop) or etcd (--etcd: several replicas share one etcd cluster)",
+    )
+    serve.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        help="with --store etcd: the etcd cluster's client URLs, e.g. "
+        "http://10.0.0.1:2379,http://10.0.0.2:2379",
+    )
+    serve.add_argument(
+        "--etcd-prefix",
+        default="",
+        metavar="PREFIX",
+        help="with --store etcd: put every key under PREFIX (several registries share a "
+        "cluster; default none)",
     )
     serve.add_argument(
         "--svid-ttl",
@@ -246,16 +264,70 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def etcd_urls(text: str) -> list[str]:
+    """``--etcd``'s comma-separated client URLs; UsageError naming a bad one."""
+    from urllib.parse import urlsplit
+
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    if not urls:
+        raise UsageError("--etcd needs at least one URL, e.g. http://127.0.0.1:2379")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"--etcd: {url!r} is not an http(s)://HOST:PORT URL")
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or out of range
+            port = None
+        if port is None or parts.path.strip("/"):
+            raise UsageError(f"--etcd: {url!r} must be http(s)://HOST:PORT (a port, no path)")
+    return urls
+
+
+def store_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags' choice of store, checked: ``store`` (sqlite, memory, etcd) and, for etcd,
+    ``etcd`` (the URLs), ``prefix`` and the app's replica options (``replicas``,
+    ``debounce``). UsageError for a wrong combination, naming the flags."""
+    if args.store != "etcd":
+        for flag, value in (("--etcd", args.etcd), ("--etcd-prefix", args.etcd_prefix)):
+            if value:
+                raise UsageError(f"{flag} goes with --store etcd (the store is {args.store})")
+        return {"store": args.store}
+    if not args.etcd:
+        raise UsageError("--store etcd needs --etcd URL[,URL...] (the cluster's client URLs)")
+    return {
+        "store": "etcd",
+        "etcd": etcd_urls(args.etcd),
+        "prefix": args.etcd_prefix,
+        # stateless replicas over one cluster: mirror it, and debounce wake-ups
+        # (100 ms quiet, at most 1 s: CONTROL-PLANE.md section 3)
+        "app": {"replicas": True, "debounce": (0.1, 1.0)},
+    }
+
+
+def open_store(chosen: dict[str, Any], data: Path) -> Store:
+    """The store :func:`store_options` chose (an etcd store's module is imported only here)."""
+    from meshlib.control.memory import MemoryStore
+    from meshlib.control.sqlite import SQLiteStore
+
+    if chosen["store"] == "etcd":
+        from meshlib.control.etcd import EtcdStore  # only a replica needs it
+
+        return EtcdStore(chosen["etcd"], prefix=chosen["prefix"])
+    if chosen["store"] == "sqlite":
+        return SQLiteStore(data)  # takes the data dir's lock: one process per DIR
+    return MemoryStore()
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from meshlib.config.values import parse_duration
     from meshlib.control import tokens
-    from meshlib.control.memory import MemoryStore
-    from meshlib.control.sqlite import SQLiteStore
     from meshlib.control.store import StoreError
     from meshlib.identity import IdentityError
     from meshlib.identity.cadir import CADirectory
     from meshlib.inbound.serving import serve
 
+    chosen = store_options(args)
     host, port = parse_listen(args.listen)
     try:
         svid_ttl = dt.timedelta(seconds=parse_duration(args.svid_ttl))
@@ -268,7 +340,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CommandFailed(f"{data}: no registry SVID; run 'meshctl registry init --data {data}'")
     try:
         trust_domain = CADirectory(data / CA_DIR).current().trust_domain
-        store: Store = SQLiteStore(data) if args.store == "sqlite" else MemoryStore()
+        store = open_store(chosen, data)
     except (IdentityError, StoreError) as exc:
         raise CommandFailed(str(exc)) from exc
     # The CA dir is polled every second ('meshctl ca rotate'/'revoke' reach the workloads, and
@@ -281,6 +353,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         svid_dir=data / REGISTRY_DIR,
         svid_ttl=svid_ttl,
         join_tokens=tokens,
+        **chosen.get("app", {}),
     )
     try:
         server = serve(

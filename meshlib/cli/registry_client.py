@@ -570,6 +570,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def format_status(status: RegistryStatusInfo) -> str:
     reason = f" ({status.reason})" if status.reason else ""
     authoritative = "yes" if status.authoritative else "no (answers may be incomplete)"
+    replica = []
+    if status.replica is not None:
+        store = "ok" if status.replica.store_ok else "FAILING (writes answer 503)"
+        watch = "ok" if status.replica.watch_ok else "BROKEN (re-listing)"
+        replica = [f"replica:        store {store}, watch {watch}"]
     return "\n".join(
         [
             f"epoch:          {status.epoch}",
@@ -578,6 +583,7 @@ def format_status(status: RegistryStatusInfo) -> str:
             f"instances:      {status.instances} in {status.services} service(s)",
             f"policy version: {status.policy_version}",
             f"store:          {status.store}",
+            *replica,
             f"uptime:         {status.uptime_seconds:.0f}s",
             f"watchers:       {status.watchers}",
             f"refusals:       {status.refusals}",

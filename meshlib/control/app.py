@@ -35,6 +35,12 @@ Rules the driver keeps:
   :class:`asyncio.Event`; a change sets only that one. ``wakeups`` counts the held queries a
   change woke (LOAD-6: a change to one service wakes only its watchers). The end of warming is
   a change to every answer (``authoritative`` turns true): the pass that sees it wakes all.
+* **Replicas** (``replicas=True``: several processes over one etcd). The store is mirrored
+  into the core (:mod:`meshlib.control.mirror`, which also holds the key layout above); index
+  writes, expiry deletes and persisted beats are compare-and-sets against the mirror's
+  revisions, a lost index CAS waits for the mirror and plans again; wake-ups may be debounced;
+  a store that fails its health check, or a broken mirror, makes answers non-authoritative and
+  writes 503 (docs/control-plane.md, "Replicas").
 """
 
 from __future__ import annotations
@@ -62,7 +68,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from meshlib.config.loader import MAX_FILE_BYTES, load_text
 from meshlib.config.model import Snapshot
 from meshlib.control import tokens as stored_tokens
+from meshlib.control.etcd import EtcdStore
 from meshlib.control.memory import MemoryStore
+from meshlib.control.mirror import (
+    EPOCH_KEY,
+    INDEXES,
+    INSTANCES,
+    POLICY,
+    PREFIX,
+    Debouncer,
+    Mirror,
+    index_key,
+    instance_from_record,
+)
 from meshlib.control.registry import (
     Change,
     Instance,
@@ -75,7 +93,7 @@ from meshlib.control.registry import (
     instance_id,
 )
 from meshlib.control.sqlite import DB_FILE, SQLiteStore
-from meshlib.control.store import Store, StoreError
+from meshlib.control.store import Compacted, Conflict, Store, StoreClosed, StoreError
 from meshlib.control.tokens import (
     DEFAULT_TOKEN_TTL,
     TokenRequestError,
@@ -96,6 +114,7 @@ from meshlib.control.wire import (
     PolicyAnswer,
     RegisteredEndpoint,
     RegistryStatusInfo,
+    ReplicaHealth,
     ServiceInfo,
     TokenInfo,
     TokenIssued,
@@ -181,10 +200,14 @@ MAX_WAIT = 300.0
 TICK = 1.0
 MIN_TTL, MAX_TTL = 1.0, 300.0
 
-EPOCH_KEY = "/registry/epoch"
-INSTANCES = "/registry/instances/"
-INDEXES = "/registry/indexes/"
-POLICY = "/registry/policy/"
+#: Replica mode: how long a store health check may take before the store counts as down...
+HEALTH_TIMEOUT = 1.0
+#: ...how often a write that lost an index compare-and-set to another replica plans again...
+REPLANS = 8
+#: ...how long it waits for the mirror to show the winner's write before each new plan...
+CATCH_UP = 2.0
+#: ...and the bound of the mirror's back-off after a failed list or watch.
+MIRROR_BACKOFF = (0.05, 2.0)
 
 #: The watch key of ``GET /v1/ca/bundle``'s held queries: a service key no service can have
 #: (namespaces are never empty), so the bundle shares ``_hold``/``_notify`` with the services.
@@ -262,8 +285,25 @@ class RegistryApp:
         svid_ttl: dt.timedelta = DEFAULT_SVID_TTL,
         join_tokens: JoinTokens | None = None,
         svid_dir: str | os.PathLike[str] | None = None,
+        replicas: bool = False,
+        debounce: tuple[float, float] | None = None,
     ) -> None:
         self.store = store
+        #: Whether other registry processes share ``store`` (etcd): then the app mirrors the
+        #: store into its core and writes indexes, expiries and heartbeats as compare-and-sets
+        #: (docs/control-plane.md, "Replicas").
+        self.replicas = replicas
+        #: ``(quiet, most)``: a service's watchers wake once ``quiet`` s pass without another
+        #: change to it, or ``most`` s after the first pending one; None: at once.
+        self.debouncer = None if debounce is None else Debouncer(*debounce)
+        self.mirror: Mirror | None = None
+        #: The last store health check passed (replica mode checks it every tick).
+        self.store_ok = True
+        #: The mirror's list and watch are running (replica mode).
+        self.watch_ok = True
+        self._mirror_moved = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
         self.trust_domain = trust_domain
         self.identify: Identify = identify or (lambda scope: verified_identity(scope, trust_domain))
         self.admins = frozenset(admins if admins is not None else (admin_id(trust_domain),))
@@ -392,10 +432,16 @@ class RegistryApp:
         self.poll_ca()
         self._warm = self.registry.authoritative(self.clock())
         self._counted()
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self._open = True
         self._stopping = asyncio.Event()
-        self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+        self._mirror_moved = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._ticker = loop.create_task(self._tick_loop())
+        if self.mirror is not None:
+            self._tasks.append(loop.create_task(self._mirror_loop(self.mirror.revision)))
+        if self.debouncer is not None:
+            self._tasks.append(loop.create_task(self._debounce_loop()))
 
     def release(self, timeout: float = 1.0) -> None:
         """Answer every held blocking query now and hold no new one; callable from any thread,
@@ -430,10 +476,12 @@ class RegistryApp:
     async def shutdown(self) -> None:
         """Stop the tick, answer any query still held (503, as :meth:`release`), close the store."""
         self._release()
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        for task in (self._ticker, *self._tasks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._tasks.clear()
         if self._open:
             self._open = False
             await self.store.close()
@@ -441,7 +489,7 @@ class RegistryApp:
     # -- loading and persisting ------------------------------------------------------------------
 
     async def _load(self) -> Registry:
-        _, items = await self.store.range("/registry/")
+        revision, items = await self.store.range(PREFIX)
         now, wall_now = self.clock(), self.wall()
         epoch = ""
         instances: list[Instance] = []
@@ -451,7 +499,7 @@ class RegistryApp:
             if item.key == EPOCH_KEY:
                 epoch = item.value.decode()
             elif item.key.startswith(INSTANCES):
-                instances.append(_instance_from_store(json.loads(item.value), now, wall_now))
+                instances.append(instance_from_record(json.loads(item.value), now, wall_now))
             elif item.key.startswith(INDEXES):
                 ns, svc = item.key[len(INDEXES) :].split("/", 1)
                 indexes[(ns, svc)] = int(item.value)
@@ -460,10 +508,14 @@ class RegistryApp:
         if not epoch:
             # from the OS, never the (maybe seeded) rng: two registries must not share one
             epoch = secrets.token_hex(8)
-            await self.store.put(EPOCH_KEY, epoch.encode())
+            try:  # a compare-and-set: replicas starting together on an empty store agree
+                await self.store.put(EPOCH_KEY, epoch.encode(), if_mod_rev=0)
+            except Conflict:
+                _, found = await self.store.range(EPOCH_KEY)
+                epoch = next(i.value.decode() for i in found if i.key == EPOCH_KEY)
         for instance in instances:
             self._persisted_beat[instance.id] = instance.last_heartbeat
-        return Registry(
+        registry = Registry(
             epoch,
             now,
             self.settings,
@@ -471,8 +523,13 @@ class RegistryApp:
             indexes=indexes,
             policy=sorted(policy, key=lambda v: v.version),
         )
+        if self.replicas:
+            self.mirror = Mirror(registry, revision)
+            for item in items:
+                self.mirror.wrote(item.key, item.mod_revision)
+        return registry
 
-    async def _save_instance(self, instance: Instance) -> None:
+    async def _save_instance(self, instance: Instance, *, cas: bool = False) -> None:
         now, wall_now = self.clock(), self.wall()
         record = {
             "id": instance.id,
@@ -490,11 +547,86 @@ class RegistryApp:
             "rejected_version": instance.rejected_version,
             "rejection": instance.rejection,
         }
-        await self.store.put(_instance_key(instance), json.dumps(record).encode())
+        key = _instance_key(instance)
+        expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
+        await self._write(
+            key, self.store.put(key, json.dumps(record).encode(), if_mod_rev=expected)
+        )
         self._persisted_beat[instance.id] = instance.last_heartbeat
 
-    async def _save_index(self, key: ServiceKey, index: int) -> None:
-        await self.store.put(f"{INDEXES}{key[0]}/{key[1]}", str(index).encode())
+    async def _write(self, key: str, write: Awaitable[int], *, present: bool = True) -> int:
+        """Run a store write of ``key``; with replicas, the mirror holds the key's events until
+        the write's revision is known, then applies those newer than it (another replica's)."""
+        mirror = self.mirror
+        if mirror is None:
+            return await write
+        mirror.writing(key)
+        revision: int | None = None
+        try:
+            revision = await write
+            return revision
+        finally:
+            for event in mirror.written(key, revision, present=present):
+                self._mirrored(mirror.apply(event, self.clock(), self.wall()))
+
+    async def _save_index(self, key: ServiceKey, index: int, expected: int | None = None) -> None:
+        """Write ``key``'s index; with replicas, a compare-and-set on ``expected`` (the index
+        key's mod_revision in the mirror when the change was planned)."""
+        put = self.store.put(index_key(key), str(index).encode(), if_mod_rev=expected)
+        await self._write(index_key(key), put)
+
+    def _index_revision(self, key: ServiceKey) -> int | None:
+        """The ``expected`` of :meth:`_save_index` for a change planned now (None: no replicas).
+        An index another replica wrote whose record has not arrived yet is applied first: the
+        plan must build on it."""
+        if self.mirror is None:
+            return None
+        self._mirrored(self.mirror.settle(key))
+        return self.mirror.mod_revision(index_key(key))
+
+    async def _delete_instance(self, instance: Instance, *, cas: bool = False) -> None:
+        key = _instance_key(instance)
+        expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
+        await self._write(key, self.store.delete(key, if_mod_rev=expected), present=False)
+        self._persisted_beat.pop(instance.id, None)
+
+    async def _lost(self, conflict: Conflict, expected: int | None, service: ServiceKey) -> None:
+        """After losing an index compare-and-set to another replica: wait (at most ``CATCH_UP``
+        s) for the mirror to show the winner's index and its record, so the next plan builds on
+        them."""
+        mirror = self.mirror
+        if mirror is None:  # pragma: no cover - only replicas write compare-and-sets here
+            raise conflict
+        loop = asyncio.get_running_loop()
+        end = loop.time() + CATCH_UP
+        while loop.time() < end and (
+            mirror.mod_revision(conflict.key) == expected or mirror.pending(service)
+        ):
+            moved = self._mirror_moved
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(moved.wait(), end - loop.time())
+
+    def _writable(self) -> None:
+        """Replica mode: refuse a write while the store or the mirror is down (503): the plan
+        would build on a mirror that may be behind, and the store may not take it anyway."""
+        if not self._healthy():
+            raise _HTTPError(
+                503,
+                f"the registry cannot write now: {self._unhealthy_reason()}",
+                headers=[("Retry-After", "1")],
+            )
+
+    def _healthy(self) -> bool:
+        return self.store_ok and self.watch_ok
+
+    def _unhealthy_reason(self) -> str:
+        if not self.store_ok:
+            return "its store does not answer (no quorum?)"
+        return "its mirror of the store is not watching (it reconnects)"
+
+    def _authoritative(self, registry: Registry, now: float) -> bool:
+        """Whether an answer is authoritative: not warming, and (replicas) the store healthy."""
+        return registry.authoritative(now) and self._healthy()
 
     async def _tick_loop(self) -> None:
         while not self._stopping.is_set():
@@ -502,6 +634,10 @@ class RegistryApp:
                 await asyncio.wait_for(self._stopping.wait(), self.tick)
             if self._stopping.is_set():
                 return
+            if self.mirror is not None:
+                await self.check_store()
+                # an index whose record never came (its writer died between the two writes)
+                self._mirrored(self.mirror.flush(self.clock(), CATCH_UP))
             try:
                 await self.expire()
             except Exception:  # a failing pass must not end the loop: the next one retries
@@ -511,8 +647,42 @@ class RegistryApp:
             except Exception:  # as above: the next tick polls again
                 log.exception("registry: CA dir poll failed")
 
+    async def check_store(self) -> bool:
+        """Replica mode, each tick: whether the store answers a quorum read (``status()`` if
+        it has one, else a range of the epoch key) within ``HEALTH_TIMEOUT``. A change of
+        health changes every answer's ``authoritative``: it wakes every held query."""
+        status = getattr(self.store, "status", None)
+        probe = status() if status is not None else self.store.range(EPOCH_KEY)
+        try:
+            await asyncio.wait_for(probe, HEALTH_TIMEOUT)
+        except (StoreError, asyncio.TimeoutError, OSError) as exc:
+            ok = False
+            if self.store_ok:
+                log.error("registry: the store is down, answers are not authoritative: %s", exc)
+        else:
+            ok = True
+        self._set_health(store_ok=ok)
+        return ok
+
+    def _set_health(self, *, store_ok: bool | None = None, watch_ok: bool | None = None) -> None:
+        before = self._healthy()
+        if store_ok is not None:
+            self.store_ok = store_ok
+        if watch_ok is not None:
+            self.watch_ok = watch_ok
+        if self._healthy() != before:
+            if self._healthy() and self.registry is not None:
+                # no beat was taken while it was down: expire nothing until they had the time
+                # to come back (one warming period), as after a restart
+                self.registry.warm_again(self.clock())
+                self._warm = self.registry.authoritative(self.clock())
+            for watched in list(self._watches):
+                self._wake(watched)
+
     async def expire(self) -> int:
         """One expiry pass (the tick calls it every second); returns how many expired."""
+        if self.mirror is not None:
+            return await self._expire_replica(self.mirror)
         registry = self._core()
         now = self.clock()
         async with self._writing:
@@ -530,16 +700,138 @@ class RegistryApp:
             self.metrics.set_preserving(registry.status(now).preserving_since is not None)
         for key in keys:
             self._notify(key)
+        self._warmed(registry, now)
+        return len(expired)
+
+    def _warmed(self, registry: Registry, now: float) -> None:
         if not self._warm and registry.authoritative(now):
             # held queries answer authoritative=true at once, not after their wait
             self._warm = True
             for watched in list(self._watches):
-                self._notify(watched)
-        return len(expired)
+                self._wake(watched)
+
+    async def _expire_replica(self, mirror: Mirror) -> int:
+        """Every replica runs the core's expiry; each delete is a compare-and-set on the
+        record's mod_revision, so a beat another replica persisted meanwhile wins (the record
+        comes back through the mirror). A pass while the store is down removes nothing."""
+        registry = self._core()
+        now = self.clock()
+        removed: list[Instance] = []
+        if self._healthy():
+            async with self._writing:
+                # One index move per instance, each followed by its record's delete: the other
+                # replicas' mirrors announce a move once the record it counts arrives.
+                for instance in registry.due(now):
+                    key = instance.key
+                    for _ in range(REPLANS):
+                        expected = self._index_revision(key)
+                        index = registry.index(*key) + 1
+                        try:
+                            await self._save_index(key, index, expected)
+                        except Conflict as exc:
+                            await self._lost(exc, expected, key)
+                            continue
+                        registry.set_index(key, index)
+                        break
+                    else:
+                        continue  # the next pass tries again
+                    try:
+                        await self._delete_instance(instance, cas=True)
+                    except Conflict:
+                        continue  # renewed (or drained) through another replica meanwhile
+                    registry.remove(instance.id)
+                    removed.append(instance)
+                if removed:
+                    self._counted()
+        if self.metrics is not None:
+            self.metrics.set_preserving(registry.status(now).preserving_since is not None)
+        for key in sorted({i.key for i in removed}):
+            self._notify(key)
+        self._warmed(registry, now)
+        return len(removed)
+
+    # -- replica mode: the mirror and the debouncer ---------------------------------------------
+
+    async def _mirror_loop(self, revision: int) -> None:
+        """Watch ``/registry/`` after ``revision`` (startup's list), applying every event to the
+        core; list again on ``Compacted``; back off (bounded, jittered) on any other failure,
+        while answers say ``authoritative: false``."""
+        mirror = self.mirror
+        assert mirror is not None
+        backoff = MIRROR_BACKOFF[0]
+        listed = True
+        while not self._stopping.is_set():
+            try:
+                if not listed:
+                    revision, items = await self.store.range(PREFIX)
+                    self._mirrored(mirror.relist(revision, items, self.clock(), self.wall()))
+                    listed = True
+                self._set_health(watch_ok=True)
+                events = self.store.watch(PREFIX, revision)
+                try:
+                    async for event in events:
+                        self._mirrored(mirror.apply(event, self.clock(), self.wall()))
+                        revision = mirror.revision
+                        backoff = MIRROR_BACKOFF[0]
+                finally:
+                    close = getattr(events, "aclose", None)  # an async generator's
+                    if close is not None:
+                        await close()
+                listed = False  # the watch ended without an error: list and watch again
+            except Compacted:
+                log.warning("registry: the mirror's watch was compacted: listing again")
+                listed = False
+            except StoreClosed:
+                return
+            except Exception as exc:  # the store, or a record that does not decode: list again
+                log.error("registry: the mirror's watch failed, retrying: %s", exc)
+                self._set_health(watch_ok=False)
+                listed = False
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.rng.uniform(0, backoff))
+                backoff = min(backoff * 2, MIRROR_BACKOFF[1])
+
+    def _mirrored(self, touched: set[ServiceKey | None]) -> None:
+        moved, self._mirror_moved = self._mirror_moved, asyncio.Event()
+        moved.set()
+        if touched:
+            self._counted()
+        for key in sorted(touched, key=lambda k: ("", "") if k is None else k):
+            self._notify(key)
+
+    async def _debounce_loop(self) -> None:
+        debouncer = self.debouncer
+        assert debouncer is not None
+        while not self._stopping.is_set():
+            deadline = debouncer.next_deadline()
+            wait = self.tick if deadline is None else deadline - self.clock()
+            self._kick.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), min(max(wait, 0.001), self.tick))
+            self.wake_due()
+
+    def wake_due(self) -> int:
+        """Wake the services whose debounce window closed (the debounce task calls it; a test
+        with a fake clock calls it after moving the clock); how many queries woke."""
+        if self.debouncer is None:
+            return 0
+        before = self.wakeups
+        for key in self.debouncer.due(self.clock()):
+            self._wake(key)  # type: ignore[arg-type]
+        return self.wakeups - before
 
     # -- wake-ups ------------------------------------------------------------------------------
 
     def _notify(self, key: ServiceKey | None) -> None:
+        """A change to ``key`` (a service, or None: the policy): wake its held queries, at
+        once or when its debounce window closes."""
+        if self.debouncer is None:
+            self._wake(key)
+            return
+        self.debouncer.change(key, self.clock())
+        self._kick.set()
+
+    def _wake(self, key: ServiceKey | None) -> None:
         """Wake the queries held on ``key`` (a service, or None: the policy), and only them."""
         watch = self._watches.pop(key, None)
         if watch is not None:
@@ -607,11 +899,13 @@ class RegistryApp:
         return woken
 
     def _warming(self, registry: Registry) -> Callable[[], bool]:
-        """For a query held while warming: whether warming has ended since (the answer's
-        ``authoritative`` changed, so the query answers though its index did not move)."""
-        if registry.authoritative(self.clock()):
-            return lambda: False
-        return lambda: registry.authoritative(self.clock())
+        """For a held query: whether the answer's ``authoritative`` changed since it was
+        taken (warming ended; with replicas, the store went down or came back), so the query
+        answers though its index did not move."""
+        before = self._authoritative(registry, self.clock())
+        if before and not self.replicas:
+            return lambda: False  # a single registry never goes back to not authoritative
+        return lambda: self._authoritative(registry, self.clock()) != before
 
     def _count_watchers(self, delta: int) -> None:
         self.watchers += delta
@@ -783,33 +1077,43 @@ class RegistryApp:
         ttl = _field(body, "ttl", (int, float), optional=True)
         if ttl is not None and not MIN_TTL <= ttl <= MAX_TTL:
             raise _HTTPError(400, f"field 'ttl' must be {MIN_TTL:g}..{MAX_TTL:g} seconds")
-        expected = instance_id(ns, svc, address, port)
-        if id != expected:
+        right_id = instance_id(ns, svc, address, port)
+        if id != right_id:
             raise _HTTPError(
-                400, f"id must be {expected} (instance_id of {ns}/{svc} {address}:{port})"
+                400, f"id must be {right_id} (instance_id of {ns}/{svc} {address}:{port})"
             )
         registry = self._core()
         async with self._writing:
-            try:
-                done = registry.plan_register(
-                    ns,
-                    svc,
-                    address,
-                    port,
-                    labels=labels,
-                    metrics_port=metrics_port,
-                    identity=identity,
-                    ttl=ttl,
-                    now=self.clock(),
-                )
-            except ValueError as exc:
-                raise _HTTPError(400, str(exc)) from None
-            moved = done.change is not Change.REFRESHED
-            if moved:  # the index first: a store ahead by an index is a spurious wake-up, no more
-                await self._save_index(done.instance.key, done.index)
-            await self._save_instance(done.instance)
-            registry.commit(done)
-            self._counted()
+            for _ in range(REPLANS):
+                self._writable()
+                expected = self._index_revision((ns, svc))  # with the plan: nothing between
+                try:
+                    done = registry.plan_register(
+                        ns,
+                        svc,
+                        address,
+                        port,
+                        labels=labels,
+                        metrics_port=metrics_port,
+                        identity=identity,
+                        ttl=ttl,
+                        now=self.clock(),
+                    )
+                except ValueError as exc:
+                    raise _HTTPError(400, str(exc)) from None
+                moved = done.change is not Change.REFRESHED
+                if moved:  # the index first: a store ahead by an index is a spurious wake-up
+                    try:
+                        await self._save_index(done.instance.key, done.index, expected)
+                    except Conflict as exc:  # another replica moved it first: plan again
+                        await self._lost(exc, expected, (ns, svc))
+                        continue
+                await self._save_instance(done.instance)
+                registry.commit(done)
+                self._counted()
+                break
+            else:
+                raise _busy(f"{ns}/{svc}")
         if moved:
             self._notify(done.instance.key)
         ttl_s = done.instance.ttl
@@ -832,6 +1136,7 @@ class RegistryApp:
             raise _HTTPError(400, "fields 'rejected_version' and 'error' go together (a NACK)")
         registry = self._core()
         async with self._writing:  # read under the lock: a write awaiting its store may drain it
+            self._writable()
             old = registry.get(id)
             if old is None or old.key != (ns, svc):
                 raise _HTTPError(404, f"instance {id} is not registered: register again")
@@ -852,7 +1157,16 @@ class RegistryApp:
             )
             persisted = self._persisted_beat.get(id, -math.inf)
             if report_changed or new.last_heartbeat - persisted >= new.ttl / 3:
-                await self._save_instance(new)
+                try:  # replicas: a compare-and-set, so a beat never brings back an expired record
+                    await self._save_instance(new, cas=True)
+                except Conflict as exc:
+                    # another replica wrote or deleted the record meanwhile: once the mirror
+                    # shows it, the client registers again (idempotent; a CREATED if the
+                    # record is gone, so the index moves and watchers hear of it)
+                    await self._lost(exc, exc.expected, (ns, svc))
+                    raise _HTTPError(
+                        404, f"instance {id} changed through another replica: register again"
+                    ) from None
             registry.commit(done)
         return 200, {"ttl": new.ttl}, ()
 
@@ -860,17 +1174,26 @@ class RegistryApp:
         self._instance_writer(request, ns, svc, "drain")
         registry = self._core()
         async with self._writing:  # read under the lock, as a heartbeat does
-            old = registry.get(id)
-            if old is None or old.key != (ns, svc):
-                raise _HTTPError(404, f"instance {id} is not registered")
-            done = registry.plan_drain(id, self.clock())
-            if isinstance(done, NotFound):  # pragma: no cover - checked above
-                raise _HTTPError(404, f"instance {id} is not registered")
-            await self._save_index(old.key, done.index)
-            await self.store.delete(_instance_key(old))
-            self._persisted_beat.pop(id, None)
-            registry.commit(done)
-            self._counted()
+            for _ in range(REPLANS):
+                self._writable()
+                old = registry.get(id)
+                if old is None or old.key != (ns, svc):
+                    raise _HTTPError(404, f"instance {id} is not registered")
+                expected = self._index_revision(old.key)
+                done = registry.plan_drain(id, self.clock())
+                if isinstance(done, NotFound):  # pragma: no cover - checked above
+                    raise _HTTPError(404, f"instance {id} is not registered")
+                try:
+                    await self._save_index(old.key, done.index, expected)
+                except Conflict as exc:  # another replica moved it first: plan again
+                    await self._lost(exc, expected, old.key)
+                    continue
+                await self._delete_instance(old)
+                registry.commit(done)
+                self._counted()
+                break
+            else:
+                raise _busy(f"{ns}/{svc}")
         self._notify(old.key)
         return 200, {"index": done.index}, ()
 
@@ -917,7 +1240,7 @@ class RegistryApp:
                 (ns, svc), lambda: registry.changed_since(ns, svc, index) or warming(), wait
             )
         now = self.clock()
-        state = (registry.index(ns, svc), registry.epoch, registry.authoritative(now))
+        state = (registry.index(ns, svc), registry.epoch, self._authoritative(registry, now))
         headers = self._index_headers(state, f'"{state[1]}-{state[0]}"')
         shared = None if woken is None else woken.answers.get(state)
         if shared is not None:
@@ -928,7 +1251,7 @@ class RegistryApp:
             svc,
             found.index,
             found.epoch,
-            found.authoritative,
+            state[2],
             tuple(
                 RegisteredEndpoint(i.id, i.address, i.port, dict(i.labels), i.metrics_port)
                 for i in found.instances
@@ -1008,7 +1331,7 @@ class RegistryApp:
             woken = await self._hold(None, lambda: log_.changed_since(index) or warming(), wait)
         current = log_.current()
         version = 0 if current is None else current.version
-        state = (version, registry.epoch, registry.authoritative(self.clock()))
+        state = (version, registry.epoch, self._authoritative(registry, self.clock()))
         headers = self._index_headers(state, f'"{version}"')
         shared = None if woken is None else woken.answers.get(state)
         if shared is None:
@@ -1052,6 +1375,7 @@ class RegistryApp:
         text = data.decode("utf-8")
         log_ = self._core().policy
         async with self._writing:
+            self._writable()
             before = log_.version
             done = log_.plan_propose(text, author=author, if_match=if_match, now=self.wall())
             if isinstance(done, VersionConflict):
@@ -1073,6 +1397,7 @@ class RegistryApp:
         log_ = self._core().policy
         if_match = _if_match(request)
         async with self._writing:
+            self._writable()
             before = log_.version
             done = log_.plan_rollback(to, author=author, if_match=if_match, now=self.wall())
             if isinstance(done, NotFound):
@@ -1100,7 +1425,16 @@ class RegistryApp:
             "rollback_of": version.rollback_of,
         }
         key = f"{POLICY}{version.version:010d}"
-        await self.store.put(key, json.dumps(record).encode(), if_mod_rev=0)
+        try:
+            await self._write(key, self.store.put(key, json.dumps(record).encode(), if_mod_rev=0))
+        except Conflict:
+            # another replica wrote this version first: of two applies made against the same
+            # version exactly one wins, as If-Match promises within one registry
+            raise _HTTPError(
+                409,
+                f"version conflict: another replica wrote version {version.version} first",
+                current=version.version,
+            ) from None
 
     # -- trust bundle and CRLs (GET /v1/ca/bundle) ---------------------------------------------
 
@@ -1148,7 +1482,7 @@ class RegistryApp:
             bundle.sequence,
             "with CRLs" if crls_text else "no CRLs",
         )
-        self._notify(BUNDLE_WATCH)
+        self._wake(BUNDLE_WATCH)
         self._trust_own(self._bundle)
         return True
 
@@ -1198,11 +1532,14 @@ class RegistryApp:
         self._reader(request)
         registry = self._core()
         status = registry.status(self.clock())
+        reason = status.reason
+        if not self._healthy():
+            reason = self._unhealthy_reason() + ("" if reason is None else f"; {reason}")
         answer = RegistryStatusInfo(
             status.epoch,
             status.state.value,
-            status.reason,
-            status.authoritative,
+            reason,
+            self._authoritative(registry, self.clock()),
             status.instances,
             len(registry.services()),
             registry.policy.version,
@@ -1210,6 +1547,7 @@ class RegistryApp:
             max(0.0, self.wall() - self._started_wall),
             self.refusals,
             self.watchers,
+            ReplicaHealth(self.store_ok, self.watch_ok) if self.replicas else None,
         )
         return 200, answer.to_json(), ()
 
@@ -1393,6 +1731,8 @@ def registry_app(
     rng: random.Random | None = None,
     max_watchers: int = DEFAULT_MAX_WATCHERS,
     ca_dir: str | os.PathLike[str] | None = None,
+    replicas: bool = False,
+    debounce: tuple[float, float] | None = None,
 ) -> RegistryApp:
     """The registry's ASGI app over ``store`` (see :class:`RegistryApp`).
 
@@ -1411,6 +1751,16 @@ def registry_app(
         rng=rng,
         max_watchers=max_watchers,
         ca_dir=ca_dir,
+        replicas=replicas,
+        debounce=debounce,
+    )
+
+
+def _busy(service: str) -> _HTTPError:
+    return _HTTPError(
+        503,
+        f"{service}: other replicas kept moving its index first ({REPLANS} plans lost): retry",
+        headers=[("Retry-After", "1")],
     )
 
 
@@ -1528,31 +1878,13 @@ def _instance_key(instance: Instance) -> str:
     return f"{INSTANCES}{instance.namespace}/{instance.service}/{instance.id}"
 
 
-def _instance_from_store(record: dict[str, Any], now: float, wall_now: float) -> Instance:
-    """A stored instance with its wall-clock times mapped onto the monotonic clock's ``now``."""
-    return Instance(
-        record["id"],
-        record["namespace"],
-        record["service"],
-        record["address"],
-        record["port"],
-        tuple(sorted(record["labels"].items())),
-        record["metrics_port"],
-        record["identity"],
-        float(record["ttl"]),
-        registered_at=now - max(0.0, wall_now - record["registered_wall"]),
-        last_heartbeat=now - max(0.0, wall_now - record["heartbeat_wall"]),
-        applied_version=record["applied_version"],
-        rejected_version=record["rejected_version"],
-        rejection=record["rejection"],
-    )
-
-
 def _store_name(store: Store) -> str:
     if isinstance(store, SQLiteStore):
         return f"sqlite:{store.data_dir / DB_FILE}"
     if isinstance(store, MemoryStore):
         return "memory"
+    if isinstance(store, EtcdStore):
+        return f"etcd:{','.join(store.endpoints)}"
     return type(store).__name__
 
 

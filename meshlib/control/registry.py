@@ -274,6 +274,15 @@ class PolicyLog:
             )
         self._versions = (*self._versions, version)
 
+    def add(self, version: PolicyVersion) -> bool:
+        """Take a version another replica wrote (read from the store): True when it is the next
+        one and was appended, False when it is already here. A version past the next one is a
+        gap the driver must not paper over (:class:`ValueError`: list the store again)."""
+        if version.version <= self.version:
+            return False
+        self.commit(version)
+        return True
+
     def _commit_new(self, done: PolicyVersion | VersionConflict) -> PolicyVersion | VersionConflict:
         if isinstance(done, PolicyVersion) and done.version == self.version + 1:
             self.commit(done)
@@ -534,12 +543,50 @@ class Registry:
         """Apply a planned change: the one the matching ``plan_*`` call returned, with no other
         change committed in between (the driver serialises its writes)."""
         if isinstance(change, Drained):
-            self._remove(change.instance)
-            self._indexes[change.instance.key] = change.index
+            self.remove(change.instance.id)  # a replica's mirror may have removed it already
+            self.set_index(change.instance.key, change.index)
             return
         self._put(change.instance)
         if isinstance(change, Registration):
-            self._indexes[change.instance.key] = change.index
+            self.set_index(change.instance.key, change.index)
+
+    # -- a store shared with other replicas --------------------------------------------------
+    # A replica's driver mirrors the store: what another replica wrote arrives as a record, and
+    # these take it as it is (no plan, no index move of their own: the writer moved the index).
+
+    def upsert(self, instance: Instance) -> bool:
+        """Take an instance record from the store; True when what a watcher sees changed (a new
+        instance or another registration). The later of the two beats is kept: a beat this
+        replica took but did not persist yet is not undone by an older record."""
+        old = self._instances.get(instance.id)
+        if old is not None:
+            beat = max(old.last_heartbeat, instance.last_heartbeat)
+            instance = replace(instance, last_heartbeat=beat)
+            if old.key != instance.key:
+                self._remove(old)
+        self._put(instance)
+        return old is None or old.registration != instance.registration
+
+    def remove(self, id: str) -> Instance | None:
+        """Forget the instance ``id`` (its record left the store); the index stays as it is."""
+        old = self._instances.get(id)
+        if old is not None:
+            self._remove(old)
+        return old
+
+    def warm_again(self, now: float) -> None:
+        """Warm again from ``now`` (one ``warming`` period: not authoritative, nothing expired),
+        as after a start: the driver could not take heartbeats for a while (its store was
+        down), so the beats it holds are stale through no fault of the instances."""
+        self.started_at = now
+
+    def set_index(self, key: ServiceKey, index: int) -> bool:
+        """Move ``key``'s index to ``index`` if that is ahead of it; True when it moved. An index
+        never goes backwards, so a late echo of an older one changes nothing."""
+        if index <= self._indexes.get(key, FIRST_INDEX):
+            return False
+        self._indexes[key] = index
+        return True
 
     def expire(self, now: float) -> tuple[Instance, ...]:
         """One expiry pass: remove the instances whose TTL passed, and return them.

@@ -323,6 +323,16 @@ class ServiceInfo:
 
 
 @dataclass(frozen=True)
+class ReplicaHealth:
+    """A replica's view of its shared store (``GET /v1/status`` in replica mode): the last
+    health check passed (``store_ok``) and the mirror's list and watch are running
+    (``watch_ok``). Either false: answers are non-authoritative and writes answer 503."""
+
+    store_ok: bool
+    watch_ok: bool
+
+
+@dataclass(frozen=True)
 class RegistryStatusInfo:
     """``GET /v1/status``: the registry's epoch, state and counts (``meshctl registry status``)."""
 
@@ -340,9 +350,14 @@ class RegistryStatusInfo:
     uptime_seconds: float
     refusals: int
     watchers: int
+    #: Replica mode only (several registries over one etcd); None for a lone registry.
+    replica: ReplicaHealth | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)  # every field, each a JSON scalar
+        body = asdict(self)  # every field, each a JSON scalar (``replica`` an object)
+        if self.replica is None:
+            del body["replica"]  # a lone registry's answer is as it always was
+        return body
 
     @classmethod
     def from_json(cls, body: object) -> RegistryStatusInfo:
@@ -360,7 +375,18 @@ class RegistryStatusInfo:
             _number(obj, "uptime_seconds", where),
             _get(obj, "refusals", int, where),
             _get(obj, "watchers", int, where),
+            _replica(obj.get("replica"), where),
         )
+
+
+def _replica(value: object, where: str) -> ReplicaHealth | None:
+    if value is None:
+        return None
+    obj = _object(value, f"{where}: replica")
+    return ReplicaHealth(
+        _get(obj, "store_ok", bool, f"{where}: replica"),
+        _get(obj, "watch_ok", bool, f"{where}: replica"),
+    )
 
 
 @dataclass(frozen=True)

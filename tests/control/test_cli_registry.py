@@ -14,6 +14,7 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from etcd_cluster import EtcdCluster
 
 from meshlib.cli.main import main
 from meshlib.control.client import RegistryClient, RegistryRefused
@@ -70,9 +71,9 @@ def test_serve_without_init_fails_in_one_line(
     assert "--svid-ttl" in capsys.readouterr().err
 
 
-def _serve(data: Path) -> subprocess.Popen[str]:
+def _serve(data: Path, *flags: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*SERVE, str(data)],
+        [*SERVE, str(data), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -157,3 +158,99 @@ def test_help_says_the_svids_must_be_renewed(capsys: pytest.CaptureFixture[str])
     # argparse may wrap after a hyphen ("re- run"): look for words without one
     assert "The SVIDs last 24 h" in out and "issue 12" in out
     assert "run 'meshctl registry init --data DIR'" in out
+
+
+# -- --store etcd --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--store", "etcd"], "--store etcd needs --etcd URL[,URL...]"),
+        (
+            ["--etcd", "http://127.0.0.1:2379"],
+            "--etcd goes with --store etcd (the store is sqlite)",
+        ),
+        (["--store", "memory", "--etcd-prefix", "p/"], "--etcd-prefix goes with --store etcd"),
+        (["--store", "etcd", "--etcd", "127.0.0.1:2379"], "'127.0.0.1:2379' is not an http(s)"),
+        (["--store", "etcd", "--etcd", "http://a:1,ftp://b:2"], "'ftp://b:2' is not an http(s)"),
+        (["--store", "etcd", "--etcd", "http://a"], "'http://a' must be http(s)://HOST:PORT"),
+        (["--store", "etcd", "--etcd", " , "], "--etcd needs at least one URL"),
+    ],
+)
+def test_serve_refuses_wrong_etcd_flags_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    # checked before the data dir is read: tmp_path has no registry at all
+    assert main(["registry", "serve", "--data", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_serve_with_etcd_runs_stateless_debounced_replicas(tmp_path: Path) -> None:
+    import argparse
+
+    from meshlib.cli.registry import store_options
+
+    def parsed(**flags: str) -> argparse.Namespace:
+        return argparse.Namespace(**{"store": "sqlite", "etcd": None, "etcd_prefix": "", **flags})
+
+    chosen = store_options(
+        parsed(store="etcd", etcd="http://127.0.0.1:2379, https://10.0.0.2:2379", etcd_prefix="a/")
+    )
+    assert chosen == {
+        "store": "etcd",
+        "etcd": ["http://127.0.0.1:2379", "https://10.0.0.2:2379"],
+        "prefix": "a/",
+        "app": {"replicas": True, "debounce": (0.1, 1.0)},
+    }
+    assert store_options(parsed()) == {"store": "sqlite"}  # one process, no replica mode
+
+
+def test_the_etcd_store_is_built_lazily_and_takes_no_data_dir_lock(tmp_path: Path) -> None:
+    from meshlib.cli.registry import open_store
+    from meshlib.control.etcd import EtcdStore
+
+    chosen = {"store": "etcd", "etcd": ["http://127.0.0.1:1"], "prefix": "p/"}
+    store = open_store(chosen, tmp_path)
+    assert isinstance(store, EtcdStore)
+    assert list(tmp_path.iterdir()) == []  # no registry.db, no registry.lock
+
+
+@pytest.mark.timeout(90)
+def test_two_etcd_replicas_serve_one_registry_from_one_data_dir(
+    tmp_path: Path, etcd: EtcdCluster
+) -> None:
+    data = tmp_path / "reg"
+    assert main(["registry", "init", "--data", str(data), "--trust-domain", TD]) == 0
+    flags = ("--store", "etcd", "--etcd", ",".join(etcd.endpoints), "--etcd-prefix", "cli/")
+    replicas = [_serve(data, *flags) for _ in range(2)]  # no lock: both start on one DIR
+    try:
+        urls = []
+        for process in replicas:
+            line = _first_line(process)
+            assert line.startswith("registry serving on https://127.0.0.1:"), line
+            urls.append(line.split()[3])
+        admin = str(data / "admin")
+        with (
+            RegistryClient(urls[0], svid_dir=admin) as a,
+            RegistryClient(urls[1], svid_dir=admin) as b,
+        ):
+            first = b.endpoints("default", "reviews")
+            made = a.register("default", "reviews", "10.0.0.1", 9001)
+            # B's held query hears of A's registration (its mirror, then the debounce window)
+            seen = b.endpoints(
+                "default", "reviews", index=first.index, wait=20.0, epoch=first.epoch
+            )
+            assert [e.id for e in seen.endpoints] == [made.id]
+            assert seen.index == made.index
+            status = b.status()
+            assert status.store == "EtcdStore" and status.epoch == first.epoch
+            assert status.state == "warming"  # a replica warms after its start, as one does
+        assert not (data / "registry.db").exists() and not (data / "registry.lock").exists()
+    finally:
+        for process in replicas:
+            process.send_signal(signal.SIGTERM)
+        for process in replicas:
+            assert process.wait(timeout=20) == 0
+            process.communicate(timeout=10)

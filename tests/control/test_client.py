@@ -3,6 +3,7 @@ endpoint, wire values back, typed errors, the registry's SPIFFE ID pinned."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +26,7 @@ from meshlib.control.wire import (
     InstanceInfo,
     RegisteredEndpoint,
     RegistryStatusInfo,
+    ReplicaHealth,
     ServiceInfo,
     WireError,
 )
@@ -181,6 +183,27 @@ def test_typed_answers_round_trip_and_name_a_bad_field() -> None:
         InstanceInfo.from_json({**instance.to_json(), "port": "80"}, "instances[0]")
     with pytest.raises(WireError, match="field 'uptime_seconds' has the wrong type"):
         RegistryStatusInfo.from_json({**status.to_json(), "uptime_seconds": True})
+
+
+def test_a_replica_status_carries_its_store_health_and_meshctl_shows_it() -> None:
+    from meshlib.cli.registry_client import format_status
+
+    lone = RegistryStatusInfo("e", "serving", None, True, 1, 1, 2, "memory", 3.0, 0, 0)
+    assert "replica" not in lone.to_json()  # a lone registry's answer is as it always was
+    assert "replica:" not in format_status(lone)
+    failing = dataclasses.replace(
+        lone,
+        authoritative=False,
+        store="etcd:http://127.0.0.1:2379",
+        replica=ReplicaHealth(False, True),
+    )
+    assert failing.to_json()["replica"] == {"store_ok": False, "watch_ok": True}
+    assert RegistryStatusInfo.from_json(failing.to_json()) == failing
+    assert "replica:        store FAILING (writes answer 503), watch ok" in format_status(failing)
+    with pytest.raises(WireError, match="replica: field 'watch_ok' has the wrong type"):
+        RegistryStatusInfo.from_json(
+            {**failing.to_json(), "replica": {"store_ok": True, "watch_ok": 1}}
+        )
 
 
 @pytest.mark.timeout(30)
