@@ -339,6 +339,7 @@ def test_a_compacted_watch_lists_again_and_every_replica_agrees_with_the_store(
     assert isinstance(head, dict)
     etcd_post(y, "/v3/kv/compaction", {"revision": head["revision"], "physical": True})
     replicas.children["B"].signal(signal.SIGCONT)
+    resumed = time.time()
 
     stored = stored_instances(y)
     assert len(stored) == 20
@@ -351,6 +352,7 @@ def test_a_compacted_watch_lists_again_and_every_replica_agrees_with_the_store(
 
     for replica in ("A", "B"):
         assert until(lambda r=replica: ids(r) == stored, 15), (replica, ids(replica) ^ stored)
+    print(f"\ncompacted watch → replica B equal to the store: {time.time() - resumed:.2f} s")
     x.start()  # back, and every replica still agrees with the store
     for replica in ("A", "B"):
         with replicas.client(replica) as admin:
@@ -400,15 +402,16 @@ def test_a_dead_instance_leaves_every_replica_within_ttl_tick_and_debounce(
     for thread in watchers:
         thread.join(timeout=3 * TTL + 15)
     assert set(gone) == {"A", "B"}, gone
+    print()
     for replica, at in sorted(gone.items()):
         print(
-            f"\nreplica {replica}: SIGKILL → gone from its watchers {at - killed:.2f} s, "
+            f"replica {replica}: SIGKILL → gone from its watchers {at - killed:.2f} s, "
             f"last heartbeat → gone {at - last_beat:.2f} s (TTL {TTL:g} s)"
         )
         # The TTL counts from the last *persisted* beat (a replica persists a beat once TTL/3
-        # passed since the previous one, DESIGN: expiry from the store's record), so it may end
-        # up to TTL/3 before the last beat's TTL; never sooner (a live instance stays). Then
-        # the next expiry pass, the debounced wake-up; + 1 s for busy processes.
+        # passed since the previous one), so it may end up to TTL/3 before the last beat's
+        # TTL, never sooner (a live instance stays). Then the next expiry pass and the
+        # debounced wake-up; + 1 s for busy processes.
         assert TTL * 2 / 3 - TICK <= at - last_beat <= TTL + TICK + DEBOUNCE + 1.0
 
 
