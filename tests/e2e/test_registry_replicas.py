@@ -69,6 +69,7 @@ class Replicas:
     urls: dict[str, str] = field(default_factory=dict)
     children: dict[str, Child] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
+    meshes: list[meshlib.Mesh] = field(default_factory=list)
 
     def serve(self, name: str, etcd: list[EtcdNode] | None = None) -> str:
         """Start replica ``name`` over ``etcd`` (in this order; default the cluster's)."""
@@ -134,8 +135,6 @@ class Replicas:
         pp = self.addresses["productpage"]
         assert until(lambda: endpoints(mesh, "productpage") == {pp}, 20)
         return mesh
-
-    meshes: list[meshlib.Mesh] = field(default_factory=list)
 
 
 def endpoints(mesh: meshlib.Mesh, service: str) -> set[str]:
