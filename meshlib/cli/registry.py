@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from meshlib.config.model import MTLSMode, Snapshot
     from meshlib.control.app import RegistryApp
+    from meshlib.control.registry import RegistrySettings
     from meshlib.control.store import Store
     from meshlib.inbound.serving import CertMetrics
 
@@ -237,6 +238,13 @@ def _add_registry(sub: Subparsers) -> None:
         metavar="DURATION",
         help="lifetime of the SVIDs POST /v1/ca/sign issues, e.g. 24h, 90m (default 24h)",
     )
+    serve.add_argument(
+        "--instance-ttl",
+        default="10s",
+        metavar="DURATION",
+        help="TTL of an instance that registers without one, and the warming period after "
+        "start (one TTL), e.g. 10s, 3s (default 10s; workloads heartbeat every TTL/3)",
+    )
     serve.set_defaults(func=_cmd_serve)
     add_registry_status(verbs)  # a client of a running registry: with apply, get...
 
@@ -282,6 +290,22 @@ def etcd_urls(text: str) -> list[str]:
         if port is None or parts.path.strip("/"):
             raise UsageError(f"--etcd: {url!r} must be http(s)://HOST:PORT (a port, no path)")
     return urls
+
+
+def instance_settings(text: str) -> RegistrySettings:
+    """``--instance-ttl``'s core settings: that default TTL and one TTL of warming (every live
+    instance heartbeats within it). UsageError naming the flag for a bad duration."""
+    from meshlib.config.values import parse_duration
+    from meshlib.control.app import MAX_TTL, MIN_TTL
+    from meshlib.control.registry import RegistrySettings
+
+    try:
+        ttl = parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"--instance-ttl: {exc}") from None
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise UsageError(f"--instance-ttl must be {MIN_TTL:g}s..{MAX_TTL:g}s, got {text!r}")
+    return RegistrySettings(default_ttl=ttl, warming=ttl)
 
 
 def store_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,6 +359,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--svid-ttl: {exc}") from None
     if svid_ttl <= dt.timedelta(0):
         raise UsageError(f"--svid-ttl must be positive, got {args.svid_ttl!r}")
+    settings = instance_settings(args.instance_ttl)
     data = Path(args.data)
     if not (data / REGISTRY_DIR / "cert.pem").exists():
         raise CommandFailed(f"{data}: no registry SVID; run 'meshctl registry init --data {data}'")
@@ -353,6 +378,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         svid_dir=data / REGISTRY_DIR,
         svid_ttl=svid_ttl,
         join_tokens=tokens,
+        settings=settings,
         **chosen.get("app", {}),
     )
     try:

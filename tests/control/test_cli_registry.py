@@ -69,6 +69,16 @@ def test_serve_without_init_fails_in_one_line(
     assert main(["registry", "serve", "--data", str(tmp_path), "--listen", "nope"]) == 2
     assert main(["registry", "serve", "--data", str(tmp_path), "--svid-ttl", "soon"]) == 2
     assert "--svid-ttl" in capsys.readouterr().err
+    for bad in ("soon", "0.5s", "301s"):
+        assert main(["registry", "serve", "--data", str(tmp_path), "--instance-ttl", bad]) == 2
+        assert "--instance-ttl" in capsys.readouterr().err
+
+
+def test_instance_ttl_sets_the_default_ttl_and_one_ttl_of_warming() -> None:
+    from meshlib.cli.registry import instance_settings
+
+    settings = instance_settings("3s")
+    assert (settings.default_ttl, settings.warming) == (3.0, 3.0)
 
 
 def _serve(data: Path, *flags: str) -> subprocess.Popen[str]:

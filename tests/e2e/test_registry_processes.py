@@ -10,21 +10,18 @@ endpoints) are printed (``pytest -s``); docs/control-plane.md quotes them.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import pytest
+from harness.processes import Child, Processes, Traffic, until
 
 import meshlib
 from meshlib.control.client import RegistryClient
@@ -70,65 +67,13 @@ def meshctl(*args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout.decode()
 
 
-@dataclass
-class Child:
-    """A process in its own group (signalled as a group), its stdout lines queued."""
-
-    popen: subprocess.Popen[bytes]
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-
-    def read(self, stdout: IO[bytes]) -> None:
-        for raw in stdout:
-            self.lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def line(self, prefix: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(queue.Empty):
-                line = self.lines.get(timeout=min(left, 0.5))
-                if line.startswith(prefix):
-                    return line
-            assert self.popen.poll() is None, f"exited {self.popen.returncode} before {prefix!r}"
-        raise AssertionError(f"no line {prefix!r} within {timeout}s")
-
-    def signal(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, sig)
-
-
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
     """``spawn(name, argv, env)``: a child process; every one is stopped at teardown (SIGTERM
     to its group, SIGKILL after 10 s) and must be gone."""
-    children: list[Child] = []
-
-    def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        with open(tmp_path / f"{name}.log", "wb") as log:
-            popen = subprocess.Popen(
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
-        assert popen.stdout is not None
-        child = Child(popen)
-        threading.Thread(target=child.read, args=(popen.stdout,), daemon=True).start()
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.signal(signal.SIGTERM)
-    for child in children:
-        try:
-            child.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.signal(signal.SIGKILL)
-            child.popen.wait(timeout=10)
-    for child in children:
-        with pytest.raises(ProcessLookupError):
-            os.killpg(child.popen.pid, 0)  # the group is empty: nothing outlived the test
+    processes = Processes(tmp_path)
+    yield processes.start
+    processes.stop()
 
 
 @dataclass
@@ -205,67 +150,6 @@ def loadgen(cluster: Cluster) -> Iterator[meshlib.Mesh]:
 def endpoints(mesh: meshlib.Mesh, service: str) -> set[str]:
     found = mesh.discovered().get(f"{service}.default")
     return set() if found is None else {e.address for e in found.endpoints}
-
-
-def until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """A condition other processes make true, polled, bounded (no event crosses a process)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-@dataclass(frozen=True)
-class Call:
-    wall: float  # when the answer came (wall clock: the registry stamps versions with it)
-    ok: bool
-    service: str = ""
-    instance: str = ""
-    error: str = ""
-
-
-class Traffic:
-    """GETs to http://productpage/productpage from a few threads until stopped."""
-
-    def __init__(self, mesh: meshlib.Mesh, workers: int = 3) -> None:
-        self.calls: list[Call] = []
-        self._mesh = mesh
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(workers)]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self) -> None:
-        with self._mesh.client(timeout=5.0) as client:
-            while not self._stop.is_set():
-                try:
-                    answer = client.get("http://productpage/productpage")
-                    if answer.status_code == 200:
-                        body = answer.json()["reviews"]
-                        call = Call(time.time(), True, body["service"], body["instance"])
-                    else:
-                        call = Call(time.time(), False, error=f"{answer.status_code} {answer.text}")
-                except Exception as exc:  # a failed call is what the tests count
-                    call = Call(time.time(), False, error=f"{type(exc).__name__}: {exc}")
-                with self._lock:
-                    self.calls.append(call)
-                self._stop.wait(0.02)
-
-    def snapshot(self) -> list[Call]:
-        with self._lock:
-            return list(self.calls)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.calls)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
 
 
 @pytest.fixture
