@@ -255,7 +255,8 @@ def test_two_etcd_replicas_serve_one_registry_from_one_data_dir(
             assert [e.id for e in seen.endpoints] == [made.id]
             assert seen.index == made.index
             status = b.status()
-            assert status.store == "EtcdStore" and status.epoch == first.epoch
+            assert status.store == f"etcd:{etcd.endpoints[0]}" and status.epoch == first.epoch
+            assert status.replica is not None and status.replica.store_ok
             assert status.state == "warming"  # a replica warms after its start, as one does
         assert not (data / "registry.db").exists() and not (data / "registry.lock").exists()
     finally:
