@@ -1,19 +1,58 @@
-"""Test doubles for the control plane's client: a DiscoverySource over the registry's real
-pure core, answering blocking queries in memory (no sockets)."""
+"""Test doubles for the control plane: a DiscoverySource over the registry's real pure core,
+answering blocking queries in memory (no sockets), and a store that forwards every call to a
+real one (the base of the tests' failing, slow and racing store views)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from policy.fakes import FakeClock
 
 from meshlib.control.discovery import SourceUnavailable
 from meshlib.control.registry import Registry
+from meshlib.control.store import Event, Item, Store
 from meshlib.control.wire import EndpointsAnswer, PolicyAnswer, RegisteredEndpoint
 
 WORKLOAD = "spiffe://cluster.local/ns/default/sa/reviews"
+
+
+class ForwardingStore:
+    """A :class:`~meshlib.control.store.Store` that forwards every call to ``inner`` (a real
+    store): a test's store view overrides only the calls it changes."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    async def range(self, prefix: str) -> tuple[int, list[Item]]:
+        return await self.inner.range(prefix)
+
+    async def put(
+        self, key: str, value: bytes, *, lease: int | None = None, if_mod_rev: int | None = None
+    ) -> int:
+        return await self.inner.put(key, value, lease=lease, if_mod_rev=if_mod_rev)
+
+    async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
+        return await self.inner.delete(key, if_mod_rev=if_mod_rev)
+
+    async def grant(self, ttl: int) -> int:
+        return await self.inner.grant(ttl)
+
+    async def keepalive(self, lease: int) -> None:
+        await self.inner.keepalive(lease)
+
+    async def revoke(self, lease: int) -> int:
+        return await self.inner.revoke(lease)
+
+    async def expire(self) -> int:
+        return await self.inner.expire()
+
+    def watch(self, prefix: str, after_rev: int) -> AsyncIterator[Event]:
+        return self.inner.watch(prefix, after_rev)
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 class MemorySource:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,18 +17,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshlib.control.app import RegistryApp
 from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import RegistrySettings
-from meshlib.control.store import Event, Item, Store, StoreError
+from meshlib.control.store import Store, StoreError
 from tests.control.conftest import TD, FakeClock, StartRegistry
+from tests.control.fakes import ForwardingStore
 from tests.control.test_app import POLICY, body, error_of, path
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class FailingStore:
+class FailingStore(ForwardingStore):
     """A store whose writes (put, delete) raise :class:`StoreError` while ``failing`` is set."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.failing = False
         self.refused = 0
 
@@ -37,9 +37,6 @@ class FailingStore:
         if self.failing:
             self.refused += 1
             raise StoreError(f"disk full writing {key} (test)")
-
-    async def range(self, prefix: str) -> tuple[int, list[Item]]:
-        return await self.inner.range(prefix)
 
     async def put(
         self, key: str, value: bytes, *, lease: int | None = None, if_mod_rev: int | None = None
@@ -50,24 +47,6 @@ class FailingStore:
     async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
         self._write(key)
         return await self.inner.delete(key, if_mod_rev=if_mod_rev)
-
-    async def grant(self, ttl: int) -> int:
-        return await self.inner.grant(ttl)
-
-    async def keepalive(self, lease: int) -> None:
-        await self.inner.keepalive(lease)
-
-    async def revoke(self, lease: int) -> int:
-        return await self.inner.revoke(lease)
-
-    async def expire(self) -> int:
-        return await self.inner.expire()
-
-    def watch(self, prefix: str, after_rev: int) -> AsyncIterator[Event]:
-        return self.inner.watch(prefix, after_rev)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def answers(http: httpx.Client) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from meshlib.control.mirror import EPOCH_KEY
 from meshlib.control.registry import RegistrySettings, instance_id
 from meshlib.control.store import Conflict, Event, Item, Store, StoreError, StoreUnavailable
 from tests.control.conftest import TD, FakeClock
+from tests.control.fakes import ForwardingStore
 from tests.control.test_app import POLICY
 
 pytestmark = pytest.mark.timeout(30)
@@ -43,13 +44,13 @@ def unavailable(operation: str) -> StoreError:
     return StoreUnavailable(operation, "no quorum (test)")
 
 
-class Wrapped:
+class Wrapped(ForwardingStore):
     """A view of the shared store for one replica: its watch can be held (``gate``: events wait
     until it is set), its writes' conflicts are counted, and ``down`` makes every call raise
     the store's "unavailable" error, as an etcd without quorum does."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.gate = asyncio.Event()
         self.gate.set()
         self.down = False
@@ -96,18 +97,6 @@ class Wrapped:
         self._check("delete")
         delete = self.inner.delete(key, if_mod_rev=if_mod_rev)
         return await self._after_echo(await self._counted(delete))
-
-    async def grant(self, ttl: int) -> int:
-        return await self.inner.grant(ttl)
-
-    async def keepalive(self, lease: int) -> None:
-        await self.inner.keepalive(lease)
-
-    async def revoke(self, lease: int) -> int:
-        return await self.inner.revoke(lease)
-
-    async def expire(self) -> int:
-        return await self.inner.expire()
 
     async def watch(self, prefix: str, after_rev: int) -> AsyncIterator[Event]:
         events = self.inner.watch(prefix, after_rev)

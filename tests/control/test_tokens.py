@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import pytest
 from policy.fakes import FakeClock
 
 from meshlib.control.sqlite import SQLiteStore
-from meshlib.control.store import Event, Item, Store
+from meshlib.control.store import Item, Store
 from meshlib.control.tokens import (
     DEFAULT_TOKEN_TTL,
     TokenRecord,
@@ -34,6 +34,7 @@ from meshlib.control.tokens import (
     verify_token,
     when,
 )
+from tests.control.fakes import ForwardingStore
 from tests.control.test_store_contract import MARKS, STORES
 
 TD = "shop.test"
@@ -188,12 +189,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         asyncio.run(made.close())
 
 
-class ReadTogether:
+class ReadTogether(ForwardingStore):
     """A store whose reads of a token wait until ``n`` readers have read: two consumers both
     read the unused record before either writes (the interleaving a real network allows)."""
 
     def __init__(self, inner: Store, n: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.barrier = asyncio.Barrier(n)
         self.armed = True
 
@@ -208,27 +209,6 @@ class ReadTogether:
     ) -> int:
         self.armed = False  # the loser's re-read after its conflict must not wait
         return await self.inner.put(key, value, lease=lease, if_mod_rev=if_mod_rev)
-
-    async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
-        return await self.inner.delete(key, if_mod_rev=if_mod_rev)
-
-    async def grant(self, ttl: int) -> int:
-        return await self.inner.grant(ttl)
-
-    async def keepalive(self, lease: int) -> None:
-        await self.inner.keepalive(lease)
-
-    async def revoke(self, lease: int) -> int:
-        return await self.inner.revoke(lease)
-
-    async def expire(self) -> int:
-        return await self.inner.expire()
-
-    def watch(self, prefix: str, after_rev: int) -> AsyncIterator[Event]:
-        return self.inner.watch(prefix, after_rev)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def _issue(store: Store, ttl: float = DEFAULT_TOKEN_TTL) -> tuple[str, TokenRecord]:
