@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from harness.processes import Traffic
 
 import meshlib
 
@@ -172,3 +173,17 @@ def service_yaml(name: str, ports: list[int], namespace: str = "default") -> str
         f"metadata: {{name: {name}, namespace: {namespace}}}\n"
         f"spec:\n  endpoints:\n{endpoints}\n"
     )
+
+
+@pytest.fixture
+def traffic() -> Iterator[Callable[[meshlib.Mesh], Traffic]]:
+    """Start steady mesh calls from a mesh (``traffic(mesh)``); each is stopped afterwards."""
+    running: list[Traffic] = []
+
+    def start(mesh: meshlib.Mesh) -> Traffic:
+        running.append(Traffic(mesh))
+        return running[-1]
+
+    yield start
+    for each in running:
+        each.stop()

@@ -152,19 +152,6 @@ def endpoints(mesh: meshlib.Mesh, service: str) -> set[str]:
     return set() if found is None else {e.address for e in found.endpoints}
 
 
-@pytest.fixture
-def traffic() -> Iterator[Callable[[meshlib.Mesh], Traffic]]:
-    running: list[Traffic] = []
-
-    def start(mesh: meshlib.Mesh) -> Traffic:
-        running.append(Traffic(mesh))
-        return running[-1]
-
-    yield start
-    for each in running:
-        each.stop()
-
-
 def within_5_sigma(hits: int, n: int, p: float) -> bool:
     return abs(hits / n - p) <= 5 * math.sqrt(p * (1 - p) / n)
 

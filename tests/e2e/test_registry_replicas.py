@@ -153,19 +153,6 @@ def replicas(tmp_path: Path, etcd3: EtcdCluster) -> Iterator[Replicas]:
     procs.stop()
 
 
-@pytest.fixture
-def traffic() -> Iterator[Callable[[meshlib.Mesh], Traffic]]:
-    running: list[Traffic] = []
-
-    def start(mesh: meshlib.Mesh) -> Traffic:
-        running.append(Traffic(mesh))
-        return running[-1]
-
-    yield start
-    for each in running:
-        each.stop()
-
-
 def steady(found: Traffic, calls: int = 30) -> None:
     """Wait for ``calls`` more calls (the traffic flows through what just happened)."""
     start = found.count()
