@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -21,9 +21,9 @@ from etcd_cluster import EtcdCluster
 from meshlib.control.app import RegistryApp
 from meshlib.control.etcd import EtcdStore
 from meshlib.control.memory import MemoryStore
-from meshlib.control.mirror import EPOCH_KEY
+from meshlib.control.mirror import PREFIX
 from meshlib.control.registry import RegistrySettings, instance_id
-from meshlib.control.store import Conflict, Event, Item, Store, StoreError, StoreUnavailable
+from meshlib.control.store import Conflict, Event, Item, Put, Store, StoreError, StoreUnavailable
 from tests.control.conftest import TD, FakeClock
 from tests.control.fakes import ForwardingStore
 from tests.control.test_app import POLICY
@@ -92,6 +92,10 @@ class Wrapped(ForwardingStore):
         self._check("put")
         put = self.inner.put(key, value, lease=lease, if_mod_rev=if_mod_rev)
         return await self._after_echo(await self._counted(put))
+
+    async def put_all(self, puts: Sequence[Put]) -> int:
+        self._check("put")
+        return await self._after_echo(await self._counted(self.inner.put_all(puts)))
 
     async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
         self._check("delete")
@@ -174,10 +178,16 @@ async def replicas(
 
 
 async def caught_up(store: MemoryStore, *apps: RegistryApp) -> None:
-    """Until every app's mirror has applied the store's latest revision (bounded)."""
-    revision, _ = await store.range(EPOCH_KEY)
+    """Until every app's mirror has applied the store's latest revision, and every key at its
+    revision (a registration's index and record share one revision) (bounded)."""
+    revision, items = await store.range(PREFIX)
     for _ in range(10_000):
-        if all(a.mirror is not None and a.mirror.revision >= revision for a in apps):
+        if all(
+            a.mirror is not None
+            and a.mirror.revision >= revision
+            and all(a.mirror.mod_revision(i.key) >= i.mod_revision for i in items)
+            for a in apps
+        ):
             return
         await asyncio.sleep(0)  # a turn of the loop: the mirror tasks apply what is queued
     raise AssertionError(f"mirrors never reached revision {revision}")
@@ -245,6 +255,25 @@ def test_a_drain_through_b_wakes_the_watchers_of_a() -> None:
             assert answer.json()["index"] == index + 1
             assert ports(answer) == set()
             assert a.app.wakeups == 1
+
+    run(main)
+
+
+def test_a_registration_is_one_store_write_of_its_index_and_record() -> None:
+    """One round trip and one revision: no replica ever holds the index without its record."""
+
+    async def main() -> None:
+        async with replicas() as (a, b, shared):
+            before, _ = await shared.range(PREFIX)
+            assert (await register(a, 9001)).status_code == 201
+            revision, items = await shared.range(PREFIX)
+            assert revision == before + 1
+            written = {
+                i.key.split("/")[2]: i.mod_revision for i in items if i.mod_revision > before
+            }
+            assert written == {"indexes": revision, "instances": revision}
+            await caught_up(shared, b.app)
+            assert ports(await b.http.get(EP)) == {9001}
 
     run(main)
 
