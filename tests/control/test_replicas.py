@@ -18,10 +18,11 @@ import httpx
 import pytest
 from etcd_cluster import EtcdCluster
 
+import meshlib.control.app as app_module
 from meshlib.control.app import RegistryApp
 from meshlib.control.etcd import EtcdStore
 from meshlib.control.memory import MemoryStore
-from meshlib.control.mirror import PREFIX
+from meshlib.control.mirror import EPOCH_KEY, PREFIX
 from meshlib.control.registry import RegistrySettings, instance_id
 from meshlib.control.store import Conflict, Event, Item, Put, Store, StoreError, StoreUnavailable
 from tests.control.conftest import TD, FakeClock
@@ -54,6 +55,9 @@ class Wrapped(ForwardingStore):
         self.gate = asyncio.Event()
         self.gate.set()
         self.down = False
+        #: Set: the health probe (a range of the epoch key) gets no answer until it is cleared.
+        self.stalled = False
+        self.probed = asyncio.Event()
         self.conflicts = 0
         self.conflicted = asyncio.Event()
         #: Set: the watch in progress fails (a lost connection to etcd), as does each new one.
@@ -76,6 +80,9 @@ class Wrapped(ForwardingStore):
 
     async def range(self, prefix: str) -> tuple[int, list[Item]]:
         self._check("range")
+        while self.stalled and prefix == EPOCH_KEY:
+            self.probed.set()
+            await asyncio.sleep(0.01)
         return await self.inner.range(prefix)
 
     async def _counted(self, write: Awaitable[_T]) -> _T:
@@ -483,6 +490,28 @@ def test_a_store_without_quorum_refuses_writes_and_marks_reads_until_it_recovers
             assert (await register(a, 9002)).status_code == 201
             status = (await a.http.get("/v1/status")).json()
             assert status["authoritative"] is True and status["replica"]["store_ok"] is True
+
+    run(main)
+
+
+def test_a_probe_that_times_out_while_writes_commit_does_not_mark_the_store_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A restart storm holds a replica's event loop for seconds: its probe times out in the
+    replica, not in the store, and writes keep committing. Refusing writes then was 503s."""
+    monkeypatch.setattr(app_module, "HEALTH_TIMEOUT", 0.2)
+
+    async def main() -> None:
+        async with replicas() as (a, _, _):
+            a.view.stalled = True
+            probe = asyncio.create_task(a.app.check_store())
+            await a.view.probed.wait()
+            assert (await register(a, 9001)).status_code == 201  # the store answers
+            assert await probe is True
+            assert a.app.store_ok
+            assert await a.app.check_store() is False  # a timeout and no write: down
+            a.view.stalled = False
+            assert await a.app.check_store() is True
 
     run(main)
 
