@@ -89,6 +89,11 @@ class CountingStore:
         rev: int = await self.store.put(key, value, **kw)
         return rev
 
+    async def put_all(self, puts: Any) -> int:
+        self.puts += 1
+        rev: int = await self.store.put_all(puts)
+        return rev
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
 

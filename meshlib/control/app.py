@@ -301,6 +301,8 @@ class RegistryApp:
         self.store_ok = True
         #: The mirror's list and watch are running (replica mode).
         self.watch_ok = True
+        #: Loop time of the last write the store committed (replica mode): proof it answers.
+        self._store_answered = -math.inf
         self._mirror_moved = asyncio.Event()
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -530,6 +532,25 @@ class RegistryApp:
         return registry
 
     async def _save_instance(self, instance: Instance, *, cas: bool = False) -> None:
+        key = _instance_key(instance)
+        expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
+        await self._write(key, self.store.put(key, self._record(instance), if_mod_rev=expected))
+        self._persisted_beat[instance.id] = instance.last_heartbeat
+
+    async def _save_registration(
+        self, instance: Instance, index: int, expected: int | None
+    ) -> None:
+        """Write a registration that moves its service's index: the index (a compare-and-set on
+        ``expected`` with replicas, see :meth:`_save_index`) and the instance record in one
+        store write — one round trip and one revision, so no replica ever sees the index
+        without its record."""
+        keys = (index_key(instance.key), _instance_key(instance))
+        puts = [(keys[0], str(index).encode(), expected), (keys[1], self._record(instance), None)]
+        await self._write(keys, self.store.put_all(puts))
+        self._persisted_beat[instance.id] = instance.last_heartbeat
+
+    def _record(self, instance: Instance) -> bytes:
+        """The instance as the store keeps it (wall-clock times: they outlive this process)."""
         now, wall_now = self.clock(), self.wall()
         record = {
             "id": instance.id,
@@ -547,27 +568,29 @@ class RegistryApp:
             "rejected_version": instance.rejected_version,
             "rejection": instance.rejection,
         }
-        key = _instance_key(instance)
-        expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
-        await self._write(
-            key, self.store.put(key, json.dumps(record).encode(), if_mod_rev=expected)
-        )
-        self._persisted_beat[instance.id] = instance.last_heartbeat
+        return json.dumps(record).encode()
 
-    async def _write(self, key: str, write: Awaitable[int], *, present: bool = True) -> int:
-        """Run a store write of ``key``; with replicas, the mirror holds the key's events until
-        the write's revision is known, then applies those newer than it (another replica's)."""
+    async def _write(
+        self, key: str | tuple[str, ...], write: Awaitable[int], *, present: bool = True
+    ) -> int:
+        """Run a store write of ``key`` (or of several keys, in one revision); with replicas,
+        the mirror holds their events until the write's revision is known, then applies those
+        newer than it (another replica's)."""
         mirror = self.mirror
         if mirror is None:
             return await write
-        mirror.writing(key)
+        keys = (key,) if isinstance(key, str) else key
+        for each in keys:
+            mirror.writing(each)
         revision: int | None = None
         try:
             revision = await write
+            self._store_answered = asyncio.get_running_loop().time()
             return revision
         finally:
-            for event in mirror.written(key, revision, present=present):
-                self._mirrored(mirror.apply(event, self.clock(), self.wall()))
+            for each in keys:
+                for event in mirror.written(each, revision, present=present):
+                    self._mirrored(mirror.apply(event, self.clock(), self.wall()))
 
     async def _save_index(self, key: ServiceKey, index: int, expected: int | None = None) -> None:
         """Write ``key``'s index; with replicas, a compare-and-set on ``expected`` (the index
@@ -653,12 +676,18 @@ class RegistryApp:
         health changes every answer's ``authoritative``: it wakes every held query."""
         status = getattr(self.store, "status", None)
         probe = status() if status is not None else self.store.range(EPOCH_KEY)
+        started = asyncio.get_running_loop().time()
         try:
             await asyncio.wait_for(probe, HEALTH_TIMEOUT)
         except (StoreError, asyncio.TimeoutError, OSError) as exc:
-            ok = False
-            if self.store_ok:
-                log.error("registry: the store is down, answers are not authoritative: %s", exc)
+            # A probe that only timed out may have waited in this replica's own queue (a
+            # restart storm's handshakes hold the event loop for seconds), not in the store's:
+            # a write the store committed meanwhile proves it answers. Refusing every write
+            # for a tick on that false alarm was the storm's 503s.
+            ok = isinstance(exc, asyncio.TimeoutError) and self._store_answered >= started
+            if self.store_ok and not ok:
+                reason = str(exc) or f"no answer within {HEALTH_TIMEOUT:g} s"
+                log.error("registry: the store is down, answers are not authoritative: %s", reason)
         else:
             ok = True
         self._set_health(store_ok=ok)
@@ -1102,13 +1131,14 @@ class RegistryApp:
                 except ValueError as exc:
                     raise _HTTPError(400, str(exc)) from None
                 moved = done.change is not Change.REFRESHED
-                if moved:  # the index first: a store ahead by an index is a spurious wake-up
+                if moved:
                     try:
-                        await self._save_index(done.instance.key, done.index, expected)
+                        await self._save_registration(done.instance, done.index, expected)
                     except Conflict as exc:  # another replica moved it first: plan again
                         await self._lost(exc, expected, (ns, svc))
                         continue
-                await self._save_instance(done.instance)
+                else:
+                    await self._save_instance(done.instance)
                 registry.commit(done)
                 self._counted()
                 break

@@ -77,9 +77,11 @@ from meshlib.control.store import (
     EventKind,
     Item,
     LeaseNotFound,
+    Put,
     StoreClosed,
     StoreError,
     StoreUnavailable,
+    check_puts,
 )
 
 __all__ = ["EtcdStore"]
@@ -180,6 +182,12 @@ def _range_end(key: bytes) -> bytes:
     return b"\0"
 
 
+def _compare(wire: str, if_mod_rev: int) -> dict[str, str]:
+    """A txn compare: ``wire``'s mod_revision is store revision ``if_mod_rev``."""
+    etcd_rev = if_mod_rev + 1 if if_mod_rev else 0  # 0: absent, in both
+    return {"key": wire, "target": "MOD", "result": "EQUAL", "mod_revision": str(etcd_rev)}
+
+
 def _parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
     raw = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
     urls = tuple(url.strip().rstrip("/") for url in raw if url.strip())
@@ -228,7 +236,7 @@ class EtcdStore:
         self._physical = 0
         self._watches: set[_Watch] = set()
         #: Per key, the last write that ended in StoreUnavailable (its outcome is unknown).
-        self._unsure: dict[str, _Write] = {}
+        self._unsure: dict[str, _Write | tuple[Put, ...]] = {}
         self._closed = False
 
     @property
@@ -291,6 +299,51 @@ class EtcdStore:
             # An earlier attempt whose answer was lost did write: this is our own value.
             return int(current["mod_revision"]) - 1
         raise Conflict(key, if_mod_rev, self._mod_revision(current))
+
+    async def put_all(self, puts: Sequence[Put]) -> int:
+        await self._touch()
+        check_puts(puts)
+        operation = "put " + ", ".join(repr(key) for key, _, _ in puts)
+        wires = [self._key(key) for key, _, _ in puts]
+        body: dict[str, Any] = {
+            "success": [
+                {"request_put": {"key": wire, "value": _b64(bytes(value))}}
+                for wire, (_, value, _) in zip(wires, puts, strict=True)
+            ]
+        }
+        compares = [
+            _compare(wire, if_mod_rev)
+            for wire, (_, _, if_mod_rev) in zip(wires, puts, strict=True)
+            if if_mod_rev is not None
+        ]
+        if compares:
+            body["compare"] = compares
+            body["failure"] = [{"request_range": {"key": wire}} for wire in wires]
+        written = tuple((key, bytes(value), if_mod_rev) for key, value, if_mod_rev in puts)
+        reply = await self._write(operation, "\0".join(wires), body, written)
+        self._refuse(reply, operation)
+        revision = self._revision(reply.data)
+        if reply.data.get("succeeded"):
+            await self._compact(revision)
+            return revision
+        currents = [
+            (r.get("response_range", {}).get("kvs") or [None])[0]
+            for r in reply.data.get("responses", [])
+        ]
+        mine = [
+            kv is not None
+            and base64.b64decode(kv.get("value", "")) == value
+            and not int(kv.get("lease", 0))
+            for kv, (_, value, _) in zip(currents, written, strict=True)
+        ]
+        revisions = {int(kv["mod_revision"]) for kv in currents if kv is not None}
+        if reply.uncertain and all(mine) and len(revisions) == 1:
+            # An earlier attempt whose answer was lost wrote every key, in one revision.
+            return revisions.pop() - 1
+        for kv, (key, _, if_mod_rev) in zip(currents, written, strict=True):
+            if if_mod_rev is not None and self._mod_revision(kv) != if_mod_rev:
+                raise Conflict(key, if_mod_rev, self._mod_revision(kv))
+        raise StoreError(f"etcd refused {operation}: a compare failed, yet every key matches")
 
     async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
         await self._touch()
@@ -421,7 +474,9 @@ class EtcdStore:
                 # Every endpoint failed once: give an election a moment before the next round.
                 await asyncio.sleep(min(0.1, max(remaining, 0.0)))
 
-    async def _write(self, operation: str, key: str, body: dict[str, Any], write: _Write) -> _Reply:
+    async def _write(
+        self, operation: str, key: str, body: dict[str, Any], write: _Write | tuple[Put, ...]
+    ) -> _Reply:
         """A txn on ``key`` that is safe to repeat: when an earlier call of the very same write
         ended in :class:`StoreUnavailable` (outcome unknown), this one is marked uncertain, so
         finding that write already done counts as success rather than a conflict."""
@@ -520,10 +575,7 @@ class EtcdStore:
     def _txn(wire: str, if_mod_rev: int | None, success: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"success": [success]}
         if if_mod_rev is not None:
-            etcd_rev = if_mod_rev + 1 if if_mod_rev else 0  # 0: absent, in both
-            body["compare"] = [
-                {"key": wire, "target": "MOD", "result": "EQUAL", "mod_revision": str(etcd_rev)}
-            ]
+            body["compare"] = [_compare(wire, if_mod_rev)]
             body["failure"] = [{"request_range": {"key": wire}}]
         return body
 

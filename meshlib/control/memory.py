@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,7 +24,9 @@ from meshlib.control.store import (
     EventKind,
     Item,
     LeaseNotFound,
+    Put,
     StoreClosed,
+    check_puts,
 )
 
 __all__ = ["Journal", "JournalEntry", "MemoryStore", "State"]
@@ -134,6 +136,20 @@ class MemoryStore:
             revision,
             events=(Event(EventKind.PUT, key, item.value, revision),),
             items=(item,),
+        )
+        return revision
+
+    async def put_all(self, puts: Sequence[Put]) -> int:
+        self._touch()
+        check_puts(puts)
+        for key, _, if_mod_rev in puts:
+            self._compare(key, if_mod_rev)
+        revision = self._revision + 1
+        items = tuple(Item(key, bytes(value), revision) for key, value, _ in puts)
+        self._apply(
+            revision,
+            events=tuple(Event(EventKind.PUT, i.key, i.value, revision) for i in items),
+            items=items,
         )
         return revision
 

@@ -93,9 +93,9 @@ class Mirror:
         # keys do not pile up in a long-lived replica.
         self._tombstones: list[tuple[int, str]] = []
         # A writer moves a service's index, then writes the one record the move counts (a
-        # register's put, a drain's or an expiry's delete). The index waits here until that
-        # record arrives, so a watcher woken by it never answers without the change: service ->
-        # (index, when it arrived).
+        # drain's or an expiry's delete; a register's put comes in the same revision, right
+        # after the index). The index waits here until that record arrives, so a watcher woken
+        # by it never answers without the change: service -> (index, when it arrived).
         self._pending: dict[ServiceKey, tuple[int, float]] = {}
         # Keys this replica is writing: their events wait until the write's revision is known
         # (the echo of a write may arrive before the write's own answer).

@@ -33,12 +33,12 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from meshlib.control.memory import DEFAULT_HISTORY, JournalEntry, MemoryStore, State
-from meshlib.control.store import Event, EventKind, Item, StoreError, StoreLocked
+from meshlib.control.store import Event, EventKind, Item, Put, StoreError, StoreLocked
 
 __all__ = ["DB_FILE", "LOCK_FILE", "SQLiteStore"]
 
@@ -109,6 +109,9 @@ class SQLiteStore:
         self, key: str, value: bytes, *, lease: int | None = None, if_mod_rev: int | None = None
     ) -> int:
         return await self._memory.put(key, value, lease=lease, if_mod_rev=if_mod_rev)
+
+    async def put_all(self, puts: Sequence[Put]) -> int:
+        return await self._memory.put_all(puts)
 
     async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
         return await self._memory.delete(key, if_mod_rev=if_mod_rev)

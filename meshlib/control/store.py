@@ -36,7 +36,7 @@ Semantics every store keeps:
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,12 +47,28 @@ __all__ = [
     "EventKind",
     "Item",
     "LeaseNotFound",
+    "Put",
     "Store",
     "StoreClosed",
     "StoreError",
     "StoreLocked",
     "StoreUnavailable",
+    "check_puts",
 ]
+
+#: One put of :meth:`Store.put_all`: (key, value, if_mod_rev).
+Put = tuple[str, bytes, int | None]
+
+
+def check_puts(puts: Sequence[Put]) -> None:
+    """Refuse a :meth:`Store.put_all` that names no key, an empty key or a key twice."""
+    if not puts:
+        raise ValueError("put_all needs at least one (key, value, if_mod_rev)")
+    keys = [key for key, _, _ in puts]
+    if not all(keys):
+        raise ValueError("a store key must not be empty")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"put_all writes each key once, got {keys!r}")
 
 
 class StoreError(Exception):
@@ -174,6 +190,15 @@ class Store(Protocol):
     ) -> int:
         """Write ``key``; returns the revision of the write. A put without ``lease`` detaches
         the key from any lease it had."""
+        ...
+
+    async def put_all(self, puts: Sequence[Put]) -> int:
+        """Write every ``(key, value, if_mod_rev)`` of ``puts`` in one revision, atomically: if
+        any compare fails, nothing is written and :class:`Conflict` names the first such key
+        (in ``puts``' order). No leases (each key is detached from any it had); each key at
+        most once. Returns the revision. (The registry writes a service's index and the
+        instance record a registration moves it for as one write: one round trip, one
+        revision.)"""
         ...
 
     async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:

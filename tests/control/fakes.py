@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from policy.fakes import FakeClock
 
 from meshlib.control.discovery import SourceUnavailable
 from meshlib.control.registry import Registry
-from meshlib.control.store import Event, Item, Store
+from meshlib.control.store import Event, Item, Put, Store
 from meshlib.control.wire import EndpointsAnswer, PolicyAnswer, RegisteredEndpoint
 
 WORKLOAD = "spiffe://cluster.local/ns/default/sa/reviews"
@@ -32,6 +32,9 @@ class ForwardingStore:
         self, key: str, value: bytes, *, lease: int | None = None, if_mod_rev: int | None = None
     ) -> int:
         return await self.inner.put(key, value, lease=lease, if_mod_rev=if_mod_rev)
+
+    async def put_all(self, puts: Sequence[Put]) -> int:
+        return await self.inner.put_all(puts)
 
     async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
         return await self.inner.delete(key, if_mod_rev=if_mod_rev)

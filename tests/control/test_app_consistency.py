@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshlib.control.app import RegistryApp
 from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import RegistrySettings
-from meshlib.control.store import Store, StoreError
+from meshlib.control.store import Put, Store, StoreError
 from tests.control.conftest import TD, FakeClock, StartRegistry
 from tests.control.fakes import ForwardingStore
 from tests.control.test_app import POLICY, body, error_of, path
@@ -43,6 +44,10 @@ class FailingStore(ForwardingStore):
     ) -> int:
         self._write(key)
         return await self.inner.put(key, value, lease=lease, if_mod_rev=if_mod_rev)
+
+    async def put_all(self, puts: Sequence[Put]) -> int:
+        self._write(puts[0][0])
+        return await self.inner.put_all(puts)
 
     async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
         self._write(key)

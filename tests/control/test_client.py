@@ -3,9 +3,11 @@ endpoint, wire values back, typed errors, the registry's SPIFFE ID pinned."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -267,3 +269,36 @@ def test_the_async_client_holds_more_long_polls_than_httpxs_default_pool(
             await client.aclose()
 
     assert asyncio.run(run()) == count
+
+
+def _established(port: int) -> int:
+    """The TCP connections the server listening on ``port`` holds open (its side: the local
+    port is ``port``), read from the kernel's table."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, _remote, state = line.split()[1:4]
+        if int(local.rsplit(":", 1)[1], 16) == port and state == "01":  # 01: ESTABLISHED
+            count += 1
+    return count
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+async def test_a_burst_of_calls_opens_at_most_max_connections(registry: RunningRegistry) -> None:
+    port = int(registry.url.rsplit(":", 1)[1])
+    async with AsyncRegistryClient(
+        registry.url, svid_dir=str(registry.admin_svid), max_connections=3
+    ) as client:
+        # A held query has a connection of its own: the burst does not queue behind it.
+        watch = asyncio.create_task(client.endpoints("default", "ratings", index=1, wait=20.0))
+        made = await asyncio.gather(
+            *(client.register("default", "reviews", "127.0.0.1", 8000 + n) for n in range(40))
+        )
+        assert sorted(m.change for m in made) == ["created"] * 40
+        assert not watch.done()
+        opened = _established(port)
+        await client.register("default", "ratings", "127.0.0.1", 9000)
+        assert [e.port for e in (await watch).endpoints] == [9000]
+    # 3 for the calls, 1 for the held query (before the cap: one per concurrent call, 41)
+    assert 2 <= opened <= 4, f"{opened} connections to the registry"

@@ -11,19 +11,20 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 from etcd_cluster import EtcdCluster
 
+import meshlib.control.app as app_module
 from meshlib.control.app import RegistryApp
 from meshlib.control.etcd import EtcdStore
 from meshlib.control.memory import MemoryStore
-from meshlib.control.mirror import EPOCH_KEY
+from meshlib.control.mirror import EPOCH_KEY, PREFIX
 from meshlib.control.registry import RegistrySettings, instance_id
-from meshlib.control.store import Conflict, Event, Item, Store, StoreError, StoreUnavailable
+from meshlib.control.store import Conflict, Event, Item, Put, Store, StoreError, StoreUnavailable
 from tests.control.conftest import TD, FakeClock
 from tests.control.fakes import ForwardingStore
 from tests.control.test_app import POLICY
@@ -54,6 +55,9 @@ class Wrapped(ForwardingStore):
         self.gate = asyncio.Event()
         self.gate.set()
         self.down = False
+        #: Set: the health probe (a range of the epoch key) gets no answer until it is cleared.
+        self.stalled = False
+        self.probed = asyncio.Event()
         self.conflicts = 0
         self.conflicted = asyncio.Event()
         #: Set: the watch in progress fails (a lost connection to etcd), as does each new one.
@@ -76,6 +80,9 @@ class Wrapped(ForwardingStore):
 
     async def range(self, prefix: str) -> tuple[int, list[Item]]:
         self._check("range")
+        while self.stalled and prefix == EPOCH_KEY:
+            self.probed.set()
+            await asyncio.sleep(0.01)
         return await self.inner.range(prefix)
 
     async def _counted(self, write: Awaitable[_T]) -> _T:
@@ -92,6 +99,10 @@ class Wrapped(ForwardingStore):
         self._check("put")
         put = self.inner.put(key, value, lease=lease, if_mod_rev=if_mod_rev)
         return await self._after_echo(await self._counted(put))
+
+    async def put_all(self, puts: Sequence[Put]) -> int:
+        self._check("put")
+        return await self._after_echo(await self._counted(self.inner.put_all(puts)))
 
     async def delete(self, key: str, *, if_mod_rev: int | None = None) -> int:
         self._check("delete")
@@ -174,10 +185,16 @@ async def replicas(
 
 
 async def caught_up(store: MemoryStore, *apps: RegistryApp) -> None:
-    """Until every app's mirror has applied the store's latest revision (bounded)."""
-    revision, _ = await store.range(EPOCH_KEY)
+    """Until every app's mirror has applied the store's latest revision, and every key at its
+    revision (a registration's index and record share one revision) (bounded)."""
+    revision, items = await store.range(PREFIX)
     for _ in range(10_000):
-        if all(a.mirror is not None and a.mirror.revision >= revision for a in apps):
+        if all(
+            a.mirror is not None
+            and a.mirror.revision >= revision
+            and all(a.mirror.mod_revision(i.key) >= i.mod_revision for i in items)
+            for a in apps
+        ):
             return
         await asyncio.sleep(0)  # a turn of the loop: the mirror tasks apply what is queued
     raise AssertionError(f"mirrors never reached revision {revision}")
@@ -245,6 +262,25 @@ def test_a_drain_through_b_wakes_the_watchers_of_a() -> None:
             assert answer.json()["index"] == index + 1
             assert ports(answer) == set()
             assert a.app.wakeups == 1
+
+    run(main)
+
+
+def test_a_registration_is_one_store_write_of_its_index_and_record() -> None:
+    """One round trip and one revision: no replica ever holds the index without its record."""
+
+    async def main() -> None:
+        async with replicas() as (a, b, shared):
+            before, _ = await shared.range(PREFIX)
+            assert (await register(a, 9001)).status_code == 201
+            revision, items = await shared.range(PREFIX)
+            assert revision == before + 1
+            written = {
+                i.key.split("/")[2]: i.mod_revision for i in items if i.mod_revision > before
+            }
+            assert written == {"indexes": revision, "instances": revision}
+            await caught_up(shared, b.app)
+            assert ports(await b.http.get(EP)) == {9001}
 
     run(main)
 
@@ -454,6 +490,28 @@ def test_a_store_without_quorum_refuses_writes_and_marks_reads_until_it_recovers
             assert (await register(a, 9002)).status_code == 201
             status = (await a.http.get("/v1/status")).json()
             assert status["authoritative"] is True and status["replica"]["store_ok"] is True
+
+    run(main)
+
+
+def test_a_probe_that_times_out_while_writes_commit_does_not_mark_the_store_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A restart storm holds a replica's event loop for seconds: its probe times out in the
+    replica, not in the store, and writes keep committing. Refusing writes then was 503s."""
+    monkeypatch.setattr(app_module, "HEALTH_TIMEOUT", 0.2)
+
+    async def main() -> None:
+        async with replicas() as (a, _, _):
+            a.view.stalled = True
+            probe = asyncio.create_task(a.app.check_store())
+            await a.view.probed.wait()
+            assert (await register(a, 9001)).status_code == 201  # the store answers
+            assert await probe is True
+            assert a.app.store_ok
+            assert await a.app.check_store() is False  # a timeout and no write: down
+            a.view.stalled = False
+            assert await a.app.check_store() is True
 
     run(main)
 

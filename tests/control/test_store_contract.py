@@ -145,6 +145,35 @@ async def test_compare_and_set_creates_updates_and_refuses_a_stale_revision(rig:
     assert [(i.key, i.value) for i in items] == [("k", b"v2")]
 
 
+async def test_put_all_writes_every_key_in_one_revision_or_none(rig: Rig) -> None:
+    store = rig.make()
+    index = await store.put("idx/a", b"1")
+    async with aclosing(store.watch("", index)) as events:
+        both = await store.put_all([("idx/a", b"2", index), ("rec/a/1", b"r1", None)])
+        assert both == index + 1
+        assert await take(events, 2) == [put("idx/a", b"2", both), put("rec/a/1", b"r1", both)]
+
+        # One stale compare (the second key's) and nothing is written, not even the first key.
+        with pytest.raises(Conflict) as info:
+            await store.put_all(
+                [("idx/a", b"3", both), ("rec/a/2", b"r2", 0), ("rec/a/1", b"x", 1)]
+            )
+        assert (info.value.key, info.value.expected, info.value.actual) == ("rec/a/1", 1, both)
+        revision, items = await store.range("")
+        assert revision == both
+        assert [(i.key, i.value, i.mod_revision) for i in items] == [
+            ("idx/a", b"2", both),
+            ("rec/a/1", b"r1", both),
+        ]
+
+        third = await store.put_all([("idx/a", b"3", both), ("rec/a/2", b"r2", 0)])
+        assert await take(events, 2) == [put("idx/a", b"3", third), put("rec/a/2", b"r2", third)]
+    with pytest.raises(ValueError, match="each key once"):
+        await store.put_all([("k", b"1", None), ("k", b"2", None)])
+    with pytest.raises(ValueError, match="at least one"):
+        await store.put_all([])
+
+
 @pytest.mark.parametrize("start", ["absent", "present"])
 async def test_concurrent_compare_and_set_exactly_one_wins(rig: Rig, start: str) -> None:
     """DATA-4 at the store: two writers with the same fencing token, as concurrent tasks."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import pytest
 from policy.fakes import FakeClock
 
 from meshlib.control.sqlite import SQLiteStore
-from meshlib.control.store import Item, Store
+from meshlib.control.store import Item, Put, Store
 from meshlib.control.tokens import (
     DEFAULT_TOKEN_TTL,
     TokenRecord,
@@ -209,6 +209,10 @@ class ReadTogether(ForwardingStore):
     ) -> int:
         self.armed = False  # the loser's re-read after its conflict must not wait
         return await self.inner.put(key, value, lease=lease, if_mod_rev=if_mod_rev)
+
+    async def put_all(self, puts: Sequence[Put]) -> int:
+        self.armed = False
+        return await self.inner.put_all(puts)
 
 
 async def _issue(store: Store, ttl: float = DEFAULT_TOKEN_TTL) -> tuple[str, TokenRecord]:
