@@ -347,6 +347,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from meshlib.config.values import parse_duration
     from meshlib.control import tokens
     from meshlib.control.store import StoreError
+    from meshlib.control.wire import SERVER_KEEP_ALIVE
     from meshlib.identity import IdentityError
     from meshlib.identity.cadir import CADirectory
     from meshlib.inbound.serving import serve
@@ -393,6 +394,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             client_cert="optional",
             # on (1 s): the CRLs the app copies from DIR/ca into DIR/registry reach the server
             svid_poll_interval=1.0,
+            # past the clients' keep-alive: a client always lets an idle connection go first
+            timeout_keep_alive=SERVER_KEEP_ALIVE,
         )
     except (IdentityError, RuntimeError, TimeoutError, OSError) as exc:
         _close(store)

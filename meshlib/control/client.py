@@ -48,6 +48,7 @@ from cryptography import x509
 from meshlib.control.registry import instance_id
 from meshlib.control.wire import (
     AUTHORITATIVE_HEADER,
+    CLIENT_KEEP_ALIVE,
     EPOCH_HEADER,
     SOURCE_HEADER,
     BundleAnswer,
@@ -617,7 +618,9 @@ class RegistryURLs:
 
 
 #: The pool of blocking queries (discovery holds one long-poll per watched service on it).
-_WATCH_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+_WATCH_LIMITS = httpx.Limits(
+    max_connections=None, max_keepalive_connections=None, keepalive_expiry=CLIENT_KEEP_ALIVE
+)
 
 #: How many connections a client opens at most for calls that are not blocking queries
 #: (register, heartbeat, sign, ...): a burst of them queues on these instead of opening a
@@ -652,7 +655,9 @@ class _Base:
         #: The pool of calls that are not blocking queries; those each get a connection of
         #: their own, on a second pool without a cap (a held query must not wait behind others).
         self._call_limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=CLIENT_KEEP_ALIVE,
         )
         #: The client's SVID (None: a bootstrap client, which presents none).
         self.source: SVIDSource | None = None

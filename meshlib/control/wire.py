@@ -20,6 +20,13 @@ AUTHORITATIVE_HEADER = "X-Mesh-Authoritative"
 #: The prefix of a join string: ``meshlib-join:v1:<registry URL>:<root SPKI sha256>:<token>``
 #: (``meshctl token create --join`` writes it, :func:`meshlib.control.remote.parse_join` reads it).
 JOIN_PREFIX = "meshlib-join:v1:"
+#: Seconds the registry's server keeps an idle connection (``registry serve``'s uvicorn
+#: ``timeout_keep_alive``), and seconds a client keeps one for reuse: the client lets go first.
+#: With both at uvicorn's and httpx's default of 5 s, a beat sent on a connection idle for just
+#: under 5 s raced the server's close and failed ("Server disconnected"), and beats every few
+#: seconds paid a new mutual-TLS handshake whenever their interval passed 5 s.
+SERVER_KEEP_ALIVE = 75
+CLIENT_KEEP_ALIVE = 60.0
 #: Request header naming the policy's source in error messages (``PUT /v1/policy``).
 SOURCE_HEADER = "X-Mesh-Source"
 

@@ -37,6 +37,7 @@ from meshlib.control.memory import MemoryStore
 from meshlib.control.registry import RegistrySettings
 from meshlib.control.sqlite import SQLiteStore
 from meshlib.control.store import Store
+from meshlib.control.wire import SERVER_KEEP_ALIVE
 from meshlib.identity.tls import SVIDSource
 from meshlib.inbound.serving import Server, serve
 
@@ -186,6 +187,7 @@ def registry_factory(tmp_path: Path) -> Iterator[StartRegistry]:
             client_cert="optional",  # as `registry serve`: the app refuses callers without one
             svid_poll_interval=svid_poll,
             port=port,
+            timeout_keep_alive=SERVER_KEEP_ALIVE,  # as `registry serve`
         )
         svids = data.parent / f"{data.name}-svids"
         svids.mkdir(exist_ok=True)

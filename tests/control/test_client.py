@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from meshlib.cli.registry import RegistryServed
@@ -25,6 +27,8 @@ from meshlib.control.client import (
 )
 from meshlib.control.registry import instance_id
 from meshlib.control.wire import (
+    CLIENT_KEEP_ALIVE,
+    SERVER_KEEP_ALIVE,
     InstanceInfo,
     RegisteredEndpoint,
     RegistryStatusInfo,
@@ -280,6 +284,26 @@ def _established(port: int) -> int:
         if int(local.rsplit(":", 1)[1], 16) == port and state == "01":  # 01: ESTABLISHED
             count += 1
     return count
+
+
+@pytest.mark.timeout(30)
+def test_an_idle_connection_outlives_the_default_5_s_keep_alive_and_the_client_lets_go_first(
+    registry: RunningRegistry,
+) -> None:
+    """uvicorn and httpx both keep an idle connection 5 s by default: a beat sent just under 5 s
+    after the last one raced the server's close ("Server disconnected"), and one sent after it
+    paid a new mutual-TLS handshake. The registry keeps idle connections longer than clients do."""
+    assert CLIENT_KEEP_ALIVE < SERVER_KEEP_ALIVE
+
+    def local_port(response: httpx.Response) -> int:
+        port: int = response.extensions["network_stream"].get_extra_info("socket").getsockname()[1]
+        return port
+
+    limits = httpx.Limits(keepalive_expiry=CLIENT_KEEP_ALIVE)  # the registry clients' setting
+    http = registry.http(limits=limits)
+    first = local_port(http.get("/v1/status"))
+    time.sleep(5.5)  # the property is time passing: past uvicorn's default 5 s keep-alive
+    assert local_port(http.get("/v1/status")) == first, "a new connection: the server closed it"
 
 
 @pytest.mark.anyio
