@@ -67,6 +67,8 @@ class Wrapped(ForwardingStore):
         self.echo_first = False
         self.delivered = 0
         self._delivery = asyncio.Event()
+        #: The number of keys of each ``put_all`` asked of this view (before any failure).
+        self.put_alls: list[int] = []
 
     async def _after_echo(self, revision: int) -> int:
         while self.echo_first and self.delivered < revision:
@@ -101,6 +103,7 @@ class Wrapped(ForwardingStore):
         return await self._after_echo(await self._counted(put))
 
     async def put_all(self, puts: Sequence[Put]) -> int:
+        self.put_alls.append(len(puts))
         self._check("put")
         return await self._after_echo(await self._counted(self.inner.put_all(puts)))
 
@@ -452,6 +455,90 @@ def test_a_beat_never_brings_back_a_record_another_replica_expired() -> None:
             await caught_up(shared, a.app, b.app)
             answer = await b.http.get(EP)  # registered 2, expired 3, registered again 4
             assert ports(answer) == {9001} and answer.json()["index"] == 4
+
+    run(main)
+
+
+# -- persisted beats, group-committed -------------------------------------------------------------
+
+BEATERS = range(9100, 9120)
+
+
+async def twenty_due(a: Replica, b: Replica, shared: MemoryStore, clock: FakeClock) -> None:
+    """20 instances registered through A, each beat now due to be persisted (its persisted beat
+    older than ttl/3), A writing a batch once it holds 20 (its timer never fires first)."""
+    for port in BEATERS:
+        assert (await register(a, port, ttl=3)).status_code == 201
+    await caught_up(shared, a.app, b.app)
+    a.app.beat_batch_size = 20
+    a.app.beat_batch_wait = 60.0
+    a.view.put_alls.clear()
+    clock.advance(1.5)
+
+
+def beat_all(r: Replica) -> Awaitable[list[httpx.Response]]:
+    return asyncio.gather(*(r.http.post(ipath(port) + "/heartbeat") for port in BEATERS))
+
+
+def test_concurrent_beats_to_persist_are_one_store_write_that_the_other_replica_sees() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        async with replicas(clock) as (a, b, shared):
+            await twenty_due(a, b, shared, clock)
+            answers = await asyncio.wait_for(beat_all(a), 10)
+            assert [r.status_code for r in answers] == [200] * 20
+            assert a.view.put_alls == [20]  # one store write for the 20 records
+            await caught_up(shared, a.app, b.app)
+            for port in BEATERS:
+                for r in (a, b):
+                    core = r.app.registry
+                    assert core is not None
+                    beat = core.get(instance_id("default", "reviews", "10.0.0.1", port))
+                    assert beat is not None and beat.last_heartbeat == pytest.approx(clock())
+
+    run(main)
+
+
+def test_a_record_moved_through_the_other_replica_fails_only_its_own_beat_in_a_batch() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        async with replicas(clock) as (a, b, shared):
+            await twenty_due(a, b, shared, clock)
+            a.view.gate.clear()  # A does not hear of B's write of 9105's record
+            assert (await b.http.post(ipath(9105) + "/heartbeat")).status_code == 200
+            beats = asyncio.ensure_future(beat_all(a))
+            # the batch loses its compare-and-set, then 9105's own write loses too...
+            await until(lambda: a.view.conflicts == 2)
+            a.view.gate.set()  # ...and answers once A's mirror shows why
+            answers = await asyncio.wait_for(beats, 10)
+            codes = {port: r.status_code for port, r in zip(BEATERS, answers, strict=True)}
+            assert codes == {port: 404 if port == 9105 else 200 for port in BEATERS}
+            assert a.view.put_alls == [20]
+            await caught_up(shared, a.app, b.app)
+            _, items = await shared.range("/registry/instances/")
+            assert len(items) == 20
+
+    run(main)
+
+
+def test_a_failing_store_answers_every_beat_of_the_batch_503() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        async with replicas(clock) as (a, b, shared):
+            await twenty_due(a, b, shared, clock)
+            core = a.app.registry
+            assert core is not None
+            before = {i.id: i.last_heartbeat for i in core.instances()}
+            a.view.down = True
+            answers = await asyncio.wait_for(beat_all(a), 10)
+            assert [r.status_code for r in answers] == [503] * 20
+            assert all(r.headers["Retry-After"] == "1" for r in answers)
+            assert a.view.put_alls == [20]
+            # plan, persist, commit: a refused batch leaves the core as it was
+            assert {i.id: i.last_heartbeat for i in core.instances()} == before
 
     run(main)
 
