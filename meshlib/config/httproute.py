@@ -42,6 +42,7 @@ MAX_HEADER_MODIFICATIONS = 16
 MAX_BACKEND_WEIGHT = 1_000_000
 MAX_PATH_LENGTH = 1024
 MAX_HEADER_VALUE_LENGTH = 4096
+REDIRECT_STATUS_CODES = (301, 302, 303, 307, 308)
 
 #: GEP-2257 duration: 1 to 4 parts of up to 5 digits with a unit h, m, s or ms; no fractions.
 _GATEWAY_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
@@ -275,7 +276,7 @@ def http_route_schema() -> Schema:
                     "hostname": hostname,
                     "path": path_modifier,
                     "port": port,
-                    "statusCode": {"type": "integer", "enum": [301, 302, 303, 307, 308]},
+                    "statusCode": {"type": "integer", "enum": list(REDIRECT_STATUS_CODES)},
                 }
             ),
             "urlRewrite": obj({"hostname": hostname, "path": path_modifier}),
@@ -555,7 +556,7 @@ def _path_match(ctx: DocContext, match: YMap, mpath: str) -> PathMatch:
     where = f"{mpath}.path.value"
     if kind is PathMatchType.REGULAR_EXPRESSION:
         try:
-            return PathMatch(kind, value, compile_regex(f"(?:{value})$", anchored=True))
+            return PathMatch(kind, value, _full_regex(value))
         except ValueError as exc:
             ctx.error(where, line, str(exc))
             return PathMatch()
@@ -684,6 +685,15 @@ def _filter_config(
     if kind is FilterType.URL_REWRITE:
         return URLRewrite(hostname, modifier)
     scheme, status = config.get("scheme"), config.get("statusCode", 302)
+    # The schema checker checks enums of strings only: the status codes are checked here.
+    if as_int(status) is not None and status not in REDIRECT_STATUS_CODES:
+        codes = ", ".join(map(str, REDIRECT_STATUS_CODES))
+        ctx.error(
+            f"{path}.statusCode",
+            config.line_of("statusCode"),
+            f"{status} is not one of {codes}",
+        )
+        return None
     return RequestRedirect(
         scheme if isinstance(scheme, str) else None,
         hostname,
