@@ -149,6 +149,12 @@ class BackendRef:
     kind: str = "Service"
     filters: tuple[HTTPRouteFilter, ...] = ()
 
+    @property
+    def resolvable(self) -> bool:
+        """Whether the mesh can send to it: a core Service with a port. Requests given to an
+        unresolvable backend get 500 (the spec's rule for an invalid backendRef's share)."""
+        return self.group == "" and self.kind == "Service" and self.port is not None
+
 
 @dataclass(frozen=True)
 class RequestMirror:
@@ -825,24 +831,20 @@ def _backend(ctx: DocContext, item: YMap, path: str, *, weighted: bool) -> Backe
     group, kind = item.get("group", ""), item.get("kind", "Service")
     if name is None or not isinstance(group, str) or not isinstance(kind, str):
         return None
-    if group not in ("", "core") or kind != "Service":
-        ctx.error(
-            f"{path}.kind",
-            item.line_of("kind"),
-            f"backend {shown(group)}/{shown(kind)} is not supported: only kind Service (group '')",
-        )
-        return None
     port = as_int(item.get("port"))
-    if port is None:
-        if "port" not in item:
-            ctx.error(f"{path}.port", item.line, "a Service backend needs port")
+    # Upstream CEL rule: a Service backend names its port. A backend of another kind is kept,
+    # not refused: the spec gives its share of the traffic a 500 (BackendRef.resolvable).
+    if group in ("", "core") and kind == "Service" and "port" not in item:
+        ctx.error(f"{path}.port", item.line, "a Service backend needs port")
         return None
     weight = as_int(item.get("weight", 1)) if weighted else 1
     if weight is None:
         return None
     filters = _filters(ctx, item, path) if weighted else ()
     namespace = as_str(item.get("namespace")) or ctx.namespace
-    return BackendRef(name, namespace, port, weight, "", kind, filters)
+    return BackendRef(
+        name, namespace, port, weight, "" if group == "core" else group, kind, filters
+    )
 
 
 def _timeouts(ctx: DocContext, rule: YMap, path: str) -> RouteTimeouts:

@@ -347,6 +347,15 @@ def test_total_matches_over_all_rules_is_limited() -> None:
     one_problem(route(rules), "spec.rules", 5, "192 matches in all, at most 128")
 
 
+def test_backend_of_another_kind_is_kept_as_unresolvable() -> None:
+    r = parse(
+        route("rules: [{backendRefs: [{name: a, kind: Pod, weight: 2}, {name: b, port: 80}]}]")
+    )
+    pod, service = r.rules[0].backend_refs
+    assert pod == BackendRef("a", "default", None, 2, "", "Pod")
+    assert (pod.resolvable, service.resolvable) == (False, True)
+
+
 # --- bad values ------------------------------------------------------------------------------
 
 
@@ -507,12 +516,6 @@ def test_backend_timeout_longer_than_request_timeout_is_refused() -> None:
             "spec.rules[0].backendRefs[0].port",
             6,
             "needs port",
-        ),
-        (
-            "rules:\n- backendRefs: [{name: a, port: 80, kind: Pod}]",
-            "spec.rules[0].backendRefs[0].kind",
-            6,
-            "only kind Service",
         ),
         ("parentRefs: [{name: g, kind: Mesh}]", "spec.parentRefs[0].kind", 5, "not supported"),
         ("parentRefs: [{name: g, port: 0}]", "spec.parentRefs[0].port", 5, "at least 1"),
