@@ -39,17 +39,17 @@ if TYPE_CHECKING:
 
 __all__ = ["JOIN_PREFIX", "VERBS", "join_string", "pinned_root"]
 
-#: The join string's scheme and version: ``meshlib-join:v1:<url>:<spki sha256 hex>:<token>``.
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h)?$")
-_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
 
 def _ttl(text: str) -> float:
     """An argparse ``type=``: ``90s``, ``15m``, ``2h`` or plain seconds."""
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m or 2h")
-    return float(match.group(1)) * _UNIT[match.group(2)]
+    from meshlib.config.values import parse_seconds_or_duration
+
+    try:
+        return parse_seconds_or_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration like 90s, 15m or 2h"
+        ) from None
 
 
 def _add_token(sub: Subparsers) -> None:

@@ -100,6 +100,19 @@ def parse_duration(text: str) -> float:
     return float(total)
 
 
+_BARE_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def parse_seconds_or_duration(text: str) -> float:
+    """A bare number of seconds (``"20"``, ``"1.5"``) or a :func:`parse_duration` duration
+    (``"20s"``, ``"15m"``, ``"1m30s"``) → float seconds: for query parameters and command-line
+    flags, where bare seconds are the custom (Consul's ``?wait=``). ValueError otherwise."""
+    s = text.strip()
+    if _BARE_SECONDS.fullmatch(s):
+        return float(s)
+    return parse_duration(s)
+
+
 def check_duration_range(
     seconds: float, *, minimum: float = MIN_DURATION, maximum: float = MAX_DURATION
 ) -> None:

@@ -14,6 +14,7 @@ from meshlib.config.values import (
     parse_address,
     parse_json,
     parse_quantity_milli,
+    parse_seconds_or_duration,
     service_key,
     shown,
 )
@@ -174,3 +175,17 @@ def test_shown_names_long_values_by_their_start_and_length() -> None:
     assert shown("short") == "'short'"
     long = shown("9" * 400)
     assert long.startswith("'999") and long.endswith("(402 characters)") and len(long) < 60
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("20", 20.0), ("1.5", 1.5), (" 90s ", 90.0), ("15m", 900.0), ("1m30s", 90.0)],
+)
+def test_bare_seconds_or_a_duration(text: str, seconds: float) -> None:
+    assert parse_seconds_or_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-5", "1e3", "nan", "", "5d"])
+def test_neither_bare_seconds_nor_a_duration_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_seconds_or_duration(text)
