@@ -18,6 +18,22 @@ from meshlib.control.wire import EndpointsAnswer, PolicyAnswer, RegisteredEndpoi
 WORKLOAD = "spiffe://cluster.local/ns/default/sa/reviews"
 
 
+def mesh_policy(trust_domain: str, *services: str, mtls: str = "strict") -> str:
+    """A policy of one Mesh (``trust_domain``, ``mtls``) and one Service per name in
+    ``services``, each bound to the service account of its own name (append more documents
+    with ``"---\n..."``)."""
+    docs = [
+        "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: mesh}\n"
+        f"spec: {{trustDomain: {trust_domain}, mtls: {mtls}}}\n"
+    ]
+    docs += [
+        f"apiVersion: meshlib/v1\nkind: Service\nmetadata: {{name: {name}}}\n"
+        f"spec: {{serviceAccount: {name}}}\n"
+        for name in services
+    ]
+    return "---\n".join(docs)
+
+
 class ForwardingStore:
     """A :class:`~meshlib.control.store.Store` that forwards every call to ``inner`` (a real
     store): a test's store view overrides only the calls it changes."""

@@ -33,6 +33,7 @@ from meshlib.identity import CertificateAuthority, SpiffeID
 from meshlib.identity.bundle import TrustBundle
 from meshlib.identity.tls import SVIDSource
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
+from tests.control.fakes import mesh_policy
 from tests.control.waiting import until
 from tests.harness.echo import EchoBackend
 
@@ -41,22 +42,7 @@ pytestmark = pytest.mark.timeout(60)
 REVIEWS = SpiffeID.for_workload(TD, "default", "reviews")
 PRODUCTPAGE = SpiffeID.for_workload(TD, "default", "productpage")
 
-POLICY = f"""\
-apiVersion: meshlib/v1
-kind: Mesh
-metadata: {{name: mesh}}
-spec: {{trustDomain: {TD}, mtls: strict}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: reviews}}
-spec: {{serviceAccount: reviews}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: productpage}}
-spec: {{serviceAccount: productpage}}
-"""
+POLICY = mesh_policy(TD, "reviews", "productpage", mtls="strict")
 
 HOURS = 3600.0
 

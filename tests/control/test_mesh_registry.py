@@ -13,26 +13,12 @@ import pytest
 import meshlib
 from meshlib import NoHealthyEndpointsError
 from tests.control.conftest import TD, RunningRegistry
+from tests.control.fakes import mesh_policy
 from tests.control.waiting import endpoints_of, until
 
 pytestmark = pytest.mark.timeout(60)
 
-POLICY = f"""\
-apiVersion: meshlib/v1
-kind: Mesh
-metadata: {{name: mesh}}
-spec: {{trustDomain: {TD}, mtls: disable}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: reviews}}
-spec: {{serviceAccount: reviews}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: productpage}}
-spec: {{serviceAccount: productpage}}
-"""
+POLICY = mesh_policy(TD, "reviews", "productpage", mtls="disable")
 
 
 @pytest.fixture

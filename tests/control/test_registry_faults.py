@@ -25,34 +25,23 @@ from meshlib.config.model import Endpoint
 from meshlib.control.client import PolicyRejected, RegistryClient, RegistryUnavailable
 from meshlib.control.registry import RegistrySettings, instance_id
 from tests.control.conftest import TD, FakeClock, RunningRegistry, StartRegistry
+from tests.control.fakes import mesh_policy
 from tests.control.waiting import endpoints_of, until
 
 pytestmark = pytest.mark.timeout(30)
 
-POLICY = f"""\
-apiVersion: meshlib/v1
-kind: Mesh
-metadata: {{name: mesh}}
-spec: {{trustDomain: {TD}, mtls: disable}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: reviews}}
-spec: {{serviceAccount: reviews}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: productpage}}
-spec: {{serviceAccount: productpage}}
----
+POLICY = mesh_policy(TD, "reviews", "productpage", mtls="disable") + (
+    "---\n"
+    """\
 apiVersion: meshlib/v1
 kind: TrafficPolicy
-metadata: {{name: reviews}}
+metadata: {name: reviews}
 spec:
-  target: {{service: reviews}}
-  retries: {{attempts: 4, retryOn: [connect-failure, reset, 5xx]}}
-  outlierDetection: {{consecutiveFailures: 1, baseEjectionTime: 30s}}
+  target: {service: reviews}
+  retries: {attempts: 4, retryOn: [connect-failure, reset, 5xx]}
+  outlierDetection: {consecutiveFailures: 1, baseEjectionTime: 30s}
 """
+)
 
 #: A short TTL so "several TTLs" is seconds (heartbeats every TTL/3).
 TTL = 1.0

@@ -25,31 +25,12 @@ from meshlib.identity.cadir import CADirectory
 from meshlib.identity.crl import CRL_FILE
 from meshlib.identity.spiffe import SpiffeID
 from tests.control.conftest import TD, RunningRegistry, StartRegistry
+from tests.control.fakes import mesh_policy
 from tests.control.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
-POLICY = f"""\
-apiVersion: meshlib/v1
-kind: Mesh
-metadata: {{name: mesh}}
-spec: {{trustDomain: {TD}, mtls: strict}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: reviews}}
-spec: {{serviceAccount: reviews}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: ratings}}
-spec: {{serviceAccount: ratings}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: productpage}}
-spec: {{serviceAccount: productpage}}
-"""
+POLICY = mesh_policy(TD, "reviews", "ratings", "productpage", mtls="strict")
 
 
 @pytest.fixture
