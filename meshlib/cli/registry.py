@@ -13,8 +13,9 @@ With ``serve --store etcd --etcd URL[,URL...]`` the registry's state lives in et
 several replicas serve it at once, each from its own copy of ``DIR`` (docs/control-plane.md,
 "Replicas"): no ``registry.db`` and no lock.
 
-The SVIDs last 24 h: re-run ``registry init`` (it keeps the CA and re-issues both) before they
-expire; renewal arrives with issue 12.
+The registry's and meshctl's SVIDs last 24 h: re-run ``registry init`` (it keeps the CA and
+re-issues both) before they expire. Workloads renew theirs through the registry
+(``meshlib.control.remote.RemoteIssuer``), which signs them from ``DIR/ca``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ ADMIN_DIR = "admin"
 SVID_TTL = dt.timedelta(hours=24)
 
 _RENEW_NOTE = (
-    "The SVIDs last 24 h: re-run 'meshctl registry init --data DIR' (the CA is kept, both SVIDs "
-    "are re-issued) before they expire; automatic renewal arrives with issue 12."
+    "The SVIDs last 24 h (the registry's and meshctl's): re-run 'meshctl registry init --data "
+    "DIR' (the CA is kept, both SVIDs are re-issued) before they expire; workloads renew "
+    "theirs through the registry."
 )
 
 
