@@ -60,7 +60,7 @@ SVID_TTL = dt.timedelta(hours=24)
 _RENEW_NOTE = (
     "The SVIDs last 24 h (the registry's and meshctl's): re-run 'meshctl registry init --data "
     "DIR' (the CA is kept, both SVIDs are re-issued) before they expire; workloads renew "
-    "theirs through the registry."
+    "theirs through the registry (issue 12)."
 )
 
 
