@@ -28,7 +28,7 @@ import json
 import random
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from meshlib.control.store import Conflict, Store
@@ -115,17 +115,7 @@ class TokenRecord:
     revoked_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "spiffe_id": self.spiffe_id,
-            "secret_sha256": self.secret_sha256,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "created_by": self.created_by,
-            "used_at": self.used_at,
-            "used_by_serial": self.used_by_serial,
-            "revoked_at": self.revoked_at,
-        }
+        return asdict(self)  # every field, each a JSON scalar
 
     @classmethod
     def from_json(cls, body: object, where: str = "token record") -> TokenRecord:
