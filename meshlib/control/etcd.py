@@ -329,10 +329,7 @@ class EtcdStore:
         if reply.data.get("succeeded"):
             await self._compact(revision)
             return revision
-        currents = [
-            (r.get("response_range", {}).get("kvs") or [None])[0]
-            for r in reply.data.get("responses", [])
-        ]
+        currents = self._current_kvs(reply.data)
         mine = [
             kv is not None
             and base64.b64decode(kv.get("value", "")) == value
@@ -583,10 +580,15 @@ class EtcdStore:
         return body
 
     @staticmethod
-    def _current_kv(data: dict[str, Any]) -> dict[str, Any] | None:
-        responses = data.get("responses", [])
-        kvs = responses[0].get("response_range", {}).get("kvs", []) if responses else []
-        return kvs[0] if kvs else None
+    def _current_kvs(data: dict[str, Any]) -> list[dict[str, Any] | None]:
+        """What a failed txn's reads found: each key's kv, None where it is absent."""
+        return [
+            (r.get("response_range", {}).get("kvs") or [None])[0] for r in data.get("responses", [])
+        ]
+
+    @classmethod
+    def _current_kv(cls, data: dict[str, Any]) -> dict[str, Any] | None:
+        return (cls._current_kvs(data) or [None])[0]
 
     @staticmethod
     def _mod_revision(kv: dict[str, Any] | None) -> int:
