@@ -636,7 +636,12 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 RegistryAt = str | Sequence[str] | RegistryURLs
 
 
-class _Base:
+#: The HTTP client a registry client sends with: blocking or asyncio.
+_HTTP = TypeVar("_HTTP", httpx.Client, httpx.AsyncClient)
+_Self = TypeVar("_Self", bound="_Base[Any]")
+
+
+class _Base(Generic[_HTTP]):
     def __init__(
         self,
         url: RegistryAt,
@@ -652,13 +657,6 @@ class _Base:
         #: The registry URLs and the current one (shared when given as a RegistryURLs).
         self.registry = url if isinstance(url, RegistryURLs) else RegistryURLs(url)
         self.timeout = timeout
-        #: The pool of calls that are not blocking queries; those each get a connection of
-        #: their own, on a second pool without a cap (a held query must not wait behind others).
-        self._call_limits = httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=CLIENT_KEEP_ALIVE,
-        )
         #: The client's SVID (None: a bootstrap client, which presents none).
         self.source: SVIDSource | None = None
         self.check: ServerCheck
@@ -666,21 +664,43 @@ class _Base:
             raise ValueError(
                 "give exactly one of svid_dir or source (mTLS) or bundle_pem (bootstrap)"
             )
+        if svid_dir is not None:
+            source = SVIDSource(svid_dir)
         if source is not None:
             # A live source (the mesh's, reloaded as the SVID rotates and renews): each new
             # connection presents the SVID loaded now, never one that expired meanwhile.
             self.source = source
-            self.check = _RegistryCheck(self.source)
-            self._context = self.source.client_context()
-        elif svid_dir is not None:
-            self.source = SVIDSource(svid_dir)
-            self.check = _RegistryCheck(self.source)
-            self._context = self.source.client_context()
+            self.check = _RegistryCheck(source)
+            context = source.client_context()
         else:
             assert bundle_pem is not None
             self.check = _bootstrap_check(bundle_pem)
-            self._context = self.check.client_context()
+            context = self.check.client_context()
         self.calls = _Calls()
+        #: The pool of calls that are not blocking queries (at most ``max_connections``).
+        calls = httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=CLIENT_KEEP_ALIVE,
+        )
+        self._http: _HTTP = self._open(context, calls)
+        #: One connection per held long-poll (a workload watches every declared service): no
+        #: cap to queue a watch behind the others, and every one kept alive, so a re-poll
+        #: reuses its connection instead of a new mutual-TLS handshake.
+        self._held_http: _HTTP = self._open(context, _WATCH_LIMITS)
+
+    def _open(self, context: ssl.SSLContext, limits: httpx.Limits) -> _HTTP:
+        """An HTTP client on a pinned transport (this server check) with ``limits``."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_bootstrap(
+        cls: type[_Self], url: RegistryAt, *, bundle_pem: bytes, timeout: float = 5.0
+    ) -> _Self:
+        """A client without an SVID, for a first contact with a join token (:meth:`sign`):
+        TLS verifying the registry against ``bundle_pem`` (a bundle file's text) and pinning
+        its SPIFFE ID; it presents no certificate."""
+        return cls(url, bundle_pem=bundle_pem, timeout=timeout)
 
     @property
     def url(self) -> str:
@@ -749,40 +769,12 @@ def _unavailable(
     return RegistryUnavailable(0, f"{call.method} {call.path}{at}: {exc}")
 
 
-class RegistryClient(_Base):
+class RegistryClient(_Base[httpx.Client]):
     """The registry's API, blocking (one method per endpoint; see the module docstring)."""
 
-    def __init__(
-        self,
-        url: RegistryAt,
-        *,
-        svid_dir: str | None = None,
-        bundle_pem: bytes | None = None,
-        timeout: float = 5.0,
-        source: SVIDSource | None = None,
-        max_connections: int = CALL_CONNECTIONS,
-    ) -> None:
-        super().__init__(
-            url,
-            svid_dir=svid_dir,
-            bundle_pem=bundle_pem,
-            timeout=timeout,
-            source=source,
-            max_connections=max_connections,
-        )
-        calls = PinnedTransport(self._context, self.check, limits=self._call_limits)
-        self._http = httpx.Client(transport=calls, trust_env=False)
-        held = PinnedTransport(self._context, self.check, limits=_WATCH_LIMITS)
-        self._held_http = httpx.Client(transport=held, trust_env=False)
-
-    @classmethod
-    def for_bootstrap(
-        cls, url: RegistryAt, *, bundle_pem: bytes, timeout: float = 5.0
-    ) -> RegistryClient:
-        """A client without an SVID, for a first contact with a join token (:meth:`sign`):
-        TLS verifying the registry against ``bundle_pem`` (a bundle file's text) and pinning
-        its SPIFFE ID; it presents no certificate."""
-        return cls(url, bundle_pem=bundle_pem, timeout=timeout)
+    def _open(self, context: ssl.SSLContext, limits: httpx.Limits) -> httpx.Client:
+        transport = PinnedTransport(context, self.check, limits=limits)
+        return httpx.Client(transport=transport, trust_env=False)
 
     def _send(self, call: _Call[T]) -> T:
         url = self.registry.url
@@ -921,43 +913,12 @@ class RegistryClient(_Base):
         self.close()
 
 
-class AsyncRegistryClient(_Base):
+class AsyncRegistryClient(_Base[httpx.AsyncClient]):
     """The registry's API for asyncio (the same methods as :class:`RegistryClient`)."""
 
-    def __init__(
-        self,
-        url: RegistryAt,
-        *,
-        svid_dir: str | None = None,
-        bundle_pem: bytes | None = None,
-        timeout: float = 5.0,
-        source: SVIDSource | None = None,
-        max_connections: int = CALL_CONNECTIONS,
-    ) -> None:
-        super().__init__(
-            url,
-            svid_dir=svid_dir,
-            bundle_pem=bundle_pem,
-            timeout=timeout,
-            source=source,
-            max_connections=max_connections,
-        )
-        calls = AsyncPinnedTransport(self._context, self.check, limits=self._call_limits)
-        self._http = httpx.AsyncClient(transport=calls, trust_env=False)
-        # One connection per held long-poll (a workload watches every declared service): no
-        # cap to queue a watch behind the others, and every one kept alive, so a re-poll
-        # reuses its connection instead of a new mutual-TLS handshake.
-        held = AsyncPinnedTransport(self._context, self.check, limits=_WATCH_LIMITS)
-        self._held_http = httpx.AsyncClient(transport=held, trust_env=False)
-
-    @classmethod
-    def for_bootstrap(
-        cls, url: RegistryAt, *, bundle_pem: bytes, timeout: float = 5.0
-    ) -> AsyncRegistryClient:
-        """A client without an SVID, for a first contact with a join token (:meth:`sign`):
-        TLS verifying the registry against ``bundle_pem`` (a bundle file's text) and pinning
-        its SPIFFE ID; it presents no certificate."""
-        return cls(url, bundle_pem=bundle_pem, timeout=timeout)
+    def _open(self, context: ssl.SSLContext, limits: httpx.Limits) -> httpx.AsyncClient:
+        transport = AsyncPinnedTransport(context, self.check, limits=limits)
+        return httpx.AsyncClient(transport=transport, trust_env=False)
 
     async def _send(self, call: _Call[T]) -> T:
         url = self.registry.url

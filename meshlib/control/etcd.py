@@ -11,7 +11,8 @@ How the protocol maps onto etcd (3.4, Debian's ``etcd-server``):
   prefix never appears in what the store returns.
 * **Compare-and-set** is one ``/v3/kv/txn``: compare the key's ``mod_revision``, put (or
   delete) on success, read the key on failure, so :class:`~meshlib.control.store.Conflict`
-  carries the actual revision from the same atomic step.
+  carries the actual revision from the same atomic step. ``put_all`` is one txn too: every
+  ``if_mod_rev`` compared, every key put on success, every key read on failure.
 * **Leases** are etcd leases with the requested TTL: etcd expires them itself (the backstop,
   on real time). In addition the store keeps a deadline, on its injected ``clock``, for every
   lease it granted or kept alive, and revokes the due ones before each operation and in
@@ -44,7 +45,9 @@ the store retries it on another endpoint):
 * a delete of a key already gone changes nothing;
 * a compare-and-set retried after an unknown outcome that finds its own value (and lease)
   already in place returns that revision instead of raising ``Conflict``: the first attempt
-  won; a compare-and-set delete retried that finds the key gone returns the current revision.
+  won; a compare-and-set delete retried that finds the key gone returns the current revision;
+  a ``put_all`` retried that finds every one of its values in place (no lease), all written in
+  one revision, returns that revision.
   "Retried" covers the store's own retry on the next endpoint and the caller repeating the very
   same write (key, value, lease, ``if_mod_rev``) after it raised ``StoreUnavailable``; a
   write whose attempts were all answered is never taken for a lost one, so two writers racing
@@ -326,10 +329,7 @@ class EtcdStore:
         if reply.data.get("succeeded"):
             await self._compact(revision)
             return revision
-        currents = [
-            (r.get("response_range", {}).get("kvs") or [None])[0]
-            for r in reply.data.get("responses", [])
-        ]
+        currents = self._current_kvs(reply.data)
         mine = [
             kv is not None
             and base64.b64decode(kv.get("value", "")) == value
@@ -580,10 +580,15 @@ class EtcdStore:
         return body
 
     @staticmethod
-    def _current_kv(data: dict[str, Any]) -> dict[str, Any] | None:
-        responses = data.get("responses", [])
-        kvs = responses[0].get("response_range", {}).get("kvs", []) if responses else []
-        return kvs[0] if kvs else None
+    def _current_kvs(data: dict[str, Any]) -> list[dict[str, Any] | None]:
+        """What a failed txn's reads found: each key's kv, None where it is absent."""
+        return [
+            (r.get("response_range", {}).get("kvs") or [None])[0] for r in data.get("responses", [])
+        ]
+
+    @classmethod
+    def _current_kv(cls, data: dict[str, Any]) -> dict[str, Any] | None:
+        return (cls._current_kvs(data) or [None])[0]
 
     @staticmethod
     def _mod_revision(kv: dict[str, Any] | None) -> int:
