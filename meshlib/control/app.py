@@ -344,7 +344,8 @@ class RegistryApp:
         #: (e.g. ``meshlib.observe.exporter.metrics_app()``); None: /metrics is 404.
         self.exposition = exposition
         #: The CA directory ``POST /v1/ca/sign`` signs with (``DIR/ca``, read per request so a
-        #: ``meshctl ca rotate`` is picked up); None: the registry does not sign (404).
+        #: ``meshctl ca rotate`` is picked up) and whose published bundle and CRLs
+        #: ``GET /v1/ca/bundle`` serves; None: the registry neither signs nor serves (404).
         self.ca_dir = None if ca_dir is None else Path(ca_dir)
         #: Lifetime of the SVIDs the registry signs.
         self.svid_ttl = svid_ttl
@@ -383,8 +384,6 @@ class RegistryApp:
         self._writing = asyncio.Lock()
         #: Whether the end of warming has woken the held queries yet.
         self._warm = False
-        #: The CA dir whose published bundle and CRLs ``GET /v1/ca/bundle`` serves (None: 404).
-        self.ca_dir = None if ca_dir is None else Path(ca_dir)
         self._ca_seen: tuple[tuple[int, int, int] | None, ...] | None = None
         self._bundle: BundleAnswer | None = None
         #: The bundle index is not persisted: held queries name this process's epoch, so an
