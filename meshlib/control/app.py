@@ -566,10 +566,9 @@ class RegistryApp:
                 self.mirror.wrote(item.key, item.mod_revision)
         return registry
 
-    async def _save_instance(self, instance: Instance, *, cas: bool = False) -> None:
+    async def _save_instance(self, instance: Instance) -> None:
         key = _instance_key(instance)
-        expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
-        await self._write(key, self.store.put(key, self._record(instance), if_mod_rev=expected))
+        await self._write(key, self.store.put(key, self._record(instance)))
         self._persisted_beat[instance.id] = instance.last_heartbeat
 
     async def _save_registration(
