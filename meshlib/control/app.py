@@ -83,6 +83,7 @@ from meshlib.control.mirror import (
     Mirror,
     index_key,
     instance_from_record,
+    instance_key,
 )
 from meshlib.control.registry import (
     Change,
@@ -567,7 +568,7 @@ class RegistryApp:
         return registry
 
     async def _save_instance(self, instance: Instance) -> None:
-        key = _instance_key(instance)
+        key = instance_key(instance)
         await self._write(key, self.store.put(key, self._record(instance)))
         self._persisted_beat[instance.id] = instance.last_heartbeat
 
@@ -578,7 +579,7 @@ class RegistryApp:
         ``expected`` with replicas, see :meth:`_save_index`) and the instance record in one
         store write — one round trip and one revision, so no replica ever sees the index
         without its record."""
-        keys = (index_key(instance.key), _instance_key(instance))
+        keys = (index_key(instance.key), instance_key(instance))
         puts = [(keys[0], str(index).encode(), expected), (keys[1], self._record(instance), None)]
         await self._write(keys, self.store.put_all(puts))
         self._persisted_beat[instance.id] = instance.last_heartbeat
@@ -642,7 +643,7 @@ class RegistryApp:
         return self.mirror.mod_revision(index_key(key))
 
     async def _delete_instance(self, instance: Instance, *, cas: bool = False) -> None:
-        key = _instance_key(instance)
+        key = instance_key(instance)
         expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
         await self._write(key, self.store.delete(key, if_mod_rev=expected), present=False)
         self._persisted_beat.pop(instance.id, None)
@@ -754,7 +755,7 @@ class RegistryApp:
             for key in keys:  # indexes first, as for a drain; a failed pass is retried whole
                 await self._save_index(key, registry.index(*key) + 1)
             for instance in expired:
-                await self.store.delete(_instance_key(instance))
+                await self.store.delete(instance_key(instance))
                 self._persisted_beat.pop(instance.id, None)
             registry.remove_expired(expired)
             if expired:
@@ -1300,7 +1301,7 @@ class RegistryApp:
             if not isinstance(done, Renewed):  # drained or expired since it was planned
                 _answer_all([beat], _not_registered, beat.id)
                 continue
-            key = _instance_key(done.instance)
+            key = instance_key(done.instance)
             planned.append((beat, done, key, mirror.mod_revision(key)))
         if not planned:
             return
@@ -2069,10 +2070,6 @@ def _field(
 
 
 # -- store records -----------------------------------------------------------------------------
-
-
-def _instance_key(instance: Instance) -> str:
-    return f"{INSTANCES}{instance.namespace}/{instance.service}/{instance.id}"
 
 
 def _store_name(store: Store) -> str:
