@@ -1204,7 +1204,7 @@ class RegistryApp:
             self._writable()
             old = registry.get(id)
             if old is None or old.key != (ns, svc):
-                raise _HTTPError(404, f"instance {id} is not registered: register again")
+                raise _not_registered(id)
             done = registry.plan_heartbeat(
                 id,
                 self.clock(),
@@ -1213,7 +1213,7 @@ class RegistryApp:
                 nack_error=error,
             )
             if isinstance(done, NotFound):  # pragma: no cover - checked above
-                raise _HTTPError(404, f"instance {id} is not registered: register again")
+                raise _not_registered(id)
             new = done.instance
             report_changed = (new.applied_version, new.rejected_version, new.rejection) != (
                 old.applied_version,
