@@ -19,8 +19,9 @@ Rules the driver keeps:
 * **Plan, persist, commit.** A write asks the core what it would do (``plan_*``), writes that to
   the store, and only then commits it to the core, one write at a time: a store failure (503 +
   ``Retry-After``) leaves memory as it was, and no reader ever sees, and builds on, an index the
-  store then refused. An index key is written before the record it counts, so a half-done write
-  leaves the store at most one spurious index ahead, never behind.
+  store then refused. A registration writes its index and record in one store write; a drain
+  or an expiry writes the index key before the delete it counts, so a half-done write leaves
+  the store at most one spurious index ahead, never behind.
 * **Restart.** Startup loads the core from the store: a stored epoch is kept (clients keep their
   index), an empty store gets a fresh random one (clients reset). The core warms either way.
   Times are stored as wall-clock seconds and mapped onto the monotonic ``clock`` on load.
