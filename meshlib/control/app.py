@@ -19,8 +19,9 @@ Rules the driver keeps:
 * **Plan, persist, commit.** A write asks the core what it would do (``plan_*``), writes that to
   the store, and only then commits it to the core, one write at a time: a store failure (503 +
   ``Retry-After``) leaves memory as it was, and no reader ever sees, and builds on, an index the
-  store then refused. An index key is written before the record it counts, so a half-done write
-  leaves the store at most one spurious index ahead, never behind.
+  store then refused. A registration writes its index and record in one store write; a drain
+  or an expiry writes the index key before the delete it counts, so a half-done write leaves
+  the store at most one spurious index ahead, never behind.
 * **Restart.** Startup loads the core from the store: a stored epoch is kept (clients keep their
   index), an empty store gets a fresh random one (clients reset). The core warms either way.
   Times are stored as wall-clock seconds and mapped onto the monotonic ``clock`` on load.
@@ -83,6 +84,7 @@ from meshlib.control.mirror import (
     Mirror,
     index_key,
     instance_from_record,
+    instance_key,
 )
 from meshlib.control.registry import (
     Change,
@@ -344,7 +346,8 @@ class RegistryApp:
         #: (e.g. ``meshlib.observe.exporter.metrics_app()``); None: /metrics is 404.
         self.exposition = exposition
         #: The CA directory ``POST /v1/ca/sign`` signs with (``DIR/ca``, read per request so a
-        #: ``meshctl ca rotate`` is picked up); None: the registry does not sign (404).
+        #: ``meshctl ca rotate`` is picked up) and whose published bundle and CRLs
+        #: ``GET /v1/ca/bundle`` serves; None: the registry neither signs nor serves (404).
         self.ca_dir = None if ca_dir is None else Path(ca_dir)
         #: Lifetime of the SVIDs the registry signs.
         self.svid_ttl = svid_ttl
@@ -383,8 +386,6 @@ class RegistryApp:
         self._writing = asyncio.Lock()
         #: Whether the end of warming has woken the held queries yet.
         self._warm = False
-        #: The CA dir whose published bundle and CRLs ``GET /v1/ca/bundle`` serves (None: 404).
-        self.ca_dir = None if ca_dir is None else Path(ca_dir)
         self._ca_seen: tuple[tuple[int, int, int] | None, ...] | None = None
         self._bundle: BundleAnswer | None = None
         #: The bundle index is not persisted: held queries name this process's epoch, so an
@@ -567,10 +568,9 @@ class RegistryApp:
                 self.mirror.wrote(item.key, item.mod_revision)
         return registry
 
-    async def _save_instance(self, instance: Instance, *, cas: bool = False) -> None:
-        key = _instance_key(instance)
-        expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
-        await self._write(key, self.store.put(key, self._record(instance), if_mod_rev=expected))
+    async def _save_instance(self, instance: Instance) -> None:
+        key = instance_key(instance)
+        await self._write(key, self.store.put(key, self._record(instance)))
         self._persisted_beat[instance.id] = instance.last_heartbeat
 
     async def _save_registration(
@@ -580,7 +580,7 @@ class RegistryApp:
         ``expected`` with replicas, see :meth:`_save_index`) and the instance record in one
         store write — one round trip and one revision, so no replica ever sees the index
         without its record."""
-        keys = (index_key(instance.key), _instance_key(instance))
+        keys = (index_key(instance.key), instance_key(instance))
         puts = [(keys[0], str(index).encode(), expected), (keys[1], self._record(instance), None)]
         await self._write(keys, self.store.put_all(puts))
         self._persisted_beat[instance.id] = instance.last_heartbeat
@@ -644,7 +644,7 @@ class RegistryApp:
         return self.mirror.mod_revision(index_key(key))
 
     async def _delete_instance(self, instance: Instance, *, cas: bool = False) -> None:
-        key = _instance_key(instance)
+        key = instance_key(instance)
         expected = None if self.mirror is None or not cas else self.mirror.mod_revision(key)
         await self._write(key, self.store.delete(key, if_mod_rev=expected), present=False)
         self._persisted_beat.pop(instance.id, None)
@@ -756,7 +756,7 @@ class RegistryApp:
             for key in keys:  # indexes first, as for a drain; a failed pass is retried whole
                 await self._save_index(key, registry.index(*key) + 1)
             for instance in expired:
-                await self.store.delete(_instance_key(instance))
+                await self.store.delete(instance_key(instance))
                 self._persisted_beat.pop(instance.id, None)
             registry.remove_expired(expired)
             if expired:
@@ -1205,7 +1205,7 @@ class RegistryApp:
             self._writable()
             old = registry.get(id)
             if old is None or old.key != (ns, svc):
-                raise _HTTPError(404, f"instance {id} is not registered: register again")
+                raise _not_registered(id)
             done = registry.plan_heartbeat(
                 id,
                 self.clock(),
@@ -1214,7 +1214,7 @@ class RegistryApp:
                 nack_error=error,
             )
             if isinstance(done, NotFound):  # pragma: no cover - checked above
-                raise _HTTPError(404, f"instance {id} is not registered: register again")
+                raise _not_registered(id)
             new = done.instance
             report_changed = (new.applied_version, new.rejected_version, new.rejection) != (
                 old.applied_version,
@@ -1302,7 +1302,7 @@ class RegistryApp:
             if not isinstance(done, Renewed):  # drained or expired since it was planned
                 _answer_all([beat], _not_registered, beat.id)
                 continue
-            key = _instance_key(done.instance)
+            key = instance_key(done.instance)
             planned.append((beat, done, key, mirror.mod_revision(key)))
         if not planned:
             return
@@ -2071,10 +2071,6 @@ def _field(
 
 
 # -- store records -----------------------------------------------------------------------------
-
-
-def _instance_key(instance: Instance) -> str:
-    return f"{INSTANCES}{instance.namespace}/{instance.service}/{instance.id}"
 
 
 def _store_name(store: Store) -> str:

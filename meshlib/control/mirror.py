@@ -30,6 +30,7 @@ __all__ = [
     "Mirror",
     "index_key",
     "instance_from_record",
+    "instance_key",
 ]
 
 PREFIX = "/registry/"
@@ -42,6 +43,11 @@ POLICY = "/registry/policy/"
 def index_key(key: ServiceKey) -> str:
     """The store key of a service's index."""
     return f"{INDEXES}{key[0]}/{key[1]}"
+
+
+def instance_key(instance: Instance) -> str:
+    """The store key of an instance's record."""
+    return f"{INSTANCES}{instance.namespace}/{instance.service}/{instance.id}"
 
 
 def instance_from_record(record: dict[str, Any], now: float, wall_now: float) -> Instance:
@@ -190,7 +196,7 @@ class Mirror:
             put = Event(EventKind.PUT, item.key, item.value, item.mod_revision)
             touched |= self.apply(put, now, wall_now)
         for instance in self.registry.instances():
-            key = f"{INSTANCES}{instance.namespace}/{instance.service}/{instance.id}"
+            key = instance_key(instance)
             if key not in listed and self._applied.get(key, _Applied(0, True)).revision <= revision:
                 self._applied.pop(key, None)
                 touched |= self._take(key, None, now, wall_now)
