@@ -71,6 +71,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshlib.config.loader import MAX_FILE_BYTES, load_text
 from meshlib.config.model import Snapshot
+from meshlib.config.values import parse_seconds_or_duration
 from meshlib.control import tokens as stored_tokens
 from meshlib.control.etcd import EtcdStore
 from meshlib.control.memory import MemoryStore
@@ -226,9 +227,6 @@ BEAT_BATCH_WAIT = 0.05
 BUNDLE_WATCH: ServiceKey = ("", "ca-bundle")
 #: The CA dir files whose stat the tick compares (the bundle falls back to ca.pem without one).
 CA_FILES = (SVID_BUNDLE_FILE, CRL_FILE, CA_CERT_FILE)
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 
 
 class _HTTPError(Exception):
@@ -1985,14 +1983,14 @@ def _blocking(request: _Request) -> tuple[int, float, str | None]:
     wait_text = request.query.get("wait")
     if wait_text is None:
         return int(text), DEFAULT_WAIT, epoch
-    match = _DURATION.match(wait_text.strip())
-    if match is None:
+    try:
+        wait = parse_seconds_or_duration(wait_text)
+    except ValueError:
         raise _HTTPError(
             400,
             f"query parameter 'wait' must be seconds or a duration like 30s or 5m, got "
             f"{wait_text!r}",
-        )
-    wait = float(match.group(1)) * _UNIT[match.group(2)]
+        ) from None
     return int(text), min(wait, MAX_WAIT), epoch
 
 
