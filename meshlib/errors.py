@@ -62,9 +62,10 @@ class Reason(str, enum.Enum):
 
     One value per call. ``fault_delay`` marks a call that got an injected delay and otherwise
     ended well; any failure after the delay names the failure instead (the decision's
-    ``faults`` still lists the delay). There is no "no route" reason (Envoy's NR): a call to a
-    mesh service that matches no route goes to the service itself (SMI), and a host that is
-    not a mesh service is passed through or, under ``egress: registry-only``, ``denied``.
+    ``faults`` still lists the delay). ``no_route`` is a call to a service with Gateway API
+    HTTPRoutes that no rule matches (404); under SMI such a call goes to the service itself. A
+    host that is not a mesh service is passed through or, under ``egress: registry-only``,
+    ``denied``.
     """
 
     OK = "ok"
@@ -82,6 +83,8 @@ class Reason(str, enum.Enum):
     DENIED = "denied"  # RBAC
     UNAUTHENTICATED = "unauthenticated"  # (JWT origin authentication failed)
     BAD_REQUEST = "bad_request"  # DPE (inbound: a request refused as malformed)
+    NO_ROUTE = "no_route"  # NR: no HTTPRoute rule matched (404)
+    INVALID_BACKEND = "invalid_backend"  # NC: the rule's backend cannot be sent to (500)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The Gateway API ``HTTPRoute`` kind (gateway.networking.k8s.io/v1): its JSON Schema, its frozen
-model and its builder, with the spec's defaults and limits; not yet a kind of the policy loader.
+"""The Gateway API ``HTTPRoute`` kind (gateway.networking.k8s.io/v1): its JSON Schema and its
+builder, with the spec's defaults and limits. The frozen model is in :mod:`meshlib.config.model`
+(so the data plane reads it without loading YAML); the routing is :mod:`meshlib.policy.routes`.
 
 A parent of kind ``Service`` attaches the route to a mesh service (GAMMA, mesh mode); a parent of
 kind ``Gateway`` attaches it to an ingress gateway. Structure (field names, types, enums) is
@@ -10,22 +11,41 @@ every other kind; the builder then applies defaults and the spec's limits and cr
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import re
-from dataclasses import dataclass, field
 
 from meshlib.config.checker import Finding, check
 from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_int, as_str, at, maps
 from meshlib.config.fragments import STRING, Schema, array, integer, obj
 from meshlib.config.fragments import enum as enum_schema
-from meshlib.config.model import Origin, Pattern
+from meshlib.config.model import (
+    GATEWAY_GROUP,
+    BackendRef,
+    FilterConfig,
+    FilterType,
+    HeaderModifier,
+    HTTPRoute,
+    HTTPRouteFilter,
+    HTTPRouteRule,
+    ParentRef,
+    PathMatch,
+    PathMatchType,
+    PathModifier,
+    PathModifierType,
+    Pattern,
+    RequestMirror,
+    RequestRedirect,
+    RouteMatch,
+    RouteTimeouts,
+    URLRewrite,
+    ValueMatch,
+    ValueMatchType,
+)
 from meshlib.config.values import compile_regex, shown
 from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq
 from meshlib.errors import ConfigError, Problem
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
-GATEWAY_GROUP = "gateway.networking.k8s.io"
 
 #: The spec's list limits (``maxItems`` in the upstream CRD).
 MAX_PARENT_REFS = 16
@@ -50,167 +70,13 @@ _DURATION_PART = re.compile(r"([0-9]{1,5})(h|ms|m|s)")
 _UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
 #: RFC 1123 host name, lower case, optionally a leading ``*.`` wildcard label (spec Hostname).
 _HOSTNAME = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+#: RFC 3339 UTC time as Kubernetes writes it (``metav1.Time``): second precision, ``Z``.
+_RFC3339 = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
 _SECTION_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$"
 #: Upstream CEL rules on Exact and PathPrefix values: what a normalised path cannot contain.
 _PATH_FORBIDDEN = ("//", "/./", "/../", "%2f", "%2F", "#")
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
-
-
-class ParentMode(str, enum.Enum):
-    MESH = "mesh"  # parent is a Service (GAMMA): the route applies to calls to that service
-    INGRESS = "ingress"  # parent is a Gateway: the route applies to requests entering it
-
-
-class PathMatchType(str, enum.Enum):
-    EXACT = "Exact"
-    PATH_PREFIX = "PathPrefix"
-    REGULAR_EXPRESSION = "RegularExpression"
-
-
-class ValueMatchType(str, enum.Enum):
-    EXACT = "Exact"
-    REGULAR_EXPRESSION = "RegularExpression"
-
-
-class FilterType(str, enum.Enum):
-    REQUEST_HEADER_MODIFIER = "RequestHeaderModifier"
-    RESPONSE_HEADER_MODIFIER = "ResponseHeaderModifier"
-    REQUEST_MIRROR = "RequestMirror"
-    REQUEST_REDIRECT = "RequestRedirect"
-    URL_REWRITE = "URLRewrite"
-
-
-class PathModifierType(str, enum.Enum):
-    REPLACE_FULL_PATH = "ReplaceFullPath"
-    REPLACE_PREFIX_MATCH = "ReplacePrefixMatch"
-
-
-@dataclass(frozen=True)
-class ParentRef:
-    name: str
-    namespace: str  # default: the route's namespace
-    group: str = GATEWAY_GROUP
-    kind: str = "Gateway"
-    section_name: str | None = None
-    port: int | None = None
-
-    @property
-    def mode(self) -> ParentMode:
-        return ParentMode.MESH if self.kind == "Service" else ParentMode.INGRESS
-
-
-@dataclass(frozen=True)
-class PathMatch:
-    type: PathMatchType = PathMatchType.PATH_PREFIX
-    value: str = "/"
-    #: Compiled (RE2, anchored at both ends) for RegularExpression; None otherwise.
-    regex: Pattern | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class ValueMatch:
-    """A header or query parameter match; header names are lower-cased, query names are not."""
-
-    name: str
-    value: str
-    type: ValueMatchType = ValueMatchType.EXACT
-    regex: Pattern | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class RouteMatch:
-    path: PathMatch = PathMatch()
-    headers: tuple[ValueMatch, ...] = ()
-    query_params: tuple[ValueMatch, ...] = ()
-    method: str | None = None
-
-
-@dataclass(frozen=True)
-class HeaderModifier:
-    set: tuple[tuple[str, str], ...] = ()
-    add: tuple[tuple[str, str], ...] = ()
-    remove: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class PathModifier:
-    type: PathModifierType
-    value: str
-
-
-@dataclass(frozen=True)
-class BackendRef:
-    name: str
-    namespace: str  # default: the route's namespace
-    port: int | None = None
-    weight: int = 1
-    group: str = ""
-    kind: str = "Service"
-    filters: tuple[HTTPRouteFilter, ...] = ()
-
-    @property
-    def resolvable(self) -> bool:
-        """Whether the mesh can send to it: a core Service with a port. Requests given to an
-        unresolvable backend get 500 (the spec's rule for an invalid backendRef's share)."""
-        return self.group == "" and self.kind == "Service" and self.port is not None
-
-
-@dataclass(frozen=True)
-class RequestMirror:
-    backend: BackendRef
-    percent: float = 100.0  # from ``percent`` or ``fraction``; 100 when neither is given
-
-
-@dataclass(frozen=True)
-class RequestRedirect:
-    scheme: str | None = None  # None: the request's scheme
-    hostname: str | None = None
-    path: PathModifier | None = None
-    port: int | None = None
-    status_code: int = 302
-
-
-@dataclass(frozen=True)
-class URLRewrite:
-    hostname: str | None = None
-    path: PathModifier | None = None
-
-
-FilterConfig = HeaderModifier | RequestMirror | RequestRedirect | URLRewrite
-
-
-@dataclass(frozen=True)
-class HTTPRouteFilter:
-    type: FilterType
-    config: FilterConfig
-
-
-@dataclass(frozen=True)
-class RouteTimeouts:
-    """Seconds; 0 disables the timeout (the spec's ``0s``), None leaves the mesh's default."""
-
-    request: float | None = None
-    backend_request: float | None = None
-
-
-@dataclass(frozen=True)
-class HTTPRouteRule:
-    matches: tuple[RouteMatch, ...] = (RouteMatch(),)
-    filters: tuple[HTTPRouteFilter, ...] = ()
-    backend_refs: tuple[BackendRef, ...] = ()
-    timeouts: RouteTimeouts = RouteTimeouts()
-    name: str | None = None
-
-
-@dataclass(frozen=True)
-class HTTPRoute:
-    name: str
-    namespace: str
-    parent_refs: tuple[ParentRef, ...]
-    hostnames: tuple[str, ...]
-    rules: tuple[HTTPRouteRule, ...]
-    origin: Origin
 
 
 # --- schema: structure only; limits and cross-field rules are the builder's ---------------------
@@ -346,6 +212,16 @@ def http_route_schema() -> Schema:
             "namespace": {"$ref": "#/$defs/namespace"},
             "labels": {"type": "object", "additionalProperties": STRING},
             "annotations": {"type": "object", "additionalProperties": STRING},
+            # What `kubectl get -o yaml` adds: accepted so an exported route loads unchanged;
+            # only creationTimestamp is read (a route's age breaks precedence ties).
+            "creationTimestamp": {
+                "type": "string",
+                "title": "an RFC 3339 time such as 2024-05-01T10:00:00Z",
+                "pattern": _RFC3339.pattern,
+            },
+            "uid": STRING,
+            "resourceVersion": STRING,
+            "generation": integer(0),
         },
         "name",
     )
@@ -401,7 +277,8 @@ def build_http_route(ctx: DocContext) -> HTTPRoute | None:
     rules = _rules(ctx, spec)
     if len(ctx.problems) > problems_before:
         return None
-    return HTTPRoute(ctx.name, ctx.namespace, parents, hostnames, rules, ctx.origin)
+    created = as_str(at(ctx.doc, "metadata.creationTimestamp")[0])
+    return HTTPRoute(ctx.name, ctx.namespace, parents, hostnames, rules, ctx.origin, created)
 
 
 def _limited(

@@ -15,6 +15,7 @@ from meshlib.config.authnkind import build_request_authentication
 from meshlib.config.authzkind import build_authorization_policy
 from meshlib.config.checker import Finding, check, suggest, type_name
 from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_str, at
+from meshlib.config.httproute import build_http_route
 from meshlib.config.meshkinds import (
     build_fault,
     build_mesh,
@@ -76,6 +77,7 @@ _BUILDERS: dict[str, Callable[[DocContext, Parsed], None]] = {
     "RequestAuthentication": lambda c, p: _keep(
         p.request_authentications, build_request_authentication(c), c
     ),
+    "HTTPRoute": lambda c, p: _keep(p.http_routes, build_http_route(c), c),
 }
 
 
@@ -315,6 +317,7 @@ def _assemble(
         request_authentications=tuple(r for r, _ in p.request_authentications),
         tcp_routes={f"{t.name}.{t.namespace}": t for t, _ in p.tcp_routes},
         udp_routes={f"{u.name}.{u.namespace}": u for u, _ in p.udp_routes},
+        http_routes=tuple(r for r, _ in p.http_routes),
         raw_documents=tuple(raw),
         warnings=tuple(warnings),
     )

@@ -462,6 +462,188 @@ class MirrorRule:
     origin: Origin | None = None
 
 
+# --- Gateway API HTTPRoute (gateway.networking.k8s.io/v1; built by meshlib.config.httproute) --
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+class ParentMode(str, enum.Enum):
+    MESH = "mesh"  # parent is a Service (GAMMA): the route applies to calls to that service
+    INGRESS = "ingress"  # parent is a Gateway: the route applies to requests entering it
+
+
+class PathMatchType(str, enum.Enum):
+    EXACT = "Exact"
+    PATH_PREFIX = "PathPrefix"
+    REGULAR_EXPRESSION = "RegularExpression"
+
+
+class ValueMatchType(str, enum.Enum):
+    EXACT = "Exact"
+    REGULAR_EXPRESSION = "RegularExpression"
+
+
+class FilterType(str, enum.Enum):
+    REQUEST_HEADER_MODIFIER = "RequestHeaderModifier"
+    RESPONSE_HEADER_MODIFIER = "ResponseHeaderModifier"
+    REQUEST_MIRROR = "RequestMirror"
+    REQUEST_REDIRECT = "RequestRedirect"
+    URL_REWRITE = "URLRewrite"
+
+
+class PathModifierType(str, enum.Enum):
+    REPLACE_FULL_PATH = "ReplaceFullPath"
+    REPLACE_PREFIX_MATCH = "ReplacePrefixMatch"
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    name: str
+    namespace: str  # default: the route's namespace
+    group: str = GATEWAY_GROUP
+    kind: str = "Gateway"
+    section_name: str | None = None
+    port: int | None = None
+
+    @property
+    def mode(self) -> ParentMode:
+        return ParentMode.MESH if self.kind == "Service" else ParentMode.INGRESS
+
+
+@dataclass(frozen=True)
+class PathMatch:
+    type: PathMatchType = PathMatchType.PATH_PREFIX
+    value: str = "/"
+    #: Compiled (RE2, anchored at both ends) for RegularExpression; None otherwise.
+    regex: Pattern | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ValueMatch:
+    """A header or query parameter match; header names are lower-cased, query names are not."""
+
+    name: str
+    value: str
+    type: ValueMatchType = ValueMatchType.EXACT
+    regex: Pattern | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    path: PathMatch = PathMatch()
+    headers: tuple[ValueMatch, ...] = ()
+    query_params: tuple[ValueMatch, ...] = ()
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class HeaderModifier:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PathModifier:
+    type: PathModifierType
+    value: str
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    name: str
+    namespace: str  # default: the route's namespace
+    port: int | None = None
+    weight: int = 1
+    group: str = ""
+    kind: str = "Service"
+    filters: tuple[HTTPRouteFilter, ...] = ()
+
+    @property
+    def resolvable(self) -> bool:
+        """Whether the mesh can send to it: a core Service with a port. Requests given to an
+        unresolvable backend get 500 (the spec's rule for an invalid backendRef's share)."""
+        return self.group == "" and self.kind == "Service" and self.port is not None
+
+
+@dataclass(frozen=True)
+class RequestMirror:
+    backend: BackendRef
+    percent: float = 100.0  # from ``percent`` or ``fraction``; 100 when neither is given
+
+
+@dataclass(frozen=True)
+class RequestRedirect:
+    scheme: str | None = None  # None: the request's scheme
+    hostname: str | None = None
+    path: PathModifier | None = None
+    port: int | None = None
+    status_code: int = 302
+
+
+@dataclass(frozen=True)
+class URLRewrite:
+    hostname: str | None = None
+    path: PathModifier | None = None
+
+
+FilterConfig = HeaderModifier | RequestMirror | RequestRedirect | URLRewrite
+
+
+@dataclass(frozen=True)
+class HTTPRouteFilter:
+    type: FilterType
+    config: FilterConfig
+
+
+@dataclass(frozen=True)
+class RouteTimeouts:
+    """Seconds; 0 disables the timeout (the spec's ``0s``), None leaves the mesh's default."""
+
+    request: float | None = None
+    backend_request: float | None = None
+
+
+@dataclass(frozen=True)
+class HTTPRouteRule:
+    matches: tuple[RouteMatch, ...] = (RouteMatch(),)
+    filters: tuple[HTTPRouteFilter, ...] = ()
+    backend_refs: tuple[BackendRef, ...] = ()
+    timeouts: RouteTimeouts = RouteTimeouts()
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class HTTPRoute:
+    name: str
+    namespace: str
+    parent_refs: tuple[ParentRef, ...]
+    hostnames: tuple[str, ...]
+    rules: tuple[HTTPRouteRule, ...]
+    origin: Origin
+    #: ``metadata.creationTimestamp`` (RFC 3339, UTC), when the manifest carries one.
+    created: str | None = None
+
+    @property
+    def key(self) -> str:
+        """``name.namespace``, as every other kind is keyed."""
+        return f"{self.name}.{self.namespace}"
+
+    def label(self, rule: HTTPRouteRule) -> str:
+        """The route label of one of this route's rules: the rule's ``name``, else the route's
+        name. It names the route in decisions and metrics, and TrafficPolicy/FaultInjection
+        ``spec.target.route`` selects rules by it."""
+        return rule.name or self.name
+
+    def services(self) -> tuple[str, ...]:
+        """Keys of the mesh Services this route attaches to (its ``kind: Service`` parents)."""
+        return tuple(
+            dict.fromkeys(
+                f"{p.name}.{p.namespace}" for p in self.parent_refs if p.mode is ParentMode.MESH
+            )
+        )
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """One immutable, validated configuration.
@@ -485,6 +667,9 @@ class Snapshot:
     request_authentications: tuple[RequestAuthentication, ...] = ()
     tcp_routes: Mapping[str, TCPRoute] = field(default_factory=dict)
     udp_routes: Mapping[str, UDPRoute] = field(default_factory=dict)
+    #: Gateway API HTTPRoutes, in load order (files, then documents): load order is their age
+    #: for precedence when ``metadata.creationTimestamp`` is not set.
+    http_routes: tuple[HTTPRoute, ...] = ()
     raw_documents: tuple[Mapping[str, Any], ...] = ()
     #: Accepted-with-a-note findings (e.g. retry attempts clamped), shown by ``meshctl validate``.
     warnings: tuple[Problem, ...] = ()

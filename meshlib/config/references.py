@@ -13,11 +13,15 @@ from typing import Any
 from meshlib.config.documents import DocContext, as_str, at, maps
 from meshlib.config.model import (
     AuthorizationPolicy,
+    BackendRef,
     FaultRule,
+    HTTPRoute,
+    HTTPRouteFilter,
     MeshSettings,
     MirrorRule,
     PolicyTarget,
     RequestAuthentication,
+    RequestMirror,
     RouteGroup,
     ServiceDef,
     Snapshot,
@@ -54,6 +58,7 @@ class Parsed:
     request_authentications: list[tuple[RequestAuthentication, DocContext]] = field(
         default_factory=list
     )
+    http_routes: list[tuple[HTTPRoute, DocContext]] = field(default_factory=list)
 
 
 def where(ctx: DocContext) -> str:
@@ -71,11 +76,12 @@ def check_references(p: Parsed) -> None:
     routes = _route_names(p.route_groups)
     groups = {f"{g.name}.{g.namespace}": g for g, _ in p.route_groups}
     _splits(p.splits, services, groups)
+    labels = _http_routes(p.http_routes, services, {s.root: c for s, c in p.splits})
     for policy, ctx in p.policies:
-        _target_exists(ctx, policy.target, services, routes)
+        _target_exists(ctx, policy.target, services, routes, labels)
     _conflicts(p.policies)
     for fault, ctx in p.faults:
-        _target_exists(ctx, fault.target, services, routes)
+        _target_exists(ctx, fault.target, services, routes, labels)
     for mirror, ctx in p.mirrors:
         for attr in ("service", "mirror"):
             key = getattr(mirror, attr)
@@ -200,7 +206,11 @@ def _splits(
 
 
 def _target_exists(
-    ctx: DocContext, target: PolicyTarget, services: set[str], routes: dict[str, set[str]]
+    ctx: DocContext,
+    target: PolicyTarget,
+    services: set[str],
+    routes: dict[str, set[str]],
+    labels: Mapping[str, set[str]],
 ) -> None:
     if target.service is None:
         return
@@ -212,12 +222,93 @@ def _target_exists(
         )
         return
     ns = target.service.split(".", 1)[1]
-    if target.route is not None and target.route not in routes.get(ns, set()):
-        ctx.error(
-            "spec.target.route",
-            at(ctx.doc, "spec.target.route")[1],
-            f"no HTTPRouteGroup in namespace {shown(ns)} has a match named {shown(target.route)}",
+    route = target.route
+    if route is None or route in routes.get(ns, set()):
+        return
+    if route in labels.get(target.service, set()):
+        return
+    ctx.error(
+        "spec.target.route",
+        at(ctx.doc, "spec.target.route")[1],
+        f"no HTTPRouteGroup in namespace {shown(ns)} has a match named {shown(route)}, and no "
+        f"HTTPRoute attached to {target.service} has a rule named so (a rule's route name is "
+        "its name, else its HTTPRoute's name)",
+    )
+
+
+def _http_routes(
+    routes: list[tuple[HTTPRoute, DocContext]],
+    services: set[str],
+    split_roots: Mapping[str, DocContext],
+) -> dict[str, set[str]]:
+    """Check HTTPRoutes against the services; return service key → the route labels that
+    TrafficPolicy/FaultInjection targets may name for it.
+
+    A mesh parent must be a declared Service (a route attached to nothing would be silently
+    lost). A backend that cannot be sent to is only a warning: the spec answers its share of
+    the requests with 500, and a route may legitimately point at a Service not deployed yet.
+    """
+    labels: dict[str, set[str]] = {}
+    for route, ctx in routes:
+        # A built route kept every item of its lists (any bad one fails the whole route), so
+        # the model's indices are the manifest's.
+        parent_items = maps(at(ctx.doc, "spec.parentRefs")[0])
+        for (i, item, _), parent in zip(parent_items, route.parent_refs, strict=True):
+            if parent.kind != "Service":
+                continue
+            key = f"{parent.name}.{parent.namespace}"
+            path, line = f"spec.parentRefs[{i}].name", item.line_of("name")
+            if key not in services:
+                ctx.error(path, line, _no_service(key))
+                continue
+            if key in split_roots:
+                ctx.error(
+                    path,
+                    line,
+                    f"{key} is also the root of {where(split_roots[key])}: route it with either "
+                    "the HTTPRoute or the TrafficSplit (an HTTPRoute's backendRefs weights are "
+                    "its split)",
+                )
+            labels.setdefault(key, set()).update(route.label(rule) for rule in route.rules)
+        rule_items = maps(at(ctx.doc, "spec.rules")[0])
+        for (i, rule_item, _), rule in zip(rule_items, route.rules, strict=True):
+            backend_items = maps(rule_item.get("backendRefs"))
+            for (j, item, line), ref in zip(backend_items, rule.backend_refs, strict=True):
+                path = f"spec.rules[{i}].backendRefs[{j}]"
+                _backend_warning(ctx, ref, path, line, services)
+                _mirror_warnings(ctx, ref.filters, item, path, services)
+            _mirror_warnings(ctx, rule.filters, rule_item, f"spec.rules[{i}]", services)
+    return labels
+
+
+def _mirror_warnings(
+    ctx: DocContext,
+    filters: Iterable[HTTPRouteFilter],
+    owner: Any,
+    path: str,
+    services: set[str],
+) -> None:
+    items = maps(owner.get("filters"))
+    for (k, _, line), flt in zip(items, filters, strict=True):
+        if isinstance(flt.config, RequestMirror):
+            where_ = f"{path}.filters[{k}].requestMirror.backendRef"
+            _backend_warning(ctx, flt.config.backend, where_, line, services)
+
+
+def _backend_warning(
+    ctx: DocContext, ref: BackendRef, path: str, line: int, services: set[str]
+) -> None:
+    if not ref.resolvable:
+        ctx.warn(
+            path,
+            line,
+            f"backend {shown(ref.group)}/{shown(ref.kind)} {shown(ref.name)} is not a Service "
+            "with a port the mesh can send to: its share of the requests is answered 500",
         )
+        return
+    key = f"{ref.name}.{ref.namespace}"
+    if key not in services:
+        ctx.warn(path, line, _no_service(key) + ": its share of the requests is answered 500")
 
 
 def _conflicts(policies: list[tuple[TrafficPolicyDoc, DocContext]]) -> None:

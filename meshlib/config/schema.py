@@ -30,6 +30,7 @@ from meshlib.config.fragments import (
     integer,
     obj,
 )
+from meshlib.config.httproute import GATEWAY_API, http_route_schema
 from meshlib.config.values import MAX_REGEX_LENGTH
 
 # --- TrafficPolicy: one table drives the schema, the conversion and the model field names ------
@@ -387,6 +388,7 @@ def _build_document_schemas() -> dict[str, dict[str, Schema]]:
         "TCPRoute": {api: _tcp_route(i + 1) for i, api in enumerate(SPECS_VERSIONS)},
         "UDPRoute": {SPECS_VERSIONS[3]: _udp_route()},
         "TrafficTarget": {api: _traffic_target(i + 1) for i, api in enumerate(ACCESS_VERSIONS)},
+        "HTTPRoute": {GATEWAY_API: http_route_schema()},
     }
     for kind, schema in _meshlib_docs().items():
         docs[kind] = {MESHLIB_API: schema}
@@ -408,7 +410,7 @@ def json_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://meshlib.dev/schemas/policy.json",
         "title": "meshlib policy document",
-        "description": "One document of a meshlib policy file (SMI kinds and meshlib/v1 kinds).",
+        "description": "One document of a meshlib policy file (meshlib/v1, SMI, Gateway API).",
         "oneOf": variants,
         "$defs": copy.deepcopy(DEFS),
     }

@@ -43,7 +43,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from meshlib.config.model import EffectivePolicy, FaultRule, MirrorRule, ServiceDef
+from meshlib.config.model import (
+    BackendRef,
+    EffectivePolicy,
+    FaultRule,
+    HeaderModifier,
+    MirrorRule,
+    ServiceDef,
+)
 from meshlib.context import DEADLINE_HEADER, inbound_deadline
 from meshlib.decision import DECISION_EXTENSION, AttemptRecord, Decision
 from meshlib.errors import (
@@ -71,6 +78,18 @@ from meshlib.policy.retry import (
     max_retries,
     parse_retry_after,
     should_retry,
+)
+from meshlib.policy.routes import (
+    Backend,
+    RequestEdit,
+    RouteTable,
+    Rule,
+    default_port,
+    edit_headers,
+    pick,
+    redirect_location,
+    request_edit,
+    response_modifiers,
 )
 from meshlib.policy.routing import Router
 from meshlib.policy.split import pick_backend
@@ -641,6 +660,96 @@ def _plan(host: CallHost, router: Router, service_key: str, route: str | None) -
     return plan
 
 
+def _http_route(
+    host: CallHost,
+    router: Router,
+    service: ServiceDef,
+    request: httpx.Request,
+    table: RouteTable,
+) -> tuple[_Plan, Decision, str, httpx.Request, tuple[HeaderModifier, ...]] | httpx.Response:
+    """Step 1 under a Gateway API HTTPRoute: the winning rule, a backend by weight, and the
+    request as the rule's filters edit it; or the mesh's own answer (404 no rule matched, a
+    RequestRedirect, 500 for an invalid backend's share)."""
+    url = request.url
+    path = url.path
+    query = url.query.decode("ascii", "replace")
+    winner = table.select(request.method, path, query, request.headers)
+    decision = Decision(service.key, router.snapshot.version)
+    decision.backend = service.key
+    if winner is None:
+        decision.reason = Reason.NO_ROUTE.value
+        return local_response(request, 404, Reason.NO_ROUTE, decision)
+    rule = winner.rule
+    decision.route = rule.label
+    if rule.redirect is not None:
+        location = redirect_location(
+            rule.redirect, winner.match, url.scheme, url.host, url.port, path, query
+        )
+        decision.status = rule.redirect.status_code
+        return httpx.Response(
+            rule.redirect.status_code,
+            headers={"location": location},
+            request=request,
+            extensions={DECISION_EXTENSION: decision},
+        )
+    backend = pick(rule, host.rng.random)
+    if backend is None or backend.service is None:
+        decision.reason = Reason.INVALID_BACKEND.value
+        return local_response(request, 500, Reason.INVALID_BACKEND, decision)
+    edit = request_edit(winner, backend, path)
+    if edit:
+        request = _edited(request, edit)
+    key = (service.key, rule, backend)
+    plan: _Plan | None = router.derived.get(key)
+    if plan is None:
+        plan = router.derived[key] = _rule_plan(host, router, service.key, rule, backend)
+    return plan, decision, backend.service, request, response_modifiers(winner, backend)
+
+
+def _rule_plan(
+    host: CallHost, router: Router, service_key: str, rule: Rule, backend: Backend
+) -> _Plan:
+    """The (service, route) plan with the rule's own timeouts and mirrors on top: an
+    HTTPRoute's ``timeouts`` are set on the route itself, so they win over every scope."""
+    plan = _plan(host, router, service_key, rule.label)
+    policy = plan.policy
+    timeouts = rule.rule.timeouts
+    sources = dict(policy.sources)
+    origin = f"route:HTTPRoute {rule.route.namespace}/{rule.route.name}"
+    if timeouts.request is not None:
+        policy = replace(policy, timeout=timeouts.request or None)
+        sources["timeout"] = origin
+    if timeouts.backend_request is not None:
+        retries = replace(policy.retries, per_try_timeout=timeouts.backend_request or None)
+        policy = replace(policy, retries=retries)
+        sources["retries.per_try_timeout"] = origin
+    policy = replace(policy, sources=sources)
+    mirrors = plan.mirrors + tuple(
+        MirrorRule(rule.route.name, rule.route.namespace, service_key, key, m.percent)
+        for m in rule.mirrors(backend)
+        if (key := _mirror_key(router, m.backend)) is not None
+    )
+    return replace(plan, policy=policy, mirrors=mirrors)
+
+
+def _mirror_key(router: Router, ref: BackendRef) -> str | None:
+    key = f"{ref.name}.{ref.namespace}"
+    return key if ref.resolvable and key in router.services else None
+
+
+def _edited(request: httpx.Request, edit: RequestEdit) -> httpx.Request:
+    """A copy of the request with the rule's edits (the caller's request is never changed)."""
+    url = request.url if edit.path is None else request.url.copy_with(path=edit.path)
+    pairs = request.headers.multi_items()
+    if edit.headers:
+        pairs = edit_headers(pairs, edit.headers)
+    if edit.host is not None:
+        pairs = [(n, v) for n, v in pairs if n.lower() != "host"] + [("host", edit.host)]
+    copy = httpx.Request(request.method, url, headers=pairs, stream=request.stream)
+    copy.extensions = dict(request.extensions)
+    return copy
+
+
 def run_call(
     host: CallHost, router: Router, service: ServiceDef, request: httpx.Request
 ) -> Generator[Effect, Any, httpx.Response]:
@@ -649,14 +758,30 @@ def run_call(
     clock = host.clock
     start = clock()
 
-    # 1. route and split
-    match = router.route_for(service, request.method, request, request.headers)
-    plan = _plan(host, router, service.key, match.name)
-    decision = Decision(service.key, router.snapshot.version, route=match.name)
-    backend = service.key
-    if match.split is not None:
-        backend = pick_backend(match.split, host.rng)
-        decision.split = match.split.name
+    # 1. route and split: Gateway API HTTPRoutes when the service has them, else SMI
+    table = None
+    http = router.http
+    if http is not None and service.key in http:
+        url = request.url
+        table = http.table(
+            service.key, host.source.split(".", 1)[1], url.port or default_port(url.scheme)
+        )
+    response_edits: tuple[HeaderModifier, ...] = ()
+    if table is not None:
+        routed = _http_route(host, router, service, request, table)
+        if isinstance(routed, httpx.Response):
+            decision = routed.extensions[DECISION_EXTENSION]
+            _report(host, service.key, request, decision, str(routed.status_code), start)
+            return routed
+        plan, decision, backend, request, response_edits = routed
+    else:
+        match = router.route_for(service, request.method, request, request.headers)
+        plan = _plan(host, router, service.key, match.name)
+        decision = Decision(service.key, router.snapshot.version, route=match.name)
+        backend = service.key
+        if match.split is not None:
+            backend = pick_backend(match.split, host.rng)
+            decision.split = match.split.name
     decision.backend = backend
     if backend != service.key and host.uses_mtls(router, backend) is not plan.tls:
         plan = replace(plan, tls=not plan.tls)  # a split backend with its own mode
@@ -681,6 +806,10 @@ def run_call(
         code = str(response.status_code)
         decision.status = response.status_code
         response.extensions[DECISION_EXTENSION] = decision
+        if response_edits:
+            response.headers = httpx.Headers(
+                edit_headers(response.headers.multi_items(), response_edits)
+            )
         if attempt is not None and not response.is_closed:
             # The body is still on the wire: the call ends, and is reported, when it does.
             streamed = request.extensions.get(STREAM_EXTENSION)

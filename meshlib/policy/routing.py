@@ -22,6 +22,7 @@ from meshlib.config.model import (
     Snapshot,
     Split,
 )
+from meshlib.policy.routes import RouteIndex
 
 #: Suffixes under which a service is also reachable, Kubernetes style.
 _CLUSTER_SUFFIXES = (".svc.cluster.local", ".svc")
@@ -75,6 +76,9 @@ class Router:
         self._policies: dict[tuple[str, str | None], EffectivePolicy] = {}
         self._faults: dict[tuple[str, str | None], tuple[FaultRule, ...]] = {}
         self._routes = self._index_routes(snapshot)
+        #: Gateway API HTTPRoutes attached to services (mesh mode); None when there are none,
+        #: so a call's only cost without them is one ``is None``.
+        self.http: RouteIndex | None = RouteIndex(snapshot) if snapshot.http_routes else None
         self._mirrors: dict[str, tuple[MirrorRule, ...]] = {}
         #: Per-snapshot memo for values callers derive from this router (the call sequence
         #: keeps its per-(service, route) plans here, so they die with the snapshot).

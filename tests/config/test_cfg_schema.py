@@ -100,7 +100,8 @@ def test_schema_covers_every_kind_and_version() -> None:
     }
     assert pairs == {(k, a) for k, versions in DOCUMENT_SCHEMAS.items() for a in versions}
     assert ("TrafficSplit", "split.smi-spec.io/v1alpha1") in pairs
-    assert len({k for k, _ in pairs}) == 12
+    assert len({k for k, _ in pairs}) == 13
+    assert ("HTTPRoute", "gateway.networking.k8s.io/v1") in pairs
 
 
 def test_services_fixture_validates(validator: jsonschema.Draft202012Validator) -> None:

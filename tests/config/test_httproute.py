@@ -7,12 +7,14 @@ import textwrap
 
 import pytest
 
-from meshlib.config.httproute import (
+from meshlib.config.httproute import parse_gateway_duration, parse_http_route
+from meshlib.config.model import (
     BackendRef,
     FilterType,
     HeaderModifier,
     HTTPRoute,
     HTTPRouteFilter,
+    Origin,
     ParentMode,
     ParentRef,
     PathMatch,
@@ -26,10 +28,7 @@ from meshlib.config.httproute import (
     URLRewrite,
     ValueMatch,
     ValueMatchType,
-    parse_gateway_duration,
-    parse_http_route,
 )
-from meshlib.config.model import Origin
 from meshlib.config.yamlsafe import read_documents
 from meshlib.errors import ConfigError, Problem
 

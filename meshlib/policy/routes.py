@@ -1,0 +1,415 @@
+"""Gateway API HTTPRoute semantics over one snapshot: which routes attach to a call, the order
+their rules are tried in, matching one request, the backend chosen, and what the rule's filters
+do to the request and the response. Pure: no I/O, no clock; the caller passes the RNG.
+
+The spec's precedence (gateway.networking.k8s.io/v1 HTTPRouteRule) orders every match of every
+attached rule once per table: an Exact path, then a RegularExpression path (longer pattern
+first: the spec leaves regex precedence to the implementation, and Envoy Gateway puts them
+between Exact and PathPrefix), then the longest PathPrefix; then a match with a method; then
+the most header matches; then the most query-parameter matches. Ties go to the oldest route
+(``metadata.creationTimestamp``, else load order), then ``namespace/name``, then rule order,
+then match order. The first match that accepts the request wins; none: 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from meshlib.config.model import (
+    BackendRef,
+    HeaderModifier,
+    HTTPRoute,
+    HTTPRouteFilter,
+    HTTPRouteRule,
+    PathMatchType,
+    PathModifier,
+    PathModifierType,
+    RequestMirror,
+    RequestRedirect,
+    RouteMatch,
+    Snapshot,
+    URLRewrite,
+    ValueMatchType,
+)
+
+#: Bound on the (service, caller namespace, port) → table cache: ports come from URLs.
+_MAX_TABLES = 4096
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_PATH_RANK = {PathMatchType.EXACT: 0, PathMatchType.REGULAR_EXPRESSION: 1}
+
+
+@dataclass(frozen=True, eq=False)
+class Backend:
+    """One backendRef of a rule, ready to send to: ``service`` is the mesh service key, or
+    None when the mesh cannot send to it (its share of requests is answered 500)."""
+
+    service: str | None
+    weight: int
+    filters: tuple[HTTPRouteFilter, ...]
+    ref: BackendRef
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    """One HTTPRoute rule compiled against the snapshot's services.
+
+    Identity-compared: per-rule call plans are memoised per snapshot keyed by it.
+    """
+
+    route: HTTPRoute
+    index: int  # the rule's position in the route
+    rule: HTTPRouteRule
+    label: str  # the route label (rule name, else route name)
+    backends: tuple[Backend, ...]
+    total_weight: int
+    redirect: RequestRedirect | None
+
+    @property
+    def where(self) -> str:
+        """``HTTPRoute ns/name rule[i] (name)`` for explanations and messages."""
+        name = f" {self.rule.name!r}" if self.rule.name else ""
+        return f"HTTPRoute {self.route.namespace}/{self.route.name} rule[{self.index}]{name}"
+
+    def mirrors(self, backend: Backend | None) -> tuple[RequestMirror, ...]:
+        """The RequestMirror filters that apply: the rule's, then the chosen backend's."""
+        own = backend.filters if backend is not None else ()
+        return tuple(
+            f.config for f in (*self.rule.filters, *own) if isinstance(f.config, RequestMirror)
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    """One match of one rule, in a table's precedence order."""
+
+    rule: Rule
+    match: RouteMatch
+    match_index: int
+
+    def accepts(
+        self,
+        method: str,
+        path: str,
+        query: Callable[[], Mapping[str, str]],
+        headers: Mapping[str, str],
+    ) -> bool:
+        """Whether the request matches: path, method, every header, every query parameter."""
+        m = self.match
+        if not _path_matches(m, path):
+            return False
+        if m.method is not None and m.method != method:
+            return False
+        for h in m.headers:
+            value = headers.get(h.name)
+            if value is None or not _value_matches(h.type, h.value, h.regex, value):
+                return False
+        if m.query_params:
+            params = query()
+            for q in m.query_params:
+                value = params.get(q.name)
+                if value is None or not _value_matches(q.type, q.value, q.regex, value):
+                    return False
+        return True
+
+    def why(self) -> str:
+        """What this match required, in words, for ``meshctl explain``."""
+        m = self.match
+        parts = [f"path {m.path.type.value} {m.path.value!r}"]
+        if m.method is not None:
+            parts.append(f"method {m.method}")
+        parts += [f"header {h.name} {h.type.value} {h.value!r}" for h in m.headers]
+        parts += [f"query {q.name} {q.type.value} {q.value!r}" for q in m.query_params]
+        return f"{self.rule.where} matches[{self.match_index}]: " + ", ".join(parts)
+
+
+class RouteTable:
+    """The candidates of the routes attached to one (service, caller namespace, port), in
+    precedence order; ``select`` answers the first that accepts a request."""
+
+    __slots__ = ("candidates", "routes")
+
+    def __init__(self, routes: Sequence[HTTPRoute], candidates: Sequence[Candidate]) -> None:
+        self.routes = tuple(routes)
+        self.candidates = tuple(candidates)
+
+    def select(
+        self, method: str, path: str, query: str, headers: Mapping[str, str]
+    ) -> Candidate | None:
+        """The winning match for a request (``path`` decoded, without the query; ``query`` the
+        raw query string; header names looked up lower-case), or None: the spec's 404."""
+        parsed: list[dict[str, str]] = []
+
+        def params() -> Mapping[str, str]:
+            if not parsed:
+                # The spec: with a parameter given several times, only the first counts.
+                first: dict[str, str] = {}
+                for name, value in parse_qsl(query, keep_blank_values=True):
+                    first.setdefault(name, value)
+                parsed.append(first)
+            return parsed[0]
+
+        for candidate in self.candidates:
+            if candidate.accepts(method, path, params, headers):
+                return candidate
+        return None
+
+
+class RouteIndex:
+    """Every mesh-mode route of one snapshot, compiled once; tables are built on first use."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._services = snapshot.services
+        self._attached: dict[str, list[tuple[int, HTTPRoute]]] = {}
+        for order, route in enumerate(snapshot.http_routes):
+            for key in route.services():
+                self._attached.setdefault(key, []).append((order, route))
+        self._rules: dict[tuple[int, int], Rule] = {}
+        self._tables: dict[tuple[str, str, int | None], RouteTable | None] = {}
+
+    def __contains__(self, service_key: str) -> bool:
+        return service_key in self._attached
+
+    def table(self, service_key: str, caller_namespace: str, port: int | None) -> RouteTable | None:
+        """The routes that apply to a call from ``caller_namespace`` to ``service_key`` dialled
+        on ``port`` (None: the scheme's default was used and is not known), or None when no
+        route attaches: the call is routed as without HTTPRoutes.
+
+        GAMMA: a producer route (in the service's namespace) applies to every caller; a
+        consumer route (in another namespace) only to callers in its own namespace, and for
+        them it replaces the producer routes. A parentRef with a ``port`` applies only to
+        calls dialled on that port.
+        """
+        key = (service_key, caller_namespace, port)
+        try:
+            return self._tables[key]
+        except KeyError:
+            pass
+        table = self._build(service_key, caller_namespace, port)
+        if len(self._tables) < _MAX_TABLES:
+            self._tables[key] = table
+        return table
+
+    def _build(self, service_key: str, caller: str, port: int | None) -> RouteTable | None:
+        service_ns = service_key.split(".", 1)[1]
+        producer: list[tuple[int, HTTPRoute]] = []
+        consumer: list[tuple[int, HTTPRoute]] = []
+        for order, route in self._attached.get(service_key, ()):
+            if not _attached_on(route, service_key, port):
+                continue
+            if route.namespace == service_ns:
+                producer.append((order, route))
+            elif route.namespace == caller:
+                consumer.append((order, route))
+        chosen = consumer or producer
+        if not chosen:
+            return None
+        candidates: list[tuple[tuple[object, ...], Candidate]] = []
+        for order, route in chosen:
+            age = (route.created or "~", order)  # "~" sorts after any timestamp
+            for i, rule in enumerate(route.rules):
+                compiled = self._rule(order, route, i, rule)
+                for j, match in enumerate(rule.matches):
+                    rank = _precedence(match)
+                    tie = (*age, f"{route.namespace}/{route.name}", i, j)
+                    candidates.append(((*rank, *tie), Candidate(compiled, match, j)))
+        candidates.sort(key=lambda item: item[0])
+        return RouteTable([r for _, r in chosen], [c for _, c in candidates])
+
+    def _rule(self, order: int, route: HTTPRoute, index: int, rule: HTTPRouteRule) -> Rule:
+        key = (order, index)
+        compiled = self._rules.get(key)
+        if compiled is None:
+            backends = tuple(
+                Backend(self._service_of(ref), ref.weight, ref.filters, ref)
+                for ref in rule.backend_refs
+            )
+            redirect = next(
+                (f.config for f in rule.filters if isinstance(f.config, RequestRedirect)), None
+            )
+            compiled = self._rules[key] = Rule(
+                route,
+                index,
+                rule,
+                route.label(rule),
+                backends,
+                sum(b.weight for b in backends),
+                redirect,
+            )
+        return compiled
+
+    def _service_of(self, ref: BackendRef) -> str | None:
+        if not ref.resolvable:
+            return None
+        key = f"{ref.name}.{ref.namespace}"
+        return key if key in self._services else None
+
+
+def default_port(scheme: str) -> int | None:
+    return _DEFAULT_PORTS.get(scheme)
+
+
+def _attached_on(route: HTTPRoute, service_key: str, port: int | None) -> bool:
+    for parent in route.parent_refs:
+        if parent.kind != "Service" or f"{parent.name}.{parent.namespace}" != service_key:
+            continue
+        if parent.port is None or parent.port == port:
+            return True
+    return False
+
+
+def _precedence(match: RouteMatch) -> tuple[int, int, int, int, int]:
+    """Sort key: smaller is tried first."""
+    path = match.path
+    rank = _PATH_RANK.get(path.type, 2)
+    length = len(path.value.rstrip("/") or "/") if path.type is PathMatchType.PATH_PREFIX else 0
+    if path.type is PathMatchType.REGULAR_EXPRESSION:
+        length = len(path.value)
+    return (
+        rank,
+        -length,
+        0 if match.method is not None else 1,
+        -len(match.headers),
+        -len(match.query_params),
+    )
+
+
+def _path_matches(match: RouteMatch, path: str) -> bool:
+    spec = match.path
+    if spec.type is PathMatchType.EXACT:
+        return path == spec.value
+    if spec.type is PathMatchType.PATH_PREFIX:
+        prefix = spec.value.rstrip("/")
+        # Element-wise: "/v2" matches "/v2", "/v2/" and "/v2/x", never "/v2example".
+        return not prefix or path == prefix or path.startswith(prefix + "/")
+    return spec.regex is not None and spec.regex.match(path) is not None
+
+
+def _value_matches(kind: ValueMatchType, expected: str, regex: object, value: str) -> bool:
+    if kind is ValueMatchType.EXACT:
+        return value == expected
+    return regex is not None and regex.match(value) is not None  # type: ignore[attr-defined]
+
+
+# --- what a rule does to the request and the response ------------------------------------------
+
+
+def pick(rule: Rule, random: Callable[[], float]) -> Backend | None:
+    """A backend by weight (``random()`` in [0, 1)); None when every weight is 0 or there are no
+    backendRefs: the spec's 500."""
+    total = rule.total_weight
+    if total <= 0:
+        return None
+    x = random() * total
+    for backend in rule.backends:
+        if backend.weight <= 0:
+            continue
+        x -= backend.weight
+        if x < 0:
+            return backend
+    return next(b for b in reversed(rule.backends) if b.weight > 0)
+
+
+@dataclass(frozen=True)
+class RequestEdit:
+    """What a rule's (and its backend's) filters change in the request; empty: nothing."""
+
+    path: str | None = None  # the new path (query kept), or None
+    host: str | None = None  # the new Host header, or None
+    headers: tuple[HeaderModifier, ...] = ()  # applied in order
+
+    def __bool__(self) -> bool:
+        return self.path is not None or self.host is not None or bool(self.headers)
+
+
+NO_EDIT = RequestEdit()
+
+
+def request_edit(candidate: Candidate, backend: Backend | None, path: str) -> RequestEdit:
+    """The edits of the rule's filters, then the backend's, for a request to ``path``."""
+    filters = (*candidate.rule.rule.filters, *(backend.filters if backend is not None else ()))
+    if not filters:
+        return NO_EDIT
+    new_path: str | None = None
+    host: str | None = None
+    headers: list[HeaderModifier] = []
+    for f in filters:
+        config = f.config
+        if isinstance(config, HeaderModifier):
+            if f.type.value == "RequestHeaderModifier":
+                headers.append(config)
+        elif isinstance(config, URLRewrite):
+            if config.hostname is not None:
+                host = config.hostname
+            if config.path is not None:
+                new_path = rewrite_path(config.path, candidate.match, path)
+    return RequestEdit(new_path, host, tuple(headers))
+
+
+def response_modifiers(candidate: Candidate, backend: Backend | None) -> tuple[HeaderModifier, ...]:
+    """The ResponseHeaderModifier filters of the rule, then of the backend."""
+    filters = (*candidate.rule.rule.filters, *(backend.filters if backend is not None else ()))
+    return tuple(
+        f.config
+        for f in filters
+        if f.type.value == "ResponseHeaderModifier" and isinstance(f.config, HeaderModifier)
+    )
+
+
+def rewrite_path(modifier: PathModifier, match: RouteMatch, path: str) -> str:
+    """ReplaceFullPath: the value. ReplacePrefixMatch: the matched prefix replaced, element-wise
+    (``/strip-prefix/three`` with ``/strip-prefix`` → ``/`` gives ``/three``)."""
+    if modifier.type is PathModifierType.REPLACE_FULL_PATH:
+        return modifier.value
+    prefix = match.path.value.rstrip("/")
+    rest = path[len(prefix) :] if path.startswith(prefix) else path
+    value = modifier.value
+    if value.endswith("/") and rest.startswith("/"):
+        value = value[:-1]
+    return (value + rest) or "/"
+
+
+def redirect_location(
+    redirect: RequestRedirect,
+    match: RouteMatch,
+    scheme: str,
+    host: str,
+    port: int | None,
+    path: str,
+    query: str,
+) -> str:
+    """The ``Location`` of a RequestRedirect (spec: scheme, hostname, port and path default to
+    the request's; a scheme change without a port drops the port, as does a well-known port)."""
+    new_scheme = redirect.scheme or scheme
+    new_host = redirect.hostname or host
+    if redirect.port is not None:
+        new_port: int | None = redirect.port
+    elif redirect.scheme is not None and redirect.scheme != scheme:
+        new_port = None
+    else:
+        new_port = port
+    if new_port == _DEFAULT_PORTS.get(new_scheme):
+        new_port = None
+    new_path = path if redirect.path is None else rewrite_path(redirect.path, match, path)
+    authority = new_host if new_port is None else f"{new_host}:{new_port}"
+    return f"{new_scheme}://{authority}{new_path}" + (f"?{query}" if query else "")
+
+
+def edit_headers(
+    pairs: Sequence[tuple[str, str]], modifiers: Sequence[HeaderModifier]
+) -> list[tuple[str, str]]:
+    """Header pairs after the modifiers, in order. The spec: ``set`` replaces every value of the
+    name (case-insensitive), ``add`` appends one more, ``remove`` drops every value."""
+    out = list(pairs)
+    for modifier in modifiers:
+        for name, value in modifier.set:
+            low = name.lower()
+            out = [(n, v) for n, v in out if n.lower() != low]
+            out.append((name, value))
+        for name, value in modifier.add:
+            out.append((name, value))
+        if modifier.remove:
+            gone = {name.lower() for name in modifier.remove}
+            out = [(n, v) for n, v in out if n.lower() not in gone]
+    return out
