@@ -156,16 +156,81 @@ class RouteTable:
         return None
 
 
+class _Rules:
+    """Compiles rules against the services calls can be sent to, each rule once; and orders
+    the matches of a set of attached routes into a table."""
+
+    def __init__(self, services: Mapping[str, object]) -> None:
+        self._services = services
+        self._rules: dict[tuple[int, int], Rule] = {}
+
+    def table(
+        self, chosen: Sequence[tuple[int, HTTPRoute]], host: str | None = None
+    ) -> RouteTable | None:
+        """The table of ``chosen`` (load order, route) pairs; with ``host`` (ingress), only
+        routes whose hostnames accept it, more specific hostnames first (the spec: the most
+        characters in a matching exact hostname, then in a matching wildcard)."""
+        candidates: list[tuple[tuple[object, ...], Candidate]] = []
+        kept: list[HTTPRoute] = []
+        for order, route in chosen:
+            specificity = (0, 0)
+            if host is not None:
+                found = host_specificity(route.hostnames, host)
+                if found is None:
+                    continue
+                specificity = found
+            kept.append(route)
+            age = (route.created or "~", order)  # "~" sorts after any timestamp
+            for i, rule in enumerate(route.rules):
+                compiled = self.rule(order, route, i, rule)
+                for j, match in enumerate(rule.matches):
+                    rank = _precedence(match)
+                    tie = (*age, f"{route.namespace}/{route.name}", i, j)
+                    key = (*specificity, *rank, *tie)
+                    candidates.append((key, Candidate(compiled, match, j)))
+        if not kept:
+            return None
+        candidates.sort(key=lambda item: item[0])
+        return RouteTable(kept, [c for _, c in candidates])
+
+    def rule(self, order: int, route: HTTPRoute, index: int, rule: HTTPRouteRule) -> Rule:
+        key = (order, index)
+        compiled = self._rules.get(key)
+        if compiled is None:
+            backends = tuple(
+                Backend(self._service_of(ref), ref.weight, ref.filters, ref)
+                for ref in rule.backend_refs
+            )
+            redirect = next(
+                (f.config for f in rule.filters if isinstance(f.config, RequestRedirect)), None
+            )
+            compiled = self._rules[key] = Rule(
+                route,
+                index,
+                rule,
+                route.label(rule),
+                backends,
+                sum(b.weight for b in backends),
+                redirect,
+            )
+        return compiled
+
+    def _service_of(self, ref: BackendRef) -> str | None:
+        if not ref.resolvable:
+            return None
+        key = f"{ref.name}.{ref.namespace}"
+        return key if key in self._services else None
+
+
 class RouteIndex:
     """Every mesh-mode route of one snapshot, compiled once; tables are built on first use."""
 
     def __init__(self, snapshot: Snapshot) -> None:
-        self._services = snapshot.services
         self._attached: dict[str, list[tuple[int, HTTPRoute]]] = {}
         for order, route in enumerate(snapshot.http_routes):
             for key in route.services():
                 self._attached.setdefault(key, []).append((order, route))
-        self._rules: dict[tuple[int, int], Rule] = {}
+        self._rules = _Rules(snapshot.services)
         self._tables: dict[tuple[str, str, int | None], RouteTable | None] = {}
 
     def __contains__(self, service_key: str) -> bool:
@@ -202,48 +267,65 @@ class RouteIndex:
                 producer.append((order, route))
             elif route.namespace == caller:
                 consumer.append((order, route))
-        chosen = consumer or producer
-        if not chosen:
-            return None
-        candidates: list[tuple[tuple[object, ...], Candidate]] = []
-        for order, route in chosen:
-            age = (route.created or "~", order)  # "~" sorts after any timestamp
-            for i, rule in enumerate(route.rules):
-                compiled = self._rule(order, route, i, rule)
-                for j, match in enumerate(rule.matches):
-                    rank = _precedence(match)
-                    tie = (*age, f"{route.namespace}/{route.name}", i, j)
-                    candidates.append(((*rank, *tie), Candidate(compiled, match, j)))
-        candidates.sort(key=lambda item: item[0])
-        return RouteTable([r for _, r in chosen], [c for _, c in candidates])
+        return self._rules.table(consumer or producer)
 
-    def _rule(self, order: int, route: HTTPRoute, index: int, rule: HTTPRouteRule) -> Rule:
-        key = (order, index)
-        compiled = self._rules.get(key)
-        if compiled is None:
-            backends = tuple(
-                Backend(self._service_of(ref), ref.weight, ref.filters, ref)
-                for ref in rule.backend_refs
-            )
-            redirect = next(
-                (f.config for f in rule.filters if isinstance(f.config, RequestRedirect)), None
-            )
-            compiled = self._rules[key] = Rule(
-                route,
-                index,
-                rule,
-                route.label(rule),
-                backends,
-                sum(b.weight for b in backends),
-                redirect,
-            )
-        return compiled
 
-    def _service_of(self, ref: BackendRef) -> str | None:
-        if not ref.resolvable:
-            return None
-        key = f"{ref.name}.{ref.namespace}"
-        return key if key in self._services else None
+class IngressIndex:
+    """The routes of one Gateway's listeners (ingress mode), compiled once; a table per
+    (listener, request host) is built on first use.
+
+    ``routes`` are the gateway's routes in load order (their age for ties); ``attached``
+    maps a listener name to those attached to it: which routes a listener admits (parentRef
+    name, sectionName, port, allowedRoutes) is the gateway's decision. Backends resolve
+    against ``services``, the mesh services the gateway's outbound leg can call; any other
+    backend's share is answered 500.
+    """
+
+    def __init__(
+        self,
+        routes: Sequence[HTTPRoute],
+        attached: Mapping[str, Sequence[HTTPRoute]],
+        services: Mapping[str, object],
+    ) -> None:
+        order = {id(route): i for i, route in enumerate(routes)}
+        self._attached = {
+            listener: sorted((order[id(r)], r) for r in listed)
+            for listener, listed in attached.items()
+        }
+        self._rules = _Rules(services)
+        self._tables: dict[tuple[str, str], RouteTable | None] = {}
+
+    def table(self, listener: str, host: str) -> RouteTable | None:
+        """The routes of ``listener`` whose hostnames accept ``host`` (lower case, no port);
+        None: no route serves this host on this listener (the gateway's 404)."""
+        key = (listener, host)
+        try:
+            return self._tables[key]
+        except KeyError:
+            pass
+        table = self._rules.table(self._attached.get(listener, ()), host)
+        if len(self._tables) < _MAX_TABLES:  # host names come from clients: bounded
+            self._tables[key] = table
+        return table
+
+
+def host_specificity(hostnames: Sequence[str], host: str) -> tuple[int, int] | None:
+    """How specifically ``hostnames`` accept ``host`` as a sort key (smaller is more specific),
+    or None when they do not. No hostnames accept every host, least specifically. A wildcard
+    ``*.example.com`` is a suffix match of one or more labels, never ``example.com`` itself."""
+    if not hostnames:
+        return (0, 0)
+    best: tuple[int, int] | None = None
+    for name in hostnames:
+        if name == host:
+            found = (-len(name), 0)
+        elif name.startswith("*.") and host.endswith(name[1:]) and len(host) > len(name) - 1:
+            found = (0, -len(name))
+        else:
+            continue
+        if best is None or found < best:
+            best = found
+    return best
 
 
 def default_port(scheme: str) -> int | None:
