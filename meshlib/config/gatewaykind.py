@@ -59,6 +59,7 @@ __all__ = [
     "NamespacesFrom",
     "ObjectRef",
     "TlsSecret",
+    "hostnames_intersect",
     "load_gateway_config",
 ]
 
@@ -978,7 +979,26 @@ def _check_attachment(
                 + f" is on port {port}",
             )
             return
-    if not any(item.allows(route.namespace, gateway.namespace) for item in candidates):
+    allowed = [item for item in candidates if item.allows(route.namespace, gateway.namespace)]
+    # Upstream (HTTPRoute.hostnames): with hostnames on both sides, at least one must
+    # intersect or the route is not accepted.
+    if (
+        allowed
+        and route.hostnames
+        and not any(
+            item.hostname is None
+            or any(hostnames_intersect(item.hostname, h) for h in route.hostnames)
+            for item in allowed
+        )
+    ):
+        listed = ", ".join(str(item.hostname) for item in allowed)
+        ctx.error(
+            "spec.hostnames",
+            _line(ctx, "spec", "hostnames"),
+            f"no hostname of the route intersects those of the listeners it attaches to "
+            f"({listed}) on Gateway {gateway.namespace}/{gateway.name}",
+        )
+    if not allowed:
         ctx.error(
             path,
             _line(ctx, path, "name"),
@@ -986,6 +1006,16 @@ def _check_attachment(
             f"namespace {shown(route.namespace)} (allowedRoutes.namespaces.from is Same unless "
             "set to All)",
         )
+
+
+def hostnames_intersect(a: str, b: str) -> bool:
+    """Whether two Gateway API hostnames share a name; ``*.`` is a suffix match of one label
+    or more (upstream Listener.hostname and HTTPRoute.hostnames)."""
+    if a == b:
+        return True
+    if a.startswith("*.") and b.endswith(a[1:]):
+        return True
+    return b.startswith("*.") and a.endswith(b[1:])
 
 
 def _line(ctx: DocContext, path: str, key: str) -> int:

@@ -19,6 +19,7 @@ from meshlib.config.gatewaykind import (
     ListenerTLS,
     NamespacesFrom,
     ObjectRef,
+    hostnames_intersect,
     load_gateway_config,
 )
 from meshlib.errors import ConfigError, Problem
@@ -431,3 +432,24 @@ def test_duplicates_and_every_problem_of_every_file_are_listed() -> None:
     files = {p.file for p in info.value.problems}
     assert files == {"a.yaml", "b.yaml"}
     assert "a.yaml:" in str(info.value) and "b.yaml:" in str(info.value)
+
+
+def test_route_hostnames_must_intersect_a_listener_hostname() -> None:
+    assert hostnames_intersect("*.example.com", "foo.test.example.com")
+    assert hostnames_intersect("test.example.com", "*.example.com")
+    assert hostnames_intersect("*.example.com", "*.a.example.com")
+    assert not hostnames_intersect("*.example.com", "example.com")
+    assert not hostnames_intersect("test.example.com", "test.example.net")
+    text = full(route=ROUTE.replace("[shop.example.com]", "[shop.example.net]"))
+    p = find(problems(text), "spec.hostnames", "intersects")
+    assert "shop.example.com" in p.message and p.line == line_of(text, "hostnames:")
+    # the wildcard listener (all namespaces) takes a deeper name
+    deep = ROUTE.replace("[shop.example.com]", "[a.b.example.com]").replace(
+        "sectionName: shop", "sectionName: wild"
+    )
+    assert load(full(route=deep)).http_routes
+    # a listener without hostname takes any route hostname
+    http = ROUTE.replace("[shop.example.com]", "[anything.example.org]").replace(
+        "sectionName: shop", "sectionName: http"
+    )
+    assert load(full(route=http)).http_routes
