@@ -51,10 +51,23 @@ LAYERS: dict[str, frozenset[str]] = {
     # the composition root builds every part and wires them through narrow protocols
     "mesh": VOCABULARY
     | {"config", "identity", "policy", "outbound", "inbound", "observe", "control"},
+    # the ingress gateway: an ASGI app in front of the mesh whose outbound leg is a mesh
+    # client; like every part it takes that client through a narrow protocol, not meshlib.mesh
+    "gateway": VOCABULARY | {"config", "identity", "policy", "outbound", "inbound", "observe"},
     # the users of the root
     "testing": VOCABULARY | {"config", "mesh"},
     "cli": VOCABULARY
-    | {"config", "identity", "policy", "outbound", "inbound", "observe", "control", "mesh"},
+    | {
+        "config",
+        "identity",
+        "policy",
+        "outbound",
+        "inbound",
+        "observe",
+        "control",
+        "mesh",
+        "gateway",
+    },
     "__init__": VOCABULARY | {"mesh", "inbound", "outbound", "observe", "control"},
 }
 

@@ -1,0 +1,7 @@
+"""The ingress gateway: traffic from outside the mesh, verified at the edge and re-encrypted
+into the mesh (CONTROL-PLANE.md §7; configured by meshlib.config.gatewaykind).
+
+``tls`` terminates TLS per listener port with a certificate chosen by SNI and optional client
+certificates for partners; ``edge`` holds the pure edge-hygiene decisions (headers only the mesh
+may set, ``forwarded`` / ``x-forwarded-*``, request limits, ambiguous framing).
+"""
