@@ -12,6 +12,7 @@ import pytest
 
 import meshlib
 from meshlib import NoHealthyEndpointsError
+from meshlib.control.client import PolicyRejected
 from tests.control.conftest import TD, RunningRegistry
 from tests.control.fakes import mesh_policy
 from tests.control.waiting import endpoints_of, until
@@ -360,3 +361,38 @@ def test_a_first_call_right_after_start_finds_the_registered_endpoints(
     productpage = meshes("productpage")
     with productpage.client() as client:
         assert client.get("http://reviews/x").headers["x-backend"] == "a"
+
+
+HTTP_ROUTE = """---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-v2}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+  - name: v2
+    matches: [{path: {type: PathPrefix, value: /v2}}]
+    backendRefs: [{name: ratings, port: 80}]
+  - backendRefs: [{name: reviews, port: 80}]
+"""
+
+
+def test_an_httproute_applied_at_the_registry_routes_the_workloads_calls(
+    registry: RunningRegistry, meshes: Callable[..., meshlib.Mesh], echo_factory: Any
+) -> None:
+    admin = registry.client()
+    with pytest.raises(PolicyRejected) as refused:  # the registry checks it with the loader
+        admin.apply(POLICY + HTTP_ROUTE.replace("name: reviews}]", "name: nowhere}]"))
+    assert "spec.parentRefs[0].name: service 'nowhere' is not declared" in str(refused.value)
+    admin.apply(mesh_policy(TD, "reviews", "productpage", "ratings", mtls="disable") + HTTP_ROUTE)
+    meshes("reviews").register("127.0.0.1", echo_factory("reviews").port)
+    meshes("ratings").register("127.0.0.1", echo_factory("ratings").port)
+    productpage = meshes("productpage")
+    assert until(lambda: bool(endpoints_of(productpage, "ratings.default")))
+    assert until(lambda: bool(endpoints_of(productpage, "reviews.default")))
+    assert [r.name for r in productpage.snapshot.http_routes] == ["reviews-v2"]
+    with productpage.client() as client:
+        v2 = client.get("http://reviews/v2/x")
+        assert v2.headers["x-backend"] == "ratings"
+        assert v2.extensions["mesh_decision"].route == "v2"
+        assert client.get("http://reviews/v2example").headers["x-backend"] == "reviews"
