@@ -21,6 +21,10 @@ Variants (all ``GET /`` on one keep-alive connection, sync client):
   a request that came with a ``traceparent``: the context is injected into every attempt;
 * ``sdk``: as ``mesh`` with an SDK ``TracerProvider`` and a ``BatchSpanProcessor`` whose
   exporter drops everything (span creation, attributes, queueing and the export thread count).
+* ``httproute``: as ``mesh`` with a Gateway API HTTPRoute of four rules attached to the
+  service (an Exact path, a PathPrefix with a header match, a RegularExpression, then the
+  catch-all ``/`` that ``GET /`` reaches after trying the other three) and a
+  ResponseHeaderModifier on the catch-all: the cost of HTTPRoute routing on a call.
 
 To measure another checkout of meshlib, put it first on the path (the client inherits it)::
 
@@ -51,7 +55,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 SERVER_SCRIPT = BENCH_DIR / "server.py"
 
-VARIANTS = ("raw", "mesh", "no-metrics", "no-tracing", "propagate", "sdk")
+VARIANTS = ("raw", "mesh", "no-metrics", "no-tracing", "propagate", "sdk", "httproute")
 #: A raw keep-alive GET on the issue's reference machine, in µs (docs/design.md).
 REFERENCE_RAW_US = 240.0
 
@@ -70,6 +74,33 @@ spec:
   target: {{service: backend}}
   timeout: 5s
   retries: {{attempts: 2, retryOn: [5xx, reset, connect-failure]}}
+"""
+
+#: Appended to POLICY for the ``httproute`` variant.
+HTTP_ROUTE = """\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: backend-routes, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: backend}]
+  rules:
+  - name: health
+    matches: [{path: {type: Exact, value: /healthz}}]
+    backendRefs: [{name: backend, port: 80}]
+  - name: api-v2
+    matches:
+    - path: {type: PathPrefix, value: /api}
+      headers: [{name: x-version, value: v2}]
+    backendRefs: [{name: backend, port: 80}]
+  - name: items
+    matches: [{path: {type: RegularExpression, value: "/items/[0-9]+"}}]
+    backendRefs: [{name: backend, port: 80}]
+  - name: default
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-route, value: default}]}
+    backendRefs: [{name: backend, port: 80}]
 """
 
 #: A remote parent for the ``propagate`` variant (the W3C spec's example ids).
@@ -100,9 +131,8 @@ def _client(variant: str, port: int) -> tuple[Any, str, Any]:
         provider = TracerProvider()
         provider.add_span_processor(BatchSpanProcessor(_drop_exporter(), max_queue_size=1 << 16))
         options["tracer_provider"] = provider
-    mesh = meshlib.Mesh.from_text(
-        POLICY.format(port=port), service="bench-client", namespace="default", **options
-    )
+    policy = POLICY.format(port=port) + (HTTP_ROUTE if variant == "httproute" else "")
+    mesh = meshlib.Mesh.from_text(policy, service="bench-client", namespace="default", **options)
     if variant == "no-tracing":
         mesh.tracing.trace_call = lambda call, request, service: call
     return mesh.client(), "http://backend/", provider
@@ -154,6 +184,10 @@ def _supported(variant: str) -> bool:
             except ModuleNotFoundError:  # no meshlib.observe package in that checkout
                 pass
         return False
+    if variant == "httproute":
+        import importlib.util
+
+        return importlib.util.find_spec("meshlib.policy.routes") is not None
     return True
 
 
