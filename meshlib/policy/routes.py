@@ -207,7 +207,9 @@ class RouteIndex:
             return None
         candidates: list[tuple[tuple[object, ...], Candidate]] = []
         for order, route in chosen:
-            age = (route.created or "~", order)  # "~" sorts after any timestamp
+            # The oldest route first; routes of one timestamp go on to ns/name (the spec), so
+            # load order stands in only for a route without one ("~" sorts after any time).
+            age = (route.created, 0) if route.created else ("~", order)
             for i, rule in enumerate(route.rules):
                 compiled = self._rule(order, route, i, rule)
                 for j, match in enumerate(rule.matches):
