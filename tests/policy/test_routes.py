@@ -508,3 +508,16 @@ def test_edit_headers_set_add_remove_are_case_insensitive_on_names() -> None:
         ("v", "MiXeD"),
         ("w", "CaSe"),
     ]
+
+
+def test_an_empty_matches_list_matches_every_request_as_a_missing_one_does() -> None:
+    # Implementations read `matches: []` as no matches given: PathPrefix "/" (Go cannot tell
+    # an empty list from a missing one); a rule that matches nothing would be silently dead.
+    text = BASE + route(
+        "r",
+        "  - name: empty\n    matches: []\n    backendRefs: [{name: a, port: 80}]\n"
+        + rule("exact", "{path: {type: Exact, value: /x}}"),
+    )
+    table = table_of(text)
+    assert winner(table, "/anything", method="DELETE") == "empty"
+    assert winner(table, "/x") == "exact"  # and it ranks as PathPrefix "/", last
