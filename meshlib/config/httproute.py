@@ -409,8 +409,11 @@ def _rules(ctx: DocContext, spec: YMap) -> tuple[HTTPRouteRule, ...]:
 
 
 def _matches(ctx: DocContext, rule: YMap, path: str) -> tuple[RouteMatch, ...]:
-    if "matches" not in rule:
-        return (RouteMatch(),)  # the spec's default: PathPrefix "/"
+    raw = rule.get("matches")
+    if raw is None or (isinstance(raw, YSeq) and not raw):
+        # The spec's default: PathPrefix "/". An empty list too, as implementations read it
+        # (Go cannot tell it from a missing one): a rule matching nothing would be dead.
+        return (RouteMatch(),)
     out: list[RouteMatch] = []
     for i, item in _limited(ctx, rule, "matches", f"{path}.matches", MAX_MATCHES):
         mpath = f"{path}.matches[{i}]"

@@ -271,6 +271,10 @@ def _http_routes(
                 )
             labels.setdefault(key, set()).update(route.label(rule) for rule in route.rules)
         rule_items = maps(at(ctx.doc, "spec.rules")[0])
+        if not rule_items:
+            # No ``rules``: the model holds the spec's default rule, which has no manifest
+            # item and no backends to check.
+            continue
         for (i, rule_item, _), rule in zip(rule_items, route.rules, strict=True):
             backend_items = maps(rule_item.get("backendRefs"))
             for (j, item, line), ref in zip(backend_items, rule.backend_refs, strict=True):

@@ -180,7 +180,9 @@ class _Rules:
                     continue
                 specificity = found
             kept.append(route)
-            age = (route.created or "~", order)  # "~" sorts after any timestamp
+            # The oldest route first; routes of one timestamp go on to ns/name (the spec), so
+            # load order stands in only for a route without one ("~" sorts after any time).
+            age = (route.created, 0) if route.created else ("~", order)
             for i, rule in enumerate(route.rules):
                 compiled = self.rule(order, route, i, rule)
                 for j, match in enumerate(rule.matches):
@@ -462,12 +464,14 @@ def redirect_location(
     query: str,
 ) -> str:
     """The ``Location`` of a RequestRedirect (spec: scheme, hostname, port and path default to
-    the request's; a scheme change without a port drops the port, as does a well-known port)."""
+    the request's; a scheme given without a port drops the port, as does a well-known port)."""
     new_scheme = redirect.scheme or scheme
     new_host = redirect.hostname or host
     if redirect.port is not None:
         new_port: int | None = redirect.port
-    elif redirect.scheme is not None and redirect.scheme != scheme:
+    elif redirect.scheme is not None:
+        # The spec: a scheme given without a port means that scheme's well-known port, even
+        # when it is the request's own scheme (upstream's echo server does the same).
         new_port = None
     else:
         new_port = port
