@@ -267,7 +267,6 @@ def _backend_doc(
     router: Router, winner: Candidate, backend: Backend, share: float, request: Request
 ) -> dict[str, Any]:
     ref = backend.ref
-    port = f":{ref.port}" if ref.port is not None else ""
     problem: str | None = None
     if backend.service is None:
         what = "a core Service with a port" if not ref.resolvable else "a declared mesh Service"
@@ -276,7 +275,8 @@ def _backend_doc(
     path = edit.path if edit.path is not None else request.path
     pairs = edit_headers(sorted(request.headers.items()), edit.headers)
     return {
-        "backend": f"{ref.name}.{ref.namespace}{port}",
+        "backend": f"{ref.name}.{ref.namespace}",
+        "port": ref.port,
         "service": backend.service,
         "weight": backend.weight,
         "share": round(share, 3),
@@ -368,7 +368,8 @@ def write(out: TextIO, http: Mapping[str, Any], endpoints: Sequence[Sequence[Any
     for m in http["mirrors"]:
         w(f"mirror:   {m['percent']:g}% copied to {_mirror_text(m)}\n")
     for b, addresses in zip(http["backends"], endpoints, strict=True):
-        w(f"backend:  {b['backend']}  weight {b['weight']}  {b['share']:.1f}%\n")
+        port = f":{b['port']}" if b["port"] is not None else ""
+        w(f"backend:  {b['backend']}{port}  weight {b['weight']}  {b['share']:.1f}%\n")
         if b["problem"] is not None:
             w(f"            {b['problem']}\n")
             continue
