@@ -74,7 +74,6 @@ class Explanation:
 
     document: dict[str, Any]
     rule: Rule | None
-    candidate: Candidate | None
     forwards: bool
 
     @property
@@ -102,7 +101,7 @@ def explain(
                 r, service_key, _why_not(r, service_key, caller_namespace, request, consumers)
             )
             for r in routes
-            if r not in attached
+            if all(r is not a for a in attached)
         ],
         "outcome": "not_attached",
         "status": None,
@@ -116,11 +115,11 @@ def explain(
         "timeouts": None,
     }
     if table is None:
-        return Explanation(document, None, None, forwards=True)
+        return Explanation(document, None, forwards=True)
     winner = _tried(table, request, document)
     if winner is None:
         document.update(outcome="no_route", status=404)
-        return Explanation(document, None, None, forwards=False)
+        return Explanation(document, None, forwards=False)
     rule = winner.rule
     document["rule"] = {"where": rule.where, "match": winner.why(), "route": rule.label}
     timeouts = rule.rule.timeouts
@@ -143,7 +142,7 @@ def explain(
             status=rule.redirect.status_code,
             redirect={"status": rule.redirect.status_code, "location": location},
         )
-        return Explanation(document, rule, winner, forwards=False)
+        return Explanation(document, rule, forwards=False)
     document["mirrors"] = [_mirror(router, m) for m in rule.mirrors(None)]
     total = rule.total_weight
     invalid = 0
@@ -156,7 +155,7 @@ def explain(
     document["invalid_share"] = round(100.0 * invalid / total, 3) if total > 0 else 100.0
     document["outcome"] = "forward" if forwards else "invalid_backend"
     document["status"] = None if forwards else 500
-    return Explanation(document, rule, winner, forwards)
+    return Explanation(document, rule, forwards)
 
 
 def rule_policy(policy: EffectivePolicy, rule: Rule) -> EffectivePolicy:
