@@ -398,15 +398,15 @@ def _http_explanation(
         }
         for b in http.document["backends"]
     ]
-    forwards = http.forwards and rule is not None
-    mirrors = _mirrors_doc(router, key) if forwards else []
-    if forwards and rule is not None:
-        mirrors += [
-            {
-                "name": f"{rule.route.namespace}/{rule.route.name}",
-                "mirror": m["service"],
-                "percent": m["percent"],
-            }
+    # the rule whose policy applies: none when the mesh answers the request itself
+    applied = rule if http.forwards else None
+    policy, faults, mirrors = [], [], []
+    if applied is not None:
+        policy = _policy_doc(rule_policy(router.policy(key, label), applied))
+        faults = [_fault(f, request.headers) for f in router.faults(key, label)]
+        route_name = f"{applied.route.namespace}/{applied.route.name}"
+        mirrors = _mirrors_doc(router, key) + [
+            {"name": route_name, "mirror": m["service"], "percent": m["percent"]}
             for m in http.document["mirrors"]
             if m["service"] is not None
         ]
@@ -421,12 +421,8 @@ def _http_explanation(
         "route": label,
         "split": None,
         "backends": backends,
-        "policy": _policy_doc(rule_policy(router.policy(key, label), rule))
-        if forwards and rule is not None
-        else [],
-        "faults": [_fault(f, request.headers) for f in router.faults(key, label)]
-        if forwards
-        else [],
+        "policy": policy,
+        "faults": faults,
         "mirrors": mirrors,
         "authz": None,
     }
