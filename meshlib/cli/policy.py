@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from itertools import takewhile
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import unquote
 
 from meshlib.cli.command import (
     EXIT_INVALID,
@@ -33,6 +34,8 @@ from meshlib.config.values import format_duration
 from meshlib.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
+    from meshlib.cli.httproute import Explanation as HTTPExplanation
+    from meshlib.cli.httproute import Request
     from meshlib.policy.routing import Router
 
 
@@ -208,12 +211,23 @@ def _add_explain(sub: Subparsers) -> None:
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="a policy file, '-' or a directory")
     p.add_argument("--service", required=True, help="host the caller uses, e.g. reviews")
-    p.add_argument("--path", required=True, help="request path, e.g. /reviews/1")
+    p.add_argument(
+        "--path",
+        required=True,
+        help="request path, e.g. /reviews/1; may carry a query string (/search?q=x)",
+    )
     p.add_argument("--method", default="GET")
     p.add_argument(
         "--header", action="append", default=[], metavar="K=V", help="request header (repeat)"
     )
     p.add_argument("--namespace", default="default", help="the caller's namespace")
+    p.add_argument(
+        "--port",
+        type=_port,
+        default=80,
+        help="the service port the caller dials (default 80): an HTTPRoute parentRef with a "
+        "port attaches only to calls on that port",
+    )
     p.add_argument(
         "--caller",
         metavar="SPIFFE_ID",
@@ -235,7 +249,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         snapshot = _load(args.files)
     except ConfigError:
         return EXIT_INVALID
-    from meshlib.policy.routing import Router  # the data plane is only needed by explain
+    # the data plane is only needed by explain
+    from meshlib.cli.httproute import Request
+    from meshlib.cli.httproute import explain as explain_http
+    from meshlib.policy.routing import Router
 
     router = Router(snapshot)
     service = router.resolve(args.service, args.namespace)
@@ -245,14 +262,30 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             f"known: {', '.join(sorted(snapshot.services)) or 'none'}"
         )
     method = args.method.upper()
-    doc = _explanation(snapshot, router, service.key, method, args.path, headers)
+    # A call matches on the decoded path; the query only feeds HTTPRoute queryParams matches.
+    raw_path, _, query = args.path.partition("?")
+    request = Request(
+        method, unquote(raw_path), query, headers, args.service.lower().rstrip("."), args.port
+    )
+    http = explain_http(router, service.key, args.namespace, request)
+    doc = _explanation(snapshot, router, service.key, request, args.path, http)
     if args.caller is not None:
-        doc["authz"] = _authz(router, service, args.caller, method, args.path, headers)
+        doc["authz"] = _authz(router, service, args.caller, method, request.path, headers)
     if args.output == "text":
         _write_explanation(sys.stdout, doc)
     else:
         print_document(doc, args.output)
     return EXIT_OK
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return port
 
 
 def _authz(
@@ -288,12 +321,16 @@ def _explanation(
     snapshot: Snapshot,
     router: Router,
     key: str,
-    method: str,
-    path: str,
-    headers: Mapping[str, str],
+    request: Request,
+    shown_path: str,
+    http: HTTPExplanation | None,
 ) -> dict[str, Any]:
     """What the mesh decides for one request, as the document ``explain -o json`` prints and
-    the text is written from (so the two never disagree)."""
+    the text is written from (so the two never disagree). ``http``: the HTTPRoute part, when
+    HTTPRoutes name the service; the document then has an ``http`` key."""
+    if http is not None and http.attached:
+        return _http_explanation(snapshot, router, key, request, shown_path, http)
+    method, path, headers = request.method, request.path, request.headers
     service = snapshot.services[key]
     match = router.route(service, method, path, headers)
     split_doc: dict[str, Any] | None = None
@@ -318,28 +355,95 @@ def _explanation(
                     "endpoints": _endpoints(snapshot, b.service),
                 }
             )
-    policy = router.policy(key, match.name)
-    return {
-        "request": {"method": method, "path": path, "headers": dict(headers)},
+    doc: dict[str, Any] = {
+        "request": {"method": method, "path": shown_path, "headers": dict(headers)},
         "service": key,
-        "route": match.name,
-        "split": split_doc,
+    }
+    if http is not None:
+        doc["http"] = http.document  # routes name the service, none attaches to this call
+    doc.update(
+        route=match.name,
+        split=split_doc,
+        backends=backends,
+        policy=_policy_doc(router.policy(key, match.name)),
+        faults=[_fault(f, headers) for f in router.faults(key, match.name)],
+        mirrors=_mirrors_doc(router, key),
+        authz=None,
+    )
+    return doc
+
+
+def _http_explanation(
+    snapshot: Snapshot,
+    router: Router,
+    key: str,
+    request: Request,
+    shown_path: str,
+    http: HTTPExplanation,
+) -> dict[str, Any]:
+    """:func:`_explanation` for a call HTTPRoutes attach to: the winning rule's label names the
+    route, its backendRefs are the backends, and its timeouts sit on top of the merged policy.
+    When the mesh answers the request itself (404, a redirect, 500) nothing after routing
+    applies: no policy, faults or mirrors."""
+    from meshlib.cli.httproute import rule_policy
+
+    rule = http.rule
+    label = rule.label if rule is not None else None
+    backends = [
+        {
+            "service": b["service"] or b["backend"],
+            "weight": b["weight"],
+            "share": b["share"],
+            "endpoints": _endpoints(snapshot, b["service"]) if b["service"] else [],
+        }
+        for b in http.document["backends"]
+    ]
+    # the rule whose policy applies: none when the mesh answers the request itself
+    applied = rule if http.forwards else None
+    policy, faults, mirrors = [], [], []
+    if applied is not None:
+        policy = _policy_doc(rule_policy(router.policy(key, label), applied))
+        faults = [_fault(f, request.headers) for f in router.faults(key, label)]
+        route_name = f"{applied.route.namespace}/{applied.route.name}"
+        mirrors = _mirrors_doc(router, key) + [
+            {"name": route_name, "mirror": m["service"], "percent": m["percent"]}
+            for m in http.document["mirrors"]
+            if m["service"] is not None
+        ]
+    return {
+        "request": {
+            "method": request.method,
+            "path": shown_path,
+            "headers": dict(request.headers),
+        },
+        "service": key,
+        "http": http.document,
+        "route": label,
+        "split": None,
         "backends": backends,
-        "policy": [
-            {
-                "field": file_name,
-                "value": _value(policy, model_name),
-                "source": policy.sources.get(model_name, "default"),
-            }
-            for file_name, model_name in _POLICY_ROWS
-        ],
-        "faults": [_fault(f, headers) for f in router.faults(key, match.name)],
-        "mirrors": [
-            {"name": f"{m.namespace}/{m.name}", "mirror": m.mirror, "percent": m.percent}
-            for m in router.mirrors(key)
-        ],
+        "policy": policy,
+        "faults": faults,
+        "mirrors": mirrors,
         "authz": None,
     }
+
+
+def _policy_doc(policy: EffectivePolicy) -> list[dict[str, Any]]:
+    return [
+        {
+            "field": file_name,
+            "value": _value(policy, model_name),
+            "source": policy.sources.get(model_name, "default"),
+        }
+        for file_name, model_name in _POLICY_ROWS
+    ]
+
+
+def _mirrors_doc(router: Router, key: str) -> list[dict[str, Any]]:
+    return [
+        {"name": f"{m.namespace}/{m.name}", "mirror": m.mirror, "percent": m.percent}
+        for m in router.mirrors(key)
+    ]
 
 
 def _endpoints(snapshot: Snapshot, key: str) -> list[dict[str, Any]]:
@@ -425,6 +529,14 @@ def _write_explanation(out: TextIO, doc: Mapping[str, Any]) -> None:
     extra = "".join(f" {k}={v}" for k, v in request["headers"].items())
     write(f"request:  {request['method']} {request['path']}{extra}\n")
     write(f"service:  {doc['service']}\n")
+    http = doc.get("http")
+    if http is not None:
+        from meshlib.cli.httproute import write as write_http
+
+        write_http(out, http, [b["endpoints"] for b in doc["backends"]])
+        if http["attached"]:
+            _write_http_tail(out, doc)
+            return
     write(f"route:    {doc['route'] or '(none: no named route matched)'}\n")
     split = doc["split"]
     if split is None:
@@ -443,6 +555,23 @@ def _write_explanation(out: TextIO, doc: Mapping[str, Any]) -> None:
         for e in b["endpoints"]:
             labels = "".join(f" {k}={v}" for k, v in e["labels"].items())
             write(f"            {e['address']}  weight {e['weight']}{labels}\n")
+    _write_policy(out, doc)
+
+
+def _write_http_tail(out: TextIO, doc: Mapping[str, Any]) -> None:
+    """After the HTTPRoute lines: the route label, then what applies to a forwarded request."""
+    write = out.write
+    label = doc["route"]
+    write(f"route:    {label} (the label for policy, faults and metrics)\n" if label else "")
+    if not doc["policy"]:
+        write("policy:   (none: the mesh answers this request itself)\n")
+        _write_authz(out, doc)
+        return
+    _write_policy(out, doc)
+
+
+def _write_policy(out: TextIO, doc: Mapping[str, Any]) -> None:
+    write = out.write
     write("policy:\n")
     rows = doc["policy"]
     field_width = max(len(r["field"]) for r in rows)
@@ -455,6 +584,11 @@ def _write_explanation(out: TextIO, doc: Mapping[str, Any]) -> None:
     write("mirrors:\n" if doc["mirrors"] else "mirrors:  (none)\n")
     for m in doc["mirrors"]:
         write(f"  {m['name']}: {m['percent']:g}% copied to {m['mirror']}\n")
+    _write_authz(out, doc)
+
+
+def _write_authz(out: TextIO, doc: Mapping[str, Any]) -> None:
+    write = out.write
     authz = doc["authz"]
     if authz is not None:
         answer = "allow" if authz["allowed"] else "deny"

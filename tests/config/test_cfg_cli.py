@@ -10,9 +10,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from cfgdocs import with_services
+from config.gateway_conformance import CASES, DATA_DIR, ECHO_V2_POD, MESH_NAMESPACE, WEIGHTS, Case
+from harness.conformance import SERVICES, services_yaml
 
 from meshlib.cli import main
 from meshlib.config.loader import NO_DOCUMENTS
@@ -624,3 +628,423 @@ def test_validate_names_what_to_drop_from_a_url_given_as_address(
         " drop the scheme: write host:port, like '127.0.0.1:9080'"
     ) in err, err
     assert "brackets" not in err
+
+
+# --- issue 14: explain under Gateway API HTTPRoutes: which rule matched and why ---------------
+
+SHOP = """\
+apiVersion: meshlib/v1
+kind: Mesh
+metadata: {name: mesh}
+---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {endpoints: [{address: "127.0.0.1:9200"}]}
+---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {name: web-v1, namespace: shop}
+spec: {endpoints: [{address: "127.0.0.1:9201"}]}
+---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {name: web-v2, namespace: shop}
+spec: {endpoints: [{address: "127.0.0.1:9202"}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-routes, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - name: search
+    matches:
+    - path: {type: Exact, value: /search}
+      queryParams: [{name: animal, value: whale}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-route, value: search}]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-served-by, value: web}]}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: web-v2, port: 8080}, percent: 10}
+    backendRefs:
+    - {name: web-v1, port: 8080, weight: 3}
+    - {name: web-v2, port: 8080, weight: 1}
+    - {name: ghost, port: 8080, weight: 1}
+    timeouts: {request: 2s, backendRequest: 500ms}
+  - name: old
+    matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}
+        statusCode: 301
+  - name: api
+    matches: [{path: {type: PathPrefix, value: /api}, method: POST}]
+    filters:
+    - type: URLRewrite
+      urlRewrite:
+        hostname: api.internal
+        path: {type: ReplacePrefixMatch, replacePrefixMatch: /}
+    backendRefs: [{name: web-v2, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-admin, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 8080}]
+  rules: [{backendRefs: [{name: web-v1, port: 8080}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-from-tools, namespace: tools}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, namespace: shop}]
+  rules: [{backendRefs: [{name: web-v1, namespace: shop, port: 8080}]}]
+---
+apiVersion: meshlib/v1
+kind: TrafficPolicy
+metadata: {name: search-retries, namespace: shop}
+spec:
+  target: {service: web, route: search}
+  retries: {attempts: 3}
+"""
+
+
+def _route_line(name: str) -> int:
+    """The line of the HTTPRoute ``name``'s document in SHOP (its apiVersion line)."""
+    return SHOP[: SHOP.index(f"metadata: {{name: {name},")].count("\n") - 1
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> Path:
+    path = tmp_path / "shop.yaml"
+    path.write_text(SHOP)
+    return path
+
+
+def _explain_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
+    assert main(["explain", *argv, "-o", "json"]) == 0
+    out = capsys.readouterr().out
+    doc: dict[str, object] = json.loads(out)
+    return doc
+
+
+def test_explain_httproute_query_match_backends_filters_timeouts_and_policy(
+    shop: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["explain", str(shop), "--service", "web.shop", "--path", "/search?animal=whale"]
+    assert main([*argv, "--header", "X-Route=mine"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[2] == "httproutes: (caller namespace default, port 80)"
+    line = _route_line("web-routes")
+    assert f"  attached:     HTTPRoute shop/web-routes (producer)  {shop}:{line}" in lines
+    assert (
+        "  not attached: HTTPRoute shop/web-admin (producer): its parentRef names port 8080;"
+        " the call dials port 80"
+    ) in lines
+    assert (
+        "  not attached: HTTPRoute tools/web-from-tools (consumer): a consumer route: it applies"
+        " only to callers in namespace tools, the caller is in default"
+    ) in lines
+    i = lines.index("tried:    (precedence order)")
+    assert lines[i + 1 : i + 4] == [
+        "  1. HTTPRoute shop/web-routes rule[0] 'search' matches[0]: path Exact '/search',"
+        " query animal Exact 'whale'",
+        "       matched",
+        "  (2 lower-precedence candidate(s) not tried)",
+    ]
+    assert "rule:     HTTPRoute shop/web-routes rule[0] 'search'" in lines
+    assert "timeouts: request 2s, backendRequest 500ms" in lines
+    assert "result:   forwarded; 20% of requests get 500 invalid_backend" in lines
+    assert "mirror:   10% copied to web-v2.shop:8080" in lines
+    j = lines.index("backend:  web-v1.shop:8080  weight 3  60.0%")
+    assert lines[j + 1 : j + 5] == [
+        "            127.0.0.1:9201  weight 1",
+        "            sees: /search?animal=whale  host web.shop",
+        "            header x-route: search",  # set replaces the caller's value
+        "            response headers: add x-served-by: web",
+    ]
+    assert "backend:  web-v2.shop:8080  weight 1  20.0%" in lines
+    k = lines.index("backend:  ghost.shop:8080  weight 1  20.0%")
+    assert "not a declared mesh Service" in lines[k + 1] and "500 invalid_backend" in lines[k + 1]
+    assert "route:    search (the label for policy, faults and metrics)" in lines
+    policy = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("  ")}
+    # the rule's own timeouts win over every scope; the TrafficPolicy on the label applies
+    assert policy["timeout"] == ["2s", "route:HTTPRoute", "shop/web-routes"]
+    assert policy["retries.perTryTimeout"] == ["500ms", "route:HTTPRoute", "shop/web-routes"]
+    assert policy["retries.attempts"] == ["3", "route:shop/search-retries"]
+    assert "  shop/web-routes: 10% copied to web-v2.shop" in lines
+
+    doc = _explain_json(capsys, *argv[1:])
+    assert list(doc) == [
+        "request",
+        "service",
+        "http",
+        "route",
+        "split",
+        "backends",
+        "policy",
+        "faults",
+        "mirrors",
+        "authz",
+    ]
+    assert doc["request"] == {"method": "GET", "path": "/search?animal=whale", "headers": {}}
+    assert doc["route"] == "search" and doc["split"] is None
+    http = doc["http"]
+    assert isinstance(http, dict)
+    assert (http["outcome"], http["status"], http["invalid_share"]) == ("forward", None, 20.0)
+    assert http["rule"] == {
+        "where": "HTTPRoute shop/web-routes rule[0] 'search'",
+        "match": "HTTPRoute shop/web-routes rule[0] 'search' matches[0]: path Exact '/search',"
+        " query animal Exact 'whale'",
+        "route": "search",
+    }
+    assert http["timeouts"] == {"request": "2s", "backendRequest": "500ms"}
+    assert [b["service"] for b in http["backends"]] == ["web-v1.shop", "web-v2.shop", None]
+    assert [b["share"] for b in http["backends"]] == [60.0, 20.0, 20.0]
+    assert http["backends"][0]["request"] == {
+        "path": "/search?animal=whale",
+        "host": "web.shop",
+        "headers": [["x-route", "search"]],
+    }
+    assert http["backends"][0]["response_headers"] == [
+        {"set": [], "add": [["x-served-by", "web"]], "remove": []}
+    ]
+    assert [b["service"] for b in doc["backends"]] == ["web-v1.shop", "web-v2.shop", "ghost.shop"]  # type: ignore[index, union-attr]
+
+
+def test_explain_httproute_no_route_lists_why_each_candidate_failed(
+    shop: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The spec: of a query parameter given twice only the first counts.
+    argv = ["explain", str(shop), "--service", "web", "--namespace", "shop"]
+    assert main([*argv, "--path", "/search?animal=dog&animal=whale"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    i = lines.index("tried:    (precedence order)")
+    assert lines[i + 1 :] == [
+        "  1. HTTPRoute shop/web-routes rule[0] 'search' matches[0]: path Exact '/search',"
+        " query animal Exact 'whale'",
+        "       no: query animal Exact 'whale' (request 'dog')",
+        "  2. HTTPRoute shop/web-routes rule[2] 'api' matches[0]: path PathPrefix '/api',"
+        " method POST",
+        "       no: path PathPrefix '/api' (request '/search'); method POST (request GET)",
+        "  3. HTTPRoute shop/web-routes rule[1] 'old' matches[0]: path PathPrefix '/old'",
+        "       no: path PathPrefix '/old' (request '/search')",
+        "result:   404 no_route (no candidate matches; the mesh answers itself)",
+        "policy:   (none: the mesh answers this request itself)",
+    ]
+    doc = _explain_json(capsys, str(shop), "--service", "web.shop", "--path", "/search")
+    http = doc["http"]
+    assert isinstance(http, dict)
+    assert (http["outcome"], http["status"], http["rule"]) == ("no_route", 404, None)
+    assert http["tried"][0]["failed"] == ["query animal Exact 'whale' (request has none)"]
+    assert doc["route"] is None and doc["backends"] == [] and doc["policy"] == []
+
+
+def test_explain_httproute_redirect_rewrite_and_attachment(
+    shop: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [str(shop), "--service", "web.shop"]
+    doc = _explain_json(capsys, *base, "--path", "/old/x?y=1")
+    http = doc["http"]
+    assert isinstance(http, dict)
+    assert (http["outcome"], http["status"]) == ("redirect", 301)
+    assert http["redirect"] == {"status": 301, "location": "http://web.shop/new/x?y=1"}
+    assert doc["route"] == "old" and doc["policy"] == [] and doc["backends"] == []
+
+    doc = _explain_json(capsys, *base, "--path", "/api/items", "--method", "post")
+    http = doc["http"]
+    assert isinstance(http, dict)
+    [backend] = http["backends"]
+    assert backend["request"] == {"path": "/items", "host": "api.internal", "headers": []}
+    assert [c["failed"] for c in http["tried"]] == [
+        [
+            "path Exact '/search' (request '/api/items')",
+            "query animal Exact 'whale' (request has none)",
+        ],
+        [],
+    ]
+
+    # a parentRef port decides attachment: on 8080 only web-admin attaches
+    doc = _explain_json(capsys, *base, "--path", "/search?animal=whale", "--port", "8080")
+    http = doc["http"]
+    assert isinstance(http, dict)
+    assert [r["name"] for r in http["attached"]] == ["shop/web-admin"]
+    assert http["not_attached"][0]["reason"] == (
+        "its parentRef names port 80; the call dials port 8080"
+    )
+    assert doc["route"] == "web-admin"
+
+    # GAMMA: a consumer route replaces the producer routes for callers in its namespace
+    doc = _explain_json(capsys, *base, "--path", "/old", "--namespace", "tools")
+    http = doc["http"]
+    assert isinstance(http, dict)
+    assert http["attached"] == [
+        {
+            "name": "tools/web-from-tools",
+            "role": "consumer",
+            "source": f"{shop}:{_route_line('web-from-tools')}",
+        }
+    ]
+    assert http["not_attached"][0] == {
+        "name": "shop/web-routes",
+        "role": "producer",
+        "source": f"{shop}:{_route_line('web-routes')}",
+        "reason": "a producer route, replaced for callers in namespace tools by their own"
+        " consumer route(s)",
+    }
+    assert http["outcome"] == "forward" and doc["route"] == "web-from-tools"
+
+    assert main(["explain", *base, "--path", "/", "--port", "0"]) == 2
+    assert "--port" in capsys.readouterr().err
+
+
+def test_explain_httproute_none_attached_falls_back_to_the_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "shop.yaml"
+    path.write_text(SHOP)
+    argv = ["explain", str(path), "--service", "web.shop", "--path", "/", "--port", "9090"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  none attaches: the call is routed as without HTTPRoutes" in lines
+    assert "backend:  web.shop (100%)" in lines
+    doc = _explain_json(capsys, *argv[1:])
+    http = doc["http"]
+    assert isinstance(http, dict)
+    assert http["outcome"] == "not_attached" and http["attached"] == []
+    assert [(r["name"], r["reason"]) for r in http["not_attached"]] == [
+        ("shop/web-routes", "its parentRef names port 80; the call dials port 9090"),
+        ("shop/web-admin", "its parentRef names port 8080; the call dials port 9090"),
+        (
+            "tools/web-from-tools",
+            "a consumer route: it applies only to callers in namespace tools,"
+            " the caller is in default",
+        ),
+    ]
+    assert doc["route"] is None and len(doc["policy"]) > 0  # type: ignore[arg-type]
+
+
+def _conformance_cases() -> list[Case]:
+    """The transcribed upstream cases explain can answer: a manifest, the Service dialled by
+    name (not a pod address), no Host header override (explain has no Host header of its own)."""
+    return [
+        c
+        for c in CASES
+        if c.manifest is not None
+        and not c.host.startswith(ECHO_V2_POD)
+        and all(name.lower() != "host" for name, _ in c.headers)
+    ]
+
+
+@pytest.fixture(scope="module")
+def conformance_services(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The meshlib Services of the upstream base manifests (echo, echo-v1, echo-v2)."""
+    path = tmp_path_factory.mktemp("conformance") / "services.yaml"
+    addresses = {name: f"127.0.0.1:{9300 + i}" for i, name in enumerate(SERVICES)}
+    path.write_text(services_yaml(addresses))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case", _conformance_cases(), ids=lambda c: f"{c.test}:{c.method}:{c.host}{c.path}"
+)
+def test_explain_agrees_with_the_gateway_api_conformance_tables(
+    case: Case, conformance_services: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Explain's verdict for each upstream request is the one the upstream test expects: the
+    backend (or 404, or the redirect's Location), the path and headers the backend sees, the
+    response header edits."""
+    manifest = Path(__file__).resolve().parents[2] / DATA_DIR / str(case.manifest)
+    host, _, port = case.host.partition(":")
+    argv = [str(conformance_services), str(manifest), "--service", host, "--path", case.path]
+    argv += ["--namespace", case.client_namespace, "--method", case.method]
+    argv += ["--port", port or "80"]
+    for name, value in case.headers:
+        argv += ["--header", f"{name}={value}"]
+    doc = _explain_json(capsys, *argv)
+    http: Any = doc.get("http")
+    if case.status == 404:
+        assert http["outcome"] == "no_route" and http["status"] == 404
+        assert all(c["failed"] for c in http["tried"])
+        return
+    if case.redirect is not None:
+        assert http["outcome"] == "redirect" and http["status"] == case.status
+        location = urlsplit(http["redirect"]["location"])
+        want = case.redirect
+        assert want.scheme is None or location.scheme == want.scheme
+        assert want.host is None or location.hostname == want.host
+        assert want.port is None or str(location.port) == want.port
+        assert want.path is None or location.path == want.path
+        return
+    assert case.status == 200
+    if case.test in WEIGHTS:
+        shares = {b["backend"]: b["share"] for b in http["backends"]}
+        assert shares == {
+            f"{name}.{MESH_NAMESPACE}": 100.0 * share for name, share in WEIGHTS[case.test].items()
+        }
+        return
+    backends: Any = doc["backends"]
+    if http is None or http["outcome"] == "not_attached":
+        assert [b["service"] for b in backends] == [f"{case.backend}.{MESH_NAMESPACE}"]
+        assert not case.response_headers  # no route: nothing edits the response
+        return
+    assert http["outcome"] == "forward"
+    [chosen] = [b for b in http["backends"] if b["share"] == 100.0]
+    if case.backend is not None:
+        assert chosen["service"] == f"{case.backend}.{MESH_NAMESPACE}"
+    seen = chosen["request"]
+    if case.backend_path is not None:
+        assert seen["path"] == case.backend_path
+    values: dict[str, list[str]] = {}
+    for name, value in seen["headers"]:
+        values.setdefault(name.lower(), []).append(value)
+    for name, value in case.backend_headers:
+        assert ",".join(values.get(name.lower(), [])) == value, name
+    for name in case.backend_absent:
+        assert name.lower() not in values
+    set_or_added = {
+        name.lower(): value
+        for m in chosen["response_headers"]
+        for name, value in [*m["set"], *m["add"]]
+    }
+    for name, value in case.response_headers:
+        assert set_or_added.get(name.lower()) == value
+    for name in case.response_absent:
+        assert name.lower() not in set_or_added
+
+
+def test_explain_the_vendored_matching_manifest_in_words(
+    conformance_services: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``/v2example`` is not under ``/v2`` (prefixes match whole path elements), so the
+    ``/v2`` rule fails on its path and the ``/`` rule wins; each failure is named."""
+    manifest = (
+        Path(__file__).resolve().parents[2]
+        / DATA_DIR
+        / "conformance/tests/mesh/httproute-matching.yaml"
+    )
+    argv = ["explain", str(conformance_services), str(manifest), "--service", "echo"]
+    argv += ["--namespace", MESH_NAMESPACE, "--path", "/v2example"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    where = "HTTPRoute gateway-conformance-mesh/mesh-matching"
+    i = lines.index("tried:    (precedence order)")
+    assert lines[i + 1 : i + 10] == [
+        f"  1. {where} rule[1] matches[0]: path PathPrefix '/v2'",
+        "       no: path PathPrefix '/v2' (request '/v2example')",
+        f"  2. {where} rule[0] matches[1]: path PathPrefix '/', header version Exact 'one'",
+        "       no: header version Exact 'one' (request has none)",
+        f"  3. {where} rule[1] matches[1]: path PathPrefix '/', header version Exact 'two'",
+        "       no: header version Exact 'two' (request has none)",
+        f"  4. {where} rule[0] matches[0]: path PathPrefix '/'",
+        "       matched",
+        f"rule:     {where} rule[0]",
+    ]
+    assert "backend:  echo-v1.gateway-conformance-mesh:8080  weight 1  100.0%" in lines
+    assert "route:    mesh-matching (the label for policy, faults and metrics)" in lines
+    assert "policy:" in lines
