@@ -737,6 +737,29 @@ def _mirror_key(router: Router, ref: BackendRef) -> str | None:
     return key if ref.resolvable and key in router.services else None
 
 
+def _edit_response_headers(headers: httpx.Headers, modifiers: Sequence[HeaderModifier]) -> None:
+    """ResponseHeaderModifier, in place (the response is the mesh's to hand over): ``set``
+    replaces every value, ``add`` appends one, ``remove`` drops every value. Building a new
+    ``Headers`` instead costs more than the rest of the rule's routing."""
+    for modifier in modifiers:
+        for name, value in modifier.set:
+            headers[name] = value
+        if modifier.add:
+            if _FAST:
+                encoding = headers.encoding
+                headers._list.extend(
+                    (n.encode(encoding), n.lower().encode(encoding), v.encode(encoding))
+                    for n, v in modifier.add
+                )
+            else:
+                pairs = edit_headers(headers.multi_items(), (HeaderModifier(add=modifier.add),))
+                headers.clear()
+                headers.update(httpx.Headers(pairs))
+        for name in modifier.remove:
+            if name in headers:
+                del headers[name]
+
+
 def _edited(request: httpx.Request, edit: RequestEdit) -> httpx.Request:
     """A copy of the request with the rule's edits (the caller's request is never changed)."""
     url = request.url if edit.path is None else request.url.copy_with(path=edit.path)
@@ -807,9 +830,7 @@ def run_call(
         decision.status = response.status_code
         response.extensions[DECISION_EXTENSION] = decision
         if response_edits:
-            response.headers = httpx.Headers(
-                edit_headers(response.headers.multi_items(), response_edits)
-            )
+            _edit_response_headers(response.headers, response_edits)
         if attempt is not None and not response.is_closed:
             # The body is still on the wire: the call ends, and is reported, when it does.
             streamed = request.extensions.get(STREAM_EXTENSION)

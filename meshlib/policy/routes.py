@@ -14,11 +14,12 @@ then match order. The first match that accepts the request wins; none: 404.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 from meshlib.config.model import (
     BackendRef,
+    FilterType,
     HeaderModifier,
     HTTPRoute,
     HTTPRouteFilter,
@@ -38,6 +39,11 @@ from meshlib.config.model import (
 _MAX_TABLES = 4096
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _PATH_RANK = {PathMatchType.EXACT: 0, PathMatchType.REGULAR_EXPRESSION: 1}
+_PREFIX = PathMatchType.PATH_PREFIX
+_EXACT = PathMatchType.EXACT
+#: Characters after which a regular expression's text is no longer a plain literal.
+_REGEX_SPECIAL = frozenset("\\.^$*+?()[]{}|")
+_QUANTIFIERS = frozenset("*+?{")
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +55,11 @@ class Backend:
     weight: int
     filters: tuple[HTTPRouteFilter, ...]
     ref: BackendRef
+    #: Whether the rule's or this backend's filters change the request (RequestHeaderModifier,
+    #: URLRewrite): when not, a call skips :func:`request_edit`.
+    edits_request: bool = True
+    #: The ResponseHeaderModifiers of the rule, then of this backend (computed once).
+    response_headers: tuple[HeaderModifier, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +98,14 @@ class Candidate:
     rule: Rule
     match: RouteMatch
     match_index: int
+    #: A literal every path the match accepts starts with: checked before the regular
+    #: expression, which costs far more than ``startswith`` (computed once).
+    literal: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        path = self.match.path
+        if path.type is PathMatchType.REGULAR_EXPRESSION:
+            object.__setattr__(self, "literal", regex_literal_prefix(path.value))
 
     def accepts(
         self,
@@ -97,7 +116,21 @@ class Candidate:
     ) -> bool:
         """Whether the request matches: path, method, every header, every query parameter."""
         m = self.match
-        if not _path_matches(m, path):
+        spec = m.path
+        kind = spec.type
+        if kind is _PREFIX:
+            prefix = spec.value.rstrip("/")
+            # Element-wise: "/v2" matches "/v2", "/v2/" and "/v2/x", never "/v2example".
+            if prefix and path != prefix and not path.startswith(prefix + "/"):
+                return False
+        elif kind is _EXACT:
+            if path != spec.value:
+                return False
+        elif (
+            not path.startswith(self.literal)
+            or spec.regex is None
+            or spec.regex.match(path) is None
+        ):
             return False
         if m.method is not None and m.method != method:
             return False
@@ -200,7 +233,14 @@ class _Rules:
         compiled = self._rules.get(key)
         if compiled is None:
             backends = tuple(
-                Backend(self._service_of(ref), ref.weight, ref.filters, ref)
+                Backend(
+                    self._service_of(ref),
+                    ref.weight,
+                    ref.filters,
+                    ref,
+                    _edits_request((*rule.filters, *ref.filters)),
+                    _response_headers((*rule.filters, *ref.filters)),
+                )
                 for ref in rule.backend_refs
             )
             redirect = next(
@@ -359,15 +399,20 @@ def _precedence(match: RouteMatch) -> tuple[int, int, int, int, int]:
     )
 
 
-def _path_matches(match: RouteMatch, path: str) -> bool:
-    spec = match.path
-    if spec.type is PathMatchType.EXACT:
-        return path == spec.value
-    if spec.type is PathMatchType.PATH_PREFIX:
-        prefix = spec.value.rstrip("/")
-        # Element-wise: "/v2" matches "/v2", "/v2/" and "/v2/x", never "/v2example".
-        return not prefix or path == prefix or path.startswith(prefix + "/")
-    return spec.regex is not None and spec.regex.match(path) is not None
+def regex_literal_prefix(pattern: str) -> str:
+    """The longest plain literal every match of ``pattern`` (anchored at the start) begins
+    with; "" when unsure. Conservative: any alternation gives "", and a literal character
+    followed by a quantifier (``/ab?``) is not part of the prefix."""
+    if "|" in pattern:
+        return ""
+    out: list[str] = []
+    for char in pattern:
+        if char in _REGEX_SPECIAL:
+            if char in _QUANTIFIERS and out:
+                out.pop()  # the character before a quantifier may be absent or repeated
+            break
+        out.append(char)
+    return "".join(out)
 
 
 def _value_matches(kind: ValueMatchType, expected: str, regex: object, value: str) -> bool:
@@ -412,6 +457,8 @@ NO_EDIT = RequestEdit()
 
 def request_edit(candidate: Candidate, backend: Backend | None, path: str) -> RequestEdit:
     """The edits of the rule's filters, then the backend's, for a request to ``path``."""
+    if backend is not None and not backend.edits_request:
+        return NO_EDIT
     filters = (*candidate.rule.rule.filters, *(backend.filters if backend is not None else ()))
     if not filters:
         return NO_EDIT
@@ -421,7 +468,7 @@ def request_edit(candidate: Candidate, backend: Backend | None, path: str) -> Re
     for f in filters:
         config = f.config
         if isinstance(config, HeaderModifier):
-            if f.type.value == "RequestHeaderModifier":
+            if f.type is FilterType.REQUEST_HEADER_MODIFIER:
                 headers.append(config)
         elif isinstance(config, URLRewrite):
             if config.hostname is not None:
@@ -433,11 +480,22 @@ def request_edit(candidate: Candidate, backend: Backend | None, path: str) -> Re
 
 def response_modifiers(candidate: Candidate, backend: Backend | None) -> tuple[HeaderModifier, ...]:
     """The ResponseHeaderModifier filters of the rule, then of the backend."""
-    filters = (*candidate.rule.rule.filters, *(backend.filters if backend is not None else ()))
+    if backend is not None:
+        return backend.response_headers
+    return _response_headers(candidate.rule.rule.filters)
+
+
+def _response_headers(filters: Sequence[HTTPRouteFilter]) -> tuple[HeaderModifier, ...]:
     return tuple(
         f.config
         for f in filters
-        if f.type.value == "ResponseHeaderModifier" and isinstance(f.config, HeaderModifier)
+        if f.type is FilterType.RESPONSE_HEADER_MODIFIER and isinstance(f.config, HeaderModifier)
+    )
+
+
+def _edits_request(filters: Sequence[HTTPRouteFilter]) -> bool:
+    return any(
+        f.type in (FilterType.REQUEST_HEADER_MODIFIER, FilterType.URL_REWRITE) for f in filters
     )
 
 

@@ -521,3 +521,29 @@ def test_an_empty_matches_list_matches_every_request_as_a_missing_one_does() -> 
     table = table_of(text)
     assert winner(table, "/anything", method="DELETE") == "empty"
     assert winner(table, "/x") == "exact"  # and it ranks as PathPrefix "/", last
+
+
+@pytest.mark.parametrize(
+    ("pattern", "literal"),
+    [
+        ("/items/[0-9]+", "/items/"),
+        ("/exact", "/exact"),
+        ("/ab?c", "/a"),  # b is optional: not part of the prefix
+        ("/ab*", "/a"),
+        ("/ab+", "/a"),
+        ("/a{2}", "/"),
+        ("/a|/b", ""),  # alternation: no prefix at all
+        ("(?i)/api", ""),
+        ("/v1\\.0/x", "/v1"),
+        (".*", ""),
+    ],
+)
+def test_a_regex_literal_prefix_is_conservative(pattern: str, literal: str) -> None:
+    from meshlib.config.values import compile_regex
+    from meshlib.policy.routes import regex_literal_prefix
+
+    assert regex_literal_prefix(pattern) == literal
+    compiled = compile_regex(f"(?:{pattern})$")
+    for path in ("/items/12", "/exact", "/ac", "/abbbc", "/aa", "/b", "/API", "/v1.0/x", "/"):
+        if compiled.match(path) is not None:  # the prefilter never hides a real match
+            assert path.startswith(literal), (pattern, path)
