@@ -277,6 +277,13 @@ def build_http_route(ctx: DocContext) -> HTTPRoute | None:
     rules = _rules(ctx, spec)
     if len(ctx.problems) > problems_before:
         return None
+    # A value the structural check refused (reported there) was skipped above, so a route built
+    # from such a document would have fewer list items than its manifest, and the reference
+    # checks pair the model's items with the manifest's by position: it builds no route.
+    findings: list[Finding] = []
+    check(ctx.doc, _SCHEMA, "", ctx.line, findings)
+    if findings:
+        return None
     created = as_str(at(ctx.doc, "metadata.creationTimestamp")[0])
     return HTTPRoute(ctx.name, ctx.namespace, parents, hostnames, rules, ctx.origin, created)
 

@@ -270,8 +270,10 @@ def _http_routes(
                     "its split)",
                 )
             labels.setdefault(key, set()).update(route.label(rule) for rule in route.rules)
-        rule_items = maps(at(ctx.doc, "spec.rules")[0])
-        for (i, rule_item, _), rule in zip(rule_items, route.rules, strict=True):
+        raw_rules = at(ctx.doc, "spec.rules")[0]
+        if raw_rules is None:
+            continue  # the model holds the spec's default rule: no backends, nothing to check
+        for (i, rule_item, _), rule in zip(maps(raw_rules), route.rules, strict=True):
             backend_items = maps(rule_item.get("backendRefs"))
             for (j, item, line), ref in zip(backend_items, rule.backend_refs, strict=True):
                 path = f"spec.rules[{i}].backendRefs[{j}]"
