@@ -299,3 +299,26 @@ def test_doc_snippets_and_links_are_real(doc: Path) -> None:
         if target.startswith(("http://", "https://")):
             continue
         assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)}: broken link {target}"
+
+
+#: Pages that show a route or split: the Gateway API form comes first, SMI after (issue 14).
+HTTPROUTE_FIRST = [
+    ROOT / "docs" / "quickstart.md",
+    ROOT / "docs" / "policy-reference.md",
+    ROOT / "docs" / "features" / "routing-and-splits.md",
+    ROOT / "docs" / "features" / "httproute.md",
+]
+
+
+@pytest.mark.parametrize("doc", HTTPROUTE_FIRST, ids=lambda p: p.name)
+def test_route_examples_show_httproute_first(doc: Path) -> None:
+    """The first YAML block with a route or split is an HTTPRoute, and every block with one
+    loads into the snapshot's routes (an HTTPRoute that did not attach would be lost)."""
+    blocks = [code for lang, code in _CODE.findall(doc.read_text()) if lang == "yaml"]
+    routed = [c for c in blocks if re.search(r"^kind: (HTTPRoute|TrafficSplit)$", c, re.M)]
+    assert routed, f"{doc.name}: no route example"
+    assert re.search(r"^kind: HTTPRoute$", routed[0], re.M), f"{doc.name}: SMI shown first"
+    for code in routed:
+        snapshot = load_example(code, doc.name)
+        expected = len(re.findall(r"^kind: HTTPRoute$", code, re.M))
+        assert len(snapshot.http_routes) == expected
