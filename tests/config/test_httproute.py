@@ -641,6 +641,11 @@ def test_wrong_api_version_and_missing_spec() -> None:
         "rules: [{backendRefs: [{name: 7, port: 80}]}]",  # a backend dropped
         "rules: [{backendRefs: [{name: reviews, port: 80, weight: x}]}]",
         "rules: [{filters: [{type: Nope}]}]",  # a filter dropped
+        # a mapping where an enum's string goes (a mapping is not hashable)
+        "rules: [{matches: [{path: {type: {a: 1}, value: /}}]}]",
+        "rules: [{matches: [{headers: [{name: x, value: y, type: {a: 1}}]}]}]",
+        "rules: [{filters: [{type: {a: 1}}]}]",
+        "rules: [{filters: [{type: URLRewrite, urlRewrite: {path: {type: {a: 1}}}}]}]",
     ],
 )
 def test_a_structurally_wrong_route_is_reported_in_the_loader_not_an_internal_error(
