@@ -13,8 +13,9 @@ Everything runs in this one process on 127.0.0.1:
 * ``ratings`` is served the same way.
 
 One policy file (written to the temporary directory) drives every mesh: ``mtls: strict``, a
-canary split of reviews (v1 90 / v2 10), retries and a timeout for reviews, fault injection on
-ratings, and SMI TrafficTargets allowing productpage → reviews and reviews → ratings only.
+canary split of reviews (a Gateway API HTTPRoute: v1 90 / v2 10), retries and a timeout for
+reviews, fault injection on ratings, and SMI TrafficTargets allowing productpage → reviews and
+reviews → ratings only.
 Traffic runs for ``--duration`` seconds; then intruders call ratings directly (with
 productpage's valid certificate, which no TrafficTarget allows there; over plain HTTP; over TLS
 without a client certificate), and the script prints a per-edge table and what each policy
@@ -101,7 +102,7 @@ spec: {{serviceAccount: productpage}}   # a caller only: no endpoints
 apiVersion: meshlib/v1
 kind: Service
 metadata: {{name: reviews}}
-spec: {{serviceAccount: reviews}}       # the root of the split: callers say http://reviews/
+spec: {{serviceAccount: reviews}}       # the HTTPRoute's parent: callers say http://reviews/
 ---
 apiVersion: meshlib/v1
 kind: Service
@@ -148,14 +149,15 @@ spec:
   rules: [{{kind: HTTPRouteGroup, name: bookinfo-api, matches: [ratings]}}]
   sources: [{{kind: ServiceAccount, name: reviews, namespace: default}}]
 ---
-apiVersion: split.smi-spec.io/v1alpha4
-kind: TrafficSplit
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
 metadata: {{name: reviews-canary}}
 spec:
-  service: reviews
-  backends:
-  - {{service: reviews-v1, weight: {v1_weight}}}
-  - {{service: reviews-v2, weight: {v2_weight}}}
+  parentRefs: [{{group: "", kind: Service, name: reviews}}]   # callers say http://reviews/
+  rules:
+  - backendRefs:   # port: the spec requires it; the Services' endpoints carry their own
+    - {{name: reviews-v1, port: 9080, weight: {v1_weight}}}
+    - {{name: reviews-v2, port: 9080, weight: {v2_weight}}}
 ---
 apiVersion: meshlib/v1
 kind: TrafficPolicy
@@ -533,7 +535,7 @@ def report(recorder: Recorder, registries: list[CollectorRegistry], intrusions: 
 
     print()
     print("What each policy did")
-    print("  TrafficSplit reviews-canary (reviews-v1 90 / reviews-v2 10)")
+    print("  HTTPRoute reviews-canary (reviews-v1 90 / reviews-v2 10)")
     print(
         f"    reviews-v2 got {canary} of {len(decided)} calls:"
         f" {share(canary, len(decided))} observed, {CANARY_PERCENT}% configured"

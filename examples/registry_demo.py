@@ -14,13 +14,13 @@ Every part is its own process on 127.0.0.1, as on separate hosts:
 * this script drives steady traffic into ``http://productpage/`` through its own mesh (service
   ``loadgen``), which finds productpage, like productpage finds reviews, through the registry.
 
-The policy lives in the registry only: ``reviews`` is the root of a TrafficSplit over
-reviews-v1 and reviews-v2. The script applies 100/0, then 90/10 and 50/50 with ``meshctl apply``
-and prints how soon and how much the traffic shifted; then it SIGKILLs one reviews-v1 instance
-(no drain: the registry has to notice the silence) and prints when the callers' endpoint sets
-lost it (at most one TTL, 10 s, plus the registry's 1 s expiry pass) and how many calls failed
-(none: a refused connection is retried on the other instance). Every process is stopped at the
-end, also on Ctrl-C or a failure.
+The policy lives in the registry only: a Gateway API HTTPRoute splits ``reviews`` over
+reviews-v1 and reviews-v2 by its backendRefs' weights. The script applies 100/0, then 90/10 and
+50/50 with ``meshctl apply`` and prints how soon and how much the traffic shifted; then it
+SIGKILLs one reviews-v1 instance (no drain: the registry has to notice the silence) and prints
+when the callers' endpoint sets lost it (at most one TTL, 10 s, plus the registry's 1 s expiry
+pass) and how many calls failed (none: a refused connection is retried on the other instance).
+Every process is stopped at the end, also on Ctrl-C or a failure.
 """
 
 from __future__ import annotations
@@ -80,14 +80,15 @@ kind: Service
 metadata: {{name: reviews-v2}}
 spec: {{serviceAccount: reviews}}
 ---
-apiVersion: split.smi-spec.io/v1alpha4
-kind: TrafficSplit
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
 metadata: {{name: reviews-canary}}
 spec:
-  service: reviews
-  backends:
-  - {{service: reviews-v1, weight: {v1}}}
-  - {{service: reviews-v2, weight: {v2}}}
+  parentRefs: [{{group: "", kind: Service, name: reviews}}]
+  rules:
+  - backendRefs:   # port: the spec requires it; registered instances carry their own
+    - {{name: reviews-v1, port: 9080, weight: {v1}}}
+    - {{name: reviews-v2, port: 9080, weight: {v2}}}
 """
 
 

@@ -5,7 +5,7 @@
     MESHLIB_SVID_DIR=svids/reviews MESHLIB_CACHE_DIR=cache python examples/registry_workload.py
 
 ``productpage`` answers ``GET /productpage`` by calling ``http://reviews/reviews`` through its
-mesh (the TrafficSplit picks reviews-v1 or reviews-v2); any other service answers ``GET
+mesh (the HTTPRoute picks reviews-v1 or reviews-v2); any other service answers ``GET
 /reviews`` with its service name and its own address, so a caller can tell which instance it
 reached. The process prints ``serving <service> on <url>`` once it listens and stops cleanly on
 SIGTERM or SIGINT (SIGKILL, of course, drains nothing: the registry's TTL removes the instance).

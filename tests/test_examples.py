@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from meshlib.config.loader import load_text
+from meshlib.config.model import Snapshot
+from meshlib.errors import ConfigError
+
 pytestmark = pytest.mark.timeout(120)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -81,7 +85,9 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^      reviews-v[12] +SERVER GET /reviews/\d+ \(from sa/productpage, \d+ ms left\)",
             r"^\$ meshctl status http://127\.0\.0\.1:\d+$",
             r"^reviews-v1\.default +127\.0\.0\.1:\d+ +healthy .* closed",
-            r"^outbound +productpage\.default +reviews-v1\.default +- +[1-9]\d* +[\d.]+/s +[\d.]+%",
+            # the route column: the HTTPRoute's name (its one rule has no name of its own)
+            r"^outbound +productpage\.default +reviews-v1\.default +reviews-canary +[1-9]\d* "
+            r"+[\d.]+/s +[\d.]+%",
             r"^\$ meshctl tap http://127\.0\.0\.1:\d+ --limit 5$",
             r'(inbound  <- spiffe://bookinfo\.local/ns/default/sa/productpage "GET reviews/reviews/'
             r'|outbound -> ratings\.default "GET ratings/ratings/)',
@@ -182,9 +188,12 @@ DOCS = [
     ROOT / "docs" / "testing.md",
     ROOT / "docs" / "observability.md",
     ROOT / "docs" / "control-plane.md",
+    ROOT / "docs" / "policy-reference.md",
+    ROOT / "docs" / "gateway-api.md",
     *sorted((ROOT / "docs" / "features").glob("*.md")),
 ]
 FEATURES = [
+    "httproute",
     "routing-and-splits",
     "load-balancing",
     "retries",
@@ -209,6 +218,42 @@ _CODE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 
 
+_UNDECLARED = re.compile(r"service '([a-z0-9-]+)' is not declared in namespace '([a-z0-9-]+)'")
+
+
+def load_example(code: str, source: str) -> Snapshot:
+    """A docs YAML block loaded as a policy, with a stub ``Service`` for every service it names
+    but does not declare: the ones SMI and meshlib kinds name (``service:``, ``mirror:``), then
+    each one the loader reports (an HTTPRoute's parentRefs are errors, its backendRefs warnings),
+    so an example shows only what it is about. Other warnings (an identity no Service uses) are
+    the example's own business."""
+    named = {(n, "default") for n in re.findall(r"(?:service|mirror):\s*([a-z0-9-]+)", code)}
+    stated = re.findall(r"kind: Service\nmetadata: \{name: ([a-z0-9-]+)", code)
+    declared = {(n, "default") for n in stated}
+    missing = named - declared
+    for _ in range(5):  # each round declares what the last one found missing; bounded
+        stubs = "".join(
+            "---\napiVersion: meshlib/v1\nkind: Service\n"
+            f"metadata: {{name: {name}, namespace: {ns}}}\n"
+            "spec: {endpoints: [{address: '127.0.0.1:9'}]}\n"
+            for name, ns in sorted(missing)
+        )
+        try:
+            snapshot = load_text(code + "\n" + stubs, source=source)
+        except ConfigError as exc:
+            found = {m.groups() for p in exc.problems for m in _UNDECLARED.finditer(p.message)}
+            if not found - missing:
+                raise
+            missing |= found
+            continue
+        found = {m.groups() for p in snapshot.warnings for m in _UNDECLARED.finditer(p.message)}
+        if found - missing:
+            missing |= found
+            continue
+        return snapshot
+    raise AssertionError(f"{source}: services still undeclared after 5 rounds: {missing}")
+
+
 def test_quickstart_lists_every_runtime_dependency() -> None:
     from importlib.metadata import requires
 
@@ -230,7 +275,6 @@ def test_doc_snippets_and_links_are_real(doc: Path) -> None:
     from prometheus_client import CollectorRegistry
 
     import meshlib
-    from meshlib.config.loader import load_text
 
     mesh = meshlib.Mesh.from_text(
         "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\nspec: {}\n",
@@ -249,16 +293,32 @@ def test_doc_snippets_and_links_are_real(doc: Path) -> None:
             for name in re.findall(r"(?<![\"/\w])mesh\.([A-Za-z_]\w*)", code):
                 assert hasattr(mesh, name), f"{doc}: mesh.{name}"
         elif lang == "yaml":  # a valid policy, once the services it names are declared
-            named = set(re.findall(r"(?:service|mirror):\s*([a-z0-9-]+)", code))
-            declared = set(re.findall(r"kind: Service\nmetadata: \{name: ([a-z0-9-]+)", code))
-            stubs = "".join(
-                "---\napiVersion: meshlib/v1\nkind: Service\n"
-                f"metadata: {{name: {name}}}\nspec: {{endpoints: [{{address: '127.0.0.1:9'}}]}}\n"
-                for name in sorted(named - declared)
-            )
-            load_text(code + "\n" + stubs, source=doc.name)  # raises ConfigError if not
+            load_example(code, doc.name)  # raises ConfigError if not
     mesh.close()
     for target in _LINK.findall(text):
         if target.startswith(("http://", "https://")):
             continue
         assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)}: broken link {target}"
+
+
+#: Pages that show a route or split: the Gateway API form comes first, SMI after (issue 14).
+HTTPROUTE_FIRST = [
+    ROOT / "docs" / "quickstart.md",
+    ROOT / "docs" / "policy-reference.md",
+    ROOT / "docs" / "features" / "routing-and-splits.md",
+    ROOT / "docs" / "features" / "httproute.md",
+]
+
+
+@pytest.mark.parametrize("doc", HTTPROUTE_FIRST, ids=lambda p: p.name)
+def test_route_examples_show_httproute_first(doc: Path) -> None:
+    """The first YAML block with a route or split is an HTTPRoute, and every block with one
+    loads into the snapshot's routes (an HTTPRoute that did not attach would be lost)."""
+    blocks = [code for lang, code in _CODE.findall(doc.read_text()) if lang == "yaml"]
+    routed = [c for c in blocks if re.search(r"^kind: (HTTPRoute|TrafficSplit)$", c, re.M)]
+    assert routed, f"{doc.name}: no route example"
+    assert re.search(r"^kind: HTTPRoute$", routed[0], re.M), f"{doc.name}: SMI shown first"
+    for code in routed:
+        snapshot = load_example(code, doc.name)
+        expected = len(re.findall(r"^kind: HTTPRoute$", code, re.M))
+        assert len(snapshot.http_routes) == expected

@@ -77,6 +77,11 @@ _HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$"
 #: Upstream CEL rules on Exact and PathPrefix values: what a normalised path cannot contain.
 _PATH_FORBIDDEN = ("//", "/./", "/../", "%2f", "%2F", "#")
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+#: The enums' values; a YAML value is tested for ``str`` first (a mapping is not hashable).
+_PATH_TYPES = frozenset(t.value for t in PathMatchType)
+_VALUE_TYPES = frozenset(t.value for t in ValueMatchType)
+_FILTER_TYPES = frozenset(t.value for t in FilterType)
+_MODIFIER_TYPES = frozenset(t.value for t in PathModifierType)
 
 
 # --- schema: structure only; limits and cross-field rules are the builder's ---------------------
@@ -277,6 +282,13 @@ def build_http_route(ctx: DocContext) -> HTTPRoute | None:
     rules = _rules(ctx, spec)
     if len(ctx.problems) > problems_before:
         return None
+    # A value the structural check refused (reported there) was skipped above, so a route built
+    # from such a document would have fewer list items than its manifest, and the reference
+    # checks pair the model's items with the manifest's by position: it builds no route.
+    findings: list[Finding] = []
+    check(ctx.doc, _SCHEMA, "", ctx.line, findings)
+    if findings:
+        return None
     created = as_str(at(ctx.doc, "metadata.creationTimestamp")[0])
     return HTTPRoute(ctx.name, ctx.namespace, parents, hostnames, rules, ctx.origin, created)
 
@@ -435,7 +447,7 @@ def _path_match(ctx: DocContext, match: YMap, mpath: str) -> PathMatch:
         return PathMatch()
     type_ = raw.get("type", PathMatchType.PATH_PREFIX.value)
     value = raw.get("value", "/")
-    if type_ not in {t.value for t in PathMatchType} or not isinstance(value, str):
+    if not isinstance(type_, str) or type_ not in _PATH_TYPES or not isinstance(value, str):
         return PathMatch()  # reported by the structural check
     kind = PathMatchType(type_)
     line = raw.line_of("value")
@@ -476,7 +488,7 @@ def _value_matches(
         type_ = item.get("type", ValueMatchType.EXACT.value)
         if name is None or not isinstance(value, str):
             continue
-        if type_ not in {t.value for t in ValueMatchType}:
+        if not isinstance(type_, str) or type_ not in _VALUE_TYPES:
             continue
         # Header names are case-insensitive (RFC 9110); query parameter names are not.
         norm = name.lower() if fold else name
@@ -516,7 +528,7 @@ def _filters(ctx: DocContext, owner: YMap, path: str) -> tuple[HTTPRouteFilter, 
     for i, item in _limited(ctx, owner, "filters", f"{path}.filters", MAX_FILTERS):
         fpath = f"{path}.filters[{i}]"
         raw_type = item.get("type")
-        if raw_type not in {t.value for t in FilterType}:
+        if not isinstance(raw_type, str) or raw_type not in _FILTER_TYPES:
             continue  # reported by the structural check
         kind = FilterType(raw_type)
         key = _FILTER_FIELDS[kind]
@@ -661,7 +673,7 @@ def _path_modifier(ctx: DocContext, config: YMap, path: str) -> PathModifier | N
     if not isinstance(raw, YMap):
         return None
     type_ = raw.get("type")
-    if type_ not in {t.value for t in PathModifierType}:
+    if not isinstance(type_, str) or type_ not in _MODIFIER_TYPES:
         return None
     kind = PathModifierType(type_)
     key = "replaceFullPath" if kind is PathModifierType.REPLACE_FULL_PATH else "replacePrefixMatch"

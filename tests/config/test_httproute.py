@@ -14,6 +14,7 @@ from meshlib.config.model import (
     HeaderModifier,
     HTTPRoute,
     HTTPRouteFilter,
+    HTTPRouteRule,
     Origin,
     ParentMode,
     ParentRef,
@@ -630,3 +631,54 @@ def test_wrong_api_version_and_missing_spec() -> None:
     text = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata: {name: r}\n"
     found = {(p.line, p.field) for p in problems(text)}
     assert found == {(1, "apiVersion"), (1, "spec")}
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "parentRefs: [{group: '', kind: Service, name: 7}]",  # a parent dropped
+        "parentRefs: [{group: '', kind: Service, name: reviews}, {name: [x]}]",
+        "rules: [{backendRefs: [{name: 7, port: 80}]}]",  # a backend dropped
+        "rules: [{backendRefs: [{name: reviews, port: 80, weight: x}]}]",
+        "rules: [{filters: [{type: Nope}]}]",  # a filter dropped
+        # a mapping where an enum's string goes (a mapping is not hashable)
+        "rules: [{matches: [{path: {type: {a: 1}, value: /}}]}]",
+        "rules: [{matches: [{headers: [{name: x, value: y, type: {a: 1}}]}]}]",
+        "rules: [{filters: [{type: {a: 1}}]}]",
+        "rules: [{filters: [{type: URLRewrite, urlRewrite: {path: {type: {a: 1}}}}]}]",
+    ],
+)
+def test_a_structurally_wrong_route_is_reported_in_the_loader_not_an_internal_error(
+    item: str,
+) -> None:
+    """A value the structural check refuses is skipped by the builder; a route built anyway has
+    fewer items than its manifest, and the reference checks (which pair them by position) used
+    to fail with an internal error instead of the file's own problems (found by the docs
+    examples' fuzz test, tests/config/test_cfg_fuzz.py)."""
+    from meshlib.config.loader import INTERNAL_ERROR, load_text
+
+    text = (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\n"
+        f"spec:\n  {item}\n---\n"
+        "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_text(text, source="bad.yaml")
+    messages = [p.message for p in caught.value.problems]
+    assert not any(INTERNAL_ERROR in m for m in messages), messages
+    assert all(p.file == "bad.yaml" and p.line >= 1 and p.field for p in caught.value.problems)
+
+
+def test_a_route_without_rules_loads_with_the_spec_default_rule() -> None:
+    """``rules`` is optional (the spec's default: one rule matching every path, no backends);
+    the reference checks used to pair the manifest's rules (none) with the model's (one) and
+    fail with an internal error."""
+    from meshlib.config.loader import load_text
+
+    snapshot = load_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\n"
+        "spec:\n  parentRefs: [{group: '', kind: Service, name: reviews}]\n---\n"
+        "apiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\n"
+    )
+    (route,) = snapshot.http_routes
+    assert route.rules == (HTTPRouteRule(),)
