@@ -194,6 +194,7 @@ DOCS = [
 ]
 FEATURES = [
     "httproute",
+    "gateway",
     "routing-and-splits",
     "load-balancing",
     "retries",
