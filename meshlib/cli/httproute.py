@@ -10,14 +10,12 @@ criterion at a time, so an explanation cannot disagree with the routing.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import parse_qsl
 
 from meshlib.config.model import (
-    EffectivePolicy,
     HeaderModifier,
     HTTPRoute,
     RequestMirror,
@@ -156,24 +154,6 @@ def explain(
     document["outcome"] = "forward" if forwards else "invalid_backend"
     document["status"] = None if forwards else 500
     return Explanation(document, rule, forwards)
-
-
-def rule_policy(policy: EffectivePolicy, rule: Rule) -> EffectivePolicy:
-    """The (service, route label) policy with the rule's own ``timeouts`` on top, as the call
-    sequence plans it: a timeout set on the route itself wins over every scope."""
-    timeouts = rule.rule.timeouts
-    sources = dict(policy.sources)
-    origin = f"route:HTTPRoute {rule.route.namespace}/{rule.route.name}"
-    if timeouts.request is not None:
-        policy = dataclasses.replace(policy, timeout=timeouts.request or None)
-        sources["timeout"] = origin
-    if timeouts.backend_request is not None:
-        retries = dataclasses.replace(
-            policy.retries, per_try_timeout=timeouts.backend_request or None
-        )
-        policy = dataclasses.replace(policy, retries=retries)
-        sources["retries.per_try_timeout"] = origin
-    return dataclasses.replace(policy, sources=sources)
 
 
 # --- the parts of the document -------------------------------------------------------------------

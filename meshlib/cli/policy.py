@@ -385,7 +385,7 @@ def _http_explanation(
     route, its backendRefs are the backends, and its timeouts sit on top of the merged policy.
     When the mesh answers the request itself (404, a redirect, 500) nothing after routing
     applies: no policy, faults or mirrors."""
-    from meshlib.cli.httproute import rule_policy
+    from meshlib.policy.routes import rule_policy
 
     rule = http.rule
     label = rule.label if rule is not None else None

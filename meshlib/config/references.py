@@ -296,23 +296,30 @@ def _mirror_warnings(
     for (k, _, line), flt in zip(items, filters, strict=True):
         if isinstance(flt.config, RequestMirror):
             where_ = f"{path}.filters[{k}].requestMirror.backendRef"
-            _backend_warning(ctx, flt.config.backend, where_, line, services)
+            _backend_warning(
+                ctx, flt.config.backend, where_, line, services, "nothing is mirrored to it"
+            )
 
 
 def _backend_warning(
-    ctx: DocContext, ref: BackendRef, path: str, line: int, services: set[str]
+    ctx: DocContext,
+    ref: BackendRef,
+    path: str,
+    line: int,
+    services: set[str],
+    consequence: str = "its share of the requests is answered 500",
 ) -> None:
     if not ref.resolvable:
         ctx.warn(
             path,
             line,
             f"backend {shown(ref.group)}/{shown(ref.kind)} {shown(ref.name)} is not a Service "
-            "with a port the mesh can send to: its share of the requests is answered 500",
+            f"with a port the mesh can send to: {consequence}",
         )
         return
     key = f"{ref.name}.{ref.namespace}"
     if key not in services:
-        ctx.warn(path, line, _no_service(key) + ": its share of the requests is answered 500")
+        ctx.warn(path, line, f"{_no_service(key)}: {consequence}")
 
 
 def _conflicts(policies: list[tuple[TrafficPolicyDoc, DocContext]]) -> None:

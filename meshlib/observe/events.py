@@ -51,6 +51,8 @@ class Flag(str, enum.Enum):
     CONNECT_FAILURE = "connect_failure"  # UF
     RESET = "reset"  # UR
     BAD_REQUEST = "bad_request"  # DPE
+    NO_ROUTE = "no_route"  # NR: no HTTPRoute rule matched; the mesh answered 404
+    INVALID_BACKEND = "invalid_backend"  # NC: the rule's backend cannot be sent to; 500
 
 
 _BY_REASON: dict[str, Flag] = {
@@ -69,6 +71,8 @@ _BY_REASON: dict[str, Flag] = {
     Reason.DENIED.value: Flag.DENIED,
     Reason.UNAUTHENTICATED.value: Flag.UNAUTHENTICATED,
     Reason.BAD_REQUEST.value: Flag.BAD_REQUEST,
+    Reason.NO_ROUTE.value: Flag.NO_ROUTE,
+    Reason.INVALID_BACKEND.value: Flag.INVALID_BACKEND,
 }
 
 #: Flags of calls that succeeded (a delayed call that was then answered is a success).

@@ -90,6 +90,7 @@ from meshlib.policy.routes import (
     redirect_location,
     request_edit,
     response_modifiers,
+    rule_policy,
 )
 from meshlib.policy.routing import Router
 from meshlib.policy.split import pick_backend
@@ -712,18 +713,7 @@ def _rule_plan(
     """The (service, route) plan with the rule's own timeouts and mirrors on top: an
     HTTPRoute's ``timeouts`` are set on the route itself, so they win over every scope."""
     plan = _plan(host, router, service_key, rule.label)
-    policy = plan.policy
-    timeouts = rule.rule.timeouts
-    sources = dict(policy.sources)
-    origin = f"route:HTTPRoute {rule.route.namespace}/{rule.route.name}"
-    if timeouts.request is not None:
-        policy = replace(policy, timeout=timeouts.request or None)
-        sources["timeout"] = origin
-    if timeouts.backend_request is not None:
-        retries = replace(policy.retries, per_try_timeout=timeouts.backend_request or None)
-        policy = replace(policy, retries=retries)
-        sources["retries.per_try_timeout"] = origin
-    policy = replace(policy, sources=sources)
+    policy = rule_policy(plan.policy, rule)
     mirrors = plan.mirrors + tuple(
         MirrorRule(rule.route.name, rule.route.namespace, service_key, key, m.percent)
         for m in rule.mirrors(backend)

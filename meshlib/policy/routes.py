@@ -13,12 +13,14 @@ then match order. The first match that accepts the request wins; none: 404.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 from meshlib.config.model import (
     BackendRef,
+    EffectivePolicy,
     FilterType,
     HeaderModifier,
     HTTPRoute,
@@ -557,3 +559,24 @@ def edit_headers(
             gone = {name.lower() for name in modifier.remove}
             out = [(n, v) for n, v in out if n.lower() not in gone]
     return out
+
+
+def rule_policy(policy: EffectivePolicy, rule: Rule) -> EffectivePolicy:
+    """The (service, route label) policy with the rule's own ``timeouts`` on top: a timeout
+    set on the route itself wins over every scope. ``request`` is the call's deadline,
+    ``backendRequest`` the per-try timeout; ``0s`` disables either."""
+    timeouts = rule.rule.timeouts
+    if timeouts.request is None and timeouts.backend_request is None:
+        return policy
+    sources = dict(policy.sources)
+    origin = f"route:HTTPRoute {rule.route.namespace}/{rule.route.name}"
+    if timeouts.request is not None:
+        policy = dataclasses.replace(policy, timeout=timeouts.request or None)
+        sources["timeout"] = origin
+    if timeouts.backend_request is not None:
+        retries = dataclasses.replace(
+            policy.retries, per_try_timeout=timeouts.backend_request or None
+        )
+        policy = dataclasses.replace(policy, retries=retries)
+        sources["retries.per_try_timeout"] = origin
+    return dataclasses.replace(policy, sources=sources)

@@ -62,6 +62,20 @@ def test_a_backend_service_that_is_not_declared_is_a_warning_and_loads() -> None
     assert warning.line == line_of(with_services(text), "name: ghost")
 
 
+def test_a_mirror_to_an_undeclared_service_is_a_warning_that_says_nothing_is_mirrored() -> None:
+    rules = (
+        "\n  - filters:\n    - type: RequestMirror\n"
+        "      requestMirror: {backendRef: {name: ghost, port: 80}}\n"
+        "    backendRefs: [{name: reviews-v1, port: 9081}]"
+    )
+    snapshot = load(http_route(rules=rules))
+    warning = find(
+        list(snapshot.warnings), "spec.rules[0].filters[0].requestMirror.backendRef", "ghost"
+    )
+    assert "nothing is mirrored to it" in warning.message
+    assert "500" not in warning.message  # a mirror's failure never answers the call
+
+
 def test_a_gateway_parent_is_not_checked_against_services() -> None:
     snapshot = load(http_route("[{name: edge}]"))
     assert snapshot.http_routes[0].parent_refs[0].kind == "Gateway"

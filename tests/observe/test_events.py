@@ -184,7 +184,11 @@ def test_injected_delay_is_flagged_in_decision_event_and_metrics(clock) -> None:
 
 def test_flag_for_maps_every_reason() -> None:
     for reason in meshlib.Reason:
-        assert isinstance(flag_for(reason.value, 200), Flag)
+        # Each reason has its own flag: none falls through to the catch-all for 5xx answers.
+        flag = flag_for(reason.value, 200)
+        assert flag is not Flag.UPSTREAM_ERROR or reason is meshlib.Reason.UPSTREAM_ERROR, reason
+    assert flag_for("no_route", 404) is Flag.NO_ROUTE
+    assert flag_for("invalid_backend", 500) is Flag.INVALID_BACKEND
     assert flag_for("fault_delay", 200) is Flag.FAULT_DELAY
     assert flag_for("fault_delay", 502) is Flag.UPSTREAM_ERROR
     assert flag_for("overflow", 503) is Flag.OVERFLOW
