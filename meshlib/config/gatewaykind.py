@@ -29,16 +29,9 @@ from meshlib.config.checker import Finding, check
 from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_int, as_str, at, maps
 from meshlib.config.fragments import STRING, Schema, array, integer, obj
 from meshlib.config.fragments import enum as enum_schema
-from meshlib.config.httproute import (
-    GATEWAY_API,
-    GATEWAY_GROUP,
-    HTTPRoute,
-    ParentMode,
-    build_http_route,
-    http_route_schema,
-)
+from meshlib.config.httproute import GATEWAY_API, build_http_route, http_route_schema
 from meshlib.config.loader import MAX_FILE_BYTES
-from meshlib.config.model import Origin
+from meshlib.config.model import GATEWAY_GROUP, HTTPRoute, Origin, ParentMode
 from meshlib.config.values import shown
 from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq, read_documents
 from meshlib.errors import ConfigError, Problem
