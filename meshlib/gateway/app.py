@@ -27,7 +27,7 @@ Per request, in order (each step's local answer beside it, with ``x-mesh-reason`
    relayed chunk by chunk as it arrives: neither is held whole. A rule's ``timeouts.request``
    caps the call's deadline (:data:`meshlib.context.inbound_deadline`). A mesh failure answers
    its own status and reason (503, 504, 429, ...); a transport failure **502**
-   ``upstream_error``. A client that goes away cancels the call.
+   (``connect_failure``, else ``reset``). A client that goes away cancels the call.
 
 WebSocket upgrades are refused with 501 for now (pass-through is a later step).
 """
@@ -433,9 +433,9 @@ class GatewayApp:
                     await _local(send, refusal.status, refusal.reason, refusal.detail, close=True)
                     return
                 log.info("gateway call to %s failed: %r", url, exc)
-                await _local(
-                    send, 502, Reason.UPSTREAM_ERROR, f"the upstream failed: {type(exc).__name__}"
-                )
+                connect = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+                reason = Reason.CONNECT_FAILURE if connect else Reason.RESET
+                await _local(send, 502, reason, f"the upstream failed: {type(exc).__name__}")
                 return
             try:
                 out = [

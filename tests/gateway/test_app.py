@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,13 @@ spec:
     backendRefs: [{name: api, namespace: shop, port: 8080}]
   - matches: [{path: {type: Exact, value: /sink}}]
     backendRefs: [{name: sink, namespace: shop, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    timeouts: {request: 300ms}
+    backendRefs: [{name: web, namespace: shop, port: 8080}]
+  - matches: [{path: {type: Exact, value: /empty}}]
+    backendRefs: [{name: gateway, namespace: edge, port: 8080}]
+  - matches: [{path: {type: Exact, value: /closed}}]
+    backendRefs: [{name: closed, namespace: shop, port: 8080}]
   - matches: [{path: {type: Exact, value: /broken}}]
     backendRefs: [{name: ghost, namespace: shop, port: 80}]
   - backendRefs: [{name: web, namespace: shop, port: 8080}]
@@ -93,7 +101,7 @@ spec:
 """
 
 
-def policy(web: int, api: int, sink: int = 0) -> str:
+def policy(web: int, api: int, sink: int = 0, closed: int = 0) -> str:
     return f"""\
 apiVersion: meshlib/v1
 kind: Mesh
@@ -119,6 +127,11 @@ apiVersion: meshlib/v1
 kind: Service
 metadata: {{name: sink, namespace: shop}}
 spec: {{endpoints: [{{address: "127.0.0.1:{sink or api}"}}]}}
+---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {{name: closed, namespace: shop}}
+spec: {{endpoints: [{{address: "127.0.0.1:{closed or api}"}}]}}
 """
 
 
@@ -172,7 +185,7 @@ def edge() -> Iterator[Edge]:
     api.serve()
     sink = run_uvicorn(HashingSink(), name="sink")
     mesh = meshlib.Mesh.from_text(
-        policy(web.port, api.port, sink.port),
+        policy(web.port, api.port, sink.port, _closed_port()),
         service="gateway",
         namespace="edge",
         seed=7,
@@ -191,6 +204,13 @@ def edge() -> Iterator[Edge]:
         api.stop()
         sink.stop()
         mesh.close()
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def test_split_host_and_listener_choice() -> None:
@@ -241,7 +261,7 @@ def test_no_route_is_404_and_an_invalid_backend_500(edge: Edge) -> None:
     response = edge.get("shop.example.com", "/broken")
     assert response.status_code == 500
     assert response.headers["x-mesh-reason"] == "invalid_backend"
-    assert "HTTPRoute edge/shop rule[3]" in response.text
+    assert "HTTPRoute edge/shop rule[6]" in response.text
     assert edge.web.requests == 0 and edge.api.requests == 0
 
 
@@ -294,6 +314,29 @@ def test_edge_limits_are_answered_by_the_gateway(edge: Edge) -> None:
     response = edge.get("shop.example.com", "/%2e%2e/%2e%2e/etc")
     assert response.status_code == 400
     assert edge.web.requests == 0
+
+
+def test_mesh_failures_answer_their_status_and_reason(edge: Edge) -> None:
+    response = edge.get("shop.example.com", "/empty")  # a Service without endpoints
+    assert response.status_code == 503
+    assert response.headers["x-mesh-reason"] == "no_healthy_endpoints"
+    response = edge.get("shop.example.com", "/closed")  # nothing listens there
+    assert response.status_code == 502  # a transport failure: bad gateway
+    assert response.headers["x-mesh-reason"] == "connect_failure"
+
+
+def test_the_rule_timeout_caps_the_call(edge: Edge) -> None:
+    edge.web.set_delay(5.0, path="/slow")
+    response = edge.get("shop.example.com", "/slow")
+    assert response.status_code == 504
+    assert response.headers["x-mesh-reason"] == "timeout"
+
+
+def test_a_client_that_goes_away_cancels_the_call(edge: Edge) -> None:
+    edge.web.set_behavior("hang", path="/hang")
+    with pytest.raises(httpx.ReadTimeout):
+        edge.get("shop.example.com", "/hang", timeout=0.5)
+    assert edge.web.wait_for_disconnects(1, timeout=5.0)
 
 
 def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
