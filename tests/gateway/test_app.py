@@ -6,6 +6,7 @@ headers stripped before the backend, and a 10 MB upload streamed through without
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -29,6 +30,7 @@ from meshlib.gateway.app import (
 )
 from tests.harness.echo import EchoBackend
 from tests.harness.server import ServerHandle, run_uvicorn
+from tests.inbound.origin.conftest import ISSUER, inline_rule, jwks, rsa_key, token
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -178,14 +180,16 @@ class Edge:
             return client.get(self.server.url + path, headers=headers, **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def edge() -> Iterator[Edge]:
+@contextlib.contextmanager
+def running_edge(extra_policy: str = "") -> Iterator[Edge]:
+    """The gateway of GATEWAY behind its MeshMiddleware (``edge_stack``), the policy of
+    :func:`policy` plus ``extra_policy``, in front of the echo backends and the sink."""
     web, api = EchoBackend("web"), EchoBackend("api")
     web.serve()
     api.serve()
     sink = run_uvicorn(HashingSink(), name="sink")
     mesh = meshlib.Mesh.from_text(
-        policy(web.port, api.port, sink.port, _closed_port()),
+        policy(web.port, api.port, sink.port, _closed_port()) + extra_policy,
         service="gateway",
         namespace="edge",
         seed=7,
@@ -204,6 +208,12 @@ def edge() -> Iterator[Edge]:
         api.stop()
         sink.stop()
         mesh.close()
+
+
+@pytest.fixture
+def edge() -> Iterator[Edge]:
+    with running_edge() as running:
+        yield running
 
 
 def _closed_port() -> int:
@@ -337,6 +347,44 @@ def test_a_client_that_goes_away_cancels_the_call(edge: Edge) -> None:
     with pytest.raises(httpx.ReadTimeout):
         edge.get("shop.example.com", "/hang", timeout=0.5)
     assert edge.web.wait_for_disconnects(1, timeout=5.0)
+
+
+EDGE_AUTH = f"""
+---
+apiVersion: meshlib/v1
+kind: RequestAuthentication
+metadata: {{name: users, namespace: edge}}
+spec:
+  target: {{service: gateway}}
+  jwtRules:
+  - {inline_rule(jwks((rsa_key(), "rsa-1")))}
+---
+apiVersion: meshlib/v1
+kind: AuthorizationPolicy
+metadata: {{name: users, namespace: edge}}
+spec:
+  target: {{service: gateway}}
+  rules:
+  - from: [{{requestPrincipals: ["{ISSUER}/alice"]}}]
+"""
+
+
+def test_jwt_and_authorization_of_the_gateway_service_apply_at_the_edge() -> None:
+    with running_edge(EDGE_AUTH) as edge:
+        response = edge.get("shop.example.com", "/")  # no token: no principal
+        assert response.status_code == 403
+        assert response.headers["x-mesh-reason"] == "denied"
+        forged = token(rsa_key("other"))
+        response = edge.get("shop.example.com", "/", headers={"authorization": f"Bearer {forged}"})
+        assert response.status_code == 401
+        assert edge.web.requests == 0
+        bob = token(sub="bob")
+        response = edge.get("shop.example.com", "/", headers={"authorization": f"Bearer {bob}"})
+        assert response.status_code == 403
+        alice = token()
+        response = edge.get("shop.example.com", "/", headers={"authorization": f"Bearer {alice}"})
+        assert response.status_code == 200, response.text
+        assert response.json()["backend"] == "web"
 
 
 def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:

@@ -4,11 +4,9 @@ strict-mTLS service that refuses the same external client when it calls directly
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from meshlib.gateway.tls import listener_contexts
 from meshlib.identity import CertificateAuthority, SpiffeID
 from meshlib.inbound.serving import Server, serve
 from tests.gateway.gwcerts import Pair, TestCA
+from tests.gateway.running import RunningGateway
 from tests.mtls.conftest import TD, Recorder, mesh_text
 
 pytestmark = pytest.mark.timeout(30)
@@ -84,48 +83,6 @@ def _policy(port: int) -> str:
         + "metadata: {name: productpage, namespace: default}\n"
         + f'spec: {{endpoints: [{{address: "127.0.0.1:{port}"}}]}}\n'
     )
-
-
-class RunningGateway:
-    """A GatewayServer on its own thread and event loop, as ``meshctl gateway serve`` runs it."""
-
-    def __init__(self, server: GatewayServer, client: httpx.AsyncClient) -> None:
-        self.server = server
-        self.client = client
-        self.started = threading.Event()
-        self.error: BaseException | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.thread = threading.Thread(target=self._run, name="gateway", daemon=True)
-        self.thread.start()
-        assert self.started.wait(10), "the gateway did not start"
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        asyncio.run(self._main())
-
-    async def _main(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        try:
-            await self.server.start()
-        except BaseException as exc:
-            self.error = exc
-            self.started.set()
-            return
-        self.started.set()
-        try:
-            await self.server.wait()
-        finally:
-            await self.client.aclose()
-
-    def port(self, listener_port: int) -> int:
-        return self.server.bound[listener_port]
-
-    def stop(self) -> None:
-        if self.loop is not None and self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.server.stop)
-        self.thread.join(15)
-        assert not self.thread.is_alive(), "the gateway did not stop"
 
 
 @pytest.fixture
