@@ -29,7 +29,8 @@ Per request, in order (each step's local answer beside it, with ``x-mesh-reason`
    its own status and reason (503, 504, 429, ...); a transport failure **502**
    (``connect_failure``, else ``reset``). A client that goes away cancels the call.
 
-WebSocket upgrades are refused with 501 for now (pass-through is a later step).
+WebSocket upgrades (and any other ``Upgrade``) are refused with 501 for now: pass-through is a
+later step.
 """
 
 from __future__ import annotations
@@ -289,6 +290,11 @@ class GatewayApp:
         )
         if refusal is not None:
             await _local(send, refusal.status, refusal.reason, refusal.detail, close=True)
+            return
+        if any(n.lower() == b"upgrade" for n, _ in received):
+            # A server without a WebSocket library hands the handshake to the app as a plain
+            # request: forwarded without its Upgrade it would reach the backend as a GET.
+            await _respond(send, 501, _NOT_UPGRADED_HEADERS, _NOT_UPGRADED)
             return
         path = normalize_path(scope.get("path", "/"))
         if path is None:
@@ -555,6 +561,14 @@ async def _local(
     await _respond(send, status, headers, body)
 
 
+_NOT_UPGRADED = b"not implemented: the gateway does not pass WebSockets (upgrades) through yet\n"
+_NOT_UPGRADED_HEADERS = [
+    (b"content-type", b"text/plain; charset=utf-8"),
+    (b"content-length", str(len(_NOT_UPGRADED)).encode("ascii")),
+    (b"connection", b"close"),
+]
+
+
 async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
     """WebSocket pass-through is not built yet: a 501 answer to the handshake where the server
     supports denial responses, else a close before accepting (the client sees 403)."""
@@ -562,18 +576,16 @@ async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
     if message["type"] != "websocket.connect":
         return
     if "websocket.http.response" in (scope.get("extensions") or {}):
-        body = b"not_implemented: the gateway does not pass WebSockets through yet\n"
         await send(
             {
                 "type": "websocket.http.response.start",
                 "status": 501,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode("ascii")),
-                ],
+                "headers": _NOT_UPGRADED_HEADERS,
             }
         )
-        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+        await send(
+            {"type": "websocket.http.response.body", "body": _NOT_UPGRADED, "more_body": False}
+        )
         return
     await send({"type": "websocket.close", "code": 1011, "reason": "not implemented"})
 

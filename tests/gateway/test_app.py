@@ -6,10 +6,12 @@ headers stripped before the backend, and a 10 MB upload streamed through without
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import socket
+import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,7 +71,7 @@ spec:
         hostname: internal.shop
         path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}
     backendRefs: [{name: api, namespace: shop, port: 8080}]
-  - matches: [{path: {type: Exact, value: /sink}}]
+  - matches: [{path: {type: Exact, value: /sink}}, {path: {type: Exact, value: /drip}}]
     backendRefs: [{name: sink, namespace: shop, port: 8080}]
   - matches: [{path: {type: PathPrefix, value: /slow}}]
     timeouts: {request: 300ms}
@@ -139,7 +141,11 @@ spec: {{endpoints: [{{address: "127.0.0.1:{closed or api}"}}]}}
 
 class HashingSink:
     """An ASGI app that reads a request body chunk by chunk and answers its length and
-    SHA-256, never holding it: the memory measured around an upload is then the gateway's."""
+    SHA-256, never holding it: the memory measured around an upload is then the gateway's.
+    On ``/drip`` it answers a first chunk, then waits for :attr:`release` before the rest."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -154,14 +160,15 @@ class HashingSink:
             length += len(message.get("body", b""))
             if not message.get("more_body", False):
                 break
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        if scope["path"] == "/drip":
+            await send(start)
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            await asyncio.to_thread(self.release.wait, 10.0)
+            await send({"type": "http.response.body", "body": b"rest"})
+            return
         body = json.dumps({"body_len": length, "body_sha256": digest.hexdigest()}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+        await send({**start, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -172,6 +179,7 @@ class Edge:
     server: ServerHandle
     mesh: meshlib.Mesh
     sink_url: str
+    sink: HashingSink
 
     def get(self, host: str, path: str, **kwargs: object) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}) or {})  # type: ignore[call-overload]
@@ -187,7 +195,8 @@ def running_edge(extra_policy: str = "") -> Iterator[Edge]:
     web, api = EchoBackend("web"), EchoBackend("api")
     web.serve()
     api.serve()
-    sink = run_uvicorn(HashingSink(), name="sink")
+    sink_app = HashingSink()
+    sink = run_uvicorn(sink_app, name="sink")
     mesh = meshlib.Mesh.from_text(
         policy(web.port, api.port, sink.port, _closed_port()) + extra_policy,
         service="gateway",
@@ -201,11 +210,12 @@ def running_edge(extra_policy: str = "") -> Iterator[Edge]:
     app = GatewayApp(gateway, config, mesh=mesh, client=client)
     server = run_uvicorn(edge_stack(app.on_port(8080), mesh), proxy_headers=False, name="gateway")
     try:
-        yield Edge(web, api, server, mesh, sink.url)
+        yield Edge(web, api, server, mesh, sink.url, sink_app)
     finally:
         server.stop()
         web.stop()
         api.stop()
+        sink_app.release.set()
         sink.stop()
         mesh.close()
 
@@ -385,6 +395,37 @@ def test_jwt_and_authorization_of_the_gateway_service_apply_at_the_edge() -> Non
         response = edge.get("shop.example.com", "/", headers={"authorization": f"Bearer {alice}"})
         assert response.status_code == 200, response.text
         assert response.json()["backend"] == "web"
+
+
+def test_the_response_is_relayed_as_it_arrives(edge: Edge) -> None:
+    # The backend holds the rest of its answer until the client has read the first chunk
+    # through the gateway: a gateway that buffered the response would never deliver it.
+    with (
+        httpx.Client(timeout=10.0) as client,
+        client.stream(
+            "GET", edge.server.url + "/drip", headers={"host": "shop.example.com"}
+        ) as response,
+    ):
+        chunks = response.iter_raw()
+        assert next(chunks) == b"first"
+        edge.sink.release.set()
+        assert b"".join(chunks) == b"rest"
+
+
+def test_an_upgrade_is_refused_501_not_forwarded_as_a_plain_request(edge: Edge) -> None:
+    response = edge.get(
+        "shop.example.com",
+        "/chat",
+        headers={
+            "connection": "Upgrade",
+            "upgrade": "websocket",
+            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "sec-websocket-version": "13",
+        },
+    )
+    assert response.status_code == 501
+    assert "WebSockets" in response.text
+    assert edge.web.requests == 0
 
 
 def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
