@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -104,14 +103,17 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 class GatewayHost(Protocol):
     """What the app needs from the gateway's mesh (:class:`meshlib.Mesh`): the policy in force
-    (its services resolve backends, its FaultInjection header names are stripped at the edge)
-    and the seeded RNG that picks backends by weight."""
+    (its services resolve backends, its FaultInjection header names are stripped at the edge),
+    the seeded RNG that picks backends by weight and the clock deadlines are read on."""
 
     @property
     def snapshot(self) -> Snapshot: ...
 
     @property
     def rng(self) -> random.Random: ...
+
+    def clock(self) -> float:
+        """The clock of the mesh's deadlines (:data:`meshlib.context.inbound_deadline`)."""
 
 
 def split_host(value: str | None) -> tuple[str, int | None]:
@@ -362,7 +364,6 @@ class GatewayApp:
             url += f"?{query}"
         timeout = rule.rule.timeouts.request
         await self._forward(
-            scope,
             receive,
             send,
             method,
@@ -375,7 +376,6 @@ class GatewayApp:
 
     async def _forward(
         self,
-        scope: Scope,
         receive: Receive,
         send: Send,
         method: str,
@@ -416,7 +416,7 @@ class GatewayApp:
         async def relay() -> None:
             nonlocal finished
             if timeout is not None:
-                cap = time.monotonic() + timeout
+                cap = self.mesh.clock() + timeout
                 current = inbound_deadline.get()
                 if current is None or cap < current:
                     inbound_deadline.set(cap)  # this task's own context: the caller's is unchanged
@@ -425,23 +425,18 @@ class GatewayApp:
             )
             try:
                 response = await self.client.send(request, stream=True)
-            except _BodyRefused as exc:
-                await _local(
-                    send, exc.refusal.status, exc.refusal.reason, exc.refusal.detail, close=True
-                )
-                return
-            except MeshError as exc:
-                await _local(send, exc.status, exc.reason, str(exc))
-                return
-            except httpx.TransportError as exc:
-                if isinstance(exc.__cause__, _BodyRefused):
-                    refusal = exc.__cause__.refusal
+            except (_BodyRefused, _ClientGone, MeshError, httpx.TransportError) as exc:
+                # The body's own exceptions may come back as the cause of a transport error.
+                cause = exc if isinstance(exc, _BodyRefused | _ClientGone) else exc.__cause__
+                if isinstance(cause, _ClientGone):
+                    raise cause from None
+                if isinstance(cause, _BodyRefused):
+                    refusal = cause.refusal
                     await _local(send, refusal.status, refusal.reason, refusal.detail, close=True)
-                    return
-                log.info("gateway call to %s failed: %r", url, exc)
-                connect = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-                reason = Reason.CONNECT_FAILURE if connect else Reason.RESET
-                await _local(send, 502, reason, f"the upstream failed: {type(exc).__name__}")
+                elif isinstance(exc, MeshError):
+                    await _local(send, exc.status, exc.reason, str(exc))
+                else:
+                    await self._transport_failed(send, url, exc)
                 return
             try:
                 out = [
@@ -494,6 +489,14 @@ class GatewayApp:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+    @staticmethod
+    async def _transport_failed(send: Send, url: str, exc: BaseException) -> None:
+        """A transport failure the mesh left as it was: 502, as a proxy answers."""
+        log.info("gateway call to %s failed: %r", url, exc)
+        connect = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+        reason = Reason.CONNECT_FAILURE if connect else Reason.RESET
+        await _local(send, 502, reason, f"the upstream failed: {type(exc).__name__}")
 
 
 _TRACE_FIELDS = frozenset(name.encode("latin-1") for name in TRACE_CONTEXT_HEADERS)
