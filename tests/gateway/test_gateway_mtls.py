@@ -62,15 +62,26 @@ spec:
     port: 443
     protocol: HTTPS
     tls: {certificateRefs: [{name: api-cert}]}
+  - {name: http, port: 80, protocol: HTTP}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: shop, namespace: edge}
 spec:
-  parentRefs: [{name: edge}]
+  parentRefs: [{name: edge, port: 443}]
   hostnames: [shop.example.com, api.example.com]
   rules:
   - backendRefs: [{name: productpage, namespace: default, port: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-https, namespace: edge}
+spec:
+  parentRefs: [{name: edge, sectionName: http}]
+  rules:
+  - filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, statusCode: 301}
 """
 
 
@@ -130,7 +141,9 @@ def gateway(
     edge = config.gateways[0]
     client = mesh.async_client(timeout=10.0)
     app = GatewayApp(edge, config, mesh=mesh, client=client)
-    server = GatewayServer(app, mesh, contexts=listener_contexts(edge, config), ports={443: 0})
+    server = GatewayServer(
+        app, mesh, contexts=listener_contexts(edge, config), ports={443: 0, 80: 0}
+    )
     running = RunningGateway(server, client)
     try:
         yield running
@@ -196,3 +209,16 @@ def test_an_outside_client_reaches_a_strict_service_only_through_the_gateway(
     ):
         plain.get(f"http://127.0.0.1:{server.port}/products")
     assert len(recorder.scopes) == 2
+
+
+def test_plain_http_is_redirected_to_https(
+    gateway: RunningGateway, productpage: tuple[Server, Recorder]
+) -> None:
+    response = httpx.get(
+        f"http://127.0.0.1:{gateway.port(80)}/products?id=1",
+        headers={"host": "shop.example.com"},
+        timeout=5.0,
+    )
+    assert response.status_code == 301
+    assert response.headers["location"] == "https://shop.example.com/products?id=1"
+    assert productpage[1].scopes == []
