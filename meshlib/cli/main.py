@@ -3,8 +3,9 @@
 The verb groups: :mod:`meshlib.cli.policy` (validate, schema, explain: policy files),
 :mod:`meshlib.cli.ca` (the built-in CA), :mod:`meshlib.cli.observe` (status, tap, top,
 graph: running services), :mod:`meshlib.cli.registry` (the registry service),
-:mod:`meshlib.cli.registry_client` (apply, get, history, rollback: a running registry) and
-:mod:`meshlib.cli.token` (a running registry's join tokens). Adding a
+:mod:`meshlib.cli.registry_client` (apply, get, history, rollback: a running registry),
+:mod:`meshlib.cli.token` (a running registry's join tokens) and :mod:`meshlib.cli.gateway`
+(the ingress gateway: serve, validate). Adding a
 verb means adding a registrar and its handler to the group it belongs to and listing it in that
 group's ``VERBS``; a new group is listed in :data:`GROUPS`. ``version`` and ``completion`` are
 about meshctl itself and live here: the completion script is drawn from the finished parser.
@@ -17,7 +18,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from meshlib.cli import ca, observe, policy, registry, registry_client, token
+from meshlib.cli import ca, gateway, observe, policy, registry, registry_client, token
 from meshlib.cli.command import (
     EXIT_INVALID,
     EXIT_OK,
@@ -30,7 +31,7 @@ from meshlib.cli.command import (
 from meshlib.cli.completion import SHELLS, completion_script
 
 #: The verb groups, in the order ``meshctl --help`` lists their verbs.
-GROUPS = (policy, ca, observe, registry, registry_client, token)
+GROUPS = (policy, ca, observe, registry, registry_client, token, gateway)
 
 
 def _version() -> str:
@@ -93,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     sub_verb = next(
         (
             v
-            for v in (getattr(args, f"{g}_verb", None) for g in ("ca", "registry", "get", "token"))
+            for v in (
+                getattr(args, f"{g}_verb", None)
+                for g in ("ca", "registry", "get", "token", "gateway")
+            )
             if v
         ),
         None,

@@ -3,5 +3,7 @@ into the mesh (CONTROL-PLANE.md §7; configured by meshlib.config.gatewaykind).
 
 ``tls`` terminates TLS per listener port with a certificate chosen by SNI and optional client
 certificates for partners; ``edge`` holds the pure edge-hygiene decisions (headers only the mesh
-may set, ``forwarded`` / ``x-forwarded-*``, request limits, ambiguous framing).
+may set, ``forwarded`` / ``x-forwarded-*``, request limits, ambiguous framing); ``app`` is the
+ASGI app that routes a request by the Gateway's HTTPRoutes and forwards it, streamed, through a
+mesh client; ``serve`` runs its listeners under uvicorn (``meshctl gateway serve``).
 """

@@ -1,0 +1,603 @@
+"""The ingress gateway's ASGI app: one request from outside, checked at the edge, routed by the
+Gateway's HTTPRoutes and forwarded into the mesh through a mesh client, bodies streamed both
+ways.
+
+Per request, in order (each step's local answer beside it, with ``x-mesh-reason``):
+
+1. the listener: of the Gateway's listeners on the port the request arrived on, the one whose
+   ``hostname`` equals the Host (lower case, port stripped), else the most specific wildcard,
+   else the one without hostname (upstream Listener.hostname); none: **404** ``no_route``;
+2. the edge limits and framing (:func:`meshlib.gateway.edge.check_request`): 414, 431, 413,
+   400 ``bad_request``, the connection closed after the answer;
+3. the path, normalised as the inbound side normalises it for authorization (``%2F`` decoded,
+   ``//`` merged, dot segments removed; :func:`meshlib.policy.authz.normalize_path`), so that
+   the route matched and the path the backend reads are one string; an unnormalisable path
+   (NUL, backslash, ``..`` above the root): **400**;
+4. the route (:class:`meshlib.policy.routes.IngressIndex`, the same rule compiler and
+   precedence as mesh mode): no rule matches, **404** ``no_route``; a RequestRedirect, its 3xx
+   with ``Location`` (HTTP → HTTPS is a route on the HTTP listener with
+   ``requestRedirect: {scheme: https}``); a backend by weight from the mesh's seeded RNG, none
+   usable, **500** ``invalid_backend``;
+5. the filters: request header edits, URLRewrite path and hostname (the Host the backend sees
+   is the client's unless rewritten), response header edits;
+6. the call: ``http://{service}.{namespace}:{port}{path}?{query}`` through the mesh client with
+   the edge-cleaned headers (:func:`meshlib.gateway.edge.edge_headers`): mTLS with the
+   gateway's SVID, retries, budgets, outlier detection are the mesh's. The request body is read
+   from ASGI ``receive`` as the client sends it (over the body limit: **413**), the response
+   relayed chunk by chunk as it arrives: neither is held whole. A rule's ``timeouts.request``
+   caps the call's deadline (:data:`meshlib.context.inbound_deadline`). A mesh failure answers
+   its own status and reason (503, 504, 429, ...); a transport failure **502**
+   (``connect_failure``, else ``reset``). A client that goes away cancels the call.
+
+WebSocket upgrades (and any other ``Upgrade``) are refused with 501 for now: pass-through is a
+later step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import httpx
+
+from meshlib.config.gatewaykind import (
+    Gateway,
+    GatewayConfig,
+    Listener,
+    ListenerProtocol,
+    hostnames_intersect,
+)
+from meshlib.config.model import HeaderModifier, HTTPRoute, Snapshot
+from meshlib.context import inbound_deadline
+from meshlib.errors import REASON_HEADER, MeshError, Reason
+from meshlib.gateway.edge import (
+    DEFAULT_LIMITS,
+    HOP_BY_HOP,
+    TRACE_CONTEXT_HEADERS,
+    Downstream,
+    EdgeLimits,
+    Refusal,
+    body_refusal,
+    check_request,
+    edge_headers,
+    fault_header_names,
+)
+from meshlib.gateway.tls import hostname_matches
+from meshlib.inbound.middleware import InboundHost, MeshMiddleware
+from meshlib.policy.authz import normalize_path
+from meshlib.policy.routes import (
+    IngressIndex,
+    edit_headers,
+    pick,
+    redirect_location,
+    request_edit,
+    response_modifiers,
+)
+
+__all__ = [
+    "GatewayApp",
+    "GatewayHost",
+    "attached_routes",
+    "edge_stack",
+    "listener_for",
+    "split_host",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("meshlib.gateway")
+
+#: Safe characters when a normalised path is sent on (as the inbound side re-quotes it).
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+class GatewayHost(Protocol):
+    """What the app needs from the gateway's mesh (:class:`meshlib.Mesh`): the policy in force
+    (its services resolve backends, its FaultInjection header names are stripped at the edge),
+    the seeded RNG that picks backends by weight and the clock deadlines are read on."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def rng(self) -> random.Random: ...
+
+    def clock(self) -> float:
+        """The clock of the mesh's deadlines (:data:`meshlib.context.inbound_deadline`)."""
+
+
+def split_host(value: str | None) -> tuple[str, int | None]:
+    """A Host header as (lower-case name without a trailing dot, port or None); IPv6
+    literals keep their brackets. ``""`` when there is none."""
+    if not value:
+        return "", None
+    text = value.strip().lower()
+    port: int | None = None
+    if text.startswith("["):
+        end = text.find("]")
+        if end != -1:
+            rest = text[end + 1 :]
+            if rest.startswith(":") and rest[1:].isdigit():
+                port = int(rest[1:])
+            return text[: end + 1], port
+    name, sep, tail = text.rpartition(":")
+    if sep and tail.isdigit() and name:
+        text, port = name, int(tail)
+    return text.rstrip("."), port
+
+
+def listener_for(listeners: Sequence[Listener], host: str) -> Listener | None:
+    """The listener serving ``host`` among those of one port: the exact hostname, else the
+    most specific (longest) wildcard, else the one without hostname."""
+    wild: Listener | None = None
+    default: Listener | None = None
+    for listener in listeners:
+        name = listener.hostname
+        if name is None:
+            default = default or listener
+        elif name == host:
+            return listener
+        elif (
+            name.startswith("*.")
+            and hostname_matches(name, host)
+            and (wild is None or len(name) > len(wild.hostname or ""))
+        ):
+            wild = listener
+    return wild or default
+
+
+def attached_routes(gateway: Gateway, config: GatewayConfig) -> dict[str, tuple[HTTPRoute, ...]]:
+    """Listener name → the routes of ``config`` attached to it: every parentRef naming the
+    Gateway, narrowed by ``sectionName`` and ``port``, to listeners whose allowedRoutes admit
+    the route and whose hostname (if any) intersects the route's hostnames (if any)."""
+    out: dict[str, list[HTTPRoute]] = {item.name: [] for item in gateway.listeners}
+    for route in config.routes_of(gateway):
+        for parent in route.parent_refs:
+            if parent.name != gateway.name or parent.namespace != gateway.namespace:
+                continue
+            for listener in gateway.listeners:
+                if parent.section_name is not None and listener.name != parent.section_name:
+                    continue
+                if parent.port is not None and listener.port != parent.port:
+                    continue
+                if not listener.allows(route.namespace, gateway.namespace):
+                    continue
+                if (
+                    listener.hostname is not None
+                    and route.hostnames
+                    and not any(hostnames_intersect(listener.hostname, h) for h in route.hostnames)
+                ):
+                    continue
+                if route not in out[listener.name]:
+                    out[listener.name].append(route)
+    return {name: tuple(routes) for name, routes in out.items()}
+
+
+@dataclass(frozen=True)
+class _Index:
+    snapshot: Snapshot
+    routes: IngressIndex
+    strip: frozenset[str]
+
+
+class _BodyRefused(Exception):
+    """The request body passed the edge's limit while it was being streamed."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.detail)
+        self.refusal = refusal
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body ended."""
+
+
+class GatewayApp:
+    """The ASGI app of one Gateway (see the module docstring).
+
+    ``client`` is the mesh client requests go out through (``mesh.async_client()``); ``mesh``
+    gives the policy and the RNG (:class:`GatewayHost`). ``ports`` maps the port a server
+    listens on to the Gateway listener port it serves, when they differ (``meshctl gateway
+    serve --port``); :meth:`on_port` gives an app fixed to one listener port instead.
+    ``trusted_hops`` and ``trust_trace_context`` are :func:`~meshlib.gateway.edge.edge_headers`'.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        config: GatewayConfig,
+        *,
+        mesh: GatewayHost,
+        client: httpx.AsyncClient,
+        limits: EdgeLimits = DEFAULT_LIMITS,
+        trusted_hops: int = 0,
+        trust_trace_context: bool = False,
+        ports: Mapping[int, int] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.mesh = mesh
+        self.client = client
+        self.limits = limits
+        self.trusted_hops = trusted_hops
+        self.trust_trace_context = trust_trace_context
+        self.ports = dict(ports or {})
+        self._routes = config.routes_of(gateway)
+        self._attached = attached_routes(gateway, config)
+        self._by_port: dict[int, tuple[Listener, ...]] = {}
+        for listener in gateway.listeners:
+            self._by_port[listener.port] = (*self._by_port.get(listener.port, ()), listener)
+        self._index: _Index | None = None
+
+    def on_port(self, port: int) -> ASGIApp:
+        """An ASGI app serving the Gateway's listeners on ``port``, wherever it is bound."""
+        if port not in self._by_port:
+            raise ValueError(f"Gateway {self.gateway.name} has no listener on port {port}")
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await self.handle(scope, receive, send, port)
+
+        return app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        bound = int(server[1]) if server and server[1] is not None else 0
+        await self.handle(scope, receive, send, self.ports.get(bound, bound))
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, port: int) -> None:
+        """Serve one ASGI connection scope that arrived on the Gateway's listener ``port``."""
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send, port)
+        elif kind == "websocket":
+            await _refuse_websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+
+    def _current(self) -> _Index:
+        """The route index of the policy in force, rebuilt when the mesh reloads it (backends
+        resolve against its services)."""
+        snapshot = self.mesh.snapshot
+        index = self._index
+        if index is None or index.snapshot is not snapshot:
+            routes = IngressIndex(self._routes, self._attached, snapshot.services)
+            index = self._index = _Index(snapshot, routes, fault_header_names(snapshot.faults))
+        return index
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send, port: int) -> None:
+        received: list[tuple[bytes, bytes]] = list(scope.get("headers") or ())
+        host_value = next((v.decode("latin-1") for n, v in received if n.lower() == b"host"), None)
+        host, host_port = split_host(host_value)
+        listener = listener_for(self._by_port.get(port, ()), host)
+        if listener is None:
+            await _local(send, 404, Reason.NO_ROUTE, f"no listener on port {port} serves {host!r}")
+            return
+        raw_path: bytes = scope.get("raw_path") or scope.get("path", "/").encode("utf-8")
+        query_bytes: bytes = scope.get("query_string") or b""
+        refusal = check_request(
+            raw_path,
+            query_bytes,
+            received,
+            http_version=scope.get("http_version", "1.1"),
+            limits=self.limits,
+        )
+        if refusal is not None:
+            await _local(send, refusal.status, refusal.reason, refusal.detail, close=True)
+            return
+        if any(n.lower() == b"upgrade" for n, _ in received):
+            # A server without a WebSocket library hands the handshake to the app as a plain
+            # request: forwarded without its Upgrade it would reach the backend as a GET.
+            await _respond(send, 501, _NOT_UPGRADED_HEADERS, _NOT_UPGRADED)
+            return
+        path = normalize_path(scope.get("path", "/"))
+        if path is None:
+            await _local(send, 400, Reason.BAD_REQUEST, "the path cannot be normalised")
+            return
+        if path == scope.get("path"):
+            sent_path = raw_path.decode("latin-1").partition("?")[0]
+        else:
+            sent_path = quote(path, safe=_PATH_SAFE)
+        query = query_bytes.decode("latin-1")
+        index = self._current()
+        table = index.routes.table(listener.name, host)
+        method = scope.get("method", "GET")
+        candidate = None
+        if table is not None:
+            lookup: dict[str, str] = {}
+            for name, value in received:
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                lookup[key] = f"{lookup[key]}, {text}" if key in lookup else text
+            candidate = table.select(method, path, query, lookup)
+        if candidate is None:
+            await _local(send, 404, Reason.NO_ROUTE, f"no route of listener {listener.name!r}")
+            return
+        rule = candidate.rule
+        scheme = "https" if listener.protocol is ListenerProtocol.HTTPS else "http"
+        if rule.redirect is not None:
+            location = redirect_location(
+                rule.redirect,
+                candidate.match,
+                scheme,
+                host,
+                host_port if host_port is not None else listener.port,
+                path,
+                query,
+            )
+            await _respond(
+                send,
+                rule.redirect.status_code,
+                [(b"location", location.encode("latin-1")), (b"content-length", b"0")],
+                b"",
+            )
+            return
+        backend = pick(rule, self.mesh.rng.random)
+        if backend is None or backend.service is None:
+            await _local(send, 500, Reason.INVALID_BACKEND, f"{rule.where} has no usable backend")
+            return
+        edit = request_edit(candidate, backend, path)
+        headers = edge_headers(
+            received,
+            Downstream(_peer(scope), scheme, host_value),
+            also_strip=index.strip,
+            trusted_hops=self.trusted_hops,
+            trust_trace_context=self.trust_trace_context,
+        )
+        pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+        if edit.headers:
+            pairs = edit_headers(pairs, edit.headers)
+        if edit.host is not None:
+            pairs = [(n, v) for n, v in pairs if n.lower() != "host"] + [("host", edit.host)]
+        if edit.path is not None:
+            sent_path = quote(edit.path, safe=_PATH_SAFE)
+        url = f"http://{backend.service}:{backend.ref.port}{sent_path}"
+        if query:
+            url += f"?{query}"
+        timeout = rule.rule.timeouts.request
+        await self._forward(
+            receive,
+            send,
+            method,
+            url,
+            pairs,
+            _has_body(received),
+            response_modifiers(candidate, backend),
+            timeout or None,
+        )
+
+    async def _forward(
+        self,
+        receive: Receive,
+        send: Send,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        has_body: bool,
+        response_edits: Sequence[HeaderModifier],
+        timeout: float | None,
+    ) -> None:
+        """Send the request into the mesh and relay the answer, both bodies streamed; a client
+        that disconnects cancels the call."""
+        body_done = asyncio.Event()
+        finished = False
+        limits = self.limits
+
+        async def body() -> AsyncIterator[bytes]:
+            seen = 0
+            try:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise _ClientGone()
+                    chunk: bytes = message.get("body", b"")
+                    if chunk:
+                        seen += len(chunk)
+                        refusal = body_refusal(seen, limits)
+                        if refusal is not None:
+                            raise _BodyRefused(refusal)
+                        yield chunk
+                    if not message.get("more_body", False):
+                        return
+            finally:
+                body_done.set()
+
+        if not has_body:
+            body_done.set()
+
+        async def relay() -> None:
+            nonlocal finished
+            if timeout is not None:
+                cap = self.mesh.clock() + timeout
+                current = inbound_deadline.get()
+                if current is None or cap < current:
+                    inbound_deadline.set(cap)  # this task's own context: the caller's is unchanged
+            request = self.client.build_request(
+                method, url, headers=headers, content=body() if has_body else None
+            )
+            try:
+                response = await self.client.send(request, stream=True)
+            except (_BodyRefused, _ClientGone, MeshError, httpx.TransportError) as exc:
+                # The body's own exceptions may come back as the cause of a transport error.
+                cause = exc if isinstance(exc, _BodyRefused | _ClientGone) else exc.__cause__
+                if isinstance(cause, _ClientGone):
+                    raise cause from None
+                if isinstance(cause, _BodyRefused):
+                    refusal = cause.refusal
+                    await _local(send, refusal.status, refusal.reason, refusal.detail, close=True)
+                elif isinstance(exc, MeshError):
+                    await _local(send, exc.status, exc.reason, str(exc))
+                else:
+                    await self._transport_failed(send, url, exc)
+                return
+            try:
+                out = [
+                    (name, value)
+                    for name, value in response.headers.raw
+                    if name.lower().decode("latin-1") not in HOP_BY_HOP
+                ]
+                if response_edits:
+                    edited = edit_headers(
+                        [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out],
+                        response_edits,
+                    )
+                    out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
+                await send(
+                    {"type": "http.response.start", "status": response.status_code, "headers": out}
+                )
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                finished = True  # before the last send: a disconnect now cancels nothing
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except (MeshError, httpx.TransportError) as exc:
+                # The status line is out: a cut connection is the only honest signal left,
+                # and raising is how an ASGI app asks the server for it.
+                log.info("gateway response from %s broke: %r", url, exc)
+                raise
+            finally:
+                await response.aclose()
+
+        task = asyncio.ensure_future(relay())
+
+        async def watch() -> None:
+            await body_done.wait()
+            while not task.done():
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not finished:
+                        task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            log.info("client went away: the call to %s was cancelled", url)
+        except _ClientGone:
+            log.info("client went away while sending its body to %s", url)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    @staticmethod
+    async def _transport_failed(send: Send, url: str, exc: BaseException) -> None:
+        """A transport failure the mesh left as it was: 502, as a proxy answers."""
+        log.info("gateway call to %s failed: %r", url, exc)
+        connect = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+        reason = Reason.CONNECT_FAILURE if connect else Reason.RESET
+        await _local(send, 502, reason, f"the upstream failed: {type(exc).__name__}")
+
+
+_TRACE_FIELDS = frozenset(name.encode("latin-1") for name in TRACE_CONTEXT_HEADERS)
+
+
+def edge_stack(app: ASGIApp, mesh: InboundHost, *, trust_trace_context: bool = False) -> ASGIApp:
+    """``app`` (a :meth:`GatewayApp.on_port`) behind the gateway mesh's inbound
+    :class:`~meshlib.inbound.MeshMiddleware` — golden metrics, the SERVER span, access log,
+    RequestAuthentication and AuthorizationPolicy of the gateway's own Service apply at the
+    edge — with the trace context from outside dropped *before* the middleware reads it
+    (unless ``trust_trace_context``): else its span would continue the stranger's trace and
+    the mesh client would carry it in."""
+    inner = MeshMiddleware(app, mesh=mesh)
+    if trust_trace_context:
+        return inner
+
+    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope.get("headers")
+        if (
+            scope["type"] in ("http", "websocket")
+            and headers is not None
+            and any(name.lower() in _TRACE_FIELDS for name, _ in headers)
+        ):
+            kept = [(n, v) for n, v in headers if n.lower() not in _TRACE_FIELDS]
+            scope = {**scope, "headers": kept}
+        await inner(scope, receive, send)
+
+    return front
+
+
+def _peer(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            return True
+        if lowered == b"content-length" and value.strip() != b"0":
+            return True
+    return False
+
+
+async def _respond(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _local(
+    send: Send, status: int, reason: Reason, detail: str, *, close: bool = False
+) -> None:
+    """The gateway's own answer: ``reason: detail`` as text, the reason in ``x-mesh-reason``."""
+    body = f"{reason.value}: {detail}\n".encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode("ascii")),
+        (REASON_HEADER.encode("ascii"), reason.value.encode("ascii")),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await _respond(send, status, headers, body)
+
+
+_NOT_UPGRADED = b"not implemented: the gateway does not pass WebSockets (upgrades) through yet\n"
+_NOT_UPGRADED_HEADERS = [
+    (b"content-type", b"text/plain; charset=utf-8"),
+    (b"content-length", str(len(_NOT_UPGRADED)).encode("ascii")),
+    (b"connection", b"close"),
+]
+
+
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """WebSocket pass-through is not built yet: a 501 answer to the handshake where the server
+    supports denial responses, else a close before accepting (the client sees 403)."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": 501,
+                "headers": _NOT_UPGRADED_HEADERS,
+            }
+        )
+        await send(
+            {"type": "websocket.http.response.body", "body": _NOT_UPGRADED, "more_body": False}
+        )
+        return
+    await send({"type": "websocket.close", "code": 1011, "reason": "not implemented"})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

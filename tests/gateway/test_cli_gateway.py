@@ -1,0 +1,122 @@
+"""``meshctl gateway validate`` and ``meshctl gateway serve``: the latter as a real subprocess on
+a free port in front of a real echo backend, one request through it, stopped with SIGTERM
+(issue 14)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meshlib.cli.main import main
+from tests.harness.echo import EchoBackend
+from tests.harness.processes import Processes
+
+MESHCTL = (sys.executable, "-m", "meshlib.cli")
+
+GATEWAY = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: edge}
+spec:
+  gatewayClassName: meshlib
+  listeners:
+  - {name: web, port: 80, protocol: HTTP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: edge}
+spec:
+  parentRefs: [{name: edge}]
+  hostnames: [shop.example.com]
+  rules:
+  - backendRefs: [{name: web, namespace: shop, port: 8080}]
+"""
+
+
+def _policy(port: int) -> str:
+    return f"""\
+apiVersion: meshlib/v1
+kind: Mesh
+metadata: {{name: mesh}}
+spec: {{mtls: disable}}
+---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {{name: gateway, namespace: edge}}
+spec: {{endpoints: []}}
+---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec: {{endpoints: [{{address: "127.0.0.1:{port}"}}]}}
+"""
+
+
+def test_validate_accepts_a_config_and_names_every_problem_by_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "gateway.yaml"
+    good.write_text(GATEWAY)
+    assert main(["gateway", "validate", "--config", str(good)]) == 0
+    assert "ok (edge/edge; 1 HTTPRoutes" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GATEWAY.replace("port: 80,", "port: 0,").replace("name: edge}]", "name: x}]"))
+    assert main(["gateway", "validate", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:7" in err and "port" in err  # the listener's port, on its line
+    assert f"{bad}:13" in err and "no Gateway edge/x" in err
+    assert "2 problems found" in err
+
+
+def test_serve_refuses_an_unknown_listener_in_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(GATEWAY)
+    assert main(["gateway", "serve", "--config", str(config), "--port", "nope=1"]) == 2
+    assert "no listener 'nope'; the listeners: web" in capsys.readouterr().err
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    running = Processes(tmp_path)
+    yield running
+    running.stop()
+
+
+@pytest.mark.timeout(60)
+def test_serve_forwards_a_request_and_stops_on_sigterm(
+    tmp_path: Path, processes: Processes
+) -> None:
+    backend = EchoBackend("web")
+    backend.serve()
+    try:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(GATEWAY)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(_policy(backend.port))
+        child = processes.start(
+            "gateway",
+            [*MESHCTL, "gateway", "serve", "--config", str(config), "--port", "web=0"],
+            env={
+                "MESHLIB_SERVICE": "gateway",
+                "MESHLIB_NAMESPACE": "edge",
+                "MESHLIB_POLICY": str(policy),
+            },
+        )
+        line = child.line("listening: 80 -> ", timeout=30)
+        url = line.split(" -> ", 1)[1]
+        assert url.startswith("http://127.0.0.1:")
+        response = httpx.get(url + "/hello", headers={"host": "shop.example.com"}, timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.json()["backend"] == "web"
+        assert response.json()["headers"]["x-forwarded-host"] == "shop.example.com"
+        child.signal(signal.SIGTERM)
+        assert child.popen.wait(timeout=20) == 0, child.stderr()
+    finally:
+        backend.stop()

@@ -1,0 +1,224 @@
+"""The gateway as the way in: TLS terminated per host name (two names, two certificates, chosen by
+SNI on real handshakes), then re-encrypted into the mesh with the gateway's own SVID to a
+strict-mTLS service that refuses the same external client when it calls directly (issue 14)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from prometheus_client import CollectorRegistry
+
+import meshlib
+from meshlib.config.gatewaykind import load_gateway_config
+from meshlib.gateway.app import GatewayApp
+from meshlib.gateway.serve import GatewayServer
+from meshlib.gateway.tls import listener_contexts
+from meshlib.identity import CertificateAuthority, SpiffeID
+from meshlib.inbound.serving import Server, serve
+from tests.gateway.gwcerts import Pair, TestCA
+from tests.gateway.running import RunningGateway
+from tests.mtls.conftest import TD, Recorder, mesh_text
+
+pytestmark = pytest.mark.timeout(30)
+
+GATEWAY_ID = SpiffeID.for_workload(TD, "edge", "gateway")
+PRODUCTPAGE_ID = SpiffeID.for_workload(TD, "default", "productpage")
+EDGE_CA = TestCA.create("edge CA")
+SHOP = EDGE_CA.leaf("shop.example.com")
+API = EDGE_CA.leaf("api.example.com")
+
+
+def _secret(name: str, pair: Pair) -> str:
+    crt = base64.b64encode(pair.cert_pem).decode()
+    key = base64.b64encode(pair.key_pem).decode()
+    return (
+        f"apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: edge}}\n"
+        f"type: kubernetes.io/tls\ndata:\n  tls.crt: {crt}\n  tls.key: {key}\n"
+    )
+
+
+GATEWAY = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: edge}
+spec:
+  gatewayClassName: meshlib
+  listeners:
+  - name: shop
+    hostname: shop.example.com
+    port: 443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: shop-cert}]}
+  - name: api
+    hostname: api.example.com
+    port: 443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: api-cert}]}
+  - {name: http, port: 80, protocol: HTTP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: edge}
+spec:
+  parentRefs: [{name: edge, port: 443}]
+  hostnames: [shop.example.com, api.example.com]
+  rules:
+  - backendRefs: [{name: productpage, namespace: default, port: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-https, namespace: edge}
+spec:
+  parentRefs: [{name: edge, sectionName: http}]
+  rules:
+  - filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, statusCode: 301}
+"""
+
+
+def _policy(port: int) -> str:
+    return (
+        mesh_text("strict")
+        + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {name: gateway, namespace: edge}\n"
+        + "spec: {endpoints: []}\n"
+        + "---\napiVersion: meshlib/v1\nkind: Service\n"
+        + "metadata: {name: productpage, namespace: default}\n"
+        + f'spec: {{endpoints: [{{address: "127.0.0.1:{port}"}}]}}\n'
+    )
+
+
+@pytest.fixture
+def mesh_ca() -> CertificateAuthority:
+    return CertificateAuthority.create(TD)
+
+
+@pytest.fixture
+def productpage(mesh_ca: CertificateAuthority, tmp_path: Path) -> Iterator[tuple[Server, Recorder]]:
+    """A strict-mTLS service whose app answers the caller's verified identity."""
+    svid = mesh_ca.issue(PRODUCTPAGE_ID).save(tmp_path / "productpage")
+    mesh = meshlib.Mesh.from_text(
+        mesh_text("strict"), service="productpage", seed=7, registry=CollectorRegistry()
+    )
+    recorder = Recorder()
+    server = serve(
+        meshlib.MeshMiddleware(recorder, mesh=mesh),
+        mesh=mesh,
+        svid_dir=str(svid),
+        svid_poll_interval=None,
+        lifespan="off",
+    )
+    try:
+        yield server, recorder
+    finally:
+        server.stop()
+        mesh.close()
+
+
+@pytest.fixture
+def gateway(
+    mesh_ca: CertificateAuthority, tmp_path: Path, productpage: tuple[Server, Recorder]
+) -> Iterator[RunningGateway]:
+    svid = mesh_ca.issue(GATEWAY_ID).save(tmp_path / "gateway")
+    mesh = meshlib.Mesh.from_text(
+        _policy(productpage[0].port),
+        service="gateway",
+        namespace="edge",
+        seed=7,
+        registry=CollectorRegistry(),
+        svid_dir=str(svid),
+    )
+    text = "---\n".join([GATEWAY, _secret("shop-cert", SHOP), _secret("api-cert", API)])
+    config = load_gateway_config([("gateway.yaml", text)])
+    edge = config.gateways[0]
+    client = mesh.async_client(timeout=10.0)
+    app = GatewayApp(edge, config, mesh=mesh, client=client)
+    server = GatewayServer(
+        app, mesh, contexts=listener_contexts(edge, config), ports={443: 0, 80: 0}
+    )
+    running = RunningGateway(server, client)
+    try:
+        yield running
+    finally:
+        running.stop()
+        mesh.close()
+
+
+def _outside_context() -> ssl.SSLContext:
+    """An external client: trusts the edge CA, has no mesh identity."""
+    return ssl.create_default_context(cadata=EDGE_CA.pem.decode())
+
+
+def _served_name(port: int, server_name: str) -> str:
+    """The CN of the certificate the gateway presents for ``server_name`` (a real handshake)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        _outside_context().wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    cert = x509.load_der_x509_certificate(der)
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def test_two_host_names_get_their_own_certificates_and_a_stranger_none(
+    gateway: RunningGateway,
+) -> None:
+    port = gateway.port(443)
+    assert _served_name(port, "shop.example.com") == "shop.example.com"
+    assert _served_name(port, "api.example.com") == "api.example.com"
+    # Refused in the handshake: no certificate is presented. (asyncio's TLS closes the
+    # connection without flushing the unrecognized_name alert: the client may see an EOF.)
+    with pytest.raises(ssl.SSLError, match=r"UNRECOGNIZED_NAME|UNEXPECTED_EOF"):
+        _served_name(port, "evil.example.net")
+
+
+def test_an_outside_client_reaches_a_strict_service_only_through_the_gateway(
+    gateway: RunningGateway, productpage: tuple[Server, Recorder]
+) -> None:
+    server, recorder = productpage
+    port = gateway.port(443)
+    with httpx.Client(verify=_outside_context(), timeout=10.0) as client:
+        for host in ("shop.example.com", "api.example.com"):
+            response = client.get(
+                f"https://127.0.0.1:{port}/products",
+                headers={"host": host, "x-mesh-identity": "spiffe://shop.test/ns/x/sa/admin"},
+                extensions={"sni_hostname": host},
+            )
+            assert response.status_code == 200, response.text
+            # The service saw the gateway's verified SVID, not the forged header.
+            assert response.text == str(GATEWAY_ID)
+    assert len(recorder.scopes) == 2
+    # The same client, calling the service directly, has no SVID to present: refused.
+    with (
+        httpx.Client(verify=False, timeout=5.0) as direct,
+        pytest.raises(httpx.TransportError),
+    ):
+        direct.get(f"https://127.0.0.1:{server.port}/products")
+    with (
+        httpx.Client(timeout=5.0) as plain,
+        pytest.raises(httpx.TransportError),
+    ):
+        plain.get(f"http://127.0.0.1:{server.port}/products")
+    assert len(recorder.scopes) == 2
+
+
+def test_plain_http_is_redirected_to_https(
+    gateway: RunningGateway, productpage: tuple[Server, Recorder]
+) -> None:
+    response = httpx.get(
+        f"http://127.0.0.1:{gateway.port(80)}/products?id=1",
+        headers={"host": "shop.example.com"},
+        timeout=5.0,
+    )
+    assert response.status_code == 301
+    assert response.headers["location"] == "https://shop.example.com/products?id=1"
+    assert productpage[1].scopes == []
