@@ -197,9 +197,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"listening: {port} -> {server.scheme(port)}://{host}:{bound}", flush=True)
 
     async def main() -> None:
-        client = mesh.async_client()
+        transport = mesh.async_transport()
         try:
-            app = GatewayApp(gateway, config, mesh=mesh, client=client)
+            app = GatewayApp(gateway, config, mesh=mesh, transport=transport)
             server = GatewayServer(
                 app,
                 mesh,
@@ -210,7 +210,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             )
             await server.run(on_started=started)
         finally:
-            await client.aclose()
+            await transport.aclose()
 
     try:
         asyncio.run(main())

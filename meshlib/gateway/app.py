@@ -70,6 +70,7 @@ from meshlib.gateway.edge import (
 )
 from meshlib.gateway.tls import hostname_matches
 from meshlib.inbound.middleware import InboundHost, MeshMiddleware
+from meshlib.outbound.call import STREAM_EXTENSION
 from meshlib.policy.authz import normalize_path
 from meshlib.policy.routes import (
     IngressIndex,
@@ -96,6 +97,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("meshlib.gateway")
+
+#: Seconds each phase of an upstream exchange may take (connect, a read, a write, the pool
+#: wait): a backend that stops sending mid-answer is cut after this long.
+UPSTREAM_TIMEOUT = 10.0
 
 #: Safe characters when a normalised path is sent on (as the inbound side re-quotes it).
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
@@ -205,10 +210,15 @@ class _ClientGone(Exception):
 class GatewayApp:
     """The ASGI app of one Gateway (see the module docstring).
 
-    ``client`` is the mesh client requests go out through (``mesh.async_client()``); ``mesh``
-    gives the policy and the RNG (:class:`GatewayHost`). ``ports`` maps the port a server
-    listens on to the Gateway listener port it serves, when they differ (``meshctl gateway
-    serve --port``); :meth:`on_port` gives an app fixed to one listener port instead.
+    ``transport`` is the mesh transport requests go out through (``mesh.async_transport()``):
+    the transport, not an ``httpx.AsyncClient``, because a client keeps a cookie jar, and a
+    jar shared by every user of the gateway would hand one user's ``Set-Cookie`` to the next
+    (it also skips the client's per-request work). ``timeout`` bounds each phase of the
+    upstream exchange (connect, each read and write, the pool wait); the mesh's deadline
+    bounds the whole call. ``mesh`` gives the policy and the RNG (:class:`GatewayHost`).
+    ``ports`` maps the port a server listens on to the Gateway listener port it serves, when
+    they differ (``meshctl gateway serve --port``); :meth:`on_port` gives an app fixed to one
+    listener port instead.
     ``trusted_hops`` and ``trust_trace_context`` are :func:`~meshlib.gateway.edge.edge_headers`'.
     """
 
@@ -218,7 +228,8 @@ class GatewayApp:
         config: GatewayConfig,
         *,
         mesh: GatewayHost,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
+        timeout: float | None = UPSTREAM_TIMEOUT,
         limits: EdgeLimits = DEFAULT_LIMITS,
         trusted_hops: int = 0,
         trust_trace_context: bool = False,
@@ -226,7 +237,8 @@ class GatewayApp:
     ) -> None:
         self.gateway = gateway
         self.mesh = mesh
-        self.client = client
+        self.transport = transport
+        self._timeout = dict.fromkeys(("connect", "read", "write", "pool"), timeout)
         self.limits = limits
         self.trusted_hops = trusted_hops
         self.trust_trace_context = trust_trace_context
@@ -420,11 +432,16 @@ class GatewayApp:
                 current = inbound_deadline.get()
                 if current is None or cap < current:
                     inbound_deadline.set(cap)  # this task's own context: the caller's is unchanged
-            request = self.client.build_request(
-                method, url, headers=headers, content=body() if has_body else None
+            request = httpx.Request(
+                method,
+                url,
+                headers=headers,
+                content=body() if has_body else None,
+                # The answer is streamed: the deadline ends at its headers (STREAM_EXTENSION).
+                extensions={"timeout": self._timeout, STREAM_EXTENSION: True},
             )
             try:
-                response = await self.client.send(request, stream=True)
+                response = await self.transport.handle_async_request(request)
             except (_BodyRefused, _ClientGone, MeshError, httpx.TransportError) as exc:
                 # The body's own exceptions may come back as the cause of a transport error.
                 cause = exc if isinstance(exc, _BodyRefused | _ClientGone) else exc.__cause__

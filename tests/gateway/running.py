@@ -13,9 +13,9 @@ from meshlib.gateway.serve import GatewayServer
 class RunningGateway:
     """A GatewayServer on its own thread and event loop, as ``meshctl gateway serve`` runs it."""
 
-    def __init__(self, server: GatewayServer, client: httpx.AsyncClient) -> None:
+    def __init__(self, server: GatewayServer, transport: httpx.AsyncBaseTransport) -> None:
         self.server = server
-        self.client = client
+        self.transport = transport
         self.started = threading.Event()
         self.error: BaseException | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -40,7 +40,7 @@ class RunningGateway:
         try:
             await self.server.wait()
         finally:
-            await self.client.aclose()
+            await self.transport.aclose()
 
     def port(self, listener_port: int) -> int:
         return self.server.bound[listener_port]

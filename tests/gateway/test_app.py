@@ -206,8 +206,8 @@ def running_edge(extra_policy: str = "") -> Iterator[Edge]:
     )
     config = load_gateway_config([("gateway.yaml", GATEWAY)])
     gateway = config.gateways[0]
-    client = mesh.async_client(timeout=10.0)
-    app = GatewayApp(gateway, config, mesh=mesh, client=client)
+    transport = mesh.async_transport()
+    app = GatewayApp(gateway, config, mesh=mesh, transport=transport)
     server = run_uvicorn(edge_stack(app.on_port(8080), mesh), proxy_headers=False, name="gateway")
     try:
         yield Edge(web, api, server, mesh, sink.url, sink_app)
@@ -499,7 +499,7 @@ def test_chunked_body_over_the_limit_is_refused_413() -> None:
         config.gateways[0],
         config,
         mesh=mesh,
-        client=mesh.async_client(timeout=10.0),
+        transport=mesh.async_transport(),
         limits=EdgeLimits(max_body_bytes=256 * 1024),
     )
     server = run_uvicorn(app.on_port(8080), proxy_headers=False, name="gateway")
@@ -516,3 +516,12 @@ def test_chunked_body_over_the_limit_is_refused_413() -> None:
         server.stop()
         web.stop()
         mesh.close()
+
+
+def test_one_users_cookie_never_reaches_another_users_request(edge: Edge) -> None:
+    # A client object in the gateway would keep a cookie jar shared by every user behind it.
+    edge.web.set_status(200, path="/login", headers={"set-cookie": "session=user-A-secret"})
+    login = edge.get("shop.example.com", "/login")
+    assert login.headers["set-cookie"] == "session=user-A-secret"  # relayed to its user
+    seen = edge.get("shop.example.com", "/profile").json()["headers"]  # another user
+    assert "cookie" not in seen

@@ -139,12 +139,12 @@ def gateway(
     text = "---\n".join([GATEWAY, _secret("shop-cert", SHOP), _secret("api-cert", API)])
     config = load_gateway_config([("gateway.yaml", text)])
     edge = config.gateways[0]
-    client = mesh.async_client(timeout=10.0)
-    app = GatewayApp(edge, config, mesh=mesh, client=client)
+    transport = mesh.async_transport()
+    app = GatewayApp(edge, config, mesh=mesh, transport=transport)
     server = GatewayServer(
         app, mesh, contexts=listener_contexts(edge, config), ports={443: 0, 80: 0}
     )
-    running = RunningGateway(server, client)
+    running = RunningGateway(server, transport)
     try:
         yield running
     finally:

@@ -74,12 +74,12 @@ def gateway() -> Iterator[tuple[RunningGateway, EchoBackend]]:
         registry=CollectorRegistry(),
     )
     config = load_gateway_config([("gateway.yaml", GATEWAY)])
-    client = mesh.async_client(timeout=10.0)
-    app = GatewayApp(config.gateways[0], config, mesh=mesh, client=client)
+    transport = mesh.async_transport()
+    app = GatewayApp(config.gateways[0], config, mesh=mesh, transport=transport)
     server = GatewayServer(
         app, mesh, ports={80: 0}, timeouts=EdgeTimeouts(header_timeout=HEAD_TIMEOUT)
     )
-    running = RunningGateway(server, client)
+    running = RunningGateway(server, transport)
     try:
         yield running, backend
     finally:
