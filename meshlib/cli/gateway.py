@@ -30,6 +30,7 @@ from meshlib.errors import ConfigError
 
 if TYPE_CHECKING:
     from meshlib.config.gatewaykind import Gateway, GatewayConfig
+    from meshlib.config.model import RateLimitPolicy
 
 __all__ = ["VERBS"]
 
@@ -77,6 +78,20 @@ def _add_gateway(sub: Subparsers) -> None:
         metavar="SECONDS",
         help="close a connection whose request head is not complete this long (default 10)",
     )
+    serve.add_argument(
+        "--rate-limit-per-ip",
+        type=_rate,
+        metavar="N/s[:BURST]",
+        help="requests per client address (the socket peer), e.g. 100/s or 100/s:200 "
+        "(also /m, /h; the burst defaults to one second's worth); over it: 429",
+    )
+    serve.add_argument(
+        "--rate-limit-per-subject",
+        type=_rate,
+        metavar="N/s[:BURST]",
+        help="requests per end user: the iss/sub of a JWT the gateway's RequestAuthentication "
+        "verified (requests without one are not counted here); over it: 429",
+    )
     serve.set_defaults(func=_cmd_serve)
     validate = verbs.add_parser(
         "validate",
@@ -87,6 +102,15 @@ def _add_gateway(sub: Subparsers) -> None:
     )
     _add_config(validate)
     validate.set_defaults(func=_cmd_validate)
+
+
+def _rate(text: str) -> RateLimitPolicy:
+    from meshlib.gateway.ratelimit import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -199,7 +223,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         client = mesh.async_client()
         try:
-            app = GatewayApp(gateway, config, mesh=mesh, client=client)
+            app = GatewayApp(
+                gateway,
+                config,
+                mesh=mesh,
+                client=client,
+                rate_limit_per_ip=args.rate_limit_per_ip,
+                rate_limit_per_subject=args.rate_limit_per_subject,
+            )
             server = GatewayServer(
                 app,
                 mesh,
