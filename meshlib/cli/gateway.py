@@ -79,6 +79,14 @@ def _add_gateway(sub: Subparsers) -> None:
         help="close a connection whose request head is not complete this long (default 10)",
     )
     serve.add_argument(
+        "--body-timeout",
+        type=positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="close a connection whose request body pauses this long between two reads "
+        "(default 60)",
+    )
+    serve.add_argument(
         "--rate-limit-per-ip",
         type=_rate,
         metavar="N/s[:BURST]",
@@ -237,7 +245,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 contexts=contexts,
                 host=args.listen,
                 ports=ports,
-                timeouts=EdgeTimeouts(header_timeout=args.header_timeout),
+                timeouts=EdgeTimeouts(
+                    header_timeout=args.header_timeout, body_timeout=args.body_timeout
+                ),
             )
             await server.run(on_started=started)
         finally:

@@ -411,7 +411,17 @@ class GatewayApp:
             seen = 0
             try:
                 while True:
-                    message = await receive()
+                    # The call's deadline covers the upload too: the mesh times its reads
+                    # and writes, not the wait for a client that stopped sending.
+                    deadline = inbound_deadline.get()
+                    if deadline is None:
+                        message = await receive()
+                    else:
+                        left = max(0.0, deadline - self.mesh.clock())
+                        try:
+                            message = await asyncio.wait_for(receive(), left)
+                        except TimeoutError:
+                            raise _BodyRefused(_SLOW_BODY) from None
                     if message["type"] == "http.disconnect":
                         raise _ClientGone()
                     chunk: bytes = message.get("body", b"")
@@ -514,6 +524,11 @@ class GatewayApp:
         reason = Reason.CONNECT_FAILURE if connect else Reason.RESET
         await _local(send, 502, reason, f"the upstream failed: {type(exc).__name__}")
 
+
+#: The client's body did not arrive within the call's deadline (Envoy's request_timeout: 408).
+_SLOW_BODY = Refusal(
+    408, "the request body did not arrive within the request's deadline", Reason.TIMEOUT
+)
 
 _TRACE_FIELDS = frozenset(name.encode("latin-1") for name in TRACE_CONTEXT_HEADERS)
 
