@@ -87,6 +87,13 @@ def _add_gateway(sub: Subparsers) -> None:
         "(default 60)",
     )
     serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve the gateway mesh's Prometheus metrics on 127.0.0.1:PORT/metrics (0: a "
+        "free port), for meshctl graph, which draws the gateway as the entry node",
+    )
+    serve.add_argument(
         "--rate-limit-per-ip",
         type=_rate,
         metavar="N/s[:BURST]",
@@ -110,6 +117,12 @@ def _add_gateway(sub: Subparsers) -> None:
     )
     _add_config(validate)
     validate.set_defaults(func=_cmd_validate)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0..65535)")
+    return int(text)
 
 
 def _rate(text: str) -> RateLimitPolicy:
@@ -207,6 +220,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from meshlib.gateway.serve import EdgeTimeouts, GatewayServer
     from meshlib.gateway.tls import GatewayTLSError, listener_contexts
     from meshlib.mesh import Mesh
+    from meshlib.observe.exporter import metrics_app
 
     try:
         config = _load(args.config)
@@ -227,6 +241,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for port, bound in sorted(server.bound.items()):
             host = f"[{server.host}]" if ":" in server.host else server.host
             print(f"listening: {port} -> {server.scheme(port)}://{host}:{bound}", flush=True)
+        if server.metrics_bound is not None:
+            print(f"metrics: http://127.0.0.1:{server.metrics_bound}/metrics", flush=True)
 
     async def main() -> None:
         client = mesh.async_client()
@@ -245,6 +261,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 contexts=contexts,
                 host=args.listen,
                 ports=ports,
+                metrics=None if args.metrics_port is None else metrics_app(),
+                metrics_port=args.metrics_port or 0,
                 timeouts=EdgeTimeouts(
                     header_timeout=args.header_timeout, body_timeout=args.body_timeout
                 ),

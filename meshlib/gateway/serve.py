@@ -31,9 +31,9 @@ import logging
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from meshlib.gateway.app import GatewayApp, edge_stack
+from meshlib.gateway.app import ASGIApp, GatewayApp, edge_stack
 from meshlib.gateway.edge import EdgeLimits, head_refusal
 from meshlib.gateway.tls import SniContext
 from meshlib.inbound.middleware import InboundHost
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["EdgeTimeouts", "GatewayServer", "head_limit"]
+__all__ = ["EdgeTimeouts", "GatewayMetrics", "GatewayServer", "announce", "head_limit"]
 
 log = logging.getLogger("meshlib.gateway")
 
@@ -59,6 +59,25 @@ class EdgeTimeouts:
     body_timeout: float = 60.0  # nginx client_body_timeout; Envoy: stream_idle_timeout 5 min
     keep_alive: float = 5.0  # uvicorn's default
     shutdown_grace: float = 10.0
+
+
+@runtime_checkable
+class GatewayMetrics(Protocol):
+    """Metrics that can say a process is an ingress gateway
+    (:class:`meshlib.observe.metrics.MeshMetrics`)."""
+
+    def set_gateway(self, service: str, gateway: str) -> None: ...
+
+
+def announce(inbound: InboundHost, app: GatewayApp) -> None:
+    """Mark the gateway mesh's metrics with the Gateway it serves (``mesh_gateway_info``), so
+    ``meshctl graph`` draws this process as the entry node and its unauthenticated callers as
+    clients outside the mesh."""
+    metrics = inbound.metrics
+    if isinstance(metrics, GatewayMetrics):
+        gateway = app.gateway
+        service = f"{inbound.service}.{inbound.namespace}"
+        metrics.set_gateway(service, f"{gateway.namespace}/{gateway.name}")
 
 
 def head_limit(limits: EdgeLimits) -> int | None:
@@ -159,6 +178,9 @@ class GatewayServer:
     SNI contexts of the HTTPS ports (:func:`meshlib.gateway.tls.listener_contexts`); ``ports``
     maps a Gateway listener port to the port actually bound (0: any free port); ``host`` is the
     bind address. After :meth:`start`, :attr:`bound` maps each listener port to its real port.
+    ``metrics`` (an ASGI app, e.g. :func:`meshlib.metrics_app`) is served on its own port,
+    ``metrics_port`` on 127.0.0.1 only (0: a free one; :attr:`metrics_bound` after start),
+    never on a public listener: ``meshctl graph`` scrapes it.
     """
 
     def __init__(
@@ -171,8 +193,13 @@ class GatewayServer:
         ports: Mapping[int, int] | None = None,
         timeouts: EdgeTimeouts = EdgeTimeouts(),
         trust_trace_context: bool = False,
+        metrics: ASGIApp | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.app = app
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+        self.metrics_bound: int | None = None
         self.inbound = inbound
         self.contexts = dict(contexts or {})
         self.host = host
@@ -195,6 +222,7 @@ class GatewayServer:
         import uvicorn
 
         protocol = _protocol_class(self.timeouts.header_timeout, self.timeouts.body_timeout)
+        announce(self.inbound, self.app)
         self._stopping = asyncio.Event()
         try:
             for port in self.listener_ports:
@@ -232,9 +260,34 @@ class GatewayServer:
                     ) from None
                 self._servers.append(server)
                 self.bound[port] = int(server.servers[0].sockets[0].getsockname()[1])
+            if self.metrics is not None:
+                self.metrics_bound = await self._serve_metrics(self.metrics)
         except BaseException:
             await self._shutdown()
             raise
+
+    async def _serve_metrics(self, app: ASGIApp) -> int:
+        import uvicorn
+
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.metrics_port,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+        )
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        try:
+            await server.startup()
+        except SystemExit:
+            raise OSError(f"cannot serve metrics on 127.0.0.1:{self.metrics_port}") from None
+        self._servers.append(server)
+        return int(server.servers[0].sockets[0].getsockname()[1])
 
     def stop(self) -> None:
         """Ask every listener to stop (safe from a signal handler on the loop)."""

@@ -99,8 +99,8 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 @pytest.mark.timeout(60)
-def test_serve_forwards_a_request_and_stops_on_sigterm(
-    tmp_path: Path, processes: Processes
+def test_serve_forwards_limits_reports_metrics_and_stops_on_sigterm(
+    tmp_path: Path, processes: Processes, capsys: pytest.CaptureFixture[str]
 ) -> None:
     backend = EchoBackend("web")
     backend.serve()
@@ -121,6 +121,8 @@ def test_serve_forwards_a_request_and_stops_on_sigterm(
                 "web=0",
                 "--rate-limit-per-ip",
                 "1/m:1",
+                "--metrics-port",
+                "0",
             ],
             env={
                 "MESHLIB_SERVICE": "gateway",
@@ -139,6 +141,18 @@ def test_serve_forwards_a_request_and_stops_on_sigterm(
         assert refused.status_code == 429  # --rate-limit-per-ip 1/m:1
         assert refused.headers["retry-after"] == "60"
         assert backend.requests == 1
+        # meshctl graph on the gateway's metrics: outside → gateway (the entry) → web
+        metrics = child.line("metrics: ", timeout=10).split(" ", 1)[1]
+        assert metrics.startswith("http://127.0.0.1:")
+        assert main(["graph", metrics]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1] == (
+            "entry: gateway.edge (ingress gateway edge/edge): outside → gateway.edge → services"
+        )
+        assert [line.split()[:5] for line in out[4:]] == [
+            ["gateway.edge", "[ingress]", "→", "web.shop", "1"],
+            ["outside", "→", "gateway.edge", "[ingress]", "2"],
+        ]
         child.signal(signal.SIGTERM)
         assert child.popen.wait(timeout=20) == 0, child.stderr()
     finally:
