@@ -30,6 +30,7 @@ from meshlib.errors import ConfigError
 
 if TYPE_CHECKING:
     from meshlib.config.gatewaykind import Gateway, GatewayConfig
+    from meshlib.config.model import RateLimitPolicy
 
 __all__ = ["VERBS"]
 
@@ -77,6 +78,35 @@ def _add_gateway(sub: Subparsers) -> None:
         metavar="SECONDS",
         help="close a connection whose request head is not complete this long (default 10)",
     )
+    serve.add_argument(
+        "--body-timeout",
+        type=positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="close a connection whose request body pauses this long between two reads "
+        "(default 60)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve the gateway mesh's Prometheus metrics on 127.0.0.1:PORT/metrics (0: a "
+        "free port), for meshctl graph, which draws the gateway as the entry node",
+    )
+    serve.add_argument(
+        "--rate-limit-per-ip",
+        type=_rate,
+        metavar="N/s[:BURST]",
+        help="requests per client address (the socket peer), e.g. 100/s or 100/s:200 "
+        "(also /m, /h; the burst defaults to one second's worth); over it: 429",
+    )
+    serve.add_argument(
+        "--rate-limit-per-subject",
+        type=_rate,
+        metavar="N/s[:BURST]",
+        help="requests per end user: the iss/sub of a JWT the gateway's RequestAuthentication "
+        "verified (requests without one are not counted here); over it: 429",
+    )
     serve.set_defaults(func=_cmd_serve)
     validate = verbs.add_parser(
         "validate",
@@ -87,6 +117,21 @@ def _add_gateway(sub: Subparsers) -> None:
     )
     _add_config(validate)
     validate.set_defaults(func=_cmd_validate)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0..65535)")
+    return int(text)
+
+
+def _rate(text: str) -> RateLimitPolicy:
+    from meshlib.gateway.ratelimit import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +220,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from meshlib.gateway.serve import EdgeTimeouts, GatewayServer
     from meshlib.gateway.tls import GatewayTLSError, listener_contexts
     from meshlib.mesh import Mesh
+    from meshlib.observe.exporter import metrics_app
 
     try:
         config = _load(args.config)
@@ -195,18 +241,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for port, bound in sorted(server.bound.items()):
             host = f"[{server.host}]" if ":" in server.host else server.host
             print(f"listening: {port} -> {server.scheme(port)}://{host}:{bound}", flush=True)
+        if server.metrics_bound is not None:
+            print(f"metrics: http://127.0.0.1:{server.metrics_bound}/metrics", flush=True)
 
     async def main() -> None:
         transport = mesh.async_transport()
         try:
-            app = GatewayApp(gateway, config, mesh=mesh, transport=transport)
+            app = GatewayApp(
+                gateway,
+                config,
+                mesh=mesh,
+                transport=transport,
+                rate_limit_per_ip=args.rate_limit_per_ip,
+                rate_limit_per_subject=args.rate_limit_per_subject,
+            )
             server = GatewayServer(
                 app,
                 mesh,
                 contexts=contexts,
                 host=args.listen,
                 ports=ports,
-                timeouts=EdgeTimeouts(header_timeout=args.header_timeout),
+                metrics=None if args.metrics_port is None else metrics_app(),
+                metrics_port=args.metrics_port or 0,
+                timeouts=EdgeTimeouts(
+                    header_timeout=args.header_timeout, body_timeout=args.body_timeout
+                ),
             )
             await server.run(on_started=started)
         finally:

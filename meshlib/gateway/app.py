@@ -53,7 +53,7 @@ from meshlib.config.gatewaykind import (
     ListenerProtocol,
     hostnames_intersect,
 )
-from meshlib.config.model import HeaderModifier, HTTPRoute, Snapshot
+from meshlib.config.model import HeaderModifier, HTTPRoute, RateLimitPolicy, Snapshot
 from meshlib.context import inbound_deadline
 from meshlib.errors import REASON_HEADER, MeshError, Reason
 from meshlib.gateway.edge import (
@@ -68,6 +68,7 @@ from meshlib.gateway.edge import (
     edge_headers,
     fault_header_names,
 )
+from meshlib.gateway.ratelimit import MAX_KEYS, EdgeRateLimits
 from meshlib.gateway.tls import hostname_matches
 from meshlib.inbound.middleware import InboundHost, MeshMiddleware
 from meshlib.outbound.call import STREAM_EXTENSION
@@ -220,6 +221,8 @@ class GatewayApp:
     they differ (``meshctl gateway serve --port``); :meth:`on_port` gives an app fixed to one
     listener port instead.
     ``trusted_hops`` and ``trust_trace_context`` are :func:`~meshlib.gateway.edge.edge_headers`'.
+    ``rate_limit_per_ip``, ``rate_limit_per_subject`` (``"100/s:200"``, ``(rps, burst)`` or a
+    RateLimitPolicy) and ``max_rate_keys``: :class:`~meshlib.gateway.ratelimit.EdgeRateLimits`.
     """
 
     def __init__(
@@ -234,6 +237,9 @@ class GatewayApp:
         trusted_hops: int = 0,
         trust_trace_context: bool = False,
         ports: Mapping[int, int] | None = None,
+        rate_limit_per_ip: RateLimitPolicy | tuple[float, int] | str | None = None,
+        rate_limit_per_subject: RateLimitPolicy | tuple[float, int] | str | None = None,
+        max_rate_keys: int = MAX_KEYS,
     ) -> None:
         self.gateway = gateway
         self.mesh = mesh
@@ -243,6 +249,12 @@ class GatewayApp:
         self.trusted_hops = trusted_hops
         self.trust_trace_context = trust_trace_context
         self.ports = dict(ports or {})
+        self.rate_limits = EdgeRateLimits(
+            clock=mesh.clock,
+            per_ip=rate_limit_per_ip,
+            per_subject=rate_limit_per_subject,
+            max_keys=max_rate_keys,
+        )
         self._routes = config.routes_of(gateway)
         self._attached = attached_routes(gateway, config)
         self._by_port: dict[int, tuple[Listener, ...]] = {}
@@ -286,6 +298,10 @@ class GatewayApp:
         return index
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, port: int) -> None:
+        if self.rate_limits.active and await self.rate_limits.refuse(
+            scope, send, self.trusted_hops
+        ):
+            return
         received: list[tuple[bytes, bytes]] = list(scope.get("headers") or ())
         host_value = next((v.decode("latin-1") for n, v in received if n.lower() == b"host"), None)
         host, host_port = split_host(host_value)
@@ -407,7 +423,17 @@ class GatewayApp:
             seen = 0
             try:
                 while True:
-                    message = await receive()
+                    # The call's deadline covers the upload too: the mesh times its reads
+                    # and writes, not the wait for a client that stopped sending.
+                    deadline = inbound_deadline.get()
+                    if deadline is None:
+                        message = await receive()
+                    else:
+                        left = max(0.0, deadline - self.mesh.clock())
+                        try:
+                            message = await asyncio.wait_for(receive(), left)
+                        except TimeoutError:
+                            raise _BodyRefused(_SLOW_BODY) from None
                     if message["type"] == "http.disconnect":
                         raise _ClientGone()
                     chunk: bytes = message.get("body", b"")
@@ -515,6 +541,11 @@ class GatewayApp:
         reason = Reason.CONNECT_FAILURE if connect else Reason.RESET
         await _local(send, 502, reason, f"the upstream failed: {type(exc).__name__}")
 
+
+#: The client's body did not arrive within the call's deadline (Envoy's request_timeout: 408).
+_SLOW_BODY = Refusal(
+    408, "the request body did not arrive within the request's deadline", Reason.TIMEOUT
+)
 
 _TRACE_FIELDS = frozenset(name.encode("latin-1") for name in TRACE_CONTEXT_HEADERS)
 

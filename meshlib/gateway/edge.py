@@ -50,6 +50,7 @@ __all__ = [
     "edge_headers",
     "fault_header_names",
     "forwarded_element",
+    "head_refusal",
     "mesh_only_header",
 ]
 
@@ -343,3 +344,22 @@ def _framing(headers: Sequence[tuple[bytes, bytes]], http_version: str) -> int |
     if len(values) > 1:
         return Refusal(400, "several different Content-Length values: ambiguous framing")
     return values.pop()
+
+
+def head_refusal(buffered: bytes) -> Refusal | None:
+    """A refusal for the raw bytes of a request head (from its first byte; a head not yet
+    complete is checked as far as it goes), or None: line endings other than CRLF and obsolete
+    line folding (RFC 9112 §2.2, §5.2). h11 reads a bare LF as a line end and unfolds a folded
+    line; a proxy in front of the gateway may do neither, and two parsers that disagree on where
+    a header or the head ends are what request smuggling needs. nginx and Envoy refuse both.
+    Only the head is read: the body after its blank line is not."""
+    end = buffered.find(b"\r\n\r\n")
+    head = buffered if end < 0 else buffered[: end + 4]
+    if head.endswith(b"\r"):
+        head = head[:-1]  # its LF may be in the next read
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+        return Refusal(400, "a line of the request head does not end with CRLF")
+    if b"\n " in head or b"\n\t" in head:
+        return Refusal(400, "obsolete line folding in the request head")
+    return None

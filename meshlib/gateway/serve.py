@@ -13,8 +13,14 @@ Slow clients (slowloris) are bounded three ways:
 * ``h11_max_incomplete_event_size``: an unfinished head larger than the edge limits (header
   bytes plus URL plus a margin) is refused before it is buffered further.
 
-A slow request *body* is not timed out here (a large upload may be slow); the mesh call's
-deadline and the body limit bound it. uvicorn's ``proxy_headers`` is off: the peer address the
+* ``body_timeout``: while a request body is being received, the longest pause between two
+  reads of it (nginx's ``client_body_timeout``); past it the connection is closed, which the
+  app sees as the client gone (the call into the mesh is cancelled). Time during which the
+  server itself stopped reading (flow control: the backend is slower than the client) does
+  not count. A body that trickles faster than that is bounded by the route's request timeout
+  (:class:`~meshlib.gateway.app.GatewayApp` answers **408**) and the body limit.
+
+uvicorn's ``proxy_headers`` is off: the peer address the
 edge writes into ``x-forwarded-for`` is the socket's, never a header's.
 """
 
@@ -25,10 +31,10 @@ import logging
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from meshlib.gateway.app import GatewayApp, edge_stack
-from meshlib.gateway.edge import EdgeLimits
+from meshlib.gateway.app import ASGIApp, GatewayApp, edge_stack
+from meshlib.gateway.edge import EdgeLimits, head_refusal
 from meshlib.gateway.tls import SniContext
 from meshlib.inbound.middleware import InboundHost
 
@@ -36,7 +42,7 @@ if TYPE_CHECKING:
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["EdgeTimeouts", "GatewayServer", "head_limit"]
+__all__ = ["EdgeTimeouts", "GatewayMetrics", "GatewayServer", "announce", "head_limit"]
 
 log = logging.getLogger("meshlib.gateway")
 
@@ -50,8 +56,28 @@ class EdgeTimeouts:
     ``shutdown_grace``: how long in-flight requests may finish after SIGTERM."""
 
     header_timeout: float = 10.0  # nginx client_header_timeout: 60 s; Envoy: none by default
+    body_timeout: float = 60.0  # nginx client_body_timeout; Envoy: stream_idle_timeout 5 min
     keep_alive: float = 5.0  # uvicorn's default
     shutdown_grace: float = 10.0
+
+
+@runtime_checkable
+class GatewayMetrics(Protocol):
+    """Metrics that can say a process is an ingress gateway
+    (:class:`meshlib.observe.metrics.MeshMetrics`)."""
+
+    def set_gateway(self, service: str, gateway: str) -> None: ...
+
+
+def announce(inbound: InboundHost, app: GatewayApp) -> None:
+    """Mark the gateway mesh's metrics with the Gateway it serves (``mesh_gateway_info``), so
+    ``meshctl graph`` draws this process as the entry node and its unauthenticated callers as
+    clients outside the mesh."""
+    metrics = inbound.metrics
+    if isinstance(metrics, GatewayMetrics):
+        gateway = app.gateway
+        service = f"{inbound.service}.{inbound.namespace}"
+        metrics.set_gateway(service, f"{gateway.namespace}/{gateway.name}")
 
 
 def head_limit(limits: EdgeLimits) -> int | None:
@@ -62,13 +88,15 @@ def head_limit(limits: EdgeLimits) -> int | None:
     return limits.max_header_bytes + limits.max_url_length + _HEAD_MARGIN
 
 
-def _protocol_class(header_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a timer on the request head (slowloris)."""
+def _protocol_class(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a timer on the request head and one on pauses in the
+    request body (slowloris), and the head's line endings checked before h11 reads them."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class EdgeH11Protocol(H11Protocol):
         head_timer: asyncio.TimerHandle | None = None
+        body_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -76,8 +104,25 @@ def _protocol_class(header_timeout: float) -> type[H11Protocol]:
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # a whole request head has arrived
+            state = self.conn.their_state
+            if state is not h11.IDLE:  # a whole request head has arrived
                 self.disarm_head_timer()
+            if state is h11.SEND_BODY and not self.transport.is_closing():
+                self.arm_body_timer()  # each read of the body restarts it
+            else:
+                self.disarm_body_timer()
+
+        def handle_events(self) -> None:
+            # Every head h11 is about to parse, read or pipelined, is checked first: while the
+            # client's side is IDLE, h11's buffer holds the next head from its first byte.
+            if self.conn.their_state is h11.IDLE:
+                buffered, _ = self.conn.trailing_data
+                refusal = head_refusal(buffered) if buffered else None
+                if refusal is not None:
+                    log.info("refused a request head from %s: %s", self.client, refusal.detail)
+                    self.send_400_response(refusal.detail)
+                    return
+            super().handle_events()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -86,6 +131,7 @@ def _protocol_class(header_timeout: float) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.disarm_head_timer()
+            self.disarm_body_timer()
             super().connection_lost(exc)
 
         def arm_head_timer(self) -> None:
@@ -96,6 +142,25 @@ def _protocol_class(header_timeout: float) -> type[H11Protocol]:
             if self.head_timer is not None:
                 self.head_timer.cancel()
                 self.head_timer = None
+
+        def arm_body_timer(self) -> None:
+            self.disarm_body_timer()
+            self.body_timer = self.loop.call_later(body_timeout, self.body_timed_out)
+
+        def disarm_body_timer(self) -> None:
+            if self.body_timer is not None:
+                self.body_timer.cancel()
+                self.body_timer = None
+
+        def body_timed_out(self) -> None:
+            self.body_timer = None
+            if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
+                return
+            if self.flow.read_paused:  # the server is not reading: the client is not to blame
+                self.arm_body_timer()
+                return
+            log.info("closing a connection from %s: the request body stalled", self.client)
+            self.transport.close()
 
         def head_timed_out(self) -> None:
             self.head_timer = None
@@ -113,6 +178,9 @@ class GatewayServer:
     SNI contexts of the HTTPS ports (:func:`meshlib.gateway.tls.listener_contexts`); ``ports``
     maps a Gateway listener port to the port actually bound (0: any free port); ``host`` is the
     bind address. After :meth:`start`, :attr:`bound` maps each listener port to its real port.
+    ``metrics`` (an ASGI app, e.g. :func:`meshlib.metrics_app`) is served on its own port,
+    ``metrics_port`` on 127.0.0.1 only (0: a free one; :attr:`metrics_bound` after start),
+    never on a public listener: ``meshctl graph`` scrapes it.
     """
 
     def __init__(
@@ -125,8 +193,13 @@ class GatewayServer:
         ports: Mapping[int, int] | None = None,
         timeouts: EdgeTimeouts = EdgeTimeouts(),
         trust_trace_context: bool = False,
+        metrics: ASGIApp | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.app = app
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+        self.metrics_bound: int | None = None
         self.inbound = inbound
         self.contexts = dict(contexts or {})
         self.host = host
@@ -148,7 +221,8 @@ class GatewayServer:
         """Bind every listener port (in this event loop); raises OSError if one cannot be."""
         import uvicorn
 
-        protocol = _protocol_class(self.timeouts.header_timeout)
+        protocol = _protocol_class(self.timeouts.header_timeout, self.timeouts.body_timeout)
+        announce(self.inbound, self.app)
         self._stopping = asyncio.Event()
         try:
             for port in self.listener_ports:
@@ -186,9 +260,34 @@ class GatewayServer:
                     ) from None
                 self._servers.append(server)
                 self.bound[port] = int(server.servers[0].sockets[0].getsockname()[1])
+            if self.metrics is not None:
+                self.metrics_bound = await self._serve_metrics(self.metrics)
         except BaseException:
             await self._shutdown()
             raise
+
+    async def _serve_metrics(self, app: ASGIApp) -> int:
+        import uvicorn
+
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.metrics_port,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+        )
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        try:
+            await server.startup()
+        except SystemExit:
+            raise OSError(f"cannot serve metrics on 127.0.0.1:{self.metrics_port}") from None
+        self._servers.append(server)
+        return int(server.servers[0].sockets[0].getsockname()[1])
 
     def stop(self) -> None:
         """Ask every listener to stop (safe from a signal handler on the loop)."""

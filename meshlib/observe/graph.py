@@ -14,6 +14,13 @@ account. Each scrape's ``mesh_cert_expiry_timestamp_seconds{identity}`` says whi
 process presents, so an inbound series from that identity is matched to the scraped callers
 that present it instead of becoming a node of its own.
 
+An ingress gateway (:mod:`meshlib.gateway`) says so in its metrics:
+``mesh_gateway_info{service, gateway}`` is 1 in the process serving that Gateway as that Service.
+Requests its inbound side counted from ``unauthenticated`` callers are then drawn from
+:data:`OUTSIDE`, the clients outside the mesh, and the gateway is marked as the entry node
+(text: an ``entry:`` line and ``[ingress]`` beside its name; SVG: its own colour and an
+"ingress gateway" caption, the outside as a dashed node): outside → gateway → services.
+
 Two scrapes ``interval`` seconds apart give rates (requests per second over the interval);
 one scrape gives totals since each process started. Counters that went backwards (a restart)
 count from zero.
@@ -36,6 +43,10 @@ from xml.sax.saxutils import escape
 Series = dict[tuple[str, str, str, str], float]
 
 IDENTITY = "identity"
+#: Direction of the series marking an ingress gateway: (GATEWAY, its service, the Gateway, "").
+GATEWAY = "gateway"
+#: The node standing for clients outside the mesh, when they come in through a gateway.
+OUTSIDE = "outside"
 
 _SPIFFE = re.compile(r"^spiffe://[^/]+/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
 UNAUTHENTICATED = "unauthenticated"
@@ -68,6 +79,13 @@ class Graph:
     edges: tuple[Edge, ...]
     interval: float | None  # seconds between the two scrapes, None for totals
     sources: int  # how many endpoints were scraped
+    #: The ingress gateways among the nodes: (node, Gateway ``namespace/name``), sorted.
+    ingress: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def entries(self) -> frozenset[str]:
+        """The nodes that are ingress gateways."""
+        return frozenset(node for node, _ in self.ingress)
 
 
 def parse(text: str, url: str = "<text>") -> Series:
@@ -82,6 +100,10 @@ def parse(text: str, url: str = "<text>") -> Series:
                 labels = sample.labels
                 if sample.name == "mesh_cert_expiry_timestamp_seconds" and labels.get(IDENTITY):
                     series[(IDENTITY, labels[IDENTITY], "", "")] = 1.0
+                    continue
+                if sample.name == "mesh_gateway_info" and labels.get("service"):
+                    if sample.value:
+                        series[(GATEWAY, labels["service"], labels.get("gateway", ""), "")] = 1.0
                     continue
                 if sample.name != "mesh_requests_total":
                     continue
@@ -123,16 +145,21 @@ def build(scrapes: Sequence[Series], interval: float | None = None) -> Graph:
     inbound: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     # an identity's node name -> the scraped workloads presenting it
     presented_by: dict[str, set[str]] = defaultdict(set)
+    gateways: dict[str, str] = {}  # an ingress gateway's node -> its Gateway
     for series in scrapes:
         own = {source for direction, source, _, _ in series if direction == "outbound"}
-        for direction, source, _, _ in series:
+        for direction, source, destination, _ in series:
             if direction == IDENTITY:
                 presented_by[service_name(source)] |= own
+            elif direction == GATEWAY:
+                gateways[source] = destination
         for (direction, source, destination, code), value in series.items():
             if direction == "outbound":
                 table = outbound
             elif direction == "inbound":
                 table, source = inbound, service_name(source)
+                if source == UNAUTHENTICATED and destination in gateways:
+                    source = OUTSIDE  # no mesh identity, through the gateway: from outside
             else:
                 continue
             counts = table[(source, destination)]
@@ -158,7 +185,8 @@ def build(scrapes: Sequence[Series], interval: float | None = None) -> Graph:
     edges = [e for e in edges if e.requests > 0 or interval is None]
     edges.sort(key=lambda e: (e.source, e.destination))
     nodes = sorted({e.source for e in edges} | {e.destination for e in edges})
-    return Graph(tuple(nodes), tuple(edges), interval, len(scrapes))
+    ingress = tuple(sorted((node, name) for node, name in gateways.items() if node in nodes))
+    return Graph(tuple(nodes), tuple(edges), interval, len(scrapes), ingress)
 
 
 def _edge(
@@ -236,6 +264,7 @@ def as_dict(graph: Graph) -> dict[str, object]:
         "window_seconds": graph.interval,
         "scraped": graph.sources,
         "nodes": list(graph.nodes),
+        "ingress": [{"node": node, "gateway": name} for node, name in graph.ingress],
         "edges": [
             {
                 "source": e.source,
@@ -268,14 +297,28 @@ def render_text(graph: Graph) -> str:
     window = f"over {graph.interval:g}s" if graph.interval else "totals since start"
     head = f"service graph: {len(graph.nodes)} services, {len(graph.edges)} edges ({window}, "
     head += f"{graph.sources} scraped)"
+    entries = graph.entries
+
+    def name(node: str) -> str:
+        return f"{node} [ingress]" if node in entries else node
+
     rows = [("edge", "requests", "rps", "success", "seen by")]
     for e in graph.edges:
         rps = "-" if e.rate is None else f"{e.rate:.2f}"
         rows.append(
-            (f"{e.source} → {e.destination}", _count(e.requests), rps, _success(e), e.seen_by)
+            (
+                f"{name(e.source)} → {name(e.destination)}",
+                _count(e.requests),
+                rps,
+                _success(e),
+                e.seen_by,
+            )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [head, ""]
+    lines = [head]
+    for node, gateway in graph.ingress:
+        lines.append(f"entry: {node} (ingress gateway {gateway}): {OUTSIDE} → {node} → services")
+    lines.append("")
     for row in rows:
         cells = [row[0].ljust(widths[0])] + [
             c.rjust(w) for c, w in zip(row[1:4], widths[1:4], strict=True)
@@ -396,13 +439,29 @@ def render_svg(graph: Graph) -> str:
     for edge in graph.edges:
         two_way = (edge.destination, edge.source) in reciprocal
         body.append(_svg_edge(edge, pos, box, two_way))
+    entries = graph.entries
     for node, (x, y) in sorted(pos.items()):
         box.add(x - _RADIUS, y - _RADIUS, x + _RADIUS, y + _RADIUS)
         box.text(x, y + _RADIUS + 16, node, "middle")
+        kind, fill, stroke, extra, caption = "node", "#e3f2fd", "#1565c0", "", ""
+        if node in entries:
+            kind, fill, stroke, caption = "node ingress", "#fff3e0", "#e65100", "ingress gateway"
+        elif node == OUTSIDE and entries:
+            kind, fill, stroke, caption = "node outside", "#f5f5f5", "#616161", "clients"
+            extra = ' stroke-dasharray="6 4"'
+        label = (
+            f'<text x="{x:.1f}" y="{y + _RADIUS + 16:.1f}" text-anchor="middle">'
+            f"{escape(node)}</text>"
+        )
+        if caption:
+            box.text(x, y + _RADIUS + 31, caption, "middle", 10)
+            label += (
+                f'<text class="caption" x="{x:.1f}" y="{y + _RADIUS + 31:.1f}" '
+                f'text-anchor="middle" font-size="10" fill="{stroke}">{caption}</text>'
+            )
         body.append(
-            f'<g class="node"><circle cx="{x:.1f}" cy="{y:.1f}" r="{_RADIUS}" fill="#e3f2fd" '
-            f'stroke="#1565c0" stroke-width="2"/><text x="{x:.1f}" y="{y + _RADIUS + 16:.1f}" '
-            f'text-anchor="middle">{escape(node)}</text></g>'
+            f'<g class="{kind}"><circle cx="{x:.1f}" cy="{y:.1f}" r="{_RADIUS}" fill="{fill}" '
+            f'stroke="{stroke}" stroke-width="2"{extra}/>{label}</g>'
         )
     if not pos:
         box.add(0, 0, 0, 0)

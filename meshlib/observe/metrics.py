@@ -259,6 +259,16 @@ class MeshMetrics:
             )
         )
 
+        self.gateway_info = Labelled(
+            Gauge(
+                "mesh_gateway_info",
+                "1 for each Gateway this process serves as an ingress gateway, with the mesh "
+                "Service it runs as (meshctl graph draws it as the entry node).",
+                ("service", "gateway"),
+                registry=registry,
+            )
+        )
+
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> MeshMetrics:
         reg = registry if registry is not None else REGISTRY
@@ -295,6 +305,10 @@ class MeshMetrics:
 
     def set_circuit_state(self, source: str, destination: str, state: str) -> None:
         self.circuit_state.labels(source, destination).set(_CIRCUIT_VALUES[state])
+
+    def set_gateway(self, service: str, gateway: str) -> None:
+        """This process serves ``gateway`` (``namespace/name``) as ``service`` (``name.ns``)."""
+        self.gateway_info.labels(service, gateway).set(1)
 
     def set_cert_expiry(self, identity: str, timestamp: float) -> None:
         """The not-after of the SVID presented as ``identity`` (set at load and each reload)."""

@@ -189,9 +189,10 @@ class Edge:
 
 
 @contextlib.contextmanager
-def running_edge(extra_policy: str = "") -> Iterator[Edge]:
+def running_edge(extra_policy: str = "", **options: Any) -> Iterator[Edge]:
     """The gateway of GATEWAY behind its MeshMiddleware (``edge_stack``), the policy of
-    :func:`policy` plus ``extra_policy``, in front of the echo backends and the sink."""
+    :func:`policy` plus ``extra_policy``, in front of the echo backends and the sink;
+    ``options`` go to GatewayApp."""
     web, api = EchoBackend("web"), EchoBackend("api")
     web.serve()
     api.serve()
@@ -207,7 +208,7 @@ def running_edge(extra_policy: str = "") -> Iterator[Edge]:
     config = load_gateway_config([("gateway.yaml", GATEWAY)])
     gateway = config.gateways[0]
     transport = mesh.async_transport()
-    app = GatewayApp(gateway, config, mesh=mesh, transport=transport)
+    app = GatewayApp(gateway, config, mesh=mesh, transport=transport, **options)
     server = run_uvicorn(edge_stack(app.on_port(8080), mesh), proxy_headers=False, name="gateway")
     try:
         yield Edge(web, api, server, mesh, sink.url, sink_app)

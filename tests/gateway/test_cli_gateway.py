@@ -82,6 +82,15 @@ def test_serve_refuses_an_unknown_listener_in_port(
     assert "no listener 'nope'; the listeners: web" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_malformed_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(GATEWAY)
+    args = ["gateway", "serve", "--config", str(config), "--rate-limit-per-subject", "20/d"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--rate-limit-per-subject" in err and "'20/d' is not a rate" in err
+
+
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Processes]:
     running = Processes(tmp_path)
@@ -90,8 +99,8 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 @pytest.mark.timeout(60)
-def test_serve_forwards_a_request_and_stops_on_sigterm(
-    tmp_path: Path, processes: Processes
+def test_serve_forwards_limits_reports_metrics_and_stops_on_sigterm(
+    tmp_path: Path, processes: Processes, capsys: pytest.CaptureFixture[str]
 ) -> None:
     backend = EchoBackend("web")
     backend.serve()
@@ -102,7 +111,19 @@ def test_serve_forwards_a_request_and_stops_on_sigterm(
         policy.write_text(_policy(backend.port))
         child = processes.start(
             "gateway",
-            [*MESHCTL, "gateway", "serve", "--config", str(config), "--port", "web=0"],
+            [
+                *MESHCTL,
+                "gateway",
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                "web=0",
+                "--rate-limit-per-ip",
+                "1/m:1",
+                "--metrics-port",
+                "0",
+            ],
             env={
                 "MESHLIB_SERVICE": "gateway",
                 "MESHLIB_NAMESPACE": "edge",
@@ -116,6 +137,22 @@ def test_serve_forwards_a_request_and_stops_on_sigterm(
         assert response.status_code == 200, response.text
         assert response.json()["backend"] == "web"
         assert response.json()["headers"]["x-forwarded-host"] == "shop.example.com"
+        refused = httpx.get(url + "/hello", headers={"host": "shop.example.com"}, timeout=10)
+        assert refused.status_code == 429  # --rate-limit-per-ip 1/m:1
+        assert refused.headers["retry-after"] == "60"
+        assert backend.requests == 1
+        # meshctl graph on the gateway's metrics: outside → gateway (the entry) → web
+        metrics = child.line("metrics: ", timeout=10).split(" ", 1)[1]
+        assert metrics.startswith("http://127.0.0.1:")
+        assert main(["graph", metrics]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1] == (
+            "entry: gateway.edge (ingress gateway edge/edge): outside → gateway.edge → services"
+        )
+        assert [line.split()[:5] for line in out[4:]] == [
+            ["gateway.edge", "[ingress]", "→", "web.shop", "1"],
+            ["outside", "→", "gateway.edge", "[ingress]", "2"],
+        ]
         child.signal(signal.SIGTERM)
         assert child.popen.wait(timeout=20) == 0, child.stderr()
     finally:

@@ -20,6 +20,7 @@ from meshlib.gateway.edge import (
     edge_headers,
     fault_header_names,
     forwarded_element,
+    head_refusal,
     mesh_only_header,
 )
 from meshlib.inbound.peer import IDENTITY_HEADER
@@ -257,3 +258,23 @@ def test_unambiguous_framing_passes() -> None:
     assert check_request(b"/", b"", h(("Content-Length", "5, 5"))) is None
     old = check_request(b"/", b"", h(("Transfer-Encoding", "chunked")), http_version="1.0")
     assert old is not None and old.status == 400 and "HTTP/1.0" in old.detail
+
+
+def test_head_refusal_reads_line_endings_and_folding_of_the_head_only() -> None:
+    good = b"GET / HTTP/1.1\r\nHost: a\r\nX: b c\r\n\r\n"
+    assert head_refusal(good) is None
+    assert head_refusal(good[:20]) is None  # incomplete: as far as it goes
+    assert head_refusal(b"GET / HTTP/1.1\r") is None  # its LF may come next
+    # the body after the blank line is not the head's business
+    assert head_refusal(good + b"raw\nbody\r \n\tx") is None
+    for bad in (
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+    ):
+        refusal = head_refusal(bad)
+        assert refusal is not None and refusal.status == 400
+        assert "CRLF" in refusal.detail
+    for folded in (b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n", b"GET / HTTP/1.1\r\n\tX: a\r\n"):
+        refusal = head_refusal(folded)
+        assert refusal is not None and "folding" in refusal.detail

@@ -205,6 +205,68 @@ def test_workloads_sharing_a_service_account_are_matched_by_the_identity_they_pr
     ]
 
 
+def test_an_ingress_gateway_is_the_entry_node_and_its_callers_are_outside() -> None:
+    info = 'mesh_gateway_info{service="gateway.edge",gateway="edge/public"} 1.0\n'
+    gateway = graph.parse(
+        _exposition(
+            ("inbound", "unauthenticated", "gateway.edge", "200", 9),
+            ("inbound", "unauthenticated", "gateway.edge", "404", 1),
+            ("outbound", "gateway.edge", "productpage.default", "200", 9),
+        )
+        + info
+    )
+    productpage = graph.parse(
+        _exposition(
+            (
+                "inbound",
+                "spiffe://cluster.local/ns/edge/sa/gateway",
+                "productpage.default",
+                "200",
+                9,
+            ),
+        )
+    )
+    g = graph.build([gateway, productpage])
+    assert [(e.source, e.destination, e.requests, e.seen_by) for e in g.edges] == [
+        ("gateway.edge", "productpage.default", 9, "both"),
+        ("outside", "gateway.edge", 10, "callee"),
+    ]
+    assert g.ingress == (("gateway.edge", "edge/public"),)
+    text = graph.render_text(g).splitlines()
+    assert (
+        text[1]
+        == "entry: gateway.edge (ingress gateway edge/public): outside → gateway.edge → services"
+    )
+    assert [line.split()[:3] for line in text[4:]] == [
+        ["gateway.edge", "[ingress]", "→"],
+        ["outside", "→", "gateway.edge"],
+    ]
+    root = _svg(g)
+    kinds = {
+        (group.get("class"), group.find(f"{SVG}text").text)  # type: ignore[union-attr]
+        for group in root.iter(f"{SVG}g")
+        if (group.get("class") or "").startswith("node")
+    }
+    assert kinds == {
+        ("node ingress", "gateway.edge"),
+        ("node outside", "outside"),
+        ("node", "productpage.default"),
+    }
+    assert "ingress gateway" in _texts(root)
+    # columns from the outside in: outside, then the gateway, then the service
+    x = {
+        group.find(f"{SVG}text").text: float(group.find(f"{SVG}circle").get("cx"))  # type: ignore[union-attr,arg-type]
+        for group in root.iter(f"{SVG}g")
+        if (group.get("class") or "").startswith("node")
+    }
+    assert x["outside"] < x["gateway.edge"] < x["productpage.default"]
+    assert graph.as_dict(g)["ingress"] == [{"node": "gateway.edge", "gateway": "edge/public"}]
+    # without the marker the same series are an unauthenticated caller of a service
+    plain = graph.parse(_exposition(("inbound", "unauthenticated", "gateway.edge", "200", 9)))
+    assert [e.source for e in graph.build([plain]).edges] == ["unauthenticated"]
+    assert graph.build([plain]).ingress == ()
+
+
 def test_a_counter_reset_counts_from_zero() -> None:
     key = ("outbound", "a.default", "b.default", "200")
     assert graph.delta({key: 100.0}, {key: 7.0}) == {key: 7.0}
@@ -336,6 +398,7 @@ def test_graph_prints_json_and_yaml_in_the_documented_shape(
         "window_seconds": None,
         "scraped": 2,
         "nodes": ["a.default", "b.default", "c.default", "unauthenticated"],
+        "ingress": [],
         "edges": [
             {
                 "source": "a.default",
