@@ -522,7 +522,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             if r["added_p50_us"] is None
             else f"{f(r['added_p50_us'])} ({f(rng[0])}…{f(rng[1])})"
         )
-        rps = "skipped (no wrk)"
+        rps = "skipped"
         if "rps" in r:
             rps = f"{f(r['rps'], 0)} ({f(r['rps_range'][0], 0)}–{f(r['rps_range'][1], 0)})"
         util = r.get("proxy_util")
@@ -574,7 +574,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few seconds: a smoke run")
     parser.add_argument("--rounds", type=int, help="latency rounds (default 20)")
     parser.add_argument("--requests", type=int, help="requests per path per round (default 250)")
-    parser.add_argument("--load-rounds", type=int, help="wrk rounds per path (default 3)")
+    parser.add_argument("--load-rounds", type=int, help="wrk rounds per path (default 3; 0: none)")
     parser.add_argument("--load-seconds", type=float, help="seconds per wrk run (default 3)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     parser.add_argument("--no-nginx", action="store_true", help="leave the nginx paths out")
@@ -589,7 +589,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "rounds": args.rounds or (2 if quick else 20),
         "requests": args.requests or (20 if quick else 250),
         "warmup": 20 if quick else 500,
-        "load_rounds": args.load_rounds or (1 if quick else 3),
+        "load_rounds": (1 if quick else 3) if args.load_rounds is None else args.load_rounds,
         "load_seconds": args.load_seconds or (1.0 if quick else 3.0),
         "load_warmup": 1.0,
         "connections": args.connections,
@@ -644,7 +644,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             bench.log("latency ...")
             measure_latency(paths, settings["rounds"], settings["requests"], settings["warmup"])
             pin(gateway.pids(), proxy_cpus)  # threads started since inherit, but be sure
-            if wrk is not None:
+            if wrk is not None and settings["load_rounds"] > 0:
                 bench.log("load ...")
                 measure_load(
                     paths,
@@ -654,7 +654,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     settings["connections"],
                 )
             else:
-                bench.log("wrk not found: the throughput columns are skipped")
+                bench.log("no wrk or no load rounds: the throughput columns are skipped")
             rows = summarise(paths)
     finally:
         os.sched_setaffinity(0, previous)
