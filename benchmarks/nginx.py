@@ -52,7 +52,23 @@ http {{
             proxy_set_header Connection "";
         }}
     }}
-}}
+{tls_server}}}
+"""
+
+# A second server block for a TLS-terminating listener (an ingress proxy's HTTPS port): the same
+# upstream, the certificate and key from files.
+TLS_SERVER_TEMPLATE = """\
+    server {{
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass http://u;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
 """
 
 
@@ -149,15 +165,23 @@ def child_pids(pid: int) -> list[int]:
 
 
 class Nginx:
-    """One nginx master + 1 worker proxying 127.0.0.1:port to 127.0.0.1:upstream_port."""
+    """One nginx master + 1 worker proxying 127.0.0.1:port to 127.0.0.1:upstream_port; with
+    ``tls=(certificate file, key file)`` also 127.0.0.1:tls_port, terminating TLS."""
 
-    def __init__(self, upstream_port: int, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        binary: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         found = binary or find_nginx()
         if found is None:
             raise FileNotFoundError("nginx binary not found (set $NGINX)")
         self.binary = found
         self.upstream_port = upstream_port
         self.port = 0
+        self.tls = tls
+        self.tls_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.tmp: Path | None = None
 
@@ -168,10 +192,18 @@ class Nginx:
         last_error: Exception | None = None
         for _ in range(tries):
             self.port = free_port()
+            tls_server = ""
+            if self.tls is not None:
+                self.tls_port = free_port()
+                cert, key = self.tls
+                tls_server = TLS_SERVER_TEMPLATE.format(tls_port=self.tls_port, cert=cert, key=key)
             conf = self.tmp / "nginx.conf"
             conf.write_text(
                 CONFIG_TEMPLATE.format(
-                    tmp=self.tmp, port=self.port, upstream_port=self.upstream_port
+                    tmp=self.tmp,
+                    port=self.port,
+                    upstream_port=self.upstream_port,
+                    tls_server=tls_server,
                 )
             )
             cmd = [
@@ -194,6 +226,8 @@ class Nginx:
             )
             try:
                 wait_for_port(self.port, self.proc, timeout)
+                if self.tls is not None:
+                    wait_for_port(self.tls_port, self.proc, timeout)
                 return self
             except (RuntimeError, TimeoutError) as exc:  # lost the port race, or a bad config
                 last_error = exc
