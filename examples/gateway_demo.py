@@ -42,7 +42,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 from cryptography import x509
@@ -55,6 +54,8 @@ from meshlib.control.client import RegistryClient
 
 HOST = "bookinfo.example"
 GATEWAY_ID = f"spiffe://{TRUST_DOMAIN}/ns/edge/sa/gateway"
+#: httpcore sends this name in the TLS handshake instead of the URL's host (127.0.0.1).
+SNI = {"sni_hostname": HOST}
 
 POLICY = f"""\
 apiVersion: meshlib/v1
@@ -244,10 +245,12 @@ def listening(gateway: Process, port: int) -> int:
     return int(line.rsplit(":", 1)[1])
 
 
-def outside_get(client: httpx.Client, url: str, **kwargs: Any) -> httpx.Response:
+def outside_get(
+    client: httpx.Client, url: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
     """A GET to ``url`` (at the gateway's address) as if to https://bookinfo.example: the Host
     header and, on TLS, the SNI name (which the certificate is checked against) are HOST."""
-    return client.get(url, headers={"host": HOST, **kwargs.pop("headers", {})}, **kwargs)
+    return client.get(url, headers={"host": HOST, **(headers or {})}, extensions=SNI)
 
 
 def run(data: Path, burst: int) -> None:
@@ -323,7 +326,6 @@ def run(data: Path, burst: int) -> None:
 
         print("\n== 4. an outside client: no mesh identity, trusts only the demo CA ==")
         https = f"https://127.0.0.1:{https_port}"
-        sni = {"sni_hostname": HOST}
         with (
             httpx.Client(timeout=10.0) as plain,
             httpx.Client(verify=trusting(certs), timeout=10.0) as client,
@@ -335,7 +337,7 @@ def run(data: Path, burst: int) -> None:
             )
             print(f"  (the demo resolves {HOST} to the gateway's HTTPS listener, {https})")
             with client.stream(
-                "GET", f"{https}/productpage", headers={"host": HOST}, extensions=sni
+                "GET", f"{https}/productpage", headers={"host": HOST}, extensions=SNI
             ) as streamed:
                 stream = streamed.extensions["network_stream"]
                 peer = stream.get_extra_info("ssl_object").getpeercert()
@@ -355,12 +357,7 @@ def run(data: Path, burst: int) -> None:
             )
 
             forged = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/productpage"
-            answer = outside_get(
-                client,
-                f"{https}/productpage",
-                headers={"x-mesh-identity": forged},
-                extensions=sni,
-            )
+            answer = outside_get(client, f"{https}/productpage", {"x-mesh-identity": forged})
             seen = answer.json()["caller"]
             verdict = "the forged header never reached it" if seen == GATEWAY_ID else "FORGED"
             print(
@@ -368,7 +365,7 @@ def run(data: Path, burst: int) -> None:
                 f"{seen} ({verdict})"
             )
 
-            answer = outside_get(client, f"{https}/reviews", extensions=sni)
+            answer = outside_get(client, f"{https}/reviews")
             print(
                 f"  GET https://{HOST}/reviews → {answer.status_code} "
                 f"(x-mesh-reason: {answer.headers.get('x-mesh-reason')}): the reviews services "
@@ -393,7 +390,7 @@ def run(data: Path, burst: int) -> None:
             statuses: Counter[int] = Counter()
             for _ in range(burst):
                 sent = time.perf_counter()
-                answer = outside_get(client, f"{https}/productpage", extensions=sni)
+                answer = outside_get(client, f"{https}/productpage")
                 times.append((time.perf_counter() - sent) * 1000)
                 statuses[answer.status_code] += 1
                 if answer.status_code == 200:
