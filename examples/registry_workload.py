@@ -7,8 +7,11 @@
 ``productpage`` answers ``GET /productpage`` by calling ``http://reviews/reviews`` through its
 mesh (the HTTPRoute picks reviews-v1 or reviews-v2); any other service answers ``GET
 /reviews`` with its service name and its own address, so a caller can tell which instance it
-reached. The process prints ``serving <service> on <url>`` once it listens and stops cleanly on
-SIGTERM or SIGINT (SIGKILL, of course, drains nothing: the registry's TTL removes the instance).
+reached. Both answers name the ``caller``: the identity their MeshMiddleware verified from the
+caller's certificate (``x-mesh-identity``; ``-`` for none), so a demo can show who got in
+(examples/gateway_demo.py). The process prints ``serving <service> on <url>`` once it listens
+and stops cleanly on SIGTERM or SIGINT (SIGKILL, of course, drains nothing: the registry's TTL
+removes the instance).
 """
 
 from __future__ import annotations
@@ -35,12 +38,22 @@ async def respond(send: Send, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+def caller(scope: Scope) -> str:
+    """The caller's SPIFFE ID as MeshMiddleware verified it: it sets ``x-mesh-identity`` from
+    the client certificate and drops any such header the request itself carried."""
+    for name, value in scope["headers"]:
+        if name == b"x-mesh-identity":
+            return str(value.decode("latin-1"))
+    return "-"
+
+
 def reviews_app(service: str) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         host, port = scope["server"]
-        await respond(send, 200, {"service": service, "instance": f"{host}:{port}"})
+        body = {"service": service, "instance": f"{host}:{port}", "caller": caller(scope)}
+        await respond(send, 200, body)
 
     return app
 
@@ -62,7 +75,7 @@ def productpage_app(mesh: meshlib.Mesh) -> Callable[[Scope, Receive, Send], Awai
             await respond(send, 502, {"error": f"{type(exc).__name__}: {exc}"})
             return
         body = answer.json() if answer.status_code == 200 else {"error": answer.text}
-        await respond(send, answer.status_code, {"reviews": body})
+        await respond(send, answer.status_code, {"caller": caller(scope), "reviews": body})
 
     return app
 

@@ -43,6 +43,38 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^A/B split as configured$",
         ],
     ),
+    "gateway_demo.py": (
+        [],
+        [
+            r"^registry serving on https://127\.0\.0\.1:\d+ \(pid \d+\)$",
+            r"^\$ meshctl apply -f \S+mesh\.yaml\n  applied version 1$",
+            r"^  serving productpage on https://127\.0\.0\.1:\d+ \(pid \d+\)$",
+            r"^  \S+gateway\.yaml: ok \(edge/bookinfo; 2 HTTPRoutes, 1 TLS Secrets, "
+            r"0 CA ConfigMaps\)$",
+            r"^  listening: 80 -> http://127\.0\.0\.1:\d+\n"
+            r"  listening: 443 -> https://127\.0\.0\.1:\d+$",
+            # HTTP → HTTPS by the HTTP listener's redirect route
+            r"^  GET http://bookinfo\.example/productpage → 301, "
+            r"Location: https://bookinfo\.example/productpage$",
+            # TLS terminated with the Secret's certificate, chosen by SNI
+            r"^  GET https://bookinfo\.example/productpage → 200 "
+            r"\(certificate bookinfo\.example, issued by gateway demo CA\)$",
+            # re-encrypted: each hop saw its caller's verified SPIFFE ID
+            r"^    productpage saw caller spiffe://bookinfo\.local/ns/edge/sa/gateway$",
+            r"^    reviews answered by reviews-v[12] at 127\.0\.0\.1:\d+, which saw caller "
+            r"spiffe://bookinfo\.local/ns/default/sa/productpage$",
+            r"^  forged x-mesh-identity: spiffe://bookinfo\.local/ns/default/sa/productpage → 200; "
+            r"productpage saw spiffe://bookinfo\.local/ns/edge/sa/gateway "
+            r"\(the forged header never reached it\)$",
+            r"^  GET https://bookinfo\.example/reviews → 403 \(x-mesh-reason: denied\)",
+            r"^  SNI other\.example: refused in the handshake \(\w+\)$",
+            r"^  direct to productpage https://127\.0\.0\.1:\d+ without a client certificate: "
+            r"refused \(\w+\)$",
+            r"^  a burst of 50 sequential requests through the gateway: 50 answered 200, "
+            r"p50 [\d.]+ ms, max [\d.]+ ms \(.*reviews-v1 [1-9]\d*, reviews-v2 [1-9]\d*\)$",
+            r"^stopped 5 processes \(pids [\d ]+\); still running: 0$",
+        ],
+    ),
     "observe.py": (
         [],
         [
@@ -159,11 +191,12 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
         assert "reviews-v1.default → ratings.default" in (tmp_path / "demo-graph.html").read_text()
     if name == "registry_demo.py":
         check_registry_demo(output)
+    if name in ("registry_demo.py", "gateway_demo.py"):
+        check_stopped(output)
 
 
 def check_registry_demo(output: str) -> None:
-    """Each split's observed share is its weight within 5 binomial sigmas, and every process
-    the demo started is gone once it exited."""
+    """Each split's observed share is its weight within 5 binomial sigmas."""
     splits = re.findall(r"^  split \d+/(\d+): reviews-v2 ([\d.]+)% of (\d+) calls", output, re.M)
     assert [weight for weight, _, _ in splits] == ["10", "50"], output
     for weight, observed, calls in splits:
@@ -171,7 +204,11 @@ def check_registry_demo(output: str) -> None:
         assert n >= 50, f"too few calls for a share: {n}"
         # + 0.0005: the demo prints the share rounded to 0.1 %
         assert abs(float(observed) / 100 - p) <= 5 * math.sqrt(p * (1 - p) / n) + 0.0005
-    pids = re.search(r"^stopped 5 processes \(pids ([\d ]+)\)", output, re.M)
+
+
+def check_stopped(output: str) -> None:
+    """Every process a multi-process demo started is gone once it exited."""
+    pids = re.search(r"^stopped \d+ processes \(pids ([\d ]+)\)", output, re.M)
     assert pids is not None
     for pid in map(int, pids.group(1).split()):
         with pytest.raises(ProcessLookupError):
