@@ -238,7 +238,15 @@ class GatewayServer:
                     "timeout_keep_alive": self.timeouts.keep_alive,
                     "timeout_graceful_shutdown": self.timeouts.shutdown_grace,
                     "h11_max_incomplete_event_size": head_limit(self.app.limits),
+                    # WebSocket handshakes reach the app as ``websocket`` scopes (the
+                    # pass-through); no per-message deflate at the edge: a small compressed
+                    # frame may not cost the gateway a large inflated message.
+                    "ws": "wsproto",
+                    "ws_per_message_deflate": False,
                 }
+                ws_max = self.app.limits.max_websocket_message_bytes
+                if ws_max is not None:
+                    options["ws_max_size"] = ws_max
                 app = edge_stack(
                     self.app.on_port(port),
                     self.inbound,
