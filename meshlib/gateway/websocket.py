@@ -11,8 +11,9 @@ side closes.
   ``connect_failure``, one that breaks the handshake **502** ``reset``.
 * Text and binary messages keep their kind; pings are answered on each hop (uvicorn answers the
   client's, wsproto here the backend's); a close code and reason go through to the other side
-  (1005 "no status" becomes 1000; a connection lost without a close becomes 1001 "going away"
-  towards the backend and 1011 towards the client — 1005, 1006 and 1015 may not be sent).
+  (1005 "no status" becomes 1000 — uvicorn reports a client's lost connection as 1005 too; a
+  backend's connection lost without a close becomes 1011 towards the client — 1005, 1006 and
+  1015 may not be sent).
 * A message from the backend larger than ``max_message`` bytes closes both sides with 1009, as
   uvicorn does for the client's (``ws_max_size``, set to the same limit by the listeners).
 * When one side goes away, the other is closed and everything is cancelled: a client that

@@ -108,8 +108,9 @@ spec:
 @dataclass
 class EchoSocket:
     """A WebSocket backend: accepts the first subprotocol offered, echoes text and binary
-    messages; ``"whoami"`` answers the verified caller (``x-mesh-identity``, or ``-``),
-    ``"close:<code>"`` closes with that code, ``"big:<n>"`` sends n bytes."""
+    messages (a path ending in ``/private`` is refused 451); ``"whoami"`` answers the
+    verified caller (``x-mesh-identity``, or ``-``), ``"close:<code>"`` closes with that code,
+    ``"big:<n>"`` sends n bytes."""
 
     scopes: list[dict[str, Any]] = field(default_factory=list)
     closes: list[int] = field(default_factory=list)
@@ -120,6 +121,11 @@ class EchoSocket:
             return
         self.scopes.append(dict(scope))
         await receive()  # websocket.connect
+        if scope["path"].endswith("/private"):  # refused with an HTTP answer of its own
+            headers = [(b"content-length", b"8"), (b"x-backend", b"echo")]
+            await send({"type": "websocket.http.response.start", "status": 451, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": b"private\n"})
+            return
         offered = scope.get("subprotocols") or []
         accept: dict[str, Any] = {"type": "websocket.accept", "headers": [(b"x-backend", b"echo")]}
         if offered:
@@ -350,6 +356,45 @@ def test_the_backends_close_code_and_reason_reach_the_client() -> None:
         closing = ws.message()
         assert isinstance(closing, CloseConnection)
         assert (closing.code, closing.reason) == (4001, "bye")
+
+
+@pytest.mark.timeout(30)
+def test_a_client_that_vanishes_closes_the_backend() -> None:
+    with plain_edge() as edge, client(edge.gateway.port(80), "/chat") as ws:
+        ws.accepted()
+        ws.send("hi")
+        assert ws.message() == "hi"
+        ws.shut()  # no close frame: the connection is simply gone
+        assert edge.backend.closed.wait(10)
+        # uvicorn reports a lost connection as 1005 (no status), which may not be sent on.
+        assert edge.backend.closes == [1000]
+
+
+@pytest.mark.timeout(30)
+def test_the_backends_refusal_of_the_handshake_is_relayed() -> None:
+    with plain_edge() as edge, client(edge.gateway.port(80), "/chat/private") as ws:
+        status, headers, body = ws.refused()
+        assert (status, body) == (451, b"private\n")
+        assert headers[b"x-backend"] == b"echo"
+
+
+@pytest.mark.timeout(30)
+def test_an_unreachable_backend_is_answered_502() -> None:
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))
+    closed = spare.getsockname()[1]
+    spare.close()  # nothing listens there now
+    mesh = meshlib.Mesh.from_text(
+        _policy(closed), service="gateway", namespace="edge", seed=7, registry=CollectorRegistry()
+    )
+    gateway = _gateway(mesh)
+    try:
+        with client(gateway.port(80), "/chat") as ws:
+            status, headers, _ = ws.refused()
+            assert (status, headers[b"x-mesh-reason"]) == (502, b"connect_failure")
+    finally:
+        gateway.stop()
+        mesh.close()
 
 
 @pytest.mark.timeout(30)
