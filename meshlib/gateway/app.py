@@ -385,8 +385,7 @@ class GatewayApp:
         if candidate is None:
             return _answer(404, Reason.NO_ROUTE, f"no route of listener {listener.name!r}")
         rule = candidate.rule
-        secure = listener.protocol is ListenerProtocol.HTTPS
-        scheme = "https" if secure else "http"
+        scheme = "https" if listener.protocol is ListenerProtocol.HTTPS else "http"
         if rule.redirect is not None:
             location = redirect_location(
                 rule.redirect,
