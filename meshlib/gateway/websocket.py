@@ -107,56 +107,95 @@ async def pass_through(
     ``headers``, accept the client (whose ``websocket.connect`` was received already) and
     relay until one side closes. ``extensions`` are the client scope's (a refusal is relayed
     as an HTTP answer where ``websocket.http.response`` is offered)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout  # the connection and the handshake, together
     try:
-        reader, writer = await upstream.open(timeout)
-    except StreamConnectError as exc:
-        log.info("gateway WebSocket to %s: %s", upstream.service, exc)
-        await refuse(502, Reason.CONNECT_FAILURE, f"cannot reach {upstream.service}")
-        return
-    try:
-        conn = WSConnection(ConnectionType.CLIENT)
-        extra = [(n, v) for n, v in headers if n.lower() not in HANDSHAKE_HEADERS]
-        writer.write(
-            conn.send(
-                Request(
-                    host=host,
-                    target=target,
-                    extra_headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in extra],
-                    subprotocols=list(subprotocols),
-                )
+        try:
+            reader, writer = await upstream.open(timeout)
+        except StreamConnectError as exc:
+            log.info("gateway WebSocket to %s: %s", upstream.service, exc)
+            await refuse(502, Reason.CONNECT_FAILURE, f"cannot reach {upstream.service}")
+            return
+        try:
+            await _shake_and_relay(
+                subprotocols,
+                extensions,
+                receive,
+                send,
+                refuse,
+                upstream,
+                reader,
+                writer,
+                host=host,
+                target=target,
+                headers=headers,
+                response_edits=response_edits,
+                max_message=max_message,
+                timeout=max(0.0, deadline - loop.time()),
+            )
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+            except (OSError, TimeoutError):
+                writer.transport.abort()  # a TLS peer that never answers our close_notify
+    finally:
+        upstream.release()  # also when cancelled: the endpoint's in-flight slot comes back
+
+
+async def _shake_and_relay(
+    subprotocols: Sequence[str],
+    extensions: object,
+    receive: Receive,
+    send: Send,
+    refuse: Refuse,
+    upstream: StreamEndpoint,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    host: str,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    response_edits: Sequence[HeaderModifier],
+    max_message: int | None,
+    timeout: float,
+) -> None:
+    conn = WSConnection(ConnectionType.CLIENT)
+    extra = [(n, v) for n, v in headers if n.lower() not in HANDSHAKE_HEADERS]
+    writer.write(
+        conn.send(
+            Request(
+                host=host,
+                target=target,
+                extra_headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in extra],
+                subprotocols=list(subprotocols),
             )
         )
-        try:
-            answer = await asyncio.wait_for(_handshake(conn, reader, writer), timeout)
-        except (OSError, TimeoutError, ProtocolError) as exc:
-            log.info("gateway WebSocket handshake with %s failed: %r", upstream.address, exc)
-            await refuse(
-                502, Reason.RESET, f"the WebSocket handshake with {upstream.service} failed"
-            )
-            return
-        if isinstance(answer, tuple):
-            await _relay_refusal(extensions, send, *answer)
-            return
-        out = [
-            (name, value)
-            for name, value in answer.extra_headers
-            if name.lower().decode("latin-1") not in HOP_BY_HOP | HANDSHAKE_HEADERS
-        ]
-        if response_edits:
-            edited = edit_headers(
-                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out], response_edits
-            )
-            out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
-        accept: Message = {"type": "websocket.accept", "headers": out}
-        if answer.subprotocol is not None:
-            accept["subprotocol"] = answer.subprotocol
-        await send(accept)
-        await _Relay(conn, reader, writer, receive, send, max_message).run()
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
-        upstream.release()
+    )
+    try:
+        answer = await asyncio.wait_for(_handshake(conn, reader, writer), timeout)
+    except (OSError, TimeoutError, ProtocolError) as exc:
+        log.info("gateway WebSocket handshake with %s failed: %r", upstream.address, exc)
+        await refuse(502, Reason.RESET, f"the WebSocket handshake with {upstream.service} failed")
+        return
+    if isinstance(answer, tuple):
+        await _relay_refusal(extensions, send, *answer)
+        return
+    out = [
+        (name, value)
+        for name, value in answer.extra_headers
+        if name.lower().decode("latin-1") not in HOP_BY_HOP | HANDSHAKE_HEADERS
+    ]
+    if response_edits:
+        edited = edit_headers(
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out], response_edits
+        )
+        out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
+    accept: Message = {"type": "websocket.accept", "headers": out}
+    if answer.subprotocol is not None:
+        accept["subprotocol"] = answer.subprotocol
+    await send(accept)
+    await _Relay(conn, reader, writer, receive, send, max_message).run()
 
 
 async def _handshake(
