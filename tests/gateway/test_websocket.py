@@ -257,7 +257,7 @@ def _policy(port: int, extra: str = "", mtls: str = "disable") -> str:
     )
 
 
-def _gateway(mesh: meshlib.Mesh) -> RunningGateway:
+def _gateway(mesh: meshlib.Mesh, **options: Any) -> RunningGateway:
     text = "---\n".join([GATEWAY, _secret("chat-cert", CHAT_CERT)])
     config = load_gateway_config([("gateway.yaml", text)])
     edge = config.gateways[0]
@@ -268,6 +268,7 @@ def _gateway(mesh: meshlib.Mesh) -> RunningGateway:
         mesh=mesh,
         transport=transport,
         limits=EdgeLimits(max_websocket_message_bytes=LIMIT),
+        **options,
     )
     server = GatewayServer(
         app, mesh, contexts=listener_contexts(edge, config), ports={80: 0, 443: 0}
@@ -283,7 +284,7 @@ class Plain:
 
 
 @contextlib.contextmanager
-def plain_edge(extra_policy: str = "") -> Iterator[Plain]:
+def plain_edge(extra_policy: str = "", **options: Any) -> Iterator[Plain]:
     """The gateway on plain HTTP in front of the echo backend (no mTLS)."""
     backend = EchoSocket()
     connections: list[int] = []
@@ -301,7 +302,7 @@ def plain_edge(extra_policy: str = "") -> Iterator[Plain]:
         seed=7,
         registry=CollectorRegistry(),
     )
-    gateway = _gateway(mesh)
+    gateway = _gateway(mesh, **options)
     try:
         yield Plain(gateway, backend, connections)
     finally:
@@ -418,6 +419,20 @@ def test_an_upgrade_without_a_route_is_answered_404() -> None:
         assert headers[b"x-mesh-reason"] == b"no_route"
         assert body.startswith(b"no_route: no route of listener 'http'")
         assert edge.backend_connections == []
+
+
+@pytest.mark.timeout(30)
+def test_a_handshake_over_the_per_ip_rate_limit_is_answered_429() -> None:
+    # One token, refilled every 100 s: the second handshake finds the bucket empty.
+    with plain_edge(rate_limit_per_ip=(0.01, 1)) as edge:
+        port = edge.gateway.port(80)
+        with client(port, "/chat") as ws:
+            ws.accepted()
+        with client(port, "/chat") as ws:
+            status, headers, _ = ws.refused()
+            assert (status, headers[b"x-mesh-reason"]) == (429, b"rate_limited")
+            assert headers[b"retry-after"] == b"100"
+        assert edge.backend_connections == [1]
 
 
 @pytest.mark.timeout(30)
