@@ -71,6 +71,9 @@ HANDSHAKE_HEADERS = frozenset(
         "sec-websocket-accept",
     }
 )
+#: Backend acceptance headers not relayed: hop-by-hop, the handshake's own, and ``date``
+#: (uvicorn writes the gateway's own on the accept; a second one would repeat it).
+_NOT_RELAYED = HOP_BY_HOP | HANDSHAKE_HEADERS | {"date"}
 #: Bytes read from the backend at a time.
 _READ_SIZE = 65536
 #: Bound on a backend's refusal body relayed to the client.
@@ -184,7 +187,7 @@ async def _shake_and_relay(
     out = [
         (name, value)
         for name, value in answer.extra_headers
-        if name.lower().decode("latin-1") not in HOP_BY_HOP | HANDSHAKE_HEADERS
+        if name.lower().decode("latin-1") not in _NOT_RELAYED
     ]
     if response_edits:
         edited = edit_headers(

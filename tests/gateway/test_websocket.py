@@ -324,6 +324,7 @@ def test_text_and_binary_messages_are_echoed_through_the_gateway() -> None:
     ):
         accepted = ws.accepted()
         assert accepted.subprotocol == "chat.v2"  # the backend's choice, relayed
+        assert [n for n, _ in accepted.extra_headers].count(b"date") == 1  # the gateway's
         answer = dict(accepted.extra_headers)
         assert answer[b"x-backend"] == b"echo"
         assert answer[b"x-served-by"] == b"gateway"
