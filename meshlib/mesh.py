@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from meshlib.observe.events import EventHub
     from meshlib.observe.metrics import MeshMetrics
     from meshlib.outbound.mtls import AsyncMeshTLSTransport, MeshTLSTransport, PeerVerifier
+    from meshlib.outbound.stream import StreamEndpoint
 
 log = logging.getLogger("meshlib")
 
@@ -561,6 +562,43 @@ class Mesh:
 
         assert self.svid is not None and self._peer_verifier is not None
         return AsyncMeshTLSTransport(self.svid.client_context(), self._peer_verifier, limits=limits)
+
+    def stream_endpoint(self, service_key: str) -> StreamEndpoint | None:
+        """An endpoint of ``service_key`` for a long-lived stream (the gateway's WebSocket
+        pass-through), picked as a call's first attempt is and counted in flight until the
+        stream is released; plain TCP or mTLS as calls to the service are
+        (:mod:`meshlib.outbound.stream`). None: the service is not declared or has no
+        endpoint."""
+        from meshlib.outbound.stream import StreamEndpoint
+
+        router = self._router
+        if service_key not in router.services:
+            return None
+        dest = self.destination(service_key, router)
+        with dest.lock:
+            state = dest.endpoints.pick(self.clock(), self._rng)
+            if state is None:
+                return None
+            dest.endpoints.on_start(state)
+        started = self.clock()
+
+        def ended(failed: bool) -> None:
+            with dest.lock:
+                if failed:
+                    dest.endpoints.on_end(state, self.clock(), self.clock() - started, True)
+                else:
+                    dest.endpoints.on_abandon(state)  # a stream's length says nothing of health
+
+        verifier = self._peer_verifier
+        tls = verifier is not None and self.uses_mtls(router, service_key)
+        return StreamEndpoint(
+            service_key,
+            state.endpoint.host,
+            state.endpoint.port,
+            verifier.client_context() if tls and verifier is not None else None,
+            verifier.verify if tls and verifier is not None else None,
+            ended,
+        )
 
     def transport(self, **kwargs: Any) -> MeshTransport:
         """An httpx sync transport; ``kwargs`` configure the inner ``httpx.HTTPTransport``."""

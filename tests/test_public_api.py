@@ -130,6 +130,7 @@ LAZY_MODULES = (
     "cryptography",
     "jwt",
     "opentelemetry",
+    "wsproto",  # the gateway's WebSocket pass-through only
 )
 
 

@@ -29,8 +29,13 @@ Per request, in order (each step's local answer beside it, with ``x-mesh-reason`
    its own status and reason (503, 504, 429, ...); a transport failure **502**
    (``connect_failure``, else ``reset``). A client that goes away cancels the call.
 
-WebSocket upgrades (and any other ``Upgrade``) are refused with 501 for now: pass-through is a
-later step.
+A WebSocket handshake (an ASGI ``websocket`` scope; uvicorn runs wsproto for it) takes steps
+1 to 5 as its GET would — the edge middleware has authenticated and authorized it before, so a
+refused upgrade never reaches a backend — and the gateway's own answers are HTTP refusals
+(``websocket.http.response``); then :mod:`meshlib.gateway.websocket` passes it through to one
+endpoint of the backend (:meth:`GatewayHost.stream_endpoint`: over mTLS with the gateway's SVID
+when the service uses it). An ``Upgrade`` that reaches the app as a plain ``http`` request (a
+server without a WebSocket library) is refused with 501.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from meshlib.gateway.ratelimit import MAX_KEYS, EdgeRateLimits
 from meshlib.gateway.tls import hostname_matches
 from meshlib.inbound.middleware import InboundHost, MeshMiddleware
 from meshlib.outbound.call import STREAM_EXTENSION
+from meshlib.outbound.stream import StreamEndpoint
 from meshlib.policy.authz import normalize_path
 from meshlib.policy.routes import (
     IngressIndex,
@@ -103,6 +109,10 @@ log = logging.getLogger("meshlib.gateway")
 #: wait): a backend that stops sending mid-answer is cut after this long.
 UPSTREAM_TIMEOUT = 10.0
 
+#: Seconds to reach a WebSocket's backend and complete its handshake (a rule's
+#: ``timeouts.request`` caps it; the open connection has no deadline).
+HANDSHAKE_TIMEOUT = 10.0
+
 #: Safe characters when a normalised path is sent on (as the inbound side re-quotes it).
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
@@ -110,7 +120,8 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 class GatewayHost(Protocol):
     """What the app needs from the gateway's mesh (:class:`meshlib.Mesh`): the policy in force
     (its services resolve backends, its FaultInjection header names are stripped at the edge),
-    the seeded RNG that picks backends by weight and the clock deadlines are read on."""
+    the seeded RNG that picks backends by weight, the clock deadlines are read on, and an
+    endpoint to pass a WebSocket through to."""
 
     @property
     def snapshot(self) -> Snapshot: ...
@@ -120,6 +131,10 @@ class GatewayHost(Protocol):
 
     def clock(self) -> float:
         """The clock of the mesh's deadlines (:data:`meshlib.context.inbound_deadline`)."""
+
+    def stream_endpoint(self, service_key: str) -> StreamEndpoint | None:
+        """An endpoint of the service for a WebSocket, and how to connect to it (plain or
+        mTLS with the peer's SPIFFE ID checked); None when there is none."""
 
 
 def split_host(value: str | None) -> tuple[str, int | None]:
@@ -194,6 +209,32 @@ class _Index:
     snapshot: Snapshot
     routes: IngressIndex
     strip: frozenset[str]
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A local answer of the gateway's."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a routed request goes: the backend service key and port, the path (as sent) and
+    query, the edge-cleaned and edited headers (``host`` among them), whether a body
+    follows, the response header edits and the rule's ``timeouts.request``."""
+
+    method: str
+    service: str
+    port: int | None
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    has_body: bool
+    response_edits: Sequence[HeaderModifier]
+    timeout: float | None
 
 
 class _BodyRefused(Exception):
@@ -283,7 +324,7 @@ class GatewayApp:
         if kind == "http":
             await self._http(scope, receive, send, port)
         elif kind == "websocket":
-            await _refuse_websocket(scope, receive, send)
+            await self._websocket(scope, receive, send, port)
         elif kind == "lifespan":
             await _lifespan(receive, send)
 
@@ -297,18 +338,16 @@ class GatewayApp:
             index = self._index = _Index(snapshot, routes, fault_header_names(snapshot.faults))
         return index
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send, port: int) -> None:
-        if self.rate_limits.active and await self.rate_limits.refuse(
-            scope, send, self.trusted_hops
-        ):
-            return
+    def _select(self, scope: Scope, port: int) -> _Answer | _Target:
+        """Steps 1 to 5 of the module docstring for an ``http`` or ``websocket`` scope: the
+        gateway's own answer, or where to send the request and with what."""
+        websocket = scope["type"] == "websocket"
         received: list[tuple[bytes, bytes]] = list(scope.get("headers") or ())
         host_value = next((v.decode("latin-1") for n, v in received if n.lower() == b"host"), None)
         host, host_port = split_host(host_value)
         listener = listener_for(self._by_port.get(port, ()), host)
         if listener is None:
-            await _local(send, 404, Reason.NO_ROUTE, f"no listener on port {port} serves {host!r}")
-            return
+            return _answer(404, Reason.NO_ROUTE, f"no listener on port {port} serves {host!r}")
         raw_path: bytes = scope.get("raw_path") or scope.get("path", "/").encode("utf-8")
         query_bytes: bytes = scope.get("query_string") or b""
         refusal = check_request(
@@ -319,17 +358,14 @@ class GatewayApp:
             limits=self.limits,
         )
         if refusal is not None:
-            await _local(send, refusal.status, refusal.reason, refusal.detail, close=True)
-            return
-        if any(n.lower() == b"upgrade" for n, _ in received):
+            return _answer(refusal.status, refusal.reason, refusal.detail, close=True)
+        if not websocket and any(n.lower() == b"upgrade" for n, _ in received):
             # A server without a WebSocket library hands the handshake to the app as a plain
             # request: forwarded without its Upgrade it would reach the backend as a GET.
-            await _respond(send, 501, _NOT_UPGRADED_HEADERS, _NOT_UPGRADED)
-            return
+            return _Answer(501, _NOT_UPGRADED_HEADERS, _NOT_UPGRADED)
         path = normalize_path(scope.get("path", "/"))
         if path is None:
-            await _local(send, 400, Reason.BAD_REQUEST, "the path cannot be normalised")
-            return
+            return _answer(400, Reason.BAD_REQUEST, "the path cannot be normalised")
         if path == scope.get("path"):
             sent_path = raw_path.decode("latin-1").partition("?")[0]
         else:
@@ -337,7 +373,7 @@ class GatewayApp:
         query = query_bytes.decode("latin-1")
         index = self._current()
         table = index.routes.table(listener.name, host)
-        method = scope.get("method", "GET")
+        method = "GET" if websocket else scope.get("method", "GET")  # the upgrade is a GET
         candidate = None
         if table is not None:
             lookup: dict[str, str] = {}
@@ -347,8 +383,7 @@ class GatewayApp:
                 lookup[key] = f"{lookup[key]}, {text}" if key in lookup else text
             candidate = table.select(method, path, query, lookup)
         if candidate is None:
-            await _local(send, 404, Reason.NO_ROUTE, f"no route of listener {listener.name!r}")
-            return
+            return _answer(404, Reason.NO_ROUTE, f"no route of listener {listener.name!r}")
         rule = candidate.rule
         scheme = "https" if listener.protocol is ListenerProtocol.HTTPS else "http"
         if rule.redirect is not None:
@@ -361,17 +396,14 @@ class GatewayApp:
                 path,
                 query,
             )
-            await _respond(
-                send,
+            return _Answer(
                 rule.redirect.status_code,
                 [(b"location", location.encode("latin-1")), (b"content-length", b"0")],
                 b"",
             )
-            return
         backend = pick(rule, self.mesh.rng.random)
         if backend is None or backend.service is None:
-            await _local(send, 500, Reason.INVALID_BACKEND, f"{rule.where} has no usable backend")
-            return
+            return _answer(500, Reason.INVALID_BACKEND, f"{rule.where} has no usable backend")
         edit = request_edit(candidate, backend, path)
         headers = edge_headers(
             received,
@@ -387,19 +419,88 @@ class GatewayApp:
             pairs = [(n, v) for n, v in pairs if n.lower() != "host"] + [("host", edit.host)]
         if edit.path is not None:
             sent_path = quote(edit.path, safe=_PATH_SAFE)
-        url = f"http://{backend.service}:{backend.ref.port}{sent_path}"
-        if query:
-            url += f"?{query}"
-        timeout = rule.rule.timeouts.request
-        await self._forward(
-            receive,
-            send,
+        return _Target(
             method,
-            url,
+            backend.service,
+            backend.ref.port,
+            sent_path,
+            query,
             pairs,
             _has_body(received),
             response_modifiers(candidate, backend),
-            timeout or None,
+            rule.rule.timeouts.request or None,
+        )
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send, port: int) -> None:
+        if self.rate_limits.active and await self.rate_limits.refuse(
+            scope, send, self.trusted_hops
+        ):
+            return
+        target = self._select(scope, port)
+        if isinstance(target, _Answer):
+            await _respond(send, target.status, target.headers, target.body)
+            return
+        url = f"http://{target.service}:{target.port}{target.path}"
+        if target.query:
+            url += f"?{target.query}"
+        await self._forward(
+            receive,
+            send,
+            target.method,
+            url,
+            target.headers,
+            target.has_body,
+            target.response_edits,
+            target.timeout,
+        )
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, port: int) -> None:
+        """A WebSocket handshake (already authorized by the edge middleware): routed as its
+        GET would be, then passed through to one endpoint of the backend
+        (:mod:`meshlib.gateway.websocket`); the gateway's own answers as HTTP refusals."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        extensions = scope.get("extensions") or {}
+        if self.rate_limits.active and await self.rate_limits.refuse(
+            scope, _handshake_send(send, extensions), self.trusted_hops
+        ):
+            return
+        target = self._select(scope, port)
+        if isinstance(target, _Answer):
+            await _refuse(extensions, send, target)
+            return
+        try:
+            from meshlib.gateway.websocket import pass_through
+        except ImportError:  # pragma: no cover - the `gateway` extra is not installed
+            await _refuse(extensions, send, _Answer(501, _NOT_UPGRADED_HEADERS, _NOT_UPGRADED))
+            return
+        upstream = self.mesh.stream_endpoint(target.service)
+        if upstream is None:
+            detail = f"{target.service} has no endpoint"
+            await _refuse(extensions, send, _answer(503, Reason.NO_HEALTHY_ENDPOINTS, detail))
+            return
+
+        async def refuse(status: int, reason: Reason, detail: str) -> None:
+            await _refuse(extensions, send, _answer(status, reason, detail))
+
+        host = next((v for n, v in target.headers if n.lower() == "host"), target.service)
+        timeout = HANDSHAKE_TIMEOUT
+        if target.timeout is not None:
+            timeout = min(timeout, target.timeout)  # the rule's timeouts.request caps it
+        await pass_through(
+            scope.get("subprotocols") or (),
+            extensions,
+            receive,
+            send,
+            refuse,
+            upstream,
+            host=host,
+            target=f"{target.path}?{target.query}" if target.query else target.path,
+            headers=target.headers,
+            response_edits=target.response_edits,
+            max_message=self.limits.max_websocket_message_bytes,
+            timeout=timeout,
         )
 
     async def _forward(
@@ -597,9 +698,7 @@ async def _respond(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _local(
-    send: Send, status: int, reason: Reason, detail: str, *, close: bool = False
-) -> None:
+def _answer(status: int, reason: Reason, detail: str, *, close: bool = False) -> _Answer:
     """The gateway's own answer: ``reason: detail`` as text, the reason in ``x-mesh-reason``."""
     body = f"{reason.value}: {detail}\n".encode()
     headers = [
@@ -609,10 +708,20 @@ async def _local(
     ]
     if close:
         headers.append((b"connection", b"close"))
-    await _respond(send, status, headers, body)
+    return _Answer(status, headers, body)
 
 
-_NOT_UPGRADED = b"not implemented: the gateway does not pass WebSockets (upgrades) through yet\n"
+async def _local(
+    send: Send, status: int, reason: Reason, detail: str, *, close: bool = False
+) -> None:
+    answer = _answer(status, reason, detail, close=close)
+    await _respond(send, answer.status, answer.headers, answer.body)
+
+
+_NOT_UPGRADED = (
+    b"not implemented: this server passes no WebSockets through (serve the gateway with "
+    b"uvicorn ws='wsproto', from meshlib[gateway])\n"
+)
 _NOT_UPGRADED_HEADERS = [
     (b"content-type", b"text/plain; charset=utf-8"),
     (b"content-length", str(len(_NOT_UPGRADED)).encode("ascii")),
@@ -620,25 +729,25 @@ _NOT_UPGRADED_HEADERS = [
 ]
 
 
-async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
-    """WebSocket pass-through is not built yet: a 501 answer to the handshake where the server
-    supports denial responses, else a close before accepting (the client sees 403)."""
-    message = await receive()
-    if message["type"] != "websocket.connect":
-        return
-    if "websocket.http.response" in (scope.get("extensions") or {}):
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": 501,
-                "headers": _NOT_UPGRADED_HEADERS,
-            }
-        )
-        await send(
-            {"type": "websocket.http.response.body", "body": _NOT_UPGRADED, "more_body": False}
-        )
-        return
-    await send({"type": "websocket.close", "code": 1011, "reason": "not implemented"})
+def _handshake_send(send: Send, extensions: Mapping[str, Any]) -> Send:
+    """``send`` for an HTTP answer to a WebSocket handshake: ``http.response.*`` messages go out
+    as the ``websocket.http.response`` extension's where the server supports denial responses,
+    else the answer is a close before accepting (which the server answers 403)."""
+    denial = "websocket.http.response" in extensions
+
+    async def answer(message: Message) -> None:
+        kind = message["type"]
+        if denial:
+            await send({**message, "type": f"websocket.{kind}"})
+        elif kind == "http.response.start":
+            await send({"type": "websocket.close", "code": 1008})
+
+    return answer
+
+
+async def _refuse(extensions: Mapping[str, Any], send: Send, answer: _Answer) -> None:
+    """The gateway's answer to a WebSocket handshake it does not pass through."""
+    await _respond(_handshake_send(send, extensions), answer.status, answer.headers, answer.body)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -104,6 +104,8 @@ class EdgeLimits:
     #: Path plus ``?`` and query string, as received (still percent-encoded).
     max_url_length: int | None = 8 * 1024
     max_body_bytes: int | None = 16 * 1024 * 1024
+    #: A WebSocket message (all its frames), either way: the ``websockets`` library's default.
+    max_websocket_message_bytes: int | None = 1024 * 1024
 
 
 DEFAULT_LIMITS = EdgeLimits()

@@ -20,6 +20,11 @@ Slow clients (slowloris) are bounded three ways:
   not count. A body that trickles faster than that is bounded by the route's request timeout
   (:class:`~meshlib.gateway.app.GatewayApp` answers **408**) and the body limit.
 
+WebSocket upgrades are served by uvicorn's wsproto protocol (``ws="wsproto"``, the ``gateway``
+extra; without wsproto installed, upgrades reach the app as plain requests and are answered
+501) without per-message deflate, messages bounded by
+:attr:`~meshlib.gateway.edge.EdgeLimits.max_websocket_message_bytes` (``ws_max_size``).
+
 uvicorn's ``proxy_headers`` is off: the peer address the
 edge writes into ``x-forwarded-for`` is the socket's, never a header's.
 """
@@ -27,6 +32,7 @@ edge writes into ``x-forwarded-for`` is the socket's, never a header's.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import signal
 from collections.abc import Callable, Mapping
@@ -86,6 +92,12 @@ def head_limit(limits: EdgeLimits) -> int | None:
     if limits.max_header_bytes is None or limits.max_url_length is None:
         return None
     return limits.max_header_bytes + limits.max_url_length + _HEAD_MARGIN
+
+
+def _can_pass_websockets() -> bool:
+    """Whether wsproto (the ``gateway`` extra) is installed: without it the listeners take no
+    WebSocket upgrades, and the app answers them 501 (uvicorn would refuse to start)."""
+    return importlib.util.find_spec("wsproto") is not None
 
 
 def _protocol_class(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
@@ -238,7 +250,15 @@ class GatewayServer:
                     "timeout_keep_alive": self.timeouts.keep_alive,
                     "timeout_graceful_shutdown": self.timeouts.shutdown_grace,
                     "h11_max_incomplete_event_size": head_limit(self.app.limits),
+                    # WebSocket handshakes reach the app as ``websocket`` scopes (the
+                    # pass-through); no per-message deflate at the edge: a small compressed
+                    # frame may not cost the gateway a large inflated message.
+                    "ws": "wsproto" if _can_pass_websockets() else "none",
+                    "ws_per_message_deflate": False,
                 }
+                ws_max = self.app.limits.max_websocket_message_bytes
+                if ws_max is not None:
+                    options["ws_max_size"] = ws_max
                 app = edge_stack(
                     self.app.on_port(port),
                     self.inbound,

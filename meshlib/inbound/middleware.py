@@ -2,9 +2,11 @@
 
 The inbound stack, in order (each step's reason beside it):
 
-1. non-HTTP scopes: ``lifespan`` (and anything unknown) passes through untouched; ``websocket``
-   gets step 2 only — a forged identity is as dangerous on a WebSocket handshake, but a
-   deadline or a token per message means nothing for a long-lived connection;
+1. non-HTTP scopes: ``lifespan`` (and anything unknown) passes through untouched; a
+   ``websocket`` handshake gets steps 2 to 4 (identity and sanitation, origin
+   authentication, authorization — the method checked is GET), refused before accept — a
+   forged identity or a missing token is as dangerous on a WebSocket handshake, but a
+   deadline or a rate per message means nothing for a long-lived connection;
 2. peer identity, then header sanitation — first, so no later step (nor the app) ever reads
    a header the peer was not entitled to send;
    then the method: a case-variant of a standard method (``get``, ``Delete``) is answered 400
@@ -254,8 +256,9 @@ class MeshMiddleware:
             app_scope = _normalized(app_scope, path)
             path = app_scope.get("path", "")
         if plan.jwt_rules:
-            authenticated = await self._authenticate(plan.jwt_rules, headers, app_scope, send)
+            authenticated = await self._authenticate(plan.jwt_rules, headers, app_scope)
             if authenticated is None:
+                await send_local_reply(send, 401, Reason.UNAUTHENTICATED)
                 self._record(source, 401, Reason.UNAUTHENTICATED, start, app_scope)
                 return
             app_scope, claims = authenticated
@@ -306,9 +309,8 @@ class MeshMiddleware:
         rules: tuple[JwtRule, ...],
         headers: Iterable[tuple[bytes, bytes]],
         scope: Scope,
-        send: Send,
     ) -> tuple[Scope, Mapping[str, Any] | None] | None:
-        """Origin authentication: ``None`` once a bad token was answered with 401, else the
+        """Origin authentication: ``None`` for a bad token (the caller answers 401), else the
         scope for the app (with the verified principal and claims, if a token came) and the
         claims for authorization (``None``: no token)."""
         from meshlib.inbound.origin import Unauthenticated
@@ -317,7 +319,6 @@ class MeshMiddleware:
             principal = await self._jwt_verifier().authenticate(rules, headers)
         except Unauthenticated as exc:
             log.info("origin authentication failed for %s: %s", self._destination, exc)
-            await send_local_reply(send, 401, Reason.UNAUTHENTICATED)
             return None
         if principal is None:
             return scope, None
@@ -329,8 +330,10 @@ class MeshMiddleware:
         return {**scope, "extensions": extensions}, principal.claims
 
     async def _handle_other(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
-        """Scopes other than ``http``: a WebSocket handshake gets identity, header sanitation
-        and authorization; anything else (``lifespan``, unknown) passes through untouched."""
+        """Scopes other than ``http``: a WebSocket handshake gets identity, header sanitation,
+        origin authentication and authorization, refused before accept
+        (:func:`refuse_websocket`); anything else (``lifespan``, unknown) passes through
+        untouched."""
         if scope["type"] != "websocket":
             await app(scope, receive, send)
             return
@@ -344,10 +347,15 @@ class MeshMiddleware:
         if plan.in_force:
             scope = _normalized(scope, path)
             path = scope.get("path", "")
-        if self._authorize(identity, "GET", path, headers) is Verdict.DENY:
-            message = await receive()  # websocket.connect
-            if message.get("type") == "websocket.connect":
-                await send({"type": "websocket.close", "code": 1008})
+        claims: Mapping[str, Any] | None = None
+        if plan.jwt_rules:  # a token on the handshake (an ingress gateway's end user)
+            authenticated = await self._authenticate(plan.jwt_rules, headers, scope)
+            if authenticated is None:
+                await refuse_websocket(scope, receive, send, 401, Reason.UNAUTHENTICATED)
+                return
+            scope, claims = authenticated
+        if self._authorize(identity, "GET", path, headers, jwt_claims=claims) is Verdict.DENY:
+            await refuse_websocket(scope, receive, send, 403, Reason.DENIED)
             return
         await app(scope, receive, send)
 
@@ -529,6 +537,29 @@ async def send_local_reply(
         headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def refuse_websocket(
+    scope: Scope, receive: Receive, send: Send, status: int, reason: Reason
+) -> None:
+    """Refuse a WebSocket handshake before accepting it: an HTTP answer with ``status`` and the
+    reason (as :func:`send_local_reply`) where the server offers the ASGI
+    ``websocket.http.response`` extension, else a close before accept, which servers answer
+    with 403. The handshake's ``websocket.connect`` is received first, as ASGI orders it."""
+    message = await receive()
+    if message.get("type") != "websocket.connect":
+        return  # the client left before its handshake was answered
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = f"{reason.value}\n".encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (REASON_HEADER.encode(), reason.value.encode()),
+    ]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
 
 
 def _rate_policy(

@@ -494,6 +494,17 @@ def _protocol_class(
                 await inner(scope, receive, send)
 
             self.app = with_tls
+            upgraded = self.ws_protocol_class
+            if upgraded is not None:
+                # uvicorn hands a WebSocket upgrade to a new protocol that runs the config's
+                # app, not this connection's: without this, a handshake would reach the app
+                # without the TLS extension (no caller identity) and skip the strict check.
+                def ws_protocol(**kwargs: Any) -> asyncio.Protocol:
+                    protocol = upgraded(**kwargs)
+                    protocol.app = with_tls  # type: ignore[attr-defined]
+                    return protocol
+
+                self.ws_protocol_class = ws_protocol  # type: ignore[assignment]
 
     return MeshTLSProtocol
 

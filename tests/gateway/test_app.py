@@ -189,10 +189,12 @@ class Edge:
 
 
 @contextlib.contextmanager
-def running_edge(extra_policy: str = "", **options: Any) -> Iterator[Edge]:
+def running_edge(
+    extra_policy: str = "", server_options: dict[str, Any] | None = None, **options: Any
+) -> Iterator[Edge]:
     """The gateway of GATEWAY behind its MeshMiddleware (``edge_stack``), the policy of
     :func:`policy` plus ``extra_policy``, in front of the echo backends and the sink;
-    ``options`` go to GatewayApp."""
+    ``options`` go to GatewayApp, ``server_options`` to the gateway's uvicorn."""
     web, api = EchoBackend("web"), EchoBackend("api")
     web.serve()
     api.serve()
@@ -209,7 +211,12 @@ def running_edge(extra_policy: str = "", **options: Any) -> Iterator[Edge]:
     gateway = config.gateways[0]
     transport = mesh.async_transport()
     app = GatewayApp(gateway, config, mesh=mesh, transport=transport, **options)
-    server = run_uvicorn(edge_stack(app.on_port(8080), mesh), proxy_headers=False, name="gateway")
+    server = run_uvicorn(
+        edge_stack(app.on_port(8080), mesh),
+        proxy_headers=False,
+        name="gateway",
+        **(server_options or {}),
+    )
     try:
         yield Edge(web, api, server, mesh, sink.url, sink_app)
     finally:
@@ -413,20 +420,23 @@ def test_the_response_is_relayed_as_it_arrives(edge: Edge) -> None:
         assert b"".join(chunks) == b"rest"
 
 
-def test_an_upgrade_is_refused_501_not_forwarded_as_a_plain_request(edge: Edge) -> None:
-    response = edge.get(
-        "shop.example.com",
-        "/chat",
-        headers={
-            "connection": "Upgrade",
-            "upgrade": "websocket",
-            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-            "sec-websocket-version": "13",
-        },
-    )
-    assert response.status_code == 501
-    assert "WebSockets" in response.text
-    assert edge.web.requests == 0
+def test_an_upgrade_is_refused_501_not_forwarded_as_a_plain_request() -> None:
+    # A server without a WebSocket library hands the handshake over as a plain request
+    # (the pass-through itself: tests/gateway/test_websocket.py).
+    with running_edge(server_options={"ws": "none"}) as edge:
+        response = edge.get(
+            "shop.example.com",
+            "/chat",
+            headers={
+                "connection": "Upgrade",
+                "upgrade": "websocket",
+                "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "sec-websocket-version": "13",
+            },
+        )
+        assert response.status_code == 501
+        assert "WebSockets" in response.text
+        assert edge.web.requests == 0
 
 
 def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:

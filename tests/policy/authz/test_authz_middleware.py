@@ -159,9 +159,11 @@ def test_websocket_upgrade_is_authorized_like_a_get(setup: Callable[..., Setup])
     accept (servers answer it with 403) and the app never sees it."""
     middleware, app, registry = setup(mesh(), SERVICES, ROUTES, TARGET_V1)
 
-    def ws_call(identity: str | None) -> list[dict[str, Any]]:
+    def ws_call(identity: str | None, denial_responses: bool = False) -> list[dict[str, Any]]:
         scope = scope_for(identity, "/reviews/1")
         scope["type"] = "websocket"
+        if denial_responses:  # the server can answer the handshake with HTTP (ASGI extension)
+            scope["extensions"] = {**(scope.get("extensions") or {}), "websocket.http.response": {}}
         sent: list[dict[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
@@ -174,5 +176,9 @@ def test_websocket_upgrade_is_authorized_like_a_get(setup: Callable[..., Setup])
         return sent
 
     assert ws_call(DETAILS) == [{"type": "websocket.close", "code": 1008}]
+    start, body = ws_call(DETAILS, denial_responses=True)
+    assert start["type"] == "websocket.http.response.start" and start["status"] == 403
+    assert (b"x-mesh-reason", b"denied") in start["headers"]
+    assert body == {"type": "websocket.http.response.body", "body": b"denied\n", "more_body": False}
     assert app.paths == []
-    assert decisions(registry, "deny", "open", DETAILS) == 1
+    assert decisions(registry, "deny", "open", DETAILS) == 2
