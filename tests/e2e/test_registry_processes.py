@@ -187,7 +187,12 @@ def test_three_services_on_three_processes_discover_each_other(
         with loadgen.client(timeout=5.0) as client:
             answer = client.get("http://productpage/productpage")
         assert answer.status_code == 200, answer.text
-        assert answer.json()["reviews"] == {"service": "reviews-v1", "instance": rows["reviews-v1"]}
+        assert answer.json()["reviews"] == {
+            "service": "reviews-v1",
+            "instance": rows["reviews-v1"],
+            # the identity reviews-v1 verified on the mTLS call: productpage's SVID
+            "caller": f"spiffe://{TD}/ns/default/sa/productpage",
+        }
         # every workload applied the registry's version 1 (its ACK rides the heartbeats)
         assert until(lambda: all(r.applied_version == 1 for r in admin.instances()), 15)
 
