@@ -30,10 +30,10 @@ from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_int, as_s
 from meshlib.config.fragments import STRING, Schema, array, integer, obj
 from meshlib.config.fragments import enum as enum_schema
 from meshlib.config.httproute import GATEWAY_API, build_http_route, http_route_schema
-from meshlib.config.loader import MAX_FILE_BYTES
+from meshlib.config.loader import source_documents
 from meshlib.config.model import GATEWAY_GROUP, HTTPRoute, Origin, ParentMode
 from meshlib.config.values import shown
-from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq, read_documents
+from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq
 from meshlib.errors import ConfigError, Problem
 
 __all__ = [
@@ -795,16 +795,8 @@ def load_gateway_config(sources: Sequence[tuple[str, str]]) -> GatewayConfig:
     problems: list[Problem] = []
     loaded = _Loaded()
     for name, text in sources:
-        if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
-            problems.append(Problem(name, 0, 0, "", f"is larger than {MAX_FILE_BYTES} bytes"))
-            continue
-        docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
-        problems.extend(
-            Problem(name, p.line, p.document, p.field, p.message, p.column) for p in yaml_problems
-        )
-        if not docs and not yaml_problems:
-            problems.append(Problem(name, 1, 0, "", "the gateway config has no documents"))
-        for doc in docs:
+        read = source_documents(name, text, problems, "the gateway config has no documents")
+        for doc in read[1] if read is not None else ():
             ctx = _document(name, doc, problems)
             if ctx is not None:
                 loaded.contexts.append(ctx)

@@ -172,6 +172,29 @@ def _too_big(path: str, size: int) -> Problem:
     )
 
 
+def source_documents(
+    name: str, text: str, problems: list[Problem], empty: str
+) -> tuple[bytes, list[YamlDocument]] | None:
+    """The UTF-8 bytes and the YAML documents of the source ``name``; its problems are appended
+    to ``problems`` (``empty`` when it holds no document). None when the text itself is refused:
+    a lone surrogate (str can hold it, UTF-8 cannot) or over the size cap."""
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        problems.append(_not_unicode(name, text, exc.start))
+        return None
+    if len(encoded) > MAX_FILE_BYTES:
+        problems.append(_too_big(name, len(encoded)))
+        return None
+    docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
+    problems.extend(
+        Problem(name, p.line, p.document, p.field, p.message, p.column) for p in yaml_problems
+    )
+    if not docs and not yaml_problems:
+        problems.append(Problem(name, 1, 0, "", empty))
+    return encoded, docs
+
+
 def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     parsed = Parsed()
     problems: list[Problem] = []
@@ -181,21 +204,11 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     for i, (name, text) in enumerate(sources):
         if i:
             digest.update(b"\0")
-        try:
-            encoded = text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate: str can hold it, UTF-8 cannot
-            problems.append(_not_unicode(name, text, exc.start))
+        found = source_documents(name, text, problems, NO_DOCUMENTS)
+        if found is None:
             continue
-        if len(encoded) > MAX_FILE_BYTES:
-            problems.append(_too_big(name, len(encoded)))
-            continue
+        encoded, docs = found
         digest.update(encoded)
-        docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
-        problems.extend(
-            Problem(name, p.line, p.document, p.field, p.message, p.column) for p in yaml_problems
-        )
-        if not docs and not yaml_problems:
-            problems.append(Problem(name, 1, 0, "", NO_DOCUMENTS))
         for doc in docs:
             read[name, doc.index] = doc
             try:
