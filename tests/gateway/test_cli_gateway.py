@@ -38,6 +38,21 @@ def test_validate_accepts_a_config_and_names_every_problem_by_line(
     assert "2 problems found" in err
 
 
+def test_validate_reads_files_as_policy_files_are_and_names_each_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Read as the mesh policy is: a byte that is not UTF-8 is named with its line, and a file
+    # that cannot be read does not hide the problems of the others.
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(GATEWAY.encode().replace(b"name: web,", b"name: w\xe9b,", 1))
+    missing = tmp_path / "missing.yaml"
+    assert main(["gateway", "validate", "--config", str(latin), "--config", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"{latin}:7" in err and "not valid UTF-8" in err
+    assert f"{missing}" in err and "cannot read file" in err
+    assert "2 problems found" in err
+
+
 def test_serve_refuses_an_unknown_listener_in_port(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
