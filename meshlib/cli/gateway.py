@@ -25,7 +25,7 @@ from meshlib.cli.command import (
     positive_seconds,
     print_problems,
 )
-from meshlib.errors import ConfigError, Problem
+from meshlib.errors import ConfigError
 
 if TYPE_CHECKING:
     from meshlib.config.gatewaykind import Gateway, GatewayConfig
@@ -147,19 +147,10 @@ def _load(names: Sequence[str]) -> GatewayConfig:
     """The config of ``names``, each file read as a policy file is (its size checked before it
     is read, its bytes UTF-8); every problem printed on stderr, then ConfigError raised."""
     from meshlib.config.gatewaykind import load_gateway_config
-    from meshlib.config.loader import read_policy_file
+    from meshlib.config.loader import read_policy_files
 
-    sources: list[tuple[str, str]] = []
-    problems: list[Problem] = []
     try:
-        for name in names:
-            try:
-                sources.append((name, read_policy_file(name)))
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-        if problems:
-            raise ConfigError(problems)
-        return load_gateway_config(sources)
+        return load_gateway_config(read_policy_files(names))
     except ConfigError as exc:
         print_problems(exc)
         raise

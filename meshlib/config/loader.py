@@ -46,6 +46,9 @@ __all__ = [
     "load_text",
     "load_texts",
     "parse_duration",
+    "read_policy_file",
+    "read_policy_files",
+    "source_documents",
 ]
 
 log = logging.getLogger("meshlib.config")
@@ -116,6 +119,12 @@ def load_file(path: str | os.PathLike[str], *, version: int = 0) -> Snapshot:
 
 def load_files(paths: Iterable[str | os.PathLike[str]], *, version: int = 0) -> Snapshot:
     """Validate several files as one policy: references may cross files."""
+    return _load(read_policy_files(paths), version)
+
+
+def read_policy_files(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, str]]:
+    """Each file's name and text (:func:`read_policy_file`); one ConfigError listing the
+    problems of every file that could not be read."""
     sources: list[tuple[str, str]] = []
     problems: list[Problem] = []
     for path in paths:
@@ -126,7 +135,7 @@ def load_files(paths: Iterable[str | os.PathLike[str]], *, version: int = 0) -> 
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
-    return _load(sources, version)
+    return sources
 
 
 def read_policy_file(path: str) -> str:
