@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO, TypeAlias
 
+from meshlib.errors import ConfigError
+
 EXIT_OK = 0
 EXIT_INVALID = 1  # invalid configuration, or a command that failed
 EXIT_USAGE = 2
@@ -35,6 +37,15 @@ class UsageError(Exception):
 class CommandFailed(Exception):
     """The verb could not do its work: a bad file, an unreachable URL, a refused CA step (exit
     status 1). The message is the one line printed after ``meshctl VERB:``."""
+
+
+def print_problems(error: ConfigError) -> None:
+    """Every problem of ``error`` on its own stderr line (``file:line: ...``), then how many
+    when there are several: one problem is its own one-line reason (DESIGN.md §7)."""
+    for problem in error.problems:
+        print(problem, file=sys.stderr)
+    if len(error.problems) > 1:
+        print(f"{len(error.problems)} problems found", file=sys.stderr)
 
 
 def positive_seconds(text: str) -> float:

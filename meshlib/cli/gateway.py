@@ -12,9 +12,7 @@ stops gracefully on SIGTERM or SIGINT.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshlib.cli.command import (
@@ -25,6 +23,7 @@ from meshlib.cli.command import (
     Subparsers,
     UsageError,
     positive_seconds,
+    print_problems,
 )
 from meshlib.errors import ConfigError
 
@@ -145,23 +144,15 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(names: Sequence[str]) -> GatewayConfig:
-    """The config of ``names``; every problem printed on stderr, then ConfigError raised."""
+    """The config of ``names``, each file read as a policy file is (its size checked before it
+    is read, its bytes UTF-8); every problem printed on stderr, then ConfigError raised."""
     from meshlib.config.gatewaykind import load_gateway_config
+    from meshlib.config.loader import read_policy_files
 
-    sources: list[tuple[str, str]] = []
-    for name in names:
-        try:
-            sources.append((name, Path(name).read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CommandFailed(f"cannot read {name}: {exc}") from None
     try:
-        return load_gateway_config(sources)
+        return load_gateway_config(read_policy_files(names))
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        n = len(exc.problems)
-        if n > 1:
-            print(f"{n} problems found", file=sys.stderr)
+        print_problems(exc)
         raise
 
 

@@ -25,6 +25,7 @@ from meshlib.cli.command import (
     UsageError,
     add_output_option,
     print_document,
+    print_problems,
 )
 from meshlib.config.loader import MAX_FILE_BYTES, load_texts, read_policy_file
 from meshlib.config.model import EffectivePolicy, FaultRule, ServiceDef, Snapshot
@@ -129,11 +130,7 @@ def _load(names: Sequence[str]) -> Snapshot:
     try:
         return load_texts(_read(names))
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        n = len(exc.problems)
-        if n > 1:  # one problem is its own one-line reason (DESIGN.md §7)
-            print(f"{n} problems found", file=sys.stderr)
+        print_problems(exc)
         raise
 
 

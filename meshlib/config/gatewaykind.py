@@ -26,14 +26,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshlib.config.checker import Finding, check
-from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_int, as_str, at, maps
+from meshlib.config.documents import (
+    DEFAULT_NAMESPACE,
+    DocContext,
+    as_int,
+    as_str,
+    at,
+    limited_maps,
+)
 from meshlib.config.fragments import STRING, Schema, array, integer, obj
 from meshlib.config.fragments import enum as enum_schema
 from meshlib.config.httproute import GATEWAY_API, build_http_route, http_route_schema
-from meshlib.config.loader import MAX_FILE_BYTES
+from meshlib.config.loader import source_documents
 from meshlib.config.model import GATEWAY_GROUP, HTTPRoute, Origin, ParentMode
 from meshlib.config.values import shown
-from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq, read_documents
+from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq
 from meshlib.errors import ConfigError, Problem
 
 __all__ = [
@@ -393,15 +400,6 @@ _KINDS: dict[str, tuple[str, Schema]] = {
 # --- builders ----------------------------------------------------------------------------------
 
 
-def _limited(
-    ctx: DocContext, parent: YMap, key: str, path: str, limit: int
-) -> list[tuple[int, YMap]]:
-    value = parent.get(key)
-    if isinstance(value, YSeq) and len(value) > limit:
-        ctx.error(path, parent.line_of(key), f"has {len(value)} items, at most {limit} are allowed")
-    return [(i, item) for i, item, _ in maps(value)]
-
-
 def _not_supported(ctx: DocContext, path: str, line: int, what: str, why: str = "") -> None:
     ctx.error(
         path, line, f"{what} is not supported by meshlib's gateway" + (f": {why}" if why else "")
@@ -429,7 +427,7 @@ def _listeners(ctx: DocContext, spec: YMap) -> tuple[Listener, ...]:
     names: dict[str, int] = {}
     combos: dict[tuple[int, str, str | None], int] = {}
     protocols_on_port: dict[int, tuple[ListenerProtocol, int]] = {}
-    for i, item in _limited(ctx, spec, "listeners", "spec.listeners", MAX_LISTENERS):
+    for i, item in limited_maps(ctx, spec, "listeners", "spec.listeners", MAX_LISTENERS):
         path = f"spec.listeners[{i}]"
         name, port = as_str(item.get("name")), as_int(item.get("port"))
         protocol, hostname = as_str(item.get("protocol")), as_str(item.get("hostname"))
@@ -525,7 +523,7 @@ def _listener_tls(
                 "certificates are configured in spec.tls.frontend)",
             )
     refs: list[ObjectRef] = []
-    for j, ref in _limited(
+    for j, ref in limited_maps(
         ctx, raw, "certificateRefs", f"{tpath}.certificateRefs", MAX_CERTIFICATE_REFS
     ):
         built = _ref(ctx, ref, f"{tpath}.certificateRefs[{j}]", "Secret")
@@ -595,7 +593,7 @@ def _allowed_routes(
         elif value in {f.value for f in NamespacesFrom}:
             from_ = NamespacesFrom(value)
     kinds: list[tuple[str, str]] = []
-    for j, entry in _limited(ctx, raw, "kinds", f"{apath}.kinds", MAX_ROUTE_KINDS):
+    for j, entry in limited_maps(ctx, raw, "kinds", f"{apath}.kinds", MAX_ROUTE_KINDS):
         group, kind = entry.get("group", GATEWAY_GROUP), as_str(entry.get("kind"))
         if not isinstance(group, str) or kind is None:
             continue
@@ -634,7 +632,7 @@ def _frontend(
     default = _client_validation(ctx, frontend.get("default"), f"{fpath}.default")
     per_port: list[tuple[int, ClientValidation]] = []
     seen: dict[int, int] = {}
-    for i, entry in _limited(ctx, frontend, "perPort", f"{fpath}.perPort", MAX_PER_PORT):
+    for i, entry in limited_maps(ctx, frontend, "perPort", f"{fpath}.perPort", MAX_PER_PORT):
         port = as_int(entry.get("port"))
         if port is None:
             continue
@@ -670,7 +668,7 @@ def _client_validation(ctx: DocContext, raw: object, path: str) -> ClientValidat
         )
         return None
     refs: list[ObjectRef] = []
-    for j, ref in _limited(
+    for j, ref in limited_maps(
         ctx, validation, "caCertificateRefs", f"{vpath}.caCertificateRefs", MAX_CA_REFS
     ):
         built = _ref(ctx, ref, f"{vpath}.caCertificateRefs[{j}]", "ConfigMap")
@@ -795,16 +793,8 @@ def load_gateway_config(sources: Sequence[tuple[str, str]]) -> GatewayConfig:
     problems: list[Problem] = []
     loaded = _Loaded()
     for name, text in sources:
-        if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
-            problems.append(Problem(name, 0, 0, "", f"is larger than {MAX_FILE_BYTES} bytes"))
-            continue
-        docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
-        problems.extend(
-            Problem(name, p.line, p.document, p.field, p.message, p.column) for p in yaml_problems
-        )
-        if not docs and not yaml_problems:
-            problems.append(Problem(name, 1, 0, "", "the gateway config has no documents"))
-        for doc in docs:
+        read = source_documents(name, text, problems, "the gateway config has no documents")
+        for doc in read[1] if read is not None else ():
             ctx = _document(name, doc, problems)
             if ctx is not None:
                 loaded.contexts.append(ctx)

@@ -15,7 +15,14 @@ import ipaddress
 import re
 
 from meshlib.config.checker import Finding, check
-from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_int, as_str, at, maps
+from meshlib.config.documents import (
+    DEFAULT_NAMESPACE,
+    DocContext,
+    as_int,
+    as_str,
+    at,
+    limited_maps,
+)
 from meshlib.config.fragments import STRING, Schema, array, integer, obj
 from meshlib.config.fragments import enum as enum_schema
 from meshlib.config.model import (
@@ -293,17 +300,6 @@ def build_http_route(ctx: DocContext) -> HTTPRoute | None:
     return HTTPRoute(ctx.name, ctx.namespace, parents, hostnames, rules, ctx.origin, created)
 
 
-def _limited(
-    ctx: DocContext, parent: YMap, key: str, path: str, limit: int
-) -> list[tuple[int, YMap]]:
-    """The mapping items of ``parent[key]`` as (index, item), after reporting a list longer
-    than ``limit``; other items were reported by the structural check."""
-    value = parent.get(key)
-    if isinstance(value, YSeq) and len(value) > limit:
-        ctx.error(path, parent.line_of(key), f"has {len(value)} items, at most {limit} are allowed")
-    return [(i, item) for i, item, _ in maps(value)]
-
-
 def _full_regex(value: str) -> Pattern:
     """RE2, matching the whole value (as Envoy's safe_regex does); the user's pattern is
     compiled alone first so that an error quotes it, not the anchored wrapper."""
@@ -313,7 +309,7 @@ def _full_regex(value: str) -> Pattern:
 
 def _parents(ctx: DocContext, spec: YMap) -> tuple[ParentRef, ...]:
     out: list[ParentRef] = []
-    items = _limited(ctx, spec, "parentRefs", "spec.parentRefs", MAX_PARENT_REFS)
+    items = limited_maps(ctx, spec, "parentRefs", "spec.parentRefs", MAX_PARENT_REFS)
     for i, item in items:
         path = f"spec.parentRefs[{i}]"
         name = as_str(item.get("name"))
@@ -388,7 +384,7 @@ def _rules(ctx: DocContext, spec: YMap) -> tuple[HTTPRouteRule, ...]:
     out: list[HTTPRouteRule] = []
     names: dict[str, int] = {}
     total = 0
-    for i, item in _limited(ctx, spec, "rules", "spec.rules", MAX_RULES):
+    for i, item in limited_maps(ctx, spec, "rules", "spec.rules", MAX_RULES):
         path = f"spec.rules[{i}]"
         name = as_str(item.get("name"))
         if name is not None:
@@ -404,7 +400,7 @@ def _rules(ctx: DocContext, spec: YMap) -> tuple[HTTPRouteRule, ...]:
         filters = _filters(ctx, item, path)
         _check_prefix_rewrite(ctx, item, path, matches, filters)
         backends: list[BackendRef] = []
-        for j, b in _limited(ctx, item, "backendRefs", f"{path}.backendRefs", MAX_BACKEND_REFS):
+        for j, b in limited_maps(ctx, item, "backendRefs", f"{path}.backendRefs", MAX_BACKEND_REFS):
             backend = _backend(ctx, b, f"{path}.backendRefs[{j}]", weighted=True)
             if backend is not None:
                 backends.append(backend)
@@ -427,7 +423,7 @@ def _matches(ctx: DocContext, rule: YMap, path: str) -> tuple[RouteMatch, ...]:
         # (Go cannot tell it from a missing one): a rule matching nothing would be dead.
         return (RouteMatch(),)
     out: list[RouteMatch] = []
-    for i, item in _limited(ctx, rule, "matches", f"{path}.matches", MAX_MATCHES):
+    for i, item in limited_maps(ctx, rule, "matches", f"{path}.matches", MAX_MATCHES):
         mpath = f"{path}.matches[{i}]"
         method = item.get("method")
         out.append(
@@ -482,7 +478,7 @@ def _value_matches(
     out: list[ValueMatch] = []
     seen: dict[str, int] = {}
     what = "header" if fold else "query parameter"
-    for i, item in _limited(ctx, match, key, f"{mpath}.{key}", limit):
+    for i, item in limited_maps(ctx, match, key, f"{mpath}.{key}", limit):
         path = f"{mpath}.{key}[{i}]"
         name, value = as_str(item.get("name")), item.get("value")
         type_ = item.get("type", ValueMatchType.EXACT.value)
@@ -525,7 +521,7 @@ _FILTER_FIELDS = {
 def _filters(ctx: DocContext, owner: YMap, path: str) -> tuple[HTTPRouteFilter, ...]:
     out: list[HTTPRouteFilter] = []
     first: dict[FilterType, int] = {}
-    for i, item in _limited(ctx, owner, "filters", f"{path}.filters", MAX_FILTERS):
+    for i, item in limited_maps(ctx, owner, "filters", f"{path}.filters", MAX_FILTERS):
         fpath = f"{path}.filters[{i}]"
         raw_type = item.get("type")
         if not isinstance(raw_type, str) or raw_type not in _FILTER_TYPES:
@@ -606,7 +602,7 @@ def _header_modifier(ctx: DocContext, config: YMap, path: str) -> HeaderModifier
     for key in ("set", "add"):
         seen: set[str] = set()
         pairs: list[tuple[str, str]] = []
-        for i, item in _limited(ctx, config, key, f"{path}.{key}", MAX_HEADER_MODIFICATIONS):
+        for i, item in limited_maps(ctx, config, key, f"{path}.{key}", MAX_HEADER_MODIFICATIONS):
             name, value = as_str(item.get("name")), item.get("value")
             if name is None or not isinstance(value, str):
                 continue

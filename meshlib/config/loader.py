@@ -46,6 +46,9 @@ __all__ = [
     "load_text",
     "load_texts",
     "parse_duration",
+    "read_policy_file",
+    "read_policy_files",
+    "source_documents",
 ]
 
 log = logging.getLogger("meshlib.config")
@@ -116,6 +119,12 @@ def load_file(path: str | os.PathLike[str], *, version: int = 0) -> Snapshot:
 
 def load_files(paths: Iterable[str | os.PathLike[str]], *, version: int = 0) -> Snapshot:
     """Validate several files as one policy: references may cross files."""
+    return _load(read_policy_files(paths), version)
+
+
+def read_policy_files(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, str]]:
+    """Each file's name and text (:func:`read_policy_file`); one ConfigError listing the
+    problems of every file that could not be read."""
     sources: list[tuple[str, str]] = []
     problems: list[Problem] = []
     for path in paths:
@@ -126,7 +135,7 @@ def load_files(paths: Iterable[str | os.PathLike[str]], *, version: int = 0) -> 
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
-    return _load(sources, version)
+    return sources
 
 
 def read_policy_file(path: str) -> str:
@@ -172,6 +181,29 @@ def _too_big(path: str, size: int) -> Problem:
     )
 
 
+def source_documents(
+    name: str, text: str, problems: list[Problem], empty: str
+) -> tuple[bytes, list[YamlDocument]] | None:
+    """The UTF-8 bytes and the YAML documents of the source ``name``; its problems are appended
+    to ``problems`` (``empty`` when it holds no document). None when the text itself is refused:
+    a lone surrogate (str can hold it, UTF-8 cannot) or over the size cap."""
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        problems.append(_not_unicode(name, text, exc.start))
+        return None
+    if len(encoded) > MAX_FILE_BYTES:
+        problems.append(_too_big(name, len(encoded)))
+        return None
+    docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
+    problems.extend(
+        Problem(name, p.line, p.document, p.field, p.message, p.column) for p in yaml_problems
+    )
+    if not docs and not yaml_problems:
+        problems.append(Problem(name, 1, 0, "", empty))
+    return encoded, docs
+
+
 def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     parsed = Parsed()
     problems: list[Problem] = []
@@ -181,21 +213,11 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     for i, (name, text) in enumerate(sources):
         if i:
             digest.update(b"\0")
-        try:
-            encoded = text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate: str can hold it, UTF-8 cannot
-            problems.append(_not_unicode(name, text, exc.start))
+        found = source_documents(name, text, problems, NO_DOCUMENTS)
+        if found is None:
             continue
-        if len(encoded) > MAX_FILE_BYTES:
-            problems.append(_too_big(name, len(encoded)))
-            continue
+        encoded, docs = found
         digest.update(encoded)
-        docs, yaml_problems = read_documents(text.removeprefix("\ufeff"))
-        problems.extend(
-            Problem(name, p.line, p.document, p.field, p.message, p.column) for p in yaml_problems
-        )
-        if not docs and not yaml_problems:
-            problems.append(Problem(name, 1, 0, "", NO_DOCUMENTS))
         for doc in docs:
             read[name, doc.index] = doc
             try:

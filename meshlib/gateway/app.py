@@ -76,6 +76,7 @@ from meshlib.gateway.edge import (
 from meshlib.gateway.ratelimit import MAX_KEYS, EdgeRateLimits
 from meshlib.gateway.tls import hostname_matches
 from meshlib.inbound.middleware import InboundHost, MeshMiddleware
+from meshlib.observe.asgi import answer_lifespan
 from meshlib.outbound.call import STREAM_EXTENSION
 from meshlib.outbound.stream import StreamEndpoint
 from meshlib.policy.authz import normalize_path
@@ -326,7 +327,7 @@ class GatewayApp:
         elif kind == "websocket":
             await self._websocket(scope, receive, send, port)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
 
     def _current(self) -> _Index:
         """The route index of the policy in force, rebuilt when the mesh reloads it (backends
@@ -748,13 +749,3 @@ def _handshake_send(send: Send, extensions: Mapping[str, Any]) -> Send:
 async def _refuse(extensions: Mapping[str, Any], send: Send, answer: _Answer) -> None:
     """The gateway's answer to a WebSocket handshake it does not pass through."""
     await _respond(_handshake_send(send, extensions), answer.status, answer.headers, answer.body)
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

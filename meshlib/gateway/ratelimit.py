@@ -34,7 +34,7 @@ from typing import Any
 from meshlib.config.model import RateLimitPolicy
 from meshlib.errors import REASON_HEADER, Reason
 from meshlib.gateway.edge import client_address
-from meshlib.policy.ratelimit import TokenBucket
+from meshlib.policy.ratelimit import TokenBucket, rate_limit_policy
 
 __all__ = [
     "MAX_KEYS",
@@ -76,16 +76,7 @@ def parse_rate(text: str) -> RateLimitPolicy:
 def _policy(
     value: RateLimitPolicy | tuple[float, int] | str | None, name: str
 ) -> RateLimitPolicy | None:
-    if value is None or isinstance(value, RateLimitPolicy):
-        policy = value
-    elif isinstance(value, str):
-        policy = parse_rate(value)
-    else:
-        rps, burst = value
-        policy = RateLimitPolicy(requests_per_second=float(rps), burst=int(burst))
-    if policy is not None and not (0 < policy.requests_per_second < math.inf and policy.burst >= 1):
-        raise ValueError(f"{name} needs requests per second > 0 and burst >= 1, not {value!r}")
-    return policy
+    return rate_limit_policy(parse_rate(value) if isinstance(value, str) else value, name)
 
 
 class KeyedLimiter:

@@ -14,12 +14,9 @@ first certificate whose DNS names cover the SNI name is served, else the listene
 
 from __future__ import annotations
 
-import os
 import ssl
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cryptography import x509
 
@@ -30,6 +27,7 @@ from meshlib.config.gatewaykind import (
     ListenerProtocol,
     TlsSecret,
 )
+from meshlib.identity.tls import load_cert_chain_bytes
 
 __all__ = [
     "MINIMUM_VERSION",
@@ -137,21 +135,13 @@ def _new_context(client_ca_pem: bytes | None) -> ssl.SSLContext:
 
 
 def _load_pair(ctx: ssl.SSLContext, served: ServedCertificate) -> None:
-    """``load_cert_chain`` from bytes, through a private temporary directory (ssl reads files
-    only); the key file is created 0600 and removed with the directory."""
-    with tempfile.TemporaryDirectory(prefix="meshlib-gateway-") as tmp:
-        cert_file = Path(tmp, "cert.pem")
-        key_file = Path(tmp, "key.pem")
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(served.key_pem)
-        cert_file.write_bytes(served.cert_pem)
-        try:
-            ctx.load_cert_chain(cert_file, key_file)
-        except ssl.SSLError as exc:
-            raise GatewayTLSError(
-                f"TLS refused the certificate of listener {served.listener!r}: {exc.reason or exc}"
-            ) from exc
+    """The listener's certificate and key into ``ctx``; a refusal names the listener."""
+    try:
+        load_cert_chain_bytes(ctx, served.cert_pem, served.key_pem)
+    except ssl.SSLError as exc:
+        raise GatewayTLSError(
+            f"TLS refused the certificate of listener {served.listener!r}: {exc.reason or exc}"
+        ) from exc
 
 
 class SniContext:

@@ -60,7 +60,13 @@ from meshlib.identity.crl import CRL_FILE, crls_pem, issued_by, load_crls
 from meshlib.identity.spiffe import IdentityError, SpiffeID
 from meshlib.identity.svid import SVIDError, verify_svid
 
-__all__ = ["SVIDMaterial", "SVIDSource", "TLSConfigError", "peer_chain"]
+__all__ = [
+    "SVIDMaterial",
+    "SVIDSource",
+    "TLSConfigError",
+    "load_cert_chain_bytes",
+    "peer_chain",
+]
 
 log = logging.getLogger("meshlib.identity")
 
@@ -351,20 +357,27 @@ def _load_crls(
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
-def _load_pair(ctx: ssl.SSLContext, material: SVIDMaterial) -> None:
-    """``load_cert_chain`` from the validated bytes (via a private temporary directory), so
-    what is loaded is exactly what was checked even if the files change meanwhile."""
-    with tempfile.TemporaryDirectory(prefix="meshlib-svid-") as tmp:
+def load_cert_chain_bytes(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    """``ctx.load_cert_chain`` from PEM bytes: ssl reads files only, so they go through a private
+    temporary directory (the key file created 0600, both removed with it). What is loaded is
+    exactly the bytes given, even if the files they came from change meanwhile. Raises
+    ``ssl.SSLError`` as ``load_cert_chain`` does (a key that does not match, ...)."""
+    with tempfile.TemporaryDirectory(prefix="meshlib-tls-") as tmp:
         cert_file = Path(tmp, "cert.pem")
         key_file = Path(tmp, "key.pem")
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(material.key_pem)
-        cert_file.write_bytes(material.chain_pem)
-        try:
-            ctx.load_cert_chain(cert_file, key_file)
-        except ssl.SSLError as exc:
-            raise TLSConfigError(f"TLS refused the SVID pair: {exc.reason or exc}") from exc
+            f.write(key_pem)
+        cert_file.write_bytes(chain_pem)
+        ctx.load_cert_chain(cert_file, key_file)
+
+
+def _load_pair(ctx: ssl.SSLContext, material: SVIDMaterial) -> None:
+    """The validated SVID pair into ``ctx`` (what is loaded is exactly what was checked)."""
+    try:
+        load_cert_chain_bytes(ctx, material.chain_pem, material.key_pem)
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"TLS refused the SVID pair: {exc.reason or exc}") from exc
 
 
 def peer_chain(ssl_object: ssl.SSLObject, leaf_der: bytes) -> list[bytes]:

@@ -55,7 +55,7 @@ from meshlib.inbound.peer import (
     verified_identity,
 )
 from meshlib.policy.authz import AuthzIndex, authorize, index_for, normalize_path
-from meshlib.policy.ratelimit import TokenBucket
+from meshlib.policy.ratelimit import TokenBucket, rate_limit_policy
 
 if TYPE_CHECKING:
     from meshlib.identity.spiffe import SpiffeID
@@ -196,8 +196,8 @@ class MeshMiddleware:
         self.app = app
         self.mesh = mesh
         self.default_timeout = default_timeout
-        self.rate_limit = _rate_policy(rate_limit, "rate_limit")
-        self.per_identity_rate_limit = _rate_policy(
+        self.rate_limit = rate_limit_policy(rate_limit, "rate_limit")
+        self.per_identity_rate_limit = rate_limit_policy(
             per_identity_rate_limit, "per_identity_rate_limit"
         )
         self.max_identities = max_identities
@@ -560,16 +560,3 @@ async def refuse_websocket(
     ]
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
     await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
-
-
-def _rate_policy(
-    value: tuple[float, int] | RateLimitPolicy | None, name: str
-) -> RateLimitPolicy | None:
-    if value is None or isinstance(value, RateLimitPolicy):
-        policy = value
-    else:
-        rps, burst = value
-        policy = RateLimitPolicy(requests_per_second=float(rps), burst=int(burst))
-    if policy is not None and not (0 < policy.requests_per_second < math.inf and policy.burst >= 1):
-        raise ValueError(f"{name} needs requests_per_second > 0 and burst >= 1, not {value!r}")
-    return policy

@@ -453,3 +453,19 @@ def test_route_hostnames_must_intersect_a_listener_hostname() -> None:
         "sectionName: shop", "sectionName: http"
     )
     assert load(full(route=http)).http_routes
+
+
+def test_a_text_the_policy_loader_would_refuse_is_refused_the_same_way() -> None:
+    # The gateway config is read as the mesh policy is (loader.source_documents): a lone
+    # surrogate, which UTF-8 cannot hold, is named with its line, and a file over the cap and an
+    # empty one are refused by name; the other file's problems are still listed.
+    broken = full().replace("name: shop-cert", "name: shop-\udcffcert", 1)
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(
+            [("a.yaml", broken), ("b.yaml", "# nothing\n"), ("c.yaml", "#" * (8 * 1024 * 1024 + 1))]
+        )
+    found = {p.file: p for p in info.value.problems}
+    assert "lone surrogate" in found["a.yaml"].message
+    assert found["a.yaml"].line == line_of(broken, "shop-\udcffcert")
+    assert "no documents" in found["b.yaml"].message
+    assert "larger than the 8388608-byte limit" in found["c.yaml"].message

@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
 
 import meshlib
 from meshlib.config.gatewaykind import Listener, ListenerProtocol, load_gateway_config
@@ -30,19 +29,17 @@ from meshlib.gateway.app import (
     listener_for,
     split_host,
 )
+from meshlib.gateway.edge import EdgeLimits
+from tests.gateway.fixtures import EDGE_AUTH, GATEWAY_HEAD, gateway_mesh, gateway_policy
 from tests.harness.echo import EchoBackend
 from tests.harness.server import ServerHandle, run_uvicorn
-from tests.inbound.origin.conftest import ISSUER, inline_rule, jwks, rsa_key, token
+from tests.inbound.origin.conftest import rsa_key, token
 
 pytestmark = pytest.mark.timeout(30)
 
-GATEWAY = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: edge}
-spec:
-  gatewayClassName: meshlib
-  listeners:
+GATEWAY = (
+    GATEWAY_HEAD
+    + """\
   - {name: any, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}
   - {name: shop, hostname: shop.example.com, port: 8080, protocol: HTTP}
   - {name: wild, hostname: "*.example.com", port: 8080, protocol: HTTP}
@@ -103,40 +100,12 @@ spec:
     - type: RequestRedirect
       requestRedirect: {scheme: https, hostname: shop.example.com, statusCode: 301}
 """
+)
 
 
 def policy(web: int, api: int, sink: int = 0, closed: int = 0) -> str:
-    return f"""\
-apiVersion: meshlib/v1
-kind: Mesh
-metadata: {{name: mesh}}
-spec: {{mtls: disable}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: gateway, namespace: edge}}
-spec: {{endpoints: []}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec: {{endpoints: [{{address: "127.0.0.1:{web}"}}]}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: api, namespace: shop}}
-spec: {{endpoints: [{{address: "127.0.0.1:{api}"}}]}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: sink, namespace: shop}}
-spec: {{endpoints: [{{address: "127.0.0.1:{sink or api}"}}]}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: closed, namespace: shop}}
-spec: {{endpoints: [{{address: "127.0.0.1:{closed or api}"}}]}}
-"""
+    ports = {"shop/web": web, "shop/api": api, "shop/sink": sink or api}
+    return gateway_policy({**ports, "shop/closed": closed or api})
 
 
 class HashingSink:
@@ -200,13 +169,7 @@ def running_edge(
     api.serve()
     sink_app = HashingSink()
     sink = run_uvicorn(sink_app, name="sink")
-    mesh = meshlib.Mesh.from_text(
-        policy(web.port, api.port, sink.port, _closed_port()) + extra_policy,
-        service="gateway",
-        namespace="edge",
-        seed=7,
-        registry=CollectorRegistry(),
-    )
+    mesh = gateway_mesh(policy(web.port, api.port, sink.port, _closed_port()) + extra_policy)
     config = load_gateway_config([("gateway.yaml", GATEWAY)])
     gateway = config.gateways[0]
     transport = mesh.async_transport()
@@ -367,26 +330,6 @@ def test_a_client_that_goes_away_cancels_the_call(edge: Edge) -> None:
     assert edge.web.wait_for_disconnects(1, timeout=5.0)
 
 
-EDGE_AUTH = f"""
----
-apiVersion: meshlib/v1
-kind: RequestAuthentication
-metadata: {{name: users, namespace: edge}}
-spec:
-  target: {{service: gateway}}
-  jwtRules:
-  - {inline_rule(jwks((rsa_key(), "rsa-1")))}
----
-apiVersion: meshlib/v1
-kind: AuthorizationPolicy
-metadata: {{name: users, namespace: edge}}
-spec:
-  target: {{service: gateway}}
-  rules:
-  - from: [{{requestPrincipals: ["{ISSUER}/alice"]}}]
-"""
-
-
 def test_jwt_and_authorization_of_the_gateway_service_apply_at_the_edge() -> None:
     with running_edge(EDGE_AUTH) as edge:
         response = edge.get("shop.example.com", "/")  # no token: no principal
@@ -496,14 +439,7 @@ def _peak_growth(upload: Callable[[], httpx.Response], digest: Any, total: int) 
 def test_chunked_body_over_the_limit_is_refused_413() -> None:
     web = EchoBackend("web")
     web.serve()
-    mesh = meshlib.Mesh.from_text(
-        policy(web.port, web.port),
-        service="gateway",
-        namespace="edge",
-        seed=7,
-        registry=CollectorRegistry(),
-    )
-    from meshlib.gateway.edge import EdgeLimits
+    mesh = gateway_mesh(policy(web.port, web.port))
 
     config = load_gateway_config([("gateway.yaml", GATEWAY)])
     app = GatewayApp(

@@ -14,35 +14,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-import meshlib
-from meshlib.config.gatewaykind import load_gateway_config
-from meshlib.gateway.app import GatewayApp
-from meshlib.gateway.serve import EdgeTimeouts, GatewayServer
+from meshlib.gateway.serve import EdgeTimeouts
+from tests.gateway.fixtures import gateway_policy, running_gateway, web_gateway
 from tests.gateway.running import RunningGateway
 from tests.harness.echo import EchoBackend
 
-GATEWAY = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: edge}
-spec:
-  gatewayClassName: meshlib
-  listeners:
-  - {name: web, port: 80, protocol: HTTP}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: web, namespace: edge}
-spec:
-  parentRefs: [{name: edge}]
-  rules:
+GATEWAY = web_gateway(
+    rules="""\
   - matches: [{path: {type: PathPrefix, value: /upload}}]
     timeouts: {request: 1s}
     backendRefs: [{name: web, namespace: shop, port: 8080}]
-  - backendRefs: [{name: web, namespace: shop, port: 8080}]
 """
+)
 
 #: A fault meant for one test user: a stranger sending the header must not trigger it.
 FAULT = """\
@@ -60,25 +44,6 @@ HEAD_TIMEOUT = 1.5
 BODY_TIMEOUT = 1.5
 
 
-def _policy(port: int) -> str:
-    return f"""\
-apiVersion: meshlib/v1
-kind: Mesh
-metadata: {{name: mesh}}
-spec: {{mtls: disable}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: gateway, namespace: edge}}
-spec: {{endpoints: []}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec: {{endpoints: [{{address: "127.0.0.1:{port}"}}]}}
-{FAULT}"""
-
-
 @dataclass
 class Target:
     running: RunningGateway
@@ -93,29 +58,16 @@ class Target:
 def target() -> Iterator[Target]:
     backend = EchoBackend("web")
     backend.serve()
-    mesh = meshlib.Mesh.from_text(
-        _policy(backend.port),
-        service="gateway",
-        namespace="edge",
-        seed=7,
-        registry=CollectorRegistry(),
-    )
-    config = load_gateway_config([("gateway.yaml", GATEWAY)])
-    transport = mesh.async_transport()
-    app = GatewayApp(config.gateways[0], config, mesh=mesh, transport=transport)
-    server = GatewayServer(
-        app,
-        mesh,
-        ports={80: 0},
-        timeouts=EdgeTimeouts(header_timeout=HEAD_TIMEOUT, body_timeout=BODY_TIMEOUT),
-    )
-    running = RunningGateway(server, transport)
     try:
-        yield Target(running, backend)
+        with running_gateway(
+            gateway_policy({"shop/web": backend.port}, extra=FAULT),
+            GATEWAY,
+            ports={80: 0},
+            timeouts=EdgeTimeouts(header_timeout=HEAD_TIMEOUT, body_timeout=BODY_TIMEOUT),
+        ) as running:
+            yield Target(running, backend)
     finally:
-        running.stop()
         backend.stop()
-        mesh.close()
 
 
 _STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")

@@ -13,48 +13,13 @@ import httpx
 import pytest
 
 from meshlib.cli.main import main
+from tests.gateway.fixtures import gateway_policy, web_gateway
 from tests.harness.echo import EchoBackend
 from tests.harness.processes import Processes
 
 MESHCTL = (sys.executable, "-m", "meshlib.cli")
 
-GATEWAY = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: edge}
-spec:
-  gatewayClassName: meshlib
-  listeners:
-  - {name: web, port: 80, protocol: HTTP}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: web, namespace: edge}
-spec:
-  parentRefs: [{name: edge}]
-  hostnames: [shop.example.com]
-  rules:
-  - backendRefs: [{name: web, namespace: shop, port: 8080}]
-"""
-
-
-def _policy(port: int) -> str:
-    return f"""\
-apiVersion: meshlib/v1
-kind: Mesh
-metadata: {{name: mesh}}
-spec: {{mtls: disable}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: gateway, namespace: edge}}
-spec: {{endpoints: []}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec: {{endpoints: [{{address: "127.0.0.1:{port}"}}]}}
-"""
+GATEWAY = web_gateway(hostnames="[shop.example.com]")
 
 
 def test_validate_accepts_a_config_and_names_every_problem_by_line(
@@ -70,6 +35,21 @@ def test_validate_accepts_a_config_and_names_every_problem_by_line(
     err = capsys.readouterr().err
     assert f"{bad}:7" in err and "port" in err  # the listener's port, on its line
     assert f"{bad}:13" in err and "no Gateway edge/x" in err
+    assert "2 problems found" in err
+
+
+def test_validate_reads_files_as_policy_files_are_and_names_each_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Read as the mesh policy is: a byte that is not UTF-8 is named with its line, and a file
+    # that cannot be read does not hide the problems of the others.
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(GATEWAY.encode().replace(b"name: web,", b"name: w\xe9b,", 1))
+    missing = tmp_path / "missing.yaml"
+    assert main(["gateway", "validate", "--config", str(latin), "--config", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"{latin}:7" in err and "not valid UTF-8" in err
+    assert f"{missing}" in err and "cannot read file" in err
     assert "2 problems found" in err
 
 
@@ -108,7 +88,7 @@ def test_serve_forwards_limits_reports_metrics_and_stops_on_sigterm(
         config = tmp_path / "gateway.yaml"
         config.write_text(GATEWAY)
         policy = tmp_path / "policy.yaml"
-        policy.write_text(_policy(backend.port))
+        policy.write_text(gateway_policy({"shop/web": backend.port}))
         child = processes.start(
             "gateway",
             [

@@ -4,7 +4,6 @@ strict-mTLS service that refuses the same external client when it calls directly
 
 from __future__ import annotations
 
-import base64
 import socket
 import ssl
 from collections.abc import Iterator
@@ -17,13 +16,10 @@ from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry
 
 import meshlib
-from meshlib.config.gatewaykind import load_gateway_config
-from meshlib.gateway.app import GatewayApp
-from meshlib.gateway.serve import GatewayServer
-from meshlib.gateway.tls import listener_contexts
 from meshlib.identity import CertificateAuthority, SpiffeID
 from meshlib.inbound.serving import Server, serve
-from tests.gateway.gwcerts import Pair, TestCA
+from tests.gateway.fixtures import GATEWAY_HEAD, gateway_policy, running_gateway, tls_secret
+from tests.gateway.gwcerts import TestCA
 from tests.gateway.running import RunningGateway
 from tests.mtls.conftest import TD, Recorder, mesh_text
 
@@ -35,23 +31,9 @@ EDGE_CA = TestCA.create("edge CA")
 SHOP = EDGE_CA.leaf("shop.example.com")
 API = EDGE_CA.leaf("api.example.com")
 
-
-def _secret(name: str, pair: Pair) -> str:
-    crt = base64.b64encode(pair.cert_pem).decode()
-    key = base64.b64encode(pair.key_pem).decode()
-    return (
-        f"apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: edge}}\n"
-        f"type: kubernetes.io/tls\ndata:\n  tls.crt: {crt}\n  tls.key: {key}\n"
-    )
-
-
-GATEWAY = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: edge}
-spec:
-  gatewayClassName: meshlib
-  listeners:
+GATEWAY = (
+    GATEWAY_HEAD
+    + """\
   - name: shop
     hostname: shop.example.com
     port: 443
@@ -83,17 +65,7 @@ spec:
     - type: RequestRedirect
       requestRedirect: {scheme: https, statusCode: 301}
 """
-
-
-def _policy(port: int) -> str:
-    return (
-        mesh_text("strict")
-        + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {name: gateway, namespace: edge}\n"
-        + "spec: {endpoints: []}\n"
-        + "---\napiVersion: meshlib/v1\nkind: Service\n"
-        + "metadata: {name: productpage, namespace: default}\n"
-        + f'spec: {{endpoints: [{{address: "127.0.0.1:{port}"}}]}}\n'
-    )
+)
 
 
 @pytest.fixture
@@ -128,28 +100,13 @@ def gateway(
     mesh_ca: CertificateAuthority, tmp_path: Path, productpage: tuple[Server, Recorder]
 ) -> Iterator[RunningGateway]:
     svid = mesh_ca.issue(GATEWAY_ID).save(tmp_path / "gateway")
-    mesh = meshlib.Mesh.from_text(
-        _policy(productpage[0].port),
-        service="gateway",
-        namespace="edge",
-        seed=7,
-        registry=CollectorRegistry(),
-        svid_dir=str(svid),
-    )
-    text = "---\n".join([GATEWAY, _secret("shop-cert", SHOP), _secret("api-cert", API)])
-    config = load_gateway_config([("gateway.yaml", text)])
-    edge = config.gateways[0]
-    transport = mesh.async_transport()
-    app = GatewayApp(edge, config, mesh=mesh, transport=transport)
-    server = GatewayServer(
-        app, mesh, contexts=listener_contexts(edge, config), ports={443: 0, 80: 0}
-    )
-    running = RunningGateway(server, transport)
-    try:
+    with running_gateway(
+        gateway_policy({"default/productpage": productpage[0].port}, mtls="strict"),
+        "---\n".join([GATEWAY, tls_secret("shop-cert", SHOP), tls_secret("api-cert", API)]),
+        mesh_options={"svid_dir": str(svid)},
+        ports={443: 0, 80: 0},
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        mesh.close()
 
 
 def _outside_context() -> ssl.SSLContext:

@@ -11,8 +11,9 @@ import pytest
 
 from meshlib.config.model import RateLimitPolicy
 from meshlib.gateway.ratelimit import EdgeRateLimits, KeyedLimiter, parse_rate, verified_subject
+from tests.gateway.fixtures import EDGE_JWT
 from tests.gateway.test_app import running_edge
-from tests.inbound.origin.conftest import inline_rule, jwks, rsa_key, token
+from tests.inbound.origin.conftest import token
 from tests.policy.fakes import FakeClock
 
 
@@ -102,18 +103,6 @@ def test_per_client_ip_limit_on_real_sockets() -> None:
         assert forged.status_code == 429
         assert _get(url, "127.0.0.2").status_code == 200
         assert edge.web.requests == 3
-
-
-EDGE_JWT = f"""
----
-apiVersion: meshlib/v1
-kind: RequestAuthentication
-metadata: {{name: users, namespace: edge}}
-spec:
-  target: {{service: gateway}}
-  jwtRules:
-  - {inline_rule(jwks((rsa_key(), "rsa-1")))}
-"""
 
 
 @pytest.mark.timeout(30)

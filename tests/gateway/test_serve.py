@@ -10,82 +10,32 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
 
-import meshlib
-from meshlib.config.gatewaykind import load_gateway_config
-from meshlib.gateway.app import GatewayApp
 from meshlib.gateway.edge import EdgeLimits
-from meshlib.gateway.serve import EdgeTimeouts, GatewayServer, head_limit
+from meshlib.gateway.serve import EdgeTimeouts, head_limit
+from tests.gateway.fixtures import gateway_policy, running_gateway, web_gateway
 from tests.gateway.running import RunningGateway
 from tests.harness.echo import EchoBackend
 
 pytestmark = pytest.mark.timeout(30)
 
-GATEWAY = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: edge}
-spec:
-  gatewayClassName: meshlib
-  listeners:
-  - {name: web, port: 80, protocol: HTTP}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: web, namespace: edge}
-spec:
-  parentRefs: [{name: edge}]
-  rules:
-  - backendRefs: [{name: web, namespace: shop, port: 8080}]
-"""
-
 HEAD_TIMEOUT = 0.5
-
-
-def _policy(port: int) -> str:
-    return f"""\
-apiVersion: meshlib/v1
-kind: Mesh
-metadata: {{name: mesh}}
-spec: {{mtls: disable}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: gateway, namespace: edge}}
-spec: {{endpoints: []}}
----
-apiVersion: meshlib/v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec: {{endpoints: [{{address: "127.0.0.1:{port}"}}]}}
-"""
 
 
 @pytest.fixture
 def gateway() -> Iterator[tuple[RunningGateway, EchoBackend]]:
     backend = EchoBackend("web")
     backend.serve()
-    mesh = meshlib.Mesh.from_text(
-        _policy(backend.port),
-        service="gateway",
-        namespace="edge",
-        seed=7,
-        registry=CollectorRegistry(),
-    )
-    config = load_gateway_config([("gateway.yaml", GATEWAY)])
-    transport = mesh.async_transport()
-    app = GatewayApp(config.gateways[0], config, mesh=mesh, transport=transport)
-    server = GatewayServer(
-        app, mesh, ports={80: 0}, timeouts=EdgeTimeouts(header_timeout=HEAD_TIMEOUT)
-    )
-    running = RunningGateway(server, transport)
     try:
-        yield running, backend
+        with running_gateway(
+            gateway_policy({"shop/web": backend.port}),
+            web_gateway(),
+            ports={80: 0},
+            timeouts=EdgeTimeouts(header_timeout=HEAD_TIMEOUT),
+        ) as running:
+            yield running, backend
     finally:
-        running.stop()
         backend.stop()
-        mesh.close()
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:

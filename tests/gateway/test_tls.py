@@ -27,6 +27,7 @@ from meshlib.gateway.tls import (
     listener_contexts,
     select_certificate,
 )
+from tests.gateway.fixtures import GATEWAY_HEAD
 from tests.gateway.gwcerts import Pair, TestCA
 
 CA = TestCA.create()
@@ -256,13 +257,9 @@ def test_client_certificates_required_accepted_and_refused() -> None:
     assert (plain.client_error, plain.client_seen) == (None, None)
 
 
-GATEWAY = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: edge}
-spec:
-  gatewayClassName: meshlib
-  listeners:
+GATEWAY = (
+    GATEWAY_HEAD
+    + """\
   - {name: http, port: 8080, protocol: HTTP}
   - name: shop
     hostname: shop.example.com
@@ -287,9 +284,11 @@ spec:
           validation:
             caCertificateRefs: [{group: "", kind: ConfigMap, name: partners}]
 """
+)
 
 
 def _secret(name: str, pair: Pair) -> str:
+    # PEM in stringData here (fixtures.tls_secret writes base64 data): both forms are read.
     return (
         f"apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: edge}}\n"
         "type: kubernetes.io/tls\nstringData:\n  tls.crt: |\n"

@@ -32,18 +32,21 @@ from wsproto.events import (
 )
 
 import meshlib
-from meshlib.config.gatewaykind import load_gateway_config
-from meshlib.gateway.app import GatewayApp
 from meshlib.gateway.edge import EdgeLimits
-from meshlib.gateway.serve import GatewayServer
-from meshlib.gateway.tls import listener_contexts
 from meshlib.identity import CertificateAuthority, SpiffeID
 from meshlib.inbound.serving import serve
+from tests.gateway.fixtures import (
+    EDGE_AUTH,
+    GATEWAY_HEAD,
+    gateway_mesh,
+    gateway_policy,
+    start_gateway,
+    tls_secret,
+)
 from tests.gateway.gwcerts import TestCA
 from tests.gateway.running import RunningGateway
-from tests.gateway.test_gateway_mtls import _secret
 from tests.harness.server import run_uvicorn
-from tests.inbound.origin.conftest import ISSUER, inline_rule, jwks, rsa_key, token
+from tests.inbound.origin.conftest import rsa_key, token
 from tests.mtls.conftest import TD, mesh_text
 
 pytestmark = pytest.mark.timeout(30)
@@ -54,13 +57,9 @@ EDGE_CA = TestCA.create("edge CA")
 CHAT_CERT = EDGE_CA.leaf("chat.example.com")
 LIMIT = 64 * 1024  # the gateway's message limit in these tests
 
-GATEWAY = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: edge}
-spec:
-  gatewayClassName: meshlib
-  listeners:
+GATEWAY = (
+    GATEWAY_HEAD
+    + """\
   - {name: http, port: 80, protocol: HTTP}
   - name: https
     hostname: chat.example.com
@@ -84,25 +83,7 @@ spec:
         add: [{name: x-served-by, value: gateway}]
     backendRefs: [{name: chat, namespace: default, port: 8080}]
 """
-
-EDGE_AUTH = f"""
----
-apiVersion: meshlib/v1
-kind: RequestAuthentication
-metadata: {{name: users, namespace: edge}}
-spec:
-  target: {{service: gateway}}
-  jwtRules:
-  - {inline_rule(jwks((rsa_key(), "rsa-1")))}
----
-apiVersion: meshlib/v1
-kind: AuthorizationPolicy
-metadata: {{name: users, namespace: edge}}
-spec:
-  target: {{service: gateway}}
-  rules:
-  - from: [{{requestPrincipals: ["{ISSUER}/alice"]}}]
-"""
+)
 
 
 @dataclass
@@ -247,33 +228,17 @@ def _cut(ws: Client) -> bool:
 
 
 def _policy(port: int, extra: str = "", mtls: str = "disable") -> str:
-    return (
-        mesh_text(mtls)
-        + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {name: gateway, namespace: edge}\n"
-        + "spec: {endpoints: []}\n"
-        + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {name: chat, namespace: default}\n"
-        + f'spec: {{endpoints: [{{address: "127.0.0.1:{port}"}}]}}\n'
-        + extra
-    )
+    return gateway_policy({"default/chat": port}, mtls=mtls, extra=extra)
 
 
 def _gateway(mesh: meshlib.Mesh, **options: Any) -> RunningGateway:
-    text = "---\n".join([GATEWAY, _secret("chat-cert", CHAT_CERT)])
-    config = load_gateway_config([("gateway.yaml", text)])
-    edge = config.gateways[0]
-    transport = mesh.async_transport()
-    app = GatewayApp(
-        edge,
-        config,
-        mesh=mesh,
-        transport=transport,
+    return start_gateway(
+        mesh,
+        "---\n".join([GATEWAY, tls_secret("chat-cert", CHAT_CERT)]),
+        ports={80: 0, 443: 0},
         limits=EdgeLimits(max_websocket_message_bytes=LIMIT),
         **options,
     )
-    server = GatewayServer(
-        app, mesh, contexts=listener_contexts(edge, config), ports={80: 0, 443: 0}
-    )
-    return RunningGateway(server, transport)
 
 
 @dataclass
@@ -295,13 +260,7 @@ def plain_edge(extra_policy: str = "", **options: Any) -> Iterator[Plain]:
         await backend(scope, receive, send)
 
     server = run_uvicorn(counting, ws="wsproto", name="chat")
-    mesh = meshlib.Mesh.from_text(
-        _policy(server.port, extra_policy),
-        service="gateway",
-        namespace="edge",
-        seed=7,
-        registry=CollectorRegistry(),
-    )
+    mesh = gateway_mesh(_policy(server.port, extra_policy))
     gateway = _gateway(mesh, **options)
     try:
         yield Plain(gateway, backend, connections)
@@ -386,9 +345,7 @@ def test_an_unreachable_backend_is_answered_502() -> None:
     spare.bind(("127.0.0.1", 0))
     closed = spare.getsockname()[1]
     spare.close()  # nothing listens there now
-    mesh = meshlib.Mesh.from_text(
-        _policy(closed), service="gateway", namespace="edge", seed=7, registry=CollectorRegistry()
-    )
+    mesh = gateway_mesh(_policy(closed))
     gateway = _gateway(mesh)
     try:
         with client(gateway.port(80), "/chat") as ws:
@@ -480,12 +437,8 @@ def test_over_strict_mtls_the_backend_sees_the_gateways_identity(
         lifespan="off",
         ws="wsproto",
     )
-    mesh = meshlib.Mesh.from_text(
+    mesh = gateway_mesh(
         _policy(server.port, mtls="strict"),
-        service="gateway",
-        namespace="edge",
-        seed=7,
-        registry=CollectorRegistry(),
         svid_dir=str(mesh_ca.issue(GATEWAY_ID).save(tmp_path / "gateway")),
     )
     gateway = _gateway(mesh)
