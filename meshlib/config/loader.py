@@ -40,12 +40,16 @@ from meshlib.errors import ConfigError, Problem
 __all__ = [
     "MAX_FILE_BYTES",
     "NO_DOCUMENTS",
+    "POLICY_SUFFIXES",
     "decode_policy",
+    "directory_policy_files",
     "load_file",
     "load_files",
+    "load_paths",
     "load_text",
     "load_texts",
     "parse_duration",
+    "policy_files",
     "read_policy_file",
     "read_policy_files",
     "source_documents",
@@ -64,6 +68,9 @@ NO_DOCUMENTS = (
     "the file holds no policy documents (it is empty, or only comments and '---'); "
     "write a Mesh document (apiVersion: meshlib/v1, kind: Mesh) for an empty policy"
 )
+
+#: The files a policy directory contributes (:func:`directory_policy_files`).
+POLICY_SUFFIXES = (".yaml", ".yml")
 
 _BUILDERS: dict[str, Callable[[DocContext, Parsed], None]] = {
     "Mesh": lambda c, p: p.meshes.append((build_mesh(c), c)),
@@ -120,6 +127,60 @@ def load_file(path: str | os.PathLike[str], *, version: int = 0) -> Snapshot:
 def load_files(paths: Iterable[str | os.PathLike[str]], *, version: int = 0) -> Snapshot:
     """Validate several files as one policy: references may cross files."""
     return _load(read_policy_files(paths), version)
+
+
+def load_paths(paths: Iterable[str | os.PathLike[str]], *, version: int = 0) -> Snapshot:
+    """Validate files and directories as one policy (:func:`policy_files` says which files)."""
+    return _load(read_policy_files(policy_files(paths)), version)
+
+
+def policy_files(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """The policy files ``paths`` name, in order: a directory stands for its policy files
+    (:func:`directory_policy_files`), anything else for itself (read later, so a missing file
+    is reported by the read, as for one file). A file named twice is read once: its documents
+    would otherwise clash with themselves. One ConfigError lists every directory that could
+    not be listed or holds no policy file."""
+    files: list[str] = []
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    for path in paths:
+        name = os.fspath(path)
+        try:
+            found = directory_policy_files(name) if os.path.isdir(name) else [name]
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        if not found:
+            # Like an empty file: far more often a mount gone wrong than a wish for no policy.
+            problems.append(Problem(name, 0, 0, "", "the directory holds no *.yaml or *.yml file"))
+        for file in found:
+            if file not in seen:
+                seen.add(file)
+                files.append(file)
+    if problems:
+        raise ConfigError(problems)
+    return files
+
+
+def directory_policy_files(directory: str) -> list[str]:
+    """The ``*.yaml`` and ``*.yml`` files directly in ``directory``, sorted by name (not
+    recursive, as ``kubectl apply -f DIR``); unreadable → ConfigError naming the directory.
+
+    Hidden names are skipped: editors leave swap and lock files there (``.x.yaml.swp``,
+    ``.#x.yaml``) and a Kubernetes ConfigMap volume its ``..data`` links; a ConfigMap's own
+    files are symbolic links to regular files, and are read."""
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError as exc:
+        problem = Problem(directory, 0, 0, "", f"cannot read directory: {exc.strerror}")
+        raise ConfigError([problem]) from None
+    return [
+        os.path.join(directory, entry)
+        for entry in entries
+        if entry.endswith(POLICY_SUFFIXES)
+        and not entry.startswith(".")
+        and os.path.isfile(os.path.join(directory, entry))
+    ]
 
 
 def read_policy_files(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, str]]:

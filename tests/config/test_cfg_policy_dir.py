@@ -1,0 +1,248 @@
+"""Several policy files and directories as one watched policy (issue 15, item 4):
+``Mesh.from_file`` takes a directory (its ``*.yaml``/``*.yml`` files, sorted, not recursive) or
+a list of files and directories, validates them as one policy and watches every file, so a
+change to any file, or a file added to or removed from a directory, reloads the whole set as one
+snapshot, and a bad file keeps the last good snapshot and is named with its line.
+
+Real files in ``tmp_path``; the watcher polls every ``POLL`` seconds and tests wait for its
+reloads with a bounded poll of the reload metric or the snapshot, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import meshlib
+from meshlib.config.loader import load_paths, policy_files
+from meshlib.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(30)
+
+POLL = 0.05  # the watcher's poll interval; a change applies once stable for one interval
+
+
+def service(name: str, port: int = 9080) -> str:
+    return (
+        f"apiVersion: meshlib/v1\nkind: Service\nmetadata: {{name: {name}}}\n"
+        f"spec:\n  endpoints:\n  - address: '127.0.0.1:{port}'\n"
+    )
+
+
+def timeout_policy(target: str, timeout: str) -> str:
+    """A TrafficPolicy for a service declared in another file: references cross files."""
+    return (
+        "apiVersion: meshlib/v1\nkind: TrafficPolicy\nmetadata: {name: t}\n"
+        f"spec: {{target: {{service: {target}}}, timeout: {timeout}}}\n"
+    )
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write beside the file (a name no directory reads) and rename over it: atomic."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def reloads(registry: CollectorRegistry, result: str) -> float:
+    return registry.get_sample_value("mesh_config_reloads_total", {"result": result}) or 0.0
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+def services(mesh: meshlib.Mesh) -> set[str]:
+    return {key.removesuffix(".default") for key in mesh.snapshot.services}
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    """A directory of two policy files, and what the directory must not read."""
+    directory = tmp_path / "policy.d"
+    directory.mkdir()
+    (directory / "10-reviews.yaml").write_text(service("reviews"))
+    (directory / "20-ratings.yml").write_text(
+        service("ratings") + "---\n" + timeout_policy("reviews", "2s")
+    )
+    (directory / "README.md").write_text(service("notyaml"))  # not a policy file name
+    (directory / ".10-reviews.yaml.swp").write_text("\x00 an editor's swap file")
+    (directory / "sub").mkdir()  # not recursive
+    (directory / "sub" / "nested.yaml").write_text(service("nested"))
+    return directory
+
+
+def test_a_directory_is_its_yaml_files_sorted_not_recursive(policy_dir: Path) -> None:
+    files = [str(policy_dir / "10-reviews.yaml"), str(policy_dir / "20-ratings.yml")]
+    assert policy_files([policy_dir]) == files
+    with meshlib.Mesh.from_file(policy_dir, service="t", watch=False, metrics=False) as mesh:
+        assert mesh.snapshot.files == tuple(files)
+        assert services(mesh) == {"reviews", "ratings"}
+        assert mesh.snapshot.traffic_policies[0].fields["timeout"] == 2.0
+    # A file named twice (alone and in its directory) is read once, in its first place.
+    assert policy_files([files[1], policy_dir]) == [files[1], files[0]]
+
+
+def test_several_files_and_directories_are_one_policy(policy_dir: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "details.yaml"
+    extra.write_text(service("details"))
+    paths = [str(policy_dir), extra]
+    with meshlib.Mesh.from_file(paths, service="t", watch=False, metrics=False) as mesh:
+        assert services(mesh) == {"reviews", "ratings", "details"}
+        assert mesh.snapshot.files[-1] == str(extra)
+
+
+def test_explicit_reload_reads_the_directory_listing_again(policy_dir: Path) -> None:
+    with meshlib.Mesh.from_file(policy_dir, service="t", watch=False, metrics=False) as mesh:
+        first = mesh.snapshot.version
+        (policy_dir / "30-details.yaml").write_text(service("details"))
+        assert mesh.reload() is True
+        assert services(mesh) == {"reviews", "ratings", "details"}
+        (policy_dir / "20-ratings.yml").unlink()
+        assert mesh.reload() is True
+        assert services(mesh) == {"reviews", "details"}
+        assert mesh.snapshot.traffic_policies == ()
+        assert mesh.snapshot.version > first
+
+
+def test_watcher_reloads_on_a_file_added_changed_and_removed(policy_dir: Path) -> None:
+    registry = CollectorRegistry()
+    with meshlib.Mesh.from_file(
+        policy_dir, service="t", poll_interval=POLL, registry=registry
+    ) as mesh:
+        replace_file(policy_dir / "30-details.yaml", service("details"))
+        wait_for(lambda: "details" in services(mesh), "the added file to apply")
+        assert services(mesh) == {"reviews", "ratings", "details"}
+
+        changed = service("ratings") + "---\n" + timeout_policy("reviews", "5s")
+        replace_file(policy_dir / "20-ratings.yml", changed)
+        wait_for(
+            lambda: mesh.snapshot.traffic_policies[0].fields["timeout"] == 5.0,
+            "the change to apply",
+        )
+
+        (policy_dir / "30-details.yaml").unlink()
+        wait_for(lambda: "details" not in services(mesh), "the removed file to apply")
+        assert services(mesh) == {"reviews", "ratings"}
+        assert reloads(registry, "applied") == 3 and reloads(registry, "rejected") == 0
+
+        # What the directory does not read is not watched either: no reload.
+        version = mesh.snapshot.version
+        (policy_dir / "notes.txt").write_text("x")
+        (policy_dir / "sub" / "nested.yaml").write_text(service("nested2"))
+        replace_file(policy_dir / "10-reviews.yaml", service("reviews", 9081))
+        wait_for(lambda: mesh.snapshot.version != version, "the last change to apply")
+        assert reloads(registry, "applied") == 4
+        assert "nested" not in services(mesh) and "nested2" not in services(mesh)
+
+
+def test_a_bad_file_in_the_set_keeps_the_last_good_snapshot(
+    policy_dir: Path, tmp_path: Path
+) -> None:
+    extra = tmp_path / "details.yaml"
+    extra.write_text(service("details"))
+    registry = CollectorRegistry()
+    with meshlib.Mesh.from_file(
+        [policy_dir, extra], service="t", poll_interval=POLL, registry=registry
+    ) as mesh:
+        before = mesh.snapshot
+        bad = policy_dir / "20-ratings.yml"
+        text = service("ratings") + "---\n" + timeout_policy("reviews", "2s").replace("2s", "2x")
+        replace_file(bad, text)
+        wait_for(lambda: reloads(registry, "rejected") >= 1, "the bad file to be rejected")
+        assert mesh.snapshot is before
+        error = mesh.last_error
+        assert error is not None and mesh.reload_status.ok is False
+        [problem] = error.problems
+        assert (problem.file, problem.line, problem.field) == (str(bad), 11, "spec.timeout")
+        assert f"{bad}:11:" in str(error)
+        joined = b"\0".join(p.read_bytes() for p in (policy_dir / "10-reviews.yaml", bad, extra))
+        assert mesh.reload_status.digest == hashlib.sha256(joined).hexdigest()
+
+        # A reference that breaks across files: the other file is named.
+        replace_file(bad, service("ratings") + "---\n" + timeout_policy("reviews", "2s"))
+        wait_for(lambda: mesh.reload_status.ok, "the fixed file to be read")
+        assert mesh.snapshot is before  # the content in force again: nothing to apply
+        replace_file(policy_dir / "10-reviews.yaml", service("reviewz"))
+        wait_for(lambda: reloads(registry, "rejected") >= 2, "the broken reference")
+        assert mesh.snapshot is before
+        assert mesh.last_error is not None
+        assert {p.file for p in mesh.last_error.problems} == {str(bad)}
+
+        replace_file(policy_dir / "10-reviews.yaml", service("reviews", 9081))
+        wait_for(lambda: mesh.snapshot.version != before.version, "the fixed set to apply")
+        assert mesh.reload_status.ok and mesh.last_error is None
+        assert reloads(registry, "applied") == 1
+
+
+def test_an_emptied_directory_is_refused(policy_dir: Path) -> None:
+    registry = CollectorRegistry()
+    with meshlib.Mesh.from_file(
+        policy_dir, service="t", poll_interval=POLL, registry=registry
+    ) as mesh:
+        before = mesh.snapshot
+        for name in ("10-reviews.yaml", "20-ratings.yml"):
+            (policy_dir / name).unlink()
+        wait_for(lambda: reloads(registry, "rejected") >= 1, "the emptied directory")
+        assert mesh.snapshot is before
+        assert mesh.last_error is not None
+        assert [(p.file, p.message) for p in mesh.last_error.problems] == [
+            (str(policy_dir), "the directory holds no *.yaml or *.yml file")
+        ]
+    with pytest.raises(ConfigError, match="holds no"):
+        load_paths([policy_dir])
+
+
+def test_from_file_needs_a_path() -> None:
+    with pytest.raises(ValueError, match="no policy file or directory"):
+        meshlib.Mesh.from_file([], service="t")
+
+
+def test_from_env_takes_several_policy_paths(
+    policy_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = tmp_path / "details.yaml"
+    extra.write_text(service("details"))
+    monkeypatch.delenv("MESHLIB_REGISTRY", raising=False)
+    monkeypatch.delenv("MESHLIB_JOIN_TOKEN", raising=False)
+    monkeypatch.delenv("MESHLIB_SVID_DIR", raising=False)
+    monkeypatch.setenv("MESHLIB_SERVICE", "t")
+    monkeypatch.setenv("MESHLIB_POLICY", f"{policy_dir}{os.pathsep}{extra}")
+    with meshlib.Mesh.from_env(poll_interval=POLL, metrics=False) as mesh:
+        assert services(mesh) == {"reviews", "ratings", "details"}
+        replace_file(extra, service("productpage"))
+        wait_for(lambda: "productpage" in services(mesh), "the second path to be watched")
+        assert "details" not in services(mesh)
+    monkeypatch.setenv("MESHLIB_POLICY", os.pathsep)
+    with pytest.raises(ValueError, match="MESHLIB_POLICY"):
+        meshlib.Mesh.from_env()
+
+
+def test_a_change_while_the_files_are_read_is_not_lost(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file changed after ``from_file`` read it but before the watcher's first look: the
+    watcher's first look would see no change, so ``from_file`` reloads at once."""
+    from meshlib.config import loader
+
+    real = loader.load_paths
+
+    def load_then_change(*args: object, **kwargs: object) -> object:
+        snapshot = real(*args, **kwargs)  # type: ignore[arg-type]
+        replace_file(policy_dir / "30-details.yaml", service("details"))
+        return snapshot
+
+    monkeypatch.setattr(loader, "load_paths", load_then_change)
+    # A poll far beyond the test's timeout: only from_file itself can have read the change.
+    with meshlib.Mesh.from_file(policy_dir, service="t", poll_interval=600, metrics=False) as m:
+        assert services(m) == {"reviews", "ratings", "details"}
