@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
+    from meshlib.config.loader import ReadCache
     from meshlib.control.agent import RegistryAgent
     from meshlib.control.registrar import RegistrationHandle
     from meshlib.identity.renewal import Issuer, RenewalMetrics, Renewer
@@ -261,6 +262,8 @@ class Mesh:
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
+        #: The documents of the files last read, for the next reload (:class:`ReadCache`).
+        self._read_cache: ReadCache | None = None
         # The files' state the snapshot was read at: taken here, before the watcher starts, so
         # a change written as soon as the constructor returns is a change to the watcher.
         self._watched = _policy_stat(self._paths) if self._paths and watch else None
@@ -288,12 +291,15 @@ class Mesh:
         all are validated as one policy (references may cross files) and watched, and a
         change to any file, or a file added to or removed from a directory, reloads the whole
         set as one snapshot."""
-        from meshlib.config.loader import load_paths  # YAML and RE2 load on first use
+        from meshlib.config.loader import ReadCache, load_paths  # YAML, RE2 load on first use
 
         paths = _policy_paths(path)
         read_at = _policy_stat(paths)
-        snapshot = load_paths(paths, version=next(_versions))
+        cache = ReadCache()
+        snapshot = load_paths(paths, version=next(_versions), cache=cache)
         mesh = cls(snapshot, service=service, namespace=namespace, path=paths, **kwargs)
+        with mesh._reload_lock:  # a reload reads only the files changed since this load
+            mesh._read_cache = cache
         if mesh._watcher is not None and mesh._watched != read_at:
             # Changed while being read: the snapshot may be older than the files, and the
             # watcher compares with the files as they are now.
@@ -773,10 +779,12 @@ class Mesh:
             return self._reload(self._paths)
 
     def _reload(self, paths: tuple[Path, ...]) -> bool:
-        from meshlib.config.loader import load_paths
+        from meshlib.config.loader import ReadCache, load_paths
 
+        if self._read_cache is None:
+            self._read_cache = ReadCache()
         try:
-            snapshot = load_paths(paths, version=next(_versions))
+            snapshot = load_paths(paths, version=next(_versions), cache=self._read_cache)
         except (ConfigError, OSError) as exc:
             error = (
                 exc

@@ -10,11 +10,13 @@ reloads with a bounded poll of the reload metric or the snapshot, never a fixed 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -246,3 +248,44 @@ def test_a_change_while_the_files_are_read_is_not_lost(
     # A poll far beyond the test's timeout: only from_file itself can have read the change.
     with meshlib.Mesh.from_file(policy_dir, service="t", poll_interval=600, metrics=False) as m:
         assert services(m) == {"reviews", "ratings", "details"}
+
+
+def test_a_reload_parses_only_the_files_that_changed(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each reload of a set reads every file, but parses and schema-checks only those whose
+    text changed since the last load (``ReadCache``); the snapshot is the one a fresh load of
+    the same files gives, and so is a problem's file:line:column in an unchanged file."""
+    from meshlib.config import loader
+
+    parsed: list[int] = []
+    real = loader.read_documents
+
+    def counting(text: str) -> Any:
+        parsed.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(loader, "read_documents", counting)
+    (policy_dir / "30-details.yaml").write_text(service("details"))
+    with meshlib.Mesh.from_file(policy_dir, service="t", watch=False, metrics=False) as mesh:
+        assert len(parsed) == 3
+        changed = service("details", 9081)
+        (policy_dir / "30-details.yaml").write_text(changed)
+        assert mesh.reload() is True
+        assert parsed[3:] == [len(changed)]
+        fresh = load_paths([policy_dir])
+        assert dataclasses.replace(mesh.snapshot, version=0) == fresh
+        parsed.clear()
+        assert mesh.reload() is True  # nothing changed: nothing parsed
+        assert parsed == []
+
+        # A change in one file breaks a reference in another, unchanged one: its problem has
+        # the column a fresh load gives (the unchanged file is parsed again for it).
+        (policy_dir / "10-reviews.yaml").write_text(service("reviewz"))
+        assert mesh.reload() is False
+        with pytest.raises(ConfigError) as fresh_error:
+            load_paths([policy_dir])
+        assert mesh.last_error is not None
+        assert mesh.last_error.problems == fresh_error.value.problems
+        [problem] = mesh.last_error.problems
+        assert problem.file == str(policy_dir / "20-ratings.yml") and problem.column > 0
