@@ -289,3 +289,40 @@ def test_a_reload_parses_only_the_files_that_changed(
         assert mesh.last_error.problems == fresh_error.value.problems
         [problem] = mesh.last_error.problems
         assert problem.file == str(policy_dir / "20-ratings.yml") and problem.column > 0
+
+
+@pytest.mark.timeout(20)
+def test_calls_follow_a_change_to_one_file_of_a_directory(
+    tmp_path: Path, echo_factory: Callable[..., Any]
+) -> None:
+    """Real calls through a mesh watching a directory: a split in one file moves traffic to a
+    service another file declares, and every response is tagged with an applied version."""
+    v1, v2 = echo_factory("v1"), echo_factory("v2")
+    directory = tmp_path / "policy.d"
+    directory.mkdir()
+    (directory / "10-services.yaml").write_text(
+        service("reviews", v1.port) + "---\n" + service("reviews-v2", v2.port)
+    )
+    (directory / "20-split.yaml").write_text(
+        "apiVersion: meshlib/v1\nkind: Mesh\nmetadata: {name: m}\nspec: {}\n"
+    )
+    registry = CollectorRegistry()
+    with (
+        meshlib.Mesh.from_file(
+            directory, service="t", poll_interval=POLL, registry=registry, seed=7
+        ) as mesh,
+        mesh.client() as client,
+    ):
+        first = mesh.snapshot.version
+        assert client.get("http://reviews/r").headers["x-backend"] == "v1"
+        replace_file(
+            directory / "20-split.yaml",
+            "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\n"
+            "metadata: {name: s}\nspec:\n  service: reviews\n"
+            "  backends:\n  - {service: reviews-v2, weight: 100}\n",
+        )
+        wait_for(lambda: mesh.snapshot.version != first, "the split to apply")
+        response = client.get("http://reviews/r")
+        assert response.headers["x-backend"] == "v2"
+        assert response.extensions["mesh_decision"].snapshot_version == mesh.snapshot.version
+        assert reloads(registry, "applied") == 1
