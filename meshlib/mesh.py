@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
+    from meshlib.config.loader import ReadCache
     from meshlib.control.agent import RegistryAgent
     from meshlib.control.registrar import RegistrationHandle
     from meshlib.identity.renewal import Issuer, RenewalMetrics, Renewer
@@ -77,6 +79,9 @@ log = logging.getLogger("meshlib")
 
 _versions = itertools.count(1)
 _DISABLE = MTLSMode.DISABLE
+
+#: What :meth:`Mesh.from_file` takes: one file or directory, or several.
+PolicyPaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,7 @@ class Mesh:
         *,
         service: str,
         namespace: str = "default",
-        path: str | os.PathLike[str] | None = None,
+        path: PolicyPaths | None = None,
         watch: bool = True,
         poll_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
@@ -251,14 +256,20 @@ class Mesh:
         self.last_rejected: ReloadStatus | None = None  # the last rejected reload, kept after
         self._access_log = access_log  # "json" | "text": wins over the policy's spec.accessLog
         self._sync_observers()
-        self._path = Path(path) if path is not None else None
+        #: The policy files and directories this mesh was loaded from and watches.
+        self._paths = _policy_paths(path) if path is not None else ()
         self._poll_interval = poll_interval
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
-        if self._path is not None and watch:
+        #: The documents of the files last read, for the next reload (:class:`ReadCache`).
+        self._read_cache: ReadCache | None = None
+        # The files' state the snapshot was read at: taken here, before the watcher starts, so
+        # a change written as soon as the constructor returns is a change to the watcher.
+        self._watched = _policy_stat(self._paths) if self._paths and watch else None
+        if self._paths and watch:
             self._watcher = threading.Thread(
-                target=self._watch, name=f"meshlib-watch-{self._path.name}", daemon=True
+                target=self._watch, name=f"meshlib-watch-{self._paths[0].name}", daemon=True
             )
             self._watcher.start()
 
@@ -267,17 +278,33 @@ class Mesh:
     @classmethod
     def from_file(
         cls,
-        path: str | os.PathLike[str],
+        path: PolicyPaths,
         *,
         service: str,
         namespace: str = "default",
         **kwargs: Any,
     ) -> Mesh:
-        """Load and validate a policy file (raises ConfigError) and watch it for changes."""
-        from meshlib.config.loader import load_file  # YAML and RE2 load on first use
+        """Load and validate a policy file (raises ConfigError) and watch it for changes.
 
-        snapshot = load_file(path, version=next(_versions))
-        return cls(snapshot, service=service, namespace=namespace, path=path, **kwargs)
+        ``path`` may also be a directory, meaning its ``*.yaml`` and ``*.yml`` files sorted by
+        name (not recursive, hidden files skipped), or a sequence of files and directories:
+        all are validated as one policy (references may cross files) and watched, and a
+        change to any file, or a file added to or removed from a directory, reloads the whole
+        set as one snapshot."""
+        from meshlib.config.loader import ReadCache, load_paths  # YAML, RE2 load on first use
+
+        paths = _policy_paths(path)
+        read_at = _policy_stat(paths)
+        cache = ReadCache()
+        snapshot = load_paths(paths, version=next(_versions), cache=cache)
+        mesh = cls(snapshot, service=service, namespace=namespace, path=paths, **kwargs)
+        with mesh._reload_lock:  # a reload reads only the files changed since this load
+            mesh._read_cache = cache
+        if mesh._watcher is not None and mesh._watched != read_at:
+            # Changed while being read: the snapshot may be older than the files, and the
+            # watcher compares with the files as they are now.
+            mesh.reload()
+        return mesh
 
     @classmethod
     def from_text(
@@ -393,8 +420,9 @@ class Mesh:
         (``version=v2,zone=a``) and ``MESHLIB_METRICS_PORT`` describe the served instance;
         ``MESHLIB_JOIN_TOKEN``, a join string (which also names the registry) or a bare token
         with ``MESHLIB_BUNDLE``, gets the first SVID) or ``MESHLIB_POLICY``
-        alone (a policy file, hot-reloaded). Several policy files are separated by
-        ``os.pathsep``. Keyword arguments go to :meth:`from_registry` / :meth:`from_file`."""
+        alone (policy files and directories, hot-reloaded as one policy: :meth:`from_file`).
+        Several policy paths are separated by ``os.pathsep``. Keyword arguments go to
+        :meth:`from_registry` / :meth:`from_file`."""
         env = os.environ
         service = env.get("MESHLIB_SERVICE", "").strip()
         if not service:
@@ -432,14 +460,14 @@ class Mesh:
                 policy_file=policies or None,
                 **kwargs,
             )
-        if len(policies) != 1:
+        if not policies:
             raise ValueError(
-                "Mesh.from_env: set MESHLIB_REGISTRY (a registry URL) or MESHLIB_POLICY (one "
-                f"policy file){'' if not policies else f'; got {len(policies)} files'}"
+                "Mesh.from_env: set MESHLIB_REGISTRY (a registry URL) or MESHLIB_POLICY (policy "
+                f"files or directories, separated by {os.pathsep!r})"
             )
         if svid_dir is not None:
             kwargs.setdefault("svid_dir", svid_dir)
-        return cls.from_file(policies[0], service=service, namespace=namespace, **kwargs)
+        return cls.from_file(policies, service=service, namespace=namespace, **kwargs)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -743,25 +771,32 @@ class Mesh:
         return AdminApp(self, tap_size=tap_size, top_window=top_window)
 
     def reload(self) -> bool:
-        """Re-read the policy file now. A bad file keeps the last good snapshot in force."""
-        if self._path is None:
+        """Re-read the policy files now (a directory's listing too). A bad file keeps the last
+        good snapshot in force."""
+        if not self._paths:
             raise RuntimeError("this mesh was not loaded from a file")
         with self._reload_lock:  # the watcher and an explicit call must not interleave
-            return self._reload(self._path)
+            return self._reload(self._paths)
 
-    def _reload(self, path: Path) -> bool:
-        from meshlib.config.loader import load_file
+    def _reload(self, paths: tuple[Path, ...]) -> bool:
+        from meshlib.config.loader import ReadCache, load_paths
 
+        if self._read_cache is None:
+            self._read_cache = ReadCache()
         try:
-            snapshot = load_file(path, version=next(_versions))
+            snapshot = load_paths(paths, version=next(_versions), cache=self._read_cache)
         except (ConfigError, OSError) as exc:
             error = (
                 exc
                 if isinstance(exc, ConfigError)
-                else ConfigError.from_message(str(path), str(exc))
+                else ConfigError.from_message(str(paths[0]), str(exc))
             )
             self.reload_status = ReloadStatus(
-                False, self.snapshot.version, error=error, digest=_file_digest(path), at=time.time()
+                False,
+                self.snapshot.version,
+                error=error,
+                digest=_files_digest(paths),
+                at=time.time(),
             )
             self.last_rejected = self.reload_status
             if self.metrics is not None:
@@ -779,28 +814,24 @@ class Mesh:
         self.apply(snapshot)
         if self.metrics is not None:
             self.metrics.reloads.labels("applied").inc()
-        log.info("policy reloaded: version %d from %s", snapshot.version, path)
+        log.info(
+            "policy reloaded: version %d from %s", snapshot.version, ", ".join(map(str, paths))
+        )
         return True
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        assert self._path is not None
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
     def _watch(self) -> None:
-        """Poll the file; reload once its stat has been stable for one interval, so a file
-        written in pieces is read whole (a rename is atomic and settles at once)."""
-        seen = self._stat()
+        """Poll the files; reload once their stat has been stable for one interval, so a file
+        written in pieces is read whole (a rename is atomic and settles at once). Every file
+        is polled, so a change to several files that settles within one interval is one
+        reload."""
+        seen = self._watched
         while not self._stop.wait(self._poll_interval):
-            current = self._stat()
+            current = _policy_stat(self._paths)
             if current is None or current == seen:
                 continue
             if self._stop.wait(self._poll_interval):
                 return
-            if self._stat() != current:
+            if _policy_stat(self._paths) != current:
                 continue  # still being written: wait for it to settle
             seen = current
             try:
@@ -966,12 +997,52 @@ def _unknown_service(service: str, namespace: str, services: Mapping[str, object
 _LISTED = 20
 
 
-def _file_digest(path: Path) -> str | None:
-    """sha256 of a file's bytes (the loader's digest for a UTF-8 file), None if unreadable."""
+def _policy_paths(path: PolicyPaths) -> tuple[Path, ...]:
+    paths = (path,) if isinstance(path, (str, os.PathLike)) else tuple(path)
+    if not paths:
+        raise ValueError("Mesh.from_file: no policy file or directory given")
+    return tuple(Path(p) for p in paths)
+
+
+def _policy_stat(paths: Sequence[Path]) -> tuple[tuple[str, int, int, int], ...] | None:
+    """What the watcher compares: each policy file's name, mtime, size and inode, a
+    directory's files as it lists them now (so a file added or removed is a change).
+    None while a named file or directory is missing: like one file, it is waited for."""
+    from meshlib.config.loader import directory_policy_files
+
+    seen: list[tuple[str, int, int, int]] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                seen.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+                continue
+            files = directory_policy_files(str(path))
+        except (OSError, ConfigError):
+            return None
+        for file in files:
+            try:
+                st = os.stat(file)
+            except OSError:
+                continue  # removed since the listing: the next poll lists it gone
+            seen.append((file, st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(seen)
+
+
+def _files_digest(paths: Sequence[Path]) -> str | None:
+    """sha256 of the policy files' bytes, joined by NUL as the loader joins them (its digest
+    for UTF-8 files: one file's is its bytes' own); None if a file or directory is unreadable."""
+    from meshlib.config.loader import policy_files
+
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+        for i, file in enumerate(policy_files(paths)):
+            if i:
+                digest.update(b"\0")
+            digest.update(Path(file).read_bytes())
+    except (OSError, ConfigError):
         return None
+    return digest.hexdigest()
 
 
 def _egress_refused(

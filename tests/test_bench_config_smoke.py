@@ -19,7 +19,10 @@ def test_quick_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFi
     assert config_load.main(["--quick", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^\| (.+?) \| ([\d.]+) (µs|ms|s) \|$", out, re.MULTILINE)
-    assert len(rows) == len(config_load.REGEX_BOMBS) + 3, out
+    assert len(rows) == len(config_load.REGEX_BOMBS) + 6, out
     figures = json.loads(out_json.read_text())
     assert set(figures["regex_us"]) == set(config_load.REGEX_BOMBS)
     assert figures["large_file_services"] > 0 and figures["large_file_bytes"] > 500_000
+    many = figures["many"]
+    assert many["services"] == 1_000 and many["parts"] == config_load.PARTS
+    assert all(many[k] > 0 for k in ("one_file_s", "directory_s", "reload_one_file_s"))

@@ -27,7 +27,7 @@ from meshlib.cli.command import (
     print_document,
     print_problems,
 )
-from meshlib.config.loader import MAX_FILE_BYTES, load_texts, read_policy_file
+from meshlib.config.loader import MAX_FILE_BYTES, load_texts, policy_files, read_policy_file
 from meshlib.config.model import EffectivePolicy, FaultRule, ServiceDef, Snapshot
 from meshlib.config.references import endpointless_services
 from meshlib.config.schema import POLICY_FIELDS, json_schema
@@ -119,7 +119,6 @@ def _problem(p: Problem) -> dict[str, Any]:
 
 #: The name stdin has in messages, as in ``cat mesh.yaml | meshctl validate -``.
 STDIN = "<stdin>"
-_POLICY_SUFFIXES = (".yaml", ".yml")
 
 
 def _load(names: Sequence[str]) -> Snapshot:
@@ -146,12 +145,7 @@ def _read(names: Sequence[str]) -> list[tuple[str, str | bytes]]:
             if name == "-":
                 sources.append((STDIN, sys.stdin.buffer.read(MAX_FILE_BYTES + 1)))
             elif os.path.isdir(name):
-                files = _policy_files(name)
-                if not files:
-                    raise ConfigError(
-                        [Problem(name, 0, 0, "", "the directory holds no *.yaml or *.yml file")]
-                    )
-                sources.extend((f, read_policy_file(f)) for f in files)
+                sources.extend((f, read_policy_file(f)) for f in policy_files([name]))
             else:
                 sources.append((name, read_policy_file(name)))
         except ConfigError as exc:
@@ -159,22 +153,6 @@ def _read(names: Sequence[str]) -> list[tuple[str, str | bytes]]:
     if problems:
         raise ConfigError(problems)
     return sources
-
-
-def _policy_files(directory: str) -> list[str]:
-    try:
-        entries = sorted(os.listdir(directory))
-    except OSError as exc:
-        problem = Problem(directory, 0, 0, "", f"cannot read directory: {exc.strerror}")
-        raise ConfigError([problem]) from None
-    # Hidden files are skipped: editors leave swap and lock files (.x.yaml.swp, .#x.yaml) there.
-    return [
-        os.path.join(directory, entry)
-        for entry in entries
-        if entry.endswith(_POLICY_SUFFIXES)
-        and not entry.startswith(".")
-        and os.path.isfile(os.path.join(directory, entry))
-    ]
 
 
 # --- schema ------------------------------------------------------------------------------------

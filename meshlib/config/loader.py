@@ -40,12 +40,17 @@ from meshlib.errors import ConfigError, Problem
 __all__ = [
     "MAX_FILE_BYTES",
     "NO_DOCUMENTS",
+    "POLICY_SUFFIXES",
+    "ReadCache",
     "decode_policy",
+    "directory_policy_files",
     "load_file",
     "load_files",
+    "load_paths",
     "load_text",
     "load_texts",
     "parse_duration",
+    "policy_files",
     "read_policy_file",
     "read_policy_files",
     "source_documents",
@@ -64,6 +69,9 @@ NO_DOCUMENTS = (
     "the file holds no policy documents (it is empty, or only comments and '---'); "
     "write a Mesh document (apiVersion: meshlib/v1, kind: Mesh) for an empty policy"
 )
+
+#: The files a policy directory contributes (:func:`directory_policy_files`).
+POLICY_SUFFIXES = (".yaml", ".yml")
 
 _BUILDERS: dict[str, Callable[[DocContext, Parsed], None]] = {
     "Mesh": lambda c, p: p.meshes.append((build_mesh(c), c)),
@@ -120,6 +128,85 @@ def load_file(path: str | os.PathLike[str], *, version: int = 0) -> Snapshot:
 def load_files(paths: Iterable[str | os.PathLike[str]], *, version: int = 0) -> Snapshot:
     """Validate several files as one policy: references may cross files."""
     return _load(read_policy_files(paths), version)
+
+
+def load_paths(
+    paths: Iterable[str | os.PathLike[str]], *, version: int = 0, cache: ReadCache | None = None
+) -> Snapshot:
+    """Validate files and directories as one policy (:func:`policy_files` says which files).
+    With ``cache`` (kept from one load to the next), files unchanged since the last load are
+    not parsed and schema-checked again."""
+    return _load(read_policy_files(policy_files(paths)), version, cache)
+
+
+class ReadCache:
+    """The documents of the policy files last loaded, by file name and content, so that a
+    reload of many files parses and schema-checks only those that changed (the references
+    across files, and each document's build, are still checked whole).
+
+    Only a file read without a YAML or schema problem is kept. Its documents are shared with
+    the snapshot built from them (nothing mutates a document once read); they are kept without
+    their fields' columns, which only a problem needs: a kept file with a problem is parsed
+    again for them. Each load keeps the files of that load only."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[bytes, list[YamlDocument]]] = {}
+
+    def documents(self, name: str, sha256: bytes) -> list[YamlDocument] | None:
+        found = self._files.get(name)
+        return found[1] if found is not None and found[0] == sha256 else None
+
+    def replace(self, files: dict[str, tuple[bytes, list[YamlDocument]]]) -> None:
+        self._files = files
+
+
+def policy_files(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """The policy files ``paths`` name, in order: a directory stands for its policy files
+    (:func:`directory_policy_files`), anything else for itself (read later, so a missing file
+    is reported by the read, as for one file). A file named twice is read once: its documents
+    would otherwise clash with themselves. One ConfigError lists every directory that could
+    not be listed or holds no policy file."""
+    files: list[str] = []
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    for path in paths:
+        name = os.fspath(path)
+        try:
+            found = directory_policy_files(name) if os.path.isdir(name) else [name]
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        if not found:
+            # Like an empty file: far more often a mount gone wrong than a wish for no policy.
+            problems.append(Problem(name, 0, 0, "", "the directory holds no *.yaml or *.yml file"))
+        for file in found:
+            if file not in seen:
+                seen.add(file)
+                files.append(file)
+    if problems:
+        raise ConfigError(problems)
+    return files
+
+
+def directory_policy_files(directory: str) -> list[str]:
+    """The ``*.yaml`` and ``*.yml`` files directly in ``directory``, sorted by name (not
+    recursive, as ``kubectl apply -f DIR``); unreadable → ConfigError naming the directory.
+
+    Hidden names are skipped: editors leave swap and lock files there (``.x.yaml.swp``,
+    ``.#x.yaml``) and a Kubernetes ConfigMap volume its ``..data`` links; a ConfigMap's own
+    files are symbolic links to regular files, and are read."""
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError as exc:
+        problem = Problem(directory, 0, 0, "", f"cannot read directory: {exc.strerror}")
+        raise ConfigError([problem]) from None
+    return [
+        os.path.join(directory, entry)
+        for entry in entries
+        if entry.endswith(POLICY_SUFFIXES)
+        and not entry.startswith(".")
+        and os.path.isfile(os.path.join(directory, entry))
+    ]
 
 
 def read_policy_files(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, str]]:
@@ -204,24 +291,32 @@ def source_documents(
     return encoded, docs
 
 
-def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
+def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None = None) -> Snapshot:
     parsed = Parsed()
     problems: list[Problem] = []
     raw: list[YMap] = []
     read: dict[tuple[str, int], YamlDocument] = {}  # (file, document) → where its fields are
+    kept: dict[str, tuple[bytes, list[YamlDocument]]] = {}  # the cache's next content
+    reused: set[str] = set()  # files whose documents came from the cache (no columns)
     digest = hashlib.sha256()
     for i, (name, text) in enumerate(sources):
         if i:
             digest.update(b"\0")
-        found = source_documents(name, text, problems, NO_DOCUMENTS)
-        if found is None:
-            continue
-        encoded, docs = found
-        digest.update(encoded)
+        before = len(problems)
+        docs, key = _cached(cache, name, text)
+        if docs is not None and key is not None:
+            reused.add(name)
+            digest.update(key[1])
+        else:
+            found = source_documents(name, text, problems, NO_DOCUMENTS)
+            if found is None:
+                continue
+            encoded, docs = found
+            digest.update(encoded)
         for doc in docs:
             read[name, doc.index] = doc
             try:
-                ctx = _document(name, doc, problems)
+                ctx = _context(name, doc) if name in reused else _document(name, doc, problems)
                 if ctx is None:
                     continue
                 raw.append(ctx.doc)
@@ -229,6 +324,11 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
                 _BUILDERS[ctx.kind](ctx, parsed)
             except Exception as exc:  # defence in depth: see _internal_error
                 problems.append(_internal_error(name, doc.line, doc.index, exc))
+        if cache is not None and (name in reused or len(problems) == before):
+            sha = key[0] if key else hashlib.sha256(text.encode("utf-8")).digest()
+            kept[name] = (sha, docs if name in reused else [_without_columns(d) for d in docs])
+    if cache is not None:
+        cache.replace(kept)
     try:
         check_references(parsed)
     except Exception as exc:  # defence in depth: see _internal_error
@@ -240,6 +340,11 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
         problems.extend(ctx.problems)
         warnings.extend(ctx.warnings)
     order = {name: i for i, (name, _) in enumerate(sources)}
+    if reused and (problems or warnings):  # the columns of a reused file: parse it again
+        texts = dict(sources)
+        for name in reused & {p.file for p in (*problems, *warnings)}:
+            found = source_documents(name, texts[name], [], NO_DOCUMENTS)
+            read.update(((name, d.index), d) for d in (found[1] if found else ()))
     problems = [_with_column(p, read) for p in problems]
     warnings = [_with_column(w, read) for w in warnings]
     if problems:
@@ -248,6 +353,26 @@ def _load(sources: list[tuple[str, str]], version: int) -> Snapshot:
     for w in warnings:
         log.warning("policy: %s", w)
     return _assemble(parsed, sources, digest.hexdigest(), version, raw, warnings)
+
+
+def _cached(
+    cache: ReadCache | None, name: str, text: str
+) -> tuple[list[YamlDocument] | None, tuple[bytes, bytes] | None]:
+    """The documents ``cache`` holds for this text of the file ``name`` (None if none), and
+    the text's sha256 and UTF-8 bytes (None without a cache or for a text UTF-8 cannot hold,
+    which the full read then reports)."""
+    if cache is None:
+        return None, None
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, None
+    sha = hashlib.sha256(encoded).digest()
+    return cache.documents(name, sha), (sha, encoded)
+
+
+def _without_columns(doc: YamlDocument) -> YamlDocument:
+    return dataclasses.replace(doc, positions={})
 
 
 def _with_column(problem: Problem, read: Mapping[tuple[str, int], YamlDocument]) -> Problem:
@@ -310,9 +435,17 @@ def _document(file: str, doc: YamlDocument, problems: list[Problem]) -> DocConte
     findings: list[Finding] = []
     check(value, versions[api], "", doc.line, findings)
     problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
+    return _context(file, doc)
+
+
+def _context(file: str, doc: YamlDocument) -> DocContext:
+    """The context of a document whose kind, apiVersion and structure are known good."""
+    value = doc.value
     name = as_str(at(value, "metadata.name")[0]) or ""
     namespace = as_str(at(value, "metadata.namespace")[0]) or DEFAULT_NAMESPACE
-    return DocContext(file, doc.index, doc.line, value, kind, api, name, namespace)
+    return DocContext(
+        file, doc.index, doc.line, value, value["kind"], value["apiVersion"], name, namespace
+    )
 
 
 def _assemble(

@@ -20,6 +20,9 @@ from yaml.constructor import SafeConstructor
 from meshlib.config.values import clipped, shown
 
 MAX_DEPTH = 64
+#: Documents in one file. Per file, like the loader's byte cap: it bounds what one read of one
+#: file builds (the byte cap alone would allow over a million empty ones). A larger policy is
+#: split into files in a directory, read as one policy (``Mesh.from_file``, ``meshctl validate``).
 MAX_DOCUMENTS = 1000
 
 _BaseLoader: type[yaml.SafeLoader]
@@ -216,7 +219,14 @@ def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
             if index > MAX_DOCUMENTS:
                 line = node.start_mark.line + 1 if node is not None else 0
                 problems.append(
-                    YamlProblem(line, 0, "", f"more than {MAX_DOCUMENTS} documents in one file")
+                    YamlProblem(
+                        line,
+                        0,
+                        "",
+                        f"more than {MAX_DOCUMENTS} documents in one file: split the policy into "
+                        "files in a directory (Mesh.from_file and meshctl validate read a "
+                        "directory as one policy)",
+                    )
                 )
                 break
             if node is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from meshlib.config.loader import read_policy_file
+from meshlib.config.loader import policy_files, read_policy_file
 from meshlib.config.model import Endpoint, Snapshot
 from meshlib.control.cache import CachedState, CacheFile
 from meshlib.control.client import (
@@ -100,12 +100,13 @@ def registry_source(version: int) -> str:
 
 
 def policy_sources(answer_text: str, version: int, local: Sequence[str]) -> Sources:
-    """The named texts of one policy: the registry's version (if any) and the local files,
-    re-read now. Raises ConfigError for an unreadable local file."""
+    """The named texts of one policy: the registry's version (if any) and the local files
+    (a directory: its policy files, listed again), re-read now. Raises ConfigError for an
+    unreadable local file."""
     sources: Sources = []
     if answer_text.strip():
         sources.append((registry_source(version), answer_text))
-    for path in local:
+    for path in policy_files(local):
         sources.append((path, read_policy_file(path)))
     return sources
 
