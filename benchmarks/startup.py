@@ -171,6 +171,7 @@ def one_run(variant: str, port: int, env: dict[str, str]) -> Run:
         check=True,
         timeout=60,
         env=env,
+        cwd=str(BENCH_DIR),  # not the checkout root: PYTHONPATH picks the meshlib
     ).stdout
     readings, after_import, after_call, status = eval(out)  # our own child's repr()
     if status != 200:
@@ -186,6 +187,7 @@ def importtime(env: dict[str, str]) -> tuple[int, list[tuple[int, int, str]]]:
         text=True,
         check=True,
         env=env,
+        cwd=str(BENCH_DIR),  # not the checkout root: PYTHONPATH picks the meshlib
     ).stderr
     rows = []
     for line in err.splitlines():
@@ -194,7 +196,11 @@ def importtime(env: dict[str, str]) -> tuple[int, list[tuple[int, int, str]]]:
             rows.append((int(m[1]), int(m[2]), m[3]))
     at_startup = set()  # site, encodings... are loaded by `python -c pass` too
     for line in subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, env=env
+        [sys.executable, "-X", "importtime", "-c", "pass"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(BENCH_DIR),
     ).stderr.splitlines():
         m = re.match(r"import time:.*\|\s*(\S+)$", line)
         if m:
