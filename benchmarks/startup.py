@@ -1,24 +1,33 @@
 """Start-up cost of meshlib: CPU time and RSS of ``import meshlib`` and of the first Mesh + call.
 
-    python benchmarks/startup.py [--runs 11] [--importtime]
+    python benchmarks/startup.py [--runs 11] [--importtime] [--inherit-env] [--json]
 
-Each run is a fresh ``python`` process (so nothing is cached but the ``.pyc`` files, written by
-one discarded run first) that reads its own CPU time (``time.process_time``, user + system) and
-resident set (``VmRSS`` in ``/proc/self/status``) at three points:
+Each run is a fresh ``python`` process that reads its own CPU time (``time.process_time``, user +
+system) and resident set (``VmRSS`` in ``/proc/self/status``) at three points:
 
-1. before ``import meshlib`` (the interpreter, ``site`` and this script's few stdlib imports);
+1. before the import (the interpreter, ``site`` and the child's few stdlib imports);
 2. after ``import meshlib``;
 3. after ``Mesh.from_text`` of one service (default options: metrics on, tracing with
    OpenTelemetry's no-op provider) and one ``GET`` through ``mesh.client()`` to
    ``benchmarks/server.py`` on loopback.
 
-It prints the median of ``--runs`` runs of each difference, the heavy third-party modules loaded
-at points 2 and 3, and with ``--importtime`` the sum of ``-X importtime``'s self times for
-``import meshlib`` with its ten heaviest modules (self and cumulative). ``benchmarks/run.py
---scenario import`` measures the import alone against ``python -c pass`` inside the overhead
-benchmark; this script adds the first Mesh and memory. To measure another checkout, put it first
-on the path (the child processes inherit it): ``PYTHONPATH=/path/to/checkout python
-benchmarks/startup.py``. Importing this module has no side effects.
+The anchor, ``raw httpx``, does the same with ``import httpx`` and one ``httpx.Client().get``;
+the two variants alternate, run by run, and the last row is meshlib's share (the difference).
+It prints the median of ``--runs`` runs of each difference, the heavy modules loaded at points
+2 and 3, and with ``--importtime`` the sum of ``-X importtime``'s self times for ``import
+meshlib`` (median of 5 runs per module; modules ``python -c pass`` loads are left out) with its
+ten heaviest modules.
+
+Bytecode: the children cache it under a temporary ``PYTHONPYCACHEPREFIX`` (written by one
+discarded run per variant), as an installed package would have it. ``--inherit-env`` runs them
+in this environment as is instead: where ``PYTHONDONTWRITEBYTECODE=1`` is set, an editable
+checkout's sources are then compiled in every run (how issue 15 was measured).
+
+``benchmarks/run.py --scenario import`` measures the import alone against ``python -c pass``
+inside the overhead benchmark; this script adds the first Mesh, memory and the anchor. To
+measure another checkout, put it first on the path (the children inherit it; they run in
+``benchmarks/``, so the current directory does not shadow it): ``PYTHONPATH=/path/to/checkout
+python benchmarks/startup.py``. Importing this module has no side effects.
 """
 
 from __future__ import annotations
@@ -179,21 +188,9 @@ def one_run(variant: str, port: int, env: dict[str, str]) -> Run:
     return readings, after_import, after_call
 
 
-def importtime(env: dict[str, str]) -> tuple[int, list[tuple[int, int, str]]]:
-    """Sum of self µs for ``import meshlib``, and ``(self, cumulative, module)`` per module."""
-    err = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import meshlib"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        cwd=str(BENCH_DIR),  # not the checkout root: PYTHONPATH picks the meshlib
-    ).stderr
-    rows = []
-    for line in err.splitlines():
-        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|\s*(\S+)", line)
-        if m:
-            rows.append((int(m[1]), int(m[2]), m[3]))
+def importtime(env: dict[str, str], runs: int) -> tuple[float, list[tuple[float, float, str]]]:
+    """Sum of self µs for ``import meshlib``, and ``(self, cumulative, module)`` per module:
+    the median over ``runs`` runs of ``-X importtime`` (one run is as noisy as the machine)."""
     at_startup = set()  # site, encodings... are loaded by `python -c pass` too
     for line in subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "pass"],
@@ -205,7 +202,31 @@ def importtime(env: dict[str, str]) -> tuple[int, list[tuple[int, int, str]]]:
         m = re.match(r"import time:.*\|\s*(\S+)$", line)
         if m:
             at_startup.add(m[1])
-    rows = [row for row in rows if row[2] not in at_startup]
+    per_run: list[dict[str, tuple[int, int]]] = []
+    for _ in range(runs):
+        err = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "import meshlib"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=str(BENCH_DIR),  # not the checkout root: PYTHONPATH picks the meshlib
+        ).stderr
+        found = {}
+        for line in err.splitlines():
+            m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|\s*(\S+)", line)
+            if m and m[3] not in at_startup:
+                found[m[3]] = (int(m[1]), int(m[2]))
+        per_run.append(found)
+    modules = set().union(*per_run)
+    rows = [
+        (
+            statistics.median(run.get(name, (0, 0))[0] for run in per_run),
+            statistics.median(run.get(name, (0, 0))[1] for run in per_run),
+            name,
+        )
+        for name in modules
+    ]
     return sum(row[0] for row in rows), rows
 
 
@@ -233,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs[variant].append(one_run(variant, port, env))
         finally:
             _stop(server)
-        imports = importtime(env) if args.importtime else None
+        imports = importtime(env, 5) if args.importtime else None
     med = statistics.median
     print(f"python {sys.version.split()[0]}, {args.runs} fresh processes per variant, medians")
     print()
@@ -266,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     print("bytecode: " + ("as the environment says" if args.inherit_env else "cached (.pyc)"))
     if imports is not None:
         total, rows = imports
-        print(f"-X importtime, sum of self times for import meshlib: {total / 1e3:.0f} ms")
+        print(
+            f"-X importtime, median of 5 runs, sum of self times for import meshlib: "
+            f"{total / 1e3:.0f} ms"
+        )
         for self_us, cumulative_us, name in sorted(rows, reverse=True)[:10]:
             print(f"  {name}: self {self_us / 1e3:.1f} ms, cumulative {cumulative_us / 1e3:.1f}")
     if args.json:
