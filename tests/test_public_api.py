@@ -136,8 +136,8 @@ LAZY_MODULES = (
 )
 
 #: Modules that loading a plain policy (one service, no duration, weight or pattern) must not
-#: load either: what only a rejected file, a regex or a quantity needs (issue 15, item 3).
-LAZY_AFTER_PLAIN_POLICY = ("re2", "decimal", "difflib", "prometheus_client")
+#: load either: what only a rejected file, a regex, a quantity or an SDK tracer needs (issue 15).
+LAZY_AFTER_PLAIN_POLICY = ("re2", "decimal", "difflib", "prometheus_client", "importlib.metadata")
 
 PLAIN_POLICY = """\
 apiVersion: meshlib/v1
