@@ -1,6 +1,6 @@
 """Start-up cost of meshlib: CPU time and RSS of ``import meshlib`` and of the first Mesh + call.
 
-    python benchmarks/startup.py [--runs 11] [--importtime] [--inherit-env] [--json]
+    python benchmarks/startup.py [--runs 11] [--importtime] [--breakdown] [--inherit-env] [--json]
 
 Each run is a fresh ``python`` process that reads its own CPU time (``time.process_time``, user +
 system) and resident set (``VmRSS`` in ``/proc/self/status``) at three points:
@@ -165,6 +165,67 @@ def child_env(pycache: str | None) -> dict[str, str]:
     return env
 
 
+#: ``--breakdown``: after ``import meshlib``, what each part the first Mesh and call load adds,
+#: in the order they load (each line is charged only what the lines above did not load).
+BREAKDOWN = """\
+import importlib, sys, time
+def rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+import meshlib
+out = []
+for name in {parts!r}:
+    r, t = rss(), time.process_time()
+    if name == "httpx.HTTPTransport()":
+        import httpx
+        httpx.HTTPTransport()
+    else:
+        importlib.import_module(name)
+    out.append((name, time.process_time() - t, rss() - r))
+print(repr(out))
+"""
+
+#: What the first ``Mesh.from_text`` + call loads beyond ``import meshlib``, in load order.
+BREAKDOWN_PARTS = (
+    "yaml",
+    "meshlib.config.loader",
+    "prometheus_client",
+    "meshlib.observe.metrics",
+    "opentelemetry.trace",
+    "opentelemetry.propagate",
+    "meshlib.observe.tracing",
+    "httpcore",
+    "httpx.HTTPTransport()",
+)
+
+
+def breakdown(env: dict[str, str], runs: int) -> list[tuple[str, float, float]]:
+    """``(part, CPU ms, RSS kB)`` per part of :data:`BREAKDOWN_PARTS`, medians of ``runs``."""
+    code = BREAKDOWN.format(parts=BREAKDOWN_PARTS)
+    results = []
+    for _ in range(runs):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=str(BENCH_DIR),
+        ).stdout
+        results.append(eval(out))  # our own child's repr()
+    return [
+        (
+            name,
+            statistics.median(run[i][1] for run in results) * 1e3,
+            statistics.median(run[i][2] for run in results),
+        )
+        for i, name in enumerate(BREAKDOWN_PARTS)
+    ]
+
+
 Run = tuple[list[tuple[float, int]], list[str], list[str]]
 
 
@@ -240,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run the children in this environment as is (with PYTHONDONTWRITEBYTECODE=1, "
         "meshlib's sources are compiled in every run)",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also what each part the first Mesh and call load adds (CPU, RSS)",
+    )
     parser.add_argument("--json", action="store_true", help="print the raw readings as JSON")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="meshlib-startup-") as pycache:
@@ -255,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             _stop(server)
         imports = importtime(env, 5) if args.importtime else None
+        parts = breakdown(env, args.runs) if args.breakdown else None
     med = statistics.median
     print(f"python {sys.version.split()[0]}, {args.runs} fresh processes per variant, medians")
     print()
@@ -293,6 +360,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         for self_us, cumulative_us, name in sorted(rows, reverse=True)[:10]:
             print(f"  {name}: self {self_us / 1e3:.1f} ms, cumulative {cumulative_us / 1e3:.1f}")
+    if parts is not None:
+        print()
+        print("After `import meshlib`, each part the first Mesh and call load, in load order")
+        print(
+            f"(medians of {args.runs} fresh processes; a part is charged what those above did not"
+        )
+        print("load):")
+        print()
+        print("| part | CPU ms | RSS kB |")
+        print("|---|---:|---:|")
+        for name, cpu_ms, rss_kb in parts:
+            print(f"| `{name}` | {cpu_ms:.1f} | {rss_kb:.0f} |")
     if args.json:
         data: dict[str, Any] = {variant: variant_runs for variant, variant_runs in runs.items()}
         print(json.dumps(data))
