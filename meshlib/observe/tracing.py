@@ -740,7 +740,7 @@ def _meshlib_version() -> str | None:
     distribution rather than ``meshlib.__version__``: the package root imports the mesh, which
     builds this module, so importing it from here would point an arrow up (docs/design.md)."""
     # Imported here, once per tracer: importlib.metadata (and the zipfile, email and csv modules
-    # under it) is ~0.85 MB of RSS that a mesh with no SDK never needs (docs/performance.md).
+    # under it) is ~0.8 MB of RSS that a mesh with no SDK never needs (docs/performance.md).
     import importlib.metadata
 
     try:
