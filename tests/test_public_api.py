@@ -131,7 +131,22 @@ LAZY_MODULES = (
     "jwt",
     "opentelemetry",
     "wsproto",  # the gateway's WebSocket pass-through only
+    "decimal",  # durations and weights, when a policy is loaded
+    "difflib",  # "did you mean" hints: a rejected file, a failed name lookup
 )
+
+#: Modules that loading a plain policy (one service, no duration, weight or pattern) must not
+#: load either: what only a rejected file, a regex, a quantity or an SDK tracer needs (issue 15).
+LAZY_AFTER_PLAIN_POLICY = ("re2", "decimal", "difflib", "prometheus_client", "importlib.metadata")
+
+PLAIN_POLICY = """\
+apiVersion: meshlib/v1
+kind: Service
+metadata: {name: backend, namespace: default}
+spec:
+  endpoints:
+  - address: 127.0.0.1:9
+"""
 
 
 def test_import_loads_no_heavy_modules() -> None:
@@ -140,3 +155,16 @@ def test_import_loads_no_heavy_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "", f"import meshlib loaded: {out}"
+
+
+def test_a_plain_policy_loads_no_pattern_quantity_or_hint_modules() -> None:
+    code = (
+        "import sys, meshlib\n"
+        f"meshlib.Mesh.from_text({PLAIN_POLICY!r}, service='s', namespace='default', "
+        "metrics=False)\n"
+        f"print(','.join(m for m in {LAZY_AFTER_PLAIN_POLICY!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "", f"Mesh.from_text of one plain service loaded: {out}"

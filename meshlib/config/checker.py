@@ -7,7 +7,6 @@ keywords schema.py uses are implemented.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -28,6 +27,8 @@ class Finding:
 
 def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
     """`` (did you mean 'weight'?)`` or an empty string."""
+    import difflib  # only a rejected file needs a hint: not loaded by a clean policy
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -5,15 +5,22 @@ user, and each bounds its input first, so no input reaches an arithmetic or recu
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
-from decimal import Decimal, localcontext
-from typing import Any, cast
-
-import re2
+from typing import TYPE_CHECKING, Any, cast
 
 from meshlib.config.model import Pattern
+
+if TYPE_CHECKING:
+    from decimal import Decimal
+
+    import re2
+
+# decimal and re2 are imported by the parsers that use them, not here: a policy with no
+# duration, weight or pattern never loads them, and `Mesh.from_text` of a plain service saves
+# their start-up (re2 alone is ~2.6 MB of RSS; docs/performance.md, "Start-up and memory").
 
 #: Longest regular expression accepted (Istio's limit); longer ones are rejected at load.
 MAX_REGEX_LENGTH = 1024
@@ -30,7 +37,8 @@ MAX_JSON_DEPTH = 32
 MAX_SHOWN = 40
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+#: Milliseconds per duration unit.
+_DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
@@ -39,8 +47,14 @@ _HOSTNAME = re.compile(
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|k)?$")
 _JSON_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
 
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # rejected patterns are reported as Problems, not on stderr
+
+@functools.cache
+def _re2_options() -> re2.Options:
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # rejected patterns are reported as Problems, not on stderr
+    return options
 
 
 def shown(value: object) -> str:
@@ -62,6 +76,8 @@ def _decimal(digits: str, what: str) -> Decimal:
         raise ValueError(
             f"{what}: a number of {count} digits, at most {MAX_NUMBER_DIGITS} are allowed"
         )
+    from decimal import Decimal
+
     return Decimal(digits)
 
 
@@ -78,26 +94,30 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"negative duration {shown(text)} is not allowed")
     if s == "0":
         return 0.0
+    from decimal import Decimal, localcontext
+
     pos = 0
     total = Decimal(0)
-    # Each part is at most 18 digits times 3600; 60 digits of precision keep the sum of every
-    # part an 8 MiB file can hold exact, so quantize() below never meets a rounded value.
+    # Each part is at most 18 digits times 3,600,000 (the sum is in milliseconds); 60 digits of
+    # precision keep the sum of every part an 8 MiB file can hold exact, so the checks below
+    # never meet a rounded value.
     with localcontext() as exact:
         exact.prec = 60
         for m in _DURATION_PART.finditer(s):
             if m.start() != pos:
                 break
             number = _decimal(m.group(1), f"duration {shown(text)}")
-            total += number * _DURATION_UNITS[m.group(2)]
+            total += number * _DURATION_UNITS_MS[m.group(2)]
             pos = m.end()
         if pos != len(s) or not s:
             raise ValueError(
                 f"invalid duration {shown(text)}: use a number with a unit ms, s, m or h, "
                 "such as '250ms', '2s', '1m30s'"
             )
-        if total != total.quantize(Decimal("0.001")):
+        if total != total.to_integral_value():  # total is in milliseconds
             raise ValueError(f"duration {shown(text)} is finer than the 1ms precision")
-    return float(total)
+        seconds = total / 1000
+    return float(seconds)
 
 
 _BARE_SECONDS = re.compile(r"\d+(?:\.\d+)?")
@@ -153,8 +173,10 @@ def parse_quantity_milli(value: object) -> int:
         raise ValueError(
             f"invalid quantity {shown(value)}: use a number like '1' or milli-units '500m'"
         )
+    from decimal import localcontext
+
     number = _decimal(m.group(1), f"quantity {shown(value)}")
-    scale = {"m": Decimal(1), None: Decimal(1000), "k": Decimal(1_000_000)}[m.group(2)]
+    scale = {"m": 1, None: 1000, "k": 1_000_000}[m.group(2)]
     with localcontext() as exact:  # 18 digits times 10**6 fit: the product is exact
         exact.prec = 40
         milli = number * scale
@@ -279,8 +301,10 @@ def compile_regex(pattern: str, *, anchored: bool = False) -> Pattern:
             f"{MAX_REGEX_LENGTH} are allowed"
         )
     source = f"^(?:{pattern})" if anchored else pattern
+    import re2
+
     try:
-        compiled = cast(Pattern, re2.compile(source, _RE2_OPTIONS))
+        compiled = cast(Pattern, re2.compile(source, _re2_options()))
     except re2.error as exc:
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, bytes):

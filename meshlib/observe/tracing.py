@@ -40,7 +40,6 @@ elsewhere keeps its sampled flag; meshlib never samples again inside it.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import math
 import random
 import time
@@ -740,6 +739,10 @@ def _meshlib_version() -> str | None:
     """The installed meshlib's version, for the tracer's instrumentation scope. Read from the
     distribution rather than ``meshlib.__version__``: the package root imports the mesh, which
     builds this module, so importing it from here would point an arrow up (docs/design.md)."""
+    # Imported here, once per tracer: importlib.metadata (and the zipfile, email and csv modules
+    # under it) is ~0.8 MB of RSS that a mesh with no SDK never needs (docs/performance.md).
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("meshlib")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed

@@ -3,7 +3,6 @@ its host is one typo away from a mesh service (``http://ratngs/`` for ``ratings`
 
 from __future__ import annotations
 
-import difflib
 import socket
 from collections.abc import Iterable
 
@@ -35,6 +34,8 @@ def close_service(host: str, services: Iterable[str], namespace: str) -> str | N
         if ns == namespace:
             names.append(name)
         names.append(key)
+    import difflib  # only a failed name lookup asks: not loaded at start-up
+
     close = difflib.get_close_matches(host.lower().rstrip("."), names, n=1, cutoff=0.6)
     return close[0] if close else None
 
