@@ -159,9 +159,49 @@ class Tracing:
             return call
         tracer = self.tracer()
         if tracer is None:
-            carrier = self.carrier(ctx) if ctx else None
-            return _propagating(call, carrier) if carrier else call
-        return _traced(call, _CallSpans(self, tracer, ctx, request, service))
+            carried = self.carrier(ctx) if ctx else None
+            return _propagating(call, carried) if carried else call
+        current = trace.get_current_span(ctx)
+        # A CLIENT span already current (opentelemetry-instrumentation-httpx's instrument_client
+        # on the mesh's client) is this call's span: enriched, never doubled, ended by its owner.
+        if current.is_recording() and _kind(current) is SpanKind.CLIENT:
+            return _traced(call, _CallSpans(tracer, ctx, current, False, request, service))
+        span = self._call_span(tracer, ctx, current, request, service)
+        if span.is_recording():
+            return _traced(call, _CallSpans(tracer, ctx, span, True, request, service))
+        # Not sampled: nothing is recorded for the call or its attempts, so none of their spans
+        # is built. The call's ids (the parent's trace id, a new span id, not sampled) are
+        # written once and copied onto every attempt, hedge and mirror.
+        context = trace.set_span_in_context(span, ctx)
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=context)
+        suppressed = otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, context)
+        return _propagating(call, carrier, suppressed)
+
+    def _call_span(
+        self,
+        tracer: Tracer,
+        parent: Context,
+        current: Span,
+        request: httpx.Request,
+        service: ServiceDef,
+    ) -> Span:
+        """The call's span: the SDK's (its sampler decides), or a non-recording one when the
+        trace would be meshlib's to start and ``spec.tracing.sampling`` says no."""
+        if not current.get_span_context().is_valid and not self.sample_root():
+            return _unsampled()
+        url = request.url
+        return tracer.start_span(
+            f"{request.method} {service.name}",
+            parent,
+            SpanKind.CLIENT,
+            {
+                "http.request.method": request.method,
+                "url.full": str(url),
+                "server.address": url.host,
+                "mesh.service": service.key,
+            },
+        )
 
     def refused(self, request: httpx.Request, error: MeshError) -> None:
         """Record a CLIENT span for a call refused before any call sequence ran (egress:
@@ -247,18 +287,12 @@ def _random_span_id() -> int:
     return random.getrandbits(64) or 1
 
 
-def _unsampled(parent: SpanContext | None) -> NonRecordingSpan:
-    """A span that records nothing but carries ids and the flag ``00`` downstream: a child of
-    ``parent``, or the root of a new unsampled trace."""
-    if parent is None or not parent.is_valid:
-        trace_id = random.getrandbits(128) or 1
-        return NonRecordingSpan(
-            SpanContext(trace_id, _random_span_id(), False, TraceFlags(TraceFlags.DEFAULT))
-        )
+def _unsampled() -> NonRecordingSpan:
+    """The root of a new trace that records nothing but carries its ids and the flag ``00``
+    downstream (``spec.tracing.sampling`` said no)."""
+    trace_id = random.getrandbits(128) or 1
     return NonRecordingSpan(
-        SpanContext(
-            parent.trace_id, _random_span_id(), False, parent.trace_flags, parent.trace_state
-        )
+        SpanContext(trace_id, _random_span_id(), False, TraceFlags(TraceFlags.DEFAULT))
     )
 
 
@@ -274,40 +308,23 @@ def _set_error(span: Span, error_type: str, description: str) -> None:
 
 
 class _CallSpans:
-    """The spans of one outbound call: the call span and one span per attempt."""
+    """The spans of one recorded outbound call: the call span and one span per attempt (a call
+    that is not sampled has none: :meth:`Tracing.trace_call`)."""
 
     def __init__(
         self,
-        tracing: Tracing,
         tracer: Tracer,
         parent: Context,
+        span: Span,
+        owned: bool,
         request: httpx.Request,
         service: ServiceDef,
     ) -> None:
         self.tracer = tracer
         self.method = request.method
         self.name = f"{request.method} {service.name}"
-        current = trace.get_current_span(parent)
-        # A CLIENT span already current (opentelemetry-instrumentation-httpx's instrument_client
-        # on the mesh's client) is this call's span: enriched, never doubled, ended by its owner.
-        self.owned = not (current.is_recording() and _kind(current) is SpanKind.CLIENT)
-        if not self.owned:
-            self.span: Span = current
-        elif current.get_span_context().is_valid or tracing.sample_root():
-            self.span = tracer.start_span(
-                self.name,
-                parent,
-                SpanKind.CLIENT,
-                {
-                    "http.request.method": request.method,
-                    "url.full": str(request.url),
-                    "server.address": request.url.host,
-                    "mesh.service": service.key,
-                },
-            )
-        else:
-            self.span = _unsampled(None)
-        self.recording = self.span.is_recording()
+        self.span = span
+        self.owned = owned  # False: someone else's CLIENT span, enriched and ended by its owner
         self.context = trace.set_span_in_context(self.span, parent)
         #: Attached while an attempt is with the driver: the call span, HTTP instrumentation off.
         self.send_context = otel_context.set_value(
@@ -318,23 +335,18 @@ class _CallSpans:
     def begin(self, send: Send) -> None:
         """Open the attempt's span and put its context on the attempt's request."""
         request = send.request
-        if self.recording:
-            url = request.url
-            attributes: dict[str, Any] = {
-                "http.request.method": self.method,
-                "url.full": str(url),
-                "server.address": url.host,
-                "server.port": url.port or (443 if url.scheme == "https" else 80),
-                "mesh.attempt": send.number,
-                "mesh.hedge": send.hedge,
-            }
-            if send.number > 1:
-                attributes["http.request.resend_count"] = send.number - 1
-            span: Span = self.tracer.start_span(
-                self.name, self.context, SpanKind.CLIENT, attributes
-            )
-        else:  # the call is not recorded: neither are its attempts, but ids still propagate
-            span = _unsampled(self.span.get_span_context())
+        url = request.url
+        attributes: dict[str, Any] = {
+            "http.request.method": self.method,
+            "url.full": str(url),
+            "server.address": url.host,
+            "server.port": url.port or (443 if url.scheme == "https" else 80),
+            "mesh.attempt": send.number,
+            "mesh.hedge": send.hedge,
+        }
+        if send.number > 1:
+            attributes["http.request.resend_count"] = send.number - 1
+        span = self.tracer.start_span(self.name, self.context, SpanKind.CLIENT, attributes)
         self.attempts[id(send)] = span
         propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
 
@@ -342,20 +354,17 @@ class _CallSpans:
         """Open the mirrored copy's span (a child of the call span, marked as a mirror), put its
         context on the copy, and have the driver end it when the copy ends."""
         request = mirror.request
-        if self.recording:
-            url = request.url
-            attributes: dict[str, Any] = {
-                "http.request.method": self.method,
-                "url.full": str(url),
-                "server.address": url.host,
-                "server.port": url.port or (443 if url.scheme == "https" else 80),
-                "mesh.mirror": True,
-                "mesh.service": mirror.service,
-            }
-            name = f"{self.method} {mirror.service.partition('.')[0]}"
-            span: Span = self.tracer.start_span(name, self.context, SpanKind.CLIENT, attributes)
-        else:
-            span = _unsampled(self.span.get_span_context())
+        url = request.url
+        attributes: dict[str, Any] = {
+            "http.request.method": self.method,
+            "url.full": str(url),
+            "server.address": url.host,
+            "server.port": url.port or (443 if url.scheme == "https" else 80),
+            "mesh.mirror": True,
+            "mesh.service": mirror.service,
+        }
+        name = f"{self.method} {mirror.service.partition('.')[0]}"
+        span = self.tracer.start_span(name, self.context, SpanKind.CLIENT, attributes)
         propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
         mirror.observe = _mirror_observer(span)
 
@@ -385,8 +394,6 @@ class _CallSpans:
             span.end()
         self.attempts.clear()
         span = self.span
-        if not self.recording:
-            return
         decision: Decision | None = (
             response.extensions.get(DECISION_EXTENSION)
             if response is not None
@@ -522,9 +529,10 @@ def _traced_backup(
     return traced
 
 
-def _propagating(call: Call, carrier: dict[str, str]) -> Call:
-    """``call``, with the current context's headers (no SDK: nothing recorded) on every
-    attempt."""
+def _propagating(call: Call, carrier: dict[str, str], attach: Context | None = None) -> Call:
+    """``call``, with ``carrier``'s headers on every attempt and nothing recorded: no SDK, or
+    a call that is not sampled. ``attach`` (the unsampled call's span, HTTP instrumentation
+    off) is the current context while an attempt is with the driver, as in :func:`_traced`."""
     result: Any = None
     try:
         while True:
@@ -538,7 +546,17 @@ def _propagating(call: Call, carrier: dict[str, str]) -> Call:
                 race.backup = _propagating_backup(race.backup, carrier)
             elif kind is Mirror:
                 _carry(effect.request.headers, carrier)  # type: ignore[union-attr]
-            result = yield effect
+            else:
+                result = yield effect
+                continue
+            if attach is None:
+                result = yield effect
+                continue
+            token = otel_context.attach(attach)
+            try:
+                result = yield effect
+            finally:
+                otel_context.detach(token)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     finally:
@@ -624,7 +642,7 @@ class InboundTrace:
         assert self._tracer is not None
         root = not trace.get_current_span(parent).get_span_context().is_valid
         if root and not self._tracing.sample_root():
-            return _unsampled(None)
+            return _unsampled()
         scope = self._scope
         method = scope.get("method", "")
         attributes: dict[str, Any] = {
