@@ -12,6 +12,8 @@ process is counted; the server runs natively.
 Variants (all ``GET /`` on one keep-alive connection, sync client):
 
 * ``raw``: ``httpx.Client.get`` straight to the server;
+* ``raw-traceparent``: as ``raw`` with a constant ``traceparent`` header on every request: what
+  sending the header costs httpx and h11, which no tracing that propagates can avoid;
 * ``mesh``: ``mesh.client().get`` through meshlib, the default set-up: metrics on, tracing with
   OpenTelemetry's no-op provider; the policy has a timeout and retries;
 * ``no-metrics``: as ``mesh`` with ``Mesh(metrics=False)``;
@@ -64,6 +66,7 @@ SERVER_SCRIPT = BENCH_DIR / "server.py"
 
 VARIANTS = (
     "raw",
+    "raw-traceparent",
     "mesh",
     "no-metrics",
     "no-tracing",
@@ -135,6 +138,8 @@ spec:
 #: A remote parent for the ``propagate`` variant (the W3C spec's example ids).
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 SPAN_ID = 0xB7AD6B7169203331
+#: The same ids as a header, for the ``raw-traceparent`` variant.
+TRACEPARENT = f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01"
 
 
 # --- client part (runs under callgrind) -----------------------------------------------------------
@@ -144,8 +149,9 @@ def _client(variant: str, port: int) -> tuple[Any, str, Any]:
     """The client for ``variant``, the URL it calls, and what to close/shut down at the end."""
     import httpx
 
-    if variant == "raw":
-        client = httpx.Client()
+    if variant in ("raw", "raw-traceparent"):
+        headers = {"traceparent": TRACEPARENT} if variant == "raw-traceparent" else None
+        client = httpx.Client(headers=headers)
         return client, f"http://127.0.0.1:{port}/", None
     import meshlib
 

@@ -117,6 +117,8 @@ class Tracing:
         self._textmap: TextMapPropagator | None = None
         self._fields: frozenset[bytes] = frozenset()
         self._carried: tuple[Context, TextMapPropagator, dict[str, str]] | None = None
+        self._w3c: tuple[TextMapPropagator, bool] | None = None
+        self._suppressed_last: tuple[Context, Context] | None = None
 
     def tracer(self) -> Tracer | None:
         """The tracer spans are recorded with; ``None`` while the provider is a no-op.
@@ -166,42 +168,90 @@ class Tracing:
         # on the mesh's client) is this call's span: enriched, never doubled, ended by its owner.
         if current.is_recording() and _kind(current) is SpanKind.CLIENT:
             return _traced(call, _CallSpans(tracer, ctx, current, False, request, service))
-        span = self._call_span(tracer, ctx, current, request, service)
-        if span.is_recording():
-            return _traced(call, _CallSpans(tracer, ctx, span, True, request, service))
-        # Not sampled: nothing is recorded for the call or its attempts, so none of their spans
-        # is built. The call's ids (the parent's trace id, a new span id, not sampled) are
-        # written once and copied onto every attempt, hedge and mirror.
-        context = trace.set_span_in_context(span, ctx)
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=context)
-        suppressed = otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, context)
-        return _propagating(call, carrier, suppressed)
+        parent = current.get_span_context()
+        ids: SpanContext | None = None
+        if parent.is_valid:
+            ids = self._unsampled_child(tracer, ctx, parent, request, service)
+        elif not self.sample_root():
+            ids = _unsampled_root()
+        if ids is None:
+            span = tracer.start_span(
+                f"{request.method} {service.name}",
+                ctx,
+                SpanKind.CLIENT,
+                _call_attributes(request, service),
+            )
+            if span.is_recording():
+                return _traced(call, _CallSpans(tracer, ctx, span, True, request, service))
+            ids = span.get_span_context()  # the SDK's sampler said no to a root
+        # Not sampled: nothing is recorded for the call or its attempts, so no span is built.
+        # The call's ids (the parent's trace id, a new span id, not sampled) are written once
+        # and copied onto every attempt, hedge and mirror.
+        return _propagating(call, self._carrier_for(ctx, ids), self._suppressed(ctx))
 
-    def _call_span(
+    def _unsampled_child(
         self,
         tracer: Tracer,
-        parent: Context,
-        current: Span,
+        ctx: Context,
+        parent: SpanContext,
         request: httpx.Request,
         service: ServiceDef,
-    ) -> Span:
-        """The call's span: the SDK's (its sampler decides), or a non-recording one when the
-        trace would be meshlib's to start and ``spec.tracing.sampling`` says no."""
-        if not current.get_span_context().is_valid and not self.sample_root():
-            return _unsampled()
-        url = request.url
-        return tracer.start_span(
-            f"{request.method} {service.name}",
-            parent,
-            SpanKind.CLIENT,
-            {
-                "http.request.method": request.method,
-                "url.full": str(url),
-                "server.address": url.host,
-                "mesh.service": service.key,
-            },
-        )
+    ) -> SpanContext | None:
+        """The ids of a call under ``parent`` that the SDK's sampler does not sample, or
+        ``None`` when it does (or the tracer is not the SDK's: its ``start_span`` decides).
+
+        The sampler is asked as the SDK's ``start_span`` asks it, with the same inputs
+        (the parent's trace id, the call span's name, kind and attributes); a sampled call
+        then starts its span, which asks again: the SDK's samplers (parent-based, ratio,
+        always on/off) answer from the parent and the trace id, so both answers agree.
+        """
+        sampler = getattr(tracer, "sampler", None)
+        should_sample = getattr(sampler, "should_sample", None)
+        if should_sample is None:
+            return None
+        name = f"{request.method} {service.name}"
+        attributes = _call_attributes(request, service)
+        result = should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, attributes, ())
+        if result.decision.is_recording():
+            return None
+        # As the SDK builds a span it does not sample: the parent's flags less "sampled".
+        flags = TraceFlags(parent.trace_flags & ~TraceFlags.SAMPLED)
+        return SpanContext(parent.trace_id, _random_span_id(), False, flags, result.trace_state)
+
+    def _carrier_for(self, ctx: Context, ids: SpanContext) -> dict[str, str]:
+        """The headers the global propagator writes for an unrecorded span with ``ids`` under
+        ``ctx``. When that propagator writes the W3C trace context and nothing else that
+        depends on the span (the default, ``tracecontext,baggage``), they are the context's
+        own headers (cached per context: baggage) with ``traceparent`` and ``tracestate``
+        formatted directly, as OpenTelemetry's W3C propagator formats them; any other
+        propagator injects."""
+        textmap = propagate.get_global_textmap()
+        w3c = self._w3c
+        if w3c is None or w3c[0] is not textmap:
+            w3c = self._w3c = (textmap, _writes_w3c_only(textmap))
+        if not w3c[1]:
+            carrier: dict[str, str] = {}
+            span = NonRecordingSpan(ids)
+            textmap.inject(carrier, context=trace.set_span_in_context(span, ctx))
+            return carrier
+        carrier = dict(self.carrier(ctx)) if ctx else {}
+        carrier["traceparent"] = f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{ids.trace_flags:02x}"
+        state = ids.trace_state
+        if state:
+            carrier["tracestate"] = state.to_header()
+        else:
+            carrier.pop("tracestate", None)
+        return carrier
+
+    def _suppressed(self, ctx: Context) -> Context:
+        """``ctx`` with OpenTelemetry's HTTP instrumentation off, made once per context (the
+        calls of one inbound request share it; a root call's is the empty context's)."""
+        last = self._suppressed_last
+        if last is not None and last[0] is ctx:
+            return last[1]
+        suppressed = otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, ctx)
+        self._suppressed_last = (ctx, suppressed)  # one assignment: other threads see either
+        return suppressed
 
     def refused(self, request: httpx.Request, error: MeshError) -> None:
         """Record a CLIENT span for a call refused before any call sequence ran (egress:
@@ -287,13 +337,34 @@ def _random_span_id() -> int:
     return random.getrandbits(64) or 1
 
 
-def _unsampled() -> NonRecordingSpan:
-    """The root of a new trace that records nothing but carries its ids and the flag ``00``
+def _unsampled_root() -> SpanContext:
+    """The ids of a new trace that records nothing but carries its ids and the flag ``00``
     downstream (``spec.tracing.sampling`` said no)."""
     trace_id = random.getrandbits(128) or 1
-    return NonRecordingSpan(
-        SpanContext(trace_id, _random_span_id(), False, TraceFlags(TraceFlags.DEFAULT))
-    )
+    return SpanContext(trace_id, _random_span_id(), False, TraceFlags(TraceFlags.DEFAULT))
+
+
+def _call_attributes(request: httpx.Request, service: ServiceDef) -> dict[str, Any]:
+    """The call span's attributes, which its sampler sees too."""
+    url = request.url
+    return {
+        "http.request.method": request.method,
+        "url.full": str(url),
+        "server.address": url.host,
+        "mesh.service": service.key,
+    }
+
+
+#: A context whose span the probe in :func:`_writes_w3c_only` injects.
+_PROBE = SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED))
+
+
+def _writes_w3c_only(textmap: TextMapPropagator) -> bool:
+    """Whether ``textmap`` writes a span as OpenTelemetry's W3C trace context propagator does
+    and nothing else for it (baggage, which does not depend on the span, may be added)."""
+    probe: dict[str, str] = {}
+    textmap.inject(probe, context=trace.set_span_in_context(NonRecordingSpan(_PROBE), Context()))
+    return probe == {"traceparent": f"00-{1:032x}-{1:016x}-01"}
 
 
 def _kind(span: Span) -> SpanKind | None:
@@ -642,7 +713,7 @@ class InboundTrace:
         assert self._tracer is not None
         root = not trace.get_current_span(parent).get_span_context().is_valid
         if root and not self._tracing.sample_root():
-            return _unsampled()
+            return NonRecordingSpan(_unsampled_root())
         scope = self._scope
         method = scope.get("method", "")
         attributes: dict[str, Any] = {

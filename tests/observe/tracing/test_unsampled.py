@@ -40,13 +40,13 @@ CASES: dict[str, tuple[Sampler | None, int | None, str | None]] = {
 }
 
 
-class _CountingPropagator(TraceContextTextMapPropagator):
-    def __init__(self) -> None:
-        self.injected = 0
+class _Marker(TraceContextTextMapPropagator):
+    """Not only the W3C headers: the span's id goes out in a header of its own too."""
 
     def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:  # type: ignore[override]
-        self.injected += 1
         super().inject(carrier, context)
+        span = trace.get_current_span(context).get_span_context()
+        carrier["x-span"] = f"{span.span_id:016x}"
 
 
 class _Counted:
@@ -78,12 +78,14 @@ def _call(
     parent_flags: int | None,
     rate: str | None,
     monkeypatch: pytest.MonkeyPatch,
-) -> tuple[_Counted, _CountingPropagator, list[httpx.Request]]:
+    marker: bool = False,
+) -> tuple[_Counted, list[httpx.Request]]:
     """One GET through a retry policy (503, then 200) with a mock inner transport that keeps
-    every attempt's request."""
+    every attempt's request; ``marker``: :class:`_Marker` is the global propagator."""
     counted = _Counted(sampler)
-    propagator = _CountingPropagator()
-    monkeypatch.setattr(propagate, "get_global_textmap", lambda: propagator)
+    if marker:
+        propagator = _Marker()
+        monkeypatch.setattr(propagate, "get_global_textmap", lambda: propagator)
     sent: list[httpx.Request] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -107,20 +109,21 @@ def _call(
             context.detach(token)
         mesh.close()
         counted.provider.shutdown()
-    return counted, propagator, sent
+    return counted, sent
 
 
+@pytest.mark.parametrize("marker", [False, True], ids=["w3c", "other-propagator"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_an_unsampled_call_builds_no_span_and_sends_its_ids_once_written(
-    case: str, monkeypatch: pytest.MonkeyPatch
+    case: str, marker: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sampler, parent_flags, rate = CASES[case]
-    counted, propagator, sent = _call(sampler, parent_flags, rate, monkeypatch)
+    counted, sent = _call(sampler, parent_flags, rate, monkeypatch, marker)
 
     assert counted.exporter.get_finished_spans() == ()
-    # At most the call's own sampling decision: no span for either attempt.
-    assert counted.started <= 1
-    assert propagator.injected == 1  # written once for the call, not once per attempt
+    # Under a parent the sampler is asked without starting a span; a root the SDK samples
+    # (or not) is its call span's start. Never a span for an attempt.
+    assert counted.started == (1 if parent_flags is None and rate is None else 0)
     assert len(sent) == 2
     headers = [r.headers["traceparent"] for r in sent]
     assert headers[0] == headers[1]  # both attempts: the same (unrecorded) call
@@ -131,10 +134,12 @@ def test_an_unsampled_call_builds_no_span_and_sends_its_ids_once_written(
         assert trace_id not in (0, PARENT_TRACE)  # a new trace
     else:
         assert trace_id == PARENT_TRACE
+    if marker:  # any other propagator writes what it writes for the call's (unrecorded) span
+        assert [r.headers["x-span"] for r in sent] == [f"{span_id:016x}"] * 2
 
 
 def test_a_sampled_call_still_records_a_span_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
-    counted, propagator, sent = _call(None, 1, None, monkeypatch)
+    counted, sent = _call(None, 1, None, monkeypatch)
 
     spans = counted.exporter.get_finished_spans()
     calls = [s for s in spans if "mesh.attempt" not in s.attributes]
@@ -146,7 +151,6 @@ def test_a_sampled_call_still_records_a_span_per_attempt(monkeypatch: pytest.Mon
     call = calls[0]
     assert call.parent is not None and call.parent.span_id == PARENT_SPAN
     assert call.context.trace_id == PARENT_TRACE
-    assert propagator.injected == 2  # each attempt's own span goes out
     for request, attempt in zip(sent, attempts, strict=True):
         assert attempt.parent is not None and attempt.parent.span_id == call.context.span_id
         assert traceparent_ids(request.headers["traceparent"]) == (
