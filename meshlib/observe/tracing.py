@@ -35,6 +35,13 @@ Sampling (``Mesh.spec.tracing.sampling``) applies to traces meshlib *starts* (no
 unsampled root gets a non-recording span context with a random trace id and flags ``00``, so
 downstream parent-based samplers (the SDK default) agree and record nothing. A trace started
 elsewhere keeps its sampled flag; meshlib never samples again inside it.
+
+A call that is not sampled — ``spec.tracing.sampling`` says no to a root, or the SDK's sampler
+says no (asked directly under a parent, through ``start_span`` for a root, whose trace id the
+SDK draws) — builds no span for itself or its attempts: its ids (the parent's trace id, a new
+span id, the sampled flag cleared) are written into headers once per call and copied onto every
+attempt, hedge and mirror, and only the "suppress HTTP instrumentation" key is attached around
+its attempts (no span of its own: nothing reads it there).
 """
 
 from __future__ import annotations
@@ -448,13 +455,16 @@ class _CallSpans:
                 span.set_attribute("mesh.outcome", "cancelled")
             else:
                 failure, status = classify(outcome)
-                span.set_attribute("mesh.outcome", failure.value)
-                if status is not None:
-                    span.set_attribute("http.response.status_code", status)
+                if status is None:
+                    span.set_attribute("mesh.outcome", failure.value)
+                    if outcome.error is not None:
+                        _set_error(span, type(outcome.error).__name__, str(outcome.error))
+                else:  # one call: each takes the span's lock and checks its values
+                    span.set_attributes(
+                        {"mesh.outcome": failure.value, "http.response.status_code": status}
+                    )
                     if status >= 400:
                         _set_error(span, str(status), failure.value)
-                elif outcome.error is not None:
-                    _set_error(span, type(outcome.error).__name__, str(outcome.error))
         span.end()
 
     def finish(self, response: httpx.Response | None, error: BaseException | None) -> None:
@@ -470,12 +480,15 @@ class _CallSpans:
             if response is not None
             else getattr(error, "decision", None)
         )
-        if decision is not None:
-            _decision_attributes(span, decision)
+        # Set in one call: each call takes the span's lock and checks its values.
+        attributes = {} if decision is None else _decision_attributes(decision)
+        if self.owned and response is not None:
+            attributes["http.response.status_code"] = response.status_code
+        if attributes:
+            span.set_attributes(attributes)
         if self.owned:
             if response is not None:
                 status = response.status_code
-                span.set_attribute("http.response.status_code", status)
                 if status >= 400:
                     reason = decision.reason if decision is not None else str(status)
                     _set_error(span, str(status), reason)
@@ -490,23 +503,27 @@ class _CallSpans:
             span.end()
 
 
-def _decision_attributes(span: Span, decision: Decision) -> None:
-    span.set_attribute("mesh.reason", decision.reason)
-    span.set_attribute("mesh.retries", decision.retries)
-    span.set_attribute("mesh.hedges", decision.hedges)
-    span.set_attribute("mesh.attempts", len(decision.attempts))
+def _decision_attributes(decision: Decision) -> dict[str, Any]:
+    """The call span's attributes from the decision record."""
+    attributes: dict[str, Any] = {
+        "mesh.reason": decision.reason,
+        "mesh.retries": decision.retries,
+        "mesh.hedges": decision.hedges,
+        "mesh.attempts": len(decision.attempts),
+    }
     if decision.route is not None:
-        span.set_attribute("mesh.route", decision.route)
+        attributes["mesh.route"] = decision.route
     if decision.backend is not None:
-        span.set_attribute("mesh.backend", decision.backend)
+        attributes["mesh.backend"] = decision.backend
     if decision.split is not None:
-        span.set_attribute("mesh.split", decision.split)
+        attributes["mesh.split"] = decision.split
     if decision.faults:
-        span.set_attribute("mesh.fault", ",".join(decision.faults))
+        attributes["mesh.fault"] = ",".join(decision.faults)
     if decision.deadline is not None:
-        span.set_attribute("mesh.deadline_ms", int(decision.deadline * 1000))
+        attributes["mesh.deadline_ms"] = int(decision.deadline * 1000)
     if decision.budget != "ok":
-        span.set_attribute("mesh.budget", decision.budget)
+        attributes["mesh.budget"] = decision.budget
+    return attributes
 
 
 def _traced(call: Call, spans: _CallSpans) -> Call:
