@@ -170,14 +170,17 @@ class Tracing:
         if tracer is None:
             carried = self.carrier(ctx) if ctx else None
             return _propagating(call, carried) if carried else call
-        current = trace.get_current_span(ctx)
-        # A CLIENT span already current (opentelemetry-instrumentation-httpx's instrument_client
-        # on the mesh's client) is this call's span: enriched, never doubled, ended by its owner.
-        if current.is_recording() and _kind(current) is SpanKind.CLIENT:
-            return _traced(call, _CallSpans(tracer, ctx, current, False, request, service))
-        parent = current.get_span_context()
+        parent: SpanContext | None = None
+        if ctx:  # an empty context (a call made outside any trace) holds no span
+            current = trace.get_current_span(ctx)
+            # A CLIENT span already current (opentelemetry-instrumentation-httpx's
+            # instrument_client on the mesh's client) is this call's span: enriched, never
+            # doubled, ended by its owner.
+            if current.is_recording() and _kind(current) is SpanKind.CLIENT:
+                return _traced(call, _CallSpans(tracer, ctx, current, False, request, service))
+            parent = current.get_span_context()
         ids: SpanContext | None = None
-        if parent.is_valid:
+        if parent is not None and parent.is_valid:
             ids = self._unsampled_child(tracer, ctx, parent, request, service)
         elif not self.sample_root():
             ids = _unsampled_root()
