@@ -12,6 +12,8 @@ process is counted; the server runs natively.
 Variants (all ``GET /`` on one keep-alive connection, sync client):
 
 * ``raw``: ``httpx.Client.get`` straight to the server;
+* ``raw-traceparent``: as ``raw`` with a constant ``traceparent`` header on every request: what
+  sending the header costs httpx and h11, which no tracing that propagates can avoid;
 * ``mesh``: ``mesh.client().get`` through meshlib, the default set-up: metrics on, tracing with
   OpenTelemetry's no-op provider; the policy has a timeout and retries;
 * ``no-metrics``: as ``mesh`` with ``Mesh(metrics=False)``;
@@ -21,6 +23,13 @@ Variants (all ``GET /`` on one keep-alive connection, sync client):
   a request that came with a ``traceparent``: the context is injected into every attempt;
 * ``sdk``: as ``mesh`` with an SDK ``TracerProvider`` and a ``BatchSpanProcessor`` whose
   exporter drops everything (span creation, attributes, queueing and the export thread count).
+* ``sdk-unsampled``: as ``sdk`` with the SDK's ``ALWAYS_OFF`` sampler: the SDK decides that
+  no trace is sampled (as a ratio sampler deciding no does); only the ``traceparent`` goes out;
+* ``sdk-sampling0``: as ``sdk`` (the SDK's default sampler) with the policy's
+  ``spec.tracing.sampling: 0``: meshlib decides that the traces it starts are not sampled;
+* ``sdk-unsampled-parent``: as ``sdk`` (the SDK's default parent-based sampler) inside an
+  attached remote span context whose flags say *not sampled* (``00``), as while handling a
+  request whose caller did not sample it;
 * ``httproute``: as ``mesh`` with a Gateway API HTTPRoute of four rules attached to the
   service (an Exact path, a PathPrefix with a header match, a RegularExpression, then the
   catch-all ``/`` that ``GET /`` reaches after trying the other three) and a
@@ -55,7 +64,21 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 SERVER_SCRIPT = BENCH_DIR / "server.py"
 
-VARIANTS = ("raw", "mesh", "no-metrics", "no-tracing", "propagate", "sdk", "httproute")
+VARIANTS = (
+    "raw",
+    "raw-traceparent",
+    "mesh",
+    "no-metrics",
+    "no-tracing",
+    "propagate",
+    "sdk",
+    "sdk-unsampled",
+    "sdk-sampling0",
+    "sdk-unsampled-parent",
+    "httproute",
+)
+#: Variants with an SDK ``TracerProvider``.
+SDK_VARIANTS = ("sdk", "sdk-unsampled", "sdk-sampling0", "sdk-unsampled-parent")
 #: A raw keep-alive GET on the issue's reference machine, in µs (docs/design.md).
 REFERENCE_RAW_US = 240.0
 
@@ -74,6 +97,15 @@ spec:
   target: {{service: backend}}
   timeout: 5s
   retries: {{attempts: 2, retryOn: [5xx, reset, connect-failure]}}
+"""
+
+#: Appended to POLICY for the ``sdk-sampling0`` variant.
+SAMPLING_ZERO = """\
+---
+apiVersion: meshlib/v1
+kind: Mesh
+metadata: {name: mesh}
+spec: {tracing: {sampling: 0}}
 """
 
 #: Appended to POLICY for the ``httproute`` variant.
@@ -106,6 +138,8 @@ spec:
 #: A remote parent for the ``propagate`` variant (the W3C spec's example ids).
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 SPAN_ID = 0xB7AD6B7169203331
+#: The same ids as a header, for the ``raw-traceparent`` variant.
+TRACEPARENT = f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01"
 
 
 # --- client part (runs under callgrind) -----------------------------------------------------------
@@ -115,8 +149,9 @@ def _client(variant: str, port: int) -> tuple[Any, str, Any]:
     """The client for ``variant``, the URL it calls, and what to close/shut down at the end."""
     import httpx
 
-    if variant == "raw":
-        client = httpx.Client()
+    if variant in ("raw", "raw-traceparent"):
+        headers = {"traceparent": TRACEPARENT} if variant == "raw-traceparent" else None
+        client = httpx.Client(headers=headers)
         return client, f"http://127.0.0.1:{port}/", None
     import meshlib
 
@@ -124,14 +159,18 @@ def _client(variant: str, port: int) -> tuple[Any, str, Any]:
     provider: Any = None
     if variant == "no-metrics":
         options["metrics"] = False
-    elif variant == "sdk":
+    elif variant in SDK_VARIANTS:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-        provider = TracerProvider()
+        provider = (
+            TracerProvider(sampler=ALWAYS_OFF) if variant == "sdk-unsampled" else TracerProvider()
+        )
         provider.add_span_processor(BatchSpanProcessor(_drop_exporter(), max_queue_size=1 << 16))
         options["tracer_provider"] = provider
-    policy = POLICY.format(port=port) + (HTTP_ROUTE if variant == "httproute" else "")
+    extra = {"httproute": HTTP_ROUTE, "sdk-sampling0": SAMPLING_ZERO}.get(variant, "")
+    policy = POLICY.format(port=port) + extra
     mesh = meshlib.Mesh.from_text(policy, service="bench-client", namespace="default", **options)
     if variant == "no-tracing":
         mesh.tracing.trace_call = lambda call, request, service: call
@@ -152,10 +191,11 @@ def run_client(variant: str, port: int, calls: int, warmup: int) -> int:
     """``warmup`` + ``calls`` GETs; exits non-zero if any answer is not 200."""
     client, url, provider = _client(variant, port)
     token = None
-    if variant == "propagate":
+    if variant in ("propagate", "sdk-unsampled-parent"):
         from opentelemetry import context, trace
 
-        parent = trace.SpanContext(TRACE_ID, SPAN_ID, True, trace.TraceFlags(1))
+        flags = trace.TraceFlags(1 if variant == "propagate" else 0)
+        parent = trace.SpanContext(TRACE_ID, SPAN_ID, True, flags)
         token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
     get = client.get
     bad = 0
@@ -174,7 +214,7 @@ def run_client(variant: str, port: int, calls: int, warmup: int) -> int:
 
 def _supported(variant: str) -> bool:
     """Whether the meshlib on the path can run ``variant`` (older checkouts had no tracing)."""
-    if variant in ("no-tracing", "propagate", "sdk"):
+    if variant in ("no-tracing", "propagate", *SDK_VARIANTS):
         import importlib.util
 
         for name in ("meshlib.observe.tracing", "meshlib.tracing"):  # its home before the layout

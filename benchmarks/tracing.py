@@ -13,7 +13,9 @@ measured. Variants, interleaved (round-robin, best-of-rounds per variant):
 * ``no-op + incoming traceparent`` (inbound only): no SDK, but the caller sent a context, which
   is extracted, attached and carried to outbound calls (propagation must work without an SDK);
 * ``SDK + batch``: an SDK ``TracerProvider`` with a ``BatchSpanProcessor`` and an exporter that
-  drops everything (export cost excluded; span creation, attributes and queueing included).
+  drops everything (export cost excluded; span creation, attributes and queueing included);
+* ``SDK, not sampled`` (outbound only): the same SDK with the ``ALWAYS_OFF`` sampler, as when a
+  ratio sampler decides no: nothing is recorded, only the ``traceparent`` (flags ``00``) goes out.
 
 The output is Markdown (µs per call, ratio to ``off``). Importing this module has no side effects.
 """
@@ -32,6 +34,7 @@ from typing import Any
 import httpx
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 import meshlib
 
@@ -54,8 +57,10 @@ class _Drop(SpanExporter):
 
 def _mesh(variant: str) -> meshlib.Mesh:
     provider: Any = None
-    if variant == "sdk":
-        provider = TracerProvider()
+    if variant in ("sdk", "sdk-unsampled"):
+        provider = (
+            TracerProvider(sampler=ALWAYS_OFF) if variant == "sdk-unsampled" else TracerProvider()
+        )
         provider.add_span_processor(BatchSpanProcessor(_Drop(), max_queue_size=1 << 16))
     extra = {} if provider is None else {"tracer_provider": provider}
     mesh = meshlib.Mesh.from_text(POLICY, service="bench", metrics=False, seed=1, **extra)
@@ -170,6 +175,7 @@ LABELS = {
     "noop": "no-op provider (default)",
     "propagate": "no-op + incoming traceparent",
     "sdk": "SDK + BatchSpanProcessor",
+    "sdk-unsampled": "SDK, not sampled (ALWAYS_OFF)",
 }
 
 
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
     n, rounds = (200, 2) if args.quick else (5000, 9)
-    outbound = _measure(_outbound, ["off", "noop", "sdk"], n, rounds)
+    outbound = _measure(_outbound, ["off", "noop", "sdk-unsampled", "sdk"], n, rounds)
     inbound = _measure(_inbound, ["off", "noop", "propagate", "sdk"], n, rounds)
     print("\n".join(_table("Outbound call (mesh.client().get, mock inner transport)", outbound)))
     print("\n".join(_table("Inbound request (MeshMiddleware, driven in-process)", inbound)))

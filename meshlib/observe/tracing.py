@@ -35,6 +35,13 @@ Sampling (``Mesh.spec.tracing.sampling``) applies to traces meshlib *starts* (no
 unsampled root gets a non-recording span context with a random trace id and flags ``00``, so
 downstream parent-based samplers (the SDK default) agree and record nothing. A trace started
 elsewhere keeps its sampled flag; meshlib never samples again inside it.
+
+A call that is not sampled — ``spec.tracing.sampling`` says no to a root, or the SDK's sampler
+says no (asked directly under a parent, through ``start_span`` for a root, whose trace id the
+SDK draws) — builds no span for itself or its attempts: its ids (the parent's trace id, a new
+span id, the sampled flag cleared) are written into headers once per call and copied onto every
+attempt, hedge and mirror, and only the "suppress HTTP instrumentation" key is attached around
+its attempts (no span of its own: nothing reads it there).
 """
 
 from __future__ import annotations
@@ -116,6 +123,8 @@ class Tracing:
         self._textmap: TextMapPropagator | None = None
         self._fields: frozenset[bytes] = frozenset()
         self._carried: tuple[Context, TextMapPropagator, dict[str, str]] | None = None
+        self._w3c: tuple[TextMapPropagator, bool] | None = None
+        self._suppressed_last: tuple[Context, Context] | None = None
 
     def tracer(self) -> Tracer | None:
         """The tracer spans are recorded with; ``None`` while the provider is a no-op.
@@ -158,9 +167,100 @@ class Tracing:
             return call
         tracer = self.tracer()
         if tracer is None:
-            carrier = self.carrier(ctx) if ctx else None
-            return _propagating(call, carrier) if carrier else call
-        return _traced(call, _CallSpans(self, tracer, ctx, request, service))
+            carried = self.carrier(ctx) if ctx else None
+            return _propagating(call, carried) if carried else call
+        parent: SpanContext | None = None
+        if ctx:  # an empty context (a call made outside any trace) holds no span
+            current = trace.get_current_span(ctx)
+            # A CLIENT span already current (opentelemetry-instrumentation-httpx's
+            # instrument_client on the mesh's client) is this call's span: enriched, never
+            # doubled, ended by its owner.
+            if current.is_recording() and _kind(current) is SpanKind.CLIENT:
+                return _traced(call, _CallSpans(tracer, ctx, current, False, request, service))
+            parent = current.get_span_context()
+        ids: SpanContext | None = None
+        if parent is not None and parent.is_valid:
+            ids = self._unsampled_child(tracer, ctx, parent, request, service)
+        elif not self.sample_root():
+            ids = _unsampled_root()
+        if ids is None:
+            span = tracer.start_span(
+                f"{request.method} {service.name}",
+                ctx,
+                SpanKind.CLIENT,
+                _call_attributes(request, service),
+            )
+            if span.is_recording():
+                return _traced(call, _CallSpans(tracer, ctx, span, True, request, service))
+            ids = span.get_span_context()  # the SDK's sampler said no to a root
+        # Not sampled: nothing is recorded for the call or its attempts, so no span is built.
+        # The call's ids (the parent's trace id, a new span id, not sampled) are written once
+        # and copied onto every attempt, hedge and mirror.
+        return _propagating(call, self._carrier_for(ctx, ids), self._suppressed(ctx))
+
+    def _unsampled_child(
+        self,
+        tracer: Tracer,
+        ctx: Context,
+        parent: SpanContext,
+        request: httpx.Request,
+        service: ServiceDef,
+    ) -> SpanContext | None:
+        """The ids of a call under ``parent`` that the SDK's sampler does not sample, or
+        ``None`` when it does (or the tracer is not the SDK's: its ``start_span`` decides).
+
+        The sampler is asked as the SDK's ``start_span`` asks it, with the same inputs
+        (the parent's trace id, the call span's name, kind and attributes); a sampled call
+        then starts its span, which asks again: the SDK's samplers (parent-based, ratio,
+        always on/off) answer from the parent and the trace id, so both answers agree.
+        """
+        sampler = getattr(tracer, "sampler", None)
+        should_sample = getattr(sampler, "should_sample", None)
+        if should_sample is None:
+            return None
+        name = f"{request.method} {service.name}"
+        attributes = _call_attributes(request, service)
+        result = should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, attributes, ())
+        if result.decision.is_recording():
+            return None
+        # As the SDK builds a span it does not sample: the parent's flags less "sampled".
+        flags = TraceFlags(parent.trace_flags & ~TraceFlags.SAMPLED)
+        return SpanContext(parent.trace_id, _random_span_id(), False, flags, result.trace_state)
+
+    def _carrier_for(self, ctx: Context, ids: SpanContext) -> dict[str, str]:
+        """The headers the global propagator writes for an unrecorded span with ``ids`` under
+        ``ctx``. When that propagator writes the W3C trace context and nothing else that
+        depends on the span (the default, ``tracecontext,baggage``), they are the context's
+        own headers (cached per context: baggage) with ``traceparent`` and ``tracestate``
+        formatted directly, as OpenTelemetry's W3C propagator formats them; any other
+        propagator injects."""
+        textmap = propagate.get_global_textmap()
+        w3c = self._w3c
+        if w3c is None or w3c[0] is not textmap:
+            w3c = self._w3c = (textmap, _writes_w3c_only(textmap))
+        if not w3c[1]:
+            carrier: dict[str, str] = {}
+            span = NonRecordingSpan(ids)
+            textmap.inject(carrier, context=trace.set_span_in_context(span, ctx))
+            return carrier
+        carrier = dict(self.carrier(ctx)) if ctx else {}
+        carrier["traceparent"] = f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{ids.trace_flags:02x}"
+        state = ids.trace_state
+        if state:
+            carrier["tracestate"] = state.to_header()
+        else:
+            carrier.pop("tracestate", None)
+        return carrier
+
+    def _suppressed(self, ctx: Context) -> Context:
+        """``ctx`` with OpenTelemetry's HTTP instrumentation off, made once per context (the
+        calls of one inbound request share it; a root call's is the empty context's)."""
+        last = self._suppressed_last
+        if last is not None and last[0] is ctx:
+            return last[1]
+        suppressed = otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, ctx)
+        self._suppressed_last = (ctx, suppressed)  # one assignment: other threads see either
+        return suppressed
 
     def refused(self, request: httpx.Request, error: MeshError) -> None:
         """Record a CLIENT span for a call refused before any call sequence ran (egress:
@@ -246,19 +346,34 @@ def _random_span_id() -> int:
     return random.getrandbits(64) or 1
 
 
-def _unsampled(parent: SpanContext | None) -> NonRecordingSpan:
-    """A span that records nothing but carries ids and the flag ``00`` downstream: a child of
-    ``parent``, or the root of a new unsampled trace."""
-    if parent is None or not parent.is_valid:
-        trace_id = random.getrandbits(128) or 1
-        return NonRecordingSpan(
-            SpanContext(trace_id, _random_span_id(), False, TraceFlags(TraceFlags.DEFAULT))
-        )
-    return NonRecordingSpan(
-        SpanContext(
-            parent.trace_id, _random_span_id(), False, parent.trace_flags, parent.trace_state
-        )
-    )
+def _unsampled_root() -> SpanContext:
+    """The ids of a new trace that records nothing but carries its ids and the flag ``00``
+    downstream (``spec.tracing.sampling`` said no)."""
+    trace_id = random.getrandbits(128) or 1
+    return SpanContext(trace_id, _random_span_id(), False, TraceFlags(TraceFlags.DEFAULT))
+
+
+def _call_attributes(request: httpx.Request, service: ServiceDef) -> dict[str, Any]:
+    """The call span's attributes, which its sampler sees too."""
+    url = request.url
+    return {
+        "http.request.method": request.method,
+        "url.full": str(url),
+        "server.address": url.host,
+        "mesh.service": service.key,
+    }
+
+
+#: A context whose span the probe in :func:`_writes_w3c_only` injects.
+_PROBE = SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED))
+
+
+def _writes_w3c_only(textmap: TextMapPropagator) -> bool:
+    """Whether ``textmap`` writes a span as OpenTelemetry's W3C trace context propagator does
+    and nothing else for it (baggage, which does not depend on the span, may be added)."""
+    probe: dict[str, str] = {}
+    textmap.inject(probe, context=trace.set_span_in_context(NonRecordingSpan(_PROBE), Context()))
+    return probe == {"traceparent": f"00-{1:032x}-{1:016x}-01"}
 
 
 def _kind(span: Span) -> SpanKind | None:
@@ -273,40 +388,23 @@ def _set_error(span: Span, error_type: str, description: str) -> None:
 
 
 class _CallSpans:
-    """The spans of one outbound call: the call span and one span per attempt."""
+    """The spans of one recorded outbound call: the call span and one span per attempt (a call
+    that is not sampled has none: :meth:`Tracing.trace_call`)."""
 
     def __init__(
         self,
-        tracing: Tracing,
         tracer: Tracer,
         parent: Context,
+        span: Span,
+        owned: bool,
         request: httpx.Request,
         service: ServiceDef,
     ) -> None:
         self.tracer = tracer
         self.method = request.method
         self.name = f"{request.method} {service.name}"
-        current = trace.get_current_span(parent)
-        # A CLIENT span already current (opentelemetry-instrumentation-httpx's instrument_client
-        # on the mesh's client) is this call's span: enriched, never doubled, ended by its owner.
-        self.owned = not (current.is_recording() and _kind(current) is SpanKind.CLIENT)
-        if not self.owned:
-            self.span: Span = current
-        elif current.get_span_context().is_valid or tracing.sample_root():
-            self.span = tracer.start_span(
-                self.name,
-                parent,
-                SpanKind.CLIENT,
-                {
-                    "http.request.method": request.method,
-                    "url.full": str(request.url),
-                    "server.address": request.url.host,
-                    "mesh.service": service.key,
-                },
-            )
-        else:
-            self.span = _unsampled(None)
-        self.recording = self.span.is_recording()
+        self.span = span
+        self.owned = owned  # False: someone else's CLIENT span, enriched and ended by its owner
         self.context = trace.set_span_in_context(self.span, parent)
         #: Attached while an attempt is with the driver: the call span, HTTP instrumentation off.
         self.send_context = otel_context.set_value(
@@ -317,23 +415,18 @@ class _CallSpans:
     def begin(self, send: Send) -> None:
         """Open the attempt's span and put its context on the attempt's request."""
         request = send.request
-        if self.recording:
-            url = request.url
-            attributes: dict[str, Any] = {
-                "http.request.method": self.method,
-                "url.full": str(url),
-                "server.address": url.host,
-                "server.port": url.port or (443 if url.scheme == "https" else 80),
-                "mesh.attempt": send.number,
-                "mesh.hedge": send.hedge,
-            }
-            if send.number > 1:
-                attributes["http.request.resend_count"] = send.number - 1
-            span: Span = self.tracer.start_span(
-                self.name, self.context, SpanKind.CLIENT, attributes
-            )
-        else:  # the call is not recorded: neither are its attempts, but ids still propagate
-            span = _unsampled(self.span.get_span_context())
+        url = request.url
+        attributes: dict[str, Any] = {
+            "http.request.method": self.method,
+            "url.full": str(url),
+            "server.address": url.host,
+            "server.port": url.port or (443 if url.scheme == "https" else 80),
+            "mesh.attempt": send.number,
+            "mesh.hedge": send.hedge,
+        }
+        if send.number > 1:
+            attributes["http.request.resend_count"] = send.number - 1
+        span = self.tracer.start_span(self.name, self.context, SpanKind.CLIENT, attributes)
         self.attempts[id(send)] = span
         propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
 
@@ -341,20 +434,17 @@ class _CallSpans:
         """Open the mirrored copy's span (a child of the call span, marked as a mirror), put its
         context on the copy, and have the driver end it when the copy ends."""
         request = mirror.request
-        if self.recording:
-            url = request.url
-            attributes: dict[str, Any] = {
-                "http.request.method": self.method,
-                "url.full": str(url),
-                "server.address": url.host,
-                "server.port": url.port or (443 if url.scheme == "https" else 80),
-                "mesh.mirror": True,
-                "mesh.service": mirror.service,
-            }
-            name = f"{self.method} {mirror.service.partition('.')[0]}"
-            span: Span = self.tracer.start_span(name, self.context, SpanKind.CLIENT, attributes)
-        else:
-            span = _unsampled(self.span.get_span_context())
+        url = request.url
+        attributes: dict[str, Any] = {
+            "http.request.method": self.method,
+            "url.full": str(url),
+            "server.address": url.host,
+            "server.port": url.port or (443 if url.scheme == "https" else 80),
+            "mesh.mirror": True,
+            "mesh.service": mirror.service,
+        }
+        name = f"{self.method} {mirror.service.partition('.')[0]}"
+        span = self.tracer.start_span(name, self.context, SpanKind.CLIENT, attributes)
         propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
         mirror.observe = _mirror_observer(span)
 
@@ -367,13 +457,16 @@ class _CallSpans:
                 span.set_attribute("mesh.outcome", "cancelled")
             else:
                 failure, status = classify(outcome)
-                span.set_attribute("mesh.outcome", failure.value)
-                if status is not None:
-                    span.set_attribute("http.response.status_code", status)
+                if status is None:
+                    span.set_attribute("mesh.outcome", failure.value)
+                    if outcome.error is not None:
+                        _set_error(span, type(outcome.error).__name__, str(outcome.error))
+                else:  # one call: each takes the span's lock and checks its values
+                    span.set_attributes(
+                        {"mesh.outcome": failure.value, "http.response.status_code": status}
+                    )
                     if status >= 400:
                         _set_error(span, str(status), failure.value)
-                elif outcome.error is not None:
-                    _set_error(span, type(outcome.error).__name__, str(outcome.error))
         span.end()
 
     def finish(self, response: httpx.Response | None, error: BaseException | None) -> None:
@@ -384,19 +477,20 @@ class _CallSpans:
             span.end()
         self.attempts.clear()
         span = self.span
-        if not self.recording:
-            return
         decision: Decision | None = (
             response.extensions.get(DECISION_EXTENSION)
             if response is not None
             else getattr(error, "decision", None)
         )
-        if decision is not None:
-            _decision_attributes(span, decision)
+        # Set in one call: each call takes the span's lock and checks its values.
+        attributes = {} if decision is None else _decision_attributes(decision)
+        if self.owned and response is not None:
+            attributes["http.response.status_code"] = response.status_code
+        if attributes:
+            span.set_attributes(attributes)
         if self.owned:
             if response is not None:
                 status = response.status_code
-                span.set_attribute("http.response.status_code", status)
                 if status >= 400:
                     reason = decision.reason if decision is not None else str(status)
                     _set_error(span, str(status), reason)
@@ -411,23 +505,27 @@ class _CallSpans:
             span.end()
 
 
-def _decision_attributes(span: Span, decision: Decision) -> None:
-    span.set_attribute("mesh.reason", decision.reason)
-    span.set_attribute("mesh.retries", decision.retries)
-    span.set_attribute("mesh.hedges", decision.hedges)
-    span.set_attribute("mesh.attempts", len(decision.attempts))
+def _decision_attributes(decision: Decision) -> dict[str, Any]:
+    """The call span's attributes from the decision record."""
+    attributes: dict[str, Any] = {
+        "mesh.reason": decision.reason,
+        "mesh.retries": decision.retries,
+        "mesh.hedges": decision.hedges,
+        "mesh.attempts": len(decision.attempts),
+    }
     if decision.route is not None:
-        span.set_attribute("mesh.route", decision.route)
+        attributes["mesh.route"] = decision.route
     if decision.backend is not None:
-        span.set_attribute("mesh.backend", decision.backend)
+        attributes["mesh.backend"] = decision.backend
     if decision.split is not None:
-        span.set_attribute("mesh.split", decision.split)
+        attributes["mesh.split"] = decision.split
     if decision.faults:
-        span.set_attribute("mesh.fault", ",".join(decision.faults))
+        attributes["mesh.fault"] = ",".join(decision.faults)
     if decision.deadline is not None:
-        span.set_attribute("mesh.deadline_ms", int(decision.deadline * 1000))
+        attributes["mesh.deadline_ms"] = int(decision.deadline * 1000)
     if decision.budget != "ok":
-        span.set_attribute("mesh.budget", decision.budget)
+        attributes["mesh.budget"] = decision.budget
+    return attributes
 
 
 def _traced(call: Call, spans: _CallSpans) -> Call:
@@ -521,9 +619,10 @@ def _traced_backup(
     return traced
 
 
-def _propagating(call: Call, carrier: dict[str, str]) -> Call:
-    """``call``, with the current context's headers (no SDK: nothing recorded) on every
-    attempt."""
+def _propagating(call: Call, carrier: dict[str, str], attach: Context | None = None) -> Call:
+    """``call``, with ``carrier``'s headers on every attempt and nothing recorded: no SDK, or
+    a call that is not sampled. ``attach`` (the unsampled call's span, HTTP instrumentation
+    off) is the current context while an attempt is with the driver, as in :func:`_traced`."""
     result: Any = None
     try:
         while True:
@@ -537,7 +636,17 @@ def _propagating(call: Call, carrier: dict[str, str]) -> Call:
                 race.backup = _propagating_backup(race.backup, carrier)
             elif kind is Mirror:
                 _carry(effect.request.headers, carrier)  # type: ignore[union-attr]
-            result = yield effect
+            else:
+                result = yield effect
+                continue
+            if attach is None:
+                result = yield effect
+                continue
+            token = otel_context.attach(attach)
+            try:
+                result = yield effect
+            finally:
+                otel_context.detach(token)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     finally:
@@ -623,7 +732,7 @@ class InboundTrace:
         assert self._tracer is not None
         root = not trace.get_current_span(parent).get_span_context().is_valid
         if root and not self._tracing.sample_root():
-            return _unsampled(None)
+            return NonRecordingSpan(_unsampled_root())
         scope = self._scope
         method = scope.get("method", "")
         attributes: dict[str, Any] = {

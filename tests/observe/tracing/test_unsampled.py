@@ -1,0 +1,180 @@
+"""A call that is not sampled, with an SDK installed: nothing is recorded, no span is built for
+it or its attempts, and every attempt carries the call's ids once written — the parent's trace
+id, a new span id, flags ``00``. Sampled calls are unchanged. Whoever decides (the policy's
+``spec.tracing.sampling: 0``, the SDK's ALWAYS_OFF or ratio sampler, a parent that was not
+sampled), the outcome is the same."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+import meshlib
+
+from .conftest import sampling, service_yaml, traceparent_ids
+
+pytestmark = pytest.mark.timeout(30)
+
+PARENT_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+PARENT_SPAN = 0xB7AD6B7169203331
+RETRY = (
+    "---\napiVersion: meshlib/v1\nkind: TrafficPolicy\nmetadata: {name: p}\n"
+    "spec:\n  target: {service: reviews}\n"
+    "  retries: {attempts: 2, retryOn: [5xx], backoff: {baseInterval: 1ms, maxInterval: 2ms}}\n"
+)
+
+# name → (the SDK's sampler, the parent's flags or None for a root, the policy's sampling)
+CASES: dict[str, tuple[Sampler | None, int | None, str | None]] = {
+    "parent-not-sampled": (None, 0, None),  # the SDK default, ParentBased(ALWAYS_ON)
+    "sdk-always-off": (ALWAYS_OFF, 1, None),
+    "sdk-ratio-root": (ParentBased(TraceIdRatioBased(0.0)), None, None),
+    "policy-sampling-0": (None, None, "0"),
+}
+
+
+class _Marker(TraceContextTextMapPropagator):
+    """Not only the W3C headers: the span's id goes out in a header of its own too."""
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:  # type: ignore[override]
+        super().inject(carrier, context)
+        span = trace.get_current_span(context).get_span_context()
+        carrier["x-span"] = f"{span.span_id:016x}"
+
+
+class _Counted:
+    """A provider whose tracers count the spans they are asked to start."""
+
+    def __init__(self, sampler: Sampler | None) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider() if sampler is None else TracerProvider(sampler=sampler)
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.started = 0
+        real = self.provider.get_tracer
+
+        def get_tracer(*args: Any, **kwargs: Any) -> Any:
+            tracer = real(*args, **kwargs)
+            start = tracer.start_span
+
+            def start_span(*a: Any, **k: Any) -> Any:
+                self.started += 1
+                return start(*a, **k)
+
+            tracer.start_span = start_span  # type: ignore[method-assign]
+            return tracer
+
+        self.provider.get_tracer = get_tracer  # type: ignore[method-assign]
+
+
+def _call(
+    sampler: Sampler | None,
+    parent_flags: int | None,
+    rate: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    marker: bool = False,
+) -> tuple[_Counted, list[httpx.Request]]:
+    """One GET through a retry policy (503, then 200) with a mock inner transport that keeps
+    every attempt's request; ``marker``: :class:`_Marker` is the global propagator."""
+    counted = _Counted(sampler)
+    if marker:
+        propagator = _Marker()
+        monkeypatch.setattr(propagate, "get_global_textmap", lambda: propagator)
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(503 if len(sent) == 1 else 200)
+
+    text = service_yaml("reviews", 9080, RETRY + ("" if rate is None else "---\n" + sampling(rate)))
+    mesh = meshlib.Mesh.from_text(
+        text, service="web", metrics=False, seed=7, tracer_provider=counted.provider
+    )
+    token = None
+    if parent_flags is not None:
+        parent = trace.SpanContext(PARENT_TRACE, PARENT_SPAN, True, trace.TraceFlags(parent_flags))
+        token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+    try:
+        transport = meshlib.MeshTransport(mesh, inner=httpx.MockTransport(answer))
+        with httpx.Client(transport=transport) as client:
+            assert client.get("http://reviews/r").status_code == 200
+    finally:
+        if token is not None:
+            context.detach(token)
+        mesh.close()
+        counted.provider.shutdown()
+    return counted, sent
+
+
+@pytest.mark.parametrize("marker", [False, True], ids=["w3c", "other-propagator"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_an_unsampled_call_builds_no_span_and_sends_its_ids_once_written(
+    case: str, marker: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sampler, parent_flags, rate = CASES[case]
+    counted, sent = _call(sampler, parent_flags, rate, monkeypatch, marker)
+
+    assert counted.exporter.get_finished_spans() == ()
+    # Under a parent the sampler is asked without starting a span; a root the SDK samples
+    # (or not) is its call span's start. Never a span for an attempt.
+    assert counted.started == (1 if parent_flags is None and rate is None else 0)
+    assert len(sent) == 2
+    headers = [r.headers["traceparent"] for r in sent]
+    assert headers[0] == headers[1]  # both attempts: the same (unrecorded) call
+    trace_id, span_id, flags = traceparent_ids(headers[0])
+    assert flags & 1 == 0  # not sampled: downstream parent-based samplers record nothing
+    assert span_id not in (0, PARENT_SPAN)
+    if parent_flags is None:
+        assert trace_id not in (0, PARENT_TRACE)  # a new trace
+    else:
+        assert trace_id == PARENT_TRACE
+    if marker:  # any other propagator writes what it writes for the call's (unrecorded) span
+        assert [r.headers["x-span"] for r in sent] == [f"{span_id:016x}"] * 2
+
+
+def test_a_sampled_call_still_records_a_span_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    counted, sent = _call(None, 1, None, monkeypatch)
+
+    spans = counted.exporter.get_finished_spans()
+    calls = [s for s in spans if "mesh.attempt" not in s.attributes]
+    attempts = sorted(
+        (s for s in spans if "mesh.attempt" in s.attributes),
+        key=lambda s: s.attributes["mesh.attempt"],
+    )
+    assert len(calls) == 1 and len(attempts) == 2
+    call = calls[0]
+    assert call.parent is not None and call.parent.span_id == PARENT_SPAN
+    assert call.context.trace_id == PARENT_TRACE
+    for request, attempt in zip(sent, attempts, strict=True):
+        assert attempt.parent is not None and attempt.parent.span_id == call.context.span_id
+        assert traceparent_ids(request.headers["traceparent"]) == (
+            PARENT_TRACE,
+            attempt.context.span_id,
+            1,
+        )
+
+
+def test_an_unsampled_parent_reaches_the_server_with_flags_00(
+    recorder: Any, make_mesh: Any, echo_factory: Any
+) -> None:
+    """End to end: a real server sees the parent's trace id and flags ``00``; nothing is
+    recorded on the client side."""
+    backend = echo_factory("reviews")
+    mesh = make_mesh(service_yaml("reviews", backend.port), tracer_provider=recorder.provider)
+    parent = trace.SpanContext(PARENT_TRACE, PARENT_SPAN, True, trace.TraceFlags(0))
+    token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+    try:
+        with mesh.client() as client:
+            sent = client.get("http://reviews/u").json()["headers"]["traceparent"]
+    finally:
+        context.detach(token)
+    trace_id, span_id, flags = traceparent_ids(sent)
+    assert (trace_id, flags & 1) == (PARENT_TRACE, 0)
+    assert span_id not in (0, PARENT_SPAN)
+    assert recorder.spans() == []
