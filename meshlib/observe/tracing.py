@@ -97,6 +97,9 @@ GLOBAL_RECHECK = 1.0
 _REASON = REASON_HEADER.encode("latin-1")
 _IDENTITY = IDENTITY_HEADER.encode("latin-1")
 _current_context = otel_context.get_current
+#: The module of the OpenTelemetry SDK's samplers, whose answers depend only on the parent and
+#: the trace id: the only ones asked ahead of ``start_span`` (``Tracing._unsampled_child``).
+_SDK_SAMPLERS = "opentelemetry.sdk.trace.sampling"
 
 
 class Tracing:
@@ -211,10 +214,14 @@ class Tracing:
 
         The sampler is asked as the SDK's ``start_span`` asks it, with the same inputs
         (the parent's trace id, the call span's name, kind and attributes); a sampled call
-        then starts its span, which asks again: the SDK's samplers (parent-based, ratio,
-        always on/off) answer from the parent and the trace id, so both answers agree.
+        then starts its span, which asks again. Only the SDK's own samplers (parent-based,
+        ratio, always on/off) are asked ahead: they answer from the parent and the trace id,
+        so both answers agree. Any other sampler may draw at random, and asking it twice
+        would sample at p² instead of p: its ``start_span`` alone decides.
         """
         sampler = getattr(tracer, "sampler", None)
+        if type(sampler).__module__ != _SDK_SAMPLERS:
+            return None
         should_sample = getattr(sampler, "should_sample", None)
         if should_sample is None:
             return None

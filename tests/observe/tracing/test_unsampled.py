@@ -14,7 +14,13 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import meshlib
@@ -178,3 +184,34 @@ def test_an_unsampled_parent_reaches_the_server_with_flags_00(
     assert (trace_id, flags & 1) == (PARENT_TRACE, 0)
     assert span_id not in (0, PARENT_SPAN)
     assert recorder.spans() == []
+
+
+class _CountingSampler(Sampler):
+    """A sampler of the application's own (it could draw at random): it counts its calls."""
+
+    def __init__(self, record: bool) -> None:
+        self.inner = ALWAYS_ON if record else ALWAYS_OFF
+        self.calls = 0
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.inner.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return "counting"
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["sampled", "not-sampled"])
+def test_a_sampler_of_the_applications_own_is_asked_once_per_call(
+    record: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Asked twice (once ahead, once by start_span), a sampler drawing at random would sample
+    # at p² instead of p: only the SDK's own, deterministic samplers are asked ahead.
+    sampler = _CountingSampler(record)
+    counted, sent = _call(sampler, 1, None, monkeypatch)
+    spans = counted.exporter.get_finished_spans()
+    call_spans = [s for s in spans if "mesh.attempt" not in s.attributes]
+    # one decision for the call; a sampled call's attempt spans are children it starts itself
+    assert sampler.calls == (3 if record else 1)
+    assert len(call_spans) == (1 if record else 0)
+    assert len(sent) == 2
