@@ -237,6 +237,11 @@ class _Target:
     response_edits: Sequence[HeaderModifier]
     timeout: float | None
 
+    @property
+    def request_target(self) -> str:
+        """The path and query, as the request line carries them."""
+        return f"{self.path}?{self.query}" if self.query else self.path
+
 
 class _BodyRefused(Exception):
     """The request body passed the edge's limit while it was being streamed."""
@@ -441,19 +446,7 @@ class GatewayApp:
         if isinstance(target, _Answer):
             await _respond(send, target.status, target.headers, target.body)
             return
-        url = f"http://{target.service}:{target.port}{target.path}"
-        if target.query:
-            url += f"?{target.query}"
-        await self._forward(
-            receive,
-            send,
-            target.method,
-            url,
-            target.headers,
-            target.has_body,
-            target.response_edits,
-            target.timeout,
-        )
+        await self._forward(receive, send, target)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, port: int) -> None:
         """A WebSocket handshake (already authorized by the edge middleware): routed as its
@@ -497,26 +490,18 @@ class GatewayApp:
             refuse,
             upstream,
             host=host,
-            target=f"{target.path}?{target.query}" if target.query else target.path,
+            target=target.request_target,
             headers=target.headers,
             response_edits=target.response_edits,
             max_message=self.limits.max_websocket_message_bytes,
             timeout=timeout,
         )
 
-    async def _forward(
-        self,
-        receive: Receive,
-        send: Send,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        has_body: bool,
-        response_edits: Sequence[HeaderModifier],
-        timeout: float | None,
-    ) -> None:
+    async def _forward(self, receive: Receive, send: Send, target: _Target) -> None:
         """Send the request into the mesh and relay the answer, both bodies streamed; a client
         that disconnects cancels the call."""
+        url = f"http://{target.service}:{target.port}{target.request_target}"
+        has_body = target.has_body
         body_done = asyncio.Event()
         finished = False
         limits = self.limits
@@ -555,15 +540,15 @@ class GatewayApp:
 
         async def relay() -> None:
             nonlocal finished
-            if timeout is not None:
-                cap = self.mesh.clock() + timeout
+            if target.timeout is not None:
+                cap = self.mesh.clock() + target.timeout
                 current = inbound_deadline.get()
                 if current is None or cap < current:
                     inbound_deadline.set(cap)  # this task's own context: the caller's is unchanged
             request = httpx.Request(
-                method,
+                target.method,
                 url,
-                headers=headers,
+                headers=target.headers,
                 content=body() if has_body else None,
                 # The answer is streamed: the deadline ends at its headers (STREAM_EXTENSION).
                 extensions={"timeout": self._timeout, STREAM_EXTENSION: True},
@@ -589,10 +574,10 @@ class GatewayApp:
                     for name, value in response.headers.raw
                     if name.lower().decode("latin-1") not in HOP_BY_HOP
                 ]
-                if response_edits:
+                if target.response_edits:
                     edited = edit_headers(
                         [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out],
-                        response_edits,
+                        target.response_edits,
                     )
                     out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
                 await send(
