@@ -72,6 +72,7 @@ from meshlib.gateway.edge import (
     check_request,
     edge_headers,
     fault_header_names,
+    relayed_headers,
 )
 from meshlib.gateway.ratelimit import MAX_KEYS, EdgeRateLimits
 from meshlib.gateway.tls import hostname_matches
@@ -569,17 +570,7 @@ class GatewayApp:
                     await self._transport_failed(send, url, exc)
                 return
             try:
-                out = [
-                    (name, value)
-                    for name, value in response.headers.raw
-                    if name.lower().decode("latin-1") not in HOP_BY_HOP
-                ]
-                if target.response_edits:
-                    edited = edit_headers(
-                        [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out],
-                        target.response_edits,
-                    )
-                    out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
+                out = relayed_headers(response.headers.raw, HOP_BY_HOP, target.response_edits)
                 await send(
                     {"type": "http.response.start", "status": response.status_code, "headers": out}
                 )

@@ -44,9 +44,8 @@ from wsproto.utilities import ProtocolError
 
 from meshlib.config.model import HeaderModifier
 from meshlib.errors import Reason
-from meshlib.gateway.edge import HOP_BY_HOP
+from meshlib.gateway.edge import HOP_BY_HOP, relayed_headers
 from meshlib.outbound.stream import StreamConnectError, StreamEndpoint
-from meshlib.policy.routes import edit_headers
 
 __all__ = ["CLOSE_TIMEOUT", "HANDSHAKE_HEADERS", "pass_through"]
 
@@ -184,16 +183,7 @@ async def _shake_and_relay(
     if isinstance(answer, tuple):
         await _relay_refusal(extensions, send, *answer)
         return
-    out = [
-        (name, value)
-        for name, value in answer.extra_headers
-        if name.lower().decode("latin-1") not in _NOT_RELAYED
-    ]
-    if response_edits:
-        edited = edit_headers(
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out], response_edits
-        )
-        out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
+    out = relayed_headers(answer.extra_headers, _NOT_RELAYED, response_edits)
     accept: Message = {"type": "websocket.accept", "headers": out}
     if answer.subprotocol is not None:
         accept["subprotocol"] = answer.subprotocol
