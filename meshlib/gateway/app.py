@@ -76,7 +76,7 @@ from meshlib.gateway.edge import (
 )
 from meshlib.gateway.ratelimit import MAX_KEYS, EdgeRateLimits
 from meshlib.gateway.tls import hostname_matches
-from meshlib.inbound.middleware import InboundHost, MeshMiddleware
+from meshlib.inbound.middleware import InboundHost, MeshMiddleware, handshake_send
 from meshlib.observe.asgi import answer_lifespan
 from meshlib.outbound.call import STREAM_EXTENSION
 from meshlib.outbound.stream import StreamEndpoint
@@ -458,7 +458,7 @@ class GatewayApp:
             return
         extensions = scope.get("extensions") or {}
         if self.rate_limits.active and await self.rate_limits.refuse(
-            scope, _handshake_send(send, extensions), self.trusted_hops
+            scope, handshake_send(send, extensions), self.trusted_hops
         ):
             return
         target = self._select(scope, port)
@@ -706,22 +706,6 @@ _NOT_UPGRADED_HEADERS = [
 ]
 
 
-def _handshake_send(send: Send, extensions: Mapping[str, Any]) -> Send:
-    """``send`` for an HTTP answer to a WebSocket handshake: ``http.response.*`` messages go out
-    as the ``websocket.http.response`` extension's where the server supports denial responses,
-    else the answer is a close before accepting (which the server answers 403)."""
-    denial = "websocket.http.response" in extensions
-
-    async def answer(message: Message) -> None:
-        kind = message["type"]
-        if denial:
-            await send({**message, "type": f"websocket.{kind}"})
-        elif kind == "http.response.start":
-            await send({"type": "websocket.close", "code": 1008})
-
-    return answer
-
-
 async def _refuse(extensions: Mapping[str, Any], send: Send, answer: _Answer) -> None:
     """The gateway's answer to a WebSocket handshake it does not pass through."""
-    await _respond(_handshake_send(send, extensions), answer.status, answer.headers, answer.body)
+    await _respond(handshake_send(send, extensions), answer.status, answer.headers, answer.body)

@@ -549,14 +549,20 @@ async def refuse_websocket(
     message = await receive()
     if message.get("type") != "websocket.connect":
         return  # the client left before its handshake was answered
-    if "websocket.http.response" not in (scope.get("extensions") or {}):
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    body = f"{reason.value}\n".encode()
-    headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-        (REASON_HEADER.encode(), reason.value.encode()),
-    ]
-    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    await send_local_reply(handshake_send(send, scope.get("extensions") or {}), status, reason)
+
+
+def handshake_send(send: Send, extensions: Mapping[str, Any]) -> Send:
+    """``send`` for an HTTP answer to a WebSocket handshake: ``http.response.*`` messages go out
+    as the ``websocket.http.response`` extension's where the server supports denial responses,
+    else the answer is a close before accepting (which the server answers 403)."""
+    denial = "websocket.http.response" in extensions
+
+    async def answer(message: Message) -> None:
+        kind = message["type"]
+        if denial:
+            await send({**message, "type": f"websocket.{kind}"})
+        elif kind == "http.response.start":
+            await send({"type": "websocket.close", "code": 1008})
+
+    return answer
