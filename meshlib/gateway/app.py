@@ -75,7 +75,6 @@ from meshlib.gateway.edge import (
     relayed_headers,
 )
 from meshlib.gateway.ratelimit import MAX_KEYS, EdgeRateLimits
-from meshlib.gateway.tls import hostname_matches
 from meshlib.inbound.middleware import InboundHost, MeshMiddleware, handshake_send
 from meshlib.observe.asgi import answer_lifespan
 from meshlib.outbound.call import STREAM_EXTENSION
@@ -84,6 +83,7 @@ from meshlib.policy.authz import normalize_path
 from meshlib.policy.routes import (
     IngressIndex,
     edit_headers,
+    host_specificity,
     pick,
     redirect_location,
     request_edit,
@@ -161,22 +161,16 @@ def split_host(value: str | None) -> tuple[str, int | None]:
 
 def listener_for(listeners: Sequence[Listener], host: str) -> Listener | None:
     """The listener serving ``host`` among those of one port: the exact hostname, else the
-    most specific (longest) wildcard, else the one without hostname."""
-    wild: Listener | None = None
-    default: Listener | None = None
+    most specific (longest) wildcard, else the one without hostname; the first of equals (the
+    precedence routes' hostnames have, :func:`meshlib.policy.routes.host_specificity`)."""
+    best: Listener | None = None
+    best_rank: tuple[int, int] | None = None
     for listener in listeners:
         name = listener.hostname
-        if name is None:
-            default = default or listener
-        elif name == host:
-            return listener
-        elif (
-            name.startswith("*.")
-            and hostname_matches(name, host)
-            and (wild is None or len(name) > len(wild.hostname or ""))
-        ):
-            wild = listener
-    return wild or default
+        rank = host_specificity(() if name is None else (name,), host)
+        if rank is not None and (best_rank is None or rank < best_rank):
+            best, best_rank = listener, rank
+    return best
 
 
 def attached_routes(gateway: Gateway, config: GatewayConfig) -> dict[str, tuple[HTTPRoute, ...]]:
