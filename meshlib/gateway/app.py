@@ -505,17 +505,7 @@ class GatewayApp:
             seen = 0
             try:
                 while True:
-                    # The call's deadline covers the upload too: the mesh times its reads
-                    # and writes, not the wait for a client that stopped sending.
-                    deadline = inbound_deadline.get()
-                    if deadline is None:
-                        message = await receive()
-                    else:
-                        left = max(0.0, deadline - self.mesh.clock())
-                        try:
-                            message = await asyncio.wait_for(receive(), left)
-                        except TimeoutError:
-                            raise _BodyRefused(_SLOW_BODY) from None
+                    message = await _receive_in_time(receive, self.mesh.clock)
                     if message["type"] == "http.disconnect":
                         raise _ClientGone()
                     chunk: bytes = message.get("body", b"")
@@ -618,6 +608,21 @@ class GatewayApp:
 _SLOW_BODY = Refusal(
     408, "the request body did not arrive within the request's deadline", Reason.TIMEOUT
 )
+
+
+async def _receive_in_time(receive: Receive, clock: Callable[[], float]) -> Message:
+    """The client's next body message within the call's deadline, if one is in force
+    (:data:`inbound_deadline`, on ``clock``): the deadline covers the upload too, since the
+    mesh times its reads and writes, not the wait for a client that stopped sending. Past it,
+    :data:`_SLOW_BODY`."""
+    deadline = inbound_deadline.get()
+    if deadline is None:
+        return await receive()
+    try:
+        return await asyncio.wait_for(receive(), max(0.0, deadline - clock()))
+    except TimeoutError:
+        raise _BodyRefused(_SLOW_BODY) from None
+
 
 _TRACE_FIELDS = frozenset(name.encode("latin-1") for name in TRACE_CONTEXT_HEADERS)
 
