@@ -612,19 +612,24 @@ class Mesh:
 
         def ended(failed: bool) -> None:
             with dest.lock:
-                if failed:
-                    dest.endpoints.on_end(state, self.clock(), self.clock() - started, True)
-                else:
+                if not failed:
                     dest.endpoints.on_abandon(state)  # a stream's length says nothing of health
+                    return
+                now = self.clock()
+                ejected = dest.endpoints.on_end(state, now, now - started, True)
+            if ejected and self.metrics is not None:  # counted as a call's ejection is
+                self.metrics.ejections.labels(self.source, service_key, state.address).inc()
 
+        endpoint = state.endpoint
         verifier = self._peer_verifier
-        tls = verifier is not None and self.uses_mtls(router, service_key)
+        if verifier is None or not self.uses_mtls(router, service_key):
+            return StreamEndpoint(service_key, endpoint.host, endpoint.port, None, None, ended)
         return StreamEndpoint(
             service_key,
-            state.endpoint.host,
-            state.endpoint.port,
-            verifier.client_context() if tls and verifier is not None else None,
-            verifier.verify if tls and verifier is not None else None,
+            endpoint.host,
+            endpoint.port,
+            verifier.client_context(),
+            verifier.verify,
             ended,
         )
 

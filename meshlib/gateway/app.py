@@ -72,10 +72,10 @@ from meshlib.gateway.edge import (
     check_request,
     edge_headers,
     fault_header_names,
+    relayed_headers,
 )
 from meshlib.gateway.ratelimit import MAX_KEYS, EdgeRateLimits
-from meshlib.gateway.tls import hostname_matches
-from meshlib.inbound.middleware import InboundHost, MeshMiddleware
+from meshlib.inbound.middleware import InboundHost, MeshMiddleware, handshake_send
 from meshlib.observe.asgi import answer_lifespan
 from meshlib.outbound.call import STREAM_EXTENSION
 from meshlib.outbound.stream import StreamEndpoint
@@ -83,6 +83,7 @@ from meshlib.policy.authz import normalize_path
 from meshlib.policy.routes import (
     IngressIndex,
     edit_headers,
+    host_specificity,
     pick,
     redirect_location,
     request_edit,
@@ -160,22 +161,16 @@ def split_host(value: str | None) -> tuple[str, int | None]:
 
 def listener_for(listeners: Sequence[Listener], host: str) -> Listener | None:
     """The listener serving ``host`` among those of one port: the exact hostname, else the
-    most specific (longest) wildcard, else the one without hostname."""
-    wild: Listener | None = None
-    default: Listener | None = None
+    most specific (longest) wildcard, else the one without hostname; the first of equals (the
+    precedence routes' hostnames have, :func:`meshlib.policy.routes.host_specificity`)."""
+    best: Listener | None = None
+    best_rank: tuple[int, int] | None = None
     for listener in listeners:
         name = listener.hostname
-        if name is None:
-            default = default or listener
-        elif name == host:
-            return listener
-        elif (
-            name.startswith("*.")
-            and hostname_matches(name, host)
-            and (wild is None or len(name) > len(wild.hostname or ""))
-        ):
-            wild = listener
-    return wild or default
+        rank = host_specificity(() if name is None else (name,), host)
+        if rank is not None and (best_rank is None or rank < best_rank):
+            best, best_rank = listener, rank
+    return best
 
 
 def attached_routes(gateway: Gateway, config: GatewayConfig) -> dict[str, tuple[HTTPRoute, ...]]:
@@ -236,6 +231,11 @@ class _Target:
     has_body: bool
     response_edits: Sequence[HeaderModifier]
     timeout: float | None
+
+    @property
+    def request_target(self) -> str:
+        """The path and query, as the request line carries them."""
+        return f"{self.path}?{self.query}" if self.query else self.path
 
 
 class _BodyRefused(Exception):
@@ -441,19 +441,7 @@ class GatewayApp:
         if isinstance(target, _Answer):
             await _respond(send, target.status, target.headers, target.body)
             return
-        url = f"http://{target.service}:{target.port}{target.path}"
-        if target.query:
-            url += f"?{target.query}"
-        await self._forward(
-            receive,
-            send,
-            target.method,
-            url,
-            target.headers,
-            target.has_body,
-            target.response_edits,
-            target.timeout,
-        )
+        await self._forward(receive, send, target)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, port: int) -> None:
         """A WebSocket handshake (already authorized by the edge middleware): routed as its
@@ -464,7 +452,7 @@ class GatewayApp:
             return
         extensions = scope.get("extensions") or {}
         if self.rate_limits.active and await self.rate_limits.refuse(
-            scope, _handshake_send(send, extensions), self.trusted_hops
+            scope, handshake_send(send, extensions), self.trusted_hops
         ):
             return
         target = self._select(scope, port)
@@ -497,26 +485,18 @@ class GatewayApp:
             refuse,
             upstream,
             host=host,
-            target=f"{target.path}?{target.query}" if target.query else target.path,
+            target=target.request_target,
             headers=target.headers,
             response_edits=target.response_edits,
             max_message=self.limits.max_websocket_message_bytes,
             timeout=timeout,
         )
 
-    async def _forward(
-        self,
-        receive: Receive,
-        send: Send,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        has_body: bool,
-        response_edits: Sequence[HeaderModifier],
-        timeout: float | None,
-    ) -> None:
+    async def _forward(self, receive: Receive, send: Send, target: _Target) -> None:
         """Send the request into the mesh and relay the answer, both bodies streamed; a client
         that disconnects cancels the call."""
+        url = f"http://{target.service}:{target.port}{target.request_target}"
+        has_body = target.has_body
         body_done = asyncio.Event()
         finished = False
         limits = self.limits
@@ -525,17 +505,7 @@ class GatewayApp:
             seen = 0
             try:
                 while True:
-                    # The call's deadline covers the upload too: the mesh times its reads
-                    # and writes, not the wait for a client that stopped sending.
-                    deadline = inbound_deadline.get()
-                    if deadline is None:
-                        message = await receive()
-                    else:
-                        left = max(0.0, deadline - self.mesh.clock())
-                        try:
-                            message = await asyncio.wait_for(receive(), left)
-                        except TimeoutError:
-                            raise _BodyRefused(_SLOW_BODY) from None
+                    message = await _receive_in_time(receive, self.mesh.clock)
                     if message["type"] == "http.disconnect":
                         raise _ClientGone()
                     chunk: bytes = message.get("body", b"")
@@ -555,15 +525,15 @@ class GatewayApp:
 
         async def relay() -> None:
             nonlocal finished
-            if timeout is not None:
-                cap = self.mesh.clock() + timeout
+            if target.timeout is not None:
+                cap = self.mesh.clock() + target.timeout
                 current = inbound_deadline.get()
                 if current is None or cap < current:
                     inbound_deadline.set(cap)  # this task's own context: the caller's is unchanged
             request = httpx.Request(
-                method,
+                target.method,
                 url,
-                headers=headers,
+                headers=target.headers,
                 content=body() if has_body else None,
                 # The answer is streamed: the deadline ends at its headers (STREAM_EXTENSION).
                 extensions={"timeout": self._timeout, STREAM_EXTENSION: True},
@@ -584,17 +554,7 @@ class GatewayApp:
                     await self._transport_failed(send, url, exc)
                 return
             try:
-                out = [
-                    (name, value)
-                    for name, value in response.headers.raw
-                    if name.lower().decode("latin-1") not in HOP_BY_HOP
-                ]
-                if response_edits:
-                    edited = edit_headers(
-                        [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out],
-                        response_edits,
-                    )
-                    out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
+                out = relayed_headers(response.headers.raw, HOP_BY_HOP, target.response_edits)
                 await send(
                     {"type": "http.response.start", "status": response.status_code, "headers": out}
                 )
@@ -648,6 +608,21 @@ class GatewayApp:
 _SLOW_BODY = Refusal(
     408, "the request body did not arrive within the request's deadline", Reason.TIMEOUT
 )
+
+
+async def _receive_in_time(receive: Receive, clock: Callable[[], float]) -> Message:
+    """The client's next body message within the call's deadline, if one is in force
+    (:data:`inbound_deadline`, on ``clock``): the deadline covers the upload too, since the
+    mesh times its reads and writes, not the wait for a client that stopped sending. Past it,
+    :data:`_SLOW_BODY`."""
+    deadline = inbound_deadline.get()
+    if deadline is None:
+        return await receive()
+    try:
+        return await asyncio.wait_for(receive(), max(0.0, deadline - clock()))
+    except TimeoutError:
+        raise _BodyRefused(_SLOW_BODY) from None
+
 
 _TRACE_FIELDS = frozenset(name.encode("latin-1") for name in TRACE_CONTEXT_HEADERS)
 
@@ -730,22 +705,6 @@ _NOT_UPGRADED_HEADERS = [
 ]
 
 
-def _handshake_send(send: Send, extensions: Mapping[str, Any]) -> Send:
-    """``send`` for an HTTP answer to a WebSocket handshake: ``http.response.*`` messages go out
-    as the ``websocket.http.response`` extension's where the server supports denial responses,
-    else the answer is a close before accepting (which the server answers 403)."""
-    denial = "websocket.http.response" in extensions
-
-    async def answer(message: Message) -> None:
-        kind = message["type"]
-        if denial:
-            await send({**message, "type": f"websocket.{kind}"})
-        elif kind == "http.response.start":
-            await send({"type": "websocket.close", "code": 1008})
-
-    return answer
-
-
 async def _refuse(extensions: Mapping[str, Any], send: Send, answer: _Answer) -> None:
     """The gateway's answer to a WebSocket handshake it does not pass through."""
-    await _respond(_handshake_send(send, extensions), answer.status, answer.headers, answer.body)
+    await _respond(handshake_send(send, extensions), answer.status, answer.headers, answer.body)

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
-from meshlib.config.model import FaultRule
+from meshlib.config.model import FaultRule, HeaderModifier
 from meshlib.errors import Reason
 from meshlib.inbound.peer import sanitize_headers
+from meshlib.policy.routes import edit_headers
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -52,6 +53,7 @@ __all__ = [
     "forwarded_element",
     "head_refusal",
     "mesh_only_header",
+    "relayed_headers",
 ]
 
 Headers = list[tuple[bytes, bytes]]
@@ -153,6 +155,18 @@ def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[str]:
             tokens.update(t.strip().lower() for t in value.decode("latin-1").split(","))
     tokens.discard("")
     return tokens - _END_TO_END
+
+
+def relayed_headers(
+    raw: Iterable[tuple[bytes, bytes]], drop: Set[str], edits: Sequence[HeaderModifier]
+) -> Headers:
+    """A backend's response headers as the client gets them: those whose (lower-case) name is
+    in ``drop`` left out, then the route's ResponseHeaderModifiers ``edits`` applied."""
+    out = [(name, value) for name, value in raw if name.lower().decode("latin-1") not in drop]
+    if not edits:
+        return out
+    edited = edit_headers([(n.decode("latin-1"), v.decode("latin-1")) for n, v in out], edits)
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
 
 
 def edge_headers(

@@ -26,7 +26,6 @@ import logging
 import math
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 from meshlib.config.model import RateLimitPolicy
 from meshlib.errors import REASON_HEADER, Reason
 from meshlib.gateway.edge import client_address
-from meshlib.policy.ratelimit import TokenBucket, rate_limit_policy
+from meshlib.policy.ratelimit import KeyedLimiter, rate_limit_policy
 
 __all__ = [
     "MAX_KEYS",
@@ -77,37 +76,6 @@ def _policy(
     value: RateLimitPolicy | tuple[float, int] | str | None, name: str
 ) -> RateLimitPolicy | None:
     return rate_limit_policy(parse_rate(value) if isinstance(value, str) else value, name)
-
-
-class KeyedLimiter:
-    """A token bucket per key, at most ``max_keys`` of them (least recently used forgotten)."""
-
-    def __init__(self, policy: RateLimitPolicy, max_keys: int = MAX_KEYS) -> None:
-        if max_keys < 1:
-            raise ValueError("max_keys must be at least 1")
-        self.policy = policy
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def take(self, key: str, now: float) -> bool:
-        """Take a token from ``key``'s bucket (a new key starts full); False: refused.
-        Callers serialise calls (:class:`EdgeRateLimits` holds a lock)."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(self.policy, now)
-            if len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
-        return bucket.take(now)
-
-    def retry_after(self) -> int:
-        """Whole seconds a refused client should wait: one token's refill, at least 1 (as the
-        middleware's 429 says)."""
-        return max(1, math.ceil(1.0 / self.policy.requests_per_second))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from wsproto import ConnectionType, WSConnection
@@ -44,9 +44,9 @@ from wsproto.utilities import ProtocolError
 
 from meshlib.config.model import HeaderModifier
 from meshlib.errors import Reason
-from meshlib.gateway.edge import HOP_BY_HOP
+from meshlib.gateway.edge import HOP_BY_HOP, relayed_headers
+from meshlib.inbound.middleware import handshake_send
 from meshlib.outbound.stream import StreamConnectError, StreamEndpoint
-from meshlib.policy.routes import edit_headers
 
 __all__ = ["CLOSE_TIMEOUT", "HANDSHAKE_HEADERS", "pass_through"]
 
@@ -74,6 +74,8 @@ HANDSHAKE_HEADERS = frozenset(
 #: Backend acceptance headers not relayed: hop-by-hop, the handshake's own, and ``date``
 #: (uvicorn writes the gateway's own on the accept; a second one would repeat it).
 _NOT_RELAYED = HOP_BY_HOP | HANDSHAKE_HEADERS | {"date"}
+#: Backend refusal headers not relayed: hop-by-hop, and the length (the body may be cut).
+_NOT_REFUSAL_RELAYED = HOP_BY_HOP | {"content-length"}
 #: Bytes read from the backend at a time.
 _READ_SIZE = 65536
 #: Bound on a backend's refusal body relayed to the client.
@@ -184,16 +186,7 @@ async def _shake_and_relay(
     if isinstance(answer, tuple):
         await _relay_refusal(extensions, send, *answer)
         return
-    out = [
-        (name, value)
-        for name, value in answer.extra_headers
-        if name.lower().decode("latin-1") not in _NOT_RELAYED
-    ]
-    if response_edits:
-        edited = edit_headers(
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out], response_edits
-        )
-        out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
+    out = relayed_headers(answer.extra_headers, _NOT_RELAYED, response_edits)
     accept: Message = {"type": "websocket.accept", "headers": out}
     if answer.subprotocol is not None:
         accept["subprotocol"] = answer.subprotocol
@@ -232,18 +225,12 @@ async def _relay_refusal(
     extensions: object, send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> None:
     """The backend's refusal of the handshake, relayed as it came where the server can answer
-    with HTTP, else a close before accept."""
-    if not isinstance(extensions, dict) or "websocket.http.response" not in extensions:
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    kept = [
-        (name, value)
-        for name, value in headers
-        if name.lower().decode("latin-1") not in HOP_BY_HOP | {"content-length"}
-    ]
+    with HTTP, else a close before accept (:func:`meshlib.inbound.middleware.handshake_send`)."""
+    answer = handshake_send(send, extensions if isinstance(extensions, Mapping) else {})
+    kept = relayed_headers(headers, _NOT_REFUSAL_RELAYED, ())
     kept.append((b"content-length", str(len(body)).encode("ascii")))
-    await send({"type": "websocket.http.response.start", "status": status, "headers": kept})
-    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    await answer({"type": "http.response.start", "status": status, "headers": kept})
+    await answer({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class _Relay:

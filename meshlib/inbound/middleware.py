@@ -39,7 +39,6 @@ import enum
 import logging
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -55,7 +54,7 @@ from meshlib.inbound.peer import (
     verified_identity,
 )
 from meshlib.policy.authz import AuthzIndex, authorize, index_for, normalize_path
-from meshlib.policy.ratelimit import TokenBucket, rate_limit_policy
+from meshlib.policy.ratelimit import KeyedLimiter, TokenBucket, rate_limit_policy, retry_after
 
 if TYPE_CHECKING:
     from meshlib.identity.spiffe import SpiffeID
@@ -205,7 +204,8 @@ class MeshMiddleware:
         self._lock = threading.Lock()  # the app may be served from several threads' loops
         now = self._clock()
         self._total = TokenBucket(self.rate_limit, now) if self.rate_limit else None
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        per_identity = self.per_identity_rate_limit
+        self._buckets = None if per_identity is None else KeyedLimiter(per_identity, max_identities)
         self._destination = f"{mesh.service}.{mesh.namespace}"
         self._verifier: JwtVerifier | None = None  # built on first use (imports PyJWT)
         self._planned: tuple[Router, _Plan] | None = None  # the plan of the current snapshot
@@ -272,11 +272,11 @@ class MeshMiddleware:
             metrics = self.mesh.metrics
             if metrics is not None:
                 metrics.observe_authz(source, self._destination, "allow", _OPEN_MODE)
-        if self._total is not None or self.per_identity_rate_limit is not None:
+        if self._total is not None or self._buckets is not None:
             refused_by = self._admit(source, start)
             if refused_by is not None:
-                retry_after = max(1, math.ceil(1.0 / refused_by.requests_per_second))
-                await send_local_reply(send, 429, Reason.RATE_LIMITED, retry_after=retry_after)
+                wait = retry_after(refused_by)
+                await send_local_reply(send, 429, Reason.RATE_LIMITED, retry_after=wait)
                 self._record(source, 429, Reason.RATE_LIMITED, start, app_scope)
                 return
 
@@ -436,18 +436,10 @@ class MeshMiddleware:
     def _admit(self, source: str, now: float) -> RateLimitPolicy | None:
         """Take a token from the caller's bucket, then from the total one; the policy of the
         bucket that refused, or ``None`` if the request may proceed."""
-        per_identity = self.per_identity_rate_limit
+        buckets = self._buckets
         with self._lock:
-            if per_identity is not None:
-                bucket = self._buckets.get(source)
-                if bucket is None:
-                    bucket = self._buckets[source] = TokenBucket(per_identity, now)
-                    if len(self._buckets) > self.max_identities:
-                        self._buckets.popitem(last=False)
-                else:
-                    self._buckets.move_to_end(source)
-                if not bucket.take(now):
-                    return per_identity
+            if buckets is not None and not buckets.take(source, now):
+                return buckets.policy
             if self._total is not None and not self._total.take(now):
                 return self._total.policy
         return None
@@ -549,14 +541,20 @@ async def refuse_websocket(
     message = await receive()
     if message.get("type") != "websocket.connect":
         return  # the client left before its handshake was answered
-    if "websocket.http.response" not in (scope.get("extensions") or {}):
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    body = f"{reason.value}\n".encode()
-    headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-        (REASON_HEADER.encode(), reason.value.encode()),
-    ]
-    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    await send_local_reply(handshake_send(send, scope.get("extensions") or {}), status, reason)
+
+
+def handshake_send(send: Send, extensions: Mapping[str, Any]) -> Send:
+    """``send`` for an HTTP answer to a WebSocket handshake: ``http.response.*`` messages go out
+    as the ``websocket.http.response`` extension's where the server supports denial responses,
+    else the answer is a close before accepting (which the server answers 403)."""
+    denial = "websocket.http.response" in extensions
+
+    async def answer(message: Message) -> None:
+        kind = message["type"]
+        if denial:
+            await send({**message, "type": f"websocket.{kind}"})
+        elif kind == "http.response.start":
+            await send({"type": "websocket.close", "code": 1008})
+
+    return answer

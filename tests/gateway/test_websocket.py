@@ -7,6 +7,7 @@ backend, and over strict mTLS the backend sees the gateway's verified identity."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -35,6 +36,7 @@ import meshlib
 from meshlib.gateway.edge import EdgeLimits
 from meshlib.identity import CertificateAuthority, SpiffeID
 from meshlib.inbound.serving import serve
+from meshlib.outbound.stream import StreamConnectError
 from tests.gateway.fixtures import (
     EDGE_AUTH,
     GATEWAY_HEAD,
@@ -353,6 +355,52 @@ def test_an_unreachable_backend_is_answered_502() -> None:
             assert (status, headers[b"x-mesh-reason"]) == (502, b"connect_failure")
     finally:
         gateway.stop()
+        mesh.close()
+
+
+def test_a_stream_that_cannot_connect_ejects_its_endpoint_as_a_call_would() -> None:
+    ports = []
+    for _ in range(2):
+        spare = socket.socket()
+        spare.bind(("127.0.0.1", 0))
+        ports.append(spare.getsockname()[1])
+        spare.close()  # nothing listens there now
+    chat = f"""---
+apiVersion: meshlib/v1
+kind: Service
+metadata: {{name: chat, namespace: default}}
+spec:
+  endpoints: [{{address: "127.0.0.1:{ports[0]}"}}, {{address: "127.0.0.1:{ports[1]}"}}]
+---
+apiVersion: meshlib/v1
+kind: TrafficPolicy
+metadata: {{name: chat-policy, namespace: default}}
+spec:
+  target: {{service: chat}}
+  outlierDetection: {{consecutiveFailures: 1, baseEjectionTime: 30s, maxEjectionPercent: 50}}
+"""
+    registry = CollectorRegistry()
+    mesh = meshlib.Mesh.from_text(
+        mesh_text("disable") + chat, service="gateway", namespace="edge", registry=registry
+    )
+    try:
+        upstream = mesh.stream_endpoint("chat.default")
+        assert upstream is not None
+        with pytest.raises(StreamConnectError):
+            asyncio.run(upstream.open(5.0))
+        (ejected,) = [
+            s
+            for s in mesh.destinations()["chat.default"].endpoints.states
+            if s.is_ejected(mesh.clock())
+        ]
+        assert ejected.address == upstream.address
+        labels = {
+            "source": "gateway.edge",
+            "destination": "chat.default",
+            "endpoint": upstream.address,
+        }
+        assert registry.get_sample_value("mesh_endpoint_ejections_total", labels) == 1.0
+    finally:
         mesh.close()
 
 
