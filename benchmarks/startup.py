@@ -69,17 +69,21 @@ HEAVY = (
     "pygments",
 )
 
-#: The child: three readings of (CPU s, RSS kB), then the heavy modules loaded at each point.
-#: ``{imports}`` and ``{call}`` are the variant's: meshlib, or raw httpx as the anchor.
-CHILD = """\
-import sys, time
+#: The children's resident set in kB (Linux).
+RSS = """\
 def rss():
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-heavy = {heavy!r}
+"""
+
+#: The child: three readings of (CPU s, RSS kB), then the heavy modules loaded at each point.
+#: ``{imports}`` and ``{call}`` are the variant's: meshlib, or raw httpx as the anchor.
+CHILD = """\
+import sys, time
+{rss}heavy = {heavy!r}
 loaded = lambda: [m for m in heavy if m in sys.modules]
 readings = [(time.process_time(), rss())]
 {imports}
@@ -131,13 +135,7 @@ def child_env(pycache: str | None) -> dict[str, str]:
 #: in the order they load (each line is charged only what the lines above did not load).
 BREAKDOWN = """\
 import importlib, sys, time
-def rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-import meshlib
+{rss}import meshlib
 out = []
 for name in {parts!r}:
     r, t = rss(), time.process_time()
@@ -166,7 +164,7 @@ BREAKDOWN_PARTS = (
 
 def breakdown(env: dict[str, str], runs: int) -> list[tuple[str, float, float]]:
     """``(part, CPU ms, RSS kB)`` per part of :data:`BREAKDOWN_PARTS`, medians of ``runs``."""
-    code = BREAKDOWN.format(parts=BREAKDOWN_PARTS)
+    code = BREAKDOWN.format(rss=RSS, parts=BREAKDOWN_PARTS)
     results = []
     for _ in range(runs):
         out = subprocess.run(
@@ -195,7 +193,7 @@ def one_run(variant: str, port: int, env: dict[str, str]) -> Run:
     """The readings, and the heavy modules loaded after the import and after the call."""
     imports, call = VARIANTS[variant]
     call = call.format(policy=POLICY.format(port=port), port=port)
-    code = CHILD.format(heavy=HEAVY, imports=imports, call=call)
+    code = CHILD.format(rss=RSS, heavy=HEAVY, imports=imports, call=call)
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
