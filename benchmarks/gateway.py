@@ -41,17 +41,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 try:  # imported as the ``benchmarks`` package (e.g. from a test)
     from benchmarks import nginx as nginx_ctl
+    from benchmarks import registry as registry_bench
     from benchmarks import run as bench
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
     import nginx as nginx_ctl  # type: ignore[no-redef]
+    import registry as registry_bench  # type: ignore[no-redef]
     import run as bench  # type: ignore[no-redef]
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -160,14 +161,6 @@ def make_certificate(directory: Path) -> tuple[Path, Path, Path]:
         )
     )
     return paths
-
-
-def split_cores() -> tuple[set[int], set[int]]:
-    """(the proxy's core, the load generator's and backend's cores); one core: both share it."""
-    mine = sorted(os.sched_getaffinity(0))
-    if len(mine) < 2:
-        return set(mine), set(mine)
-    return {mine[0]}, set(mine[1:])
 
 
 def pin(pids: Sequence[int], cores: set[int]) -> None:
@@ -555,20 +548,6 @@ def render_markdown(results: dict[str, Any]) -> str:
 # --- main -----------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` runs and every child is stopped."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: a smoke run")
@@ -594,7 +573,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "load_warmup": 1.0,
         "connections": args.connections,
     }
-    proxy_cpus, load_cpus = split_cores()
+    # (the proxy's core, the load generator's and backend's cores); one core: both share it
+    proxy_cpus, load_cpus = registry_bench.split_cores()
     binary = None if args.no_nginx else nginx_ctl.find_nginx()
     wrk = shutil.which("wrk")
     machine = bench.machine_info()
@@ -613,7 +593,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     previous = os.sched_getaffinity(0)
     os.sched_setaffinity(0, load_cpus)  # restored below: a test calling main() keeps its cores
     try:
-        with contextlib.ExitStack() as stack, _sigterm_as_interrupt():
+        with contextlib.ExitStack() as stack, bench.sigterm_as_interrupt():
             tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshlib-gw-")))
             ca, cert, key = make_certificate(tmpdir)
             client_tls = ssl.create_default_context(cafile=str(ca))
