@@ -12,14 +12,15 @@ with ``cryptography``) and an HTTPRoute to the backend's Service, whose endpoint
 mesh policy declares (``mtls: disable``: nginx does no mesh mTLS either). Each proxy process is
 pinned to one core, this process (the load generator), wrk and the backend to the other.
 
-Latency: one keep-alive connection per path (a minimal blocking HTTP/1.1 client, TLS through the
-``ssl`` module), R interleaved rounds of N sequential requests with a rotating start, each round on
-a fresh connection whose handshake and first requests are not timed. Added latency = a path's
-percentile minus the direct path's. Throughput: ``wrk -t1 -c16`` per path, interleaved rounds.
-CPU per request: the proxy's user+system time from /proc (master and worker for nginx) over the
-requests of a phase. With ``--profile OUT`` the gateway runs under ``benchmarks/profiled.py`` and
-its cProfile stats land in ``OUT.<thread>``: its numbers are then inflated and not comparable.
-Markdown goes to stdout, progress to stderr. Importing this module has no side effects.
+Latency: one keep-alive connection per path (benchmarks/inbound.py's minimal blocking HTTP/1.1
+client, TLS through the ``ssl`` module), R interleaved rounds of N sequential requests with a
+rotating start, each round on a fresh connection whose handshake and first requests are not timed.
+Added latency = a path's percentile minus the direct path's. Throughput: ``wrk -t1 -c16`` per path,
+interleaved rounds. CPU per request: the proxy's user+system time from /proc (master and worker for
+nginx) over the requests of a phase. With ``--profile OUT`` the gateway runs under
+``benchmarks/profiled.py`` and its cProfile stats land in ``OUT.<thread>``: its numbers are then
+inflated and not comparable. Markdown goes to stdout, progress to stderr. Importing this module has
+no side effects.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import select
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -47,10 +47,12 @@ from pathlib import Path
 from typing import Any
 
 try:  # imported as the ``benchmarks`` package (e.g. from a test)
+    from benchmarks import inbound as inbound_bench
     from benchmarks import nginx as nginx_ctl
     from benchmarks import registry as registry_bench
     from benchmarks import run as bench
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
+    import inbound as inbound_bench  # type: ignore[no-redef]
     import nginx as nginx_ctl  # type: ignore[no-redef]
     import registry as registry_bench  # type: ignore[no-redef]
     import run as bench  # type: ignore[no-redef]
@@ -136,64 +138,6 @@ def pin(pids: Sequence[int], cores: set[int]) -> None:
             for task in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(int(task), cores)
-
-
-# --- a minimal blocking HTTP/1.1 client -----------------------------------------------------------
-
-
-class RawClient:
-    """One keep-alive connection to 127.0.0.1:port (TLS with ``context``, verified as HOSTNAME);
-    ``get()`` sends a GET and reads a Content-Length answer. Far cheaper than httpx, so the
-    load generator's own time varies little between paths."""
-
-    def __init__(self, port: int, context: ssl.SSLContext | None = None) -> None:
-        self.port = port
-        self.context = context
-        self.sock: socket.socket | None = None
-        self.buf = b""
-        self.request = f"GET / HTTP/1.1\r\nHost: {HOSTNAME}\r\n\r\n".encode()
-
-    def connect(self) -> None:
-        self.close()
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10.0)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.context is not None:
-            sock = self.context.wrap_socket(sock, server_hostname=HOSTNAME)
-        self.sock = sock
-        self.buf = b""
-
-    def get(self) -> int:
-        if self.sock is None:
-            self.connect()
-        assert self.sock is not None
-        self.sock.sendall(self.request)
-        while b"\r\n\r\n" not in self.buf:
-            self._recv()
-        head, _, rest = self.buf.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        length = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        self.buf = rest
-        while len(self.buf) < length:
-            self._recv()
-        self.buf = self.buf[length:]
-        return int(lines[0].split(b" ", 2)[1])
-
-    def _recv(self) -> None:
-        assert self.sock is not None
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"127.0.0.1:{self.port} closed the connection")
-        self.buf += chunk
-
-    def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.sock = None
 
 
 # --- the gateway process --------------------------------------------------------------------------
@@ -302,7 +246,7 @@ class Target:
 
 def _round(path: Target, n: int, record: bool) -> None:
     """A fresh connection, 5 untimed requests (handshake, first-request costs), then n timed."""
-    client = RawClient(path.port, path.context)
+    client = inbound_bench.RawClient(path.port, path.context, HOSTNAME)
     try:
         client.connect()
         for _ in range(5):
@@ -312,7 +256,7 @@ def _round(path: Target, n: int, record: bool) -> None:
         errors = 0
         for _ in range(n):
             t0 = time.perf_counter_ns()
-            status = client.get()
+            status, _ = client.get()
             times.append(time.perf_counter_ns() - t0)
             errors += status != 200
         cpu1 = nginx_ctl.process_cpu_seconds(path.pids)
