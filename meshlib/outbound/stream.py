@@ -4,10 +4,10 @@ service's load balancer among those not ejected, and, when mTLS applies, the mes
 context (this workload's SVID) with the server's SPIFFE ID checked against the endpoint's
 before any byte is written (:class:`meshlib.outbound.mtls.PeerVerifier`).
 
-A stream is not a call: no retries, hedges, per-try timeouts, circuit breaker or rate limit apply
-to it (a WebSocket is not
-replayable once open); the endpoint counts it as in flight until :meth:`StreamEndpoint.release`,
-and a failure to connect counts toward its ejection as a failed attempt does.
+A stream is not a call: no retries, hedges, per-try timeouts, circuit breaker or rate limit
+apply to it (a WebSocket is not replayable once open); the endpoint counts it as in flight
+until :meth:`StreamEndpoint.release`, and a failure to connect counts toward its ejection as a
+failed attempt does.
 """
 
 from __future__ import annotations
