@@ -32,6 +32,7 @@ from meshlib.config.documents import (
     as_int,
     as_str,
     at,
+    limited,
     limited_maps,
 )
 from meshlib.config.fragments import STRING, Schema, array, integer, obj
@@ -503,14 +504,8 @@ def _listener_tls(
             "tls mode Passthrough",
             "an HTTPS listener terminates TLS (mode Terminate)",
         )
-    options = raw.get("options")
+    options = limited(ctx, raw, "options", f"{tpath}.options", MAX_TLS_OPTIONS)
     if isinstance(options, YMap):
-        if len(options) > MAX_TLS_OPTIONS:
-            ctx.error(
-                f"{tpath}.options",
-                raw.line_of("options"),
-                f"has {len(options)} entries, at most {MAX_TLS_OPTIONS} are allowed",
-            )
         for key in options:
             # No option is defined: silently ignoring one (a minimum version, ciphers) would
             # serve weaker TLS than the file asks for.
