@@ -25,9 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from meshlib.config.checker import Finding, check
 from meshlib.config.documents import (
-    DEFAULT_NAMESPACE,
     DocContext,
     as_int,
     as_str,
@@ -38,7 +36,7 @@ from meshlib.config.documents import (
 from meshlib.config.fragments import STRING, Schema, array, integer, obj
 from meshlib.config.fragments import enum as enum_schema
 from meshlib.config.httproute import GATEWAY_API, build_http_route, http_route_schema
-from meshlib.config.loader import source_documents
+from meshlib.config.loader import checked_context, source_documents
 from meshlib.config.model import GATEWAY_GROUP, HTTPRoute, Origin, ParentMode
 from meshlib.config.values import shown
 from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq
@@ -828,12 +826,7 @@ def _document(file: str, doc: YamlDocument, problems: list[Problem]) -> DocConte
     if api != version:
         fail("apiVersion", api_line, f"{kind} needs apiVersion {version}, got {shown(api)}")
         return None
-    findings: list[Finding] = []
-    check(value, schema, "", doc.line, findings)
-    problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
-    name = as_str(at(value, "metadata.name")[0]) or ""
-    namespace = as_str(at(value, "metadata.namespace")[0]) or DEFAULT_NAMESPACE
-    return DocContext(file, doc.index, doc.line, value, kind, version, name, namespace)
+    return checked_context(file, doc, schema, problems)
 
 
 def _build(ctx: DocContext, loaded: _Loaded) -> None:

@@ -432,8 +432,16 @@ def _document(file: str, doc: YamlDocument, problems: list[Problem]) -> DocConte
             got = f"apiVersion {shown(api)} is not known"
         fail("apiVersion", api_line, f"{got} for {kind}; use one of: {accepted}")
         return None
+    return checked_context(file, doc, versions[api], problems)
+
+
+def checked_context(
+    file: str, doc: YamlDocument, schema: Mapping[str, Any], problems: list[Problem]
+) -> DocContext:
+    """The context of a document whose kind and apiVersion are known good, after checking its
+    structure against the version's schema (what does not fit goes to ``problems``)."""
     findings: list[Finding] = []
-    check(value, versions[api], "", doc.line, findings)
+    check(doc.value, schema, "", doc.line, findings)
     problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
     return _context(file, doc)
 
