@@ -515,13 +515,7 @@ def _listener_tls(
                 "meshlib defines no tls.options (TLS 1.2 is the minimum version; client "
                 "certificates are configured in spec.tls.frontend)",
             )
-    refs: list[ObjectRef] = []
-    for j, ref in limited_maps(
-        ctx, raw, "certificateRefs", f"{tpath}.certificateRefs", MAX_CERTIFICATE_REFS
-    ):
-        built = _ref(ctx, ref, f"{tpath}.certificateRefs[{j}]", "Secret")
-        if built is not None:
-            refs.append(built)
+    refs = _refs(ctx, raw, "certificateRefs", tpath, MAX_CERTIFICATE_REFS, "Secret")
     # Upstream CEL: Terminate needs certificateRefs or options; meshlib defines no option that
     # supplies a certificate, so it needs a certificateRef.
     if "certificateRefs" not in raw or (
@@ -532,7 +526,16 @@ def _listener_tls(
             raw.line,
             "an HTTPS listener needs at least one certificateRef (a kubernetes.io/tls Secret)",
         )
-    return ListenerTLS(tuple(refs))
+    return ListenerTLS(refs)
+
+
+def _refs(
+    ctx: DocContext, parent: YMap, key: str, path: str, limit: int, kind: str
+) -> tuple[ObjectRef, ...]:
+    """The usable references listed in ``parent[key]`` (at ``path``), each checked by _ref."""
+    items = limited_maps(ctx, parent, key, f"{path}.{key}", limit)
+    built = (_ref(ctx, ref, f"{path}.{key}[{j}]", kind) for j, ref in items)
+    return tuple(ref for ref in built if ref is not None)
 
 
 def _ref(ctx: DocContext, ref: YMap, path: str, kind: str) -> ObjectRef | None:
@@ -660,14 +663,8 @@ def _client_validation(ctx: DocContext, raw: object, path: str) -> ClientValidat
             "a listener with client validation accepts only valid client certificates",
         )
         return None
-    refs: list[ObjectRef] = []
-    for j, ref in limited_maps(
-        ctx, validation, "caCertificateRefs", f"{vpath}.caCertificateRefs", MAX_CA_REFS
-    ):
-        built = _ref(ctx, ref, f"{vpath}.caCertificateRefs[{j}]", "ConfigMap")
-        if built is not None:
-            refs.append(built)
-    return ClientValidation(tuple(refs)) if refs else None
+    refs = _refs(ctx, validation, "caCertificateRefs", vpath, MAX_CA_REFS, "ConfigMap")
+    return ClientValidation(refs) if refs else None
 
 
 def _decoded(ctx: DocContext, kind: str) -> dict[str, tuple[bytes, str, int]]:
