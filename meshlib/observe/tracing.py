@@ -371,6 +371,16 @@ def _call_attributes(request: httpx.Request, service: ServiceDef) -> dict[str, A
     }
 
 
+def _send_attributes(method: str, url: httpx.URL) -> dict[str, Any]:
+    """What an attempt's or a mirrored copy's span says of the request it sends."""
+    return {
+        "http.request.method": method,
+        "url.full": str(url),
+        "server.address": url.host,
+        "server.port": url.port or (443 if url.scheme == "https" else 80),
+    }
+
+
 #: A context whose span the probe in :func:`_writes_w3c_only` injects.
 _PROBE = SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED))
 
@@ -422,15 +432,9 @@ class _CallSpans:
     def begin(self, send: Send) -> None:
         """Open the attempt's span and put its context on the attempt's request."""
         request = send.request
-        url = request.url
-        attributes: dict[str, Any] = {
-            "http.request.method": self.method,
-            "url.full": str(url),
-            "server.address": url.host,
-            "server.port": url.port or (443 if url.scheme == "https" else 80),
-            "mesh.attempt": send.number,
-            "mesh.hedge": send.hedge,
-        }
+        attributes = _send_attributes(self.method, request.url)
+        attributes["mesh.attempt"] = send.number
+        attributes["mesh.hedge"] = send.hedge
         if send.number > 1:
             attributes["http.request.resend_count"] = send.number - 1
         span = self.tracer.start_span(self.name, self.context, SpanKind.CLIENT, attributes)
@@ -441,15 +445,9 @@ class _CallSpans:
         """Open the mirrored copy's span (a child of the call span, marked as a mirror), put its
         context on the copy, and have the driver end it when the copy ends."""
         request = mirror.request
-        url = request.url
-        attributes: dict[str, Any] = {
-            "http.request.method": self.method,
-            "url.full": str(url),
-            "server.address": url.host,
-            "server.port": url.port or (443 if url.scheme == "https" else 80),
-            "mesh.mirror": True,
-            "mesh.service": mirror.service,
-        }
+        attributes = _send_attributes(self.method, request.url)
+        attributes["mesh.mirror"] = True
+        attributes["mesh.service"] = mirror.service
         name = f"{self.method} {mirror.service.partition('.')[0]}"
         span = self.tracer.start_span(name, self.context, SpanKind.CLIENT, attributes)
         propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
