@@ -182,17 +182,17 @@ class Tracing:
                 return _traced(call, _CallSpans(tracer, ctx, current, False, request, service))
             parent = current.get_span_context()
         ids: SpanContext | None = None
+        name = f"{request.method} {service.name}"
+        attributes: dict[str, Any] | None = None
         if parent is not None and parent.is_valid:
-            ids = self._unsampled_child(tracer, ctx, parent, request, service)
+            attributes = _call_attributes(request, service)
+            ids = self._unsampled_child(tracer, ctx, parent, name, attributes)
         elif not self.sample_root():
             ids = _unsampled_root()
         if ids is None:
-            span = tracer.start_span(
-                f"{request.method} {service.name}",
-                ctx,
-                SpanKind.CLIENT,
-                _call_attributes(request, service),
-            )
+            if attributes is None:
+                attributes = _call_attributes(request, service)
+            span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
             if span.is_recording():
                 return _traced(call, _CallSpans(tracer, ctx, span, True, request, service))
             ids = span.get_span_context()  # the SDK's sampler said no to a root
@@ -206,18 +206,18 @@ class Tracing:
         tracer: Tracer,
         ctx: Context,
         parent: SpanContext,
-        request: httpx.Request,
-        service: ServiceDef,
+        name: str,
+        attributes: dict[str, Any],
     ) -> SpanContext | None:
         """The ids of a call under ``parent`` that the SDK's sampler does not sample, or
         ``None`` when it does (or the tracer is not the SDK's: its ``start_span`` decides).
 
         The sampler is asked as the SDK's ``start_span`` asks it, with the same inputs
-        (the parent's trace id, the call span's name, kind and attributes); a sampled call
-        then starts its span, which asks again. Only the SDK's own samplers (parent-based,
-        ratio, always on/off) are asked ahead: they answer from the parent and the trace id,
-        so both answers agree. Any other sampler may draw at random, and asking it twice
-        would sample at p² instead of p: its ``start_span`` alone decides.
+        (the parent's trace id, the call span's ``name``, kind and ``attributes``, built once
+        for both); a sampled call then starts its span, which asks again. Only the SDK's own
+        samplers (parent-based, ratio, always on/off) are asked ahead: they answer from the
+        parent and the trace id, so both answers agree. Any other sampler may draw at random,
+        and asking it twice would sample at p² instead of p: its ``start_span`` alone decides.
         """
         sampler = getattr(tracer, "sampler", None)
         if type(sampler).__module__ != _SDK_SAMPLERS:
@@ -225,8 +225,6 @@ class Tracing:
         should_sample = getattr(sampler, "should_sample", None)
         if should_sample is None:
             return None
-        name = f"{request.method} {service.name}"
-        attributes = _call_attributes(request, service)
         result = should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, attributes, ())
         if result.decision.is_recording():
             return None
