@@ -324,9 +324,9 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
                 _BUILDERS[ctx.kind](ctx, parsed)
             except Exception as exc:  # defence in depth: see _internal_error
                 problems.append(_internal_error(name, doc.line, doc.index, exc))
-        if cache is not None and (name in reused or len(problems) == before):
-            sha = key[0] if key else hashlib.sha256(text.encode("utf-8")).digest()
-            kept[name] = (sha, docs if name in reused else [_without_columns(d) for d in docs])
+        # With a cache, ``key`` is None only for a text UTF-8 cannot hold, refused above.
+        if key is not None and (name in reused or len(problems) == before):
+            kept[name] = (key[0], docs if name in reused else [_without_columns(d) for d in docs])
     if cache is not None:
         cache.replace(kept)
     try:
