@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
-from urllib.parse import parse_qsl
 
 from meshlib.config.model import (
     HeaderModifier,
@@ -28,6 +27,7 @@ from meshlib.policy.routes import (
     RouteTable,
     Rule,
     edit_headers,
+    query_params,
     redirect_location,
     request_edit,
     response_modifiers,
@@ -57,11 +57,7 @@ class Request:
         return self.host if self.port == _DEFAULT_PORT else f"{self.host}:{self.port}"
 
     def params(self) -> Mapping[str, str]:
-        # As RouteTable.select: with a parameter given several times, only the first counts.
-        first: dict[str, str] = {}
-        for name, value in parse_qsl(self.query, keep_blank_values=True):
-            first.setdefault(name, value)
-        return first
+        return query_params(self.query)
 
 
 @dataclass(frozen=True)
@@ -224,7 +220,7 @@ def _failures(candidate: Candidate, request: Request) -> list[str]:
 
     if fails(RouteMatch(path=m.path)):
         out.append(f"path {m.path.type.value} {m.path.value!r} (request {request.path!r})")
-    if m.method is not None and m.method != request.method:
+    if m.method is not None and fails(RouteMatch(method=m.method)):
         out.append(f"method {m.method} (request {request.method})")
     for h in m.headers:
         if fails(RouteMatch(headers=(h,))):

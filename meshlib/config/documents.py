@@ -97,16 +97,25 @@ def maps(value: Any) -> list[tuple[int, YMap, int]]:
     return [(i, item, value.line_of(i)) for i, item in enumerate(value) if isinstance(item, YMap)]
 
 
+def limited(ctx: DocContext, parent: YMap, key: str, path: str, limit: int) -> Any:
+    """``parent[key]`` (None if absent), after reporting a list or mapping with more than
+    ``limit`` items or entries (the upstream CRDs' maxItems, maxProperties)."""
+    value = parent.get(key)
+    if isinstance(value, (YSeq, YMap)) and len(value) > limit:
+        what = "items" if isinstance(value, YSeq) else "entries"
+        ctx.error(
+            path, parent.line_of(key), f"has {len(value)} {what}, at most {limit} are allowed"
+        )
+    return value
+
+
 def limited_maps(
     ctx: DocContext, parent: YMap, key: str, path: str, limit: int
 ) -> list[tuple[int, YMap]]:
     """The mapping items of ``parent[key]`` as (index, item), after reporting a list longer
     than ``limit`` (the upstream CRDs' maxItems); other items were reported by the structural
     check."""
-    value = parent.get(key)
-    if isinstance(value, YSeq) and len(value) > limit:
-        ctx.error(path, parent.line_of(key), f"has {len(value)} items, at most {limit} are allowed")
-    return [(i, item) for i, item, _ in maps(value)]
+    return [(i, item) for i, item, _ in maps(limited(ctx, parent, key, path, limit))]
 
 
 def as_str(value: Any) -> str | None:

@@ -25,19 +25,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from meshlib.config.checker import Finding, check
 from meshlib.config.documents import (
-    DEFAULT_NAMESPACE,
     DocContext,
     as_int,
     as_str,
     at,
+    limited,
     limited_maps,
 )
 from meshlib.config.fragments import STRING, Schema, array, integer, obj
 from meshlib.config.fragments import enum as enum_schema
 from meshlib.config.httproute import GATEWAY_API, build_http_route, http_route_schema
-from meshlib.config.loader import source_documents
+from meshlib.config.loader import checked_context, source_documents
 from meshlib.config.model import GATEWAY_GROUP, HTTPRoute, Origin, ParentMode
 from meshlib.config.values import shown
 from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq
@@ -503,14 +502,8 @@ def _listener_tls(
             "tls mode Passthrough",
             "an HTTPS listener terminates TLS (mode Terminate)",
         )
-    options = raw.get("options")
+    options = limited(ctx, raw, "options", f"{tpath}.options", MAX_TLS_OPTIONS)
     if isinstance(options, YMap):
-        if len(options) > MAX_TLS_OPTIONS:
-            ctx.error(
-                f"{tpath}.options",
-                raw.line_of("options"),
-                f"has {len(options)} entries, at most {MAX_TLS_OPTIONS} are allowed",
-            )
         for key in options:
             # No option is defined: silently ignoring one (a minimum version, ciphers) would
             # serve weaker TLS than the file asks for.
@@ -522,13 +515,7 @@ def _listener_tls(
                 "meshlib defines no tls.options (TLS 1.2 is the minimum version; client "
                 "certificates are configured in spec.tls.frontend)",
             )
-    refs: list[ObjectRef] = []
-    for j, ref in limited_maps(
-        ctx, raw, "certificateRefs", f"{tpath}.certificateRefs", MAX_CERTIFICATE_REFS
-    ):
-        built = _ref(ctx, ref, f"{tpath}.certificateRefs[{j}]", "Secret")
-        if built is not None:
-            refs.append(built)
+    refs = _refs(ctx, raw, "certificateRefs", tpath, MAX_CERTIFICATE_REFS, "Secret")
     # Upstream CEL: Terminate needs certificateRefs or options; meshlib defines no option that
     # supplies a certificate, so it needs a certificateRef.
     if "certificateRefs" not in raw or (
@@ -539,7 +526,16 @@ def _listener_tls(
             raw.line,
             "an HTTPS listener needs at least one certificateRef (a kubernetes.io/tls Secret)",
         )
-    return ListenerTLS(tuple(refs))
+    return ListenerTLS(refs)
+
+
+def _refs(
+    ctx: DocContext, parent: YMap, key: str, path: str, limit: int, kind: str
+) -> tuple[ObjectRef, ...]:
+    """The usable references listed in ``parent[key]`` (at ``path``), each checked by _ref."""
+    items = limited_maps(ctx, parent, key, f"{path}.{key}", limit)
+    built = (_ref(ctx, ref, f"{path}.{key}[{j}]", kind) for j, ref in items)
+    return tuple(ref for ref in built if ref is not None)
 
 
 def _ref(ctx: DocContext, ref: YMap, path: str, kind: str) -> ObjectRef | None:
@@ -667,14 +663,8 @@ def _client_validation(ctx: DocContext, raw: object, path: str) -> ClientValidat
             "a listener with client validation accepts only valid client certificates",
         )
         return None
-    refs: list[ObjectRef] = []
-    for j, ref in limited_maps(
-        ctx, validation, "caCertificateRefs", f"{vpath}.caCertificateRefs", MAX_CA_REFS
-    ):
-        built = _ref(ctx, ref, f"{vpath}.caCertificateRefs[{j}]", "ConfigMap")
-        if built is not None:
-            refs.append(built)
-    return ClientValidation(tuple(refs)) if refs else None
+    refs = _refs(ctx, validation, "caCertificateRefs", vpath, MAX_CA_REFS, "ConfigMap")
+    return ClientValidation(refs) if refs else None
 
 
 def _decoded(ctx: DocContext, kind: str) -> dict[str, tuple[bytes, str, int]]:
@@ -833,12 +823,7 @@ def _document(file: str, doc: YamlDocument, problems: list[Problem]) -> DocConte
     if api != version:
         fail("apiVersion", api_line, f"{kind} needs apiVersion {version}, got {shown(api)}")
         return None
-    findings: list[Finding] = []
-    check(value, schema, "", doc.line, findings)
-    problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
-    name = as_str(at(value, "metadata.name")[0]) or ""
-    namespace = as_str(at(value, "metadata.namespace")[0]) or DEFAULT_NAMESPACE
-    return DocContext(file, doc.index, doc.line, value, kind, version, name, namespace)
+    return checked_context(file, doc, schema, problems)
 
 
 def _build(ctx: DocContext, loaded: _Loaded) -> None:

@@ -21,6 +21,7 @@ from meshlib.config.documents import (
     as_int,
     as_str,
     at,
+    limited,
     limited_maps,
 )
 from meshlib.config.fragments import STRING, Schema, array, integer, obj
@@ -340,15 +341,9 @@ def _parents(ctx: DocContext, spec: YMap) -> tuple[ParentRef, ...]:
 
 
 def _hostnames(ctx: DocContext, spec: YMap) -> tuple[str, ...]:
-    raw = spec.get("hostnames")
+    raw = limited(ctx, spec, "hostnames", "spec.hostnames", MAX_HOSTNAMES)
     if not isinstance(raw, YSeq):
         return ()
-    if len(raw) > MAX_HOSTNAMES:
-        ctx.error(
-            "spec.hostnames",
-            spec.line_of("hostnames"),
-            f"has {len(raw)} items, at most {MAX_HOSTNAMES} are allowed",
-        )
     out: list[str] = []
     for i, host in enumerate(raw):
         if not isinstance(host, str):
@@ -617,14 +612,8 @@ def _header_modifier(ctx: DocContext, config: YMap, path: str) -> HeaderModifier
             pairs.append((name.lower(), value))
         lists[key] = tuple(pairs)
     removed: list[str] = []
-    raw = config.get("remove")
+    raw = limited(ctx, config, "remove", f"{path}.remove", MAX_HEADER_MODIFICATIONS)
     if isinstance(raw, YSeq):
-        if len(raw) > MAX_HEADER_MODIFICATIONS:
-            ctx.error(
-                f"{path}.remove",
-                config.line_of("remove"),
-                f"has {len(raw)} items, at most {MAX_HEADER_MODIFICATIONS} are allowed",
-            )
         for i, name in enumerate(raw):
             if isinstance(name, str) and name.lower() in removed:
                 ctx.error(

@@ -324,9 +324,9 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
                 _BUILDERS[ctx.kind](ctx, parsed)
             except Exception as exc:  # defence in depth: see _internal_error
                 problems.append(_internal_error(name, doc.line, doc.index, exc))
-        if cache is not None and (name in reused or len(problems) == before):
-            sha = key[0] if key else hashlib.sha256(text.encode("utf-8")).digest()
-            kept[name] = (sha, docs if name in reused else [_without_columns(d) for d in docs])
+        # With a cache, ``key`` is None only for a text UTF-8 cannot hold, refused above.
+        if key is not None and (name in reused or len(problems) == before):
+            kept[name] = (key[0], docs if name in reused else [_without_columns(d) for d in docs])
     if cache is not None:
         cache.replace(kept)
     try:
@@ -432,8 +432,16 @@ def _document(file: str, doc: YamlDocument, problems: list[Problem]) -> DocConte
             got = f"apiVersion {shown(api)} is not known"
         fail("apiVersion", api_line, f"{got} for {kind}; use one of: {accepted}")
         return None
+    return checked_context(file, doc, versions[api], problems)
+
+
+def checked_context(
+    file: str, doc: YamlDocument, schema: Mapping[str, Any], problems: list[Problem]
+) -> DocContext:
+    """The context of a document whose kind and apiVersion are known good, after checking its
+    structure against the version's schema (what does not fit goes to ``problems``)."""
     findings: list[Finding] = []
-    check(value, versions[api], "", doc.line, findings)
+    check(doc.value, schema, "", doc.line, findings)
     problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
     return _context(file, doc)
 

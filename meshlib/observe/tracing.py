@@ -182,17 +182,17 @@ class Tracing:
                 return _traced(call, _CallSpans(tracer, ctx, current, False, request, service))
             parent = current.get_span_context()
         ids: SpanContext | None = None
+        name = f"{request.method} {service.name}"
+        attributes: dict[str, Any] | None = None
         if parent is not None and parent.is_valid:
-            ids = self._unsampled_child(tracer, ctx, parent, request, service)
+            attributes = _call_attributes(request, service)
+            ids = self._unsampled_child(tracer, ctx, parent, name, attributes)
         elif not self.sample_root():
             ids = _unsampled_root()
         if ids is None:
-            span = tracer.start_span(
-                f"{request.method} {service.name}",
-                ctx,
-                SpanKind.CLIENT,
-                _call_attributes(request, service),
-            )
+            if attributes is None:
+                attributes = _call_attributes(request, service)
+            span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
             if span.is_recording():
                 return _traced(call, _CallSpans(tracer, ctx, span, True, request, service))
             ids = span.get_span_context()  # the SDK's sampler said no to a root
@@ -206,18 +206,18 @@ class Tracing:
         tracer: Tracer,
         ctx: Context,
         parent: SpanContext,
-        request: httpx.Request,
-        service: ServiceDef,
+        name: str,
+        attributes: dict[str, Any],
     ) -> SpanContext | None:
         """The ids of a call under ``parent`` that the SDK's sampler does not sample, or
         ``None`` when it does (or the tracer is not the SDK's: its ``start_span`` decides).
 
         The sampler is asked as the SDK's ``start_span`` asks it, with the same inputs
-        (the parent's trace id, the call span's name, kind and attributes); a sampled call
-        then starts its span, which asks again. Only the SDK's own samplers (parent-based,
-        ratio, always on/off) are asked ahead: they answer from the parent and the trace id,
-        so both answers agree. Any other sampler may draw at random, and asking it twice
-        would sample at p² instead of p: its ``start_span`` alone decides.
+        (the parent's trace id, the call span's ``name``, kind and ``attributes``, built once
+        for both); a sampled call then starts its span, which asks again. Only the SDK's own
+        samplers (parent-based, ratio, always on/off) are asked ahead: they answer from the
+        parent and the trace id, so both answers agree. Any other sampler may draw at random,
+        and asking it twice would sample at p² instead of p: its ``start_span`` alone decides.
         """
         sampler = getattr(tracer, "sampler", None)
         if type(sampler).__module__ != _SDK_SAMPLERS:
@@ -225,8 +225,6 @@ class Tracing:
         should_sample = getattr(sampler, "should_sample", None)
         if should_sample is None:
             return None
-        name = f"{request.method} {service.name}"
-        attributes = _call_attributes(request, service)
         result = should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, attributes, ())
         if result.decision.is_recording():
             return None
@@ -371,6 +369,16 @@ def _call_attributes(request: httpx.Request, service: ServiceDef) -> dict[str, A
     }
 
 
+def _send_attributes(method: str, url: httpx.URL) -> dict[str, Any]:
+    """What an attempt's or a mirrored copy's span says of the request it sends."""
+    return {
+        "http.request.method": method,
+        "url.full": str(url),
+        "server.address": url.host,
+        "server.port": url.port or (443 if url.scheme == "https" else 80),
+    }
+
+
 #: A context whose span the probe in :func:`_writes_w3c_only` injects.
 _PROBE = SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED))
 
@@ -422,15 +430,9 @@ class _CallSpans:
     def begin(self, send: Send) -> None:
         """Open the attempt's span and put its context on the attempt's request."""
         request = send.request
-        url = request.url
-        attributes: dict[str, Any] = {
-            "http.request.method": self.method,
-            "url.full": str(url),
-            "server.address": url.host,
-            "server.port": url.port or (443 if url.scheme == "https" else 80),
-            "mesh.attempt": send.number,
-            "mesh.hedge": send.hedge,
-        }
+        attributes = _send_attributes(self.method, request.url)
+        attributes["mesh.attempt"] = send.number
+        attributes["mesh.hedge"] = send.hedge
         if send.number > 1:
             attributes["http.request.resend_count"] = send.number - 1
         span = self.tracer.start_span(self.name, self.context, SpanKind.CLIENT, attributes)
@@ -441,15 +443,9 @@ class _CallSpans:
         """Open the mirrored copy's span (a child of the call span, marked as a mirror), put its
         context on the copy, and have the driver end it when the copy ends."""
         request = mirror.request
-        url = request.url
-        attributes: dict[str, Any] = {
-            "http.request.method": self.method,
-            "url.full": str(url),
-            "server.address": url.host,
-            "server.port": url.port or (443 if url.scheme == "https" else 80),
-            "mesh.mirror": True,
-            "mesh.service": mirror.service,
-        }
+        attributes = _send_attributes(self.method, request.url)
+        attributes["mesh.mirror"] = True
+        attributes["mesh.service"] = mirror.service
         name = f"{self.method} {mirror.service.partition('.')[0]}"
         span = self.tracer.start_span(name, self.context, SpanKind.CLIENT, attributes)
         propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))

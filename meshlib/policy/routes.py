@@ -178,17 +178,22 @@ class RouteTable:
 
         def params() -> Mapping[str, str]:
             if not parsed:
-                # The spec: with a parameter given several times, only the first counts.
-                first: dict[str, str] = {}
-                for name, value in parse_qsl(query, keep_blank_values=True):
-                    first.setdefault(name, value)
-                parsed.append(first)
+                parsed.append(query_params(query))
             return parsed[0]
 
         for candidate in self.candidates:
             if candidate.accepts(method, path, params, headers):
                 return candidate
         return None
+
+
+def query_params(query: str) -> dict[str, str]:
+    """A raw query string's parameters as a match reads them: the spec says that with a
+    parameter given several times, only the first counts."""
+    first: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        first.setdefault(name, value)
+    return first
 
 
 class _Rules:
