@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from meshlib.config.model import (
-    BackendRef,
     EffectivePolicy,
     FaultRule,
     HeaderModifier,
@@ -84,6 +83,7 @@ from meshlib.policy.routes import (
     RequestEdit,
     RouteTable,
     Rule,
+    backend_service,
     default_port,
     edit_headers,
     pick,
@@ -717,14 +717,9 @@ def _rule_plan(
     mirrors = plan.mirrors + tuple(
         MirrorRule(rule.route.name, rule.route.namespace, service_key, key, m.percent)
         for m in rule.mirrors(backend)
-        if (key := _mirror_key(router, m.backend)) is not None
+        if (key := backend_service(m.backend, router.services)) is not None
     )
     return replace(plan, policy=policy, mirrors=mirrors)
-
-
-def _mirror_key(router: Router, ref: BackendRef) -> str | None:
-    key = f"{ref.name}.{ref.namespace}"
-    return key if ref.resolvable and key in router.services else None
 
 
 def _edit_response_headers(headers: httpx.Headers, modifiers: Sequence[HeaderModifier]) -> None:

@@ -241,7 +241,7 @@ class _Rules:
         if compiled is None:
             backends = tuple(
                 Backend(
-                    self._service_of(ref),
+                    backend_service(ref, self._services),
                     ref.weight,
                     ref.filters,
                     ref,
@@ -263,12 +263,6 @@ class _Rules:
                 redirect,
             )
         return compiled
-
-    def _service_of(self, ref: BackendRef) -> str | None:
-        if not ref.resolvable:
-            return None
-        key = f"{ref.name}.{ref.namespace}"
-        return key if key in self._services else None
 
 
 class RouteIndex:
@@ -375,6 +369,15 @@ def host_specificity(hostnames: Sequence[str], host: str) -> tuple[int, int] | N
         if best is None or found < best:
             best = found
     return best
+
+
+def backend_service(ref: BackendRef, services: Mapping[str, object]) -> str | None:
+    """The mesh service key a backendRef sends to, or None when the mesh cannot send to it
+    (not a core Service with a port, or not among ``services``)."""
+    if not ref.resolvable:
+        return None
+    key = f"{ref.name}.{ref.namespace}"
+    return key if key in services else None
 
 
 def default_port(scheme: str) -> int | None:
