@@ -12,14 +12,15 @@ with ``cryptography``) and an HTTPRoute to the backend's Service, whose endpoint
 mesh policy declares (``mtls: disable``: nginx does no mesh mTLS either). Each proxy process is
 pinned to one core, this process (the load generator), wrk and the backend to the other.
 
-Latency: one keep-alive connection per path (a minimal blocking HTTP/1.1 client, TLS through the
-``ssl`` module), R interleaved rounds of N sequential requests with a rotating start, each round on
-a fresh connection whose handshake and first requests are not timed. Added latency = a path's
-percentile minus the direct path's. Throughput: ``wrk -t1 -c16`` per path, interleaved rounds.
-CPU per request: the proxy's user+system time from /proc (master and worker for nginx) over the
-requests of a phase. With ``--profile OUT`` the gateway runs under ``benchmarks/profiled.py`` and
-its cProfile stats land in ``OUT.<thread>``: its numbers are then inflated and not comparable.
-Markdown goes to stdout, progress to stderr. Importing this module has no side effects.
+Latency: one keep-alive connection per path (benchmarks/inbound.py's minimal blocking HTTP/1.1
+client, TLS through the ``ssl`` module), R interleaved rounds of N sequential requests with a
+rotating start, each round on a fresh connection whose handshake and first requests are not timed.
+Added latency = a path's percentile minus the direct path's. Throughput: ``wrk -t1 -c16`` per path,
+interleaved rounds. CPU per request: the proxy's user+system time from /proc (master and worker for
+nginx) over the requests of a phase. With ``--profile OUT`` the gateway runs under
+``benchmarks/profiled.py`` and its cProfile stats land in ``OUT.<thread>``: its numbers are then
+inflated and not comparable. Markdown goes to stdout, progress to stderr. Importing this module has
+no side effects.
 """
 
 from __future__ import annotations
@@ -34,24 +35,26 @@ import select
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 try:  # imported as the ``benchmarks`` package (e.g. from a test)
+    from benchmarks import inbound as inbound_bench
     from benchmarks import nginx as nginx_ctl
+    from benchmarks import registry as registry_bench
     from benchmarks import run as bench
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
+    import inbound as inbound_bench  # type: ignore[no-redef]
     import nginx as nginx_ctl  # type: ignore[no-redef]
+    import registry as registry_bench  # type: ignore[no-redef]
     import run as bench  # type: ignore[no-redef]
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -116,58 +119,16 @@ spec: {{endpoints: [{{address: "127.0.0.1:{port}"}}]}}
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path, Path]:
-    """(CA file, certificate file, key file): a P-256 CA and a server leaf for HOSTNAME."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    """(CA file, certificate file, key file): a P-256 CA and a server leaf for HOSTNAME, made by
+    the gateway tests' ``TestCA`` (``main`` put the checkout on the path)."""
+    from tests.gateway.gwcerts import TestCA
 
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTNAME)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOSTNAME)]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca = TestCA.create("bench CA")
+    leaf = ca.leaf(HOSTNAME)
     paths = (directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    for path, pem in zip(paths, (ca.pem, leaf.cert_pem, leaf.key_pem), strict=True):
+        path.write_bytes(pem)
     return paths
-
-
-def split_cores() -> tuple[set[int], set[int]]:
-    """(the proxy's core, the load generator's and backend's cores); one core: both share it."""
-    mine = sorted(os.sched_getaffinity(0))
-    if len(mine) < 2:
-        return set(mine), set(mine)
-    return {mine[0]}, set(mine[1:])
 
 
 def pin(pids: Sequence[int], cores: set[int]) -> None:
@@ -177,64 +138,6 @@ def pin(pids: Sequence[int], cores: set[int]) -> None:
             for task in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(int(task), cores)
-
-
-# --- a minimal blocking HTTP/1.1 client -----------------------------------------------------------
-
-
-class RawClient:
-    """One keep-alive connection to 127.0.0.1:port (TLS with ``context``, verified as HOSTNAME);
-    ``get()`` sends a GET and reads a Content-Length answer. Far cheaper than httpx, so the
-    load generator's own time varies little between paths."""
-
-    def __init__(self, port: int, context: ssl.SSLContext | None = None) -> None:
-        self.port = port
-        self.context = context
-        self.sock: socket.socket | None = None
-        self.buf = b""
-        self.request = f"GET / HTTP/1.1\r\nHost: {HOSTNAME}\r\n\r\n".encode()
-
-    def connect(self) -> None:
-        self.close()
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10.0)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.context is not None:
-            sock = self.context.wrap_socket(sock, server_hostname=HOSTNAME)
-        self.sock = sock
-        self.buf = b""
-
-    def get(self) -> int:
-        if self.sock is None:
-            self.connect()
-        assert self.sock is not None
-        self.sock.sendall(self.request)
-        while b"\r\n\r\n" not in self.buf:
-            self._recv()
-        head, _, rest = self.buf.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        length = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        self.buf = rest
-        while len(self.buf) < length:
-            self._recv()
-        self.buf = self.buf[length:]
-        return int(lines[0].split(b" ", 2)[1])
-
-    def _recv(self) -> None:
-        assert self.sock is not None
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"127.0.0.1:{self.port} closed the connection")
-        self.buf += chunk
-
-    def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.sock = None
 
 
 # --- the gateway process --------------------------------------------------------------------------
@@ -343,7 +246,7 @@ class Target:
 
 def _round(path: Target, n: int, record: bool) -> None:
     """A fresh connection, 5 untimed requests (handshake, first-request costs), then n timed."""
-    client = RawClient(path.port, path.context)
+    client = inbound_bench.RawClient(path.port, path.context, HOSTNAME)
     try:
         client.connect()
         for _ in range(5):
@@ -353,7 +256,7 @@ def _round(path: Target, n: int, record: bool) -> None:
         errors = 0
         for _ in range(n):
             t0 = time.perf_counter_ns()
-            status = client.get()
+            status, _ = client.get()
             times.append(time.perf_counter_ns() - t0)
             errors += status != 200
         cpu1 = nginx_ctl.process_cpu_seconds(path.pids)
@@ -555,20 +458,6 @@ def render_markdown(results: dict[str, Any]) -> str:
 # --- main -----------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` runs and every child is stopped."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: a smoke run")
@@ -594,7 +483,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "load_warmup": 1.0,
         "connections": args.connections,
     }
-    proxy_cpus, load_cpus = split_cores()
+    # (the proxy's core, the load generator's and backend's cores); one core: both share it
+    proxy_cpus, load_cpus = registry_bench.split_cores()
     binary = None if args.no_nginx else nginx_ctl.find_nginx()
     wrk = shutil.which("wrk")
     machine = bench.machine_info()
@@ -613,7 +503,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     previous = os.sched_getaffinity(0)
     os.sched_setaffinity(0, load_cpus)  # restored below: a test calling main() keeps its cores
     try:
-        with contextlib.ExitStack() as stack, _sigterm_as_interrupt():
+        with contextlib.ExitStack() as stack, bench.sigterm_as_interrupt():
             tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshlib-gw-")))
             ca, cert, key = make_certificate(tmpdir)
             client_tls = ssl.create_default_context(cafile=str(ca))

@@ -48,21 +48,16 @@ Importing this module has no side effects.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
-import select
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-BENCH_DIR = Path(__file__).resolve().parent
-SERVER_SCRIPT = BENCH_DIR / "server.py"
 
 VARIANTS = (
     "raw",
@@ -234,46 +229,6 @@ def _supported(variant: str) -> bool:
 # --- driver ---------------------------------------------------------------------------------------
 
 
-def _start_server() -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        cwd=str(BENCH_DIR),
-        start_new_session=True,  # a Ctrl-C reaches only us; we stop the server
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 20.0
-    buf = b""
-    while b"\n" not in buf:
-        if time.monotonic() > deadline:
-            _stop(proc)
-            raise TimeoutError("benchmarks/server.py did not report its port in time")
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 256)
-            if not chunk:
-                raise RuntimeError(f"benchmarks/server.py exited early ({proc.wait()})")
-            buf += chunk
-    match = re.search(rb"PORT (\d+)", buf)
-    if match is None:
-        _stop(proc)
-        raise RuntimeError(f"unexpected server output {buf!r}")
-    return proc, int(match.group(1))
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
 def instructions(variant: str, port: int, calls: int, warmup: int, out_dir: Path) -> int:
     """Instructions the client process executes for ``variant`` with ``calls`` measured GETs."""
     out = out_dir / f"callgrind.{variant}.{calls}"
@@ -304,21 +259,28 @@ def instructions(variant: str, port: int, calls: int, warmup: int, out_dir: Path
 
 def measure(variants: Sequence[str], calls: int, warmup: int, jobs: int) -> dict[str, float | None]:
     """Instructions per call for each variant (``None``: not supported by this meshlib)."""
-    proc, port = _start_server()
-    try:
-        with tempfile.TemporaryDirectory(prefix="hotpath-") as tmp, ThreadPoolExecutor(jobs) as ex:
-            runnable = [v for v in variants if _supported(v)]
-            futures = {
-                (v, n): ex.submit(instructions, v, port, n, warmup, Path(tmp))
-                for v in runnable
-                for n in (calls, 2 * calls)
-            }
-            per_call: dict[str, float | None] = dict.fromkeys(variants)
-            for v in runnable:
-                per_call[v] = (futures[v, 2 * calls].result() - futures[v, calls].result()) / calls
-            return per_call
-    finally:
-        _stop(proc)
+    # Here, not at the top: the measured ``--client`` processes import nothing of the harness.
+    try:  # imported as the ``benchmarks`` package (e.g. from a test)
+        from benchmarks import run as bench
+    except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
+        import run as bench  # type: ignore[no-redef]
+
+    with (
+        tempfile.TemporaryDirectory(prefix="hotpath-") as tmp,
+        contextlib.ExitStack() as stack,
+        ThreadPoolExecutor(jobs) as ex,
+    ):
+        port = bench.start_servers([(0.0, 200)], stack, Path(tmp))[0].port
+        runnable = [v for v in variants if _supported(v)]
+        futures = {
+            (v, n): ex.submit(instructions, v, port, n, warmup, Path(tmp))
+            for v in runnable
+            for n in (calls, 2 * calls)
+        }
+        per_call: dict[str, float | None] = dict.fromkeys(variants)
+        for v in runnable:
+            per_call[v] = (futures[v, 2 * calls].result() - futures[v, calls].result()) / calls
+        return per_call
 
 
 def table(per_call: dict[str, float | None], calls: int) -> str:

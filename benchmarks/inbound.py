@@ -153,13 +153,18 @@ def machine_info() -> dict[str, Any]:
 
 class RawClient:
     """One keep-alive connection; ``get(path)`` sends a GET and reads a Content-Length reply.
+    ``host`` is the Host header and, with TLS, the SNI name (benchmarks/gateway.py's listener
+    serves one name).
 
     Far cheaper than httpx, so the client process spends little CPU between server requests.
     """
 
-    def __init__(self, port: int, context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, port: int, context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.port = port
         self.context = context
+        self.host = host
         self.sock: socket.socket | None = None
         self.buf = b""
 
@@ -167,14 +172,14 @@ class RawClient:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10.0)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.context is not None:
-            sock = self.context.wrap_socket(sock, server_hostname="127.0.0.1")
+            sock = self.context.wrap_socket(sock, server_hostname=self.host)
         self.sock = sock
         self.buf = b""
         return sock
 
     def get(self, path: str = "/") -> tuple[int, bytes]:
         sock = self.sock or self.connect()
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
         while b"\r\n\r\n" not in self.buf:
             self._recv(sock)
         head, _, rest = self.buf.partition(b"\r\n\r\n")

@@ -128,7 +128,7 @@ def _free_port() -> int:
 
 def split_cores() -> tuple[set[int], set[int]]:
     """(the registry's core, the load generator's cores): split when there are two or more
-    (benchmarks/signing.py splits the same way)."""
+    (benchmarks/signing.py, registry_scale.py and gateway.py split with it too)."""
     mine = sorted(os.sched_getaffinity(0))
     if len(mine) < 2:
         return set(mine), set(mine)

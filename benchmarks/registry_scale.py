@@ -58,7 +58,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -76,6 +75,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.nginx import free_port  # noqa: E402
 from benchmarks.registry import machine_info, percentile, split_cores  # noqa: E402
 
 NS = "scale"
@@ -95,13 +95,6 @@ TARGET_STORM_S = 30.0
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _address(n: int) -> tuple[str, int]:
@@ -242,7 +235,7 @@ class Registries:
         )
         if init.returncode != 0:
             raise RuntimeError(f"meshctl registry init failed: {init.stderr.strip()}")
-        self.ports = [_free_port() for _ in range(self.replicas)]
+        self.ports = [free_port() for _ in range(self.replicas)]
 
     def start(self) -> None:
         store = ["--store", self.store]

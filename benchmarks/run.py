@@ -1529,7 +1529,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so every ``finally`` runs and every child is stopped."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -1566,7 +1566,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         log(f"  ... {result['wall_seconds']:.1f} s")
         return result
 
-    with contextlib.ExitStack() as stack, _sigterm_as_interrupt():
+    with contextlib.ExitStack() as stack, sigterm_as_interrupt():
         tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshlib-bench-")))
         if "overhead" in scenarios:
             cfg = OverheadConfig(

@@ -33,21 +33,23 @@ python benchmarks/startup.py``. Importing this module has no side effects.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
-import select
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+try:  # imported as the ``benchmarks`` package (e.g. from a test)
+    from benchmarks import run as bench
+except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
+    import run as bench  # type: ignore[no-redef]
+
 BENCH_DIR = Path(__file__).resolve().parent
-SERVER_SCRIPT = BENCH_DIR / "server.py"
 
 #: Third-party and stdlib modules worth naming when they are loaded (issue 15, item 3).
 HEAVY = (
@@ -67,17 +69,21 @@ HEAVY = (
     "pygments",
 )
 
-#: The child: three readings of (CPU s, RSS kB), then the heavy modules loaded at each point.
-#: ``{imports}`` and ``{call}`` are the variant's: meshlib, or raw httpx as the anchor.
-CHILD = """\
-import sys, time
+#: The children's resident set in kB (Linux).
+RSS = """\
 def rss():
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-heavy = {heavy!r}
+"""
+
+#: The child: three readings of (CPU s, RSS kB), then the heavy modules loaded at each point.
+#: ``{imports}`` and ``{call}`` are the variant's: meshlib, or raw httpx as the anchor.
+CHILD = """\
+import sys, time
+{rss}heavy = {heavy!r}
 loaded = lambda: [m for m in heavy if m in sys.modules]
 readings = [(time.process_time(), rss())]
 {imports}
@@ -113,46 +119,6 @@ spec:
 """
 
 
-def _start_server() -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        cwd=str(BENCH_DIR),
-        start_new_session=True,  # a Ctrl-C reaches only us; we stop the server
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 20.0
-    buf = b""
-    while b"\n" not in buf:
-        if time.monotonic() > deadline:
-            _stop(proc)
-            raise TimeoutError("benchmarks/server.py did not report its port in time")
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 256)
-            if not chunk:
-                raise RuntimeError(f"benchmarks/server.py exited early ({proc.wait()})")
-            buf += chunk
-    match = re.search(rb"PORT (\d+)", buf)
-    if match is None:
-        _stop(proc)
-        raise RuntimeError(f"unexpected server output {buf!r}")
-    return proc, int(match.group(1))
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
 def child_env(pycache: str | None) -> dict[str, str]:
     """The children's environment: bytecode cached under ``pycache``, or inherited as is."""
     env = dict(os.environ)
@@ -169,13 +135,7 @@ def child_env(pycache: str | None) -> dict[str, str]:
 #: in the order they load (each line is charged only what the lines above did not load).
 BREAKDOWN = """\
 import importlib, sys, time
-def rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-import meshlib
+{rss}import meshlib
 out = []
 for name in {parts!r}:
     r, t = rss(), time.process_time()
@@ -204,7 +164,7 @@ BREAKDOWN_PARTS = (
 
 def breakdown(env: dict[str, str], runs: int) -> list[tuple[str, float, float]]:
     """``(part, CPU ms, RSS kB)`` per part of :data:`BREAKDOWN_PARTS`, medians of ``runs``."""
-    code = BREAKDOWN.format(parts=BREAKDOWN_PARTS)
+    code = BREAKDOWN.format(rss=RSS, parts=BREAKDOWN_PARTS)
     results = []
     for _ in range(runs):
         out = subprocess.run(
@@ -233,7 +193,7 @@ def one_run(variant: str, port: int, env: dict[str, str]) -> Run:
     """The readings, and the heavy modules loaded after the import and after the call."""
     imports, call = VARIANTS[variant]
     call = call.format(policy=POLICY.format(port=port), port=port)
-    code = CHILD.format(heavy=HEAVY, imports=imports, call=call)
+    code = CHILD.format(rss=RSS, heavy=HEAVY, imports=imports, call=call)
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -308,18 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the raw readings as JSON")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="meshlib-startup-") as pycache:
-        env = child_env(None if args.inherit_env else pycache)
-        server, port = _start_server()
-        try:
+    with tempfile.TemporaryDirectory(prefix="meshlib-startup-") as tmp:
+        pycache = Path(tmp) / "pycache"
+        env = child_env(None if args.inherit_env else str(pycache))
+        with contextlib.ExitStack() as stack:
+            port = bench.start_servers([(0.0, 200)], stack, Path(tmp))[0].port
             runs: dict[str, list[Run]] = {variant: [] for variant in VARIANTS}
             for variant in VARIANTS:
                 one_run(variant, port, env)  # writes the .pyc files; not counted
             for _ in range(args.runs):  # interleaved, so a change of load hits both alike
                 for variant in VARIANTS:
                     runs[variant].append(one_run(variant, port, env))
-        finally:
-            _stop(server)
         imports = importtime(env, 5) if args.importtime else None
         parts = breakdown(env, args.runs) if args.breakdown else None
     med = statistics.median

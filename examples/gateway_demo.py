@@ -48,7 +48,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from registry_demo import TRUST_DOMAIN, WORKLOAD, Process, Processes, meshctl, q
+from registry_demo import (
+    TRUST_DOMAIN,
+    WORKLOAD,
+    Process,
+    Processes,
+    mesh_env,
+    meshctl,
+    q,
+    start_registry,
+)
 
 from meshlib.control.client import RegistryClient
 
@@ -259,26 +268,8 @@ def run(data: Path, burst: int) -> None:
     registry: RegistryClient | None = None
     try:
         print("== 1. a registry, an SVID per workload and one for the gateway ==")
-        reg = data / "registry"
-        meshctl(f"registry init --data {q(reg)} --trust-domain {TRUST_DOMAIN}", env={})
-        svids = {}
-        for namespace, account in (
-            ("default", "productpage"),
-            ("default", "reviews"),
-            ("edge", "gateway"),
-        ):
-            svids[account] = data / "svids" / account
-            meshctl(
-                f"ca issue --dir {q(reg / 'ca')} --namespace {namespace} "
-                f"--service-account {account} --out {q(svids[account])}",
-                env={},
-                show=account == "gateway",
-            )
-        serve = f"registry serve --data {q(reg)} --listen 127.0.0.1:0"
-        process = procs.start("registry", [*cli, *shlex.split(serve)])
-        url = process.wait_for("registry serving on ", 30).split()[3]
-        print(f"registry serving on {url} (pid {process.popen.pid})")
-        admin = {"MESHLIB_REGISTRY": url, "MESHLIB_SVID_DIR": str(reg / "admin")}
+        accounts = [("default", "productpage"), ("default", "reviews"), ("edge", "gateway")]
+        url, admin, svids = start_registry(procs, data, accounts, show="gateway")
         registry = RegistryClient(url, svid_dir=admin["MESHLIB_SVID_DIR"])
         (data / "mesh.yaml").write_text(POLICY)
         meshctl(f"apply -f {q(data / 'mesh.yaml')}", env=admin)
@@ -286,12 +277,7 @@ def run(data: Path, burst: int) -> None:
         print("\n== 2. the workloads: reviews-v1, reviews-v2, then productpage ==")
 
         def launch(service: str, account: str) -> None:
-            env = {
-                "MESHLIB_REGISTRY": url,
-                "MESHLIB_SERVICE": service,
-                "MESHLIB_SVID_DIR": str(svids[account]),
-                "MESHLIB_CACHE_DIR": str(data / "cache" / service),
-            }
+            env = mesh_env(url, service, svids[account], data / "cache" / service)
             started = procs.start(service, [sys.executable, str(WORKLOAD), "--seed", "11"], env)
             line = started.wait_for("serving ", 60)  # "serving SERVICE on https://HOST:PORT"
             print(f"  {line} (pid {started.popen.pid})")
@@ -314,11 +300,8 @@ def run(data: Path, burst: int) -> None:
             "gateway",
             [*cli, *shlex.split(serve)],
             {
-                "MESHLIB_REGISTRY": url,
-                "MESHLIB_SERVICE": "gateway",
+                **mesh_env(url, "gateway", svids["gateway"], data / "cache" / "gateway"),
                 "MESHLIB_NAMESPACE": "edge",
-                "MESHLIB_SVID_DIR": str(svids["gateway"]),
-                "MESHLIB_CACHE_DIR": str(data / "cache" / "gateway"),
             },
         )
         print(f"$ meshctl {serve}  (pid {gateway.popen.pid})")

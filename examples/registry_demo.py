@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -185,6 +186,42 @@ def meshctl(command: str, *, env: dict[str, str], show: bool = True) -> str:
     return output
 
 
+def start_registry(
+    procs: Processes, data: Path, accounts: Sequence[tuple[str, str]], show: str
+) -> tuple[str, dict[str, str], dict[str, Path]]:
+    """``meshctl registry init`` into ``data/registry``, an SVID per ``(namespace, service
+    account)`` from ``meshctl ca issue`` (echoed for ``show`` only), then ``meshctl registry
+    serve`` on a free port: its URL, the environment meshctl runs with as the registry's admin,
+    and the SVID directory per service account."""
+    reg = data / "registry"
+    meshctl(f"registry init --data {q(reg)} --trust-domain {TRUST_DOMAIN}", env={})
+    svids = {}
+    for namespace, account in accounts:
+        svids[account] = data / "svids" / account
+        meshctl(
+            f"ca issue --dir {q(reg / 'ca')} --namespace {namespace} "
+            f"--service-account {account} --out {q(svids[account])}",
+            env={},
+            show=account == show,
+        )
+    serve = f"registry serve --data {q(reg)} --listen 127.0.0.1:0"
+    process = procs.start("registry", [sys.executable, "-m", "meshlib.cli", *shlex.split(serve)])
+    url = process.wait_for("registry serving on ", 30).split()[3]
+    print(f"registry serving on {url} (pid {process.popen.pid})")
+    return url, {"MESHLIB_REGISTRY": url, "MESHLIB_SVID_DIR": str(reg / "admin")}, svids
+
+
+def mesh_env(url: str, service: str, svid_dir: Path, cache_dir: Path) -> dict[str, str]:
+    """What ``Mesh.from_env()`` in a started process reads: the registry, its service, its SVID
+    and where it caches the registry's answers."""
+    return {
+        "MESHLIB_REGISTRY": url,
+        "MESHLIB_SERVICE": service,
+        "MESHLIB_SVID_DIR": str(svid_dir),
+        "MESHLIB_CACHE_DIR": str(cache_dir),
+    }
+
+
 @dataclass(frozen=True)
 class Call:
     at: float  # monotonic, when the answer came
@@ -267,28 +304,13 @@ def share(calls: list[Call], service: str) -> str:
 
 def run(data: Path, seconds: float) -> None:
     procs = Processes(data)
-    cli = [sys.executable, "-m", "meshlib.cli"]
     loadgen: meshlib.Mesh | None = None
     traffic: Traffic | None = None
     reader: RegistryClient | None = None
     try:
         print("== 1. a registry, and an SVID per workload ==")
-        reg = data / "registry"
-        meshctl(f"registry init --data {q(reg)} --trust-domain {TRUST_DOMAIN}", env={})
-        svids = {}
-        for account in ("productpage", "reviews", "loadgen"):
-            svids[account] = data / "svids" / account
-            meshctl(
-                f"ca issue --dir {q(reg / 'ca')} --namespace default "
-                f"--service-account {account} --out {q(svids[account])}",
-                env={},
-                show=account == "productpage",
-            )
-        serve = f"registry serve --data {q(reg)} --listen 127.0.0.1:0"
-        registry = procs.start("registry", [*cli, *shlex.split(serve)])
-        url = registry.wait_for("registry serving on ", 30).split()[3]
-        print(f"registry serving on {url} (pid {registry.popen.pid})")
-        admin = {"MESHLIB_REGISTRY": url, "MESHLIB_SVID_DIR": str(data / "registry" / "admin")}
+        accounts = [("default", a) for a in ("productpage", "reviews", "loadgen")]
+        url, admin, svids = start_registry(procs, data, accounts, show="productpage")
         reader = RegistryClient(url, svid_dir=admin["MESHLIB_SVID_DIR"])
         (data / "v100.yaml").write_text(policy(100, 0))
         meshctl(f"apply -f {q(data / 'v100.yaml')}", env=admin)
@@ -296,12 +318,7 @@ def run(data: Path, seconds: float) -> None:
         print("\n== 2. four workloads register themselves ==")
 
         def launch(name: str, service: str, account: str) -> Process:
-            env = {
-                "MESHLIB_REGISTRY": url,
-                "MESHLIB_SERVICE": service,
-                "MESHLIB_SVID_DIR": str(svids[account]),
-                "MESHLIB_CACHE_DIR": str(data / "cache" / name),
-            }
+            env = mesh_env(url, service, svids[account], data / "cache" / name)
             return procs.start(name, [sys.executable, str(WORKLOAD), "--seed", "11"], env)
 
         def serving(process: Process) -> None:

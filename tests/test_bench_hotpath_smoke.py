@@ -4,12 +4,15 @@ answers, and the table is computed from given counts. The counts themselves are 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from benchmarks import run as bench
 
 ROOT = Path(__file__).resolve().parent.parent
 _SPEC = importlib.util.spec_from_file_location("hotpath", ROOT / "benchmarks" / "hotpath.py")
@@ -20,9 +23,10 @@ _SPEC.loader.exec_module(hotpath)
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_every_client_variant_runs_natively() -> None:
-    proc, port = hotpath._start_server()
-    try:
+def test_every_client_variant_runs_natively(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        (server,) = bench.start_servers([(0.0, 200)], stack, tmp_path)
+        port = server.port
         for variant in hotpath.VARIANTS:
             done = subprocess.run(
                 [
@@ -43,9 +47,7 @@ def test_every_client_variant_runs_natively() -> None:
                 cwd=ROOT,
             )
             assert done.returncode == 0, (variant, done.stderr)
-    finally:
-        hotpath._stop(proc)
-    assert proc.poll() is not None
+    assert server.proc.poll() is not None
 
 
 def test_table_is_relative_to_raw() -> None:

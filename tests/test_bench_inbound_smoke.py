@@ -9,17 +9,14 @@ The numbers themselves are not checked: a quick run is far too short to mean any
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.benchscript import REPO_ROOT, nginx_available, run_script
+
 INBOUND_PY = REPO_ROOT / "benchmarks" / "inbound.py"
 
 pytestmark = pytest.mark.timeout(180)
@@ -28,43 +25,13 @@ pytestmark = pytest.mark.timeout(180)
 _MEASURED = r"^\| {name} \| [\d,]+(\.\d)? "
 
 
-def _nginx_available() -> bool:
-    return bool(
-        os.environ.get("NGINX") or shutil.which("nginx") or Path("/usr/sbin/nginx").exists()
-    )
-
-
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run the benchmark; on timeout send SIGTERM, which it turns into a clean shutdown that
-    stops every server it started (they run in their own sessions)."""
-    proc = subprocess.Popen(
-        [sys.executable, str(INBOUND_PY), *args],
-        cwd=str(REPO_ROOT),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            stdout, stderr = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-        pytest.fail(f"benchmark did not finish in {timeout:g} s\nstderr:\n{stderr}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
 def _has_row(text: str, name: str) -> bool:
     return re.search(_MEASURED.format(name=re.escape(name)), text, re.MULTILINE) is not None
 
 
 def test_quick_inbound_run(tmp_path: Path) -> None:
     out_json = tmp_path / "inbound.json"
-    result = _run(["--quick", "--json", str(out_json)], timeout=150)
+    result = run_script(INBOUND_PY, ["--quick", "--json", str(out_json)], timeout=150)
     assert result.returncode == 0, result.stderr
     text = result.stdout
 
@@ -80,7 +47,7 @@ def test_quick_inbound_run(tmp_path: Path) -> None:
     else:
         assert "skipped" in load_section, text
 
-    if _nginx_available():
+    if nginx_available():
         assert _has_row(cpu_section, "nginx -> bare uvicorn"), text
     else:
         assert "skipped" in cpu_section, text

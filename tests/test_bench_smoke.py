@@ -9,17 +9,13 @@ numbers themselves are not checked: a quick run is far too short to mean anythin
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.benchscript import REPO_ROOT, nginx_available, run_script
+
 RUN_PY = REPO_ROOT / "benchmarks" / "run.py"
 
 pytestmark = pytest.mark.timeout(180)
@@ -28,47 +24,17 @@ pytestmark = pytest.mark.timeout(180)
 _MEASURED = r"^\| {name} \| [\d,]+\.\d \|"
 
 
-def _nginx_available() -> bool:
-    return bool(
-        os.environ.get("NGINX") or shutil.which("nginx") or Path("/usr/sbin/nginx").exists()
-    )
-
-
-def _run_harness(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run the harness; on timeout send SIGTERM, which it turns into a clean shutdown that stops
-    every server it started (they run in their own sessions, so killing it would orphan them)."""
-    proc = subprocess.Popen(
-        [sys.executable, str(RUN_PY), *args],
-        cwd=str(REPO_ROOT),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            stdout, stderr = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-        pytest.fail(f"benchmark did not finish in {timeout:g} s\nstderr:\n{stderr}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
 def test_quick_overhead_run(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
-    result = _run_harness(
-        ["--quick", "--scenario", "overhead", "--json", str(out_json)], timeout=150
+    result = run_script(
+        RUN_PY, ["--quick", "--scenario", "overhead", "--json", str(out_json)], timeout=150
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     table = result.stdout
     assert "### Overhead per call" in table
 
     expected = ["raw httpx (sync)", "raw httpx (async)", "meshlib (sync)", "meshlib (async)"]
-    if _nginx_available():
+    if nginx_available():
         expected.append("nginx hop (sync)")
     for name in expected:
         pattern = _MEASURED.format(name=re.escape(name))
@@ -84,8 +50,8 @@ def test_quick_overflow_run(tmp_path: Path) -> None:
     """The overflow scenario (the refused call's latency, moved out of tests/e2e/test_limits.py):
     every timed call was refused locally and none of them reached the backend."""
     out_json = tmp_path / "bench.json"
-    result = _run_harness(
-        ["--quick", "--scenario", "overflow", "--json", str(out_json)], timeout=120
+    result = run_script(
+        RUN_PY, ["--quick", "--scenario", "overflow", "--json", str(out_json)], timeout=120
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "### Connection-pool overflow: a refused call" in result.stdout

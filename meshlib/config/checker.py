@@ -162,7 +162,8 @@ def _check_object(
             hint = suggest(key, list(props)) or (
                 f"; known fields: {', '.join(props)}" if props else "; no fields are allowed here"
             )
-            out.append(Finding(item_line, where, f"unknown field {key!r}{hint}"))
+            # The key is the user's text, as long as they made it: shown clipped, like values.
+            out.append(Finding(item_line, where, f"unknown field {shown(key)}{hint}"))
         elif isinstance(extra, Mapping):
             check(item, extra, where, item_line, out)
 

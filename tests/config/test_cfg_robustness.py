@@ -214,6 +214,15 @@ def test_a_syntax_error_is_not_reported_as_no_documents() -> None:
     assert "invalid YAML" in p.message
 
 
+def test_a_huge_unknown_key_is_named_briefly() -> None:
+    """The key of an unknown field is clipped like any value shown: test_cfg_fuzz met a
+    5,000-character key printed whole (a 5,075-character message)."""
+    key = "k" * 5000
+    [p] = problems(mesh_doc(f"\n  ? {key}\n  : 1"))  # "? ": a key may be over 1024 characters
+    assert p.message.startswith("unknown field 'kkk") and p.line == 5
+    assert "(5002 characters)" in p.message and len(p.message) < 600, p.message
+
+
 def test_an_empty_or_dotted_key_is_still_named_in_the_field() -> None:
     [p] = problems(mesh_doc("{}") + "'': {a: 1}\n")
     assert p.field == "['']" and "unknown field ''" in p.message and p.line == 5
