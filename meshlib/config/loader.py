@@ -372,7 +372,7 @@ def _cached(
 
 
 def _without_columns(doc: YamlDocument) -> YamlDocument:
-    return dataclasses.replace(doc, positions={})
+    return dataclasses.replace(doc, positions={}, source=None)
 
 
 def _with_column(problem: Problem, read: Mapping[tuple[str, int], YamlDocument]) -> Problem:
