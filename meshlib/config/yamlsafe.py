@@ -38,24 +38,30 @@ except AttributeError:  # pragma: no cover - libyaml missing
 
 
 _STR = "tag:yaml.org,2002:str"
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
 #: Plain scalars starting with anything else are strings under every YAML 1.1 implicit resolver.
 _MAYBE_TYPED = frozenset("0123456789-+.~nNtTfFyYoO=<")
 
 
 class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
-    """Resolves the common case (a plain word, or any quoted scalar) without the regex scan.
+    """Resolves the common cases (a plain word, any quoted scalar, a mapping or a list)
+    without the regex scan or the generic dispatch.
 
-    PyYAML calls ``resolve`` in Python for every scalar, even under libyaml; on large files
+    PyYAML calls ``resolve`` in Python for every node, even under libyaml; on large files
     this is a noticeable share of the load time.
     """
 
     def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> Any:
-        if kind is yaml.ScalarNode and implicit is not None:
-            if implicit[0]:
-                if value and value[0] not in _MAYBE_TYPED:
+        if kind is yaml.ScalarNode:
+            if implicit is not None:
+                if implicit[0]:
+                    if value and value[0] not in _MAYBE_TYPED:
+                        return _STR
+                elif implicit[1]:
                     return _STR
-            elif implicit[1]:
-                return _STR
+        elif not self.yaml_path_resolvers:  # an untagged mapping or list: its default tag
+            return _MAP if kind is yaml.MappingNode else _SEQ
         return super().resolve(kind, value, implicit)
 
 
