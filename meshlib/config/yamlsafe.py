@@ -14,6 +14,7 @@ exactly, and the columns of a file's fields are read again only when a problem a
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_/-]+")
 
 
+@functools.lru_cache(maxsize=4096)  # the same few paths recur in every document of a policy
 def field_path(parent: str, key: str) -> str:
     """The path of ``key`` under ``parent`` as problems name it: ``spec.port``; a key that is
     empty or holds a dot is quoted, so the path still says which key
