@@ -162,3 +162,56 @@ def test_the_fast_pass_builds_every_documented_example_as_pyyaml_does() -> None:
             _same(doc.value, node, f"block {i}")
             checked += 1
     assert checked > 50
+
+
+def _services(first: int, count: int, port: int = 8080) -> str:
+    return "---\n".join(
+        f"apiVersion: meshlib/v1\nkind: Service\nmetadata: {{name: s{n}}}\n"
+        f"spec:\n  endpoints: [{{address: 'h{n}:{port if n == first else 8080}'}}]\n"
+        for n in range(first, first + count)
+    )
+
+
+def test_a_reload_builds_only_the_changed_files_documents(tmp_path: Path) -> None:
+    """The services of unchanged files are the very objects of the last snapshot (their builds
+    are kept with their documents); the changed file's are new, and the snapshot is the one a
+    fresh load of the same files gives."""
+    import dataclasses
+
+    import meshlib
+    from meshlib.config.loader import load_paths
+
+    for i in range(3):
+        (tmp_path / f"part-{i}.yaml").write_text(_services(i * 10, 10))
+    with meshlib.Mesh.from_file(tmp_path, service="t", watch=False, metrics=False) as mesh:
+        old = mesh.snapshot.services
+        (tmp_path / "part-1.yaml").write_text(_services(10, 10, port=9090))
+        assert mesh.reload() is True
+        new = mesh.snapshot.services
+        assert dataclasses.replace(mesh.snapshot, version=0) == load_paths([tmp_path])
+    changed = {f"s{n}.default" for n in range(10, 20)}
+    assert new.keys() == old.keys()
+    assert all(new[k] is old[k] for k in old if k not in changed)
+    assert not any(new[k] is old[k] for k in changed)
+    assert new["s10.default"].endpoints[0].address == "h10:9090"
+
+
+def test_a_kept_build_reports_its_reference_problems_again(tmp_path: Path) -> None:
+    """A split in an unchanged file whose backend's file changed: the reference is checked
+    again on the kept build, and the problem points at the unchanged file."""
+    import meshlib
+
+    (tmp_path / "a.yaml").write_text(_services(0, 2))
+    split = (
+        "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: sp}\n"
+        "spec:\n  service: s0\n  backends:\n  - {service: s1, weight: 1}\n"
+    )
+    (tmp_path / "b.yaml").write_text(split)
+    with meshlib.Mesh.from_file(tmp_path, service="t", watch=False, metrics=False) as mesh:
+        (tmp_path / "a.yaml").write_text(_services(0, 1))  # s1 is gone
+        assert mesh.reload() is False
+        assert mesh.last_error is not None
+        [problem] = mesh.last_error.problems
+        assert problem.file.endswith("b.yaml") and "s1" in problem.message
+        (tmp_path / "a.yaml").write_text(_services(0, 2))  # back: the kept build is fine again
+        assert mesh.reload() is True
