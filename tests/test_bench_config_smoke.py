@@ -26,3 +26,16 @@ def test_quick_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFi
     many = figures["many"]
     assert many["services"] == 1_000 and many["parts"] == config_load.PARTS
     assert all(many[k] > 0 for k in ("one_file_s", "directory_s", "reload_one_file_s"))
+
+
+def test_many_reports_its_anchors_beside_the_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_json = tmp_path / "many.json"
+    assert config_load.main(["--many", "--quick", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) (µs|ms|s) \|$", out, re.MULTILINE)
+    assert [r[0].split(":")[0] for r in rows[:2]] == ["anchor", "anchor"], out
+    assert len(rows) == 5, out
+    anchors = json.loads(out_json.read_text())["many"]["anchors"]
+    assert anchors["regex_us"] > 0 and anchors["json_10k_ms"] > 0

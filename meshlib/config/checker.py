@@ -112,7 +112,7 @@ def check(value: Any, schema: Mapping[str, Any], path: str, line: int, out: list
                 msg += " (the field is empty)"
         out.append(Finding(line, path, msg))
         return
-    if isinstance(value, Mapping):
+    if isinstance(value, (dict, Mapping)):  # dict first: a YMap skips the ABC check
         _check_object(value, schema, path, line, out)
     elif isinstance(value, list):
         _check_array(value, schema, path, line, out)
@@ -153,9 +153,12 @@ def _check_object(
         out.append(Finding(line, path, f"must have at least {schema['minProperties']} entry"))
     if "maxProperties" in schema and len(value) > schema["maxProperties"]:
         out.append(Finding(line, path, f"must have at most {schema['maxProperties']} entry"))
+    # The lines of the keys as _child_line gives them, looked up once rather than per key.
+    key_lines: dict[str, int] = value.key_lines if isinstance(value, YMap) else {}
+    own_line = value.line if isinstance(value, YMap) else line
     for key, item in value.items():
         where = field_path(path, key)
-        item_line = _child_line(value, key, line)
+        item_line = key_lines.get(key, own_line)
         if key in props:
             check(item, props[key], where, item_line, out)
         elif extra is False:

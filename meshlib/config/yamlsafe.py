@@ -5,10 +5,16 @@ PyYAML's own loaders silently keep the last of two duplicate keys, expand aliase
 *composes* node trees; this module turns nodes into values itself, so it can reject aliases,
 merge keys, duplicate and non-string keys and deep nesting before building anything, and keep
 the 1-based line of each field for error messages.
+
+Reading is done twice only when needed: a fast pass builds the values and the lines the checks
+need, and nothing else (no field paths, no columns); a document it cannot build plainly (an
+alias, a bad key, a bad value...) is read again by the checked pass, which names the problem
+exactly, and the columns of a file's fields are read again only when a problem asks for one.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,30 +39,37 @@ except AttributeError:  # pragma: no cover - libyaml missing
 
 
 _STR = "tag:yaml.org,2002:str"
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
 #: Plain scalars starting with anything else are strings under every YAML 1.1 implicit resolver.
 _MAYBE_TYPED = frozenset("0123456789-+.~nNtTfFyYoO=<")
 
 
 class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
-    """Resolves the common case (a plain word, or any quoted scalar) without the regex scan.
+    """Resolves the common cases (a plain word, any quoted scalar, a mapping or a list)
+    without the regex scan or the generic dispatch.
 
-    PyYAML calls ``resolve`` in Python for every scalar, even under libyaml; on large files
+    PyYAML calls ``resolve`` in Python for every node, even under libyaml; on large files
     this is a noticeable share of the load time.
     """
 
     def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> Any:
-        if kind is yaml.ScalarNode and implicit is not None:
-            if implicit[0]:
-                if value and value[0] not in _MAYBE_TYPED:
+        if kind is yaml.ScalarNode:
+            if implicit is not None:
+                if implicit[0]:
+                    if value and value[0] not in _MAYBE_TYPED:
+                        return _STR
+                elif implicit[1]:
                     return _STR
-            elif implicit[1]:
-                return _STR
+        elif not self.yaml_path_resolvers:  # an untagged mapping or list: its default tag
+            return _MAP if kind is yaml.MappingNode else _SEQ
         return super().resolve(kind, value, implicit)
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_/-]+")
 
 
+@functools.lru_cache(maxsize=4096)  # the same few paths recur in every document of a policy
 def field_path(parent: str, key: str) -> str:
     """The path of ``key`` under ``parent`` as problems name it: ``spec.port``; a key that is
     empty or holds a dot is quoted, so the path still says which key
@@ -105,6 +118,25 @@ class YamlProblem:
     column: int = 0
 
 
+class PositionSource:
+    """The field positions of every document of one YAML text, read again on first request.
+
+    Only a problem needs a column, so the fast pass does not record them: the documents of one
+    read share this source, and the first document asked for a column re-reads the text (once
+    for all of them) with the checked pass, which records the position of every field."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._found: dict[int, dict[str, tuple[int, int]]] | None = None
+
+    def positions(self, index: int) -> dict[str, tuple[int, int]]:
+        if self._found is None:
+            found: dict[int, dict[str, tuple[int, int]]] = {}
+            _read(self._text, checked=True, positions=found)
+            self._found = found  # a race only reads the same text twice, to the same result
+        return self._found.get(index, {})
+
+
 @dataclass(frozen=True)
 class YamlDocument:
     index: int  # 1-based position in the stream
@@ -113,11 +145,15 @@ class YamlDocument:
     #: Field path (``spec.backends[1].weight``, as problems name fields) → 1-based line and
     #: column where its value starts: what lets a problem point at ``file:line:col``.
     positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Where the positions are read when they were not recorded with the value (the fast
+    #: pass): :meth:`column_of` asks it. None: ``positions`` is all there is.
+    source: PositionSource | None = field(default=None, compare=False, repr=False)
 
     def column_of(self, path: str, line: int) -> int:
         """The column of the value at ``path`` if it starts on ``line``; 0 if unknown (a
         missing field, or a problem reported on another line than the value's)."""
-        found = self.positions.get(path)
+        positions = self.positions if self.source is None else self.source.positions(self.index)
+        found = positions.get(path)
         return found[1] if found is not None and found[0] == line else 0
 
 
@@ -203,12 +239,82 @@ class _Builder:
             ) from None
 
 
+class _Unplain(Exception):
+    """The fast pass met what only the checked pass (:class:`_Builder`) reports exactly."""
+
+
+_new_map = dict.__new__
+_new_seq = list.__new__
+
+
+class _FastBuilder:
+    """Builds the same values and lines as :class:`_Builder` for a document that breaks no
+    rule, with no field paths or positions and one call per node; raises :class:`_Unplain` at
+    anything else (an alias, a merge or non-string or duplicate key, an unsupported tag, a bad
+    value, deep nesting), and the checked pass then reads the document again to name it."""
+
+    def __init__(self, aliases_possible: bool) -> None:
+        self._constructor = SafeConstructor()
+        #: Node ids built so far; None when the text holds no '&', so no anchor and no alias.
+        self._seen: set[int] | None = set() if aliases_possible else None
+
+    def build(self, node: yaml.Node, depth: int) -> Any:
+        if self._seen is not None:
+            if id(node) in self._seen:
+                raise _Unplain
+            self._seen.add(id(node))
+        if depth > MAX_DEPTH:
+            raise _Unplain
+        kind = node.__class__
+        if kind is yaml.ScalarNode:
+            if node.tag == _STR:
+                return node.value
+            construct = self._constructor.yaml_constructors.get(node.tag)
+            if construct is None:
+                raise _Unplain
+            try:
+                return construct(self._constructor, node)
+            except (yaml.YAMLError, ValueError):
+                raise _Unplain from None
+        if kind is yaml.MappingNode:
+            result = _new_map(YMap)
+            result.line = node.start_mark.line + 1
+            key_lines: dict[str, int] = {}
+            result.key_lines = key_lines
+            for key_node, value_node in node.value:
+                if key_node.__class__ is not yaml.ScalarNode or key_node.tag != _STR:
+                    raise _Unplain
+                key = key_node.value
+                if key in key_lines:
+                    raise _Unplain
+                key_lines[key] = key_node.start_mark.line + 1
+                result[key] = self.build(value_node, depth + 1)
+            return result
+        if kind is yaml.SequenceNode:
+            seq = _new_seq(YSeq)
+            seq.line = node.start_mark.line + 1
+            seq.item_lines = [item.start_mark.line + 1 for item in node.value]
+            seq.extend([self.build(item, depth + 1) for item in node.value])
+            return seq
+        raise _Unplain  # pragma: no cover - libyaml composes only the three kinds
+
+
 def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
     """Parse a multi-document YAML stream; return its documents or the problems found.
 
     A syntax error ends the stream (nothing after it can be trusted); safety violations inside
     one document are reported for that document and the next documents are still read.
     """
+    return _read(text, checked=False, positions=None)
+
+
+def _read(
+    text: str, *, checked: bool, positions: dict[int, dict[str, tuple[int, int]]] | None
+) -> tuple[list[YamlDocument], list[YamlProblem]]:
+    """:func:`read_documents`; ``checked``: every document by the checked pass, recording the
+    positions of its fields into ``positions`` (by document index) as well as its own."""
+    source = None if checked else PositionSource(text)
+    aliases_possible = "&" in text
     docs: list[YamlDocument] = []
     problems: list[YamlProblem] = []
     loader = _Loader(text)
@@ -232,12 +338,23 @@ def read_documents(text: str) -> tuple[list[YamlDocument], list[YamlProblem]]:
             if node is None:
                 continue
             line = node.start_mark.line + 1
+            if source is not None:
+                try:
+                    value = _FastBuilder(aliases_possible).build(node, 0)
+                except _Unplain:
+                    pass
+                else:
+                    if value is not None:  # an empty document (a stray '---') is no error
+                        docs.append(YamlDocument(index, line, value, source=source))
+                    continue
             builder = _Builder()
             try:
                 value = builder.build(node, "", 0)
             except _Reject as rej:
                 problems.append(YamlProblem(rej.line, index, rej.field, rej.message))
                 continue
+            if positions is not None:
+                positions[index] = builder.positions
             if value is not None:  # an empty document (a stray '---') is not an error
                 docs.append(YamlDocument(index, line, value, builder.positions))
     except yaml.reader.ReaderError as exc:
