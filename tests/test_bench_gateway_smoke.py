@@ -36,8 +36,10 @@ def test_quick_gateway_run(tmp_path: Path) -> None:
     nginx_rows = ["nginx (plain)", "nginx (TLS)"]
     if nginx_available():
         expected += nginx_rows
-        assert re.search(r"^\| plain \| [\d.]+× \|", text, re.MULTILINE), text
-        assert re.search(r"^\| TLS \| [\d.]+× \|", text, re.MULTILINE), text
+        # the comparison rows exist; their ratio is "-" when a quick run on a loaded machine
+        # measures nginx's added p50 at or below zero (seen in a CI-like run: -914 µs)
+        assert re.search(r"^\| plain \| (?:-?[\d.]+×|-) \|", text, re.MULTILINE), text
+        assert re.search(r"^\| TLS \| (?:-?[\d.]+×|-) \|", text, re.MULTILINE), text
     else:
         assert "nginx not found: skipped" in text, text
     for name in expected:
