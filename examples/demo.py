@@ -644,10 +644,14 @@ def describe(span: ReadableSpan) -> str:
             notes.append(f"from sa/{str(attrs['mesh.peer']).rsplit('/', 1)[-1]}")
         if "mesh.deadline_ms" in attrs:
             notes.append(f"{attrs['mesh.deadline_ms']} ms left")
-    elif "mesh.attempt" in attrs:
+    elif "http.request.resend_count" in attrs:  # a retry or a hedge: a span of its own
         what = f"attempt {attrs['mesh.attempt']} → {attrs['server.address']}:{attrs['server.port']}"
-    else:
+    else:  # the call, which carries its first attempt
         what = f"{span.name} → {short(str(attrs.get('mesh.backend')))}"
+        if "network.peer.port" in attrs:
+            notes.append(
+                f"attempt 1 → {attrs['network.peer.address']}:{attrs['network.peer.port']}"
+            )
         notes.append(f"deadline {attrs.get('mesh.deadline_ms')} ms")
         if attrs.get("mesh.fault"):
             notes.append(f"fault {attrs['mesh.fault']}")
