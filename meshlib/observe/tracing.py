@@ -76,6 +76,7 @@ from opentelemetry.trace import (
     TraceFlags,
     Tracer,
     TracerProvider,
+    TraceState,
 )
 
 from meshlib.config.model import MeshSettings, ServiceDef
@@ -92,6 +93,9 @@ ASGISend = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, ASGISend], Awaitable[None]]
 Handler = Callable[[Scope, Receive, ASGISend, ASGIApp], Awaitable[None]]
 Call = Generator[Effect, Any, httpx.Response]
+#: A span's ids as plain values — trace id, span id, flags, trace state — for the headers of a
+#: call: building and reading a ``SpanContext`` costs a Python call per field.
+Ids = tuple[int, int, int, TraceState | None]
 
 #: Instrumentation scope name of every span meshlib records.
 TRACER_NAME = "meshlib"
@@ -132,6 +136,8 @@ class Tracing:
         self._carried: tuple[Context, TextMapPropagator, dict[str, str]] | None = None
         self._w3c: tuple[TextMapPropagator, bool] | None = None
         self._suppressed_last: tuple[Context, Context] | None = None
+        #: Whether the SDK's sampler may read a span's attributes under a parent (per sampler).
+        self._reads_attributes: tuple[object, bool] | None = None
 
     def tracer(self) -> Tracer | None:
         """The tracer spans are recorded with; ``None`` while the provider is a no-op.
@@ -183,26 +189,23 @@ class Tracing:
             # instrument_client on the mesh's client) is this call's span: enriched, never
             # doubled, ended by its owner.
             if current.is_recording() and _kind(current) is SpanKind.CLIENT:
-                carrier = self._carrier_for(ctx, current.get_span_context())
+                carrier = self._carrier_for(ctx, _ids(current.get_span_context()))
                 spans = _CallSpans(tracer, ctx, current, False, request, service, carrier)
                 return _traced(call, spans)
             parent = current.get_span_context()
-        ids: SpanContext | None = None
+        ids: Ids | None = None
         name = f"{request.method} {service.name}"
-        attributes: dict[str, Any] | None = None
         if parent is not None and parent.is_valid:
-            attributes = _call_attributes(request, service)
-            ids = self._unsampled_child(tracer, ctx, parent, name, attributes)
+            ids = self._unsampled_child(tracer, ctx, parent, name, request, service)
         elif not self.sample_root():
-            ids = _unsampled_root()
+            ids = (random.getrandbits(128) or 1, _random_span_id(), 0, None)
         if ids is None:
-            if attributes is None:
-                attributes = _call_attributes(request, service)
+            attributes = _call_attributes(request, service)
             span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
             if span.is_recording():
-                carrier = self._carrier_for(ctx, span.get_span_context())
+                carrier = self._carrier_for(ctx, _ids(span.get_span_context()))
                 return _traced(call, _CallSpans(tracer, ctx, span, True, request, service, carrier))
-            ids = span.get_span_context()  # the SDK's sampler said no to a root
+            ids = _ids(span.get_span_context())  # the SDK's sampler said no to a root
         # Not sampled: nothing is recorded for the call or its attempts, so no span is built.
         # The call's ids (the parent's trace id, a new span id, not sampled) are written once
         # and copied onto every attempt, hedge and mirror.
@@ -214,17 +217,20 @@ class Tracing:
         ctx: Context,
         parent: SpanContext,
         name: str,
-        attributes: dict[str, Any],
-    ) -> SpanContext | None:
+        request: httpx.Request,
+        service: ServiceDef,
+    ) -> Ids | None:
         """The ids of a call under ``parent`` that the SDK's sampler does not sample, or
         ``None`` when it does (or the tracer is not the SDK's: its ``start_span`` decides).
 
         The sampler is asked as the SDK's ``start_span`` asks it, with the same inputs
-        (the parent's trace id, the call span's ``name``, kind and ``attributes``, built once
-        for both); a sampled call then starts its span, which asks again. Only the SDK's own
-        samplers (parent-based, ratio, always on/off) are asked ahead: they answer from the
-        parent and the trace id, so both answers agree. Any other sampler may draw at random,
-        and asking it twice would sample at p² instead of p: its ``start_span`` alone decides.
+        (the parent's trace id, the call span's ``name``, kind and attributes); a sampled call
+        then starts its span, which asks again. Only the SDK's own samplers (parent-based,
+        ratio, always on/off) are asked ahead: they answer from the parent and the trace id, so
+        both answers agree. Any other sampler may draw at random, and asking it twice would
+        sample at p² instead of p: its ``start_span`` alone decides. The attributes are built
+        only for a sampler that may read them: under a parent, the parent-based sampler with
+        its default delegates answers from the parent's flags alone.
         """
         sampler = getattr(tracer, "sampler", None)
         if type(sampler).__module__ != _SDK_SAMPLERS:
@@ -232,14 +238,18 @@ class Tracing:
         should_sample = getattr(sampler, "should_sample", None)
         if should_sample is None:
             return None
+        reads = self._reads_attributes
+        if reads is None or reads[0] is not sampler:
+            reads = self._reads_attributes = (sampler, not _parent_only(sampler))
+        attributes = _call_attributes(request, service) if reads[1] else None
         result = should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, attributes, ())
         if result.decision.is_recording():
             return None
         # As the SDK builds a span it does not sample: the parent's flags less "sampled".
-        flags = TraceFlags(parent.trace_flags & ~TraceFlags.SAMPLED)
-        return SpanContext(parent.trace_id, _random_span_id(), False, flags, result.trace_state)
+        flags = parent.trace_flags & ~TraceFlags.SAMPLED
+        return (parent.trace_id, _random_span_id(), flags, result.trace_state)
 
-    def _carrier_for(self, ctx: Context, ids: SpanContext) -> dict[str, str]:
+    def _carrier_for(self, ctx: Context, ids: Ids) -> dict[str, str]:
         """The headers the global propagator writes for a span with ``ids`` under ``ctx``
         (an unsampled call's ids, or a recorded call span's). When that propagator writes the
         W3C trace context and nothing else that depends on the span (the default,
@@ -252,12 +262,13 @@ class Tracing:
             w3c = self._w3c = (textmap, _writes_w3c_only(textmap))
         if not w3c[1]:
             carrier: dict[str, str] = {}
-            span = NonRecordingSpan(ids)
+            trace_id, span_id, flags, state = ids
+            span = NonRecordingSpan(SpanContext(trace_id, span_id, False, TraceFlags(flags), state))
             textmap.inject(carrier, context=trace.set_span_in_context(span, ctx))
             return carrier
         carrier = dict(self.carrier(ctx)) if ctx else {}
-        carrier["traceparent"] = f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{ids.trace_flags:02x}"
-        state = ids.trace_state
+        trace_id, span_id, flags, state = ids
+        carrier["traceparent"] = f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
         if state:
             carrier["tracestate"] = state.to_header()
         else:
@@ -354,6 +365,10 @@ class Tracing:
 # --- spans ---------------------------------------------------------------------------------------
 
 
+def _ids(context: SpanContext) -> Ids:
+    return (context.trace_id, context.span_id, context.trace_flags, context.trace_state)
+
+
 def _random_span_id() -> int:
     return random.getrandbits(64) or 1
 
@@ -384,6 +399,25 @@ def _send_attributes(method: str, url: httpx.URL) -> dict[str, Any]:
         "server.address": url.host,
         "server.port": url.port or (443 if url.scheme == "https" else 80),
     }
+
+
+def _parent_only(sampler: object) -> bool:
+    """Whether ``sampler``, under a parent, answers from the parent's flags alone: the SDK's
+    ``ParentBased`` whose four parent delegates are its defaults (``ALWAYS_ON`` for a sampled
+    parent, ``ALWAYS_OFF`` for one that is not), which read no attribute. Read from the SDK
+    object's fields; anything unexpected answers no (the attributes are then built)."""
+    from opentelemetry.sdk.trace import sampling  # an SDK is installed: its sampler is here
+
+    if type(sampler) not in (sampling.ParentBased, sampling.ParentBasedTraceIdRatio):
+        return False  # a subclass of the application's own may read anything
+    on, off = sampling.ALWAYS_ON, sampling.ALWAYS_OFF
+    delegates = (
+        (getattr(sampler, "_remote_parent_sampled", None), on),
+        (getattr(sampler, "_local_parent_sampled", None), on),
+        (getattr(sampler, "_remote_parent_not_sampled", None), off),
+        (getattr(sampler, "_local_parent_not_sampled", None), off),
+    )
+    return all(delegate is default for delegate, default in delegates)
 
 
 #: A context whose span the probe in :func:`_writes_w3c_only` injects.

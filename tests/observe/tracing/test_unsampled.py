@@ -213,3 +213,52 @@ def test_a_sampler_of_the_applications_own_is_asked_once_per_call(
     assert sampler.calls == (2 if record else 1)
     assert len(call_spans) == (1 if record else 0)
     assert len(sent) == 2
+
+
+class _Delegate(Sampler):
+    """A parent-based sampler's delegate of the application's own: it keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.given: list[Any] = []
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+        self.given.append(args[4] if len(args) > 4 else kwargs.get("attributes"))
+        return ALWAYS_OFF.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return "delegate"
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["default-delegates", "custom-delegate"])
+def test_the_call_attributes_are_built_only_for_a_sampler_that_may_read_them(
+    custom: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a parent that was not sampled, the SDK's default ``ParentBased`` answers from the
+    parent's flags: the call span's attributes (``url.full`` is a ``str(url)``) are not built.
+    A delegate of the application's own still gets them, as ``start_span`` would give them."""
+    from meshlib.observe import tracing as tracing_module
+
+    built: list[int] = []
+    real = tracing_module._call_attributes
+
+    def counting(*args: Any) -> Any:
+        built.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(tracing_module, "_call_attributes", counting)
+    delegate = _Delegate()
+    sampler = (
+        ParentBased(ALWAYS_ON, remote_parent_not_sampled=delegate)
+        if custom
+        else ParentBased(ALWAYS_ON)
+    )
+    counted, sent = _call(sampler, 0, None, monkeypatch)
+
+    assert counted.exporter.get_finished_spans() == () and counted.started == 0
+    assert len(sent) == 2 and traceparent_ids(sent[0].headers["traceparent"])[2] & 1 == 0
+    if custom:
+        assert len(built) == 1 and [a["mesh.service"] for a in delegate.given] == [
+            "reviews.default"
+        ]
+    else:
+        assert built == [] and delegate.given == []
