@@ -644,15 +644,21 @@ def describe(span: ReadableSpan) -> str:
             notes.append(f"from sa/{str(attrs['mesh.peer']).rsplit('/', 1)[-1]}")
         if "mesh.deadline_ms" in attrs:
             notes.append(f"{attrs['mesh.deadline_ms']} ms left")
-    elif "mesh.attempt" in attrs:
+    elif "http.request.resend_count" in attrs:  # a retry or a hedge: a span of its own
         what = f"attempt {attrs['mesh.attempt']} → {attrs['server.address']}:{attrs['server.port']}"
-    else:
+    else:  # the call, which carries its first attempt
         what = f"{span.name} → {short(str(attrs.get('mesh.backend')))}"
         notes.append(f"deadline {attrs.get('mesh.deadline_ms')} ms")
         if attrs.get("mesh.fault"):
             notes.append(f"fault {attrs['mesh.fault']}")
         if attrs.get("mesh.retries"):
             notes.append(f"retries {attrs['mesh.retries']}")
+        # the first attempt: on the call span, or its event when more attempts followed
+        first = next((e.attributes for e in span.events if e.name == "mesh.attempt"), attrs)
+        if first and "network.peer.port" in first:
+            got = first.get("http.response.status_code") if first is not attrs else None
+            sent = f"{first['network.peer.address']}:{first['network.peer.port']}"
+            notes.append(f"attempt 1 → {sent}" + (f" {got}" if got else ""))
     status = attrs.get("http.response.status_code", "-")
     extra = f" ({', '.join(notes)})" if notes else ""
     return f"{workload:<11} {span.kind.name:<6} {what}{extra}  {status}"

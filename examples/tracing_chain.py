@@ -4,7 +4,8 @@
 
 ``frontend`` calls ``catalog`` from its handler; ``catalog`` calls ``inventory`` from a spawned
 task and from a worker thread (``asyncio.to_thread``). ``inventory`` fails its first request
-with a 503, so the catalog's retry shows as a second attempt span. No handler touches a trace
+with a 503, so the catalog's retry shows as an attempt span under its call (a call with one
+attempt is one span). No handler touches a trace
 header: the mesh's middleware opens each SERVER span and attaches its context, the mesh's
 client continues it. Each service has its own OpenTelemetry SDK provider (as separate
 processes would), all exporting to one in-memory exporter so the tree can be printed; use an
@@ -121,10 +122,16 @@ def describe(span: ReadableSpan) -> str:
     kind = span.kind.name
     if kind == "SERVER":
         what = f"{attrs.get('http.request.method')} {attrs.get('url.path')}"
-    elif "mesh.attempt" in attrs:
+    elif "http.request.resend_count" in attrs:  # a retry or a hedge: a span of its own
         what = f"attempt {attrs['mesh.attempt']} → {attrs['server.address']}:{attrs['server.port']}"
-    else:
-        what = f"{span.name} (call, deadline {attrs.get('mesh.deadline_ms')} ms)"
+    else:  # the call, which carries its first attempt (an event when more followed)
+        first = next((e.attributes for e in span.events if e.name == "mesh.attempt"), attrs)
+        sent = f"{first.get('network.peer.address')}:{first.get('network.peer.port')}"
+        got = f" {first['http.response.status_code']}" if first is not attrs else ""
+        what = (
+            f"{span.name} (call, deadline {attrs.get('mesh.deadline_ms')} ms, "
+            f"attempt 1 → {sent}{got})"
+        )
     status = attrs.get("http.response.status_code", "-")
     return f"{service:<9} {kind:<6} {what}  {status}"
 

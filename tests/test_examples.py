@@ -112,9 +112,10 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^productpage: [1-9]\d* calls, \d+\.\d% answered without a 5xx$",
             # the Observe pillar on the live services: a sampled trace, then meshctl verbs
             r"^  [1-9]\d* traces sampled \(5% of productpage's calls start one\)",
-            r"^  productpage CLIENT GET reviews → reviews-v[12] \(deadline 1000 ms",
-            r"^    productpage CLIENT attempt 1 → 127\.0\.0\.1:\d+  \d{3}$",
-            r"^      reviews-v[12] +SERVER GET /reviews/\d+ \(from sa/productpage, \d+ ms left\)",
+            # a call with one attempt is one CLIENT span; the upstream's SERVER span its child
+            r"^  productpage CLIENT GET reviews → reviews-v[12] \(deadline 1000 ms, .*"
+            r"attempt 1 → 127\.0\.0\.1:\d+\)  \d{3}$",
+            r"^    reviews-v[12] +SERVER GET /reviews/\d+ \(from sa/productpage, \d+ ms left\)",
             r"^\$ meshctl status http://127\.0\.0\.1:\d+$",
             r"^reviews-v1\.default +127\.0\.0\.1:\d+ +healthy .* closed",
             # the route column: the HTTPRoute's name (its one rule has no name of its own)
@@ -152,14 +153,19 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
         [],
         [
             r"^GET /checkout: 200 42 in stock; 42 in stock$",
-            r"^one trace, 12 spans$",
+            r"^one trace, 9 spans$",
             r"^frontend +SERVER GET /checkout +200$",
-            r"^  frontend +CLIENT GET catalog \(call, deadline \d+ ms\) +200$",
-            r"^    frontend +CLIENT attempt 1 → 127\.0\.0\.1:\d+ +200$",
-            r"^      catalog +SERVER GET /items +200$",
-            r"^          catalog +CLIENT attempt 1 → 127\.0\.0\.1:\d+ +503$",
-            r"^          catalog +CLIENT attempt 2 → 127\.0\.0\.1:\d+ +200$",
-            r"^            inventory +SERVER GET /stock/2 +200$",
+            # one attempt: the call's one CLIENT span, the upstream's SERVER span its child
+            r"^  frontend +CLIENT GET catalog \(call, deadline \d+ ms, "
+            r"attempt 1 → 127\.0\.0\.1:\d+\) +200$",
+            r"^    catalog +SERVER GET /items +200$",
+            # a retry: the first attempt on the call span (its server span a child), the
+            # second a span of its own under the call
+            r"^      catalog +CLIENT GET inventory \(call, deadline \d+ ms, "
+            r"attempt 1 → 127\.0\.0\.1:\d+ 503\) +200$",
+            r"^        inventory +SERVER GET /stock/\d +503$",
+            r"^        catalog +CLIENT attempt 2 → 127\.0\.0\.1:\d+ +200$",
+            r"^          inventory +SERVER GET /stock/\d +200$",
         ],
     ),
 }

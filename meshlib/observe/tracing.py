@@ -4,10 +4,14 @@ Only the OpenTelemetry *API* is used: the application chooses the SDK, exporter 
 Loaded by :class:`~meshlib.mesh.Mesh` when it is built, never by ``import meshlib``.
 
 Outbound, the call sequence (:func:`meshlib.outbound.call.run_call`) stays free of tracing: this
-module wraps its generator of effects. A ``Send`` leaving for the driver starts an *attempt* span
-(kind CLIENT, child of the *call* span, itself CLIENT) and gets that span's ``traceparent``, so
-the upstream's SERVER span is the child of the attempt that reached it; the outcome coming
-back ends it. A hedge ``Race`` gets a span for each attempt it starts. A ``Mirror`` gets its own
+module wraps its generator of effects. The *call* span (kind CLIENT) is also its first attempt's:
+the first ``Send`` gets the call span's ``traceparent``, and when it is the only attempt its
+attributes end on the call span — one span per call, the SDK's per-span work done once. Every
+later ``Send`` (a retry, a hedge ``Race``'s backup) starts a span of its own (CLIENT, child of the
+call span, ``http.request.resend_count``) and gets that span's ``traceparent``; the first
+attempt's outcome then becomes a ``mesh.attempt`` event on the call span. So the upstream's
+SERVER span is always the child of the span whose context it got (docs/design.md, "What a
+trace shows"). A ``Mirror`` gets its own
 CLIENT span, child of the call span and marked ``mesh.mirror``, ended by the driver's report of
 how the copy ended (it outlives the call). While an attempt is out
 with the driver, a context holding the call span and OpenTelemetry's "suppress HTTP
@@ -72,6 +76,7 @@ from opentelemetry.trace import (
     TraceFlags,
     Tracer,
     TracerProvider,
+    TraceState,
 )
 
 from meshlib.config.model import MeshSettings, ServiceDef
@@ -88,6 +93,9 @@ ASGISend = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, ASGISend], Awaitable[None]]
 Handler = Callable[[Scope, Receive, ASGISend, ASGIApp], Awaitable[None]]
 Call = Generator[Effect, Any, httpx.Response]
+#: A span's ids as plain values — trace id, span id, flags, trace state — for the headers of a
+#: call: building and reading a ``SpanContext`` costs a Python call per field.
+Ids = tuple[int, int, int, TraceState | None]
 
 #: Instrumentation scope name of every span meshlib records.
 TRACER_NAME = "meshlib"
@@ -128,6 +136,8 @@ class Tracing:
         self._carried: tuple[Context, TextMapPropagator, dict[str, str]] | None = None
         self._w3c: tuple[TextMapPropagator, bool] | None = None
         self._suppressed_last: tuple[Context, Context] | None = None
+        #: Whether the SDK's sampler may read a span's attributes under a parent (per sampler).
+        self._reads_attributes: tuple[object, bool] | None = None
 
     def tracer(self) -> Tracer | None:
         """The tracer spans are recorded with; ``None`` while the provider is a no-op.
@@ -179,23 +189,23 @@ class Tracing:
             # instrument_client on the mesh's client) is this call's span: enriched, never
             # doubled, ended by its owner.
             if current.is_recording() and _kind(current) is SpanKind.CLIENT:
-                return _traced(call, _CallSpans(tracer, ctx, current, False, request, service))
+                carrier = self._carrier_for(ctx, _ids(current.get_span_context()))
+                spans = _CallSpans(tracer, ctx, current, False, request, service, carrier)
+                return _traced(call, spans)
             parent = current.get_span_context()
-        ids: SpanContext | None = None
+        ids: Ids | None = None
         name = f"{request.method} {service.name}"
-        attributes: dict[str, Any] | None = None
         if parent is not None and parent.is_valid:
-            attributes = _call_attributes(request, service)
-            ids = self._unsampled_child(tracer, ctx, parent, name, attributes)
+            ids = self._unsampled_child(tracer, ctx, parent, name, request, service)
         elif not self.sample_root():
-            ids = _unsampled_root()
+            ids = (random.getrandbits(128) or 1, _random_span_id(), 0, None)
         if ids is None:
-            if attributes is None:
-                attributes = _call_attributes(request, service)
+            attributes = _call_attributes(request, service)
             span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
             if span.is_recording():
-                return _traced(call, _CallSpans(tracer, ctx, span, True, request, service))
-            ids = span.get_span_context()  # the SDK's sampler said no to a root
+                carrier = self._carrier_for(ctx, _ids(span.get_span_context()))
+                return _traced(call, _CallSpans(tracer, ctx, span, True, request, service, carrier))
+            ids = _ids(span.get_span_context())  # the SDK's sampler said no to a root
         # Not sampled: nothing is recorded for the call or its attempts, so no span is built.
         # The call's ids (the parent's trace id, a new span id, not sampled) are written once
         # and copied onto every attempt, hedge and mirror.
@@ -207,17 +217,20 @@ class Tracing:
         ctx: Context,
         parent: SpanContext,
         name: str,
-        attributes: dict[str, Any],
-    ) -> SpanContext | None:
+        request: httpx.Request,
+        service: ServiceDef,
+    ) -> Ids | None:
         """The ids of a call under ``parent`` that the SDK's sampler does not sample, or
         ``None`` when it does (or the tracer is not the SDK's: its ``start_span`` decides).
 
         The sampler is asked as the SDK's ``start_span`` asks it, with the same inputs
-        (the parent's trace id, the call span's ``name``, kind and ``attributes``, built once
-        for both); a sampled call then starts its span, which asks again. Only the SDK's own
-        samplers (parent-based, ratio, always on/off) are asked ahead: they answer from the
-        parent and the trace id, so both answers agree. Any other sampler may draw at random,
-        and asking it twice would sample at p² instead of p: its ``start_span`` alone decides.
+        (the parent's trace id, the call span's ``name``, kind and attributes); a sampled call
+        then starts its span, which asks again. Only the SDK's own samplers (parent-based,
+        ratio, always on/off) are asked ahead: they answer from the parent and the trace id, so
+        both answers agree. Any other sampler may draw at random, and asking it twice would
+        sample at p² instead of p: its ``start_span`` alone decides. The attributes are built
+        only for a sampler that may read them: under a parent, the parent-based sampler with
+        its default delegates answers from the parent's flags alone.
         """
         sampler = getattr(tracer, "sampler", None)
         if type(sampler).__module__ != _SDK_SAMPLERS:
@@ -225,32 +238,37 @@ class Tracing:
         should_sample = getattr(sampler, "should_sample", None)
         if should_sample is None:
             return None
+        reads = self._reads_attributes
+        if reads is None or reads[0] is not sampler:
+            reads = self._reads_attributes = (sampler, not _parent_only(sampler))
+        attributes = _call_attributes(request, service) if reads[1] else None
         result = should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, attributes, ())
         if result.decision.is_recording():
             return None
         # As the SDK builds a span it does not sample: the parent's flags less "sampled".
-        flags = TraceFlags(parent.trace_flags & ~TraceFlags.SAMPLED)
-        return SpanContext(parent.trace_id, _random_span_id(), False, flags, result.trace_state)
+        flags = parent.trace_flags & ~TraceFlags.SAMPLED
+        return (parent.trace_id, _random_span_id(), flags, result.trace_state)
 
-    def _carrier_for(self, ctx: Context, ids: SpanContext) -> dict[str, str]:
-        """The headers the global propagator writes for an unrecorded span with ``ids`` under
-        ``ctx``. When that propagator writes the W3C trace context and nothing else that
-        depends on the span (the default, ``tracecontext,baggage``), they are the context's
-        own headers (cached per context: baggage) with ``traceparent`` and ``tracestate``
-        formatted directly, as OpenTelemetry's W3C propagator formats them; any other
-        propagator injects."""
+    def _carrier_for(self, ctx: Context, ids: Ids) -> dict[str, str]:
+        """The headers the global propagator writes for a span with ``ids`` under ``ctx``
+        (an unsampled call's ids, or a recorded call span's). When that propagator writes the
+        W3C trace context and nothing else that depends on the span (the default,
+        ``tracecontext,baggage``), they are the context's own headers (cached per context:
+        baggage) with ``traceparent`` and ``tracestate`` formatted directly, as OpenTelemetry's
+        W3C propagator formats them; any other propagator injects."""
         textmap = propagate.get_global_textmap()
         w3c = self._w3c
         if w3c is None or w3c[0] is not textmap:
             w3c = self._w3c = (textmap, _writes_w3c_only(textmap))
         if not w3c[1]:
             carrier: dict[str, str] = {}
-            span = NonRecordingSpan(ids)
+            trace_id, span_id, flags, state = ids
+            span = NonRecordingSpan(SpanContext(trace_id, span_id, False, TraceFlags(flags), state))
             textmap.inject(carrier, context=trace.set_span_in_context(span, ctx))
             return carrier
         carrier = dict(self.carrier(ctx)) if ctx else {}
-        carrier["traceparent"] = f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{ids.trace_flags:02x}"
-        state = ids.trace_state
+        trace_id, span_id, flags, state = ids
+        carrier["traceparent"] = f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
         if state:
             carrier["tracestate"] = state.to_header()
         else:
@@ -347,6 +365,10 @@ class Tracing:
 # --- spans ---------------------------------------------------------------------------------------
 
 
+def _ids(context: SpanContext) -> Ids:
+    return (context.trace_id, context.span_id, context.trace_flags, context.trace_state)
+
+
 def _random_span_id() -> int:
     return random.getrandbits(64) or 1
 
@@ -379,6 +401,25 @@ def _send_attributes(method: str, url: httpx.URL) -> dict[str, Any]:
     }
 
 
+def _parent_only(sampler: object) -> bool:
+    """Whether ``sampler``, under a parent, answers from the parent's flags alone: the SDK's
+    ``ParentBased`` whose four parent delegates are its defaults (``ALWAYS_ON`` for a sampled
+    parent, ``ALWAYS_OFF`` for one that is not), which read no attribute. Read from the SDK
+    object's fields; anything unexpected answers no (the attributes are then built)."""
+    from opentelemetry.sdk.trace import sampling  # an SDK is installed: its sampler is here
+
+    if type(sampler) not in (sampling.ParentBased, sampling.ParentBasedTraceIdRatio):
+        return False  # a subclass of the application's own may read anything
+    on, off = sampling.ALWAYS_ON, sampling.ALWAYS_OFF
+    delegates = (
+        (getattr(sampler, "_remote_parent_sampled", None), on),
+        (getattr(sampler, "_local_parent_sampled", None), on),
+        (getattr(sampler, "_remote_parent_not_sampled", None), off),
+        (getattr(sampler, "_local_parent_not_sampled", None), off),
+    )
+    return all(delegate is default for delegate, default in delegates)
+
+
 #: A context whose span the probe in :func:`_writes_w3c_only` injects.
 _PROBE = SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED))
 
@@ -403,8 +444,18 @@ def _set_error(span: Span, error_type: str, description: str) -> None:
 
 
 class _CallSpans:
-    """The spans of one recorded outbound call: the call span and one span per attempt (a call
-    that is not sampled has none: :meth:`Tracing.trace_call`)."""
+    """The spans of one recorded outbound call (a call that is not sampled has none:
+    :meth:`Tracing.trace_call`).
+
+    The call span is also its first attempt's span: that attempt carries the call span's
+    ``traceparent`` (so the upstream's SERVER span is the call span's child) and, when it is the
+    only attempt, its attributes end on the call span, so the SDK's per-span work is done once
+    per call. Every later attempt (a retry, a hedge) is a CLIENT span of its own, child of the
+    call span, with ``http.request.resend_count``, whose context its request carries; the first
+    attempt's outcome is then an event ``mesh.attempt`` on the call span, since its attributes
+    describe the call as the caller saw it. A mirrored copy has its own span. docs/design.md
+    ("What a trace shows") says why.
+    """
 
     def __init__(
         self,
@@ -414,27 +465,45 @@ class _CallSpans:
         owned: bool,
         request: httpx.Request,
         service: ServiceDef,
+        carrier: dict[str, str],
     ) -> None:
         self.tracer = tracer
         self.method = request.method
         self.name = f"{request.method} {service.name}"
         self.span = span
         self.owned = owned  # False: someone else's CLIENT span, enriched and ended by its owner
+        self.carrier = carrier  # the call span's headers, which the first attempt carries
         self.context = trace.set_span_in_context(self.span, parent)
         #: Attached while an attempt is with the driver: the call span, HTTP instrumentation off.
         self.send_context = otel_context.set_value(
             _SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, self.context
         )
+        self.first: Send | None = None  # the first attempt, recorded on the call span
+        self.first_open = False  # the first attempt is with the driver
+        #: The first attempt's attributes and end time (ns), once it has ended, until it is
+        #: known whether another attempt followed (then they become an event).
+        self.first_ended: tuple[dict[str, Any], int] | None = None
+        self.resent = False  # a second attempt has begun
         self.attempts: dict[int, Span] = {}  # id(Send) → its span, while in flight
 
     def begin(self, send: Send) -> None:
-        """Open the attempt's span and put its context on the attempt's request."""
+        """Put the call span's context on the first attempt; open a span for a later one."""
         request = send.request
+        if self.first is None:
+            self.first = send
+            self.first_open = True
+            _carry(request.headers, self.carrier)
+            return
+        if not self.resent:
+            self.resent = True
+            ended = self.first_ended
+            if ended is not None:  # the first attempt is over: its outcome becomes an event
+                self.first_ended = None
+                self.span.add_event("mesh.attempt", ended[0], ended[1])
         attributes = _send_attributes(self.method, request.url)
         attributes["mesh.attempt"] = send.number
         attributes["mesh.hedge"] = send.hedge
-        if send.number > 1:
-            attributes["http.request.resend_count"] = send.number - 1
+        attributes["http.request.resend_count"] = send.number - 1
         span = self.tracer.start_span(self.name, self.context, SpanKind.CLIENT, attributes)
         self.attempts[id(send)] = span
         propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
@@ -452,6 +521,11 @@ class _CallSpans:
         mirror.observe = _mirror_observer(span)
 
     def end(self, send: Send, outcome: Outcome | None) -> None:
+        if send is self.first:
+            if self.first_open:
+                self.first_open = False
+                self._first_ended(_first_attempt(send, outcome))
+            return
         span = self.attempts.pop(id(send), None)
         if span is None:
             return
@@ -472,6 +546,12 @@ class _CallSpans:
                         _set_error(span, str(status), failure.value)
         span.end()
 
+    def _first_ended(self, attributes: dict[str, Any]) -> None:
+        if self.resent:
+            self.span.add_event("mesh.attempt", attributes)
+        else:  # it may stay the only attempt: kept until the call ends or another begins
+            self.first_ended = (attributes, time.time_ns())
+
     def finish(self, response: httpx.Response | None, error: BaseException | None) -> None:
         """Close the call span with what the decision record says."""
         for span in self.attempts.values():  # abandoned in flight
@@ -479,14 +559,26 @@ class _CallSpans:
                 span.set_attribute("mesh.outcome", "cancelled")
             span.end()
         self.attempts.clear()
+        if self.first_open:  # abandoned in flight
+            self.first_open = False
+            assert self.first is not None
+            self._first_ended(_first_attempt(self.first, None))
         span = self.span
         decision: Decision | None = (
             response.extensions.get(DECISION_EXTENSION)
             if response is not None
             else getattr(error, "decision", None)
         )
-        # Set in one call: each call takes the span's lock and checks its values.
-        attributes = {} if decision is None else _decision_attributes(decision)
+        # Set in one call: each call takes the span's lock and checks its values. The only
+        # attempt's attributes are the call span's own (its error, if any, is the call's).
+        ended = self.first_ended
+        if ended is not None:
+            attributes = ended[0]
+            attributes.pop("error.type", None)
+            if decision is not None:
+                attributes.update(_decision_attributes(decision))
+        else:
+            attributes = {} if decision is None else _decision_attributes(decision)
         if self.owned and response is not None:
             attributes["http.response.status_code"] = response.status_code
         if attributes:
@@ -506,6 +598,31 @@ class _CallSpans:
                 span.record_exception(error)
                 _set_error(span, type(error).__name__, str(error))
             span.end()
+
+
+def _first_attempt(send: Send, outcome: Outcome | None) -> dict[str, Any]:
+    """The first attempt's attributes: on the call span if it was the only attempt, else on
+    the call span's ``mesh.attempt`` event. The endpoint is the connection's peer
+    (``network.peer.*``): the call span's ``server.address`` is the service the caller named."""
+    url = send.request.url
+    attributes: dict[str, Any] = {
+        "mesh.attempt": send.number,
+        "mesh.hedge": send.hedge,
+        "network.peer.address": url.host,
+        "network.peer.port": url.port or (443 if url.scheme == "https" else 80),
+    }
+    if outcome is None:
+        attributes["mesh.outcome"] = "cancelled"
+        return attributes
+    failure, status = classify(outcome)
+    attributes["mesh.outcome"] = failure.value
+    if status is not None:
+        attributes["http.response.status_code"] = status
+        if status >= 400:
+            attributes["error.type"] = str(status)
+    elif outcome.error is not None:
+        attributes["error.type"] = type(outcome.error).__name__
+    return attributes
 
 
 def _decision_attributes(decision: Decision) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """meshlib next to OpenTelemetry's own httpx and ASGI instrumentations: one CLIENT span per
-call plus its attempts, one SERVER span per request, and a traceparent that names a span that
+call plus one per resend, one SERVER span per request, and a traceparent that names a span that
 exists — whichever of them is installed, and in whichever order."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def clients(spans: list[Any]) -> list[Any]:
 
 
 def check_wire(recorder, sent_traceparent: str) -> Any:
-    """The traceparent the backend got names a recorded meshlib attempt span."""
+    """The traceparent the backend got names a recorded meshlib span that sent an attempt (a
+    call's span, which carries its first attempt, or a resend's)."""
     trace_id, span_id, _ = traceparent_ids(sent_traceparent)
     attempt = recorder.by_id()[span_id]
     assert attempt.context.trace_id == trace_id
@@ -73,7 +74,7 @@ def test_global_httpx_instrumentation_adds_no_span_and_keeps_our_header(
     # Only the call that did not go through the mesh (an outside host) is theirs to trace.
     assert len(theirs) == 1
     ours = [s for s in clients(spans) if s.instrumentation_scope.name == TRACER_NAME]
-    assert len(ours) == 2  # the call and its one attempt
+    assert len(ours) == 1  # the call, which carries its one attempt
     check_wire(recorder, meshed.json()["headers"]["traceparent"])
     sent = plain.json()["headers"]["traceparent"]
     assert traceparent_ids(sent)[1] == theirs[0].context.span_id
@@ -105,7 +106,8 @@ def test_instrument_client_span_is_the_call_span(
     also_global, recorder, make_mesh, echo_factory
 ) -> None:
     """``instrument_client`` on the mesh's client wraps the mesh transport: its CLIENT span
-    is the call, meshlib adds the attempts under it and no call span of its own."""
+    is the call and carries the first attempt; meshlib adds the resend under it and no call
+    span of its own."""
     backend = echo_factory("reviews")
     backend.set_status(503, times=1)
     retry = (
@@ -129,10 +131,11 @@ def test_instrument_client_span_is_the_call_span(
     assert response.status_code == 200
     spans = clients(recorder.spans())
     (call,) = [s for s in spans if s.instrumentation_scope.name == HTTPX_SCOPE]
-    attempts = [s for s in spans if s.instrumentation_scope.name == TRACER_NAME]
-    assert len(attempts) == 2 and all("mesh.attempt" in a.attributes for a in attempts)
-    for attempt in attempts:
-        assert attempt.parent is not None and attempt.parent.span_id == call.context.span_id
+    (resend,) = [s for s in spans if s.instrumentation_scope.name == TRACER_NAME]
+    assert resend.attributes["http.request.resend_count"] == 1
+    assert resend.parent is not None and resend.parent.span_id == call.context.span_id
+    (first,) = [e.attributes for e in call.events if e.name == "mesh.attempt"]
+    assert (first["mesh.attempt"], first["http.response.status_code"]) == (1, 503)
     assert (
         call.attributes["mesh.retries"] == 1
         and call.attributes["mesh.backend"] == "reviews.default"

@@ -144,26 +144,23 @@ def test_an_unsampled_call_builds_no_span_and_sends_its_ids_once_written(
         assert [r.headers["x-span"] for r in sent] == [f"{span_id:016x}"] * 2
 
 
-def test_a_sampled_call_still_records_a_span_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sampled_call_records_its_span_and_one_per_resend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     counted, sent = _call(None, 1, None, monkeypatch)
 
     spans = counted.exporter.get_finished_spans()
-    calls = [s for s in spans if "mesh.attempt" not in s.attributes]
-    attempts = sorted(
-        (s for s in spans if "mesh.attempt" in s.attributes),
-        key=lambda s: s.attributes["mesh.attempt"],
-    )
-    assert len(calls) == 1 and len(attempts) == 2
-    call = calls[0]
+    (call,) = [s for s in spans if "http.request.resend_count" not in s.attributes]
+    (resend,) = [s for s in spans if "http.request.resend_count" in s.attributes]
+    assert counted.started == 2
     assert call.parent is not None and call.parent.span_id == PARENT_SPAN
     assert call.context.trace_id == PARENT_TRACE
-    for request, attempt in zip(sent, attempts, strict=True):
-        assert attempt.parent is not None and attempt.parent.span_id == call.context.span_id
-        assert traceparent_ids(request.headers["traceparent"]) == (
-            PARENT_TRACE,
-            attempt.context.span_id,
-            1,
-        )
+    assert resend.parent is not None and resend.parent.span_id == call.context.span_id
+    # The first attempt went out with the call span's context, the retry with its own span's.
+    assert [traceparent_ids(r.headers["traceparent"]) for r in sent] == [
+        (PARENT_TRACE, call.context.span_id, 1),
+        (PARENT_TRACE, resend.context.span_id, 1),
+    ]
 
 
 def test_an_unsampled_parent_reaches_the_server_with_flags_00(
@@ -210,8 +207,58 @@ def test_a_sampler_of_the_applications_own_is_asked_once_per_call(
     sampler = _CountingSampler(record)
     counted, sent = _call(sampler, 1, None, monkeypatch)
     spans = counted.exporter.get_finished_spans()
-    call_spans = [s for s in spans if "mesh.attempt" not in s.attributes]
-    # one decision for the call; a sampled call's attempt spans are children it starts itself
-    assert sampler.calls == (3 if record else 1)
+    call_spans = [s for s in spans if "http.request.resend_count" not in s.attributes]
+    # One decision for the call; a sampled call's resend span (the retry: its first attempt is
+    # the call span) is a child it starts itself.
+    assert sampler.calls == (2 if record else 1)
     assert len(call_spans) == (1 if record else 0)
     assert len(sent) == 2
+
+
+class _Delegate(Sampler):
+    """A parent-based sampler's delegate of the application's own: it keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.given: list[Any] = []
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+        self.given.append(args[4] if len(args) > 4 else kwargs.get("attributes"))
+        return ALWAYS_OFF.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return "delegate"
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["default-delegates", "custom-delegate"])
+def test_the_call_attributes_are_built_only_for_a_sampler_that_may_read_them(
+    custom: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a parent that was not sampled, the SDK's default ``ParentBased`` answers from the
+    parent's flags: the call span's attributes (``url.full`` is a ``str(url)``) are not built.
+    A delegate of the application's own still gets them, as ``start_span`` would give them."""
+    from meshlib.observe import tracing as tracing_module
+
+    built: list[int] = []
+    real = tracing_module._call_attributes
+
+    def counting(*args: Any) -> Any:
+        built.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(tracing_module, "_call_attributes", counting)
+    delegate = _Delegate()
+    sampler = (
+        ParentBased(ALWAYS_ON, remote_parent_not_sampled=delegate)
+        if custom
+        else ParentBased(ALWAYS_ON)
+    )
+    counted, sent = _call(sampler, 0, None, monkeypatch)
+
+    assert counted.exporter.get_finished_spans() == () and counted.started == 0
+    assert len(sent) == 2 and traceparent_ids(sent[0].headers["traceparent"])[2] & 1 == 0
+    if custom:
+        assert len(built) == 1 and [a["mesh.service"] for a in delegate.given] == [
+            "reviews.default"
+        ]
+    else:
+        assert built == [] and delegate.given == []
