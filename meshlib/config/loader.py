@@ -294,7 +294,6 @@ def source_documents(
 def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None = None) -> Snapshot:
     parsed = Parsed()
     problems: list[Problem] = []
-    raw: list[YMap] = []
     read: dict[tuple[str, int], YamlDocument] = {}  # (file, document) → where its fields are
     kept: dict[str, tuple[bytes, list[YamlDocument]]] = {}  # the cache's next content
     reused: set[str] = set()  # files whose documents came from the cache (no columns)
@@ -319,7 +318,6 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
                 ctx = _context(name, doc) if name in reused else _document(name, doc, problems)
                 if ctx is None:
                     continue
-                raw.append(ctx.doc)
                 parsed.contexts.append(ctx)
                 _BUILDERS[ctx.kind](ctx, parsed)
             except Exception as exc:  # defence in depth: see _internal_error
@@ -352,7 +350,7 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
         raise ConfigError(problems)
     for w in warnings:
         log.warning("policy: %s", w)
-    return _assemble(parsed, sources, digest.hexdigest(), version, raw, warnings)
+    return _assemble(parsed, sources, digest.hexdigest(), version, warnings)
 
 
 def _cached(
@@ -461,7 +459,6 @@ def _assemble(
     sources: list[tuple[str, str]],
     digest: str,
     version: int,
-    raw: list[YMap],
     warnings: list[Problem],
 ) -> Snapshot:
     return Snapshot(
@@ -481,6 +478,6 @@ def _assemble(
         tcp_routes={f"{t.name}.{t.namespace}": t for t, _ in p.tcp_routes},
         udp_routes={f"{u.name}.{u.namespace}": u for u, _ in p.udp_routes},
         http_routes=tuple(r for r, _ in p.http_routes),
-        raw_documents=tuple(raw),
+        texts=tuple(sources),
         warnings=tuple(warnings),
     )
