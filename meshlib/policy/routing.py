@@ -31,7 +31,7 @@ _CLUSTER_SUFFIXES = (".svc.cluster.local", ".svc")
 _SCOPE_ORDER = ("route", "service", "namespace", "mesh")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     """The route a request matched and the split that applies to it (if any)."""
 
