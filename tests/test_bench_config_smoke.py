@@ -26,3 +26,12 @@ def test_quick_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFi
     many = figures["many"]
     assert many["services"] == 1_000 and many["parts"] == config_load.PARTS
     assert all(many[k] > 0 for k in ("one_file_s", "directory_s", "reload_one_file_s"))
+
+
+def test_memory_figures_are_measured_and_reported(tmp_path: Path) -> None:
+    figures = config_load.memory(tmp_path, 200, 1)
+    assert figures["services"] == 200
+    assert 0 < figures["snapshot_bytes"] < figures["mesh_bytes"]  # the mesh holds the snapshot
+    assert figures["snapshot_top"] and figures["mesh_top"] and figures["apply_s"] >= 0
+    report = config_load.memory_report(figures)
+    assert "B per service" in report and "Mesh.apply" in report, report
