@@ -1,6 +1,7 @@
 """How long the policy loader takes on the inputs its tests only check for behaviour.
 
     python benchmarks/config_load.py [--quick] [--rounds 5] [--json out.json] [--many] [--memory]
+                                     [--policies N]
 
 Four figures, each the best of ``--rounds`` runs of this thread's CPU time (the machine may be
 shared; the best run is the one least disturbed):
@@ -24,7 +25,8 @@ shared; the best run is the one least disturbed):
   on it by ``Mesh.from_file`` (the snapshot, what the mesh keeps for the next reload, and its
   applied routing state); the allocations that hold most of them, by line; and the CPU time of
   ``Mesh.apply`` of that snapshot (best of ``--rounds``), the work a reload does in the
-  watcher thread after loading.
+  watcher thread after loading. ``--policies N`` measures alone what the first calls after a
+  reload cost in merged policies when each of N services has a TrafficPolicy of its own.
 
 No sockets. Importing this module has no side effects.
 """
@@ -32,6 +34,7 @@ No sockets. Importing this module has no side effects.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -237,6 +240,8 @@ def memory(tmp: Path, services: int, rounds: int) -> dict[str, Any]:
         m, _, _ = directory_mesh(directory)
         return m
 
+    merge_n = services // 5
+    merge_s = best(first_policies(load_directory(directory), merge_n), rounds)
     mesh_b, built, mesh_top = held_bytes(mesh, top=12)
     try:
         apply_s = best(lambda: built.apply(built.snapshot), rounds)
@@ -251,7 +256,43 @@ def memory(tmp: Path, services: int, rounds: int) -> dict[str, Any]:
         "mesh_bytes_per_service": mesh_b / services,
         "mesh_top": mesh_top,
         "apply_s": apply_s,
+        "first_policies_services": merge_n,
+        "first_policies_s": merge_s,
     }
+
+
+def first_policies(snapshot: Snapshot, count: int) -> Callable[[], None]:
+    """What the first calls after a reload cost in merged policies: the snapshot's first
+    ``count`` services each get a TrafficPolicy of their own (built here, not parsed), and
+    the returned run asks a fresh router for each one's policy once."""
+    from meshlib.config.model import PolicyTarget, TrafficPolicyDoc
+    from meshlib.policy.routing import Router
+
+    keys = list(snapshot.services)[:count]
+    docs = tuple(
+        TrafficPolicyDoc(
+            f"p-{i}", key.partition(".")[2], PolicyTarget(service=key), {"timeout": 2.0}
+        )
+        for i, key in enumerate(keys)
+    )
+    with_policies = dataclasses.replace(snapshot, traffic_policies=docs)
+
+    def run() -> None:
+        router = Router(with_policies)
+        for key in keys:
+            assert router.policy(key, None).timeout == 2.0
+
+    return run
+
+
+def first_policies_run(tmp: Path, services: int, rounds: int) -> float:
+    """Best CPU seconds of :func:`first_policies` over ``services`` services of ``PARTS`` files."""
+    directory = tmp / "policies.d"
+    directory.mkdir()
+    size = services // PARTS
+    for i in range(PARTS):
+        (directory / f"part-{i:02d}.yaml").write_text(service_policy(i * size, size))
+    return best(first_policies(load_directory(directory), services), rounds)
 
 
 def memory_report(m: dict[str, Any]) -> str:
@@ -262,6 +303,8 @@ def memory_report(m: dict[str, Any]) -> str:
         f"| {n}, Mesh.from_file of the directory, tracemalloc | {m['mesh_bytes']:,} B "
         f"= {m['mesh_bytes_per_service']:,.0f} B per service |",
         f"| {n}, Mesh.apply of that snapshot, CPU | {m['apply_s'] * 1e3:.3f} ms |",
+        f"| {m['first_policies_services']:,} of them with a TrafficPolicy each, every one's "
+        f"first merged policy on a new Router, CPU | {m['first_policies_s'] * 1e3:.1f} ms |",
         "",
         "Snapshot, held by (innermost meshlib line):",
         *(f"  {line}" for line in m["snapshot_top"]),
@@ -360,9 +403,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--memory", action="store_true", help="only the bytes per service and Mesh.apply's time"
     )
+    parser.add_argument(
+        "--policies",
+        type=int,
+        metavar="N",
+        help="only: N services with a TrafficPolicy each, each one's first merged policy",
+    )
     args = parser.parse_args(argv)
     rounds = 2 if args.quick else args.rounds
-    if args.memory:
+    if args.policies:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = {"policies": first_policies_run(Path(tmp), args.policies, min(rounds, 3))}
+        print(
+            f"| {args.policies:,} services with a TrafficPolicy each, every one's first merged "
+            f"policy on a new Router, CPU | {result['policies'] * 1e3:.1f} ms |"
+        )
+    elif args.memory:
         with tempfile.TemporaryDirectory() as tmp:
             services = 1_000 if args.quick else 10_000
             result = {"memory": memory(Path(tmp), services, min(rounds, 3))}
