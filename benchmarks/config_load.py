@@ -1,6 +1,7 @@
 """How long the policy loader takes on the inputs its tests only check for behaviour.
 
-    python benchmarks/config_load.py [--quick] [--rounds 5] [--json out.json] [--many]
+    python benchmarks/config_load.py [--quick] [--rounds 5] [--json out.json] [--many] [--memory]
+                                     [--policies N]
 
 Four figures, each the best of ``--rounds`` runs of this thread's CPU time (the machine may be
 shared; the best run is the one least disturbed):
@@ -20,6 +21,13 @@ shared; the best run is the one least disturbed):
   1,000 documents: for this measurement only, the cap is lifted while it loads. ``--many``
   measures these alone (for interleaved runs of two commits), with two anchors that no loader
   change moves (an RE2 match, ``json.loads`` of 10,000 small objects).
+- ``memory`` (issue 15, item 4; ``--memory`` measures it alone): the bytes per service that
+  tracemalloc counts for the directory's loaded ``Snapshot`` alone, and for a ``Mesh`` built
+  on it by ``Mesh.from_file`` (the snapshot, what the mesh keeps for the next reload, and its
+  applied routing state); the allocations that hold most of them, by line; and the CPU time of
+  ``Mesh.apply`` of that snapshot (best of ``--rounds``), the work a reload does in the
+  watcher thread after loading. ``--policies N`` measures alone what the first calls after a
+  reload cost in merged policies when each of N services has a TrafficPolicy of its own.
 
 No sockets. Importing this module has no side effects.
 """
@@ -27,11 +35,14 @@ No sockets. Importing this module has no side effects.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import os
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -183,6 +194,127 @@ def many_services(tmp: Path, services: int, rounds: int) -> dict[str, Any]:
     }
 
 
+def held_bytes(make: Callable[[], Any], top: int = 0) -> tuple[int, Any, list[str]]:
+    """The bytes tracemalloc counts as still allocated after ``make()`` (what its result
+    holds, once collected garbage is gone), the result, and the ``top`` allocation sites
+    holding most of them (innermost meshlib line, bytes and blocks)."""
+    gc.collect()
+    tracemalloc.start(12)
+    try:
+        before = tracemalloc.take_snapshot()
+        made = make()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    diff = after.compare_to(before, "traceback")
+    sites: dict[str, list[int]] = {}
+    for stat in diff:
+        ours = [f for f in stat.traceback if "/meshlib/" in f.filename]
+        frame = ours[-1] if ours else stat.traceback[-1]
+        where = f"{frame.filename.rsplit('/meshlib/', 1)[-1]}:{frame.lineno}"
+        site = sites.setdefault(where, [0, 0])
+        site[0] += stat.size_diff
+        site[1] += stat.count_diff
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    return (
+        sum(s.size_diff for s in diff),
+        made,
+        [f"{where} {size:,} B in {count:,} blocks" for where, (size, count) in ranked],
+    )
+
+
+def memory(tmp: Path, services: int, rounds: int) -> dict[str, Any]:
+    """Bytes per service of the ``many services`` directory's snapshot and of a mesh on it,
+    and the CPU time of ``Mesh.apply`` of that snapshot."""
+    directory = tmp / "memory.d"
+    directory.mkdir()
+    size = services // PARTS
+    for i in range(PARTS):
+        (directory / f"part-{i:02d}.yaml").write_text(service_policy(i * size, size))
+    load_directory(directory)  # imports and first-use caches are not the snapshot's
+    snapshot_b, snap, snapshot_top = held_bytes(lambda: load_directory(directory), top=12)
+    assert len(snap.services) == services
+    del snap
+
+    def mesh() -> Mesh:
+        m, _, _ = directory_mesh(directory)
+        return m
+
+    merge_n = services // 5
+    merge_s = best(first_policies(load_directory(directory), merge_n), rounds)
+    mesh_b, built, mesh_top = held_bytes(mesh, top=12)
+    try:
+        apply_s = best(lambda: built.apply(built.snapshot), rounds)
+    finally:
+        built.close()
+    return {
+        "services": services,
+        "snapshot_bytes": snapshot_b,
+        "snapshot_bytes_per_service": snapshot_b / services,
+        "snapshot_top": snapshot_top,
+        "mesh_bytes": mesh_b,
+        "mesh_bytes_per_service": mesh_b / services,
+        "mesh_top": mesh_top,
+        "apply_s": apply_s,
+        "first_policies_services": merge_n,
+        "first_policies_s": merge_s,
+    }
+
+
+def first_policies(snapshot: Snapshot, count: int) -> Callable[[], None]:
+    """What the first calls after a reload cost in merged policies: the snapshot's first
+    ``count`` services each get a TrafficPolicy of their own (built here, not parsed), and
+    the returned run asks a fresh router for each one's policy once."""
+    from meshlib.config.model import PolicyTarget, TrafficPolicyDoc
+    from meshlib.policy.routing import Router
+
+    keys = list(snapshot.services)[:count]
+    docs = tuple(
+        TrafficPolicyDoc(
+            f"p-{i}", key.partition(".")[2], PolicyTarget(service=key), {"timeout": 2.0}
+        )
+        for i, key in enumerate(keys)
+    )
+    with_policies = dataclasses.replace(snapshot, traffic_policies=docs)
+
+    def run() -> None:
+        router = Router(with_policies)
+        for key in keys:
+            assert router.policy(key, None).timeout == 2.0
+
+    return run
+
+
+def first_policies_run(tmp: Path, services: int, rounds: int) -> float:
+    """Best CPU seconds of :func:`first_policies` over ``services`` services of ``PARTS`` files."""
+    directory = tmp / "policies.d"
+    directory.mkdir()
+    size = services // PARTS
+    for i in range(PARTS):
+        (directory / f"part-{i:02d}.yaml").write_text(service_policy(i * size, size))
+    return best(first_policies(load_directory(directory), services), rounds)
+
+
+def memory_report(m: dict[str, Any]) -> str:
+    n = f"{m['services']:,} services x 2 endpoints"
+    lines = [
+        f"| {n}, loaded Snapshot, tracemalloc | {m['snapshot_bytes']:,} B "
+        f"= {m['snapshot_bytes_per_service']:,.0f} B per service |",
+        f"| {n}, Mesh.from_file of the directory, tracemalloc | {m['mesh_bytes']:,} B "
+        f"= {m['mesh_bytes_per_service']:,.0f} B per service |",
+        f"| {n}, Mesh.apply of that snapshot, CPU | {m['apply_s'] * 1e3:.3f} ms |",
+        f"| {m['first_policies_services']:,} of them with a TrafficPolicy each, every one's "
+        f"first merged policy on a new Router, CPU | {m['first_policies_s'] * 1e3:.1f} ms |",
+        "",
+        "Snapshot, held by (innermost meshlib line):",
+        *(f"  {line}" for line in m["snapshot_top"]),
+        "Mesh, held by:",
+        *(f"  {line}" for line in m["mesh_top"]),
+    ]
+    return "\n".join(lines)
+
+
 def best(run: Callable[[], Any], rounds: int, repeat: int = 1) -> float:
     """Best CPU seconds per call of ``run`` over ``rounds`` rounds of ``repeat`` calls."""
     times = []
@@ -293,9 +425,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--many", action="store_true", help="only the many-services figures")
+    parser.add_argument(
+        "--memory", action="store_true", help="only the bytes per service and Mesh.apply's time"
+    )
+    parser.add_argument(
+        "--policies",
+        type=int,
+        metavar="N",
+        help="only: N services with a TrafficPolicy each, each one's first merged policy",
+    )
     args = parser.parse_args(argv)
     rounds = 2 if args.quick else args.rounds
-    if args.many:
+    if args.policies:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = {"policies": first_policies_run(Path(tmp), args.policies, min(rounds, 3))}
+        print(
+            f"| {args.policies:,} services with a TrafficPolicy each, every one's first merged "
+            f"policy on a new Router, CPU | {result['policies'] * 1e3:.1f} ms |"
+        )
+    elif args.memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            services = 1_000 if args.quick else 10_000
+            result = {"memory": memory(Path(tmp), services, min(rounds, 3))}
+        print(memory_report(result["memory"]))
+    elif args.many:
         with tempfile.TemporaryDirectory() as tmp:
             first = anchors(rounds)  # before the large heap the loads leave behind
             result = {"many": many_services(Path(tmp), 1_000 if args.quick else 10_000, rounds)}

@@ -39,3 +39,12 @@ def test_many_reports_its_anchors_beside_the_loads(
     assert len(rows) == 5, out
     anchors = json.loads(out_json.read_text())["many"]["anchors"]
     assert anchors["regex_us"] > 0 and anchors["json_10k_ms"] > 0
+
+
+def test_memory_figures_are_measured_and_reported(tmp_path: Path) -> None:
+    figures = config_load.memory(tmp_path, 200, 1)
+    assert figures["services"] == 200
+    assert 0 < figures["snapshot_bytes"] < figures["mesh_bytes"]  # the mesh holds the snapshot
+    assert figures["snapshot_top"] and figures["mesh_top"] and figures["apply_s"] >= 0
+    report = config_load.memory_report(figures)
+    assert "B per service" in report and "Mesh.apply" in report, report

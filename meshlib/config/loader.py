@@ -375,7 +375,6 @@ def source_documents(
 def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None = None) -> Snapshot:
     parsed = Parsed()
     problems: list[Problem] = []
-    raw: list[YMap] = []
     read: dict[tuple[str, int], YamlDocument] = {}  # (file, document) → where its fields are
     kept: dict[str, tuple[bytes, list[YamlDocument], list[_Built]]] = {}  # the cache's next
     reused: set[str] = set()  # files whose documents came from the cache (no columns)
@@ -403,7 +402,6 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
                 for doc, built in zip(docs, builds, strict=True):
                     read[name, doc.index] = doc
                     ctx = _rebuilt(name, doc, built, parsed)
-                    raw.append(ctx.doc)
                     parsed.contexts.append(ctx)
             else:
                 builds = []
@@ -417,7 +415,6 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
                         )
                         if found_ctx is None:
                             continue
-                        raw.append(found_ctx.doc)
                         parsed.contexts.append(found_ctx)
                         builds.append(_build(found_ctx, parsed))
                     except Exception as exc:  # defence in depth: see _internal_error
@@ -455,7 +452,7 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
         raise ConfigError(problems)
     for w in warnings:
         log.warning("policy: %s", w)
-    return _assemble(parsed, sources, digest.hexdigest(), version, raw, warnings)
+    return _assemble(parsed, sources, digest.hexdigest(), version, warnings)
 
 
 def _cached(
@@ -568,7 +565,6 @@ def _assemble(
     sources: list[tuple[str, str]],
     digest: str,
     version: int,
-    raw: list[YMap],
     warnings: list[Problem],
 ) -> Snapshot:
     return Snapshot(
@@ -588,6 +584,6 @@ def _assemble(
         tcp_routes={f"{t.name}.{t.namespace}": t for t, _ in p.tcp_routes},
         udp_routes={f"{u.name}.{u.namespace}": u for u, _ in p.udp_routes},
         http_routes=tuple(r for r, _ in p.http_routes),
-        raw_documents=tuple(raw),
+        texts=tuple(sources),
         warnings=tuple(warnings),
     )

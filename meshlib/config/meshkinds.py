@@ -5,10 +5,12 @@ TrafficMirror (RequestAuthentication is kept raw for the inbound side).
 from __future__ import annotations
 
 import math
+from sys import intern
 from typing import Any
 
 from meshlib.config.documents import DocContext, as_int, as_number, as_str, at, maps
 from meshlib.config.model import (
+    NO_LABELS,
     AbortFault,
     AccessControl,
     DelayFault,
@@ -74,7 +76,7 @@ def build_service(ctx: DocContext) -> ServiceDef | None:
         return None
     spec = ctx.doc.get("spec")
     if spec is None:
-        return ServiceDef(ctx.name, ctx.namespace, (), origin=ctx.origin)
+        return ServiceDef(ctx.name, intern(ctx.namespace), (), origin=ctx.origin)
     if not isinstance(spec, YMap):
         return None
     endpoints: list[Endpoint] = []
@@ -99,15 +101,16 @@ def build_service(ctx: DocContext) -> ServiceDef | None:
         seen[address] = i
         weight = as_int(item.get("weight", 1))
         labels = item.get("labels")  # not a map of strings: reported by the structural check
+        # Label keys and values repeat across endpoints (zones, versions): one string each.
         clean = (
-            {k: v for k, v in labels.items() if isinstance(v, str)}
-            if isinstance(labels, YMap)
-            else {}
+            {intern(k): intern(v) for k, v in labels.items() if isinstance(v, str)}
+            if isinstance(labels, YMap) and labels
+            else NO_LABELS
         )
         endpoints.append(Endpoint(address, weight if weight and weight > 0 else 1, clean))
     account = as_str(spec.get("serviceAccount"))
     port = as_int(spec.get("port"))
-    return ServiceDef(ctx.name, ctx.namespace, tuple(endpoints), account, port, ctx.origin)
+    return ServiceDef(ctx.name, intern(ctx.namespace), tuple(endpoints), account, port, ctx.origin)
 
 
 def build_target(ctx: DocContext, *, service_required: bool = False) -> PolicyTarget | None:

@@ -5,6 +5,9 @@ builds a new one and swaps it in whole, so a call sees one consistent configurat
 first attempt to its last.
 
 Durations are float seconds. Percentages are floats in [0, 100].
+
+Every class has ``__slots__``: a policy of 10,000 services holds tens of thousands of these
+objects for as long as it is in force, and a slotted instance has no per-instance dict.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from meshlib.errors import Problem
@@ -56,7 +59,7 @@ class LoadBalancerKind(str, enum.Enum):
     RANDOM = "random"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Origin:
     """Where a resource came from in the policy file (for error messages and `explain`)."""
 
@@ -65,7 +68,7 @@ class Origin:
     line: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MeshSettings:
     trust_domain: str = "cluster.local"
     mtls: MTLSMode = MTLSMode.DISABLE
@@ -76,22 +79,43 @@ class MeshSettings:
     tracing_sampling: float = 1.0
 
 
-@dataclass(frozen=True)
+#: The labels of an endpoint that has none: one shared, read-only mapping rather than an empty
+#: dict per endpoint (most endpoints of a large static policy carry no labels).
+NO_LABELS: Mapping[str, str] = MappingProxyType({})
+
+
+def _no_labels() -> Mapping[str, str]:
+    return NO_LABELS
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     address: str  # "host:port"
     weight: int = 1
-    labels: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=_no_labels)
+    # ``host`` and ``port`` split ``address`` on first use (a call reads them per attempt), so
+    # the endpoints of services this process never calls pay for no second string.
+    _host: str | None = field(default=None, init=False, repr=False, compare=False)
+    _port: int | None = field(default=None, init=False, repr=False, compare=False)
 
-    @cached_property
+    @property
     def host(self) -> str:
-        return self.address.rsplit(":", 1)[0].strip("[]")
+        host = self._host
+        if host is None:
+            host = self.address.rsplit(":", 1)[0].strip("[]")
+            object.__setattr__(self, "_host", host)  # a cache, not a change: frozen for users
+        return host
 
-    @cached_property
+    @property
     def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
+        port = self._port
+        if port is None:
+            port = int(self.address.rsplit(":", 1)[1])
+            object.__setattr__(self, "_port", port)
+        return port
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceDef:
     name: str
     namespace: str
@@ -99,14 +123,14 @@ class ServiceDef:
     service_account: str | None = None
     port: int | None = None
     origin: Origin | None = None
+    #: The canonical name ``name.namespace`` (read on every call, and the snapshot's key).
+    key: str = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def key(self) -> str:
-        """The canonical name ``name.namespace`` (cached: read on every call)."""
-        return f"{self.name}.{self.namespace}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.name}.{self.namespace}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HTTPMatch:
     """One SMI HTTPRouteGroup match. ``None`` fields match anything.
 
@@ -121,7 +145,7 @@ class HTTPMatch:
     headers: tuple[tuple[str, Pattern], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteGroup:
     """SMI HTTPRouteGroup."""
 
@@ -131,7 +155,7 @@ class RouteGroup:
     origin: Origin | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TCPRoute:
     name: str
     namespace: str
@@ -139,7 +163,7 @@ class TCPRoute:
     origin: Origin | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UDPRoute:
     """SMI UDPRoute (specs.smi-spec.io/v1alpha4): parsed so a TrafficTarget may name it; meshlib
     carries HTTP only, so it admits no request (see authz)."""
@@ -150,13 +174,13 @@ class UDPRoute:
     origin: Origin | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SplitBackend:
     service: str  # service key "name.namespace"
     weight: int  # relative; v1alpha1 quantities are converted to milli-units
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SplitMatchRef:
     """A reference from a TrafficSplit to (all or some) matches of an HTTPRouteGroup."""
 
@@ -164,7 +188,7 @@ class SplitMatchRef:
     names: tuple[str, ...] = ()  # empty: every match of the group
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Split:
     """SMI TrafficSplit. Requests that do not match ``matches`` (when set) go to the root."""
 
@@ -176,14 +200,14 @@ class Split:
     origin: Origin | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrafficTargetRule:
     kind: str  # "HTTPRouteGroup" | "TCPRoute" | "UDPRoute"
     name: str
     matches: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrafficTarget:
     """SMI TrafficTarget (parsed and validated here; enforced by the inbound side)."""
 
@@ -200,7 +224,7 @@ class AuthzAction(str, enum.Enum):
     DENY = "DENY"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthzSource:
     """One ``from`` entry of an AuthorizationPolicy rule: every set field must match (AND);
     within a field any value may match (OR). ``None``: the field is not constrained.
@@ -214,7 +238,7 @@ class AuthzSource:
     request_principals: tuple[str, ...] | None = None  # "iss/sub" of the validated JWT
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthzOperation:
     """One ``to`` entry: upper-case methods and path globs (matched on the normalised path)."""
 
@@ -222,7 +246,7 @@ class AuthzOperation:
     paths: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthzCondition:
     """One ``when`` entry: the JWT claim at ``claim`` (nested names) has one of ``values``."""
 
@@ -231,7 +255,7 @@ class AuthzCondition:
     values: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthorizationPolicyRule:
     """A rule matches when its ``sources``, ``operations`` and ``conditions`` all match; an
     empty ``sources`` (or ``operations``) matches any source (operation)."""
@@ -241,7 +265,7 @@ class AuthorizationPolicyRule:
     conditions: tuple[AuthzCondition, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthorizationPolicy:
     """meshlib/v1 AuthorizationPolicy (Istio semantics: DENY beats ALLOW; once an ALLOW policy
     applies to a destination, a request must match one). ``service`` ``None``: every service of
@@ -255,7 +279,7 @@ class AuthorizationPolicy:
     origin: Origin | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JwtLocation:
     """Where a token is read from: header ``name`` (lower-case), value ``prefix`` + token."""
 
@@ -263,7 +287,7 @@ class JwtLocation:
     prefix: str = "Bearer "
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JwtRule:
     """One ``jwtRules`` entry of a RequestAuthentication: how tokens of ``issuer`` verify.
 
@@ -282,7 +306,7 @@ class JwtRule:
     clock_skew: float = 60.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestAuthentication:
     """meshlib/v1 RequestAuthentication: JWT origin authentication for ``service`` (a service
     key) or, when ``None``, every service of ``namespace``."""
@@ -297,20 +321,20 @@ class RequestAuthentication:
 # --- resilience policy --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BudgetPolicy:
     ratio: float = 0.2  # retries may add this fraction of calls...
     min_per_second: float = 10.0  # ...plus this many per second...
     ttl: float = 10.0  # ...counted over this window
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackoffPolicy:
     base: float = 0.025
     cap: float = 0.250
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RetryPolicy:
     #: Maximum number of *retries* (Istio semantics): attempts=3 means up to 4 tries.
     #: ``None`` means unconfigured: 2 retries, only for failures that never reached the server.
@@ -325,13 +349,13 @@ class RetryPolicy:
     budget: BudgetPolicy = field(default_factory=BudgetPolicy)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CircuitBreakerPolicy:
     consecutive_failures: int = 5
     open_duration: float = 30.0  # then half-open with a single probe
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutlierPolicy:
     consecutive_failures: int = 5
     base_ejection_time: float = 30.0  # × number of times ejected
@@ -340,32 +364,32 @@ class OutlierPolicy:
     panic_threshold: float = 50.0  # below this % healthy, use all endpoints
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LoadBalancerPolicy:
     kind: LoadBalancerKind = LoadBalancerKind.P2C_EWMA
     decay: float = 10.0  # peak-EWMA decay time constant, seconds
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     requests_per_second: float
     burst: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionPoolPolicy:
     max_connections: int | None = None  # concurrent calls in flight to the destination
     max_keepalive: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HedgingPolicy:
     enabled: bool = False
     delay: float | None = None  # fixed delay; None means "the observed p95"
     max_attempts: int = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EffectivePolicy:
     """The merged resilience policy for one (service, route), every field resolved.
 
@@ -391,7 +415,7 @@ class EffectivePolicy:
     sources: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicyTarget:
     """``spec.target`` of a meshlib policy. All ``None``: the whole mesh."""
 
@@ -410,7 +434,7 @@ class PolicyTarget:
         return "mesh"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrafficPolicyDoc:
     """One TrafficPolicy resource: the fields it sets, flattened to dotted names.
 
@@ -425,19 +449,19 @@ class TrafficPolicyDoc:
     origin: Origin | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DelayFault:
     fixed: float
     percent: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AbortFault:
     status: int
     percent: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FaultRule:
     """FaultInjection: applied before the call leaves the process."""
 
@@ -452,7 +476,7 @@ class FaultRule:
     refuse_percent: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MirrorRule:
     name: str
     namespace: str
@@ -496,7 +520,7 @@ class PathModifierType(str, enum.Enum):
     REPLACE_PREFIX_MATCH = "ReplacePrefixMatch"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParentRef:
     name: str
     namespace: str  # default: the route's namespace
@@ -510,7 +534,7 @@ class ParentRef:
         return ParentMode.MESH if self.kind == "Service" else ParentMode.INGRESS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PathMatch:
     type: PathMatchType = PathMatchType.PATH_PREFIX
     value: str = "/"
@@ -518,7 +542,7 @@ class PathMatch:
     regex: Pattern | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ValueMatch:
     """A header or query parameter match; header names are lower-cased, query names are not."""
 
@@ -528,7 +552,7 @@ class ValueMatch:
     regex: Pattern | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     path: PathMatch = PathMatch()
     headers: tuple[ValueMatch, ...] = ()
@@ -536,20 +560,20 @@ class RouteMatch:
     method: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HeaderModifier:
     set: tuple[tuple[str, str], ...] = ()
     add: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PathModifier:
     type: PathModifierType
     value: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackendRef:
     name: str
     namespace: str  # default: the route's namespace
@@ -566,13 +590,13 @@ class BackendRef:
         return self.group == "" and self.kind == "Service" and self.port is not None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestMirror:
     backend: BackendRef
     percent: float = 100.0  # from ``percent`` or ``fraction``; 100 when neither is given
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestRedirect:
     scheme: str | None = None  # None: the request's scheme
     hostname: str | None = None
@@ -581,7 +605,7 @@ class RequestRedirect:
     status_code: int = 302
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class URLRewrite:
     hostname: str | None = None
     path: PathModifier | None = None
@@ -590,13 +614,13 @@ class URLRewrite:
 FilterConfig = HeaderModifier | RequestMirror | RequestRedirect | URLRewrite
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HTTPRouteFilter:
     type: FilterType
     config: FilterConfig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteTimeouts:
     """Seconds; 0 disables the timeout (the spec's ``0s``), None leaves the mesh's default."""
 
@@ -604,7 +628,7 @@ class RouteTimeouts:
     backend_request: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HTTPRouteRule:
     matches: tuple[RouteMatch, ...] = (RouteMatch(),)
     filters: tuple[HTTPRouteFilter, ...] = ()
@@ -613,7 +637,7 @@ class HTTPRouteRule:
     name: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HTTPRoute:
     name: str
     namespace: str
@@ -644,7 +668,7 @@ class HTTPRoute:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One immutable, validated configuration.
 
@@ -670,9 +694,26 @@ class Snapshot:
     #: Gateway API HTTPRoutes, in load order (files, then documents): load order is their age
     #: for precedence when ``metadata.creationTimestamp`` is not set.
     http_routes: tuple[HTTPRoute, ...] = ()
-    raw_documents: tuple[Mapping[str, Any], ...] = ()
+    #: The texts read, as (file name, text): :attr:`raw_documents` is read from them on demand,
+    #: so the snapshot in force does not hold a second, position-annotated copy of every
+    #: document (the parsed YAML trees were three quarters of a large policy's memory).
+    texts: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
     #: Accepted-with-a-note findings (e.g. retry attempts clamped), shown by ``meshctl validate``.
     warnings: tuple[Problem, ...] = ()
+
+    @property
+    def raw_documents(self) -> tuple[Mapping[str, Any], ...]:
+        """The documents as parsed mappings, in load order (files, then documents): read
+        again from :attr:`texts` at each access (for ``meshctl`` and the admin page, not for
+        calls). The texts were valid when loaded, so every document is a mapping."""
+        from meshlib.config.yamlsafe import read_documents  # PyYAML loads on first use
+
+        return tuple(
+            doc.value
+            for _, text in self.texts
+            for doc in read_documents(text.removeprefix("\ufeff"))[0]
+            if isinstance(doc.value, Mapping)
+        )
 
     @property
     def source(self) -> str:

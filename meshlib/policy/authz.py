@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthzVerdict:
     """One authorization decision.
 
@@ -134,7 +134,7 @@ def normalize_path(path: str) -> str | None:
 # --- the per-destination index -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _TargetRule:
     """One TrafficTarget rule resolved against the snapshot: ``None`` matches any request."""
 
@@ -142,14 +142,14 @@ class _TargetRule:
     matches: tuple[HTTPMatch, ...] | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Target:
     target: TrafficTarget
     sources: frozenset[tuple[str, str]]  # (service account, namespace)
     rules: tuple[_TargetRule, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthzIndex:
     """What authorization needs for one destination service, derived once per snapshot."""
 

@@ -48,7 +48,7 @@ _REGEX_SPECIAL = frozenset("\\.^$*+?()[]{}|")
 _QUANTIFIERS = frozenset("*+?{")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Backend:
     """One backendRef of a rule, ready to send to: ``service`` is the mesh service key, or
     None when the mesh cannot send to it (its share of requests is answered 500)."""
@@ -64,7 +64,7 @@ class Backend:
     response_headers: tuple[HeaderModifier, ...] = ()
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Rule:
     """One HTTPRoute rule compiled against the snapshot's services.
 
@@ -93,7 +93,7 @@ class Rule:
         )
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Candidate:
     """One match of one rule, in a table's precedence order."""
 
@@ -450,7 +450,7 @@ def pick(rule: Rule, random: Callable[[], float]) -> Backend | None:
     return next(b for b in reversed(rule.backends) if b.weight > 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestEdit:
     """What a rule's (and its backend's) filters change in the request; empty: nothing."""
 

@@ -21,6 +21,7 @@ from meshlib.config.model import (
     ServiceDef,
     Snapshot,
     Split,
+    TrafficPolicyDoc,
 )
 from meshlib.policy.routes import RouteIndex
 
@@ -31,7 +32,7 @@ _CLUSTER_SUFFIXES = (".svc.cluster.local", ".svc")
 _SCOPE_ORDER = ("route", "service", "namespace", "mesh")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     """The route a request matched and the split that applies to it (if any)."""
 
@@ -75,6 +76,9 @@ class Router:
         self._hosts: dict[tuple[str, str], ServiceDef | None] = {}
         self._policies: dict[tuple[str, str | None], EffectivePolicy] = {}
         self._faults: dict[tuple[str, str | None], tuple[FaultRule, ...]] = {}
+        #: TrafficPolicies by what their target names (built on the first merge): a service's
+        #: first merge after a reload reads the policies that may apply to it, not all of them.
+        self._by_target: dict[str | None, list[tuple[int, TrafficPolicyDoc]]] | None = None
         self._routes = self._index_routes(snapshot)
         #: Gateway API HTTPRoutes attached to services (mesh mode); None when there are none,
         #: so a call's only cost without them is one ``is None``.
@@ -207,7 +211,7 @@ class Router:
 
     def _merge(self, service_key: str, route: str | None) -> EffectivePolicy:
         chosen: dict[str, tuple[int, Any, str]] = {}  # field -> (rank, value, source)
-        for doc in self.snapshot.traffic_policies:
+        for doc in self._candidates(service_key):
             scope = self._applies(doc.target, service_key, route)
             if scope is None:
                 continue
@@ -225,6 +229,35 @@ class Router:
             policy = _set_field(policy, fname.split("."), value)
             sources[fname] = source
         return dataclasses.replace(policy, sources=sources)
+
+    def _candidates(self, service_key: str) -> list[TrafficPolicyDoc]:
+        """The TrafficPolicies whose target may apply to ``service_key`` (mesh-wide, its
+        namespace's, its own), in snapshot order: ties between equal scopes keep going to the
+        first, as when every policy was scanned."""
+        index = self._by_target
+        if index is None:
+            index = {}
+            for order, doc in enumerate(self.snapshot.traffic_policies):
+                target = doc.target
+                # Keyed by the service key, else "namespace." (no service key ends with a
+                # dot), else None for the whole mesh.
+                key = (
+                    target.service
+                    if target.service is not None
+                    else None
+                    if target.namespace is None
+                    else f"{target.namespace}."
+                )
+                index.setdefault(key, []).append((order, doc))
+            self._by_target = index  # built twice at worst by racing threads: same content
+        namespace = service_key.split(".", 1)[1]
+        found = [
+            *index.get(None, ()),
+            *index.get(f"{namespace}.", ()),
+            *index.get(service_key, ()),
+        ]
+        found.sort(key=lambda entry: entry[0])
+        return [doc for _, doc in found]
 
     def faults(self, service_key: str, route: str | None) -> tuple[FaultRule, ...]:
         """Fault rules that apply to calls to (service, route)."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
+from typing import ClassVar
 
 import pytest
 
 from meshlib.config.loader import load_text
-from meshlib.config.model import EffectivePolicy, ServiceDef
+from meshlib.config.model import EffectivePolicy, PolicyTarget, ServiceDef, TrafficPolicyDoc
 from meshlib.policy.routing import Router
 from meshlib.policy.split import pick_backend
 from policy.fakes import binomial_bounds
@@ -286,3 +288,45 @@ def test_no_policies_gives_defaults() -> None:
     policy = bare.policy("reviews.default", None)
     assert policy == EffectivePolicy()
     assert dict(policy.sources) == {}
+
+
+class _CountedTarget(PolicyTarget):
+    """A policy target that counts how often a merge asks for its scope."""
+
+    __slots__ = ()
+    asked: ClassVar[Counter[str]] = Counter()
+
+    @property
+    def scope(self) -> str:
+        scope = PolicyTarget.scope.fget(self)  # type: ignore[attr-defined]
+        type(self).asked[f"{self.service or self.namespace or 'mesh'}"] += 1
+        return str(scope)
+
+
+def test_a_merge_reads_only_the_policies_that_may_apply() -> None:
+    """The first merge per service after a reload reads what applies to it (the mesh's, its
+    namespace's, its own), not every service's policy: services x policies in all, before."""
+    snap = load_text(POLICY)
+    others = [
+        TrafficPolicyDoc(
+            f"p{i}", "shop", _CountedTarget(service=f"other-{i}.shop"), {"timeout": 9.0}
+        )
+        for i in range(50)
+    ]
+    docs = (
+        TrafficPolicyDoc("all", "default", _CountedTarget(), {"timeout": 1.0}),
+        *others,
+        TrafficPolicyDoc("ns", "default", _CountedTarget(namespace="default"), {"timeout": 2.0}),
+        TrafficPolicyDoc(
+            "own", "default", _CountedTarget(service="reviews.default"), {"timeout": 3.0}
+        ),
+        TrafficPolicyDoc("ratings-ns", "shop", _CountedTarget(namespace="shop"), {"timeout": 4.0}),
+    )
+    _CountedTarget.asked.clear()
+    router = Router(dataclasses.replace(snap, traffic_policies=docs))
+    reviews = router.policy("reviews.default", None)
+    assert (reviews.timeout, reviews.sources["timeout"]) == (3.0, "service:default/own")
+    ratings = router.policy("ratings.shop", None)
+    assert (ratings.timeout, ratings.sources["timeout"]) == (4.0, "namespace:shop/ratings-ns")
+    assert router.policy("details.default", None).timeout == 2.0
+    assert not any(key.startswith("other-") for key in _CountedTarget.asked), _CountedTarget.asked
