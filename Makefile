@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-check bench-baseline clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,14 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# The instruction-count regression gate (valgrind; docs/performance.md, "Regression gate").
+bench-check: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_check
+
+# Rewrites benchmarks/baseline.json: only deliberately, saying why in the commit message.
+bench-baseline: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_check --update
 
 clean:
 	rm -rf $(VENV) build *.egg-info
