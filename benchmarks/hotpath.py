@@ -1,6 +1,7 @@
 """Outbound hot-path budget in CPU instructions per call, independent of machine load.
 
     python benchmarks/hotpath.py [--quick] [--variants raw,mesh,...] [--jobs 2]
+                                  [--cache-sim] [--keep DIR]
 
 Wall-clock benchmarks (benchmarks/run.py) move with the load of a shared machine; instruction
 counts do not. This script starts ``benchmarks/server.py`` (uvicorn on loopback) and runs its
