@@ -162,7 +162,9 @@ def measure() -> dict[str, float | None]:
             hotpath.measure, ["raw", "mesh", "sdk-unsampled"], OUTBOUND_CALLS, OUTBOUND_WARMUP, 1
         )
         inbound = pool.submit(inbound_loop.callgrind, INBOUND_CALLS, ("bare", "mesh"))
-        found: dict[str, float | None] = {f"outbound:{k}": v for k, v in outbound.result().items()}
+        found: dict[str, float | None] = {
+            f"outbound:{k}": None if v is None else v["Ir"] for k, v in outbound.result().items()
+        }
         found.update({f"inbound:{k}": v for k, v in inbound.result().items()})
     return found
 

@@ -1,6 +1,7 @@
 """Outbound hot-path budget in CPU instructions per call, independent of machine load.
 
     python benchmarks/hotpath.py [--quick] [--variants raw,mesh,...] [--jobs 2]
+                                  [--cache-sim] [--keep DIR]
 
 Wall-clock benchmarks (benchmarks/run.py) move with the load of a shared machine; instruction
 counts do not. This script starts ``benchmarks/server.py`` (uvicorn on loopback) and runs its
@@ -34,6 +35,9 @@ Variants (all ``GET /`` on one keep-alive connection, sync client):
   service (an Exact path, a PathPrefix with a header match, a RegularExpression, then the
   catch-all ``/`` that ``GET /`` reaches after trying the other three) and a
   ResponseHeaderModifier on the catch-all: the cost of HTTPRoute routing on a call.
+* ``mesh-3ep``: as ``mesh`` with three endpoints instead of one: three server processes (the
+  same ``benchmarks/server.py``, each on its own port), so the balancer picks among three and
+  the client keeps one keep-alive connection to each: what a call costs per extra endpoint.
 
 To measure another checkout of meshlib, put it first on the path (the client inherits it)::
 
@@ -71,7 +75,10 @@ VARIANTS = (
     "sdk-sampling0",
     "sdk-unsampled-parent",
     "httproute",
+    "mesh-3ep",
 )
+#: Variants whose service has three endpoints (three server processes).
+THREE_ENDPOINTS = ("mesh-3ep",)
 #: Variants with an SDK ``TracerProvider``.
 SDK_VARIANTS = ("sdk", "sdk-unsampled", "sdk-sampling0", "sdk-unsampled-parent")
 #: A raw keep-alive GET on the issue's reference machine, in µs (docs/design.md).
@@ -83,7 +90,7 @@ kind: Service
 metadata: {{name: backend, namespace: default}}
 spec:
   endpoints:
-  - address: 127.0.0.1:{port}
+{endpoints}
 ---
 apiVersion: meshlib/v1
 kind: TrafficPolicy
@@ -140,9 +147,12 @@ TRACEPARENT = f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01"
 # --- client part (runs under callgrind) -----------------------------------------------------------
 
 
-def _client(variant: str, port: int) -> tuple[Any, str, Any]:
-    """The client for ``variant``, the URL it calls, and what to close/shut down at the end."""
+def _client(variant: str, ports: Sequence[int]) -> tuple[Any, str, Any]:
+    """The client for ``variant``, the URL it calls, and what to close/shut down at the end.
+    ``ports``: the servers' ports; one endpoint per port for the mesh's service."""
     import httpx
+
+    port = ports[0]
 
     if variant in ("raw", "raw-traceparent"):
         headers = {"traceparent": TRACEPARENT} if variant == "raw-traceparent" else None
@@ -165,7 +175,8 @@ def _client(variant: str, port: int) -> tuple[Any, str, Any]:
         provider.add_span_processor(BatchSpanProcessor(_drop_exporter(), max_queue_size=1 << 16))
         options["tracer_provider"] = provider
     extra = {"httproute": HTTP_ROUTE, "sdk-sampling0": SAMPLING_ZERO}.get(variant, "")
-    policy = POLICY.format(port=port) + extra
+    endpoints = "\n".join(f"  - address: 127.0.0.1:{p}" for p in ports)
+    policy = POLICY.format(endpoints=endpoints) + extra
     mesh = meshlib.Mesh.from_text(policy, service="bench-client", namespace="default", **options)
     if variant == "no-tracing":
         mesh.tracing.trace_call = lambda call, request, service: call
@@ -182,9 +193,9 @@ def _drop_exporter() -> Any:
     return Drop()
 
 
-def run_client(variant: str, port: int, calls: int, warmup: int) -> int:
+def run_client(variant: str, ports: Sequence[int], calls: int, warmup: int) -> int:
     """``warmup`` + ``calls`` GETs; exits non-zero if any answer is not 200."""
-    client, url, provider = _client(variant, port)
+    client, url, provider = _client(variant, ports)
     token = None
     if variant in ("propagate", "sdk-unsampled-parent"):
         from opentelemetry import context, trace
@@ -229,19 +240,37 @@ def _supported(variant: str) -> bool:
 # --- driver ---------------------------------------------------------------------------------------
 
 
-def instructions(variant: str, port: int, calls: int, warmup: int, out_dir: Path) -> int:
-    """Instructions the client process executes for ``variant`` with ``calls`` measured GETs."""
+#: Cache-simulation events as ``--cache-sim`` reports them: (column, callgrind events summed).
+MISS_COLUMNS = (
+    ("L1 instr misses", ("I1mr",)),
+    ("L1 data misses", ("D1mr", "D1mw")),
+    ("last-level misses", ("ILmr", "DLmr", "DLmw")),
+    ("branch mispredicts", ("Bcm", "Bim")),
+)
+
+
+def counts(
+    variant: str,
+    ports: Sequence[int],
+    calls: int,
+    warmup: int,
+    out_dir: Path,
+    cache_sim: bool = False,
+) -> dict[str, int]:
+    """Callgrind's event totals (``Ir``; with ``cache_sim`` also the cache and branch
+    simulation's) for the client process of ``variant`` with ``calls`` measured GETs."""
     out = out_dir / f"callgrind.{variant}.{calls}"
     command = [
         "valgrind",
         "--tool=callgrind",
         f"--callgrind-out-file={out}",
+        *(["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []),
         sys.executable,
         __file__,
         "--client",
         variant,
-        "--port",
-        str(port),
+        "--ports",
+        ",".join(map(str, ports)),
         "--calls",
         str(calls),
         "--warmup",
@@ -251,50 +280,78 @@ def instructions(variant: str, port: int, calls: int, warmup: int, out_dir: Path
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{variant} ({calls} calls) failed:\n{result.stderr[-3000:]}")
-    match = re.search(r"^summary: (\d+)", out.read_text(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no summary line in {out}")
-    return int(match.group(1))
+    text = out.read_text()
+    events = re.search(r"^events: (.+)$", text, re.MULTILINE)
+    summary = re.search(r"^summary: (.+)$", text, re.MULTILINE)
+    if events is None or summary is None:
+        raise RuntimeError(f"no events or summary line in {out}")
+    return dict(zip(events.group(1).split(), map(int, summary.group(1).split()), strict=True))
 
 
-def measure(variants: Sequence[str], calls: int, warmup: int, jobs: int) -> dict[str, float | None]:
-    """Instructions per call for each variant (``None``: not supported by this meshlib)."""
+PerCall = dict[str, float]
+
+
+def measure(
+    variants: Sequence[str],
+    calls: int,
+    warmup: int,
+    jobs: int,
+    cache_sim: bool = False,
+    keep: Path | None = None,
+) -> dict[str, PerCall | None]:
+    """Callgrind events per call for each variant (``None``: not supported by this meshlib).
+    ``keep``: a directory to leave the callgrind output files in (for callgrind_annotate)."""
     # Here, not at the top: the measured ``--client`` processes import nothing of the harness.
     try:  # imported as the ``benchmarks`` package (e.g. from a test)
         from benchmarks import run as bench
     except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
         import run as bench  # type: ignore[no-redef]
 
+    three = any(v in THREE_ENDPOINTS for v in variants)
     with (
         tempfile.TemporaryDirectory(prefix="hotpath-") as tmp,
         contextlib.ExitStack() as stack,
         ThreadPoolExecutor(jobs) as ex,
     ):
-        port = bench.start_servers([(0.0, 200)], stack, Path(tmp))[0].port
+        servers = bench.start_servers([(0.0, 200)] * (3 if three else 1), stack, Path(tmp))
+        ports = [server.port for server in servers]
+        out_dir = keep if keep is not None else Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
         runnable = [v for v in variants if _supported(v)]
         futures = {
-            (v, n): ex.submit(instructions, v, port, n, warmup, Path(tmp))
+            (v, n): ex.submit(
+                counts,
+                v,
+                ports if v in THREE_ENDPOINTS else ports[:1],
+                n,
+                warmup,
+                out_dir,
+                cache_sim,
+            )
             for v in runnable
             for n in (calls, 2 * calls)
         }
-        per_call: dict[str, float | None] = dict.fromkeys(variants)
+        per_call: dict[str, PerCall | None] = dict.fromkeys(variants)
         for v in runnable:
-            per_call[v] = (futures[v, 2 * calls].result() - futures[v, calls].result()) / calls
+            big, small = futures[v, 2 * calls].result(), futures[v, calls].result()
+            per_call[v] = {event: (big[event] - small[event]) / calls for event in big}
         return per_call
 
 
-def table(per_call: dict[str, float | None], calls: int) -> str:
-    raw = per_call.get("raw")
+def table(per_call: dict[str, PerCall | None], calls: int) -> str:
+    raw_events = per_call.get("raw")
+    raw = raw_events["Ir"] if raw_events else None
     lines = [
         f"Instructions per call, (I({2 * calls}) - I({calls})) / {calls}, client process only:",
         "",
         "| variant | instructions per call | vs raw | ≈ µs at 240 µs per raw call |",
         "|---|--:|--:|--:|",
     ]
-    for variant, value in per_call.items():
-        if value is None:
+    for variant, events in per_call.items():
+        if events is None:
             lines.append(f"| {variant} | n/a | | |")
             continue
+        value = events["Ir"]
         extra = us = ""
         if raw and variant != "raw":
             delta = value - raw
@@ -304,25 +361,66 @@ def table(per_call: dict[str, float | None], calls: int) -> str:
     return "\n".join(lines)
 
 
+def miss_table(per_call: dict[str, PerCall | None], calls: int) -> str:
+    """Misses per call from callgrind's cache and branch simulation (``--cache-sim``), each
+    with its difference to ``raw``: simulated caches (the host's L1 and last-level sizes), not
+    the hardware's counters, but deterministic and load-independent like the instructions."""
+    raw = per_call.get("raw")
+    head = " | ".join(name for name, _ in MISS_COLUMNS)
+    lines = [
+        f"Simulated misses per call, (M({2 * calls}) - M({calls})) / {calls}, client process"
+        " only (in brackets: added to raw):",
+        "",
+        f"| variant | {head} |",
+        "|---|" + "--:|" * len(MISS_COLUMNS),
+    ]
+    for variant, events in per_call.items():
+        if events is None or "D1mr" not in events:
+            lines.append(f"| {variant} |" + " n/a |" * len(MISS_COLUMNS))
+            continue
+        cells = []
+        for _, names in MISS_COLUMNS:
+            value = sum(events[n] for n in names)
+            cell = f"{value:,.0f}"
+            if raw is not None and variant != "raw":
+                cell += f" ({value - sum(raw[n] for n in names):+,.0f})"
+            cells.append(cell)
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 50 instead of 200")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument("--jobs", type=int, default=2, help="callgrind runs at a time")
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also simulate caches and branch prediction, and report misses per call",
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="leave the callgrind output files in this directory"
+    )
     parser.add_argument("--client", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ports", help=argparse.SUPPRESS)
     parser.add_argument("--calls", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=50, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client is not None:
-        return run_client(args.client, args.port, args.calls, args.warmup)
+        ports = [int(p) for p in args.ports.split(",")]
+        return run_client(args.client, ports, args.calls, args.warmup)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     calls = 50 if args.quick else 200
     warmup = 20 if args.quick else 50
-    print(table(measure(variants, calls, warmup, args.jobs), calls))
+    per_call = measure(variants, calls, warmup, args.jobs, args.cache_sim, args.keep)
+    print(table(per_call, calls))
+    if args.cache_sim:
+        print()
+        print(miss_table(per_call, calls))
     return 0
 
 

@@ -25,17 +25,18 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_every_client_variant_runs_natively(tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack:
-        (server,) = bench.start_servers([(0.0, 200)], stack, tmp_path)
-        port = server.port
+        servers = bench.start_servers([(0.0, 200)] * 3, stack, tmp_path)
+        ports = [server.port for server in servers]
         for variant in hotpath.VARIANTS:
+            used = ports if variant in hotpath.THREE_ENDPOINTS else ports[:1]
             done = subprocess.run(
                 [
                     sys.executable,
                     hotpath.__file__,
                     "--client",
                     variant,
-                    "--port",
-                    str(port),
+                    "--ports",
+                    ",".join(map(str, used)),
                     "--calls",
                     "3",
                     "--warmup",
@@ -47,12 +48,24 @@ def test_every_client_variant_runs_natively(tmp_path: Path) -> None:
                 cwd=ROOT,
             )
             assert done.returncode == 0, (variant, done.stderr)
-    assert server.proc.poll() is not None
+    assert all(server.proc.poll() is not None for server in servers)
 
 
 def test_table_is_relative_to_raw() -> None:
-    text = hotpath.table({"raw": 1_000_000.0, "mesh": 1_060_000.0, "sdk": None}, 200)
+    per_call = {"raw": {"Ir": 1_000_000.0}, "mesh": {"Ir": 1_060_000.0}, "sdk": None}
+    text = hotpath.table(per_call, 200)
     assert "(I(400) - I(200)) / 200" in text
     assert "| raw | 1,000,000 |  |  |" in text
     assert "| mesh | 1,060,000 | +60,000 (+6.0%) | +14.4 |" in text
     assert "| sdk | n/a | | |" in text
+
+
+def test_miss_table_sums_events_and_compares_with_raw() -> None:
+    names = ("Ir", "I1mr", "ILmr", "D1mr", "DLmr", "D1mw", "DLmw", "Bcm", "Bim")
+    events = dict.fromkeys(names, 1.0)
+    mesh = {**events, "D1mr": 11.0, "D1mw": 4.0, "Bcm": 101.0}
+    text = hotpath.miss_table({"raw": events, "mesh": mesh, "sdk": None}, 200)
+    assert "(M(400) - M(200)) / 200" in text
+    assert "| raw | 1 | 2 | 3 | 2 |" in text
+    assert "| mesh | 1 (+0) | 15 (+13) | 3 (+0) | 102 (+100) |" in text
+    assert "| sdk | n/a | n/a | n/a | n/a |" in text

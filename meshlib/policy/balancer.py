@@ -121,6 +121,11 @@ class EndpointState:
         return self.ejected_until > now
 
 
+def _uniform(states: Sequence[EndpointState]) -> bool:
+    """Whether every endpoint has the same weight (a random pick is then a uniform draw)."""
+    return len({s.endpoint.weight for s in states}) <= 1
+
+
 class EndpointSet:
     """The endpoints of one destination service with their health, and the pick among them."""
 
@@ -136,6 +141,12 @@ class EndpointSet:
         self._rr = 0
         self.ejections = 0  # ejections so far (metrics read this)
         self.panic = False  # whether the last pick ran in panic mode
+        # What a pick needs, kept current by update() and _eject() so that a pick among
+        # healthy endpoints of equal weight (the common case) does O(1) work, not a scan of
+        # every endpoint: the latest ejection's end (none is ejected at or after it) and
+        # whether every endpoint has the same weight.
+        self._ejected_until = 0.0
+        self._uniform = _uniform(self.states)
 
     def update(
         self,
@@ -156,6 +167,8 @@ class EndpointSet:
                 state.endpoint = e
             states.append(state)
         self.states = states
+        self._uniform = _uniform(states)
+        self._ejected_until = max((s.ejected_until for s in states), default=0.0)
 
     # -- picking --------------------------------------------------------------------------------
 
@@ -178,7 +191,11 @@ class EndpointSet:
         if len(states) == 1 and not avoid:
             only = states[0]
             return only
-        cands = self.candidates(now)
+        if now >= self._ejected_until:  # none ejected: no list of candidates to build
+            cands = states
+            self.panic = False
+        else:
+            cands = self.candidates(now)
         if avoid:
             others = [s for s in cands if s.address not in avoid]
             if others:
@@ -193,9 +210,16 @@ class EndpointSet:
             self._rr += 1
             return cands[self._rr % n]
         if kind is LoadBalancerKind.RANDOM:
-            return self._weighted(cands, rng)
+            return cands[int(rng.random() * n)] if self._uniform else self._weighted(cands, rng)
         # Power of two choices over peak-EWMA: two distinct random candidates, the less loaded.
-        a, b = self._two(cands, rng)
+        if self._uniform:
+            # Equal weights: two distinct indices from two draws, without a scan.
+            random_ = rng.random
+            i = int(random_() * n)
+            j = int(random_() * (n - 1))
+            a, b = cands[i], cands[j + 1 if j >= i else j]
+        else:
+            a, b = self._two(cands, rng)
         decay = self.balancer.decay
         return a if a.score(now, decay) <= b.score(now, decay) else b
 
@@ -276,6 +300,8 @@ class EndpointSet:
             self.outlier.base_ejection_time * state.times_ejected, self.outlier.max_ejection_time
         )
         state.ejected_until = now + duration
+        if state.ejected_until > self._ejected_until:
+            self._ejected_until = state.ejected_until
         state.consecutive_failures = 0
         self.ejections += 1
         return True

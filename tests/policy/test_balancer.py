@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import heapq
 import random
+import sys
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
+from types import FrameType
 
 import pytest
 
@@ -115,6 +117,53 @@ def test_p2c_score_multiplies_latency_by_pending_plus_one() -> None:
     for _ in range(8):  # 0.010 × 2 < 0.050: the busy one is cheaper again
         es.on_abandon(busy)
     assert {es.pick(1.0, rng).address for _ in range(100)} == {busy.address}  # type: ignore[union-attr]
+
+
+def _lines_run(action: Callable[[], object]) -> int:
+    """How many lines of Python ``action`` runs (loops included): a count of work, no timer."""
+    lines = 0
+
+    def trace(frame: FrameType, event: str, arg: object) -> Callable[..., object]:
+        nonlocal lines
+        lines += event == "line"
+        return trace
+
+    sys.settrace(trace)
+    try:
+        action()
+    finally:
+        sys.settrace(None)
+    return lines
+
+
+@pytest.mark.parametrize("kind", [LoadBalancerKind.P2C_EWMA, LoadBalancerKind.RANDOM])
+def test_a_pick_among_healthy_endpoints_does_not_scan_them(kind: LoadBalancerKind) -> None:
+    """A call's pick is O(1): with every endpoint healthy and of equal weight it does the same
+    work for 3 endpoints as for 300 (it used to test every endpoint for ejection, and sum the
+    weights twice, on every call)."""
+    work = []
+    for n in (3, 300):
+        es = EndpointSet(endpoints(n), LoadBalancerPolicy(kind=kind))
+        for state in es.states:
+            es.on_end(state, 1.0, 0.010, failed=False)
+        rng = random.Random(7)
+        work.append(_lines_run(lambda es=es, rng=rng: es.pick(1.0, rng)))
+    assert work[0] == work[1]
+
+
+def test_p2c_draws_two_distinct_endpoints_uniformly() -> None:
+    """Of three endpoints scored 1 < 2 < 3, the worst never wins a distinct pair, and the best
+    wins every pair it is in: 2 of the 3 pairs."""
+    es = EndpointSet(endpoints(3))
+    best, middle, worst = es.states
+    for state, rtt in ((best, 0.001), (middle, 0.002), (worst, 0.003)):
+        es.on_end(state, 1.0, rtt, failed=False)
+    rng = random.Random(13)
+    n = 3000
+    picks = Counter(es.pick(1.0, rng).address for _ in range(n))  # type: ignore[union-attr]
+    assert worst.address not in picks
+    low, high = binomial_bounds(n, 2 / 3)
+    assert low <= picks[best.address] <= high
 
 
 @pytest.mark.parametrize("concurrency", [1, 8])
