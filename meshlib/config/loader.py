@@ -9,6 +9,7 @@ import gc
 import hashlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -149,23 +150,82 @@ def _build(ctx: DocContext, parsed: Parsed) -> _Built:
     )
 
 
-def _rebuilt(file: str, doc: YamlDocument, built: _Built, parsed: Parsed) -> DocContext:
-    """A kept build of ``doc`` added to ``parsed`` again, under a fresh context."""
+#: The kinds whose document trees the reference check walks on every load, not only to report
+#: a problem (route names of HTTPRouteGroups, the backend items of TrafficSplits, HTTPRoutes'
+#: parents and backends, TrafficTargets' rules): the cache keeps their trees, so that a reload
+#: does not parse their unchanged files again. Any other kind's tree is read again from its
+#: file's text if a check asks for it, which only reporting a problem does.
+_WALKED_BY_REFERENCES = frozenset({"HTTPRouteGroup", "TrafficSplit", "HTTPRoute", "TrafficTarget"})
+
+#: What a reload keeps of one document of an unchanged file: its number and line, its tree
+#: (positions dropped) only for a kind in :data:`_WALKED_BY_REFERENCES` (else None), and what
+#: building it gave.
+_Kept = tuple[int, int, Any, _Built]
+
+
+def _kept(doc: YamlDocument, built: _Built) -> _Kept:
+    """The record :class:`ReadCache` keeps of ``doc`` and its build. The strings it keeps
+    besides the model object's are interned: they were the tree's own, one per document."""
     kind, api, name, namespace, obj, problems, warnings = built
-    ctx = DocContext(
-        file,
-        doc.index,
-        doc.line,
-        doc.value,
-        kind,
-        api,
+    compact = (
+        sys.intern(kind),
+        sys.intern(api),
         name,
-        namespace,
-        list(problems),
-        list(warnings),
+        sys.intern(namespace),
+        obj,
+        problems,
+        warnings,
     )
-    _add(parsed, ctx, obj)
-    return ctx
+    tree = doc.value if kind in _WALKED_BY_REFERENCES else None
+    return (doc.index, doc.line, tree, compact)
+
+
+class _Reread:
+    """The documents of an unchanged file, read again from its text on first need in a load:
+    for a check that asks for the tree of a document the cache did not keep, or for the
+    columns of a problem or warning in that file."""
+
+    __slots__ = ("_docs", "_name", "_text")
+
+    def __init__(self, name: str, text: str) -> None:
+        self._name = name
+        self._text = text
+        self._docs: dict[int, YamlDocument] | None = None
+
+    def documents(self) -> dict[int, YamlDocument]:
+        if self._docs is None:
+            # The text read without a problem when it was kept; it is the same text (same hash).
+            found = source_documents(self._name, self._text, [], NO_DOCUMENTS)
+            self._docs = {d.index: d for d in found[1]} if found is not None else {}
+        return self._docs
+
+
+class _KeptContext(DocContext):
+    """The context of a document of an unchanged file, from its kept record: a tree the cache
+    did not keep is read again from the file's text when a check first asks for it (to report
+    a problem in it: rare), with the very values and lines of the first read."""
+
+    _tree: YMap | None
+    _reread: _Reread
+
+    def __init__(self, file: str, record: _Kept, reread: _Reread) -> None:
+        index, line, tree, built = record
+        kind, api, name, namespace, _, problems, warnings = built
+        self._reread = reread
+        super().__init__(
+            file, index, line, tree, kind, api, name, namespace, list(problems), list(warnings)
+        )
+
+    @property
+    def doc(self) -> YMap:
+        tree = self._tree
+        if tree is None:
+            tree = self._tree = self._reread.documents()[self.index].value
+        return tree
+
+    @doc.setter
+    def doc(self, tree: YMap | None) -> None:
+        self._tree = tree
 
 
 def _add(parsed: Parsed, ctx: DocContext, obj: Any) -> None:
@@ -216,28 +276,26 @@ def load_paths(
 
 
 class ReadCache:
-    """The documents of the policy files last loaded, by file name and content, so that a
-    reload of many files parses and schema-checks only those that changed (the references
-    across files, and each document's build, are still checked whole).
+    """What a reload reuses of the policy files last loaded, by file name and content hash, so
+    that a reload parses, schema-checks and builds only the files that changed (the references
+    across files are still checked whole).
 
-    Only a file read without a YAML or schema problem is kept. Its documents are shared with
-    the snapshot built from them (nothing mutates a document once read); they are kept without
-    their fields' columns, which only a problem needs: a kept file with a problem is parsed
-    again for them. Each load keeps the files of that load only."""
+    Only a file read without a YAML or schema problem is kept: its sha256 and, per document,
+    its number and line and what building it gave (the model object, shared with the snapshot,
+    and the build's own problems). Not its parsed YAML tree (3.7 KB per Service), except for
+    the few kinds whose trees the reference check walks on every load: a check that needs
+    another document's tree, or a problem's column, reads that file's text again then. Each
+    load keeps the files of that load only."""
 
     def __init__(self) -> None:
-        self._files: dict[str, tuple[bytes, list[YamlDocument], list[_Built]]] = {}
+        self._files: dict[str, tuple[bytes, list[_Kept]]] = {}
 
-    def documents(self, name: str, sha256: bytes) -> list[YamlDocument] | None:
+    def kept(self, name: str, sha256: bytes) -> list[_Kept] | None:
+        """The records of the file's documents, in their order, if its text is unchanged."""
         found = self._files.get(name)
         return found[1] if found is not None and found[0] == sha256 else None
 
-    def builds(self, name: str, sha256: bytes) -> list[_Built] | None:
-        """What building each of the file's documents gave, in the order of its documents."""
-        found = self._files.get(name)
-        return found[2] if found is not None and found[0] == sha256 else None
-
-    def replace(self, files: dict[str, tuple[bytes, list[YamlDocument], list[_Built]]]) -> None:
+    def replace(self, files: dict[str, tuple[bytes, list[_Kept]]]) -> None:
         self._files = files
 
 
@@ -376,8 +434,8 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
     parsed = Parsed()
     problems: list[Problem] = []
     read: dict[tuple[str, int], YamlDocument] = {}  # (file, document) → where its fields are
-    kept: dict[str, tuple[bytes, list[YamlDocument], list[_Built]]] = {}  # the cache's next
-    reused: set[str] = set()  # files whose documents came from the cache (no columns)
+    kept: dict[str, tuple[bytes, list[_Kept]]] = {}  # the cache's next
+    rereads: dict[str, _Reread] = {}  # the files whose documents came from the cache
     digest = hashlib.sha256()
     failed: list[tuple[str, int, Exception]] = []  # logged once collection runs again
     # Parsing and building make many small objects and no cycles: the cyclic collector is
@@ -387,42 +445,35 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
             if i:
                 digest.update(b"\0")
             before = len(problems)
-            docs, key = _cached(cache, name, text)
-            if docs is not None and key is not None:
-                reused.add(name)
+            records, key = _cached(cache, name, text)
+            if records is not None and key is not None:  # unchanged: its documents' builds again
                 digest.update(key[1])
-            else:
-                found = source_documents(name, text, problems, NO_DOCUMENTS)
-                if found is None:
-                    continue
-                encoded, docs = found
-                digest.update(encoded)
-            builds = cache.builds(name, key[0]) if cache is not None and key is not None else None
-            if name in reused and builds is not None:  # unchanged: its documents' builds again
-                for doc, built in zip(docs, builds, strict=True):
-                    read[name, doc.index] = doc
-                    ctx = _rebuilt(name, doc, built, parsed)
+                reread = rereads[name] = _Reread(name, text)
+                for record in records:
+                    ctx: DocContext = _KeptContext(name, record, reread)
+                    _add(parsed, ctx, record[3][4])
                     parsed.contexts.append(ctx)
-            else:
-                builds = []
-                for doc in docs:
-                    read[name, doc.index] = doc
-                    try:
-                        found_ctx = (
-                            _context(name, doc)
-                            if name in reused
-                            else _document(name, doc, problems)
-                        )
-                        if found_ctx is None:
-                            continue
-                        parsed.contexts.append(found_ctx)
-                        builds.append(_build(found_ctx, parsed))
-                    except Exception as exc:  # defence in depth: see _internal_error
-                        problems.append(_internal_error(name, doc.line, doc.index, exc, failed))
+                kept[name] = (key[0], records)
+                continue
+            found = source_documents(name, text, problems, NO_DOCUMENTS)
+            if found is None:
+                continue
+            encoded, docs = found
+            digest.update(encoded)
+            records = []
+            for doc in docs:
+                read[name, doc.index] = doc
+                try:
+                    found_ctx = _document(name, doc, problems)
+                    if found_ctx is None:
+                        continue
+                    parsed.contexts.append(found_ctx)
+                    records.append(_kept(doc, _build(found_ctx, parsed)))
+                except Exception as exc:  # defence in depth: see _internal_error
+                    problems.append(_internal_error(name, doc.line, doc.index, exc, failed))
             # With a cache, ``key`` is None only for a text UTF-8 cannot hold, refused above.
-            if key is not None and (name in reused or len(problems) == before):
-                stripped = docs if name in reused else [_without_columns(d) for d in docs]
-                kept[name] = (key[0], stripped, builds)
+            if key is not None and len(problems) == before:
+                kept[name] = (key[0], records)
         if cache is not None:
             cache.replace(kept)
         try:
@@ -440,11 +491,9 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
         problems.extend(ctx.problems)
         warnings.extend(ctx.warnings)
     order = {name: i for i, (name, _) in enumerate(sources)}
-    if reused and (problems or warnings):  # the columns of a reused file: parse it again
-        texts = dict(sources)
-        for name in reused & {p.file for p in (*problems, *warnings)}:
-            found = source_documents(name, texts[name], [], NO_DOCUMENTS)
-            read.update(((name, d.index), d) for d in (found[1] if found else ()))
+    if rereads and (problems or warnings):  # the columns of a reused file: read it again
+        for name in rereads.keys() & {p.file for p in (*problems, *warnings)}:
+            read.update(((name, index), d) for index, d in rereads[name].documents().items())
     problems = [_with_column(p, read) for p in problems]
     warnings = [_with_column(w, read) for w in warnings]
     if problems:
@@ -457,9 +506,9 @@ def _load(sources: list[tuple[str, str]], version: int, cache: ReadCache | None 
 
 def _cached(
     cache: ReadCache | None, name: str, text: str
-) -> tuple[list[YamlDocument] | None, tuple[bytes, bytes] | None]:
-    """The documents ``cache`` holds for this text of the file ``name`` (None if none), and
-    the text's sha256 and UTF-8 bytes (None without a cache or for a text UTF-8 cannot hold,
+) -> tuple[list[_Kept] | None, tuple[bytes, bytes] | None]:
+    """What ``cache`` keeps of this text of the file ``name`` (None if nothing), and the
+    text's sha256 and UTF-8 bytes (None without a cache or for a text UTF-8 cannot hold,
     which the full read then reports)."""
     if cache is None:
         return None, None
@@ -468,11 +517,7 @@ def _cached(
     except UnicodeEncodeError:
         return None, None
     sha = hashlib.sha256(encoded).digest()
-    return cache.documents(name, sha), (sha, encoded)
-
-
-def _without_columns(doc: YamlDocument) -> YamlDocument:
-    return YamlDocument(doc.index, doc.line, doc.value)  # replace() costs 10x as much
+    return cache.kept(name, sha), (sha, encoded)
 
 
 def _with_column(problem: Problem, read: Mapping[tuple[str, int], YamlDocument]) -> Problem:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from meshlib.config.model import (
     EffectivePolicy,
@@ -21,7 +21,6 @@ from meshlib.config.model import (
     ServiceDef,
     Snapshot,
     Split,
-    TrafficPolicyDoc,
 )
 from meshlib.policy.routes import RouteIndex
 
@@ -66,6 +65,55 @@ def match_http(match: HTTPMatch, method: str, path: str, headers: Mapping[str, s
     return True
 
 
+class _Targeted(Protocol):
+    @property
+    def target(self) -> PolicyTarget: ...
+
+
+_T = TypeVar("_T", bound=_Targeted)
+
+
+class _TargetIndex(Generic[_T]):
+    """Rules with a target (TrafficPolicies, FaultInjections) by what their target names,
+    built on first use: a service's first merge after a reload reads the rules that may apply
+    to it, not all of them (services x rules in all, otherwise)."""
+
+    __slots__ = ("_by_target", "_rules")
+
+    def __init__(self, rules: tuple[_T, ...]) -> None:
+        self._rules = rules
+        self._by_target: dict[str | None, list[tuple[int, _T]]] | None = None
+
+    def candidates(self, service_key: str) -> list[_T]:
+        """The rules whose target may apply to ``service_key`` (mesh-wide, its namespace's,
+        its own), in snapshot order: ties between equal scopes keep going to the first, as
+        when every rule was scanned."""
+        index = self._by_target
+        if index is None:
+            index = {}
+            for order, rule in enumerate(self._rules):
+                target = rule.target
+                # Keyed by the service key, else "namespace." (no service key ends with a
+                # dot), else None for the whole mesh.
+                key = (
+                    target.service
+                    if target.service is not None
+                    else None
+                    if target.namespace is None
+                    else f"{target.namespace}."
+                )
+                index.setdefault(key, []).append((order, rule))
+            self._by_target = index  # built twice at worst by racing threads: same content
+        namespace = service_key.split(".", 1)[1]
+        found = [
+            *index.get(None, ()),
+            *index.get(f"{namespace}.", ()),
+            *index.get(service_key, ()),
+        ]
+        found.sort(key=lambda entry: entry[0])
+        return [rule for _, rule in found]
+
+
 class Router:
     """Answers, for one snapshot: which service is this host, which route and split apply to
     this request, and what merged policy holds for (service, route)."""
@@ -76,9 +124,9 @@ class Router:
         self._hosts: dict[tuple[str, str], ServiceDef | None] = {}
         self._policies: dict[tuple[str, str | None], EffectivePolicy] = {}
         self._faults: dict[tuple[str, str | None], tuple[FaultRule, ...]] = {}
-        #: TrafficPolicies by what their target names (built on the first merge): a service's
-        #: first merge after a reload reads the policies that may apply to it, not all of them.
-        self._by_target: dict[str | None, list[tuple[int, TrafficPolicyDoc]]] | None = None
+        #: TrafficPolicies and FaultInjections by what their target names (on first use).
+        self._policy_index = _TargetIndex(snapshot.traffic_policies)
+        self._fault_index = _TargetIndex(snapshot.faults)
         self._routes = self._index_routes(snapshot)
         #: Gateway API HTTPRoutes attached to services (mesh mode); None when there are none,
         #: so a call's only cost without them is one ``is None``.
@@ -211,7 +259,7 @@ class Router:
 
     def _merge(self, service_key: str, route: str | None) -> EffectivePolicy:
         chosen: dict[str, tuple[int, Any, str]] = {}  # field -> (rank, value, source)
-        for doc in self._candidates(service_key):
+        for doc in self._policy_index.candidates(service_key):
             scope = self._applies(doc.target, service_key, route)
             if scope is None:
                 continue
@@ -230,35 +278,6 @@ class Router:
             sources[fname] = source
         return dataclasses.replace(policy, sources=sources)
 
-    def _candidates(self, service_key: str) -> list[TrafficPolicyDoc]:
-        """The TrafficPolicies whose target may apply to ``service_key`` (mesh-wide, its
-        namespace's, its own), in snapshot order: ties between equal scopes keep going to the
-        first, as when every policy was scanned."""
-        index = self._by_target
-        if index is None:
-            index = {}
-            for order, doc in enumerate(self.snapshot.traffic_policies):
-                target = doc.target
-                # Keyed by the service key, else "namespace." (no service key ends with a
-                # dot), else None for the whole mesh.
-                key = (
-                    target.service
-                    if target.service is not None
-                    else None
-                    if target.namespace is None
-                    else f"{target.namespace}."
-                )
-                index.setdefault(key, []).append((order, doc))
-            self._by_target = index  # built twice at worst by racing threads: same content
-        namespace = service_key.split(".", 1)[1]
-        found = [
-            *index.get(None, ()),
-            *index.get(f"{namespace}.", ()),
-            *index.get(service_key, ()),
-        ]
-        found.sort(key=lambda entry: entry[0])
-        return [doc for _, doc in found]
-
     def faults(self, service_key: str, route: str | None) -> tuple[FaultRule, ...]:
         """Fault rules that apply to calls to (service, route)."""
         key = (service_key, route)
@@ -266,7 +285,7 @@ class Router:
         if cached is None:
             cached = tuple(
                 f
-                for f in self.snapshot.faults
+                for f in self._fault_index.candidates(service_key)
                 if self._applies(f.target, service_key, route) is not None
             )
             self._faults[key] = cached

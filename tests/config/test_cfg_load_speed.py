@@ -5,6 +5,7 @@ in benchmarks/config_load.py, never here."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 import threading
@@ -215,3 +216,54 @@ def test_a_kept_build_reports_its_reference_problems_again(tmp_path: Path) -> No
         assert problem.file.endswith("b.yaml") and "s1" in problem.message
         (tmp_path / "a.yaml").write_text(_services(0, 2))  # back: the kept build is fine again
         assert mesh.reload() is True
+
+
+def test_an_unchanged_file_is_read_again_only_to_report_a_problem_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache keeps no parsed tree of a Service or a TrafficPolicy (only a TrafficSplit's,
+    which the reference check walks on every load): a reload that changes another file reads
+    the unchanged one not at all when all is well, and once when a problem in it must be
+    reported, with the very problems (lines, fields, columns) a fresh load gives."""
+    import meshlib
+    from meshlib.config.loader import load_paths
+
+    parsed: list[int] = []
+    real = loader.read_documents
+
+    def counting(text: str) -> Any:
+        parsed.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(loader, "read_documents", counting)
+    (tmp_path / "a.yaml").write_text(_services(0, 2))
+    unchanged = "---\n".join(
+        [
+            _services(5, 1),
+            "apiVersion: meshlib/v1\nkind: TrafficPolicy\nmetadata: {name: tp}\n"
+            "spec:\n  target:\n    service: s1\n  timeout: 2s\n",
+            "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: sp}\n"
+            "spec:\n  service: s0\n  backends:\n  - {service: s5, weight: 1}\n",
+        ]
+    )
+    (tmp_path / "b.yaml").write_text(unchanged)
+    with meshlib.Mesh.from_file(tmp_path, service="t", watch=False, metrics=False) as mesh:
+        changed = _services(0, 2, port=9090)
+        (tmp_path / "a.yaml").write_text(changed)
+        parsed.clear()
+        assert mesh.reload() is True
+        assert parsed == [len(changed)]  # b.yaml is not read again
+        assert dataclasses.replace(mesh.snapshot, version=0) == load_paths([tmp_path])
+
+        # s1 gone (b's policy targets it) and s5 declared in a.yaml too (b's is the duplicate).
+        (tmp_path / "a.yaml").write_text(_services(0, 1) + "---\n" + _services(5, 1))
+        parsed.clear()
+        assert mesh.reload() is False
+        assert parsed.count(len(unchanged)) == 1  # read once, for both problems and columns
+        with pytest.raises(ConfigError) as fresh:
+            load_paths([tmp_path])
+        assert mesh.last_error is not None
+        assert mesh.last_error.problems == fresh.value.problems
+        found = {(p.file.rsplit("/", 1)[1], p.field) for p in fresh.value.problems}
+        assert found == {("b.yaml", "metadata.name"), ("b.yaml", "spec.target.service")}
+        assert all(p.column > 0 for p in fresh.value.problems)

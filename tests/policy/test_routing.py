@@ -10,7 +10,14 @@ from typing import ClassVar
 import pytest
 
 from meshlib.config.loader import load_text
-from meshlib.config.model import EffectivePolicy, PolicyTarget, ServiceDef, TrafficPolicyDoc
+from meshlib.config.model import (
+    AbortFault,
+    EffectivePolicy,
+    FaultRule,
+    PolicyTarget,
+    ServiceDef,
+    TrafficPolicyDoc,
+)
 from meshlib.policy.routing import Router
 from meshlib.policy.split import pick_backend
 from policy.fakes import binomial_bounds
@@ -329,4 +336,37 @@ def test_a_merge_reads_only_the_policies_that_may_apply() -> None:
     ratings = router.policy("ratings.shop", None)
     assert (ratings.timeout, ratings.sources["timeout"]) == (4.0, "namespace:shop/ratings-ns")
     assert router.policy("details.default", None).timeout == 2.0
+    assert not any(key.startswith("other-") for key in _CountedTarget.asked), _CountedTarget.asked
+
+
+def test_fault_rules_are_read_only_where_they_may_apply() -> None:
+    """A service's fault rules, found on first use per (service, route), are read from the
+    FaultInjections whose target may apply to it, in snapshot order: every service's, before."""
+    snap = load_text(POLICY)
+
+    def fault(name: str, namespace: str, target: PolicyTarget, status: int) -> FaultRule:
+        return FaultRule(name, namespace, target, abort=AbortFault(status, 100.0))
+
+    others = [
+        fault(f"f{i}", "shop", _CountedTarget(service=f"other-{i}.shop"), 500) for i in range(50)
+    ]
+    faults = (
+        fault("own", "default", _CountedTarget(service="reviews.default"), 503),
+        fault("all", "default", _CountedTarget(), 501),
+        *others,
+        fault("ns", "default", _CountedTarget(namespace="default"), 502),
+        fault("route", "default", _CountedTarget(service="reviews.default", route="admin"), 504),
+        fault("shop-ns", "shop", _CountedTarget(namespace="shop"), 505),
+    )
+    _CountedTarget.asked.clear()
+    router = Router(dataclasses.replace(snap, faults=faults))
+    assert [f.name for f in router.faults("reviews.default", None)] == ["own", "all", "ns"]
+    assert [f.name for f in router.faults("reviews.default", "admin")] == [
+        "own",
+        "all",
+        "ns",
+        "route",
+    ]
+    assert [f.name for f in router.faults("ratings.shop", None)] == ["all", "shop-ns"]
+    assert [f.name for f in router.faults("details.default", None)] == ["all", "ns"]
     assert not any(key.startswith("other-") for key in _CountedTarget.asked), _CountedTarget.asked
