@@ -190,8 +190,11 @@ class Tracing:
             # doubled, ended by its owner.
             if current.is_recording() and _kind(current) is SpanKind.CLIENT:
                 carrier = self._carrier_for(ctx, _ids(current.get_span_context()))
-                spans = _CallSpans(tracer, ctx, current, False, request, service, carrier)
-                return _traced(call, spans)
+                name = f"{request.method} {service.name}"
+                send_context = trace.set_span_in_context(current, self._suppressed(ctx))
+                return _traced(
+                    call, _CallSpans(tracer, send_context, current, False, name, request, carrier)
+                )
             parent = current.get_span_context()
         ids: Ids | None = None
         name = f"{request.method} {service.name}"
@@ -202,10 +205,16 @@ class Tracing:
         if ids is None:
             attributes = _call_attributes(request, service)
             span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
+            span_context = span.get_span_context()
             if span.is_recording():
-                carrier = self._carrier_for(ctx, _ids(span.get_span_context()))
-                return _traced(call, _CallSpans(tracer, ctx, span, True, request, service, carrier))
-            ids = _ids(span.get_span_context())  # the SDK's sampler said no to a root
+                carrier = self._carrier_for(ctx, _ids(span_context))
+                # One context per call: the call span over the parent's suppressed context
+                # (made once per parent context), attached around attempts, parent of resends.
+                send_context = trace.set_span_in_context(span, self._suppressed(ctx))
+                return _traced(
+                    call, _CallSpans(tracer, send_context, span, True, name, request, carrier)
+                )
+            ids = _ids(span_context)  # the SDK's sampler said no to a root
         # Not sampled: nothing is recorded for the call or its attempts, so no span is built.
         # The call's ids (the parent's trace id, a new span id, not sampled) are written once
         # and copied onto every attempt, hedge and mirror.
@@ -305,6 +314,7 @@ class Tracing:
                 "http.request.method": request.method,
                 "url.full": str(url),
                 "server.address": url.host,
+                "server.port": url.port or (443 if url.scheme == "https" else 80),
                 "mesh.reason": error.reason.value,
             },
         )
@@ -381,12 +391,15 @@ def _unsampled_root() -> SpanContext:
 
 
 def _call_attributes(request: httpx.Request, service: ServiceDef) -> dict[str, Any]:
-    """The call span's attributes, which its sampler sees too."""
+    """The call span's attributes, given to ``start_span`` (cleaned once, and seen by its
+    sampler): the HTTP client conventions' required four (``server.*`` the origin the caller
+    named) and the service's key."""
     url = request.url
     return {
         "http.request.method": request.method,
         "url.full": str(url),
         "server.address": url.host,
+        "server.port": url.port or (443 if url.scheme == "https" else 80),
         "mesh.service": service.key,
     }
 
@@ -460,24 +473,22 @@ class _CallSpans:
     def __init__(
         self,
         tracer: Tracer,
-        parent: Context,
+        send_context: Context,
         span: Span,
         owned: bool,
+        name: str,
         request: httpx.Request,
-        service: ServiceDef,
         carrier: dict[str, str],
     ) -> None:
         self.tracer = tracer
         self.method = request.method
-        self.name = f"{request.method} {service.name}"
+        self.name = name
         self.span = span
         self.owned = owned  # False: someone else's CLIENT span, enriched and ended by its owner
         self.carrier = carrier  # the call span's headers, which the first attempt carries
-        self.context = trace.set_span_in_context(self.span, parent)
-        #: Attached while an attempt is with the driver: the call span, HTTP instrumentation off.
-        self.send_context = otel_context.set_value(
-            _SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, self.context
-        )
+        #: The call span, HTTP instrumentation off: attached while an attempt is with the
+        #: driver, and the parent of resends and mirrors (the SDK reads only the span from it).
+        self.send_context = send_context
         self.first: Send | None = None  # the first attempt, recorded on the call span
         self.first_open = False  # the first attempt is with the driver
         #: The first attempt's attributes and end time (ns), once it has ended, until it is
@@ -499,14 +510,16 @@ class _CallSpans:
             ended = self.first_ended
             if ended is not None:  # the first attempt is over: its outcome becomes an event
                 self.first_ended = None
-                self.span.add_event("mesh.attempt", ended[0], ended[1])
+                self.span.add_event("mesh.attempt", _event(self.first, ended[0]), ended[1])
         attributes = _send_attributes(self.method, request.url)
         attributes["mesh.attempt"] = send.number
         attributes["mesh.hedge"] = send.hedge
         attributes["http.request.resend_count"] = send.number - 1
-        span = self.tracer.start_span(self.name, self.context, SpanKind.CLIENT, attributes)
+        span = self.tracer.start_span(self.name, self.send_context, SpanKind.CLIENT, attributes)
         self.attempts[id(send)] = span
-        propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
+        propagate.inject(
+            request.headers, context=trace.set_span_in_context(span, self.send_context)
+        )
 
     def mirror(self, mirror: Mirror) -> None:
         """Open the mirrored copy's span (a child of the call span, marked as a mirror), put its
@@ -516,8 +529,10 @@ class _CallSpans:
         attributes["mesh.mirror"] = True
         attributes["mesh.service"] = mirror.service
         name = f"{self.method} {mirror.service.partition('.')[0]}"
-        span = self.tracer.start_span(name, self.context, SpanKind.CLIENT, attributes)
-        propagate.inject(request.headers, context=trace.set_span_in_context(span, self.context))
+        span = self.tracer.start_span(name, self.send_context, SpanKind.CLIENT, attributes)
+        propagate.inject(
+            request.headers, context=trace.set_span_in_context(span, self.send_context)
+        )
         mirror.observe = _mirror_observer(span)
 
     def end(self, send: Send, outcome: Outcome | None) -> None:
@@ -548,7 +563,8 @@ class _CallSpans:
 
     def _first_ended(self, attributes: dict[str, Any]) -> None:
         if self.resent:
-            self.span.add_event("mesh.attempt", attributes)
+            assert self.first is not None
+            self.span.add_event("mesh.attempt", _event(self.first, attributes))
         else:  # it may stay the only attempt: kept until the call ends or another begins
             self.first_ended = (attributes, time.time_ns())
 
@@ -575,10 +591,10 @@ class _CallSpans:
         if ended is not None:
             attributes = ended[0]
             attributes.pop("error.type", None)
-            if decision is not None:
-                attributes.update(_decision_attributes(decision))
         else:
-            attributes = {} if decision is None else _decision_attributes(decision)
+            attributes = {}
+        if decision is not None:
+            _decision_attributes(decision, attributes)
         if self.owned and response is not None:
             attributes["http.response.status_code"] = response.status_code
         if attributes:
@@ -602,12 +618,13 @@ class _CallSpans:
 
 def _first_attempt(send: Send, outcome: Outcome | None) -> dict[str, Any]:
     """The first attempt's attributes: on the call span if it was the only attempt, else on
-    the call span's ``mesh.attempt`` event. The endpoint is the connection's peer
-    (``network.peer.*``): the call span's ``server.address`` is the service the caller named."""
+    the call span's ``mesh.attempt`` event (:func:`_event`). The endpoint is the connection's
+    peer (``network.peer.*``): the call span's ``server.address`` is the service the caller
+    named. No ``mesh.attempt``/``mesh.hedge`` on the call span: a call with one attempt says
+    ``mesh.attempts`` = 1, and a first attempt is never a hedge (each attribute costs the SDK's
+    cleaning; docs/performance.md)."""
     url = send.request.url
     attributes: dict[str, Any] = {
-        "mesh.attempt": send.number,
-        "mesh.hedge": send.hedge,
         "network.peer.address": url.host,
         "network.peer.port": url.port or (443 if url.scheme == "https" else 80),
     }
@@ -625,14 +642,22 @@ def _first_attempt(send: Send, outcome: Outcome | None) -> dict[str, Any]:
     return attributes
 
 
-def _decision_attributes(decision: Decision) -> dict[str, Any]:
-    """The call span's attributes from the decision record."""
-    attributes: dict[str, Any] = {
-        "mesh.reason": decision.reason,
-        "mesh.retries": decision.retries,
-        "mesh.hedges": decision.hedges,
-        "mesh.attempts": len(decision.attempts),
-    }
+def _event(first: Send, attributes: dict[str, Any]) -> dict[str, Any]:
+    """The first attempt's ``mesh.attempt`` event on a call span that has resends: the
+    attempt's number and whether it was a hedge, then :func:`_first_attempt`'s attributes."""
+    return {"mesh.attempt": first.number, "mesh.hedge": first.hedge, **attributes}
+
+
+def _decision_attributes(decision: Decision, attributes: dict[str, Any]) -> None:
+    """The call span's attributes from the decision record, added to ``attributes``. What is
+    at its default is left out (no retry, no hedge, no route, no split...): each attribute
+    costs the SDK's cleaning, and an absent ``mesh.retries`` reads as 0."""
+    attributes["mesh.reason"] = decision.reason
+    attributes["mesh.attempts"] = len(decision.attempts)
+    if decision.retries:
+        attributes["mesh.retries"] = decision.retries
+    if decision.hedges:
+        attributes["mesh.hedges"] = decision.hedges
     if decision.route is not None:
         attributes["mesh.route"] = decision.route
     if decision.backend is not None:
@@ -645,7 +670,6 @@ def _decision_attributes(decision: Decision) -> dict[str, Any]:
         attributes["mesh.deadline_ms"] = int(decision.deadline * 1000)
     if decision.budget != "ok":
         attributes["mesh.budget"] = decision.budget
-    return attributes
 
 
 def _traced(call: Call, spans: _CallSpans) -> Call:

@@ -69,7 +69,7 @@ def test_a_mirrored_copy_is_its_own_client_span_under_the_call(
 
     spans = recorder.named("GET reviews", SpanKind.CLIENT)
     (call_span,) = spans  # the call, which carries its one attempt
-    assert call_span.attributes["mesh.attempt"] == 1
+    assert call_span.attributes["mesh.attempts"] == 1
     (copy,) = [s for s in recorder.spans() if s.attributes.get("mesh.mirror")]
     assert copy.kind is SpanKind.CLIENT and copy.name == "GET reviews-shadow"
     assert copy.parent is not None and copy.parent.span_id == call_span.context.span_id
