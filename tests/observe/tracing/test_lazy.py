@@ -9,6 +9,7 @@ carried on to the calls a handler makes, with no SDK at all.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -23,10 +24,15 @@ TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-def run_child(code: str) -> dict[str, Any]:
+def run_child(code: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``code`` in a fresh interpreter; it prints one JSON line, returned parsed."""
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
     )
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -106,3 +112,19 @@ print(json.dumps(dict(plain=plain, loaded_plain=loaded_plain, carried=carried, s
     assert out["sdk"] is False
     trace_id, span_id, flags = traceparent_ids(out["carried"]["traceparent"])
     assert (trace_id, span_id, flags) == (TRACE_ID, 0x00F067AA0BA902B7, 1)
+
+
+def test_a_provider_named_by_the_environment_is_used_with_no_import(echo_factory) -> None:
+    """``OTEL_PYTHON_TRACER_PROVIDER``: the API loads the SDK's provider by itself, so the
+    application imports nothing from OpenTelemetry and its calls are still traced."""
+    backend = echo_factory("backend")
+    code = f"""
+import json, meshlib
+mesh = meshlib.Mesh.from_text({service_yaml("backend", backend.port)!r}, service="app")
+with mesh.client() as client:
+    headers = client.get("http://backend/").json()["headers"]
+print(json.dumps(dict(headers=headers)))
+"""
+    out = run_child(code, {"OTEL_PYTHON_TRACER_PROVIDER": "sdk_tracer_provider"})
+    _, _, flags = traceparent_ids(out["headers"]["traceparent"])  # a span of the SDK's
+    assert flags & 1
