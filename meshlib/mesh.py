@@ -32,6 +32,7 @@ from meshlib.config.model import (
 )
 from meshlib.decision import Decision
 from meshlib.errors import AccessDeniedError, ConfigError
+from meshlib.observe.tracehook import TracingHook
 from meshlib.outbound.call import Effect, run_call
 from meshlib.outbound.destination import Destination
 from meshlib.outbound.egress import close_service
@@ -177,7 +178,8 @@ class Mesh:
     polled every ``svid_poll_interval`` seconds (``None``: never) and a renewed pair is swapped
     in for new connections (:mod:`meshlib.identity.rotation`; see :attr:`svid_status`).
     ``tracer_provider`` records the mesh's spans (default: OpenTelemetry's global provider,
-    looked up until one is set; :mod:`meshlib.observe.tracing`).
+    looked up until one is set; :mod:`meshlib.observe.tracing`, loaded by
+    :mod:`meshlib.observe.tracehook` only once OpenTelemetry is in the process).
     """
 
     def __init__(
@@ -212,9 +214,9 @@ class Mesh:
         self.local_responses = local_responses
         #: Retries wait no backoff (:func:`meshlib.testing.instant_retries` sets it in tests).
         self.instant_backoff = False
-        from meshlib.observe.tracing import Tracing  # OpenTelemetry's API loads with the first mesh
-
-        self.tracing = Tracing(tracer_provider, lambda: self._router.snapshot.mesh, clock, seed)
+        # OpenTelemetry's API loads only once something in the process imported it (an SDK,
+        # instrumentation) or a request brings a trace context: meshlib.observe.tracehook.
+        self.tracing = TracingHook(tracer_provider, lambda: self._router.snapshot.mesh, clock, seed)
         # Endpoints discovered per service key (set_endpoints), kept apart from the snapshot so
         # an update costs one service, not a new Snapshot and Router.
         self._discovered = DiscoveredSets()

@@ -136,8 +136,16 @@ LAZY_MODULES = (
 )
 
 #: Modules that loading a plain policy (one service, no duration, weight or pattern) must not
-#: load either: what only a rejected file, a regex, a quantity or an SDK tracer needs (issue 15).
-LAZY_AFTER_PLAIN_POLICY = ("re2", "decimal", "difflib", "prometheus_client", "importlib.metadata")
+#: load either: what only a rejected file, a regex, a quantity or an SDK tracer needs, and
+#: OpenTelemetry, which nothing needs until something in the process imports it (issue 15).
+LAZY_AFTER_PLAIN_POLICY = (
+    "re2",
+    "decimal",
+    "difflib",
+    "prometheus_client",
+    "importlib.metadata",
+    "opentelemetry",
+)
 
 PLAIN_POLICY = """\
 apiVersion: meshlib/v1
@@ -168,3 +176,23 @@ def test_a_plain_policy_loads_no_pattern_quantity_or_hint_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "", f"Mesh.from_text of one plain service loaded: {out}"
+
+
+@pytest.mark.timeout(60)
+def test_a_first_call_with_default_options_loads_no_opentelemetry(echo_factory) -> None:
+    """Metrics on, tracing left to OpenTelemetry's global provider: with no SDK set up and no
+    trace context, the first Mesh and its first call need nothing from OpenTelemetry."""
+    backend = echo_factory("backend")
+    policy = PLAIN_POLICY.replace("127.0.0.1:9", f"127.0.0.1:{backend.port}")
+    lazy = tuple(m for m in LAZY_AFTER_PLAIN_POLICY if m != "prometheus_client")  # metrics on
+    code = (
+        "import sys, meshlib\n"
+        f"mesh = meshlib.Mesh.from_text({policy!r}, service='s', namespace='default')\n"
+        "with mesh.client() as client:\n"
+        "    assert client.get('http://backend/').status_code == 200\n"
+        f"print(','.join(m for m in {lazy!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=50
+    ).stdout.strip()
+    assert out == "", f"the first Mesh and call loaded: {out}"

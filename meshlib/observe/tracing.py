@@ -1,7 +1,9 @@
 """Tracing: OpenTelemetry spans for outbound calls and inbound requests, and W3C propagation.
 
 Only the OpenTelemetry *API* is used: the application chooses the SDK, exporter and sampler.
-Loaded by :class:`~meshlib.mesh.Mesh` when it is built, never by ``import meshlib``.
+Loaded by the mesh's hook (:mod:`meshlib.observe.tracehook`) only once OpenTelemetry is in the
+process or a request brings a trace context: never by ``import meshlib`` nor by a mesh with
+nothing to trace.
 
 Outbound, the call sequence (:func:`meshlib.outbound.call.run_call`) stays free of tracing: this
 module wraps its generator of effects. The *call* span (kind CLIENT) is also its first attempt's:
