@@ -140,5 +140,8 @@ def test_hanging_shadow_does_not_stall_hedged_primary_calls(
         r = c.get("http://reviews/r")
         elapsed = time.perf_counter() - start
         assert r.status_code == 200
-        assert elapsed < 0.5, (i, elapsed)
+        # A stalled call waits on a hanging copy: seconds (httpx's 5 s read timeout, no policy one).
+        # A fast one is a few ms; 0.64 s was seen once on a 2-core machine under load, so the
+        # bound sits between the two, not at the fast path's cost.
+        assert elapsed < 2.0, (i, elapsed)
     assert shadow.wait_for_requests(8)
