@@ -25,8 +25,8 @@ __all__ = ["MAX_POOLS", "EndpointPools", "Pool", "PoolKey", "quiet"]
 #: Pools kept per mesh transport (endpoints it has called recently, mTLS and plain apart).
 MAX_POOLS = 256
 
-#: (over mesh mTLS, host, port): the endpoint an attempt is sent to.
-PoolKey = tuple[bool, str, "int | None"]
+#: (over mesh mTLS, the endpoint's ``host:port``): where an attempt is sent.
+PoolKey = tuple[bool, str]
 
 T = TypeVar("T")
 
@@ -50,7 +50,9 @@ class Pool(Generic[T]):
 
     def __init__(self, transport: T) -> None:
         self.transport = transport
-        self.leases = 0
+        # One item per lease: append and pop are atomic, so a release needs no lock (an
+        # eviction that reads a lease about to end only keeps the pool a little longer).
+        self.leases: list[None] = []
 
 
 class EndpointPools(Generic[T]):
@@ -89,17 +91,17 @@ class EndpointPools(Generic[T]):
             evicted: list[T] = []
             if entry is None:
                 entry = self._pools[key] = Pool(self._build(key))
-                entry.leases = 1  # before evicting: the new pool is never the one closed
+                entry.leases.append(None)  # before evicting: the new pool is never closed
                 if len(self._pools) > self._cap:
                     evicted = self._evict()
             else:
                 self._pools.move_to_end(key)
-                entry.leases += 1
+                entry.leases.append(None)
             return entry, evicted
 
-    def release(self, entry: Pool[T]) -> None:
-        with self._lock:
-            entry.leases -= 1
+    @staticmethod
+    def release(entry: Pool[T]) -> None:
+        entry.leases.pop()
 
     def _evict(self) -> list[T]:
         """Remove least recently used pools that are neither leased nor holding a connection
@@ -109,7 +111,7 @@ class EndpointPools(Generic[T]):
         for key, entry in self._pools.items():
             if len(victims) == excess:
                 break
-            if entry.leases == 0 and self._is_quiet(entry.transport):
+            if not entry.leases and self._is_quiet(entry.transport):
                 victims.append(key)
         return [self._pools.pop(key).transport for key in victims]
 

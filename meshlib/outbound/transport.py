@@ -78,6 +78,12 @@ def _one_tls_context(kwargs: dict[str, Any]) -> dict[str, Any]:
     return shared
 
 
+def _address(request: httpx.Request) -> str:
+    """The ``host:port`` a mirrored copy is aimed at (an attempt's comes with its endpoint)."""
+    url = request.url
+    return f"{url.host}:{url.port}"
+
+
 def _mirror_ended(
     mirror: Mirror, response: httpx.Response | None, error: BaseException | None
 ) -> None:
@@ -216,18 +222,18 @@ class MeshTransport(httpx.BaseTransport):
         clock = self._mesh.clock
         start = clock()
         try:
-            response = self._handle(send.request, send.tls)
+            response = self._handle(send.request, send.tls, send.state.address)
         except httpx.TransportError as error:
             return Outcome(None, error, clock() - start)
         return Outcome(response, None, clock() - start)
 
-    def _handle(self, request: httpx.Request, tls: bool) -> httpx.Response:
-        """Send an attempt (its URL aimed at the endpoint) through the endpoint's pool: over
-        the mesh's mTLS if the call sequence decided so (the URL is then ``https``)."""
+    def _handle(self, request: httpx.Request, tls: bool, address: str) -> httpx.Response:
+        """Send an attempt (its URL aimed at the endpoint ``address``) through the endpoint's
+        pool: over the mesh's mTLS if the call sequence decided so (the URL is then
+        ``https``)."""
         if not (tls or self._own_inner):
             return self._inner.handle_request(request)
-        url = request.url
-        pool, evicted = self._pools.lease((tls, url.host, url.port))
+        pool, evicted = self._pools.lease((tls, address))
         for transport in evicted:
             transport.close()
         try:
@@ -306,7 +312,7 @@ class MeshTransport(httpx.BaseTransport):
         response = None
         failure: BaseException | None = None
         try:
-            response = self._handle(mirror.request, mirror.tls)
+            response = self._handle(mirror.request, mirror.tls, _address(mirror.request))
             try:
                 response.read()
             finally:
@@ -406,16 +412,15 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         clock = self._mesh.clock
         start = clock()
         try:
-            response = await self._handle(send.request, send.tls)
+            response = await self._handle(send.request, send.tls, send.state.address)
         except httpx.TransportError as error:
             return Outcome(None, error, clock() - start)
         return Outcome(response, None, clock() - start)
 
-    async def _handle(self, request: httpx.Request, tls: bool) -> httpx.Response:
+    async def _handle(self, request: httpx.Request, tls: bool, address: str) -> httpx.Response:
         if not (tls or self._own_inner):
             return await self._inner.handle_async_request(request)
-        url = request.url
-        pool, evicted = self._pools.lease((tls, url.host, url.port))
+        pool, evicted = self._pools.lease((tls, address))
         try:
             for transport in evicted:
                 await transport.aclose()
@@ -495,7 +500,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         response = None
         failure: BaseException | None = None
         try:
-            response = await self._handle(mirror.request, mirror.tls)
+            response = await self._handle(mirror.request, mirror.tls, _address(mirror.request))
             try:
                 await response.aread()
             finally:

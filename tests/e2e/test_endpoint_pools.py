@@ -33,11 +33,11 @@ def transport_of(c: Caller) -> Any:
     return c._client._transport
 
 
-def pools_of(c: Caller) -> dict[int | None, Any]:
+def pools_of(c: Caller) -> dict[int, Any]:
     """Port → transport of each plain endpoint pool of ``c``'s mesh transport."""
     items = transport_of(c)._pools.items()
-    assert all(not tls for (tls, _, _), _ in items)
-    return {port: transport for (_, _, port), transport in items}
+    assert all(not tls for (tls, _), _ in items)
+    return {int(address.rsplit(":", 1)[1]): transport for (_, address), transport in items}
 
 
 def port_of(response: httpx.Response) -> int:
@@ -84,7 +84,7 @@ def test_pools_past_the_cap_are_closed_least_recently_used_first(
     ports = [b.port for b in backends]
     mesh = make_mesh(service_yaml("reviews", ports) + ROUND_ROBIN)
     c = caller.bind(mesh)
-    seen: dict[int | None, Any] = {}
+    seen: dict[int, Any] = {}
     called: list[int] = []
     for i in range(9):  # round-robin: each endpoint in turn
         response = c.get("http://reviews/")
@@ -132,12 +132,11 @@ def test_a_pool_with_a_response_still_being_read_is_not_closed(
             assert held.status_code == 200
             kept = port_of(held)
             transport: Any = client._transport
-            pool = dict((port, t) for (_, _, port), t in transport._pools.items())[kept]
+            pool = dict(transport._pools.items())[(False, f"127.0.0.1:{kept}")]
             for _ in range(4):  # round-robin: the two others, the held one (a second
                 # connection in its pool), one other
                 assert client.get("http://reviews/").status_code == 200
-                assert kept in {port for (_, _, port), _ in transport._pools.items()}
-            assert dict((port, t) for (_, _, port), t in transport._pools.items())[kept] is pool
+                assert dict(transport._pools.items())[(False, f"127.0.0.1:{kept}")] is pool
             body = held.read()
         assert held.json()["path"] == "/held" and body
         assert sorted(b.requests for b in backends) == [1, 2, 2]

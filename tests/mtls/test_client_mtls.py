@@ -245,7 +245,7 @@ def test_each_endpoint_has_its_own_mtls_pool_and_close_closes_them(
         assert c.get("http://reviews/").status_code == 200
     transport: Any = c._client._transport
     pools = dict(transport._pools.items())
-    assert sorted(pools) == [(True, "127.0.0.1", port) for port in ports]
+    assert sorted(pools) == [(True, f"127.0.0.1:{port}") for port in ports]
     inner = [t._pool for t in pools.values()]
     assert [len(pool.connections) for pool in inner] == [1, 1]
     assert [pool._max_connections for pool in inner] == [1, 1]  # limits apply per endpoint

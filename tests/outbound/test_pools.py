@@ -28,7 +28,7 @@ def make(cap: int) -> tuple[EndpointPools[FakeTransport], list[PoolKey]]:
 
 
 def key(port: int, tls: bool = False) -> PoolKey:
-    return (tls, "127.0.0.1", port)
+    return (tls, f"127.0.0.1:{port}")
 
 
 def call(pools: EndpointPools[FakeTransport], k: PoolKey) -> list[PoolKey]:
