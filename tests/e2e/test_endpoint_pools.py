@@ -140,3 +140,27 @@ def test_a_pool_with_a_response_still_being_read_is_not_closed(
             body = held.read()
         assert held.json()["path"] == "/held" and body
         assert sorted(b.requests for b in backends) == [1, 2, 2]
+
+
+def test_a_users_own_inner_transport_carries_every_plain_attempt(make_mesh, echo_factory) -> None:
+    """``inner=`` is the user's choice: every endpoint's attempts go through it, no pool of
+    the mesh's own is built."""
+
+    class Counting(httpx.HTTPTransport):
+        sent = 0
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            Counting.sent += 1
+            return super().handle_request(request)
+
+    backends = [echo_factory(name) for name in "ab"]
+    mesh: meshlib.Mesh = make_mesh(
+        service_yaml("reviews", [b.port for b in backends]) + ROUND_ROBIN
+    )
+    transport = meshlib.MeshTransport(mesh, inner=Counting())
+    with httpx.Client(transport=transport) as client:
+        for _ in range(4):
+            assert client.get("http://reviews/").status_code == 200
+        assert Counting.sent == 4
+        assert transport._pools.items() == []
+    assert [b.requests for b in backends] == [2, 2]
