@@ -581,17 +581,21 @@ class Mesh:
         return self.uses_mtls(self._router, service_key)
 
     def mtls_transport(self, limits: httpx.Limits | None = None) -> MeshTLSTransport:
-        """A sync inner transport for mesh traffic: presents the SVID, checks the server's ID."""
+        """A sync inner transport for mesh traffic: presents the SVID, checks the server's ID.
+        Every one shares the SVID's current client context (a transport per endpoint must not
+        build its own; handshakes take the verifier's context at connect time anyway)."""
         from meshlib.outbound.mtls import MeshTLSTransport
 
-        assert self.svid is not None and self._peer_verifier is not None
-        return MeshTLSTransport(self.svid.client_context(), self._peer_verifier, limits=limits)
+        verifier = self._peer_verifier
+        assert self.svid is not None and verifier is not None
+        return MeshTLSTransport(verifier.client_context(), verifier, limits=limits)
 
     def async_mtls_transport(self, limits: httpx.Limits | None = None) -> AsyncMeshTLSTransport:
         from meshlib.outbound.mtls import AsyncMeshTLSTransport
 
-        assert self.svid is not None and self._peer_verifier is not None
-        return AsyncMeshTLSTransport(self.svid.client_context(), self._peer_verifier, limits=limits)
+        verifier = self._peer_verifier
+        assert self.svid is not None and verifier is not None
+        return AsyncMeshTLSTransport(verifier.client_context(), verifier, limits=limits)
 
     def stream_endpoint(self, service_key: str) -> StreamEndpoint | None:
         """An endpoint of ``service_key`` for a long-lived stream (the gateway's WebSocket

@@ -34,6 +34,7 @@ from meshlib.outbound.call import (
     local_response,
 )
 from meshlib.outbound.egress import pass_through_hint, unresolved
+from meshlib.outbound.pools import EndpointPools, PoolKey
 
 if TYPE_CHECKING:
     import asyncio
@@ -62,6 +63,25 @@ class CallStarter(Protocol):
 
     def close_service(self, host: str) -> str | None:
         """The mesh service a host outside the mesh was probably meant to name, or None."""
+
+
+def _one_tls_context(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``httpx.HTTPTransport`` keyword arguments with ``verify``/``cert`` turned into the one
+    SSL context httpx would build from them: every endpoint's pool shares it instead of
+    loading the CA bundle again per endpoint."""
+    shared = {k: v for k, v in kwargs.items() if k != "cert"}
+    shared["verify"] = httpx.create_ssl_context(
+        verify=kwargs.get("verify", True),
+        cert=kwargs.get("cert"),
+        trust_env=kwargs.get("trust_env", True),
+    )
+    return shared
+
+
+def _address(request: httpx.Request) -> str:
+    """The ``host:port`` a mirrored copy is aimed at (an attempt's comes with its endpoint)."""
+    url = request.url
+    return f"{url.host}:{url.port}"
 
 
 def _mirror_ended(
@@ -127,9 +147,14 @@ class AsyncMeshClient(httpx.AsyncClient):
 
 
 class MeshTransport(httpx.BaseTransport):
-    """Sync driver. ``inner`` defaults to an ``httpx.HTTPTransport`` built from ``**kwargs``
-    (verify, cert, limits, http1, http2, trust_env, ...), so a client's TLS and pool settings
-    still apply when the mesh is plugged in."""
+    """Sync driver. Without ``inner``, each endpoint of a mesh service gets its own
+    ``httpx.HTTPTransport`` (its own connection pool, :mod:`meshlib.outbound.pools`), built on
+    first use from ``**kwargs`` (verify, cert, limits, http1, http2, trust_env, ...), so a
+    client's TLS and pool settings still apply when the mesh is plugged in; ``limits`` then
+    bound the connections *per endpoint* (as Envoy's per-host pools), and hosts outside the
+    mesh share one more such transport. With ``inner``, every plain request goes through that
+    one transport. Attempts over the mesh's mTLS get a pool per endpoint either way, with the
+    same ``limits``."""
 
     def __init__(
         self,
@@ -140,11 +165,15 @@ class MeshTransport(httpx.BaseTransport):
         **kwargs: Any,
     ) -> None:
         self._mesh = mesh
-        self._inner = inner if inner is not None else httpx.HTTPTransport(**kwargs)
+        self._own_inner = inner is None
+        if inner is None:
+            kwargs = _one_tls_context(kwargs)
+            inner = httpx.HTTPTransport(**kwargs)
+        self._inner = inner  # hosts outside the mesh (and mesh endpoints, if the user's)
+        self._inner_kwargs = kwargs
         self._local_responses = local_responses
-        # mTLS for mesh traffic: a separate inner transport, built on first use.
-        self._mtls_limits: httpx.Limits | None = kwargs.get("limits")
-        self._mtls_inner: httpx.BaseTransport | None = None
+        self._limits: httpx.Limits | None = kwargs.get("limits")
+        self._pools = EndpointPools[httpx.BaseTransport](self._build_pool)
         self._pool: ThreadPoolExecutor | None = None
         # Mirrors get their own threads: a slow or hanging shadow must never occupy the
         # workers that primary (hedged) attempts need.
@@ -192,20 +221,30 @@ class MeshTransport(httpx.BaseTransport):
     def _send(self, send: Send) -> Outcome:
         clock = self._mesh.clock
         start = clock()
-        inner = self._tls_inner() if send.tls else self._inner
         try:
-            response = inner.handle_request(send.request)
+            response = self._handle(send.request, send.tls, send.state.address)
         except httpx.TransportError as error:
             return Outcome(None, error, clock() - start)
         return Outcome(response, None, clock() - start)
 
-    def _tls_inner(self) -> httpx.BaseTransport:
-        """The mesh's mTLS transport (the call sequence decided the attempt goes over TLS and
-        aimed its URL at ``https``), built on first use."""
-        with self._pool_lock:
-            if self._mtls_inner is None:
-                self._mtls_inner = self._mesh.mtls_transport(self._mtls_limits)
-            return self._mtls_inner
+    def _handle(self, request: httpx.Request, tls: bool, address: str) -> httpx.Response:
+        """Send an attempt (its URL aimed at the endpoint ``address``) through the endpoint's
+        pool: over the mesh's mTLS if the call sequence decided so (the URL is then
+        ``https``)."""
+        if not (tls or self._own_inner):
+            return self._inner.handle_request(request)
+        pool, evicted = self._pools.lease((tls, address))
+        for transport in evicted:
+            transport.close()
+        try:
+            return pool.transport.handle_request(request)
+        finally:
+            self._pools.release(pool)
+
+    def _build_pool(self, key: PoolKey) -> httpx.BaseTransport:
+        if key[0]:
+            return self._mesh.mtls_transport(self._limits)
+        return httpx.HTTPTransport(**self._inner_kwargs)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -273,8 +312,7 @@ class MeshTransport(httpx.BaseTransport):
         response = None
         failure: BaseException | None = None
         try:
-            inner = self._tls_inner() if mirror.tls else self._inner
-            response = inner.handle_request(mirror.request)
+            response = self._handle(mirror.request, mirror.tls, _address(mirror.request))
             try:
                 response.read()
             finally:
@@ -297,8 +335,8 @@ class MeshTransport(httpx.BaseTransport):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self._inner.close()
-        if self._mtls_inner is not None:
-            self._mtls_inner.close()
+        for transport in self._pools.drain():
+            transport.close()
 
 
 def _close_outcome(future: Future[Outcome]) -> None:
@@ -308,7 +346,8 @@ def _close_outcome(future: Future[Outcome]) -> None:
 
 
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
-    """Async driver (asyncio or trio through anyio). Same effects, awaited."""
+    """Async driver (asyncio or trio through anyio). Same effects, awaited; the same pools
+    per endpoint as :class:`MeshTransport` (``httpx.AsyncHTTPTransport`` ones)."""
 
     def __init__(
         self,
@@ -319,10 +358,15 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         **kwargs: Any,
     ) -> None:
         self._mesh = mesh
-        self._inner = inner if inner is not None else httpx.AsyncHTTPTransport(**kwargs)
+        self._own_inner = inner is None
+        if inner is None:
+            kwargs = _one_tls_context(kwargs)
+            inner = httpx.AsyncHTTPTransport(**kwargs)
+        self._inner = inner
+        self._inner_kwargs = kwargs
         self._local_responses = local_responses
-        self._mtls_limits: httpx.Limits | None = kwargs.get("limits")
-        self._mtls_inner: httpx.AsyncBaseTransport | None = None
+        self._limits: httpx.Limits | None = kwargs.get("limits")
+        self._pools = EndpointPools[httpx.AsyncBaseTransport](self._build_pool)
         self._mirror_tasks: set[asyncio.Task[None]] = set()  # strong refs until done
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -367,17 +411,27 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def _send(self, send: Send) -> Outcome:
         clock = self._mesh.clock
         start = clock()
-        inner = self._tls_inner() if send.tls else self._inner
         try:
-            response = await inner.handle_async_request(send.request)
+            response = await self._handle(send.request, send.tls, send.state.address)
         except httpx.TransportError as error:
             return Outcome(None, error, clock() - start)
         return Outcome(response, None, clock() - start)
 
-    def _tls_inner(self) -> httpx.AsyncBaseTransport:
-        if self._mtls_inner is None:  # no await in between: no other task interleaves
-            self._mtls_inner = self._mesh.async_mtls_transport(self._mtls_limits)
-        return self._mtls_inner
+    async def _handle(self, request: httpx.Request, tls: bool, address: str) -> httpx.Response:
+        if not (tls or self._own_inner):
+            return await self._inner.handle_async_request(request)
+        pool, evicted = self._pools.lease((tls, address))
+        try:
+            for transport in evicted:
+                await transport.aclose()
+            return await pool.transport.handle_async_request(request)
+        finally:
+            self._pools.release(pool)
+
+    def _build_pool(self, key: PoolKey) -> httpx.AsyncBaseTransport:
+        if key[0]:
+            return self._mesh.async_mtls_transport(self._limits)
+        return httpx.AsyncHTTPTransport(**self._inner_kwargs)
 
     async def _race(self, race: Race) -> RaceResult:
         import anyio
@@ -446,8 +500,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         response = None
         failure: BaseException | None = None
         try:
-            inner = self._tls_inner() if mirror.tls else self._inner
-            response = await inner.handle_async_request(mirror.request)
+            response = await self._handle(mirror.request, mirror.tls, _address(mirror.request))
             try:
                 await response.aread()
             finally:
@@ -465,5 +518,5 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             task.cancel()
         self._mirror_tasks.clear()
         await self._inner.aclose()
-        if self._mtls_inner is not None:
-            await self._mtls_inner.aclose()
+        for transport in self._pools.drain():
+            await transport.aclose()

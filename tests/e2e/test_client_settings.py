@@ -57,6 +57,10 @@ def test_verify_setting_reaches_inner_transport(make_mesh, echo_factory) -> None
         assert isinstance(transport, meshlib.MeshTransport)
         context = transport._inner._pool._ssl_context  # type: ignore[attr-defined]
         assert context.verify_mode == ssl.CERT_NONE
+        # The endpoint's own pool (built on the first call) shares that one context.
+        assert client.get("http://reviews/").status_code == 200
+        [(_, endpoint_pool)] = transport._pools.items()
+        assert endpoint_pool._pool._ssl_context is context  # type: ignore[attr-defined]
     with mesh.client() as client:
         context = client._transport._inner._pool._ssl_context  # type: ignore[attr-defined]
         assert context.verify_mode == ssl.CERT_REQUIRED

@@ -222,3 +222,38 @@ def test_httpx_private_pool_attribute_is_what_requests_go_through(
     assert type(sync._pool) is httpcore.ConnectionPool
     sync.close()
     assert isinstance(mesh.async_mtls_transport(), AsyncMeshTLSTransport)
+
+
+ROUND_ROBIN = (
+    "---\napiVersion: meshlib/v1\nkind: TrafficPolicy\n"
+    "metadata: {name: reviews-policy, namespace: default}\n"
+    "spec: {target: {service: reviews}, loadBalancer: {type: round-robin}}\n"
+)
+
+
+@pytest.mark.timeout(20)
+def test_each_endpoint_has_its_own_mtls_pool_and_close_closes_them(
+    pki: PKI, start: Any, client_mesh: Any, caller: CallerFactory
+) -> None:
+    """Two mTLS endpoints: an mTLS pool each (one connection each, one shared client context,
+    the mesh's verifier), under the client's ``limits``; closing the transport closes both."""
+    servers = [start(_svid(pki, REVIEWS_ID))[0] for _ in range(2)]
+    ports = sorted(server.port for server in servers)
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    c = caller.bind(client_mesh(ports, extra=ROUND_ROBIN), timeout=5.0, limits=limits)
+    for _ in range(4):
+        assert c.get("http://reviews/").status_code == 200
+    transport: Any = c._client._transport
+    pools = dict(transport._pools.items())
+    assert sorted(pools) == [(True, f"127.0.0.1:{port}") for port in ports]
+    inner = [t._pool for t in pools.values()]
+    assert [len(pool.connections) for pool in inner] == [1, 1]
+    assert [pool._max_connections for pool in inner] == [1, 1]  # limits apply per endpoint
+    assert inner[0]._ssl_context is inner[1]._ssl_context  # one context, not one per pool
+    opened = [pool.connections[0] for pool in inner]
+    if c.mode == "sync":
+        transport.close()
+    else:
+        c._run(transport.aclose())
+    assert all(connection.is_closed() for connection in opened)
+    assert transport._pools.items() == []

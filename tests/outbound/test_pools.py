@@ -1,0 +1,95 @@
+"""The per-endpoint pools' bookkeeping without sockets: built once per endpoint, bounded by the
+cap (least recently used quiet pools go first), busy or leased pools never closed, all drained
+on close."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshlib.outbound.pools import EndpointPools, PoolKey
+
+
+class FakeTransport:
+    """Stands for an endpoint's inner transport; ``busy`` is a connection still in use."""
+
+    def __init__(self, key: PoolKey) -> None:
+        self.key = key
+        self.busy = False
+
+
+def make(cap: int) -> tuple[EndpointPools[FakeTransport], list[PoolKey]]:
+    built: list[PoolKey] = []
+
+    def build(key: PoolKey) -> FakeTransport:
+        built.append(key)
+        return FakeTransport(key)
+
+    return EndpointPools(build, cap, lambda t: not t.busy), built
+
+
+def key(port: int, tls: bool = False) -> PoolKey:
+    return (tls, f"127.0.0.1:{port}")
+
+
+def call(pools: EndpointPools[FakeTransport], k: PoolKey) -> list[PoolKey]:
+    """One request to ``k``: lease, release; the keys of the pools it evicted."""
+    pool, evicted = pools.lease(k)
+    assert pool.transport.key == k
+    pools.release(pool)
+    return [t.key for t in evicted]
+
+
+def test_one_pool_per_endpoint_and_tls_ness_built_once() -> None:
+    pools, built = make(cap=8)
+    for k in [key(1), key(2), key(1), key(1, tls=True), key(2)]:
+        assert call(pools, k) == []
+    assert built == [key(1), key(2), key(1, tls=True)]
+    assert [k for k, _ in pools.items()] == [key(1), key(1, tls=True), key(2)]  # LRU first
+
+
+def test_past_the_cap_the_least_recently_used_pool_is_evicted() -> None:
+    pools, _ = make(cap=2)
+    call(pools, key(1))
+    call(pools, key(2))
+    call(pools, key(1))  # 2 is now the least recently used
+    assert call(pools, key(3)) == [key(2)]
+    assert [k for k, _ in pools.items()] == [key(1), key(3)]
+    for port in range(4, 100):
+        assert len(call(pools, key(port))) == 1
+        assert len(pools) == 2
+
+
+def test_busy_and_leased_pools_are_kept_past_the_cap_until_quiet() -> None:
+    pools, _ = make(cap=2)
+    held, _ = pools.lease(key(1))  # a request being handed to endpoint 1
+    call(pools, key(2))
+    call(pools, key(2))
+    pools.items()[1][1].busy = True  # endpoint 2: a response still being read
+    assert call(pools, key(3)) == []  # nothing quiet to close: 3 pools for 2 requests in flight
+    assert len(pools) == 3
+    pools.release(held)
+    assert call(pools, key(4)) == [key(1), key(3)]  # back to the cap, busy 2 kept
+    assert [k for k, _ in pools.items()] == [key(2), key(4)]
+
+
+def test_the_new_pool_is_never_the_one_evicted() -> None:
+    pools, _ = make(cap=1)
+    pools.items()  # empty
+    call(pools, key(1))
+    pools.items()[0][1].busy = True
+    pool, evicted = pools.lease(key(2))
+    assert evicted == [] and pool.transport.key == key(2)
+    assert len(pools) == 2
+
+
+def test_drain_hands_back_every_pool() -> None:
+    pools, _ = make(cap=4)
+    for port in (1, 2, 3):
+        call(pools, key(port))
+    assert sorted(t.key for t in pools.drain()) == [key(1), key(2), key(3)]
+    assert len(pools) == 0
+
+
+def test_a_cap_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="cap must be at least 1, got 0"):
+        EndpointPools(FakeTransport, 0)
