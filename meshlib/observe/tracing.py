@@ -316,7 +316,7 @@ class Tracing:
                 "http.request.method": request.method,
                 "url.full": str(url),
                 "server.address": url.host,
-                "server.port": url.port or (443 if url.scheme == "https" else 80),
+                "server.port": _port(url),
                 "mesh.reason": error.reason.value,
             },
         )
@@ -392,6 +392,11 @@ def _unsampled_root() -> SpanContext:
     return SpanContext(trace_id, _random_span_id(), False, TraceFlags(TraceFlags.DEFAULT))
 
 
+def _port(url: httpx.URL) -> int:
+    """The port ``url`` reaches, its scheme's default included (httpx drops a default port)."""
+    return url.port or (443 if url.scheme == "https" else 80)
+
+
 def _call_attributes(request: httpx.Request, service: ServiceDef) -> dict[str, Any]:
     """The call span's attributes, given to ``start_span`` (cleaned once, and seen by its
     sampler): the HTTP client conventions' required four (``server.*`` the origin the caller
@@ -401,7 +406,7 @@ def _call_attributes(request: httpx.Request, service: ServiceDef) -> dict[str, A
         "http.request.method": request.method,
         "url.full": str(url),
         "server.address": url.host,
-        "server.port": url.port or (443 if url.scheme == "https" else 80),
+        "server.port": _port(url),
         "mesh.service": service.key,
     }
 
@@ -412,7 +417,7 @@ def _send_attributes(method: str, url: httpx.URL) -> dict[str, Any]:
         "http.request.method": method,
         "url.full": str(url),
         "server.address": url.host,
-        "server.port": url.port or (443 if url.scheme == "https" else 80),
+        "server.port": _port(url),
     }
 
 
@@ -628,7 +633,7 @@ def _first_attempt(send: Send, outcome: Outcome | None) -> dict[str, Any]:
     url = send.request.url
     attributes: dict[str, Any] = {
         "network.peer.address": url.host,
-        "network.peer.port": url.port or (443 if url.scheme == "https" else 80),
+        "network.peer.port": _port(url),
     }
     if outcome is None:
         attributes["mesh.outcome"] = "cancelled"

@@ -33,12 +33,20 @@ T = TypeVar("T")
 
 def quiet(transport: object) -> bool:
     """Whether no connection of ``transport``'s httpcore pool is in use. httpx keeps the pool
-    in the private ``_pool`` (meshlib.identity.pinned relies on it too); a transport without
-    one has no connection meshlib can see, so it counts as quiet."""
+    in the private ``_pool`` (meshlib.identity.pinned relies on it too): an httpx transport
+    without it raises rather than count as quiet, since closing it could cut a response still
+    being read (tests/outbound/test_pools.py checks httpx still keeps it). Any other transport
+    has no connection meshlib can see, so it counts as quiet."""
     import httpcore  # here: httpcore loads anyio, and `import meshlib` must not (issue 15)
+    import httpx
 
     pool = getattr(transport, "_pool", None)
     if not isinstance(pool, httpcore.ConnectionPool | httpcore.AsyncConnectionPool):
+        if isinstance(transport, httpx.HTTPTransport | httpx.AsyncHTTPTransport):
+            raise RuntimeError(
+                "httpx's transports no longer keep their pool in _pool; meshlib cannot tell "
+                "whether an endpoint's pool is in use"
+            )
         return True
     return all(connection.is_idle() for connection in pool.connections)
 

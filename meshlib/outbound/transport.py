@@ -79,9 +79,10 @@ def _one_tls_context(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _address(request: httpx.Request) -> str:
-    """The ``host:port`` a mirrored copy is aimed at (an attempt's comes with its endpoint)."""
+    """The ``host:port`` a mirrored copy is aimed at (an attempt's comes with its endpoint),
+    the scheme's default port spelled out as the endpoint's address has it (httpx drops it)."""
     url = request.url
-    return f"{url.host}:{url.port}"
+    return f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
 
 
 def _mirror_ended(

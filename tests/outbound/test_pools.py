@@ -4,9 +4,11 @@ on close."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
-from meshlib.outbound.pools import EndpointPools, PoolKey
+from meshlib.outbound import transport as transport_module
+from meshlib.outbound.pools import EndpointPools, PoolKey, quiet
 
 
 class FakeTransport:
@@ -93,3 +95,32 @@ def test_drain_hands_back_every_pool() -> None:
 def test_a_cap_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="cap must be at least 1, got 0"):
         EndpointPools(FakeTransport, 0)
+
+
+def test_httpx_still_keeps_the_pool_quiet_reads() -> None:
+    """``quiet`` reads httpx's private ``_pool``: this fails the day httpx moves it."""
+    for transport in (httpx.HTTPTransport(), httpx.AsyncHTTPTransport()):
+        assert quiet(transport)  # a real httpcore pool, no connection yet
+
+
+def test_an_httpx_transport_without_its_pool_is_never_taken_for_quiet() -> None:
+    """Taken for quiet, an endpoint's pool could be closed under a response still being read."""
+    transport = httpx.HTTPTransport()
+    del transport._pool
+    with pytest.raises(RuntimeError, match="no longer keep their pool in _pool"):
+        quiet(transport)
+    assert quiet(object())  # not httpx's: no connection meshlib can see
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("http://10.0.0.1:8080/x", "10.0.0.1:8080"),
+        ("http://10.0.0.1:80/x", "10.0.0.1:80"),  # httpx drops a default port
+        ("https://10.0.0.1:443/x", "10.0.0.1:443"),
+    ],
+)
+def test_a_mirrored_copy_leases_the_pool_its_endpoint_address_names(url: str, address: str) -> None:
+    """A mirror's pool key is read off its URL: on a default port it must still be the
+    endpoint's ``host:port`` (the key of the attempts' pool), never ``host:None``."""
+    assert transport_module._address(httpx.Request("GET", url)) == address
