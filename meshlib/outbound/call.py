@@ -283,6 +283,7 @@ _DEADLINE_KEY = DEADLINE_HEADER.encode("ascii")  # lower case, as httpx keys its
 _header_key = operator.itemgetter(1)
 _new_url = httpx.URL.__new__
 _new_request = httpx.Request.__new__
+_new_headers = httpx.Headers.__new__
 _new_tuple = tuple.__new__
 
 
@@ -300,6 +301,7 @@ def _private_shapes_ok() -> bool:
         == ("scheme", "userinfo", "host", "port", "path", "query", "fragment")
         and set(vars(probe)) == {"method", "url", "headers", "extensions", "stream"}
         and getattr(probe.headers, "_list", None) == [(b"X-A", b"x-a", b"b")]
+        and set(vars(probe.headers)) == {"_list", "_encoding"}
     )
 
 
@@ -376,7 +378,11 @@ def _attempt_request(
     attempt = _new_request(httpx.Request)
     attempt.method = request.method
     attempt.url = url
-    headers = attempt.headers = httpx.Headers(request.headers)
+    # httpx.Headers(request.headers), without its type tests: the list copied, the encoding
+    # left to be detected again (the constructor does not carry it over either).
+    headers = attempt.headers = _new_headers(httpx.Headers)
+    headers._list = list(request.headers._list)
+    headers._encoding = None
     if deadline is not None:
         items = headers._list
         if _DEADLINE_KEY in map(_header_key, items):

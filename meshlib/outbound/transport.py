@@ -129,22 +129,35 @@ class MeshClient(httpx.Client):
     buffered call's covers the whole body (:class:`meshlib.outbound.call.Body`)."""
 
     def send(
-        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
+        # httpx's own keywords spelled out, not **kwargs: no dict packed and unpacked per call
         if stream:
             request.extensions[STREAM_EXTENSION] = True
-        return super().send(request, stream=stream, **kwargs)
+        return super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
 
 
 class AsyncMeshClient(httpx.AsyncClient):
     """The ``httpx.AsyncClient`` of ``mesh.async_client()``; see :class:`MeshClient`."""
 
     async def send(
-        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
         if stream:
             request.extensions[STREAM_EXTENSION] = True
-        return await super().send(request, stream=stream, **kwargs)
+        return await super().send(
+            request, stream=stream, auth=auth, follow_redirects=follow_redirects
+        )
 
 
 class MeshTransport(httpx.BaseTransport):

@@ -95,6 +95,7 @@ def test_attempt_request_equals_the_public_constructor(
         slow.stream,
     )
     assert set(vars(fast)) == set(vars(slow))
+    assert vars(fast.headers) == vars(slow.headers)  # the header copy's own shape too
     if timeout is not None:  # each phase capped, a shorter client setting kept
         current = extensions.get("timeout") or {}
         assert fast.extensions["timeout"] == {
