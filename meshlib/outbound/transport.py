@@ -248,9 +248,9 @@ class MeshTransport(httpx.BaseTransport):
         if not (tls or self._own_inner):
             return self._inner.handle_request(request)
         pool, evicted = self._pools.lease((tls, address))
-        for transport in evicted:
-            transport.close()
-        try:
+        try:  # the lease ends even if closing an evicted pool raises (as the async _handle)
+            for transport in evicted:
+                transport.close()
             return pool.transport.handle_request(request)
         finally:
             self._pools.release(pool)
