@@ -86,11 +86,13 @@ def _validation(
 ) -> dict[str, Any]:
     """``validate -o json|yaml``: the document whose keys docs/cli.md lists (the text output
     is written from it too)."""
-    kinds = Counter(str(d.get("kind")) for d in snapshot.raw_documents) if snapshot else Counter()
+    # raw_documents parses the snapshot's texts again at each access: read once
+    documents = snapshot.raw_documents if snapshot else ()
+    kinds = Counter(str(d.get("kind")) for d in documents)
     return {
         "ok": snapshot is not None,
         "files": list(snapshot.files) if snapshot else list(names),
-        "documents": len(snapshot.raw_documents) if snapshot else 0,
+        "documents": len(documents),
         "kinds": dict(kinds),
         "problems": [_problem(p) for p in problems],
         "warnings": [_problem(w) for w in warnings],
