@@ -164,3 +164,33 @@ def test_a_users_own_inner_transport_carries_every_plain_attempt(make_mesh, echo
         assert Counting.sent == 4
         assert transport._pools.items() == []
     assert [b.requests for b in backends] == [2, 2]
+
+
+def test_a_lease_ends_even_when_closing_an_evicted_pool_fails(
+    make_mesh, echo_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cap 1: the second endpoint's call evicts the first one's pool, whose close raises; the
+    call fails with that error, but the new pool's lease still ends (a pool leased for good
+    would never be evicted again)."""
+    monkeypatch.setattr(pools_module, "MAX_POOLS", 1)
+    backends = [echo_factory(name) for name in "ab"]
+    mesh: meshlib.Mesh = make_mesh(
+        service_yaml("reviews", [b.port for b in backends]) + ROUND_ROBIN
+    )
+
+    def broken_close() -> None:
+        raise OSError("close failed")
+
+    with mesh.client() as client:
+        transport: Any = client._transport
+        assert client.get("http://reviews/").status_code == 200
+        ((_, first),) = transport._pools.items()
+        monkeypatch.setattr(first, "close", broken_close)
+        with pytest.raises(OSError, match="close failed"):
+            client.get("http://reviews/")
+        ((key, _),) = transport._pools.items()
+        pool = transport._pools.lease(key)[0]
+        transport._pools.release(pool)
+        assert pool.leases == []  # only the lease just taken and released: none left over
+        monkeypatch.undo()  # the evicted transport is closed for real when the test ends
+        first.close()
