@@ -185,6 +185,7 @@ class Tracing:
             carried = self.carrier(ctx) if ctx else None
             return _propagating(call, carried) if carried else call
         parent: SpanContext | None = None
+        name = f"{request.method} {service.name}"
         if ctx:  # an empty context (a call made outside any trace) holds no span
             current = trace.get_current_span(ctx)
             # A CLIENT span already current (opentelemetry-instrumentation-httpx's
@@ -192,18 +193,16 @@ class Tracing:
             # doubled, ended by its owner.
             if current.is_recording() and _kind(current) is SpanKind.CLIENT:
                 carrier = self._carrier_for(ctx, _ids(current.get_span_context()))
-                name = f"{request.method} {service.name}"
                 send_context = trace.set_span_in_context(current, self._suppressed(ctx))
                 return _traced(
                     call, _CallSpans(tracer, send_context, current, False, name, request, carrier)
                 )
             parent = current.get_span_context()
         ids: Ids | None = None
-        name = f"{request.method} {service.name}"
         if parent is not None and parent.is_valid:
             ids = self._unsampled_child(tracer, ctx, parent, name, request, service)
         elif not self.sample_root():
-            ids = (random.getrandbits(128) or 1, _random_span_id(), 0, None)
+            ids = (_random_trace_id(), _random_span_id(), 0, None)
         if ids is None:
             attributes = _call_attributes(request, service)
             span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
@@ -381,6 +380,10 @@ def _ids(context: SpanContext) -> Ids:
     return (context.trace_id, context.span_id, context.trace_flags, context.trace_state)
 
 
+def _random_trace_id() -> int:
+    return random.getrandbits(128) or 1
+
+
 def _random_span_id() -> int:
     return random.getrandbits(64) or 1
 
@@ -388,8 +391,8 @@ def _random_span_id() -> int:
 def _unsampled_root() -> SpanContext:
     """The ids of a new trace that records nothing but carries its ids and the flag ``00``
     downstream (``spec.tracing.sampling`` said no)."""
-    trace_id = random.getrandbits(128) or 1
-    return SpanContext(trace_id, _random_span_id(), False, TraceFlags(TraceFlags.DEFAULT))
+    flags = TraceFlags(TraceFlags.DEFAULT)
+    return SpanContext(_random_trace_id(), _random_span_id(), False, flags)
 
 
 def _port(url: httpx.URL) -> int:
