@@ -16,7 +16,7 @@ from typing import Any
 
 from meshlib.config.authnkind import build_request_authentication
 from meshlib.config.authzkind import build_authorization_policy
-from meshlib.config.checker import Finding, check, suggest, type_name
+from meshlib.config.checker import Finding, check, passes, suggest, type_name
 from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_str, at
 from meshlib.config.httproute import build_http_route
 from meshlib.config.meshkinds import (
@@ -590,7 +590,8 @@ def checked_context(
     """The context of a document whose kind and apiVersion are known good, after checking its
     structure against the version's schema (what does not fit goes to ``problems``)."""
     findings: list[Finding] = []
-    check(doc.value, schema, "", doc.line, findings)
+    if not passes(doc.value, schema):  # only a value that breaks something needs the findings
+        check(doc.value, schema, "", doc.line, findings)
     problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
     return _context(file, doc)
 
