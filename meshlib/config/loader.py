@@ -599,8 +599,12 @@ def checked_context(
 def _context(file: str, doc: YamlDocument) -> DocContext:
     """The context of a document whose kind, apiVersion and structure are known good."""
     value = doc.value
-    name = as_str(at(value, "metadata.name")[0]) or ""
-    namespace = as_str(at(value, "metadata.namespace")[0]) or DEFAULT_NAMESPACE
+    # at(value, "metadata.name") without the lines: only the values are kept here
+    metadata = value.get("metadata")
+    if not isinstance(metadata, YMap):
+        metadata = {}
+    name = as_str(metadata.get("name")) or ""
+    namespace = as_str(metadata.get("namespace")) or DEFAULT_NAMESPACE
     return DocContext(
         file, doc.index, doc.line, value, value["kind"], value["apiVersion"], name, namespace
     )
