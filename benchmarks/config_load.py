@@ -1,7 +1,7 @@
 """How long the policy loader takes on the inputs its tests only check for behaviour.
 
     python benchmarks/config_load.py [--quick] [--rounds 5] [--json out.json] [--many] [--memory]
-                                     [--policies N]
+                                     [--policies N] [--readers]
 
 Four figures, each the best of ``--rounds`` runs of this thread's CPU time (the machine may be
 shared; the best run is the one least disturbed):
@@ -419,6 +419,140 @@ def many_report(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Plain scalars that YAML 1.1 (PyYAML's safe loader, meshlib's reading) and YAML 1.2 resolve
+#: differently, and the other shapes a reader must treat alike (a merge key, a tag, a quoted
+#: word): what ``--readers`` compares each reader on.
+CORNERS = """\
+word_yes: yes
+word_on: on
+word_No: No
+octal: 0777
+underscore: 1_000
+sexagesimal: 1:20
+float: 1e3
+dot_float: .5
+date: 2001-12-14
+tilde: ~
+quoted: 'yes'
+tag: !!str 12
+base: &b {x: 1}
+merged: {<<: *b, y: 2}
+"""
+
+
+def readers(rounds: int) -> dict[str, Any]:
+    """Seconds (best of ``rounds``, this thread's CPU, collection paused) to turn the text of
+    10,000 services into Python values, by meshlib's stages and by other readers."""
+    import yaml
+
+    from meshlib.config.checker import Finding, check, passes
+    from meshlib.config.schema import DOCUMENT_SCHEMAS
+
+    text = service_policy(0, 10_000)
+    reference = list(yaml.load_all(text, Loader=yaml.CSafeLoader))
+    as_json = json.dumps(reference)
+    schema = DOCUMENT_SCHEMAS["Service"]["meshlib/v1"]
+    cap = yamlsafe.MAX_DOCUMENTS
+    yamlsafe.MAX_DOCUMENTS = 10_000
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        docs, problems = yamlsafe.read_documents(text)
+        assert not problems and [d.value for d in docs] == reference
+
+        def full_check() -> None:
+            for d in docs:
+                found: list[Finding] = []
+                check(d.value, schema, "", d.line, found)
+                assert not found
+
+        stages = {
+            "anchor: json.loads of the same values": lambda: json.loads(as_json),
+            "PyYAML CSafeLoader, compose_all (nodes only)": lambda: list(
+                yaml.compose_all(text, Loader=yaml.CSafeLoader)
+            ),
+            "PyYAML CSafeLoader, load_all (values, no lines)": lambda: list(
+                yaml.load_all(text, Loader=yaml.CSafeLoader)
+            ),
+            "meshlib read_documents (values and lines)": lambda: yamlsafe.read_documents(text),
+            "meshlib schema check, full (check)": full_check,
+            "meshlib schema check, fast answer (passes)": lambda: all(
+                passes(d.value, schema) for d in docs
+            ),
+        }
+        corners: dict[str, list[str]] = {}
+        safe = yaml.safe_load(CORNERS)
+        try:
+            import ryaml
+
+            assert ryaml.loads_all(text) == reference
+            stages["ryaml 0.5 (serde_yaml), loads_all (values, no lines)"] = lambda: (
+                ryaml.loads_all(text)
+            )
+            try:
+                got = ryaml.loads(CORNERS)
+            except Exception as exc:  # a merge key or a tag it refuses
+                corners["ryaml"] = [f"refuses the document: {type(exc).__name__}: {exc}"]
+                got = ryaml.loads(CORNERS.split("base:")[0])
+            corners.setdefault("ryaml", []).extend(
+                f"{k}: {got.get(k)!r} (PyYAML: {v!r})"
+                for k, v in safe.items()
+                if k in got and (type(got[k]), got[k]) != (type(v), v)
+            )
+        except ImportError:
+            pass
+        try:
+            import ryml
+
+            encoded = text.encode()
+            stages["rapidyaml 0.15, parse_in_arena (its tree only)"] = lambda: ryml.parse_in_arena(
+                encoded
+            )
+            stages["rapidyaml 0.15, tree to Python values (a walk in Python)"] = lambda: (
+                _ryml_values(ryml, encoded)
+            )
+            assert _ryml_values(ryml, encoded) == [
+                json.loads(json.dumps(v), parse_int=str) for v in reference
+            ]
+        except ImportError:
+            pass
+        seconds = {name: best(run, rounds) for name, run in stages.items()}
+    finally:
+        yamlsafe.MAX_DOCUMENTS = cap
+        if enabled:
+            gc.enable()
+    yamlsafe.MAX_DOCUMENTS = 10_000
+    try:
+        seconds["meshlib load_text, the whole first load"] = best(lambda: load_text(text), rounds)
+    finally:
+        yamlsafe.MAX_DOCUMENTS = cap
+    return {"seconds": seconds, "corners": corners}
+
+
+def _ryml_values(ryml: Any, encoded: bytes) -> list[Any]:
+    """rapidyaml's tree as dicts, lists and strings (it resolves no scalar: every one is its
+    text), walked through its Python binding one node at a time."""
+    tree = ryml.parse_in_arena(encoded)
+
+    def value(node: int) -> Any:
+        if tree.is_map(node):
+            return {bytes(tree.key(c)).decode(): value(c) for c in ryml.children(tree, node)}
+        if tree.is_seq(node):
+            return [value(c) for c in ryml.children(tree, node)]
+        return bytes(tree.val(node)).decode()
+
+    return [value(doc) for doc in ryml.children(tree, tree.root_id())]
+
+
+def readers_report(r: dict[str, Any]) -> str:
+    lines = ["| 10,000 services x 2 endpoints, one text (1.8 MiB) | CPU, best |", "|---|--:|"]
+    lines += [f"| {name} | {s * 1e3:.0f} ms |" for name, s in r["seconds"].items()]
+    for reader, differences in r["corners"].items():
+        lines.append(f"\n{reader}, YAML 1.1 corner cases read otherwise than PyYAML's safe loader:")
+        lines += [f"- {d}" for d in differences]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~0.5 MiB large file, 2 rounds")
@@ -434,9 +568,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="only: N services with a TrafficPolicy each, each one's first merged policy",
     )
+    parser.add_argument(
+        "--readers",
+        action="store_true",
+        help="only: a first load's stages and other YAML readers on the same 10,000 services",
+    )
     args = parser.parse_args(argv)
     rounds = 2 if args.quick else args.rounds
-    if args.policies:
+    if args.readers:
+        result = {"readers": readers(rounds)}
+        print(readers_report(result["readers"]))
+    elif args.policies:
         with tempfile.TemporaryDirectory() as tmp:
             result = {"policies": first_policies_run(Path(tmp), args.policies, min(rounds, 3))}
         print(

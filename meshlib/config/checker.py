@@ -3,13 +3,17 @@
 A general JSON Schema validator reports "Additional properties are not allowed"; users need
 "spec.backends[0].weigth: unknown field (did you mean 'weight'?)" at the right line. Only the
 keywords schema.py uses are implemented.
+
+Checking is done twice only when needed, as reading is (yamlsafe's fast and checked passes):
+:func:`passes` answers only whether a value breaks nothing, with one test compiled per schema
+node and no paths or lines; :func:`check` then names every finding of a value that does not pass.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,3 +242,218 @@ def _check_number(
         )
     elif "maximum" in schema and value > schema["maximum"]:
         out.append(Finding(line, path, f"must be at most {schema['maximum']}, got {shown(value)}"))
+
+
+#: A compiled test: True exactly when :func:`check` would report nothing for the value.
+_Test = Callable[[Any], bool]
+#: Compiled tests by schema identity; each entry holds its schema, so the id is never reused
+#: while the entry lives. Only the module-level document schemas reach it: a bounded set.
+_TESTS: dict[int, tuple[Mapping[str, Any], _Test]] = {}
+
+
+def passes(value: Any, schema: Mapping[str, Any]) -> bool:
+    """Whether ``check(value, schema, ...)`` would report nothing; no paths, lines or messages.
+
+    The loader asks this first and runs :func:`check` only for a value that does not pass, so
+    a clean policy (the common case) builds no field path and looks up no line."""
+    return _test(schema)(value)
+
+
+def _test(schema: Mapping[str, Any]) -> _Test:
+    entry = _TESTS.get(id(schema))
+    if entry is not None and entry[0] is schema:
+        return entry[1]
+    test = _compile(resolve(schema))
+    _TESTS[id(schema)] = (schema, test)  # a race compiles twice, to equal tests
+    return test
+
+
+def _is_mapping(value: Any) -> bool:
+    # dict first: a YMap is one, and the Mapping ABC check costs several times more
+    return isinstance(value, (dict, Mapping))
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: _has_type, one function per JSON type: what the compiled tests call.
+_TYPE_TESTS: dict[str, _Test] = {
+    "string": lambda value: isinstance(value, str),
+    "integer": _is_integer,
+    "number": _is_number,
+    "boolean": lambda value: isinstance(value, bool),
+    "object": _is_mapping,
+    "array": lambda value: isinstance(value, list),
+}
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
+def _always(value: Any) -> bool:
+    return True
+
+
+def _compile(schema: Mapping[str, Any]) -> _Test:
+    """The test of one resolved schema node, mirroring :func:`check` keyword by keyword.
+
+    Child schemas are compiled when a value first reaches them (a recursive ``$ref`` compiles
+    once); the value's kind picks the keywords that apply, as in :func:`check`."""
+    if "anyOf" in schema:
+        branches = tuple(schema["anyOf"])
+        return lambda value: any(_test(b)(value) for b in branches)
+    of_object = _object_test(schema)
+    of_array = _array_test(schema)
+    of_string = _string_test(schema)
+    of_number = _number_test(schema)
+
+    def by_kind(value: Any) -> bool:
+        if isinstance(value, dict):
+            return of_object(value)
+        if isinstance(value, list):
+            return of_array(value)
+        if isinstance(value, str):
+            return of_string(value)
+        if _is_number(value):
+            return of_number(value)
+        if isinstance(value, Mapping):
+            return of_object(value)
+        return True
+
+    json_type = schema.get("type")
+    kind_test: _Test = by_kind
+    if json_type is not None:
+        has_type = _TYPE_TESTS.get(json_type, _never)
+        # A value of the declared type is of one kind only: its keywords, without the dispatch.
+        kinds: dict[str, _Test] = {
+            "string": of_string,
+            "integer": of_number,
+            "number": of_number,
+            "array": of_array,
+            "boolean": _always,
+        }
+        kind = kinds.get(json_type, by_kind)
+
+        def kind_test(value: Any) -> bool:
+            return has_type(value) and kind(value)
+
+    if "const" not in schema:
+        return kind_test
+    const = schema["const"]
+
+    def const_test(value: Any) -> bool:
+        if value != const:  # as check() compares
+            return False
+        return kind_test(value)
+
+    return const_test
+
+
+def _object_test(schema: Mapping[str, Any]) -> _Test:
+    props: Mapping[str, Any] = schema.get("properties", {})
+    extra = schema.get("additionalProperties", True)
+    closed = extra is False
+    extra_schema = extra if isinstance(extra, Mapping) else None
+    required = tuple(schema.get("required", ()))
+    min_props = schema.get("minProperties")
+    max_props = schema.get("maxProperties")
+    known: dict[str, _Test] = {}  # a property's test by key, once reached (bounded: props)
+
+    def test(value: Mapping[str, Any]) -> bool:
+        for key in required:
+            if key not in value:
+                return False
+        if min_props is not None and len(value) < min_props:
+            return False
+        if max_props is not None and len(value) > max_props:
+            return False
+        for key, item in value.items():
+            child = known.get(key)
+            if child is None:
+                if key.__class__ is not str:  # check() fails on it (field_path): let it
+                    return False
+                if key in props:
+                    child = known[key] = _test(props[key])
+                elif closed:
+                    return False
+                elif extra_schema is None:
+                    continue
+                else:
+                    child = _test(extra_schema)
+            if not child(item):
+                return False
+        return True
+
+    return test
+
+
+def _array_test(schema: Mapping[str, Any]) -> _Test:
+    min_items = schema.get("minItems")
+    items = schema.get("items")
+
+    def test(value: list[Any]) -> bool:
+        if min_items and len(value) < min_items:
+            return False
+        if items is None:
+            return True
+        child = _test(items)
+        return all([child(item) for item in value])
+
+    return test
+
+
+def _string_test(schema: Mapping[str, Any]) -> _Test:
+    has_enum = "enum" in schema
+    enum: Any = schema.get("enum")
+    min_length = schema.get("minLength")
+    has_max = "maxLength" in schema
+    max_length: Any = schema.get("maxLength")
+    duration = schema.get("format") == "duration"
+    pattern = schema.get("pattern")
+    # re.search compiles the same pattern to the same program: one compile here, not per value.
+    search = re.compile(pattern).search if pattern is not None and not duration else None
+
+    def test(value: str) -> bool:
+        if has_enum and value not in enum:
+            return False
+        if min_length and len(value) < min_length:
+            return False
+        if has_max and len(value) > max_length:
+            return False
+        if duration:
+            try:
+                parse_duration(value)
+            except ValueError:
+                return False
+            return True
+        return search is None or search(value) is not None
+
+    return test
+
+
+def _number_test(schema: Mapping[str, Any]) -> _Test:
+    low: Any = schema.get("minimum")
+    above: Any = schema.get("exclusiveMinimum")
+    high: Any = schema.get("maximum")
+    has_low, has_above, has_high = (
+        "minimum" in schema,
+        "exclusiveMinimum" in schema,
+        "maximum" in schema,
+    )
+
+    def test(value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if has_low and value < low:
+            return False
+        if has_above and value <= above:
+            return False
+        return not (has_high and value > high)
+
+    return test

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from meshlib.config.checker import Finding, check
+from meshlib.config.checker import Finding, check, passes
 from meshlib.config.documents import (
     DEFAULT_NAMESPACE,
     DocContext,
@@ -264,7 +264,8 @@ def parse_http_route(file: str, document: YamlDocument) -> HTTPRoute:
             [Problem(file, document.line, document.index, "", "an HTTPRoute must be a mapping")]
         )
     findings: list[Finding] = []
-    check(value, _SCHEMA, "", document.line, findings)
+    if not passes(value, _SCHEMA):
+        check(value, _SCHEMA, "", document.line, findings)
     name = as_str(at(value, "metadata.name")[0]) or ""
     namespace = as_str(at(value, "metadata.namespace")[0]) or DEFAULT_NAMESPACE
     ctx = DocContext(
@@ -293,9 +294,7 @@ def build_http_route(ctx: DocContext) -> HTTPRoute | None:
     # A value the structural check refused (reported there) was skipped above, so a route built
     # from such a document would have fewer list items than its manifest, and the reference
     # checks pair the model's items with the manifest's by position: it builds no route.
-    findings: list[Finding] = []
-    check(ctx.doc, _SCHEMA, "", ctx.line, findings)
-    if findings:
+    if not passes(ctx.doc, _SCHEMA):
         return None
     created = as_str(at(ctx.doc, "metadata.creationTimestamp")[0])
     return HTTPRoute(ctx.name, ctx.namespace, parents, hostnames, rules, ctx.origin, created)

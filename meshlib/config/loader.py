@@ -16,7 +16,7 @@ from typing import Any
 
 from meshlib.config.authnkind import build_request_authentication
 from meshlib.config.authzkind import build_authorization_policy
-from meshlib.config.checker import Finding, check, suggest, type_name
+from meshlib.config.checker import Finding, check, passes, suggest, type_name
 from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_str, at
 from meshlib.config.httproute import build_http_route
 from meshlib.config.meshkinds import (
@@ -590,7 +590,8 @@ def checked_context(
     """The context of a document whose kind and apiVersion are known good, after checking its
     structure against the version's schema (what does not fit goes to ``problems``)."""
     findings: list[Finding] = []
-    check(doc.value, schema, "", doc.line, findings)
+    if not passes(doc.value, schema):  # only a value that breaks something needs the findings
+        check(doc.value, schema, "", doc.line, findings)
     problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
     return _context(file, doc)
 
@@ -598,8 +599,12 @@ def checked_context(
 def _context(file: str, doc: YamlDocument) -> DocContext:
     """The context of a document whose kind, apiVersion and structure are known good."""
     value = doc.value
-    name = as_str(at(value, "metadata.name")[0]) or ""
-    namespace = as_str(at(value, "metadata.namespace")[0]) or DEFAULT_NAMESPACE
+    # at(value, "metadata.name") without the lines: only the values are kept here
+    metadata = value.get("metadata")
+    if not isinstance(metadata, YMap):
+        metadata = {}
+    name = as_str(metadata.get("name")) or ""
+    namespace = as_str(metadata.get("namespace")) or DEFAULT_NAMESPACE
     return DocContext(
         file, doc.index, doc.line, value, value["kind"], value["apiVersion"], name, namespace
     )
