@@ -604,6 +604,8 @@ class _CallSpans:
         else:
             attributes = {}
         if decision is not None:
+            if not self.owned:  # someone else's span, started without our mesh.service
+                attributes["mesh.service"] = decision.service
             _decision_attributes(decision, attributes)
         if self.owned and response is not None:
             attributes["http.response.status_code"] = response.status_code
@@ -660,9 +662,12 @@ def _event(first: Send, attributes: dict[str, Any]) -> dict[str, Any]:
 
 def _decision_attributes(decision: Decision, attributes: dict[str, Any]) -> None:
     """The call span's attributes from the decision record, added to ``attributes``. What is
-    at its default is left out (no retry, no hedge, no route, no split...): each attribute
-    costs the SDK's cleaning, and an absent ``mesh.retries`` reads as 0."""
-    attributes["mesh.reason"] = decision.reason
+    at its default or repeats another attribute is left out (no retry, no hedge, no route, no
+    split, the reason ``ok``, the backend when it is ``mesh.service`` itself): each attribute
+    costs the SDK's cleaning, an absent ``mesh.retries`` reads as 0, an absent ``mesh.reason``
+    as ``ok`` and an absent ``mesh.backend`` as ``mesh.service``."""
+    if decision.reason != "ok":
+        attributes["mesh.reason"] = decision.reason
     attributes["mesh.attempts"] = len(decision.attempts)
     if decision.retries:
         attributes["mesh.retries"] = decision.retries
@@ -670,7 +675,7 @@ def _decision_attributes(decision: Decision, attributes: dict[str, Any]) -> None
         attributes["mesh.hedges"] = decision.hedges
     if decision.route is not None:
         attributes["mesh.route"] = decision.route
-    if decision.backend is not None:
+    if decision.backend is not None and decision.backend != decision.service:
         attributes["mesh.backend"] = decision.backend
     if decision.split is not None:
         attributes["mesh.split"] = decision.split

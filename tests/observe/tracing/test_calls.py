@@ -77,7 +77,8 @@ def test_a_call_with_one_attempt_is_one_span_carrying_the_attempt(
     # Exactly these, and nothing at its default: the HTTP client conventions' required
     # attributes (server.* the origin the caller named), the endpoint as network.peer.*, and the
     # decision. No mesh.attempt / mesh.hedge (mesh.attempts says 1; a first attempt is never a
-    # hedge), no mesh.retries / mesh.hedges at 0: each attribute costs the SDK's cleaning.
+    # hedge), no mesh.retries / mesh.hedges at 0, no mesh.reason at ok, no mesh.backend that
+    # repeats mesh.service: each attribute costs the SDK's cleaning.
     assert dict(call.attributes) == {
         "http.request.method": "GET",
         "url.full": "http://reviews/one",
@@ -88,9 +89,7 @@ def test_a_call_with_one_attempt_is_one_span_carrying_the_attempt(
         "network.peer.port": backend.port,
         "mesh.outcome": "ok",
         "http.response.status_code": 200,
-        "mesh.reason": "ok",
         "mesh.attempts": 1,
-        "mesh.backend": "reviews.default",
     }
     assert "http.request.resend_count" not in call.attributes and call.events == ()
     # The upstream got the call span's own context: its SERVER span will be the call's child.
@@ -354,3 +353,27 @@ def test_a_hedge_reaches_its_upstream_with_its_own_span(recorder, make_mesh, ser
     assert by_port[fast.port].parent.span_id == backup.context.span_id
     ((event,),) = [[e for e in call.events if e.name == "mesh.attempt"]]
     assert event.attributes["mesh.outcome"] == "cancelled"
+
+
+def test_a_split_to_another_service_names_the_backend_it_chose(
+    recorder, make_mesh, echo_factory
+) -> None:
+    """``mesh.backend`` is left out only when it repeats ``mesh.service``: a split that sends
+    the call to another service names that service."""
+    backend = echo_factory("ratings")
+    text = (
+        service_yaml("ratings", backend.port)
+        + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\n"
+        + "---\napiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\n"
+        + "metadata: {name: reviews-split}\nspec:\n  service: reviews\n"
+        + "  backends: [{service: ratings, weight: 1}]\n"
+    )
+    mesh = make_mesh(text, tracer_provider=recorder.provider)
+    with mesh.client() as client:
+        assert client.get("http://reviews/s").status_code == 200
+
+    (call,) = recorder.named("GET reviews", SpanKind.CLIENT)
+    assert call.attributes["mesh.service"] == "reviews.default"
+    assert call.attributes["mesh.backend"] == "ratings.default"
+    assert call.attributes["mesh.split"] == "reviews-split"
+    assert "mesh.reason" not in call.attributes  # ok
