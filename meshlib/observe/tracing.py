@@ -480,6 +480,22 @@ class _CallSpans:
     ("What a trace shows") says why.
     """
 
+    # One per sampled call: no instance dict to allocate (and for the collector to walk).
+    __slots__ = (
+        "attempts",
+        "carrier",
+        "first",
+        "first_ended",
+        "first_open",
+        "method",
+        "name",
+        "owned",
+        "resent",
+        "send_context",
+        "span",
+        "tracer",
+    )
+
     def __init__(
         self,
         tracer: Tracer,

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import context
 from opentelemetry.trace import SpanKind, StatusCode
 
 import meshlib
@@ -377,3 +378,26 @@ def test_a_split_to_another_service_names_the_backend_it_chose(
     assert call.attributes["mesh.backend"] == "ratings.default"
     assert call.attributes["mesh.split"] == "reviews-split"
     assert "mesh.reason" not in call.attributes  # ok
+
+
+@pytest.mark.timeout(20)
+def test_a_call_its_caller_cancels_ends_its_span_as_cancelled(recorder, make_mesh, serve) -> None:
+    """A task cancelled while its attempt is out: the call span ends with error
+    ``cancelled``, its attempt's outcome says so, and the caller's context is the current one
+    again (the call span's, attached around the attempt, is detached)."""
+    server, seen = upstream(make_mesh, serve, recorder, "reviews", [], delay=2.0)
+    mesh = make_mesh(service_yaml("reviews", server.port), tracer_provider=recorder.provider)
+
+    async def go() -> object:
+        async with mesh.async_client() as client:
+            before = context.get_current()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.get("http://reviews/slow"), 0.3)
+            return before is context.get_current()
+
+    assert asyncio.run(go()) is True
+    (call,) = recorder.named("GET reviews", SpanKind.CLIENT)
+    assert call.status.status_code is StatusCode.ERROR
+    assert call.status.description == "call abandoned by its caller"
+    assert call.attributes["error.type"] == "cancelled"
+    assert call.attributes["mesh.outcome"] == "cancelled" and len(seen) == 1
