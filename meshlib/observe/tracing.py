@@ -612,11 +612,14 @@ class _CallSpans:
             else getattr(error, "decision", None)
         )
         # Set in one call: each call takes the span's lock and checks its values. The only
-        # attempt's attributes are the call span's own (its error, if any, is the call's).
+        # attempt's attributes are the call span's own (its error, if any, is the call's), its
+        # outcome left out at its default: an absent mesh.outcome reads as ok.
         ended = self.first_ended
         if ended is not None:
             attributes = ended[0]
             attributes.pop("error.type", None)
+            if attributes["mesh.outcome"] == "ok":
+                del attributes["mesh.outcome"]
         else:
             attributes = {}
         if decision is not None:
