@@ -5,17 +5,20 @@ abort, failures with their reason, and the policy's sampling."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from typing import Any
 
 import httpx
 import pytest
 from opentelemetry import context
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, StatusCode
 
 import meshlib
 from meshlib import MeshMiddleware
 from meshlib.observe.tracing import TRACER_NAME
+from meshlib.outbound.call import Send
 
 from .conftest import (
     MESH_ONLY,
@@ -400,3 +403,28 @@ def test_a_call_its_caller_cancels_ends_its_span_as_cancelled(recorder, make_mes
     assert call.status.description == "call abandoned by its caller"
     assert call.attributes["error.type"] == "cancelled"
     assert call.attributes["mesh.outcome"] == "cancelled" and len(seen) == 1
+
+
+def test_a_sampled_call_leaves_nothing_of_its_attempts_to_the_cyclic_collector(
+    recorder, make_mesh, echo_factory
+) -> None:
+    """httpx leaves a response to the cyclic collector (it and its stream refer to each
+    other); what the body's listener reaches goes with it unless the call lets go when it
+    ends: its attempt (``Send`` and its request) and the call span's context must not."""
+    backend = echo_factory("reviews")
+    mesh = make_mesh(service_yaml("reviews", backend.port), tracer_provider=recorder.provider)
+    with mesh.client() as client:
+        client.get("http://reviews/warm")
+        gc.collect()
+        gc.disable()
+        try:
+            assert client.get("http://reviews/gc").status_code == 200
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            garbage = [o for o in gc.garbage if isinstance(o, (Send, Context))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert len(recorder.named("GET reviews", SpanKind.CLIENT)) == 2
+    assert garbage == []
