@@ -647,7 +647,7 @@ def describe(span: ReadableSpan) -> str:
     elif "http.request.resend_count" in attrs:  # a retry or a hedge: a span of its own
         what = f"attempt {attrs['mesh.attempt']} → {attrs['server.address']}:{attrs['server.port']}"
     else:  # the call, which carries its first attempt
-        what = f"{span.name} → {short(str(attrs.get('mesh.backend')))}"
+        what = f"{span.name} → {short(str(attrs.get('mesh.backend', attrs.get('mesh.service'))))}"
         notes.append(f"deadline {attrs.get('mesh.deadline_ms')} ms")
         if attrs.get("mesh.fault"):
             notes.append(f"fault {attrs['mesh.fault']}")

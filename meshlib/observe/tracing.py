@@ -480,6 +480,22 @@ class _CallSpans:
     ("What a trace shows") says why.
     """
 
+    # One per sampled call: no instance dict to allocate (and for the collector to walk).
+    __slots__ = (
+        "attempts",
+        "carrier",
+        "first",
+        "first_ended",
+        "first_open",
+        "method",
+        "name",
+        "owned",
+        "resent",
+        "send_context",
+        "span",
+        "tracer",
+    )
+
     def __init__(
         self,
         tracer: Tracer,
@@ -578,8 +594,11 @@ class _CallSpans:
         else:  # it may stay the only attempt: kept until the call ends or another begins
             self.first_ended = (attributes, time.time_ns())
 
-    def finish(self, response: httpx.Response | None, error: BaseException | None) -> None:
-        """Close the call span with what the decision record says."""
+    def finish(
+        self, status: int | None, decision: Decision | None, error: BaseException | None
+    ) -> None:
+        """Close the call span with what the decision record says: ``status`` the response's,
+        or None when the call failed with ``error``."""
         for span in self.attempts.values():  # abandoned in flight
             if span.is_recording():
                 span.set_attribute("mesh.outcome", "cancelled")
@@ -590,28 +609,27 @@ class _CallSpans:
             assert self.first is not None
             self._first_ended(_first_attempt(self.first, None))
         span = self.span
-        decision: Decision | None = (
-            response.extensions.get(DECISION_EXTENSION)
-            if response is not None
-            else getattr(error, "decision", None)
-        )
         # Set in one call: each call takes the span's lock and checks its values. The only
-        # attempt's attributes are the call span's own (its error, if any, is the call's).
+        # attempt's attributes are the call span's own (its error, if any, is the call's), its
+        # outcome left out at its default: an absent mesh.outcome reads as ok.
         ended = self.first_ended
         if ended is not None:
             attributes = ended[0]
             attributes.pop("error.type", None)
+            if attributes["mesh.outcome"] == "ok":
+                del attributes["mesh.outcome"]
         else:
             attributes = {}
         if decision is not None:
+            if not self.owned:  # someone else's span, started without our mesh.service
+                attributes["mesh.service"] = decision.service
             _decision_attributes(decision, attributes)
-        if self.owned and response is not None:
-            attributes["http.response.status_code"] = response.status_code
+        if self.owned and status is not None:
+            attributes["http.response.status_code"] = status
         if attributes:
             span.set_attributes(attributes)
         if self.owned:
-            if response is not None:
-                status = response.status_code
+            if status is not None:
                 if status >= 400:
                     reason = decision.reason if decision is not None else str(status)
                     _set_error(span, str(status), reason)
@@ -624,6 +642,11 @@ class _CallSpans:
                 span.record_exception(error)
                 _set_error(span, type(error).__name__, str(error))
             span.end()
+        # Let go of the call: httpx leaves a response to the cyclic collector (it and its
+        # stream refer to each other), and with it whatever its body's listener reaches — this
+        # object. Dropped now, the span, its context and the attempt's request are freed as
+        # soon as the SDK lets go of them, not with the response.
+        del self.span, self.send_context, self.carrier, self.first, self.first_ended
 
 
 def _first_attempt(send: Send, outcome: Outcome | None) -> dict[str, Any]:
@@ -660,9 +683,12 @@ def _event(first: Send, attributes: dict[str, Any]) -> dict[str, Any]:
 
 def _decision_attributes(decision: Decision, attributes: dict[str, Any]) -> None:
     """The call span's attributes from the decision record, added to ``attributes``. What is
-    at its default is left out (no retry, no hedge, no route, no split...): each attribute
-    costs the SDK's cleaning, and an absent ``mesh.retries`` reads as 0."""
-    attributes["mesh.reason"] = decision.reason
+    at its default or repeats another attribute is left out (no retry, no hedge, no route, no
+    split, the reason ``ok``, the backend when it is ``mesh.service`` itself): each attribute
+    costs the SDK's cleaning, an absent ``mesh.retries`` reads as 0, an absent ``mesh.reason``
+    as ``ok`` and an absent ``mesh.backend`` as ``mesh.service``."""
+    if decision.reason != "ok":
+        attributes["mesh.reason"] = decision.reason
     attributes["mesh.attempts"] = len(decision.attempts)
     if decision.retries:
         attributes["mesh.retries"] = decision.retries
@@ -670,7 +696,7 @@ def _decision_attributes(decision: Decision, attributes: dict[str, Any]) -> None
         attributes["mesh.hedges"] = decision.hedges
     if decision.route is not None:
         attributes["mesh.route"] = decision.route
-    if decision.backend is not None:
+    if decision.backend is not None and decision.backend != decision.service:
         attributes["mesh.backend"] = decision.backend
     if decision.split is not None:
         attributes["mesh.split"] = decision.split
@@ -723,11 +749,21 @@ def _traced(call: Call, spans: _CallSpans) -> Call:
         # A body still on the wire ends the call when it ends: our call span stays open until
         # then. A span someone else owns (instrument_client's) is ended by its owner when the
         # transport returns, so its attributes are set now.
-        body = None if response is None else response.stream
+        body: object = None
+        if response is not None:
+            body, status = response.stream, response.status_code
+            decision: Decision | None = response.extensions.get(DECISION_EXTENSION)
+        else:
+            status, decision = None, getattr(error, "decision", None)
+        # The body's listener holds what it needs, never the response: the response holds the
+        # body and the body its listeners, a cycle only the cyclic collector would free — with
+        # the call's spans, contexts and attempt requests in it, each sampled call's garbage.
         if not (
-            type(body) is Body and spans.owned and body.then(partial(_finish_body, spans, response))
+            type(body) is Body
+            and spans.owned
+            and body.then(partial(_finish_body, spans, status, decision))
         ):
-            spans.finish(response, error)
+            spans.finish(status, decision, error)
         call.close()
 
 
@@ -756,9 +792,13 @@ def _mirror_observer(
 
 
 def _finish_body(
-    spans: _CallSpans, response: httpx.Response | None, error: BaseException | None
+    spans: _CallSpans, status: int | None, decision: Decision | None, error: BaseException | None
 ) -> None:
-    spans.finish(response if error is None else None, error)
+    """The call's body ended: read to the end or closed (``error`` None), or failed."""
+    if error is None:
+        spans.finish(status, decision, None)
+    else:
+        spans.finish(None, getattr(error, "decision", decision), error)
 
 
 def _traced_backup(

@@ -5,16 +5,20 @@ abort, failures with their reason, and the policy's sampling."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import context
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, StatusCode
 
 import meshlib
 from meshlib import MeshMiddleware
 from meshlib.observe.tracing import TRACER_NAME
+from meshlib.outbound.call import Send
 
 from .conftest import (
     MESH_ONLY,
@@ -77,7 +81,8 @@ def test_a_call_with_one_attempt_is_one_span_carrying_the_attempt(
     # Exactly these, and nothing at its default: the HTTP client conventions' required
     # attributes (server.* the origin the caller named), the endpoint as network.peer.*, and the
     # decision. No mesh.attempt / mesh.hedge (mesh.attempts says 1; a first attempt is never a
-    # hedge), no mesh.retries / mesh.hedges at 0: each attribute costs the SDK's cleaning.
+    # hedge), no mesh.retries / mesh.hedges at 0, no mesh.reason or mesh.outcome at ok, no
+    # mesh.backend that repeats mesh.service: each attribute costs the SDK's cleaning.
     assert dict(call.attributes) == {
         "http.request.method": "GET",
         "url.full": "http://reviews/one",
@@ -86,11 +91,8 @@ def test_a_call_with_one_attempt_is_one_span_carrying_the_attempt(
         "mesh.service": "reviews.default",
         "network.peer.address": "127.0.0.1",
         "network.peer.port": backend.port,
-        "mesh.outcome": "ok",
         "http.response.status_code": 200,
-        "mesh.reason": "ok",
         "mesh.attempts": 1,
-        "mesh.backend": "reviews.default",
     }
     assert "http.request.resend_count" not in call.attributes and call.events == ()
     # The upstream got the call span's own context: its SERVER span will be the call's child.
@@ -354,3 +356,75 @@ def test_a_hedge_reaches_its_upstream_with_its_own_span(recorder, make_mesh, ser
     assert by_port[fast.port].parent.span_id == backup.context.span_id
     ((event,),) = [[e for e in call.events if e.name == "mesh.attempt"]]
     assert event.attributes["mesh.outcome"] == "cancelled"
+
+
+def test_a_split_to_another_service_names_the_backend_it_chose(
+    recorder, make_mesh, echo_factory
+) -> None:
+    """``mesh.backend`` is left out only when it repeats ``mesh.service``: a split that sends
+    the call to another service names that service."""
+    backend = echo_factory("ratings")
+    text = (
+        service_yaml("ratings", backend.port)
+        + "---\napiVersion: meshlib/v1\nkind: Service\nmetadata: {name: reviews}\n"
+        + "---\napiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\n"
+        + "metadata: {name: reviews-split}\nspec:\n  service: reviews\n"
+        + "  backends: [{service: ratings, weight: 1}]\n"
+    )
+    mesh = make_mesh(text, tracer_provider=recorder.provider)
+    with mesh.client() as client:
+        assert client.get("http://reviews/s").status_code == 200
+
+    (call,) = recorder.named("GET reviews", SpanKind.CLIENT)
+    assert call.attributes["mesh.service"] == "reviews.default"
+    assert call.attributes["mesh.backend"] == "ratings.default"
+    assert call.attributes["mesh.split"] == "reviews-split"
+    assert "mesh.reason" not in call.attributes  # ok
+
+
+@pytest.mark.timeout(20)
+def test_a_call_its_caller_cancels_ends_its_span_as_cancelled(recorder, make_mesh, serve) -> None:
+    """A task cancelled while its attempt is out: the call span ends with error
+    ``cancelled``, its attempt's outcome says so, and the caller's context is the current one
+    again (the call span's, attached around the attempt, is detached)."""
+    server, seen = upstream(make_mesh, serve, recorder, "reviews", [], delay=2.0)
+    mesh = make_mesh(service_yaml("reviews", server.port), tracer_provider=recorder.provider)
+
+    async def go() -> object:
+        async with mesh.async_client() as client:
+            before = context.get_current()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.get("http://reviews/slow"), 0.3)
+            return before is context.get_current()
+
+    assert asyncio.run(go()) is True
+    (call,) = recorder.named("GET reviews", SpanKind.CLIENT)
+    assert call.status.status_code is StatusCode.ERROR
+    assert call.status.description == "call abandoned by its caller"
+    assert call.attributes["error.type"] == "cancelled"
+    assert call.attributes["mesh.outcome"] == "cancelled" and len(seen) == 1
+
+
+def test_a_sampled_call_leaves_nothing_of_its_attempts_to_the_cyclic_collector(
+    recorder, make_mesh, echo_factory
+) -> None:
+    """httpx leaves a response to the cyclic collector (it and its stream refer to each
+    other); what the body's listener reaches goes with it unless the call lets go when it
+    ends: its attempt (``Send`` and its request) and the call span's context must not."""
+    backend = echo_factory("reviews")
+    mesh = make_mesh(service_yaml("reviews", backend.port), tracer_provider=recorder.provider)
+    with mesh.client() as client:
+        client.get("http://reviews/warm")
+        gc.collect()
+        gc.disable()
+        try:
+            assert client.get("http://reviews/gc").status_code == 200
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            garbage = [o for o in gc.garbage if isinstance(o, (Send, Context))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert len(recorder.named("GET reviews", SpanKind.CLIENT)) == 2
+    assert garbage == []

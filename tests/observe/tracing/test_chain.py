@@ -99,8 +99,9 @@ def test_one_trace_across_three_services_tasks_and_threads(recorder, make_mesh, 
 
     assert response.status_code == 200 and response.text == "200,200,200,200"
     recorder.wait_for_server("/start")
-    for hop in HOPS:
-        recorder.wait_for_server(f"/{hop}")
+    # B's SERVER span may end after A's response is complete: waited for, not assumed.
+    for path in ("/work", *(f"/{hop}" for hop in HOPS)):
+        recorder.wait_for_server(path)
     spans = recorder.spans()
     assert len({s.context.trace_id for s in spans}) == 1, "one trace"
     by_id = recorder.by_id()
@@ -146,13 +147,16 @@ def test_span_attributes_follow_the_conventions(recorder, make_mesh, serve) -> N
     attrs = a_call.attributes
     assert attrs["http.request.method"] == "GET" and attrs["url.full"] == "http://b/work"
     assert attrs["server.address"] == "b"  # the service the caller named
-    assert attrs["http.response.status_code"] == 200 and attrs["mesh.reason"] == "ok"
+    assert attrs["http.response.status_code"] == 200 and "mesh.reason" not in attrs  # ok
     assert attrs["server.port"] == 80  # required by the conventions: the origin's
-    assert attrs["mesh.backend"] == "b.default" and "mesh.retries" not in attrs  # none: 0
+    # No split: the backend is mesh.service itself. No retry: mesh.retries is 0.
+    assert attrs["mesh.service"] == "b.default" and "mesh.backend" not in attrs
+    assert "mesh.retries" not in attrs
     # Its only attempt: the endpoint it reached is the connection's peer.
     assert attrs["mesh.attempts"] == 1 and "mesh.attempt" not in attrs
     assert attrs["network.peer.address"] == "127.0.0.1"
-    assert isinstance(attrs["network.peer.port"], int) and attrs["mesh.outcome"] == "ok"
+    assert isinstance(attrs["network.peer.port"], int)
+    assert "mesh.outcome" not in attrs  # ok: the default
     (server,) = [s for s in recorder.spans() if s.attributes.get("url.path") == "/start"]
     assert server.attributes["url.query"] == "x=1"
     assert server.attributes["http.response.status_code"] == 200

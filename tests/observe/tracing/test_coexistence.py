@@ -138,7 +138,7 @@ def test_instrument_client_span_is_the_call_span(
     assert (first["mesh.attempt"], first["http.response.status_code"]) == (1, 503)
     assert (
         call.attributes["mesh.retries"] == 1
-        and call.attributes["mesh.backend"] == "reviews.default"
+        and call.attributes["mesh.service"] == "reviews.default"
     )
     assert (
         check_wire(recorder, response.json()["headers"]["traceparent"]).attributes["mesh.attempt"]
