@@ -18,6 +18,10 @@ Variants (all ``GET /`` on one keep-alive connection, sync client):
 * ``mesh``: ``mesh.client().get`` through meshlib, the default set-up: metrics on, tracing with
   OpenTelemetry's no-op provider; the policy has a timeout and retries;
 * ``no-metrics``: as ``mesh`` with ``Mesh(metrics=False)``;
+* ``no-timeout``: as ``mesh`` with no ``timeout`` in the policy: no deadline, so no
+  ``x-mesh-timeout-ms`` header on the attempt, no per-try cap of the timeouts and no deadline
+  check per body chunk: ``mesh`` minus this is what the deadline costs a call (mostly the
+  header's, in httpx, httpcore and h11: compare ``raw-traceparent``);
 * ``no-tracing``: as ``mesh`` with the tracing hook bypassed (what a call cost before tracing
   existed): ``mesh`` minus this is the no-op provider's cost;
 * ``propagate``: as ``mesh`` (no SDK) inside an attached remote span context, as while handling
@@ -68,6 +72,7 @@ VARIANTS = (
     "raw-traceparent",
     "mesh",
     "no-metrics",
+    "no-timeout",
     "no-tracing",
     "propagate",
     "sdk",
@@ -177,6 +182,8 @@ def _client(variant: str, ports: Sequence[int]) -> tuple[Any, str, Any]:
     extra = {"httproute": HTTP_ROUTE, "sdk-sampling0": SAMPLING_ZERO}.get(variant, "")
     endpoints = "\n".join(f"  - address: 127.0.0.1:{p}" for p in ports)
     policy = POLICY.format(endpoints=endpoints) + extra
+    if variant == "no-timeout":
+        policy = policy.replace("  timeout: 5s\n", "")
     mesh = meshlib.Mesh.from_text(policy, service="bench-client", namespace="default", **options)
     if variant == "no-tracing":
         mesh.tracing.trace_call = lambda call, request, service: call

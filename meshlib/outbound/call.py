@@ -900,7 +900,10 @@ def _admitted_call(
     # 4–5. admission: rate limit, concurrency limit, circuit breaker, budget deposit
     policy = plan.policy
     max_in_flight = policy.connection_pool.max_connections
-    with dest.lock:
+    # acquire/release, not ``with``: a with-block builds and calls a bound ``__exit__`` per
+    # section, ≈ 600 instructions a lock section on the call path (docs/performance.md).
+    dest.lock.acquire()
+    try:
         if dest.rate_limit is not None and not dest.rate_limit.take(now):
             raise _fail(RateLimitedError(f"rate limit for {dest.key} exceeded"), decision)
         if max_in_flight is not None and dest.in_flight >= max_in_flight:
@@ -915,6 +918,8 @@ def _admitted_call(
         dest.budget.deposit(now)
         if not buffer and not plan.mirrors:
             first = (_place(host, dest, (), now),)
+    finally:
+        dest.lock.release()
     if admission is _PROBE and host.metrics is not None:  # open → half-open happened here
         host.metrics.set_circuit_state(host.source, dest.key, _HALF_OPEN)
     lease = _Lease(admission)
@@ -937,13 +942,140 @@ def _admitted_call(
                         yield Mirror(copy, tls, rule.mirror)
                         now = host.clock()
 
-        # 8. attempts
-        result = yield from _attempts(
-            host, request, plan, dest, decision, deadline, replayable, refuse, now, first, lease
-        )
-        if lease.held:  # a failed answer handed back (5xx, 429): a 5xx is a failed call
-            lease.healthy = result[0].status_code < 500
-        return result
+        # 8. attempts: endpoint pick (avoiding endpoints already tried), send (maybe hedged),
+        # one classification, then retry or hand back. In this generator, not one of its own:
+        # every effect is resumed through each generator level, once per call.
+        clock = host.clock
+        retry_policy = plan.policy.retries
+        per_try = retry_policy.per_try_timeout
+        retries_left = plan.max_retries
+        idempotent = is_idempotent(request.method, request.headers)
+        hedging = plan.policy.hedging
+        can_hedge = hedging.enabled and idempotent and replayable
+        track_latency = plan.track_latency
+        tried: list[str] = []
+        number = 0
+        picked_at: float | None = now  # current for the first attempt only
+
+        while True:
+            number += 1
+            send = _begin(
+                host,
+                dest,
+                request,
+                tried,
+                number,
+                per_try,
+                deadline,
+                False,
+                plan.tls,
+                picked_at,
+                first,
+            )
+            picked_at = first = None
+            if send is None:
+                raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)
+
+            hedge_delay = None
+            if can_hedge and retries_left > 0 and not refuse:
+                hedge_delay = hedging.delay if hedging.delay is not None else dest.p95()
+            if refuse:
+                outcome = Outcome(None, httpx.ConnectError("connection refused (injected)"), 0.0)
+            elif hedge_delay is None:
+                try:
+                    outcome = yield send
+                except GeneratorExit:
+                    _abandon(dest, [send])
+                    raise
+            else:
+                started: list[Send] = [send]
+                try:
+                    race: RaceResult = yield _race(
+                        host,
+                        request,
+                        send,
+                        hedge_delay,
+                        plan,
+                        dest,
+                        decision,
+                        deadline,
+                        tried,
+                        started,
+                    )
+                except GeneratorExit:
+                    _abandon(dest, started)
+                    raise
+                if race.loser is not None:
+                    _finish(host, dest, decision, race.loser, race.loser_outcome, track_latency)
+                    retries_left -= 1
+                    number += 1
+                send, outcome = race.winner, race.outcome
+            failure, status = _finish(host, dest, decision, send, outcome, track_latency, lease)
+            response = outcome.response
+            if failure is Failure.NONE:
+                assert response is not None
+                return response, send.request
+
+            # Decide whether to try again; otherwise hand back what we have.
+            now = clock()
+            retry = retries_left > 0 and should_retry(
+                retry_policy, failure, status, idempotent=idempotent, replayable=replayable
+            )
+            if retry and dest.breaker.state is _OPEN_STATE:
+                # Other calls' verdicts opened the breaker while this one was out: the backend as a
+                # whole is failing, so this call ends with what it has instead of adding retries.
+                retry = False
+            retry_after = None
+            if retry and response is not None:
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+                if retry_after is not None and retry_after > MAX_RETRY_AFTER:
+                    retry = False
+            delay = 0.0
+            if retry:
+                delay = backoff_delay(
+                    retry_policy.backoff, decision.retries + 1, host.rng, retry_after
+                )
+                if host.instant_backoff:
+                    delay = 0.0
+                if deadline is not None and now + delay >= deadline:
+                    retry = False
+            if retry:
+                with dest.lock:
+                    if not dest.budget.try_withdraw(now):
+                        decision.budget = "exhausted"
+                        retry = False
+                        if host.metrics is not None:
+                            host.metrics.budget_exhausted.labels(host.source, dest.key).inc()
+                if not retry:
+                    if response is not None:
+                        decision.reason = Reason.UPSTREAM_ERROR.value
+                        lease.healthy = response.status_code < 500  # a 5xx is a failed call
+                        return response, send.request
+                    error = RetryBudgetExhaustedError(f"retry budget for {dest.key} exhausted")
+                    error.__cause__ = outcome.error
+                    raise _fail(error, decision)
+            if not retry:
+                if response is not None:
+                    decision.reason = Reason.UPSTREAM_ERROR.value
+                    lease.healthy = response.status_code < 500  # a 5xx is a failed call
+                    return response, send.request
+                if failure is Failure.TIMEOUT:
+                    timeout_error = MeshTimeout(
+                        f"call to {dest.key} timed out after {len(decision.attempts)} attempt(s)"
+                    )
+                    timeout_error.__cause__ = outcome.error
+                    raise _fail(timeout_error, decision)
+                assert outcome.error is not None
+                raise outcome.error
+            retries_left -= 1
+            decision.retries += 1
+            if host.metrics is not None:
+                host.metrics.retries.labels(host.source, dest.key).inc()
+            if response is not None:
+                yield Close(response)
+            if delay > 0:
+                decision.attempts[-1].backoff = delay
+                yield Sleep(delay)
     except (MeshError, httpx.TransportError):
         # The caller gets an error: the backend's failure if anything was sent to it; a call
         # refused before its first attempt (no endpoint, say) leaves no verdict.
@@ -1110,7 +1242,8 @@ def _finish(
         failed = unhealthy = True
     now = host.clock()
     closed = False  # whether this call's success closed a half-open breaker
-    with dest.lock:
+    dest.lock.acquire()  # not ``with``: cheaper on the call path (see the admission's lock)
+    try:
         ejected = dest.endpoints.on_end(state, now, outcome.elapsed, failed, unhealthy)
         if not failed:
             if track_latency:
@@ -1121,6 +1254,8 @@ def _finish(
                 admission = lease.admission
                 dest.breaker.on_success(admission)
                 closed = admission is _PROBE  # the half-open probe succeeded
+    finally:
+        dest.lock.release()
     if (ejected or closed) and host.metrics is not None:
         if ejected:
             host.metrics.ejections.labels(host.source, dest.key, state.address).inc()
@@ -1148,129 +1283,6 @@ def _abandon(dest: Destination, sends: list[Send]) -> None:
     with dest.lock:
         for send in sends:
             dest.endpoints.on_abandon(send.state)
-
-
-def _attempts(
-    host: CallHost,
-    request: httpx.Request,
-    plan: _Plan,
-    dest: Destination,
-    decision: Decision,
-    deadline: float | None,
-    replayable: bool,
-    refuse: bool,
-    admitted_at: float,
-    first: tuple[EndpointState | None] | None,
-    lease: _Lease,
-) -> Generator[Effect, Any, tuple[httpx.Response, httpx.Request | None]]:
-    clock = host.clock
-    retry_policy = plan.policy.retries
-    per_try = retry_policy.per_try_timeout
-    retries_left = plan.max_retries
-    idempotent = is_idempotent(request.method, request.headers)
-    hedging = plan.policy.hedging
-    can_hedge = hedging.enabled and idempotent and replayable
-    track_latency = plan.track_latency
-    tried: list[str] = []
-    number = 0
-    picked_at: float | None = admitted_at  # current for the first attempt only
-
-    while True:
-        number += 1
-        send = _begin(
-            host, dest, request, tried, number, per_try, deadline, False, plan.tls, picked_at, first
-        )
-        picked_at = first = None
-        if send is None:
-            raise _fail(NoHealthyEndpointsError(f"no endpoint for {dest.key}"), decision)
-
-        hedge_delay = None
-        if can_hedge and retries_left > 0 and not refuse:
-            hedge_delay = hedging.delay if hedging.delay is not None else dest.p95()
-        if refuse:
-            outcome = Outcome(None, httpx.ConnectError("connection refused (injected)"), 0.0)
-        elif hedge_delay is None:
-            try:
-                outcome = yield send
-            except GeneratorExit:
-                _abandon(dest, [send])
-                raise
-        else:
-            started: list[Send] = [send]
-            try:
-                race: RaceResult = yield _race(
-                    host, request, send, hedge_delay, plan, dest, decision, deadline, tried, started
-                )
-            except GeneratorExit:
-                _abandon(dest, started)
-                raise
-            if race.loser is not None:
-                _finish(host, dest, decision, race.loser, race.loser_outcome, track_latency)
-                retries_left -= 1
-                number += 1
-            send, outcome = race.winner, race.outcome
-        failure, status = _finish(host, dest, decision, send, outcome, track_latency, lease)
-        response = outcome.response
-        if failure is Failure.NONE:
-            assert response is not None
-            return response, send.request
-
-        # Decide whether to try again; otherwise hand back what we have.
-        now = clock()
-        retry = retries_left > 0 and should_retry(
-            retry_policy, failure, status, idempotent=idempotent, replayable=replayable
-        )
-        if retry and dest.breaker.state is _OPEN_STATE:
-            # Other calls' verdicts opened the breaker while this one was out: the backend as a
-            # whole is failing, so this call ends with what it has instead of adding retries.
-            retry = False
-        retry_after = None
-        if retry and response is not None:
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            if retry_after is not None and retry_after > MAX_RETRY_AFTER:
-                retry = False
-        delay = 0.0
-        if retry:
-            delay = backoff_delay(retry_policy.backoff, decision.retries + 1, host.rng, retry_after)
-            if host.instant_backoff:
-                delay = 0.0
-            if deadline is not None and now + delay >= deadline:
-                retry = False
-        if retry:
-            with dest.lock:
-                if not dest.budget.try_withdraw(now):
-                    decision.budget = "exhausted"
-                    retry = False
-                    if host.metrics is not None:
-                        host.metrics.budget_exhausted.labels(host.source, dest.key).inc()
-            if not retry:
-                if response is not None:
-                    decision.reason = Reason.UPSTREAM_ERROR.value
-                    return response, send.request
-                error = RetryBudgetExhaustedError(f"retry budget for {dest.key} exhausted")
-                error.__cause__ = outcome.error
-                raise _fail(error, decision)
-        if not retry:
-            if response is not None:
-                decision.reason = Reason.UPSTREAM_ERROR.value
-                return response, send.request
-            if failure is Failure.TIMEOUT:
-                timeout_error = MeshTimeout(
-                    f"call to {dest.key} timed out after {len(decision.attempts)} attempt(s)"
-                )
-                timeout_error.__cause__ = outcome.error
-                raise _fail(timeout_error, decision)
-            assert outcome.error is not None
-            raise outcome.error
-        retries_left -= 1
-        decision.retries += 1
-        if host.metrics is not None:
-            host.metrics.retries.labels(host.source, dest.key).inc()
-        if response is not None:
-            yield Close(response)
-        if delay > 0:
-            decision.attempts[-1].backoff = delay
-            yield Sleep(delay)
 
 
 def _race(

@@ -378,3 +378,30 @@ def test_mirror_copies_carry_the_shadow_host(mesh_for, clock) -> None:
     mirrors = driver.of(Mirror)
     assert len(mirrors) == 1 and mirrors[0].request.headers["host"] == "reviews-shadow"
     assert response.extensions["mesh_decision"].mirrored_to == "reviews-shadow.default"
+
+
+# -- the destination's lock ------------------------------------------------------------------------
+
+
+def test_every_way_out_of_admission_and_outcome_gives_the_lock_back(mesh_for, clock) -> None:
+    """The call path takes the destination's lock with acquire/release (cheaper than a
+    with-block): a refusal raised under it, a success and a failure all release it."""
+    mesh = mesh_for(
+        with_policy(
+            "rateLimit: {requestsPerSecond: 1, burst: 1}\n"
+            "circuitBreaker: {consecutiveFailures: 1, openDuration: 10s}"
+        )
+    )
+    assert call(mesh, clock, status(200))[0].status_code == 200  # success: released in _finish
+    lock = mesh.destinations()["reviews.default"].lock
+    assert not lock.locked()
+    with pytest.raises(meshlib.RateLimitedError):  # raised while the lock is held
+        Driver(clock, status(200)).run(start(mesh))
+    assert not lock.locked()
+    clock.advance(1.0)
+    assert call(mesh, clock, status(503))[0].status_code == 503  # a failure opens the circuit
+    assert not lock.locked()
+    clock.advance(1.0)
+    with pytest.raises(meshlib.CircuitOpenError):
+        Driver(clock, status(200)).run(start(mesh))
+    assert not lock.locked()
