@@ -146,7 +146,8 @@ _Built = tuple[str, str, str, str, Any, tuple[Problem, ...], tuple[Problem, ...]
 
 def _build(ctx: DocContext, parsed: Parsed) -> _Built:
     """Build ``ctx``'s document into ``parsed``; what the build gave, for :class:`ReadCache`."""
-    obj = _builder(ctx.kind)(ctx)
+    # the dict lookup first: a call per document is 2-3 ms of a 10,000-service load
+    obj = (_BUILDER_FUNCTIONS.get(ctx.kind) or _builder(ctx.kind))(ctx)
     _add(parsed, ctx, obj)
     return (
         ctx.kind,
