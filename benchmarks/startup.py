@@ -1,6 +1,7 @@
 """Start-up cost of meshlib: CPU time and RSS of ``import meshlib`` and of the first Mesh + call.
 
-    python benchmarks/startup.py [--runs 11] [--importtime] [--breakdown] [--inherit-env] [--json]
+    python benchmarks/startup.py [--runs 11] [--importtime] [--breakdown] [--callgrind]
+        [--inherit-env] [--json]
 
 Each run is a fresh ``python`` process that reads its own CPU time (``time.process_time``, user +
 system) and resident set (``VmRSS`` in ``/proc/self/status``) at three points:
@@ -16,7 +17,8 @@ the two variants alternate, run by run, and the last row is meshlib's share (the
 It prints the median of ``--runs`` runs of each difference, the heavy modules loaded at points
 2 and 3, and with ``--importtime`` the sum of ``-X importtime``'s self times for ``import
 meshlib`` (median of 5 runs per module; modules ``python -c pass`` loads are left out) with its
-ten heaviest modules.
+ten heaviest modules. ``--callgrind`` adds each variant's instructions (valgrind callgrind, one
+run each: they do not move with the machine's load as CPU time does).
 
 Bytecode: the children cache it under a temporary ``PYTHONPYCACHEPREFIX`` (written by one
 discarded run per variant), as an installed package would have it. ``--inherit-env`` runs them
@@ -207,6 +209,40 @@ def one_run(variant: str, port: int, env: dict[str, str]) -> Run:
     return readings, after_import, after_call
 
 
+VALGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
+
+
+def collected(env: dict[str, str], code: str) -> int:
+    """Instructions a fresh ``python -c code`` executes, start to exit (valgrind callgrind)."""
+    err = subprocess.run(
+        [*VALGRIND, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+        env={**env, "PYTHONHASHSEED": "0"},  # the same dict layouts, so the same count each run
+        cwd=str(BENCH_DIR),
+    ).stderr
+    found = re.search(r"Collected : (\d+)", err)
+    if found is None:
+        raise RuntimeError(f"no instruction count from valgrind: {err[-500:]}")
+    return int(found[1])
+
+
+def instructions(env: dict[str, str], port: int) -> dict[str, tuple[int, int]]:
+    """``--callgrind``: per variant, the instructions of its import and of its first Mesh and
+    call, each over the process before it (``python -c pass``, then the import alone). Unlike
+    CPU time these do not move with the machine's load: one run per reading."""
+    base = collected(env, "pass")
+    counts = {}
+    for variant, (imports, call) in VARIANTS.items():
+        call = call.format(policy=POLICY.format(port=port), port=port)
+        imported = collected(env, imports)
+        called = collected(env, f"{imports}\n{call}\nassert status == 200")
+        counts[variant] = (imported - base, called - imported)
+    return counts
+
+
 def importtime(env: dict[str, str], runs: int) -> tuple[float, list[tuple[float, float, str]]]:
     """Sum of self µs for ``import meshlib``, and ``(self, cumulative, module)`` per module:
     the median over ``runs`` runs of ``-X importtime`` (one run is as noisy as the machine)."""
@@ -264,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also what each part the first Mesh and call load adds (CPU, RSS)",
     )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="also the instructions of the import and of the first Mesh and call, each variant "
+        "once under valgrind callgrind (~1 min; stable where CPU time is not)",
+    )
     parser.add_argument("--json", action="store_true", help="print the raw readings as JSON")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="meshlib-startup-") as tmp:
@@ -277,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.runs):  # interleaved, so a change of load hits both alike
                 for variant in VARIANTS:
                     runs[variant].append(one_run(variant, port, env))
+            counts = instructions(env, port) if args.callgrind else None
         imports = importtime(env, 5) if args.importtime else None
         parts = breakdown(env, args.runs) if args.breakdown else None
     med = statistics.median
@@ -309,6 +352,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{variant}: heavy modules after the import: {', '.join(after_import) or 'none'}")
         print(f"{variant}: heavy modules after the call: {', '.join(after_call) or 'none'}")
     print("bytecode: " + ("as the environment says" if args.inherit_env else "cached (.pyc)"))
+    if counts is not None:
+        print()
+        print("Instructions (valgrind callgrind, PYTHONHASHSEED=0, one run each, millions):")
+        print()
+        print("| variant | import | first call | both |")
+        print("|---|---:|---:|---:|")
+        for variant, (imported, called) in counts.items():
+            both = (imported + called) / 1e6
+            print(f"| {variant} | {imported / 1e6:.1f} | {called / 1e6:.1f} | {both:.1f} |")
+        mesh, raw = counts["meshlib"], counts["raw httpx"]
+        diff = (mesh[0] - raw[0], mesh[1] - raw[1])
+        print(
+            f"| meshlib − raw httpx | {diff[0] / 1e6:+.1f} | {diff[1] / 1e6:+.1f} "
+            f"| {(diff[0] + diff[1]) / 1e6:+.1f} |"
+        )
     if imports is not None:
         total, rows = imports
         print(

@@ -3,6 +3,7 @@
 Public names only; no logic lives here. See docs/quickstart.md.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from meshlib.decision import DECISION_EXTENSION, AttemptRecord, Decision
@@ -20,14 +21,14 @@ from meshlib.errors import (
     Reason,
     RetryBudgetExhaustedError,
 )
-from meshlib.inbound import MeshMiddleware
-from meshlib.inbound.serving import serve
 from meshlib.mesh import FaultHandle, Mesh, ReloadStatus
-from meshlib.observe.exporter import MetricsServer, metrics_app, start_metrics_server
 from meshlib.outbound.transport import AsyncMeshTransport, MeshTransport
 
 if TYPE_CHECKING:
     from meshlib.control.app import registry_app
+    from meshlib.inbound.middleware import MeshMiddleware
+    from meshlib.inbound.serving import serve
+    from meshlib.observe.exporter import MetricsServer, metrics_app, start_metrics_server
 
 __version__ = "0.1.0"
 
@@ -62,11 +63,24 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The registry service loads asyncio, YAML and the identity stack: only when asked for
-    # (PEP 562), so `import meshlib` stays light (tests/test_public_api.py).
-    if name == "registry_app":
-        from meshlib.control.app import registry_app
+#: The public names whose modules load when first asked for (PEP 562), so that `import meshlib`
+#: stays light (tests/test_public_api.py): the registry service loads asyncio, YAML and the
+#: identity stack; the inbound side (middleware, authorization, serving) and the metrics
+#: endpoint are not needed by a process that only calls out (start-up, issue 15).
+_ON_FIRST_USE = {
+    "registry_app": "meshlib.control.app",
+    "MeshMiddleware": "meshlib.inbound.middleware",
+    "serve": "meshlib.inbound.serving",
+    "MetricsServer": "meshlib.observe.exporter",
+    "metrics_app": "meshlib.observe.exporter",
+    "start_metrics_server": "meshlib.observe.exporter",
+}
 
-        return registry_app
-    raise AttributeError(f"module 'meshlib' has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    module = _ON_FIRST_USE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshlib' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups find it without calling this again
+    return value

@@ -178,6 +178,36 @@ def test_a_plain_policy_loads_no_pattern_quantity_or_hint_modules() -> None:
     assert out == "", f"Mesh.from_text of one plain service loaded: {out}"
 
 
+#: The inbound side and the metrics endpoint: a process that only calls out never needs them,
+#: and `meshlib.MeshMiddleware`, `meshlib.serve` and the metrics names load them on first use.
+LAZY_INBOUND = (
+    "meshlib.inbound.middleware",
+    "meshlib.inbound.serving",
+    "meshlib.policy.authz",
+    "meshlib.observe.exporter",
+)
+
+
+def test_an_outbound_mesh_loads_no_inbound_module_until_asked_for() -> None:
+    code = (
+        "import sys, meshlib\n"
+        f"meshlib.Mesh.from_text({PLAIN_POLICY!r}, service='s', namespace='default', "
+        "metrics=False)\n"
+        f"print(','.join(m for m in {LAZY_INBOUND!r} if m in sys.modules))\n"
+        "from meshlib import MeshMiddleware, metrics_app, serve\n"
+        "from meshlib.inbound.middleware import MeshMiddleware as Middleware\n"
+        "from meshlib.inbound.serving import serve as serving\n"
+        "assert MeshMiddleware is Middleware and meshlib.MeshMiddleware is Middleware\n"
+        "assert serve is serving and callable(metrics_app)\n"
+        f"print(','.join(m for m in {LAZY_INBOUND!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0] == "", f"import meshlib and an outbound Mesh loaded: {out[0]}"
+    assert out[1].split(",") == list(LAZY_INBOUND), out[1]
+
+
 @pytest.mark.timeout(60)
 def test_a_first_call_with_default_options_loads_no_opentelemetry(echo_factory) -> None:
     """Metrics on, tracing left to OpenTelemetry's global provider: with no SDK set up and no

@@ -12,6 +12,7 @@ MESHLIB_API = "meshlib/v1"
 SPLIT_VERSIONS = tuple(f"split.smi-spec.io/v1alpha{i}" for i in (1, 2, 3, 4))
 SPECS_VERSIONS = tuple(f"specs.smi-spec.io/v1alpha{i}" for i in (1, 2, 3, 4))
 ACCESS_VERSIONS = tuple(f"access.smi-spec.io/v1alpha{i}" for i in (1, 2, 3))
+GATEWAY_API = "gateway.networking.k8s.io/v1"
 MAX_WEIGHT = 2**31 - 1
 
 DURATION: Schema = {"$ref": "#/$defs/duration"}

@@ -24,7 +24,7 @@ from meshlib.config.documents import (
     limited,
     limited_maps,
 )
-from meshlib.config.fragments import STRING, Schema, array, integer, obj
+from meshlib.config.fragments import GATEWAY_API, STRING, Schema, array, integer, obj
 from meshlib.config.fragments import enum as enum_schema
 from meshlib.config.model import (
     GATEWAY_GROUP,
@@ -52,8 +52,6 @@ from meshlib.config.model import (
 from meshlib.config.values import compile_regex, shown
 from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq
 from meshlib.errors import ConfigError, Problem
-
-GATEWAY_API = "gateway.networking.k8s.io/v1"
 
 #: The spec's list limits (``maxItems`` in the upstream CRD).
 MAX_PARENT_REFS = 16

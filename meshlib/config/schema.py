@@ -7,15 +7,16 @@ it converts values, and :func:`json_schema` publishes the same fragments for edi
 from __future__ import annotations
 
 import copy
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshlib.config.authnkind import request_authentication_spec
-from meshlib.config.authzkind import authorization_policy_spec
 from meshlib.config.fragments import (
     ACCESS_VERSIONS,
     DEFS,
     DURATION,
+    GATEWAY_API,
     MAX_WEIGHT,
     MESHLIB_API,
     NONEMPTY,
@@ -30,7 +31,6 @@ from meshlib.config.fragments import (
     integer,
     obj,
 )
-from meshlib.config.httproute import GATEWAY_API, http_route_schema
 from meshlib.config.values import MAX_REGEX_LENGTH
 
 # --- TrafficPolicy: one table drives the schema, the conversion and the model field names ------
@@ -311,92 +311,180 @@ def _traffic_target(version: int) -> Schema:
     )
 
 
-def _meshlib_docs() -> dict[str, Schema]:
-    endpoint = obj(
-        {
-            "address": {
-                "type": "string",
-                "minLength": 1,
-                "description": "host:port, IPv6 as [::1]:80",
+def _meshlib_docs() -> dict[str, Callable[[], Schema]]:
+    """The meshlib/v1 kinds, each a function that builds its document's schema."""
+
+    def endpoint() -> Schema:
+        return obj(
+            {
+                "address": {
+                    "type": "string",
+                    "minLength": 1,
+                    "description": "host:port, IPv6 as [::1]:80",
+                },
+                "weight": integer(1, MAX_WEIGHT, "relative weight, default 1"),
+                "labels": STRING_MAP,
             },
-            "weight": integer(1, MAX_WEIGHT, "relative weight, default 1"),
-            "labels": STRING_MAP,
-        },
-        "address",
-    )
-    service = obj(
-        {
-            "serviceAccount": {"$ref": "#/$defs/namespace"},
-            "port": integer(1, 65535),
-            "endpoints": array(endpoint),
-        }
-    )
-    mesh = obj(
-        {
-            "trustDomain": {"$ref": "#/$defs/name"},
-            "mtls": enum("strict", "permissive", "disable"),
-            "accessControl": enum("open", "audit", "enforce"),
-            "egress": enum("allow-any", "registry-only"),
-            "accessLog": obj(
-                {"enabled": {"type": "boolean"}, "format": enum("json", "text")},
-                description="one log line per call and inbound request (meshlib.access)",
-            ),
-            "tracing": obj(
-                {
-                    "sampling": {
-                        "type": "number",
-                        "minimum": 0,
-                        "maximum": 1,
-                        "description": "fraction of traces started here that are sampled",
+            "address",
+        )
+
+    def service() -> Schema:
+        spec = obj(
+            {
+                "serviceAccount": {"$ref": "#/$defs/namespace"},
+                "port": integer(1, 65535),
+                "endpoints": array(endpoint()),
+            }
+        )
+        return _doc(MESHLIB_API, "Service", {"spec": spec})
+
+    def mesh() -> Schema:
+        spec = obj(
+            {
+                "trustDomain": {"$ref": "#/$defs/name"},
+                "mtls": enum("strict", "permissive", "disable"),
+                "accessControl": enum("open", "audit", "enforce"),
+                "egress": enum("allow-any", "registry-only"),
+                "accessLog": obj(
+                    {"enabled": {"type": "boolean"}, "format": enum("json", "text")},
+                    description="one log line per call and inbound request (meshlib.access)",
+                ),
+                "tracing": obj(
+                    {
+                        "sampling": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1,
+                            "description": "fraction of traces started here that are sampled",
+                        }
                     }
-                }
-            ),
-        }
-    )
-    fault = obj(
-        {
-            "target": TARGET,
-            "match": obj({"headers": STRING_MAP}),
-            "delay": obj({"fixed": DURATION, "percent": PERCENT}, "fixed"),
-            "abort": obj({"status": integer(200, 599), "percent": PERCENT}, "status"),
-        },
-        "target",
-    )
-    mirror = obj({"service": NONEMPTY, "mirror": NONEMPTY, "percent": PERCENT}, "service", "mirror")
+                ),
+            }
+        )
+        return _doc(MESHLIB_API, "Mesh", {"spec": spec})
+
+    def fault() -> Schema:
+        spec = obj(
+            {
+                "target": TARGET,
+                "match": obj({"headers": STRING_MAP}),
+                "delay": obj({"fixed": DURATION, "percent": PERCENT}, "fixed"),
+                "abort": obj({"status": integer(200, 599), "percent": PERCENT}, "status"),
+            },
+            "target",
+        )
+        return _doc(MESHLIB_API, "FaultInjection", {"spec": spec}, "spec")
+
+    def mirror() -> Schema:
+        spec = obj(
+            {"service": NONEMPTY, "mirror": NONEMPTY, "percent": PERCENT}, "service", "mirror"
+        )
+        return _doc(MESHLIB_API, "TrafficMirror", {"spec": spec}, "spec")
+
+    def authorization_policy() -> Schema:
+        from meshlib.config.authzkind import authorization_policy_spec
+
+        spec = authorization_policy_spec()
+        return _doc(MESHLIB_API, "AuthorizationPolicy", {"spec": spec})
+
+    def request_authentication() -> Schema:
+        from meshlib.config.authnkind import request_authentication_spec
+
+        spec = request_authentication_spec()
+        return _doc(MESHLIB_API, "RequestAuthentication", {"spec": spec}, "spec")
+
     return {
-        "Mesh": _doc(MESHLIB_API, "Mesh", {"spec": mesh}),
-        "Service": _doc(MESHLIB_API, "Service", {"spec": service}),
-        "TrafficPolicy": _doc(MESHLIB_API, "TrafficPolicy", {"spec": _policy_spec()}, "spec"),
-        "FaultInjection": _doc(MESHLIB_API, "FaultInjection", {"spec": fault}, "spec"),
-        "TrafficMirror": _doc(MESHLIB_API, "TrafficMirror", {"spec": mirror}, "spec"),
-        "AuthorizationPolicy": _doc(
-            MESHLIB_API, "AuthorizationPolicy", {"spec": authorization_policy_spec()}
+        "Mesh": mesh,
+        "Service": service,
+        "TrafficPolicy": lambda: _doc(
+            MESHLIB_API, "TrafficPolicy", {"spec": _policy_spec()}, "spec"
         ),
-        "RequestAuthentication": _doc(
-            MESHLIB_API, "RequestAuthentication", {"spec": request_authentication_spec()}, "spec"
-        ),
+        "FaultInjection": fault,
+        "TrafficMirror": mirror,
+        "AuthorizationPolicy": authorization_policy,
+        "RequestAuthentication": request_authentication,
     }
 
 
-def _build_document_schemas() -> dict[str, dict[str, Schema]]:
-    docs: dict[str, dict[str, Schema]] = {
-        "TrafficSplit": {
+def _http_route() -> Schema:
+    from meshlib.config.httproute import http_route_schema
+
+    return http_route_schema()
+
+
+def _document_schemas() -> dict[str, Callable[[], dict[str, Schema]]]:
+    """Each kind, in the order the schemas are published, and how its versions are built."""
+    docs: dict[str, Callable[[], dict[str, Schema]]] = {
+        "TrafficSplit": lambda: {
             api: _doc(api, "TrafficSplit", {"spec": _split(i + 1)}, "spec")
             for i, api in enumerate(SPLIT_VERSIONS)
         },
-        "HTTPRouteGroup": {api: _route_group(i + 1) for i, api in enumerate(SPECS_VERSIONS)},
-        "TCPRoute": {api: _tcp_route(i + 1) for i, api in enumerate(SPECS_VERSIONS)},
-        "UDPRoute": {SPECS_VERSIONS[3]: _udp_route()},
-        "TrafficTarget": {api: _traffic_target(i + 1) for i, api in enumerate(ACCESS_VERSIONS)},
-        "HTTPRoute": {GATEWAY_API: http_route_schema()},
+        "HTTPRouteGroup": lambda: {
+            api: _route_group(i + 1) for i, api in enumerate(SPECS_VERSIONS)
+        },
+        "TCPRoute": lambda: {api: _tcp_route(i + 1) for i, api in enumerate(SPECS_VERSIONS)},
+        "UDPRoute": lambda: {SPECS_VERSIONS[3]: _udp_route()},
+        "TrafficTarget": lambda: {
+            api: _traffic_target(i + 1) for i, api in enumerate(ACCESS_VERSIONS)
+        },
+        "HTTPRoute": lambda: {GATEWAY_API: _http_route()},
     }
-    for kind, schema in _meshlib_docs().items():
-        docs[kind] = {MESHLIB_API: schema}
+    for kind, build in _meshlib_docs().items():
+        docs[kind] = _one_version(MESHLIB_API, build)
     return docs
 
 
+def _one_version(api: str, build: Callable[[], Schema]) -> Callable[[], dict[str, Schema]]:
+    return lambda: {api: build()}
+
+
+class DocumentSchemas(Mapping[str, dict[str, Schema]]):
+    """kind → apiVersion → schema, each kind's built when it is first looked up.
+
+    A kind's schema comes from its own module (``HTTPRoute``'s from ``config/httproute``,
+    ``AuthorizationPolicy``'s from ``config/authzkind``, ...): building every schema up front
+    imported every kind's module, which a policy of Services never uses (start-up, issue 15).
+    The kinds themselves are known at once, so an unknown kind is told apart without building
+    anything. Safe across threads: a kind is built once, under a lock."""
+
+    def __init__(self, builders: Mapping[str, Callable[[], dict[str, Schema]]]) -> None:
+        self._builders = dict(builders)
+        self._built: dict[str, dict[str, Schema]] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, kind: str) -> dict[str, Schema]:
+        versions = self._built.get(kind)
+        if versions is not None:
+            return versions
+        build = self._builders[kind]  # KeyError for an unknown kind, as a dict's
+        with self._lock:
+            versions = self._built.get(kind)
+            if versions is None:
+                versions = self._built[kind] = build()
+        return versions
+
+    def get(  # type: ignore[override]  # Mapping.get takes any default type
+        self, kind: str, default: dict[str, Schema] | None = None
+    ) -> dict[str, Schema] | None:
+        # Mapping's own get goes through __getitem__ and an exception for an unknown kind:
+        # this runs once per document of a policy (10,000 for a large mesh).
+        versions = self._built.get(kind)
+        if versions is not None:
+            return versions
+        return self[kind] if kind in self._builders else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._builders
+
+
 #: kind → apiVersion → JSON Schema of the whole document.
-DOCUMENT_SCHEMAS: dict[str, dict[str, Schema]] = _build_document_schemas()
+DOCUMENT_SCHEMAS = DocumentSchemas(_document_schemas())
 
 
 def json_schema() -> dict[str, Any]:
