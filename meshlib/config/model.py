@@ -157,6 +157,10 @@ def __getattr__(name: str) -> object:
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MOVED})
+
+
 #: Default ``streamIdleTimeout``, seconds: Envoy's ``stream_idle_timeout`` default, long enough
 #: for server-sent events and watch streams that send a heartbeat every minute or so.
 STREAM_IDLE_TIMEOUT = 300.0
