@@ -208,13 +208,25 @@ def test_an_outbound_mesh_loads_no_inbound_module_until_asked_for() -> None:
     assert out[1].split(",") == list(LAZY_INBOUND), out[1]
 
 
+#: The model classes of the HTTPRoute, SMI, AuthorizationPolicy and RequestAuthentication kinds:
+#: creating their dataclasses was a third of `import meshlib`'s own model (issue 15).
+LAZY_KIND_MODELS = (
+    "meshlib.config.routemodel",
+    "meshlib.config.smimodel",
+    "meshlib.config.authzmodel",
+    "meshlib.config.authnmodel",
+)
+
+
 @pytest.mark.timeout(60)
 def test_a_first_call_with_default_options_loads_no_opentelemetry(echo_factory) -> None:
     """Metrics on, tracing left to OpenTelemetry's global provider: with no SDK set up and no
-    trace context, the first Mesh and its first call need nothing from OpenTelemetry."""
+    trace context, the first Mesh and its first call need nothing from OpenTelemetry, nor any
+    policy kind's model classes."""
     backend = echo_factory("backend")
     policy = PLAIN_POLICY.replace("127.0.0.1:9", f"127.0.0.1:{backend.port}")
     lazy = tuple(m for m in LAZY_AFTER_PLAIN_POLICY if m != "prometheus_client")  # metrics on
+    lazy += LAZY_KIND_MODELS
     code = (
         "import sys, meshlib\n"
         f"mesh = meshlib.Mesh.from_text({policy!r}, service='s', namespace='default')\n"

@@ -14,12 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from meshlib.config.model import (
-    HeaderModifier,
-    HTTPRoute,
-    RequestMirror,
-    RouteMatch,
-)
+from meshlib.config.model import HeaderModifier, RequestMirror
+from meshlib.config.routemodel import HTTPRoute, RouteMatch
 from meshlib.config.values import format_duration
 from meshlib.policy.routes import (
     Backend,

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from meshlib.config.authnmodel import JwtLocation, JwtRule, RequestAuthentication
 from meshlib.config.documents import DocContext, as_str, maps
 from meshlib.config.fragments import DURATION, NONEMPTY, STRING, Schema, array, obj
-from meshlib.config.model import JwtLocation, JwtRule, RequestAuthentication
 from meshlib.config.values import MAX_JSON_DEPTH, format_duration, parse_duration, parse_json, shown
 from meshlib.config.yamlsafe import YMap, YSeq
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import re
 
-from meshlib.config.documents import DocContext, as_str, maps
-from meshlib.config.fragments import NONEMPTY, STRING, Schema, array, enum, obj
-from meshlib.config.model import (
+from meshlib.config.authzmodel import (
     AuthorizationPolicy,
     AuthorizationPolicyRule,
     AuthzAction,
@@ -21,6 +19,8 @@ from meshlib.config.model import (
     AuthzOperation,
     AuthzSource,
 )
+from meshlib.config.documents import DocContext, as_str, maps
+from meshlib.config.fragments import NONEMPTY, STRING, Schema, array, enum, obj
 from meshlib.config.values import shown
 from meshlib.config.yamlsafe import YMap, YSeq
 

@@ -37,7 +37,8 @@ from meshlib.config.fragments import GATEWAY_API, STRING, Schema, array, integer
 from meshlib.config.fragments import enum as enum_schema
 from meshlib.config.httproute import build_http_route, http_route_schema
 from meshlib.config.loader import checked_context, source_documents
-from meshlib.config.model import GATEWAY_GROUP, HTTPRoute, Origin, ParentMode
+from meshlib.config.model import GATEWAY_GROUP, Origin, ParentMode
+from meshlib.config.routemodel import HTTPRoute
 from meshlib.config.values import shown
 from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq
 from meshlib.errors import ConfigError, Problem

@@ -28,26 +28,28 @@ from meshlib.config.fragments import GATEWAY_API, STRING, Schema, array, integer
 from meshlib.config.fragments import enum as enum_schema
 from meshlib.config.model import (
     GATEWAY_GROUP,
-    BackendRef,
     FilterConfig,
     FilterType,
     HeaderModifier,
+    PathMatchType,
+    PathModifierType,
+    Pattern,
+    RequestMirror,
+    RequestRedirect,
+    URLRewrite,
+    ValueMatchType,
+)
+from meshlib.config.routemodel import (
+    BackendRef,
     HTTPRoute,
     HTTPRouteFilter,
     HTTPRouteRule,
     ParentRef,
     PathMatch,
-    PathMatchType,
     PathModifier,
-    PathModifierType,
-    Pattern,
-    RequestMirror,
-    RequestRedirect,
     RouteMatch,
     RouteTimeouts,
-    URLRewrite,
     ValueMatch,
-    ValueMatchType,
 )
 from meshlib.config.values import compile_regex, shown
 from meshlib.config.yamlsafe import YamlDocument, YMap, YSeq

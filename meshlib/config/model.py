@@ -8,17 +8,158 @@ Durations are float seconds. Percentages are floats in [0, 100].
 
 Every class has ``__slots__``: a policy of 10,000 services holds tens of thousands of these
 objects for as long as it is in force, and a slotted instance has no per-instance dict.
+
+The classes of the HTTPRoute, SMI, AuthorizationPolicy and RequestAuthentication kinds live in
+:mod:`~meshlib.config.routemodel`, :mod:`~meshlib.config.smimodel`,
+:mod:`~meshlib.config.authzmodel` and :mod:`~meshlib.config.authnmodel`, loaded with their
+kind's builder: Python 3.11 compiles each generated dataclass method separately, and creating
+those 27 classes was ≈ 40 % of this module's import for a policy that uses none of them
+(start-up, issue 15). Their names are importable from here as before, loaded on first access.
 """
 
 from __future__ import annotations
 
 import enum
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshlib.errors import Problem
+
+if TYPE_CHECKING:
+    from meshlib.config.authnmodel import (
+        JwtLocation as JwtLocation,
+    )
+    from meshlib.config.authnmodel import (
+        JwtRule as JwtRule,
+    )
+    from meshlib.config.authnmodel import (
+        RequestAuthentication as RequestAuthentication,
+    )
+    from meshlib.config.authzmodel import (
+        AuthorizationPolicy as AuthorizationPolicy,
+    )
+    from meshlib.config.authzmodel import (
+        AuthorizationPolicyRule as AuthorizationPolicyRule,
+    )
+    from meshlib.config.authzmodel import (
+        AuthzAction as AuthzAction,
+    )
+    from meshlib.config.authzmodel import (
+        AuthzCondition as AuthzCondition,
+    )
+    from meshlib.config.authzmodel import (
+        AuthzOperation as AuthzOperation,
+    )
+    from meshlib.config.authzmodel import (
+        AuthzSource as AuthzSource,
+    )
+    from meshlib.config.routemodel import (
+        BackendRef as BackendRef,
+    )
+    from meshlib.config.routemodel import (
+        HTTPRoute as HTTPRoute,
+    )
+    from meshlib.config.routemodel import (
+        HTTPRouteFilter as HTTPRouteFilter,
+    )
+    from meshlib.config.routemodel import (
+        HTTPRouteRule as HTTPRouteRule,
+    )
+    from meshlib.config.routemodel import (
+        ParentRef as ParentRef,
+    )
+    from meshlib.config.routemodel import (
+        PathMatch as PathMatch,
+    )
+    from meshlib.config.routemodel import (
+        PathModifier as PathModifier,
+    )
+    from meshlib.config.routemodel import (
+        RouteMatch as RouteMatch,
+    )
+    from meshlib.config.routemodel import (
+        RouteTimeouts as RouteTimeouts,
+    )
+    from meshlib.config.routemodel import (
+        ValueMatch as ValueMatch,
+    )
+    from meshlib.config.smimodel import (
+        HTTPMatch as HTTPMatch,
+    )
+    from meshlib.config.smimodel import (
+        RouteGroup as RouteGroup,
+    )
+    from meshlib.config.smimodel import (
+        Split as Split,
+    )
+    from meshlib.config.smimodel import (
+        SplitBackend as SplitBackend,
+    )
+    from meshlib.config.smimodel import (
+        SplitMatchRef as SplitMatchRef,
+    )
+    from meshlib.config.smimodel import (
+        TCPRoute as TCPRoute,
+    )
+    from meshlib.config.smimodel import (
+        TrafficTarget as TrafficTarget,
+    )
+    from meshlib.config.smimodel import (
+        TrafficTargetRule as TrafficTargetRule,
+    )
+    from meshlib.config.smimodel import (
+        UDPRoute as UDPRoute,
+    )
+
+#: Where each class moved to a kind's own model module lives: ``from meshlib.config.model import
+#: HTTPRoute`` keeps working, and loads that module then (PEP 562).
+_MOVED = {
+    "HTTPMatch": "meshlib.config.smimodel",
+    "RouteGroup": "meshlib.config.smimodel",
+    "TCPRoute": "meshlib.config.smimodel",
+    "UDPRoute": "meshlib.config.smimodel",
+    "SplitBackend": "meshlib.config.smimodel",
+    "SplitMatchRef": "meshlib.config.smimodel",
+    "Split": "meshlib.config.smimodel",
+    "TrafficTargetRule": "meshlib.config.smimodel",
+    "TrafficTarget": "meshlib.config.smimodel",
+    "AuthzAction": "meshlib.config.authzmodel",
+    "AuthzSource": "meshlib.config.authzmodel",
+    "AuthzOperation": "meshlib.config.authzmodel",
+    "AuthzCondition": "meshlib.config.authzmodel",
+    "AuthorizationPolicyRule": "meshlib.config.authzmodel",
+    "AuthorizationPolicy": "meshlib.config.authzmodel",
+    "JwtLocation": "meshlib.config.authnmodel",
+    "JwtRule": "meshlib.config.authnmodel",
+    "RequestAuthentication": "meshlib.config.authnmodel",
+    "ParentRef": "meshlib.config.routemodel",
+    "PathMatch": "meshlib.config.routemodel",
+    "ValueMatch": "meshlib.config.routemodel",
+    "RouteMatch": "meshlib.config.routemodel",
+    "PathModifier": "meshlib.config.routemodel",
+    "BackendRef": "meshlib.config.routemodel",
+    "HTTPRouteFilter": "meshlib.config.routemodel",
+    "RouteTimeouts": "meshlib.config.routemodel",
+    "HTTPRouteRule": "meshlib.config.routemodel",
+    "HTTPRoute": "meshlib.config.routemodel",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain global
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MOVED})
+
 
 #: Default ``streamIdleTimeout``, seconds: Envoy's ``stream_idle_timeout`` default, long enough
 #: for server-sent events and watch streams that send a heartbeat every minute or so.
@@ -128,194 +269,6 @@ class ServiceDef:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.name}.{self.namespace}")
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPMatch:
-    """One SMI HTTPRouteGroup match. ``None`` fields match anything.
-
-    ``path_regex`` is anchored at the start of the path (SMI semantics), compiled with RE2.
-    ``methods`` holds upper-case method names; ``"*"`` in the manifest becomes ``None``.
-    ``headers`` maps lower-case header names to RE2 patterns matched against the value.
-    """
-
-    name: str
-    path_regex: Pattern | None = None
-    methods: frozenset[str] | None = None
-    headers: tuple[tuple[str, Pattern], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class RouteGroup:
-    """SMI HTTPRouteGroup."""
-
-    name: str
-    namespace: str
-    matches: tuple[HTTPMatch, ...]
-    origin: Origin | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TCPRoute:
-    name: str
-    namespace: str
-    ports: tuple[int, ...] = ()
-    origin: Origin | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class UDPRoute:
-    """SMI UDPRoute (specs.smi-spec.io/v1alpha4): parsed so a TrafficTarget may name it; meshlib
-    carries HTTP only, so it admits no request (see authz)."""
-
-    name: str
-    namespace: str
-    ports: tuple[int, ...] = ()
-    origin: Origin | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SplitBackend:
-    service: str  # service key "name.namespace"
-    weight: int  # relative; v1alpha1 quantities are converted to milli-units
-
-
-@dataclass(frozen=True, slots=True)
-class SplitMatchRef:
-    """A reference from a TrafficSplit to (all or some) matches of an HTTPRouteGroup."""
-
-    group: str  # route group key "name.namespace"
-    names: tuple[str, ...] = ()  # empty: every match of the group
-
-
-@dataclass(frozen=True, slots=True)
-class Split:
-    """SMI TrafficSplit. Requests that do not match ``matches`` (when set) go to the root."""
-
-    name: str
-    namespace: str
-    root: str  # service key
-    backends: tuple[SplitBackend, ...]
-    matches: tuple[SplitMatchRef, ...] = ()
-    origin: Origin | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TrafficTargetRule:
-    kind: str  # "HTTPRouteGroup" | "TCPRoute" | "UDPRoute"
-    name: str
-    matches: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class TrafficTarget:
-    """SMI TrafficTarget (parsed and validated here; enforced by the inbound side)."""
-
-    name: str
-    namespace: str
-    destination: tuple[str, str]  # (service account, namespace)
-    sources: tuple[tuple[str, str], ...]
-    rules: tuple[TrafficTargetRule, ...]
-    origin: Origin | None = None
-
-
-class AuthzAction(str, enum.Enum):
-    ALLOW = "ALLOW"
-    DENY = "DENY"
-
-
-@dataclass(frozen=True, slots=True)
-class AuthzSource:
-    """One ``from`` entry of an AuthorizationPolicy rule: every set field must match (AND);
-    within a field any value may match (OR). ``None``: the field is not constrained.
-
-    Values are glob patterns: exact, ``prefix*``, ``*suffix`` or ``*`` (present).
-    ``principals`` are SPIFFE IDs without the scheme (``td/ns/x/sa/y``, Istio style).
-    """
-
-    principals: tuple[str, ...] | None = None
-    namespaces: tuple[str, ...] | None = None
-    request_principals: tuple[str, ...] | None = None  # "iss/sub" of the validated JWT
-
-
-@dataclass(frozen=True, slots=True)
-class AuthzOperation:
-    """One ``to`` entry: upper-case methods and path globs (matched on the normalised path)."""
-
-    methods: frozenset[str] | None = None
-    paths: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AuthzCondition:
-    """One ``when`` entry: the JWT claim at ``claim`` (nested names) has one of ``values``."""
-
-    key: str  # as written, e.g. "request.auth.claims[iss]"
-    claim: tuple[str, ...]
-    values: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AuthorizationPolicyRule:
-    """A rule matches when its ``sources``, ``operations`` and ``conditions`` all match; an
-    empty ``sources`` (or ``operations``) matches any source (operation)."""
-
-    sources: tuple[AuthzSource, ...] = ()
-    operations: tuple[AuthzOperation, ...] = ()
-    conditions: tuple[AuthzCondition, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class AuthorizationPolicy:
-    """meshlib/v1 AuthorizationPolicy (Istio semantics: DENY beats ALLOW; once an ALLOW policy
-    applies to a destination, a request must match one). ``service`` ``None``: every service of
-    ``namespace``."""
-
-    name: str
-    namespace: str
-    service: str | None  # service key "name.namespace" when set
-    action: AuthzAction
-    rules: tuple[AuthorizationPolicyRule, ...]
-    origin: Origin | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class JwtLocation:
-    """Where a token is read from: header ``name`` (lower-case), value ``prefix`` + token."""
-
-    name: str = "authorization"
-    prefix: str = "Bearer "
-
-
-@dataclass(frozen=True, slots=True)
-class JwtRule:
-    """One ``jwtRules`` entry of a RequestAuthentication: how tokens of ``issuer`` verify.
-
-    Exactly one JWKS source is set: ``jwks_uri`` (fetched), ``jwks`` (inline JSON text) or
-    ``jwks_file`` (re-read when it changes). ``audiences`` empty: ``aud`` is not checked.
-    ``algorithms`` are asymmetric JWS algorithms only (never ``none``, never HS*).
-    """
-
-    issuer: str
-    audiences: tuple[str, ...] = ()
-    jwks_uri: str | None = None
-    jwks: str | None = None
-    jwks_file: str | None = None
-    from_headers: tuple[JwtLocation, ...] = (JwtLocation(),)
-    algorithms: tuple[str, ...] = ("RS256", "ES256")
-    clock_skew: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class RequestAuthentication:
-    """meshlib/v1 RequestAuthentication: JWT origin authentication for ``service`` (a service
-    key) or, when ``None``, every service of ``namespace``."""
-
-    name: str
-    namespace: str
-    service: str | None
-    rules: tuple[JwtRule, ...]
-    origin: Origin | None = None
 
 
 # --- resilience policy --------------------------------------------------------------------------
@@ -521,73 +474,10 @@ class PathModifierType(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class ParentRef:
-    name: str
-    namespace: str  # default: the route's namespace
-    group: str = GATEWAY_GROUP
-    kind: str = "Gateway"
-    section_name: str | None = None
-    port: int | None = None
-
-    @property
-    def mode(self) -> ParentMode:
-        return ParentMode.MESH if self.kind == "Service" else ParentMode.INGRESS
-
-
-@dataclass(frozen=True, slots=True)
-class PathMatch:
-    type: PathMatchType = PathMatchType.PATH_PREFIX
-    value: str = "/"
-    #: Compiled (RE2, anchored at both ends) for RegularExpression; None otherwise.
-    regex: Pattern | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class ValueMatch:
-    """A header or query parameter match; header names are lower-cased, query names are not."""
-
-    name: str
-    value: str
-    type: ValueMatchType = ValueMatchType.EXACT
-    regex: Pattern | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class RouteMatch:
-    path: PathMatch = PathMatch()
-    headers: tuple[ValueMatch, ...] = ()
-    query_params: tuple[ValueMatch, ...] = ()
-    method: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class HeaderModifier:
     set: tuple[tuple[str, str], ...] = ()
     add: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class PathModifier:
-    type: PathModifierType
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class BackendRef:
-    name: str
-    namespace: str  # default: the route's namespace
-    port: int | None = None
-    weight: int = 1
-    group: str = ""
-    kind: str = "Service"
-    filters: tuple[HTTPRouteFilter, ...] = ()
-
-    @property
-    def resolvable(self) -> bool:
-        """Whether the mesh can send to it: a core Service with a port. Requests given to an
-        unresolvable backend get 500 (the spec's rule for an invalid backendRef's share)."""
-        return self.group == "" and self.kind == "Service" and self.port is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,60 +502,6 @@ class URLRewrite:
 
 
 FilterConfig = HeaderModifier | RequestMirror | RequestRedirect | URLRewrite
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPRouteFilter:
-    type: FilterType
-    config: FilterConfig
-
-
-@dataclass(frozen=True, slots=True)
-class RouteTimeouts:
-    """Seconds; 0 disables the timeout (the spec's ``0s``), None leaves the mesh's default."""
-
-    request: float | None = None
-    backend_request: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPRouteRule:
-    matches: tuple[RouteMatch, ...] = (RouteMatch(),)
-    filters: tuple[HTTPRouteFilter, ...] = ()
-    backend_refs: tuple[BackendRef, ...] = ()
-    timeouts: RouteTimeouts = RouteTimeouts()
-    name: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPRoute:
-    name: str
-    namespace: str
-    parent_refs: tuple[ParentRef, ...]
-    hostnames: tuple[str, ...]
-    rules: tuple[HTTPRouteRule, ...]
-    origin: Origin
-    #: ``metadata.creationTimestamp`` (RFC 3339, UTC), when the manifest carries one.
-    created: str | None = None
-
-    @property
-    def key(self) -> str:
-        """``name.namespace``, as every other kind is keyed."""
-        return f"{self.name}.{self.namespace}"
-
-    def label(self, rule: HTTPRouteRule) -> str:
-        """The route label of one of this route's rules: the rule's ``name``, else the route's
-        name. It names the route in decisions and metrics, and TrafficPolicy/FaultInjection
-        ``spec.target.route`` selects rules by it."""
-        return rule.name or self.name
-
-    def services(self) -> tuple[str, ...]:
-        """Keys of the mesh Services this route attaches to (its ``kind: Service`` parents)."""
-        return tuple(
-            dict.fromkeys(
-                f"{p.name}.{p.namespace}" for p in self.parent_refs if p.mode is ParentMode.MESH
-            )
-        )
 
 
 @dataclass(frozen=True, slots=True)

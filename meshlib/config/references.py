@@ -8,32 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshlib.config.documents import DocContext, as_str, at, maps
 from meshlib.config.model import (
-    AuthorizationPolicy,
-    BackendRef,
     FaultRule,
-    HTTPRoute,
-    HTTPRouteFilter,
     MeshSettings,
     MirrorRule,
     PolicyTarget,
-    RequestAuthentication,
     RequestMirror,
-    RouteGroup,
     ServiceDef,
     Snapshot,
-    Split,
-    TCPRoute,
     TrafficPolicyDoc,
-    TrafficTarget,
-    UDPRoute,
 )
 from meshlib.config.schema import POLICY_FIELDS
 from meshlib.config.values import service_key, shown
 from meshlib.errors import Problem
+
+if TYPE_CHECKING:
+    from meshlib.config.authnmodel import RequestAuthentication
+    from meshlib.config.authzmodel import AuthorizationPolicy
+    from meshlib.config.routemodel import BackendRef, HTTPRoute, HTTPRouteFilter
+    from meshlib.config.smimodel import RouteGroup, Split, TCPRoute, TrafficTarget, UDPRoute
 
 _YAML_PATH = {pf.model_name: pf.yaml_path for pf in POLICY_FIELDS}
 _YAML_PATH["rate_limit"] = "rateLimit"

@@ -8,9 +8,9 @@ import logging
 
 from meshlib.config.documents import DocContext, as_int, as_str, at, maps
 from meshlib.config.fragments import MAX_WEIGHT
-from meshlib.config.model import (
+from meshlib.config.model import Pattern
+from meshlib.config.smimodel import (
     HTTPMatch,
-    Pattern,
     RouteGroup,
     Split,
     SplitBackend,

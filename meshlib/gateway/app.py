@@ -58,7 +58,8 @@ from meshlib.config.gatewaykind import (
     ListenerProtocol,
     hostnames_intersect,
 )
-from meshlib.config.model import HeaderModifier, HTTPRoute, RateLimitPolicy, Snapshot
+from meshlib.config.model import HeaderModifier, RateLimitPolicy, Snapshot
+from meshlib.config.routemodel import HTTPRoute
 from meshlib.context import inbound_deadline
 from meshlib.errors import REASON_HEADER, MeshError, Reason
 from meshlib.gateway.edge import (

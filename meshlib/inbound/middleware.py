@@ -44,7 +44,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import quote
 
-from meshlib.config.model import AccessControl, JwtRule, RateLimitPolicy, ServiceDef
+from meshlib.config.authnmodel import JwtRule
+from meshlib.config.model import AccessControl, RateLimitPolicy, ServiceDef
 from meshlib.context import inbound_deadline
 from meshlib.errors import REASON_HEADER, Reason
 from meshlib.inbound.peer import (

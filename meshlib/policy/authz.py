@@ -24,19 +24,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from meshlib.config.model import (
-    AccessControl,
+from meshlib.config.authzmodel import (
     AuthorizationPolicy,
     AuthorizationPolicyRule,
     AuthzAction,
     AuthzCondition,
     AuthzOperation,
     AuthzSource,
-    HTTPMatch,
-    ServiceDef,
-    Snapshot,
-    TrafficTarget,
 )
+from meshlib.config.model import AccessControl, ServiceDef, Snapshot
+from meshlib.config.smimodel import HTTPMatch, TrafficTarget
 from meshlib.policy.routing import Router, match_http
 
 if TYPE_CHECKING:  # meshlib.identity loads cryptography; authorization only reads the fields

@@ -16,26 +16,31 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from meshlib.config.model import (
-    BackendRef,
     EffectivePolicy,
     FilterType,
     HeaderModifier,
-    HTTPRoute,
-    HTTPRouteFilter,
-    HTTPRouteRule,
     PathMatchType,
-    PathModifier,
     PathModifierType,
     RequestMirror,
     RequestRedirect,
-    RouteMatch,
     Snapshot,
     URLRewrite,
     ValueMatchType,
 )
+
+if TYPE_CHECKING:
+    from meshlib.config.routemodel import (
+        BackendRef,
+        HTTPRoute,
+        HTTPRouteFilter,
+        HTTPRouteRule,
+        PathModifier,
+        RouteMatch,
+    )
 
 #: Bound on the (service, caller namespace, port) → table cache: ports come from URLs.
 _MAX_TABLES = 4096

@@ -9,20 +9,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from meshlib.config.model import (
     EffectivePolicy,
     FaultRule,
-    HTTPMatch,
     MirrorRule,
     MTLSMode,
     PolicyTarget,
     ServiceDef,
     Snapshot,
-    Split,
 )
 from meshlib.policy.routes import RouteIndex
+
+if TYPE_CHECKING:
+    from meshlib.config.smimodel import HTTPMatch, Split
 
 #: Suffixes under which a service is also reachable, Kubernetes style.
 _CLUSTER_SUFFIXES = (".svc.cluster.local", ".svc")

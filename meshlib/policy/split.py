@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from meshlib.config.model import Split
+if TYPE_CHECKING:
+    from meshlib.config.smimodel import Split
 
 
 @lru_cache(maxsize=1024)

@@ -29,7 +29,7 @@ import httpx
 import jwt
 
 from meshlib.config.authnkind import ALGORITHMS
-from meshlib.config.model import JwtRule
+from meshlib.config.authnmodel import JwtRule
 from meshlib.config.values import parse_json
 
 log = logging.getLogger("meshlib.origin")

@@ -22,7 +22,7 @@ from typing import Any
 
 import jwt
 
-from meshlib.config.model import JwtLocation, JwtRule
+from meshlib.config.authnmodel import JwtLocation, JwtRule
 from meshlib.inbound.origin.jwks import JwksStore
 
 
