@@ -438,7 +438,7 @@ def _report(
     start: float,
 ) -> None:
     """Count the call (metrics, call-completion events) once, when it has ended."""
-    clock = host.clock
+    elapsed = host.clock() - start  # one reading for both: they agree on the call's duration
     metrics = host.metrics
     if metrics is not None:
         metrics.observe_call(
@@ -447,12 +447,12 @@ def _report(
             decision.route or "",
             code,
             decision.reason,
-            clock() - start,
+            elapsed,
             decision.attempts,
         )
     events = getattr(host, "events", None)  # call-completion events (meshlib.observe)
     if events is not None:
-        events.outbound(host.source, backend, request, decision, code, clock() - start)
+        events.outbound(host.source, backend, request, decision, code, elapsed)
 
 
 class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
@@ -476,6 +476,7 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
 
     __slots__ = (
         "_backend",
+        "_code",
         "_deadline",
         "_decision",
         "_host",
@@ -493,6 +494,7 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         backend: str,
         request: httpx.Request,
         decision: Decision,
+        code: str,
         start: float,
         deadline: float | None,
         idle: float | None,
@@ -504,6 +506,7 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         self._backend = backend
         self._request = request  # the caller's: its "timeout" extension holds the client's
         self._decision = decision
+        self._code = code  # the response's status, as the metrics label it: made once
         self._start = start
         self._deadline = deadline  # None: streamed, or no deadline
         # () while open, a list once a listener is registered, None once the body has ended:
@@ -638,7 +641,7 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         request = self._request
         self._request = None  # type: ignore[assignment]  # never read once ended
         if code is None:
-            code = str(decision.status)
+            code = self._code
         _report(self._host, self._backend, request, decision, code, self._start)
         if listeners:
             for listener in listeners:
@@ -844,6 +847,7 @@ def run_call(
                 backend,
                 request,
                 decision,
+                code,
                 start,
                 None if streamed else deadline,
                 plan.policy.stream_idle_timeout,
