@@ -438,7 +438,7 @@ def _report(
     start: float,
 ) -> None:
     """Count the call (metrics, call-completion events) once, when it has ended."""
-    clock = host.clock
+    elapsed = host.clock() - start  # one reading for both: they agree on the call's duration
     metrics = host.metrics
     if metrics is not None:
         metrics.observe_call(
@@ -447,12 +447,12 @@ def _report(
             decision.route or "",
             code,
             decision.reason,
-            clock() - start,
+            elapsed,
             decision.attempts,
         )
     events = getattr(host, "events", None)  # call-completion events (meshlib.observe)
     if events is not None:
-        events.outbound(host.source, backend, request, decision, code, clock() - start)
+        events.outbound(host.source, backend, request, decision, code, elapsed)
 
 
 class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
@@ -476,12 +476,12 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
 
     __slots__ = (
         "_backend",
+        "_code",
         "_deadline",
         "_decision",
         "_host",
         "_inner",
         "_listeners",
-        "_open",
         "_read",
         "_request",
         "_start",
@@ -494,6 +494,7 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         backend: str,
         request: httpx.Request,
         decision: Decision,
+        code: str,
         start: float,
         deadline: float | None,
         idle: float | None,
@@ -505,10 +506,12 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         self._backend = backend
         self._request = request  # the caller's: its "timeout" extension holds the client's
         self._decision = decision
+        self._code = code  # the response's status, as the metrics label it: made once
         self._start = start
         self._deadline = deadline  # None: streamed, or no deadline
-        self._open = True
-        self._listeners: list[Callable[[BaseException | None], None]] | None = None
+        # () while open, a list once a listener is registered, None once the body has ended:
+        # one slot for both, and what the listeners reach is let go with them.
+        self._listeners: tuple[()] | list[Callable[[BaseException | None], None]] | None = ()
         # Bound each read of the body. httpcore (HTTP/1.1) takes the read timeout from the
         # attempt's extensions once per response body, when the body starts; set here, at the
         # headers, it is what is left of the deadline (buffered) or the idle timeout (streamed)
@@ -528,19 +531,22 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
                 bound = left
         self._read = bound
         timeouts = extensions.get("timeout")
-        if timeouts is None or timeouts is own:  # the caller's own dict is never edited
+        if timeouts is not None and timeouts is not own:  # the attempt's own copy (per-try
+            timeouts["read"] = bound  # and deadline caps)
+        elif timeouts is None or bound != client_read:  # the caller's own dict is never edited
             extensions["timeout"] = {**(timeouts or {}), "read": bound}
-        else:  # the attempt's own copy (per-try and deadline caps)
-            timeouts["read"] = bound
+        # else: the caller's read timeout is the bound already, nothing to copy
 
     def then(self, listener: Callable[[BaseException | None], None]) -> bool:
         """Call ``listener(error)`` when the body ends (``error`` None: read to the end or
         closed). False, and nothing registered, when it has already ended."""
-        if not self._open:
+        listeners = self._listeners
+        if listeners is None:
             return False
-        if self._listeners is None:
-            self._listeners = []
-        self._listeners.append(listener)
+        if type(listeners) is tuple:
+            self._listeners = [listener]
+        else:
+            listeners.append(listener)  # type: ignore[union-attr]  # a list, the tuple is ()
         return True
 
     def __iter__(self) -> Iterator[bytes]:
@@ -583,14 +589,14 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         try:
             self._inner.close()  # type: ignore[union-attr]  # a sync client's: sync
         finally:
-            if self._open:
+            if self._listeners is not None:
                 self._end(None, None)
 
     async def aclose(self) -> None:
         try:
             await self._inner.aclose()  # type: ignore[union-attr]  # an async client's: async
         finally:
-            if self._open:
+            if self._listeners is not None:
                 self._end(None, None)
 
     def _expired(self, cause: httpx.TimeoutException | None) -> MeshError:
@@ -599,13 +605,14 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
             why = "the deadline passed"
         else:
             why = f"no data within the read timeout ({self._read or 0:g}s)"
+        decision = self._decision
         error = _fail(
             MeshTimeout(f"call to {self._backend} timed out reading the response body: {why}"),
-            self._decision,
+            decision,
         )
         error.__cause__ = cause
         # The error leaves the mesh here, from the caller's read, not from the transport.
-        annotate(error, describe(self._decision) + "; in the response body")
+        annotate(error, describe(decision) + "; in the response body")
         self._end(error, str(error.status))
         return error
 
@@ -619,16 +626,25 @@ class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
         self._end(error, "error")
 
     def _end(self, error: BaseException | None, code: str | None) -> None:
-        """Report the call, once. ``code``: the metrics label (None: the response's status)."""
-        if not self._open:
+        """Report the call, once. ``code``: the metrics label (None: the response's status).
+
+        httpx leaves every response to the cyclic collector (it and its stream refer to each
+        other), so what the body still holds when it ends waits for the collector: the
+        listeners (a tracing listener reaches the call's spans) and the request (an HTTPRoute
+        rule's edited copy is the body's alone) are let go. The decision stays: it is the
+        response's too, and a read after the end still names it in its error."""
+        listeners = self._listeners
+        if listeners is None:
             return
-        self._open = False
+        self._listeners = None
         decision = self._decision
+        request = self._request
+        self._request = None  # type: ignore[assignment]  # never read once ended
         if code is None:
-            code = str(decision.status)
-        _report(self._host, self._backend, self._request, decision, code, self._start)
-        if self._listeners is not None:
-            for listener in self._listeners:
+            code = self._code
+        _report(self._host, self._backend, request, decision, code, self._start)
+        if listeners:
+            for listener in listeners:
                 listener(error)
 
 
@@ -831,6 +847,7 @@ def run_call(
                 backend,
                 request,
                 decision,
+                code,
                 start,
                 None if streamed else deadline,
                 plan.policy.stream_idle_timeout,

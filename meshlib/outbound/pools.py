@@ -94,18 +94,21 @@ class EndpointPools(Generic[T]):
     def lease(self, key: PoolKey) -> tuple[Pool[T], list[T]]:
         """The pool for ``key`` (built if new), leased until :meth:`release`, and the pools
         evicted to stay within the cap, for the caller to close (outside any lock)."""
-        with self._lock:
+        # acquire/release rather than a with-block: a context manager's enter and exit are
+        # two more calls on every attempt's path (≈ 0.6k instructions per call)
+        lock = self._lock
+        lock.acquire()
+        try:
             entry = self._pools.get(key)
-            evicted: list[T] = []
-            if entry is None:
-                entry = self._pools[key] = Pool(self._build(key))
-                entry.leases.append(None)  # before evicting: the new pool is never closed
-                if len(self._pools) > self._cap:
-                    evicted = self._evict()
-            else:
+            if entry is not None:
                 self._pools.move_to_end(key)
                 entry.leases.append(None)
-            return entry, evicted
+                return entry, []
+            entry = self._pools[key] = Pool(self._build(key))
+            entry.leases.append(None)  # before evicting: the new pool is never closed
+            return entry, self._evict() if len(self._pools) > self._cap else []
+        finally:
+            lock.release()
 
     @staticmethod
     def release(entry: Pool[T]) -> None:

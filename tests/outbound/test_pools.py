@@ -124,3 +124,34 @@ def test_a_mirrored_copy_leases_the_pool_its_endpoint_address_names(url: str, ad
     """A mirror's pool key is read off its URL: on a default port it must still be the
     endpoint's ``host:port`` (the key of the attempts' pool), never ``host:None``."""
     assert transport_module._address(httpx.Request("GET", url)) == address
+
+
+def test_every_way_out_of_a_lease_gives_the_lock_back() -> None:
+    """lease() takes the lock with acquire/release (cheaper than a with-block): a pool found,
+    a pool built, a pool built past the cap, and a build or a quiet check that raises all
+    release it (a lock left held would hang the next call to any endpoint)."""
+    pools, _ = make(cap=1)
+    lock = pools._lock  # the only way to see it: nothing public holds it
+    call(pools, key(1))  # built
+    assert not lock.locked()
+    call(pools, key(1))  # found
+    assert not lock.locked()
+    assert call(pools, key(2)) == [key(1)]  # built past the cap, one evicted
+    assert not lock.locked()
+
+    def refuse(k: PoolKey) -> FakeTransport:
+        raise OSError(f"cannot build {k[1]}")
+
+    failing = EndpointPools(refuse, 1, lambda t: True)
+    with pytest.raises(OSError, match=r"cannot build 127\.0\.0\.1:3"):
+        failing.lease(key(3))
+    assert not failing._lock.locked()
+
+    def broken(transport: FakeTransport) -> bool:
+        raise RuntimeError("no pool to look at")
+
+    checking = EndpointPools(FakeTransport, 1, broken)
+    call(checking, key(4))
+    with pytest.raises(RuntimeError, match="no pool to look at"):
+        checking.lease(key(5))  # evicting asks whether 4 is quiet
+    assert not checking._lock.locked()

@@ -174,3 +174,20 @@ def test_stream_idle_timeout_is_a_policy_field(clock: FakeClock) -> None:
     assert default.stream_idle_timeout == STREAM_IDLE_TIMEOUT == 300.0
     with pytest.raises(meshlib.ConfigError, match="streamIdleTimeout"):
         make(clock, with_policy("streamIdleTimeout: forever"))
+
+
+@pytest.mark.parametrize(("idle", "bound"), [("2s", 2.0), ("10s", 5.0)])
+def test_the_callers_timeout_dict_is_never_edited(
+    clock: FakeClock, idle: str, bound: float
+) -> None:
+    """No deadline: the attempt carries the caller's own timeout dict; the body's read bound
+    (the idle timeout when shorter, else the client's read) never edits it, whether it
+    differs from the client's read (a copy) or not (nothing to set)."""
+    mesh = make(clock, with_policy(f"streamIdleTimeout: {idle}"))
+    made: list[Chunks] = []
+    own = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
+    call = start(mesh, extensions={STREAM_EXTENSION: True, "timeout": own})
+    response = Driver(clock, body(clock, 3, 1.0, made)).run(call)
+    assert response.read() == b"xxx"
+    assert made[0].read_timeout == bound
+    assert own == {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
