@@ -269,6 +269,8 @@ class Tracing:
         if known.head is not None:  # under a parent its sampler does not sample
             carrier = dict(known.base)
             carrier["traceparent"] = f"{known.head}{_random_span_id():016x}{known.tail}"
+        elif known.sampled:  # under a parent its sampler samples: not asked ahead again
+            return self._start(call, request, service, known.ctx, known.tracer, None)
         elif not self.sample_root():
             carrier = known.root(_random_trace_id(), _random_span_id(), 0)
         elif known.roots is not None:  # the SDK's sampler never samples a root
@@ -284,7 +286,7 @@ class Tracing:
         """The entry for the calls made in ``ctx`` (``parent`` its valid span context, or
         ``None`` for a root), or ``None`` when each call must be decided on its own: the
         global propagator writes more than W3C trace context, or under a parent the SDK's
-        sampler samples or may answer otherwise for another call (see :func:`_from_parent`)."""
+        sampler may answer otherwise for another call (see :func:`_from_parent`)."""
         textmap = propagate.get_global_textmap()
         if not self._w3c_only(textmap):
             return None
@@ -300,8 +302,10 @@ class Tracing:
             return None
         # Asked as the SDK's start_span asks it, less the attributes it does not read.
         result = sampler.should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, None, ())  # type: ignore[union-attr]
-        if result.decision.is_recording():
-            return None
+        if result.decision.is_recording():  # each call's start_span decides (the same way)
+            known = _Known(ctx, textmap, tracer, {}, None, "", ctx, None)
+            known.sampled = True
+            return known
         base = dict(self.carrier(ctx))
         base["traceparent"] = ""  # written per call: here, so the headers keep their order
         state = result.trace_state
@@ -577,9 +581,10 @@ class _Known:
     a context never changes): the headers other than the call's ``traceparent`` (baggage, the
     ``tracestate``), the context attached around attempts, and under a parent that its sampler
     does not sample, the ``traceparent``'s trace id and flags (``head``, ``tail``) — only the
-    span id is new per call. For a root, ``drops`` is the SDK's id generator when its sampler
-    never samples a root; ``roots`` pairs it with the flags the SDK gives such a root, learned
-    from the first one it starts (:meth:`Tracing._start`).
+    span id is new per call; under one it samples, ``sampled`` (each call's ``start_span``
+    then decides, and the sampler is not asked ahead again). For a root, ``drops`` is the
+    SDK's id generator when its sampler never samples a root; ``roots`` pairs it with the flags
+    the SDK gives such a root, learned from the first one it starts (:meth:`Tracing._start`).
     """
 
     __slots__ = (
@@ -588,6 +593,7 @@ class _Known:
         "drops",
         "head",
         "roots",
+        "sampled",
         "suppressed",
         "tail",
         "textmap",
@@ -614,6 +620,7 @@ class _Known:
         self.suppressed = suppressed
         self.drops = drops
         self.roots: tuple[Any, int] | None = None
+        self.sampled = False  # under a parent its sampler samples
 
     def root(self, trace_id: int, span_id: int, flags: int) -> dict[str, str]:
         """The headers of a root call with these ids."""

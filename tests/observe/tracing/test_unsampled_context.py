@@ -171,6 +171,22 @@ def test_a_sampled_parent_after_an_unsampled_one_is_recorded(calls) -> None:
     ]
 
 
+def test_under_a_sampled_parent_each_call_is_the_sdks_start_asked_ahead_once(calls) -> None:
+    """The same answer for every call in the context: the sampler is asked ahead once, then
+    only by each call's ``start_span`` (once per call, as with no mesh)."""
+    make, _ = calls
+    asked, get = make(ParentBased(ALWAYS_ON))
+    sampled = _parent(TRACE_B, 1)
+    sent = [get(sampled) for _ in range(3)]
+
+    assert (asked.started, asked.asked) == (3, 1 + 3)
+    spans = asked.exporter.get_finished_spans()
+    assert len(spans) == 3 and {s.context.trace_id for s in spans} == {TRACE_B}
+    assert [traceparent_ids(r.headers["traceparent"]) for r in sent] == [
+        (TRACE_B, s.context.span_id, 1) for s in spans
+    ]
+
+
 @pytest.mark.parametrize("sampler", [_off, lambda: ParentBased(ALWAYS_OFF)], ids=["off", "pb-off"])
 def test_a_root_the_sdk_never_samples_starts_one_span_per_context(calls, sampler) -> None:
     """The first root call is the SDK's start (which it does not sample); later roots in the
