@@ -47,7 +47,12 @@ says no (asked directly under a parent, through ``start_span`` for a root, whose
 SDK draws) — builds no span for itself or its attempts: its ids (the parent's trace id, a new
 span id, the sampled flag cleared) are written into headers once per call and copied onto every
 attempt, hedge and mirror, and only the "suppress HTTP instrumentation" key is attached around
-its attempts (no span of its own: nothing reads it there).
+its attempts (no span of its own: nothing reads it there). What the calls made in one context
+share is worked out on the first (:class:`_Known`): under a parent, the SDK's sampler answers
+from the parent alone (``ParentBased`` with its default delegates, ``ALWAYS_ON``/``OFF``), so it
+is asked once per context; a root whose sampler is ``ALWAYS_OFF`` (or ``ParentBased`` with that
+root) gets its ids from the SDK's id generator with the flags its first ``start_span`` gave,
+without a span. A ratio sampler, or any of the application's own, answers per call.
 """
 
 from __future__ import annotations
@@ -138,6 +143,8 @@ class Tracing:
         self._carried: tuple[Context, TextMapPropagator, dict[str, str]] | None = None
         self._w3c: tuple[TextMapPropagator, bool] | None = None
         self._suppressed_last: tuple[Context, Context] | None = None
+        #: What the calls of the last context seen share when not sampled (:class:`_Known`).
+        self._known: _Known | None = None
         #: Whether the SDK's sampler may read a span's attributes under a parent (per sampler).
         self._reads_attributes: tuple[object, bool] | None = None
 
@@ -174,6 +181,13 @@ class Tracing:
         """``call`` itself when there is nothing to record or propagate (the hot path), else
         ``call`` wrapped to record spans or to carry the current context to every attempt."""
         ctx = _current_context()
+        known = self._known
+        if (
+            known is not None
+            and known.ctx is ctx
+            and known.textmap is propagate.get_global_textmap()
+        ):
+            return self._known_call(known, call, request, service)
         if not ctx and self._tracer is None and time.monotonic() < self._recheck:
             return call  # no SDK (looked at within the last second) and no context to carry
         if ctx and (
@@ -198,28 +212,111 @@ class Tracing:
                     call, _CallSpans(tracer, send_context, current, False, name, request, carrier)
                 )
             parent = current.get_span_context()
+        under = parent is not None and parent.is_valid
+        known = self._learn(tracer, ctx, parent if under else None, name)
+        if known is not None:
+            self._known = known  # one assignment: other threads see the old entry or the new
+            return self._known_call(known, call, request, service)
         ids: Ids | None = None
-        if parent is not None and parent.is_valid:
+        if parent is not None and under:
             ids = self._unsampled_child(tracer, ctx, parent, name, request, service)
         elif not self.sample_root():
             ids = (_random_trace_id(), _random_span_id(), 0, None)
         if ids is None:
-            attributes = _call_attributes(request, service)
-            span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
-            span_context = span.get_span_context()
-            if span.is_recording():
-                carrier = self._carrier_for(ctx, _ids(span_context))
-                # One context per call: the call span over the parent's suppressed context
-                # (made once per parent context), attached around attempts, parent of resends.
-                send_context = trace.set_span_in_context(span, self._suppressed(ctx))
-                return _traced(
-                    call, _CallSpans(tracer, send_context, span, True, name, request, carrier)
-                )
-            ids = _ids(span_context)  # the SDK's sampler said no to a root
+            return self._start(call, request, service, ctx, tracer, None)
         # Not sampled: nothing is recorded for the call or its attempts, so no span is built.
         # The call's ids (the parent's trace id, a new span id, not sampled) are written once
         # and copied onto every attempt, hedge and mirror.
         return _propagating(call, self._carrier_for(ctx, ids), self._suppressed(ctx))
+
+    def _start(
+        self,
+        call: Call,
+        request: httpx.Request,
+        service: ServiceDef,
+        ctx: Context,
+        tracer: Tracer,
+        known: _Known | None,
+    ) -> Call:
+        """``call`` under a call span the SDK's ``start_span`` decides on: recorded, or (a root
+        its sampler does not sample) only its ids carried. ``known``: the context's entry, which
+        learns from such a root the flags of the roots its sampler never samples."""
+        name = f"{request.method} {service.name}"
+        attributes = _call_attributes(request, service)
+        span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
+        span_context = span.get_span_context()
+        if span.is_recording():
+            carrier = self._carrier_for(ctx, _ids(span_context))
+            # One context per call: the call span over the parent's suppressed context
+            # (made once per parent context), attached around attempts, parent of resends.
+            send_context = trace.set_span_in_context(span, self._suppressed(ctx))
+            return _traced(
+                call, _CallSpans(tracer, send_context, span, True, name, request, carrier)
+            )
+        ids = _ids(span_context)  # the SDK's sampler said no to a root
+        if known is not None and known.drops is not None and span_context.is_valid:
+            # What the SDK made for a root its sampler never samples: new ids from its id
+            # generator and these flags (``00``, or ``02`` where the SDK marks its trace ids
+            # random), no trace state. Later roots in this context are made the same way.
+            known.roots = (known.drops, int(span_context.trace_flags))
+        return _propagating(call, self._carrier_for(ctx, ids), self._suppressed(ctx))
+
+    def _known_call(
+        self, known: _Known, call: Call, request: httpx.Request, service: ServiceDef
+    ) -> Call:
+        """``call`` in the context ``known`` was made for: not sampled under its parent, or
+        a root (sampled as ``spec.tracing.sampling`` then the SDK's sampler say)."""
+        if known.head is not None:  # under a parent its sampler does not sample
+            carrier = dict(known.base)
+            carrier["traceparent"] = f"{known.head}{_random_span_id():016x}{known.tail}"
+        elif known.sampled:  # under a parent its sampler samples: not asked ahead again
+            return self._start(call, request, service, known.ctx, known.tracer, None)
+        elif not self.sample_root():
+            carrier = known.root(_random_trace_id(), _random_span_id(), 0)
+        elif known.roots is not None:  # the SDK's sampler never samples a root
+            ids, flags = known.roots
+            carrier = known.root(ids.generate_trace_id(), ids.generate_span_id(), flags)
+        else:
+            return self._start(call, request, service, known.ctx, known.tracer, known)
+        return _propagating(call, carrier, known.suppressed)
+
+    def _learn(
+        self, tracer: Tracer, ctx: Context, parent: SpanContext | None, name: str
+    ) -> _Known | None:
+        """The entry for the calls made in ``ctx`` (``parent`` its valid span context, or
+        ``None`` for a root), or ``None`` when each call must be decided on its own: the
+        global propagator writes more than W3C trace context, or under a parent the SDK's
+        sampler may answer otherwise for another call (see :func:`_from_parent`)."""
+        textmap = propagate.get_global_textmap()
+        if not self._w3c_only(textmap):
+            return None
+        if parent is None:
+            base = dict(self.carrier(ctx)) if ctx else {}
+            base.pop("tracestate", None)
+            drops = getattr(tracer, "id_generator", None)
+            if not _drops_roots(getattr(tracer, "sampler", None)):
+                drops = None
+            return _Known(ctx, textmap, tracer, base, None, "", self._suppressed(ctx), drops)
+        sampler = getattr(tracer, "sampler", None)
+        if not _from_parent(sampler):
+            return None
+        # Asked as the SDK's start_span asks it, less the attributes it does not read.
+        result = sampler.should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, None, ())  # type: ignore[union-attr]
+        if result.decision.is_recording():  # each call's start_span decides (the same way)
+            known = _Known(ctx, textmap, tracer, {}, None, "", ctx, None)
+            known.sampled = True
+            return known
+        base = dict(self.carrier(ctx))
+        base["traceparent"] = ""  # written per call: here, so the headers keep their order
+        state = result.trace_state
+        if state:
+            base["tracestate"] = state.to_header()
+        else:
+            base.pop("tracestate", None)
+        # As the SDK builds a span it does not sample: the parent's flags less "sampled".
+        flags = parent.trace_flags & ~TraceFlags.SAMPLED
+        head, tail = f"00-{parent.trace_id:032x}-", f"-{flags:02x}"
+        return _Known(ctx, textmap, tracer, base, head, tail, self._suppressed(ctx), None)
 
     def _unsampled_child(
         self,
@@ -267,10 +364,7 @@ class Tracing:
         baggage) with ``traceparent`` and ``tracestate`` formatted directly, as OpenTelemetry's
         W3C propagator formats them; any other propagator injects."""
         textmap = propagate.get_global_textmap()
-        w3c = self._w3c
-        if w3c is None or w3c[0] is not textmap:
-            w3c = self._w3c = (textmap, _writes_w3c_only(textmap))
-        if not w3c[1]:
+        if not self._w3c_only(textmap):
             carrier: dict[str, str] = {}
             trace_id, span_id, flags, state = ids
             span = NonRecordingSpan(SpanContext(trace_id, span_id, False, TraceFlags(flags), state))
@@ -284,6 +378,14 @@ class Tracing:
         else:
             carrier.pop("tracestate", None)
         return carrier
+
+    def _w3c_only(self, textmap: TextMapPropagator) -> bool:
+        """Whether ``textmap`` writes a span's W3C trace context and nothing else that depends
+        on the span (checked once per propagator)."""
+        w3c = self._w3c
+        if w3c is None or w3c[0] is not textmap:
+            w3c = self._w3c = (textmap, _writes_w3c_only(textmap))
+        return w3c[1]
 
     def _suppressed(self, ctx: Context) -> Context:
         """``ctx`` with OpenTelemetry's HTTP instrumentation off, made once per context (the
@@ -441,6 +543,90 @@ def _parent_only(sampler: object) -> bool:
         (getattr(sampler, "_local_parent_not_sampled", None), off),
     )
     return all(delegate is default for delegate, default in delegates)
+
+
+def _from_parent(sampler: object) -> bool:
+    """Whether ``sampler``, under a parent, answers from the parent's span context alone, so
+    its answer for one call in a context is its answer for all of them: the SDK's
+    ``ALWAYS_ON`` and ``ALWAYS_OFF``, and a ``ParentBased`` with its default parent delegates
+    (:func:`_parent_only`). A ratio sampler reads the trace id, which is the parent's too, but
+    is left to answer per call like any other."""
+    if type(sampler).__module__ != _SDK_SAMPLERS:
+        return False
+    from opentelemetry.sdk.trace import sampling
+
+    return type(sampler) is sampling.StaticSampler or _parent_only(sampler)
+
+
+def _drops_roots(sampler: object) -> bool:
+    """Whether ``sampler`` never samples a root, whatever its trace id: the SDK's
+    ``ALWAYS_OFF``, or a ``ParentBased`` whose root sampler is ``ALWAYS_OFF``. Only then are a
+    root's ids made without asking it (a ratio sampler's answer depends on the trace id its
+    ``start_span`` draws: asked ahead as well, it would sample at p² instead of p)."""
+    if type(sampler).__module__ != _SDK_SAMPLERS:
+        return False
+    from opentelemetry.sdk.trace import sampling
+
+    if type(sampler) in (sampling.ParentBased, sampling.ParentBasedTraceIdRatio):
+        sampler = getattr(sampler, "_root", None)
+    return (
+        type(sampler) is sampling.StaticSampler
+        and getattr(sampler, "_decision", None) is sampling.Decision.DROP
+    )
+
+
+class _Known:
+    """What the calls made in one context share when they are not sampled, worked out on the
+    first of them (the calls made while one inbound request is handled share its context, and
+    a context never changes): the headers other than the call's ``traceparent`` (baggage, the
+    ``tracestate``), the context attached around attempts, and under a parent that its sampler
+    does not sample, the ``traceparent``'s trace id and flags (``head``, ``tail``) — only the
+    span id is new per call; under one it samples, ``sampled`` (each call's ``start_span``
+    then decides, and the sampler is not asked ahead again). For a root, ``drops`` is the
+    SDK's id generator when its sampler never samples a root; ``roots`` pairs it with the flags
+    the SDK gives such a root, learned from the first one it starts (:meth:`Tracing._start`).
+    """
+
+    __slots__ = (
+        "base",
+        "ctx",
+        "drops",
+        "head",
+        "roots",
+        "sampled",
+        "suppressed",
+        "tail",
+        "textmap",
+        "tracer",
+    )
+
+    def __init__(
+        self,
+        ctx: Context,
+        textmap: TextMapPropagator,
+        tracer: Tracer,
+        base: dict[str, str],
+        head: str | None,
+        tail: str,
+        suppressed: Context,
+        drops: Any,
+    ) -> None:
+        self.ctx = ctx
+        self.textmap = textmap
+        self.tracer = tracer
+        self.base = base
+        self.head = head
+        self.tail = tail
+        self.suppressed = suppressed
+        self.drops = drops
+        self.roots: tuple[Any, int] | None = None
+        self.sampled = False  # under a parent its sampler samples
+
+    def root(self, trace_id: int, span_id: int, flags: int) -> dict[str, str]:
+        """The headers of a root call with these ids."""
+        carrier = dict(self.base)
+        carrier["traceparent"] = f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+        return carrier
 
 
 #: A context whose span the probe in :func:`_writes_w3c_only` injects.
