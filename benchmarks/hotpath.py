@@ -35,6 +35,11 @@ Variants (all ``GET /`` on one keep-alive connection, sync client):
 * ``sdk-unsampled-parent``: as ``sdk`` (the SDK's default parent-based sampler) inside an
   attached remote span context whose flags say *not sampled* (``00``), as while handling a
   request whose caller did not sample it;
+* ``propagate-fresh``, ``sdk-unsampled-parent-fresh``: as ``propagate`` and
+  ``sdk-unsampled-parent``, but each call in a context of its own (a new context attached
+  before the call and detached after it, as when every inbound request makes one call):
+  what the first call made in a context costs, where meshlib has nothing worked out for it yet;
+  the attach and detach are in both, so compare the two with each other;
 * ``httproute``: as ``mesh`` with a Gateway API HTTPRoute of four rules attached to the
   service (an Exact path, a PathPrefix with a header match, a RegularExpression, then the
   catch-all ``/`` that ``GET /`` reaches after trying the other three) and a
@@ -79,13 +84,23 @@ VARIANTS = (
     "sdk-unsampled",
     "sdk-sampling0",
     "sdk-unsampled-parent",
+    "propagate-fresh",
+    "sdk-unsampled-parent-fresh",
     "httproute",
     "mesh-3ep",
 )
 #: Variants whose service has three endpoints (three server processes).
 THREE_ENDPOINTS = ("mesh-3ep",)
 #: Variants with an SDK ``TracerProvider``.
-SDK_VARIANTS = ("sdk", "sdk-unsampled", "sdk-sampling0", "sdk-unsampled-parent")
+SDK_VARIANTS = (
+    "sdk",
+    "sdk-unsampled",
+    "sdk-sampling0",
+    "sdk-unsampled-parent",
+    "sdk-unsampled-parent-fresh",
+)
+#: Variants that make each call in a new context of its own (a new inbound request's).
+FRESH_CONTEXT = ("propagate-fresh", "sdk-unsampled-parent-fresh")
 #: A raw keep-alive GET on the issue's reference machine, in µs (docs/design.md).
 REFERENCE_RAW_US = 240.0
 
@@ -204,17 +219,29 @@ def run_client(variant: str, ports: Sequence[int], calls: int, warmup: int) -> i
     """``warmup`` + ``calls`` GETs; exits non-zero if any answer is not 200."""
     client, url, provider = _client(variant, ports)
     token = None
-    if variant in ("propagate", "sdk-unsampled-parent"):
-        from opentelemetry import context, trace
-
-        flags = trace.TraceFlags(1 if variant == "propagate" else 0)
-        parent = trace.SpanContext(TRACE_ID, SPAN_ID, True, flags)
-        token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
     get = client.get
     bad = 0
-    for _ in range(warmup + calls):
-        response = get(url)
-        bad += response.status_code != 200
+    if variant in FRESH_CONTEXT:
+        from opentelemetry import context, trace
+
+        flags = trace.TraceFlags(1 if variant == "propagate-fresh" else 0)
+        parent = trace.SpanContext(TRACE_ID, SPAN_ID, True, flags)
+        for _ in range(warmup + calls):
+            # a new context per call, as each inbound request has its own
+            call_token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+            response = get(url)
+            context.detach(call_token)
+            bad += response.status_code != 200
+    else:
+        if variant in ("propagate", "sdk-unsampled-parent"):
+            from opentelemetry import context, trace
+
+            flags = trace.TraceFlags(1 if variant == "propagate" else 0)
+            parent = trace.SpanContext(TRACE_ID, SPAN_ID, True, flags)
+            token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+        for _ in range(warmup + calls):
+            response = get(url)
+            bad += response.status_code != 200
     if token is not None:
         from opentelemetry import context
 
@@ -227,7 +254,7 @@ def run_client(variant: str, ports: Sequence[int], calls: int, warmup: int) -> i
 
 def _supported(variant: str) -> bool:
     """Whether the meshlib on the path can run ``variant`` (older checkouts had no tracing)."""
-    if variant in ("no-tracing", "propagate", *SDK_VARIANTS):
+    if variant in ("no-tracing", "propagate", *FRESH_CONTEXT, *SDK_VARIANTS):
         import importlib.util
 
         for name in ("meshlib.observe.tracing", "meshlib.tracing"):  # its home before the layout

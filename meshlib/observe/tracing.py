@@ -145,8 +145,12 @@ class Tracing:
         self._suppressed_last: tuple[Context, Context] | None = None
         #: What the calls of the last context seen share when not sampled (:class:`_Known`).
         self._known: _Known | None = None
+        #: The last context a call was made in that has no entry yet (see :meth:`trace_call`).
+        self._seen: Context | None = None
         #: Whether the SDK's sampler may read a span's attributes under a parent (per sampler).
         self._reads_attributes: tuple[object, bool] | None = None
+        #: What the SDK's sampler is, per sampler: (it, :func:`_from_parent`, :func:`_drops_roots`).
+        self._sampler_traits: tuple[object, bool, bool] | None = None
 
     def tracer(self) -> Tracer | None:
         """The tracer spans are recorded with; ``None`` while the provider is a no-op.
@@ -213,10 +217,16 @@ class Tracing:
                 )
             parent = current.get_span_context()
         under = parent is not None and parent.is_valid
-        known = self._learn(tracer, ctx, parent if under else None, name)
-        if known is not None:
-            self._known = known  # one assignment: other threads see the old entry or the new
-            return self._known_call(known, call, request, service)
+        # What the calls of a context share is worked out on its second call: the first is
+        # often the only one (an inbound request making one call), and learning costs that
+        # call more than deciding it alone. The empty context is every root call's: at once.
+        if not ctx or self._seen is ctx:
+            known = self._learn(tracer, ctx, parent if under else None, name)
+            if known is not None:
+                self._known = known  # one assignment: other threads see the old entry or new
+                return self._known_call(known, call, request, service)
+        else:
+            self._seen = ctx
         ids: Ids | None = None
         if parent is not None and under:
             ids = self._unsampled_child(tracer, ctx, parent, name, request, service)
@@ -294,11 +304,11 @@ class Tracing:
             base = dict(self.carrier(ctx)) if ctx else {}
             base.pop("tracestate", None)
             drops = getattr(tracer, "id_generator", None)
-            if not _drops_roots(getattr(tracer, "sampler", None)):
+            if not self._traits(getattr(tracer, "sampler", None))[1]:
                 drops = None
             return _Known(ctx, textmap, tracer, base, None, "", self._suppressed(ctx), drops)
         sampler = getattr(tracer, "sampler", None)
-        if not _from_parent(sampler):
+        if not self._traits(sampler)[0]:
             return None
         # Asked as the SDK's start_span asks it, less the attributes it does not read.
         result = sampler.should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, None, ())  # type: ignore[union-attr]
@@ -317,6 +327,15 @@ class Tracing:
         flags = parent.trace_flags & ~TraceFlags.SAMPLED
         head, tail = f"00-{parent.trace_id:032x}-", f"-{flags:02x}"
         return _Known(ctx, textmap, tracer, base, head, tail, self._suppressed(ctx), None)
+
+    def _traits(self, sampler: object) -> tuple[bool, bool]:
+        """Whether ``sampler`` answers from the parent alone (:func:`_from_parent`) and whether
+        it never samples a root (:func:`_drops_roots`), worked out once per sampler: the first
+        call in every new context (each inbound request's) asks."""
+        traits = self._sampler_traits
+        if traits is None or traits[0] is not sampler:
+            traits = self._sampler_traits = (sampler, _from_parent(sampler), _drops_roots(sampler))
+        return traits[1], traits[2]
 
     def _unsampled_child(
         self,

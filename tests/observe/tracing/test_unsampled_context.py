@@ -137,22 +137,25 @@ def calls() -> Iterator[tuple[Any, list[httpx.Request]]]:
 @pytest.mark.parametrize(
     "sampler", [lambda: ParentBased(ALWAYS_ON), _off], ids=["parent-based", "always-off"]
 )
-def test_under_a_parent_the_sdk_sampler_is_asked_once_per_context(calls, sampler) -> None:
+def test_under_a_parent_the_sdk_sampler_is_asked_by_the_first_two_calls_of_a_context(
+    calls, sampler
+) -> None:
     make, _ = calls
     asked, get = make(sampler())
     a = _parent(TRACE_A, 0, "k=v")
     b = _parent(TRACE_B, 0)
-    sent = [get(a), get(a), get(a), get(b), get(b), get(a)]
+    sent = [get(a), get(a), get(a), get(a), get(b), get(b), get(a)]
 
-    # Once per context change (a, b, a again), not once per call; no span started.
-    assert (asked.asked, asked.started) == (3, 0)
+    # The first call of a context decides alone, the second works out what the context's calls
+    # share (a, a; b, b), later ones ask nothing: 5 questions for 7 calls; no span started.
+    assert (asked.asked, asked.started) == (5, 0)
     ids = [traceparent_ids(r.headers["traceparent"]) for r in sent]
-    assert [t for t, _, _ in ids] == [TRACE_A] * 3 + [TRACE_B] * 2 + [TRACE_A]
-    assert [f for _, _, f in ids] == [0] * 6
+    assert [t for t, _, _ in ids] == [TRACE_A] * 4 + [TRACE_B] * 2 + [TRACE_A]
+    assert [f for _, _, f in ids] == [0] * 7
     span_ids = [s for _, s, _ in ids]
-    assert len(set(span_ids)) == 6 and PARENT_SPAN not in span_ids  # one new span id per call
+    assert len(set(span_ids)) == 7 and PARENT_SPAN not in span_ids  # one new span id per call
     # The parent's trace state goes on with its trace, and only with it.
-    assert [r.headers.get("tracestate") for r in sent] == ["k=v"] * 3 + [None] * 2 + ["k=v"]
+    assert [r.headers.get("tracestate") for r in sent] == ["k=v"] * 4 + [None] * 2 + ["k=v"]
     assert asked.exporter.get_finished_spans() == ()
 
 
@@ -172,14 +175,15 @@ def test_a_sampled_parent_after_an_unsampled_one_is_recorded(calls) -> None:
 
 
 def test_under_a_sampled_parent_each_call_is_the_sdks_start_asked_ahead_once(calls) -> None:
-    """The same answer for every call in the context: the sampler is asked ahead once, then
-    only by each call's ``start_span`` (once per call, as with no mesh)."""
+    """The same answer for every call in the context: the sampler is asked ahead by the first
+    two calls (the first decides alone, the second keeps the answer), then only by each call's
+    ``start_span`` (once per call, as with no mesh)."""
     make, _ = calls
     asked, get = make(ParentBased(ALWAYS_ON))
     sampled = _parent(TRACE_B, 1)
     sent = [get(sampled) for _ in range(3)]
 
-    assert (asked.started, asked.asked) == (3, 1 + 3)
+    assert (asked.started, asked.asked) == (3, 2 + 3)
     spans = asked.exporter.get_finished_spans()
     assert len(spans) == 3 and {s.context.trace_id for s in spans} == {TRACE_B}
     assert [traceparent_ids(r.headers["traceparent"]) for r in sent] == [
