@@ -13,6 +13,7 @@ from harness.leaks import assert_threads_stopped
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace import SpanKind
 
 import meshlib
@@ -159,3 +160,39 @@ def traceparent_ids(value: str) -> tuple[int, int, int]:
     """(trace id, parent span id, flags) of a W3C traceparent header."""
     _version, trace_id, span_id, flags = value.split("-")
     return int(trace_id, 16), int(span_id, 16), int(flags, 16)
+
+
+class Counted:
+    """A provider (its spans kept in memory) whose tracers count the spans they are asked to
+    start and, with ``count_asks``, whose sampler counts the times it is asked: the SDK's own
+    sampler object, only its method wrapped (so never pass a shared one such as ``ALWAYS_ON``
+    with ``count_asks``: the wrapper would outlive the test)."""
+
+    def __init__(self, sampler: Sampler | None, count_asks: bool = False) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider() if sampler is None else TracerProvider(sampler=sampler)
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.started = 0
+        self.asked = 0
+        if count_asks and sampler is not None:
+            real_sample = sampler.should_sample
+
+            def should_sample(*args: Any, **kwargs: Any) -> Any:
+                self.asked += 1
+                return real_sample(*args, **kwargs)
+
+            sampler.should_sample = should_sample  # type: ignore[method-assign]
+        real_tracer = self.provider.get_tracer
+
+        def get_tracer(*args: Any, **kwargs: Any) -> Any:
+            tracer = real_tracer(*args, **kwargs)
+            start = tracer.start_span
+
+            def start_span(*a: Any, **k: Any) -> Any:
+                self.started += 1
+                return start(*a, **k)
+
+            tracer.start_span = start_span  # type: ignore[method-assign]
+            return tracer
+
+        self.provider.get_tracer = get_tracer  # type: ignore[method-assign]

@@ -11,9 +11,6 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry import context, propagate, trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -25,7 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 import meshlib
 
-from .conftest import sampling, service_yaml, traceparent_ids
+from .conftest import Counted, sampling, service_yaml, traceparent_ids
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -55,40 +52,16 @@ class _Marker(TraceContextTextMapPropagator):
         carrier["x-span"] = f"{span.span_id:016x}"
 
 
-class _Counted:
-    """A provider whose tracers count the spans they are asked to start."""
-
-    def __init__(self, sampler: Sampler | None) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider() if sampler is None else TracerProvider(sampler=sampler)
-        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.started = 0
-        real = self.provider.get_tracer
-
-        def get_tracer(*args: Any, **kwargs: Any) -> Any:
-            tracer = real(*args, **kwargs)
-            start = tracer.start_span
-
-            def start_span(*a: Any, **k: Any) -> Any:
-                self.started += 1
-                return start(*a, **k)
-
-            tracer.start_span = start_span  # type: ignore[method-assign]
-            return tracer
-
-        self.provider.get_tracer = get_tracer  # type: ignore[method-assign]
-
-
 def _call(
     sampler: Sampler | None,
     parent_flags: int | None,
     rate: str | None,
     monkeypatch: pytest.MonkeyPatch,
     marker: bool = False,
-) -> tuple[_Counted, list[httpx.Request]]:
+) -> tuple[Counted, list[httpx.Request]]:
     """One GET through a retry policy (503, then 200) with a mock inner transport that keeps
     every attempt's request; ``marker``: :class:`_Marker` is the global propagator."""
-    counted = _Counted(sampler)
+    counted = Counted(sampler)
     if marker:
         propagator = _Marker()
         monkeypatch.setattr(propagate, "get_global_textmap", lambda: propagator)

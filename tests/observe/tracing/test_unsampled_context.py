@@ -1,7 +1,7 @@
 """Calls that are not sampled, made one after another in the same context (as while one inbound
 request is handled): what the SDK's own sampler decides for one of them it decides for all, so
-it is asked once per context, and a root its sampler never samples gets its ids without a span
-being started — with exactly the headers the SDK's own start would have given it. A sampler
+it is asked by the first two calls of a context only (the first decides alone, the second keeps
+the answer), and a root its sampler never samples gets its ids without a span being started — with exactly the headers the SDK's own start would have given it. A sampler
 whose answer may change from call to call (a ratio, one of the application's own) is still asked
 once per call, and every context gets its own answer. No sockets, except the check that
 OpenTelemetry's httpx instrumentation stays quiet for such calls (a real server)."""
@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.sampling import (
 
 import meshlib
 
-from .conftest import service_yaml, traceparent_ids
+from .conftest import Counted, service_yaml, traceparent_ids
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -43,39 +43,6 @@ PARENT_SPAN = 0xB7AD6B7169203331
 def _off() -> Sampler:
     """The SDK's ALWAYS_OFF, a fresh instance: the tests wrap its method."""
     return StaticSampler(Decision.DROP)
-
-
-class _Asked:
-    """A provider whose tracers count ``start_span`` calls and whose sampler counts the times
-    it is asked (the SDK's own sampler object: only its method is wrapped)."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider(sampler=sampler)
-        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.started = 0
-        self.asked = 0
-        real_sample = sampler.should_sample
-
-        def should_sample(*args: Any, **kwargs: Any) -> Any:
-            self.asked += 1
-            return real_sample(*args, **kwargs)
-
-        sampler.should_sample = should_sample  # type: ignore[method-assign]
-        real_tracer = self.provider.get_tracer
-
-        def get_tracer(*args: Any, **kwargs: Any) -> Any:
-            tracer = real_tracer(*args, **kwargs)
-            start = tracer.start_span
-
-            def start_span(*a: Any, **k: Any) -> Any:
-                self.started += 1
-                return start(*a, **k)
-
-            tracer.start_span = start_span  # type: ignore[method-assign]
-            return tracer
-
-        self.provider.get_tracer = get_tracer  # type: ignore[method-assign]
 
 
 def _parent(trace_id: int, flags: int, state: str = "") -> context.Context:
@@ -101,8 +68,8 @@ def calls() -> Iterator[tuple[Any, list[httpx.Request]]]:
         sent.append(request)
         return httpx.Response(200)
 
-    def make(sampler: Sampler) -> tuple[_Asked, Any]:
-        asked = _Asked(sampler)
+    def make(sampler: Sampler) -> tuple[Counted, Any]:
+        asked = Counted(sampler, count_asks=True)
         mesh = meshlib.Mesh.from_text(
             service_yaml("reviews", 9080),
             service="web",
