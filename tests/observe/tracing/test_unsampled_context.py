@@ -1,9 +1,10 @@
 """Calls that are not sampled, made one after another in the same context (as while one inbound
 request is handled): what the SDK's own sampler decides for one of them it decides for all, so
 it is asked by the first two calls of a context only (the first decides alone, the second keeps
-the answer), and a root its sampler never samples gets its ids without a span being started — with exactly the headers the SDK's own start would have given it. A sampler
-whose answer may change from call to call (a ratio, one of the application's own) is still asked
-once per call, and every context gets its own answer. No sockets, except the check that
+the answer), and a root its sampler never samples gets its ids without a span being started —
+with exactly the headers the SDK's own start would have given it. A sampler whose answer may
+change from call to call (a ratio, one of the application's own) is still asked once per call,
+and every context gets its own answer. No sockets, except the check that
 OpenTelemetry's httpx instrumentation stays quiet for such calls (a real server)."""
 
 from __future__ import annotations
