@@ -1063,11 +1063,7 @@ def _admitted_call(
                         retry = False
                         if host.metrics is not None:
                             host.metrics.budget_exhausted.labels(host.source, dest.key).inc()
-                if not retry:
-                    if response is not None:
-                        decision.reason = Reason.UPSTREAM_ERROR.value
-                        lease.healthy = response.status_code < 500  # a 5xx is a failed call
-                        return response, send.request
+                if not retry and response is None:  # a response is handed back below
                     error = RetryBudgetExhaustedError(f"retry budget for {dest.key} exhausted")
                     error.__cause__ = outcome.error
                     raise _fail(error, decision)
