@@ -847,11 +847,6 @@ class _CallSpans:
                 span.record_exception(error)
                 _set_error(span, type(error).__name__, str(error))
             span.end()
-        # Let go of the call: httpx leaves a response to the cyclic collector (it and its
-        # stream refer to each other), and with it whatever its body's listener reaches — this
-        # object. Dropped now, the span, its context and the attempt's request are freed as
-        # soon as the SDK lets go of them, not with the response.
-        del self.span, self.send_context, self.carrier, self.first, self.first_ended
 
 
 def _first_attempt(send: Send, outcome: Outcome | None) -> dict[str, Any]:
