@@ -47,12 +47,13 @@ says no (asked directly under a parent, through ``start_span`` for a root, whose
 SDK draws) — builds no span for itself or its attempts: its ids (the parent's trace id, a new
 span id, the sampled flag cleared) are written into headers once per call and copied onto every
 attempt, hedge and mirror, and only the "suppress HTTP instrumentation" key is attached around
-its attempts (no span of its own: nothing reads it there). What the calls made in one context
-share is worked out on the first (:class:`_Known`): under a parent, the SDK's sampler answers
-from the parent alone (``ParentBased`` with its default delegates, ``ALWAYS_ON``/``OFF``), so it
-is asked once per context; a root whose sampler is ``ALWAYS_OFF`` (or ``ParentBased`` with that
-root) gets its ids from the SDK's id generator with the flags its first ``start_span`` gave,
-without a span. A ratio sampler, or any of the application's own, answers per call.
+its attempts (no span of its own: nothing reads it there). What the calls made in one context share
+is worked out on its second call (:class:`_Known`; the empty context of root calls at once): under a
+parent, the SDK's sampler answers from the parent alone (``ParentBased`` with its default delegates,
+``ALWAYS_ON``/``OFF``), so later calls in the context do not ask it; a root whose sampler is
+``ALWAYS_OFF`` (or ``ParentBased`` with that root) gets its ids from the SDK's id generator with the
+flags its first ``start_span`` gave, without a span. A ratio sampler, or any of the application's
+own, answers per call.
 """
 
 from __future__ import annotations
@@ -595,14 +596,14 @@ def _drops_roots(sampler: object) -> bool:
 
 
 class _Known:
-    """What the calls made in one context share when they are not sampled, worked out on the
-    first of them (the calls made while one inbound request is handled share its context, and
-    a context never changes): the headers other than the call's ``traceparent`` (baggage, the
-    ``tracestate``), the context attached around attempts, and under a parent that its sampler
-    does not sample, the ``traceparent``'s trace id and flags (``head``, ``tail``) — only the
-    span id is new per call; under one it samples, ``sampled`` (each call's ``start_span``
-    then decides, and the sampler is not asked ahead again). For a root, ``drops`` is the
-    SDK's id generator when its sampler never samples a root; ``roots`` pairs it with the flags
+    """What the calls made in one context share when they are not sampled, worked out on the second
+    of them (:meth:`Tracing.trace_call` says why; the calls made while one inbound request is
+    handled share its context, and a context never changes): the headers other than the call's
+    ``traceparent`` (baggage, the ``tracestate``), the context attached around attempts, and under a
+    parent that its sampler does not sample, the ``traceparent``'s trace id and flags (``head``,
+    ``tail``) — only the span id is new per call; under one it samples, ``sampled`` (each call's
+    ``start_span`` then decides, and the sampler is not asked ahead again). For a root, ``drops`` is
+    the SDK's id generator when its sampler never samples a root; ``roots`` pairs it with the flags
     the SDK gives such a root, learned from the first one it starts (:meth:`Tracing._start`).
     """
 
