@@ -219,7 +219,7 @@ def test_a_kept_build_reports_its_reference_problems_again(tmp_path: Path) -> No
 
 
 def test_an_unchanged_file_is_read_again_only_to_report_a_problem_in_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, parsed_texts: list[int]
 ) -> None:
     """The cache keeps no parsed tree of a Service or a TrafficPolicy (only a TrafficSplit's,
     which the reference check walks on every load): a reload that changes another file reads
@@ -228,14 +228,7 @@ def test_an_unchanged_file_is_read_again_only_to_report_a_problem_in_it(
     import meshlib
     from meshlib.config.loader import load_paths
 
-    parsed: list[int] = []
-    real = loader.read_documents
-
-    def counting(text: str) -> Any:
-        parsed.append(len(text))
-        return real(text)
-
-    monkeypatch.setattr(loader, "read_documents", counting)
+    parsed = parsed_texts
     (tmp_path / "a.yaml").write_text(_services(0, 2))
     unchanged = "---\n".join(
         [

@@ -251,21 +251,13 @@ def test_a_change_while_the_files_are_read_is_not_lost(
 
 
 def test_a_reload_parses_only_the_files_that_changed(
-    policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+    policy_dir: Path, parsed_texts: list[int]
 ) -> None:
     """Each reload of a set reads every file, but parses and schema-checks only those whose
     text changed since the last load (``ReadCache``); the snapshot is the one a fresh load of
     the same files gives, and so is a problem's file:line:column in an unchanged file."""
-    from meshlib.config import loader
 
-    parsed: list[int] = []
-    real = loader.read_documents
-
-    def counting(text: str) -> Any:
-        parsed.append(len(text))
-        return real(text)
-
-    monkeypatch.setattr(loader, "read_documents", counting)
+    parsed = parsed_texts
     (policy_dir / "30-details.yaml").write_text(service("details"))
     with meshlib.Mesh.from_file(policy_dir, service="t", watch=False, metrics=False) as mesh:
         assert len(parsed) == 3
