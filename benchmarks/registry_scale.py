@@ -76,7 +76,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.nginx import free_port  # noqa: E402
-from benchmarks.registry import machine_info, percentile, split_cores  # noqa: E402
+from benchmarks.registry import cpu_seconds, machine_info, percentile, split_cores  # noqa: E402
 
 NS = "scale"
 #: How long a watcher's query may be held: no query ends by its wait inside a measurement.
@@ -167,18 +167,10 @@ class Etcd:
 
     def cpu_seconds(self) -> list[float]:
         """utime + stime per etcd process (they share the registry's core)."""
-        return [_cpu_seconds(process.pid) for process in self.processes]
+        return [cpu_seconds(process.pid) for process in self.processes]
 
     def stop(self) -> None:
         self.cluster.stop()
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid`` so far, from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # fields[0] is field 3 (state): utime and stime are fields 14 and 15
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _reason(exc: Exception) -> str:
@@ -305,7 +297,7 @@ class Registries:
 
     def cpu_seconds(self) -> list[float]:
         """utime + stime of every thread, per process."""
-        return [_cpu_seconds(process.pid) for process in self.processes]
+        return [cpu_seconds(process.pid) for process in self.processes]
 
     def etcd_cpu_seconds(self) -> list[float]:
         return [] if self.etcd is None else self.etcd.cpu_seconds()
