@@ -47,10 +47,12 @@ from pathlib import Path
 from typing import Any
 
 try:  # imported as the ``benchmarks`` package (e.g. from a test)
-    from benchmarks import inbound as inbound_bench
-    from benchmarks import nginx as nginx_ctl
-    from benchmarks import registry as registry_bench
-    from benchmarks import run as bench
+    from benchmarks import (
+        inbound as inbound_bench,
+        nginx as nginx_ctl,
+        registry as registry_bench,
+        run as bench,
+    )
 except ImportError:  # run as a script: benchmarks/ itself is sys.path[0]
     import inbound as inbound_bench  # type: ignore[no-redef]
     import nginx as nginx_ctl  # type: ignore[no-redef]

@@ -35,8 +35,7 @@ from meshlib.config.values import format_duration
 from meshlib.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
-    from meshlib.cli.httproute import Explanation as HTTPExplanation
-    from meshlib.cli.httproute import Request
+    from meshlib.cli.httproute import Explanation as HTTPExplanation, Request
     from meshlib.policy.routing import Router
 
 
@@ -227,8 +226,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     except ConfigError:
         return EXIT_INVALID
     # the data plane is only needed by explain
-    from meshlib.cli.httproute import Request
-    from meshlib.cli.httproute import explain as explain_http
+    from meshlib.cli.httproute import Request, explain as explain_http
     from meshlib.policy.routing import Router
 
     router = Router(snapshot)

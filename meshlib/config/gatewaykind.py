@@ -33,8 +33,15 @@ from meshlib.config.documents import (
     limited,
     limited_maps,
 )
-from meshlib.config.fragments import GATEWAY_API, STRING, Schema, array, integer, obj
-from meshlib.config.fragments import enum as enum_schema
+from meshlib.config.fragments import (
+    GATEWAY_API,
+    STRING,
+    Schema,
+    array,
+    enum as enum_schema,
+    integer,
+    obj,
+)
 from meshlib.config.httproute import build_http_route, http_route_schema
 from meshlib.config.loader import checked_context, source_documents
 from meshlib.config.model import GATEWAY_GROUP, Origin, ParentMode

@@ -24,8 +24,15 @@ from meshlib.config.documents import (
     limited,
     limited_maps,
 )
-from meshlib.config.fragments import GATEWAY_API, STRING, Schema, array, integer, obj
-from meshlib.config.fragments import enum as enum_schema
+from meshlib.config.fragments import (
+    GATEWAY_API,
+    STRING,
+    Schema,
+    array,
+    enum as enum_schema,
+    integer,
+    obj,
+)
 from meshlib.config.model import (
     GATEWAY_GROUP,
     FilterConfig,

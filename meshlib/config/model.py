@@ -31,86 +31,38 @@ from meshlib.errors import Problem
 if TYPE_CHECKING:
     from meshlib.config.authnmodel import (
         JwtLocation as JwtLocation,
-    )
-    from meshlib.config.authnmodel import (
         JwtRule as JwtRule,
-    )
-    from meshlib.config.authnmodel import (
         RequestAuthentication as RequestAuthentication,
     )
     from meshlib.config.authzmodel import (
         AuthorizationPolicy as AuthorizationPolicy,
-    )
-    from meshlib.config.authzmodel import (
         AuthorizationPolicyRule as AuthorizationPolicyRule,
-    )
-    from meshlib.config.authzmodel import (
         AuthzAction as AuthzAction,
-    )
-    from meshlib.config.authzmodel import (
         AuthzCondition as AuthzCondition,
-    )
-    from meshlib.config.authzmodel import (
         AuthzOperation as AuthzOperation,
-    )
-    from meshlib.config.authzmodel import (
         AuthzSource as AuthzSource,
     )
     from meshlib.config.routemodel import (
         BackendRef as BackendRef,
-    )
-    from meshlib.config.routemodel import (
         HTTPRoute as HTTPRoute,
-    )
-    from meshlib.config.routemodel import (
         HTTPRouteFilter as HTTPRouteFilter,
-    )
-    from meshlib.config.routemodel import (
         HTTPRouteRule as HTTPRouteRule,
-    )
-    from meshlib.config.routemodel import (
         ParentRef as ParentRef,
-    )
-    from meshlib.config.routemodel import (
         PathMatch as PathMatch,
-    )
-    from meshlib.config.routemodel import (
         PathModifier as PathModifier,
-    )
-    from meshlib.config.routemodel import (
         RouteMatch as RouteMatch,
-    )
-    from meshlib.config.routemodel import (
         RouteTimeouts as RouteTimeouts,
-    )
-    from meshlib.config.routemodel import (
         ValueMatch as ValueMatch,
     )
     from meshlib.config.smimodel import (
         HTTPMatch as HTTPMatch,
-    )
-    from meshlib.config.smimodel import (
         RouteGroup as RouteGroup,
-    )
-    from meshlib.config.smimodel import (
         Split as Split,
-    )
-    from meshlib.config.smimodel import (
         SplitBackend as SplitBackend,
-    )
-    from meshlib.config.smimodel import (
         SplitMatchRef as SplitMatchRef,
-    )
-    from meshlib.config.smimodel import (
         TCPRoute as TCPRoute,
-    )
-    from meshlib.config.smimodel import (
         TrafficTarget as TrafficTarget,
-    )
-    from meshlib.config.smimodel import (
         TrafficTargetRule as TrafficTargetRule,
-    )
-    from meshlib.config.smimodel import (
         UDPRoute as UDPRoute,
     )
 

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from meshlib.config.loader import INTERNAL_ERROR, load_file, load_text
 from meshlib.errors import ConfigError
