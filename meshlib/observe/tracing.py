@@ -64,7 +64,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 from opentelemetry import context as otel_context, propagate, trace
@@ -147,10 +147,8 @@ class Tracing:
         self._known: _Known | None = None
         #: The last context a call was made in that has no entry yet (see :meth:`trace_call`).
         self._seen: Context | None = None
-        #: Whether the SDK's sampler may read a span's attributes under a parent (per sampler).
-        self._reads_attributes: tuple[object, bool] | None = None
-        #: What the SDK's sampler is, per sampler: (it, :func:`_from_parent`, :func:`_drops_roots`).
-        self._sampler_traits: tuple[object, bool, bool] | None = None
+        #: What the SDK's sampler is, worked out once per sampler (:meth:`_traits`).
+        self._sampler_traits: _SamplerTraits | None = None
 
     def tracer(self) -> Tracer | None:
         """The tracer spans are recorded with; ``None`` while the provider is a no-op.
@@ -303,12 +301,14 @@ class Tracing:
         if parent is None:
             base = dict(self.carrier(ctx)) if ctx else {}
             base.pop("tracestate", None)
-            drops = getattr(tracer, "id_generator", None)
-            if not self._traits(getattr(tracer, "sampler", None))[1]:
-                drops = None
+            drops = (
+                getattr(tracer, "id_generator", None)
+                if self._traits(getattr(tracer, "sampler", None)).drops_roots
+                else None
+            )
             return _Known(ctx, textmap, tracer, base, None, "", self._suppressed(ctx), drops)
         sampler = getattr(tracer, "sampler", None)
-        if not self._traits(sampler)[0]:
+        if not self._traits(sampler).from_parent:
             return None
         # Asked as the SDK's start_span asks it, less the attributes it does not read.
         result = sampler.should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, None, ())  # type: ignore[union-attr]
@@ -328,14 +328,13 @@ class Tracing:
         head, tail = f"00-{parent.trace_id:032x}-", f"-{flags:02x}"
         return _Known(ctx, textmap, tracer, base, head, tail, self._suppressed(ctx), None)
 
-    def _traits(self, sampler: object) -> tuple[bool, bool]:
-        """Whether ``sampler`` answers from the parent alone (:func:`_from_parent`) and whether
-        it never samples a root (:func:`_drops_roots`), worked out once per sampler: the first
-        call in every new context (each inbound request's) asks."""
+    def _traits(self, sampler: object) -> _SamplerTraits:
+        """What ``sampler`` is, worked out once per sampler: the first call in every new
+        context (each inbound request's) asks."""
         traits = self._sampler_traits
-        if traits is None or traits[0] is not sampler:
-            traits = self._sampler_traits = (sampler, _from_parent(sampler), _drops_roots(sampler))
-        return traits[1], traits[2]
+        if traits is None or traits.sampler is not sampler:
+            traits = self._sampler_traits = _SamplerTraits.of(sampler)
+        return traits
 
     def _unsampled_child(
         self,
@@ -364,10 +363,8 @@ class Tracing:
         should_sample = getattr(sampler, "should_sample", None)
         if should_sample is None:
             return None
-        reads = self._reads_attributes
-        if reads is None or reads[0] is not sampler:
-            reads = self._reads_attributes = (sampler, not _parent_only(sampler))
-        attributes = _call_attributes(request, service) if reads[1] else None
+        reads = self._traits(sampler).reads_attributes
+        attributes = _call_attributes(request, service) if reads else None
         result = should_sample(ctx, parent.trace_id, name, SpanKind.CLIENT, attributes, ())
         if result.decision.is_recording():
             return None
@@ -592,6 +589,28 @@ def _drops_roots(sampler: object) -> bool:
         type(sampler) is sampling.StaticSampler
         and getattr(sampler, "_decision", None) is sampling.Decision.DROP
     )
+
+
+class _SamplerTraits(NamedTuple):
+    """What tracing needs to know of the SDK's sampler (:meth:`Tracing._traits`)."""
+
+    sampler: object
+    #: Under a parent, it answers from the parent alone (:func:`_from_parent`).
+    from_parent: bool
+    #: It never samples a root (:func:`_drops_roots`).
+    drops_roots: bool
+    #: Under a parent, it may read the call span's attributes (not :func:`_parent_only`).
+    reads_attributes: bool
+
+    @classmethod
+    def of(cls, sampler: object) -> _SamplerTraits:
+        sdk = type(sampler).__module__ == _SDK_SAMPLERS
+        return cls(
+            sampler,
+            _from_parent(sampler),
+            _drops_roots(sampler),
+            not (sdk and _parent_only(sampler)),
+        )
 
 
 class _Known:
