@@ -259,6 +259,15 @@ def passes(value: Any, schema: Mapping[str, Any]) -> bool:
     return _test(schema)(value)
 
 
+def document_findings(value: Any, schema: Mapping[str, Any], line: int) -> list[Finding]:
+    """Every way a whole document's ``value`` (at ``line``) breaks ``schema``, as :func:`check`
+    reports them; a value that :func:`passes` (the common case) is not walked a second time."""
+    out: list[Finding] = []
+    if not passes(value, schema):
+        check(value, schema, "", line, out)
+    return out
+
+
 def _test(schema: Mapping[str, Any]) -> _Test:
     entry = _TESTS.get(id(schema))
     if entry is not None and entry[0] is schema:

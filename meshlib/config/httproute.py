@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from meshlib.config.checker import Finding, check, passes
+from meshlib.config.checker import document_findings, passes
 from meshlib.config.documents import (
     DEFAULT_NAMESPACE,
     DocContext,
@@ -270,9 +270,7 @@ def parse_http_route(file: str, document: YamlDocument) -> HTTPRoute:
         raise ConfigError(
             [Problem(file, document.line, document.index, "", "an HTTPRoute must be a mapping")]
         )
-    findings: list[Finding] = []
-    if not passes(value, _SCHEMA):
-        check(value, _SCHEMA, "", document.line, findings)
+    findings = document_findings(value, _SCHEMA, document.line)
     name = as_str(at(value, "metadata.name")[0]) or ""
     namespace = as_str(at(value, "metadata.namespace")[0]) or DEFAULT_NAMESPACE
     ctx = DocContext(

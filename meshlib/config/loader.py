@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from meshlib.config.checker import Finding, check, passes, suggest, type_name
+from meshlib.config.checker import document_findings, suggest, type_name
 from meshlib.config.documents import DEFAULT_NAMESPACE, DocContext, as_str, at
 from meshlib.config.model import MeshSettings, Snapshot
 from meshlib.config.references import Parsed, check_references
@@ -599,9 +599,7 @@ def checked_context(
 ) -> DocContext:
     """The context of a document whose kind and apiVersion are known good, after checking its
     structure against the version's schema (what does not fit goes to ``problems``)."""
-    findings: list[Finding] = []
-    if not passes(doc.value, schema):  # only a value that breaks something needs the findings
-        check(doc.value, schema, "", doc.line, findings)
+    findings = document_findings(doc.value, schema, doc.line)
     problems.extend(Problem(file, f.line, doc.index, f.field, f.message) for f in findings)
     return _context(file, doc)
 
