@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterable
 
 import pytest
 
@@ -64,13 +65,17 @@ spec:
 """
 
 
-def loaded_after(policy: str) -> set[str]:
-    """The kind modules in ``sys.modules`` of a fresh interpreter after ``import meshlib`` and
-    ``Mesh.from_text(policy)``."""
+def loaded_after(policy: str, modules: Iterable[str], classes: Iterable[str] = ()) -> set[str]:
+    """Which of ``modules`` are in ``sys.modules`` of a fresh interpreter after ``import meshlib``
+    and ``Mesh.from_text(policy)``, and which of the model ``classes`` are created by then
+    (found by name in ``meshlib.config.model``, where they were all created before they moved)."""
     code = (
         "import sys, meshlib\n"
         f"meshlib.Mesh.from_text({policy!r}, service='s', namespace='default', metrics=False)\n"
-        f"print(','.join(m for m in {sorted(KIND_MODULES)!r} if m in sys.modules))"
+        "model = vars(sys.modules['meshlib.config.model'])\n"
+        f"names = [m for m in {sorted(modules)!r} if m in sys.modules]\n"
+        f"names += [n for n in {sorted(classes)!r} if n in model]\n"
+        "print(','.join(names))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
@@ -80,13 +85,13 @@ def loaded_after(policy: str) -> set[str]:
 
 @pytest.mark.timeout(90)
 def test_a_policy_of_services_loads_no_other_kind_module() -> None:
-    assert loaded_after(SERVICE) == set()
+    assert loaded_after(SERVICE, KIND_MODULES) == set()
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("module", sorted(KIND_MODULES))
 def test_a_document_of_a_kind_loads_its_module(module: str) -> None:
-    loaded = loaded_after(SERVICE + "---\n" + KIND_MODULES[module])
+    loaded = loaded_after(SERVICE + "---\n" + KIND_MODULES[module], KIND_MODULES)
     assert module in loaded, loaded
 
 
@@ -99,37 +104,21 @@ KIND_MODELS = {
 }
 
 
-def models_loaded_after(policy: str) -> set[str]:
-    """The kind model modules in ``sys.modules`` of a fresh interpreter after ``import meshlib``
-    and ``Mesh.from_text(policy)``, and the kinds' model classes created by then (found by
-    name in ``meshlib.config.model``, where they were all created before they moved)."""
-    code = (
-        "import sys, meshlib\n"
-        f"meshlib.Mesh.from_text({policy!r}, service='s', namespace='default', metrics=False)\n"
-        "model = vars(sys.modules['meshlib.config.model'])\n"
-        f"names = [m for m in {sorted(KIND_MODELS.values())!r} if m in sys.modules]\n"
-        f"names += [n for n in {KIND_CLASSES!r} if n in model]\n"
-        "print(','.join(names))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    ).stdout.strip()
-    return set(out.split(",")) - {""}
-
-
 #: One class of each kind's part of the model.
 KIND_CLASSES = ("HTTPRoute", "HTTPRouteRule", "Split", "AuthorizationPolicy", "JwtRule")
 
 
 @pytest.mark.timeout(90)
 def test_a_policy_of_services_creates_no_kind_model_class() -> None:
-    assert models_loaded_after(SERVICE) == set()
+    assert loaded_after(SERVICE, KIND_MODELS.values(), KIND_CLASSES) == set()
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("module", sorted(KIND_MODULES))
 def test_a_document_of_a_kind_loads_its_model(module: str) -> None:
-    loaded = models_loaded_after(SERVICE + "---\n" + KIND_MODULES[module])
+    loaded = loaded_after(
+        SERVICE + "---\n" + KIND_MODULES[module], KIND_MODELS.values(), KIND_CLASSES
+    )
     assert KIND_MODELS[module] in loaded, loaded
 
 
