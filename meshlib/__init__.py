@@ -84,3 +84,8 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups find it without calling this again
     return value
+
+
+def __dir__() -> list[str]:
+    # the names loaded on first use are listed before that use too (completion, help())
+    return sorted({*globals(), *_ON_FIRST_USE})

@@ -208,6 +208,20 @@ def test_an_outbound_mesh_loads_no_inbound_module_until_asked_for() -> None:
     assert out[1].split(",") == list(LAZY_INBOUND), out[1]
 
 
+def test_dir_lists_every_public_name_before_its_module_loads() -> None:
+    # completion and help() read dir(): the names loaded on first use are there before it
+    code = (
+        "import sys, meshlib\n"
+        "print(','.join(sorted(set(meshlib.__all__) - set(dir(meshlib)))))\n"
+        f"print(','.join(m for m in {LAZY_INBOUND!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[0] == "", f"missing from dir(meshlib): {out[0]}"
+    assert out[1] == "", f"dir(meshlib) loaded: {out[1]}"
+
+
 #: The model classes of the HTTPRoute, SMI, AuthorizationPolicy and RequestAuthentication kinds:
 #: creating their dataclasses was a third of `import meshlib`'s own model (issue 15).
 LAZY_KIND_MODELS = (
