@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import json
 import math
 import os
@@ -137,12 +138,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (``find_library`` runs ``ldconfig``: ≈ 1.6 ms a time,
+    too slow to sit between the readings that bound a window)."""
+    name = ctypes.util.find_library("c")
+    return None if name is None else ctypes.CDLL(name, use_errno=True)
+
+
 def _cpu_clock(pid: int) -> int | None:
     """The clock id of ``pid``'s CPU-time clock, or None where libc does not give one."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = _libc()
+    if libc is None:
         return None
-    libc = ctypes.CDLL(name, use_errno=True)
     clock = ctypes.c_int()
     if libc.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
         return None
